@@ -1,0 +1,36 @@
+"""groupnorm: exact, fast Group Normalization for PyTorch, with a float64 NumPy reference.
+
+Public API::
+
+    group_norm(x, num_groups, weight, bias, eps, *, group_size, group_sizes, uneven,
+               activation, scale, shift, stats, return_stats, backend)
+    GroupNorm, GroupNormAct                      drop-ins for torch.nn.GroupNorm
+    group_stats, merge_stats, GroupStats         statistics as values (tiled normalization)
+    make_plan, choose_num_groups, GroupPlan      how channels are split into groups
+    available_backends                           which backends run on this machine
+"""
+
+from groupnorm import backends as _backends  # noqa: F401  (registers the backends)
+from groupnorm.dispatch import available_backends
+from groupnorm.functional import SingleElementGroupWarning, group_norm, group_stats
+from groupnorm.groups import GroupChoice, GroupPlan, choose_num_groups, make_plan
+from groupnorm.modules import GroupNorm, GroupNormAct
+from groupnorm.stats import GroupStats, merge_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GroupChoice",
+    "GroupNorm",
+    "GroupNormAct",
+    "GroupPlan",
+    "GroupStats",
+    "SingleElementGroupWarning",
+    "__version__",
+    "available_backends",
+    "choose_num_groups",
+    "group_norm",
+    "group_stats",
+    "make_plan",
+    "merge_stats",
+]

@@ -1,0 +1,163 @@
+"""The composite PyTorch backend: any device, any layout, every feature, differentiable by autograd.
+
+Statistics (two levels, both exact in the sense of the SPEC numerics policy):
+
+1. shift: ``xs = x - pivot[n, g]`` in the accumulation dtype, ``pivot`` an element of the group,
+   so a large common offset costs no precision;
+2. per channel: ``var_c, mean_c = var_mean(xs)`` over the positions (a reduction that reads the
+   input in its own layout, channels-last included, without a copy);
+3. per group, Chan's merge of equal-count channels:
+   ``mean_g = avg_c mean_c``, ``m2_g = L * sum_c (var_c + (mean_c - mean_g)^2)``.
+
+Normalization folds everything per (n, c) into one multiply-add on ``xs``:
+``a = rstd * gamma * (1 + scale)``, ``b = (beta - mean_g * rstd * gamma) * (1 + scale) + shift``,
+``y = act(xs * a + b)``.
+
+The standard case (even groups, no epilogue, no statistics in or out, weight in x's dtype) calls
+torch's native kernel, which is faster on CPU; its float32 mean is trusted only while
+``|mean| * rstd <= NATIVE_TRUST`` (the mean's rounding error, ~ulp(|mean|), stays far below the
+spread), else the call is redone shifted.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from groupnorm.dispatch import Backend, Request, register_backend
+from groupnorm.groups import GroupPlan
+from groupnorm.stats import GroupStats
+
+__all__ = ["NATIVE_TRUST", "accumulation_dtype", "apply_activation", "compute_stats", "run"]
+
+# |mean| * rstd above which the native float32 mean is not trusted. Its error is a few
+# ulp(|mean|) = |mean| * 6e-8 * k, i.e. r * 6e-8 * k relative to the spread: 1e-6 * k at r = 16.
+NATIVE_TRUST = 16.0
+
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything else (half precision included)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    return y if activation is None else _ACTIVATIONS[activation](y)
+
+
+@lru_cache(maxsize=256)
+def _plan_indices(plan: GroupPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
+    """Per plan and device: channel -> group (C,), first channel of each group (G,), and a
+    (G, max size) gather index into C + 1 columns whose last column is a zero pad."""
+    channel_group = torch.as_tensor(plan.channel_group, device=device)
+    first = torch.as_tensor(plan.offsets[:-1], device=device)
+    width = max(plan.sizes)
+    pad = torch.full((plan.num_groups, width), plan.num_channels, dtype=torch.int64)
+    for g, (start, size) in enumerate(zip(plan.offsets, plan.sizes)):
+        pad[g, :size] = torch.arange(start, start + size)
+    return channel_group, first, pad.to(device)
+
+
+def _group_sum(v: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+    """(N, C) -> (N, G): sum over each group's channels, in a fixed order (deterministic)."""
+    N = v.shape[0]
+    if plan.is_even:
+        return v.reshape(N, plan.num_groups, plan.sizes[0]).sum(-1)
+    _, _, pad = _plan_indices(plan, v.device)
+    padded = torch.cat([v, v.new_zeros(N, 1)], dim=1)
+    return padded[:, pad].sum(-1)
+
+
+def _per_channel(v: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+    """(N, G) -> (N, C)."""
+    if plan.is_even:
+        return v.repeat_interleave(plan.sizes[0], dim=1)
+    channel_group, _, _ = _plan_indices(plan, v.device)
+    return v[:, channel_group]
+
+
+def _expand(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(N, C) -> (N, C, 1, ..., 1) to broadcast against an (N, C, *S) tensor."""
+    return v.reshape(v.shape + (1,) * (ndim - 2))
+
+
+def _shifted(x: torch.Tensor, plan: GroupPlan, pivot: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x - pivot, pivot)`` in the accumulation dtype; the pivot is each group's first element
+    unless given. It is detached: the result is mathematically independent of it."""
+    acc = accumulation_dtype(x.dtype)
+    if pivot is None:
+        _, first, _ = _plan_indices(plan, x.device)
+        pivot = x.detach()[(slice(None), first) + (0,) * (x.dim() - 2)].to(acc)
+    xs = x.to(acc) - _expand(_per_channel(pivot, plan), x.dim())
+    return xs, pivot
+
+
+def _stats_of_shifted(xs: torch.Tensor, pivot: torch.Tensor, plan: GroupPlan) -> GroupStats:
+    N, C = xs.shape[:2]
+    L = math.prod(xs.shape[2:])
+    if xs.dim() > 2:
+        var_c, mean_c = torch.var_mean(xs, dim=tuple(range(2, xs.dim())), correction=0)
+    else:
+        var_c, mean_c = torch.zeros_like(xs), xs
+    sizes = torch.tensor(plan.sizes, dtype=xs.dtype, device=xs.device)       # (G,)
+    mean_g = _group_sum(mean_c, plan) / sizes                                 # (N, G)
+    dev = mean_c - _per_channel(mean_g, plan)                                 # (N, C)
+    m2 = _group_sum(var_c + dev * dev, plan) * L                              # (N, G)
+    count = (sizes * L).expand(N, -1)
+    return GroupStats(pivot, mean_g, m2, count)
+
+
+def compute_stats(x: torch.Tensor, plan: GroupPlan) -> GroupStats:
+    """Statistics of ``x`` (N, C, *S) for ``plan``, as :class:`GroupStats`."""
+    xs, pivot = _shifted(x, plan, None)
+    return _stats_of_shifted(xs, pivot, plan)
+
+
+def _native_ok(r: Request) -> bool:
+    return (r.plan.is_even and r.activation is None and r.scale is None and r.shift is None
+            and r.stats is None and not r.return_stats
+            and all(t is None or t.dtype == r.x.dtype for t in (r.weight, r.bias)))
+
+
+def _native(r: Request) -> torch.Tensor | None:
+    """torch's own kernel, or None when its float32 mean cannot be trusted for this input."""
+    x = r.x
+    N, C = x.shape[:2]
+    y, mean, rstd = torch.native_group_norm(x, r.weight, r.bias, N, C,
+                                            math.prod(x.shape[2:]), r.plan.num_groups, r.eps)
+    if bool((mean.detach().abs() * rstd.detach() > NATIVE_TRUST).any()):
+        return None
+    return y
+
+
+def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
+    """Run a validated request: ``(y, stats or None)``."""
+    if _native_ok(r) and (y := _native(r)) is not None:
+        return y, None
+    x, plan = r.x, r.plan
+    given = r.stats
+    xs, pivot = _shifted(x, plan, None if given is None else given.pivot)
+    stats = _stats_of_shifted(xs, pivot, plan) if given is None else given
+    rstd = torch.rsqrt(stats.var + r.eps)                                     # (N, G)
+    a = _per_channel(rstd, plan)                                              # (N, C)
+    if r.weight is not None:
+        a = a * r.weight.to(a.dtype)
+    b = -_per_channel(stats.shifted_mean, plan) * a                           # (N, C)
+    if r.bias is not None:
+        b = b + r.bias.to(a.dtype)
+    if r.scale is not None:
+        a = a * (1 + r.scale.to(a.dtype))
+        b = b * (1 + r.scale.to(a.dtype))
+    if r.shift is not None:
+        b = b + r.shift.to(a.dtype)
+    y = apply_activation(xs * _expand(a, x.dim()) + _expand(b, x.dim()), r.activation)
+    return y.to(x.dtype), (stats if r.return_stats else None)
+
+
+register_backend(Backend(name="torch", priority=0, why_not=lambda r: None, run=run))

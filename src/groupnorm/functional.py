@@ -1,0 +1,202 @@
+"""``group_norm`` and the statistics API: validate once, then dispatch to a backend.
+
+Every check runs before any computation, and each error says what was wrong and what would be
+right.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+
+from groupnorm import dispatch
+from groupnorm.backends import torch_ops
+from groupnorm.groups import GroupPlan, make_plan
+from groupnorm.reference import ACTIVATIONS
+from groupnorm.stats import GroupStats
+
+__all__ = ["ACTIVATIONS", "SingleElementGroupWarning", "group_norm", "group_stats", "resolve_plan"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class SingleElementGroupWarning(UserWarning):
+    """A group holds one element: its variance is 0 and its output is just beta."""
+
+
+@lru_cache(maxsize=1024)
+def _cached_plan(C: int, num_groups: int | None, group_size: int | None,
+                 group_sizes: tuple[int, ...] | None, uneven: bool) -> GroupPlan:
+    return make_plan(C, num_groups, group_size=group_size, group_sizes=group_sizes,
+                     uneven=uneven)
+
+
+def resolve_plan(
+    num_channels: int,
+    num_groups: int | None = None,
+    *,
+    group_size: int | None = None,
+    group_sizes: Sequence[int] | None = None,
+    uneven: bool = False,
+) -> GroupPlan:
+    """:func:`groupnorm.groups.make_plan`, cached (plans are immutable)."""
+    sizes = None if group_sizes is None else tuple(int(s) for s in group_sizes)
+    return _cached_plan(num_channels, num_groups, group_size, sizes, bool(uneven))
+
+
+def _check_input(x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"x must have shape (N, C, *spatial) with at least 2 dimensions, got shape "
+            f"{tuple(x.shape)}; for a single sample use x.unsqueeze(0)"
+        )
+    if x.dtype not in _FLOATS:
+        raise TypeError(
+            f"x has dtype {x.dtype}; group norm needs a floating dtype, one of "
+            f"{[str(d) for d in _FLOATS]} (convert with x.float())"
+        )
+    if x.shape[1] == 0:
+        raise ValueError(f"x has no channels (shape {tuple(x.shape)}): C must be at least 1")
+    if any(s == 0 for s in x.shape[2:]):
+        raise ValueError(
+            f"x has an empty spatial dimension (shape {tuple(x.shape)}): group statistics of "
+            "zero elements are undefined"
+        )
+    return x
+
+
+def _check_param(name: str, t: torch.Tensor | None, shape: tuple[int, ...],
+                 x: torch.Tensor) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)}, expected {shape} for x of shape "
+            f"{tuple(x.shape)}"
+        )
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} has dtype {t.dtype}; it must be one of "
+                        f"{[str(d) for d in _FLOATS]}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move it with "
+                         f".to({str(x.device)!r})")
+    return t
+
+
+def _check_stats(stats: GroupStats, x: torch.Tensor, plan: GroupPlan) -> None:
+    if not isinstance(stats, GroupStats):
+        raise TypeError(f"stats must be a GroupStats (from group_stats), got {type(stats).__name__}")
+    want = (x.shape[0], plan.num_groups)
+    for field in ("pivot", "shifted_mean", "m2", "count"):
+        t = getattr(stats, field)
+        if tuple(t.shape) != want:
+            raise ValueError(
+                f"stats.{field} has shape {tuple(t.shape)}, but x of shape {tuple(x.shape)} "
+                f"with {plan.describe()} needs (N, G) = {want}; compute the statistics with the "
+                "same batch and group plan"
+            )
+        if t.device != x.device:
+            raise ValueError(f"stats are on {t.device} but x is on {x.device}; use "
+                             f"stats.to({str(x.device)!r})")
+
+
+def _request(x: torch.Tensor, num_groups: int | None, weight: torch.Tensor | None,
+             bias: torch.Tensor | None, eps: float, group_size: int | None,
+             group_sizes: Sequence[int] | None, uneven: bool, activation: str | None,
+             scale: torch.Tensor | None, shift: torch.Tensor | None,
+             stats: GroupStats | None, return_stats: bool) -> dispatch.Request:
+    x = _check_input(x)
+    N, C = x.shape[:2]
+    plan = resolve_plan(C, num_groups, group_size=group_size, group_sizes=group_sizes,
+                        uneven=uneven)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    if not isinstance(eps, (int, float)) or not eps >= 0 or math.isinf(eps):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    weight = _check_param("weight", weight, (C,), x)
+    bias = _check_param("bias", bias, (C,), x)
+    scale = _check_param("scale", scale, (N, C), x)
+    shift = _check_param("shift", shift, (N, C), x)
+    if stats is not None:
+        _check_stats(stats, x, plan)
+        if return_stats:
+            raise ValueError("return_stats=True with stats= given: the given stats are returned "
+                             "unchanged; drop one of the two")
+    elif N and min(plan.sizes) * math.prod(x.shape[2:]) == 1:
+        warnings.warn(
+            f"{plan.describe()} over {math.prod(x.shape[2:])} position(s) puts a single element "
+            "in a group: its variance is 0 and its output is just beta. Use fewer groups or "
+            "inputs with spatial extent.",
+            SingleElementGroupWarning, stacklevel=3,
+        )
+    return dispatch.Request(x, plan, weight, bias, float(eps), activation, scale, shift,
+                            stats, bool(return_stats))
+
+
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    group_size: int | None = None,
+    group_sizes: Sequence[int] | None = None,
+    uneven: bool = False,
+    activation: str | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    stats: GroupStats | None = None,
+    return_stats: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, GroupStats]:
+    """Group normalization of ``x`` (N, C, *S), a drop-in for ``torch.nn.functional.group_norm``.
+
+    For each sample n and group g (channels of g, all positions)::
+
+        y = act( ((x - mean[n,g]) / sqrt(var[n,g] + eps) * weight[c] + bias[c])
+                 * (1 + scale[n,c]) + shift[n,c] )
+
+    Groups come from exactly one of ``num_groups`` (must divide C unless ``uneven=True``),
+    ``group_size`` (channels per group) or ``group_sizes`` (explicit, summing to C).
+    ``weight``/``bias``: (C,); ``scale``/``shift``: (N, C) per-sample modulation (AdaGroupNorm);
+    ``activation``: None, "silu", "gelu" (exact) or "relu". ``stats``: normalize with these
+    statistics (e.g. merged from tiles) instead of computing them; ``return_stats=True`` also
+    returns the computed :class:`GroupStats`. The output has x's dtype and memory format;
+    statistics are accumulated in float32 (float64 for float64 x).
+    """
+    r = _request(x, num_groups, weight, bias, eps, group_size, group_sizes, uneven, activation,
+                 scale, shift, stats, return_stats)
+    y, out_stats = dispatch.select_backend(r, backend).run(r)
+    if return_stats:
+        assert out_stats is not None
+        return y, out_stats
+    return y
+
+
+def group_stats(
+    x: torch.Tensor,
+    num_groups: int | None = None,
+    *,
+    group_size: int | None = None,
+    group_sizes: Sequence[int] | None = None,
+    uneven: bool = False,
+) -> GroupStats:
+    """Per-(sample, group) statistics of ``x`` (N, C, *S) as :class:`GroupStats`, (N, G) each.
+
+    With :func:`groupnorm.merge_stats` and ``group_norm(..., stats=)`` this normalizes a tensor
+    processed in parts (tiled VAE decoding): the stats of the parts, merged, equal the stats of
+    the whole.
+    """
+    x = _check_input(x)
+    plan = resolve_plan(x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes,
+                        uneven=uneven)
+    return torch_ops.compute_stats(x, plan)

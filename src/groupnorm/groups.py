@@ -1,0 +1,189 @@
+"""How channels are split into groups.
+
+Every path in the library (reference, PyTorch, Triton) consumes one :class:`GroupPlan`: a
+tuple of group sizes over ``C`` channels, contiguous and in channel order. A plan is built from
+exactly one of
+
+* ``num_groups=G``: ``G`` groups of ``C / G`` channels. ``G`` must divide ``C`` (as in
+  ``torch.nn.GroupNorm``) unless ``uneven=True``, in which case the groups differ by at most one
+  channel, larger groups first (``C = 48, G = 32`` gives 16 groups of 2 then 16 groups of 1).
+* ``group_size=S``: ``C / S`` groups of ``S`` channels; ``S`` must divide ``C``.
+* ``group_sizes=[s0, s1, ...]``: explicit sizes that sum to ``C``.
+
+Uneven groups are always an explicit choice; an impossible request is a ``ValueError`` that lists
+what would work. :func:`choose_num_groups` picks ``G`` for awkward channel counts and says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+__all__ = ["GroupChoice", "GroupPlan", "choose_num_groups", "divisors", "make_plan"]
+
+
+def divisors(n: int) -> list[int]:
+    """All positive divisors of ``n`` in increasing order."""
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Contiguous channel groups: ``sizes[g]`` channels in group ``g``, in channel order.
+
+    Attributes derived from ``sizes`` (all cached): ``num_groups``, ``num_channels``,
+    ``offsets`` (first channel of each group, length G + 1), ``channel_group`` (group index of
+    each channel, length C) and ``is_even`` (all groups the same size).
+    """
+
+    sizes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.sizes or any(int(s) < 1 for s in self.sizes):
+            raise ValueError(f"group sizes must be positive integers, got {list(self.sizes)}")
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def num_channels(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def is_even(self) -> bool:
+        return len(set(self.sizes)) == 1
+
+    @property
+    def channels_per_group(self) -> int:
+        """C / G for an even plan; a ``ValueError`` for an uneven one."""
+        if not self.is_even:
+            raise ValueError(f"uneven plan {self.describe()} has no single group size")
+        return self.sizes[0]
+
+    @cached_property
+    def offsets(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in np.concatenate([[0], np.cumsum(self.sizes)]))
+
+    @cached_property
+    def channel_group(self) -> np.ndarray:
+        """(C,) int64: the group index of every channel."""
+        return np.repeat(np.arange(self.num_groups, dtype=np.int64), self.sizes)
+
+    def describe(self) -> str:
+        """Short human description, e.g. ``32 groups of 2`` or ``16x3 + 16x2 (C=80)``."""
+        if self.is_even:
+            return f"{self.num_groups} groups of {self.sizes[0]}"
+        runs: list[tuple[int, int]] = []
+        for s in self.sizes:
+            if runs and runs[-1][0] == s:
+                runs[-1] = (s, runs[-1][1] + 1)
+            else:
+                runs.append((s, 1))
+        return " + ".join(f"{n}x{s}" for s, n in runs) + f" (C={self.num_channels})"
+
+
+def _divisibility_error(what: str, value: int, C: int) -> ValueError:
+    divs = divisors(C)
+    choice = choose_num_groups(C)
+    return ValueError(
+        f"{what}={value} does not divide num_channels={C}. "
+        f"num_groups that divide {C}: {divs}; or pass group_size= one of {divs} "
+        f"(channels per group); or uneven=True for groups that differ by at most one channel; "
+        f"or choose_num_groups({C}) -> {choice.num_groups} ({choice.reason})."
+    )
+
+
+def make_plan(
+    num_channels: int,
+    num_groups: int | None = None,
+    *,
+    group_size: int | None = None,
+    group_sizes: Sequence[int] | None = None,
+    uneven: bool = False,
+) -> GroupPlan:
+    """Build the plan for ``num_channels`` from exactly one of the three ways to say it."""
+    C = num_channels
+    if isinstance(C, bool) or not isinstance(C, (int, np.integer)) or C < 1:
+        raise ValueError(f"num_channels must be a positive integer, got {C!r}")
+    C = int(C)
+    given = [n for n, v in (("num_groups", num_groups), ("group_size", group_size),
+                            ("group_sizes", group_sizes)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(
+            "give exactly one of num_groups=, group_size= or group_sizes=, "
+            f"got {given or 'none'}"
+        )
+    if group_sizes is not None:
+        sizes = tuple(int(s) for s in group_sizes)
+        if sum(sizes) != C or any(s < 1 for s in sizes):
+            raise ValueError(
+                f"group_sizes={list(sizes)} must be positive and sum to num_channels={C} "
+                f"(they sum to {sum(sizes)})"
+            )
+        return GroupPlan(sizes)
+    if group_size is not None:
+        S = _positive_int("group_size", group_size)
+        if S > C:
+            raise ValueError(f"group_size={S} is larger than num_channels={C}; at most {C}")
+        if C % S:
+            raise _divisibility_error("group_size", S, C)
+        return GroupPlan((S,) * (C // S))
+    G = _positive_int("num_groups", num_groups)
+    if G > C:
+        raise ValueError(
+            f"num_groups={G} is larger than num_channels={C}: a group needs at least one "
+            f"channel; use num_groups <= {C} (num_groups={C} is InstanceNorm)"
+        )
+    if C % G == 0:
+        return GroupPlan((C // G,) * G)
+    if not uneven:
+        raise _divisibility_error("num_groups", G, C)
+    base, extra = divmod(C, G)
+    return GroupPlan((base + 1,) * extra + (base,) * (G - extra))
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class GroupChoice:
+    """What :func:`choose_num_groups` picked and why."""
+
+    num_groups: int
+    channels_per_group: int
+    reason: str
+
+
+def choose_num_groups(
+    num_channels: int, target: int = 32, *, min_channels_per_group: int = 2
+) -> GroupChoice:
+    """Pick a G that divides ``num_channels``, as close to ``target`` as possible.
+
+    Candidates are the divisors of C that leave at least ``min_channels_per_group`` channels per
+    group (Wu & He: very small groups approach InstanceNorm and lose accuracy, table 3b). Ties
+    in ``|log(G / target)|`` go to the larger G. If C is too small for any such group, G = 1.
+    """
+    C = _positive_int("num_channels", num_channels)
+    target = _positive_int("target", target)
+    divs = divisors(C)
+    ok = [g for g in divs if C // g >= min_channels_per_group]
+    if not ok:
+        return GroupChoice(1, C, f"{C} channels cannot form groups of "
+                                 f"{min_channels_per_group}; one group (LayerNorm)")
+    best = min(ok, key=lambda g: (abs(np.log(g / target)), -g))
+    if best == target:
+        reason = f"{target} divides {C}"
+    else:
+        reason = (
+            f"{target} does not divide {C}; {best} is the divisor of {C} closest to {target} "
+            f"that leaves at least {min_channels_per_group} channels per group"
+        )
+    return GroupChoice(best, C // best, reason)

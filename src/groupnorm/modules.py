@@ -1,0 +1,95 @@
+"""``GroupNorm``: a drop-in subclass of ``torch.nn.GroupNorm``; ``GroupNormAct`` with a fused
+activation.
+
+The subclass keeps torch's signature, defaults, ``state_dict`` keys (``weight``, ``bias``) and
+repr, so an ``nn.GroupNorm`` checkpoint loads unchanged and gives the same output. What it adds is
+keyword-only: ``group_size=``, ``group_sizes=``, ``uneven=True``, ``activation=``, ``backend=``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from groupnorm.functional import group_norm, resolve_plan
+from groupnorm.reference import ACTIVATIONS
+
+__all__ = ["GroupNorm", "GroupNormAct"]
+
+
+class GroupNorm(nn.GroupNorm):
+    """Group normalization over (N, C, *S) inputs; see :func:`groupnorm.group_norm`.
+
+    ``GroupNorm(32, 64)`` behaves as ``nn.GroupNorm(32, 64)``. Also accepted:
+    ``GroupNorm(num_channels=48, group_size=16)``, ``GroupNorm(32, 48, uneven=True)``,
+    ``GroupNorm(num_channels=10, group_sizes=[4, 3, 3])``. ``num_groups`` is then the plan's G.
+    """
+
+    def __init__(
+        self,
+        num_groups: int | None = None,
+        num_channels: int | None = None,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        group_size: int | None = None,
+        group_sizes: Sequence[int] | None = None,
+        uneven: bool = False,
+        activation: str | None = None,
+        backend: str = "auto",
+    ) -> None:
+        if num_channels is None:
+            raise ValueError("num_channels is required, e.g. GroupNorm(32, num_channels=256)")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        plan = resolve_plan(num_channels, num_groups, group_size=group_size,
+                            group_sizes=group_sizes, uneven=uneven)
+        # nn.GroupNorm insists that num_groups divides num_channels; the plan already checked
+        # what the user asked for, so build the parameters with one group and set the real G.
+        super().__init__(1, num_channels, eps, affine, device, dtype)
+        self.num_groups = plan.num_groups
+        self.plan = plan
+        self.activation = activation
+        self.backend = backend
+        self._explicit_sizes = group_sizes is not None or not plan.is_even
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        y = group_norm(input, weight=self.weight, bias=self.bias, eps=self.eps,
+                       group_sizes=self.plan.sizes, activation=self.activation,
+                       backend=self.backend)
+        assert isinstance(y, torch.Tensor)
+        return y
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self._explicit_sizes:
+            text += f", group_sizes={list(self.plan.sizes)}"
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
+        if self.backend != "auto":
+            text += f", backend={self.backend!r}"
+        return text
+
+
+class GroupNormAct(GroupNorm):
+    """GroupNorm with the activation fused (default SiLU, the diffusion-model pairing)."""
+
+    def __init__(
+        self,
+        num_groups: int | None = None,
+        num_channels: int | None = None,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        activation: str | None = "silu",
+        **plan: Any,
+    ) -> None:
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype,
+                         activation=activation, **plan)

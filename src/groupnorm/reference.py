@@ -1,0 +1,263 @@
+"""Float64 NumPy ground truth for GroupNorm and the normalization zoo. No torch import.
+
+Shapes: ``x`` is ``(N, C, *S)`` with ``L = prod(S)`` positions per channel (``S`` may be empty).
+For a plan of G groups (``groupnorm.groups``), group ``g`` holds ``C_g`` channels and
+``count_g = C_g * L`` elements per sample.
+
+Forward (``c`` a channel of group ``g``; every quantity float64)::
+
+    mean[n,g] = sum_{c in g, l} x[n,c,l] / count_g
+    var[n,g]  = sum_{c in g, l} (x[n,c,l] - mean[n,g])^2 / count_g        (biased)
+    rstd[n,g] = 1 / sqrt(var[n,g] + eps)
+    xhat      = (x - mean[n,g]) * rstd[n,g]
+    z         = gamma[c] * xhat + beta[c]
+    u         = z * (1 + scale[n,c]) + shift[n,c]          (AdaGroupNorm; identity if absent)
+    y         = act(u)                                     (silu | gelu | relu | identity)
+
+Backward, given dy (named intermediates match the code)::
+
+    du        = dy * act'(u)
+    dscale    = sum_l du * z          dshift = sum_l du                     (N, C)
+    dz        = du * (1 + scale)
+    dgamma    = sum_{n,l} dz * xhat   dbeta  = sum_{n,l} dz                 (C,)
+    dxhat     = dz * gamma
+    dx        = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from groupnorm.groups import GroupPlan, make_plan
+
+__all__ = [
+    "ACTIVATIONS",
+    "Cache",
+    "Grads",
+    "activation_forward",
+    "activation_grad",
+    "batch_norm",
+    "group_norm_backward",
+    "group_norm_forward",
+    "instance_norm",
+    "layer_norm",
+    "merge_stats",
+    "normalize_over",
+]
+
+ACTIVATIONS = (None, "silu", "gelu", "relu")
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def activation_forward(u: np.ndarray, activation: str | None) -> np.ndarray:
+    """act(u) for act in ACTIVATIONS; gelu is the exact (erf) form, as torch's default."""
+    if activation is None:
+        return u
+    if activation == "silu":
+        return u / (1.0 + np.exp(-u))
+    if activation == "gelu":
+        return 0.5 * u * (1.0 + _erf(u / math.sqrt(2.0)))
+    if activation == "relu":
+        return np.maximum(u, 0.0)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def activation_grad(u: np.ndarray, activation: str | None) -> np.ndarray:
+    """d act(u) / du, elementwise."""
+    if activation is None:
+        return np.ones_like(u)
+    if activation == "silu":
+        s = 1.0 / (1.0 + np.exp(-u))
+        return s * (1.0 + u * (1.0 - s))
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + _erf(u / math.sqrt(2.0)))
+        pdf = np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
+        return cdf + u * pdf
+    if activation == "relu":
+        return (u > 0).astype(np.float64)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+@dataclass
+class Cache:
+    """What the backward needs; ``mean``/``var``/``rstd`` are (N, G), the article's outputs."""
+
+    plan: GroupPlan
+    mean: np.ndarray
+    var: np.ndarray
+    rstd: np.ndarray
+    xhat: np.ndarray
+    z: np.ndarray
+    u: np.ndarray
+    gamma: np.ndarray
+    scale: np.ndarray | None
+    activation: str | None
+
+
+class Grads(NamedTuple):
+    """Gradients of group_norm_forward's inputs; dscale/dshift are None without scale/shift."""
+
+    dx: np.ndarray
+    dgamma: np.ndarray
+    dbeta: np.ndarray
+    dscale: np.ndarray | None
+    dshift: np.ndarray | None
+
+
+def _per_channel(v: np.ndarray, plan: GroupPlan, ndim: int) -> np.ndarray:
+    """(N, G) -> (N, C, 1, ..., 1): repeat each group's value over its channels."""
+    out = v[:, plan.channel_group]
+    return out.reshape(out.shape + (1,) * (ndim - 2))
+
+
+def _group_sum(v: np.ndarray, plan: GroupPlan) -> np.ndarray:
+    """(N, C, *S) -> (N, G): sum over each group's channels and all positions."""
+    per_channel = v.reshape(v.shape[0], v.shape[1], -1).sum(axis=2)
+    return np.add.reduceat(per_channel, plan.offsets[:-1], axis=1)
+
+
+def _vector(v: np.ndarray | None, C: int, fill: float) -> np.ndarray:
+    return np.full(C, fill) if v is None else np.asarray(v, dtype=np.float64).reshape(C)
+
+
+def group_norm_forward(
+    x: np.ndarray,
+    num_groups: int | None = None,
+    gamma: np.ndarray | None = None,
+    beta: np.ndarray | None = None,
+    eps: float = 1e-5,
+    *,
+    group_size: int | None = None,
+    group_sizes: Sequence[int] | None = None,
+    uneven: bool = False,
+    plan: GroupPlan | None = None,
+    activation: str | None = None,
+    scale: np.ndarray | None = None,
+    shift: np.ndarray | None = None,
+) -> tuple[np.ndarray, Cache]:
+    """GroupNorm of ``x`` (N, C, *S) in float64; returns ``(y, cache)``.
+
+    ``cache.mean`` and ``cache.var`` are the per-(sample, group) statistics, shape (N, G).
+    ``gamma``/``beta`` are (C,) (None: 1 and 0); ``scale``/``shift`` are (N, C).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (N, C, *spatial), got shape {x.shape}")
+    N, C = x.shape[:2]
+    if plan is None:
+        plan = make_plan(C, num_groups, group_size=group_size, group_sizes=group_sizes,
+                         uneven=uneven)
+    elif plan.num_channels != C:
+        raise ValueError(f"plan is for {plan.num_channels} channels, x has {C}")
+    count = np.asarray(plan.sizes, dtype=np.float64) * (x[0, 0].size if N else 1)  # (G,)
+    mean = _group_sum(x, plan) / count                                     # (N, G)
+    centered = x - _per_channel(mean, plan, x.ndim)                        # (N, C, *S)
+    var = _group_sum(centered * centered, plan) / count                    # (N, G), two-pass
+    rstd = 1.0 / np.sqrt(var + eps)                                        # (N, G)
+    xhat = centered * _per_channel(rstd, plan, x.ndim)                     # (N, C, *S)
+    bshape = (1, C) + (1,) * (x.ndim - 2)
+    g = _vector(gamma, C, 1.0).reshape(bshape)
+    z = g * xhat + _vector(beta, C, 0.0).reshape(bshape)                   # (N, C, *S)
+    u = z
+    sc = None
+    if scale is not None or shift is not None:
+        nshape = (N, C) + (1,) * (x.ndim - 2)
+        sc = np.zeros(nshape) if scale is None else np.asarray(scale, np.float64).reshape(nshape)
+        sh = np.zeros(nshape) if shift is None else np.asarray(shift, np.float64).reshape(nshape)
+        u = z * (1.0 + sc) + sh
+    y = activation_forward(u, activation)
+    return y, Cache(plan, mean, var, rstd, xhat, z, u, g, sc, activation)
+
+
+def group_norm_backward(dy: np.ndarray, cache: Cache) -> Grads:
+    """Hand-derived backward of :func:`group_norm_forward` (formulas in the module docstring)."""
+    dy = np.asarray(dy, dtype=np.float64)
+    plan, ndim = cache.plan, dy.ndim
+    spatial = tuple(range(2, ndim))
+    du = dy * activation_grad(cache.u, cache.activation)                   # (N, C, *S)
+    dscale = dshift = None
+    dz = du
+    if cache.scale is not None:
+        dscale = (du * cache.z).sum(axis=spatial)                          # (N, C)
+        dshift = du.sum(axis=spatial)                                      # (N, C)
+        dz = du * (1.0 + cache.scale)
+    dgamma = (dz * cache.xhat).sum(axis=(0,) + spatial)                    # (C,)
+    dbeta = dz.sum(axis=(0,) + spatial)                                    # (C,)
+    dxhat = dz * cache.gamma                                               # (N, C, *S)
+    count = np.asarray(plan.sizes, dtype=np.float64) * (dy[0, 0].size if dy.shape[0] else 1)
+    mean_dxhat = _group_sum(dxhat, plan) / count                           # (N, G)
+    mean_dxhat_xhat = _group_sum(dxhat * cache.xhat, plan) / count         # (N, G)
+    dx = _per_channel(cache.rstd, plan, ndim) * (
+        dxhat
+        - _per_channel(mean_dxhat, plan, ndim)
+        - cache.xhat * _per_channel(mean_dxhat_xhat, plan, ndim)
+    )
+    return Grads(dx, dgamma, dbeta, dscale, dshift)
+
+
+def normalize_over(
+    x: np.ndarray,
+    axes: tuple[int, ...],
+    gamma: np.ndarray | None = None,
+    beta: np.ndarray | None = None,
+    eps: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The zoo in one function: statistics over ``axes``, per-channel affine (axis 1).
+
+    Returns ``(y, mean, var)`` with mean/var keeping the reduced axes as size 1.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    C = x.shape[1]
+    bshape = (1, C) + (1,) * (x.ndim - 2)
+    y = (x - mean) / np.sqrt(var + eps)
+    y = _vector(gamma, C, 1.0).reshape(bshape) * y + _vector(beta, C, 0.0).reshape(bshape)
+    return y, mean, var
+
+
+def batch_norm(
+    x: np.ndarray, gamma: np.ndarray | None = None, beta: np.ndarray | None = None,
+    eps: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BatchNorm in training mode: per channel, over N and all positions."""
+    return normalize_over(x, (0,) + tuple(range(2, np.ndim(x))), gamma, beta, eps)
+
+
+def layer_norm(
+    x: np.ndarray, gamma: np.ndarray | None = None, beta: np.ndarray | None = None,
+    eps: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LayerNorm as in the paper: per sample, over C and all positions (GroupNorm with G = 1)."""
+    return normalize_over(x, tuple(range(1, np.ndim(x))), gamma, beta, eps)
+
+
+def instance_norm(
+    x: np.ndarray, gamma: np.ndarray | None = None, beta: np.ndarray | None = None,
+    eps: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """InstanceNorm: per sample and channel, over all positions (GroupNorm with G = C)."""
+    return normalize_over(x, tuple(range(2, np.ndim(x))), gamma, beta, eps)
+
+
+def merge_stats(
+    mean_a: np.ndarray, m2_a: np.ndarray, count_a: np.ndarray,
+    mean_b: np.ndarray, m2_b: np.ndarray, count_b: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chan et al.'s exact merge of two sets of (mean, M2 = sum of squared deviations, count).
+
+    ``delta = mean_b - mean_a``, ``n = n_a + n_b``, ``mean = mean_a + delta * n_b / n``,
+    ``M2 = M2_a + M2_b + delta^2 * n_a * n_b / n``. Any broadcastable shapes.
+    """
+    na, nb = np.asarray(count_a, np.float64), np.asarray(count_b, np.float64)
+    delta = np.asarray(mean_b, np.float64) - np.asarray(mean_a, np.float64)
+    n = na + nb
+    mean = mean_a + delta * nb / n
+    m2 = np.asarray(m2_a, np.float64) + m2_b + delta * delta * na * nb / n
+    return mean, m2, n
