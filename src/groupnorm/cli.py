@@ -117,19 +117,28 @@ def check() -> int:
     return 1 if failed else 0
 
 
-COMMANDS: dict[str, tuple[Callable[[], int], str]] = {
-    "demo": (demo, "the article's worked example, G=1/G=C identities, uneven groups"),
-    "check": (check, "versions, available backends, a quick self-test"),
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser
+
+
+# name -> (help, add its arguments to a subparser, run it with the parsed arguments).
+# A subcommand with its own options lives in its own module and is listed here.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
+                          Callable[[argparse.Namespace], int]]] = {
+    "demo": ("the article's worked example, G=1/G=C identities, uneven groups",
+             _no_arguments, lambda args: demo()),
+    "check": ("versions, available backends, a quick self-test",
+              _no_arguments, lambda args: check()),
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="groupnorm", description="Group Normalization toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, description=help_text)
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    return COMMANDS[args.command][0]()
+    return COMMANDS[args.command][2](args)
 
 
 if __name__ == "__main__":
