@@ -64,7 +64,7 @@ def _check_input(x: object) -> torch.Tensor:
         )
     if x.shape[1] == 0:
         raise ValueError(f"x has no channels (shape {tuple(x.shape)}): C must be at least 1")
-    if any(s == 0 for s in x.shape[2:]):
+    if 0 in x.shape[2:]:
         raise ValueError(
             f"x has an empty spatial dimension (shape {tuple(x.shape)}): group statistics of "
             "zero elements are undefined"
@@ -132,7 +132,7 @@ def _request(x: torch.Tensor, num_groups: int | None, weight: torch.Tensor | Non
         if return_stats:
             raise ValueError("return_stats=True with stats= given: the given stats are returned "
                              "unchanged; drop one of the two")
-    elif N and min(plan.sizes) * math.prod(x.shape[2:]) == 1:
+    elif N and plan.min_size == 1 and math.prod(x.shape[2:]) == 1:
         warnings.warn(
             f"{plan.describe()} over {math.prod(x.shape[2:])} position(s) puts a single element "
             "in a group: its variance is 0 and its output is just beta. Use fewer groups or "

@@ -131,9 +131,11 @@ def _native_layout(x: torch.Tensor) -> bool:
 
 
 def _native_ok(r: Request) -> bool:
-    return (_native_layout(r.x) and r.plan.is_even and r.activation is None
-            and r.scale is None and r.shift is None and r.stats is None and not r.return_stats
-            and all(t is None or t.dtype == r.x.dtype for t in (r.weight, r.bias)))
+    dtype = r.x.dtype
+    return (r.plan.is_even and r.activation is None and r.scale is None and r.shift is None
+            and r.stats is None and not r.return_stats
+            and (r.weight is None or r.weight.dtype == dtype)
+            and (r.bias is None or r.bias.dtype == dtype) and _native_layout(r.x))
 
 
 def _native(r: Request) -> torch.Tensor | None:
