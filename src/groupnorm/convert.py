@@ -128,7 +128,8 @@ class Replacement:
 
     def describe(self) -> str:
         where = ", ".join(p or "<root>" for p in self.paths)
-        return f"{where}: {self.kind}(C={self.num_channels}) -> {self.plan.describe()} ({self.reason})"
+        return (f"{where}: {self.kind}(C={self.num_channels}) -> {self.plan.describe()} "
+                f"({self.reason})")
 
 
 @dataclass
@@ -245,7 +246,7 @@ def convert_batchnorm(
     report = ConversionReport()
 
     # Decide everything before touching anything.
-    todo: list[tuple[nn.Module, GroupPlan, str]] = []
+    todo: list[tuple[nn.modules.batchnorm._BatchNorm, GroupPlan, str]] = []
     problems: list[str] = []
     for path, m in target.named_modules():
         if not isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -431,13 +432,16 @@ def _norm_out(m: nn.Module) -> tuple[list[tuple[str, str]], list[str]]:
     return [("conv_norm_out", "conv_act")], []
 
 
-# Fingerprints of the forwards read for this, diffusers 0.42.1.
+# Fingerprints of the forwards read for this, diffusers 0.42.1. A new version's forward must be
+# read again before its fingerprint is added here.
+_VAE, _UNETS = "diffusers.models.autoencoders.vae", "diffusers.models.unets"
 _RULES = (
-    _Rule("diffusers.models.resnet", "ResnetBlock2D", frozenset({"24624aeb812a69ca"}), _resnet_block_2d),
-    _Rule("diffusers.models.autoencoders.vae", "Encoder", frozenset({"97458a98fb36cdad"}), _norm_out),
-    _Rule("diffusers.models.autoencoders.vae", "Decoder", frozenset({"2ad49dec6e933a9e"}), _norm_out),
-    _Rule("diffusers.models.unets.unet_2d", "UNet2DModel", frozenset({"bd9be7f8d659ce00"}), _norm_out),
-    _Rule("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel",
+    _Rule("diffusers.models.resnet", "ResnetBlock2D", frozenset({"24624aeb812a69ca"}),
+          _resnet_block_2d),
+    _Rule(_VAE, "Encoder", frozenset({"97458a98fb36cdad"}), _norm_out),
+    _Rule(_VAE, "Decoder", frozenset({"2ad49dec6e933a9e"}), _norm_out),
+    _Rule(f"{_UNETS}.unet_2d", "UNet2DModel", frozenset({"bd9be7f8d659ce00"}), _norm_out),
+    _Rule(f"{_UNETS}.unet_2d_condition", "UNet2DConditionModel",
           frozenset({"c38f02369325e0a4"}), _norm_out),
 )
 _RULE_BY_CLASS = {(r.module, r.name): r for r in _RULES}
@@ -460,7 +464,7 @@ def _fuse_sequential(seq: nn.Sequential, path: str, paths: dict[int, list[str]],
     # nn.Sequential.forward (exactly torch's: subclasses may override it) feeds each child's
     # output to the next child and to nothing else.
     names = list(seq._modules)
-    for a, b in zip(names, names[1:]):
+    for a, b in zip(names, names[1:], strict=False):
         norm, act = seq._modules[a], seq._modules[b]
         if type(norm) is not nn.GroupNorm or type(act) is not nn.SiLU:
             continue
@@ -583,7 +587,7 @@ def restore_group_norm(model: nn.Module, report: SwapReport) -> nn.Module:
     if report._restored:
         raise ValueError("this SwapReport has already been restored")
     present = {id(m) for m in model.modules()}
-    for parent, name, _ in report._undo:
+    for parent, _, _ in report._undo:
         if id(parent) not in present:
             raise ValueError(
                 "this report belongs to another model: swap_group_norm returns a swapped copy "
