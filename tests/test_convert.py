@@ -472,6 +472,27 @@ def test_diffusers_autoencoder_kl_swap(diffusers: ModuleType) -> None:
                 fused=2 * resnets + 2)
 
 
+def test_diffusers_vae_batch_one_without_fusion(diffusers: ModuleType) -> None:
+    # Regression: after the mid-block attention, diffusers reshapes to (1, C, H, W) with
+    # channels-last strides whose batch stride is not H*W*C; torch's kernel refused that layout
+    # ("Expected X.is_contiguous(memory_format)") and the swapped VAE raised at batch 1.
+    vae = _vae(diffusers)
+    out, report = swap_group_norm(vae, fuse_activation=False)
+    assert report.fused == []
+    x = make_x((1, 3, 32, 32), torch.float32, seed=26)
+    with torch.no_grad():
+        got = out(x).sample
+        expected = to_numpy(copy.deepcopy(vae).double()(x.double()).sample)
+    assert_matches(got, expected, torch.float32)
+    # The same layout made directly: batch stride C instead of H*W*C.
+    base = make_x((1, 7, 5, 32), torch.float32, seed=27).permute(0, 3, 1, 2)
+    odd = base.as_strided(base.shape, (32, 1, 5 * 32, 32))
+    assert odd.is_contiguous(memory_format=torch.channels_last) and not odd.is_contiguous()
+    norm = GroupNorm(8, 32)
+    expected, _ = reference(odd, GroupPlan((4,) * 8), norm.weight, norm.bias)
+    assert_matches(norm(odd), expected, torch.float32)
+
+
 def test_diffusers_unet_swap_moves_time_activation_into_projection(diffusers: ModuleType
                                                                   ) -> None:
     unet = _unet(diffusers)

@@ -143,10 +143,22 @@ def compute_stats(x: torch.Tensor, plan: GroupPlan) -> GroupStats:
 
 
 def _native_layout(x: torch.Tensor) -> bool:
-    """Layouts torch's kernel reads in place: NCHW-contiguous, channels-last 2-D and 3-D."""
-    return (x.is_contiguous()
-            or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-            or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
+    """Layouts torch's kernel reads in place: NCHW-contiguous; on CPU also channels-last 2-D
+    and 3-D with exactly the canonical strides.
+
+    The kernel insists on ``x.is_contiguous(memory_format=x.suggest_memory_format())`` on CPU
+    (plain contiguity elsewhere). ``is_contiguous(channels_last)`` alone is not enough: it ignores
+    the stride of a size-1 dimension, which the suggestion does not. Seen in diffusers' VAE at
+    batch 1: (1, 128, 64, 64) with strides (128, 1, 8192, 128) is channels-last-contiguous but
+    suggests NCHW, and the kernel raised. Canonical strides satisfy both.
+    """
+    if x.is_contiguous():
+        return True
+    if x.device.type != "cpu" or x.dim() not in (4, 5):
+        return False
+    C, spatial = x.shape[1], x.shape[2:]
+    inner = [C * math.prod(spatial[i + 1:]) for i in range(len(spatial))]
+    return x.stride() == (C * math.prod(spatial), 1, *inner)
 
 
 def _native_ok(r: Request) -> bool:
