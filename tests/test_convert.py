@@ -413,6 +413,25 @@ def test_swap_without_fusion_shared_norm_and_subclasses() -> None:
     assert isinstance(root, GroupNorm) and type(restore_group_norm(root, report)) is nn.GroupNorm
 
 
+def test_modules_with_hooks_or_patched_forward_are_left_alone() -> None:
+    seen: list[torch.Size] = []
+    model = _seq()
+    model[3].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    out, report = swap_group_norm(model)
+    assert report.swapped == ["1"] and type(out[3]) is nn.GroupNorm
+    assert report.skipped == [("3", "GroupNorm has hooks registered on it")]
+    out(make_x((1, 3, 4, 4), torch.float32, seed=28))
+    assert seen == [torch.Size([1, 64, 4, 4])]     # the hook still runs, on the kept module
+    model = _seq()
+    model.forward = lambda x: nn.Sequential.forward(model, x)   # an offloading-style wrapper
+    _, report = swap_group_norm(model)
+    assert report.fused == [] and "forward replaced on the instance" in report.not_fused[0][1]
+    bn = nn.Sequential(nn.BatchNorm2d(32))
+    bn[0].register_forward_pre_hook(lambda m, args: None)
+    out, report = convert_batchnorm(bn)
+    assert type(out[0]) is nn.BatchNorm2d and not report and "hooks" in report.skipped[0][1]
+
+
 # ---------------------------------------------------------------------------------------------
 # diffusers models from small configs, random weights
 

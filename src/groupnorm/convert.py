@@ -91,6 +91,19 @@ def _factory_kwargs(m: nn.Module) -> dict[str, Any]:
     return {"device": None, "dtype": None}
 
 
+def _patched(m: nn.Module) -> str | None:
+    """Why ``m`` cannot be replaced or fused without changing what runs, or None.
+
+    Hooks and a forward replaced on the instance (as offloading wrappers do) belong to this
+    object and would not move to its replacement; a hook on a norm would see a fused output."""
+    if "forward" in m.__dict__:
+        return f"{type(m).__name__} has its forward replaced on the instance"
+    if any((m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+            m._backward_pre_hooks)):
+        return f"{type(m).__name__} has hooks registered on it"
+    return None
+
+
 def _replace_everywhere(root: nn.Module, paths: list[str], new: nn.Module,
                         undo: list[tuple[nn.Module, str, nn.Module]] | None = None
                         ) -> nn.Module:
@@ -254,6 +267,9 @@ def convert_batchnorm(
         if type(m) not in _BATCHNORMS:
             report.skipped.append((path, f"{type(m).__name__} is a BatchNorm subclass with its "
                                          "own behaviour; convert it with its library's tools"))
+            continue
+        if (why := _patched(m)) is not None:
+            report.skipped.append((path, why))
             continue
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
             problems.append(f"{path}: {type(m).__name__} is uninitialized (run one forward "
@@ -468,9 +484,11 @@ def _fuse_sequential(seq: nn.Sequential, path: str, paths: dict[int, list[str]],
         norm, act = seq._modules[a], seq._modules[b]
         if type(norm) is not nn.GroupNorm or type(act) is not nn.SiLU:
             continue
-        if len(paths[id(norm)]) > 1:
-            report.not_fused.append((_join(path, a), "this GroupNorm is also used at "
-                                     f"{paths[id(norm)]}, where no SiLU may follow it"))
+        why = _patched(seq) or _patched(norm) or _patched(act)
+        if why is None and len(paths[id(norm)]) > 1:
+            why = f"this GroupNorm is also used at {paths[id(norm)]}, where no SiLU may follow it"
+        if why is not None:
+            report.not_fused.append((_join(path, a), why))
             continue
         plan.pairs.append(FusedPair(_join(path, a), _join(path, b), "nn.Sequential"))
         plan.norm_ids.add(id(norm))
@@ -480,37 +498,40 @@ def _fuse_sequential(seq: nn.Sequential, path: str, paths: dict[int, list[str]],
 def _fuse_by_rule(m: nn.Module, rule: _Rule, path: str, paths: dict[int, list[str]],
                   plan: _Fusion, report: SwapReport) -> None:
     cls = type(m).__name__
+
+    def refuse(why: str) -> None:
+        report.not_fused.append((path, why))
+
     if _forward_fingerprint(type(m)) not in rule.fingerprints:
-        report.not_fused.append((path, f"{cls}.forward is not the version that was verified "
-                                       "for fusion (diffusers 0.42.1); swapped without fusing"))
-        return
+        return refuse(f"{cls}.forward is not the version that was verified for fusion "
+                      "(diffusers 0.42.1); swapped without fusing")
+    if (why := _patched(m)) is not None:
+        return refuse(why)
     decided = rule.pairs(m)
     if isinstance(decided, str):
-        report.not_fused.append((path, decided))
-        return
+        return refuse(decided)
     pairs, moved = decided
-    for attr in [n for n, _ in pairs] + moved:
+    norms, acts = [n for n, _ in pairs], sorted({a for _, a in pairs})
+    for attr in norms:
+        if type(getattr(m, attr)) is not nn.GroupNorm:
+            return refuse(f"{attr} is {type(getattr(m, attr)).__name__}, not nn.GroupNorm")
+    for attr in acts:
+        if type(getattr(m, attr)) is not nn.SiLU:
+            return refuse(f"{attr} is {type(getattr(m, attr)).__name__}, not nn.SiLU")
+    for attr in norms + acts + moved:
         sub = getattr(m, attr)
-        want = nn.GroupNorm if attr in dict(pairs) else nn.Module
-        if not isinstance(sub, want) or (want is nn.GroupNorm and type(sub) is not nn.GroupNorm):
-            report.not_fused.append((path, f"{attr} is {type(sub).__name__}, not nn.GroupNorm"))
-            return
-        if len(paths[id(sub)]) > 1:
-            report.not_fused.append((path, f"{attr} is shared ({paths[id(sub)]}): its other "
-                                           "uses were not verified"))
-            return
-    acts = {act for _, act in pairs}
-    for act in acts:
-        if type(getattr(m, act)) is not nn.SiLU:
-            report.not_fused.append((path, f"{act} is {type(getattr(m, act)).__name__}, "
-                                           "not nn.SiLU"))
-            return
+        if attr not in acts and len(paths[id(sub)]) > 1:
+            return refuse(f"{attr} is shared ({paths[id(sub)]}): its other uses were not "
+                          "verified")
+        if (why := _patched(sub)) is not None:
+            return refuse(f"{attr}: {why}")
     moved_paths = tuple(_join(path, attr) for attr in moved)
     for norm, act in pairs:
         plan.pairs.append(FusedPair(_join(path, norm), _join(path, act), cls, moved_paths))
         plan.norm_ids.add(id(getattr(m, norm)))
-    plan.removals += [(m, act) for act in sorted(acts)]
+    plan.removals += [(m, act) for act in acts]
     plan.pre_act += [getattr(m, attr) for attr in moved]
+    return None
 
 
 def _ours(old: nn.GroupNorm, activation: str | None) -> GroupNorm:
@@ -549,7 +570,9 @@ def swap_group_norm(
     report = SwapReport()
     norms: dict[int, nn.GroupNorm] = {}
     for path, m in target.named_modules():
-        if type(m) is nn.GroupNorm:
+        if type(m) is nn.GroupNorm and (why := _patched(m)) is not None:
+            report.skipped.append((path, why))
+        elif type(m) is nn.GroupNorm:
             norms[id(m)] = m
         elif isinstance(m, nn.GroupNorm) and not isinstance(m, GroupNorm):
             report.skipped.append((path, f"{type(m).__name__} subclasses nn.GroupNorm and may "
