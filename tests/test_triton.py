@@ -1,0 +1,250 @@
+"""The Triton kernels against the float64 reference: every regime, layout, dtype, group plan
+and epilogue, forward and backward. Without CUDA they run in Triton's interpreter on CPU
+(TRITON_INTERPRET=1, set here before triton is imported), on tiny shapes: it is slow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np
+import pytest
+
+pytest.importorskip("triton")
+
+import groupnorm
+from groupnorm import reference as ref
+from groupnorm.groups import GroupPlan, make_plan
+from groupnorm.stats import GroupStats
+from groupnorm.triton import backend as triton_backend
+from groupnorm.triton.group_norm import group_norm_triton
+from tests._tolerances import assert_matches, to_numpy
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+REGIMES = ["fused", "split"]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(shape: tuple[int, ...], seed: int, *, loc: float = 0.5, std: float = 2.0,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Fresh random values (never zeros), made on CPU then moved to the test device."""
+    return (torch.randn(shape, generator=_gen(seed)) * std + loc).to(dtype).to(DEVICE)
+
+
+# name -> builder of x (N, C, *S) with C = 6 in the layout the name says.
+LAYOUTS = {
+    "nchw": lambda dt: _rand((2, 6, 5, 7), 1, dtype=dt),
+    "nhwc": lambda dt: _rand((2, 6, 4, 5), 2, dtype=dt).to(memory_format=torch.channels_last),
+    "ndhwc": lambda dt: _rand((2, 6, 2, 3, 4), 3, dtype=dt).to(
+        memory_format=torch.channels_last_3d),
+    "ncl-channel-stride-1": lambda dt: _rand((2, 9, 6), 4, dtype=dt).transpose(1, 2),
+    "nc-no-spatial": lambda dt: _rand((3, 6), 5, dtype=dt),
+    "batch-slice-view": lambda dt: _rand((4, 6, 5, 3), 6, dtype=dt)[::2],
+    "hw-transposed-view-copied": lambda dt: _rand((2, 6, 5, 4), 7, dtype=dt).transpose(2, 3),
+}
+
+
+def _reference(x: torch.Tensor, plan: GroupPlan, weight=None, bias=None, eps=1e-5, *,
+               activation=None, scale=None, shift=None):
+    def np_or_none(t):
+        return None if t is None else to_numpy(t)
+    return ref.group_norm_forward(to_numpy(x), gamma=np_or_none(weight), beta=np_or_none(bias),
+                                  eps=eps, plan=plan, activation=activation,
+                                  scale=np_or_none(scale), shift=np_or_none(shift))
+
+
+def _run(x, plan, weight=None, bias=None, *, regime, **kw):
+    y, stats = group_norm_triton(x, plan, weight, bias, regime=regime, **kw)
+    return y, stats
+
+
+# ---------------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_forward_layouts(layout, dtype, regime):
+    x = LAYOUTS[layout](dtype)
+    plan = make_plan(6, 3)
+    w, b = _rand((6,), 10, loc=1.0, std=0.5, dtype=dtype), _rand((6,), 11, dtype=dtype)
+    y, _ = _run(x, plan, w, b, regime=regime)
+    expected, _ = _reference(x, plan, w, b)
+    assert_matches(y, expected, dtype, what=f"y ({layout}, {regime})")
+    if layout != "hw-transposed-view-copied":
+        assert y.stride() == torch.empty_like(x).stride(), "y must keep x's memory format"
+
+
+PLANS = {
+    "even-G2": lambda: make_plan(12, 2),
+    "uneven-G5": lambda: make_plan(12, 5, uneven=True),
+    "group_size-4": lambda: make_plan(12, group_size=4),
+    "explicit-sizes-7-1-4": lambda: GroupPlan((7, 1, 4)),
+    "G1-layernorm": lambda: make_plan(12, 1),
+    "G=C-instancenorm": lambda: make_plan(12, 12),
+    "odd-C/G-3": lambda: make_plan(12, 4),
+}
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("plan_kind", list(PLANS))
+def test_forward_group_plans(plan_kind, channels_last, regime):
+    plan = PLANS[plan_kind]()
+    x = _rand((2, 12, 3, 5), 20)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = _rand((12,), 21), _rand((12,), 22)
+    y, stats = _run(x, plan, w, b, regime=regime, return_stats=True)
+    expected, cache = _reference(x, plan, w, b)
+    assert_matches(y, expected, torch.float32, what=f"y ({plan.describe()})")
+    assert_matches(stats.mean, cache.mean, torch.float32, what="mean")
+    assert_matches(stats.var, cache.var, torch.float32, what="var")
+    counts = np.broadcast_to(np.asarray(plan.sizes, np.float64) * 15, (2, plan.num_groups))
+    assert_matches(stats.count, counts, torch.float32, what="count")
+
+
+EPILOGUES = {
+    "silu": ("silu", False, False),
+    "gelu-erf": ("gelu", False, False),
+    "relu": ("relu", False, False),
+    "scale-shift": (None, True, True),
+    "scale-only": (None, True, False),
+    "shift-only-silu": ("silu", False, True),
+    "scale-shift-gelu": ("gelu", True, True),
+}
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+def test_forward_epilogues(epilogue, dtype, regime):
+    activation, has_scale, has_shift = EPILOGUES[epilogue]
+    plan = make_plan(10, 4, uneven=True)
+    x = _rand((2, 10, 4, 6), 30, dtype=dtype)
+    # weight/bias in float32 while x is half precision: mixed parameter dtypes.
+    w, b = _rand((10,), 31, loc=1.0, std=0.5), _rand((10,), 32)
+    scale = _rand((2, 10), 33, loc=0.0, std=0.5, dtype=dtype) if has_scale else None
+    shift = _rand((2, 10), 34, loc=0.0, std=0.5, dtype=dtype) if has_shift else None
+    y, _ = _run(x, plan, w, b, regime=regime, activation=activation, scale=scale, shift=shift)
+    expected, _ = _reference(x, plan, w, b, activation=activation, scale=scale, shift=shift)
+    assert_matches(y, expected, dtype, what=f"y ({epilogue})")
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_affine_false_and_public_api(regime):
+    x = _rand((2, 8, 3, 3), 40, dtype=torch.bfloat16)
+    plan = make_plan(8, 4)
+    y, _ = _run(x, plan, regime=regime)
+    expected, _ = _reference(x, plan)
+    assert_matches(y, expected, torch.bfloat16, what="y (affine=False)")
+    y_api = groupnorm.group_norm(x, 4, backend="triton")
+    assert_matches(y_api, expected, torch.bfloat16, what="y through group_norm(backend='triton')")
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_large_offset_small_spread(regime):
+    """SPEC numerics: fp32 x with mean 1e4 and std 1e-2 normalizes to relative error < 1e-3."""
+    x = _rand((1, 4, 16, 16), 41, loc=1e4, std=1e-2)
+    plan = make_plan(4, 2)
+    y, _ = _run(x, plan, regime=regime)
+    expected, _ = _reference(x, plan)
+    rel = np.abs(to_numpy(y) - expected).max() / np.abs(expected).max()
+    assert rel < 1e-3, f"relative error {rel:.2e} at mean 1e4, std 1e-2"
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_nan_stays_in_its_group(regime):
+    x = _rand((2, 6, 4, 4), 42)
+    x[1, 2, 1, 1] = float("nan")
+    plan = make_plan(6, 3)
+    y, _ = _run(x, plan, regime=regime, activation="relu")
+    bad = torch.isnan(y)
+    assert bad[1, 2:4].all(), "the NaN's group must be NaN (relu included)"
+    bad[1, 2:4] = False
+    assert not bad.any(), "a NaN must not leak into other groups or samples"
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_stats_in_from_merged_tiles(channels_last, regime):
+    """Normalize one tile with statistics merged over two tiles: equals normalizing the whole."""
+    whole = _rand((2, 6, 8, 5), 43, dtype=torch.float16)
+    if channels_last:
+        whole = whole.to(memory_format=torch.channels_last)
+    plan = make_plan(6, 3, uneven=True)
+    top, bottom = whole[:, :, :4], whole[:, :, 4:]
+    _, s_top = _run(top, plan, regime=regime, return_stats=True)
+    _, s_bottom = _run(bottom, plan, regime=regime, return_stats=True)
+    merged = groupnorm.merge_stats(s_top, s_bottom)
+    w, b = _rand((6,), 44), _rand((6,), 45)
+    y, _ = _run(bottom, plan, w, b, regime=regime, stats=merged, activation="silu")
+    expected, _ = _reference(whole, plan, w, b, activation="silu")
+    assert_matches(y, expected[:, :, 4:], torch.float16, what="y of a tile with merged stats")
+
+
+def test_stats_match_torch_backend_layout():
+    x = _rand((2, 6, 5, 5), 46)
+    plan = make_plan(6, 2)
+    _, ours = _run(x, plan, regime="fused", return_stats=True)
+    theirs = groupnorm.group_stats(x, 2)
+    assert isinstance(ours, GroupStats)
+    assert torch.equal(ours.pivot, theirs.pivot), "pivot is each group's first element"
+    assert ours.count.dtype == torch.float32 and ours.count.shape == (2, 2)
+
+
+# ----------------------------------------------------------------------------------- dispatch
+
+
+def test_auto_never_picks_triton_for_cpu_tensors():
+    x = torch.randn(2, 4, 3)
+    r = groupnorm.functional._request(x, 2, None, None, 1e-5, None, None, False, None, None,
+                                      None, None, False)
+    assert groupnorm.dispatch.select_backend(r).name == "torch"
+
+
+def test_float64_is_refused_with_a_reason():
+    x = torch.randn(2, 4, 3, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="float64"):
+        groupnorm.group_norm(x, 2, backend="triton")
+
+
+def test_available_names_the_missing_pieces(monkeypatch):
+    monkeypatch.setattr(triton_backend.importlib.util, "find_spec", lambda name: None)
+    assert "pip install groupnorm[triton]" in (triton_backend.available() or "")
+    monkeypatch.undo()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert "TRITON_INTERPRET=1" in (triton_backend.available() or "")
+        r = groupnorm.functional._request(torch.randn(2, 4), 2, None, None, 1e-5, None, None,
+                                          False, None, None, None, None, False)
+        assert "TRITON_INTERPRET=1" in (triton_backend.why_not(r) or "")
+
+
+def test_import_groupnorm_without_triton():
+    """``import groupnorm`` must not need triton; the backend then says how to install it."""
+    code = (
+        "import sys, importlib.util\n"
+        "sys.modules['triton'] = None\n"
+        "real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda n, *a: None if n == 'triton' else real(n, *a)\n"
+        "import torch, groupnorm\n"
+        "reason = groupnorm.available_backends()['triton']\n"
+        "assert 'pip install groupnorm[triton]' in reason, reason\n"
+        "y = groupnorm.group_norm(torch.randn(2, 4, 3), 2)\n"
+        "assert y.shape == (2, 4, 3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
