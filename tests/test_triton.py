@@ -248,3 +248,123 @@ def test_import_groupnorm_without_triton():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+# --------------------------------------------------------------------------------- backward
+
+
+def _backward_case(x, plan, *, regime, dtype, param_dtype=None, activation=None,
+                   has_scale=False, has_shift=False, affine=True, seed=50):
+    """Run forward + backward through the op's autograd; compare every gradient with the
+    float64 reference backward. Returns the gradients (for the determinism test)."""
+    pdt = param_dtype or dtype
+    C = x.shape[1]
+    N = x.shape[0]
+    leaves = {"x": x.detach().clone().requires_grad_()}
+    if affine:
+        leaves["weight"] = _rand((C,), seed, loc=1.0, std=0.5, dtype=pdt).requires_grad_()
+        leaves["bias"] = _rand((C,), seed + 1, dtype=pdt).requires_grad_()
+    if has_scale:
+        leaves["scale"] = _rand((N, C), seed + 2, loc=0.0, std=0.5, dtype=dtype).requires_grad_()
+    if has_shift:
+        leaves["shift"] = _rand((N, C), seed + 3, loc=0.0, std=0.5, dtype=dtype).requires_grad_()
+    y, _ = group_norm_triton(leaves["x"], plan, leaves.get("weight"), leaves.get("bias"),
+                             activation=activation, scale=leaves.get("scale"),
+                             shift=leaves.get("shift"), regime=regime)
+    dy = _rand(tuple(x.shape), seed + 4, loc=0.0, std=1.0, dtype=dtype)  # NCHW even if x is not
+    y.backward(dy)
+    _, cache = _reference(x, plan, leaves.get("weight"), leaves.get("bias"),
+                          activation=activation, scale=leaves.get("scale"),
+                          shift=leaves.get("shift"))
+    grads = ref.group_norm_backward(to_numpy(dy), cache)
+    L = int(np.prod(x.shape[2:])) if x.dim() > 2 else 1
+    assert_matches(leaves["x"].grad, grads.dx, dtype, reduction=max(plan.sizes) * L, what="dx")
+    checks = {"weight": (grads.dgamma, N * L), "bias": (grads.dbeta, N * L),
+              "scale": (grads.dscale, L), "shift": (grads.dshift, L)}
+    for name, (expected, reduction) in checks.items():
+        if name in leaves:
+            assert leaves[name].grad.dtype == leaves[name].dtype
+            assert_matches(leaves[name].grad, expected, dtype, reduction=reduction,
+                           what=f"d{name}")
+    return {k: v.grad for k, v in leaves.items()}
+
+
+BACKWARD_LAYOUTS = ["nchw", "nhwc", "ndhwc", "ncl-channel-stride-1", "nc-no-spatial",
+                    "hw-transposed-view-copied"]
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", BACKWARD_LAYOUTS)
+def test_backward_layouts(layout, dtype, regime):
+    _backward_case(LAYOUTS[layout](dtype), make_plan(6, 3), regime=regime, dtype=dtype)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("plan_kind", list(PLANS))
+def test_backward_group_plans(plan_kind, regime):
+    x = _rand((2, 12, 3, 5), 51).to(memory_format=torch.channels_last)
+    _backward_case(x, PLANS[plan_kind](), regime=regime, dtype=torch.float32,
+                   activation="silu")
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+def test_backward_epilogues(epilogue, dtype, regime):
+    activation, has_scale, has_shift = EPILOGUES[epilogue]
+    x = _rand((2, 10, 4, 6), 52, dtype=dtype)
+    _backward_case(x, make_plan(10, 4, uneven=True), regime=regime, dtype=dtype,
+                   param_dtype=torch.float32, activation=activation, has_scale=has_scale,
+                   has_shift=has_shift)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_backward_affine_false(regime):
+    _backward_case(_rand((2, 6, 3, 4), 53), make_plan(6, 2), regime=regime,
+                   dtype=torch.float32, affine=False, has_scale=True)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_backward_bitwise_deterministic(regime):
+    x = _rand((2, 8, 6, 6), 54, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    kw = dict(regime=regime, dtype=torch.bfloat16, param_dtype=torch.float32,
+              activation="gelu", has_scale=True, has_shift=True)
+    first = _backward_case(x, make_plan(8, 3, uneven=True), **kw)
+    second = _backward_case(x, make_plan(8, 3, uneven=True), **kw)
+    for name, g in first.items():
+        assert torch.equal(g, second[name]), f"d{name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_backward_with_given_stats_treats_them_as_constants(regime):
+    """With stats given, y = act(x_hat * w + b) with constant mean/rstd: dx = rstd * dx_hat."""
+    plan = make_plan(6, 3)
+    x = _rand((2, 6, 4, 4), 55).requires_grad_()
+    stats = groupnorm.group_stats(_rand((2, 6, 4, 4), 56), 3)
+    w = _rand((6,), 57, loc=1.0, std=0.5).requires_grad_()
+    y, _ = group_norm_triton(x, plan, w, None, stats=stats, activation="silu", regime=regime)
+    dy = _rand((2, 6, 4, 4), 58)
+    y.backward(dy)
+    mean, rstd = (to_numpy(t)[:, :, None, None].repeat(2, axis=1)
+                  for t in (stats.mean, stats.rstd()))
+    xhat = (to_numpy(x) - mean) * rstd
+    u = xhat * to_numpy(w)[None, :, None, None]
+    du = to_numpy(dy) * ref.activation_grad(u, "silu")
+    assert_matches(x.grad, du * to_numpy(w)[None, :, None, None] * rstd, torch.float32,
+                   what="dx with given stats")
+    assert_matches(w.grad, (du * xhat).sum(axis=(0, 2, 3)), torch.float32, reduction=32,
+                   what="dweight with given stats")
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_backward_op_keeps_channels_last(regime):
+    """The backward op writes dx in x's layout (no copy), whatever dy's layout."""
+    from groupnorm.triton.group_norm import group_norm_bwd_op, group_norm_fwd_op
+
+    x = _rand((2, 6, 3, 4), 59).to(memory_format=torch.channels_last)
+    _, pivot, smean, _, _, rstd = group_norm_fwd_op(x, None, None, None, None, [3, 3], 1e-5,
+                                                    None, None, None, None, None, regime)
+    dx = group_norm_bwd_op(_rand((2, 6, 3, 4), 60), x, None, None, None, None, [3, 3], pivot,
+                           smean, rstd, None, False, regime)[0]
+    assert dx.is_contiguous(memory_format=torch.channels_last)

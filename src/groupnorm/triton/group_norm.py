@@ -255,6 +255,206 @@ def _gn_fwd_normalize_kernel(
                      HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64)
 
 
+
+@triton.jit
+def _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel fp32 vectors (w, bias, 1 + scale, shift) for channels c0 + c of sample n;
+    identity values where a parameter is absent."""
+    one = tl.full((BLOCK_C,), 1.0, tl.float32)
+    w = one
+    bias = one * 0.0
+    s1 = one
+    sh = one * 0.0
+    nc = n.to(tl.int64) * C + c0 + c
+    if HAS_W:
+        w = tl.load(W + c0 + c, mask=cmask, other=1.0).to(tl.float32)
+    if HAS_B:
+        bias = tl.load(B + c0 + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        sh = tl.load(SHIFT + nc, mask=cmask, other=0.0).to(tl.float32)
+    return w, bias, s1, sh
+
+
+@triton.jit
+def _du_xhat(X, DY, x_base, dy_base, c, pos, mask, sxC, sxL, sdC, sdL, pivot, smean, rstd,
+             w, bias, s1, sh, ACT: tl.constexpr, IDX64: tl.constexpr):
+    """Recompute x_hat and u of one tile from x and the saved statistics; du = dy * act'(u).
+    Both are 0 outside the mask."""
+    v = tl.load(X + x_base + _tile_offsets(c, pos, sxC, sxL, IDX64), mask=mask, other=0.0)
+    dy = tl.load(DY + dy_base + _tile_offsets(c, pos, sdC, sdL, IDX64), mask=mask, other=0.0)
+    xhat = tl.where(mask, ((v.to(tl.float32) - pivot) - smean) * rstd, 0.0)
+    du = dy.to(tl.float32)
+    if ACT != 0:
+        u = (xhat * w[:, None] + bias[:, None]) * s1[:, None] + sh[:, None]
+        du = tl.where(mask, du * _act_grad(u, ACT), 0.0)
+    return du, xhat
+
+
+@triton.jit
+def _channel_sums(X, DY, x_base, dy_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL,
+                  pivot, smean, rstd, w, bias, s1, sh,
+                  ACT: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr):
+    """Per channel of the block, over positions [l_lo, l_hi): A = sum du * x_hat, B = sum du."""
+    acc_a = tl.zeros((c.shape[0],), tl.float32)
+    acc_b = tl.zeros((c.shape[0],), tl.float32)
+    for lb in range(l_lo, l_hi, BLOCK_L):
+        pos = lb + tl.arange(0, BLOCK_L)
+        mask = cmask[:, None] & (pos < l_hi)[None, :]
+        du, xhat = _du_xhat(X, DY, x_base, dy_base, c, pos, mask, sxC, sxL, sdC, sdL,
+                            pivot, smean, rstd, w, bias, s1, sh, ACT, IDX64)
+        acc_a += tl.sum(du * xhat, axis=1)
+        acc_b += tl.sum(du, axis=1)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _dx_block(X, DY, DX, x_base, dy_base, dx_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL,
+              sgC, sgL, pivot, smean, rstd, w, bias, s1, sh, mean_dxhat, mean_dxhat_xhat,
+              ACT: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr):
+    """dx = rstd * (dx_hat - mean_dxhat - x_hat * mean_dxhat_xhat), dx_hat = du * w * (1+scale)."""
+    wc = w * s1
+    for lb in range(l_lo, l_hi, BLOCK_L):
+        pos = lb + tl.arange(0, BLOCK_L)
+        mask = cmask[:, None] & (pos < l_hi)[None, :]
+        du, xhat = _du_xhat(X, DY, x_base, dy_base, c, pos, mask, sxC, sxL, sdC, sdL,
+                            pivot, smean, rstd, w, bias, s1, sh, ACT, IDX64)
+        dx = rstd * (du * wc[:, None] - mean_dxhat - xhat * mean_dxhat_xhat)
+        tl.store(DX + dx_base + _tile_offsets(c, pos, sgC, sgL, IDX64),
+                 dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_bwd_partial_kernel(
+    X, DY, W, B, SCALE, SHIFT, OFFS, PIVOT, SMEAN, RSTD, PA, PB,
+    C, G, L, sxN, sxC, sxL, sdN, sdC, sdL, CHUNK_L, K,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr,
+):
+    """Split regime, pass 1: program (n * G + g, k) writes A, B of its group's channels over
+    its chunk of positions to partials PA, PB[n, k, c] (fp32, (N, K, C))."""
+    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
+    k = tl.program_id(1)
+    dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
+    pivot = tl.load(PIVOT + row)
+    smean = tl.load(SMEAN + row)
+    rstd = tl.load(RSTD + row)
+    l_lo = k * CHUNK_L
+    l_hi = tl.minimum(l_lo + CHUNK_L, L)
+    for cb in range(0, Cg, BLOCK_C):
+        c = cb + tl.arange(0, BLOCK_C)
+        cmask = c < Cg
+        w, bias, s1, sh = _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
+                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        a, b = _channel_sums(X, DY, x_base, dy_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL,
+                             pivot, smean, rstd, w, bias, s1, sh, ACT, BLOCK_L, IDX64)
+        nkc = (n.to(tl.int64) * K + k) * C + c0 + c
+        tl.store(PA + nkc, a, mask=cmask)
+        tl.store(PB + nkc, b, mask=cmask)
+
+
+@triton.jit
+def _gn_bwd_dx_kernel(
+    X, DY, DX, W, B, SCALE, SHIFT, OFFS, PIVOT, SMEAN, RSTD, PA, PB, SA, SB,
+    C, G, L, sxN, sxC, sxL, sdN, sdC, sdL, sgN, sgC, sgL, CHUNK_L, K,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, STATS_GIVEN: tl.constexpr,
+    FUSED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr,
+):
+    """Program (n * G + g, k) gets its channels' A, B over the whole group, stores them (chunk 0)
+    for the parameter gradients, forms the group means and writes dx of its chunk.
+
+    FUSED (one chunk, CHUNK_L = L): A, B are computed here from x and dy, in one launch.
+    Split: A, B are the sums of the partials PA, PB[n, 0..K, c], taken in order."""
+    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
+    k = tl.program_id(1)
+    dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
+    dx_base = n.to(tl.int64) * sgN + c0.to(tl.int64) * sgC
+    pivot = tl.load(PIVOT + row)
+    smean = tl.load(SMEAN + row)
+    rstd = tl.load(RSTD + row)
+    sum_dxhat = tl.zeros((), tl.float32)
+    sum_dxhat_xhat = tl.zeros((), tl.float32)
+    for cb in range(0, Cg, BLOCK_C):
+        c = cb + tl.arange(0, BLOCK_C)
+        cmask = c < Cg
+        w, bias, s1, sh = _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
+                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        if FUSED:
+            a, b = _channel_sums(X, DY, x_base, dy_base, c, cmask, 0, L, sxC, sxL, sdC, sdL,
+                                 pivot, smean, rstd, w, bias, s1, sh, ACT, BLOCK_L, IDX64)
+        else:
+            a = tl.zeros((BLOCK_C,), tl.float32)
+            b = tl.zeros((BLOCK_C,), tl.float32)
+            for kk in range(0, K):
+                nkc = (n.to(tl.int64) * K + kk) * C + c0 + c
+                a += tl.load(PA + nkc, mask=cmask, other=0.0)
+                b += tl.load(PB + nkc, mask=cmask, other=0.0)
+        if k == 0:
+            nc = n.to(tl.int64) * C + c0 + c
+            tl.store(SA + nc, a, mask=cmask)
+            tl.store(SB + nc, b, mask=cmask)
+        sum_dxhat += tl.sum(w * s1 * b, axis=0)
+        sum_dxhat_xhat += tl.sum(w * s1 * a, axis=0)
+    count = (Cg * L).to(tl.float32)
+    mean_dxhat = sum_dxhat / count
+    mean_dxhat_xhat = sum_dxhat_xhat / count
+    if STATS_GIVEN:
+        mean_dxhat = 0.0
+        mean_dxhat_xhat = 0.0
+    l_lo = k * CHUNK_L
+    l_hi = tl.minimum(l_lo + CHUNK_L, L)
+    for cb in range(0, Cg, BLOCK_C):
+        c = cb + tl.arange(0, BLOCK_C)
+        cmask = c < Cg
+        w, bias, s1, sh = _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
+                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        _dx_block(X, DY, DX, x_base, dy_base, dx_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC,
+                  sdL, sgC, sgL, pivot, smean, rstd, w, bias, s1, sh, mean_dxhat,
+                  mean_dxhat_xhat, ACT, BLOCK_L, IDX64)
+
+
+@triton.jit
+def _gn_bwd_param_kernel(
+    SA, SB, W, B, SCALE, DW, DB, DSCALE, DSHIFT, N, C,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Parameter gradients from the per-(n, c) sums A, B, over n in order (deterministic):
+    dweight = sum_n (1 + scale) A, dbias = sum_n (1 + scale) B, dscale = w A + bias B,
+    dshift = B."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cmask = c < C
+    w = tl.full((BLOCK,), 1.0, tl.float32)
+    bias = tl.zeros((BLOCK,), tl.float32)
+    if HAS_W:
+        w = tl.load(W + c, mask=cmask, other=1.0).to(tl.float32)
+    if HAS_B:
+        bias = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), tl.float32)
+    db = tl.zeros((BLOCK,), tl.float32)
+    nc = c.to(tl.int64)  # n * C + c, advanced by C per sample (int64 without a multiply)
+    for _ in range(0, N):
+        a = tl.load(SA + nc, mask=cmask, other=0.0)
+        b = tl.load(SB + nc, mask=cmask, other=0.0)
+        s1 = tl.full((BLOCK,), 1.0, tl.float32)
+        if HAS_SCALE:
+            s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(DSCALE + nc, (w * a + bias * b).to(DSCALE.dtype.element_ty), mask=cmask)
+        if HAS_SHIFT:
+            tl.store(DSHIFT + nc, b.to(DSHIFT.dtype.element_ty), mask=cmask)
+        dw += s1 * a
+        db += s1 * b
+        nc += C
+    if HAS_W:
+        tl.store(DW + c, dw.to(DW.dtype.element_ty), mask=cmask)
+    if HAS_B:
+        tl.store(DB + c, db.to(DB.dtype.element_ty), mask=cmask)
+
 # ----------------------------------------------------------------------------------------------
 # launchers: allocation, checks, grid
 # ----------------------------------------------------------------------------------------------
@@ -384,6 +584,63 @@ def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | 
     return y, pivot, smean, m2, count, rstd
 
 
+def _empty_or(t: torch.Tensor | None) -> torch.Tensor:
+    """A gradient buffer shaped like ``t``, or a (0,) placeholder where t is absent (custom ops
+    return tensors, not None)."""
+    if t is None:
+        return torch.empty(0)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+              bias: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None,
+              sizes: tuple[int, ...], pivot: torch.Tensor, smean: torch.Tensor,
+              rstd: torch.Tensor, activation: str | None, stats_given: bool,
+              regime: str) -> tuple[torch.Tensor, ...]:
+    """Launch the backward; returns (dx, dweight, dbias, dscale, dshift), (0,) where absent."""
+    _check_inputs(x, sizes, weight, bias, scale, shift, dy)
+    weight, bias, scale, shift = (_param(t) for t in (weight, bias, scale, shift))
+    xv, (sxN, sxC, sxL) = _flat_view(x)
+    dyv, dys = _flat_view(dy)
+    dx = torch.empty_like(xv)
+    dxs = _flat_strides(dx)
+    assert dxs is not None
+    grads = [_empty_or(t).to(x.device) for t in (weight, bias, scale, shift)]
+    N, C = x.shape[:2]
+    G = len(sizes)
+    if N == 0:
+        for t in grads:
+            t.zero_()
+        return (dx, *grads)
+    L = x[0, 0].numel()
+    cfg = _config(xv, (sxN, sxC, sxL), sizes, regime)
+    offs = _offsets_tensor(sizes, x.device)
+    params = tuple(xv if t is None else t for t in (weight, bias, scale, shift))
+    has = dict(HAS_W=weight is not None, HAS_B=bias is not None,
+               HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
+    flags = dict(has, ACT=ACT_CODES[activation], BLOCK_C=cfg.block_c, BLOCK_L=cfg.block_l,
+                 IDX64=_needs_int64(xv, dyv, dx))
+    stats = (pivot.contiguous(), smean.contiguous(), rstd.contiguous())
+    sums = [torch.empty((N, C), dtype=torch.float32, device=x.device) for _ in range(2)]
+    strides = (C, G, L, sxN, sxC, sxL, *dys)
+    K = cfg.chunks
+    fused = cfg.regime == "fused"
+    if fused:
+        parts = list(sums)  # not read: A, B come straight from x and dy
+    else:
+        parts = [torch.empty((N, K, C), dtype=torch.float32, device=x.device) for _ in range(2)]
+        _gn_bwd_partial_kernel[(N * G, K)](xv, dyv, *params, offs, *stats, *parts, *strides,
+                                           cfg.chunk_l, K, **flags)
+    _gn_bwd_dx_kernel[(N * G, K)](xv, dyv, dx, *params, offs, *stats, *parts, *sums, *strides,
+                                  *dxs, cfg.chunk_l, K, STATS_GIVEN=stats_given, FUSED=fused,
+                                  **flags)
+    block = min(next_pow2(C), 1024)
+    dummies = tuple(xv if g.numel() == 0 else g for g in grads)
+    _gn_bwd_param_kernel[(triton.cdiv(C, block),)](*sums, params[0], params[1], params[2],
+                                                   *dummies, N, C, BLOCK=block, **has)
+    return (dx, *grads)
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library op (opaque to torch.compile: no graph break, fake impl for shapes)
 # ----------------------------------------------------------------------------------------------
@@ -425,6 +682,67 @@ def _(x, weight, bias, scale, shift, sizes, eps, activation, stats_pivot, stats_
     y = torch.empty_like(_flat_view(x)[0])
     stats = [x.new_empty((x.shape[0], len(sizes)), dtype=torch.float32) for _ in range(5)]
     return (y, *stats)
+
+
+@torch.library.custom_op("groupnorm::triton_group_norm_bwd", mutates_args=())
+def group_norm_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],  # noqa: UP045
+    bias: Optional[torch.Tensor],  # noqa: UP045
+    scale: Optional[torch.Tensor],  # noqa: UP045
+    shift: Optional[torch.Tensor],  # noqa: UP045
+    sizes: list[int],
+    pivot: torch.Tensor,
+    shifted_mean: torch.Tensor,
+    rstd: torch.Tensor,
+    activation: Optional[str],  # noqa: UP045
+    stats_given: bool,
+    regime: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dscale, dshift); a (0,) tensor stands for an absent parameter."""
+    dx, dw, db, dscale, dshift = _backward(dy, x, weight, bias, scale, shift, tuple(sizes), pivot,
+                                           shifted_mean, rstd, activation, stats_given, regime)
+    return dx, dw, db, dscale, dshift
+
+
+@group_norm_bwd_op.register_fake
+def _(dy, x, weight, bias, scale, shift, sizes, pivot, shifted_mean, rstd, activation,
+      stats_given, regime):
+    def like(t):
+        return x.new_empty(0) if t is None else torch.empty_like(
+            t, memory_format=torch.contiguous_format)
+    return (torch.empty_like(_flat_view(x)[0]), *(like(t) for t in (weight, bias, scale, shift)))
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd: y depends on x, weight, bias, scale, shift; statistics outputs and given statistics
+# are not differentiated (given statistics are constants: dx = rstd * dx_hat then).
+# ----------------------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, scale, shift, sizes, _, activation, stats_pivot, *_, regime = inputs
+    _, pivot, smean, m2, count, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, pivot, smean, rstd)
+    ctx.sizes, ctx.activation, ctx.regime = sizes, activation, regime
+    ctx.stats_given = stats_pivot is not None
+    ctx.mark_non_differentiable(pivot, smean, m2, count, rstd)
+
+
+def _backward_fn(ctx, dy, *_):
+    x, weight, bias, scale, shift, pivot, smean, rstd = ctx.saved_tensors
+    dx, dw, db, dscale, dshift = group_norm_bwd_op(
+        dy, x, weight, bias, scale, shift, ctx.sizes, pivot, smean, rstd, ctx.activation,
+        ctx.stats_given, ctx.regime)
+    need = ctx.needs_input_grad
+    grads = [g if t is not None and need[i + 1] else None
+             for i, (g, t) in enumerate(zip((dw, db, dscale, dshift),
+                                            (weight, bias, scale, shift), strict=True))]
+    return (dx if need[0] else None, *grads) + (None,) * 8
+
+
+group_norm_fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
