@@ -24,7 +24,7 @@ from groupnorm.groups import GroupPlan, make_plan
 from groupnorm.stats import GroupStats
 from groupnorm.triton import backend as triton_backend
 from groupnorm.triton.group_norm import group_norm_triton
-from tests._tolerances import assert_matches, to_numpy
+from tests._tolerances import assert_matches, to_numpy, tolerance
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -368,3 +368,127 @@ def test_backward_op_keeps_channels_last(regime):
     dx = group_norm_bwd_op(_rand((2, 6, 3, 4), 60), x, None, None, None, None, [3, 3], pivot,
                            smean, rstd, None, False, regime)[0]
     assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------ op contracts
+
+
+def test_opcheck_forward_and_backward_ops():
+    from groupnorm.triton.group_norm import group_norm_bwd_op, group_norm_fwd_op
+
+    x = _rand((2, 6, 3, 4), 61).to(memory_format=torch.channels_last).requires_grad_()
+    w = _rand((6,), 62).requires_grad_()
+    scale = _rand((2, 6), 63, loc=0.0, std=0.5).requires_grad_()
+    torch.library.opcheck(group_norm_fwd_op, (x, w, None, scale, None, [4, 2], 1e-5, "silu",
+                                              None, None, None, None, "split"))
+    _, pivot, smean, _, _, rstd = group_norm_fwd_op(x.detach(), w, None, scale, None, [4, 2],
+                                                    1e-5, "silu", None, None, None, None, "fused")
+    # The backward op is not itself differentiable (no double backward): plain inputs.
+    torch.library.opcheck(group_norm_bwd_op, (_rand((2, 6, 3, 4), 64), x.detach(), w.detach(),
+                                              None, scale.detach(), None, [4, 2], pivot, smean,
+                                              rstd, "silu", False, "fused"))
+
+
+# inductor's own import of torch.jit warns on torch 2.13; not ours to fix.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_fullgraph_matches_eager():
+    """torch.compile(fullgraph=True) sees the custom op as one node: no graph break, no
+    recompile on a second call, same values and gradients as eager (inductor on CPU under the
+    interpreter; on CUDA the same test runs the real kernels)."""
+    torch._dynamo.reset()
+    plan = make_plan(6, 4, uneven=True)
+
+    def f(x, w, b):
+        y, _ = group_norm_triton(x, plan, w, b, activation="gelu")
+        return (y * 2).sum(), y
+
+    x = _rand((2, 6, 3, 5), 65).to(memory_format=torch.channels_last).requires_grad_()
+    w, b = _rand((6,), 66).requires_grad_(), _rand((6,), 67).requires_grad_()
+    compiled = torch.compile(f, fullgraph=True)
+    loss_c, y_c = compiled(x, w, b)
+    grads_c = torch.autograd.grad(loss_c, (x, w, b))
+    loss_e, y_e = f(x, w, b)
+    grads_e = torch.autograd.grad(loss_e, (x, w, b))
+    assert torch.equal(y_c, y_e) and y_c.stride() == y_e.stride()
+    for gc, ge in zip(grads_c, grads_e, strict=True):
+        assert torch.equal(gc, ge)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x.detach().clone().requires_grad_(), w, b)
+
+
+def test_autocast_runs_in_the_input_dtype():
+    """The op has no autocast rule: under autocast it runs in x's own dtype (fp32 statistics
+    inside either way), unlike torch.group_norm, which autocast casts to float32."""
+    plan = make_plan(6, 3)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _rand((2, 6, 4, 4), 68, dtype=dtype)
+        with torch.autocast(device_type=DEVICE, dtype=torch.bfloat16):
+            y, _ = group_norm_triton(x, plan, regime="fused")
+        assert y.dtype == dtype
+        assert_matches(y, _reference(x, plan)[0], dtype, what=f"y under autocast ({dtype})")
+
+
+# --------------------------------------------------------------- 64-bit indexing, heuristics
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_int64_index_path(monkeypatch, regime):
+    """The IDX64 kernels (used above 2^31 elements) on a small tensor: lower the threshold."""
+    import groupnorm.triton.group_norm as kernels
+
+    monkeypatch.setattr(kernels, "_INT32_MAX", 16)
+    x = _rand((2, 6, 3, 5), 70, dtype=torch.float16).to(memory_format=torch.channels_last)
+    _backward_case(x, make_plan(6, 4, uneven=True), regime=regime, dtype=torch.float16,
+                   activation="relu", has_scale=True, has_shift=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with > 10 GB: the "
+                    "interpreter cannot run 2^31 elements")
+def test_more_than_2_31_elements_against_chunked_float64():
+    """fp16 1 x 64 x 8192 x 4200 (2.2e9 elements): statistics and output checked per group
+    against float64 computed group by group (a whole float64 copy would need 17 GB)."""
+    x = torch.randn((1, 64, 8192, 4200), dtype=torch.float16, device="cuda")
+    plan = make_plan(64, 8)
+    y, stats = group_norm_triton(x, plan, return_stats=True)
+    for g in range(8):
+        xg = x[0, 8 * g:8 * (g + 1)].double()
+        mean, var = xg.mean(), xg.var(correction=0)
+        assert abs(stats.mean[0, g].item() - mean.item()) < 1e-5
+        assert abs(stats.var[0, g].item() / var.item() - 1) < 1e-5
+        expected = ((xg - mean) / torch.sqrt(var + 1e-5))
+        atol, rtol = tolerance(torch.float16)  # the table's fp16 row, evaluated on the GPU
+        excess = (y[0, 8 * g:8 * (g + 1)].double() - expected).abs() - rtol * expected.abs()
+        assert excess.max().item() <= atol, f"group {g}: error above the fp16 tolerance"
+        del xg, expected
+
+
+def test_launch_heuristics_are_consistent():
+    from groupnorm.triton import heuristics as h
+
+    H100_SMS = 132
+    # Many (sample, group) pairs: fused. VAE decode at batch 1 (N*G = 32, 262 K-element groups):
+    # split into enough chunks to give every SM several programs.
+    assert h.choose_config(32, 56 * 56, 8, 32, False, H100_SMS).regime == "fused"
+    vae = h.choose_config(1, 512 * 512, 4, 32, False, H100_SMS)
+    assert vae.regime == "split" and vae.chunks * 32 >= H100_SMS
+    for cfg, L in ((vae, 512 * 512), (h.choose_config(1, 35, 6, 2, True, 1, "split"), 35),
+                   (h.choose_config(2, 20 * 256 * 256, 4, 32, True, H100_SMS), 20 * 256 * 256)):
+        assert cfg.block_c * cfg.block_l <= h.TILE
+        assert cfg.chunk_l % cfg.block_l == 0, "chunks are whole tiles"
+        assert (cfg.chunks - 1) * cfg.chunk_l < L <= cfg.chunks * cfg.chunk_l, "chunks cover L"
+        assert cfg.chunks <= h.MAX_CHUNKS
+    assert h.choose_config(1, 35, 6, 2, True, 1, "split").chunks > 1, "forced split splits"
+    with pytest.raises(ValueError, match="regime"):
+        h.choose_config(1, 35, 6, 2, True, 1, "fast")
+
+
+def test_kernels_compile_for_sm90():
+    """The real Triton compiler (not the interpreter) accepts every kernel; see
+    tests/_triton_compile.py. Runs in a subprocess because this process interprets."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "tests._triton_compile"], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=root)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
