@@ -1,4 +1,4 @@
-"""Compile every Triton kernel for an H100 (sm_90) without a GPU: ``python -m tests._triton_compile``.
+"""Compile every Triton kernel for an H100 (sm_90) without a GPU (python -m tests._triton_compile).
 
 The interpreter (TRITON_INTERPRET=1) accepts code the compiler rejects (Python ints where the
 compiler wants tensors, mixed loop-carried types); this runs the real compiler down to a cubin
