@@ -38,7 +38,7 @@ def assert_matches(
     baseline: torch.Tensor | None = None,
     what: str = "output",
 ) -> None:
-    """Assert ``actual`` (any dtype/device) matches the float64 ``expected`` for inputs of ``dtype``.
+    """Assert ``actual`` (any dtype or device) matches float64 ``expected`` for ``dtype`` inputs.
 
     NaN must match NaN and Inf must match Inf at the same positions.
     """

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -22,12 +22,12 @@ if TYPE_CHECKING:
 __all__ = ["Backend", "Request", "available_backends", "register_backend", "select_backend"]
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """One validated group-norm call; every tensor is on ``x.device``.
 
     x: (N, C, *S) floating; weight, bias: (C,) or None; scale, shift: (N, C) or None;
     stats: statistics to normalize with instead of computing them, or None.
+    (A NamedTuple: built on every call, it must be cheap.)
     """
 
     x: torch.Tensor

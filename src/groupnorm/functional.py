@@ -10,6 +10,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Literal, overload
 
 import torch
 
@@ -63,7 +64,7 @@ def _check_input(x: object) -> torch.Tensor:
         )
     if x.shape[1] == 0:
         raise ValueError(f"x has no channels (shape {tuple(x.shape)}): C must be at least 1")
-    if any(s == 0 for s in x.shape[2:]):
+    if 0 in x.shape[2:]:
         raise ValueError(
             f"x has an empty spatial dimension (shape {tuple(x.shape)}): group statistics of "
             "zero elements are undefined"
@@ -93,7 +94,8 @@ def _check_param(name: str, t: torch.Tensor | None, shape: tuple[int, ...],
 
 def _check_stats(stats: GroupStats, x: torch.Tensor, plan: GroupPlan) -> None:
     if not isinstance(stats, GroupStats):
-        raise TypeError(f"stats must be a GroupStats (from group_stats), got {type(stats).__name__}")
+        raise TypeError(
+            f"stats must be a GroupStats (from group_stats), got {type(stats).__name__}")
     want = (x.shape[0], plan.num_groups)
     for field in ("pivot", "shifted_mean", "m2", "count"):
         t = getattr(stats, field)
@@ -130,7 +132,7 @@ def _request(x: torch.Tensor, num_groups: int | None, weight: torch.Tensor | Non
         if return_stats:
             raise ValueError("return_stats=True with stats= given: the given stats are returned "
                              "unchanged; drop one of the two")
-    elif N and min(plan.sizes) * math.prod(x.shape[2:]) == 1:
+    elif N and plan.min_size == 1 and math.prod(x.shape[2:]) == 1:
         warnings.warn(
             f"{plan.describe()} over {math.prod(x.shape[2:])} position(s) puts a single element "
             "in a group: its variance is 0 and its output is just beta. Use fewer groups or "
@@ -139,6 +141,46 @@ def _request(x: torch.Tensor, num_groups: int | None, weight: torch.Tensor | Non
         )
     return dispatch.Request(x, plan, weight, bias, float(eps), activation, scale, shift,
                             stats, bool(return_stats))
+
+
+@overload
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    group_size: int | None = None,
+    group_sizes: Sequence[int] | None = None,
+    uneven: bool = False,
+    activation: str | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    stats: GroupStats | None = None,
+    return_stats: Literal[False] = False,
+    backend: str = "auto",
+) -> torch.Tensor: ...
+
+
+@overload
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    group_size: int | None = None,
+    group_sizes: Sequence[int] | None = None,
+    uneven: bool = False,
+    activation: str | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    stats: GroupStats | None = None,
+    return_stats: Literal[True],
+    backend: str = "auto",
+) -> tuple[torch.Tensor, GroupStats]: ...
 
 
 def group_norm(

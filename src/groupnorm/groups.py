@@ -54,9 +54,13 @@ class GroupPlan:
     def num_channels(self) -> int:
         return sum(self.sizes)
 
-    @property
+    @cached_property
     def is_even(self) -> bool:
         return len(set(self.sizes)) == 1
+
+    @cached_property
+    def min_size(self) -> int:
+        return min(self.sizes)
 
     @property
     def channels_per_group(self) -> int:

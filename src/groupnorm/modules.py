@@ -8,6 +8,7 @@ keyword-only: ``group_size=``, ``group_sizes=``, ``uneven=True``, ``activation=`
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,10 @@ from groupnorm.functional import group_norm, resolve_plan
 from groupnorm.reference import ACTIVATIONS
 
 __all__ = ["GroupNorm", "GroupNormAct"]
+
+# torch 2.13 added nn.GroupNorm(..., *, bias=True); older releases (2.11 on our GPU machines)
+# lack it, and there we drop the bias ourselves.
+_TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(nn.GroupNorm.__init__).parameters
 
 
 class GroupNorm(nn.GroupNorm):
@@ -37,6 +42,7 @@ class GroupNorm(nn.GroupNorm):
         device: Any = None,
         dtype: Any = None,
         *,
+        bias: bool = True,
         group_size: int | None = None,
         group_sizes: Sequence[int] | None = None,
         uneven: bool = False,
@@ -51,7 +57,12 @@ class GroupNorm(nn.GroupNorm):
                             group_sizes=group_sizes, uneven=uneven)
         # nn.GroupNorm insists that num_groups divides num_channels; the plan already checked
         # what the user asked for, so build the parameters with one group and set the real G.
-        super().__init__(1, num_channels, eps, affine, device, dtype)
+        if _TORCH_HAS_BIAS_FLAG:
+            super().__init__(1, num_channels, eps, affine, device, dtype, bias=bias)
+        else:
+            super().__init__(1, num_channels, eps, affine, device, dtype)
+            if not bias:
+                self.register_parameter("bias", None)
         self.num_groups = plan.num_groups
         self.plan = plan
         self.activation = activation

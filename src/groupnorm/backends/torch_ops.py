@@ -22,6 +22,7 @@ spread), else the call is redone shifted.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -37,7 +38,8 @@ __all__ = ["NATIVE_TRUST", "accumulation_dtype", "apply_activation", "compute_st
 # ulp(|mean|) = |mean| * 6e-8 * k, i.e. r * 6e-8 * k relative to the spread: 1e-6 * k at r = 16.
 NATIVE_TRUST = 16.0
 
-_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -58,7 +60,7 @@ def _plan_indices(plan: GroupPlan, device: torch.device) -> tuple[torch.Tensor, 
     first = torch.as_tensor(plan.offsets[:-1], device=device)
     width = max(plan.sizes)
     pad = torch.full((plan.num_groups, width), plan.num_channels, dtype=torch.int64)
-    for g, (start, size) in enumerate(zip(plan.offsets, plan.sizes)):
+    for g, (start, size) in enumerate(zip(plan.offsets, plan.sizes, strict=False)):
         pad[g, :size] = torch.arange(start, start + size)
     return channel_group, first, pad.to(device)
 
@@ -101,10 +103,12 @@ def _shifted(x: torch.Tensor, plan: GroupPlan, pivot: torch.Tensor | None
 def _stats_of_shifted(xs: torch.Tensor, pivot: torch.Tensor, plan: GroupPlan) -> GroupStats:
     N, C = xs.shape[:2]
     L = math.prod(xs.shape[2:])
-    if xs.dim() > 2:
-        var_c, mean_c = torch.var_mean(xs, dim=tuple(range(2, xs.dim())), correction=0)
-    else:
+    if xs.dim() == 2:
         var_c, mean_c = torch.zeros_like(xs), xs
+    elif xs.numel() == 0:  # N = 0: var_mean would warn about an empty reduction
+        var_c = mean_c = xs.new_zeros(N, C)
+    else:
+        var_c, mean_c = torch.var_mean(xs, dim=tuple(range(2, xs.dim())), correction=0)
     sizes = torch.tensor(plan.sizes, dtype=xs.dtype, device=xs.device)       # (G,)
     mean_g = _group_sum(mean_c, plan) / sizes                                 # (N, G)
     dev = mean_c - _per_channel(mean_g, plan)                                 # (N, C)
@@ -119,10 +123,19 @@ def compute_stats(x: torch.Tensor, plan: GroupPlan) -> GroupStats:
     return _stats_of_shifted(xs, pivot, plan)
 
 
+def _native_layout(x: torch.Tensor) -> bool:
+    """Layouts torch's kernel reads in place: NCHW-contiguous, channels-last 2-D and 3-D."""
+    return (x.is_contiguous()
+            or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+            or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
+
+
 def _native_ok(r: Request) -> bool:
+    dtype = r.x.dtype
     return (r.plan.is_even and r.activation is None and r.scale is None and r.shift is None
             and r.stats is None and not r.return_stats
-            and all(t is None or t.dtype == r.x.dtype for t in (r.weight, r.bias)))
+            and (r.weight is None or r.weight.dtype == dtype)
+            and (r.bias is None or r.bias.dtype == dtype) and _native_layout(r.x))
 
 
 def _native(r: Request) -> torch.Tensor | None:
@@ -131,7 +144,8 @@ def _native(r: Request) -> torch.Tensor | None:
     N, C = x.shape[:2]
     y, mean, rstd = torch.native_group_norm(x, r.weight, r.bias, N, C,
                                             math.prod(x.shape[2:]), r.plan.num_groups, r.eps)
-    if bool((mean.detach().abs() * rstd.detach() > NATIVE_TRUST).any()):
+    # NaN (a NaN group) compares False: such a group is NaN either way, and others unaffected.
+    if mean.numel() and (mean.detach() * rstd.detach()).abs().max().item() > NATIVE_TRUST:
         return None
     return y
 
@@ -152,8 +166,10 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     if r.bias is not None:
         b = b + r.bias.to(a.dtype)
     if r.scale is not None:
-        a = a * (1 + r.scale.to(a.dtype))
-        b = b * (1 + r.scale.to(a.dtype))
+        # One cast, used twice: two casts would round each half of scale's gradient to a half
+        # dtype separately and add them there (seen: 0.31 for 0.26 in bf16).
+        s1 = 1 + r.scale.to(a.dtype)
+        a, b = a * s1, b * s1
     if r.shift is not None:
         b = b + r.shift.to(a.dtype)
     y = apply_activation(xs * _expand(a, x.dim()) + _expand(b, x.dim()), r.activation)

@@ -1,0 +1,119 @@
+"""CPU: groupnorm.group_norm vs torch.nn.functional.group_norm on the standard case.
+
+The standard case is what both can do: G divides C, no epilogue. Forward only, no autograd.
+Ours and torch's calls are timed interleaved (A B A B ...) so that load from other processes hits
+both alike; the table gives medians and the ratio of medians. Correctness is checked first.
+
+    python benchmarks/cpu_standard.py [--quick] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import groupnorm
+
+# SPEC.md benchmark shapes that fit a 2-core CPU run (the largest ones take seconds per call).
+SHAPES: list[tuple[str, tuple[int, ...], int]] = [
+    ("SD1.5 64x64", (2, 320, 64, 64), 32),
+    ("SD1.5 32x32", (2, 640, 32, 32), 32),
+    ("SD1.5 16x16", (2, 1280, 16, 16), 32),
+    ("SD1.5 8x8", (2, 1280, 8, 8), 32),
+    ("SD1.5 up concat", (2, 960, 64, 64), 32),
+    ("VAE 512px 64^2", (1, 512, 64, 64), 32),
+    ("R50-GN C5 odd HW", (2, 2048, 25, 38), 32),
+    ("3-D bottleneck", (2, 320, 8, 8, 8), 32),
+    ("1-D sequence", (8, 512, 1024), 32),
+    ("CIFAR-scale", (8, 64, 32, 32), 32),
+]
+
+
+def _time_pair(a: Callable[[], object], b: Callable[[], object], reps: int
+               ) -> tuple[list[float], list[float]]:
+    for _ in range(3):
+        a()
+        b()
+    ta, tb = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a()
+        t1 = time.perf_counter()
+        b()
+        t2 = time.perf_counter()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    return ta, tb
+
+
+def run(quick: bool) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    shapes = SHAPES[-4:] if quick else SHAPES
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, shape, G in shapes:
+            for layout in ("nchw", "channels_last"):
+                x = torch.randn(shape).to(dtype)
+                if layout == "channels_last":
+                    if len(shape) == 3:
+                        continue  # (N, C, L) has no channels-last memory format in torch
+                    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+                    x = x.to(memory_format=fmt)
+                C = shape[1]
+                w, b = torch.randn(C, dtype=dtype), torch.randn(C, dtype=dtype)
+                with torch.no_grad():
+                    ours = groupnorm.group_norm(x, G, w, b)
+                    theirs = F.group_norm(x, G, w, b)
+                    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+                    reps = 5 if quick else 15
+                    args = (x, G, w, b)
+                    t_ours, t_torch = _time_pair(lambda a=args: groupnorm.group_norm(*a),
+                                                 lambda a=args: F.group_norm(*a), reps)
+                m_ours, m_torch = statistics.median(t_ours), statistics.median(t_torch)
+                rows.append({
+                    "workload": name, "shape": list(shape), "G": G, "dtype": str(dtype),
+                    "layout": layout, "ours_ms": m_ours * 1e3, "torch_ms": m_torch * 1e3,
+                    "ratio": m_ours / m_torch, "reps": reps,
+                })
+                print(f"{name:<18} {str(tuple(shape)):<20} {str(dtype)[6:]:<9} {layout:<14} "
+                      f"{m_ours * 1e3:9.3f} {m_torch * 1e3:9.3f} {m_ours / m_torch:6.3f}",
+                      flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="four small shapes, 5 reps")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    print(f"{'workload':<18} {'shape':<20} {'dtype':<9} {'layout':<14} {'ours ms':>9} "
+          f"{'torch ms':>9} {'ratio':>6}")
+    rows = run(args.quick)
+    ratios = [r["ratio"] for r in rows]
+    print(f"geometric-mean ratio ours/torch: "
+          f"{statistics.geometric_mean(ratios):.3f}; worst {max(ratios):.3f}")
+    meta = {
+        "benchmark": "cpu_standard", "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "groupnorm": groupnorm.__version__,
+        "python": platform.python_version(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"cpu_standard-{platform.machine()}-{os.cpu_count()}cores.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
