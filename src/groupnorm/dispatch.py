@@ -90,7 +90,7 @@ def select_backend(request: Request, backend: str = "auto") -> Backend:
             )
         return chosen
     for candidate in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
-        if (candidate.available() is None and candidate.auto(request)
+        if (candidate.auto(request) and candidate.available() is None
                 and candidate.why_not(request) is None):
             return candidate
     raise ValueError(f"no registered backend can run this call; registered: {sorted(_REGISTRY)}")

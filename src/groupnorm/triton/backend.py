@@ -28,9 +28,12 @@ def _interpreting() -> bool:
 
 
 @lru_cache(maxsize=1)
+def _installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@lru_cache(maxsize=1)
 def _import_error() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed: pip install groupnorm[triton]"
     try:
         import groupnorm.triton.group_norm  # noqa: F401
     except Exception as e:  # a broken triton install: report it instead of failing dispatch
@@ -40,7 +43,7 @@ def _import_error() -> str | None:
 
 def available() -> str | None:
     """None when the kernels can run on this machine, else why not."""
-    if importlib.util.find_spec("triton") is None:
+    if not _installed():
         return "triton is not installed: pip install groupnorm[triton]"
     if not torch.cuda.is_available() and not _interpreting():
         return ("no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the "
