@@ -492,3 +492,28 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-m", "tests._triton_compile"], capture_output=True,
                           text=True, timeout=600, env=env, cwd=root)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+
+
+def test_bench_pipeline_checks_and_times_on_a_tiny_shape():
+    """groupnorm.bench.run end to end where there is no GPU: the interpreter runs ours, the
+    timer is a CPU clock. Checks correctness gating and the row contents, not speed."""
+    import time
+
+    from groupnorm import bench
+
+    def cpu_timer(fn, graph, reps):
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        return elapsed, elapsed, elapsed
+
+    shape = bench.Shape("tiny", 2, 8, (3, 5), G=4, dtype=torch.bfloat16)
+    names = ("ours", "torch", "cudnn-batchnorm")
+    rows = bench.run([shape], bench.LAYOUTS, bench.DIRECTIONS,
+                     [p for p in bench.PROVIDERS if p.name in names], timer=cpu_timer,
+                     device=DEVICE, reps=1, copy_bw=1e9, echo=lambda line: None)
+    assert len(rows) == 2 * 2 * 3
+    for row in rows:
+        assert "error" not in row, row
+        assert row["bytes"] == bench.bytes_moved(shape, row["direction"])
+        assert row["median_us"] > 0 and row["cuda_graph"]
