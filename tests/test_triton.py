@@ -204,6 +204,34 @@ def test_stats_match_torch_backend_layout():
     assert ours.count.dtype == torch.float32 and ours.count.shape == (2, 2)
 
 
+EDGE_SHAPES = {
+    "HW=1": ((3, 6, 1, 1), 3),
+    "N=1-huge-group-G1": ((1, 4, 64, 72), 1),
+    "G=C-single-element-groups": ((2, 6), 6),
+}
+
+
+@pytest.mark.parametrize("regime", ["auto", *REGIMES])
+@pytest.mark.parametrize("edge", list(EDGE_SHAPES))
+def test_edge_shapes_forward_backward(edge, regime):
+    shape, G = EDGE_SHAPES[edge]
+    x = _rand(shape, 47)
+    _backward_case(x, make_plan(shape[1], G), regime=regime, dtype=torch.float32,
+                   has_scale=True)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_empty_batch(regime):
+    """N = 0 (the float64 reference cannot reshape an empty batch, so checked directly):
+    empty outputs and statistics, zero weight/bias gradients."""
+    x = torch.randn(0, 6, 3, 3, device=DEVICE).requires_grad_()
+    w, b = torch.randn(6, device=DEVICE).requires_grad_(), torch.randn(6, device=DEVICE)
+    y, stats = group_norm_triton(x, make_plan(6, 3), w, b, regime=regime, return_stats=True)
+    assert y.shape == x.shape and stats.mean.shape == (0, 3)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
+
+
 # ----------------------------------------------------------------------------------- dispatch
 
 

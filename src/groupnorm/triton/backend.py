@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from functools import lru_cache
 
 import torch
 
@@ -27,18 +26,28 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@lru_cache(maxsize=1)
+# Computed once, kept in plain globals rather than lru_cache: torch.compile traces dispatch,
+# and it warns on (and ignores) lru_cache wrappers.
+_INSTALLED: bool | None = None
+_IMPORT_ERROR: list[str | None] = []
+
+
 def _installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    global _INSTALLED
+    if _INSTALLED is None:
+        _INSTALLED = importlib.util.find_spec("triton") is not None
+    return _INSTALLED
 
 
-@lru_cache(maxsize=1)
 def _import_error() -> str | None:
-    try:
-        import groupnorm.triton.group_norm  # noqa: F401
-    except Exception as e:  # a broken triton install: report it instead of failing dispatch
-        return f"triton is installed but the kernels do not import: {type(e).__name__}: {e}"
-    return None
+    if not _IMPORT_ERROR:
+        try:
+            import groupnorm.triton.group_norm  # noqa: F401
+            _IMPORT_ERROR.append(None)
+        except Exception as e:  # a broken triton install: report it, do not fail dispatch
+            _IMPORT_ERROR.append(f"triton is installed but the kernels do not import: "
+                                 f"{type(e).__name__}: {e}")
+    return _IMPORT_ERROR[0]
 
 
 def available() -> str | None:

@@ -400,7 +400,7 @@ def _gn_bwd_dx_kernel(
             tl.store(SB + nc, b, mask=cmask)
         sum_dxhat += tl.sum(w * s1 * b, axis=0)
         sum_dxhat_xhat += tl.sum(w * s1 * a, axis=0)
-    count = (Cg * L).to(tl.float32)
+    count = Cg.to(tl.float32) * L  # float: Cg * L may exceed int32
     mean_dxhat = sum_dxhat / count
     mean_dxhat_xhat = sum_dxhat_xhat / count
     if STATS_GIVEN:
