@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import groupnorm
+from groupnorm import bench
 from groupnorm import reference as ref
 
 # The seed article's worked example (N=1, C=8, no spatial extent, G=2) and the digits it prints.
@@ -133,6 +134,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
              _no_arguments, lambda args: demo()),
     "check": ("versions, available backends, a quick self-test",
               _no_arguments, lambda args: check()),
+    "bench": ("GPU speed vs torch, torch.compile, cuDNN BatchNorm and the bandwidth floor",
+              bench.add_arguments, bench.main),
 }
 
 

@@ -49,6 +49,8 @@ class Backend:
     ``why_not(request)`` returns None when the backend can serve the request, else a short reason.
     ``run(request)`` returns ``(y, stats)``; stats is a GroupStats when ``return_stats`` is set.
     ``available()`` returns None when usable on this machine at all, else the reason it is not.
+    ``auto(request)``: whether ``backend="auto"`` may pick it for this request (a backend can
+    serve a request when named explicitly yet not be the better choice, e.g. interpreted kernels).
     """
 
     name: str
@@ -56,6 +58,7 @@ class Backend:
     why_not: Callable[[Request], str | None]
     run: Callable[[Request], tuple[torch.Tensor, GroupStats | None]]
     available: Callable[[], str | None] = lambda: None
+    auto: Callable[[Request], bool] = lambda r: True
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -87,6 +90,7 @@ def select_backend(request: Request, backend: str = "auto") -> Backend:
             )
         return chosen
     for candidate in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
-        if candidate.available() is None and candidate.why_not(request) is None:
+        if (candidate.auto(request) and candidate.available() is None
+                and candidate.why_not(request) is None):
             return candidate
     raise ValueError(f"no registered backend can run this call; registered: {sorted(_REGISTRY)}")

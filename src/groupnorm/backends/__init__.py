@@ -1,3 +1,4 @@
 """Backends register themselves with ``groupnorm.dispatch`` on import."""
 
 from groupnorm.backends import torch_ops  # noqa: F401
+from groupnorm.triton import backend as _triton  # noqa: F401  (imports triton only when used)

@@ -1,0 +1,387 @@
+"""``groupnorm bench``: GPU GroupNorm speed against the memory-bandwidth floor (SPEC.md).
+
+Every shape of SPEC.md's benchmark table, in NCHW and channels-last, forward and
+forward+backward, for each provider (ours, torch eager, torch.compile, cuDNN BatchNorm in
+training mode on the same tensor, Liger-Kernel when importable). Per case:
+
+* correctness first: each provider's output (and dx for forward+backward) is compared with a
+  float32 computation of the same op; a provider that fails is reported, not timed;
+* timing with CUDA events, the L2 cache flushed (a 256 MB write) before every repetition,
+  median and p20/p80; shapes under 10 MB are captured in a CUDA graph and replayed, so that
+  launch overhead is not what is measured;
+* bandwidth from an explicit formula, :func:`bytes_moved`: the forward must read x and write y
+  (2 tensors), the backward read x and dy and write dx (3 more); weight, bias and statistics
+  are ignored (they are C or N*G values). GB/s = bytes / median, and % of the device-to-device
+  copy bandwidth measured at the start of the run (the floor of a shape is bytes / that rate).
+
+The table is printed and written as JSON (device, versions, date, copy bandwidth, rows) to
+``--out``. Without CUDA the command exits with status 2 and says why: no CPU numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import groupnorm
+
+__all__ = ["DIRECTIONS", "LAYOUTS", "PROVIDERS", "SHAPES", "Shape", "add_arguments",
+           "bytes_moved", "main", "run"]
+
+# ------------------------------------------------------------------------------- shapes, bytes
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark input: x of shape (N, C, *spatial), G groups."""
+
+    workload: str
+    N: int
+    C: int
+    spatial: tuple[int, ...]
+    G: int = 32
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return (self.N, self.C, *self.spatial)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.dims)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def label(self) -> str:
+        return "x".join(str(d) for d in self.dims) + f" G={self.G} {str(self.dtype)[6:]}"
+
+
+def _sd(N: int, C: int, hw: int, name: str) -> Shape:
+    return Shape(name, N, C, (hw, hw))
+
+
+# SPEC.md "Benchmark shapes": one entry per shape; rows with several values are expanded.
+SHAPES: list[Shape] = [
+    _sd(2, 320, 64, "SD1.5 UNet 64x64"),
+    _sd(2, 640, 32, "SD1.5 32x32"),
+    _sd(2, 1280, 16, "SD1.5 16x16"),
+    _sd(2, 1280, 8, "SD1.5 8x8"),
+    _sd(2, 960, 64, "SD1.5 up-block concat (C/G=30)"),
+    _sd(2, 320, 128, "SDXL 128x128"),
+    _sd(16, 320, 64, "SD training batch"),
+    _sd(1, 512, 64, "VAE 512px 64^2"),
+    _sd(1, 512, 128, "VAE 512px 128^2"),
+    _sd(1, 256, 256, "VAE 512px 256^2"),
+    _sd(1, 128, 512, "VAE 512px 512^2"),
+    _sd(1, 128, 1024, "VAE 1024px"),
+    Shape("Video VAE 5-D", 1, 128, (20, 256, 256)),
+    Shape("Detection FPN P2", 2, 256, (200, 304)),
+    Shape("R50-GN C5 (odd HxW)", 2, 2048, (25, 38)),
+    _sd(32, 256, 56, "ResNet training b32"),
+    Shape("ResNet training b32 fp32", 32, 256, (56, 56), dtype=torch.float32),
+    Shape("3-D segmentation", 2, 32, (128, 128, 128), G=8),
+    Shape("3-D bottleneck", 2, 320, (8, 8, 8)),
+    Shape("1-D sequence", 8, 512, (1024,)),
+    _sd(8, 64, 32, "CIFAR-scale"),
+]
+
+LAYOUTS = ("nchw", "channels_last")
+DIRECTIONS = ("fwd", "fwd+bwd")
+# Tensors of x's size that must cross HBM: forward reads x, writes y; the backward reads x
+# and dy and writes dx (recomputing y's epilogue from x instead of reading a saved y).
+TENSORS_MOVED = {"fwd": 2, "fwd+bwd": 5}
+GRAPH_BELOW_BYTES = 10 * 2**20      # SPEC: CUDA-graph replay for shapes under 10 MB
+FLUSH_BYTES = 256 * 2**20           # > 5x the 50 MB L2 of an H100
+
+
+def bytes_moved(shape: Shape, direction: str) -> int:
+    """Bytes the op must move at least: TENSORS_MOVED[direction] tensors of x's size."""
+    return TENSORS_MOVED[direction] * shape.nbytes
+
+
+def make_input(shape: Shape, layout: str, device: str | torch.device,
+               generator: torch.Generator) -> torch.Tensor:
+    """Random x in the layout: NCHW-contiguous, or channels-last (channel stride 1, also for
+    (N, C, L) and 5-D)."""
+    if layout == "nchw":
+        x = torch.randn(shape.dims, generator=generator)
+    else:
+        perm = (0, *range(2, len(shape.dims)), 1)          # N, *S, C in memory
+        x = torch.randn([shape.dims[i] for i in perm], generator=generator)
+        x = x.permute(0, len(perm) - 1, *range(1, len(perm) - 1))
+    return x.to(device=device, dtype=shape.dtype)
+
+
+# ---------------------------------------------------------------------------------- providers
+
+
+Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A way to compute the op. ``kind`` says which float32 computation checks it: "group"
+    (GroupNorm) or "batch" (BatchNorm in training mode, the speed bar it must beat)."""
+
+    name: str
+    kind: str
+    fn: Callable[[], Fn]                    # built lazily: imports and torch.compile
+    available: Callable[[], str | None] = field(default=lambda: None)
+
+
+def _ours() -> Fn:
+    def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, G: int) -> torch.Tensor:
+        y = groupnorm.group_norm(x, G, w, b, backend="triton")
+        assert isinstance(y, torch.Tensor)
+        return y
+    return f
+
+
+def _ours_available() -> str | None:
+    return groupnorm.available_backends().get("triton", "the triton backend is not registered")
+
+
+def _torch() -> Fn:
+    return lambda x, w, b, G: F.group_norm(x, G, w, b)
+
+
+def _compiled() -> Fn:
+    compiled = torch.compile(F.group_norm, dynamic=False)
+    return lambda x, w, b, G: compiled(x, G, w, b)
+
+
+def _batchnorm() -> Fn:
+    return lambda x, w, b, G: F.batch_norm(x, None, None, w, b, training=True)
+
+
+def _liger() -> Fn:
+    from liger_kernel.ops.group_norm import LigerGroupNormFunction
+
+    return lambda x, w, b, G: LigerGroupNormFunction.apply(x, w, b, x.shape[1], G, 1e-5)
+
+
+def _liger_available() -> str | None:
+    import importlib.util
+
+    return None if importlib.util.find_spec("liger_kernel") else "liger_kernel is not installed"
+
+
+PROVIDERS: list[Provider] = [
+    Provider("ours", "group", _ours, _ours_available),
+    Provider("torch", "group", _torch),
+    Provider("torch.compile", "group", _compiled),
+    Provider("cudnn-batchnorm", "batch", _batchnorm),
+    Provider("liger", "group", _liger, _liger_available),
+]
+
+# (atol, rtol) of the correctness check against float32, by dtype (the test table's rows).
+CHECK_TOL = {torch.bfloat16: (2e-2, 1.6e-2), torch.float16: (4e-3, 2e-3),
+             torch.float32: (1e-4, 1e-4)}
+
+
+def _reference(kind: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, G: int
+               ) -> torch.Tensor:
+    xf, wf, bf = x.float(), w.float(), b.float()
+    if kind == "batch":
+        return F.batch_norm(xf, None, None, wf, bf, training=True)
+    return F.group_norm(xf, G, wf, bf)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
+           ) -> str | None:
+    atol, rtol = CHECK_TOL[dtype]
+    err = (got.float() - want).abs() - rtol * want.abs()
+    worst = err.max().item() if err.numel() else 0.0
+    return None if worst <= atol * scale else f"error {worst:.2e} above atol {atol * scale:.1e}"
+
+
+# ------------------------------------------------------------------------------------- timing
+
+Timer = Callable[[Callable[[], object], bool, int], tuple[float, float, float]]
+
+
+def cuda_time(fn: Callable[[], object], graph: bool, reps: int) -> tuple[float, float, float]:
+    """(median, p20, p80) seconds of ``fn`` with the L2 flushed before each repetition; with
+    ``graph`` the call is captured once in a CUDA graph and replayed."""
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    run: Callable[[], object] = fn
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+    for _ in range(5):
+        run()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends, strict=True):
+        flush.zero_()
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends, strict=True)]
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[1], q[7]
+
+
+def copy_bandwidth(timer: Timer, device: str | torch.device, nbytes: int = 2**30) -> float:
+    """Measured device-to-device copy rate in bytes/s, read plus write (2 * nbytes per copy)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    median, _, _ = timer(lambda: dst.copy_(src), False, 20)
+    return 2 * nbytes / median
+
+
+# ---------------------------------------------------------------------------------------- run
+
+
+def _case(provider: Provider, fn: Fn, shape: Shape, x: torch.Tensor, direction: str,
+          gen: torch.Generator) -> tuple[Callable[[], object] | None, str | None]:
+    """(the callable to time, None) after checking the provider's result, or (None, why not)."""
+    C, G = shape.C, shape.G
+    w = (torch.rand(C, generator=gen) + 0.5).to(x.device, x.dtype)
+    b = torch.randn(C, generator=gen).to(x.device, x.dtype)
+    try:
+        with torch.no_grad():
+            y = fn(x, w, b, G)
+        if (bad := _close(y, _reference(provider.kind, x, w, b, G), shape.dtype)) is not None:
+            return None, f"wrong output: {bad}"
+        if direction == "fwd":
+            return (lambda: fn(x, w, b, G)), None
+        xr, wr, br = (t.detach().requires_grad_() for t in (x, w, b))
+        dy = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+        dx, = torch.autograd.grad(fn(xr, wr, br, G), (xr,), dy)
+        xf = x.detach().float().requires_grad_()
+        dx_ref, = torch.autograd.grad(_reference(provider.kind, xf, w, b, G), (xf,), dy.float())
+        # dx sums over a whole group: scale the allowance as the test table does.
+        group = shape.numel // shape.N // G if provider.kind == "group" else shape.numel // C
+        if (bad := _close(dx, dx_ref, shape.dtype, max(1.0, math.sqrt(group / 256)))) is not None:
+            return None, f"wrong dx: {bad}"
+    except Exception as e:  # a provider that cannot run a case is reported, the run goes on
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return (lambda: torch.autograd.grad(fn(xr, wr, br, G), (xr, wr, br), dy)), None
+
+
+def run(shapes: Sequence[Shape], layouts: Sequence[str], directions: Sequence[str],
+        providers: Sequence[Provider], *, timer: Timer, device: str | torch.device,
+        reps: int, copy_bw: float, echo: Callable[[str], None] = print) -> list[dict]:
+    """Check and time every (shape, layout, direction, provider); one dict per row."""
+    usable = []
+    for p in providers:
+        reason = p.available()
+        if reason is None:
+            usable.append((p, p.fn()))
+        else:
+            echo(f"provider {p.name} skipped: {reason}")
+    rows = []
+    echo(f"{'workload':<30} {'shape':<26} {'layout':<13} {'dir':<8} {'provider':<16} "
+         f"{'median us':>10} {'p20':>9} {'p80':>9} {'GB/s':>7} {'% copy':>7}")
+    for shape in shapes:
+        for layout in layouts:
+            gen = torch.Generator().manual_seed(0)
+            x = make_input(shape, layout, device, gen)
+            for direction in directions:
+                nbytes = bytes_moved(shape, direction)
+                graph = shape.nbytes < GRAPH_BELOW_BYTES
+                for provider, fn in usable:
+                    row = {"workload": shape.workload, "shape": list(shape.dims), "G": shape.G,
+                           "dtype": str(shape.dtype), "layout": layout, "direction": direction,
+                           "provider": provider.name, "bytes": nbytes, "cuda_graph": graph}
+                    timed, why = _case(provider, fn, shape, x, direction, gen)
+                    if timed is None:
+                        row["error"] = why
+                        echo(f"{shape.workload:<30} {shape.label:<26} {layout:<13} "
+                             f"{direction:<8} {provider.name:<16} {why}")
+                    else:
+                        median, p20, p80 = timer(timed, graph, reps)
+                        row.update(median_us=median * 1e6, p20_us=p20 * 1e6, p80_us=p80 * 1e6,
+                                   gbps=nbytes / median / 1e9,
+                                   pct_copy_bw=100 * nbytes / median / copy_bw)
+                        echo(f"{shape.workload:<30} {shape.label:<26} {layout:<13} "
+                             f"{direction:<8} {provider.name:<16} {row['median_us']:>10.1f} "
+                             f"{row['p20_us']:>9.1f} {row['p80_us']:>9.1f} {row['gbps']:>7.0f} "
+                             f"{row['pct_copy_bw']:>6.1f}%")
+                    rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    names = [p.name for p in PROVIDERS]
+    parser.add_argument("--shapes", default="", help="only workloads whose name contains this")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"of {LAYOUTS}")
+    parser.add_argument("--directions", default=",".join(DIRECTIONS), help=f"of {DIRECTIONS}")
+    parser.add_argument("--providers", default=",".join(names), help=f"of {names}")
+    parser.add_argument("--reps", type=int, default=50, help="timed repetitions per case")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                        help="folder for the JSON results")
+
+
+def _pick(value: str, allowed: Sequence[str], what: str) -> list[str]:
+    chosen = [v for v in value.split(",") if v]
+    unknown = [v for v in chosen if v not in allowed]
+    if unknown or not chosen:
+        raise SystemExit(f"groupnorm bench: --{what} must be a comma list of {list(allowed)}, "
+                         f"got {value!r}")
+    return chosen
+
+
+def main(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("groupnorm bench: no CUDA device (torch.cuda.is_available() is False). The "
+              "benchmark times GPU kernels against the GPU's copy bandwidth and reports no CPU "
+              "numbers; run it on a machine with an NVIDIA GPU.", file=sys.stderr)
+        return 2
+    layouts = _pick(args.layouts, LAYOUTS, "layouts")
+    directions = _pick(args.directions, DIRECTIONS, "directions")
+    names = _pick(args.providers, [p.name for p in PROVIDERS], "providers")
+    shapes = [s for s in SHAPES if args.shapes.lower() in s.workload.lower()]
+    if not shapes:
+        raise SystemExit(f"groupnorm bench: no workload name contains {args.shapes!r}")
+    device = torch.device("cuda")
+    copy_bw = copy_bandwidth(cuda_time, device)
+    name = torch.cuda.get_device_name(device)
+    print(f"{name}: measured device-to-device copy {copy_bw / 1e9:.0f} GB/s (read + write)")
+    rows = run(shapes, layouts, directions, [p for p in PROVIDERS if p.name in names],
+               timer=cuda_time, device=device, reps=args.reps, copy_bw=copy_bw)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    now = dt.datetime.now(dt.timezone.utc)
+    meta = {"benchmark": "groupnorm bench", "date": now.isoformat(), "device": name,
+            "copy_bandwidth_gbps": copy_bw / 1e9, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "triton": triton_version,
+            "groupnorm": groupnorm.__version__, "python": platform.python_version(),
+            "reps": args.reps, "l2_flush_bytes": FLUSH_BYTES,
+            "cuda_graph_below_bytes": GRAPH_BELOW_BYTES, "tensors_moved": TENSORS_MOVED}
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+    path = args.out / f"bench-{slug}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,90 @@
+"""The "triton" dispatch backend, registered without importing triton.
+
+It serves CUDA tensors whenever triton is importable, and CPU tensors only under
+``TRITON_INTERPRET=1`` (Triton's interpreter, for tests) and only when asked for by name
+(``backend="triton"``): ``backend="auto"`` keeps CPU tensors on the torch backend, which is
+faster there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from groupnorm.dispatch import Backend, Request, register_backend
+from groupnorm.stats import GroupStats
+
+__all__ = ["PRIORITY", "available", "why_not"]
+
+# Above the composite torch backend (0): on CUDA the kernels are the reason this package exists.
+PRIORITY = 10
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Computed once, kept in plain globals rather than lru_cache: torch.compile traces dispatch,
+# and it warns on (and ignores) lru_cache wrappers.
+_INSTALLED: bool | None = None
+_IMPORT_ERROR: list[str | None] = []
+
+
+def _installed() -> bool:
+    global _INSTALLED
+    if _INSTALLED is None:
+        _INSTALLED = importlib.util.find_spec("triton") is not None
+    return _INSTALLED
+
+
+def _import_error() -> str | None:
+    if not _IMPORT_ERROR:
+        try:
+            import groupnorm.triton.group_norm  # noqa: F401
+            _IMPORT_ERROR.append(None)
+        except Exception as e:  # a broken triton install: report it, do not fail dispatch
+            _IMPORT_ERROR.append(f"triton is installed but the kernels do not import: "
+                                 f"{type(e).__name__}: {e}")
+    return _IMPORT_ERROR[0]
+
+
+def available() -> str | None:
+    """None when the kernels can run on this machine, else why not."""
+    if not _installed():
+        return "triton is not installed: pip install groupnorm[triton]"
+    if not torch.cuda.is_available() and not _interpreting():
+        return ("no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the "
+                "kernels slowly on CPU in Triton's interpreter)")
+    return _import_error()
+
+
+def why_not(r: Request) -> str | None:
+    """None when the kernels serve this request, else the reason."""
+    device = r.x.device.type
+    if device == "cpu" and not _interpreting():
+        return "CPU tensors run in the Triton kernels only under TRITON_INTERPRET=1"
+    if device not in ("cuda", "cpu"):
+        return f"tensors on {device}; the Triton kernels take CUDA tensors"
+    if r.x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return (f"x has dtype {r.x.dtype}; the Triton kernels take float32, float16 and bfloat16 "
+                "(the torch backend serves float64)")
+    return None
+
+
+def _auto(r: Request) -> bool:
+    """backend="auto" picks the kernels for CUDA tensors only (interpreted CPU runs are slow)."""
+    return r.x.device.type == "cuda"
+
+
+def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
+    from groupnorm.triton.group_norm import group_norm_triton
+
+    return group_norm_triton(r.x, r.plan, r.weight, r.bias, r.eps, activation=r.activation,
+                             scale=r.scale, shift=r.shift, stats=r.stats,
+                             return_stats=r.return_stats)
+
+
+register_backend(Backend(name="triton", priority=PRIORITY, why_not=why_not, run=run,
+                         available=available, auto=_auto))

@@ -1,0 +1,780 @@
+"""Triton GroupNorm: forward and backward kernels, launchers, the torch.library op, autograd.
+
+Layout. ``x`` (N, C, *S) is addressed as (N, C, L) through three strides ``(sN, sC, sL)``
+whenever its spatial dims collapse into one index (NCHW-contiguous: sC = L, sL = 1; channels-last
+NHWC/NDHWC and (N, C, L) with channel stride 1: sC = 1, sL = C; (N, C): L = 1; batch slices and
+expanded views too). Such inputs are read in place, never copied. Any other view (e.g. H and W
+transposed) is copied ONCE with ``.contiguous()`` (documented in :func:`_flat_view`). ``y`` and
+``dx`` take x's memory format (``torch.empty_like``).
+
+Forward, per sample n and group g (channels c0 .. c0 + Cg, positions 0 .. L)::
+
+    p        = x[n, c0, 0]                   pivot: x - p is exact in fp32 (SPEC numerics)
+    per register tile (BLOCK_C x BLOCK_L):   n_t, mean_t = mean(x - p), m2_t = sum((x-p-mean_t)^2)
+    tiles and chunks merged by Chan's formula: delta = mean_b - mean_a, n = n_a + n_b,
+        mean = mean_a + delta * n_b / n,   m2 = m2_a + m2_b + delta^2 * n_a * n_b / n
+    rstd     = 1 / sqrt(m2 / count + eps)
+    a[c]     = rstd * w[c] * (1 + scale[n,c])
+    b[c]     = (bias[c] - shifted_mean * rstd * w[c]) * (1 + scale[n,c]) + shift[n,c]
+    y        = act((x - p) * a[c] + b[c])        == act((x_hat * w + bias) * (1 + scale) + shift)
+
+Backward, recomputing x_hat and u from x and the saved fp32 (pivot, shifted_mean, rstd)::
+
+    x_hat = ((x - p) - shifted_mean) * rstd,  z = x_hat * w + bias,  u = z * (1 + scale) + shift
+    du    = dy * act'(u)
+    A[n,c] = sum_l du * x_hat       B[n,c] = sum_l du              (fp32, per channel)
+    dshift = B,  dscale = w * A + bias * B
+    dweight[c] = sum_n (1 + scale) * A,  dbias[c] = sum_n (1 + scale) * B   (fixed order over n)
+    wc    = w * (1 + scale);  dx_hat = du * wc
+    mean_dxhat = sum_c wc * B / count,  mean_dxhat_xhat = sum_c wc * A / count
+    dx    = rstd * (dx_hat - mean_dxhat - x_hat * mean_dxhat_xhat)
+    (with statistics given by the caller they are constants: dx = rstd * dx_hat)
+
+Reductions: every sum is a fixed-shape tile reduction (tl.sum) or a sequential loop; partials
+live in fp32 buffers and are reduced in a fixed order: no atomics, bitwise deterministic.
+"""
+
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from groupnorm.groups import GroupPlan
+from groupnorm.stats import GroupStats
+from groupnorm.triton.heuristics import CPU_SM_COUNT, LaunchConfig, choose_config, next_pow2
+
+__all__ = ["group_norm_triton"]
+
+ACT_CODES = {None: 0, "silu": 1, "gelu": 2, "relu": 3}
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_INT32_MAX = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _act(u, ACT: tl.constexpr):
+    """act(u): 0 identity, 1 silu, 2 gelu (exact erf), 3 relu (NaN propagates)."""
+    if ACT == 1:
+        return u * tl.sigmoid(u)
+    elif ACT == 2:
+        return 0.5 * u * (1.0 + tl.erf(u * 0.7071067811865476))
+    elif ACT == 3:
+        return tl.where(u < 0.0, 0.0, u)
+    else:
+        return u
+
+
+@triton.jit
+def _act_grad(u, ACT: tl.constexpr):
+    """d act(u) / du."""
+    if ACT == 1:
+        s = tl.sigmoid(u)
+        return s * (1.0 + u * (1.0 - s))
+    elif ACT == 2:
+        cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
+        return cdf + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
+    elif ACT == 3:
+        return tl.where(u > 0.0, 1.0, 0.0)
+    else:
+        return tl.full(u.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _tile_offsets(c, pos, sC, sL, IDX64: tl.constexpr):
+    """(BLOCK_C, BLOCK_L) element offsets; int64 when the tensor can exceed 2^31 elements."""
+    if IDX64:
+        return c.to(tl.int64)[:, None] * sC + pos.to(tl.int64)[None, :] * sL
+    else:
+        return c[:, None] * sC + pos[None, :] * sL
+
+
+@triton.jit
+def _program_group(OFFS, G, sN, sC):
+    """This program's row = n * G + g (axis 0), its sample n, first channel c0, channel count
+    Cg and the int64 element offset of (n, c0, 0) for strides sN, sC."""
+    row = tl.program_id(0)
+    n = row // G
+    g = row % G
+    c0 = tl.load(OFFS + g)
+    Cg = tl.load(OFFS + g + 1) - c0
+    return row, n, c0, Cg, n.to(tl.int64) * sN + c0.to(tl.int64) * sC
+
+
+@triton.jit
+def _chunk_stats(X, x_base, pivot, Cg, l_lo, l_hi, sC, sL,
+                 BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr):
+    """(count, mean, m2) of ``x - pivot`` over channels [0, Cg) x positions [l_lo, l_hi) of the
+    group at ``X + x_base``: two-pass within each register tile, Chan-merged across tiles."""
+    cnt = tl.zeros((), tl.float32)
+    mean = tl.zeros((), tl.float32)
+    m2 = tl.zeros((), tl.float32)
+    for cb in range(0, Cg, BLOCK_C):
+        c = cb + tl.arange(0, BLOCK_C)
+        cmask = c < Cg
+        n_c = tl.minimum(Cg - cb, BLOCK_C).to(tl.float32)
+        for lb in range(l_lo, l_hi, BLOCK_L):
+            pos = lb + tl.arange(0, BLOCK_L)
+            mask = cmask[:, None] & (pos < l_hi)[None, :]
+            v = tl.load(X + x_base + _tile_offsets(c, pos, sC, sL, IDX64), mask=mask, other=0.0)
+            v = tl.where(mask, v.to(tl.float32) - pivot, 0.0)
+            n_t = n_c * tl.minimum(l_hi - lb, BLOCK_L).to(tl.float32)
+            mean_t = tl.sum(tl.sum(v, axis=1), axis=0) / n_t
+            d = tl.where(mask, v - mean_t, 0.0)
+            m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
+            n_new = cnt + n_t
+            delta = mean_t - mean
+            mean = mean + delta * (n_t / n_new)
+            m2 = m2 + m2_t + delta * delta * (cnt * (n_t / n_new))
+            cnt = n_new
+    return cnt, mean, m2
+
+
+@triton.jit
+def _normalize_chunk(X, Y, x_base, y_base, n, c0, Cg, l_lo, l_hi, sxC, sxL, syC, syL,
+                     pivot, shifted_mean, rstd, W, B, SCALE, SHIFT, C,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr):
+    """y = act((x - pivot) * a[c] + b[c]) over channels [0, Cg) x positions [l_lo, l_hi)."""
+    for cb in range(0, Cg, BLOCK_C):
+        c = cb + tl.arange(0, BLOCK_C)
+        cmask = c < Cg
+        a = tl.full((BLOCK_C,), 1.0, tl.float32) * rstd
+        if HAS_W:
+            a = a * tl.load(W + c0 + c, mask=cmask, other=1.0).to(tl.float32)
+        b = -shifted_mean * a
+        if HAS_B:
+            b = b + tl.load(B + c0 + c, mask=cmask, other=0.0).to(tl.float32)
+        nc = n.to(tl.int64) * C + c0 + c
+        if HAS_SCALE:
+            s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(tl.float32)
+            a = a * s1
+            b = b * s1
+        if HAS_SHIFT:
+            b = b + tl.load(SHIFT + nc, mask=cmask, other=0.0).to(tl.float32)
+        for lb in range(l_lo, l_hi, BLOCK_L):
+            pos = lb + tl.arange(0, BLOCK_L)
+            mask = cmask[:, None] & (pos < l_hi)[None, :]
+            v = tl.load(X + x_base + _tile_offsets(c, pos, sxC, sxL, IDX64), mask=mask, other=0.0)
+            u = (v.to(tl.float32) - pivot) * a[:, None] + b[:, None]
+            y = _act(u, ACT)
+            tl.store(Y + y_base + _tile_offsets(c, pos, syC, syL, IDX64),
+                     y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_fwd_fused_kernel(
+    X, Y, W, B, SCALE, SHIFT, OFFS,
+    PIVOT, SMEAN, M2, COUNT, RSTD,
+    C, G, L, sxN, sxC, sxL, syN, syC, syL, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr,
+):
+    """Fused regime: program (n * G + g) computes its group's statistics, writes them, then
+    normalizes the group (second read of x, from L1/L2 for small groups)."""
+    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
+    y_base = n.to(tl.int64) * syN + c0.to(tl.int64) * syC
+    pivot = tl.load(X + x_base).to(tl.float32)
+    cnt, mean, m2 = _chunk_stats(X, x_base, pivot, Cg, 0, L, sxC, sxL, BLOCK_C, BLOCK_L, IDX64)
+    rstd = 1.0 / tl.sqrt(m2 / cnt + eps)
+    tl.store(PIVOT + row, pivot)
+    tl.store(SMEAN + row, mean)
+    tl.store(M2 + row, m2)
+    tl.store(COUNT + row, cnt)
+    tl.store(RSTD + row, rstd)
+    _normalize_chunk(X, Y, x_base, y_base, n, c0, Cg, 0, L, sxC, sxL, syC, syL,
+                     pivot, mean, rstd, W, B, SCALE, SHIFT, C,
+                     HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64)
+
+
+@triton.jit
+def _gn_fwd_partial_kernel(
+    X, OFFS, PIVOT, P_CNT, P_MEAN, P_M2,
+    G, L, sxN, sxC, sxL, CHUNK_L, K,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr,
+):
+    """Split regime, pass 1: program (n * G + g, k) writes (count, mean, m2) of ``x - pivot``
+    over its chunk of positions [k * CHUNK_L, (k + 1) * CHUNK_L) to partials[n, g, k]."""
+    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
+    k = tl.program_id(1)
+    pivot = tl.load(X + x_base).to(tl.float32)
+    l_lo = k * CHUNK_L
+    l_hi = tl.minimum(l_lo + CHUNK_L, L)
+    cnt, mean, m2 = _chunk_stats(X, x_base, pivot, Cg, l_lo, l_hi, sxC, sxL,
+                                 BLOCK_C, BLOCK_L, IDX64)
+    if k == 0:
+        tl.store(PIVOT + row, pivot)
+    tl.store(P_CNT + row * K + k, cnt)
+    tl.store(P_MEAN + row * K + k, mean)
+    tl.store(P_M2 + row * K + k, m2)
+
+
+@triton.jit
+def _gn_fwd_normalize_kernel(
+    X, Y, W, B, SCALE, SHIFT, OFFS,
+    PIVOT, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD,
+    C, G, L, sxN, sxC, sxL, syN, syC, syL, eps, CHUNK_L, KP,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, BLOCK_KP: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr,
+):
+    """Split regime, pass 2 (also: normalize with given statistics, KP = 1): program
+    (n * G + g, k) merges its group's KP partials in a fixed order (Chan's formula, vector form:
+    mean = sum n_i mean_i / n, m2 = sum m2_i + sum n_i (mean_i - mean)^2), chunk 0 writes the
+    merged statistics, and every program normalizes its chunk."""
+    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
+    k = tl.program_id(1)
+    i = tl.arange(0, BLOCK_KP)
+    imask = i < KP
+    p_cnt = tl.load(P_CNT + row * KP + i, mask=imask, other=0.0)
+    p_mean = tl.load(P_MEAN + row * KP + i, mask=imask, other=0.0)
+    p_m2 = tl.load(P_M2 + row * KP + i, mask=imask, other=0.0)
+    cnt = tl.sum(p_cnt, axis=0)
+    mean = tl.sum(p_cnt * p_mean, axis=0) / cnt
+    dev = tl.where(imask, p_mean - mean, 0.0)
+    m2 = tl.sum(p_m2, axis=0) + tl.sum(p_cnt * dev * dev, axis=0)
+    rstd = 1.0 / tl.sqrt(m2 / cnt + eps)
+    pivot = tl.load(PIVOT + row)
+    if k == 0:
+        tl.store(SMEAN + row, mean)
+        tl.store(M2 + row, m2)
+        tl.store(COUNT + row, cnt)
+        tl.store(RSTD + row, rstd)
+    y_base = n.to(tl.int64) * syN + c0.to(tl.int64) * syC
+    l_lo = k * CHUNK_L
+    l_hi = tl.minimum(l_lo + CHUNK_L, L)
+    _normalize_chunk(X, Y, x_base, y_base, n, c0, Cg, l_lo, l_hi, sxC, sxL, syC, syL,
+                     pivot, mean, rstd, W, B, SCALE, SHIFT, C,
+                     HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64)
+
+
+
+@triton.jit
+def _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel fp32 vectors (w, bias, 1 + scale, shift) for channels c0 + c of sample n;
+    identity values where a parameter is absent."""
+    one = tl.full((BLOCK_C,), 1.0, tl.float32)
+    w = one
+    bias = one * 0.0
+    s1 = one
+    sh = one * 0.0
+    nc = n.to(tl.int64) * C + c0 + c
+    if HAS_W:
+        w = tl.load(W + c0 + c, mask=cmask, other=1.0).to(tl.float32)
+    if HAS_B:
+        bias = tl.load(B + c0 + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        sh = tl.load(SHIFT + nc, mask=cmask, other=0.0).to(tl.float32)
+    return w, bias, s1, sh
+
+
+@triton.jit
+def _du_xhat(X, DY, x_base, dy_base, c, pos, mask, sxC, sxL, sdC, sdL, pivot, smean, rstd,
+             w, bias, s1, sh, ACT: tl.constexpr, IDX64: tl.constexpr):
+    """Recompute x_hat and u of one tile from x and the saved statistics; du = dy * act'(u).
+    Both are 0 outside the mask."""
+    v = tl.load(X + x_base + _tile_offsets(c, pos, sxC, sxL, IDX64), mask=mask, other=0.0)
+    dy = tl.load(DY + dy_base + _tile_offsets(c, pos, sdC, sdL, IDX64), mask=mask, other=0.0)
+    xhat = tl.where(mask, ((v.to(tl.float32) - pivot) - smean) * rstd, 0.0)
+    du = dy.to(tl.float32)
+    if ACT != 0:
+        u = (xhat * w[:, None] + bias[:, None]) * s1[:, None] + sh[:, None]
+        du = tl.where(mask, du * _act_grad(u, ACT), 0.0)
+    return du, xhat
+
+
+@triton.jit
+def _channel_sums(X, DY, x_base, dy_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL,
+                  pivot, smean, rstd, w, bias, s1, sh,
+                  ACT: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr):
+    """Per channel of the block, over positions [l_lo, l_hi): A = sum du * x_hat, B = sum du."""
+    acc_a = tl.zeros((c.shape[0],), tl.float32)
+    acc_b = tl.zeros((c.shape[0],), tl.float32)
+    for lb in range(l_lo, l_hi, BLOCK_L):
+        pos = lb + tl.arange(0, BLOCK_L)
+        mask = cmask[:, None] & (pos < l_hi)[None, :]
+        du, xhat = _du_xhat(X, DY, x_base, dy_base, c, pos, mask, sxC, sxL, sdC, sdL,
+                            pivot, smean, rstd, w, bias, s1, sh, ACT, IDX64)
+        acc_a += tl.sum(du * xhat, axis=1)
+        acc_b += tl.sum(du, axis=1)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _dx_block(X, DY, DX, x_base, dy_base, dx_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL,
+              sgC, sgL, pivot, smean, rstd, w, bias, s1, sh, mean_dxhat, mean_dxhat_xhat,
+              ACT: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr):
+    """dx = rstd * (dx_hat - mean_dxhat - x_hat * mean_dxhat_xhat), dx_hat = du * w * (1+scale)."""
+    wc = w * s1
+    for lb in range(l_lo, l_hi, BLOCK_L):
+        pos = lb + tl.arange(0, BLOCK_L)
+        mask = cmask[:, None] & (pos < l_hi)[None, :]
+        du, xhat = _du_xhat(X, DY, x_base, dy_base, c, pos, mask, sxC, sxL, sdC, sdL,
+                            pivot, smean, rstd, w, bias, s1, sh, ACT, IDX64)
+        dx = rstd * (du * wc[:, None] - mean_dxhat - xhat * mean_dxhat_xhat)
+        tl.store(DX + dx_base + _tile_offsets(c, pos, sgC, sgL, IDX64),
+                 dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_bwd_partial_kernel(
+    X, DY, W, B, SCALE, SHIFT, OFFS, PIVOT, SMEAN, RSTD, PA, PB,
+    C, G, L, sxN, sxC, sxL, sdN, sdC, sdL, CHUNK_L, K,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr,
+):
+    """Split regime, pass 1: program (n * G + g, k) writes A, B of its group's channels over
+    its chunk of positions to partials PA, PB[n, k, c] (fp32, (N, K, C))."""
+    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
+    k = tl.program_id(1)
+    dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
+    pivot = tl.load(PIVOT + row)
+    smean = tl.load(SMEAN + row)
+    rstd = tl.load(RSTD + row)
+    l_lo = k * CHUNK_L
+    l_hi = tl.minimum(l_lo + CHUNK_L, L)
+    for cb in range(0, Cg, BLOCK_C):
+        c = cb + tl.arange(0, BLOCK_C)
+        cmask = c < Cg
+        w, bias, s1, sh = _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
+                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        a, b = _channel_sums(X, DY, x_base, dy_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL,
+                             pivot, smean, rstd, w, bias, s1, sh, ACT, BLOCK_L, IDX64)
+        nkc = (n.to(tl.int64) * K + k) * C + c0 + c
+        tl.store(PA + nkc, a, mask=cmask)
+        tl.store(PB + nkc, b, mask=cmask)
+
+
+@triton.jit
+def _gn_bwd_dx_kernel(
+    X, DY, DX, W, B, SCALE, SHIFT, OFFS, PIVOT, SMEAN, RSTD, PA, PB, SA, SB,
+    C, G, L, sxN, sxC, sxL, sdN, sdC, sdL, sgN, sgC, sgL, CHUNK_L, K,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, STATS_GIVEN: tl.constexpr,
+    FUSED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr,
+):
+    """Program (n * G + g, k) gets its channels' A, B over the whole group, stores them (chunk 0)
+    for the parameter gradients, forms the group means and writes dx of its chunk.
+
+    FUSED (one chunk, CHUNK_L = L): A, B are computed here from x and dy, in one launch.
+    Split: A, B are the sums of the partials PA, PB[n, 0..K, c], taken in order."""
+    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
+    k = tl.program_id(1)
+    dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
+    dx_base = n.to(tl.int64) * sgN + c0.to(tl.int64) * sgC
+    pivot = tl.load(PIVOT + row)
+    smean = tl.load(SMEAN + row)
+    rstd = tl.load(RSTD + row)
+    sum_dxhat = tl.zeros((), tl.float32)
+    sum_dxhat_xhat = tl.zeros((), tl.float32)
+    for cb in range(0, Cg, BLOCK_C):
+        c = cb + tl.arange(0, BLOCK_C)
+        cmask = c < Cg
+        w, bias, s1, sh = _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
+                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        if FUSED:
+            a, b = _channel_sums(X, DY, x_base, dy_base, c, cmask, 0, L, sxC, sxL, sdC, sdL,
+                                 pivot, smean, rstd, w, bias, s1, sh, ACT, BLOCK_L, IDX64)
+        else:
+            a = tl.zeros((BLOCK_C,), tl.float32)
+            b = tl.zeros((BLOCK_C,), tl.float32)
+            for kk in range(0, K):
+                nkc = (n.to(tl.int64) * K + kk) * C + c0 + c
+                a += tl.load(PA + nkc, mask=cmask, other=0.0)
+                b += tl.load(PB + nkc, mask=cmask, other=0.0)
+        if k == 0:
+            nc = n.to(tl.int64) * C + c0 + c
+            tl.store(SA + nc, a, mask=cmask)
+            tl.store(SB + nc, b, mask=cmask)
+        sum_dxhat += tl.sum(w * s1 * b, axis=0)
+        sum_dxhat_xhat += tl.sum(w * s1 * a, axis=0)
+    count = Cg.to(tl.float32) * L  # float: Cg * L may exceed int32
+    mean_dxhat = sum_dxhat / count
+    mean_dxhat_xhat = sum_dxhat_xhat / count
+    if STATS_GIVEN:
+        mean_dxhat = 0.0
+        mean_dxhat_xhat = 0.0
+    l_lo = k * CHUNK_L
+    l_hi = tl.minimum(l_lo + CHUNK_L, L)
+    for cb in range(0, Cg, BLOCK_C):
+        c = cb + tl.arange(0, BLOCK_C)
+        cmask = c < Cg
+        w, bias, s1, sh = _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
+                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        _dx_block(X, DY, DX, x_base, dy_base, dx_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC,
+                  sdL, sgC, sgL, pivot, smean, rstd, w, bias, s1, sh, mean_dxhat,
+                  mean_dxhat_xhat, ACT, BLOCK_L, IDX64)
+
+
+@triton.jit
+def _gn_bwd_param_kernel(
+    SA, SB, W, B, SCALE, DW, DB, DSCALE, DSHIFT, N, C,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Parameter gradients from the per-(n, c) sums A, B, over n in order (deterministic):
+    dweight = sum_n (1 + scale) A, dbias = sum_n (1 + scale) B, dscale = w A + bias B,
+    dshift = B."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cmask = c < C
+    w = tl.full((BLOCK,), 1.0, tl.float32)
+    bias = tl.zeros((BLOCK,), tl.float32)
+    if HAS_W:
+        w = tl.load(W + c, mask=cmask, other=1.0).to(tl.float32)
+    if HAS_B:
+        bias = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), tl.float32)
+    db = tl.zeros((BLOCK,), tl.float32)
+    nc = c.to(tl.int64)  # n * C + c, advanced by C per sample (int64 without a multiply)
+    for _ in range(0, N):
+        a = tl.load(SA + nc, mask=cmask, other=0.0)
+        b = tl.load(SB + nc, mask=cmask, other=0.0)
+        s1 = tl.full((BLOCK,), 1.0, tl.float32)
+        if HAS_SCALE:
+            s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(DSCALE + nc, (w * a + bias * b).to(DSCALE.dtype.element_ty), mask=cmask)
+        if HAS_SHIFT:
+            tl.store(DSHIFT + nc, b.to(DSHIFT.dtype.element_ty), mask=cmask)
+        dw += s1 * a
+        db += s1 * b
+        nc += C
+    if HAS_W:
+        tl.store(DW + c, dw.to(DW.dtype.element_ty), mask=cmask)
+    if HAS_B:
+        tl.store(DB + c, db.to(DB.dtype.element_ty), mask=cmask)
+
+# ----------------------------------------------------------------------------------------------
+# launchers: allocation, checks, grid
+# ----------------------------------------------------------------------------------------------
+
+
+def _flat_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(sN, sC, sL) when t's positions are one index l with a single stride, else None."""
+    sN, sC = t.stride(0), t.stride(1)
+    dims = [(s, st) for s, st in zip(t.shape[2:], t.stride()[2:], strict=True) if s != 1]
+    if not dims:
+        return sN, sC, 1
+    for (_, outer), (size, inner) in zip(dims, dims[1:], strict=False):
+        if outer != inner * size:
+            return None
+    return sN, sC, dims[-1][1]
+
+
+def _flat_view(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """x and its (sN, sC, sL). NCHW, channels-last (NHWC/NDHWC/NLC), (N, C) and any view whose
+    positions collapse to one stride are used as they are; any other view is copied once to
+    NCHW-contiguous (the only copy the Triton backend makes of x or dy)."""
+    strides = _flat_strides(x)
+    if strides is None:
+        x = x.contiguous()
+        strides = _flat_strides(x)
+        assert strides is not None
+    return x, strides
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True))
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    """True when an element offset of one of the tensors does not fit in int32."""
+    return any(_max_offset(t) > _INT32_MAX for t in tensors)
+
+
+@lru_cache(maxsize=256)
+def _offsets_tensor(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    plan = GroupPlan(sizes)
+    return torch.tensor(plan.offsets, dtype=torch.int32, device=device)
+
+
+@lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return CPU_SM_COUNT
+
+
+def _config(x: torch.Tensor, strides: tuple[int, int, int], sizes: tuple[int, ...],
+            regime: str) -> LaunchConfig:
+    L = x[0, 0].numel() if x.shape[0] else 1
+    channels_fast = strides[1] == 1 and strides[2] != 1
+    return choose_config(x.shape[0], L, max(sizes), len(sizes), channels_fast,
+                         _sm_count(x.device), regime)
+
+
+def _check_inputs(x: torch.Tensor, sizes: tuple[int, ...], *params: torch.Tensor | None) -> None:
+    if x.dtype not in _SUPPORTED:
+        raise TypeError(f"the Triton kernels take x in {[str(d) for d in _SUPPORTED]}, got "
+                        f"{x.dtype}; use backend='torch' for it")
+    if x.dim() < 2 or sum(sizes) != x.shape[1]:
+        raise ValueError(f"group sizes {list(sizes)} must sum to C of x with shape "
+                         f"{tuple(x.shape)}")
+    for t in params:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"a parameter is on {t.device} but x is on {x.device}")
+
+
+def _param(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Weight, bias (C,) and scale, shift (N, C): small, made contiguous for plain indexing."""
+    return None if t is None else t.contiguous()
+
+
+def _stat_buffers(x: torch.Tensor, G: int) -> list[torch.Tensor]:
+    return [torch.empty((x.shape[0], G), dtype=torch.float32, device=x.device)
+            for _ in range(5)]
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+             scale: torch.Tensor | None, shift: torch.Tensor | None, sizes: tuple[int, ...],
+             eps: float, activation: str | None, stats: tuple[torch.Tensor, ...] | None,
+             regime: str) -> tuple[torch.Tensor, ...]:
+    """Launch the forward; returns (y, pivot, shifted_mean, m2, count, rstd), stats (N, G) fp32."""
+    _check_inputs(x, sizes, weight, bias, scale, shift)
+    weight, bias, scale, shift = (_param(t) for t in (weight, bias, scale, shift))
+    xv, (sxN, sxC, sxL) = _flat_view(x)
+    y = torch.empty_like(xv)
+    ys = _flat_strides(y)
+    assert ys is not None
+    N, C = x.shape[:2]
+    G = len(sizes)
+    pivot, smean, m2, count, rstd = _stat_buffers(x, G)
+    if N == 0:
+        return y, pivot, smean, m2, count, rstd
+    L = x[0, 0].numel()
+    cfg = _config(xv, (sxN, sxC, sxL), sizes, regime)
+    offs = _offsets_tensor(sizes, x.device)
+    dummy = xv
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None,
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+                 ACT=ACT_CODES[activation], BLOCK_C=cfg.block_c, BLOCK_L=cfg.block_l,
+                 IDX64=_needs_int64(xv, y))
+    params = tuple(dummy if t is None else t for t in (weight, bias, scale, shift))
+    strides = (sxN, sxC, sxL, *ys)
+    if stats is None and cfg.regime == "fused":
+        _gn_fwd_fused_kernel[(N * G,)](xv, y, *params, offs, pivot, smean, m2, count, rstd,
+                                       C, G, L, *strides, eps, **flags)
+        return y, pivot, smean, m2, count, rstd
+    if stats is None:
+        K = cfg.chunks
+        parts = [torch.empty((N, G, K), dtype=torch.float32, device=x.device) for _ in range(3)]
+        _gn_fwd_partial_kernel[(N * G, K)](xv, offs, pivot, *parts, G, L, sxN, sxC, sxL,
+                                           cfg.chunk_l, K, BLOCK_C=cfg.block_c,
+                                           BLOCK_L=cfg.block_l, IDX64=flags["IDX64"])
+    else:
+        K = 1
+        given_pivot, given_mean, given_m2, given_count = (
+            t.to(device=x.device, dtype=torch.float32).contiguous() for t in stats)
+        pivot.copy_(given_pivot)
+        parts = [given_count, given_mean, given_m2]
+    _gn_fwd_normalize_kernel[(N * G, cfg.chunks)](
+        xv, y, *params, offs, pivot, *parts, smean, m2, count, rstd,
+        C, G, L, *strides, eps, cfg.chunk_l, K, BLOCK_KP=next_pow2(K), **flags)
+    return y, pivot, smean, m2, count, rstd
+
+
+def _empty_or(t: torch.Tensor | None) -> torch.Tensor:
+    """A gradient buffer shaped like ``t``, or a (0,) placeholder where t is absent (custom ops
+    return tensors, not None)."""
+    if t is None:
+        return torch.empty(0)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+              bias: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None,
+              sizes: tuple[int, ...], pivot: torch.Tensor, smean: torch.Tensor,
+              rstd: torch.Tensor, activation: str | None, stats_given: bool,
+              regime: str) -> tuple[torch.Tensor, ...]:
+    """Launch the backward; returns (dx, dweight, dbias, dscale, dshift), (0,) where absent."""
+    _check_inputs(x, sizes, weight, bias, scale, shift, dy)
+    weight, bias, scale, shift = (_param(t) for t in (weight, bias, scale, shift))
+    xv, (sxN, sxC, sxL) = _flat_view(x)
+    dyv, dys = _flat_view(dy)
+    dx = torch.empty_like(xv)
+    dxs = _flat_strides(dx)
+    assert dxs is not None
+    grads = [_empty_or(t).to(x.device) for t in (weight, bias, scale, shift)]
+    N, C = x.shape[:2]
+    G = len(sizes)
+    if N == 0:
+        for t in grads:
+            t.zero_()
+        return (dx, *grads)
+    L = x[0, 0].numel()
+    cfg = _config(xv, (sxN, sxC, sxL), sizes, regime)
+    offs = _offsets_tensor(sizes, x.device)
+    params = tuple(xv if t is None else t for t in (weight, bias, scale, shift))
+    has = dict(HAS_W=weight is not None, HAS_B=bias is not None,
+               HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
+    flags = dict(has, ACT=ACT_CODES[activation], BLOCK_C=cfg.block_c, BLOCK_L=cfg.block_l,
+                 IDX64=_needs_int64(xv, dyv, dx))
+    stats = (pivot.contiguous(), smean.contiguous(), rstd.contiguous())
+    sums = [torch.empty((N, C), dtype=torch.float32, device=x.device) for _ in range(2)]
+    strides = (C, G, L, sxN, sxC, sxL, *dys)
+    K = cfg.chunks
+    fused = cfg.regime == "fused"
+    if fused:
+        parts = list(sums)  # not read: A, B come straight from x and dy
+    else:
+        parts = [torch.empty((N, K, C), dtype=torch.float32, device=x.device) for _ in range(2)]
+        _gn_bwd_partial_kernel[(N * G, K)](xv, dyv, *params, offs, *stats, *parts, *strides,
+                                           cfg.chunk_l, K, **flags)
+    _gn_bwd_dx_kernel[(N * G, K)](xv, dyv, dx, *params, offs, *stats, *parts, *sums, *strides,
+                                  *dxs, cfg.chunk_l, K, STATS_GIVEN=stats_given, FUSED=fused,
+                                  **flags)
+    block = min(next_pow2(C), 1024)
+    dummies = tuple(xv if g.numel() == 0 else g for g in grads)
+    _gn_bwd_param_kernel[(triton.cdiv(C, block),)](*sums, params[0], params[1], params[2],
+                                                   *dummies, N, C, BLOCK=block, **has)
+    return (dx, *grads)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library op (opaque to torch.compile: no graph break, fake impl for shapes)
+# ----------------------------------------------------------------------------------------------
+
+_Stats6 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                torch.Tensor]
+
+
+@torch.library.custom_op("groupnorm::triton_group_norm_fwd", mutates_args=())
+def group_norm_fwd_op(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],  # noqa: UP045  (torch's schema inference needs Optional)
+    bias: Optional[torch.Tensor],  # noqa: UP045
+    scale: Optional[torch.Tensor],  # noqa: UP045
+    shift: Optional[torch.Tensor],  # noqa: UP045
+    sizes: list[int],
+    eps: float,
+    activation: Optional[str],  # noqa: UP045
+    stats_pivot: Optional[torch.Tensor],  # noqa: UP045
+    stats_mean: Optional[torch.Tensor],  # noqa: UP045
+    stats_m2: Optional[torch.Tensor],  # noqa: UP045
+    stats_count: Optional[torch.Tensor],  # noqa: UP045
+    regime: str,
+) -> _Stats6:
+    """(y, pivot, shifted_mean, m2, count, rstd); the statistics are (N, G) fp32. With the four
+    stats_* given, x is normalized with them (they are constants for autograd)."""
+    given = None
+    if stats_pivot is not None and stats_mean is not None and stats_m2 is not None \
+            and stats_count is not None:
+        given = (stats_pivot, stats_mean, stats_m2, stats_count)
+    y, pivot, smean, m2, count, rstd = _forward(x, weight, bias, scale, shift, tuple(sizes), eps,
+                                                activation, given, regime)
+    return y, pivot, smean, m2, count, rstd
+
+
+@group_norm_fwd_op.register_fake
+def _(x, weight, bias, scale, shift, sizes, eps, activation, stats_pivot, stats_mean,
+      stats_m2, stats_count, regime):
+    y = torch.empty_like(_flat_view(x)[0])
+    stats = [x.new_empty((x.shape[0], len(sizes)), dtype=torch.float32) for _ in range(5)]
+    return (y, *stats)
+
+
+@torch.library.custom_op("groupnorm::triton_group_norm_bwd", mutates_args=())
+def group_norm_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],  # noqa: UP045
+    bias: Optional[torch.Tensor],  # noqa: UP045
+    scale: Optional[torch.Tensor],  # noqa: UP045
+    shift: Optional[torch.Tensor],  # noqa: UP045
+    sizes: list[int],
+    pivot: torch.Tensor,
+    shifted_mean: torch.Tensor,
+    rstd: torch.Tensor,
+    activation: Optional[str],  # noqa: UP045
+    stats_given: bool,
+    regime: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dscale, dshift); a (0,) tensor stands for an absent parameter."""
+    dx, dw, db, dscale, dshift = _backward(dy, x, weight, bias, scale, shift, tuple(sizes), pivot,
+                                           shifted_mean, rstd, activation, stats_given, regime)
+    return dx, dw, db, dscale, dshift
+
+
+@group_norm_bwd_op.register_fake
+def _(dy, x, weight, bias, scale, shift, sizes, pivot, shifted_mean, rstd, activation,
+      stats_given, regime):
+    def like(t):
+        return x.new_empty(0) if t is None else torch.empty_like(
+            t, memory_format=torch.contiguous_format)
+    return (torch.empty_like(_flat_view(x)[0]), *(like(t) for t in (weight, bias, scale, shift)))
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd: y depends on x, weight, bias, scale, shift; statistics outputs and given statistics
+# are not differentiated (given statistics are constants: dx = rstd * dx_hat then).
+# ----------------------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, scale, shift, sizes, _, activation, stats_pivot, *_, regime = inputs
+    _, pivot, smean, m2, count, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, pivot, smean, rstd)
+    ctx.sizes, ctx.activation, ctx.regime = sizes, activation, regime
+    ctx.stats_given = stats_pivot is not None
+    ctx.mark_non_differentiable(pivot, smean, m2, count, rstd)
+
+
+def _backward_fn(ctx, dy, *_):
+    x, weight, bias, scale, shift, pivot, smean, rstd = ctx.saved_tensors
+    dx, dw, db, dscale, dshift = group_norm_bwd_op(
+        dy, x, weight, bias, scale, shift, ctx.sizes, pivot, smean, rstd, ctx.activation,
+        ctx.stats_given, ctx.regime)
+    need = ctx.needs_input_grad
+    grads = [g if t is not None and need[i + 1] else None
+             for i, (g, t) in enumerate(zip((dw, db, dscale, dshift),
+                                            (weight, bias, scale, shift), strict=True))]
+    return (dx if need[0] else None, *grads) + (None,) * 8
+
+
+group_norm_fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# entry
+# ----------------------------------------------------------------------------------------------
+
+
+def group_norm_triton(
+    x: torch.Tensor,
+    plan: GroupPlan,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    activation: str | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    stats: GroupStats | None = None,
+    return_stats: bool = False,
+    regime: str = "auto",
+) -> tuple[torch.Tensor, GroupStats | None]:
+    """GroupNorm of x (N, C, *S) with the Triton kernels: ``(y, stats or None)``.
+
+    y = act((x_hat * weight + bias) * (1 + scale) + shift), y in x's dtype and memory format.
+    Arguments as in :func:`groupnorm.group_norm` (already validated there); ``regime``
+    ("auto" | "fused" | "split") forces a launch regime (see ``heuristics``). Differentiable in
+    x, weight, bias, scale and shift; given ``stats`` are constants for autograd.
+    """
+    given = (None,) * 4 if stats is None else (stats.pivot, stats.shifted_mean, stats.m2,
+                                               stats.count)
+    y, pivot, smean, m2, count, _ = group_norm_fwd_op(
+        x, weight, bias, scale, shift, list(plan.sizes), float(eps), activation, *given, regime)
+    if not return_stats:
+        return y, None
+    return y, GroupStats(pivot, smean, m2, count)

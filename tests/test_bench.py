@@ -1,0 +1,51 @@
+"""groupnorm bench without a GPU: its shape table, its bytes formula, its refusal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from groupnorm import bench, cli
+
+
+def test_shape_table_is_spec_table():
+    """Every SPEC.md row, multi-value rows expanded: 21 shapes, each G dividing C."""
+    assert len(bench.SHAPES) == 21
+    assert len({s.workload for s in bench.SHAPES}) == 21
+    dims = {(s.dims, s.G, s.dtype) for s in bench.SHAPES}
+    bf16 = torch.bfloat16
+    for expected in [((2, 320, 64, 64), 32, bf16), ((1, 128, 1024, 1024), 32, bf16),
+                     ((1, 128, 20, 256, 256), 32, bf16), ((2, 2048, 25, 38), 32, bf16),
+                     ((32, 256, 56, 56), 32, torch.float32), ((2, 32, 128, 128, 128), 8, bf16),
+                     ((8, 512, 1024), 32, bf16), ((2, 960, 64, 64), 32, bf16)]:
+        assert expected in dims, f"missing SPEC shape {expected}"
+    assert all(s.C % s.G == 0 for s in bench.SHAPES)
+
+
+def test_bytes_formula_gives_the_issue_floors():
+    """Issue 3 quotes the floors at 3.0 TB/s: VAE 1x128x512x512 forward 45 us, 3-D
+    2x32x128^3 forward 0.18 ms. Forward moves 2 bf16 tensors, forward+backward 5."""
+    shapes = {s.workload: s for s in bench.SHAPES}
+    vae, seg = shapes["VAE 512px 512^2"], shapes["3-D segmentation"]
+    assert bench.bytes_moved(vae, "fwd") == 2 * 2 * 128 * 512 * 512
+    assert bench.bytes_moved(vae, "fwd") / 3.0e12 == pytest.approx(44.7e-6, rel=1e-3)
+    assert bench.bytes_moved(seg, "fwd") / 3.0e12 == pytest.approx(179e-6, rel=1e-3)
+    assert bench.bytes_moved(seg, "fwd+bwd") == 5 * seg.nbytes
+    fp32 = shapes["ResNet training b32 fp32"]
+    assert fp32.nbytes == 4 * 32 * 256 * 56 * 56
+
+
+@pytest.mark.parametrize("dims", [(2, 6, 5), (2, 6, 4, 5), (1, 6, 2, 3, 4)],
+                         ids=["ncl", "nchw-4d", "ncdhw-5d"])
+def test_make_input_layouts(dims):
+    shape = bench.Shape("t", dims[0], dims[1], dims[2:], G=3, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    assert bench.make_input(shape, "nchw", "cpu", gen).is_contiguous()
+    x = bench.make_input(shape, "channels_last", "cpu", gen)
+    assert x.shape == dims and x.stride(1) == 1 and x.stride(0) == x.numel() // dims[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_refuses_without_cuda(capsys):
+    assert cli.main(["bench", "--shapes", "VAE"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
