@@ -92,3 +92,21 @@ def test_swapped_diffusers_resnet_block_round_trip() -> None:
     with torch.no_grad():
         expected = block.double()(x.double(), temb.double())
     assert_matches(torch.from_numpy(got), to_numpy(expected), torch.float32)
+
+
+def test_converted_model_with_weight_standardization_round_trip() -> None:
+    from groupnorm import WSConv2d, convert_batchnorm
+
+    torch.manual_seed(7)
+    bn_model = nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(),
+                             nn.Conv2d(48, 16, 3, padding=1), nn.BatchNorm2d(16))
+    model, report = convert_batchnorm(bn_model, policy="uneven", num_groups=12,
+                                      weight_standardize=True)
+    # 12 groups: even for C = 48, uneven for C = 16; both convs standardized.
+    assert [r.plan.is_even for r in report.replaced] == [True, False]
+    assert isinstance(model[0], WSConv2d) and isinstance(model[3], WSConv2d)
+    x = make_x((2, 3, 9, 7), torch.float32, seed=8)
+    got = _onnx_run(model, x)
+    with torch.no_grad():
+        eager = model(x)
+    assert_matches(torch.from_numpy(got), to_numpy(eager), torch.float32)
