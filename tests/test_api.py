@@ -248,3 +248,21 @@ def test_bias_false_without_torch_support(monkeypatch: pytest.MonkeyPatch) -> No
     assert m.bias is None and list(m.state_dict()) == ["weight"]
     x = make_x((2, 8, 3), torch.float32)
     assert_matches(m(x), reference(x, resolve_plan(8, 4), m.weight)[0], torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_fullgraph_matches_eager() -> None:
+    """The torch backend under torch.compile: one graph (no break), no recompile on a second call
+    with fresh data, same values and gradients as eager. Regression: plan construction with
+    numpy and cached_property broke the graph."""
+    m = groupnorm.GroupNormAct(5, 12, uneven=True)
+    compiled = torch.compile(m, fullgraph=True)
+    x = make_x((2, 12, 4, 4), torch.float32, "channels_last").requires_grad_()
+    y = compiled(x)
+    torch.testing.assert_close(y, m(x))
+    (g_compiled,) = torch.autograd.grad(y.sum(), x)
+    (g_eager,) = torch.autograd.grad(m(x).sum(), x)
+    torch.testing.assert_close(g_compiled, g_eager)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        x2 = make_x((2, 12, 4, 4), torch.float32, "channels_last", seed=3).requires_grad_()
+        torch.testing.assert_close(compiled(x2), m(x2))

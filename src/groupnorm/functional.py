@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Literal, overload
 
 import torch
@@ -29,11 +28,8 @@ class SingleElementGroupWarning(UserWarning):
     """A group holds one element: its variance is 0 and its output is just beta."""
 
 
-@lru_cache(maxsize=1024)
-def _cached_plan(C: int, num_groups: int | None, group_size: int | None,
-                 group_sizes: tuple[int, ...] | None, uneven: bool) -> GroupPlan:
-    return make_plan(C, num_groups, group_size=group_size, group_sizes=group_sizes,
-                     uneven=uneven)
+# A plain dict rather than lru_cache: torch.compile warns about (and bypasses) lru_cache wrappers.
+_PLANS: dict[tuple[object, ...], GroupPlan] = {}
 
 
 def resolve_plan(
@@ -44,9 +40,16 @@ def resolve_plan(
     group_sizes: Sequence[int] | None = None,
     uneven: bool = False,
 ) -> GroupPlan:
-    """:func:`groupnorm.groups.make_plan`, cached (plans are immutable)."""
+    """:func:`groupnorm.groups.make_plan`, cached (plans are immutable; at most 4096 kept)."""
     sizes = None if group_sizes is None else tuple(int(s) for s in group_sizes)
-    return _cached_plan(num_channels, num_groups, group_size, sizes, bool(uneven))
+    key = (num_channels, num_groups, group_size, sizes, bool(uneven))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = make_plan(num_channels, num_groups, group_size=group_size, group_sizes=sizes,
+                         uneven=uneven)
+        if len(_PLANS) < 4096:
+            _PLANS[key] = plan
+    return plan
 
 
 def _check_input(x: object) -> torch.Tensor:

@@ -16,9 +16,9 @@ what would work. :func:`choose_num_groups` picks ``G`` for awkward channel count
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,32 +35,36 @@ def divisors(n: int) -> list[int]:
 class GroupPlan:
     """Contiguous channel groups: ``sizes[g]`` channels in group ``g``, in channel order.
 
-    Attributes derived from ``sizes`` (all cached): ``num_groups``, ``num_channels``,
-    ``offsets`` (first channel of each group, length G + 1), ``channel_group`` (group index of
-    each channel, length C) and ``is_even`` (all groups the same size).
+    Derived from ``sizes`` once, at construction: ``num_groups``, ``num_channels``, ``is_even``
+    (all groups the same size), ``min_size``, ``offsets`` (first channel of each group, length
+    G + 1) and ``channel_group`` (group index of each channel, length C). They are plain Python
+    attributes computed without numpy: torch.compile traces plan construction, turns numpy calls
+    into tensor ops (data-dependent offsets) and cannot trace ``functools.cached_property``.
     """
 
     sizes: tuple[int, ...]
+    num_groups: int = field(init=False, compare=False, repr=False)
+    num_channels: int = field(init=False, compare=False, repr=False)
+    is_even: bool = field(init=False, compare=False, repr=False)
+    min_size: int = field(init=False, compare=False, repr=False)
+    offsets: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    channel_group: tuple[int, ...] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.sizes or any(int(s) < 1 for s in self.sizes):
+        sizes = tuple(int(s) for s in self.sizes)
+        if not sizes or min(sizes) < 1:
             raise ValueError(f"group sizes must be positive integers, got {list(self.sizes)}")
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.sizes)
-
-    @property
-    def num_channels(self) -> int:
-        return sum(self.sizes)
-
-    @cached_property
-    def is_even(self) -> bool:
-        return len(set(self.sizes)) == 1
-
-    @cached_property
-    def min_size(self) -> int:
-        return min(self.sizes)
+        derived = {
+            "sizes": sizes,
+            "num_groups": len(sizes),
+            "num_channels": sum(sizes),
+            "is_even": len(set(sizes)) == 1,
+            "min_size": min(sizes),
+            "offsets": (0, *itertools.accumulate(sizes)),
+            "channel_group": tuple(g for g, s in enumerate(sizes) for _ in range(s)),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
     @property
     def channels_per_group(self) -> int:
@@ -68,15 +72,6 @@ class GroupPlan:
         if not self.is_even:
             raise ValueError(f"uneven plan {self.describe()} has no single group size")
         return self.sizes[0]
-
-    @cached_property
-    def offsets(self) -> tuple[int, ...]:
-        return tuple(int(v) for v in np.concatenate([[0], np.cumsum(self.sizes)]))
-
-    @cached_property
-    def channel_group(self) -> np.ndarray:
-        """(C,) int64: the group index of every channel."""
-        return np.repeat(np.arange(self.num_groups, dtype=np.int64), self.sizes)
 
     def describe(self) -> str:
         """Short human description, e.g. ``32 groups of 2`` or ``16x3 + 16x2 (C=80)``."""

@@ -112,14 +112,14 @@ class Grads(NamedTuple):
 
 def _per_channel(v: np.ndarray, plan: GroupPlan, ndim: int) -> np.ndarray:
     """(N, G) -> (N, C, 1, ..., 1): repeat each group's value over its channels."""
-    out = v[:, plan.channel_group]
+    out = v[:, np.asarray(plan.channel_group)]
     return out.reshape(out.shape + (1,) * (ndim - 2))
 
 
 def _group_sum(v: np.ndarray, plan: GroupPlan) -> np.ndarray:
     """(N, C, *S) -> (N, G): sum over each group's channels and all positions."""
     per_channel = v.reshape(v.shape[0], v.shape[1], -1).sum(axis=2)
-    return np.add.reduceat(per_channel, plan.offsets[:-1], axis=1)
+    return np.add.reduceat(per_channel, np.asarray(plan.offsets[:-1]), axis=1)
 
 
 def _vector(v: np.ndarray | None, C: int, fill: float) -> np.ndarray:

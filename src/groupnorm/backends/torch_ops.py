@@ -13,10 +13,10 @@ Normalization folds everything per (n, c) into one multiply-add on ``xs``:
 ``a = rstd * gamma * (1 + scale)``, ``b = (beta - mean_g * rstd * gamma) * (1 + scale) + shift``,
 ``y = act(xs * a + b)``.
 
-The standard case (even groups, no epilogue, no statistics in or out, weight in x's dtype) calls
-torch's native kernel, which is faster on CPU; its float32 mean is trusted only while
-``|mean| * rstd <= NATIVE_TRUST`` (the mean's rounding error, ~ulp(|mean|), stays far below the
-spread), else the call is redone shifted.
+Even groups without statistics in or out call torch's native kernel, which is faster on CPU,
+and apply any epilogue (affine in another dtype, scale/shift, activation) as elementwise ops after
+it; its float32 mean is trusted only while ``|mean| * rstd <= NATIVE_TRUST`` (the mean's rounding
+error, ~ulp(|mean|), stays far below the spread), else the call is redone shifted.
 """
 
 from __future__ import annotations
@@ -162,23 +162,40 @@ def _native_layout(x: torch.Tensor) -> bool:
 
 
 def _native_ok(r: Request) -> bool:
-    dtype = r.x.dtype
-    return (r.plan.is_even and r.activation is None and r.scale is None and r.shift is None
-            and r.stats is None and not r.return_stats
-            and (r.weight is None or r.weight.dtype == dtype)
-            and (r.bias is None or r.bias.dtype == dtype) and _native_layout(r.x))
+    return r.plan.is_even and r.stats is None and not r.return_stats and _native_layout(r.x)
 
 
 def _native(r: Request) -> torch.Tensor | None:
-    """torch's own kernel, or None when its float32 mean cannot be trusted for this input."""
+    """torch's own kernel, then any epilogue as elementwise ops; None when the kernel's float32
+    mean cannot be trusted for this input.
+
+    The kernel applies weight and bias itself when they are in x's dtype (it requires that);
+    otherwise it returns x_hat and the affine joins the epilogue, in the accumulation dtype.
+    """
     x = r.x
     N, C = x.shape[:2]
-    y, mean, rstd = torch.native_group_norm(x, r.weight, r.bias, N, C,
-                                            math.prod(x.shape[2:]), r.plan.num_groups, r.eps)
+    affine_inside = all(t is None or t.dtype == x.dtype for t in (r.weight, r.bias))
+    w, b = (r.weight, r.bias) if affine_inside else (None, None)
+    y, mean, rstd = torch.native_group_norm(x, w, b, N, C, math.prod(x.shape[2:]),
+                                            r.plan.num_groups, r.eps)
     # NaN (a NaN group) compares False: such a group is NaN either way, and others unaffected.
     if mean.numel() and (mean.detach() * rstd.detach()).abs().max().item() > NATIVE_TRUST:
         return None
-    return y
+    if affine_inside and r.activation is None and r.scale is None and r.shift is None:
+        return y
+    acc = accumulation_dtype(x.dtype)
+    u = y.to(acc)
+    per_channel = (C,) + (1,) * (x.dim() - 2)
+    if not affine_inside:
+        if r.weight is not None:
+            u = u * r.weight.to(acc).reshape(per_channel)
+        if r.bias is not None:
+            u = u + r.bias.to(acc).reshape(per_channel)
+    if r.scale is not None:
+        u = u * _expand(1 + r.scale.to(acc), x.dim())
+    if r.shift is not None:
+        u = u + _expand(r.shift.to(acc), x.dim())
+    return apply_activation(u, r.activation).to(x.dtype)
 
 
 def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
