@@ -169,6 +169,18 @@ def test_large_offset_small_spread(regime):
 
 
 @pytest.mark.parametrize("regime", REGIMES)
+def test_fp16_near_its_max_does_not_overflow(regime):
+    """SPEC numerics: squares of fp16 inputs up to 6e4 are formed in fp32 (6e4^2 overflows fp16)."""
+    x = _rand((2, 4, 5, 5), 43, loc=0.0, std=3e4).clamp(-6e4, 6e4).to(torch.float16)
+    plan = make_plan(4, 2)
+    y, stats = _run(x, plan, regime=regime, return_stats=True)
+    expected, cache = _reference(x, plan)
+    assert torch.isfinite(stats.var).all()
+    assert_matches(stats.var, cache.var, torch.float32, reduction=50, what="var of large fp16")
+    assert_matches(y, expected, torch.float16, what="y of large fp16")
+
+
+@pytest.mark.parametrize("regime", REGIMES)
 def test_nan_stays_in_its_group(regime):
     x = _rand((2, 6, 4, 4), 42)
     x[1, 2, 1, 1] = float("nan")

@@ -584,11 +584,11 @@ def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | 
     return y, pivot, smean, m2, count, rstd
 
 
-def _empty_or(t: torch.Tensor | None) -> torch.Tensor:
+def _empty_or(t: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """A gradient buffer shaped like ``t``, or a (0,) placeholder where t is absent (custom ops
     return tensors, not None)."""
     if t is None:
-        return torch.empty(0)
+        return torch.empty(0, device=device)
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
@@ -605,7 +605,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
     dx = torch.empty_like(xv)
     dxs = _flat_strides(dx)
     assert dxs is not None
-    grads = [_empty_or(t).to(x.device) for t in (weight, bias, scale, shift)]
+    grads = [_empty_or(t, x.device) for t in (weight, bias, scale, shift)]
     N, C = x.shape[:2]
     G = len(sizes)
     if N == 0:
@@ -770,6 +770,10 @@ def group_norm_triton(
     Arguments as in :func:`groupnorm.group_norm` (already validated there); ``regime``
     ("auto" | "fused" | "split") forces a launch regime (see ``heuristics``). Differentiable in
     x, weight, bias, scale and shift; given ``stats`` are constants for autograd.
+
+    Autocast: the op has no autocast rule, so it runs in x's own dtype (statistics in float32
+    either way) where torch's group_norm would be cast to float32. CUDA graphs: the first call
+    for a group plan on a device uploads the plan's offsets; capture after one eager call.
     """
     given = (None,) * 4 if stats is None else (stats.pivot, stats.shifted_mean, stats.m2,
                                                stats.count)
