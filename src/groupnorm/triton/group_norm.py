@@ -107,6 +107,15 @@ def _program_group(OFFS, G, sN, sC):
 
 
 @triton.jit
+def _reversed_chunk():
+    """Chunk of this program in a second pass over x: the last chunks first. Programs start
+    in grid order (axis 0 fastest), so the first pass read chunk K - 1 of every group last;
+    that part of x is the likeliest still to be in L2 when the second pass starts (a choice
+    from L2's recency, not yet measured)."""
+    return tl.num_programs(1) - 1 - tl.program_id(1)
+
+
+@triton.jit
 def _chunk_stats(X, x_base, pivot, Cg, l_lo, l_hi, sC, sL,
                  BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr):
     """(count, mean, m2) of ``x - pivot`` over channels [0, Cg) x positions [l_lo, l_hi) of the
@@ -230,7 +239,7 @@ def _gn_fwd_normalize_kernel(
     mean = sum n_i mean_i / n, m2 = sum m2_i + sum n_i (mean_i - mean)^2), chunk 0 writes the
     merged statistics, and every program normalizes its chunk."""
     row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
-    k = tl.program_id(1)
+    k = _reversed_chunk()
     i = tl.arange(0, BLOCK_KP)
     imask = i < KP
     p_cnt = tl.load(P_CNT + row * KP + i, mask=imask, other=0.0)
@@ -371,7 +380,7 @@ def _gn_bwd_dx_kernel(
     FUSED (one chunk, CHUNK_L = L): A, B are computed here from x and dy, in one launch.
     Split: A, B are the sums of the partials PA, PB[n, 0..K, c], taken in order."""
     row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
-    k = tl.program_id(1)
+    k = _reversed_chunk()
     dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
     dx_base = n.to(tl.int64) * sgN + c0.to(tl.int64) * sgC
     pivot = tl.load(PIVOT + row)
