@@ -266,11 +266,13 @@ def _gn_fwd_normalize_kernel(
 
 
 @triton.jit
-def _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
-                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-                    HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-channel fp32 vectors (w, bias, 1 + scale, shift) for channels c0 + c of sample n;
-    identity values where a parameter is absent."""
+def _channel_block(cb, n, c0, Cg, C, W, B, SCALE, SHIFT,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Channels c = cb .. cb + BLOCK_C of the group (local index), their mask, and per-channel
+    fp32 vectors (w, bias, 1 + scale, shift) of sample n; identity values where absent."""
+    c = cb + tl.arange(0, BLOCK_C)
+    cmask = c < Cg
     one = tl.full((BLOCK_C,), 1.0, tl.float32)
     w = one
     bias = one * 0.0
@@ -285,7 +287,7 @@ def _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
         s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(tl.float32)
     if HAS_SHIFT:
         sh = tl.load(SHIFT + nc, mask=cmask, other=0.0).to(tl.float32)
-    return w, bias, s1, sh
+    return c, cmask, w, bias, s1, sh
 
 
 @triton.jit
@@ -355,10 +357,8 @@ def _gn_bwd_partial_kernel(
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
     for cb in range(0, Cg, BLOCK_C):
-        c = cb + tl.arange(0, BLOCK_C)
-        cmask = c < Cg
-        w, bias, s1, sh = _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
-                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        c, cmask, w, bias, s1, sh = _channel_block(cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W,
+                                                   HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
         a, b = _channel_sums(X, DY, x_base, dy_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL,
                              pivot, smean, rstd, w, bias, s1, sh, ACT, BLOCK_L, IDX64)
         nkc = (n.to(tl.int64) * K + k) * C + c0 + c
@@ -389,10 +389,8 @@ def _gn_bwd_dx_kernel(
     sum_dxhat = tl.zeros((), tl.float32)
     sum_dxhat_xhat = tl.zeros((), tl.float32)
     for cb in range(0, Cg, BLOCK_C):
-        c = cb + tl.arange(0, BLOCK_C)
-        cmask = c < Cg
-        w, bias, s1, sh = _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
-                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        c, cmask, w, bias, s1, sh = _channel_block(cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W,
+                                                   HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
         if FUSED:
             a, b = _channel_sums(X, DY, x_base, dy_base, c, cmask, 0, L, sxC, sxL, sdC, sdL,
                                  pivot, smean, rstd, w, bias, s1, sh, ACT, BLOCK_L, IDX64)
@@ -418,10 +416,8 @@ def _gn_bwd_dx_kernel(
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
     for cb in range(0, Cg, BLOCK_C):
-        c = cb + tl.arange(0, BLOCK_C)
-        cmask = c < Cg
-        w, bias, s1, sh = _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
-                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        c, cmask, w, bias, s1, sh = _channel_block(cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W,
+                                                   HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
         _dx_block(X, DY, DX, x_base, dy_base, dx_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC,
                   sdL, sgC, sgL, pivot, smean, rstd, w, bias, s1, sh, mean_dxhat,
                   mean_dxhat_xhat, ACT, BLOCK_L, IDX64)
