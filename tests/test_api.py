@@ -227,7 +227,7 @@ def test_explicit_backend_that_cannot_serve_lists_alternatives(
                              else None, lambda r: (r.x, None))
     monkeypatch.setitem(dispatch._REGISTRY, "picky", picky)
     with pytest.raises(ValueError, match=r"backend 'picky' cannot run this call: only float64. "
-                                         r"Backends that can: \['torch'\]"):
+                                         r"Backends that can: \[.*'torch'.*\]"):
         groupnorm.group_norm(torch.randn(2, 4, 3), 2, backend="picky")
     assert dispatch.select_backend(dispatch.Request(
         torch.randn(2, 4, 3), resolve_plan(4, 2), None, None, 1e-5, None, None, None, None,

@@ -51,11 +51,27 @@ def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     return y if activation is None else _ACTIVATIONS[activation](y)
 
 
-@lru_cache(maxsize=256)
+def _tracing() -> bool:
+    """True while torch.export / torch.onnx.export (dynamo), torch.compile or torch.jit.trace
+    records the graph: tensors made then are fake or graph constants, and Python branches on
+    tensor values cannot be recorded."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _plan_indices(plan: GroupPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
                                                                    torch.Tensor]:
     """Per plan and device: channel -> group (C,), first channel of each group (G,), and a
-    (G, max size) gather index into C + 1 columns whose last column is a zero pad."""
+    (G, max size) gather index into C + 1 columns whose last column is a zero pad.
+
+    Cached in eager mode only: a tensor built while tracing is a fake tensor that would poison
+    the cache for later eager calls (and the exporter refuses a fake constant)."""
+    if _tracing():
+        return _build_plan_indices(plan, device)
+    return _cached_plan_indices(plan, device)
+
+
+def _build_plan_indices(plan: GroupPlan, device: torch.device
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     channel_group = torch.as_tensor(plan.channel_group, device=device)
     first = torch.as_tensor(plan.offsets[:-1], device=device)
     width = max(plan.sizes)
@@ -63,6 +79,9 @@ def _plan_indices(plan: GroupPlan, device: torch.device) -> tuple[torch.Tensor, 
     for g, (start, size) in enumerate(zip(plan.offsets, plan.sizes, strict=False)):
         pad[g, :size] = torch.arange(start, start + size)
     return channel_group, first, pad.to(device)
+
+
+_cached_plan_indices = lru_cache(maxsize=256)(_build_plan_indices)
 
 
 def _group_sum(v: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
@@ -124,10 +143,22 @@ def compute_stats(x: torch.Tensor, plan: GroupPlan) -> GroupStats:
 
 
 def _native_layout(x: torch.Tensor) -> bool:
-    """Layouts torch's kernel reads in place: NCHW-contiguous, channels-last 2-D and 3-D."""
-    return (x.is_contiguous()
-            or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-            or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
+    """Layouts torch's kernel reads in place: NCHW-contiguous; on CPU also channels-last 2-D
+    and 3-D with exactly the canonical strides.
+
+    The kernel insists on ``x.is_contiguous(memory_format=x.suggest_memory_format())`` on CPU
+    (plain contiguity elsewhere). ``is_contiguous(channels_last)`` alone is not enough: it ignores
+    the stride of a size-1 dimension, which the suggestion does not. Seen in diffusers' VAE at
+    batch 1: (1, 128, 64, 64) with strides (128, 1, 8192, 128) is channels-last-contiguous but
+    suggests NCHW, and the kernel raised. Canonical strides satisfy both.
+    """
+    if x.is_contiguous():
+        return True
+    if x.device.type != "cpu" or x.dim() not in (4, 5):
+        return False
+    C, spatial = x.shape[1], x.shape[2:]
+    inner = [C * math.prod(spatial[i + 1:]) for i in range(len(spatial))]
+    return x.stride() == (C * math.prod(spatial), 1, *inner)
 
 
 def _native_ok(r: Request) -> bool:
@@ -152,7 +183,10 @@ def _native(r: Request) -> torch.Tensor | None:
 
 def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     """Run a validated request: ``(y, stats or None)``."""
-    if _native_ok(r) and (y := _native(r)) is not None:
+    # The native path checks its mean with a Python branch on tensor values; a traced graph
+    # (ONNX export, torch.export, torch.compile, jit.trace) cannot record that branch, so tracing
+    # takes the composite path, which is exact for every input and has no such branch.
+    if not _tracing() and _native_ok(r) and (y := _native(r)) is not None:
         return y, None
     x, plan = r.x, r.plan
     given = r.stats

@@ -1,0 +1,74 @@
+"""Weight Standardization (Qiao et al., 2019): the convolution that pairs with GroupNorm.
+
+GroupNorm removes the dependence on the batch; standardizing each filter of the preceding
+convolution smooths the loss landscape further, and GN + WS is the standard recipe for training
+with one or two images per device. For each output channel o, over its (in / groups, kh, kw)
+weights::
+
+    W_hat[o] = (W[o] - mean(W[o])) / sqrt(var(W[o]) + eps)      (biased variance)
+
+and the layer computes ``conv2d(x, W_hat, bias)``. The stored ``weight`` stays the raw parameter
+(so checkpoints and optimizers see an ordinary ``Conv2d``); standardization runs in every forward
+and is differentiated through.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["WSConv2d", "standardize_weight"]
+
+
+def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per output channel: ``(w - mean) / sqrt(var + eps)`` over all other dimensions.
+
+    ``weight``: (out, in / groups, kh, kw) (any rank >= 2). Statistics are taken in float32 at
+    least (float64 for float64 weights), then the result is cast back to the weight's dtype.
+    """
+    if weight.dim() < 2:
+        raise ValueError(f"weight must have an output-channel dimension and at least one more, "
+                         f"got shape {tuple(weight.shape)}")
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.to(acc)
+    var, mean = torch.var_mean(w, dim=tuple(range(1, w.dim())), keepdim=True, correction=0)
+    return ((w - mean) * torch.rsqrt(var + eps)).to(weight.dtype)
+
+
+class WSConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose filters are standardized per output channel in every forward.
+
+    Same constructor as ``nn.Conv2d`` plus keyword ``ws_eps`` (default 1e-6: it only guards a
+    constant filter; standardized filters are scale-free, so a larger eps would just shrink
+    small-variance filters). ``state_dict`` keys are those of ``nn.Conv2d``.
+    """
+
+    def __init__(self, *args: object, ws_eps: float = 1e-6, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        if not ws_eps > 0:
+            raise ValueError(f"ws_eps must be > 0, got {ws_eps!r}")
+        self.ws_eps = float(ws_eps)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, ws_eps: float = 1e-6) -> WSConv2d:
+        """A WSConv2d with ``conv``'s configuration, device, dtype, train/eval mode and a copy
+        of its weight and bias."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size,  # type: ignore[arg-type]
+                  stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                  groups=conv.groups, bias=conv.bias is not None,
+                  padding_mode=conv.padding_mode, device=conv.weight.device,
+                  dtype=conv.weight.dtype, ws_eps=ws_eps)
+        for name in ("weight", "bias"):
+            old_p, new_p = getattr(conv, name), getattr(new, name)
+            if old_p is not None:
+                with torch.no_grad():
+                    new_p.copy_(old_p)
+                new_p.requires_grad_(old_p.requires_grad)
+        new.train(conv.training)
+        return new
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(input, standardize_weight(self.weight, self.ws_eps), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", ws_eps={self.ws_eps}"

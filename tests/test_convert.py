@@ -1,0 +1,597 @@
+"""Model surgery: ``convert_batchnorm`` (policies, edge cases, a ResNet that trains afterwards),
+``WSConv2d``, and ``swap_group_norm`` / ``restore_group_norm`` on plain modules and on real
+diffusers models built from small configs with random weights."""
+
+from __future__ import annotations
+
+import copy
+import socket
+from collections.abc import Callable
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import groupnorm
+from groupnorm import GroupNorm, WSConv2d, convert_batchnorm, restore_group_norm, swap_group_norm
+from groupnorm.groups import GroupPlan
+from tests._inputs import make_x, reference
+from tests._tolerances import assert_matches, to_numpy
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random affine parameters (fresh modules start at weight 1, bias 0: a copy of those would
+    pass a test that copied nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and m.affine:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen))
+    return model
+
+
+def _count(model: nn.Module, cls: type | tuple[type, ...]) -> int:
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# convert_batchnorm: policies on awkward channel counts
+
+
+class TwoAwkward(nn.Module):
+    """C = 48 and C = 100: 32 divides neither."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 48, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(48)
+        self.conv2 = nn.Conv2d(48, 100, 1)
+        self.bn2 = nn.BatchNorm2d(100)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+
+# Written out by hand (not computed by groups.py): 32 groups of sizes differing by one, larger
+# first; the divisor of C nearest 32 leaving >= 2 channels; for group_size=16, round(C/16) groups.
+EXPECTED_SIZES = {
+    ("uneven", "num_groups"): {48: (2,) * 16 + (1,) * 16, 100: (4,) * 4 + (3,) * 28},
+    ("choose", "num_groups"): {48: (2,) * 24, 100: (4,) * 25},
+    ("uneven", "group_size"): {48: (16,) * 3, 100: (17,) * 4 + (16,) * 2},
+    ("choose", "group_size"): {48: (16,) * 3, 100: (20,) * 5},
+}
+
+
+@pytest.mark.parametrize("how", ["num_groups", "group_size"])
+@pytest.mark.parametrize("policy", ["uneven", "choose"])
+def test_policy_plans_and_outputs(policy: str, how: str) -> None:
+    model = _randomize(TwoAwkward(), seed=1)
+    kw = {"num_groups": 32} if how == "num_groups" else {"group_size": 16}
+    out, report = convert_batchnorm(model, policy=policy, **kw)
+    want = EXPECTED_SIZES[(policy, how)]
+    got = {r.num_channels: r.plan.sizes for r in report.replaced}
+    assert got == want
+    assert [r.paths for r in report.replaced] == [("bn1",), ("bn2",)]
+    for name, C in (("bn1", 48), ("bn2", 100)):
+        new, old = getattr(out, name), getattr(model, name)
+        assert isinstance(new, GroupNorm) and new.plan.sizes == want[C]
+        x = make_x((2, C, 5, 3), torch.float32, seed=C)
+        expected, _ = reference(x, GroupPlan(want[C]), old.weight, old.bias, eps=old.eps)
+        assert_matches(new(x), expected, torch.float32, what=f"{name} after {policy}")
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_policy_error_lists_every_module_and_changes_nothing(inplace: bool) -> None:
+    model = TwoAwkward()
+    with pytest.raises(ValueError) as err:
+        convert_batchnorm(model, inplace=inplace)
+    text = str(err.value)
+    assert "bn1" in text and "C=48" in text and "bn2" in text and "C=100" in text
+    assert "nothing was changed" in text and "policy='uneven'" in text
+    assert type(model.bn1) is nn.BatchNorm2d and type(model.bn2) is nn.BatchNorm2d
+
+
+def test_uneven_policy_cannot_make_more_groups_than_channels() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(64), nn.BatchNorm2d(16))
+    with pytest.raises(ValueError, match=r"1: BatchNorm2d: C=16 is smaller than 32 groups"):
+        convert_batchnorm(model, policy="uneven", inplace=True)
+    assert type(model[0]) is nn.BatchNorm2d
+    out, report = convert_batchnorm(model, policy="choose")
+    assert out[1].plan.sizes == (2,) * 8
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"policy": "silent"}, "policy must be one of"),
+    ({"num_groups": 8, "group_size": 4}, "not both"),
+    ({"num_groups": 0}, "num_groups must be a positive integer"),
+    ({"group_size": 2.5}, "group_size must be a positive integer"),
+])
+def test_bad_arguments(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        convert_batchnorm(nn.BatchNorm2d(8), **kw)
+
+
+def test_not_a_module_and_uninitialized_lazy_batchnorm() -> None:
+    with pytest.raises(TypeError, match="needs a torch.nn.Module"):
+        convert_batchnorm(torch.zeros(3))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="uninitialized"):
+        convert_batchnorm(nn.Sequential(nn.LazyBatchNorm2d()))
+
+
+# ---------------------------------------------------------------------------------------------
+# convert_batchnorm: edge cases
+
+
+def test_every_batchnorm_kind_and_affine_parameters_copied() -> None:
+    model = _randomize(nn.ModuleDict({
+        "b1": nn.BatchNorm1d(32), "b2": nn.BatchNorm2d(64), "b3": nn.BatchNorm3d(32),
+        "sync": nn.SyncBatchNorm(64, eps=1e-3),
+    }), seed=2)
+    out, report = convert_batchnorm(model)
+    assert {r.kind for r in report.replaced} == {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+                                                 "SyncBatchNorm"}
+    assert _count(out, nn.modules.batchnorm._BatchNorm) == 0
+    for name, old in model.items():
+        new = out[name]
+        assert isinstance(new, GroupNorm) and new.num_groups == 32 and new.eps == old.eps
+        assert torch.equal(new.weight, old.weight) and torch.equal(new.bias, old.bias)
+        assert new.weight is not old.weight
+    x = make_x((3, 32, 7), torch.float32, seed=3)
+    expected, _ = reference(x, GroupPlan((1,) * 32), model["b1"].weight, model["b1"].bias)
+    assert_matches(out["b1"](x), expected, torch.float32)
+    assert any("BatchNorm1d" in w for w in report.warnings)
+
+
+def test_batchnorm_without_affine_and_without_running_stats() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(64, affine=False),
+                          nn.BatchNorm2d(64, track_running_stats=False))
+    out, report = convert_batchnorm(model)
+    assert out[0].affine is False and out[0].weight is None and out[0].bias is None
+    assert out[1].affine is True
+    assert [r.dropped_running_stats for r in report.replaced] == [True, False]
+    x = make_x((2, 64, 3, 3), torch.float32, seed=4)
+    expected, _ = reference(x, GroupPlan((2,) * 32))
+    assert_matches(out[0](x), expected, torch.float32)
+
+
+def test_shared_module_converted_once_and_kept_shared() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm2d(64)
+            self.again = self.norm                 # the same object at a second path
+            self.conv = nn.Conv2d(64, 64, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.again(self.conv(self.norm(x)))
+
+    model = Shared()
+    out, report = convert_batchnorm(model)
+    assert len(report.replaced) == 1 and report.replaced[0].paths == ("norm", "again")
+    assert out.norm is out.again and isinstance(out.norm, GroupNorm)
+    assert len(list(out.parameters())) == 4        # conv w, b + one norm's w, b
+
+
+def test_train_eval_mode_kept_per_module() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(32), nn.BatchNorm2d(32)).train()
+    model[1].eval()
+    out, _ = convert_batchnorm(model)
+    assert [m.training for m in out] == [True, False]
+    out, _ = convert_batchnorm(model.eval())
+    assert not any(m.training for m in out.modules())
+
+
+def test_half_precision_and_device_kept() -> None:
+    model = _randomize(nn.Sequential(nn.Conv2d(8, 64, 1), nn.BatchNorm2d(64)), seed=5).half()
+    out, _ = convert_batchnorm(model)
+    assert out[1].weight.dtype == torch.float16
+    x = make_x((2, 8, 6, 6), torch.float16, seed=6)
+    h = out[0](x)
+    expected, _ = reference(h, GroupPlan((2,) * 32), out[1].weight, out[1].bias)
+    baseline = F.group_norm(h, 32, out[1].weight, out[1].bias)
+    assert_matches(out[1](h), expected, torch.float16, baseline=baseline)
+    meta, _ = convert_batchnorm(nn.Sequential(nn.BatchNorm2d(64, device="meta")))
+    assert meta[0].weight.device.type == "meta"
+
+
+def test_already_converted_gives_an_empty_report() -> None:
+    once, first = convert_batchnorm(nn.Sequential(nn.Conv2d(3, 32, 1), nn.BatchNorm2d(32)))
+    twice, second = convert_batchnorm(once)
+    assert first and not second and second.replaced == [] and second.warnings == []
+    assert str(twice) == str(once)
+
+
+def test_copy_by_default_inplace_on_request_and_root_batchnorm() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(32))
+    out, _ = convert_batchnorm(model)
+    assert out is not model and type(model[0]) is nn.BatchNorm2d
+    same, _ = convert_batchnorm(model, inplace=True)
+    assert same is model and isinstance(model[0], GroupNorm)
+    root, report = convert_batchnorm(nn.BatchNorm2d(32))
+    assert isinstance(root, GroupNorm) and report.replaced[0].paths == ("",)
+
+
+def test_batchnorm_subclass_is_reported_not_converted() -> None:
+    class BatchNormAct(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(super().forward(x))
+
+    out, report = convert_batchnorm(nn.Sequential(BatchNormAct(32), nn.BatchNorm2d(32)))
+    assert type(out[0]) is BatchNormAct and isinstance(out[1], GroupNorm)
+    assert report.skipped[0][0] == "0" and "subclass" in report.skipped[0][1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ddp_wrapped_model_refused() -> None:
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not built into this torch")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Conv2d(3, 32, 1),
+                                                                nn.BatchNorm2d(32)))
+        for fn in (convert_batchnorm, swap_group_norm):
+            with pytest.raises(TypeError, match="before wrapping"):
+                fn(ddp)
+            with pytest.raises(TypeError, match="submodule 'inner'"):
+                fn(nn.ModuleDict({"inner": ddp}))
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# A small ResNet with BatchNorm: convert, train one step
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU())
+        self.layers = nn.Sequential(Block(16, 16, 1), Block(16, 32, 2), Block(32, 48, 2))
+        self.head = nn.Linear(48, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("ws", [False, True], ids=["gn", "gn+ws"])
+def test_small_resnet_converts_and_trains(ws: bool) -> None:
+    torch.manual_seed(0)
+    model = SmallResNet()
+    bns = _count(model, nn.BatchNorm2d)
+    out, report = convert_batchnorm(model, num_groups=8, weight_standardize=ws)
+    assert _count(out, nn.modules.batchnorm._BatchNorm) == 0
+    assert _count(out, GroupNorm) == len(report.replaced) == bns == 9
+    assert any("rebuild any optimizer" in w for w in report.warnings)
+    if ws:
+        # Every conv here is registered right before its norm: all 9 become WSConv2d.
+        assert _count(out, WSConv2d) == len(report.ws_convs) == 9
+        assert "layers.1.shortcut.0" in report.ws_convs and "stem.0" in report.ws_convs
+    else:
+        assert _count(out, WSConv2d) == 0
+    x = make_x((4, 3, 16, 16), torch.float32, seed=7)
+    target = torch.tensor([1, 3, 5, 7])
+    opt = torch.optim.SGD(out.parameters(), lr=0.05)
+    before = F.cross_entropy(out(x), target)
+    before.backward()
+    opt.step()
+    after = F.cross_entropy(out(x), target)
+    assert after.item() < before.item()
+
+
+# ---------------------------------------------------------------------------------------------
+# WSConv2d
+
+
+def _standardized_np(w: torch.Tensor, eps: float) -> np.ndarray:
+    v = to_numpy(w)
+    flat = v.reshape(v.shape[0], -1)
+    mean = flat.mean(1, keepdims=True)
+    var = ((flat - mean) ** 2).mean(1, keepdims=True)
+    return ((flat - mean) / np.sqrt(var + eps)).reshape(v.shape)
+
+
+@pytest.mark.parametrize("groups, padding_mode", [(1, "zeros"), (2, "reflect")])
+def test_wsconv2d_matches_standardized_conv(groups: int, padding_mode: str) -> None:
+    torch.manual_seed(8)
+    conv = nn.Conv2d(8, 12, 3, padding=1, groups=groups, padding_mode=padding_mode)
+    ws = WSConv2d.from_conv(conv)
+    assert torch.equal(ws.weight, conv.weight) and ws.weight is not conv.weight
+    assert ws.state_dict().keys() == conv.state_dict().keys()
+    x = make_x((2, 8, 7, 5), torch.float32, seed=9)
+    # Expected: the filters standardized in NumPy float64, then torch's own float64 conv.
+    w64 = torch.from_numpy(_standardized_np(conv.weight, ws.ws_eps))
+    conv64 = copy.deepcopy(conv).double()
+    expected = conv64._conv_forward(x.double(), w64, conv64.bias)
+    assert_matches(ws(x), to_numpy(expected), torch.float32, reduction=8 // groups * 9)
+
+
+def test_wsconv2d_gradcheck_and_scale_invariance() -> None:
+    torch.manual_seed(10)
+    # eps far below any filter variance: the invariance below is then exact up to rounding.
+    ws = WSConv2d(3, 4, 3, padding=1, ws_eps=1e-30).double()
+    x = make_x((2, 3, 4, 4), torch.float64, seed=11).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, w: F.conv2d(a, groupnorm.ws.standardize_weight(w, 1e-30)), (x, ws.weight))
+    with torch.no_grad():
+        y1 = ws(x)
+        ws.weight.mul_(7.5).add_(3.0)              # a filter's scale and offset do not matter
+        y2 = ws(x)
+    assert_matches(y2, to_numpy(y1), torch.float64, reduction=27)
+    with pytest.raises(ValueError, match="ws_eps must be > 0"):
+        WSConv2d(3, 4, 3, ws_eps=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# swap_group_norm / restore_group_norm on plain modules
+
+
+def _seq() -> nn.Sequential:
+    return _randomize(nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.GroupNorm(32, 64),
+                                    nn.SiLU(), nn.GroupNorm(8, 64), nn.ReLU()), seed=12)
+
+
+def test_swap_sequential_fuses_and_matches_torch() -> None:
+    model = _seq().double()
+    out, report = swap_group_norm(model)
+    assert report.swapped == ["1", "3"]
+    assert [(f.norm, f.activation) for f in report.fused] == [("1", "2")]
+    assert out[1].activation == "silu" and isinstance(out[2], nn.Identity)
+    assert out[3].activation is None and isinstance(out[4], nn.ReLU)
+    assert out[1].weight is not model[1].weight    # a copy by default ...
+    assert type(model[1]) is nn.GroupNorm          # ... and the argument is untouched
+    x = make_x((2, 3, 6, 5), torch.float64, seed=13)
+    assert_matches(out(x), to_numpy(model(x)), torch.float64, reduction=2 * 30)
+
+
+def test_swap_keeps_parameters_and_restore_keeps_training() -> None:
+    model = _seq()
+    original_weight = model[1].weight
+    out, report = swap_group_norm(model, inplace=True)
+    assert out is model and model[1].weight is original_weight
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)   # built on the swapped model
+    x = make_x((2, 3, 6, 5), torch.float32, seed=14)
+    model(x).square().mean().backward()
+    opt.step()
+    trained = model[1].weight.detach().clone()
+    model.eval()
+    restored = restore_group_norm(model, report)
+    assert type(restored[1]) is nn.GroupNorm and type(restored[2]) is nn.SiLU
+    assert torch.equal(restored[1].weight, trained) and not restored[1].training
+    with pytest.raises(ValueError, match="already been restored"):
+        restore_group_norm(model, report)
+
+
+def test_restore_refuses_another_model() -> None:
+    model = _seq()
+    _, report = swap_group_norm(model)
+    with pytest.raises(ValueError, match="belongs to another model"):
+        restore_group_norm(model, report)
+
+
+def test_swap_without_fusion_shared_norm_and_subclasses() -> None:
+    class MyNorm(nn.GroupNorm):
+        pass
+
+    shared = nn.GroupNorm(4, 16)
+    model = nn.Sequential(shared, nn.SiLU(), shared, MyNorm(4, 16))
+    out, report = swap_group_norm(model)
+    assert report.fused == [] and report.swapped == ["0", "2"] and out[0] is out[2]
+    assert "also used at" in report.not_fused[0][1]
+    assert report.skipped[0][0] == "3" and type(out[3]) is MyNorm
+    plain, report = swap_group_norm(_seq(), fuse_activation=False)
+    assert report.fused == [] and isinstance(plain[2], nn.SiLU)
+    root, report = swap_group_norm(nn.GroupNorm(4, 16))
+    assert isinstance(root, GroupNorm) and type(restore_group_norm(root, report)) is nn.GroupNorm
+
+
+def test_modules_with_hooks_or_patched_forward_are_left_alone() -> None:
+    seen: list[torch.Size] = []
+    model = _seq()
+    model[3].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    out, report = swap_group_norm(model)
+    assert report.swapped == ["1"] and type(out[3]) is nn.GroupNorm
+    assert report.skipped == [("3", "GroupNorm has hooks registered on it")]
+    out(make_x((1, 3, 4, 4), torch.float32, seed=28))
+    assert seen == [torch.Size([1, 64, 4, 4])]     # the hook still runs, on the kept module
+    model = _seq()
+    model.forward = lambda x: nn.Sequential.forward(model, x)   # an offloading-style wrapper
+    _, report = swap_group_norm(model)
+    assert report.fused == [] and "forward replaced on the instance" in report.not_fused[0][1]
+    bn = nn.Sequential(nn.BatchNorm2d(32))
+    bn[0].register_forward_pre_hook(lambda m, args: None)
+    out, report = convert_batchnorm(bn)
+    assert type(out[0]) is nn.BatchNorm2d and not report and "hooks" in report.skipped[0][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers models from small configs, random weights
+
+
+@pytest.fixture
+def diffusers() -> ModuleType:
+    return pytest.importorskip("diffusers", reason="diffusers comes with the dev extra")
+
+
+def _resnet_block_cls() -> type[nn.Module]:
+    from diffusers.models.resnet import ResnetBlock2D
+    return ResnetBlock2D
+
+
+def _vae(diffusers: ModuleType) -> nn.Module:
+    torch.manual_seed(15)
+    return _randomize(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=16,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32).eval(), seed=15)
+
+
+def _unet(diffusers: ModuleType, **kw: object) -> nn.Module:
+    torch.manual_seed(16)
+    return _randomize(diffusers.UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+        layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), **kw).eval(), seed=16)
+
+
+def _check_swap(model: nn.Module, run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                x: torch.Tensor, fused: int) -> None:
+    """Swapped outputs equal the original's: float64 against float64 (same computation), and
+    float32 against the float64 original within the float32 tolerance."""
+    norms = _count(model, nn.GroupNorm)
+    out, report = swap_group_norm(model)
+    assert len(report.swapped) == norms and _count(out, GroupNorm) == norms
+    assert not any(type(m) is nn.GroupNorm for m in out.modules())
+    assert len(report.fused) == fused
+    with torch.no_grad():
+        model64 = copy.deepcopy(model).double()
+        expected = to_numpy(run(model64, x.double()))
+        assert_matches(run(swap_group_norm(model64)[0], x.double()), expected,
+                       torch.float64, reduction=4096)
+        assert_matches(run(out, x), expected, torch.float32)
+    restored = restore_group_norm(out, report)
+    assert _count(restored, GroupNorm) == 0 and _count(restored, nn.GroupNorm) == norms
+
+
+def test_diffusers_autoencoder_kl_swap(diffusers: ModuleType) -> None:
+    vae = _vae(diffusers)
+    resnets = _count(vae, _resnet_block_cls())
+    assert resnets == 10
+    # norm1 and norm2 of every ResnetBlock2D, plus encoder and decoder conv_norm_out.
+    _check_swap(vae, lambda m, x: m(x).sample, make_x((2, 3, 32, 32), torch.float32, seed=17),
+                fused=2 * resnets + 2)
+
+
+def test_diffusers_vae_batch_one_without_fusion(diffusers: ModuleType) -> None:
+    # Regression: after the mid-block attention, diffusers reshapes to (1, C, H, W) with
+    # channels-last strides whose batch stride is not H*W*C; torch's kernel refused that layout
+    # ("Expected X.is_contiguous(memory_format)") and the swapped VAE raised at batch 1.
+    vae = _vae(diffusers)
+    out, report = swap_group_norm(vae, fuse_activation=False)
+    assert report.fused == []
+    x = make_x((1, 3, 32, 32), torch.float32, seed=26)
+    with torch.no_grad():
+        got = out(x).sample
+        expected = to_numpy(copy.deepcopy(vae).double()(x.double()).sample)
+    assert_matches(got, expected, torch.float32)
+    # The same layout made directly: batch stride C instead of H*W*C.
+    base = make_x((1, 7, 5, 32), torch.float32, seed=27).permute(0, 3, 1, 2)
+    odd = base.as_strided(base.shape, (32, 1, 5 * 32, 32))
+    assert odd.is_contiguous(memory_format=torch.channels_last) and not odd.is_contiguous()
+    norm = GroupNorm(8, 32)
+    expected, _ = reference(odd, GroupPlan((4,) * 8), norm.weight, norm.bias)
+    assert_matches(norm(odd), expected, torch.float32)
+
+
+def test_diffusers_unet_swap_moves_time_activation_into_projection(diffusers: ModuleType
+                                                                  ) -> None:
+    unet = _unet(diffusers)
+    resnets = _count(unet, _resnet_block_cls())
+    out, report = swap_group_norm(unet)
+    moved = {f.moved_to for f in report.fused if f.rule == "ResnetBlock2D"}
+    assert len(moved) == resnets and all(len(m) == 1 and m[0].endswith("time_emb_proj")
+                                         for m in moved)
+    # The pre-hook carries the SiLU the time embedding needs: without it the outputs differ.
+    _check_swap(unet, lambda m, x: m(x, 10).sample, make_x((2, 3, 16, 16), torch.float32,
+                                                          seed=18), fused=2 * resnets + 1)
+
+
+def test_diffusers_unet_scale_shift_blocks_are_not_fused(diffusers: ModuleType) -> None:
+    unet = _unet(diffusers, resnet_time_scale_shift="scale_shift")
+    out, report = swap_group_norm(unet)
+    assert [f.norm for f in report.fused] == ["conv_norm_out"]
+    reasons = {why for path, why in report.not_fused}
+    assert len(report.not_fused) == _count(unet, _resnet_block_cls())
+    assert reasons == {"time_embedding_norm='scale_shift' puts a scale and shift between norm2 "
+                       "and the activation"}
+    _check_swap(unet, lambda m, x: m(x, 3).sample, make_x((2, 3, 16, 16), torch.float32,
+                                                         seed=19), fused=1)
+
+
+def test_diffusers_unet_conditional_swap(diffusers: ModuleType) -> None:
+    torch.manual_seed(20)
+    unet = _randomize(diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1, norm_num_groups=8, cross_attention_dim=16, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval(), seed=20)
+    context = make_x((2, 5, 16), torch.float64, seed=21)
+    _check_swap(unet, lambda m, x: m(x, 4, context.to(x.dtype)).sample,
+                make_x((2, 4, 8, 8), torch.float32, seed=22),
+                fused=2 * _count(unet, _resnet_block_cls()) + 1)
+
+
+def test_an_unverified_forward_is_swapped_but_not_fused(diffusers: ModuleType) -> None:
+    class Changed(_resnet_block_cls()):  # type: ignore[misc]
+        # Same class name and module as the verified one, but another forward.
+        def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+            return super().forward(input_tensor, temb) * 2
+
+    Changed.__name__, Changed.__module__ = "ResnetBlock2D", "diffusers.models.resnet"
+    block = _randomize(Changed(in_channels=32, out_channels=32, temb_channels=None, groups=8))
+    out, report = swap_group_norm(block)
+    assert report.fused == [] and len(report.swapped) == 2
+    assert "not the version that was verified" in report.not_fused[0][1]
+    x = make_x((2, 32, 4, 4), torch.float32, seed=23)
+    with torch.no_grad():
+        got = out(x, None)
+        expected = to_numpy(block.double()(x.double(), None))
+    assert_matches(got, expected, torch.float32)
+
+
+def test_fusion_rules_match_the_installed_diffusers(diffusers: ModuleType) -> None:
+    """Fails when diffusers changes a forward that fusion relies on: read the new source, then
+    add its fingerprint to groupnorm.convert._RULES."""
+    import importlib
+
+    from groupnorm.convert import _RULES, _forward_fingerprint
+    for rule in _RULES:
+        cls = getattr(importlib.import_module(rule.module), rule.name)
+        assert _forward_fingerprint(cls) in rule.fingerprints, f"{rule.module}.{rule.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# timm and torchvision, where they import
+
+
+@pytest.mark.parametrize("lib", ["timm", "torchvision"])
+def test_library_resnet_converts(lib: str) -> None:
+    mod = pytest.importorskip(
+        lib, reason=f"{lib} does not import here (torchvision from PyPI needs another torch "
+                    "build than the CPU torch this project pins; timm needs torchvision)")
+    torch.manual_seed(24)
+    model = (mod.create_model("resnet18", pretrained=False) if lib == "timm"
+             else mod.models.resnet18(weights=None))
+    out, report = convert_batchnorm(model, weight_standardize=True)
+    assert _count(out, nn.modules.batchnorm._BatchNorm) == 0 and len(report.replaced) == 20
+    x = make_x((1, 3, 32, 32), torch.float32, seed=25)
+    assert torch.isfinite(out(x)).all()

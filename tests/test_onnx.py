@@ -1,0 +1,112 @@
+"""ONNX: models holding our GroupNorm export with ``torch.onnx.export`` (the default dynamo
+exporter) and run in onnxruntime with the outputs of PyTorch and of the float64 reference."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from groupnorm import GroupNorm, GroupNormAct, swap_group_norm
+from groupnorm.groups import GroupPlan
+from tests._inputs import make_x, rand, reference
+from tests._tolerances import assert_matches, to_numpy
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime comes with the dev extra")
+pytest.importorskip("onnxscript", reason="torch's dynamo ONNX exporter needs onnxscript")
+
+pytestmark = pytest.mark.filterwarnings(
+    # torch 2.13's torch.export deep-copies a pytree LeafSpec, and that copy trips torch's own
+    # deprecation check of `isinstance(treespec, LeafSpec)`; nothing of ours is involved.
+    r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"
+)
+
+
+def _onnx_run(model: nn.Module, *args: torch.Tensor) -> np.ndarray:
+    """Export ``model`` (eval mode) and run it in onnxruntime on ``args``."""
+    program = torch.onnx.export(model.eval(), args, dynamo=True, verbose=False)
+    assert program is not None
+    session = ort.InferenceSession(program.model_proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)}
+    return np.asarray(session.run(None, feeds)[0])
+
+
+def _norm(kind: str, C: int) -> GroupNorm:
+    norm = {"standard": lambda: GroupNorm(32, C),
+            "uneven": lambda: GroupNorm(32, C, uneven=True),
+            "fused_silu": lambda: GroupNormAct(8, C),
+            "uneven_fused": lambda: GroupNorm(num_channels=C, group_sizes=[20, 14, 14],
+                                              activation="silu")}[kind]()
+    with torch.no_grad():
+        norm.weight.copy_(rand((C,), torch.float32, seed=C) * 0.5 + 1)
+        norm.bias.copy_(rand((C,), torch.float32, seed=C + 1))
+    return norm
+
+
+@pytest.mark.parametrize("kind, C, sizes", [
+    ("standard", 64, (2,) * 32),
+    ("uneven", 48, (2,) * 16 + (1,) * 16),
+    ("fused_silu", 64, (8,) * 8),
+    ("uneven_fused", 48, (20, 14, 14)),
+])
+def test_group_norm_round_trip(kind: str, C: int, sizes: Sequence[int]) -> None:
+    norm = _norm(kind, C)
+    x = make_x((2, C, 5, 7), torch.float32, seed=1, loc=3.0)
+    got = _onnx_run(norm, x)
+    activation = norm.activation
+    expected, _ = reference(x, GroupPlan(tuple(sizes)), norm.weight, norm.bias,
+                            activation=activation)
+    assert_matches(torch.from_numpy(got), expected, torch.float32, what=f"onnxruntime {kind}")
+    with torch.no_grad():
+        eager = norm(x)
+    assert_matches(torch.from_numpy(got), to_numpy(eager), torch.float32, what="vs PyTorch")
+
+
+def test_eager_calls_after_export_use_real_tensors() -> None:
+    # Regression: the plan's index tensors were cached while tracing, so the cache held fake
+    # tensors and the next eager call failed ("not supported for tensor subclasses").
+    norm = _norm("uneven", 48)
+    _onnx_run(norm, make_x((1, 48, 3, 3), torch.float32, seed=2))
+    x = make_x((2, 48, 4, 6), torch.float32, seed=3)
+    expected, _ = reference(x, norm.plan, norm.weight, norm.bias)
+    with torch.no_grad():
+        assert_matches(norm(x), expected, torch.float32)
+
+
+def test_swapped_diffusers_resnet_block_round_trip() -> None:
+    pytest.importorskip("diffusers", reason="diffusers comes with the dev extra")
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(4)
+    block = ResnetBlock2D(in_channels=32, out_channels=48, temb_channels=16, groups=8).eval()
+    swapped, report = swap_group_norm(block)
+    # norm1 and norm2 fused, the time embedding's SiLU moved into time_emb_proj's pre-hook.
+    assert len(report.fused) == 2 and report.fused[0].moved_to == ("time_emb_proj",)
+    x = make_x((2, 32, 6, 6), torch.float32, seed=5)
+    temb = make_x((2, 16), torch.float32, seed=6)
+    got = _onnx_run(swapped, x, temb)
+    with torch.no_grad():
+        expected = block.double()(x.double(), temb.double())
+    assert_matches(torch.from_numpy(got), to_numpy(expected), torch.float32)
+
+
+def test_converted_model_with_weight_standardization_round_trip() -> None:
+    from groupnorm import WSConv2d, convert_batchnorm
+
+    torch.manual_seed(7)
+    bn_model = nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(),
+                             nn.Conv2d(48, 16, 3, padding=1), nn.BatchNorm2d(16))
+    model, report = convert_batchnorm(bn_model, policy="uneven", num_groups=12,
+                                      weight_standardize=True)
+    # 12 groups: even for C = 48, uneven for C = 16; both convs standardized.
+    assert [r.plan.is_even for r in report.replaced] == [True, False]
+    assert isinstance(model[0], WSConv2d) and isinstance(model[3], WSConv2d)
+    x = make_x((2, 3, 9, 7), torch.float32, seed=8)
+    got = _onnx_run(model, x)
+    with torch.no_grad():
+        eager = model(x)
+    assert_matches(torch.from_numpy(got), to_numpy(eager), torch.float32)
