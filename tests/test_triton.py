@@ -1,6 +1,6 @@
 """The Triton kernels against the float64 reference: every regime, layout, dtype, group plan
-and epilogue, forward and backward. Without CUDA they run in Triton's interpreter on CPU
-(TRITON_INTERPRET=1, set here before triton is imported), on tiny shapes: it is slow."""
+and epilogue, forward and backward. Without CUDA they run in Triton's interpreter on CPU, on tiny
+shapes (it is slow); see tests/_triton_interpreted.py for how TRITON_INTERPRET is handled."""
 
 from __future__ import annotations
 
@@ -8,23 +8,27 @@ import os
 import subprocess
 import sys
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import numpy as np
 import pytest
-
-pytest.importorskip("triton")
+import torch
 
 import groupnorm
 from groupnorm import reference as ref
 from groupnorm.groups import GroupPlan, make_plan
 from groupnorm.stats import GroupStats
 from groupnorm.triton import backend as triton_backend
-from groupnorm.triton.group_norm import group_norm_triton
 from tests._tolerances import assert_matches, to_numpy, tolerance
+from tests._triton_interpreted import INTERPRET, kernels
+
+group_norm_triton = kernels.group_norm_triton
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    """The triton backend serves CPU tensors only while TRITON_INTERPRET=1."""
+    if INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -165,6 +169,18 @@ def test_large_offset_small_spread(regime):
 
 
 @pytest.mark.parametrize("regime", REGIMES)
+def test_fp16_near_its_max_does_not_overflow(regime):
+    """SPEC numerics: squares of fp16 inputs up to 6e4 are formed in fp32 (6e4^2 overflows fp16)."""
+    x = _rand((2, 4, 5, 5), 43, loc=0.0, std=3e4).clamp(-6e4, 6e4).to(torch.float16)
+    plan = make_plan(4, 2)
+    y, stats = _run(x, plan, regime=regime, return_stats=True)
+    expected, cache = _reference(x, plan)
+    assert torch.isfinite(stats.var).all()
+    assert_matches(stats.var, cache.var, torch.float32, reduction=50, what="var of large fp16")
+    assert_matches(y, expected, torch.float16, what="y of large fp16")
+
+
+@pytest.mark.parametrize("regime", REGIMES)
 def test_nan_stays_in_its_group(regime):
     x = _rand((2, 6, 4, 4), 42)
     x[1, 2, 1, 1] = float("nan")
@@ -231,6 +247,29 @@ def test_empty_batch(regime):
     y.sum().backward()
     assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
 
+
+def test_groupnorm_module_on_triton_matches_torch_backend():
+    """The drop-in module with backend="triton": same output and parameter gradients as the
+    same module on the torch backend (channels-last bf16 input, uneven groups, SiLU)."""
+    x = _rand((2, 10, 4, 5), 48, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    mods = [groupnorm.GroupNormAct(4, 10, uneven=True, backend=name, device=DEVICE)
+            for name in ("triton", "torch")]
+    with torch.no_grad():
+        for m in mods:
+            m.weight.copy_(_rand((10,), 49, loc=1.0, std=0.3))
+            m.bias.copy_(_rand((10,), 50))
+    outs = [m(x) for m in mods]
+    assert outs[0].is_contiguous(memory_format=torch.channels_last)
+    dy = _rand(tuple(x.shape), 51, dtype=torch.bfloat16)
+    for y in outs:
+        y.backward(dy)
+    _, cache = _reference(x, make_plan(10, 4, uneven=True), mods[1].weight, mods[1].bias,
+                          activation="silu")
+    assert_matches(outs[0], cache.u / (1 + np.exp(-cache.u)), torch.bfloat16, baseline=outs[1],
+                   what="GroupNormAct(backend='triton')")
+    grads = ref.group_norm_backward(to_numpy(dy), cache)
+    assert_matches(mods[0].weight.grad, grads.dgamma, torch.bfloat16, reduction=40,
+                   baseline=mods[1].weight.grad, what="dweight")
 
 # ----------------------------------------------------------------------------------- dispatch
 
@@ -388,8 +427,7 @@ def test_backward_with_given_stats_treats_them_as_constants(regime):
 @pytest.mark.parametrize("regime", REGIMES)
 def test_backward_op_keeps_channels_last(regime):
     """The backward op writes dx in x's layout (no copy), whatever dy's layout."""
-    from groupnorm.triton.group_norm import group_norm_bwd_op, group_norm_fwd_op
-
+    group_norm_bwd_op, group_norm_fwd_op = kernels.group_norm_bwd_op, kernels.group_norm_fwd_op
     x = _rand((2, 6, 3, 4), 59).to(memory_format=torch.channels_last)
     _, pivot, smean, _, _, rstd = group_norm_fwd_op(x, None, None, None, None, [3, 3], 1e-5,
                                                     None, None, None, None, None, regime)
@@ -402,8 +440,7 @@ def test_backward_op_keeps_channels_last(regime):
 
 
 def test_opcheck_forward_and_backward_ops():
-    from groupnorm.triton.group_norm import group_norm_bwd_op, group_norm_fwd_op
-
+    group_norm_bwd_op, group_norm_fwd_op = kernels.group_norm_bwd_op, kernels.group_norm_fwd_op
     x = _rand((2, 6, 3, 4), 61).to(memory_format=torch.channels_last).requires_grad_()
     w = _rand((6,), 62).requires_grad_()
     scale = _rand((2, 6), 63, loc=0.0, std=0.5).requires_grad_()
@@ -462,8 +499,6 @@ def test_autocast_runs_in_the_input_dtype():
 @pytest.mark.parametrize("regime", REGIMES)
 def test_int64_index_path(monkeypatch, regime):
     """The IDX64 kernels (used above 2^31 elements) on a small tensor: lower the threshold."""
-    import groupnorm.triton.group_norm as kernels
-
     monkeypatch.setattr(kernels, "_INT32_MAX", 16)
     x = _rand((2, 6, 3, 5), 70, dtype=torch.float16).to(memory_format=torch.channels_last)
     _backward_case(x, make_plan(6, 4, uneven=True), regime=regime, dtype=torch.float16,

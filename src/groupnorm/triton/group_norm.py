@@ -107,6 +107,15 @@ def _program_group(OFFS, G, sN, sC):
 
 
 @triton.jit
+def _reversed_chunk():
+    """Chunk of this program in a second pass over x: the last chunks first. Programs start
+    in grid order (axis 0 fastest), so the first pass read chunk K - 1 of every group last;
+    that part of x is the likeliest still to be in L2 when the second pass starts (a choice
+    from L2's recency, not yet measured)."""
+    return tl.num_programs(1) - 1 - tl.program_id(1)
+
+
+@triton.jit
 def _chunk_stats(X, x_base, pivot, Cg, l_lo, l_hi, sC, sL,
                  BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr):
     """(count, mean, m2) of ``x - pivot`` over channels [0, Cg) x positions [l_lo, l_hi) of the
@@ -230,7 +239,7 @@ def _gn_fwd_normalize_kernel(
     mean = sum n_i mean_i / n, m2 = sum m2_i + sum n_i (mean_i - mean)^2), chunk 0 writes the
     merged statistics, and every program normalizes its chunk."""
     row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
-    k = tl.program_id(1)
+    k = _reversed_chunk()
     i = tl.arange(0, BLOCK_KP)
     imask = i < KP
     p_cnt = tl.load(P_CNT + row * KP + i, mask=imask, other=0.0)
@@ -257,11 +266,13 @@ def _gn_fwd_normalize_kernel(
 
 
 @triton.jit
-def _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
-                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-                    HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-channel fp32 vectors (w, bias, 1 + scale, shift) for channels c0 + c of sample n;
-    identity values where a parameter is absent."""
+def _channel_block(cb, n, c0, Cg, C, W, B, SCALE, SHIFT,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Channels c = cb .. cb + BLOCK_C of the group (local index), their mask, and per-channel
+    fp32 vectors (w, bias, 1 + scale, shift) of sample n; identity values where absent."""
+    c = cb + tl.arange(0, BLOCK_C)
+    cmask = c < Cg
     one = tl.full((BLOCK_C,), 1.0, tl.float32)
     w = one
     bias = one * 0.0
@@ -276,7 +287,7 @@ def _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
         s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(tl.float32)
     if HAS_SHIFT:
         sh = tl.load(SHIFT + nc, mask=cmask, other=0.0).to(tl.float32)
-    return w, bias, s1, sh
+    return c, cmask, w, bias, s1, sh
 
 
 @triton.jit
@@ -346,10 +357,8 @@ def _gn_bwd_partial_kernel(
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
     for cb in range(0, Cg, BLOCK_C):
-        c = cb + tl.arange(0, BLOCK_C)
-        cmask = c < Cg
-        w, bias, s1, sh = _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
-                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        c, cmask, w, bias, s1, sh = _channel_block(cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W,
+                                                   HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
         a, b = _channel_sums(X, DY, x_base, dy_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL,
                              pivot, smean, rstd, w, bias, s1, sh, ACT, BLOCK_L, IDX64)
         nkc = (n.to(tl.int64) * K + k) * C + c0 + c
@@ -371,7 +380,7 @@ def _gn_bwd_dx_kernel(
     FUSED (one chunk, CHUNK_L = L): A, B are computed here from x and dy, in one launch.
     Split: A, B are the sums of the partials PA, PB[n, 0..K, c], taken in order."""
     row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
-    k = tl.program_id(1)
+    k = _reversed_chunk()
     dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
     dx_base = n.to(tl.int64) * sgN + c0.to(tl.int64) * sgC
     pivot = tl.load(PIVOT + row)
@@ -380,10 +389,8 @@ def _gn_bwd_dx_kernel(
     sum_dxhat = tl.zeros((), tl.float32)
     sum_dxhat_xhat = tl.zeros((), tl.float32)
     for cb in range(0, Cg, BLOCK_C):
-        c = cb + tl.arange(0, BLOCK_C)
-        cmask = c < Cg
-        w, bias, s1, sh = _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
-                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        c, cmask, w, bias, s1, sh = _channel_block(cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W,
+                                                   HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
         if FUSED:
             a, b = _channel_sums(X, DY, x_base, dy_base, c, cmask, 0, L, sxC, sxL, sdC, sdL,
                                  pivot, smean, rstd, w, bias, s1, sh, ACT, BLOCK_L, IDX64)
@@ -409,10 +416,8 @@ def _gn_bwd_dx_kernel(
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
     for cb in range(0, Cg, BLOCK_C):
-        c = cb + tl.arange(0, BLOCK_C)
-        cmask = c < Cg
-        w, bias, s1, sh = _channel_coeffs(n, c0, c, cmask, C, W, B, SCALE, SHIFT,
-                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        c, cmask, w, bias, s1, sh = _channel_block(cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W,
+                                                   HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
         _dx_block(X, DY, DX, x_base, dy_base, dx_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC,
                   sdL, sgC, sgL, pivot, smean, rstd, w, bias, s1, sh, mean_dxhat,
                   mean_dxhat_xhat, ACT, BLOCK_L, IDX64)
@@ -584,11 +589,11 @@ def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | 
     return y, pivot, smean, m2, count, rstd
 
 
-def _empty_or(t: torch.Tensor | None) -> torch.Tensor:
+def _empty_or(t: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """A gradient buffer shaped like ``t``, or a (0,) placeholder where t is absent (custom ops
     return tensors, not None)."""
     if t is None:
-        return torch.empty(0)
+        return torch.empty(0, device=device)
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
@@ -605,7 +610,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
     dx = torch.empty_like(xv)
     dxs = _flat_strides(dx)
     assert dxs is not None
-    grads = [_empty_or(t).to(x.device) for t in (weight, bias, scale, shift)]
+    grads = [_empty_or(t, x.device) for t in (weight, bias, scale, shift)]
     N, C = x.shape[:2]
     G = len(sizes)
     if N == 0:
@@ -770,6 +775,10 @@ def group_norm_triton(
     Arguments as in :func:`groupnorm.group_norm` (already validated there); ``regime``
     ("auto" | "fused" | "split") forces a launch regime (see ``heuristics``). Differentiable in
     x, weight, bias, scale and shift; given ``stats`` are constants for autograd.
+
+    Autocast: the op has no autocast rule, so it runs in x's own dtype (statistics in float32
+    either way) where torch's group_norm would be cast to float32. CUDA graphs: the first call
+    for a group plan on a device uploads the plan's offsets; capture after one eager call.
     """
     given = (None,) * 4 if stats is None else (stats.pivot, stats.shifted_mean, stats.m2,
                                                stats.count)
