@@ -129,6 +129,14 @@ def test_merge_stats_equals_whole() -> None:
     np.testing.assert_array_equal(n, 48)
 
 
+def test_empty_batch() -> None:
+    y, cache = R.group_norm_forward(np.zeros((0, 6, 3, 3)), 3)
+    assert y.shape == (0, 6, 3, 3) and cache.mean.shape == (0, 3)
+    grads = R.group_norm_backward(np.zeros((0, 6, 3, 3)), cache)
+    assert grads.dx.shape == (0, 6, 3, 3)
+    np.testing.assert_array_equal(grads.dgamma, np.zeros(6))
+
+
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="shape"):
         R.group_norm_forward(np.zeros(8), 2)

@@ -287,6 +287,18 @@ def test_float64_is_refused_with_a_reason():
         groupnorm.group_norm(x, 2, backend="triton")
 
 
+def test_declines_while_an_onnx_export_is_traced(monkeypatch):
+    """The custom op has no ONNX form: during export the torch backend's composite ops must be
+    traced instead, also for CUDA tensors where auto would pick the kernels."""
+    x = torch.randn(2, 4, 3, device=DEVICE)
+    r = groupnorm.functional._request(x, 2, None, None, 1e-5, None, None, False, None, None,
+                                      None, None, False)
+    assert triton_backend.why_not(r) is None
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert "ONNX export" in (triton_backend.why_not(r) or "")
+    assert groupnorm.dispatch.select_backend(r).name == "torch"
+
+
 def test_available_names_the_missing_pieces(monkeypatch):
     monkeypatch.setattr(triton_backend, "_installed", lambda: False)
     assert "pip install groupnorm[triton]" in (triton_backend.available() or "")

@@ -118,7 +118,7 @@ def _per_channel(v: np.ndarray, plan: GroupPlan, ndim: int) -> np.ndarray:
 
 def _group_sum(v: np.ndarray, plan: GroupPlan) -> np.ndarray:
     """(N, C, *S) -> (N, G): sum over each group's channels and all positions."""
-    per_channel = v.reshape(v.shape[0], v.shape[1], -1).sum(axis=2)
+    per_channel = v.reshape(v.shape[0], v.shape[1], math.prod(v.shape[2:])).sum(axis=2)
     return np.add.reduceat(per_channel, np.asarray(plan.offsets[:-1]), axis=1)
 
 
@@ -155,7 +155,7 @@ def group_norm_forward(
                          uneven=uneven)
     elif plan.num_channels != C:
         raise ValueError(f"plan is for {plan.num_channels} channels, x has {C}")
-    count = np.asarray(plan.sizes, dtype=np.float64) * (x[0, 0].size if N else 1)  # (G,)
+    count = np.asarray(plan.sizes, dtype=np.float64) * math.prod(x.shape[2:])  # (G,)
     mean = _group_sum(x, plan) / count                                     # (N, G)
     centered = x - _per_channel(mean, plan, x.ndim)                        # (N, C, *S)
     var = _group_sum(centered * centered, plan) / count                    # (N, G), two-pass
@@ -190,7 +190,7 @@ def group_norm_backward(dy: np.ndarray, cache: Cache) -> Grads:
     dgamma = (dz * cache.xhat).sum(axis=(0,) + spatial)                    # (C,)
     dbeta = dz.sum(axis=(0,) + spatial)                                    # (C,)
     dxhat = dz * cache.gamma                                               # (N, C, *S)
-    count = np.asarray(plan.sizes, dtype=np.float64) * (dy[0, 0].size if dy.shape[0] else 1)
+    count = np.asarray(plan.sizes, dtype=np.float64) * math.prod(dy.shape[2:])
     mean_dxhat = _group_sum(dxhat, plan) / count                           # (N, G)
     mean_dxhat_xhat = _group_sum(dxhat * cache.xhat, plan) / count         # (N, G)
     dx = _per_channel(cache.rstd, plan, ndim) * (

@@ -67,6 +67,9 @@ def why_not(r: Request) -> str | None:
         return "CPU tensors run in the Triton kernels only under TRITON_INTERPRET=1"
     if device not in ("cuda", "cpu"):
         return f"tensors on {device}; the Triton kernels take CUDA tensors"
+    if torch.onnx.is_in_onnx_export():
+        return ("an ONNX export is being traced: the torch backend's composite ops export, the "
+                "Triton custom op has no ONNX form")
     if r.x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return (f"x has dtype {r.x.dtype}; the Triton kernels take float32, float16 and bfloat16 "
                 "(the torch backend serves float64)")
