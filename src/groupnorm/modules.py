@@ -88,19 +88,10 @@ class GroupNorm(nn.GroupNorm):
 
 
 class GroupNormAct(GroupNorm):
-    """GroupNorm with the activation fused (default SiLU, the diffusion-model pairing)."""
+    """GroupNorm with the activation fused, default SiLU (the diffusion-model pairing).
 
-    def __init__(
-        self,
-        num_groups: int | None = None,
-        num_channels: int | None = None,
-        eps: float = 1e-5,
-        affine: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        activation: str | None = "silu",
-        **plan: Any,
-    ) -> None:
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype,
-                         activation=activation, **plan)
+    Takes :class:`GroupNorm`'s arguments; only ``activation``'s default differs.
+    """
+
+    def __init__(self, *args: Any, activation: str | None = "silu", **kwargs: Any) -> None:
+        super().__init__(*args, activation=activation, **kwargs)
