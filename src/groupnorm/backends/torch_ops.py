@@ -174,12 +174,13 @@ def _native(r: Request) -> torch.Tensor | None:
     """
     x = r.x
     N, C = x.shape[:2]
-    affine_inside = all(t is None or t.dtype == x.dtype for t in (r.weight, r.bias))
+    affine_inside = ((r.weight is None or r.weight.dtype == x.dtype)
+                     and (r.bias is None or r.bias.dtype == x.dtype))
     w, b = (r.weight, r.bias) if affine_inside else (None, None)
     y, mean, rstd = torch.native_group_norm(x, w, b, N, C, math.prod(x.shape[2:]),
                                             r.plan.num_groups, r.eps)
     # NaN (a NaN group) compares False: such a group is NaN either way, and others unaffected.
-    if mean.numel() and (mean.detach() * rstd.detach()).abs().max().item() > NATIVE_TRUST:
+    if mean.numel() and mean.detach().mul(rstd.detach()).abs_().max().item() > NATIVE_TRUST:
         return None
     if affine_inside and r.activation is None and r.scale is None and r.shift is None:
         return y
