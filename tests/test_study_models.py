@@ -10,7 +10,9 @@ from groupnorm import reference as ref
 from groupnorm.study.models import (
     PerDeviceBatchNorm2d,
     ResNet,
+    WSConv2d,
     make_norm,
+    reestimate_bn,
     set_virtual_devices,
 )
 from groupnorm.study.training import RunSpec, TrainConfig, lr_at
@@ -136,9 +138,43 @@ def test_learning_rate_schedule() -> None:
 def test_run_spec_validation() -> None:
     assert RunSpec("gn", 2, 0, groups=8).key == "gn-G8-N2-s0"
     assert RunSpec("gn", 32, 1, group_size=4).label == "GN (4 ch/group)"
-    with pytest.raises(ValueError, match="exactly one of groups"):
+    with pytest.raises(ValueError, match="gn run takes exactly one of groups"):
         RunSpec("gn", 2, 0)
-    with pytest.raises(ValueError, match="only apply to gn"):
+    with pytest.raises(ValueError, match="only apply to .*gn.*, not bn"):
         RunSpec("bn", 2, 0, groups=8)
     with pytest.raises(ValueError, match="eval_epochs"):
         TrainConfig(epochs=2, eval_epochs=3)
+
+
+def test_weight_standardized_conv() -> None:
+    gen = torch.Generator().manual_seed(11)
+    conv = WSConv2d(3, 4, 3, padding=1, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64) * 3
+                          + 1)
+    x = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64)
+    w = conv.weight.detach().numpy().reshape(4, -1)
+    w_hat = (w - w.mean(1, keepdims=True)) / np.sqrt(w.var(1, keepdims=True) + 1e-5)
+    expected = torch.nn.functional.conv2d(x, torch.from_numpy(w_hat.reshape(4, 3, 3, 3)),
+                                          padding=1)
+    assert_matches(conv(x), expected.numpy(), torch.float64, reduction=27, what="WS conv")
+    model = ResNet(make_norm("gnws", 2), width=4, conv=WSConv2d)
+    assert sum(isinstance(m, WSConv2d) for m in model.modules()) == 9
+
+
+def test_reestimated_population_statistics() -> None:
+    """bnpop: running statistics become the average over whole batches of each batch's mean
+    and unbiased variance; the per-device setting and momentum are restored."""
+    gen = torch.Generator().manual_seed(12)
+    bn = PerDeviceBatchNorm2d(3, devices=4)
+    model = torch.nn.Sequential(bn)
+    x = torch.randn(20, 3, 4, 4, generator=gen, dtype=torch.float64) * 2 + 0.5
+    bn.double()
+    reestimate_bn(model, x, torch.device("cpu"), batch=8)   # batches of 8, 8; 4 left out
+    xs = x.numpy()[:16]
+    batches = [xs[:8], xs[8:]]
+    mean = np.mean([b.mean(axis=(0, 2, 3)) for b in batches], axis=0)
+    var = np.mean([b.var(axis=(0, 2, 3), ddof=1) for b in batches], axis=0)
+    assert_matches(bn.running_mean, mean, torch.float64, what="population mean")
+    assert_matches(bn.running_var, var, torch.float64, what="population var")
+    assert bn.devices == 4 and bn.momentum == 0.1

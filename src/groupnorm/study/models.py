@@ -10,6 +10,9 @@ Arms (``NORMS``), on an (N, C, H, W) activation:
 - ``gn``:  :class:`groupnorm.GroupNorm` with G groups (statistics over C/G channels and H, W).
 - ``ln``:  GroupNorm with G = 1 (LayerNorm over C, H, W).
 - ``in``:  GroupNorm with G = C (InstanceNorm).
+- ``gnws``: GN with Weight Standardization on every convolution (Qiao et al. 2019).
+- ``bnpop``: BN trained as ``bn``, evaluated with population statistics re-estimated over the
+  training set in large batches instead of the running averages of small-batch statistics.
 
 Initialization follows Wu & He (2018) section 4.1: He (fan-out) init for convolutions, gamma = 1
 and beta = 0 everywhere except gamma = 0 on the last norm layer of each residual block, so every
@@ -26,10 +29,12 @@ from torch import nn
 
 from groupnorm.modules import GroupNorm
 
-__all__ = ["NORMS", "PerDeviceBatchNorm2d", "ResNet", "make_norm", "set_synchronized",
-           "set_virtual_devices"]
+__all__ = ["BATCH_NORMS", "GROUP_NORMS", "NORMS", "PerDeviceBatchNorm2d", "ResNet", "WSConv2d",
+           "make_norm", "reestimate_bn", "set_synchronized", "set_virtual_devices"]
 
-NORMS = ("bn", "syncbn", "gn", "ln", "in")
+NORMS = ("bn", "syncbn", "gn", "ln", "in", "gnws", "bnpop")
+BATCH_NORMS = ("bn", "syncbn", "bnpop")
+GROUP_NORMS = ("gn", "gnws")  # the arms that take G or channels per group
 
 
 class PerDeviceBatchNorm2d(nn.BatchNorm2d):
@@ -128,20 +133,43 @@ def make_norm(norm: str, num_groups: int | None = None, group_size: int | None =
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if norm in ("bn", "syncbn"):
+    if norm in BATCH_NORMS:
         return lambda c: PerDeviceBatchNorm2d(c)
     if norm == "ln":
         return lambda c: GroupNorm(1, c)
     if norm == "in":
         return lambda c: GroupNorm(c, c)
     if (num_groups is None) == (group_size is None):
-        raise ValueError("the gn arm takes exactly one of num_groups or group_size, got "
+        raise ValueError(f"the {norm} arm takes exactly one of num_groups or group_size, got "
                          f"num_groups={num_groups}, group_size={group_size}")
     if group_size is not None:
         size = group_size
         return lambda c: GroupNorm(num_channels=c, group_size=min(size, c))
     groups: int = num_groups  # type: ignore[assignment]  # not None: checked above
     return lambda c: GroupNorm(min(groups, c), c)
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, x: torch.Tensor, device: torch.device, batch: int = 256
+                  ) -> None:
+    """Replace every BN layer's running statistics by population statistics: the average over
+    the whole batches of ``batch`` images of ``x`` (the training set) of each batch's mean and
+    unbiased variance, computed over the full batch (one device). Used before evaluating the
+    ``bnpop`` arm; training-mode outputs do not depend on the running statistics."""
+    bns = [m for m in model.modules() if isinstance(m, PerDeviceBatchNorm2d)]
+    saved = [(m.momentum, m.devices) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # torch's cumulative average over the batches
+        m.devices = 1
+    was_training = model.training
+    model.train()
+    whole = len(x) // batch * batch
+    for xb in x[:max(whole, min(len(x), batch))].split(batch):
+        model(xb.to(device))
+    for m, (momentum, devices) in zip(bns, saved, strict=True):
+        m.momentum, m.devices = momentum, devices
+    model.train(was_training)
 
 
 def set_virtual_devices(model: nn.Module, devices: int) -> None:
@@ -160,20 +188,32 @@ def set_synchronized(model: nn.Module, synchronized: bool) -> None:
             m.synchronized = synchronized
 
 
+class WSConv2d(nn.Conv2d):
+    """Conv2d with Weight Standardization: each output filter's weights are standardized over
+    (in_channels, kh, kw) before the convolution, ``w_hat = (w - mean) / sqrt(var + eps)``
+    (biased variance), as in Qiao et al. (2019) "Micro-Batch Training with Batch-Channel
+    Normalization and Weight Standardization"."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), correction=0, keepdim=True)
+        w = (self.weight - mean) * torch.rsqrt(var + 1e-5)
+        return self._conv_forward(input, w, self.bias)
+
+
 class BasicBlock(nn.Module):
     """conv3x3-norm-relu-conv3x3-norm (+ projection shortcut) -> relu; the last norm starts at
     gamma = 0 so the block starts as the identity (or its projection)."""
 
-    def __init__(self, cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module]
-                 ) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module],
+                 conv: type[nn.Conv2d] = nn.Conv2d) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv1 = conv(cin, cout, 3, stride, 1, bias=False)
         self.norm1 = norm(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.conv2 = conv(cout, cout, 3, 1, 1, bias=False)
         self.norm2 = norm(cout)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
+            self.shortcut = nn.Sequential(conv(cin, cout, 1, stride, bias=False), norm(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.norm1(self.conv1(x)))
@@ -189,16 +229,17 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, norm: Callable[[int], nn.Module], *, width: int = 16, blocks: int = 1,
-                 in_channels: int = 3, num_classes: int = 10) -> None:
+                 in_channels: int = 3, num_classes: int = 10,
+                 conv: type[nn.Conv2d] = nn.Conv2d) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.stem = conv(in_channels, width, 3, 1, 1, bias=False)
         self.stem_norm = norm(width)
         layers: list[nn.Module] = []
         cin = width
         for stage, stride in enumerate((1, 2, 2)):
             cout = width * 2 ** stage
             for b in range(blocks):
-                layers.append(BasicBlock(cin, cout, stride if b == 0 else 1, norm))
+                layers.append(BasicBlock(cin, cout, stride if b == 0 else 1, norm, conv))
                 cin = cout
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(cin, num_classes)

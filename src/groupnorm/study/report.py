@@ -20,6 +20,7 @@ from typing import Any
 
 from groupnorm.study.ci import Summary, summarize
 from groupnorm.study.results import read_results
+from groupnorm.study.training import ARM_NAMES
 
 __all__ = ["Check", "cells", "checks", "render_report"]
 
@@ -30,9 +31,9 @@ PAPER_BATCH = {"BN": {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7},
 PAPER_GROUPS = {64: 24.6, 32: 24.1, 16: 24.6, 8: 24.4, 4: 24.6, 2: 24.7, 1: 25.3}
 PAPER_CPG = {64: 24.4, 32: 24.5, 16: 24.2, 8: 24.3, 4: 24.8, 2: 25.6, 1: 28.4}
 
-ORDER = ("BN", "SyncBN", "GN", "LN", "IN")
-COLOURS = {"BN": "tab:blue", "SyncBN": "tab:cyan", "GN": "tab:red", "LN": "tab:green",
-           "IN": "tab:purple"}
+ORDER = ("BN", "SyncBN", "BN (pop. stats)", "GN", "GN+WS", "LN", "IN")
+COLOURS = {"BN": "tab:blue", "SyncBN": "tab:cyan", "BN (pop. stats)": "tab:olive",
+           "GN": "tab:red", "GN+WS": "tab:orange", "LN": "tab:green", "IN": "tab:purple"}
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,12 @@ class Cell:
 
 
 def _arm(spec: dict[str, Any]) -> tuple[str, str]:
-    norm = spec["norm"]
-    if norm == "gn":
-        if spec.get("groups") is not None:
-            return "GN", f"G={spec['groups']}"
-        return "GN", f"{spec['group_size']} ch/group"
-    return {"bn": "BN", "syncbn": "SyncBN", "ln": "LN", "in": "IN"}[norm], ""
+    name = ARM_NAMES[spec["norm"]]
+    if spec.get("groups") is not None:
+        return name, f"G={spec['groups']}"
+    if spec.get("group_size") is not None:
+        return name, f"{spec['group_size']} ch/group"
+    return name, ""
 
 
 def cells(records: Iterable[dict[str, Any]]) -> list[Cell]:
@@ -70,7 +71,7 @@ def _main_arms(all_cells: list[Cell], gn_groups: int | None) -> dict[str, dict[i
     """arm -> N -> cell for the batch-size study (GN at its study G, not the sweep's)."""
     table: dict[str, dict[int, Cell]] = defaultdict(dict)
     for c in all_cells:
-        if c.arm == "GN" and c.detail != f"G={gn_groups}":
+        if c.arm in ("GN", "GN+WS") and c.detail != f"G={gn_groups}":
             continue
         table[c.arm][c.batch] = c
     return {a: table[a] for a in ORDER if a in table}
@@ -267,11 +268,14 @@ def render_report(out: Path, *, plots: bool = True) -> str:
     for c in checks(arms):
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[c.passed]
         lines.append(f"- **{verdict}** {c.claim}: {c.evidence}")
+    title = (f"{config.get('data', '?')}, ResNet width {train.get('width')}, "
+             f"{train.get('epochs')} epochs, {train.get('workers')} devices x N, "
+             f"{len(seeds)} seeds")
     if plots:
-        _plot_batch(arms, out / "batch_size.png", setup[:160])
+        _plot_batch(arms, out / "batch_size.png", title)
         lines += ["", "![error vs batch size](batch_size.png)"]
         if len(g) > 1 or cpg:
-            _plot_groups(g, cpg, out / "groups.png", setup[:160])
+            _plot_groups(g, cpg, out / "groups.png", title)
             lines += ["", "![error vs groups](groups.png)"]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)

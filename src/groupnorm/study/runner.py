@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from groupnorm.study.data import Dataset, load_dataset
-from groupnorm.study.models import NORMS
+from groupnorm.study.models import GROUP_NORMS, NORMS
 from groupnorm.study.results import append_result, read_results, repair
 from groupnorm.study.training import RunSpec, TrainConfig, train_run
 
@@ -77,7 +77,7 @@ class StudyConfig:
 PRESETS: dict[str, StudyConfig] = {
     "full": StudyConfig(sweep=True),
     "quick": StudyConfig(
-        train_size=6000, arms={"bn": (32, 8, 2), "gn": (32, 8, 2), "ln": (32,), "in": (32,)},
+        train_size=8000, arms={"bn": (32, 8, 2), "gn": (32, 8, 2), "ln": (32,), "in": (32,)},
         seeds=(0, 1, 2), train=TrainConfig(epochs=14, lr=0.4, workers=4)),
     "tiny": StudyConfig(
         train_size=256, test_size=64, arms={"bn": (4, 2), "gn": (4, 2)}, seeds=(0, 1),
@@ -93,7 +93,7 @@ def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
         cells: list[RunSpec] = []
         for norm, batches in cfg.arms.items():
             for n in batches:
-                g = cfg.gn_groups if norm == "gn" else None
+                g = cfg.gn_groups if norm in GROUP_NORMS else None
                 cells.append(RunSpec(norm, n, seed, groups=g))
         if cfg.sweep:
             cells += [RunSpec("gn", 32, seed, groups=g) for g in SWEEP_GROUPS]
@@ -154,7 +154,7 @@ def _init_worker(cfg_json: dict[str, Any], data_dir: str | None, device: str, th
     torch.set_num_threads(threads)
     cfg = StudyConfig.from_json(cfg_json)
     _WORKER.update(cfg=cfg, data=load_dataset(cfg, data_dir), device=torch.device(device),
-                   progress=progress)
+                   progress=progress, parent=os.getppid())
 
 
 def _worker_run(spec: RunSpec) -> dict[str, Any]:
@@ -162,6 +162,8 @@ def _worker_run(spec: RunSpec) -> dict[str, Any]:
     per_step = _WORKER["cfg"].train.workers * spec.batch
 
     def report(step: int, total: int) -> None:
+        if os.getppid() != _WORKER["parent"]:
+            os._exit(1)  # the study was killed: its unfinished run would be thrown away anyway
         if step % 20 == 0 or step == total:
             q.put(per_step * (20 if step % 20 == 0 else step % 20))
 

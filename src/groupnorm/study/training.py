@@ -26,14 +26,20 @@ from torch import nn
 
 from groupnorm.study.data import Dataset
 from groupnorm.study.models import (
+    GROUP_NORMS,
     NORMS,
     ResNet,
+    WSConv2d,
     make_norm,
+    reestimate_bn,
     set_synchronized,
     set_virtual_devices,
 )
 
-__all__ = ["RunSpec", "TrainConfig", "evaluate", "train_run"]
+__all__ = ["ARM_NAMES", "RunSpec", "TrainConfig", "evaluate", "train_run"]
+
+ARM_NAMES = {"bn": "BN", "syncbn": "SyncBN", "gn": "GN", "ln": "LN", "in": "IN",
+             "gnws": "GN+WS", "bnpop": "BN (pop. stats)"}
 
 
 @dataclass(frozen=True)
@@ -81,10 +87,11 @@ class RunSpec:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.batch < 1:
             raise ValueError(f"batch (images per device) must be >= 1, got {self.batch}")
-        if self.norm == "gn" and (self.groups is None) == (self.group_size is None):
-            raise ValueError("a gn run takes exactly one of groups or group_size")
-        if self.norm != "gn" and (self.groups is not None or self.group_size is not None):
-            raise ValueError(f"groups/group_size only apply to gn, not {self.norm}")
+        grouped = self.norm in GROUP_NORMS
+        if grouped and (self.groups is None) == (self.group_size is None):
+            raise ValueError(f"a {self.norm} run takes exactly one of groups or group_size")
+        if not grouped and (self.groups is not None or self.group_size is not None):
+            raise ValueError(f"groups/group_size only apply to {GROUP_NORMS}, not {self.norm}")
 
     @property
     def key(self) -> str:
@@ -96,16 +103,15 @@ class RunSpec:
     @property
     def label(self) -> str:
         """The arm's name in tables and plots."""
-        if self.norm == "gn":
-            return f"GN (G={self.groups})" if self.groups is not None else \
-                f"GN ({self.group_size} ch/group)"
-        return {"bn": "BN", "syncbn": "SyncBN", "ln": "LN", "in": "IN"}[self.norm]
+        return ARM_NAMES[self.norm] + (f" (G={self.groups})" if self.groups is not None else "") \
+            + (f" ({self.group_size} ch/group)" if self.group_size is not None else "")
 
 
 def build_model(spec: RunSpec, cfg: TrainConfig, data: Dataset) -> nn.Module:
     torch.manual_seed(spec.seed)
     return ResNet(make_norm(spec.norm, spec.groups, spec.group_size), width=cfg.width,
-                  blocks=cfg.blocks, in_channels=data.in_channels, num_classes=data.num_classes)
+                  blocks=cfg.blocks, in_channels=data.in_channels, num_classes=data.num_classes,
+                  conv=WSConv2d if spec.norm == "gnws" else nn.Conv2d)
 
 
 def lr_at(step: int, total: int, base: float, warmup: float) -> float:
@@ -156,8 +162,8 @@ def train_run(spec: RunSpec, cfg: TrainConfig, data: Dataset, device: torch.devi
                          f"{cfg.workers} with {world} processes")
     model = build_model(spec, cfg, data).to(device)
     if world == 1:
-        # BN arm: statistics per N-chunk; SyncBN: over the whole W*N step (one chunk).
-        set_virtual_devices(model, cfg.workers if spec.norm == "bn" else 1)
+        # BN arms: statistics per N-chunk; SyncBN: over the whole W*N step (one chunk).
+        set_virtual_devices(model, cfg.workers if spec.norm in ("bn", "bnpop") else 1)
     else:
         set_virtual_devices(model, 1)  # each process is one device
         set_synchronized(model, spec.norm == "syncbn")
@@ -210,6 +216,8 @@ def train_run(spec: RunSpec, cfg: TrainConfig, data: Dataset, device: torch.devi
             _average_buffers(model, world)
         train_err.append(100.0 * int(wrong) / len(order))
         if epoch >= cfg.epochs - cfg.eval_epochs:  # only these epochs enter the metric
+            if spec.norm == "bnpop":
+                reestimate_bn(model, data.train_x, device)
             test_err.append(evaluate(model, data.test_x, data.test_y, device))
     return {
         "key": spec.key, "spec": asdict(spec), "label": spec.label,
