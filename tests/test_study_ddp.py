@@ -23,10 +23,12 @@ N, C_IN, S = 3, 3, 6          # images per device, input channels, spatial size
 WORLD = 2
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ports() -> tuple[int, int]:
+    """Two distinct free ports on 127.0.0.1 (both held while choosing)."""
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        return int(a.getsockname()[1]), int(b.getsockname()[1])
 
 
 def _input() -> torch.Tensor:
@@ -54,7 +56,21 @@ def _capture(model: nn.Module) -> dict[str, torch.Tensor]:
     return seen
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, ports: tuple[int, int], out: str) -> None:
+    """Both checks in one pair of processes (starting them is most of the cost): the layers,
+    then the distributed study through the CLI, as torchrun would start it."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[1]))
+    _layers(rank, ports[0], out)
+    from groupnorm.cli import main
+
+    code = main(["study", "--preset", "tiny", "--norms", "bn,gn", "--batches", "2",
+                 "--seeds", "1", "--device", "cpu", "--no-progress", "--out",
+                 os.path.join(out, "ddp")])
+    assert code == 0
+
+
+def _layers(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     try:
@@ -78,7 +94,12 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def test_per_device_bn_on_two_gloo_processes(tmp_path: Path) -> None:
-    tmp.spawn(_worker, args=(_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    tmp.spawn(_worker, args=(_ports(), str(tmp_path)), nprocs=WORLD, join=True)
+    _check_layers(tmp_path)
+    _check_study(tmp_path / "ddp")
+
+
+def _check_layers(tmp_path: Path) -> None:
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     def cat(norm: str, what: str) -> torch.Tensor:
@@ -121,19 +142,8 @@ def test_per_device_bn_on_two_gloo_processes(tmp_path: Path) -> None:
     torch.testing.assert_close(cat("gn", "logits"), single(_input()).detach())
 
 
-def _study_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from groupnorm.cli import main
-
-    code = main(["study", "--preset", "tiny", "--norms", "bn,gn", "--batches", "2",
-                 "--seeds", "1", "--device", "cpu", "--no-progress", "--out", out])
-    assert code == 0
-
-
-def test_distributed_study_writes_results_once(tmp_path: Path) -> None:
-    out = tmp_path / "ddp"
-    tmp.spawn(_study_worker, args=(_port(), str(out)), nprocs=WORLD, join=True)
+def _check_study(out: Path) -> None:
+    """The distributed study: both runs recorded once, by rank 0, with W = world size."""
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["key"] for r in records) == ["bn-N2-s0", "gn-G8-N2-s0"]
     assert all(r["processes"] == WORLD for r in records)

@@ -96,3 +96,12 @@ def test_report_needs_results(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="holds no finished runs"):
         render_report(tmp_path)
+
+
+def test_a_damaged_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
+    append_result(tmp_path, {"key": "a", "test_error": 1.0})
+    with open(tmp_path / RESULTS, "ab") as f:
+        f.write(b"not json\n")
+    append_result(tmp_path, {"key": "b", "test_error": 2.0})
+    with pytest.raises(ValueError, match=r"line 2: not a run record"):
+        read_results(tmp_path)

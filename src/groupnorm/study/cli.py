@@ -63,11 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int,
                    help="devices W: one step sees W x N images, BN statistics per N (emulated "
                         "in one process; under torchrun the world size)")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="epochs, the same for every N")
     p.add_argument("--lr", type=float, help="learning rate at N=32 (scaled by N/32)")
     p.add_argument("--width", type=int, help="ResNet base width (stages w, 2w, 4w)")
-    p.add_argument("--train-size", type=int)
-    p.add_argument("--test-size", type=int)
+    p.add_argument("--train-size", type=int, help="training images (CIFAR default: all)")
+    p.add_argument("--test-size", type=int, help="test images (CIFAR default: all)")
     p.add_argument("--jobs", type=int, help="runs in parallel (default: one per CPU core, one "
                                             "on a GPU)")
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda")

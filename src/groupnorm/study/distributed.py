@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from groupnorm.study.data import load_dataset
 from groupnorm.study.results import append_result, read_results, repair
-from groupnorm.study.runner import StudyConfig, _check_config, plan_runs, with_overrides
+from groupnorm.study.runner import StudyConfig, save_or_check_config, plan_runs, with_overrides
 from groupnorm.study.training import train_run
 
 __all__ = ["run_distributed"]
@@ -46,7 +46,7 @@ def run_distributed(cfg: StudyConfig, out: Path, *, data_dir: str | None = None,
         todo_keys: list[object] = [None]
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            _check_config(out, cfg)
+            save_or_check_config(out, cfg)
             repair(out)
             finished = {r["key"] for r in read_results(out)}
             todo_keys = [[s.key for s in plan_runs(cfg) if s.key not in finished]]

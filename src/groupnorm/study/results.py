@@ -2,8 +2,8 @@
 
 Crash safety: a record is serialized first and written with one ``os.write`` of the whole line
 (``O_APPEND``), then flushed to disk with ``fsync`` before the run counts as finished. A crash can
-leave at most one partial line at the end of the file (no trailing newline or not valid JSON);
-:func:`read_results` ignores it and :func:`repair` cuts it off before a resumed study appends.
+leave at most one partial line at the end of the file (no trailing newline); :func:`read_results`
+ignores it and :func:`repair` cuts it off before a resumed study appends.
 """
 
 from __future__ import annotations
@@ -18,24 +18,21 @@ __all__ = ["RESULTS", "append_result", "read_results", "repair"]
 RESULTS = "results.jsonl"
 
 
-def _complete_lines(data: bytes) -> tuple[list[dict[str, Any]], int]:
-    """(records of the complete, valid lines; byte length of that well-formed prefix)."""
+def _complete_lines(data: bytes, path: Path) -> tuple[list[dict[str, Any]], int]:
+    """(records of the newline-terminated lines; byte length of those lines). What follows the
+    last newline is a torn write and is left out. A terminated line that is not a record cannot
+    come from a crash (each line is written whole with its newline), so it is an error."""
+    good = data.rfind(b"\n") + 1
     records: list[dict[str, Any]] = []
-    good = 0
-    pos = 0
-    while True:
-        end = data.find(b"\n", pos)
-        if end < 0:
-            break
-        line = data[pos:end]
+    for number, line in enumerate(data[:good].splitlines(), 1):
         try:
             record = json.loads(line)
         except ValueError:
-            break  # a torn line can only be the last one written: stop here
+            record = None
         if not isinstance(record, dict) or "key" not in record:
-            break
+            raise ValueError(f"{path}, line {number}: not a run record ({line[:60]!r}...); the "
+                             f"file was edited or damaged: fix or remove that line")
         records.append(record)
-        pos = good = end + 1
     return records, good
 
 
@@ -44,7 +41,7 @@ def read_results(out: Path) -> list[dict[str, Any]]:
     path = Path(out) / RESULTS
     if not path.exists():
         return []
-    return _complete_lines(path.read_bytes())[0]
+    return _complete_lines(path.read_bytes(), path)[0]
 
 
 def repair(out: Path) -> int:
@@ -53,7 +50,7 @@ def repair(out: Path) -> int:
     if not path.exists():
         return 0
     data = path.read_bytes()
-    _, good = _complete_lines(data)
+    _, good = _complete_lines(data, path)
     if good < len(data):
         with open(path, "r+b") as f:
             f.truncate(good)
