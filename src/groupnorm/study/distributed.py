@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from groupnorm.study.data import load_dataset
 from groupnorm.study.results import append_result, read_results, repair
-from groupnorm.study.runner import StudyConfig, save_or_check_config, plan_runs, with_overrides
+from groupnorm.study.runner import StudyConfig, plan_runs, save_or_check_config, with_overrides
 from groupnorm.study.training import train_run
 
 __all__ = ["run_distributed"]
