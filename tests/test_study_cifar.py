@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from groupnorm.study import cifar
 from groupnorm.study.data import load_dataset
 from groupnorm.study.runner import StudyConfig
+from tests._tolerances import assert_matches
 
 
 def _write(path: Path, obj: object) -> str:
@@ -136,3 +138,24 @@ def test_download_fetches_checks_and_unpacks(tmp_path: Path, server: tuple[str, 
     # The published sum is the default: this fake archive does not have it.
     with pytest.raises(ValueError, match="c58f30108f718f92721af3b95e74349a"):
         cifar.download(tmp_path / "third", "cifar10", url=f"{url}/c10.tar.gz")
+
+
+def test_load_dataset_standardizes_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    import dataclasses
+
+    rng = np.random.default_rng(3)
+    sums, images, labels = _fake(tmp_path, "cifar100", rng, per_file=12)
+    monkeypatch.setitem(cifar.CIFAR, "cifar100",
+                        dataclasses.replace(cifar.CIFAR["cifar100"], md5=sums))
+    data = load_dataset(StudyConfig(data="cifar100", train_size=10, test_size=None), str(tmp_path))
+    assert data.num_classes == 100 and data.in_channels == 3
+    assert data.train_x.shape == (10, 3, 32, 32) and data.test_x.shape == (12, 3, 32, 32)
+    mean = data.train_x.double().mean(dim=(0, 2, 3))
+    assert mean.abs().max() < 1e-5                       # standardized with the train images
+    raw = images[:10].reshape(10, 3, 32, 32).astype(np.float64) / 255
+    expected = (raw - raw.mean(axis=(0, 2, 3), keepdims=True)) / raw.std(
+        axis=(0, 2, 3), ddof=1, keepdims=True)
+    assert_matches(data.train_x, expected, torch.float32, reduction=10 * 1024,
+                   what="standardized CIFAR")
+    assert data.test_y.tolist() == labels[12:].tolist()
