@@ -61,3 +61,18 @@ def test_checks_fail_when_the_results_do_not_show_it(tmp_path: Path) -> None:
     assert "**FAIL** GN's spread" in text
     assert not (out / "batch_size.png").exists()
     assert [c.passed for c in checks({})] == [None, None, None, None]
+
+
+def test_plan_is_seed_major_and_deduplicated() -> None:
+    from groupnorm.study.runner import StudyConfig, plan_runs
+
+    cfg = StudyConfig(arms={"bn": (32, 2), "gn": (32, 2)}, seeds=(0, 1), sweep=True)
+    specs = plan_runs(cfg)
+    keys = [s.key for s in specs]
+    assert len(keys) == len(set(keys))
+    # Per seed: bn x2, gn x2 (G=8), G sweep 6 (G=8 already there), channels/group sweep 6.
+    assert len(specs) == 2 * (4 + 5 + 6)
+    assert [s.seed for s in specs] == [0] * 15 + [1] * 15
+    assert [s.batch for s in specs[:2]] == [2, 2]          # the longest runs start first
+    quick = plan_runs(PRESETS["quick"])
+    assert len(quick) == 3 * 8
