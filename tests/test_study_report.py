@@ -16,7 +16,7 @@ T2 = 4.302652729749752  # t_{0.975, 2}
 def _record(norm: str, batch: int, seed: int, test: float, train: float,
             groups: int | None = None, group_size: int | None = None) -> dict[str, object]:
     spec = {"norm": norm, "batch": batch, "seed": seed, "groups": groups,
-            "group_size": group_size, "tags": []}
+            "group_size": group_size}
     key = f"{norm}-{groups}-{group_size}-N{batch}-s{seed}"
     return {"key": key, "spec": spec, "test_error": test, "train_error": train, "seconds": 1.0}
 

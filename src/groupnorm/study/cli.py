@@ -114,6 +114,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {args.report / 'report.md'}")
         return 0
     cfg = config_from_args(args)
+    if cfg.data == "strokes" and (args.download or args.data_dir):
+        raise ValueError("--data-dir and --download are for --data cifar10 or cifar100; the "
+                         "default data (strokes) is generated, not read")
     out = args.out or Path("runs") / (args.preset or "full")
     download_url = (args.download_url or "") if args.download else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

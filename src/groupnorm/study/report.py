@@ -185,7 +185,8 @@ def _plot_batch(arms: dict[str, dict[int, Cell]], path: Path, title: str) -> Non
             hw = [getattr(cs[n], what).half_width for n in ns]
             hw = [0.0 if math.isnan(h) else h for h in hw]
             colour = COLOURS.get(arm)
-            ax.plot(ns, m, "o-", color=colour, label=arm)
+            # Error bars too: an arm measured at one N has no band to show its interval.
+            ax.errorbar(ns, m, yerr=hw, fmt="o-", color=colour, capsize=3, label=arm)
             ax.fill_between(ns, [a - b for a, b in zip(m, hw, strict=True)],
                             [a + b for a, b in zip(m, hw, strict=True)],
                             color=colour, alpha=0.2)

@@ -192,12 +192,10 @@ def _bar(total: int, done_runs: int, all_runs: int, enabled: bool) -> Any:
 
 def run_study(cfg: StudyConfig, out: Path, *, data_dir: str | None = None,
               download_url: str | None = None, jobs: int | None = None,
-              device: str = "auto", progress: bool = True,
-              on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+              device: str = "auto", progress: bool = True) -> list[dict[str, Any]]:
     """Run every planned run not yet in ``out/results.jsonl``; return all finished records.
 
     ``download_url``: fetch CIFAR first ("" = the official address; None = no download).
-    ``on_record`` is called with each record once it is safely on disk.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,8 +220,6 @@ def run_study(cfg: StudyConfig, out: Path, *, data_dir: str | None = None,
         bar.set_description(f"runs {done}/{all_runs}")
         bar.write(f"{record['key']:>18}: test {record['test_error']:5.1f} %  train "
                   f"{record['train_error']:5.1f} %  ({record['seconds']:.0f} s)")
-        if on_record is not None:
-            on_record(record)
 
     try:
         if jobs == 1:

@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -81,7 +81,6 @@ class RunSpec:
     seed: int
     groups: int | None = None       # gn: G
     group_size: int | None = None   # gn: channels per group (instead of G)
-    tags: tuple[str, ...] = field(default=())  # which part of the study asked for it
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
