@@ -87,7 +87,7 @@ def _layers(rank: int, port: int, out: str) -> None:
             logits = ddp(x)
             logits.square().mean().backward()   # the all-reduce of the gradients runs
             result[norm] = {"input": seen["input"], "output": seen["output"],
-                            "logits": logits.detach()}
+                            "logits": logits.detach(), "grad": model.stem.weight.grad.clone()}
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -124,14 +124,23 @@ def _check_layers(tmp_path: Path) -> None:
                    what="emulated BN")
     torch.testing.assert_close(cat("bn", "logits"), logits_emulated.detach())
     # Single process, whole batch: different logits.
-    whole = _model("bn")
-    whole.train()
-    assert (whole(_input()) - cat("bn", "logits")).abs().max() > 1e-3
+    whole_bn = _model("bn")
+    whole_bn.train()
+    assert (whole_bn(_input()) - cat("bn", "logits")).abs().max() > 1e-3
 
     # SyncBN: statistics over both processes' images, as the full batch.
     assert_matches(cat("syncbn", "output"), ref.batch_norm(cat("syncbn", "input").double()
                                                            .numpy(), g, b)[0],
                    torch.float32, reduction=WORLD * N * S * S, what="SyncBN")
+
+    # ... and its backward (our differentiable all-reduce): DDP's averaged gradient is the
+    # gradient of one process on the whole batch.
+    whole = _model("syncbn")
+    whole.train()
+    whole(_input()).square().mean().backward()
+    for r in ranks:
+        torch.testing.assert_close(r["syncbn"]["grad"], whole.stem.weight.grad)
+    assert (ranks[0]["bn"]["grad"] - whole.stem.weight.grad).abs().max() > 1e-4
 
     # GroupNorm: the split does not matter; same as one process on the whole batch.
     gn_in = cat("gn", "input").double().numpy()

@@ -97,13 +97,13 @@ class PerDeviceBatchNorm2d(nn.BatchNorm2d):
     def _synchronized(self, x: torch.Tensor) -> torch.Tensor:
         """BatchNorm over the whole batch of every process (SyncBN), any device, gloo or nccl.
 
-        Two passes, each one differentiable all-reduce (``torch.distributed.nn``): the global
-        mean from the per-process sums, then the biased variance from the sums of squared
-        deviations from that mean; no E[x^2] - E[x]^2 cancellation.
+        Two passes, each one differentiable all-reduce: the global mean from the per-process
+        sums, then the biased variance from the sums of squared deviations from that mean; no
+        E[x^2] - E[x]^2 cancellation.
         """
         import torch.distributed as dist
-        from torch.distributed.nn.functional import all_reduce
 
+        all_reduce = _AllReduceSum.apply
         C = x.shape[1]
         dims = (0, 2, 3)
         count = torch.tensor(float(x.numel() // C), device=x.device)
@@ -121,6 +121,27 @@ class PerDeviceBatchNorm2d(nn.BatchNorm2d):
                 self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)
                 self.num_batches_tracked.add_(1)
         return y
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum over processes of x, on every process. Each process's x feeds every process's
+    y, so dL/dx is the sum over processes of dL/dy: the backward is the same all-reduce."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        g = grad.clone()
+        dist.all_reduce(g)
+        return g
 
 
 def make_norm(norm: str, num_groups: int | None = None, group_size: int | None = None
