@@ -3,7 +3,7 @@
     groupnorm study --quick --out runs/quick     # the README's command: 2 CPU cores, < 15 min
     groupnorm study --out runs/full --sweep      # every arm at N = 32..2, 5 seeds, G sweep
     groupnorm study --report runs/quick          # re-render report.md and the PNGs
-    torchrun --nproc-per-node 2 -m groupnorm.cli study --quick --out runs/ddp   # real devices
+    torchrun --nproc-per-node 2 --no-python groupnorm study --quick --out runs/ddp  # devices
 """
 
 from __future__ import annotations
