@@ -15,6 +15,7 @@ import torch
 import groupnorm
 from groupnorm import bench
 from groupnorm import reference as ref
+from groupnorm.study import cli as study_cli
 
 # The seed article's worked example (N=1, C=8, no spatial extent, G=2) and the digits it prints.
 ARTICLE_X = [1.2, 0.4, -0.8, 2.1, 0.9, -0.3, 1.5, -1.1]
@@ -134,6 +135,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
              _no_arguments, lambda args: demo()),
     "check": ("versions, available backends, a quick self-test",
               _no_arguments, lambda args: check()),
+    "study": ("the batch-size study: BN vs GN/LN/IN over images per device, with CIs and plots",
+              study_cli.add_arguments, study_cli.run),
     "bench": ("GPU speed vs torch, torch.compile, cuDNN BatchNorm and the bandwidth floor",
               bench.add_arguments, bench.main),
 }

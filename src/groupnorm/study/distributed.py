@@ -1,0 +1,76 @@
+"""The study on real devices: ``torchrun --nproc-per-node K groupnorm study ...``.
+
+One process per device, DistributedDataParallel (gloo on the CPU, nccl on GPUs), W = K: every
+step sees K x N images, each process normalizes its own N with BatchNorm (per device, as in the
+paper), or all K x N with the ``syncbn`` arm. Every rank trains every run of the plan in the
+same order; rank 0 alone reads and writes ``OUT/results.jsonl`` and the report, and tells the
+others which runs are left, so resuming works as in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from groupnorm.study.data import load_dataset
+from groupnorm.study.results import append_result, read_results, repair
+from groupnorm.study.runner import StudyConfig, plan_runs, save_or_check_config, with_overrides
+from groupnorm.study.training import train_run
+
+__all__ = ["run_distributed"]
+
+
+def _device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(requested)
+
+
+def run_distributed(cfg: StudyConfig, out: Path, *, data_dir: str | None = None,
+                    download_url: str | None = None, device: str = "auto",
+                    progress: bool = True) -> int:
+    """Run the study's remaining runs with one process per device (torchrun's environment)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    dev = _device(device, local_rank)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        if cfg.train.workers != world:
+            cfg = with_overrides(cfg, train_workers=world)
+        todo_keys: list[object] = [None]
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            save_or_check_config(out, cfg)
+            repair(out)
+            finished = {r["key"] for r in read_results(out)}
+            todo_keys = [[s.key for s in plan_runs(cfg) if s.key not in finished]]
+            # Rank 0 fetches CIFAR (if asked) before the others read it.
+            load_dataset(cfg, data_dir, download_url=download_url)
+        dist.broadcast_object_list(todo_keys, src=0)
+        keys = todo_keys[0]
+        assert isinstance(keys, list)
+        data = load_dataset(cfg, data_dir)
+        specs = [s for s in plan_runs(cfg) if s.key in set(keys)]
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        for i, spec in enumerate(specs):
+            record = train_run(spec, cfg.train, data, dev, rank=rank, world=world)
+            if rank == 0:
+                append_result(out, record)
+                if progress:
+                    print(f"[{i + 1}/{len(specs)}] {record['key']:>18}: test "
+                          f"{record['test_error']:5.1f} %  train {record['train_error']:5.1f} %"
+                          f"  ({record['seconds']:.0f} s, {world} processes)", flush=True)
+        if rank == 0:
+            from groupnorm.study.report import render_report
+
+            render_report(out)
+            print(f"report in {out}/report.md", flush=True)
+    finally:
+        dist.destroy_process_group()
+    return 0

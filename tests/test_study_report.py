@@ -1,0 +1,78 @@
+"""The report from results alone: tables with CIs and the paper's numbers, checks, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from groupnorm.study.report import checks, render_report
+from groupnorm.study.results import append_result
+from groupnorm.study.runner import PRESETS
+
+T2 = 4.302652729749752  # t_{0.975, 2}
+
+
+def _record(norm: str, batch: int, seed: int, test: float, train: float,
+            groups: int | None = None, group_size: int | None = None) -> dict[str, object]:
+    spec = {"norm": norm, "batch": batch, "seed": seed, "groups": groups,
+            "group_size": group_size}
+    key = f"{norm}-{groups}-{group_size}-N{batch}-s{seed}"
+    return {"key": key, "spec": spec, "test_error": test, "train_error": train, "seconds": 1.0}
+
+
+def _write(out: Path, gn_spread: float) -> None:
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(PRESETS["quick"].to_json()))
+    for seed, d in enumerate((-1.0, 0.0, 1.0)):       # per-cell sd 1 -> half-width T2/sqrt(3)
+        for n, bn in ((32, 20.0), (8, 22.0), (2, 30.0)):
+            append_result(out, _record("bn", n, seed, bn + d, bn - 3 + d))
+        for n, gn in ((32, 21.0), (8, 21.0 + gn_spread / 2), (2, 21.0 + gn_spread)):
+            append_result(out, _record("gn", n, seed, gn + d, gn - 4 + d, groups=8))
+        append_result(out, _record("ln", 32, seed, 23.0 + d, 20.0 + d))
+        append_result(out, _record("in", 32, seed, 35.0 + d, 30.0 + d))
+        for g in (1, 2, 4, 8, 16, 32):
+            append_result(out, _record("gn", 32, seed, 21.0 + g / 32 + d, 18.0, groups=g))
+
+
+def test_report_tables_checks_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    _write(out, gn_spread=1.0)
+    text = render_report(out)
+    hw = T2 / math.sqrt(3)
+    assert f"| BN | 20.0 ± {hw:.1f} | 22.0 ± {hw:.1f} | 30.0 ± {hw:.1f} |" in text
+    assert "| BN, paper | 23.6 | 24.8 | 34.7 |" in text
+    assert "| GN, paper | 24.1 | 24.0 | 24.1 |" in text
+    assert "| IN, paper | 28.4 |" in text
+    assert f"| BN | 17.0 ± {hw:.1f} |" in text                  # train error table
+    assert "| G | 32 | 16 | 8 | 4 | 2 | 1 |" in text
+    assert "| paper (ImageNet) | 24.1 | 24.6 | 24.4 | 24.6 | 24.7 | 25.3 |" in text
+    assert text.count("**PASS**") == 4
+    assert f"gap 10.00 vs half-widths {2 * hw:.2f}" in text
+    for png in ("batch_size.png", "groups.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "report.md").read_text() == text
+
+
+def test_checks_fail_when_the_results_do_not_show_it(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    _write(out, gn_spread=4.0)   # GN not flat: spread 4 > half-width 2.48
+    text = render_report(out, plots=False)
+    assert "**FAIL** GN's spread" in text
+    assert not (out / "batch_size.png").exists()
+    assert [c.passed for c in checks({})] == [None, None, None, None]
+
+
+def test_plan_is_seed_major_and_deduplicated() -> None:
+    from groupnorm.study.runner import StudyConfig, plan_runs
+
+    cfg = StudyConfig(arms={"bn": (32, 2), "gn": (32, 2)}, seeds=(0, 1), sweep=True)
+    specs = plan_runs(cfg)
+    keys = [s.key for s in specs]
+    assert len(keys) == len(set(keys))
+    # Per seed: bn x2, gn x2 (G=8), G sweep 6 (G=8 already there), channels/group sweep 6.
+    assert len(specs) == 2 * (4 + 5 + 6)
+    assert [s.seed for s in specs] == [0] * 15 + [1] * 15
+    assert [s.batch for s in specs[:2]] == [2, 2]          # the longest runs start first
+    quick = plan_runs(PRESETS["quick"])
+    assert len(quick) == 3 * 8
