@@ -1,4 +1,4 @@
-"""Command line: ``groupnorm demo | check``."""
+"""Command line: ``groupnorm demo | check | study | bench``."""
 
 from __future__ import annotations
 
