@@ -152,6 +152,10 @@ def test_stats_errors() -> None:
         groupnorm.group_norm(x, 4, stats=(stats.mean, stats.var))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="drop one"):
         groupnorm.group_norm(x, 4, stats=stats, return_stats=True)
+    with pytest.raises(ValueError, match=r"stats are on meta but x is on cpu; use stats.to"):
+        groupnorm.group_norm(x, 4, stats=stats.to("meta"))
+    moved = stats.to("cpu")
+    torch.testing.assert_close(moved.var, stats.var, rtol=0, atol=0)
 
 
 # ---- warnings and bad input --------------------------------------------------------------------
