@@ -15,7 +15,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -277,7 +277,11 @@ def _as_finished(pending: set[Future[dict[str, Any]]]) -> Iterator[Future[dict[s
 
 
 def with_overrides(cfg: StudyConfig, **changes: Any) -> StudyConfig:
-    """``cfg`` with top-level fields and ``train_*`` fields (TrainConfig's) replaced."""
-    train = {k[len("train_"):]: v for k, v in changes.items() if k.startswith("train_")}
-    top = {k: v for k, v in changes.items() if not k.startswith("train_")}
+    """``cfg`` with its own fields replaced, and TrainConfig's given as ``train_<name>``.
+
+    StudyConfig's names win: ``train_size`` is the study's, not a TrainConfig ``size``.
+    """
+    own = {f.name for f in fields(StudyConfig)}
+    top = {k: v for k, v in changes.items() if k in own}
+    train = {k.removeprefix("train_"): v for k, v in changes.items() if k not in own}
     return replace(cfg, train=replace(cfg.train, **train), **top)
