@@ -1,8 +1,53 @@
-"""How the study's options reach its config."""
+"""The generated default data (strokes) and how the study's config reaches it."""
 
 from __future__ import annotations
 
-from groupnorm.study.runner import PRESETS, with_overrides
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from groupnorm.cli import main
+from groupnorm.study.data import load_dataset, make_strokes
+from groupnorm.study.runner import PRESETS, StudyConfig, with_overrides
+
+
+def test_strokes_are_reproducible_balanced_and_standardized() -> None:
+    a = make_strokes(200, 50, seed=3, size=10)
+    b = make_strokes(200, 50, seed=3, size=10)
+    assert a.train_x.shape == (200, 3, 10, 10) and a.test_x.shape == (50, 3, 10, 10)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert not torch.equal(a.train_x, make_strokes(200, 50, seed=4, size=10).train_x)
+    counts = torch.bincount(torch.cat([a.train_y, a.test_y]), minlength=10)
+    assert counts.tolist() == [25] * 10
+    mean = a.train_x.mean(dim=(0, 2, 3))
+    std = a.train_x.std(dim=(0, 2, 3))
+    torch.testing.assert_close(mean, torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(std, torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_the_config_sets_the_image_size() -> None:
+    cfg = with_overrides(PRESETS["tiny"], image_size=9)
+    assert load_dataset(cfg, None).train_x.shape[2:] == (9, 9)
+    assert PRESETS["quick"].image_size == 12
+    with pytest.raises(ValueError, match="image_size must be at least 8 px, got 4"):
+        StudyConfig(image_size=4)
+
+
+def test_image_size_is_refused_for_cifar(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["study", "--data", "cifar10", "--data-dir", "x", "--image-size", "16"]) == 2
+    assert "cifar10 images are 32 x 32" in capsys.readouterr().err
+
+
+def test_a_study_from_before_image_size_is_not_resumed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Its images were 16 x 16: resuming with today's 12 x 12 would mix two data sets.
+    old = PRESETS["tiny"].to_json()
+    del old["image_size"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert main(["study", "--preset", "tiny", "--no-progress", "--out", str(tmp_path)]) == 2
+    assert "image_size: None in config.json, 12 now" in capsys.readouterr().err
 
 
 def test_train_size_is_the_studys_not_the_trainers() -> None:

@@ -154,7 +154,7 @@ def _check_layers(tmp_path: Path) -> None:
 def _check_study(out: Path) -> None:
     """The distributed study: both runs recorded once, by rank 0, with W = world size."""
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert sorted(r["key"] for r in records) == ["bn-N2-s0", "gn-G8-N2-s0"]
+    assert sorted(r["key"] for r in records) == ["bn-N2-s0", "gn-G16-N2-s0"]
     assert all(r["processes"] == WORLD for r in records)
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["workers"] == WORLD

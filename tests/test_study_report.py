@@ -28,7 +28,7 @@ def _write(out: Path, gn_spread: float) -> None:
         for n, bn in ((32, 20.0), (8, 22.0), (2, 30.0)):
             append_result(out, _record("bn", n, seed, bn + d, bn - 3 + d))
         for n, gn in ((32, 21.0), (8, 21.0 + gn_spread / 2), (2, 21.0 + gn_spread)):
-            append_result(out, _record("gn", n, seed, gn + d, gn - 4 + d, groups=8))
+            append_result(out, _record("gn", n, seed, gn + d, gn - 4 + d, groups=16))
         append_result(out, _record("ln", 32, seed, 23.0 + d, 20.0 + d))
         append_result(out, _record("in", 32, seed, 35.0 + d, 30.0 + d))
         for g in (1, 2, 4, 8, 16, 32):
@@ -70,9 +70,9 @@ def test_plan_is_seed_major_and_deduplicated() -> None:
     specs = plan_runs(cfg)
     keys = [s.key for s in specs]
     assert len(keys) == len(set(keys))
-    # Per seed: bn x2, gn x2 (G=8), G sweep 6 (G=8 already there), channels/group sweep 6.
+    # Per seed: bn x2, gn x2 (G=16), G sweep 6 (G=16 already there), channels/group sweep 6.
     assert len(specs) == 2 * (4 + 5 + 6)
     assert [s.seed for s in specs] == [0] * 15 + [1] * 15
     assert [s.batch for s in specs[:2]] == [2, 2]          # the longest runs start first
     quick = plan_runs(PRESETS["quick"])
-    assert len(quick) == 3 * 8
+    assert len(quick) == 4 * 8

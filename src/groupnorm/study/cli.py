@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only re-render DIR/report.md and its plots from DIR/results.jsonl")
     p.add_argument("--data", choices=DATASETS, help="strokes (generated, default), cifar10, "
                    "cifar100")
+    p.add_argument("--image-size", type=int,
+                   help="side of the generated strokes images in px (default 12)")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
     p.add_argument("--download", action="store_true",
                    help="fetch the CIFAR archive into --data-dir first (MD5-checked)")
@@ -78,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     """The preset's config with every option the user gave applied on top."""
     cfg = PRESETS[args.preset or "full"]
     changes: dict[str, Any] = {}
-    for name in ("data", "train_size", "test_size", "gn_groups", "sweep"):
+    for name in ("data", "train_size", "test_size", "gn_groups", "sweep", "image_size"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.seeds is not None:
@@ -114,6 +116,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {args.report / 'report.md'}")
         return 0
     cfg = config_from_args(args)
+    if cfg.data != "strokes" and args.image_size is not None:
+        raise ValueError(f"--image-size sets the generated strokes images; {cfg.data} images "
+                         f"are 32 x 32 as published")
     if cfg.data == "strokes" and (args.download or args.data_dir):
         raise ValueError("--data-dir and --download are for --data cifar10 or cifar100; the "
                          "default data (strokes) is generated, not read")

@@ -47,7 +47,7 @@ class TrainConfig:
     """What every run of one study shares."""
 
     epochs: int = 14
-    lr: float = 0.4                 # at N = 32 images per device; scaled by N / 32
+    lr: float = 0.2                 # at N = 32 images per device; scaled by N / 32
     momentum: float = 0.9
     weight_decay: float = 5e-4      # on all parameters, gamma and beta included (the paper)
     workers: int = 8                # W: devices (emulated in one process, or real with DDP);
