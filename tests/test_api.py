@@ -80,6 +80,11 @@ def test_module_errors() -> None:
         groupnorm.GroupNorm(32)
     with pytest.raises(ValueError, match="activation"):
         groupnorm.GroupNorm(4, 8, activation="tanh")
+    with pytest.raises(ValueError, match=r"expected x with 8 channels \(dim 1\) for 4 groups "
+                                         r"of 2, got shape \(2, 6, 3\)"):
+        groupnorm.GroupNorm(4, 8)(torch.randn(2, 6, 3))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        groupnorm.GroupNorm(4, 8)([[1.0]])
 
 
 def test_module_trains() -> None:

@@ -274,10 +274,14 @@ def test_groupnorm_module_on_triton_matches_torch_backend():
 # ----------------------------------------------------------------------------------- dispatch
 
 
+def _plain_request(x):
+    """A validated call with 2 groups and nothing else, as group_norm would build it."""
+    plan = groupnorm.functional.resolve_plan(x.shape[1], 2)
+    return groupnorm.dispatch.Request(x, plan, None, None, 1e-5, None, None, None, None, False)
+
+
 def test_auto_never_picks_triton_for_cpu_tensors():
-    x = torch.randn(2, 4, 3)
-    r = groupnorm.functional._request(x, 2, None, None, 1e-5, None, None, False, None, None,
-                                      None, None, False)
+    r = _plain_request(torch.randn(2, 4, 3))
     assert groupnorm.dispatch.select_backend(r).name == "torch"
 
 
@@ -290,9 +294,7 @@ def test_float64_is_refused_with_a_reason():
 def test_declines_while_an_onnx_export_is_traced(monkeypatch):
     """The custom op has no ONNX form: during export the torch backend's composite ops must be
     traced instead, also for CUDA tensors where auto would pick the kernels."""
-    x = torch.randn(2, 4, 3, device=DEVICE)
-    r = groupnorm.functional._request(x, 2, None, None, 1e-5, None, None, False, None, None,
-                                      None, None, False)
+    r = _plain_request(torch.randn(2, 4, 3, device=DEVICE))
     assert triton_backend.why_not(r) is None
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     assert "ONNX export" in (triton_backend.why_not(r) or "")
@@ -306,8 +308,7 @@ def test_available_names_the_missing_pieces(monkeypatch):
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert "TRITON_INTERPRET=1" in (triton_backend.available() or "")
-        r = groupnorm.functional._request(torch.randn(2, 4), 2, None, None, 1e-5, None, None,
-                                          False, None, None, None, None, False)
+        r = _plain_request(torch.randn(2, 4))
         assert "TRITON_INTERPRET=1" in (triton_backend.why_not(r) or "")
 
 

@@ -113,15 +113,12 @@ def _check_stats(stats: GroupStats, x: torch.Tensor, plan: GroupPlan) -> None:
                              f"stats.to({str(x.device)!r})")
 
 
-def _request(x: torch.Tensor, num_groups: int | None, weight: torch.Tensor | None,
-             bias: torch.Tensor | None, eps: float, group_size: int | None,
-             group_sizes: Sequence[int] | None, uneven: bool, activation: str | None,
+def _request(x: torch.Tensor, plan: GroupPlan, weight: torch.Tensor | None,
+             bias: torch.Tensor | None, eps: float, activation: str | None,
              scale: torch.Tensor | None, shift: torch.Tensor | None,
              stats: GroupStats | None, return_stats: bool) -> dispatch.Request:
-    x = _check_input(x)
+    """Validate everything but x itself (checked by the caller, which needed its C for the plan)."""
     N, C = x.shape[:2]
-    plan = resolve_plan(C, num_groups, group_size=group_size, group_sizes=group_sizes,
-                        uneven=uneven)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
     if not isinstance(eps, (int, float)) or not eps >= 0 or math.isinf(eps):
@@ -144,6 +141,19 @@ def _request(x: torch.Tensor, num_groups: int | None, weight: torch.Tensor | Non
         )
     return dispatch.Request(x, plan, weight, bias, float(eps), activation, scale, shift,
                             stats, bool(return_stats))
+
+
+def group_norm_planned(x: torch.Tensor, plan: GroupPlan, weight: torch.Tensor | None,
+                       bias: torch.Tensor | None, eps: float, activation: str | None,
+                       backend: str) -> torch.Tensor:
+    """:func:`group_norm` with a plan made beforehand (the modules' path: the plan is fixed at
+    construction, so no per-call lookup). x must have the plan's C channels."""
+    x = _check_input(x)
+    if x.shape[1] != plan.num_channels:
+        raise ValueError(f"expected x with {plan.num_channels} channels (dim 1) for "
+                         f"{plan.describe()}, got shape {tuple(x.shape)}")
+    r = _request(x, plan, weight, bias, eps, activation, None, None, None, False)
+    return dispatch.select_backend(r, backend).run(r)[0]
 
 
 @overload
@@ -218,8 +228,10 @@ def group_norm(
     returns the computed :class:`GroupStats`. The output has x's dtype and memory format;
     statistics are accumulated in float32 (float64 for float64 x).
     """
-    r = _request(x, num_groups, weight, bias, eps, group_size, group_sizes, uneven, activation,
-                 scale, shift, stats, return_stats)
+    x = _check_input(x)
+    plan = resolve_plan(x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes,
+                        uneven=uneven)
+    r = _request(x, plan, weight, bias, eps, activation, scale, shift, stats, return_stats)
     y, out_stats = dispatch.select_backend(r, backend).run(r)
     if return_stats:
         assert out_stats is not None

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from groupnorm.functional import group_norm, resolve_plan
+from groupnorm.functional import group_norm_planned, resolve_plan
 from groupnorm.reference import ACTIVATIONS
 
 __all__ = ["GroupNorm", "GroupNormAct"]
@@ -70,11 +70,8 @@ class GroupNorm(nn.GroupNorm):
         self._explicit_sizes = group_sizes is not None or not plan.is_even
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        y = group_norm(input, weight=self.weight, bias=self.bias, eps=self.eps,
-                       group_sizes=self.plan.sizes, activation=self.activation,
-                       backend=self.backend)
-        assert isinstance(y, torch.Tensor)
-        return y
+        return group_norm_planned(input, self.plan, self.weight, self.bias, self.eps,
+                                  self.activation, self.backend)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
