@@ -54,3 +54,17 @@ def test_train_size_is_the_studys_not_the_trainers() -> None:
     # "train_size" starts like the train_<name> overrides of TrainConfig, yet is StudyConfig's.
     cfg = with_overrides(PRESETS["tiny"], train_size=100, train_epochs=3)
     assert (cfg.train_size, cfg.train.epochs) == (100, 3)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_progress_reaches_exactly_its_total(tmp_path: Path, jobs: int,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from groupnorm.study.runner import run_study
+
+    # 1 epoch of 64 images: 8 steps at N=4 and 16 at N=2, 2 devices; in-process and in a pool.
+    cfg = with_overrides(PRESETS["tiny"], train_size=64, test_size=16, seeds=(0,),
+                         arms={"gn": (4, 2)}, train_epochs=1)
+    run_study(cfg, tmp_path, jobs=jobs, progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    finals = [line for line in bar if line.startswith("runs 2/2")]
+    assert finals and "100%" in finals[-1], bar[-3:]
