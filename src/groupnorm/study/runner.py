@@ -84,14 +84,14 @@ class StudyConfig:
 #   steps, and at this budget it needs them (earlier tuning with W = 8 and 10 epochs: GN at
 #   N = 32 ended at 26.9 %, at N = 2 at 20-23 %).
 # - lr 0.2 at N = 32: at 0.4, LN's runs were unstable (26.7-33.0 % over 5 seeds) and hid the
-#   IN-vs-LN order; at 0.2 every arm trained smoothly.
+#   IN-vs-LN order; at 0.2 LN trained better and IN fell to last.
 # - 12 x 12 images: the last stage is 3 x 3, so at N = 2 BatchNorm estimates each statistic
 #   from 18 values (32 at 16 x 16): BN's N = 2 penalty was 8 points instead of 4, and a seed
 #   costs about 0.76 of a 16 x 16 seed (0.6 for the N = 32 runs, 0.9 for N = 2), which pays
 #   for the fourth seed.
 # - GN with G = 16 (1, 2 and 4 channels per group in the 16-, 32- and 64-channel stages):
 #   at G = 8 the N = 32 arm ended 3 points behind N = 2 (under-trained, 18.7 vs 13.8 % train
-#   error); at G = 16 it trained as well as the small-batch arm.
+#   error); at G = 16 it matched that N = 2 arm (16 x 16 probes).
 _RECIPE = TrainConfig(epochs=14, lr=0.2, workers=4)
 PRESETS: dict[str, StudyConfig] = {
     "full": StudyConfig(train_size=8000, sweep=True, train=_RECIPE),
