@@ -93,6 +93,24 @@ def run(quick: bool) -> list[dict]:
     return rows
 
 
+def machine_meta(benchmark: str) -> dict[str, object]:
+    """What a result file records about where and when it was measured."""
+    return {
+        "benchmark": benchmark, "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "groupnorm": groupnorm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def result_path(out: Path, benchmark: str) -> Path:
+    """``out/<benchmark>-<machine>-<cores>cores-<threads>threads.json`` (``out`` created)."""
+    out.mkdir(parents=True, exist_ok=True)
+    return (out / f"{benchmark}-{platform.machine()}-{os.cpu_count()}cores-"
+                  f"{torch.get_num_threads()}threads.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="four small shapes, 5 reps")
@@ -110,17 +128,8 @@ def main() -> None:
     ratios = [r["ratio"] for r in rows]
     print(f"geometric-mean ratio ours/torch: "
           f"{statistics.geometric_mean(ratios):.3f}; worst {max(ratios):.3f}")
-    meta = {
-        "benchmark": "cpu_standard", "date": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "groupnorm": groupnorm.__version__,
-        "python": platform.python_version(),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = (args.out / f"cpu_standard-{platform.machine()}-{os.cpu_count()}cores-"
-                       f"{torch.get_num_threads()}threads.json")
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    path = result_path(args.out, "cpu_standard")
+    path.write_text(json.dumps({"meta": machine_meta("cpu_standard"), "rows": rows}, indent=1))
     print(f"wrote {path}")
 
 

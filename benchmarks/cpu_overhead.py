@@ -1,0 +1,86 @@
+"""CPU: the per-call cost that groupnorm adds to torch's kernel, functional and module.
+
+On small tensors a call is mostly Python: validation, dispatch and the exactness check on the
+kernel's float32 mean. This times ``groupnorm.group_norm`` against ``F.group_norm`` and
+``groupnorm.GroupNorm`` against ``nn.GroupNorm`` on the standard case (G divides C, affine, no
+epilogue), forward only. Each sample is the mean of a batch of calls; ours and torch's batches
+alternate (see cpu_standard.py); the table gives medians and the difference in microseconds.
+
+    python benchmarks/cpu_overhead.py [--threads T] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from cpu_standard import _time_pair, machine_meta, result_path
+from torch import nn
+
+import groupnorm
+
+SHAPES: list[tuple[int, ...]] = [(2, 64, 8, 8), (2, 1280, 8, 8), (8, 64, 32, 32)]
+G = 32
+CALLS = 1000   # per sample: one call is microseconds, below perf_counter's useful resolution
+SAMPLES = 30
+
+
+def _batched(f: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(CALLS):
+            f()
+    return run
+
+
+def _pairs(x: torch.Tensor, ours_m: nn.Module, torch_m: nn.Module
+           ) -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]]:
+    """API -> (ours, torch's) calls on x with the same weight and bias."""
+    w, b = torch_m.weight, torch_m.bias
+    return {"functional": (lambda: groupnorm.group_norm(x, G, w, b),
+                           lambda: F.group_norm(x, G, w, b)),
+            "module": (lambda: ours_m(x), lambda: torch_m(x))}
+
+
+def run() -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    for shape in SHAPES:
+        C = shape[1]
+        x = torch.randn(shape)
+        ours_m, torch_m = groupnorm.GroupNorm(G, C), nn.GroupNorm(G, C)
+        torch_m.load_state_dict(ours_m.state_dict())
+        with torch.no_grad():
+            for api, (ours, theirs) in _pairs(x, ours_m, torch_m).items():
+                torch.testing.assert_close(ours(), theirs(), rtol=0, atol=0)
+                t_ours, t_torch = _time_pair(_batched(ours), _batched(theirs), SAMPLES)
+                us_ours = statistics.median(t_ours) / CALLS * 1e6
+                us_torch = statistics.median(t_torch) / CALLS * 1e6
+                rows.append({"shape": list(shape), "G": G, "dtype": "torch.float32", "api": api,
+                             "ours_us": us_ours, "torch_us": us_torch,
+                             "extra_us": us_ours - us_torch, "calls_per_sample": CALLS,
+                             "samples": SAMPLES})
+                print(f"{str(shape):<18} {api:<11} {us_ours:9.2f} {us_torch:9.2f} "
+                      f"{us_ours - us_torch:+9.2f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{'shape':<18} {'api':<11} {'ours us':>9} {'torch us':>9} {'extra us':>9}")
+    rows = run()
+    path = result_path(args.out, "cpu_overhead")
+    path.write_text(json.dumps({"meta": machine_meta("cpu_overhead"), "rows": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
