@@ -104,3 +104,14 @@ def test_explicit_plan_properties(sizes: list[int]) -> None:
     assert p == GroupPlan(tuple(sizes))
     assert [p.offsets[g + 1] - p.offsets[g] for g in range(p.num_groups)] == sizes
     assert np.bincount(p.channel_group).tolist() == sizes
+    # runs: maximal stretches of equal sizes that tile the channels in order
+    assert p.runs[0][0] == 0 and p.runs[-1][1] == p.num_channels
+    for (_, end, size), (start, _, nxt) in zip(p.runs, p.runs[1:], strict=False):
+        assert end == start and size != nxt
+    expanded = [size for start, end, size in p.runs for _ in range((end - start) // size)]
+    assert expanded == sizes
+
+
+def test_uneven_plan_has_two_runs() -> None:
+    assert make_plan(48, 32, uneven=True).runs == ((0, 32, 2), (32, 48, 1))
+    assert make_plan(64, 32).runs == ((0, 64, 2),)

@@ -31,13 +31,27 @@ def divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
+def _runs(sizes: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
+    """Maximal runs of equal consecutive group sizes: (first channel, end channel, size)."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for size in sizes:  # a plain loop: torch.compile traces plan construction
+        if runs and runs[-1][2] == size:
+            runs[-1] = (runs[-1][0], runs[-1][1] + size, size)
+        else:
+            runs.append((start, start + size, size))
+        start += size
+    return tuple(runs)
+
+
 @dataclass(frozen=True)
 class GroupPlan:
     """Contiguous channel groups: ``sizes[g]`` channels in group ``g``, in channel order.
 
     Derived from ``sizes`` once, at construction: ``num_groups``, ``num_channels``, ``is_even``
     (all groups the same size), ``min_size``, ``offsets`` (first channel of each group, length
-    G + 1) and ``channel_group`` (group index of each channel, length C). They are plain Python
+    G + 1), ``channel_group`` (group index of each channel, length C) and ``runs`` (each maximal
+    run of equal-size groups as (first channel, end channel, group size)). They are plain Python
     attributes computed without numpy: torch.compile traces plan construction, turns numpy calls
     into tensor ops (data-dependent offsets) and cannot trace ``functools.cached_property``.
     """
@@ -49,6 +63,7 @@ class GroupPlan:
     min_size: int = field(init=False, compare=False, repr=False)
     offsets: tuple[int, ...] = field(init=False, compare=False, repr=False)
     channel_group: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    runs: tuple[tuple[int, int, int], ...] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         sizes = tuple(int(s) for s in self.sizes)
@@ -62,6 +77,7 @@ class GroupPlan:
             "min_size": min(sizes),
             "offsets": (0, *itertools.accumulate(sizes)),
             "channel_group": tuple(g for g, s in enumerate(sizes) for _ in range(s)),
+            "runs": _runs(sizes),
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)  # frozen: set once, here

@@ -13,10 +13,11 @@ Normalization folds everything per (n, c) into one multiply-add on ``xs``:
 ``a = rstd * gamma * (1 + scale)``, ``b = (beta - mean_g * rstd * gamma) * (1 + scale) + shift``,
 ``y = act(xs * a + b)``.
 
-Even groups without statistics in or out call torch's native kernel, which is faster on CPU,
-and apply any epilogue (affine in another dtype, scale/shift, activation) as elementwise ops after
-it; its float32 mean is trusted only while ``|mean| * rstd <= NATIVE_TRUST`` (the mean's rounding
-error, ~ulp(|mean|), stays far below the spread), else the call is redone shifted.
+Plans without statistics in or out call torch's native kernel, which is faster on CPU (an
+uneven plan once per run of equal-size groups, concatenated), and apply any epilogue (affine in
+another dtype, scale/shift, activation) as elementwise ops after it; its float32 mean is trusted
+only while ``|mean| * rstd <= NATIVE_TRUST`` (the mean's rounding error, ~ulp(|mean|), stays far
+below the spread), else the call is redone shifted.
 """
 
 from __future__ import annotations
@@ -161,8 +162,48 @@ def _native_layout(x: torch.Tensor) -> bool:
     return x.stride() == (C * math.prod(spatial), 1, *inner)
 
 
+# Uneven plans come in runs of equal-size groups (uneven=True makes two: the larger groups
+# first). Torch's kernel takes each run's channels as an even plan, and the outputs are
+# concatenated: one copy of x and one of y, but on CPU (2, 48, 64, 64) float32 with 16 groups
+# of 2 and 16 of 1 took 0.20 ms this way against 4.5 ms on the composite path. Past a few runs
+# the calls and copies add up, and explicit group_sizes go composite.
+MAX_NATIVE_RUNS = 4
+
+
 def _native_ok(r: Request) -> bool:
-    return r.plan.is_even and r.stats is None and not r.return_stats and _native_layout(r.x)
+    if r.stats is not None or r.return_stats:
+        return False
+    if r.plan.is_even:
+        return _native_layout(r.x)
+    return len(r.plan.runs) <= MAX_NATIVE_RUNS
+
+
+@lru_cache(maxsize=256)
+def _even_plan(size: int, groups: int) -> GroupPlan:
+    return GroupPlan((size,) * groups)
+
+
+def _native_runs(r: Request) -> torch.Tensor | None:
+    """An uneven request as one native call per run of equal-size groups (see MAX_NATIVE_RUNS);
+    None when a run's channels cannot be read in place after the copy, or its mean is not
+    trusted."""
+    parts = []
+    for start, end, size in r.plan.runs:
+        cols = slice(start, end)
+        # The slice skips the other runs' channels; a dense copy in x's memory format.
+        xs = r.x[:, cols].clone(memory_format=torch.preserve_format)
+        if not _native_layout(xs):
+            return None
+        y = _native(Request(
+            xs, _even_plan(size, (end - start) // size),
+            None if r.weight is None else r.weight[cols],
+            None if r.bias is None else r.bias[cols], r.eps, r.activation,
+            None if r.scale is None else r.scale[:, cols],
+            None if r.shift is None else r.shift[:, cols], None, False))
+        if y is None:
+            return None
+        parts.append(y)
+    return torch.cat(parts, dim=1)
 
 
 def _native(r: Request) -> torch.Tensor | None:
@@ -204,8 +245,10 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     # The native path checks its mean with a Python branch on tensor values; a traced graph
     # (ONNX export, torch.export, torch.compile, jit.trace) cannot record that branch, so tracing
     # takes the composite path, which is exact for every input and has no such branch.
-    if not _tracing() and _native_ok(r) and (y := _native(r)) is not None:
-        return y, None
+    if not _tracing() and _native_ok(r):
+        y = _native(r) if r.plan.is_even else _native_runs(r)
+        if y is not None:
+            return y, None
     x, plan = r.x, r.plan
     given = r.stats
     xs, pivot = _shifted(x, plan, None if given is None else given.pivot)
