@@ -11,15 +11,12 @@ alternate (see cpu_standard.py); the table gives medians and the difference in m
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from cpu_standard import _time_pair, machine_meta, result_path
+from cpu_standard import _time_pair, batched, save_results, small_input_args
 from torch import nn
 
 import groupnorm
@@ -28,13 +25,6 @@ SHAPES: list[tuple[int, ...]] = [(2, 64, 8, 8), (2, 1280, 8, 8), (8, 64, 32, 32)
 G = 32
 CALLS = 1000   # per sample: one call is microseconds, below perf_counter's useful resolution
 SAMPLES = 30
-
-
-def _batched(f: Callable[[], object]) -> Callable[[], None]:
-    def run() -> None:
-        for _ in range(CALLS):
-            f()
-    return run
 
 
 def _pairs(x: torch.Tensor, ours_m: nn.Module, torch_m: nn.Module
@@ -57,7 +47,7 @@ def run() -> list[dict]:
         with torch.no_grad():
             for api, (ours, theirs) in _pairs(x, ours_m, torch_m).items():
                 torch.testing.assert_close(ours(), theirs(), rtol=0, atol=0)
-                t_ours, t_torch = _time_pair(_batched(ours), _batched(theirs), SAMPLES)
+                t_ours, t_torch = _time_pair(batched(ours, CALLS), batched(theirs, CALLS), SAMPLES)
                 us_ours = statistics.median(t_ours) / CALLS * 1e6
                 us_torch = statistics.median(t_torch) / CALLS * 1e6
                 rows.append({"shape": list(shape), "G": G, "dtype": "torch.float32", "api": api,
@@ -70,16 +60,9 @@ def run() -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = small_input_args(__doc__)
     print(f"{'shape':<18} {'api':<11} {'ours us':>9} {'torch us':>9} {'extra us':>9}")
-    rows = run()
-    path = result_path(args.out, "cpu_overhead")
-    path.write_text(json.dumps({"meta": machine_meta("cpu_overhead"), "rows": rows}, indent=1))
-    print(f"wrote {path}")
+    save_results(args.out, "cpu_overhead", run())
 
 
 if __name__ == "__main__":

@@ -58,6 +58,14 @@ def _time_pair(a: Callable[[], object], b: Callable[[], object], reps: int
     return times[0], times[1]
 
 
+def batched(f: Callable[[], object], calls: int) -> Callable[[], None]:
+    """``f`` called ``calls`` times in a row: one timing sample for _time_pair."""
+    def run() -> None:
+        for _ in range(calls):
+            f()
+    return run
+
+
 def run(quick: bool) -> list[dict]:
     rows = []
     torch.manual_seed(0)
@@ -104,11 +112,24 @@ def machine_meta(benchmark: str) -> dict[str, object]:
     }
 
 
-def result_path(out: Path, benchmark: str) -> Path:
-    """``out/<benchmark>-<machine>-<cores>cores-<threads>threads.json`` (``out`` created)."""
+def save_results(out: Path, benchmark: str, rows: list[dict]) -> None:
+    """Write ``{"meta", "rows"}`` to ``out/<benchmark>-<machine>-<cores>cores-<threads>threads
+    .json`` (``out`` created) and say where."""
     out.mkdir(parents=True, exist_ok=True)
-    return (out / f"{benchmark}-{platform.machine()}-{os.cpu_count()}cores-"
+    path = (out / f"{benchmark}-{platform.machine()}-{os.cpu_count()}cores-"
                   f"{torch.get_num_threads()}threads.json")
+    path.write_text(json.dumps({"meta": machine_meta(benchmark), "rows": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+def small_input_args(doc: str) -> argparse.Namespace:
+    """The options of the small-input benchmarks (--out, --threads default 1), threads set."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def main() -> None:
@@ -128,9 +149,7 @@ def main() -> None:
     ratios = [r["ratio"] for r in rows]
     print(f"geometric-mean ratio ours/torch: "
           f"{statistics.geometric_mean(ratios):.3f}; worst {max(ratios):.3f}")
-    path = result_path(args.out, "cpu_standard")
-    path.write_text(json.dumps({"meta": machine_meta("cpu_standard"), "rows": rows}, indent=1))
-    print(f"wrote {path}")
+    save_results(args.out, "cpu_standard", rows)
 
 
 if __name__ == "__main__":

@@ -4,22 +4,22 @@ composite path.
 ``uneven=True`` splits C channels into larger groups first, then groups one channel smaller:
 two runs of equal-size groups. The torch backend runs torch's kernel on each run and
 concatenates; the composite path (shift, per-channel moments, Chan merge) is what it used to
-run. Both are timed interleaved (see cpu_standard.py), with torch's kernel on the same tensor
-with an even G nearby as the floor. Forward only, float32, one thread by default.
+run. Both are timed in alternating blocks of consecutive calls (see cpu_standard.py), with
+torch's kernel on the same tensor with an even G nearby as the floor. Blocks, not single calls:
+alternating single calls with the composite path's large temporaries made the per-run path's
+time vary 5x between runs of this script (0.37-2.1 ms on the first shape), against a steady
+0.26 ms timed alone. Forward only, float32, one thread by default.
 
     python benchmarks/cpu_uneven.py [--threads T] [--out benchmarks/results]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from cpu_standard import _time_pair, machine_meta, result_path
+from cpu_standard import _time_pair, batched, save_results, small_input_args
 
 import groupnorm
 from groupnorm.backends import torch_ops
@@ -30,7 +30,8 @@ SHAPES: list[tuple[tuple[int, ...], int]] = [
     ((2, 100, 32, 32), 32),     # 4 groups of 4, 28 of 3
     ((2, 1000, 16, 16), 32),    # 8 groups of 32, 24 of 31
 ]
-REPS = 20
+REPS = 20      # samples per path
+CALLS = 10     # consecutive calls per sample
 
 
 def _composite(x: torch.Tensor, G: int, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -50,16 +51,19 @@ def _measure(shape: tuple[int, ...], G: int) -> dict:
     with torch.no_grad():
         torch.testing.assert_close(groupnorm.group_norm(x, G, w, b, uneven=True),
                                    _composite(x, G, w, b), rtol=1e-5, atol=1e-5)
-        t_runs, t_comp = _time_pair(lambda: groupnorm.group_norm(x, G, w, b, uneven=True),
-                                    lambda: _composite(x, G, w, b), REPS)
-        t_even, _ = _time_pair(lambda: F.group_norm(x, even_g, w, b), lambda: None, REPS)
-    ms = [statistics.median(t) * 1e3 for t in (t_runs, t_comp, t_even)]
+        t_runs, t_comp = _time_pair(
+            batched(lambda: groupnorm.group_norm(x, G, w, b, uneven=True), CALLS),
+            batched(lambda: _composite(x, G, w, b), CALLS), REPS)
+        t_even, _ = _time_pair(batched(lambda: F.group_norm(x, even_g, w, b), CALLS),
+                               lambda: None, REPS)
+    ms = [statistics.median(t) / CALLS * 1e3 for t in (t_runs, t_comp, t_even)]
     plan = groupnorm.functional.resolve_plan(C, G, uneven=True)
     print(f"{str(shape):<18} {plan.describe():<22} {ms[0]:9.3f} {ms[1]:9.3f} {ms[2]:9.3f} "
           f"{ms[1] / ms[0]:8.1f}x", flush=True)
     return {"shape": list(shape), "G": G, "plan": plan.describe(), "native_runs_ms": ms[0],
             "composite_ms": ms[1], "torch_even_ms": ms[2], "torch_even_G": even_g,
-            "speedup": ms[1] / ms[0], "reps": REPS}
+            "speedup": ms[1] / ms[0], "reps": REPS,
+            "calls_per_sample": CALLS}
 
 
 def run() -> list[dict]:
@@ -68,17 +72,10 @@ def run() -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = small_input_args(__doc__)
     print(f"{'shape':<18} {'plan':<22} {'runs ms':>9} {'comp ms':>9} {'even ms':>9} "
           f"{'speedup':>9}")
-    rows = run()
-    path = result_path(args.out, "cpu_uneven")
-    path.write_text(json.dumps({"meta": machine_meta("cpu_uneven"), "rows": rows}, indent=1))
-    print(f"wrote {path}")
+    save_results(args.out, "cpu_uneven", run())
 
 
 if __name__ == "__main__":
