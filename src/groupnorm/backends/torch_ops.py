@@ -176,7 +176,10 @@ def _native_ok(r: Request) -> bool:
         return False
     if r.plan.is_even:
         return _native_layout(r.x)
-    return len(r.plan.runs) <= MAX_NATIVE_RUNS
+    # Each run is copied in x's memory format; off the CPU the kernel reads only contiguous
+    # input, so a channels-last x there would be copied for nothing.
+    return len(r.plan.runs) <= MAX_NATIVE_RUNS and (r.x.device.type == "cpu"
+                                                    or r.x.is_contiguous())
 
 
 @lru_cache(maxsize=256)
