@@ -23,17 +23,19 @@ import groupnorm
 
 SHAPES: list[tuple[int, ...]] = [(2, 64, 8, 8), (2, 1280, 8, 8), (8, 64, 32, 32)]
 G = 32
-CALLS = 1000   # per sample: one call is microseconds, below perf_counter's useful resolution
+CALLS = 1000  # per sample: one call is microseconds, below perf_counter's useful resolution
 SAMPLES = 30
 
 
-def _pairs(x: torch.Tensor, ours_m: nn.Module, torch_m: nn.Module
-           ) -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]]:
+def _pairs(
+    x: torch.Tensor, ours_m: nn.Module, torch_m: nn.Module
+) -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]]:
     """API -> (ours, torch's) calls on x with the same weight and bias."""
     w, b = torch_m.weight, torch_m.bias
-    return {"functional": (lambda: groupnorm.group_norm(x, G, w, b),
-                           lambda: F.group_norm(x, G, w, b)),
-            "module": (lambda: ours_m(x), lambda: torch_m(x))}
+    return {
+        "functional": (lambda: groupnorm.group_norm(x, G, w, b), lambda: F.group_norm(x, G, w, b)),
+        "module": (lambda: ours_m(x), lambda: torch_m(x)),
+    }
 
 
 def run() -> list[dict]:
@@ -50,12 +52,24 @@ def run() -> list[dict]:
                 t_ours, t_torch = _time_pair(batched(ours, CALLS), batched(theirs, CALLS), SAMPLES)
                 us_ours = statistics.median(t_ours) / CALLS * 1e6
                 us_torch = statistics.median(t_torch) / CALLS * 1e6
-                rows.append({"shape": list(shape), "G": G, "dtype": "torch.float32", "api": api,
-                             "ours_us": us_ours, "torch_us": us_torch,
-                             "extra_us": us_ours - us_torch, "calls_per_sample": CALLS,
-                             "samples": SAMPLES})
-                print(f"{str(shape):<18} {api:<11} {us_ours:9.2f} {us_torch:9.2f} "
-                      f"{us_ours - us_torch:+9.2f}", flush=True)
+                rows.append(
+                    {
+                        "shape": list(shape),
+                        "G": G,
+                        "dtype": "torch.float32",
+                        "api": api,
+                        "ours_us": us_ours,
+                        "torch_us": us_torch,
+                        "extra_us": us_ours - us_torch,
+                        "calls_per_sample": CALLS,
+                        "samples": SAMPLES,
+                    }
+                )
+                print(
+                    f"{str(shape):<18} {api:<11} {us_ours:9.2f} {us_torch:9.2f} "
+                    f"{us_ours - us_torch:+9.2f}",
+                    flush=True,
+                )
     return rows
 
 

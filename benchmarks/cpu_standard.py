@@ -40,8 +40,9 @@ SHAPES: list[tuple[str, tuple[int, ...], int]] = [
 ]
 
 
-def _time_pair(a: Callable[[], object], b: Callable[[], object], reps: int
-               ) -> tuple[list[float], list[float]]:
+def _time_pair(
+    a: Callable[[], object], b: Callable[[], object], reps: int
+) -> tuple[list[float], list[float]]:
     for _ in range(3):
         a()
         b()
@@ -60,9 +61,11 @@ def _time_pair(a: Callable[[], object], b: Callable[[], object], reps: int
 
 def batched(f: Callable[[], object], calls: int) -> Callable[[], None]:
     """``f`` called ``calls`` times in a row: one timing sample for _time_pair."""
+
     def run() -> None:
         for _ in range(calls):
             f()
+
     return run
 
 
@@ -87,27 +90,44 @@ def run(quick: bool) -> list[dict]:
                     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
                     reps = 6 if quick else 20
                     args = (x, G, w, b)
-                    t_ours, t_torch = _time_pair(lambda a=args: groupnorm.group_norm(*a),
-                                                 lambda a=args: F.group_norm(*a), reps)
+                    t_ours, t_torch = _time_pair(
+                        lambda a=args: groupnorm.group_norm(*a),
+                        lambda a=args: F.group_norm(*a),
+                        reps,
+                    )
                 m_ours, m_torch = statistics.median(t_ours), statistics.median(t_torch)
-                rows.append({
-                    "workload": name, "shape": list(shape), "G": G, "dtype": str(dtype),
-                    "layout": layout, "ours_ms": m_ours * 1e3, "torch_ms": m_torch * 1e3,
-                    "ratio": m_ours / m_torch, "reps": reps,
-                })
-                print(f"{name:<18} {str(tuple(shape)):<20} {str(dtype)[6:]:<9} {layout:<14} "
-                      f"{m_ours * 1e3:9.3f} {m_torch * 1e3:9.3f} {m_ours / m_torch:6.3f}",
-                      flush=True)
+                rows.append(
+                    {
+                        "workload": name,
+                        "shape": list(shape),
+                        "G": G,
+                        "dtype": str(dtype),
+                        "layout": layout,
+                        "ours_ms": m_ours * 1e3,
+                        "torch_ms": m_torch * 1e3,
+                        "ratio": m_ours / m_torch,
+                        "reps": reps,
+                    }
+                )
+                print(
+                    f"{name:<18} {str(tuple(shape)):<20} {str(dtype)[6:]:<9} {layout:<14} "
+                    f"{m_ours * 1e3:9.3f} {m_torch * 1e3:9.3f} {m_ours / m_torch:6.3f}",
+                    flush=True,
+                )
     return rows
 
 
 def machine_meta(benchmark: str) -> dict[str, object]:
     """What a result file records about where and when it was measured."""
     return {
-        "benchmark": benchmark, "date": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "groupnorm": groupnorm.__version__,
+        "benchmark": benchmark,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "groupnorm": groupnorm.__version__,
         "python": platform.python_version(),
     }
 
@@ -116,8 +136,10 @@ def save_results(out: Path, benchmark: str, rows: list[dict]) -> None:
     """Write ``{"meta", "rows"}`` to ``out/<benchmark>-<machine>-<cores>cores-<threads>threads
     .json`` (``out`` created) and say where."""
     out.mkdir(parents=True, exist_ok=True)
-    path = (out / f"{benchmark}-{platform.machine()}-{os.cpu_count()}cores-"
-                  f"{torch.get_num_threads()}threads.json")
+    path = (
+        out / f"{benchmark}-{platform.machine()}-{os.cpu_count()}cores-"
+        f"{torch.get_num_threads()}threads.json"
+    )
     path.write_text(json.dumps({"meta": machine_meta(benchmark), "rows": rows}, indent=1))
     print(f"wrote {path}")
 
@@ -136,19 +158,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="four small shapes, 5 reps")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default). One thread is steadier on "
-                             "a machine shared with other jobs: a busy core delays the wake-up "
-                             "of a second worker thread by a scheduler slice (~8 ms seen)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default). One thread is steadier on "
+        "a machine shared with other jobs: a busy core delays the wake-up "
+        "of a second worker thread by a scheduler slice (~8 ms seen)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{'workload':<18} {'shape':<20} {'dtype':<9} {'layout':<14} {'ours ms':>9} "
-          f"{'torch ms':>9} {'ratio':>6}")
+    print(
+        f"{'workload':<18} {'shape':<20} {'dtype':<9} {'layout':<14} {'ours ms':>9} "
+        f"{'torch ms':>9} {'ratio':>6}"
+    )
     rows = run(args.quick)
     ratios = [r["ratio"] for r in rows]
-    print(f"geometric-mean ratio ours/torch: "
-          f"{statistics.geometric_mean(ratios):.3f}; worst {max(ratios):.3f}")
+    print(
+        f"geometric-mean ratio ours/torch: "
+        f"{statistics.geometric_mean(ratios):.3f}; worst {max(ratios):.3f}"
+    )
     save_results(args.out, "cpu_standard", rows)
 
 

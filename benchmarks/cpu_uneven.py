@@ -26,12 +26,12 @@ from groupnorm.backends import torch_ops
 
 # (shape, G) where G does not divide C.
 SHAPES: list[tuple[tuple[int, ...], int]] = [
-    ((2, 48, 64, 64), 32),      # 16 groups of 2, 16 of 1
-    ((2, 100, 32, 32), 32),     # 4 groups of 4, 28 of 3
-    ((2, 1000, 16, 16), 32),    # 8 groups of 32, 24 of 31
+    ((2, 48, 64, 64), 32),  # 16 groups of 2, 16 of 1
+    ((2, 100, 32, 32), 32),  # 4 groups of 4, 28 of 3
+    ((2, 1000, 16, 16), 32),  # 8 groups of 32, 24 of 31
 ]
-REPS = 20      # samples per path
-CALLS = 10     # consecutive calls per sample
+REPS = 20  # samples per path
+CALLS = 10  # consecutive calls per sample
 
 
 def _composite(x: torch.Tensor, G: int, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -49,21 +49,39 @@ def _measure(shape: tuple[int, ...], G: int) -> dict:
     w, b = torch.randn(C), torch.randn(C)
     even_g = max(g for g in range(1, G + 1) if C % g == 0)
     with torch.no_grad():
-        torch.testing.assert_close(groupnorm.group_norm(x, G, w, b, uneven=True),
-                                   _composite(x, G, w, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            groupnorm.group_norm(x, G, w, b, uneven=True),
+            _composite(x, G, w, b),
+            rtol=1e-5,
+            atol=1e-5,
+        )
         t_runs, t_comp = _time_pair(
             batched(lambda: groupnorm.group_norm(x, G, w, b, uneven=True), CALLS),
-            batched(lambda: _composite(x, G, w, b), CALLS), REPS)
-        t_even, _ = _time_pair(batched(lambda: F.group_norm(x, even_g, w, b), CALLS),
-                               lambda: None, REPS)
+            batched(lambda: _composite(x, G, w, b), CALLS),
+            REPS,
+        )
+        t_even, _ = _time_pair(
+            batched(lambda: F.group_norm(x, even_g, w, b), CALLS), lambda: None, REPS
+        )
     ms = [statistics.median(t) / CALLS * 1e3 for t in (t_runs, t_comp, t_even)]
     plan = groupnorm.functional.resolve_plan(C, G, uneven=True)
-    print(f"{str(shape):<18} {plan.describe():<22} {ms[0]:9.3f} {ms[1]:9.3f} {ms[2]:9.3f} "
-          f"{ms[1] / ms[0]:8.1f}x", flush=True)
-    return {"shape": list(shape), "G": G, "plan": plan.describe(), "native_runs_ms": ms[0],
-            "composite_ms": ms[1], "torch_even_ms": ms[2], "torch_even_G": even_g,
-            "speedup": ms[1] / ms[0], "reps": REPS,
-            "calls_per_sample": CALLS}
+    print(
+        f"{str(shape):<18} {plan.describe():<22} {ms[0]:9.3f} {ms[1]:9.3f} {ms[2]:9.3f} "
+        f"{ms[1] / ms[0]:8.1f}x",
+        flush=True,
+    )
+    return {
+        "shape": list(shape),
+        "G": G,
+        "plan": plan.describe(),
+        "native_runs_ms": ms[0],
+        "composite_ms": ms[1],
+        "torch_even_ms": ms[2],
+        "torch_even_G": even_g,
+        "speedup": ms[1] / ms[0],
+        "reps": REPS,
+        "calls_per_sample": CALLS,
+    }
 
 
 def run() -> list[dict]:
@@ -73,8 +91,7 @@ def run() -> list[dict]:
 
 def main() -> None:
     args = small_input_args(__doc__)
-    print(f"{'shape':<18} {'plan':<22} {'runs ms':>9} {'comp ms':>9} {'even ms':>9} "
-          f"{'speedup':>9}")
+    print(f"{'shape':<18} {'plan':<22} {'runs ms':>9} {'comp ms':>9} {'even ms':>9} {'speedup':>9}")
     save_results(args.out, "cpu_uneven", run())
 
 

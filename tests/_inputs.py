@@ -11,8 +11,15 @@ from groupnorm.groups import GroupPlan
 LAYOUTS = ("nchw", "channels_last", "strided")
 
 
-def make_x(shape: tuple[int, ...], dtype: torch.dtype, layout: str = "nchw", *, seed: int = 0,
-           loc: float = 0.5, std: float = 2.0) -> torch.Tensor:
+def make_x(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    layout: str = "nchw",
+    *,
+    seed: int = 0,
+    loc: float = 0.5,
+    std: float = 2.0,
+) -> torch.Tensor:
     """Random (N, C, *S) tensor with the requested layout.
 
     ``channels_last``: channels have stride 1 (NHWC / NDHWC / NLC); ``strided``: a view that is
@@ -22,8 +29,9 @@ def make_x(shape: tuple[int, ...], dtype: torch.dtype, layout: str = "nchw", *, 
     if layout == "nchw":
         x = torch.randn(shape, generator=gen, dtype=torch.float64)
     elif layout == "channels_last":
-        x = torch.randn((shape[0],) + shape[2:] + (shape[1],), generator=gen,
-                        dtype=torch.float64).movedim(-1, 1)
+        x = torch.randn(
+            (shape[0],) + shape[2:] + (shape[1],), generator=gen, dtype=torch.float64
+        ).movedim(-1, 1)
     elif layout == "strided":
         wide = torch.randn(shape[:-1] + (2 * shape[-1],), generator=gen, dtype=torch.float64)
         x = wide[..., ::2]
@@ -35,18 +43,31 @@ def make_x(shape: tuple[int, ...], dtype: torch.dtype, layout: str = "nchw", *, 
 
 
 def rand(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed),
-                       dtype=torch.float64).to(dtype)
+    return torch.randn(
+        shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    ).to(dtype)
 
 
-def reference(x: torch.Tensor, plan: GroupPlan, weight: torch.Tensor | None = None,
-              bias: torch.Tensor | None = None, eps: float = 1e-5, **epilogue: object
-              ) -> tuple[np.ndarray, R.Cache]:
+def reference(
+    x: torch.Tensor,
+    plan: GroupPlan,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    **epilogue: object,
+) -> tuple[np.ndarray, R.Cache]:
     """The float64 reference on exactly the values the library saw (x rounded to its dtype)."""
+
     def np64(t: object) -> np.ndarray | None:
         return None if t is None else t.detach().double().numpy()  # type: ignore[union-attr]
+
     return R.group_norm_forward(
-        np64(x), plan=plan, gamma=np64(weight), beta=np64(bias), eps=eps,
+        np64(x),
+        plan=plan,
+        gamma=np64(weight),
+        beta=np64(bias),
+        eps=eps,
         activation=epilogue.get("activation"),  # type: ignore[arg-type]
-        scale=np64(epilogue.get("scale")), shift=np64(epilogue.get("shift")),
+        scale=np64(epilogue.get("scale")),
+        shift=np64(epilogue.get("shift")),
     )

@@ -46,8 +46,9 @@ def assert_matches(
     assert got.shape == expected.shape, f"{what}: shape {got.shape} != {expected.shape}"
     finite = np.isfinite(expected)
     assert np.array_equal(np.isnan(got), np.isnan(expected)), f"{what}: NaN positions differ"
-    assert np.array_equal(got[~finite & ~np.isnan(expected)],
-                          expected[~finite & ~np.isnan(expected)]), f"{what}: Inf values differ"
+    assert np.array_equal(
+        got[~finite & ~np.isnan(expected)], expected[~finite & ~np.isnan(expected)]
+    ), f"{what}: Inf values differ"
     atol, rtol = tolerance(dtype, reduction)
     err = np.abs(got - expected)[finite]
     allowed = atol + rtol * np.abs(expected[finite])

@@ -34,8 +34,10 @@ def compile_kernel(fn: triton.JITFunction, constexprs: dict, x_dtype: str = "bf1
             signature[name] = "i32"
         else:
             signature[name] = "*fp32"
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", 90, 32),
+    )
     assert compiled.asm["cubin"], f"{fn.__name__}: no cubin"
 
 
@@ -47,11 +49,15 @@ def main() -> int:
         compile_kernel(kernels._gn_fwd_normalize_kernel, dict(flags, BLOCK_KP=16))
         compile_kernel(kernels._gn_bwd_partial_kernel, flags)
         for fused in (True, False):
-            compile_kernel(kernels._gn_bwd_dx_kernel, dict(flags, STATS_GIVEN=not fused,
-                                                           FUSED=fused))
+            compile_kernel(
+                kernels._gn_bwd_dx_kernel, dict(flags, STATS_GIVEN=not fused, FUSED=fused)
+            )
     compile_kernel(kernels._gn_fwd_partial_kernel, dict(IDX64=True, **tile), "fp16")
-    compile_kernel(kernels._gn_fwd_fused_kernel,
-                   {**{k: False for k in ALL_ON}, "ACT": 0, "IDX64": False, **tile}, "fp32")
+    compile_kernel(
+        kernels._gn_fwd_fused_kernel,
+        {**{k: False for k in ALL_ON}, "ACT": 0, "IDX64": False, **tile},
+        "fp32",
+    )
     compile_kernel(kernels._gn_bwd_param_kernel, dict(ALL_ON, BLOCK=1024))
     print("every kernel compiled for sm_90")
     return 0

@@ -18,8 +18,10 @@ import torch
 
 INTERPRET = not torch.cuda.is_available()
 if INTERPRET and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set: its functions "
-                       "are compiled, not interpreted; import tests._triton_interpreted first")
+    raise RuntimeError(
+        "triton was imported before TRITON_INTERPRET=1 was set: its functions "
+        "are compiled, not interpreted; import tests._triton_interpreted first"
+    )
 
 _before = os.environ.get("TRITON_INTERPRET")
 if INTERPRET:

@@ -21,9 +21,11 @@ from tests._tolerances import assert_matches
 # ---- drop-in module ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"eps": 1e-3}, {"affine": False},
-                                    {"dtype": torch.float64}, {"bias": False}],
-                         ids=["default", "eps", "no_affine", "fp64", "no_bias"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"eps": 1e-3}, {"affine": False}, {"dtype": torch.float64}, {"bias": False}],
+    ids=["default", "eps", "no_affine", "fp64", "no_bias"],
+)
 def test_module_is_a_drop_in(kwargs: dict) -> None:
     torch.manual_seed(0)
     if "bias" in kwargs and "bias" not in inspect.signature(nn.GroupNorm).parameters:
@@ -64,13 +66,18 @@ def test_module_extras_and_repr() -> None:
     assert "group_sizes=" in repr(m)
     act = groupnorm.GroupNormAct(4, 16)
     torch_repr = repr(nn.GroupNorm(4, 16))
-    assert repr(act) == "GroupNormAct" + torch_repr[len("GroupNorm"):-1] + ", activation='silu')"
+    assert repr(act) == "GroupNormAct" + torch_repr[len("GroupNorm") : -1] + ", activation='silu')"
     x = make_x((2, 16, 3, 3), torch.float32)
-    assert_matches(act(x), reference(x, resolve_plan(16, 4), act.weight, act.bias,
-                                     activation="silu")[0], torch.float32)
-    assert_matches(m(make_x((2, 48, 3, 3), torch.float32, seed=1)),
-                   reference(make_x((2, 48, 3, 3), torch.float32, seed=1), m.plan,
-                             m.weight, m.bias)[0], torch.float32)
+    assert_matches(
+        act(x),
+        reference(x, resolve_plan(16, 4), act.weight, act.bias, activation="silu")[0],
+        torch.float32,
+    )
+    assert_matches(
+        m(make_x((2, 48, 3, 3), torch.float32, seed=1)),
+        reference(make_x((2, 48, 3, 3), torch.float32, seed=1), m.plan, m.weight, m.bias)[0],
+        torch.float32,
+    )
 
 
 def test_module_errors() -> None:
@@ -80,8 +87,11 @@ def test_module_errors() -> None:
         groupnorm.GroupNorm(32)
     with pytest.raises(ValueError, match="activation"):
         groupnorm.GroupNorm(4, 8, activation="tanh")
-    with pytest.raises(ValueError, match=r"expected x with 8 channels \(dim 1\) for 4 groups "
-                                         r"of 2, got shape \(2, 6, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected x with 8 channels \(dim 1\) for 4 groups "
+        r"of 2, got shape \(2, 6, 3\)",
+    ):
         groupnorm.GroupNorm(4, 8)(torch.randn(2, 6, 3))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         groupnorm.GroupNorm(4, 8)([[1.0]])
@@ -89,8 +99,12 @@ def test_module_errors() -> None:
 
 def test_module_trains() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 12, 3), groupnorm.GroupNormAct(5, 12, uneven=True),
-                          nn.Flatten(), nn.LazyLinear(2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 12, 3),
+        groupnorm.GroupNormAct(5, 12, uneven=True),
+        nn.Flatten(),
+        nn.LazyLinear(2),
+    )
     x, target = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
     model(x)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -107,15 +121,16 @@ def test_module_trains() -> None:
 # ---- statistics API ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("plan_kw", [{"num_groups": 4}, {"num_groups": 5, "uneven": True}],
-                         ids=["even", "uneven"])
+@pytest.mark.parametrize(
+    "plan_kw", [{"num_groups": 4}, {"num_groups": 5, "uneven": True}], ids=["even", "uneven"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_tiled_statistics_equal_whole(plan_kw: dict, dtype: torch.dtype) -> None:
     """What tiled VAE decoding does: stats per spatial tile, merged, then each tile normalized
     with the merged stats; stitched back, this equals normalizing the whole tensor."""
     x = make_x((2, 12, 20, 18), dtype, "channels_last", loc=30.0, std=0.5)
     w, b = rand((12,), dtype, 1), rand((12,), dtype, 2)
-    tiles = [x[..., i:i + 7, j:j + 9] for i in range(0, 20, 7) for j in range(0, 18, 9)]
+    tiles = [x[..., i : i + 7, j : j + 9] for i in range(0, 20, 7) for j in range(0, 18, 9)]
     merged = groupnorm.group_stats(tiles[0], **plan_kw)
     for t in tiles[1:]:
         merged = groupnorm.merge_stats(merged, groupnorm.group_stats(t, **plan_kw))
@@ -126,9 +141,10 @@ def test_tiled_statistics_equal_whole(plan_kw: dict, dtype: torch.dtype) -> None
     out = torch.empty_like(x)
     for i in range(0, 20, 7):
         for j in range(0, 18, 9):
-            tile = x[..., i:i + 7, j:j + 9]
-            out[..., i:i + 7, j:j + 9] = groupnorm.group_norm(
-                tile, weight=w, bias=b, stats=merged, activation="silu", **plan_kw)
+            tile = x[..., i : i + 7, j : j + 9]
+            out[..., i : i + 7, j : j + 9] = groupnorm.group_norm(
+                tile, weight=w, bias=b, stats=merged, activation="silu", **plan_kw
+            )
     expected, _ = reference(x, resolve_plan(12, **plan_kw), w, b, activation="silu")
     assert_matches(out, expected, dtype)
 
@@ -178,39 +194,68 @@ def test_single_element_group_warns() -> None:
 
 
 BAD_CALLS = {
-    "wrong weight shape": (lambda: groupnorm.group_norm(torch.randn(2, 8, 3), 4, torch.ones(4)),
-                           ValueError, r"weight has shape \(4,\), expected \(8,\)"),
-    "wrong scale shape": (lambda: groupnorm.group_norm(torch.randn(2, 8, 3), 4,
-                                                       scale=torch.ones(8)),
-                          ValueError, r"scale has shape \(8,\), expected \(2, 8\)"),
-    "G not dividing C": (lambda: groupnorm.group_norm(torch.randn(2, 48, 3), 32),
-                         ValueError, "uneven=True"),
-    "group_size not dividing C": (lambda: groupnorm.group_norm(torch.randn(2, 48, 3),
-                                                               group_size=5),
-                                  ValueError, "group_size=5 does not divide"),
-    "(N,) input": (lambda: groupnorm.group_norm(torch.randn(8), 2), ValueError,
-                   r"\(N, C, \*spatial\)"),
-    "integer dtype": (lambda: groupnorm.group_norm(torch.ones(2, 8, 3, dtype=torch.int64), 2),
-                      TypeError, "floating dtype"),
-    "empty C": (lambda: groupnorm.group_norm(torch.randn(2, 0, 3), 1), ValueError,
-                "no channels"),
-    "empty spatial": (lambda: groupnorm.group_norm(torch.randn(2, 4, 0), 1), ValueError,
-                      "empty spatial"),
-    "mismatched devices": (lambda: groupnorm.group_norm(torch.randn(2, 4, 3), 2,
-                                                        torch.ones(4, device="meta")),
-                           ValueError, "weight is on meta but x is on cpu"),
-    "integer weight": (lambda: groupnorm.group_norm(torch.randn(2, 4, 3), 2,
-                                                    torch.ones(4, dtype=torch.int32)),
-                       TypeError, "weight has dtype torch.int32"),
-    "unknown activation": (lambda: groupnorm.group_norm(torch.randn(2, 4, 3), 2,
-                                                        activation="tanh"),
-                           ValueError, "activation must be one of"),
-    "negative eps": (lambda: groupnorm.group_norm(torch.randn(2, 4, 3), 2, eps=-1.0),
-                     ValueError, "eps"),
-    "not a tensor": (lambda: groupnorm.group_norm([[1.0, 2.0]], 1), TypeError,
-                     "torch.Tensor"),
-    "unknown backend": (lambda: groupnorm.group_norm(torch.randn(2, 4, 3), 2, backend="cuda9"),
-                        ValueError, r"unknown backend 'cuda9'; registered: \[.*'torch'"),
+    "wrong weight shape": (
+        lambda: groupnorm.group_norm(torch.randn(2, 8, 3), 4, torch.ones(4)),
+        ValueError,
+        r"weight has shape \(4,\), expected \(8,\)",
+    ),
+    "wrong scale shape": (
+        lambda: groupnorm.group_norm(torch.randn(2, 8, 3), 4, scale=torch.ones(8)),
+        ValueError,
+        r"scale has shape \(8,\), expected \(2, 8\)",
+    ),
+    "G not dividing C": (
+        lambda: groupnorm.group_norm(torch.randn(2, 48, 3), 32),
+        ValueError,
+        "uneven=True",
+    ),
+    "group_size not dividing C": (
+        lambda: groupnorm.group_norm(torch.randn(2, 48, 3), group_size=5),
+        ValueError,
+        "group_size=5 does not divide",
+    ),
+    "(N,) input": (
+        lambda: groupnorm.group_norm(torch.randn(8), 2),
+        ValueError,
+        r"\(N, C, \*spatial\)",
+    ),
+    "integer dtype": (
+        lambda: groupnorm.group_norm(torch.ones(2, 8, 3, dtype=torch.int64), 2),
+        TypeError,
+        "floating dtype",
+    ),
+    "empty C": (lambda: groupnorm.group_norm(torch.randn(2, 0, 3), 1), ValueError, "no channels"),
+    "empty spatial": (
+        lambda: groupnorm.group_norm(torch.randn(2, 4, 0), 1),
+        ValueError,
+        "empty spatial",
+    ),
+    "mismatched devices": (
+        lambda: groupnorm.group_norm(torch.randn(2, 4, 3), 2, torch.ones(4, device="meta")),
+        ValueError,
+        "weight is on meta but x is on cpu",
+    ),
+    "integer weight": (
+        lambda: groupnorm.group_norm(torch.randn(2, 4, 3), 2, torch.ones(4, dtype=torch.int32)),
+        TypeError,
+        "weight has dtype torch.int32",
+    ),
+    "unknown activation": (
+        lambda: groupnorm.group_norm(torch.randn(2, 4, 3), 2, activation="tanh"),
+        ValueError,
+        "activation must be one of",
+    ),
+    "negative eps": (
+        lambda: groupnorm.group_norm(torch.randn(2, 4, 3), 2, eps=-1.0),
+        ValueError,
+        "eps",
+    ),
+    "not a tensor": (lambda: groupnorm.group_norm([[1.0, 2.0]], 1), TypeError, "torch.Tensor"),
+    "unknown backend": (
+        lambda: groupnorm.group_norm(torch.randn(2, 4, 3), 2, backend="cuda9"),
+        ValueError,
+        r"unknown backend 'cuda9'; registered: \[.*'torch'",
+    ),
 }
 
 
@@ -219,28 +264,56 @@ def test_bad_input_is_a_clear_error(case: str, monkeypatch: pytest.MonkeyPatch) 
     call, exc, match = BAD_CALLS[case]
     ran = []
     for backend in list(dispatch._REGISTRY.values()):
+
         def spy(r: dispatch.Request, _run=backend.run) -> object:  # type: ignore[no-untyped-def]
             ran.append(r)
             return _run(r)
-        monkeypatch.setitem(dispatch._REGISTRY, backend.name,
-                            dispatch.Backend(backend.name, backend.priority, backend.why_not,
-                                             spy, backend.available))
+
+        monkeypatch.setitem(
+            dispatch._REGISTRY,
+            backend.name,
+            dispatch.Backend(
+                backend.name, backend.priority, backend.why_not, spy, backend.available
+            ),
+        )
     with pytest.raises(exc, match=match):
         call()
     assert not ran, "a backend ran before the error was raised"
 
 
 def test_explicit_backend_that_cannot_serve_lists_alternatives(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    picky = dispatch.Backend("picky", 5, lambda r: "only float64" if r.x.dtype != torch.float64
-                             else None, lambda r: (r.x, None))
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    picky = dispatch.Backend(
+        "picky",
+        5,
+        lambda r: "only float64" if r.x.dtype != torch.float64 else None,
+        lambda r: (r.x, None),
+    )
     monkeypatch.setitem(dispatch._REGISTRY, "picky", picky)
-    with pytest.raises(ValueError, match=r"backend 'picky' cannot run this call: only float64. "
-                                         r"Backends that can: \[.*'torch'.*\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"backend 'picky' cannot run this call: only float64. "
+        r"Backends that can: \[.*'torch'.*\]",
+    ):
         groupnorm.group_norm(torch.randn(2, 4, 3), 2, backend="picky")
-    assert dispatch.select_backend(dispatch.Request(
-        torch.randn(2, 4, 3), resolve_plan(4, 2), None, None, 1e-5, None, None, None, None,
-        False)).name == "torch"
+    assert (
+        dispatch.select_backend(
+            dispatch.Request(
+                torch.randn(2, 4, 3),
+                resolve_plan(4, 2),
+                None,
+                None,
+                1e-5,
+                None,
+                None,
+                None,
+                None,
+                False,
+            )
+        ).name
+        == "torch"
+    )
     x64 = torch.randn(2, 4, 3, dtype=torch.float64)
     assert groupnorm.group_norm(x64, 2, backend="auto") is x64  # picky has the higher priority
 
@@ -252,6 +325,7 @@ def test_available_backends_lists_torch() -> None:
 def test_bias_false_without_torch_support(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch releases before 2.13 have no nn.GroupNorm(bias=); ours drops the bias itself."""
     from groupnorm import modules
+
     monkeypatch.setattr(modules, "_TORCH_HAS_BIAS_FLAG", False)
     m = groupnorm.GroupNorm(4, 8, bias=False)
     assert m.bias is None and list(m.state_dict()) == ["weight"]

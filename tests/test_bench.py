@@ -14,10 +14,16 @@ def test_shape_table_is_spec_table():
     assert len({s.workload for s in bench.SHAPES}) == 21
     dims = {(s.dims, s.G, s.dtype) for s in bench.SHAPES}
     bf16 = torch.bfloat16
-    for expected in [((2, 320, 64, 64), 32, bf16), ((1, 128, 1024, 1024), 32, bf16),
-                     ((1, 128, 20, 256, 256), 32, bf16), ((2, 2048, 25, 38), 32, bf16),
-                     ((32, 256, 56, 56), 32, torch.float32), ((2, 32, 128, 128, 128), 8, bf16),
-                     ((8, 512, 1024), 32, bf16), ((2, 960, 64, 64), 32, bf16)]:
+    for expected in [
+        ((2, 320, 64, 64), 32, bf16),
+        ((1, 128, 1024, 1024), 32, bf16),
+        ((1, 128, 20, 256, 256), 32, bf16),
+        ((2, 2048, 25, 38), 32, bf16),
+        ((32, 256, 56, 56), 32, torch.float32),
+        ((2, 32, 128, 128, 128), 8, bf16),
+        ((8, 512, 1024), 32, bf16),
+        ((2, 960, 64, 64), 32, bf16),
+    ]:
         assert expected in dims, f"missing SPEC shape {expected}"
     assert all(s.C % s.G == 0 for s in bench.SHAPES)
 
@@ -35,8 +41,9 @@ def test_bytes_formula_gives_the_issue_floors():
     assert fp32.nbytes == 4 * 32 * 256 * 56 * 56
 
 
-@pytest.mark.parametrize("dims", [(2, 6, 5), (2, 6, 4, 5), (1, 6, 2, 3, 4)],
-                         ids=["ncl", "nchw-4d", "ncdhw-5d"])
+@pytest.mark.parametrize(
+    "dims", [(2, 6, 5), (2, 6, 4, 5), (1, 6, 2, 3, 4)], ids=["ncl", "nchw-4d", "ncdhw-5d"]
+)
 def test_make_input_layouts(dims):
     shape = bench.Shape("t", dims[0], dims[1], dims[2:], G=3, dtype=torch.float32)
     gen = torch.Generator().manual_seed(0)

@@ -104,12 +104,15 @@ def test_uneven_policy_cannot_make_more_groups_than_channels() -> None:
     assert out[1].plan.sizes == (2,) * 8
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"policy": "silent"}, "policy must be one of"),
-    ({"num_groups": 8, "group_size": 4}, "not both"),
-    ({"num_groups": 0}, "num_groups must be a positive integer"),
-    ({"group_size": 2.5}, "group_size must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"policy": "silent"}, "policy must be one of"),
+        ({"num_groups": 8, "group_size": 4}, "not both"),
+        ({"num_groups": 0}, "num_groups must be a positive integer"),
+        ({"group_size": 2.5}, "group_size must be a positive integer"),
+    ],
+)
 def test_bad_arguments(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         convert_batchnorm(nn.BatchNorm2d(8), **kw)
@@ -127,13 +130,24 @@ def test_not_a_module_and_uninitialized_lazy_batchnorm() -> None:
 
 
 def test_every_batchnorm_kind_and_affine_parameters_copied() -> None:
-    model = _randomize(nn.ModuleDict({
-        "b1": nn.BatchNorm1d(32), "b2": nn.BatchNorm2d(64), "b3": nn.BatchNorm3d(32),
-        "sync": nn.SyncBatchNorm(64, eps=1e-3),
-    }), seed=2)
+    model = _randomize(
+        nn.ModuleDict(
+            {
+                "b1": nn.BatchNorm1d(32),
+                "b2": nn.BatchNorm2d(64),
+                "b3": nn.BatchNorm3d(32),
+                "sync": nn.SyncBatchNorm(64, eps=1e-3),
+            }
+        ),
+        seed=2,
+    )
     out, report = convert_batchnorm(model)
-    assert {r.kind for r in report.replaced} == {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-                                                 "SyncBatchNorm"}
+    assert {r.kind for r in report.replaced} == {
+        "BatchNorm1d",
+        "BatchNorm2d",
+        "BatchNorm3d",
+        "SyncBatchNorm",
+    }
     assert _count(out, nn.modules.batchnorm._BatchNorm) == 0
     for name, old in model.items():
         new = out[name]
@@ -147,8 +161,9 @@ def test_every_batchnorm_kind_and_affine_parameters_copied() -> None:
 
 
 def test_batchnorm_without_affine_and_without_running_stats() -> None:
-    model = nn.Sequential(nn.BatchNorm2d(64, affine=False),
-                          nn.BatchNorm2d(64, track_running_stats=False))
+    model = nn.Sequential(
+        nn.BatchNorm2d(64, affine=False), nn.BatchNorm2d(64, track_running_stats=False)
+    )
     out, report = convert_batchnorm(model)
     assert out[0].affine is False and out[0].weight is None and out[0].bias is None
     assert out[1].affine is True
@@ -163,7 +178,7 @@ def test_shared_module_converted_once_and_kept_shared() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.norm = nn.BatchNorm2d(64)
-            self.again = self.norm                 # the same object at a second path
+            self.again = self.norm  # the same object at a second path
             self.conv = nn.Conv2d(64, 64, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +188,7 @@ def test_shared_module_converted_once_and_kept_shared() -> None:
     out, report = convert_batchnorm(model)
     assert len(report.replaced) == 1 and report.replaced[0].paths == ("norm", "again")
     assert out.norm is out.again and isinstance(out.norm, GroupNorm)
-    assert len(list(out.parameters())) == 4        # conv w, b + one norm's w, b
+    assert len(list(out.parameters())) == 4  # conv w, b + one norm's w, b
 
 
 def test_train_eval_mode_kept_per_module() -> None:
@@ -233,13 +248,16 @@ def _free_port() -> int:
 
 def test_ddp_wrapped_model_refused() -> None:
     import torch.distributed as dist
+
     if not dist.is_available():
         pytest.skip("torch.distributed is not built into this torch")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                            world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
     try:
-        ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Conv2d(3, 32, 1),
-                                                                nn.BatchNorm2d(32)))
+        ddp = nn.parallel.DistributedDataParallel(
+            nn.Sequential(nn.Conv2d(3, 32, 1), nn.BatchNorm2d(32))
+        )
         for fn in (convert_batchnorm, swap_group_norm):
             with pytest.raises(TypeError, match="before wrapping"):
                 fn(ddp)
@@ -262,8 +280,9 @@ class Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                          nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.bn1(self.conv1(x)))
@@ -273,8 +292,9 @@ class Block(nn.Module):
 class SmallResNet(nn.Module):
     def __init__(self, classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
-                                  nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        )
         self.layers = nn.Sequential(Block(16, 16, 1), Block(16, 32, 2), Block(32, 48, 2))
         self.head = nn.Linear(48, classes)
 
@@ -340,10 +360,11 @@ def test_wsconv2d_gradcheck_and_scale_invariance() -> None:
     ws = WSConv2d(3, 4, 3, padding=1, ws_eps=1e-30).double()
     x = make_x((2, 3, 4, 4), torch.float64, seed=11).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda a, w: F.conv2d(a, groupnorm.ws.standardize_weight(w, 1e-30)), (x, ws.weight))
+        lambda a, w: F.conv2d(a, groupnorm.ws.standardize_weight(w, 1e-30)), (x, ws.weight)
+    )
     with torch.no_grad():
         y1 = ws(x)
-        ws.weight.mul_(7.5).add_(3.0)              # a filter's scale and offset do not matter
+        ws.weight.mul_(7.5).add_(3.0)  # a filter's scale and offset do not matter
         y2 = ws(x)
     assert_matches(y2, to_numpy(y1), torch.float64, reduction=27)
     with pytest.raises(ValueError, match="ws_eps must be > 0"):
@@ -355,8 +376,16 @@ def test_wsconv2d_gradcheck_and_scale_invariance() -> None:
 
 
 def _seq() -> nn.Sequential:
-    return _randomize(nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.GroupNorm(32, 64),
-                                    nn.SiLU(), nn.GroupNorm(8, 64), nn.ReLU()), seed=12)
+    return _randomize(
+        nn.Sequential(
+            nn.Conv2d(3, 64, 3, padding=1),
+            nn.GroupNorm(32, 64),
+            nn.SiLU(),
+            nn.GroupNorm(8, 64),
+            nn.ReLU(),
+        ),
+        seed=12,
+    )
 
 
 def test_swap_sequential_fuses_and_matches_torch() -> None:
@@ -366,8 +395,8 @@ def test_swap_sequential_fuses_and_matches_torch() -> None:
     assert [(f.norm, f.activation) for f in report.fused] == [("1", "2")]
     assert out[1].activation == "silu" and isinstance(out[2], nn.Identity)
     assert out[3].activation is None and isinstance(out[4], nn.ReLU)
-    assert out[1].weight is not model[1].weight    # a copy by default ...
-    assert type(model[1]) is nn.GroupNorm          # ... and the argument is untouched
+    assert out[1].weight is not model[1].weight  # a copy by default ...
+    assert type(model[1]) is nn.GroupNorm  # ... and the argument is untouched
     x = make_x((2, 3, 6, 5), torch.float64, seed=13)
     assert_matches(out(x), to_numpy(model(x)), torch.float64, reduction=2 * 30)
 
@@ -377,7 +406,7 @@ def test_swap_keeps_parameters_and_restore_keeps_training() -> None:
     original_weight = model[1].weight
     out, report = swap_group_norm(model, inplace=True)
     assert out is model and model[1].weight is original_weight
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)   # built on the swapped model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built on the swapped model
     x = make_x((2, 3, 6, 5), torch.float32, seed=14)
     model(x).square().mean().backward()
     opt.step()
@@ -421,9 +450,9 @@ def test_modules_with_hooks_or_patched_forward_are_left_alone() -> None:
     assert report.swapped == ["1"] and type(out[3]) is nn.GroupNorm
     assert report.skipped == [("3", "GroupNorm has hooks registered on it")]
     out(make_x((1, 3, 4, 4), torch.float32, seed=28))
-    assert seen == [torch.Size([1, 64, 4, 4])]     # the hook still runs, on the kept module
+    assert seen == [torch.Size([1, 64, 4, 4])]  # the hook still runs, on the kept module
     model = _seq()
-    model.forward = lambda x: nn.Sequential.forward(model, x)   # an offloading-style wrapper
+    model.forward = lambda x: nn.Sequential.forward(model, x)  # an offloading-style wrapper
     _, report = swap_group_norm(model)
     assert report.fused == [] and "forward replaced on the instance" in report.not_fused[0][1]
     bn = nn.Sequential(nn.BatchNorm2d(32))
@@ -443,28 +472,53 @@ def diffusers() -> ModuleType:
 
 def _resnet_block_cls() -> type[nn.Module]:
     from diffusers.models.resnet import ResnetBlock2D
+
     return ResnetBlock2D
 
 
 def _vae(diffusers: ModuleType) -> nn.Module:
     torch.manual_seed(15)
-    return _randomize(diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=16,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=32).eval(), seed=15)
+    return _randomize(
+        diffusers.AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            norm_num_groups=16,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            sample_size=32,
+        ).eval(),
+        seed=15,
+    )
 
 
 def _unet(diffusers: ModuleType, **kw: object) -> nn.Module:
     torch.manual_seed(16)
-    return _randomize(diffusers.UNet2DModel(
-        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64),
-        layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"), **kw).eval(), seed=16)
+    return _randomize(
+        diffusers.UNet2DModel(
+            sample_size=16,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            attention_head_dim=8,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            **kw,
+        ).eval(),
+        seed=16,
+    )
 
 
-def _check_swap(model: nn.Module, run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-                x: torch.Tensor, fused: int) -> None:
+def _check_swap(
+    model: nn.Module,
+    run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    fused: int,
+) -> None:
     """Swapped outputs equal the original's: float64 against float64 (same computation), and
     float32 against the float64 original within the float32 tolerance."""
     norms = _count(model, nn.GroupNorm)
@@ -475,8 +529,9 @@ def _check_swap(model: nn.Module, run: Callable[[nn.Module, torch.Tensor], torch
     with torch.no_grad():
         model64 = copy.deepcopy(model).double()
         expected = to_numpy(run(model64, x.double()))
-        assert_matches(run(swap_group_norm(model64)[0], x.double()), expected,
-                       torch.float64, reduction=4096)
+        assert_matches(
+            run(swap_group_norm(model64)[0], x.double()), expected, torch.float64, reduction=4096
+        )
         assert_matches(run(out, x), expected, torch.float32)
     restored = restore_group_norm(out, report)
     assert _count(restored, GroupNorm) == 0 and _count(restored, nn.GroupNorm) == norms
@@ -487,8 +542,12 @@ def test_diffusers_autoencoder_kl_swap(diffusers: ModuleType) -> None:
     resnets = _count(vae, _resnet_block_cls())
     assert resnets == 10
     # norm1 and norm2 of every ResnetBlock2D, plus encoder and decoder conv_norm_out.
-    _check_swap(vae, lambda m, x: m(x).sample, make_x((2, 3, 32, 32), torch.float32, seed=17),
-                fused=2 * resnets + 2)
+    _check_swap(
+        vae,
+        lambda m, x: m(x).sample,
+        make_x((2, 3, 32, 32), torch.float32, seed=17),
+        fused=2 * resnets + 2,
+    )
 
 
 def test_diffusers_vae_batch_one_without_fusion(diffusers: ModuleType) -> None:
@@ -512,17 +571,21 @@ def test_diffusers_vae_batch_one_without_fusion(diffusers: ModuleType) -> None:
     assert_matches(norm(odd), expected, torch.float32)
 
 
-def test_diffusers_unet_swap_moves_time_activation_into_projection(diffusers: ModuleType
-                                                                  ) -> None:
+def test_diffusers_unet_swap_moves_time_activation_into_projection(diffusers: ModuleType) -> None:
     unet = _unet(diffusers)
     resnets = _count(unet, _resnet_block_cls())
     out, report = swap_group_norm(unet)
     moved = {f.moved_to for f in report.fused if f.rule == "ResnetBlock2D"}
-    assert len(moved) == resnets and all(len(m) == 1 and m[0].endswith("time_emb_proj")
-                                         for m in moved)
+    assert len(moved) == resnets and all(
+        len(m) == 1 and m[0].endswith("time_emb_proj") for m in moved
+    )
     # The pre-hook carries the SiLU the time embedding needs: without it the outputs differ.
-    _check_swap(unet, lambda m, x: m(x, 10).sample, make_x((2, 3, 16, 16), torch.float32,
-                                                          seed=18), fused=2 * resnets + 1)
+    _check_swap(
+        unet,
+        lambda m, x: m(x, 10).sample,
+        make_x((2, 3, 16, 16), torch.float32, seed=18),
+        fused=2 * resnets + 1,
+    )
 
 
 def test_diffusers_unet_scale_shift_blocks_are_not_fused(diffusers: ModuleType) -> None:
@@ -531,23 +594,38 @@ def test_diffusers_unet_scale_shift_blocks_are_not_fused(diffusers: ModuleType) 
     assert [f.norm for f in report.fused] == ["conv_norm_out"]
     reasons = {why for path, why in report.not_fused}
     assert len(report.not_fused) == _count(unet, _resnet_block_cls())
-    assert reasons == {"time_embedding_norm='scale_shift' puts a scale and shift between norm2 "
-                       "and the activation"}
-    _check_swap(unet, lambda m, x: m(x, 3).sample, make_x((2, 3, 16, 16), torch.float32,
-                                                         seed=19), fused=1)
+    assert reasons == {
+        "time_embedding_norm='scale_shift' puts a scale and shift between norm2 and the activation"
+    }
+    _check_swap(
+        unet, lambda m, x: m(x, 3).sample, make_x((2, 3, 16, 16), torch.float32, seed=19), fused=1
+    )
 
 
 def test_diffusers_unet_conditional_swap(diffusers: ModuleType) -> None:
     torch.manual_seed(20)
-    unet = _randomize(diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-        layers_per_block=1, norm_num_groups=8, cross_attention_dim=16, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval(), seed=20)
+    unet = _randomize(
+        diffusers.UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=16,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        ).eval(),
+        seed=20,
+    )
     context = make_x((2, 5, 16), torch.float64, seed=21)
-    _check_swap(unet, lambda m, x: m(x, 4, context.to(x.dtype)).sample,
-                make_x((2, 4, 8, 8), torch.float32, seed=22),
-                fused=2 * _count(unet, _resnet_block_cls()) + 1)
+    _check_swap(
+        unet,
+        lambda m, x: m(x, 4, context.to(x.dtype)).sample,
+        make_x((2, 4, 8, 8), torch.float32, seed=22),
+        fused=2 * _count(unet, _resnet_block_cls()) + 1,
+    )
 
 
 def test_an_unverified_forward_is_swapped_but_not_fused(diffusers: ModuleType) -> None:
@@ -574,6 +652,7 @@ def test_fusion_rules_match_the_installed_diffusers(diffusers: ModuleType) -> No
     import importlib
 
     from groupnorm.convert import _RULES, _forward_fingerprint
+
     for rule in _RULES:
         cls = getattr(importlib.import_module(rule.module), rule.name)
         assert _forward_fingerprint(cls) in rule.fingerprints, f"{rule.module}.{rule.name}"
@@ -586,11 +665,16 @@ def test_fusion_rules_match_the_installed_diffusers(diffusers: ModuleType) -> No
 @pytest.mark.parametrize("lib", ["timm", "torchvision"])
 def test_library_resnet_converts(lib: str) -> None:
     mod = pytest.importorskip(
-        lib, reason=f"{lib} does not import here (torchvision from PyPI needs another torch "
-                    "build than the CPU torch this project pins; timm needs torchvision)")
+        lib,
+        reason=f"{lib} does not import here (torchvision from PyPI needs another torch "
+        "build than the CPU torch this project pins; timm needs torchvision)",
+    )
     torch.manual_seed(24)
-    model = (mod.create_model("resnet18", pretrained=False) if lib == "timm"
-             else mod.models.resnet18(weights=None))
+    model = (
+        mod.create_model("resnet18", pretrained=False)
+        if lib == "timm"
+        else mod.models.resnet18(weights=None)
+    )
     out, report = convert_batchnorm(model, weight_standardize=True)
     assert _count(out, nn.modules.batchnorm._BatchNorm) == 0 and len(report.replaced) == 20
     x = make_x((1, 3, 32, 32), torch.float32, seed=25)

@@ -22,16 +22,21 @@ from tests._tolerances import assert_matches, to_numpy
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
 SHAPES = {2: (3, 12), 3: (2, 12, 9), 4: (2, 12, 5, 3), 5: (2, 12, 3, 2, 4)}
-PLANS = {"even": {"num_groups": 4}, "uneven": {"num_groups": 5, "uneven": True},
-         "group_size": {"group_size": 3}, "explicit": {"group_sizes": [2, 6, 4]}}
+PLANS = {
+    "even": {"num_groups": 4},
+    "uneven": {"num_groups": 5, "uneven": True},
+    "group_size": {"group_size": 3},
+    "explicit": {"group_sizes": [2, 6, 4]},
+}
 
 
 def _params(C: int, dtype: torch.dtype, seed: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     return rand((C,), dtype, seed) * 0.5 + 1, rand((C,), dtype, seed + 1)
 
 
-def _baseline(x: torch.Tensor, plan_kw: dict, w: torch.Tensor | None,
-              b: torch.Tensor | None) -> torch.Tensor | None:
+def _baseline(
+    x: torch.Tensor, plan_kw: dict, w: torch.Tensor | None, b: torch.Tensor | None
+) -> torch.Tensor | None:
     """torch's own same-dtype result where it has one (even groups, no epilogue)."""
     if set(plan_kw) != {"num_groups"} or x.shape[1] % plan_kw["num_groups"]:
         return None
@@ -39,13 +44,15 @@ def _baseline(x: torch.Tensor, plan_kw: dict, w: torch.Tensor | None,
 
 
 # (N, C) has no channels-last layout distinct from contiguous.
-RANK_LAYOUTS = [(r, lay) for r in (2, 3, 4, 5) for lay in LAYOUTS
-                if not (r == 2 and lay == "channels_last")]
+RANK_LAYOUTS = [
+    (r, lay) for r in (2, 3, 4, 5) for lay in LAYOUTS if not (r == 2 and lay == "channels_last")
+]
 
 
 @pytest.mark.parametrize("plan_name", list(PLANS))
-@pytest.mark.parametrize(("rank", "layout"), RANK_LAYOUTS,
-                         ids=[f"{r}d-{lay}" for r, lay in RANK_LAYOUTS])
+@pytest.mark.parametrize(
+    ("rank", "layout"), RANK_LAYOUTS, ids=[f"{r}d-{lay}" for r, lay in RANK_LAYOUTS]
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_forward_matrix(dtype: torch.dtype, rank: int, layout: str, plan_name: str) -> None:
     shape = SHAPES[rank]
@@ -63,8 +70,7 @@ def test_forward_matrix(dtype: torch.dtype, rank: int, layout: str, plan_name: s
 @pytest.mark.parametrize("rank", [3, 4, 5])
 @pytest.mark.parametrize("epilogue", [{}, {"activation": "silu"}], ids=["plain", "silu"])
 @pytest.mark.parametrize("plan_name", ["even", "uneven"])
-def test_output_keeps_input_layout(rank: int, layout: str, epilogue: dict, plan_name: str
-                                   ) -> None:
+def test_output_keeps_input_layout(rank: int, layout: str, epilogue: dict, plan_name: str) -> None:
     x = make_x(SHAPES[rank], torch.float32, layout)
     y = groupnorm.group_norm(x, **PLANS[plan_name], **epilogue)
     order = sorted(range(rank), key=lambda d: -x.stride(d))
@@ -76,17 +82,21 @@ def test_output_keeps_input_layout(rank: int, layout: str, epilogue: dict, plan_
 @pytest.mark.parametrize("activation", [None, "silu", "gelu", "relu"])
 @pytest.mark.parametrize("plan_name", ["even", "uneven"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_epilogues(dtype: torch.dtype, plan_name: str, activation: str | None,
-                   modulated: bool) -> None:
+def test_epilogues(
+    dtype: torch.dtype, plan_name: str, activation: str | None, modulated: bool
+) -> None:
     shape = (2, 12, 4, 5)
     x = make_x(shape, dtype, "channels_last", seed=3)
     w, b = _params(12, dtype)
-    mod = {"scale": rand((2, 12), dtype, 7) * 0.3, "shift": rand((2, 12), dtype, 8)} \
-        if modulated else {}
-    y = groupnorm.group_norm(x, weight=w, bias=b, activation=activation, **mod,
-                             **PLANS[plan_name])
-    expected, _ = reference(x, resolve_plan(12, **PLANS[plan_name]), w, b,
-                            activation=activation, **mod)
+    mod = (
+        {"scale": rand((2, 12), dtype, 7) * 0.3, "shift": rand((2, 12), dtype, 8)}
+        if modulated
+        else {}
+    )
+    y = groupnorm.group_norm(x, weight=w, bias=b, activation=activation, **mod, **PLANS[plan_name])
+    expected, _ = reference(
+        x, resolve_plan(12, **PLANS[plan_name]), w, b, activation=activation, **mod
+    )
     assert_matches(y, expected, dtype)
 
 
@@ -95,27 +105,33 @@ def test_only_scale_or_only_shift() -> None:
     scale = rand((2, 8), torch.float32, 1)
     shift = rand((2, 8), torch.float32, 2)
     plan = resolve_plan(8, 2)
-    assert_matches(groupnorm.group_norm(x, 2, scale=scale), reference(x, plan, scale=scale)[0],
-                   torch.float32)
-    assert_matches(groupnorm.group_norm(x, 2, shift=shift), reference(x, plan, shift=shift)[0],
-                   torch.float32)
+    assert_matches(
+        groupnorm.group_norm(x, 2, scale=scale), reference(x, plan, scale=scale)[0], torch.float32
+    )
+    assert_matches(
+        groupnorm.group_norm(x, 2, shift=shift), reference(x, plan, shift=shift)[0], torch.float32
+    )
 
 
 @pytest.mark.parametrize("modulated", [False, True], ids=["no_mod", "scale_shift"])
 @pytest.mark.parametrize("activation", [None, "silu", "gelu"])
 @pytest.mark.parametrize("plan_name", ["even", "uneven", "explicit"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
-                         ids=["fp64", "fp32", "bf16"])
-def test_backward_matches_reference(dtype: torch.dtype, layout: str, plan_name: str,
-                                    activation: str | None, modulated: bool) -> None:
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"]
+)
+def test_backward_matches_reference(
+    dtype: torch.dtype, layout: str, plan_name: str, activation: str | None, modulated: bool
+) -> None:
     shape = (2, 12, 4, 3)
     x = make_x(shape, dtype, layout, seed=5).requires_grad_()
     w, b = (t.requires_grad_() for t in _params(12, dtype))
     mod = {}
     if modulated:
-        mod = {"scale": (rand((2, 12), dtype, 7) * 0.3).requires_grad_(),
-               "shift": rand((2, 12), dtype, 8).requires_grad_()}
+        mod = {
+            "scale": (rand((2, 12), dtype, 7) * 0.3).requires_grad_(),
+            "shift": rand((2, 12), dtype, 8).requires_grad_(),
+        }
     plan_kw = PLANS[plan_name]
     y = groupnorm.group_norm(x, weight=w, bias=b, activation=activation, **mod, **plan_kw)
     dy = rand(shape, dtype, 9)
@@ -125,8 +141,7 @@ def test_backward_matches_reference(dtype: torch.dtype, layout: str, plan_name: 
     group = max(resolve_plan(12, **plan_kw).sizes) * 12
     assert_matches(x.grad, grads.dx, dtype, reduction=group, what="dx")
     assert_matches(w.grad, grads.dgamma, dtype, reduction=2 * 12, what="dweight")
-    assert_matches(b.grad, grads.dbeta, dtype, reduction=24,
-                   what="dbias")
+    assert_matches(b.grad, grads.dbeta, dtype, reduction=24, what="dbias")
     if modulated:
         assert_matches(mod["scale"].grad, grads.dscale, dtype, reduction=12, what="dscale")
         assert_matches(mod["shift"].grad, grads.dshift, dtype, reduction=12, what="dshift")
@@ -134,8 +149,12 @@ def test_backward_matches_reference(dtype: torch.dtype, layout: str, plan_name: 
 
 @pytest.mark.parametrize(
     ("plan_kw", "activation", "modulated"),
-    [({"num_groups": 2}, None, False), ({"num_groups": 3, "uneven": True}, "silu", True),
-     ({"group_sizes": [3, 1, 4]}, "gelu", True), ({"num_groups": 8}, None, False)],
+    [
+        ({"num_groups": 2}, None, False),
+        ({"num_groups": 3, "uneven": True}, "silu", True),
+        ({"group_sizes": [3, 1, 4]}, "gelu", True),
+        ({"num_groups": 8}, None, False),
+    ],
     ids=["even", "uneven_silu_mod", "explicit_gelu_mod", "instance"],
 )
 def test_gradcheck_float64(plan_kw: dict, activation: str | None, modulated: bool) -> None:
@@ -143,13 +162,16 @@ def test_gradcheck_float64(plan_kw: dict, activation: str | None, modulated: boo
     w, b = (t.requires_grad_() for t in _params(8, torch.float64))
     inputs = [x, w, b]
     if modulated:
-        inputs += [rand((2, 8), torch.float64, 3).requires_grad_(),
-                   rand((2, 8), torch.float64, 4).requires_grad_()]
+        inputs += [
+            rand((2, 8), torch.float64, 3).requires_grad_(),
+            rand((2, 8), torch.float64, 4).requires_grad_(),
+        ]
 
     def f(*args: torch.Tensor) -> torch.Tensor:
         mod = {"scale": args[3], "shift": args[4]} if modulated else {}
-        out = groupnorm.group_norm(args[0], weight=args[1], bias=args[2], activation=activation,
-                                   **mod, **plan_kw)
+        out = groupnorm.group_norm(
+            args[0], weight=args[1], bias=args[2], activation=activation, **mod, **plan_kw
+        )
         assert isinstance(out, torch.Tensor)
         return out
 
@@ -193,10 +215,15 @@ def test_affine_false(dtype: torch.dtype) -> None:
     assert_matches(m(x.float()), reference(x.float(), resolve_plan(8, 4))[0], torch.float32)
 
 
-@pytest.mark.parametrize(("xdt", "wdt"), [(torch.bfloat16, torch.float32),
-                                          (torch.float16, torch.float32),
-                                          (torch.float32, torch.float64)],
-                         ids=["bf16_x_fp32_w", "fp16_x_fp32_w", "fp32_x_fp64_w"])
+@pytest.mark.parametrize(
+    ("xdt", "wdt"),
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.float64),
+    ],
+    ids=["bf16_x_fp32_w", "fp16_x_fp32_w", "fp32_x_fp64_w"],
+)
 def test_weight_in_another_dtype(xdt: torch.dtype, wdt: torch.dtype) -> None:
     x = make_x((2, 8, 4, 4), xdt, "channels_last")
     w, b = _params(8, wdt)
@@ -215,20 +242,26 @@ def test_groups_at_unaligned_addresses() -> None:
         assert_matches(y, reference(x, resolve_plan(9, **plan_kw))[0], torch.float32)
 
 
-@pytest.mark.parametrize("plan_kw", [{"num_groups": 4}, {"num_groups": 3, "uneven": True}],
-                         ids=["even", "uneven"])
+@pytest.mark.parametrize(
+    "plan_kw", [{"num_groups": 4}, {"num_groups": 3, "uneven": True}], ids=["even", "uneven"]
+)
 def test_empty_batch(plan_kw: dict) -> None:
     x = torch.randn(0, 8, 3, 3)
     assert groupnorm.group_norm(x, **plan_kw).shape == x.shape
 
 
-@pytest.mark.parametrize(("plan_kw", "native_calls"), [
-    ({"num_groups": 4}, 1),
-    ({"num_groups": 5, "uneven": True}, 2),                       # 2 groups of 3, 3 of 2
-    ({"group_sizes": [1, 2, 1, 2, 1, 2, 3]}, 0),                   # 7 runs: composite
-], ids=["even", "uneven", "many_runs"])
-def test_native_kernel_serves_plans_of_few_runs(plan_kw: dict, native_calls: int,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("plan_kw", "native_calls"),
+    [
+        ({"num_groups": 4}, 1),
+        ({"num_groups": 5, "uneven": True}, 2),  # 2 groups of 3, 3 of 2
+        ({"group_sizes": [1, 2, 1, 2, 1, 2, 3]}, 0),  # 7 runs: composite
+    ],
+    ids=["even", "uneven", "many_runs"],
+)
+def test_native_kernel_serves_plans_of_few_runs(
+    plan_kw: dict, native_calls: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Uneven plans run torch's kernel once per run of equal-size groups (an order of magnitude
     faster on CPU than the composite path); the result still matches the reference."""
     calls = []
@@ -249,8 +282,12 @@ def test_native_kernel_serves_plans_of_few_runs(plan_kw: dict, native_calls: int
 
 # ---- numerics policy ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("epilogue", [{}, {"activation": "silu"}, {"uneven": True}],
-                         ids=["native_path", "fused_path", "uneven_path"])
+
+@pytest.mark.parametrize(
+    "epilogue",
+    [{}, {"activation": "silu"}, {"uneven": True}],
+    ids=["native_path", "fused_path", "uneven_path"],
+)
 def test_large_mean_small_std_float32(epilogue: dict) -> None:
     """mean 1e4, std 1e-2 in float32: relative error < 1e-3 vs float64 on the same float32 input
     (torch's native kernel alone is ~1e-2 here, one-pass E[x^2]-E[x]^2 is garbage)."""
@@ -259,8 +296,9 @@ def test_large_mean_small_std_float32(epilogue: dict) -> None:
     G = 5 if epilogue.get("uneven") else 4
     y = groupnorm.group_norm(x, G, **epilogue)
     act = epilogue.get("activation")
-    expected, _ = R.group_norm_forward(x.double().numpy(), G, uneven=bool(epilogue.get("uneven")),
-                                       activation=act)
+    expected, _ = R.group_norm_forward(
+        x.double().numpy(), G, uneven=bool(epilogue.get("uneven")), activation=act
+    )
     rel = np.abs(to_numpy(y) - expected).max() / np.abs(expected).max()
     assert rel < 1e-3, rel
 
@@ -277,8 +315,9 @@ def test_float16_large_values_do_not_overflow() -> None:
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
-@pytest.mark.parametrize("plan_kw", [{"num_groups": 4}, {"num_groups": 3, "uneven": True}],
-                         ids=["even", "uneven"])
+@pytest.mark.parametrize(
+    "plan_kw", [{"num_groups": 4}, {"num_groups": 3, "uneven": True}], ids=["even", "uneven"]
+)
 def test_nonfinite_stays_in_its_group(bad: float, plan_kw: dict) -> None:
     x = make_x((2, 8, 4, 4), torch.float32)
     x[0, 0, 1, 2] = bad
@@ -286,7 +325,7 @@ def test_nonfinite_stays_in_its_group(bad: float, plan_kw: dict) -> None:
     plan = resolve_plan(8, **plan_kw)
     first_group = slice(0, plan.sizes[0])
     assert torch.isfinite(y[1]).all()
-    assert torch.isfinite(y[0, plan.sizes[0]:]).all()
+    assert torch.isfinite(y[0, plan.sizes[0] :]).all()
     assert not torch.isfinite(y[0, first_group]).all()
 
 
@@ -299,26 +338,33 @@ def test_statistics_dtype_for_half_inputs() -> None:
 
 # ---- property test ------------------------------------------------------------------------------
 
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    N=st.integers(1, 3), C=st.integers(1, 24), spatial=st.lists(st.integers(1, 5), max_size=3),
-    data=st.data(), layout=st.sampled_from(LAYOUTS),
+    N=st.integers(1, 3),
+    C=st.integers(1, 24),
+    spatial=st.lists(st.integers(1, 5), max_size=3),
+    data=st.data(),
+    layout=st.sampled_from(LAYOUTS),
     activation=st.sampled_from([None, "silu", "gelu", "relu"]),
 )
-def test_property_any_shape_and_plan(N: int, C: int, spatial: list[int], data: st.DataObject,
-                                     layout: str, activation: str | None) -> None:
+def test_property_any_shape_and_plan(
+    N: int, C: int, spatial: list[int], data: st.DataObject, layout: str, activation: str | None
+) -> None:
     shape = (N, C, *spatial)
     if layout == "channels_last" and not spatial:
         layout = "nchw"
     kind = data.draw(st.sampled_from(["num_groups", "uneven", "group_size", "group_sizes"]))
     if kind == "num_groups":
-        plan_kw: dict = {"num_groups": data.draw(st.sampled_from(
-            [d for d in range(1, C + 1) if C % d == 0]))}
+        plan_kw: dict = {
+            "num_groups": data.draw(st.sampled_from([d for d in range(1, C + 1) if C % d == 0]))
+        }
     elif kind == "uneven":
         plan_kw = {"num_groups": data.draw(st.integers(1, C)), "uneven": True}
     elif kind == "group_size":
-        plan_kw = {"group_size": data.draw(st.sampled_from(
-            [d for d in range(1, C + 1) if C % d == 0]))}
+        plan_kw = {
+            "group_size": data.draw(st.sampled_from([d for d in range(1, C + 1) if C % d == 0]))
+        }
     else:
         cuts = sorted(data.draw(st.sets(st.integers(1, C - 1), max_size=C - 1))) if C > 1 else []
         bounds = [0, *cuts, C]

@@ -32,24 +32,39 @@ def test_not_dividing_lists_the_choices() -> None:
     with pytest.raises(ValueError) as e:
         make_plan(48, 32)
     msg = str(e.value)
-    for needle in ("[1, 2, 3, 4, 6, 8, 12, 16, 24, 48]", "uneven=True", "group_size=",
-                   "choose_num_groups(48) -> 24"):
+    for needle in (
+        "[1, 2, 3, 4, 6, 8, 12, 16, 24, 48]",
+        "uneven=True",
+        "group_size=",
+        "choose_num_groups(48) -> 24",
+    ):
         assert needle in msg
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"num_groups": 5, "group_size": 2}, "exactly one"),
-     ({}, "exactly one"),
-     ({"group_size": 4}, "group_size=4 does not divide"),
-     ({"group_size": 20}, "larger than num_channels"),
-     ({"num_groups": 11}, "larger than num_channels"),
-     ({"num_groups": 0}, "positive integer"),
-     ({"num_groups": 2.0}, "positive integer"),
-     ({"group_sizes": [4, 4]}, "sum to num_channels=10"),
-     ({"group_sizes": [11, -1]}, "positive")],
-    ids=["two_ways", "no_way", "size_not_dividing", "size_too_big", "too_many_groups",
-         "zero_groups", "float_groups", "sizes_wrong_sum", "negative_size"],
+    [
+        ({"num_groups": 5, "group_size": 2}, "exactly one"),
+        ({}, "exactly one"),
+        ({"group_size": 4}, "group_size=4 does not divide"),
+        ({"group_size": 20}, "larger than num_channels"),
+        ({"num_groups": 11}, "larger than num_channels"),
+        ({"num_groups": 0}, "positive integer"),
+        ({"num_groups": 2.0}, "positive integer"),
+        ({"group_sizes": [4, 4]}, "sum to num_channels=10"),
+        ({"group_sizes": [11, -1]}, "positive"),
+    ],
+    ids=[
+        "two_ways",
+        "no_way",
+        "size_not_dividing",
+        "size_too_big",
+        "too_many_groups",
+        "zero_groups",
+        "float_groups",
+        "sizes_wrong_sum",
+        "negative_size",
+    ],
 )
 def test_plan_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -61,8 +76,10 @@ def test_bad_channel_count() -> None:
         make_plan(0, 1)
 
 
-@pytest.mark.parametrize(("C", "G", "cpg"), [(48, 24, 2), (96, 32, 3), (100, 25, 4), (64, 32, 2),
-                                           (2048, 32, 64), (3, 1, 3), (1, 1, 1)])
+@pytest.mark.parametrize(
+    ("C", "G", "cpg"),
+    [(48, 24, 2), (96, 32, 3), (100, 25, 4), (64, 32, 2), (2048, 32, 64), (3, 1, 3), (1, 1, 1)],
+)
 def test_chooser_examples(C: int, G: int, cpg: int) -> None:
     choice = choose_num_groups(C)
     assert (choice.num_groups, choice.channels_per_group) == (G, cpg)

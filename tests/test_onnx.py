@@ -29,37 +29,45 @@ def _onnx_run(model: nn.Module, *args: torch.Tensor) -> np.ndarray:
     """Export ``model`` (eval mode) and run it in onnxruntime on ``args``."""
     program = torch.onnx.export(model.eval(), args, dynamo=True, verbose=False)
     assert program is not None
-    session = ort.InferenceSession(program.model_proto.SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)}
     return np.asarray(session.run(None, feeds)[0])
 
 
 def _norm(kind: str, C: int) -> GroupNorm:
-    norm = {"standard": lambda: GroupNorm(32, C),
-            "uneven": lambda: GroupNorm(32, C, uneven=True),
-            "fused_silu": lambda: GroupNormAct(8, C),
-            "uneven_fused": lambda: GroupNorm(num_channels=C, group_sizes=[20, 14, 14],
-                                              activation="silu")}[kind]()
+    norm = {
+        "standard": lambda: GroupNorm(32, C),
+        "uneven": lambda: GroupNorm(32, C, uneven=True),
+        "fused_silu": lambda: GroupNormAct(8, C),
+        "uneven_fused": lambda: GroupNorm(
+            num_channels=C, group_sizes=[20, 14, 14], activation="silu"
+        ),
+    }[kind]()
     with torch.no_grad():
         norm.weight.copy_(rand((C,), torch.float32, seed=C) * 0.5 + 1)
         norm.bias.copy_(rand((C,), torch.float32, seed=C + 1))
     return norm
 
 
-@pytest.mark.parametrize("kind, C, sizes", [
-    ("standard", 64, (2,) * 32),
-    ("uneven", 48, (2,) * 16 + (1,) * 16),
-    ("fused_silu", 64, (8,) * 8),
-    ("uneven_fused", 48, (20, 14, 14)),
-])
+@pytest.mark.parametrize(
+    "kind, C, sizes",
+    [
+        ("standard", 64, (2,) * 32),
+        ("uneven", 48, (2,) * 16 + (1,) * 16),
+        ("fused_silu", 64, (8,) * 8),
+        ("uneven_fused", 48, (20, 14, 14)),
+    ],
+)
 def test_group_norm_round_trip(kind: str, C: int, sizes: Sequence[int]) -> None:
     norm = _norm(kind, C)
     x = make_x((2, C, 5, 7), torch.float32, seed=1, loc=3.0)
     got = _onnx_run(norm, x)
     activation = norm.activation
-    expected, _ = reference(x, GroupPlan(tuple(sizes)), norm.weight, norm.bias,
-                            activation=activation)
+    expected, _ = reference(
+        x, GroupPlan(tuple(sizes)), norm.weight, norm.bias, activation=activation
+    )
     assert_matches(torch.from_numpy(got), expected, torch.float32, what=f"onnxruntime {kind}")
     with torch.no_grad():
         eager = norm(x)
@@ -98,10 +106,16 @@ def test_converted_model_with_weight_standardization_round_trip() -> None:
     from groupnorm import WSConv2d, convert_batchnorm
 
     torch.manual_seed(7)
-    bn_model = nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(),
-                             nn.Conv2d(48, 16, 3, padding=1), nn.BatchNorm2d(16))
-    model, report = convert_batchnorm(bn_model, policy="uneven", num_groups=12,
-                                      weight_standardize=True)
+    bn_model = nn.Sequential(
+        nn.Conv2d(3, 48, 3, padding=1),
+        nn.BatchNorm2d(48),
+        nn.ReLU(),
+        nn.Conv2d(48, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+    )
+    model, report = convert_batchnorm(
+        bn_model, policy="uneven", num_groups=12, weight_standardize=True
+    )
     # 12 groups: even for C = 48, uneven for C = 16; both convs standardized.
     assert [r.plan.is_even for r in report.replaced] == [True, False]
     assert isinstance(model[0], WSConv2d) and isinstance(model[3], WSConv2d)

@@ -17,8 +17,16 @@ def test_worked_example_g2_matches_spec_digits() -> None:
     y, cache = R.group_norm_forward(ARTICLE_X, 2)
     np.testing.assert_allclose(cache.mean[0], [0.725, 0.25], atol=1e-15)
     np.testing.assert_allclose(cache.var[0], [1.136875, 1.0275], atol=1e-15)
-    spec_y = [0.44548731, -0.30480711, -1.43024875, 1.28956854, 0.64123959, -0.54258735,
-              1.23315306, -1.33180530]
+    spec_y = [
+        0.44548731,
+        -0.30480711,
+        -1.43024875,
+        1.28956854,
+        0.64123959,
+        -0.54258735,
+        1.23315306,
+        -1.33180530,
+    ]
     np.testing.assert_allclose(y[0], spec_y, atol=5e-9)
 
 
@@ -26,33 +34,48 @@ def test_worked_example_g1_is_layer_norm() -> None:
     y, cache = R.group_norm_forward(ARTICLE_X, 1)
     assert cache.mean[0, 0] == pytest.approx(0.4875, abs=1e-15)
     assert cache.var[0, 0] == pytest.approx(1.13859375, abs=1e-15)
-    spec_y = [0.66772643, -0.08200149, -1.20659336, 1.51117033, 0.38657846, -0.73801342,
-              0.94887439, -1.48774133]
+    spec_y = [
+        0.66772643,
+        -0.08200149,
+        -1.20659336,
+        1.51117033,
+        0.38657846,
+        -0.73801342,
+        0.94887439,
+        -1.48774133,
+    ]
     np.testing.assert_allclose(y[0], spec_y, atol=5e-9)
     np.testing.assert_allclose(R.layer_norm(ARTICLE_X)[0], y, atol=1e-15)
 
 
-@pytest.mark.parametrize("shape", [(3, 12, 5, 4), (2, 6, 7), (2, 4, 3, 2, 5)],
-                         ids=["4d", "3d", "5d"])
+@pytest.mark.parametrize(
+    "shape", [(3, 12, 5, 4), (2, 6, 7), (2, 4, 3, 2, 5)], ids=["4d", "3d", "5d"]
+)
 def test_zoo_against_torch(shape: tuple[int, ...]) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=shape) * 3 + 1
     C = shape[1]
     g, b = rng.normal(size=C), rng.normal(size=C)
     xt, gt, bt = (torch.from_numpy(a) for a in (x, g, b))
-    np.testing.assert_allclose(R.batch_norm(x, g, b)[0],
-                               F.batch_norm(xt, None, None, gt, bt, training=True).numpy(),
-                               atol=1e-12)
-    np.testing.assert_allclose(R.instance_norm(x, g, b)[0],
-                               F.instance_norm(xt, weight=gt, bias=bt).numpy(), atol=1e-12)
+    np.testing.assert_allclose(
+        R.batch_norm(x, g, b)[0],
+        F.batch_norm(xt, None, None, gt, bt, training=True).numpy(),
+        atol=1e-12,
+    )
+    np.testing.assert_allclose(
+        R.instance_norm(x, g, b)[0], F.instance_norm(xt, weight=gt, bias=bt).numpy(), atol=1e-12
+    )
     ln = F.layer_norm(xt, xt.shape[1:]).numpy() * g.reshape((1, C) + (1,) * (x.ndim - 2))
-    np.testing.assert_allclose(R.layer_norm(x)[0] * g.reshape((1, C) + (1,) * (x.ndim - 2)), ln,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        R.layer_norm(x)[0] * g.reshape((1, C) + (1,) * (x.ndim - 2)), ln, atol=1e-12
+    )
     for G in (1, 2, C):
-        np.testing.assert_allclose(R.group_norm_forward(x, G, g, b)[0],
-                                   F.group_norm(xt, G, gt, bt).numpy(), atol=1e-12)
-    np.testing.assert_allclose(R.group_norm_forward(x, C, g, b)[0], R.instance_norm(x, g, b)[0],
-                               atol=1e-12)
+        np.testing.assert_allclose(
+            R.group_norm_forward(x, G, g, b)[0], F.group_norm(xt, G, gt, bt).numpy(), atol=1e-12
+        )
+    np.testing.assert_allclose(
+        R.group_norm_forward(x, C, g, b)[0], R.instance_norm(x, g, b)[0], atol=1e-12
+    )
 
 
 def test_uneven_groups_equal_per_group_normalization() -> None:
@@ -63,8 +86,8 @@ def test_uneven_groups_equal_per_group_normalization() -> None:
     assert cache.plan.sizes == (3, 2, 2)
     start = 0
     for s in cache.plan.sizes:
-        part = x[:, start:start + s]
-        np.testing.assert_allclose(y[:, start:start + s], R.layer_norm(part)[0], atol=1e-12)
+        part = x[:, start : start + s]
+        np.testing.assert_allclose(y[:, start : start + s], R.layer_norm(part)[0], atol=1e-12)
         start += s
 
 
@@ -83,12 +106,15 @@ def _numeric_grad(f, a: np.ndarray, h: float = 1e-6) -> np.ndarray:  # type: ign
 
 
 @pytest.mark.parametrize("activation", [None, "silu", "gelu", "relu"])
-@pytest.mark.parametrize("plan_kw", [{"num_groups": 2}, {"num_groups": 3, "uneven": True},
-                                     {"group_sizes": [1, 4, 2]}],
-                         ids=["even", "uneven", "explicit"])
+@pytest.mark.parametrize(
+    "plan_kw",
+    [{"num_groups": 2}, {"num_groups": 3, "uneven": True}, {"group_sizes": [1, 4, 2]}],
+    ids=["even", "uneven", "explicit"],
+)
 @pytest.mark.parametrize("modulated", [False, True], ids=["plain", "scale_shift"])
-def test_backward_matches_finite_differences(activation: str | None, plan_kw: dict,
-                                             modulated: bool) -> None:
+def test_backward_matches_finite_differences(
+    activation: str | None, plan_kw: dict, modulated: bool
+) -> None:
     rng = np.random.default_rng(2)
     C = 7 if "uneven" in plan_kw or "group_sizes" in plan_kw else 6
     x = rng.normal(size=(2, C, 3))
@@ -98,12 +124,14 @@ def test_backward_matches_finite_differences(activation: str | None, plan_kw: di
     w = rng.normal(size=x.shape)
 
     def loss() -> float:
-        y, _ = R.group_norm_forward(x, gamma=gamma, beta=beta, activation=activation,
-                                    scale=scale, shift=shift, **plan_kw)
+        y, _ = R.group_norm_forward(
+            x, gamma=gamma, beta=beta, activation=activation, scale=scale, shift=shift, **plan_kw
+        )
         return float((y * w).sum())
 
-    _, cache = R.group_norm_forward(x, gamma=gamma, beta=beta, activation=activation,
-                                    scale=scale, shift=shift, **plan_kw)
+    _, cache = R.group_norm_forward(
+        x, gamma=gamma, beta=beta, activation=activation, scale=scale, shift=shift, **plan_kw
+    )
     grads = R.group_norm_backward(w, cache)
     np.testing.assert_allclose(grads.dx, _numeric_grad(loss, x), atol=1e-6)
     np.testing.assert_allclose(grads.dgamma, _numeric_grad(loss, gamma), atol=1e-6)
@@ -119,9 +147,11 @@ def test_backward_matches_finite_differences(activation: str | None, plan_kw: di
 def test_merge_stats_equals_whole() -> None:
     rng = np.random.default_rng(3)
     a, b = rng.normal(5, 2, size=(4, 37)), rng.normal(-1, 0.5, size=(4, 11))
+
     def m(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         mu = v.mean(1)
         return mu, ((v - mu[:, None]) ** 2).sum(1), np.full(v.shape[0], v.shape[1], float)
+
     mean, m2, n = R.merge_stats(*m(a), *m(b))
     whole = np.concatenate([a, b], axis=1)
     np.testing.assert_allclose(mean, whole.mean(1), atol=1e-13)

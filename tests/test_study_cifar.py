@@ -30,8 +30,9 @@ def _write(path: Path, obj: object) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def _fake(root: Path, name: str, rng: np.random.Generator, per_file: int = 6
-          ) -> tuple[dict[str, str], np.ndarray, np.ndarray]:
+def _fake(
+    root: Path, name: str, rng: np.random.Generator, per_file: int = 6
+) -> tuple[dict[str, str], np.ndarray, np.ndarray]:
     """A small file set in the real layout; returns (sums, first train images, all labels)."""
     spec = cifar.CIFAR[name]
     folder = root / spec.folder
@@ -128,7 +129,7 @@ def test_download_fetches_checks_and_unpacks(tmp_path: Path, server: tuple[str, 
     folder = cifar.download(dest, "cifar10", url=f"{url}/c10.tar.gz", archive_md5=good)
     assert folder == dest / "cifar-10-batches-py"
     tx, *_ = cifar.read_cifar(dest, "cifar10", md5=sums)
-    assert np.array_equal(tx.reshape(len(tx), -1), images[:len(tx)])
+    assert np.array_equal(tx.reshape(len(tx), -1), images[: len(tx)])
     # A corrupted archive is refused and nothing is unpacked.
     (www / "bad.tar.gz").write_bytes(blob[:-10] + b"0123456789")
     other = tmp_path / "other"
@@ -140,22 +141,24 @@ def test_download_fetches_checks_and_unpacks(tmp_path: Path, server: tuple[str, 
         cifar.download(tmp_path / "third", "cifar10", url=f"{url}/c10.tar.gz")
 
 
-def test_load_dataset_standardizes_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                         ) -> None:
+def test_load_dataset_standardizes_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
 
     rng = np.random.default_rng(3)
     sums, images, labels = _fake(tmp_path, "cifar100", rng, per_file=12)
-    monkeypatch.setitem(cifar.CIFAR, "cifar100",
-                        dataclasses.replace(cifar.CIFAR["cifar100"], md5=sums))
+    monkeypatch.setitem(
+        cifar.CIFAR, "cifar100", dataclasses.replace(cifar.CIFAR["cifar100"], md5=sums)
+    )
     data = load_dataset(StudyConfig(data="cifar100", train_size=10, test_size=None), str(tmp_path))
     assert data.num_classes == 100 and data.in_channels == 3
     assert data.train_x.shape == (10, 3, 32, 32) and data.test_x.shape == (12, 3, 32, 32)
     mean = data.train_x.double().mean(dim=(0, 2, 3))
-    assert mean.abs().max() < 1e-5                       # standardized with the train images
+    assert mean.abs().max() < 1e-5  # standardized with the train images
     raw = images[:10].reshape(10, 3, 32, 32).astype(np.float64) / 255
     expected = (raw - raw.mean(axis=(0, 2, 3), keepdims=True)) / raw.std(
-        axis=(0, 2, 3), ddof=1, keepdims=True)
-    assert_matches(data.train_x, expected, torch.float32, reduction=10 * 1024,
-                   what="standardized CIFAR")
+        axis=(0, 2, 3), ddof=1, keepdims=True
+    )
+    assert_matches(
+        data.train_x, expected, torch.float32, reduction=10 * 1024, what="standardized CIFAR"
+    )
     assert data.test_y.tolist() == labels[12:].tolist()

@@ -41,7 +41,8 @@ def test_image_size_is_refused_for_cifar(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_a_study_from_before_image_size_is_not_resumed(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Its images were 16 x 16: resuming with today's 12 x 12 would mix two data sets.
     old = PRESETS["tiny"].to_json()
     del old["image_size"]
@@ -57,13 +58,20 @@ def test_train_size_is_the_studys_not_the_trainers() -> None:
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
-def test_progress_reaches_exactly_its_total(tmp_path: Path, jobs: int,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_reaches_exactly_its_total(
+    tmp_path: Path, jobs: int, capsys: pytest.CaptureFixture[str]
+) -> None:
     from groupnorm.study.runner import run_study
 
     # 1 epoch of 64 images: 8 steps at N=4 and 16 at N=2, 2 devices; in-process and in a pool.
-    cfg = with_overrides(PRESETS["tiny"], train_size=64, test_size=16, seeds=(0,),
-                         arms={"gn": (4, 2)}, train_epochs=1)
+    cfg = with_overrides(
+        PRESETS["tiny"],
+        train_size=64,
+        test_size=16,
+        seeds=(0,),
+        arms={"gn": (4, 2)},
+        train_epochs=1,
+    )
     run_study(cfg, tmp_path, jobs=jobs, progress=True)
     bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
     finals = [line for line in bar if line.startswith("runs 2/2")]

@@ -19,7 +19,7 @@ from groupnorm import reference as ref
 from groupnorm.study.models import ResNet, make_norm, set_synchronized, set_virtual_devices
 from tests._tolerances import assert_matches
 
-N, C_IN, S = 3, 3, 6          # images per device, input channels, spatial size
+N, C_IN, S = 3, 3, 6  # images per device, input channels, spatial size
 WORLD = 2
 
 
@@ -59,23 +59,44 @@ def _capture(model: nn.Module) -> dict[str, torch.Tensor]:
 def _worker(rank: int, ports: tuple[int, int], out: str) -> None:
     """Both checks in one pair of processes (starting them is most of the cost): the layers,
     then the distributed study through the CLI, as torchrun would start it."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[1]))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(ports[1]),
+    )
     _layers(rank, ports[0], out)
     from groupnorm.cli import main
 
-    code = main(["study", "--preset", "tiny", "--norms", "bn,gn", "--batches", "2",
-                 "--seeds", "1", "--device", "cpu", "--no-progress", "--out",
-                 os.path.join(out, "ddp")])
+    code = main(
+        [
+            "study",
+            "--preset",
+            "tiny",
+            "--norms",
+            "bn,gn",
+            "--batches",
+            "2",
+            "--seeds",
+            "1",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            os.path.join(out, "ddp"),
+        ]
+    )
     assert code == 0
 
 
 def _layers(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
     try:
         torch.set_num_threads(1)
-        x = _input()[rank * N:(rank + 1) * N]
+        x = _input()[rank * N : (rank + 1) * N]
         result = {}
         for norm in ("bn", "gn", "syncbn"):
             model = _model(norm)
@@ -85,9 +106,13 @@ def _layers(rank: int, port: int, out: str) -> None:
             ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
             ddp.train()
             logits = ddp(x)
-            logits.square().mean().backward()   # the all-reduce of the gradients runs
-            result[norm] = {"input": seen["input"], "output": seen["output"],
-                            "logits": logits.detach(), "grad": model.stem.weight.grad.clone()}
+            logits.square().mean().backward()  # the all-reduce of the gradients runs
+            result[norm] = {
+                "input": seen["input"],
+                "output": seen["output"],
+                "logits": logits.detach(),
+                "grad": model.stem.weight.grad.clone(),
+            }
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -108,8 +133,9 @@ def _check_layers(tmp_path: Path) -> None:
     # BatchNorm: each process normalized its own N images.
     x_in = cat("bn", "input").double().numpy()
     g, b = np.ones(4), np.zeros(4)
-    per_device = np.concatenate([ref.batch_norm(x_in[k * N:(k + 1) * N], g, b)[0]
-                                 for k in range(WORLD)])
+    per_device = np.concatenate(
+        [ref.batch_norm(x_in[k * N : (k + 1) * N], g, b)[0] for k in range(WORLD)]
+    )
     full = ref.batch_norm(x_in, g, b)[0]
     y = cat("bn", "output")
     assert_matches(y, per_device, torch.float32, reduction=N * S * S, what="DDP BN")
@@ -120,8 +146,9 @@ def _check_layers(tmp_path: Path) -> None:
     seen = _capture(emulated)
     emulated.train()
     logits_emulated = emulated(_input())
-    assert_matches(seen["output"], per_device, torch.float32, reduction=N * S * S,
-                   what="emulated BN")
+    assert_matches(
+        seen["output"], per_device, torch.float32, reduction=N * S * S, what="emulated BN"
+    )
     torch.testing.assert_close(cat("bn", "logits"), logits_emulated.detach())
     # Single process, whole batch: different logits.
     whole_bn = _model("bn")
@@ -129,9 +156,13 @@ def _check_layers(tmp_path: Path) -> None:
     assert (whole_bn(_input()) - cat("bn", "logits")).abs().max() > 1e-3
 
     # SyncBN: statistics over both processes' images, as the full batch.
-    assert_matches(cat("syncbn", "output"), ref.batch_norm(cat("syncbn", "input").double()
-                                                           .numpy(), g, b)[0],
-                   torch.float32, reduction=WORLD * N * S * S, what="SyncBN")
+    assert_matches(
+        cat("syncbn", "output"),
+        ref.batch_norm(cat("syncbn", "input").double().numpy(), g, b)[0],
+        torch.float32,
+        reduction=WORLD * N * S * S,
+        what="SyncBN",
+    )
 
     # ... and its backward (our differentiable all-reduce): DDP's averaged gradient is the
     # gradient of one process on the whole batch.
@@ -144,8 +175,13 @@ def _check_layers(tmp_path: Path) -> None:
 
     # GroupNorm: the split does not matter; same as one process on the whole batch.
     gn_in = cat("gn", "input").double().numpy()
-    assert_matches(cat("gn", "output"), ref.group_norm_forward(gn_in, 2)[0], torch.float32,
-                   reduction=2 * S * S, what="DDP GN")
+    assert_matches(
+        cat("gn", "output"),
+        ref.group_norm_forward(gn_in, 2)[0],
+        torch.float32,
+        reduction=2 * S * S,
+        what="DDP GN",
+    )
     single = _model("gn")
     single.train()
     torch.testing.assert_close(cat("gn", "logits"), single(_input()).detach())

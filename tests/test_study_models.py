@@ -27,29 +27,34 @@ def _affine(bn: torch.nn.BatchNorm2d | torch.nn.GroupNorm, gen: torch.Generator)
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("devices,n", [(4, 2), (2, 3), (8, 1)])
-def test_per_device_bn_normalizes_each_chunk_alone(dtype: torch.dtype, devices: int, n: int
-                                                   ) -> None:
+def test_per_device_bn_normalizes_each_chunk_alone(
+    dtype: torch.dtype, devices: int, n: int
+) -> None:
     gen = torch.Generator().manual_seed(devices * 10 + n)
     C = 6
     # Chunks with different offsets and scales, so per-chunk and full-batch statistics differ.
-    x = (torch.randn(devices * n, C, 5, 4, generator=gen, dtype=torch.float64)
-         * torch.linspace(0.5, 3, devices).repeat_interleave(n).view(-1, 1, 1, 1)
-         + torch.linspace(-2, 2, devices).repeat_interleave(n).view(-1, 1, 1, 1)).to(dtype)
+    x = (
+        torch.randn(devices * n, C, 5, 4, generator=gen, dtype=torch.float64)
+        * torch.linspace(0.5, 3, devices).repeat_interleave(n).view(-1, 1, 1, 1)
+        + torch.linspace(-2, 2, devices).repeat_interleave(n).view(-1, 1, 1, 1)
+    ).to(dtype)
     bn = PerDeviceBatchNorm2d(C, devices=devices).to(dtype)
     _affine(bn, gen)
     y = bn(x)
     g, b = bn.weight.detach().double().numpy(), bn.bias.detach().double().numpy()
     xs = x.double().numpy()
-    chunks = [ref.batch_norm(xs[k * n:(k + 1) * n], g, b)[0] for k in range(devices)]
+    chunks = [ref.batch_norm(xs[k * n : (k + 1) * n], g, b)[0] for k in range(devices)]
     assert_matches(y, np.concatenate(chunks), dtype, reduction=n * 20, what="per-device BN")
     full = ref.batch_norm(xs, g, b)[0]
-    assert np.abs(y.detach().double().numpy() - full).max() > 0.1, \
+    assert np.abs(y.detach().double().numpy() - full).max() > 0.1, (
         "per-device statistics must differ from the full batch's"
+    )
     # Running statistics: the average over devices of each chunk's mean and unbiased variance.
     count = n * 20
-    means = np.stack([xs[k * n:(k + 1) * n].mean(axis=(0, 2, 3)) for k in range(devices)])
-    vars_ = np.stack([xs[k * n:(k + 1) * n].var(axis=(0, 2, 3)) * count / (count - 1)
-                      for k in range(devices)])
+    means = np.stack([xs[k * n : (k + 1) * n].mean(axis=(0, 2, 3)) for k in range(devices)])
+    vars_ = np.stack(
+        [xs[k * n : (k + 1) * n].var(axis=(0, 2, 3)) * count / (count - 1) for k in range(devices)]
+    )
     assert_matches(bn.running_mean, 0.1 * means.mean(0), dtype, what="running_mean")
     assert_matches(bn.running_var, 0.9 + 0.1 * vars_.mean(0), dtype, what="running_var")
     # Eval mode: the running statistics, as plain BatchNorm2d.
@@ -91,8 +96,9 @@ def test_batch_independent_norms_ignore_the_chunking(norm: str, kw: dict[str, in
     y_chunks = torch.cat([layer(c) for c in x.split(2)])
     assert torch.equal(y_full, y_chunks)
     G = {"gn": 2, "ln": 1, "in": 4}[norm]
-    expected, _ = ref.group_norm_forward(x.numpy(), G, layer.weight.detach().numpy(),
-                                         layer.bias.detach().numpy())
+    expected, _ = ref.group_norm_forward(
+        x.numpy(), G, layer.weight.detach().numpy(), layer.bias.detach().numpy()
+    )
     assert_matches(y_full, expected, torch.float64, what=norm)
 
 
@@ -110,8 +116,8 @@ def test_resnet_uses_the_papers_init() -> None:
 
 
 def test_group_sweep_caps_at_the_layer_width() -> None:
-    assert make_norm("gn", num_groups=32)(16).num_groups == 16     # G > C: InstanceNorm there
-    assert make_norm("gn", group_size=32)(16).num_groups == 1      # group wider than C: LN
+    assert make_norm("gn", num_groups=32)(16).num_groups == 16  # G > C: InstanceNorm there
+    assert make_norm("gn", group_size=32)(16).num_groups == 1  # group wider than C: LN
     assert make_norm("gn", group_size=4)(16).num_groups == 4
     with pytest.raises(ValueError, match="exactly one"):
         make_norm("gn")
@@ -150,13 +156,13 @@ def test_weight_standardized_conv() -> None:
     gen = torch.Generator().manual_seed(11)
     conv = WSConv2d(3, 4, 3, padding=1, bias=False).double()
     with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64) * 3
-                          + 1)
+        conv.weight.copy_(
+            torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64) * 3 + 1
+        )
     x = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64)
     w = conv.weight.detach().numpy().reshape(4, -1)
     w_hat = (w - w.mean(1, keepdims=True)) / np.sqrt(w.var(1, keepdims=True) + 1e-5)
-    expected = torch.nn.functional.conv2d(x, torch.from_numpy(w_hat.reshape(4, 3, 3, 3)),
-                                          padding=1)
+    expected = torch.nn.functional.conv2d(x, torch.from_numpy(w_hat.reshape(4, 3, 3, 3)), padding=1)
     assert_matches(conv(x), expected.numpy(), torch.float64, reduction=27, what="WS conv")
     model = ResNet(make_norm("gnws", 2), width=4, conv=WSConv2d)
     assert sum(isinstance(m, WSConv2d) for m in model.modules()) == 9
@@ -170,7 +176,7 @@ def test_reestimated_population_statistics() -> None:
     model = torch.nn.Sequential(bn)
     x = torch.randn(20, 3, 4, 4, generator=gen, dtype=torch.float64) * 2 + 0.5
     bn.double()
-    reestimate_bn(model, x, torch.device("cpu"), batch=8)   # batches of 8, 8; 4 left out
+    reestimate_bn(model, x, torch.device("cpu"), batch=8)  # batches of 8, 8; 4 left out
     xs = x.numpy()[:16]
     batches = [xs[:8], xs[8:]]
     mean = np.mean([b.mean(axis=(0, 2, 3)) for b in batches], axis=0)

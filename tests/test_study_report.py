@@ -13,10 +13,16 @@ from groupnorm.study.runner import PRESETS
 T2 = 4.302652729749752  # t_{0.975, 2}
 
 
-def _record(norm: str, batch: int, seed: int, test: float, train: float,
-            groups: int | None = None, group_size: int | None = None) -> dict[str, object]:
-    spec = {"norm": norm, "batch": batch, "seed": seed, "groups": groups,
-            "group_size": group_size}
+def _record(
+    norm: str,
+    batch: int,
+    seed: int,
+    test: float,
+    train: float,
+    groups: int | None = None,
+    group_size: int | None = None,
+) -> dict[str, object]:
+    spec = {"norm": norm, "batch": batch, "seed": seed, "groups": groups, "group_size": group_size}
     key = f"{norm}-{groups}-{group_size}-N{batch}-s{seed}"
     return {"key": key, "spec": spec, "test_error": test, "train_error": train, "seconds": 1.0}
 
@@ -24,7 +30,7 @@ def _record(norm: str, batch: int, seed: int, test: float, train: float,
 def _write(out: Path, gn_spread: float) -> None:
     out.mkdir()
     (out / "config.json").write_text(json.dumps(PRESETS["quick"].to_json()))
-    for seed, d in enumerate((-1.0, 0.0, 1.0)):       # per-cell sd 1 -> half-width T2/sqrt(3)
+    for seed, d in enumerate((-1.0, 0.0, 1.0)):  # per-cell sd 1 -> half-width T2/sqrt(3)
         for n, bn in ((32, 20.0), (8, 22.0), (2, 30.0)):
             append_result(out, _record("bn", n, seed, bn + d, bn - 3 + d))
         for n, gn in ((32, 21.0), (8, 21.0 + gn_spread / 2), (2, 21.0 + gn_spread)):
@@ -44,7 +50,7 @@ def test_report_tables_checks_and_plots(tmp_path: Path) -> None:
     assert "| BN, paper | 23.6 | 24.8 | 34.7 |" in text
     assert "| GN, paper | 24.1 | 24.0 | 24.1 |" in text
     assert "| IN, paper | 28.4 |" in text
-    assert f"| BN | 17.0 ± {hw:.1f} |" in text                  # train error table
+    assert f"| BN | 17.0 ± {hw:.1f} |" in text  # train error table
     assert "| G | 32 | 16 | 8 | 4 | 2 | 1 |" in text
     assert "| paper (ImageNet) | 24.1 | 24.6 | 24.4 | 24.6 | 24.7 | 25.3 |" in text
     assert text.count("**PASS**") == 4
@@ -56,7 +62,7 @@ def test_report_tables_checks_and_plots(tmp_path: Path) -> None:
 
 def test_checks_fail_when_the_results_do_not_show_it(tmp_path: Path) -> None:
     out = tmp_path / "study"
-    _write(out, gn_spread=4.0)   # GN not flat: spread 4 > half-width 2.48
+    _write(out, gn_spread=4.0)  # GN not flat: spread 4 > half-width 2.48
     text = render_report(out, plots=False)
     assert "**FAIL** GN's spread" in text
     assert not (out / "batch_size.png").exists()
@@ -73,6 +79,6 @@ def test_plan_is_seed_major_and_deduplicated() -> None:
     # Per seed: bn x2, gn x2 (G=16), G sweep 6 (G=16 already there), channels/group sweep 6.
     assert len(specs) == 2 * (4 + 5 + 6)
     assert [s.seed for s in specs] == [0] * 15 + [1] * 15
-    assert [s.batch for s in specs[:2]] == [2, 2]          # the longest runs start first
+    assert [s.batch for s in specs[:2]] == [2, 2]  # the longest runs start first
     quick = plan_runs(PRESETS["quick"])
     assert len(quick) == 4 * 8

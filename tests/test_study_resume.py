@@ -29,8 +29,11 @@ def _lines(out: Path) -> list[bytes]:
 
 def test_kill_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "study"
-    proc = subprocess.Popen([*STUDY, "--out", str(out), "--jobs", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*STUDY, "--out", str(out), "--jobs", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out / RESULTS).exists() or not (out / RESULTS).read_bytes().count(b"\n"):
@@ -56,7 +59,7 @@ def test_kill_and_resume(tmp_path: Path) -> None:
     assert main([*ARGS, "--out", str(out), "--jobs", "2"]) == 0
     after = _lines(out)
     keys = [json.loads(line)["key"] for line in after]
-    assert after[:len(before)] == before, "finished runs were rewritten"
+    assert after[: len(before)] == before, "finished runs were rewritten"
     assert sorted(keys) == sorted(planned), "a run was lost or repeated"
     assert len(set(keys)) == len(keys)
     assert (out / "report.md").exists() and (out / "batch_size.png").stat().st_size > 0
@@ -66,8 +69,9 @@ def test_kill_and_resume(tmp_path: Path) -> None:
     assert _lines(out) == after
 
 
-def test_resume_with_another_config_is_refused(tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_with_another_config_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "study"
     out.mkdir()
     (out / "config.json").write_text(json.dumps(PRESETS["tiny"].to_json()))

@@ -40,8 +40,14 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _rand(shape: tuple[int, ...], seed: int, *, loc: float = 0.5, std: float = 2.0,
-          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _rand(
+    shape: tuple[int, ...],
+    seed: int,
+    *,
+    loc: float = 0.5,
+    std: float = 2.0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Fresh random values (never zeros), made on CPU then moved to the test device."""
     return (torch.randn(shape, generator=_gen(seed)) * std + loc).to(dtype).to(DEVICE)
 
@@ -51,7 +57,8 @@ LAYOUTS = {
     "nchw": lambda dt: _rand((2, 6, 5, 7), 1, dtype=dt),
     "nhwc": lambda dt: _rand((2, 6, 4, 5), 2, dtype=dt).to(memory_format=torch.channels_last),
     "ndhwc": lambda dt: _rand((2, 6, 2, 3, 4), 3, dtype=dt).to(
-        memory_format=torch.channels_last_3d),
+        memory_format=torch.channels_last_3d
+    ),
     "ncl-channel-stride-1": lambda dt: _rand((2, 9, 6), 4, dtype=dt).transpose(1, 2),
     "nc-no-spatial": lambda dt: _rand((3, 6), 5, dtype=dt),
     "batch-slice-view": lambda dt: _rand((4, 6, 5, 3), 6, dtype=dt)[::2],
@@ -59,13 +66,30 @@ LAYOUTS = {
 }
 
 
-def _reference(x: torch.Tensor, plan: GroupPlan, weight=None, bias=None, eps=1e-5, *,
-               activation=None, scale=None, shift=None):
+def _reference(
+    x: torch.Tensor,
+    plan: GroupPlan,
+    weight=None,
+    bias=None,
+    eps=1e-5,
+    *,
+    activation=None,
+    scale=None,
+    shift=None,
+):
     def np_or_none(t):
         return None if t is None else to_numpy(t)
-    return ref.group_norm_forward(to_numpy(x), gamma=np_or_none(weight), beta=np_or_none(bias),
-                                  eps=eps, plan=plan, activation=activation,
-                                  scale=np_or_none(scale), shift=np_or_none(shift))
+
+    return ref.group_norm_forward(
+        to_numpy(x),
+        gamma=np_or_none(weight),
+        beta=np_or_none(bias),
+        eps=eps,
+        plan=plan,
+        activation=activation,
+        scale=np_or_none(scale),
+        shift=np_or_none(shift),
+    )
 
 
 def _run(x, plan, weight=None, bias=None, *, regime, **kw):
@@ -232,8 +256,7 @@ EDGE_SHAPES = {
 def test_edge_shapes_forward_backward(edge, regime):
     shape, G = EDGE_SHAPES[edge]
     x = _rand(shape, 47)
-    _backward_case(x, make_plan(shape[1], G), regime=regime, dtype=torch.float32,
-                   has_scale=True)
+    _backward_case(x, make_plan(shape[1], G), regime=regime, dtype=torch.float32, has_scale=True)
 
 
 @pytest.mark.parametrize("regime", REGIMES)
@@ -252,8 +275,10 @@ def test_groupnorm_module_on_triton_matches_torch_backend():
     """The drop-in module with backend="triton": same output and parameter gradients as the
     same module on the torch backend (channels-last bf16 input, uneven groups, SiLU)."""
     x = _rand((2, 10, 4, 5), 48, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-    mods = [groupnorm.GroupNormAct(4, 10, uneven=True, backend=name, device=DEVICE)
-            for name in ("triton", "torch")]
+    mods = [
+        groupnorm.GroupNormAct(4, 10, uneven=True, backend=name, device=DEVICE)
+        for name in ("triton", "torch")
+    ]
     with torch.no_grad():
         for m in mods:
             m.weight.copy_(_rand((10,), 49, loc=1.0, std=0.3))
@@ -263,13 +288,26 @@ def test_groupnorm_module_on_triton_matches_torch_backend():
     dy = _rand(tuple(x.shape), 51, dtype=torch.bfloat16)
     for y in outs:
         y.backward(dy)
-    _, cache = _reference(x, make_plan(10, 4, uneven=True), mods[1].weight, mods[1].bias,
-                          activation="silu")
-    assert_matches(outs[0], cache.u / (1 + np.exp(-cache.u)), torch.bfloat16, baseline=outs[1],
-                   what="GroupNormAct(backend='triton')")
+    _, cache = _reference(
+        x, make_plan(10, 4, uneven=True), mods[1].weight, mods[1].bias, activation="silu"
+    )
+    assert_matches(
+        outs[0],
+        cache.u / (1 + np.exp(-cache.u)),
+        torch.bfloat16,
+        baseline=outs[1],
+        what="GroupNormAct(backend='triton')",
+    )
     grads = ref.group_norm_backward(to_numpy(dy), cache)
-    assert_matches(mods[0].weight.grad, grads.dgamma, torch.bfloat16, reduction=40,
-                   baseline=mods[1].weight.grad, what="dweight")
+    assert_matches(
+        mods[0].weight.grad,
+        grads.dgamma,
+        torch.bfloat16,
+        reduction=40,
+        baseline=mods[1].weight.grad,
+        what="dweight",
+    )
+
 
 # ----------------------------------------------------------------------------------- dispatch
 
@@ -325,16 +363,26 @@ def test_import_groupnorm_without_triton():
         "y = groupnorm.group_norm(torch.randn(2, 4, 3), 2)\n"
         "assert y.shape == (2, 4, 3)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
 
 # --------------------------------------------------------------------------------- backward
 
 
-def _backward_case(x, plan, *, regime, dtype, param_dtype=None, activation=None,
-                   has_scale=False, has_shift=False, affine=True, seed=50):
+def _backward_case(
+    x,
+    plan,
+    *,
+    regime,
+    dtype,
+    param_dtype=None,
+    activation=None,
+    has_scale=False,
+    has_shift=False,
+    affine=True,
+    seed=50,
+):
     """Run forward + backward through the op's autograd; compare every gradient with the
     float64 reference backward. Returns the gradients (for the determinism test)."""
     pdt = param_dtype or dtype
@@ -348,29 +396,51 @@ def _backward_case(x, plan, *, regime, dtype, param_dtype=None, activation=None,
         leaves["scale"] = _rand((N, C), seed + 2, loc=0.0, std=0.5, dtype=dtype).requires_grad_()
     if has_shift:
         leaves["shift"] = _rand((N, C), seed + 3, loc=0.0, std=0.5, dtype=dtype).requires_grad_()
-    y, _ = group_norm_triton(leaves["x"], plan, leaves.get("weight"), leaves.get("bias"),
-                             activation=activation, scale=leaves.get("scale"),
-                             shift=leaves.get("shift"), regime=regime)
+    y, _ = group_norm_triton(
+        leaves["x"],
+        plan,
+        leaves.get("weight"),
+        leaves.get("bias"),
+        activation=activation,
+        scale=leaves.get("scale"),
+        shift=leaves.get("shift"),
+        regime=regime,
+    )
     dy = _rand(tuple(x.shape), seed + 4, loc=0.0, std=1.0, dtype=dtype)  # NCHW even if x is not
     y.backward(dy)
-    _, cache = _reference(x, plan, leaves.get("weight"), leaves.get("bias"),
-                          activation=activation, scale=leaves.get("scale"),
-                          shift=leaves.get("shift"))
+    _, cache = _reference(
+        x,
+        plan,
+        leaves.get("weight"),
+        leaves.get("bias"),
+        activation=activation,
+        scale=leaves.get("scale"),
+        shift=leaves.get("shift"),
+    )
     grads = ref.group_norm_backward(to_numpy(dy), cache)
     L = int(np.prod(x.shape[2:])) if x.dim() > 2 else 1
     assert_matches(leaves["x"].grad, grads.dx, dtype, reduction=max(plan.sizes) * L, what="dx")
-    checks = {"weight": (grads.dgamma, N * L), "bias": (grads.dbeta, N * L),
-              "scale": (grads.dscale, L), "shift": (grads.dshift, L)}
+    checks = {
+        "weight": (grads.dgamma, N * L),
+        "bias": (grads.dbeta, N * L),
+        "scale": (grads.dscale, L),
+        "shift": (grads.dshift, L),
+    }
     for name, (expected, reduction) in checks.items():
         if name in leaves:
             assert leaves[name].grad.dtype == leaves[name].dtype
-            assert_matches(leaves[name].grad, expected, dtype, reduction=reduction,
-                           what=f"d{name}")
+            assert_matches(leaves[name].grad, expected, dtype, reduction=reduction, what=f"d{name}")
     return {k: v.grad for k, v in leaves.items()}
 
 
-BACKWARD_LAYOUTS = ["nchw", "nhwc", "ndhwc", "ncl-channel-stride-1", "nc-no-spatial",
-                    "hw-transposed-view-copied"]
+BACKWARD_LAYOUTS = [
+    "nchw",
+    "nhwc",
+    "ndhwc",
+    "ncl-channel-stride-1",
+    "nc-no-spatial",
+    "hw-transposed-view-copied",
+]
 
 
 @pytest.mark.parametrize("regime", REGIMES)
@@ -384,8 +454,7 @@ def test_backward_layouts(layout, dtype, regime):
 @pytest.mark.parametrize("plan_kind", list(PLANS))
 def test_backward_group_plans(plan_kind, regime):
     x = _rand((2, 12, 3, 5), 51).to(memory_format=torch.channels_last)
-    _backward_case(x, PLANS[plan_kind](), regime=regime, dtype=torch.float32,
-                   activation="silu")
+    _backward_case(x, PLANS[plan_kind](), regime=regime, dtype=torch.float32, activation="silu")
 
 
 @pytest.mark.parametrize("regime", REGIMES)
@@ -394,22 +463,41 @@ def test_backward_group_plans(plan_kind, regime):
 def test_backward_epilogues(epilogue, dtype, regime):
     activation, has_scale, has_shift = EPILOGUES[epilogue]
     x = _rand((2, 10, 4, 6), 52, dtype=dtype)
-    _backward_case(x, make_plan(10, 4, uneven=True), regime=regime, dtype=dtype,
-                   param_dtype=torch.float32, activation=activation, has_scale=has_scale,
-                   has_shift=has_shift)
+    _backward_case(
+        x,
+        make_plan(10, 4, uneven=True),
+        regime=regime,
+        dtype=dtype,
+        param_dtype=torch.float32,
+        activation=activation,
+        has_scale=has_scale,
+        has_shift=has_shift,
+    )
 
 
 @pytest.mark.parametrize("regime", REGIMES)
 def test_backward_affine_false(regime):
-    _backward_case(_rand((2, 6, 3, 4), 53), make_plan(6, 2), regime=regime,
-                   dtype=torch.float32, affine=False, has_scale=True)
+    _backward_case(
+        _rand((2, 6, 3, 4), 53),
+        make_plan(6, 2),
+        regime=regime,
+        dtype=torch.float32,
+        affine=False,
+        has_scale=True,
+    )
 
 
 @pytest.mark.parametrize("regime", REGIMES)
 def test_backward_bitwise_deterministic(regime):
     x = _rand((2, 8, 6, 6), 54, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-    kw = dict(regime=regime, dtype=torch.bfloat16, param_dtype=torch.float32,
-              activation="gelu", has_scale=True, has_shift=True)
+    kw = dict(
+        regime=regime,
+        dtype=torch.bfloat16,
+        param_dtype=torch.float32,
+        activation="gelu",
+        has_scale=True,
+        has_shift=True,
+    )
     first = _backward_case(x, make_plan(8, 3, uneven=True), **kw)
     second = _backward_case(x, make_plan(8, 3, uneven=True), **kw)
     for name, g in first.items():
@@ -426,15 +514,25 @@ def test_backward_with_given_stats_treats_them_as_constants(regime):
     y, _ = group_norm_triton(x, plan, w, None, stats=stats, activation="silu", regime=regime)
     dy = _rand((2, 6, 4, 4), 58)
     y.backward(dy)
-    mean, rstd = (to_numpy(t)[:, :, None, None].repeat(2, axis=1)
-                  for t in (stats.mean, stats.rstd()))
+    mean, rstd = (
+        to_numpy(t)[:, :, None, None].repeat(2, axis=1) for t in (stats.mean, stats.rstd())
+    )
     xhat = (to_numpy(x) - mean) * rstd
     u = xhat * to_numpy(w)[None, :, None, None]
     du = to_numpy(dy) * ref.activation_grad(u, "silu")
-    assert_matches(x.grad, du * to_numpy(w)[None, :, None, None] * rstd, torch.float32,
-                   what="dx with given stats")
-    assert_matches(w.grad, (du * xhat).sum(axis=(0, 2, 3)), torch.float32, reduction=32,
-                   what="dweight with given stats")
+    assert_matches(
+        x.grad,
+        du * to_numpy(w)[None, :, None, None] * rstd,
+        torch.float32,
+        what="dx with given stats",
+    )
+    assert_matches(
+        w.grad,
+        (du * xhat).sum(axis=(0, 2, 3)),
+        torch.float32,
+        reduction=32,
+        what="dweight with given stats",
+    )
 
 
 @pytest.mark.parametrize("regime", REGIMES)
@@ -442,10 +540,24 @@ def test_backward_op_keeps_channels_last(regime):
     """The backward op writes dx in x's layout (no copy), whatever dy's layout."""
     group_norm_bwd_op, group_norm_fwd_op = kernels.group_norm_bwd_op, kernels.group_norm_fwd_op
     x = _rand((2, 6, 3, 4), 59).to(memory_format=torch.channels_last)
-    _, pivot, smean, _, _, rstd = group_norm_fwd_op(x, None, None, None, None, [3, 3], 1e-5,
-                                                    None, None, None, None, None, regime)
-    dx = group_norm_bwd_op(_rand((2, 6, 3, 4), 60), x, None, None, None, None, [3, 3], pivot,
-                           smean, rstd, None, False, regime)[0]
+    _, pivot, smean, _, _, rstd = group_norm_fwd_op(
+        x, None, None, None, None, [3, 3], 1e-5, None, None, None, None, None, regime
+    )
+    dx = group_norm_bwd_op(
+        _rand((2, 6, 3, 4), 60),
+        x,
+        None,
+        None,
+        None,
+        None,
+        [3, 3],
+        pivot,
+        smean,
+        rstd,
+        None,
+        False,
+        regime,
+    )[0]
     assert dx.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -457,14 +569,32 @@ def test_opcheck_forward_and_backward_ops():
     x = _rand((2, 6, 3, 4), 61).to(memory_format=torch.channels_last).requires_grad_()
     w = _rand((6,), 62).requires_grad_()
     scale = _rand((2, 6), 63, loc=0.0, std=0.5).requires_grad_()
-    torch.library.opcheck(group_norm_fwd_op, (x, w, None, scale, None, [4, 2], 1e-5, "silu",
-                                              None, None, None, None, "split"))
-    _, pivot, smean, _, _, rstd = group_norm_fwd_op(x.detach(), w, None, scale, None, [4, 2],
-                                                    1e-5, "silu", None, None, None, None, "fused")
+    torch.library.opcheck(
+        group_norm_fwd_op,
+        (x, w, None, scale, None, [4, 2], 1e-5, "silu", None, None, None, None, "split"),
+    )
+    _, pivot, smean, _, _, rstd = group_norm_fwd_op(
+        x.detach(), w, None, scale, None, [4, 2], 1e-5, "silu", None, None, None, None, "fused"
+    )
     # The backward op is not itself differentiable (no double backward): plain inputs.
-    torch.library.opcheck(group_norm_bwd_op, (_rand((2, 6, 3, 4), 64), x.detach(), w.detach(),
-                                              None, scale.detach(), None, [4, 2], pivot, smean,
-                                              rstd, "silu", False, "fused"))
+    torch.library.opcheck(
+        group_norm_bwd_op,
+        (
+            _rand((2, 6, 3, 4), 64),
+            x.detach(),
+            w.detach(),
+            None,
+            scale.detach(),
+            None,
+            [4, 2],
+            pivot,
+            smean,
+            rstd,
+            "silu",
+            False,
+            "fused",
+        ),
+    )
 
 
 # inductor's own import of torch.jit warns on torch 2.13; not ours to fix.
@@ -514,12 +644,21 @@ def test_int64_index_path(monkeypatch, regime):
     """The IDX64 kernels (used above 2^31 elements) on a small tensor: lower the threshold."""
     monkeypatch.setattr(kernels, "_INT32_MAX", 16)
     x = _rand((2, 6, 3, 5), 70, dtype=torch.float16).to(memory_format=torch.channels_last)
-    _backward_case(x, make_plan(6, 4, uneven=True), regime=regime, dtype=torch.float16,
-                   activation="relu", has_scale=True, has_shift=True)
+    _backward_case(
+        x,
+        make_plan(6, 4, uneven=True),
+        regime=regime,
+        dtype=torch.float16,
+        activation="relu",
+        has_scale=True,
+        has_shift=True,
+    )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with > 10 GB: the "
-                    "interpreter cannot run 2^31 elements")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a GPU with > 10 GB: the interpreter cannot run 2^31 elements",
+)
 def test_more_than_2_31_elements_against_chunked_float64():
     """fp16 1 x 64 x 8192 x 4200 (2.2e9 elements): statistics and output checked per group
     against float64 computed group by group (a whole float64 copy would need 17 GB)."""
@@ -527,13 +666,13 @@ def test_more_than_2_31_elements_against_chunked_float64():
     plan = make_plan(64, 8)
     y, stats = group_norm_triton(x, plan, return_stats=True)
     for g in range(8):
-        xg = x[0, 8 * g:8 * (g + 1)].double()
+        xg = x[0, 8 * g : 8 * (g + 1)].double()
         mean, var = xg.mean(), xg.var(correction=0)
         assert abs(stats.mean[0, g].item() - mean.item()) < 1e-5
         assert abs(stats.var[0, g].item() / var.item() - 1) < 1e-5
-        expected = ((xg - mean) / torch.sqrt(var + 1e-5))
+        expected = (xg - mean) / torch.sqrt(var + 1e-5)
         atol, rtol = tolerance(torch.float16)  # the table's fp16 row, evaluated on the GPU
-        excess = (y[0, 8 * g:8 * (g + 1)].double() - expected).abs() - rtol * expected.abs()
+        excess = (y[0, 8 * g : 8 * (g + 1)].double() - expected).abs() - rtol * expected.abs()
         assert excess.max().item() <= atol, f"group {g}: error above the fp16 tolerance"
         del xg, expected
 
@@ -547,8 +686,11 @@ def test_launch_heuristics_are_consistent():
     assert h.choose_config(32, 56 * 56, 8, 32, False, H100_SMS).regime == "fused"
     vae = h.choose_config(1, 512 * 512, 4, 32, False, H100_SMS)
     assert vae.regime == "split" and vae.chunks * 32 >= H100_SMS
-    for cfg, L in ((vae, 512 * 512), (h.choose_config(1, 35, 6, 2, True, 1, "split"), 35),
-                   (h.choose_config(2, 20 * 256 * 256, 4, 32, True, H100_SMS), 20 * 256 * 256)):
+    for cfg, L in (
+        (vae, 512 * 512),
+        (h.choose_config(1, 35, 6, 2, True, 1, "split"), 35),
+        (h.choose_config(2, 20 * 256 * 256, 4, 32, True, H100_SMS), 20 * 256 * 256),
+    ):
         assert cfg.block_c * cfg.block_l <= h.TILE
         assert cfg.chunk_l % cfg.block_l == 0, "chunks are whole tiles"
         assert (cfg.chunks - 1) * cfg.chunk_l < L <= cfg.chunks * cfg.chunk_l, "chunks cover L"
@@ -565,8 +707,14 @@ def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-m", "tests._triton_compile"], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=root)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests._triton_compile"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=root,
+    )
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
 
 
@@ -585,9 +733,17 @@ def test_bench_pipeline_checks_and_times_on_a_tiny_shape():
 
     shape = bench.Shape("tiny", 2, 8, (3, 5), G=4, dtype=torch.bfloat16)
     names = ("ours", "torch", "cudnn-batchnorm")
-    rows = bench.run([shape], bench.LAYOUTS, bench.DIRECTIONS,
-                     [p for p in bench.PROVIDERS if p.name in names], timer=cpu_timer,
-                     device=DEVICE, reps=1, copy_bw=1e9, echo=lambda line: None)
+    rows = bench.run(
+        [shape],
+        bench.LAYOUTS,
+        bench.DIRECTIONS,
+        [p for p in bench.PROVIDERS if p.name in names],
+        timer=cpu_timer,
+        device=DEVICE,
+        reps=1,
+        copy_bw=1e9,
+        echo=lambda line: None,
+    )
     assert len(rows) == 2 * 2 * 3
     for row in rows:
         assert "error" not in row, row

@@ -36,8 +36,17 @@ import torch.nn.functional as F
 
 import groupnorm
 
-__all__ = ["DIRECTIONS", "LAYOUTS", "PROVIDERS", "SHAPES", "Shape", "add_arguments",
-           "bytes_moved", "main", "run"]
+__all__ = [
+    "DIRECTIONS",
+    "LAYOUTS",
+    "PROVIDERS",
+    "SHAPES",
+    "Shape",
+    "add_arguments",
+    "bytes_moved",
+    "main",
+    "run",
+]
 
 # ------------------------------------------------------------------------------- shapes, bytes
 
@@ -104,8 +113,8 @@ DIRECTIONS = ("fwd", "fwd+bwd")
 # Tensors of x's size that must cross HBM: forward reads x, writes y; the backward reads x
 # and dy and writes dx (recomputing y's epilogue from x instead of reading a saved y).
 TENSORS_MOVED = {"fwd": 2, "fwd+bwd": 5}
-GRAPH_BELOW_BYTES = 10 * 2**20      # SPEC: CUDA-graph replay for shapes under 10 MB
-FLUSH_BYTES = 256 * 2**20           # > 5x the 50 MB L2 of an H100
+GRAPH_BELOW_BYTES = 10 * 2**20  # SPEC: CUDA-graph replay for shapes under 10 MB
+FLUSH_BYTES = 256 * 2**20  # > 5x the 50 MB L2 of an H100
 
 
 def bytes_moved(shape: Shape, direction: str) -> int:
@@ -113,14 +122,15 @@ def bytes_moved(shape: Shape, direction: str) -> int:
     return TENSORS_MOVED[direction] * shape.nbytes
 
 
-def make_input(shape: Shape, layout: str, device: str | torch.device,
-               generator: torch.Generator) -> torch.Tensor:
+def make_input(
+    shape: Shape, layout: str, device: str | torch.device, generator: torch.Generator
+) -> torch.Tensor:
     """Random x in the layout: NCHW-contiguous, or channels-last (channel stride 1, also for
     (N, C, L) and 5-D)."""
     if layout == "nchw":
         x = torch.randn(shape.dims, generator=generator)
     else:
-        perm = (0, *range(2, len(shape.dims)), 1)          # N, *S, C in memory
+        perm = (0, *range(2, len(shape.dims)), 1)  # N, *S, C in memory
         x = torch.randn([shape.dims[i] for i in perm], generator=generator)
         x = x.permute(0, len(perm) - 1, *range(1, len(perm) - 1))
     return x.to(device=device, dtype=shape.dtype)
@@ -139,7 +149,7 @@ class Provider:
 
     name: str
     kind: str
-    fn: Callable[[], Fn]                    # built lazily: imports and torch.compile
+    fn: Callable[[], Fn]  # built lazily: imports and torch.compile
     available: Callable[[], str | None] = field(default=lambda: None)
 
 
@@ -148,6 +158,7 @@ def _ours() -> Fn:
         y = groupnorm.group_norm(x, G, w, b, backend="triton")
         assert isinstance(y, torch.Tensor)
         return y
+
     return f
 
 
@@ -189,20 +200,25 @@ PROVIDERS: list[Provider] = [
 ]
 
 # (atol, rtol) of the correctness check against float32, by dtype (the test table's rows).
-CHECK_TOL = {torch.bfloat16: (2e-2, 1.6e-2), torch.float16: (4e-3, 2e-3),
-             torch.float32: (1e-4, 1e-4)}
+CHECK_TOL = {
+    torch.bfloat16: (2e-2, 1.6e-2),
+    torch.float16: (4e-3, 2e-3),
+    torch.float32: (1e-4, 1e-4),
+}
 
 
-def _reference(kind: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, G: int
-               ) -> torch.Tensor:
+def _reference(
+    kind: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, G: int
+) -> torch.Tensor:
     xf, wf, bf = x.float(), w.float(), b.float()
     if kind == "batch":
         return F.batch_norm(xf, None, None, wf, bf, training=True)
     return F.group_norm(xf, G, wf, bf)
 
 
-def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
-           ) -> str | None:
+def _close(
+    got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
+) -> str | None:
     atol, rtol = CHECK_TOL[dtype]
     err = (got.float() - want).abs() - rtol * want.abs()
     worst = err.max().item() if err.numel() else 0.0
@@ -256,8 +272,9 @@ def copy_bandwidth(timer: Timer, device: str | torch.device, nbytes: int = 2**30
 # ---------------------------------------------------------------------------------------- run
 
 
-def _case(provider: Provider, fn: Fn, shape: Shape, x: torch.Tensor, direction: str,
-          gen: torch.Generator) -> tuple[Callable[[], object] | None, str | None]:
+def _case(
+    provider: Provider, fn: Fn, shape: Shape, x: torch.Tensor, direction: str, gen: torch.Generator
+) -> tuple[Callable[[], object] | None, str | None]:
     """(the callable to time, None) after checking the provider's result, or (None, why not)."""
     C, G = shape.C, shape.G
     w = (torch.rand(C, generator=gen) + 0.5).to(x.device, x.dtype)
@@ -271,9 +288,9 @@ def _case(provider: Provider, fn: Fn, shape: Shape, x: torch.Tensor, direction: 
             return (lambda: fn(x, w, b, G)), None
         xr, wr, br = (t.detach().requires_grad_() for t in (x, w, b))
         dy = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
-        dx, = torch.autograd.grad(fn(xr, wr, br, G), (xr,), dy)
+        (dx,) = torch.autograd.grad(fn(xr, wr, br, G), (xr,), dy)
         xf = x.detach().float().requires_grad_()
-        dx_ref, = torch.autograd.grad(_reference(provider.kind, xf, w, b, G), (xf,), dy.float())
+        (dx_ref,) = torch.autograd.grad(_reference(provider.kind, xf, w, b, G), (xf,), dy.float())
         # dx sums over a whole group: scale the allowance as the test table does.
         group = shape.numel // shape.N // G if provider.kind == "group" else shape.numel // C
         if (bad := _close(dx, dx_ref, shape.dtype, max(1.0, math.sqrt(group / 256)))) is not None:
@@ -283,9 +300,18 @@ def _case(provider: Provider, fn: Fn, shape: Shape, x: torch.Tensor, direction: 
     return (lambda: torch.autograd.grad(fn(xr, wr, br, G), (xr, wr, br), dy)), None
 
 
-def run(shapes: Sequence[Shape], layouts: Sequence[str], directions: Sequence[str],
-        providers: Sequence[Provider], *, timer: Timer, device: str | torch.device,
-        reps: int, copy_bw: float, echo: Callable[[str], None] = print) -> list[dict]:
+def run(
+    shapes: Sequence[Shape],
+    layouts: Sequence[str],
+    directions: Sequence[str],
+    providers: Sequence[Provider],
+    *,
+    timer: Timer,
+    device: str | torch.device,
+    reps: int,
+    copy_bw: float,
+    echo: Callable[[str], None] = print,
+) -> list[dict]:
     """Check and time every (shape, layout, direction, provider); one dict per row."""
     usable = []
     for p in providers:
@@ -295,8 +321,10 @@ def run(shapes: Sequence[Shape], layouts: Sequence[str], directions: Sequence[st
         else:
             echo(f"provider {p.name} skipped: {reason}")
     rows = []
-    echo(f"{'workload':<30} {'shape':<26} {'layout':<13} {'dir':<8} {'provider':<16} "
-         f"{'median us':>10} {'p20':>9} {'p80':>9} {'GB/s':>7} {'% copy':>7}")
+    echo(
+        f"{'workload':<30} {'shape':<26} {'layout':<13} {'dir':<8} {'provider':<16} "
+        f"{'median us':>10} {'p20':>9} {'p80':>9} {'GB/s':>7} {'% copy':>7}"
+    )
     for shape in shapes:
         for layout in layouts:
             gen = torch.Generator().manual_seed(0)
@@ -305,23 +333,39 @@ def run(shapes: Sequence[Shape], layouts: Sequence[str], directions: Sequence[st
                 nbytes = bytes_moved(shape, direction)
                 graph = shape.nbytes < GRAPH_BELOW_BYTES
                 for provider, fn in usable:
-                    row = {"workload": shape.workload, "shape": list(shape.dims), "G": shape.G,
-                           "dtype": str(shape.dtype), "layout": layout, "direction": direction,
-                           "provider": provider.name, "bytes": nbytes, "cuda_graph": graph}
+                    row = {
+                        "workload": shape.workload,
+                        "shape": list(shape.dims),
+                        "G": shape.G,
+                        "dtype": str(shape.dtype),
+                        "layout": layout,
+                        "direction": direction,
+                        "provider": provider.name,
+                        "bytes": nbytes,
+                        "cuda_graph": graph,
+                    }
                     timed, why = _case(provider, fn, shape, x, direction, gen)
                     if timed is None:
                         row["error"] = why
-                        echo(f"{shape.workload:<30} {shape.label:<26} {layout:<13} "
-                             f"{direction:<8} {provider.name:<16} {why}")
+                        echo(
+                            f"{shape.workload:<30} {shape.label:<26} {layout:<13} "
+                            f"{direction:<8} {provider.name:<16} {why}"
+                        )
                     else:
                         median, p20, p80 = timer(timed, graph, reps)
-                        row.update(median_us=median * 1e6, p20_us=p20 * 1e6, p80_us=p80 * 1e6,
-                                   gbps=nbytes / median / 1e9,
-                                   pct_copy_bw=100 * nbytes / median / copy_bw)
-                        echo(f"{shape.workload:<30} {shape.label:<26} {layout:<13} "
-                             f"{direction:<8} {provider.name:<16} {row['median_us']:>10.1f} "
-                             f"{row['p20_us']:>9.1f} {row['p80_us']:>9.1f} {row['gbps']:>7.0f} "
-                             f"{row['pct_copy_bw']:>6.1f}%")
+                        row.update(
+                            median_us=median * 1e6,
+                            p20_us=p20 * 1e6,
+                            p80_us=p80 * 1e6,
+                            gbps=nbytes / median / 1e9,
+                            pct_copy_bw=100 * nbytes / median / copy_bw,
+                        )
+                        echo(
+                            f"{shape.workload:<30} {shape.label:<26} {layout:<13} "
+                            f"{direction:<8} {provider.name:<16} {row['median_us']:>10.1f} "
+                            f"{row['p20_us']:>9.1f} {row['p80_us']:>9.1f} {row['gbps']:>7.0f} "
+                            f"{row['pct_copy_bw']:>6.1f}%"
+                        )
                     rows.append(row)
     return rows
 
@@ -336,24 +380,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--directions", default=",".join(DIRECTIONS), help=f"of {DIRECTIONS}")
     parser.add_argument("--providers", default=",".join(names), help=f"of {names}")
     parser.add_argument("--reps", type=int, default=50, help="timed repetitions per case")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                        help="folder for the JSON results")
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON results"
+    )
 
 
 def _pick(value: str, allowed: Sequence[str], what: str) -> list[str]:
     chosen = [v for v in value.split(",") if v]
     unknown = [v for v in chosen if v not in allowed]
     if unknown or not chosen:
-        raise SystemExit(f"groupnorm bench: --{what} must be a comma list of {list(allowed)}, "
-                         f"got {value!r}")
+        raise SystemExit(
+            f"groupnorm bench: --{what} must be a comma list of {list(allowed)}, got {value!r}"
+        )
     return chosen
 
 
 def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
-        print("groupnorm bench: no CUDA device (torch.cuda.is_available() is False). The "
-              "benchmark times GPU kernels against the GPU's copy bandwidth and reports no CPU "
-              "numbers; run it on a machine with an NVIDIA GPU.", file=sys.stderr)
+        print(
+            "groupnorm bench: no CUDA device (torch.cuda.is_available() is False). The "
+            "benchmark times GPU kernels against the GPU's copy bandwidth and reports no CPU "
+            "numbers; run it on a machine with an NVIDIA GPU.",
+            file=sys.stderr,
+        )
         return 2
     layouts = _pick(args.layouts, LAYOUTS, "layouts")
     directions = _pick(args.directions, DIRECTIONS, "directions")
@@ -365,20 +414,38 @@ def main(args: argparse.Namespace) -> int:
     copy_bw = copy_bandwidth(cuda_time, device)
     name = torch.cuda.get_device_name(device)
     print(f"{name}: measured device-to-device copy {copy_bw / 1e9:.0f} GB/s (read + write)")
-    rows = run(shapes, layouts, directions, [p for p in PROVIDERS if p.name in names],
-               timer=cuda_time, device=device, reps=args.reps, copy_bw=copy_bw)
+    rows = run(
+        shapes,
+        layouts,
+        directions,
+        [p for p in PROVIDERS if p.name in names],
+        timer=cuda_time,
+        device=device,
+        reps=args.reps,
+        copy_bw=copy_bw,
+    )
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     now = dt.datetime.now(dt.timezone.utc)
-    meta = {"benchmark": "groupnorm bench", "date": now.isoformat(), "device": name,
-            "copy_bandwidth_gbps": copy_bw / 1e9, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "triton": triton_version,
-            "groupnorm": groupnorm.__version__, "python": platform.python_version(),
-            "reps": args.reps, "l2_flush_bytes": FLUSH_BYTES,
-            "cuda_graph_below_bytes": GRAPH_BELOW_BYTES, "tensors_moved": TENSORS_MOVED}
+    meta = {
+        "benchmark": "groupnorm bench",
+        "date": now.isoformat(),
+        "device": name,
+        "copy_bandwidth_gbps": copy_bw / 1e9,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "groupnorm": groupnorm.__version__,
+        "python": platform.python_version(),
+        "reps": args.reps,
+        "l2_flush_bytes": FLUSH_BYTES,
+        "cuda_graph_below_bytes": GRAPH_BELOW_BYTES,
+        "tensors_moved": TENSORS_MOVED,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
     path = args.out / f"bench-{slug}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"

@@ -41,9 +41,11 @@ def demo() -> int:
     for c, (xi, yi, ri, ai) in enumerate(rows):
         print(f"{c:>3} {xi:>6.1f} {yi:>12.8f} {ri:>12.8f} {ai:>8.4f} {yi - ai:>9.1e}")
     worst = float(np.max(np.abs(y[0].numpy() - np.array(ARTICLE_Y))))
-    print(f"The article's printed digits come from its hand calculation with a rounded sigma; "
-          f"they differ from the exact values by up to {worst:.1e}. The library matches the "
-          f"float64 reference to {float(np.max(np.abs(y.numpy() - y_ref))):.0e}.")
+    print(
+        f"The article's printed digits come from its hand calculation with a rounded sigma; "
+        f"they differ from the exact values by up to {worst:.1e}. The library matches the "
+        f"float64 reference to {float(np.max(np.abs(y.numpy() - y_ref))):.0e}."
+    )
 
     print("\n== G = 1 is LayerNorm over (C, *spatial); G = C is InstanceNorm")
     xs = torch.randn(2, 6, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -51,12 +53,16 @@ def demo() -> int:
     inorm = torch.nn.functional.instance_norm(xs)
     d1 = (groupnorm.group_norm(xs, 1) - ln).abs().max().item()
     dc = (groupnorm.group_norm(xs, 6) - inorm).abs().max().item()
-    print(f"x of shape {tuple(xs.shape)}: |GN(G=1) - LayerNorm| = {d1:.1e}, "
-          f"|GN(G=C) - InstanceNorm| = {dc:.1e}")
+    print(
+        f"x of shape {tuple(xs.shape)}: |GN(G=1) - LayerNorm| = {d1:.1e}, "
+        f"|GN(G=C) - InstanceNorm| = {dc:.1e}"
+    )
     y1 = groupnorm.group_norm(x, 1)
     _, mean1, var1 = ref.layer_norm(x.numpy())
-    print(f"on the article's x, G=1: {_fmt(y1[0].tolist(), 4)}  (mean {mean1.item():.4f}, "
-          f"var {var1.item():.8f})")
+    print(
+        f"on the article's x, G=1: {_fmt(y1[0].tolist(), 4)}  (mean {mean1.item():.4f}, "
+        f"var {var1.item():.8f})"
+    )
 
     print("\n== A group of one element (G = C = 8, no spatial extent)")
     with warnings.catch_warnings(record=True) as caught:
@@ -73,7 +79,9 @@ def demo() -> int:
     except ValueError as e:
         print(f"group_norm(x, 32) -> ValueError: {e}")
     variants: list[tuple[str, dict[str, Any]]] = [
-        ("uneven=True", {"num_groups": 32, "uneven": True}), ("group_size=16", {"group_size": 16})]
+        ("uneven=True", {"num_groups": 32, "uneven": True}),
+        ("group_size=16", {"group_size": 16}),
+    ]
     for label, kwargs in variants:
         plan = groupnorm.make_plan(48, **kwargs)
         out = groupnorm.group_norm(x48, **kwargs)
@@ -89,10 +97,20 @@ def _self_test() -> list[tuple[str, float, float]]:
     rows = []
     cases: list[tuple[str, torch.dtype, tuple[int, ...], dict[str, Any], float]] = [
         ("fp32 NCHW G=4", torch.float32, (2, 8, 5, 5), {"num_groups": 4}, 1e-5),
-        ("fp32 channels-last uneven G=3", torch.float32, (2, 8, 4, 4),
-         {"num_groups": 3, "uneven": True}, 1e-5),
-        ("bf16 silu group_size=2", torch.bfloat16, (2, 8, 6),
-         {"group_size": 2, "activation": "silu"}, 3e-2),
+        (
+            "fp32 channels-last uneven G=3",
+            torch.float32,
+            (2, 8, 4, 4),
+            {"num_groups": 3, "uneven": True},
+            1e-5,
+        ),
+        (
+            "bf16 silu group_size=2",
+            torch.bfloat16,
+            (2, 8, 6),
+            {"group_size": 2, "activation": "silu"},
+            3e-2,
+        ),
     ]
     for name, dtype, shape, kw, tol in cases:
         x = torch.randn(shape, generator=gen).to(dtype)
@@ -100,16 +118,19 @@ def _self_test() -> list[tuple[str, float, float]]:
             x = x.to(memory_format=torch.channels_last)
         y = groupnorm.group_norm(x, **kw)
         plan_kw = {k: v for k, v in kw.items() if k != "activation"}
-        y_ref, _ = ref.group_norm_forward(x.double().numpy(), **plan_kw,
-                                          activation=kw.get("activation"))
+        y_ref, _ = ref.group_norm_forward(
+            x.double().numpy(), **plan_kw, activation=kw.get("activation")
+        )
         rows.append((name, float(np.max(np.abs(y.double().numpy() - y_ref))), tol))
     return rows
 
 
 def check() -> int:
     """Versions, backends on this machine, and a quick self-test against the reference."""
-    print(f"groupnorm {groupnorm.__version__}  python {platform.python_version()}  "
-          f"torch {torch.__version__}  numpy {np.__version__}")
+    print(
+        f"groupnorm {groupnorm.__version__}  python {platform.python_version()}  "
+        f"torch {torch.__version__}  numpy {np.__version__}"
+    )
     print(f"cuda available: {torch.cuda.is_available()}")
     print("backends:")
     for name, reason in groupnorm.available_backends().items():
@@ -129,16 +150,29 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
 
 # name -> (help, add its arguments to a subparser, run it with the parsed arguments).
 # A subcommand with its own options lives in its own module and is listed here.
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
-                          Callable[[argparse.Namespace], int]]] = {
-    "demo": ("the article's worked example, G=1/G=C identities, uneven groups",
-             _no_arguments, lambda args: demo()),
-    "check": ("versions, available backends, a quick self-test",
-              _no_arguments, lambda args: check()),
-    "study": ("the batch-size study: BN vs GN/LN/IN over images per device, with CIs and plots",
-              study_cli.add_arguments, study_cli.run),
-    "bench": ("GPU speed vs torch, torch.compile, cuDNN BatchNorm and the bandwidth floor",
-              bench.add_arguments, bench.main),
+COMMANDS: dict[
+    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {
+    "demo": (
+        "the article's worked example, G=1/G=C identities, uneven groups",
+        _no_arguments,
+        lambda args: demo(),
+    ),
+    "check": (
+        "versions, available backends, a quick self-test",
+        _no_arguments,
+        lambda args: check(),
+    ),
+    "study": (
+        "the batch-size study: BN vs GN/LN/IN over images per device, with CIs and plots",
+        study_cli.add_arguments,
+        study_cli.run,
+    ),
+    "bench": (
+        "GPU speed vs torch, torch.compile, cuDNN BatchNorm and the bandwidth floor",
+        bench.add_arguments,
+        bench.main,
+    ),
 }
 
 

@@ -98,15 +98,17 @@ def _patched(m: nn.Module) -> str | None:
     object and would not move to its replacement; a hook on a norm would see a fused output."""
     if "forward" in m.__dict__:
         return f"{type(m).__name__} has its forward replaced on the instance"
-    if any((m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
-            m._backward_pre_hooks)):
+    if any((m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)):
         return f"{type(m).__name__} has hooks registered on it"
     return None
 
 
-def _replace_everywhere(root: nn.Module, paths: list[str], new: nn.Module,
-                        undo: list[tuple[nn.Module, str, nn.Module]] | None = None
-                        ) -> nn.Module:
+def _replace_everywhere(
+    root: nn.Module,
+    paths: list[str],
+    new: nn.Module,
+    undo: list[tuple[nn.Module, str, nn.Module]] | None = None,
+) -> nn.Module:
     """Put ``new`` at every path (the root path "" replaces the root: returned). ``undo`` gets
     ``(parent, name, old)`` per replacement; for the root, ``(new root, "", old root)``."""
     for path in paths:
@@ -141,8 +143,9 @@ class Replacement:
 
     def describe(self) -> str:
         where = ", ".join(p or "<root>" for p in self.paths)
-        return (f"{where}: {self.kind}(C={self.num_channels}) -> {self.plan.describe()} "
-                f"({self.reason})")
+        return (
+            f"{where}: {self.kind}(C={self.num_channels}) -> {self.plan.describe()} ({self.reason})"
+        )
 
 
 @dataclass
@@ -174,8 +177,9 @@ def _target_groups(C: int, num_groups: int | None, group_size: int | None) -> in
     return num_groups
 
 
-def _plan_for(C: int, num_groups: int | None, group_size: int | None, policy: str
-              ) -> tuple[GroupPlan, str] | str:
+def _plan_for(
+    C: int, num_groups: int | None, group_size: int | None, policy: str
+) -> tuple[GroupPlan, str] | str:
     """The plan for C channels, with why; or the reason it cannot be made under ``policy``."""
     asked = f"group_size={group_size}" if group_size is not None else f"num_groups={num_groups}"
     if group_size is not None and group_size <= C and C % group_size == 0:
@@ -189,13 +193,16 @@ def _plan_for(C: int, num_groups: int | None, group_size: int | None, policy: st
     if policy == "uneven" and G <= C:
         return make_plan(C, G, uneven=True), f"policy='uneven': {asked} does not divide {C}"
     if policy == "uneven":
-        return (f"C={C} is smaller than {G} groups, so uneven groups cannot be formed "
-                "(use policy='choose' or fewer groups)")
+        return (
+            f"C={C} is smaller than {G} groups, so uneven groups cannot be formed "
+            "(use policy='choose' or fewer groups)"
+        )
     return f"{asked} does not divide C={C} (divisors of {C}: {divisors(C)})"
 
 
-def _check_convert_args(num_groups: int | None, group_size: int | None, policy: str
-                        ) -> tuple[int | None, int | None]:
+def _check_convert_args(
+    num_groups: int | None, group_size: int | None, policy: str
+) -> tuple[int | None, int | None]:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {list(POLICIES)}, got {policy!r}")
     if num_groups is not None and group_size is not None:
@@ -265,15 +272,22 @@ def convert_batchnorm(
         if not isinstance(m, nn.modules.batchnorm._BatchNorm):
             continue
         if type(m) not in _BATCHNORMS:
-            report.skipped.append((path, f"{type(m).__name__} is a BatchNorm subclass with its "
-                                         "own behaviour; convert it with its library's tools"))
+            report.skipped.append(
+                (
+                    path,
+                    f"{type(m).__name__} is a BatchNorm subclass with its "
+                    "own behaviour; convert it with its library's tools",
+                )
+            )
             continue
         if (why := _patched(m)) is not None:
             report.skipped.append((path, why))
             continue
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
-            problems.append(f"{path}: {type(m).__name__} is uninitialized (run one forward "
-                            "first so that its channel count is known)")
+            problems.append(
+                f"{path}: {type(m).__name__} is uninitialized (run one forward "
+                "first so that its channel count is known)"
+            )
             continue
         decided = _plan_for(m.num_features, num_groups, group_size, policy)
         if isinstance(decided, str):
@@ -298,8 +312,14 @@ def convert_batchnorm(
                     convs[id(conv)] = conv
 
     for m, plan, reason in todo:
-        new = GroupNorm(plan.num_groups, m.num_features, m.eps, m.affine,
-                        uneven=not plan.is_even, **_factory_kwargs(m))
+        new = GroupNorm(
+            plan.num_groups,
+            m.num_features,
+            m.eps,
+            m.affine,
+            uneven=not plan.is_even,
+            **_factory_kwargs(m),
+        )
         if m.affine:
             for name in ("weight", "bias"):
                 old_p, new_p = getattr(m, name), getattr(new, name)
@@ -308,9 +328,17 @@ def convert_batchnorm(
                 new_p.requires_grad_(old_p.requires_grad)
         new.train(m.training)
         target = _replace_everywhere(target, paths[id(m)], new)
-        report.replaced.append(Replacement(tuple(paths[id(m)]), type(m).__name__,
-                                           m.num_features, plan, reason, m.affine,
-                                           m.track_running_stats))
+        report.replaced.append(
+            Replacement(
+                tuple(paths[id(m)]),
+                type(m).__name__,
+                m.num_features,
+                plan,
+                reason,
+                m.affine,
+                m.track_running_stats,
+            )
+        )
     for conv_id, conv in convs.items():
         assert isinstance(conv, nn.Conv2d)
         target = _replace_everywhere(target, paths[conv_id], WSConv2d.from_conv(conv))
@@ -369,8 +397,9 @@ class SwapReport:
         return bool(self.swapped)
 
     def __str__(self) -> str:
-        lines = [f"swapped {len(self.swapped)} GroupNorm module(s); fused SiLU into "
-                 f"{len(self.fused)}"]
+        lines = [
+            f"swapped {len(self.swapped)} GroupNorm module(s); fused SiLU into {len(self.fused)}"
+        ]
         for f in self.fused:
             moved = f" (SiLU now applied by {', '.join(f.moved_to)})" if f.moved_to else ""
             lines.append(f"  fused {f.norm} + {f.activation} [{f.rule}]{moved}")
@@ -431,11 +460,14 @@ def _resnet_block_2d(m: nn.Module) -> tuple[list[tuple[str, str]], list[str]] | 
     # directly; `nonlinearity` can become Identity once the temb use (when it runs) applies
     # SiLU itself, which a pre-hook on time_emb_proj does: time_emb_proj is called only there.
     if m.time_embedding_norm == "scale_shift":
-        return ("time_embedding_norm='scale_shift' puts a scale and shift between norm2 and "
-                "the activation")
+        return (
+            "time_embedding_norm='scale_shift' puts a scale and shift between norm2 and "
+            "the activation"
+        )
     uses_temb = m.time_emb_proj is not None and not m.skip_time_act
     return [("norm1", "nonlinearity"), ("norm2", "nonlinearity")], (
-        ["time_emb_proj"] if uses_temb else [])
+        ["time_emb_proj"] if uses_temb else []
+    )
 
 
 def _norm_out(m: nn.Module) -> tuple[list[tuple[str, str]], list[str]]:
@@ -452,13 +484,21 @@ def _norm_out(m: nn.Module) -> tuple[list[tuple[str, str]], list[str]]:
 # read again before its fingerprint is added here.
 _VAE, _UNETS = "diffusers.models.autoencoders.vae", "diffusers.models.unets"
 _RULES = (
-    _Rule("diffusers.models.resnet", "ResnetBlock2D", frozenset({"24624aeb812a69ca"}),
-          _resnet_block_2d),
+    _Rule(
+        "diffusers.models.resnet",
+        "ResnetBlock2D",
+        frozenset({"24624aeb812a69ca"}),
+        _resnet_block_2d,
+    ),
     _Rule(_VAE, "Encoder", frozenset({"97458a98fb36cdad"}), _norm_out),
     _Rule(_VAE, "Decoder", frozenset({"2ad49dec6e933a9e"}), _norm_out),
     _Rule(f"{_UNETS}.unet_2d", "UNet2DModel", frozenset({"bd9be7f8d659ce00"}), _norm_out),
-    _Rule(f"{_UNETS}.unet_2d_condition", "UNet2DConditionModel",
-          frozenset({"c38f02369325e0a4"}), _norm_out),
+    _Rule(
+        f"{_UNETS}.unet_2d_condition",
+        "UNet2DConditionModel",
+        frozenset({"c38f02369325e0a4"}),
+        _norm_out,
+    ),
 )
 _RULE_BY_CLASS = {(r.module, r.name): r for r in _RULES}
 
@@ -475,8 +515,9 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _fuse_sequential(seq: nn.Sequential, path: str, paths: dict[int, list[str]],
-                     plan: _Fusion, report: SwapReport) -> None:
+def _fuse_sequential(
+    seq: nn.Sequential, path: str, paths: dict[int, list[str]], plan: _Fusion, report: SwapReport
+) -> None:
     # nn.Sequential.forward (exactly torch's: subclasses may override it) feeds each child's
     # output to the next child and to nothing else.
     names = list(seq._modules)
@@ -495,16 +536,24 @@ def _fuse_sequential(seq: nn.Sequential, path: str, paths: dict[int, list[str]],
         plan.removals.append((seq, b))
 
 
-def _fuse_by_rule(m: nn.Module, rule: _Rule, path: str, paths: dict[int, list[str]],
-                  plan: _Fusion, report: SwapReport) -> None:
+def _fuse_by_rule(
+    m: nn.Module,
+    rule: _Rule,
+    path: str,
+    paths: dict[int, list[str]],
+    plan: _Fusion,
+    report: SwapReport,
+) -> None:
     cls = type(m).__name__
 
     def refuse(why: str) -> None:
         report.not_fused.append((path, why))
 
     if _forward_fingerprint(type(m)) not in rule.fingerprints:
-        return refuse(f"{cls}.forward is not the version that was verified for fusion "
-                      "(diffusers 0.42.1); swapped without fusing")
+        return refuse(
+            f"{cls}.forward is not the version that was verified for fusion "
+            "(diffusers 0.42.1); swapped without fusing"
+        )
     if (why := _patched(m)) is not None:
         return refuse(why)
     decided = rule.pairs(m)
@@ -521,8 +570,7 @@ def _fuse_by_rule(m: nn.Module, rule: _Rule, path: str, paths: dict[int, list[st
     for attr in norms + acts + moved:
         sub = getattr(m, attr)
         if attr not in acts and len(paths[id(sub)]) > 1:
-            return refuse(f"{attr} is shared ({paths[id(sub)]}): its other uses were not "
-                          "verified")
+            return refuse(f"{attr} is shared ({paths[id(sub)]}): its other uses were not verified")
         if (why := _patched(sub)) is not None:
             return refuse(f"{attr}: {why}")
     moved_paths = tuple(_join(path, attr) for attr in moved)
@@ -537,8 +585,14 @@ def _fuse_by_rule(m: nn.Module, rule: _Rule, path: str, paths: dict[int, list[st
 def _ours(old: nn.GroupNorm, activation: str | None) -> GroupNorm:
     """Our GroupNorm holding ``old``'s very Parameter objects (so an optimizer built on them
     stays valid and :func:`restore_group_norm` keeps what was trained)."""
-    new = GroupNorm(old.num_groups, old.num_channels, old.eps, old.affine,
-                    activation=activation, **_factory_kwargs(old))
+    new = GroupNorm(
+        old.num_groups,
+        old.num_channels,
+        old.eps,
+        old.affine,
+        activation=activation,
+        **_factory_kwargs(old),
+    )
     if old.affine:
         new.weight, new.bias = old.weight, old.bias
     new.train(old.training)
@@ -575,15 +629,20 @@ def swap_group_norm(
         elif type(m) is nn.GroupNorm:
             norms[id(m)] = m
         elif isinstance(m, nn.GroupNorm) and not isinstance(m, GroupNorm):
-            report.skipped.append((path, f"{type(m).__name__} subclasses nn.GroupNorm and may "
-                                         "behave differently; left as it is"))
+            report.skipped.append(
+                (
+                    path,
+                    f"{type(m).__name__} subclasses nn.GroupNorm and may "
+                    "behave differently; left as it is",
+                )
+            )
 
     plan = _Fusion()
     if fuse_activation:
         for path, m in target.named_modules():
             if type(m) is nn.Sequential:
                 _fuse_sequential(m, path, paths, plan, report)
-            elif (rule := _RULE_BY_CLASS.get((type(m).__module__, type(m).__name__))):
+            elif rule := _RULE_BY_CLASS.get((type(m).__module__, type(m).__name__)):
                 _fuse_by_rule(m, rule, path, paths, plan, report)
 
     for norm_id, old in norms.items():
@@ -605,8 +664,9 @@ def restore_group_norm(model: nn.Module, report: SwapReport) -> nn.Module:
     training done meanwhile is kept; each takes the train/eval mode of the module it replaces.
     """
     if not isinstance(report, SwapReport):
-        raise TypeError(f"report must be the SwapReport from swap_group_norm, got "
-                        f"{type(report).__name__}")
+        raise TypeError(
+            f"report must be the SwapReport from swap_group_norm, got {type(report).__name__}"
+        )
     if report._restored:
         raise ValueError("this SwapReport has already been restored")
     present = {id(m) for m in model.modules()}

@@ -82,15 +82,21 @@ def select_backend(request: Request, backend: str = "auto") -> Backend:
             raise ValueError(f"unknown backend {backend!r}; registered: {sorted(_REGISTRY)}")
         reason = chosen.available() or chosen.why_not(request)
         if reason is not None:
-            able = [b.name for b in _REGISTRY.values()
-                    if b.available() is None and b.why_not(request) is None]
+            able = [
+                b.name
+                for b in _REGISTRY.values()
+                if b.available() is None and b.why_not(request) is None
+            ]
             raise ValueError(
                 f"backend {backend!r} cannot run this call: {reason}. "
                 f"Backends that can: {able} (or backend='auto')"
             )
         return chosen
     for candidate in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
-        if (candidate.auto(request) and candidate.available() is None
-                and candidate.why_not(request) is None):
+        if (
+            candidate.auto(request)
+            and candidate.available() is None
+            and candidate.why_not(request) is None
+        ):
             return candidate
     raise ValueError(f"no registered backend can run this call; registered: {sorted(_REGISTRY)}")

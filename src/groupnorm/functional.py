@@ -45,8 +45,9 @@ def resolve_plan(
     key = (num_channels, num_groups, group_size, sizes, bool(uneven))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = make_plan(num_channels, num_groups, group_size=group_size, group_sizes=sizes,
-                         uneven=uneven)
+        plan = make_plan(
+            num_channels, num_groups, group_size=group_size, group_sizes=sizes, uneven=uneven
+        )
         if len(_PLANS) < 4096:
             _PLANS[key] = plan
     return plan
@@ -75,30 +76,33 @@ def _check_input(x: object) -> torch.Tensor:
     return x
 
 
-def _check_param(name: str, t: torch.Tensor | None, shape: tuple[int, ...],
-                 x: torch.Tensor) -> torch.Tensor | None:
+def _check_param(
+    name: str, t: torch.Tensor | None, shape: tuple[int, ...], x: torch.Tensor
+) -> torch.Tensor | None:
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if tuple(t.shape) != shape:
         raise ValueError(
-            f"{name} has shape {tuple(t.shape)}, expected {shape} for x of shape "
-            f"{tuple(x.shape)}"
+            f"{name} has shape {tuple(t.shape)}, expected {shape} for x of shape {tuple(x.shape)}"
         )
     if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} has dtype {t.dtype}; it must be one of "
-                        f"{[str(d) for d in _FLOATS]}")
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; it must be one of {[str(d) for d in _FLOATS]}"
+        )
     if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move it with "
-                         f".to({str(x.device)!r})")
+        raise ValueError(
+            f"{name} is on {t.device} but x is on {x.device}; move it with .to({str(x.device)!r})"
+        )
     return t
 
 
 def _check_stats(stats: GroupStats, x: torch.Tensor, plan: GroupPlan) -> None:
     if not isinstance(stats, GroupStats):
         raise TypeError(
-            f"stats must be a GroupStats (from group_stats), got {type(stats).__name__}")
+            f"stats must be a GroupStats (from group_stats), got {type(stats).__name__}"
+        )
     want = (x.shape[0], plan.num_groups)
     for field in ("pivot", "shifted_mean", "m2", "count"):
         t = getattr(stats, field)
@@ -109,14 +113,23 @@ def _check_stats(stats: GroupStats, x: torch.Tensor, plan: GroupPlan) -> None:
                 "same batch and group plan"
             )
         if t.device != x.device:
-            raise ValueError(f"stats are on {t.device} but x is on {x.device}; use "
-                             f"stats.to({str(x.device)!r})")
+            raise ValueError(
+                f"stats are on {t.device} but x is on {x.device}; use stats.to({str(x.device)!r})"
+            )
 
 
-def _request(x: torch.Tensor, plan: GroupPlan, weight: torch.Tensor | None,
-             bias: torch.Tensor | None, eps: float, activation: str | None,
-             scale: torch.Tensor | None, shift: torch.Tensor | None,
-             stats: GroupStats | None, return_stats: bool) -> dispatch.Request:
+def _request(
+    x: torch.Tensor,
+    plan: GroupPlan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    stats: GroupStats | None,
+    return_stats: bool,
+) -> dispatch.Request:
     """Validate everything but x itself (checked by the caller, which needed its C for the plan)."""
     N, C = x.shape[:2]
     if activation not in ACTIVATIONS:
@@ -130,28 +143,40 @@ def _request(x: torch.Tensor, plan: GroupPlan, weight: torch.Tensor | None,
     if stats is not None:
         _check_stats(stats, x, plan)
         if return_stats:
-            raise ValueError("return_stats=True with stats= given: the given stats are returned "
-                             "unchanged; drop one of the two")
+            raise ValueError(
+                "return_stats=True with stats= given: the given stats are returned "
+                "unchanged; drop one of the two"
+            )
     elif N and plan.min_size == 1 and math.prod(x.shape[2:]) == 1:
         warnings.warn(
             f"{plan.describe()} over {math.prod(x.shape[2:])} position(s) puts a single element "
             "in a group: its variance is 0 and its output is just beta. Use fewer groups or "
             "inputs with spatial extent.",
-            SingleElementGroupWarning, stacklevel=3,
+            SingleElementGroupWarning,
+            stacklevel=3,
         )
-    return dispatch.Request(x, plan, weight, bias, float(eps), activation, scale, shift,
-                            stats, bool(return_stats))
+    return dispatch.Request(
+        x, plan, weight, bias, float(eps), activation, scale, shift, stats, bool(return_stats)
+    )
 
 
-def group_norm_planned(x: torch.Tensor, plan: GroupPlan, weight: torch.Tensor | None,
-                       bias: torch.Tensor | None, eps: float, activation: str | None,
-                       backend: str) -> torch.Tensor:
+def group_norm_planned(
+    x: torch.Tensor,
+    plan: GroupPlan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+    backend: str,
+) -> torch.Tensor:
     """:func:`group_norm` with a plan made beforehand (the modules' path: the plan is fixed at
     construction, so no per-call lookup). x must have the plan's C channels."""
     x = _check_input(x)
     if x.shape[1] != plan.num_channels:
-        raise ValueError(f"expected x with {plan.num_channels} channels (dim 1) for "
-                         f"{plan.describe()}, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"expected x with {plan.num_channels} channels (dim 1) for "
+            f"{plan.describe()}, got shape {tuple(x.shape)}"
+        )
     r = _request(x, plan, weight, bias, eps, activation, None, None, None, False)
     return dispatch.select_backend(r, backend).run(r)[0]
 
@@ -229,8 +254,9 @@ def group_norm(
     statistics are accumulated in float32 (float64 for float64 x).
     """
     x = _check_input(x)
-    plan = resolve_plan(x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes,
-                        uneven=uneven)
+    plan = resolve_plan(
+        x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
+    )
     r = _request(x, plan, weight, bias, eps, activation, scale, shift, stats, return_stats)
     y, out_stats = dispatch.select_backend(r, backend).run(r)
     if return_stats:
@@ -254,6 +280,7 @@ def group_stats(
     the whole.
     """
     x = _check_input(x)
-    plan = resolve_plan(x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes,
-                        uneven=uneven)
+    plan = resolve_plan(
+        x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
+    )
     return torch_ops.compute_stats(x, plan)

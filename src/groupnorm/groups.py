@@ -126,12 +126,18 @@ def make_plan(
     if isinstance(C, bool) or not isinstance(C, (int, np.integer)) or C < 1:
         raise ValueError(f"num_channels must be a positive integer, got {C!r}")
     C = int(C)
-    given = [n for n, v in (("num_groups", num_groups), ("group_size", group_size),
-                            ("group_sizes", group_sizes)) if v is not None]
+    given = [
+        n
+        for n, v in (
+            ("num_groups", num_groups),
+            ("group_size", group_size),
+            ("group_sizes", group_sizes),
+        )
+        if v is not None
+    ]
     if len(given) != 1:
         raise ValueError(
-            "give exactly one of num_groups=, group_size= or group_sizes=, "
-            f"got {given or 'none'}"
+            f"give exactly one of num_groups=, group_size= or group_sizes=, got {given or 'none'}"
         )
     if group_sizes is not None:
         sizes = tuple(int(s) for s in group_sizes)
@@ -191,8 +197,11 @@ def choose_num_groups(
     divs = divisors(C)
     ok = [g for g in divs if C // g >= min_channels_per_group]
     if not ok:
-        return GroupChoice(1, C, f"{C} channels cannot form groups of "
-                                 f"{min_channels_per_group}; one group (LayerNorm)")
+        return GroupChoice(
+            1,
+            C,
+            f"{C} channels cannot form groups of {min_channels_per_group}; one group (LayerNorm)",
+        )
     best = min(ok, key=lambda g: (abs(np.log(g / target)), -g))
     if best == target:
         reason = f"{target} divides {C}"

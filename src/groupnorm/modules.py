@@ -53,8 +53,9 @@ class GroupNorm(nn.GroupNorm):
             raise ValueError("num_channels is required, e.g. GroupNorm(32, num_channels=256)")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-        plan = resolve_plan(num_channels, num_groups, group_size=group_size,
-                            group_sizes=group_sizes, uneven=uneven)
+        plan = resolve_plan(
+            num_channels, num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
+        )
         # nn.GroupNorm insists that num_groups divides num_channels; the plan already checked
         # what the user asked for, so build the parameters with one group and set the real G.
         if _TORCH_HAS_BIAS_FLAG:
@@ -70,8 +71,9 @@ class GroupNorm(nn.GroupNorm):
         self._explicit_sizes = group_sizes is not None or not plan.is_even
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return group_norm_planned(input, self.plan, self.weight, self.bias, self.eps,
-                                  self.activation, self.backend)
+        return group_norm_planned(
+            input, self.plan, self.weight, self.bias, self.eps, self.activation, self.backend
+        )
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

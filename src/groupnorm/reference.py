@@ -151,19 +151,20 @@ def group_norm_forward(
         raise ValueError(f"x must have shape (N, C, *spatial), got shape {x.shape}")
     N, C = x.shape[:2]
     if plan is None:
-        plan = make_plan(C, num_groups, group_size=group_size, group_sizes=group_sizes,
-                         uneven=uneven)
+        plan = make_plan(
+            C, num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
+        )
     elif plan.num_channels != C:
         raise ValueError(f"plan is for {plan.num_channels} channels, x has {C}")
     count = np.asarray(plan.sizes, dtype=np.float64) * math.prod(x.shape[2:])  # (G,)
-    mean = _group_sum(x, plan) / count                                     # (N, G)
-    centered = x - _per_channel(mean, plan, x.ndim)                        # (N, C, *S)
-    var = _group_sum(centered * centered, plan) / count                    # (N, G), two-pass
-    rstd = 1.0 / np.sqrt(var + eps)                                        # (N, G)
-    xhat = centered * _per_channel(rstd, plan, x.ndim)                     # (N, C, *S)
+    mean = _group_sum(x, plan) / count  # (N, G)
+    centered = x - _per_channel(mean, plan, x.ndim)  # (N, C, *S)
+    var = _group_sum(centered * centered, plan) / count  # (N, G), two-pass
+    rstd = 1.0 / np.sqrt(var + eps)  # (N, G)
+    xhat = centered * _per_channel(rstd, plan, x.ndim)  # (N, C, *S)
     bshape = (1, C) + (1,) * (x.ndim - 2)
     g = _vector(gamma, C, 1.0).reshape(bshape)
-    z = g * xhat + _vector(beta, C, 0.0).reshape(bshape)                   # (N, C, *S)
+    z = g * xhat + _vector(beta, C, 0.0).reshape(bshape)  # (N, C, *S)
     u = z
     sc = None
     if scale is not None or shift is not None:
@@ -180,19 +181,19 @@ def group_norm_backward(dy: np.ndarray, cache: Cache) -> Grads:
     dy = np.asarray(dy, dtype=np.float64)
     plan, ndim = cache.plan, dy.ndim
     spatial = tuple(range(2, ndim))
-    du = dy * activation_grad(cache.u, cache.activation)                   # (N, C, *S)
+    du = dy * activation_grad(cache.u, cache.activation)  # (N, C, *S)
     dscale = dshift = None
     dz = du
     if cache.scale is not None:
-        dscale = (du * cache.z).sum(axis=spatial)                          # (N, C)
-        dshift = du.sum(axis=spatial)                                      # (N, C)
+        dscale = (du * cache.z).sum(axis=spatial)  # (N, C)
+        dshift = du.sum(axis=spatial)  # (N, C)
         dz = du * (1.0 + cache.scale)
-    dgamma = (dz * cache.xhat).sum(axis=(0,) + spatial)                    # (C,)
-    dbeta = dz.sum(axis=(0,) + spatial)                                    # (C,)
-    dxhat = dz * cache.gamma                                               # (N, C, *S)
+    dgamma = (dz * cache.xhat).sum(axis=(0,) + spatial)  # (C,)
+    dbeta = dz.sum(axis=(0,) + spatial)  # (C,)
+    dxhat = dz * cache.gamma  # (N, C, *S)
     count = np.asarray(plan.sizes, dtype=np.float64) * math.prod(dy.shape[2:])
-    mean_dxhat = _group_sum(dxhat, plan) / count                           # (N, G)
-    mean_dxhat_xhat = _group_sum(dxhat * cache.xhat, plan) / count         # (N, G)
+    mean_dxhat = _group_sum(dxhat, plan) / count  # (N, G)
+    mean_dxhat_xhat = _group_sum(dxhat * cache.xhat, plan) / count  # (N, G)
     dx = _per_channel(cache.rstd, plan, ndim) * (
         dxhat
         - _per_channel(mean_dxhat, plan, ndim)
@@ -223,7 +224,9 @@ def normalize_over(
 
 
 def batch_norm(
-    x: np.ndarray, gamma: np.ndarray | None = None, beta: np.ndarray | None = None,
+    x: np.ndarray,
+    gamma: np.ndarray | None = None,
+    beta: np.ndarray | None = None,
     eps: float = 1e-5,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """BatchNorm in training mode: per channel, over N and all positions."""
@@ -231,7 +234,9 @@ def batch_norm(
 
 
 def layer_norm(
-    x: np.ndarray, gamma: np.ndarray | None = None, beta: np.ndarray | None = None,
+    x: np.ndarray,
+    gamma: np.ndarray | None = None,
+    beta: np.ndarray | None = None,
     eps: float = 1e-5,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LayerNorm as in the paper: per sample, over C and all positions (GroupNorm with G = 1)."""
@@ -239,7 +244,9 @@ def layer_norm(
 
 
 def instance_norm(
-    x: np.ndarray, gamma: np.ndarray | None = None, beta: np.ndarray | None = None,
+    x: np.ndarray,
+    gamma: np.ndarray | None = None,
+    beta: np.ndarray | None = None,
     eps: float = 1e-5,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """InstanceNorm: per sample and channel, over all positions (GroupNorm with G = C)."""
@@ -247,8 +254,12 @@ def instance_norm(
 
 
 def merge_stats(
-    mean_a: np.ndarray, m2_a: np.ndarray, count_a: np.ndarray,
-    mean_b: np.ndarray, m2_b: np.ndarray, count_b: np.ndarray,
+    mean_a: np.ndarray,
+    m2_a: np.ndarray,
+    count_a: np.ndarray,
+    mean_b: np.ndarray,
+    m2_b: np.ndarray,
+    count_b: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Chan et al.'s exact merge of two sets of (mean, M2 = sum of squared deviations, count).
 

@@ -49,8 +49,9 @@ class GroupStats:
         return self.pivot.shape
 
     def to(self, device: torch.device | str) -> GroupStats:
-        return GroupStats(*(t.to(device) for t in (self.pivot, self.shifted_mean,
-                                                    self.m2, self.count)))
+        return GroupStats(
+            *(t.to(device) for t in (self.pivot, self.shifted_mean, self.m2, self.count))
+        )
 
 
 def merge_stats(a: GroupStats, b: GroupStats) -> GroupStats:
@@ -73,8 +74,7 @@ def merge_stats(a: GroupStats, b: GroupStats) -> GroupStats:
     dtype = a.pivot.dtype
     f64 = torch.float64
     na, nb = a.count.to(f64), b.count.to(f64)
-    delta = (b.pivot.to(f64) - a.pivot.to(f64)) + (b.shifted_mean.to(f64)
-                                                    - a.shifted_mean.to(f64))
+    delta = (b.pivot.to(f64) - a.pivot.to(f64)) + (b.shifted_mean.to(f64) - a.shifted_mean.to(f64))
     n = na + nb
     shifted_mean = a.shifted_mean.to(f64) + delta * (nb / n)
     m2 = a.m2.to(f64) + b.m2.to(f64) + delta * delta * (na * nb / n)

@@ -27,8 +27,10 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     least (float64 for float64 weights), then the result is cast back to the weight's dtype.
     """
     if weight.dim() < 2:
-        raise ValueError(f"weight must have an output-channel dimension and at least one more, "
-                         f"got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have an output-channel dimension and at least one more, "
+            f"got shape {tuple(weight.shape)}"
+        )
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.to(acc)
     var, mean = torch.var_mean(w, dim=tuple(range(1, w.dim())), keepdim=True, correction=0)
@@ -53,11 +55,20 @@ class WSConv2d(nn.Conv2d):
     def from_conv(cls, conv: nn.Conv2d, *, ws_eps: float = 1e-6) -> WSConv2d:
         """A WSConv2d with ``conv``'s configuration, device, dtype, train/eval mode and a copy
         of its weight and bias."""
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size,  # type: ignore[arg-type]
-                  stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                  groups=conv.groups, bias=conv.bias is not None,
-                  padding_mode=conv.padding_mode, device=conv.weight.device,
-                  dtype=conv.weight.dtype, ws_eps=ws_eps)
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,  # type: ignore[arg-type]
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            ws_eps=ws_eps,
+        )
         for name in ("weight", "bias"):
             old_p, new_p = getattr(conv, name), getattr(new, name)
             if old_p is not None:

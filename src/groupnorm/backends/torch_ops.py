@@ -40,7 +40,10 @@ __all__ = ["NATIVE_TRUST", "accumulation_dtype", "apply_activation", "compute_st
 NATIVE_TRUST = 16.0
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,8 +62,9 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def _plan_indices(plan: GroupPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
-                                                                   torch.Tensor]:
+def _plan_indices(
+    plan: GroupPlan, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per plan and device: channel -> group (C,), first channel of each group (G,), and a
     (G, max size) gather index into C + 1 columns whose last column is a zero pad.
 
@@ -71,8 +75,9 @@ def _plan_indices(plan: GroupPlan, device: torch.device) -> tuple[torch.Tensor, 
     return _cached_plan_indices(plan, device)
 
 
-def _build_plan_indices(plan: GroupPlan, device: torch.device
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _build_plan_indices(
+    plan: GroupPlan, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     channel_group = torch.as_tensor(plan.channel_group, device=device)
     first = torch.as_tensor(plan.offsets[:-1], device=device)
     width = max(plan.sizes)
@@ -108,8 +113,9 @@ def _expand(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape(v.shape + (1,) * (ndim - 2))
 
 
-def _shifted(x: torch.Tensor, plan: GroupPlan, pivot: torch.Tensor | None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def _shifted(
+    x: torch.Tensor, plan: GroupPlan, pivot: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x - pivot, pivot)`` in the accumulation dtype; the pivot is each group's first element
     unless given. It is detached: the result is mathematically independent of it."""
     acc = accumulation_dtype(x.dtype)
@@ -129,10 +135,10 @@ def _stats_of_shifted(xs: torch.Tensor, pivot: torch.Tensor, plan: GroupPlan) ->
         var_c = mean_c = xs.new_zeros(N, C)
     else:
         var_c, mean_c = torch.var_mean(xs, dim=tuple(range(2, xs.dim())), correction=0)
-    sizes = torch.tensor(plan.sizes, dtype=xs.dtype, device=xs.device)       # (G,)
-    mean_g = _group_sum(mean_c, plan) / sizes                                 # (N, G)
-    dev = mean_c - _per_channel(mean_g, plan)                                 # (N, C)
-    m2 = _group_sum(var_c + dev * dev, plan) * L                              # (N, G)
+    sizes = torch.tensor(plan.sizes, dtype=xs.dtype, device=xs.device)  # (G,)
+    mean_g = _group_sum(mean_c, plan) / sizes  # (N, G)
+    dev = mean_c - _per_channel(mean_g, plan)  # (N, C)
+    m2 = _group_sum(var_c + dev * dev, plan) * L  # (N, G)
     count = (sizes * L).expand(N, -1)
     return GroupStats(pivot, mean_g, m2, count)
 
@@ -158,7 +164,7 @@ def _native_layout(x: torch.Tensor) -> bool:
     if x.device.type != "cpu" or x.dim() not in (4, 5):
         return False
     C, spatial = x.shape[1], x.shape[2:]
-    inner = [C * math.prod(spatial[i + 1:]) for i in range(len(spatial))]
+    inner = [C * math.prod(spatial[i + 1 :]) for i in range(len(spatial))]
     return x.stride() == (C * math.prod(spatial), 1, *inner)
 
 
@@ -178,8 +184,7 @@ def _native_ok(r: Request) -> bool:
         return _native_layout(r.x)
     # Each run is copied in x's memory format; off the CPU the kernel reads only contiguous
     # input, so a channels-last x there would be copied for nothing.
-    return len(r.plan.runs) <= MAX_NATIVE_RUNS and (r.x.device.type == "cpu"
-                                                    or r.x.is_contiguous())
+    return len(r.plan.runs) <= MAX_NATIVE_RUNS and (r.x.device.type == "cpu" or r.x.is_contiguous())
 
 
 @lru_cache(maxsize=256)
@@ -198,12 +203,20 @@ def _native_runs(r: Request) -> torch.Tensor | None:
         xs = r.x[:, cols].clone(memory_format=torch.preserve_format)
         if not _native_layout(xs):
             return None
-        y = _native(Request(
-            xs, _even_plan(size, (end - start) // size),
-            None if r.weight is None else r.weight[cols],
-            None if r.bias is None else r.bias[cols], r.eps, r.activation,
-            None if r.scale is None else r.scale[:, cols],
-            None if r.shift is None else r.shift[:, cols], None, False))
+        y = _native(
+            Request(
+                xs,
+                _even_plan(size, (end - start) // size),
+                None if r.weight is None else r.weight[cols],
+                None if r.bias is None else r.bias[cols],
+                r.eps,
+                r.activation,
+                None if r.scale is None else r.scale[:, cols],
+                None if r.shift is None else r.shift[:, cols],
+                None,
+                False,
+            )
+        )
         if y is None:
             return None
         parts.append(y)
@@ -219,11 +232,13 @@ def _native(r: Request) -> torch.Tensor | None:
     """
     x = r.x
     N, C = x.shape[:2]
-    affine_inside = ((r.weight is None or r.weight.dtype == x.dtype)
-                     and (r.bias is None or r.bias.dtype == x.dtype))
+    affine_inside = (r.weight is None or r.weight.dtype == x.dtype) and (
+        r.bias is None or r.bias.dtype == x.dtype
+    )
     w, b = (r.weight, r.bias) if affine_inside else (None, None)
-    y, mean, rstd = torch.native_group_norm(x, w, b, N, C, math.prod(x.shape[2:]),
-                                            r.plan.num_groups, r.eps)
+    y, mean, rstd = torch.native_group_norm(
+        x, w, b, N, C, math.prod(x.shape[2:]), r.plan.num_groups, r.eps
+    )
     # NaN (a NaN group) compares False: such a group is NaN either way, and others unaffected.
     if mean.numel() and mean.detach().mul(rstd.detach()).abs_().max().item() > NATIVE_TRUST:
         return None
@@ -257,11 +272,11 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     given = r.stats
     xs, pivot = _shifted(x, plan, None if given is None else given.pivot)
     stats = _stats_of_shifted(xs, pivot, plan) if given is None else given
-    rstd = torch.rsqrt(stats.var + r.eps)                                     # (N, G)
-    a = _per_channel(rstd, plan)                                              # (N, C)
+    rstd = torch.rsqrt(stats.var + r.eps)  # (N, G)
+    a = _per_channel(rstd, plan)  # (N, C)
     if r.weight is not None:
         a = a * r.weight.to(a.dtype)
-    b = -_per_channel(stats.shifted_mean, plan) * a                           # (N, C)
+    b = -_per_channel(stats.shifted_mean, plan) * a  # (N, C)
     if r.bias is not None:
         b = b + r.bias.to(a.dtype)
     if r.scale is not None:

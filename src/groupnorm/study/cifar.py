@@ -49,26 +49,39 @@ CIFAR: dict[str, CifarSpec] = {
     "cifar10": CifarSpec(
         folder="cifar-10-batches-py",
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        archive="cifar-10-python.tar.gz", archive_md5="c58f30108f718f92721af3b95e74349a",
-        train=tuple(f"data_batch_{i}" for i in range(1, 6)), test=("test_batch",),
+        archive="cifar-10-python.tar.gz",
+        archive_md5="c58f30108f718f92721af3b95e74349a",
+        train=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test=("test_batch",),
         meta="batches.meta",
-        md5={"data_batch_1": "c99cafc152244af753f735de768cd75f",
-             "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-             "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-             "data_batch_4": "634d18415352ddfa80567beed471001a",
-             "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-             "test_batch": "40351d587109b95175f43aff81a1287e",
-             "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"},
-        label_key=b"labels", num_classes=10),
+        md5={
+            "data_batch_1": "c99cafc152244af753f735de768cd75f",
+            "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+            "data_batch_4": "634d18415352ddfa80567beed471001a",
+            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+            "test_batch": "40351d587109b95175f43aff81a1287e",
+            "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+        },
+        label_key=b"labels",
+        num_classes=10,
+    ),
     "cifar100": CifarSpec(
         folder="cifar-100-python",
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        archive="cifar-100-python.tar.gz", archive_md5="eb9058c3a382ffc7106e4002c42a8d85",
-        train=("train",), test=("test",), meta="meta",
-        md5={"train": "16019d7e3df5f24257cddd939b257f8d",
-             "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
-             "meta": "7973b15100ade9c7d40fb424638fde48"},
-        label_key=b"fine_labels", num_classes=100),
+        archive="cifar-100-python.tar.gz",
+        archive_md5="eb9058c3a382ffc7106e4002c42a8d85",
+        train=("train",),
+        test=("test",),
+        meta="meta",
+        md5={
+            "train": "16019d7e3df5f24257cddd939b257f8d",
+            "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+            "meta": "7973b15100ade9c7d40fb424638fde48",
+        },
+        label_key=b"fine_labels",
+        num_classes=100,
+    ),
 }
 
 
@@ -82,13 +95,17 @@ def md5sum(path: Path) -> str:
 
 def _checked(path: Path, expected: str) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: --data-dir must hold the folder "
-                                f"{path.parent.name}/ as torchvision downloads it (or pass "
-                                f"--download)")
+        raise FileNotFoundError(
+            f"{path} is missing: --data-dir must hold the folder "
+            f"{path.parent.name}/ as torchvision downloads it (or pass "
+            f"--download)"
+        )
     got = md5sum(path)
     if got != expected:
-        raise ValueError(f"{path}: MD5 {got} does not match the published {expected}; the file "
-                         f"is damaged or not the official one (delete it and use --download)")
+        raise ValueError(
+            f"{path}: MD5 {got} does not match the published {expected}; the file "
+            f"is damaged or not the official one (delete it and use --download)"
+        )
     return path
 
 
@@ -102,8 +119,9 @@ def _load_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     return data, labels
 
 
-def read_cifar(data_dir: Path, name: str, *, md5: Mapping[str, str] | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+def read_cifar(
+    data_dir: Path, name: str, *, md5: Mapping[str, str] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """``(train_x, train_y, test_x, test_y, num_classes)``, images uint8 (n, 3, 32, 32).
 
     ``md5`` replaces the published sums (file name -> sum), for tests that write small files.
@@ -124,8 +142,9 @@ def read_cifar(data_dir: Path, name: str, *, md5: Mapping[str, str] | None = Non
     return train_x, train_y, test_x, test_y, spec.num_classes
 
 
-def download(data_dir: Path, name: str, *, url: str | None = None,
-             archive_md5: str | None = None) -> Path:
+def download(
+    data_dir: Path, name: str, *, url: str | None = None, archive_md5: str | None = None
+) -> Path:
     """Fetch ``name``'s archive (from ``url`` if given), check its MD5, unpack it into
     ``data_dir``; return the folder. An archive already present with the right sum is reused."""
     if name not in CIFAR:
@@ -137,17 +156,24 @@ def download(data_dir: Path, name: str, *, url: str | None = None,
     archive = data_dir / spec.archive
     if not archive.exists() or md5sum(archive) != expected:
         partial = archive.with_suffix(".part")
-        with urllib.request.urlopen(url or spec.url, timeout=60) as response, \
-                open(partial, "wb") as f:
+        with (
+            urllib.request.urlopen(url or spec.url, timeout=60) as response,
+            open(partial, "wb") as f,
+        ):
             shutil.copyfileobj(response, f)
         got = md5sum(partial)
         if got != expected:
             partial.unlink()
-            raise ValueError(f"downloaded {spec.archive} from {url or spec.url} has MD5 {got}, "
-                             f"not the published {expected}; nothing was unpacked")
+            raise ValueError(
+                f"downloaded {spec.archive} from {url or spec.url} has MD5 {got}, "
+                f"not the published {expected}; nothing was unpacked"
+            )
         partial.replace(archive)
     with tarfile.open(archive, "r:gz") as tar:
-        members = [m for m in tar.getmembers() if m.name.split("/")[0] == spec.folder
-                   and m.isfile() and ".." not in m.name.split("/")]
+        members = [
+            m
+            for m in tar.getmembers()
+            if m.name.split("/")[0] == spec.folder and m.isfile() and ".." not in m.name.split("/")
+        ]
         tar.extractall(data_dir, members=members, filter="data")
     return data_dir / spec.folder

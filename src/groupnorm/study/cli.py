@@ -1,9 +1,9 @@
 """``groupnorm study``: the batch-size study from the command line.
 
-    groupnorm study --quick --out runs/quick     # the README's command: 2 CPU cores, < 15 min
-    groupnorm study --out runs/full --sweep      # every arm at N = 32..2, 5 seeds, G sweep
-    groupnorm study --report runs/quick          # re-render report.md and the PNGs
-    torchrun --nproc-per-node 2 --no-python groupnorm study --quick --out runs/ddp  # devices
+groupnorm study --quick --out runs/quick     # the README's command: 2 CPU cores, < 15 min
+groupnorm study --out runs/full --sweep      # every arm at N = 32..2, 5 seeds, G sweep
+groupnorm study --report runs/quick          # re-render report.md and the PNGs
+torchrun --nproc-per-node 2 --no-python groupnorm study --quick --out runs/ddp  # devices
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
-                                         ) from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -41,37 +42,63 @@ def _norms(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_const", const="quick", dest="preset",
-                   help="the quick preset (= --preset quick): 2 CPU cores, under 15 minutes")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="full (default: all arms at N=32..2, 5 seeds, G sweep), quick, tiny")
+    p.add_argument(
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="preset",
+        help="the quick preset (= --preset quick): 2 CPU cores, under 15 minutes",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="full (default: all arms at N=32..2, 5 seeds, G sweep), quick, tiny",
+    )
     p.add_argument("--out", type=Path, help="results, config and report (default runs/<preset>)")
-    p.add_argument("--report", type=Path, metavar="DIR",
-                   help="only re-render DIR/report.md and its plots from DIR/results.jsonl")
-    p.add_argument("--data", choices=DATASETS, help="strokes (generated, default), cifar10, "
-                   "cifar100")
-    p.add_argument("--image-size", type=int,
-                   help="side of the generated strokes images in px (default 12)")
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="DIR",
+        help="only re-render DIR/report.md and its plots from DIR/results.jsonl",
+    )
+    p.add_argument(
+        "--data", choices=DATASETS, help="strokes (generated, default), cifar10, cifar100"
+    )
+    p.add_argument(
+        "--image-size", type=int, help="side of the generated strokes images in px (default 12)"
+    )
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
-    p.add_argument("--download", action="store_true",
-                   help="fetch the CIFAR archive into --data-dir first (MD5-checked)")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch the CIFAR archive into --data-dir first (MD5-checked)",
+    )
     p.add_argument("--download-url", help="fetch the archive from this address instead")
     p.add_argument("--norms", type=_norms, help=f"arms, comma-separated, from {NORMS}")
     p.add_argument("--batches", type=_ints, help="images per device N, e.g. 32,16,8,4,2")
     p.add_argument("--seeds", type=int, help="number of seeds (0 .. K-1)")
-    p.add_argument("--sweep", action="store_true", default=None,
-                   help="add the GN sweep over G and channels per group at N=32")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        default=None,
+        help="add the GN sweep over G and channels per group at N=32",
+    )
     p.add_argument("--gn-groups", type=int, help="G of the GN arm")
-    p.add_argument("--workers", type=int,
-                   help="devices W: one step sees W x N images, BN statistics per N (emulated "
-                        "in one process; under torchrun the world size)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="devices W: one step sees W x N images, BN statistics per N (emulated "
+        "in one process; under torchrun the world size)",
+    )
     p.add_argument("--epochs", type=int, help="epochs, the same for every N")
     p.add_argument("--lr", type=float, help="learning rate at N=32 (scaled by N/32)")
     p.add_argument("--width", type=int, help="ResNet base width (stages w, 2w, 4w)")
     p.add_argument("--train-size", type=int, help="training images (CIFAR default: all)")
     p.add_argument("--test-size", type=int, help="test images (CIFAR default: all)")
-    p.add_argument("--jobs", type=int, help="runs in parallel (default: one per CPU core, one "
-                                            "on a GPU)")
+    p.add_argument(
+        "--jobs", type=int, help="runs in parallel (default: one per CPU core, one on a GPU)"
+    )
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -88,8 +115,9 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
         changes["seeds"] = tuple(range(args.seeds))
     if args.norms is not None or args.batches is not None:
-        batches = args.batches or tuple(sorted({n for b in cfg.arms.values() for n in b},
-                                               reverse=True))
+        batches = args.batches or tuple(
+            sorted({n for b in cfg.arms.values() for n in b}, reverse=True)
+        )
         changes["arms"] = {norm: batches for norm in (args.norms or tuple(cfg.arms))}
     for name in ("workers", "epochs", "lr", "width"):
         if getattr(args, name) is not None:
@@ -117,19 +145,37 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     cfg = config_from_args(args)
     if cfg.data != "strokes" and args.image_size is not None:
-        raise ValueError(f"--image-size sets the generated strokes images; {cfg.data} images "
-                         f"are 32 x 32 as published")
+        raise ValueError(
+            f"--image-size sets the generated strokes images; {cfg.data} images "
+            f"are 32 x 32 as published"
+        )
     if cfg.data == "strokes" and (args.download or args.data_dir):
-        raise ValueError("--data-dir and --download are for --data cifar10 or cifar100; the "
-                         "default data (strokes) is generated, not read")
+        raise ValueError(
+            "--data-dir and --download are for --data cifar10 or cifar100; the "
+            "default data (strokes) is generated, not read"
+        )
     out = args.out or Path("runs") / (args.preset or "full")
     download_url = (args.download_url or "") if args.download else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from groupnorm.study.distributed import run_distributed
-        return run_distributed(cfg, out, data_dir=args.data_dir, download_url=download_url,
-                               device=args.device, progress=not args.no_progress)
-    records = run_study(cfg, out, data_dir=args.data_dir, download_url=download_url,
-                        jobs=args.jobs, device=args.device, progress=not args.no_progress)
+
+        return run_distributed(
+            cfg,
+            out,
+            data_dir=args.data_dir,
+            download_url=download_url,
+            device=args.device,
+            progress=not args.no_progress,
+        )
+    records = run_study(
+        cfg,
+        out,
+        data_dir=args.data_dir,
+        download_url=download_url,
+        jobs=args.jobs,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     text = render_report(out)
     print(text)
     print(f"{len(records)} runs in {out}/results.jsonl; report in {out}/report.md")

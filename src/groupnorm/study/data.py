@@ -57,23 +57,35 @@ def _colour(family: torch.Tensor, gen: torch.Generator, overlap: float) -> torch
     base = torch.rand(B, generator=gen) * 0.6 + 0.2
     margin = torch.rand(B, generator=gen) * (1 + overlap) - overlap
     green = torch.rand(B, generator=gen)
-    sign = 1 - 2 * family.float()                                       # warm +1, cool -1
+    sign = 1 - 2 * family.float()  # warm +1, cool -1
     red = base + 0.5 * sign * margin * 0.6
     blue = base - 0.5 * sign * margin * 0.6
     return torch.stack([red, green, blue], dim=1).clamp(0, 1)
 
 
-def _render(labels: torch.Tensor, gen: torch.Generator, size: int, noise: float,
-            overlap: float, jitter: float, strokes: int, distractors: int) -> torch.Tensor:
+def _render(
+    labels: torch.Tensor,
+    gen: torch.Generator,
+    size: int,
+    noise: float,
+    overlap: float,
+    jitter: float,
+    strokes: int,
+    distractors: int,
+) -> torch.Tensor:
     """Images (B, 3, size, size) for ``labels`` (B,), drawn with ``gen``."""
     B = labels.shape[0]
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32) + 0.5,
-                            torch.arange(size, dtype=torch.float32) + 0.5, indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32) + 0.5,
+        torch.arange(size, dtype=torch.float32) + 0.5,
+        indexing="ij",
+    )
     bg = torch.rand(B, 3, 1, 1, generator=gen) * 0.4 + 0.3
     img = bg.expand(B, 3, size, size).clone()
 
-    def draw(img: torch.Tensor, angle: torch.Tensor, col: torch.Tensor, alpha: float
-             ) -> torch.Tensor:
+    def draw(
+        img: torch.Tensor, angle: torch.Tensor, col: torch.Tensor, alpha: float
+    ) -> torch.Tensor:
         """One bar per sample (half-length 2.5-4.5 px, half-width 0.6 px, soft edges) at a
         random position, composited with opacity ``alpha``."""
         centre = torch.rand(B, 2, generator=gen) * (size - 4) + 2
@@ -88,8 +100,9 @@ def _render(labels: torch.Tensor, gen: torch.Generator, size: int, noise: float,
         return img * (1 - cover) + col * cover
 
     for _ in range(distractors):  # any orientation and colour, fainter
-        img = draw(img, torch.rand(B, generator=gen) * math.pi,
-                   torch.rand(B, 3, 1, 1, generator=gen), 0.35)
+        img = draw(
+            img, torch.rand(B, generator=gen) * math.pi, torch.rand(B, 3, 1, 1, generator=gen), 0.35
+        )
     base = (labels % ORIENTATIONS).float() * math.pi / ORIENTATIONS
     col = _colour(labels // ORIENTATIONS, gen, overlap).view(B, 3, 1, 1)
     for _ in range(strokes):
@@ -98,9 +111,18 @@ def _render(labels: torch.Tensor, gen: torch.Generator, size: int, noise: float,
     return img + noise * torch.randn(img.shape, generator=gen)
 
 
-def make_strokes(train: int = 10000, test: int = 2000, *, seed: int = 0, size: int = 12,
-                 noise: float = 0.05, overlap: float = 0.1, jitter: float = 0.4,
-                 strokes: int = 3, distractors: int = 2) -> Dataset:
+def make_strokes(
+    train: int = 10000,
+    test: int = 2000,
+    *,
+    seed: int = 0,
+    size: int = 12,
+    noise: float = 0.05,
+    overlap: float = 0.1,
+    jitter: float = 0.4,
+    strokes: int = 3,
+    distractors: int = 2,
+) -> Dataset:
     """The procedurally generated default: ``train`` + ``test`` images of 3 x size x size.
 
     The same ``seed`` gives the same pixels on every machine (CPU generator, float32 ops).
@@ -111,47 +133,62 @@ def make_strokes(train: int = 10000, test: int = 2000, *, seed: int = 0, size: i
     ``distractors``: fainter bars of any angle and colour.
     """
     if train < 10 or test < 10:
-        raise ValueError(f"strokes needs at least 10 train and 10 test images, got {train}, "
-                         f"{test}")
+        raise ValueError(f"strokes needs at least 10 train and 10 test images, got {train}, {test}")
     if size < 8:
-        raise ValueError(f"strokes images must be at least 8 px (bars up to 9 px long), got "
-                         f"size={size}")
+        raise ValueError(
+            f"strokes images must be at least 8 px (bars up to 9 px long), got size={size}"
+        )
     gen = torch.Generator().manual_seed(seed)
     num_classes = 2 * ORIENTATIONS
     labels = torch.arange(train + test) % num_classes
     labels = labels[torch.randperm(train + test, generator=gen)]
-    x = torch.cat([_render(chunk, gen, size, noise, overlap, jitter, strokes, distractors)
-                   for chunk in labels.split(4096)])
+    x = torch.cat(
+        [
+            _render(chunk, gen, size, noise, overlap, jitter, strokes, distractors)
+            for chunk in labels.split(4096)
+        ]
+    )
     return _standardized("strokes", x, labels, train, num_classes)
 
 
-def _standardized(name: str, x: torch.Tensor, labels: torch.Tensor, train: int,
-                  num_classes: int) -> Dataset:
+def _standardized(
+    name: str, x: torch.Tensor, labels: torch.Tensor, train: int, num_classes: int
+) -> Dataset:
     """Split at ``train`` and standardize every channel with the training images' statistics."""
     x = x.float()
     mean = x[:train].mean(dim=(0, 2, 3), keepdim=True)
     std = x[:train].std(dim=(0, 2, 3), keepdim=True)
     x = (x - mean) / std
-    return Dataset(name, x[:train].contiguous(), labels[:train].contiguous(),
-                   x[train:].contiguous(), labels[train:].contiguous(), num_classes)
+    return Dataset(
+        name,
+        x[:train].contiguous(),
+        labels[:train].contiguous(),
+        x[train:].contiguous(),
+        labels[train:].contiguous(),
+        num_classes,
+    )
 
 
 DATASETS = ("strokes", "cifar10", "cifar100")
 
 
-def load_dataset(cfg: StudyConfig, data_dir: str | None, *, download_url: str | None = None
-                 ) -> Dataset:
+def load_dataset(
+    cfg: StudyConfig, data_dir: str | None, *, download_url: str | None = None
+) -> Dataset:
     """The study's data: generated (``strokes``) or read from ``data_dir`` (CIFAR; fetched first
     when ``download_url`` is given, "" meaning the official address). ``train_size`` /
     ``test_size`` take the first images of each split (all of them when None)."""
     if cfg.data == "strokes":
-        return make_strokes(cfg.train_size or 10000, cfg.test_size or 2000, seed=cfg.data_seed,
-                            size=cfg.image_size)
+        return make_strokes(
+            cfg.train_size or 10000, cfg.test_size or 2000, seed=cfg.data_seed, size=cfg.image_size
+        )
     if cfg.data not in DATASETS:
         raise ValueError(f"unknown data {cfg.data!r}; choose one of {DATASETS}")
     if data_dir is None:
-        raise ValueError(f"--data {cfg.data} reads the torchvision folder layout from "
-                         f"--data-dir DIR (add --download to fetch it)")
+        raise ValueError(
+            f"--data {cfg.data} reads the torchvision folder layout from "
+            f"--data-dir DIR (add --download to fetch it)"
+        )
     if download_url is not None:
         cifar.download(Path(data_dir), cfg.data, url=download_url or None)
     tx, ty, vx, vy, classes = cifar.read_cifar(Path(data_dir), cfg.data)

@@ -32,9 +32,15 @@ def _device(requested: str, local_rank: int) -> torch.device:
     return torch.device(requested)
 
 
-def run_distributed(cfg: StudyConfig, out: Path, *, data_dir: str | None = None,
-                    download_url: str | None = None, device: str = "auto",
-                    progress: bool = True) -> int:
+def run_distributed(
+    cfg: StudyConfig,
+    out: Path,
+    *,
+    data_dir: str | None = None,
+    download_url: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> int:
     """Run the study's remaining runs with one process per device (torchrun's environment)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -63,9 +69,12 @@ def run_distributed(cfg: StudyConfig, out: Path, *, data_dir: str | None = None,
             if rank == 0:
                 append_result(out, record)
                 if progress:
-                    print(f"[{i + 1}/{len(specs)}] {record['key']:>18}: test "
-                          f"{record['test_error']:5.1f} %  train {record['train_error']:5.1f} %"
-                          f"  ({record['seconds']:.0f} s, {world} processes)", flush=True)
+                    print(
+                        f"[{i + 1}/{len(specs)}] {record['key']:>18}: test "
+                        f"{record['test_error']:5.1f} %  train {record['train_error']:5.1f} %"
+                        f"  ({record['seconds']:.0f} s, {world} processes)",
+                        flush=True,
+                    )
         if rank == 0:
             from groupnorm.study.report import render_report
 

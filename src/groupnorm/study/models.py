@@ -29,8 +29,18 @@ from torch import nn
 
 from groupnorm.modules import GroupNorm
 
-__all__ = ["BATCH_NORMS", "GROUP_NORMS", "NORMS", "PerDeviceBatchNorm2d", "ResNet", "WSConv2d",
-           "make_norm", "reestimate_bn", "set_synchronized", "set_virtual_devices"]
+__all__ = [
+    "BATCH_NORMS",
+    "GROUP_NORMS",
+    "NORMS",
+    "PerDeviceBatchNorm2d",
+    "ResNet",
+    "WSConv2d",
+    "make_norm",
+    "reestimate_bn",
+    "set_synchronized",
+    "set_virtual_devices",
+]
 
 NORMS = ("bn", "syncbn", "gn", "ln", "in", "gnws", "bnpop")
 BATCH_NORMS = ("bn", "syncbn", "bnpop")
@@ -62,28 +72,38 @@ class PerDeviceBatchNorm2d(nn.BatchNorm2d):
         if not self.training or W == 1:
             return super().forward(input)
         if input.dim() != 4 or input.shape[0] % W:
-            raise ValueError(f"PerDeviceBatchNorm2d with {W} devices needs a 4-D input whose "
-                             f"batch is a multiple of {W}, got shape {tuple(input.shape)}")
+            raise ValueError(
+                f"PerDeviceBatchNorm2d with {W} devices needs a 4-D input whose "
+                f"batch is a multiple of {W}, got shape {tuple(input.shape)}"
+            )
         B, C, H, Wd = input.shape
         n = B // W
         assert self.momentum is not None
         if n * H * Wd < 2:
-            raise ValueError(f"BatchNorm needs more than one value per channel per device, got "
-                             f"{n} sample(s) of {H}x{Wd} per device")
+            raise ValueError(
+                f"BatchNorm needs more than one value per channel per device, got "
+                f"{n} sample(s) of {H}x{Wd} per device"
+            )
         # Fold the device index into the channels, (W*n, C, L) -> (n, W*C, L), so that torch's
         # native batch_norm computes one statistic per (device, channel): 2-3x faster on CPU
         # than the same math in elementwise ops. Running buffers are replicated per device and
         # averaged back, which is exact because the running-average update is linear.
         x = input.reshape(W, n, C, H * Wd).transpose(0, 1).reshape(n, W * C, H * Wd)
         track = self.training and self.track_running_stats
-        running_mean = self.running_mean.repeat(W) if track and self.running_mean is not None \
-            else None
-        running_var = self.running_var.repeat(W) if track and self.running_var is not None \
-            else None
-        y = F.batch_norm(x, running_mean, running_var,
-                         None if self.weight is None else self.weight.repeat(W),
-                         None if self.bias is None else self.bias.repeat(W),
-                         True, self.momentum, self.eps)
+        running_mean = (
+            self.running_mean.repeat(W) if track and self.running_mean is not None else None
+        )
+        running_var = self.running_var.repeat(W) if track and self.running_var is not None else None
+        y = F.batch_norm(
+            x,
+            running_mean,
+            running_var,
+            None if self.weight is None else self.weight.repeat(W),
+            None if self.bias is None else self.bias.repeat(W),
+            True,
+            self.momentum,
+            self.eps,
+        )
         if running_mean is not None and running_var is not None:
             assert self.running_mean is not None and self.running_var is not None
             assert self.num_batches_tracked is not None
@@ -92,7 +112,6 @@ class PerDeviceBatchNorm2d(nn.BatchNorm2d):
                 self.running_var.copy_(running_var.view(W, C).mean(0))
                 self.num_batches_tracked.add_(1)
         return y.reshape(n, W, C, H * Wd).transpose(0, 1).reshape(B, C, H, Wd)
-
 
     def _synchronized(self, x: torch.Tensor) -> torch.Tensor:
         """BatchNorm over the whole batch of every process (SyncBN), any device, gloo or nccl.
@@ -108,7 +127,7 @@ class PerDeviceBatchNorm2d(nn.BatchNorm2d):
         dims = (0, 2, 3)
         count = torch.tensor(float(x.numel() // C), device=x.device)
         dist.all_reduce(count)
-        mean = all_reduce(x.sum(dims)) / count                                 # (C,)
+        mean = all_reduce(x.sum(dims)) / count  # (C,)
         var = all_reduce(((x - mean.view(1, C, 1, 1)) ** 2).sum(dims)) / count  # (C,) biased
         y = (x - mean.view(1, C, 1, 1)) * torch.rsqrt(var.view(1, C, 1, 1) + self.eps)
         if self.affine:
@@ -144,8 +163,9 @@ class _AllReduceSum(torch.autograd.Function):
         return g
 
 
-def make_norm(norm: str, num_groups: int | None = None, group_size: int | None = None
-              ) -> Callable[[int], nn.Module]:
+def make_norm(
+    norm: str, num_groups: int | None = None, group_size: int | None = None
+) -> Callable[[int], nn.Module]:
     """A factory ``channels -> norm layer`` for the arm ``norm`` (one of :data:`NORMS`).
 
     ``gn`` takes ``num_groups`` (G) or ``group_size`` (channels per group). As in the paper's
@@ -161,8 +181,10 @@ def make_norm(norm: str, num_groups: int | None = None, group_size: int | None =
     if norm == "in":
         return lambda c: GroupNorm(c, c)
     if (num_groups is None) == (group_size is None):
-        raise ValueError(f"the {norm} arm takes exactly one of num_groups or group_size, got "
-                         f"num_groups={num_groups}, group_size={group_size}")
+        raise ValueError(
+            f"the {norm} arm takes exactly one of num_groups or group_size, got "
+            f"num_groups={num_groups}, group_size={group_size}"
+        )
     if group_size is not None:
         size = group_size
         return lambda c: GroupNorm(num_channels=c, group_size=min(size, c))
@@ -171,8 +193,9 @@ def make_norm(norm: str, num_groups: int | None = None, group_size: int | None =
 
 
 @torch.no_grad()
-def reestimate_bn(model: nn.Module, x: torch.Tensor, device: torch.device, batch: int = 256
-                  ) -> None:
+def reestimate_bn(
+    model: nn.Module, x: torch.Tensor, device: torch.device, batch: int = 256
+) -> None:
     """Replace every BN layer's running statistics by population statistics: the average over
     the whole batches of ``batch`` images of ``x`` (the training set) of each batch's mean and
     unbiased variance, computed over the full batch (one device). Used before evaluating the
@@ -186,7 +209,7 @@ def reestimate_bn(model: nn.Module, x: torch.Tensor, device: torch.device, batch
     was_training = model.training
     model.train()
     whole = len(x) // batch * batch
-    for xb in x[:max(whole, min(len(x), batch))].split(batch):
+    for xb in x[: max(whole, min(len(x), batch))].split(batch):
         model(xb.to(device))
     for m, (momentum, devices) in zip(bns, saved, strict=True):
         m.momentum, m.devices = momentum, devices
@@ -225,8 +248,14 @@ class BasicBlock(nn.Module):
     """conv3x3-norm-relu-conv3x3-norm (+ projection shortcut) -> relu; the last norm starts at
     gamma = 0 so the block starts as the identity (or its projection)."""
 
-    def __init__(self, cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module],
-                 conv: type[nn.Conv2d] = nn.Conv2d) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        stride: int,
+        norm: Callable[[int], nn.Module],
+        conv: type[nn.Conv2d] = nn.Conv2d,
+    ) -> None:
         super().__init__()
         self.conv1 = conv(cin, cout, 3, stride, 1, bias=False)
         self.norm1 = norm(cout)
@@ -249,16 +278,23 @@ class ResNet(nn.Module):
     Input (N, in_channels, H, W) -> logits (N, num_classes).
     """
 
-    def __init__(self, norm: Callable[[int], nn.Module], *, width: int = 16, blocks: int = 1,
-                 in_channels: int = 3, num_classes: int = 10,
-                 conv: type[nn.Conv2d] = nn.Conv2d) -> None:
+    def __init__(
+        self,
+        norm: Callable[[int], nn.Module],
+        *,
+        width: int = 16,
+        blocks: int = 1,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        conv: type[nn.Conv2d] = nn.Conv2d,
+    ) -> None:
         super().__init__()
         self.stem = conv(in_channels, width, 3, 1, 1, bias=False)
         self.stem_norm = norm(width)
         layers: list[nn.Module] = []
         cin = width
         for stage, stride in enumerate((1, 2, 2)):
-            cout = width * 2 ** stage
+            cout = width * 2**stage
             for b in range(blocks):
                 layers.append(BasicBlock(cin, cout, stride if b == 0 else 1, norm, conv))
                 cin = cout

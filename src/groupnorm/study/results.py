@@ -30,8 +30,10 @@ def _complete_lines(data: bytes, path: Path) -> tuple[list[dict[str, Any]], int]
         except ValueError:
             record = None
         if not isinstance(record, dict) or "key" not in record:
-            raise ValueError(f"{path}, line {number}: not a run record ({line[:60]!r}...); the "
-                             f"file was edited or damaged: fix or remove that line")
+            raise ValueError(
+                f"{path}, line {number}: not a run record ({line[:60]!r}...); the "
+                f"file was edited or damaged: fix or remove that line"
+            )
         records.append(record)
     return records, good
 

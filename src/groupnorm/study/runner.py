@@ -38,16 +38,21 @@ class StudyConfig:
     """Everything that decides a study's results (saved to ``OUT/config.json``)."""
 
     data: str = "strokes"
-    train_size: int | None = 10000   # None: the whole training set (CIFAR)
+    train_size: int | None = 10000  # None: the whole training set (CIFAR)
     test_size: int | None = 2000
     data_seed: int = 0
-    image_size: int = 12             # strokes images are image_size x image_size (CIFAR: 32)
-    arms: dict[str, tuple[int, ...]] = field(default_factory=lambda: {
-        "bn": (32, 16, 8, 4, 2), "gn": (32, 16, 8, 4, 2), "ln": (32, 16, 8, 4, 2),
-        "in": (32, 16, 8, 4, 2)})
+    image_size: int = 12  # strokes images are image_size x image_size (CIFAR: 32)
+    arms: dict[str, tuple[int, ...]] = field(
+        default_factory=lambda: {
+            "bn": (32, 16, 8, 4, 2),
+            "gn": (32, 16, 8, 4, 2),
+            "ln": (32, 16, 8, 4, 2),
+            "in": (32, 16, 8, 4, 2),
+        }
+    )
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    sweep: bool = False              # GN over G and channels per group at N = 32
-    gn_groups: int = 16              # the GN arm's G, capped at each layer's channel count
+    sweep: bool = False  # GN over G and channels per group at N = 32
+    gn_groups: int = 16  # the GN arm's G, capped at each layer's channel count
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -96,11 +101,18 @@ _RECIPE = TrainConfig(epochs=14, lr=0.2, workers=4)
 PRESETS: dict[str, StudyConfig] = {
     "full": StudyConfig(train_size=8000, sweep=True, train=_RECIPE),
     "quick": StudyConfig(
-        train_size=8000, arms={"bn": (32, 8, 2), "gn": (32, 8, 2), "ln": (32,), "in": (32,)},
-        seeds=(0, 1, 2, 3), train=_RECIPE),
+        train_size=8000,
+        arms={"bn": (32, 8, 2), "gn": (32, 8, 2), "ln": (32,), "in": (32,)},
+        seeds=(0, 1, 2, 3),
+        train=_RECIPE,
+    ),
     "tiny": StudyConfig(
-        train_size=256, test_size=64, arms={"bn": (4, 2), "gn": (4, 2)}, seeds=(0, 1),
-        train=TrainConfig(epochs=2, workers=2, width=4, eval_epochs=1)),
+        train_size=256,
+        test_size=64,
+        arms={"bn": (4, 2), "gn": (4, 2)},
+        seeds=(0, 1),
+        train=TrainConfig(epochs=2, workers=2, width=4, eval_epochs=1),
+    ),
 }
 
 
@@ -136,16 +148,25 @@ def save_or_check_config(out: Path, cfg: StudyConfig) -> None:
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         items: dict[str, Any] = {}
         for k, v in d.items():
-            items.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "arms"
-                         else {f"{prefix}{k}": v})
+            items.update(
+                flat(v, f"{prefix}{k}.")
+                if isinstance(v, dict) and k != "arms"
+                else {f"{prefix}{k}": v}
+            )
         return items
 
     a, b = flat(saved), flat(mine)
-    diffs = [f"{k}: {a.get(k)!r} in {path.name}, {b.get(k)!r} now"
-             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    raise ValueError(f"{out} holds a study with a different configuration; resuming it with "
-                     f"these options would mix results. Differences: " + "; ".join(diffs)
-                     + ". Resume with the original options, or use a new --out.")
+    diffs = [
+        f"{k}: {a.get(k)!r} in {path.name}, {b.get(k)!r} now"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+    raise ValueError(
+        f"{out} holds a study with a different configuration; resuming it with "
+        f"these options would mix results. Differences: "
+        + "; ".join(diffs)
+        + ". Resume with the original options, or use a new --out."
+    )
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -160,20 +181,27 @@ def default_jobs(device: torch.device) -> int:
     scale poorly over threads), one on a GPU."""
     if device.type != "cpu":
         return 1
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-               else os.cpu_count() or 1)
+    return max(
+        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
 
 
 # Worker-process state: the dataset is built once per process, not once per run.
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(cfg_json: dict[str, Any], data_dir: str | None, device: str, threads: int,
-                 progress: Any) -> None:
+def _init_worker(
+    cfg_json: dict[str, Any], data_dir: str | None, device: str, threads: int, progress: Any
+) -> None:
     torch.set_num_threads(threads)
     cfg = StudyConfig.from_json(cfg_json)
-    _WORKER.update(cfg=cfg, data=load_dataset(cfg, data_dir), device=torch.device(device),
-                   progress=progress, parent=os.getppid())
+    _WORKER.update(
+        cfg=cfg,
+        data=load_dataset(cfg, data_dir),
+        device=torch.device(device),
+        progress=progress,
+        parent=os.getppid(),
+    )
 
 
 def _worker_run(spec: RunSpec) -> dict[str, Any]:
@@ -186,8 +214,9 @@ def _worker_run(spec: RunSpec) -> dict[str, Any]:
         if step % 20 == 0 or step == total:
             q.put(per_step * (20 if step % 20 == 0 else step % 20))
 
-    return train_run(spec, _WORKER["cfg"].train, _WORKER["data"], _WORKER["device"],
-                     progress=report)
+    return train_run(
+        spec, _WORKER["cfg"].train, _WORKER["data"], _WORKER["device"], progress=report
+    )
 
 
 # The progress bar counts work, not images: a step costs a fixed overhead plus its images. In
@@ -208,14 +237,26 @@ def _work(spec: RunSpec, cfg: StudyConfig, data_len: int) -> int:
 
 def _bar(total: int, done_runs: int, all_runs: int, enabled: bool) -> Any:
     from tqdm import tqdm  # the study extra; imported here so the library never needs it
-    return tqdm(total=total, disable=not enabled, dynamic_ncols=True,
-                desc=f"runs {done_runs}/{all_runs}",
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, {remaining} left")
+
+    return tqdm(
+        total=total,
+        disable=not enabled,
+        dynamic_ncols=True,
+        desc=f"runs {done_runs}/{all_runs}",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, {remaining} left",
+    )
 
 
-def run_study(cfg: StudyConfig, out: Path, *, data_dir: str | None = None,
-              download_url: str | None = None, jobs: int | None = None,
-              device: str = "auto", progress: bool = True) -> list[dict[str, Any]]:
+def run_study(
+    cfg: StudyConfig,
+    out: Path,
+    *,
+    data_dir: str | None = None,
+    download_url: str | None = None,
+    jobs: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Run every planned run not yet in ``out/results.jsonl``; return all finished records.
 
     ``download_url``: fetch CIFAR first ("" = the official address; None = no download).
@@ -232,8 +273,9 @@ def run_study(cfg: StudyConfig, out: Path, *, data_dir: str | None = None,
     jobs = min(jobs or default_jobs(dev), len(todo))
     data = load_dataset(cfg, data_dir, download_url=download_url)
     all_runs = len(finished) + len(todo)
-    bar = _bar(sum(_work(s, cfg, len(data.train_y)) for s in todo), len(finished), all_runs,
-               progress)
+    bar = _bar(
+        sum(_work(s, cfg, len(data.train_y)) for s in todo), len(finished), all_runs, progress
+    )
     done = len(finished)
 
     def finish(record: dict[str, Any]) -> None:
@@ -241,8 +283,10 @@ def run_study(cfg: StudyConfig, out: Path, *, data_dir: str | None = None,
         append_result(out, record)
         done += 1
         bar.set_description_str(f"runs {done}/{all_runs}")
-        bar.write(f"{record['key']:>18}: test {record['test_error']:5.1f} %  train "
-                  f"{record['train_error']:5.1f} %  ({record['seconds']:.0f} s)")
+        bar.write(
+            f"{record['key']:>18}: test {record['test_error']:5.1f} %  train "
+            f"{record['train_error']:5.1f} %  ({record['seconds']:.0f} s)"
+        )
 
     try:
         if jobs == 1:
@@ -254,8 +298,14 @@ def run_study(cfg: StudyConfig, out: Path, *, data_dir: str | None = None,
     return read_results(out)
 
 
-def _run_here(todo: list[RunSpec], cfg: StudyConfig, data: Dataset, dev: torch.device, bar: Any,
-              finish: Callable[[dict[str, Any]], None]) -> None:
+def _run_here(
+    todo: list[RunSpec],
+    cfg: StudyConfig,
+    data: Dataset,
+    dev: torch.device,
+    bar: Any,
+    finish: Callable[[dict[str, Any]], None],
+) -> None:
     for spec in todo:
         per_step = _step_work(spec, cfg)
 
@@ -273,8 +323,15 @@ def _drain(q: Any, bar: Any, stop: threading.Event) -> None:
             continue
 
 
-def _run_pool(todo: list[RunSpec], cfg: StudyConfig, data_dir: str | None, dev: torch.device,
-              jobs: int, bar: Any, finish: Callable[[dict[str, Any]], None]) -> None:
+def _run_pool(
+    todo: list[RunSpec],
+    cfg: StudyConfig,
+    data_dir: str | None,
+    dev: torch.device,
+    jobs: int,
+    bar: Any,
+    finish: Callable[[dict[str, Any]], None],
+) -> None:
     ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and locks
     progress_queue = ctx.Queue()
     threads = max(1, default_jobs(torch.device("cpu")) // jobs) if dev.type == "cpu" else 1
@@ -282,9 +339,12 @@ def _run_pool(todo: list[RunSpec], cfg: StudyConfig, data_dir: str | None, dev: 
     drainer = threading.Thread(target=_drain, args=(progress_queue, bar, stop), daemon=True)
     drainer.start()
     try:
-        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(cfg.to_json(), data_dir, str(dev), threads,
-                                           progress_queue)) as pool:
+        with ProcessPoolExecutor(
+            jobs,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(cfg.to_json(), data_dir, str(dev), threads, progress_queue),
+        ) as pool:
             pending: set[Future[dict[str, Any]]] = {pool.submit(_worker_run, s) for s in todo}
             for fut in _as_finished(pending):
                 finish(fut.result())

@@ -38,8 +38,15 @@ from groupnorm.study.models import (
 
 __all__ = ["ARM_NAMES", "RunSpec", "TrainConfig", "evaluate", "train_run"]
 
-ARM_NAMES = {"bn": "BN", "syncbn": "SyncBN", "gn": "GN", "ln": "LN", "in": "IN",
-             "gnws": "GN+WS", "bnpop": "BN (pop. stats)"}
+ARM_NAMES = {
+    "bn": "BN",
+    "syncbn": "SyncBN",
+    "gn": "GN",
+    "ln": "LN",
+    "in": "IN",
+    "gnws": "GN+WS",
+    "bnpop": "BN (pop. stats)",
+}
 
 
 @dataclass(frozen=True)
@@ -47,29 +54,32 @@ class TrainConfig:
     """What every run of one study shares."""
 
     epochs: int = 14
-    lr: float = 0.2                 # at N = 32 images per device; scaled by N / 32
+    lr: float = 0.2  # at N = 32 images per device; scaled by N / 32
     momentum: float = 0.9
-    weight_decay: float = 5e-4      # on all parameters, gamma and beta included (the paper)
-    workers: int = 8                # W: devices (emulated in one process, or real with DDP);
+    weight_decay: float = 5e-4  # on all parameters, gamma and beta included (the paper)
+    workers: int = 8  # W: devices (emulated in one process, or real with DDP);
     #                                 the paper's 8. The presets use 4: see runner.PRESETS.
-    width: int = 16                 # ResNet widths (w, 2w, 4w)
-    blocks: int = 1                 # basic blocks per stage
-    eval_epochs: int = 3            # metric = median test error of the last this-many epochs
-    warmup: float = 0.1             # fraction of the steps with a linear warm-up
+    width: int = 16  # ResNet widths (w, 2w, 4w)
+    blocks: int = 1  # basic blocks per stage
+    eval_epochs: int = 3  # metric = median test error of the last this-many epochs
+    warmup: float = 0.1  # fraction of the steps with a linear warm-up
 
     def __post_init__(self) -> None:
         for name in ("epochs", "workers", "width", "blocks", "eval_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_epochs > self.epochs:
-            raise ValueError(f"eval_epochs ({self.eval_epochs}) cannot exceed epochs "
-                             f"({self.epochs})")
+            raise ValueError(
+                f"eval_epochs ({self.eval_epochs}) cannot exceed epochs ({self.epochs})"
+            )
         if not 0 <= self.warmup < 0.5:
             raise ValueError(f"warmup is a fraction of the steps in [0, 0.5), got {self.warmup}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"need lr > 0, weight_decay >= 0, 0 <= momentum < 1; got lr="
-                             f"{self.lr}, weight_decay={self.weight_decay}, "
-                             f"momentum={self.momentum}")
+            raise ValueError(
+                f"need lr > 0, weight_decay >= 0, 0 <= momentum < 1; got lr="
+                f"{self.lr}, weight_decay={self.weight_decay}, "
+                f"momentum={self.momentum}"
+            )
 
 
 @dataclass(frozen=True)
@@ -77,10 +87,10 @@ class RunSpec:
     """One cell of the study and one seed: which norm, how many images per device, which G."""
 
     norm: str
-    batch: int                      # N: images per device
+    batch: int  # N: images per device
     seed: int
-    groups: int | None = None       # gn: G
-    group_size: int | None = None   # gn: channels per group (instead of G)
+    groups: int | None = None  # gn: G
+    group_size: int | None = None  # gn: channels per group (instead of G)
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -103,15 +113,23 @@ class RunSpec:
     @property
     def label(self) -> str:
         """The arm's name in tables and plots."""
-        return ARM_NAMES[self.norm] + (f" (G={self.groups})" if self.groups is not None else "") \
+        return (
+            ARM_NAMES[self.norm]
+            + (f" (G={self.groups})" if self.groups is not None else "")
             + (f" ({self.group_size} ch/group)" if self.group_size is not None else "")
+        )
 
 
 def build_model(spec: RunSpec, cfg: TrainConfig, data: Dataset) -> nn.Module:
     torch.manual_seed(spec.seed)
-    return ResNet(make_norm(spec.norm, spec.groups, spec.group_size), width=cfg.width,
-                  blocks=cfg.blocks, in_channels=data.in_channels, num_classes=data.num_classes,
-                  conv=WSConv2d if spec.norm == "gnws" else nn.Conv2d)
+    return ResNet(
+        make_norm(spec.norm, spec.groups, spec.group_size),
+        width=cfg.width,
+        blocks=cfg.blocks,
+        in_channels=data.in_channels,
+        num_classes=data.num_classes,
+        conv=WSConv2d if spec.norm == "gnws" else nn.Conv2d,
+    )
 
 
 def lr_at(step: int, total: int, base: float, warmup: float) -> float:
@@ -123,8 +141,9 @@ def lr_at(step: int, total: int, base: float, warmup: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-             batch: int = 500) -> float:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int = 500
+) -> float:
     """Error (%) of ``model`` in eval mode on (x, y)."""
     model.eval()
     wrong = 0
@@ -146,9 +165,16 @@ def _average_buffers(model: nn.Module, world: int) -> None:
                     buf.div_(world)
 
 
-def train_run(spec: RunSpec, cfg: TrainConfig, data: Dataset, device: torch.device, *,
-              progress: Callable[[int, int], None] | None = None,
-              rank: int = 0, world: int = 1) -> dict[str, Any]:
+def train_run(
+    spec: RunSpec,
+    cfg: TrainConfig,
+    data: Dataset,
+    device: torch.device,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> dict[str, Any]:
     """Train one run; return its record (spec, per-epoch errors, medians of the last epochs).
 
     Single process (``world == 1``): ``cfg.workers`` devices are emulated, BN statistics per
@@ -158,8 +184,10 @@ def train_run(spec: RunSpec, cfg: TrainConfig, data: Dataset, device: torch.devi
     chunk the emulation would give it. ``progress(done_steps, total_steps)`` after every step.
     """
     if world > 1 and cfg.workers != world:
-        raise ValueError(f"a distributed run needs workers == world size, got workers="
-                         f"{cfg.workers} with {world} processes")
+        raise ValueError(
+            f"a distributed run needs workers == world size, got workers="
+            f"{cfg.workers} with {world} processes"
+        )
     model = build_model(spec, cfg, data).to(device)
     if world == 1:
         # BN arms: statistics per N-chunk; SyncBN: over the whole W*N step (one chunk).
@@ -170,19 +198,28 @@ def train_run(spec: RunSpec, cfg: TrainConfig, data: Dataset, device: torch.devi
     step_batch = cfg.workers * spec.batch
     per_epoch = len(data.train_y) // step_batch
     if per_epoch < 1:
-        raise ValueError(f"the training set ({len(data.train_y)} images) is smaller than one "
-                         f"step ({cfg.workers} workers x {spec.batch} images)")
+        raise ValueError(
+            f"the training set ({len(data.train_y)} images) is smaller than one "
+            f"step ({cfg.workers} workers x {spec.batch} images)"
+        )
     total = per_epoch * cfg.epochs
     base_lr = cfg.lr * spec.batch / 32
-    opt = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, foreach=True)
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=base_lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        foreach=True,
+    )
     net: nn.Module = model
     if world > 1:
         # broadcast_buffers=False: each device keeps its own BN running statistics, as in the
         # paper; they are averaged before each evaluation.
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
     gen = torch.Generator().manual_seed(10_000 + spec.seed)
     test_err: list[float] = []
     train_err: list[float] = []
@@ -196,7 +233,7 @@ def train_run(spec: RunSpec, cfg: TrainConfig, data: Dataset, device: torch.devi
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, base_lr, cfg.warmup)
             if world > 1:
-                idx = idx[rank * spec.batch:(rank + 1) * spec.batch]
+                idx = idx[rank * spec.batch : (rank + 1) * spec.batch]
             xb, yb = data.train_x[idx].to(device), data.train_y[idx].to(device)
             logits = net(xb)
             loss = F.cross_entropy(logits, yb)
@@ -220,12 +257,17 @@ def train_run(spec: RunSpec, cfg: TrainConfig, data: Dataset, device: torch.devi
                 reestimate_bn(model, data.train_x, device)
             test_err.append(evaluate(model, data.test_x, data.test_y, device))
     return {
-        "key": spec.key, "spec": asdict(spec), "label": spec.label,
+        "key": spec.key,
+        "spec": asdict(spec),
+        "label": spec.label,
         "test_error": statistics.median(test_err),
-        "train_error": statistics.median(train_err[-cfg.eval_epochs:]),
-        "test_error_per_epoch": test_err, "train_error_per_epoch": train_err,
-        "steps": total, "seconds": time.perf_counter() - start,
+        "train_error": statistics.median(train_err[-cfg.eval_epochs :]),
+        "test_error_per_epoch": test_err,
+        "train_error_per_epoch": train_err,
+        "steps": total,
+        "seconds": time.perf_counter() - start,
         # CPU time of this process: on a shared machine, what the run would take alone.
-        "cpu_seconds": time.process_time() - cpu_start, "device": str(device),
+        "cpu_seconds": time.process_time() - cpu_start,
+        "device": str(device),
         "processes": world,
     }

@@ -43,10 +43,12 @@ def _import_error() -> str | None:
     if not _IMPORT_ERROR:
         try:
             import groupnorm.triton.group_norm  # noqa: F401
+
             _IMPORT_ERROR.append(None)
         except Exception as e:  # a broken triton install: report it, do not fail dispatch
-            _IMPORT_ERROR.append(f"triton is installed but the kernels do not import: "
-                                 f"{type(e).__name__}: {e}")
+            _IMPORT_ERROR.append(
+                f"triton is installed but the kernels do not import: {type(e).__name__}: {e}"
+            )
     return _IMPORT_ERROR[0]
 
 
@@ -55,8 +57,10 @@ def available() -> str | None:
     if not _installed():
         return "triton is not installed: pip install groupnorm[triton]"
     if not torch.cuda.is_available() and not _interpreting():
-        return ("no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the "
-                "kernels slowly on CPU in Triton's interpreter)")
+        return (
+            "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the "
+            "kernels slowly on CPU in Triton's interpreter)"
+        )
     return _import_error()
 
 
@@ -68,11 +72,15 @@ def why_not(r: Request) -> str | None:
     if device not in ("cuda", "cpu"):
         return f"tensors on {device}; the Triton kernels take CUDA tensors"
     if torch.onnx.is_in_onnx_export():
-        return ("an ONNX export is being traced: the torch backend's composite ops export, the "
-                "Triton custom op has no ONNX form")
+        return (
+            "an ONNX export is being traced: the torch backend's composite ops export, the "
+            "Triton custom op has no ONNX form"
+        )
     if r.x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return (f"x has dtype {r.x.dtype}; the Triton kernels take float32, float16 and bfloat16 "
-                "(the torch backend serves float64)")
+        return (
+            f"x has dtype {r.x.dtype}; the Triton kernels take float32, float16 and bfloat16 "
+            "(the torch backend serves float64)"
+        )
     return None
 
 
@@ -84,10 +92,22 @@ def _auto(r: Request) -> bool:
 def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     from groupnorm.triton.group_norm import group_norm_triton
 
-    return group_norm_triton(r.x, r.plan, r.weight, r.bias, r.eps, activation=r.activation,
-                             scale=r.scale, shift=r.shift, stats=r.stats,
-                             return_stats=r.return_stats)
+    return group_norm_triton(
+        r.x,
+        r.plan,
+        r.weight,
+        r.bias,
+        r.eps,
+        activation=r.activation,
+        scale=r.scale,
+        shift=r.shift,
+        stats=r.stats,
+        return_stats=r.return_stats,
+    )
 
 
-register_backend(Backend(name="triton", priority=PRIORITY, why_not=why_not, run=run,
-                         available=available, auto=_auto))
+register_backend(
+    Backend(
+        name="triton", priority=PRIORITY, why_not=why_not, run=run, available=available, auto=_auto
+    )
+)

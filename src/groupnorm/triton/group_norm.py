@@ -116,8 +116,19 @@ def _reversed_chunk():
 
 
 @triton.jit
-def _chunk_stats(X, x_base, pivot, Cg, l_lo, l_hi, sC, sL,
-                 BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr):
+def _chunk_stats(
+    X,
+    x_base,
+    pivot,
+    Cg,
+    l_lo,
+    l_hi,
+    sC,
+    sL,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
+):
     """(count, mean, m2) of ``x - pivot`` over channels [0, Cg) x positions [l_lo, l_hi) of the
     group at ``X + x_base``: two-pass within each register tile, Chan-merged across tiles."""
     cnt = tl.zeros((), tl.float32)
@@ -145,11 +156,37 @@ def _chunk_stats(X, x_base, pivot, Cg, l_lo, l_hi, sC, sL,
 
 
 @triton.jit
-def _normalize_chunk(X, Y, x_base, y_base, n, c0, Cg, l_lo, l_hi, sxC, sxL, syC, syL,
-                     pivot, shifted_mean, rstd, W, B, SCALE, SHIFT, C,
-                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr):
+def _normalize_chunk(
+    X,
+    Y,
+    x_base,
+    y_base,
+    n,
+    c0,
+    Cg,
+    l_lo,
+    l_hi,
+    sxC,
+    sxL,
+    syC,
+    syL,
+    pivot,
+    shifted_mean,
+    rstd,
+    W,
+    B,
+    SCALE,
+    SHIFT,
+    C,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
+):
     """y = act((x - pivot) * a[c] + b[c]) over channels [0, Cg) x positions [l_lo, l_hi)."""
     for cb in range(0, Cg, BLOCK_C):
         c = cb + tl.arange(0, BLOCK_C)
@@ -173,18 +210,45 @@ def _normalize_chunk(X, Y, x_base, y_base, n, c0, Cg, l_lo, l_hi, sxC, sxL, syC,
             v = tl.load(X + x_base + _tile_offsets(c, pos, sxC, sxL, IDX64), mask=mask, other=0.0)
             u = (v.to(tl.float32) - pivot) * a[:, None] + b[:, None]
             y = _act(u, ACT)
-            tl.store(Y + y_base + _tile_offsets(c, pos, syC, syL, IDX64),
-                     y.to(Y.dtype.element_ty), mask=mask)
+            tl.store(
+                Y + y_base + _tile_offsets(c, pos, syC, syL, IDX64),
+                y.to(Y.dtype.element_ty),
+                mask=mask,
+            )
 
 
 @triton.jit
 def _gn_fwd_fused_kernel(
-    X, Y, W, B, SCALE, SHIFT, OFFS,
-    PIVOT, SMEAN, M2, COUNT, RSTD,
-    C, G, L, sxN, sxC, sxL, syN, syC, syL, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr,
+    X,
+    Y,
+    W,
+    B,
+    SCALE,
+    SHIFT,
+    OFFS,
+    PIVOT,
+    SMEAN,
+    M2,
+    COUNT,
+    RSTD,
+    C,
+    G,
+    L,
+    sxN,
+    sxC,
+    sxL,
+    syN,
+    syC,
+    syL,
+    eps,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
     """Fused regime: program (n * G + g) computes its group's statistics, writes them, then
     normalizes the group (second read of x, from L1/L2 for small groups)."""
@@ -198,16 +262,57 @@ def _gn_fwd_fused_kernel(
     tl.store(M2 + row, m2)
     tl.store(COUNT + row, cnt)
     tl.store(RSTD + row, rstd)
-    _normalize_chunk(X, Y, x_base, y_base, n, c0, Cg, 0, L, sxC, sxL, syC, syL,
-                     pivot, mean, rstd, W, B, SCALE, SHIFT, C,
-                     HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64)
+    _normalize_chunk(
+        X,
+        Y,
+        x_base,
+        y_base,
+        n,
+        c0,
+        Cg,
+        0,
+        L,
+        sxC,
+        sxL,
+        syC,
+        syL,
+        pivot,
+        mean,
+        rstd,
+        W,
+        B,
+        SCALE,
+        SHIFT,
+        C,
+        HAS_W,
+        HAS_B,
+        HAS_SCALE,
+        HAS_SHIFT,
+        ACT,
+        BLOCK_C,
+        BLOCK_L,
+        IDX64,
+    )
 
 
 @triton.jit
 def _gn_fwd_partial_kernel(
-    X, OFFS, PIVOT, P_CNT, P_MEAN, P_M2,
-    G, L, sxN, sxC, sxL, CHUNK_L, K,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr,
+    X,
+    OFFS,
+    PIVOT,
+    P_CNT,
+    P_MEAN,
+    P_M2,
+    G,
+    L,
+    sxN,
+    sxC,
+    sxL,
+    CHUNK_L,
+    K,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
     """Split regime, pass 1: program (n * G + g, k) writes (count, mean, m2) of ``x - pivot``
     over its chunk of positions [k * CHUNK_L, (k + 1) * CHUNK_L) to partials[n, g, k]."""
@@ -216,8 +321,9 @@ def _gn_fwd_partial_kernel(
     pivot = tl.load(X + x_base).to(tl.float32)
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
-    cnt, mean, m2 = _chunk_stats(X, x_base, pivot, Cg, l_lo, l_hi, sxC, sxL,
-                                 BLOCK_C, BLOCK_L, IDX64)
+    cnt, mean, m2 = _chunk_stats(
+        X, x_base, pivot, Cg, l_lo, l_hi, sxC, sxL, BLOCK_C, BLOCK_L, IDX64
+    )
     if k == 0:
         tl.store(PIVOT + row, pivot)
     tl.store(P_CNT + row * K + k, cnt)
@@ -227,12 +333,42 @@ def _gn_fwd_partial_kernel(
 
 @triton.jit
 def _gn_fwd_normalize_kernel(
-    X, Y, W, B, SCALE, SHIFT, OFFS,
-    PIVOT, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD,
-    C, G, L, sxN, sxC, sxL, syN, syC, syL, eps, CHUNK_L, KP,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, BLOCK_KP: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr,
+    X,
+    Y,
+    W,
+    B,
+    SCALE,
+    SHIFT,
+    OFFS,
+    PIVOT,
+    P_CNT,
+    P_MEAN,
+    P_M2,
+    SMEAN,
+    M2,
+    COUNT,
+    RSTD,
+    C,
+    G,
+    L,
+    sxN,
+    sxC,
+    sxL,
+    syN,
+    syC,
+    syL,
+    eps,
+    CHUNK_L,
+    KP,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_KP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
     """Split regime, pass 2 (also: normalize with given statistics, KP = 1): program
     (n * G + g, k) merges its group's KP partials in a fixed order (Chan's formula, vector form:
@@ -259,16 +395,56 @@ def _gn_fwd_normalize_kernel(
     y_base = n.to(tl.int64) * syN + c0.to(tl.int64) * syC
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
-    _normalize_chunk(X, Y, x_base, y_base, n, c0, Cg, l_lo, l_hi, sxC, sxL, syC, syL,
-                     pivot, mean, rstd, W, B, SCALE, SHIFT, C,
-                     HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64)
-
+    _normalize_chunk(
+        X,
+        Y,
+        x_base,
+        y_base,
+        n,
+        c0,
+        Cg,
+        l_lo,
+        l_hi,
+        sxC,
+        sxL,
+        syC,
+        syL,
+        pivot,
+        mean,
+        rstd,
+        W,
+        B,
+        SCALE,
+        SHIFT,
+        C,
+        HAS_W,
+        HAS_B,
+        HAS_SCALE,
+        HAS_SHIFT,
+        ACT,
+        BLOCK_C,
+        BLOCK_L,
+        IDX64,
+    )
 
 
 @triton.jit
-def _channel_block(cb, n, c0, Cg, C, W, B, SCALE, SHIFT,
-                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-                   HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+def _channel_block(
+    cb,
+    n,
+    c0,
+    Cg,
+    C,
+    W,
+    B,
+    SCALE,
+    SHIFT,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Channels c = cb .. cb + BLOCK_C of the group (local index), their mask, and per-channel
     fp32 vectors (w, bias, 1 + scale, shift) of sample n; identity values where absent."""
     c = cb + tl.arange(0, BLOCK_C)
@@ -291,8 +467,28 @@ def _channel_block(cb, n, c0, Cg, C, W, B, SCALE, SHIFT,
 
 
 @triton.jit
-def _du_xhat(X, DY, x_base, dy_base, c, pos, mask, sxC, sxL, sdC, sdL, pivot, smean, rstd,
-             w, bias, s1, sh, ACT: tl.constexpr, IDX64: tl.constexpr):
+def _du_xhat(
+    X,
+    DY,
+    x_base,
+    dy_base,
+    c,
+    pos,
+    mask,
+    sxC,
+    sxL,
+    sdC,
+    sdL,
+    pivot,
+    smean,
+    rstd,
+    w,
+    bias,
+    s1,
+    sh,
+    ACT: tl.constexpr,
+    IDX64: tl.constexpr,
+):
     """Recompute x_hat and u of one tile from x and the saved statistics; du = dy * act'(u).
     Both are 0 outside the mask."""
     v = tl.load(X + x_base + _tile_offsets(c, pos, sxC, sxL, IDX64), mask=mask, other=0.0)
@@ -306,45 +502,162 @@ def _du_xhat(X, DY, x_base, dy_base, c, pos, mask, sxC, sxL, sdC, sdL, pivot, sm
 
 
 @triton.jit
-def _channel_sums(X, DY, x_base, dy_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL,
-                  pivot, smean, rstd, w, bias, s1, sh,
-                  ACT: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr):
+def _channel_sums(
+    X,
+    DY,
+    x_base,
+    dy_base,
+    c,
+    cmask,
+    l_lo,
+    l_hi,
+    sxC,
+    sxL,
+    sdC,
+    sdL,
+    pivot,
+    smean,
+    rstd,
+    w,
+    bias,
+    s1,
+    sh,
+    ACT: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
+):
     """Per channel of the block, over positions [l_lo, l_hi): A = sum du * x_hat, B = sum du."""
     acc_a = tl.zeros((c.shape[0],), tl.float32)
     acc_b = tl.zeros((c.shape[0],), tl.float32)
     for lb in range(l_lo, l_hi, BLOCK_L):
         pos = lb + tl.arange(0, BLOCK_L)
         mask = cmask[:, None] & (pos < l_hi)[None, :]
-        du, xhat = _du_xhat(X, DY, x_base, dy_base, c, pos, mask, sxC, sxL, sdC, sdL,
-                            pivot, smean, rstd, w, bias, s1, sh, ACT, IDX64)
+        du, xhat = _du_xhat(
+            X,
+            DY,
+            x_base,
+            dy_base,
+            c,
+            pos,
+            mask,
+            sxC,
+            sxL,
+            sdC,
+            sdL,
+            pivot,
+            smean,
+            rstd,
+            w,
+            bias,
+            s1,
+            sh,
+            ACT,
+            IDX64,
+        )
         acc_a += tl.sum(du * xhat, axis=1)
         acc_b += tl.sum(du, axis=1)
     return acc_a, acc_b
 
 
 @triton.jit
-def _dx_block(X, DY, DX, x_base, dy_base, dx_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL,
-              sgC, sgL, pivot, smean, rstd, w, bias, s1, sh, mean_dxhat, mean_dxhat_xhat,
-              ACT: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr):
+def _dx_block(
+    X,
+    DY,
+    DX,
+    x_base,
+    dy_base,
+    dx_base,
+    c,
+    cmask,
+    l_lo,
+    l_hi,
+    sxC,
+    sxL,
+    sdC,
+    sdL,
+    sgC,
+    sgL,
+    pivot,
+    smean,
+    rstd,
+    w,
+    bias,
+    s1,
+    sh,
+    mean_dxhat,
+    mean_dxhat_xhat,
+    ACT: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
+):
     """dx = rstd * (dx_hat - mean_dxhat - x_hat * mean_dxhat_xhat), dx_hat = du * w * (1+scale)."""
     wc = w * s1
     for lb in range(l_lo, l_hi, BLOCK_L):
         pos = lb + tl.arange(0, BLOCK_L)
         mask = cmask[:, None] & (pos < l_hi)[None, :]
-        du, xhat = _du_xhat(X, DY, x_base, dy_base, c, pos, mask, sxC, sxL, sdC, sdL,
-                            pivot, smean, rstd, w, bias, s1, sh, ACT, IDX64)
+        du, xhat = _du_xhat(
+            X,
+            DY,
+            x_base,
+            dy_base,
+            c,
+            pos,
+            mask,
+            sxC,
+            sxL,
+            sdC,
+            sdL,
+            pivot,
+            smean,
+            rstd,
+            w,
+            bias,
+            s1,
+            sh,
+            ACT,
+            IDX64,
+        )
         dx = rstd * (du * wc[:, None] - mean_dxhat - xhat * mean_dxhat_xhat)
-        tl.store(DX + dx_base + _tile_offsets(c, pos, sgC, sgL, IDX64),
-                 dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(
+            DX + dx_base + _tile_offsets(c, pos, sgC, sgL, IDX64),
+            dx.to(DX.dtype.element_ty),
+            mask=mask,
+        )
 
 
 @triton.jit
 def _gn_bwd_partial_kernel(
-    X, DY, W, B, SCALE, SHIFT, OFFS, PIVOT, SMEAN, RSTD, PA, PB,
-    C, G, L, sxN, sxC, sxL, sdN, sdC, sdL, CHUNK_L, K,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr,
+    X,
+    DY,
+    W,
+    B,
+    SCALE,
+    SHIFT,
+    OFFS,
+    PIVOT,
+    SMEAN,
+    RSTD,
+    PA,
+    PB,
+    C,
+    G,
+    L,
+    sxN,
+    sxC,
+    sxL,
+    sdN,
+    sdC,
+    sdL,
+    CHUNK_L,
+    K,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
     """Split regime, pass 1: program (n * G + g, k) writes A, B of its group's channels over
     its chunk of positions to partials PA, PB[n, k, c] (fp32, (N, K, C))."""
@@ -357,10 +670,33 @@ def _gn_bwd_partial_kernel(
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
     for cb in range(0, Cg, BLOCK_C):
-        c, cmask, w, bias, s1, sh = _channel_block(cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W,
-                                                   HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
-        a, b = _channel_sums(X, DY, x_base, dy_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL,
-                             pivot, smean, rstd, w, bias, s1, sh, ACT, BLOCK_L, IDX64)
+        c, cmask, w, bias, s1, sh = _channel_block(
+            cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C
+        )
+        a, b = _channel_sums(
+            X,
+            DY,
+            x_base,
+            dy_base,
+            c,
+            cmask,
+            l_lo,
+            l_hi,
+            sxC,
+            sxL,
+            sdC,
+            sdL,
+            pivot,
+            smean,
+            rstd,
+            w,
+            bias,
+            s1,
+            sh,
+            ACT,
+            BLOCK_L,
+            IDX64,
+        )
         nkc = (n.to(tl.int64) * K + k) * C + c0 + c
         tl.store(PA + nkc, a, mask=cmask)
         tl.store(PB + nkc, b, mask=cmask)
@@ -368,11 +704,45 @@ def _gn_bwd_partial_kernel(
 
 @triton.jit
 def _gn_bwd_dx_kernel(
-    X, DY, DX, W, B, SCALE, SHIFT, OFFS, PIVOT, SMEAN, RSTD, PA, PB, SA, SB,
-    C, G, L, sxN, sxC, sxL, sdN, sdC, sdL, sgN, sgC, sgL, CHUNK_L, K,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, STATS_GIVEN: tl.constexpr,
-    FUSED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, IDX64: tl.constexpr,
+    X,
+    DY,
+    DX,
+    W,
+    B,
+    SCALE,
+    SHIFT,
+    OFFS,
+    PIVOT,
+    SMEAN,
+    RSTD,
+    PA,
+    PB,
+    SA,
+    SB,
+    C,
+    G,
+    L,
+    sxN,
+    sxC,
+    sxL,
+    sdN,
+    sdC,
+    sdL,
+    sgN,
+    sgC,
+    sgL,
+    CHUNK_L,
+    K,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    STATS_GIVEN: tl.constexpr,
+    FUSED: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
     """Program (n * G + g, k) gets its channels' A, B over the whole group, stores them (chunk 0)
     for the parameter gradients, forms the group means and writes dx of its chunk.
@@ -389,11 +759,34 @@ def _gn_bwd_dx_kernel(
     sum_dxhat = tl.zeros((), tl.float32)
     sum_dxhat_xhat = tl.zeros((), tl.float32)
     for cb in range(0, Cg, BLOCK_C):
-        c, cmask, w, bias, s1, sh = _channel_block(cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W,
-                                                   HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        c, cmask, w, bias, s1, sh = _channel_block(
+            cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C
+        )
         if FUSED:
-            a, b = _channel_sums(X, DY, x_base, dy_base, c, cmask, 0, L, sxC, sxL, sdC, sdL,
-                                 pivot, smean, rstd, w, bias, s1, sh, ACT, BLOCK_L, IDX64)
+            a, b = _channel_sums(
+                X,
+                DY,
+                x_base,
+                dy_base,
+                c,
+                cmask,
+                0,
+                L,
+                sxC,
+                sxL,
+                sdC,
+                sdL,
+                pivot,
+                smean,
+                rstd,
+                w,
+                bias,
+                s1,
+                sh,
+                ACT,
+                BLOCK_L,
+                IDX64,
+            )
         else:
             a = tl.zeros((BLOCK_C,), tl.float32)
             b = tl.zeros((BLOCK_C,), tl.float32)
@@ -416,18 +809,59 @@ def _gn_bwd_dx_kernel(
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
     for cb in range(0, Cg, BLOCK_C):
-        c, cmask, w, bias, s1, sh = _channel_block(cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W,
-                                                   HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
-        _dx_block(X, DY, DX, x_base, dy_base, dx_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC,
-                  sdL, sgC, sgL, pivot, smean, rstd, w, bias, s1, sh, mean_dxhat,
-                  mean_dxhat_xhat, ACT, BLOCK_L, IDX64)
+        c, cmask, w, bias, s1, sh = _channel_block(
+            cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C
+        )
+        _dx_block(
+            X,
+            DY,
+            DX,
+            x_base,
+            dy_base,
+            dx_base,
+            c,
+            cmask,
+            l_lo,
+            l_hi,
+            sxC,
+            sxL,
+            sdC,
+            sdL,
+            sgC,
+            sgL,
+            pivot,
+            smean,
+            rstd,
+            w,
+            bias,
+            s1,
+            sh,
+            mean_dxhat,
+            mean_dxhat_xhat,
+            ACT,
+            BLOCK_L,
+            IDX64,
+        )
 
 
 @triton.jit
 def _gn_bwd_param_kernel(
-    SA, SB, W, B, SCALE, DW, DB, DSCALE, DSHIFT, N, C,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+    SA,
+    SB,
+    W,
+    B,
+    SCALE,
+    DW,
+    DB,
+    DSCALE,
+    DSHIFT,
+    N,
+    C,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Parameter gradients from the per-(n, c) sums A, B, over n in order (deterministic):
     dweight = sum_n (1 + scale) A, dbias = sum_n (1 + scale) B, dscale = w A + bias B,
@@ -459,6 +893,7 @@ def _gn_bwd_param_kernel(
         tl.store(DW + c, dw.to(DW.dtype.element_ty), mask=cmask)
     if HAS_B:
         tl.store(DB + c, db.to(DB.dtype.element_ty), mask=cmask)
+
 
 # ----------------------------------------------------------------------------------------------
 # launchers: allocation, checks, grid
@@ -511,21 +946,26 @@ def _sm_count(device: torch.device) -> int:
     return CPU_SM_COUNT
 
 
-def _config(x: torch.Tensor, strides: tuple[int, int, int], sizes: tuple[int, ...],
-            regime: str) -> LaunchConfig:
+def _config(
+    x: torch.Tensor, strides: tuple[int, int, int], sizes: tuple[int, ...], regime: str
+) -> LaunchConfig:
     L = x[0, 0].numel() if x.shape[0] else 1
     channels_fast = strides[1] == 1 and strides[2] != 1
-    return choose_config(x.shape[0], L, max(sizes), len(sizes), channels_fast,
-                         _sm_count(x.device), regime)
+    return choose_config(
+        x.shape[0], L, max(sizes), len(sizes), channels_fast, _sm_count(x.device), regime
+    )
 
 
 def _check_inputs(x: torch.Tensor, sizes: tuple[int, ...], *params: torch.Tensor | None) -> None:
     if x.dtype not in _SUPPORTED:
-        raise TypeError(f"the Triton kernels take x in {[str(d) for d in _SUPPORTED]}, got "
-                        f"{x.dtype}; use backend='torch' for it")
+        raise TypeError(
+            f"the Triton kernels take x in {[str(d) for d in _SUPPORTED]}, got "
+            f"{x.dtype}; use backend='torch' for it"
+        )
     if x.dim() < 2 or sum(sizes) != x.shape[1]:
-        raise ValueError(f"group sizes {list(sizes)} must sum to C of x with shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"group sizes {list(sizes)} must sum to C of x with shape {tuple(x.shape)}"
+        )
     for t in params:
         if t is not None and t.device != x.device:
             raise ValueError(f"a parameter is on {t.device} but x is on {x.device}")
@@ -537,14 +977,21 @@ def _param(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _stat_buffers(x: torch.Tensor, G: int) -> list[torch.Tensor]:
-    return [torch.empty((x.shape[0], G), dtype=torch.float32, device=x.device)
-            for _ in range(5)]
+    return [torch.empty((x.shape[0], G), dtype=torch.float32, device=x.device) for _ in range(5)]
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-             scale: torch.Tensor | None, shift: torch.Tensor | None, sizes: tuple[int, ...],
-             eps: float, activation: str | None, stats: tuple[torch.Tensor, ...] | None,
-             regime: str) -> tuple[torch.Tensor, ...]:
+def _forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    sizes: tuple[int, ...],
+    eps: float,
+    activation: str | None,
+    stats: tuple[torch.Tensor, ...] | None,
+    regime: str,
+) -> tuple[torch.Tensor, ...]:
     """Launch the forward; returns (y, pivot, shifted_mean, m2, count, rstd), stats (N, G) fp32."""
     _check_inputs(x, sizes, weight, bias, scale, shift)
     weight, bias, scale, shift = (_param(t) for t in (weight, bias, scale, shift))
@@ -561,31 +1008,70 @@ def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | 
     cfg = _config(xv, (sxN, sxC, sxL), sizes, regime)
     offs = _offsets_tensor(sizes, x.device)
     dummy = xv
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None,
-                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-                 ACT=ACT_CODES[activation], BLOCK_C=cfg.block_c, BLOCK_L=cfg.block_l,
-                 IDX64=_needs_int64(xv, y))
+    flags = dict(
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        ACT=ACT_CODES[activation],
+        BLOCK_C=cfg.block_c,
+        BLOCK_L=cfg.block_l,
+        IDX64=_needs_int64(xv, y),
+    )
     params = tuple(dummy if t is None else t for t in (weight, bias, scale, shift))
     strides = (sxN, sxC, sxL, *ys)
     if stats is None and cfg.regime == "fused":
-        _gn_fwd_fused_kernel[(N * G,)](xv, y, *params, offs, pivot, smean, m2, count, rstd,
-                                       C, G, L, *strides, eps, **flags)
+        _gn_fwd_fused_kernel[(N * G,)](
+            xv, y, *params, offs, pivot, smean, m2, count, rstd, C, G, L, *strides, eps, **flags
+        )
         return y, pivot, smean, m2, count, rstd
     if stats is None:
         K = cfg.chunks
         parts = [torch.empty((N, G, K), dtype=torch.float32, device=x.device) for _ in range(3)]
-        _gn_fwd_partial_kernel[(N * G, K)](xv, offs, pivot, *parts, G, L, sxN, sxC, sxL,
-                                           cfg.chunk_l, K, BLOCK_C=cfg.block_c,
-                                           BLOCK_L=cfg.block_l, IDX64=flags["IDX64"])
+        _gn_fwd_partial_kernel[(N * G, K)](
+            xv,
+            offs,
+            pivot,
+            *parts,
+            G,
+            L,
+            sxN,
+            sxC,
+            sxL,
+            cfg.chunk_l,
+            K,
+            BLOCK_C=cfg.block_c,
+            BLOCK_L=cfg.block_l,
+            IDX64=flags["IDX64"],
+        )
     else:
         K = 1
         given_pivot, given_mean, given_m2, given_count = (
-            t.to(device=x.device, dtype=torch.float32).contiguous() for t in stats)
+            t.to(device=x.device, dtype=torch.float32).contiguous() for t in stats
+        )
         pivot.copy_(given_pivot)
         parts = [given_count, given_mean, given_m2]
     _gn_fwd_normalize_kernel[(N * G, cfg.chunks)](
-        xv, y, *params, offs, pivot, *parts, smean, m2, count, rstd,
-        C, G, L, *strides, eps, cfg.chunk_l, K, BLOCK_KP=next_pow2(K), **flags)
+        xv,
+        y,
+        *params,
+        offs,
+        pivot,
+        *parts,
+        smean,
+        m2,
+        count,
+        rstd,
+        C,
+        G,
+        L,
+        *strides,
+        eps,
+        cfg.chunk_l,
+        K,
+        BLOCK_KP=next_pow2(K),
+        **flags,
+    )
     return y, pivot, smean, m2, count, rstd
 
 
@@ -597,11 +1083,21 @@ def _empty_or(t: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
-              bias: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None,
-              sizes: tuple[int, ...], pivot: torch.Tensor, smean: torch.Tensor,
-              rstd: torch.Tensor, activation: str | None, stats_given: bool,
-              regime: str) -> tuple[torch.Tensor, ...]:
+def _backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    sizes: tuple[int, ...],
+    pivot: torch.Tensor,
+    smean: torch.Tensor,
+    rstd: torch.Tensor,
+    activation: str | None,
+    stats_given: bool,
+    regime: str,
+) -> tuple[torch.Tensor, ...]:
     """Launch the backward; returns (dx, dweight, dbias, dscale, dshift), (0,) where absent."""
     _check_inputs(x, sizes, weight, bias, scale, shift, dy)
     weight, bias, scale, shift = (_param(t) for t in (weight, bias, scale, shift))
@@ -621,10 +1117,19 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
     cfg = _config(xv, (sxN, sxC, sxL), sizes, regime)
     offs = _offsets_tensor(sizes, x.device)
     params = tuple(xv if t is None else t for t in (weight, bias, scale, shift))
-    has = dict(HAS_W=weight is not None, HAS_B=bias is not None,
-               HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
-    flags = dict(has, ACT=ACT_CODES[activation], BLOCK_C=cfg.block_c, BLOCK_L=cfg.block_l,
-                 IDX64=_needs_int64(xv, dyv, dx))
+    has = dict(
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+    )
+    flags = dict(
+        has,
+        ACT=ACT_CODES[activation],
+        BLOCK_C=cfg.block_c,
+        BLOCK_L=cfg.block_l,
+        IDX64=_needs_int64(xv, dyv, dx),
+    )
     stats = (pivot.contiguous(), smean.contiguous(), rstd.contiguous())
     sums = [torch.empty((N, C), dtype=torch.float32, device=x.device) for _ in range(2)]
     strides = (C, G, L, sxN, sxC, sxL, *dys)
@@ -634,15 +1139,31 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
         parts = list(sums)  # not read: A, B come straight from x and dy
     else:
         parts = [torch.empty((N, K, C), dtype=torch.float32, device=x.device) for _ in range(2)]
-        _gn_bwd_partial_kernel[(N * G, K)](xv, dyv, *params, offs, *stats, *parts, *strides,
-                                           cfg.chunk_l, K, **flags)
-    _gn_bwd_dx_kernel[(N * G, K)](xv, dyv, dx, *params, offs, *stats, *parts, *sums, *strides,
-                                  *dxs, cfg.chunk_l, K, STATS_GIVEN=stats_given, FUSED=fused,
-                                  **flags)
+        _gn_bwd_partial_kernel[(N * G, K)](
+            xv, dyv, *params, offs, *stats, *parts, *strides, cfg.chunk_l, K, **flags
+        )
+    _gn_bwd_dx_kernel[(N * G, K)](
+        xv,
+        dyv,
+        dx,
+        *params,
+        offs,
+        *stats,
+        *parts,
+        *sums,
+        *strides,
+        *dxs,
+        cfg.chunk_l,
+        K,
+        STATS_GIVEN=stats_given,
+        FUSED=fused,
+        **flags,
+    )
     block = min(next_pow2(C), 1024)
     dummies = tuple(xv if g.numel() == 0 else g for g in grads)
-    _gn_bwd_param_kernel[(triton.cdiv(C, block),)](*sums, params[0], params[1], params[2],
-                                                   *dummies, N, C, BLOCK=block, **has)
+    _gn_bwd_param_kernel[(triton.cdiv(C, block),)](
+        *sums, params[0], params[1], params[2], *dummies, N, C, BLOCK=block, **has
+    )
     return (dx, *grads)
 
 
@@ -650,8 +1171,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
 # torch.library op (opaque to torch.compile: no graph break, fake impl for shapes)
 # ----------------------------------------------------------------------------------------------
 
-_Stats6 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                torch.Tensor]
+_Stats6 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @torch.library.custom_op("groupnorm::triton_group_norm_fwd", mutates_args=())
@@ -673,17 +1193,35 @@ def group_norm_fwd_op(
     """(y, pivot, shifted_mean, m2, count, rstd); the statistics are (N, G) fp32. With the four
     stats_* given, x is normalized with them (they are constants for autograd)."""
     given = None
-    if stats_pivot is not None and stats_mean is not None and stats_m2 is not None \
-            and stats_count is not None:
+    if (
+        stats_pivot is not None
+        and stats_mean is not None
+        and stats_m2 is not None
+        and stats_count is not None
+    ):
         given = (stats_pivot, stats_mean, stats_m2, stats_count)
-    y, pivot, smean, m2, count, rstd = _forward(x, weight, bias, scale, shift, tuple(sizes), eps,
-                                                activation, given, regime)
+    y, pivot, smean, m2, count, rstd = _forward(
+        x, weight, bias, scale, shift, tuple(sizes), eps, activation, given, regime
+    )
     return y, pivot, smean, m2, count, rstd
 
 
 @group_norm_fwd_op.register_fake
-def _(x, weight, bias, scale, shift, sizes, eps, activation, stats_pivot, stats_mean,
-      stats_m2, stats_count, regime):
+def _(
+    x,
+    weight,
+    bias,
+    scale,
+    shift,
+    sizes,
+    eps,
+    activation,
+    stats_pivot,
+    stats_mean,
+    stats_m2,
+    stats_count,
+    regime,
+):
     y = torch.empty_like(_flat_view(x)[0])
     stats = [x.new_empty((x.shape[0], len(sizes)), dtype=torch.float32) for _ in range(5)]
     return (y, *stats)
@@ -706,17 +1244,47 @@ def group_norm_bwd_op(
     regime: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dscale, dshift); a (0,) tensor stands for an absent parameter."""
-    dx, dw, db, dscale, dshift = _backward(dy, x, weight, bias, scale, shift, tuple(sizes), pivot,
-                                           shifted_mean, rstd, activation, stats_given, regime)
+    dx, dw, db, dscale, dshift = _backward(
+        dy,
+        x,
+        weight,
+        bias,
+        scale,
+        shift,
+        tuple(sizes),
+        pivot,
+        shifted_mean,
+        rstd,
+        activation,
+        stats_given,
+        regime,
+    )
     return dx, dw, db, dscale, dshift
 
 
 @group_norm_bwd_op.register_fake
-def _(dy, x, weight, bias, scale, shift, sizes, pivot, shifted_mean, rstd, activation,
-      stats_given, regime):
+def _(
+    dy,
+    x,
+    weight,
+    bias,
+    scale,
+    shift,
+    sizes,
+    pivot,
+    shifted_mean,
+    rstd,
+    activation,
+    stats_given,
+    regime,
+):
     def like(t):
-        return x.new_empty(0) if t is None else torch.empty_like(
-            t, memory_format=torch.contiguous_format)
+        return (
+            x.new_empty(0)
+            if t is None
+            else torch.empty_like(t, memory_format=torch.contiguous_format)
+        )
+
     return (torch.empty_like(_flat_view(x)[0]), *(like(t) for t in (weight, bias, scale, shift)))
 
 
@@ -738,12 +1306,27 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward_fn(ctx, dy, *_):
     x, weight, bias, scale, shift, pivot, smean, rstd = ctx.saved_tensors
     dx, dw, db, dscale, dshift = group_norm_bwd_op(
-        dy, x, weight, bias, scale, shift, ctx.sizes, pivot, smean, rstd, ctx.activation,
-        ctx.stats_given, ctx.regime)
+        dy,
+        x,
+        weight,
+        bias,
+        scale,
+        shift,
+        ctx.sizes,
+        pivot,
+        smean,
+        rstd,
+        ctx.activation,
+        ctx.stats_given,
+        ctx.regime,
+    )
     need = ctx.needs_input_grad
-    grads = [g if t is not None and need[i + 1] else None
-             for i, (g, t) in enumerate(zip((dw, db, dscale, dshift),
-                                            (weight, bias, scale, shift), strict=True))]
+    grads = [
+        g if t is not None and need[i + 1] else None
+        for i, (g, t) in enumerate(
+            zip((dw, db, dscale, dshift), (weight, bias, scale, shift), strict=True)
+        )
+    ]
     return (dx if need[0] else None, *grads) + (None,) * 8
 
 
@@ -780,10 +1363,12 @@ def group_norm_triton(
     either way) where torch's group_norm would be cast to float32. CUDA graphs: the first call
     for a group plan on a device uploads the plan's offsets; capture after one eager call.
     """
-    given = (None,) * 4 if stats is None else (stats.pivot, stats.shifted_mean, stats.m2,
-                                               stats.count)
+    given = (
+        (None,) * 4 if stats is None else (stats.pivot, stats.shifted_mean, stats.m2, stats.count)
+    )
     y, pivot, smean, m2, count, _ = group_norm_fwd_op(
-        x, weight, bias, scale, shift, list(plan.sizes), float(eps), activation, *given, regime)
+        x, weight, bias, scale, shift, list(plan.sizes), float(eps), activation, *given, regime
+    )
     if not return_stats:
         return y, None
     return y, GroupStats(pivot, smean, m2, count)

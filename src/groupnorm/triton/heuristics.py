@@ -78,8 +78,15 @@ def _tile(max_group: int, L: int, channels_fast: bool) -> tuple[int, int]:
     return max(1, min(next_pow2(max_group), TILE // block_l)), block_l
 
 
-def choose_config(N: int, L: int, max_group: int, num_groups: int, channels_fast: bool,
-                  sm_count: int, regime: str = "auto") -> LaunchConfig:
+def choose_config(
+    N: int,
+    L: int,
+    max_group: int,
+    num_groups: int,
+    channels_fast: bool,
+    sm_count: int,
+    regime: str = "auto",
+) -> LaunchConfig:
     """Pick the regime and tiling for an (N, C, L) input whose largest group has ``max_group``
     channels. ``regime`` forces "fused" or "split" (tests); "auto" decides by size."""
     if regime not in REGIMES:
@@ -100,6 +107,6 @@ def choose_config(N: int, L: int, max_group: int, num_groups: int, channels_fast
         want = -(-PROGRAMS_PER_SM * sm_count // max(1, N * num_groups))
         chunks_wanted = max(1, min(want, group_elems // MIN_CHUNK_ELEMS, MAX_CHUNKS))
     chunk_l = -(-L // chunks_wanted)
-    chunk_l = -(-chunk_l // block_l) * block_l          # whole tiles per chunk
+    chunk_l = -(-chunk_l // block_l) * block_l  # whole tiles per chunk
     chunks = -(-L // chunk_l)
     return LaunchConfig("split", block_c, block_l, chunk_l, chunks)
