@@ -9,7 +9,8 @@ from groupnorm import bench, cli
 
 
 def test_shape_table_is_spec_table():
-    """Every SPEC.md row, multi-value rows expanded: 21 shapes, each G dividing C."""
+    """Every row of docs/spec.md#benchmark-shapes, multi-value rows expanded: 21 shapes, each G
+    dividing C."""
     assert len(bench.SHAPES) == 21
     assert len({s.workload for s in bench.SHAPES}) == 21
     dims = {(s.dims, s.G, s.dtype) for s in bench.SHAPES}
@@ -24,12 +25,12 @@ def test_shape_table_is_spec_table():
         ((8, 512, 1024), 32, bf16),
         ((2, 960, 64, 64), 32, bf16),
     ]:
-        assert expected in dims, f"missing SPEC shape {expected}"
+        assert expected in dims, f"missing benchmark shape {expected}"
     assert all(s.C % s.G == 0 for s in bench.SHAPES)
 
 
-def test_bytes_formula_gives_the_issue_floors():
-    """Issue 3 quotes the floors at 3.0 TB/s: VAE 1x128x512x512 forward 45 us, 3-D
+def test_bytes_formula_gives_the_spec_floors():
+    """docs/spec.md#performance-floors at 3.0 TB/s: VAE 1x128x512x512 forward 45 us, 3-D
     2x32x128^3 forward 0.18 ms. Forward moves 2 bf16 tensors, forward+backward 5."""
     shapes = {s.workload: s for s in bench.SHAPES}
     vae, seg = shapes["VAE 512px 512^2"], shapes["3-D segmentation"]
