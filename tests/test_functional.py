@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import groupnorm
 from groupnorm import reference as R
 from groupnorm.functional import resolve_plan
+from groupnorm.groups import GroupPlan
 from tests._inputs import LAYOUTS, make_x, rand, reference
 from tests._tolerances import assert_matches, to_numpy
 
@@ -38,10 +39,37 @@ def _params(C: int, dtype: torch.dtype, seed: int = 10) -> tuple[torch.Tensor, t
 def _baseline(
     x: torch.Tensor, plan_kw: dict[str, Any], w: torch.Tensor | None, b: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """torch's own same-dtype result where it has one (even groups, no epilogue)."""
+    """torch's own same-dtype result where it has one (even groups, no epilogue): the baseline
+    of the half-precision rule (float32 and float64 have the static bound)."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return None
     if set(plan_kw) != {"num_groups"} or x.shape[1] % plan_kw["num_groups"]:
         return None
     return F.group_norm(x, plan_kw["num_groups"], w, b)
+
+
+def _torch_grads(
+    x: torch.Tensor, plan: GroupPlan, w: torch.Tensor, b: torch.Tensor, dy: torch.Tensor
+) -> list[torch.Tensor]:
+    """torch's own same-dtype (dx, dweight, dbias): ``F.group_norm`` and its autograd on each run
+    of equal-size groups (one run for an even plan), the half-precision baseline of a backward
+    that has no epilogue."""
+    grads: list[list[torch.Tensor]] = [[], [], []]
+    for start, end, size in plan.runs:
+        parts = [t[cols].detach().requires_grad_() for t, cols in _run_slices(x, w, b, start, end)]
+        y = F.group_norm(parts[0], (end - start) // size, parts[1], parts[2])
+        y.backward(dy[:, start:end])
+        for acc, t in zip(grads, parts, strict=True):
+            assert t.grad is not None
+            acc.append(t.grad)
+    return [torch.cat(grads[0], dim=1), torch.cat(grads[1]), torch.cat(grads[2])]
+
+
+def _run_slices(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, start: int, end: int
+) -> list[tuple[torch.Tensor, tuple[slice, ...]]]:
+    cols = slice(start, end)
+    return [(x, (slice(None), cols)), (w, (cols,)), (b, (cols,))]
 
 
 # (N, C) has no channels-last layout distinct from contiguous.
@@ -141,15 +169,22 @@ def test_backward_matches_reference(
     y.backward(dy)
     _, cache = reference(x, resolve_plan(12, **plan_kw), w, b, activation=activation, **mod)
     grads = R.group_norm_backward(to_numpy(dy), cache)
-    group = max(resolve_plan(12, **plan_kw).sizes) * 12
-    assert_matches(x.grad, grads.dx, dtype, reduction=group, what="dx")
-    assert_matches(w.grad, grads.dgamma, dtype, reduction=2 * 12, what="dweight")
-    assert_matches(b.grad, grads.dbeta, dtype, reduction=24, what="dbias")
+    plan = resolve_plan(12, **plan_kw)
+    group = max(plan.sizes) * 12
+    # Without an epilogue torch's kernel serves (once per run of equal-size groups), and in bf16
+    # its backward is the baseline: its dx is up to 6.6x the exactly rounded result's error.
+    base: list[torch.Tensor | None] = [None, None, None]
+    if dtype == torch.bfloat16 and activation is None and not modulated:
+        base = list(_torch_grads(x, plan, w, b, dy))
+    assert_matches(x.grad, grads.dx, dtype, reduction=group, baseline=base[0], what="dx")
+    assert_matches(w.grad, grads.dgamma, dtype, reduction=24, baseline=base[1], what="dweight")
+    assert_matches(b.grad, grads.dbeta, dtype, reduction=24, baseline=base[2], what="dbias")
     if modulated:
         assert_matches(mod["scale"].grad, grads.dscale, dtype, reduction=12, what="dscale")
         assert_matches(mod["shift"].grad, grads.dshift, dtype, reduction=12, what="dshift")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("plan_kw", "activation", "modulated"),
     [
@@ -214,7 +249,12 @@ def test_spec_edge_cases(edge: str, dtype: torch.dtype, layout: str) -> None:
 def test_affine_false(dtype: torch.dtype) -> None:
     x = make_x((2, 8, 3, 3), dtype)
     expected, _ = reference(x, resolve_plan(8, 4))
-    assert_matches(groupnorm.group_norm(x, 4), expected, dtype, baseline=F.group_norm(x, 4))
+    assert_matches(
+        groupnorm.group_norm(x, 4),
+        expected,
+        dtype,
+        baseline=_baseline(x, {"num_groups": 4}, None, None),
+    )
     m = groupnorm.GroupNorm(4, 8, affine=False)
     assert m.weight is None and m.bias is None
     assert_matches(m(x.float()), reference(x.float(), resolve_plan(8, 4))[0], torch.float32)
