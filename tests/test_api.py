@@ -343,6 +343,7 @@ def test_bias_false_without_torch_support(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager() -> None:
     """The torch backend under torch.compile: one graph (no break), no recompile on a second call
     with fresh data, same values and gradients as eager. Regression: plan construction with
