@@ -1,4 +1,4 @@
-"""GPU benchmark of GroupNorm providers on SPEC.md's shapes; the same as ``groupnorm bench``.
+"""GPU benchmark of GroupNorm providers on the shapes of docs/spec.md; as ``groupnorm bench``.
 
     python benchmarks/bench.py [--shapes VAE] [--layouts nchw,channels_last]
                                [--directions fwd,fwd+bwd] [--providers ours,torch,...]

@@ -4,7 +4,7 @@ On small tensors a call is mostly Python: validation, dispatch and the exactness
 kernel's float32 mean. This times ``groupnorm.group_norm`` against ``F.group_norm`` and
 ``groupnorm.GroupNorm`` against ``nn.GroupNorm`` on the standard case (G divides C, affine, no
 epilogue), forward only. Each sample is the mean of a batch of calls; ours and torch's batches
-alternate (see cpu_standard.py); the table gives medians and the difference in microseconds.
+alternate (groupnorm.bench.time_pair); the table gives medians and the difference in microseconds.
 
     python benchmarks/cpu_overhead.py [--threads T] [--out benchmarks/results]
 """
@@ -16,10 +16,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from cpu_standard import _time_pair, batched, save_results, small_input_args
+from cpu_standard import save, small_input_args
 from torch import nn
 
 import groupnorm
+from groupnorm import bench
 
 SHAPES: list[tuple[int, ...]] = [(2, 64, 8, 8), (2, 1280, 8, 8), (8, 64, 32, 32)]
 G = 32
@@ -49,7 +50,9 @@ def run() -> list[dict]:
         with torch.no_grad():
             for api, (ours, theirs) in _pairs(x, ours_m, torch_m).items():
                 torch.testing.assert_close(ours(), theirs(), rtol=0, atol=0)
-                t_ours, t_torch = _time_pair(batched(ours, CALLS), batched(theirs, CALLS), SAMPLES)
+                t_ours, t_torch = bench.time_pair(
+                    bench.batched(ours, CALLS), bench.batched(theirs, CALLS), SAMPLES
+                )
                 us_ours = statistics.median(t_ours) / CALLS * 1e6
                 us_torch = statistics.median(t_torch) / CALLS * 1e6
                 rows.append(
@@ -76,7 +79,7 @@ def run() -> list[dict]:
 def main() -> None:
     args = small_input_args(__doc__)
     print(f"{'shape':<18} {'api':<11} {'ours us':>9} {'torch us':>9} {'extra us':>9}")
-    save_results(args.out, "cpu_overhead", run())
+    save(args.out, "cpu_overhead", run())
 
 
 if __name__ == "__main__":

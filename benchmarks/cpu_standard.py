@@ -11,21 +11,16 @@ is checked first.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import groupnorm
+from groupnorm import bench
 
-# SPEC.md benchmark shapes that fit a 2-core CPU run (the largest ones take seconds per call).
+# Benchmark shapes (docs/spec.md) that fit a 2-core CPU run (the largest take seconds per call).
 SHAPES: list[tuple[str, tuple[int, ...], int]] = [
     ("SD1.5 64x64", (2, 320, 64, 64), 32),
     ("SD1.5 32x32", (2, 640, 32, 32), 32),
@@ -38,35 +33,6 @@ SHAPES: list[tuple[str, tuple[int, ...], int]] = [
     ("1-D sequence", (8, 512, 1024), 32),
     ("CIFAR-scale", (8, 64, 32, 32), 32),
 ]
-
-
-def _time_pair(
-    a: Callable[[], object], b: Callable[[], object], reps: int
-) -> tuple[list[float], list[float]]:
-    for _ in range(3):
-        a()
-        b()
-    # Alternate which goes first (A B, B A, ...): the second call of a pair finds x warmer in
-    # the cache, which alone made the second provider look ~5-10 % faster.
-    times: dict[int, list[float]] = {0: [], 1: []}
-    for rep in range(reps):
-        order = (0, 1) if rep % 2 == 0 else (1, 0)
-        for which in order:
-            fn = a if which == 0 else b
-            t0 = time.perf_counter()
-            fn()
-            times[which].append(time.perf_counter() - t0)
-    return times[0], times[1]
-
-
-def batched(f: Callable[[], object], calls: int) -> Callable[[], None]:
-    """``f`` called ``calls`` times in a row: one timing sample for _time_pair."""
-
-    def run() -> None:
-        for _ in range(calls):
-            f()
-
-    return run
 
 
 def run(quick: bool) -> list[dict]:
@@ -90,7 +56,7 @@ def run(quick: bool) -> list[dict]:
                     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
                     reps = 6 if quick else 20
                     args = (x, G, w, b)
-                    t_ours, t_torch = _time_pair(
+                    t_ours, t_torch = bench.time_pair(
                         lambda a=args: groupnorm.group_norm(*a),
                         lambda a=args: F.group_norm(*a),
                         reps,
@@ -117,31 +83,9 @@ def run(quick: bool) -> list[dict]:
     return rows
 
 
-def machine_meta(benchmark: str) -> dict[str, object]:
-    """What a result file records about where and when it was measured."""
-    return {
-        "benchmark": benchmark,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "groupnorm": groupnorm.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def save_results(out: Path, benchmark: str, rows: list[dict]) -> None:
-    """Write ``{"meta", "rows"}`` to ``out/<benchmark>-<machine>-<cores>cores-<threads>threads
-    .json`` (``out`` created) and say where."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = (
-        out / f"{benchmark}-{platform.machine()}-{os.cpu_count()}cores-"
-        f"{torch.get_num_threads()}threads.json"
-    )
-    path.write_text(json.dumps({"meta": machine_meta(benchmark), "rows": rows}, indent=1))
-    print(f"wrote {path}")
+def save(out: Path, benchmark: str, rows: list[dict]) -> None:
+    """Write the rows with the shared harness's metadata (groupnorm.bench) and say where."""
+    print(f"wrote {bench.save_results(out, bench.environment(benchmark), rows)}")
 
 
 def small_input_args(doc: str) -> argparse.Namespace:
@@ -179,7 +123,7 @@ def main() -> None:
         f"geometric-mean ratio ours/torch: "
         f"{statistics.geometric_mean(ratios):.3f}; worst {max(ratios):.3f}"
     )
-    save_results(args.out, "cpu_standard", rows)
+    save(args.out, "cpu_standard", rows)
 
 
 if __name__ == "__main__":

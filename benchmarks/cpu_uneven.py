@@ -3,8 +3,8 @@ composite path.
 
 ``uneven=True`` splits C channels into larger groups first, then groups one channel smaller:
 two runs of equal-size groups. The torch backend runs torch's kernel on each run and
-concatenates; the composite path (shift, per-channel moments, Chan merge) is what it used to
-run. Both are timed in alternating blocks of consecutive calls (see cpu_standard.py), with
+concatenates; the composite path (shift, per-channel moments, Chan merge) is the alternative.
+Both are timed in alternating blocks of consecutive calls (groupnorm.bench.time_pair), with
 torch's kernel on the same tensor with an even G nearby as the floor. Blocks, not single calls:
 alternating single calls with the composite path's large temporaries made the per-run path's
 time vary 5x between runs of this script (0.37-2.1 ms on the first shape), against a steady
@@ -19,9 +19,10 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from cpu_standard import _time_pair, batched, save_results, small_input_args
+from cpu_standard import save, small_input_args
 
 import groupnorm
+from groupnorm import bench
 from groupnorm.backends import torch_ops
 
 # (shape, G) where G does not divide C.
@@ -55,13 +56,13 @@ def _measure(shape: tuple[int, ...], G: int) -> dict:
             rtol=1e-5,
             atol=1e-5,
         )
-        t_runs, t_comp = _time_pair(
-            batched(lambda: groupnorm.group_norm(x, G, w, b, uneven=True), CALLS),
-            batched(lambda: _composite(x, G, w, b), CALLS),
+        t_runs, t_comp = bench.time_pair(
+            bench.batched(lambda: groupnorm.group_norm(x, G, w, b, uneven=True), CALLS),
+            bench.batched(lambda: _composite(x, G, w, b), CALLS),
             REPS,
         )
-        t_even, _ = _time_pair(
-            batched(lambda: F.group_norm(x, even_g, w, b), CALLS), lambda: None, REPS
+        t_even, _ = bench.time_pair(
+            bench.batched(lambda: F.group_norm(x, even_g, w, b), CALLS), lambda: None, REPS
         )
     ms = [statistics.median(t) / CALLS * 1e3 for t in (t_runs, t_comp, t_even)]
     plan = groupnorm.functional.resolve_plan(C, G, uneven=True)
@@ -92,7 +93,7 @@ def run() -> list[dict]:
 def main() -> None:
     args = small_input_args(__doc__)
     print(f"{'shape':<18} {'plan':<22} {'runs ms':>9} {'comp ms':>9} {'even ms':>9} {'speedup':>9}")
-    save_results(args.out, "cpu_uneven", run())
+    save(args.out, "cpu_uneven", run())
 
 
 if __name__ == "__main__":

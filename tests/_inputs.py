@@ -59,10 +59,13 @@ def reference(
     """The float64 reference on exactly the values the library saw (x rounded to its dtype)."""
 
     def np64(t: object) -> np.ndarray | None:
-        return None if t is None else t.detach().double().numpy()  # type: ignore[union-attr]
+        if t is None:
+            return None
+        assert isinstance(t, torch.Tensor), type(t)
+        return t.detach().double().numpy()
 
     return R.group_norm_forward(
-        np64(x),
+        x.detach().double().numpy(),
         plan=plan,
         gamma=np64(weight),
         beta=np64(bias),

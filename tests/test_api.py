@@ -7,6 +7,8 @@ import copy
 import inspect
 import io
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from torch import nn
 import groupnorm
 from groupnorm import dispatch
 from groupnorm.functional import resolve_plan
+from groupnorm.stats import GroupStats
 from tests._inputs import make_x, rand, reference
 from tests._tolerances import assert_matches
 
@@ -170,7 +173,7 @@ def test_stats_errors() -> None:
     with pytest.raises(ValueError, match="cannot merge"):
         groupnorm.merge_stats(stats, groupnorm.group_stats(x, 2))
     with pytest.raises(TypeError, match="GroupStats"):
-        groupnorm.group_norm(x, 4, stats=(stats.mean, stats.var))  # type: ignore[arg-type]
+        groupnorm.group_norm(x, 4, stats=(stats.mean, stats.var))  # type: ignore[call-overload]
     with pytest.raises(ValueError, match="drop one"):
         groupnorm.group_norm(x, 4, stats=stats, return_stats=True)
     with pytest.raises(ValueError, match=r"stats are on meta but x is on cpu; use stats.to"):
@@ -250,7 +253,11 @@ BAD_CALLS = {
         ValueError,
         "eps",
     ),
-    "not a tensor": (lambda: groupnorm.group_norm([[1.0, 2.0]], 1), TypeError, "torch.Tensor"),
+    "not a tensor": (
+        lambda: groupnorm.group_norm([[1.0, 2.0]], 1),  # type: ignore[call-overload]
+        TypeError,
+        "torch.Tensor",
+    ),
     "unknown backend": (
         lambda: groupnorm.group_norm(torch.randn(2, 4, 3), 2, backend="cuda9"),
         ValueError,
@@ -265,7 +272,9 @@ def test_bad_input_is_a_clear_error(case: str, monkeypatch: pytest.MonkeyPatch) 
     ran = []
     for backend in list(dispatch._REGISTRY.values()):
 
-        def spy(r: dispatch.Request, _run=backend.run) -> object:  # type: ignore[no-untyped-def]
+        def spy(
+            r: dispatch.Request, _run: Callable[..., Any] = backend.run
+        ) -> tuple[torch.Tensor, GroupStats | None]:
             ran.append(r)
             return _run(r)
 
@@ -334,6 +343,7 @@ def test_bias_false_without_torch_support(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager() -> None:
     """The torch backend under torch.compile: one graph (no break), no recompile on a second call
     with fresh data, same values and gradients as eager. Regression: plan construction with
@@ -349,3 +359,32 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
     with torch._dynamo.config.patch(error_on_recompile=True):
         x2 = make_x((2, 12, 4, 4), torch.float32, "channels_last", seed=3).requires_grad_()
         torch.testing.assert_close(compiled(x2), m(x2))
+
+
+def test_group_stats_goes_through_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``group_stats`` asks the registry like ``group_norm``: the highest-priority backend's
+    ``stats`` serves it, or its ``run`` with ``return_stats=True`` where it has no ``stats``."""
+    from groupnorm.backends import torch_ops
+
+    seen: list[dispatch.Request] = []
+
+    def stats_only(r: dispatch.Request) -> GroupStats:
+        seen.append(r)
+        return torch_ops.compute_stats(r.x, r.plan)
+
+    def run_only(r: dispatch.Request) -> tuple[torch.Tensor, GroupStats | None]:
+        seen.append(r)
+        return torch_ops.run(r)
+
+    x = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(3))
+    want = groupnorm.group_stats(x, 3, backend="torch")
+    for fake in (
+        dispatch.Backend("fake", 100, lambda r: None, run_only),
+        dispatch.Backend("fake", 100, lambda r: None, run_only, stats=stats_only),
+    ):
+        seen.clear()
+        monkeypatch.setitem(dispatch._REGISTRY, "fake", fake)
+        got = groupnorm.group_stats(x, 3)
+        assert len(seen) == 1 and seen[0].return_stats and seen[0].plan.num_groups == 3
+        for field in ("pivot", "shifted_mean", "m2", "count"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), field

@@ -9,7 +9,8 @@ from groupnorm import bench, cli
 
 
 def test_shape_table_is_spec_table():
-    """Every SPEC.md row, multi-value rows expanded: 21 shapes, each G dividing C."""
+    """Every row of docs/spec.md#benchmark-shapes, multi-value rows expanded: 21 shapes, each G
+    dividing C."""
     assert len(bench.SHAPES) == 21
     assert len({s.workload for s in bench.SHAPES}) == 21
     dims = {(s.dims, s.G, s.dtype) for s in bench.SHAPES}
@@ -24,12 +25,12 @@ def test_shape_table_is_spec_table():
         ((8, 512, 1024), 32, bf16),
         ((2, 960, 64, 64), 32, bf16),
     ]:
-        assert expected in dims, f"missing SPEC shape {expected}"
+        assert expected in dims, f"missing benchmark shape {expected}"
     assert all(s.C % s.G == 0 for s in bench.SHAPES)
 
 
-def test_bytes_formula_gives_the_issue_floors():
-    """Issue 3 quotes the floors at 3.0 TB/s: VAE 1x128x512x512 forward 45 us, 3-D
+def test_bytes_formula_gives_the_spec_floors():
+    """docs/spec.md#performance-floors at 3.0 TB/s: VAE 1x128x512x512 forward 45 us, 3-D
     2x32x128^3 forward 0.18 ms. Forward moves 2 bf16 tensors, forward+backward 5."""
     shapes = {s.workload: s for s in bench.SHAPES}
     vae, seg = shapes["VAE 512px 512^2"], shapes["3-D segmentation"]
@@ -56,3 +57,53 @@ def test_make_input_layouts(dims):
 def test_refuses_without_cuda(capsys):
     assert cli.main(["bench", "--shapes", "VAE"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def _cpu_timer(fn, graph, reps):
+    fn()
+    return 1e-6, 1e-6, 1e-6
+
+
+def test_a_wrong_provider_is_a_failed_row_and_exit_status_1(tmp_path, capsys):
+    """Ours gated by its correctness check: a wrong result is recorded, not timed, and the
+    command's exit status says so; another provider failing does not change the status."""
+    shape = bench.Shape("tiny", 2, 8, (3, 5), G=4, dtype=torch.float32)
+
+    def wrong():
+        return lambda x, w, b, G: torch.nn.functional.group_norm(x, G, w, b) + 1e-2
+
+    providers = [
+        bench.Provider("ours", "group", wrong),
+        bench.Provider("torch", "group", bench._torch),
+    ]
+    rows = bench.run(
+        [shape],
+        ["nchw"],
+        ["fwd"],
+        providers,
+        timer=_cpu_timer,
+        device="cpu",
+        reps=1,
+        copy_bw=1e9,
+        echo=lambda line: None,
+    )
+    assert [r["provider"] for r in bench.failures(rows)] == ["ours"]
+    assert "wrong output" in rows[0]["error"] and "median_us" not in rows[0]
+    meta = bench.environment("bench-test")
+    assert bench.finish(tmp_path, meta, rows) == 1
+    assert "ours failed tiny nchw fwd" in capsys.readouterr().err
+    assert (
+        bench.finish(tmp_path, meta, [rows[1], {**rows[1], "provider": "liger", "error": "x"}]) == 0
+    )
+
+
+def test_result_files_carry_benchmark_machine_and_time_and_never_overwrite(tmp_path):
+    meta = bench.environment("cpu_demo")
+    first = bench.save_results(tmp_path, meta, [{"a": 1}])
+    second = bench.save_results(tmp_path, meta, [{"a": 2}])
+    stamp = meta["date"][:10].replace("-", "")
+    assert first != second and first.exists() and second.exists()
+    for path in (first, second):
+        assert path.name.startswith("cpu_demo-") and stamp in path.name
+        assert f"{meta['cpu_count']}cores-{meta['torch_threads']}threads" in path.name
+    assert second.name == first.name.replace(".json", "-2.json")

@@ -26,6 +26,7 @@ def test_check_passes(capsys: pytest.CaptureFixture[str]) -> None:
     assert "torch    available" in out and "FAIL" not in out
 
 
+@pytest.mark.slow
 def test_entry_point_runs_as_a_program() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "groupnorm.cli", "--help"],

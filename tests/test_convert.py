@@ -8,6 +8,7 @@ import copy
 import socket
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pytest
@@ -21,8 +22,10 @@ from groupnorm.groups import GroupPlan
 from tests._inputs import make_x, reference
 from tests._tolerances import assert_matches, to_numpy
 
+M = TypeVar("M", bound=nn.Module)
 
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+
+def _randomize(model: M, seed: int = 0) -> M:
     """Random affine parameters (fresh modules start at weight 1, bias 0: a copy of those would
     pass a test that copied nothing)."""
     gen = torch.Generator().manual_seed(seed)
@@ -58,7 +61,7 @@ class TwoAwkward(nn.Module):
 
 # Written out by hand (not computed by groups.py): 32 groups of sizes differing by one, larger
 # first; the divisor of C nearest 32 leaving >= 2 channels; for group_size=16, round(C/16) groups.
-EXPECTED_SIZES = {
+EXPECTED_SIZES: dict[tuple[str, str], dict[int, tuple[int, ...]]] = {
     ("uneven", "num_groups"): {48: (2,) * 16 + (1,) * 16, 100: (4,) * 4 + (3,) * 28},
     ("choose", "num_groups"): {48: (2,) * 24, 100: (4,) * 25},
     ("uneven", "group_size"): {48: (16,) * 3, 100: (17,) * 4 + (16,) * 2},
@@ -70,7 +73,7 @@ EXPECTED_SIZES = {
 @pytest.mark.parametrize("policy", ["uneven", "choose"])
 def test_policy_plans_and_outputs(policy: str, how: str) -> None:
     model = _randomize(TwoAwkward(), seed=1)
-    kw = {"num_groups": 32} if how == "num_groups" else {"group_size": 16}
+    kw: dict[str, Any] = {"num_groups": 32} if how == "num_groups" else {"group_size": 16}
     out, report = convert_batchnorm(model, policy=policy, **kw)
     want = EXPECTED_SIZES[(policy, how)]
     got = {r.num_channels: r.plan.sizes for r in report.replaced}
@@ -340,20 +343,26 @@ def _standardized_np(w: torch.Tensor, eps: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize("groups, padding_mode", [(1, "zeros"), (2, "reflect")])
-def test_wsconv2d_matches_standardized_conv(groups: int, padding_mode: str) -> None:
+def test_wsconv2d_matches_standardized_conv(
+    groups: int, padding_mode: Literal["zeros", "reflect"]
+) -> None:
     torch.manual_seed(8)
     conv = nn.Conv2d(8, 12, 3, padding=1, groups=groups, padding_mode=padding_mode)
     ws = WSConv2d.from_conv(conv)
     assert torch.equal(ws.weight, conv.weight) and ws.weight is not conv.weight
     assert ws.state_dict().keys() == conv.state_dict().keys()
     x = make_x((2, 8, 7, 5), torch.float32, seed=9)
-    # Expected: the filters standardized in NumPy float64, then torch's own float64 conv.
+    # Expected: the filters standardized in NumPy float64, then torch's own float64 conv; the
+    # baseline: torch's float32 conv with those filters exactly rounded to float32.
     w64 = torch.from_numpy(_standardized_np(conv.weight, ws.ws_eps))
     conv64 = copy.deepcopy(conv).double()
     expected = conv64._conv_forward(x.double(), w64, conv64.bias)
-    assert_matches(ws(x), to_numpy(expected), torch.float32, reduction=8 // groups * 9)
+    with torch.no_grad():
+        baseline = conv._conv_forward(x, w64.float(), conv.bias)
+        assert_matches(ws(x), to_numpy(expected), torch.float32, baseline=baseline)
 
 
+@pytest.mark.slow
 def test_wsconv2d_gradcheck_and_scale_invariance() -> None:
     torch.manual_seed(10)
     # eps far below any filter variance: the invariance below is then exact up to rounding.
@@ -457,8 +466,12 @@ def test_modules_with_hooks_or_patched_forward_are_left_alone() -> None:
     assert report.fused == [] and "forward replaced on the instance" in report.not_fused[0][1]
     bn = nn.Sequential(nn.BatchNorm2d(32))
     bn[0].register_forward_pre_hook(lambda m, args: None)
-    out, report = convert_batchnorm(bn)
-    assert type(out[0]) is nn.BatchNorm2d and not report and "hooks" in report.skipped[0][1]
+    converted, conversion = convert_batchnorm(bn)
+    assert (
+        type(converted[0]) is nn.BatchNorm2d
+        and not conversion
+        and "hooks" in conversion.skipped[0][1]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,7 +533,7 @@ def _check_swap(
     fused: int,
 ) -> None:
     """Swapped outputs equal the original's: float64 against float64 (same computation), and
-    float32 against the float64 original within the float32 tolerance."""
+    float32 against the float64 original at most twice as far off as the float32 original."""
     norms = _count(model, nn.GroupNorm)
     out, report = swap_group_norm(model)
     assert len(report.swapped) == norms and _count(out, GroupNorm) == norms
@@ -532,11 +545,12 @@ def _check_swap(
         assert_matches(
             run(swap_group_norm(model64)[0], x.double()), expected, torch.float64, reduction=4096
         )
-        assert_matches(run(out, x), expected, torch.float32)
+        assert_matches(run(out, x), expected, torch.float32, baseline=run(model, x))
     restored = restore_group_norm(out, report)
     assert _count(restored, GroupNorm) == 0 and _count(restored, nn.GroupNorm) == norms
 
 
+@pytest.mark.slow
 def test_diffusers_autoencoder_kl_swap(diffusers: ModuleType) -> None:
     vae = _vae(diffusers)
     resnets = _count(vae, _resnet_block_cls())
@@ -550,6 +564,7 @@ def test_diffusers_autoencoder_kl_swap(diffusers: ModuleType) -> None:
     )
 
 
+@pytest.mark.slow
 def test_diffusers_vae_batch_one_without_fusion(diffusers: ModuleType) -> None:
     # Regression: after the mid-block attention, diffusers reshapes to (1, C, H, W) with
     # channels-last strides whose batch stride is not H*W*C; torch's kernel refused that layout
@@ -561,7 +576,7 @@ def test_diffusers_vae_batch_one_without_fusion(diffusers: ModuleType) -> None:
     with torch.no_grad():
         got = out(x).sample
         expected = to_numpy(copy.deepcopy(vae).double()(x.double()).sample)
-    assert_matches(got, expected, torch.float32)
+        assert_matches(got, expected, torch.float32, baseline=vae(x).sample)
     # The same layout made directly: batch stride C instead of H*W*C.
     base = make_x((1, 7, 5, 32), torch.float32, seed=27).permute(0, 3, 1, 2)
     odd = base.as_strided(base.shape, (32, 1, 5 * 32, 32))
@@ -571,6 +586,7 @@ def test_diffusers_vae_batch_one_without_fusion(diffusers: ModuleType) -> None:
     assert_matches(norm(odd), expected, torch.float32)
 
 
+@pytest.mark.slow
 def test_diffusers_unet_swap_moves_time_activation_into_projection(diffusers: ModuleType) -> None:
     unet = _unet(diffusers)
     resnets = _count(unet, _resnet_block_cls())
@@ -588,6 +604,7 @@ def test_diffusers_unet_swap_moves_time_activation_into_projection(diffusers: Mo
     )
 
 
+@pytest.mark.slow
 def test_diffusers_unet_scale_shift_blocks_are_not_fused(diffusers: ModuleType) -> None:
     unet = _unet(diffusers, resnet_time_scale_shift="scale_shift")
     out, report = swap_group_norm(unet)
@@ -602,6 +619,7 @@ def test_diffusers_unet_scale_shift_blocks_are_not_fused(diffusers: ModuleType) 
     )
 
 
+@pytest.mark.slow
 def test_diffusers_unet_conditional_swap(diffusers: ModuleType) -> None:
     torch.manual_seed(20)
     unet = _randomize(

@@ -1,10 +1,11 @@
 """``groupnorm.group_norm`` on the CPU against the float64 reference: dtypes, ranks, layouts, plans,
-epilogues, gradients, numerics and the SPEC edge cases."""
+epilogues, gradients, numerics and the edge cases of docs/spec.md."""
 
 from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,13 +17,14 @@ from hypothesis import strategies as st
 import groupnorm
 from groupnorm import reference as R
 from groupnorm.functional import resolve_plan
+from groupnorm.groups import GroupPlan
 from tests._inputs import LAYOUTS, make_x, rand, reference
 from tests._tolerances import assert_matches, to_numpy
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
 SHAPES = {2: (3, 12), 3: (2, 12, 9), 4: (2, 12, 5, 3), 5: (2, 12, 3, 2, 4)}
-PLANS = {
+PLANS: dict[str, dict[str, Any]] = {
     "even": {"num_groups": 4},
     "uneven": {"num_groups": 5, "uneven": True},
     "group_size": {"group_size": 3},
@@ -35,12 +37,39 @@ def _params(C: int, dtype: torch.dtype, seed: int = 10) -> tuple[torch.Tensor, t
 
 
 def _baseline(
-    x: torch.Tensor, plan_kw: dict, w: torch.Tensor | None, b: torch.Tensor | None
+    x: torch.Tensor, plan_kw: dict[str, Any], w: torch.Tensor | None, b: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """torch's own same-dtype result where it has one (even groups, no epilogue)."""
+    """torch's own same-dtype result where it has one (even groups, no epilogue): the baseline
+    of the half-precision rule (float32 and float64 have the static bound)."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return None
     if set(plan_kw) != {"num_groups"} or x.shape[1] % plan_kw["num_groups"]:
         return None
     return F.group_norm(x, plan_kw["num_groups"], w, b)
+
+
+def _torch_grads(
+    x: torch.Tensor, plan: GroupPlan, w: torch.Tensor, b: torch.Tensor, dy: torch.Tensor
+) -> list[torch.Tensor]:
+    """torch's own same-dtype (dx, dweight, dbias): ``F.group_norm`` and its autograd on each run
+    of equal-size groups (one run for an even plan), the half-precision baseline of a backward
+    that has no epilogue."""
+    grads: list[list[torch.Tensor]] = [[], [], []]
+    for start, end, size in plan.runs:
+        parts = [t[cols].detach().requires_grad_() for t, cols in _run_slices(x, w, b, start, end)]
+        y = F.group_norm(parts[0], (end - start) // size, parts[1], parts[2])
+        y.backward(dy[:, start:end])
+        for acc, t in zip(grads, parts, strict=True):
+            assert t.grad is not None
+            acc.append(t.grad)
+    return [torch.cat(grads[0], dim=1), torch.cat(grads[1]), torch.cat(grads[2])]
+
+
+def _run_slices(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, start: int, end: int
+) -> list[tuple[torch.Tensor, tuple[slice, ...]]]:
+    cols = slice(start, end)
+    return [(x, (slice(None), cols)), (w, (cols,)), (b, (cols,))]
 
 
 # (N, C) has no channels-last layout distinct from contiguous.
@@ -70,11 +99,13 @@ def test_forward_matrix(dtype: torch.dtype, rank: int, layout: str, plan_name: s
 @pytest.mark.parametrize("rank", [3, 4, 5])
 @pytest.mark.parametrize("epilogue", [{}, {"activation": "silu"}], ids=["plain", "silu"])
 @pytest.mark.parametrize("plan_name", ["even", "uneven"])
-def test_output_keeps_input_layout(rank: int, layout: str, epilogue: dict, plan_name: str) -> None:
+def test_output_keeps_input_layout(
+    rank: int, layout: str, epilogue: dict[str, Any], plan_name: str
+) -> None:
     x = make_x(SHAPES[rank], torch.float32, layout)
     y = groupnorm.group_norm(x, **PLANS[plan_name], **epilogue)
-    order = sorted(range(rank), key=lambda d: -x.stride(d))
-    assert sorted(range(rank), key=lambda d: -y.stride(d)) == order
+    order = sorted(range(rank), key=lambda d: -x.stride()[d])
+    assert sorted(range(rank), key=lambda d: -y.stride()[d]) == order
     assert y.is_contiguous() == x.is_contiguous()
 
 
@@ -88,7 +119,7 @@ def test_epilogues(
     shape = (2, 12, 4, 5)
     x = make_x(shape, dtype, "channels_last", seed=3)
     w, b = _params(12, dtype)
-    mod = (
+    mod: dict[str, Any] = (
         {"scale": rand((2, 12), dtype, 7) * 0.3, "shift": rand((2, 12), dtype, 8)}
         if modulated
         else {}
@@ -138,15 +169,22 @@ def test_backward_matches_reference(
     y.backward(dy)
     _, cache = reference(x, resolve_plan(12, **plan_kw), w, b, activation=activation, **mod)
     grads = R.group_norm_backward(to_numpy(dy), cache)
-    group = max(resolve_plan(12, **plan_kw).sizes) * 12
-    assert_matches(x.grad, grads.dx, dtype, reduction=group, what="dx")
-    assert_matches(w.grad, grads.dgamma, dtype, reduction=2 * 12, what="dweight")
-    assert_matches(b.grad, grads.dbeta, dtype, reduction=24, what="dbias")
+    plan = resolve_plan(12, **plan_kw)
+    group = max(plan.sizes) * 12
+    # Without an epilogue torch's kernel serves (once per run of equal-size groups), and in bf16
+    # its backward is the baseline: its dx is up to 6.6x the exactly rounded result's error.
+    base: list[torch.Tensor | None] = [None, None, None]
+    if dtype == torch.bfloat16 and activation is None and not modulated:
+        base = list(_torch_grads(x, plan, w, b, dy))
+    assert_matches(x.grad, grads.dx, dtype, reduction=group, baseline=base[0], what="dx")
+    assert_matches(w.grad, grads.dgamma, dtype, reduction=24, baseline=base[1], what="dweight")
+    assert_matches(b.grad, grads.dbeta, dtype, reduction=24, baseline=base[2], what="dbias")
     if modulated:
         assert_matches(mod["scale"].grad, grads.dscale, dtype, reduction=12, what="dscale")
         assert_matches(mod["shift"].grad, grads.dshift, dtype, reduction=12, what="dshift")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("plan_kw", "activation", "modulated"),
     [
@@ -157,7 +195,9 @@ def test_backward_matches_reference(
     ],
     ids=["even", "uneven_silu_mod", "explicit_gelu_mod", "instance"],
 )
-def test_gradcheck_float64(plan_kw: dict, activation: str | None, modulated: bool) -> None:
+def test_gradcheck_float64(
+    plan_kw: dict[str, Any], activation: str | None, modulated: bool
+) -> None:
     x = make_x((2, 8, 3, 2), torch.float64, "channels_last").requires_grad_()
     w, b = (t.requires_grad_() for t in _params(8, torch.float64))
     inputs = [x, w, b]
@@ -168,7 +208,7 @@ def test_gradcheck_float64(plan_kw: dict, activation: str | None, modulated: boo
         ]
 
     def f(*args: torch.Tensor) -> torch.Tensor:
-        mod = {"scale": args[3], "shift": args[4]} if modulated else {}
+        mod: dict[str, Any] = {"scale": args[3], "shift": args[4]} if modulated else {}
         out = groupnorm.group_norm(
             args[0], weight=args[1], bias=args[2], activation=activation, **mod, **plan_kw
         )
@@ -179,9 +219,9 @@ def test_gradcheck_float64(plan_kw: dict, activation: str | None, modulated: boo
     assert torch.autograd.gradgradcheck(f, tuple(inputs))
 
 
-# ---- SPEC edge cases ---------------------------------------------------------------------------
+# ---- edge cases (docs/spec.md) -----------------------------------------------------------------
 
-EDGES = {
+EDGES: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     "G=1": ((2, 6, 4, 4), {"num_groups": 1}),
     "G=C": ((2, 6, 4, 4), {"num_groups": 6}),
     "C/G odd (96/32)": ((2, 96, 3, 3), {"num_groups": 32}),
@@ -209,7 +249,12 @@ def test_spec_edge_cases(edge: str, dtype: torch.dtype, layout: str) -> None:
 def test_affine_false(dtype: torch.dtype) -> None:
     x = make_x((2, 8, 3, 3), dtype)
     expected, _ = reference(x, resolve_plan(8, 4))
-    assert_matches(groupnorm.group_norm(x, 4), expected, dtype, baseline=F.group_norm(x, 4))
+    assert_matches(
+        groupnorm.group_norm(x, 4),
+        expected,
+        dtype,
+        baseline=_baseline(x, {"num_groups": 4}, None, None),
+    )
     m = groupnorm.GroupNorm(4, 8, affine=False)
     assert m.weight is None and m.bias is None
     assert_matches(m(x.float()), reference(x.float(), resolve_plan(8, 4))[0], torch.float32)
@@ -237,7 +282,8 @@ def test_groups_at_unaligned_addresses() -> None:
     flat = torch.randn(1 + 2 * 9 * 5 * 5, generator=torch.Generator().manual_seed(4))
     x = flat[1:].view(2, 9, 5, 5)
     assert x.storage_offset() == 1
-    for plan_kw in ({"num_groups": 3}, {"num_groups": 4, "uneven": True}):
+    plans: list[dict[str, Any]] = [{"num_groups": 3}, {"num_groups": 4, "uneven": True}]
+    for plan_kw in plans:
         y = groupnorm.group_norm(x, **plan_kw)
         assert_matches(y, reference(x, resolve_plan(9, **plan_kw))[0], torch.float32)
 
@@ -245,7 +291,7 @@ def test_groups_at_unaligned_addresses() -> None:
 @pytest.mark.parametrize(
     "plan_kw", [{"num_groups": 4}, {"num_groups": 3, "uneven": True}], ids=["even", "uneven"]
 )
-def test_empty_batch(plan_kw: dict) -> None:
+def test_empty_batch(plan_kw: dict[str, Any]) -> None:
     x = torch.randn(0, 8, 3, 3)
     assert groupnorm.group_norm(x, **plan_kw).shape == x.shape
 
@@ -260,14 +306,14 @@ def test_empty_batch(plan_kw: dict) -> None:
     ids=["even", "uneven", "many_runs"],
 )
 def test_native_kernel_serves_plans_of_few_runs(
-    plan_kw: dict, native_calls: int, monkeypatch: pytest.MonkeyPatch
+    plan_kw: dict[str, Any], native_calls: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Uneven plans run torch's kernel once per run of equal-size groups (an order of magnitude
     faster on CPU than the composite path); the result still matches the reference."""
     calls = []
     native = torch.native_group_norm
 
-    def spy(*args: object) -> object:
+    def spy(*args: Any) -> Any:
         calls.append(args[0].shape)
         return native(*args)
 
@@ -288,9 +334,10 @@ def test_native_kernel_serves_plans_of_few_runs(
     [{}, {"activation": "silu"}, {"uneven": True}],
     ids=["native_path", "fused_path", "uneven_path"],
 )
-def test_large_mean_small_std_float32(epilogue: dict) -> None:
-    """mean 1e4, std 1e-2 in float32: relative error < 1e-3 vs float64 on the same float32 input
-    (torch's native kernel alone is ~1e-2 here, one-pass E[x^2]-E[x]^2 is garbage)."""
+def test_large_mean_small_std_float32(epilogue: dict[str, Any]) -> None:
+    """The README's exactness claim: mean 1e4, std 1e-2 in float32 normalizes within 1e-6 of
+    float64 on the same float32 input (torch's native kernel alone is off by ~1e-1 here,
+    one-pass E[x^2]-E[x]^2 is garbage)."""
     gen = torch.Generator().manual_seed(0)
     x = (1e4 + 1e-2 * torch.randn(2, 12, 16, 16, generator=gen, dtype=torch.float64)).float()
     G = 5 if epilogue.get("uneven") else 4
@@ -299,14 +346,15 @@ def test_large_mean_small_std_float32(epilogue: dict) -> None:
     expected, _ = R.group_norm_forward(
         x.double().numpy(), G, uneven=bool(epilogue.get("uneven")), activation=act
     )
-    rel = np.abs(to_numpy(y) - expected).max() / np.abs(expected).max()
-    assert rel < 1e-3, rel
+    err = np.abs(to_numpy(y) - expected).max()
+    assert err <= 1e-6, f"max error {err:.2e} at mean 1e4, std 1e-2"
 
 
 def test_float16_large_values_do_not_overflow() -> None:
     x = (torch.rand(2, 8, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.2e5 - 6e4).half()
     assert x.abs().max() > 5e4
-    for plan_kw in ({"num_groups": 4}, {"num_groups": 3, "uneven": True}):
+    plans: list[dict[str, Any]] = [{"num_groups": 4}, {"num_groups": 3, "uneven": True}]
+    for plan_kw in plans:
         y = groupnorm.group_norm(x, **plan_kw)
         assert torch.isfinite(y).all()
         assert_matches(y, reference(x, resolve_plan(8, **plan_kw))[0], torch.float16)
@@ -318,7 +366,7 @@ def test_float16_large_values_do_not_overflow() -> None:
 @pytest.mark.parametrize(
     "plan_kw", [{"num_groups": 4}, {"num_groups": 3, "uneven": True}], ids=["even", "uneven"]
 )
-def test_nonfinite_stays_in_its_group(bad: float, plan_kw: dict) -> None:
+def test_nonfinite_stays_in_its_group(bad: float, plan_kw: dict[str, Any]) -> None:
     x = make_x((2, 8, 4, 4), torch.float32)
     x[0, 0, 1, 2] = bad
     y = groupnorm.group_norm(x, **plan_kw)
@@ -378,3 +426,47 @@ def test_property_any_shape_and_plan(
     expected, _ = reference(x, plan, w, b, activation=activation)
     count = max(plan.sizes) * math.prod(spatial)
     assert_matches(y, expected, torch.float32, reduction=count)
+
+
+@pytest.mark.parametrize(
+    "epilogue",
+    [
+        {"activation": "silu"},
+        {"scale": True},
+        {"weight_dtype": torch.float32},
+    ],
+    ids=["silu", "scale_shift", "fp32_affine"],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_regression_half_precision_epilogue_rounds_once(
+    dtype: torch.dtype, epilogue: dict[str, Any]
+) -> None:
+    """An even plan in a layout torch's kernel reads, with an epilogue after the normalization:
+    torch's kernel would return y rounded to bf16/fp16 and the epilogue would round again (bf16
+    + SiLU on (2, 12, 4, 5): max error 1.6e-2, twice the exactly rounded result's 7.7e-3). The
+    result must be rounded once, within the half-precision rule of the tolerance table."""
+    x = make_x((2, 32, 6, 5), dtype, "channels_last", seed=21)
+    w, b = _params(32, epilogue.get("weight_dtype", dtype))
+    mod: dict[str, Any] = (
+        {"scale": rand((2, 32), dtype, 22) * 0.3, "shift": rand((2, 32), dtype, 23)}
+        if epilogue.get("scale")
+        else {}
+    )
+    act = epilogue.get("activation")
+    y = groupnorm.group_norm(x, 8, w, b, activation=act, **mod)
+    expected, _ = reference(x, resolve_plan(32, 8), w, b, activation=act, **mod)
+    assert_matches(y, expected, dtype)
+
+
+def test_regression_input_keyword_like_torch() -> None:
+    """``group_norm(input=x, ...)`` works as ``F.group_norm(input=x, ...)``: torch's parameter
+    names, in torch's order, lead our signature."""
+    import inspect
+
+    theirs = list(inspect.signature(F.group_norm).parameters)
+    ours = list(inspect.signature(groupnorm.group_norm).parameters)
+    assert ours[: len(theirs)] == theirs
+    x = make_x((2, 8, 3, 3), torch.float32, seed=24)
+    w, b = _params(8, torch.float32)
+    y = groupnorm.group_norm(input=x, num_groups=4, weight=w, bias=b, eps=1e-5)
+    assert_matches(y, reference(x, resolve_plan(8, 4), w, b)[0], torch.float32)

@@ -18,11 +18,14 @@ from tests._tolerances import assert_matches, to_numpy
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime comes with the dev extra")
 pytest.importorskip("onnxscript", reason="torch's dynamo ONNX exporter needs onnxscript")
 
-pytestmark = pytest.mark.filterwarnings(
-    # torch 2.13's torch.export deep-copies a pytree LeafSpec, and that copy trips torch's own
-    # deprecation check of `isinstance(treespec, LeafSpec)`; nothing of ours is involved.
-    r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"
-)
+pytestmark = [
+    pytest.mark.slow,  # every export traces and compiles a graph: seconds each
+    pytest.mark.filterwarnings(
+        # torch 2.13's torch.export deep-copies a pytree LeafSpec, and that copy trips torch's
+        # own deprecation check of `isinstance(treespec, LeafSpec)`; nothing of ours is involved.
+        r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"
+    ),
+]
 
 
 def _onnx_run(model: nn.Module, *args: torch.Tensor) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The float64 reference against the SPEC's worked example, torch's float64 ops, and finite
+"""The float64 reference against the worked example of docs/spec.md, torch's float64 ops, and finite
 differences (the reference must be checked by something other than itself)."""
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ def test_backward_matches_finite_differences(
     np.testing.assert_allclose(grads.dbeta, _numeric_grad(loss, beta), atol=1e-6)
     if modulated:
         assert scale is not None and shift is not None
+        assert grads.dscale is not None and grads.dshift is not None
         np.testing.assert_allclose(grads.dscale, _numeric_grad(loss, scale), atol=1e-6)
         np.testing.assert_allclose(grads.dshift, _numeric_grad(loss, shift), atol=1e-6)
     else:

@@ -57,6 +57,7 @@ def test_train_size_is_the_studys_not_the_trainers() -> None:
     assert (cfg.train_size, cfg.train.epochs) == (100, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_progress_reaches_exactly_its_total(
     tmp_path: Path, jobs: int, capsys: pytest.CaptureFixture[str]

@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
@@ -18,6 +19,8 @@ from torch import nn
 from groupnorm import reference as ref
 from groupnorm.study.models import ResNet, make_norm, set_synchronized, set_virtual_devices
 from tests._tolerances import assert_matches
+
+pytestmark = pytest.mark.slow  # spawns gloo process groups and a distributed study
 
 N, C_IN, S = 3, 3, 6  # images per device, input channels, spatial size
 WORLD = 2

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from groupnorm.study.report import checks, render_report
 from groupnorm.study.results import append_result
 from groupnorm.study.runner import PRESETS
@@ -41,6 +43,7 @@ def _write(out: Path, gn_spread: float) -> None:
             append_result(out, _record("gn", 32, seed, 21.0 + g / 32 + d, 18.0, groups=g))
 
 
+@pytest.mark.slow
 def test_report_tables_checks_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "study"
     _write(out, gn_spread=1.0)

@@ -27,6 +27,7 @@ def _lines(out: Path) -> list[bytes]:
     return data.splitlines()
 
 
+@pytest.mark.slow
 def test_kill_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "study"
     proc = subprocess.Popen(

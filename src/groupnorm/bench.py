@@ -1,6 +1,6 @@
-"""``groupnorm bench``: GPU GroupNorm speed against the memory-bandwidth floor (SPEC.md).
+"""``groupnorm bench``: GPU GroupNorm speed against the memory-bandwidth floor.
 
-Every shape of SPEC.md's benchmark table, in NCHW and channels-last, forward and
+Every shape of docs/spec.md#benchmark-shapes, in NCHW and channels-last, forward and
 forward+backward, for each provider (ours, torch eager, torch.compile, cuDNN BatchNorm in
 training mode on the same tensor, Liger-Kernel when importable). Per case:
 
@@ -15,7 +15,13 @@ training mode on the same tensor, Liger-Kernel when importable). Per case:
   copy bandwidth measured at the start of the run (the floor of a shape is bytes / that rate).
 
 The table is printed and written as JSON (device, versions, date, copy bandwidth, rows) to
-``--out``. Without CUDA the command exits with status 2 and says why: no CPU numbers.
+``--out``, in a file named after the benchmark, the machine and the time, so runs never
+overwrite each other. Exit status: 0 when every case of ours passed its correctness check, 1
+when one failed (its row records why), 2 without CUDA (no CPU numbers).
+
+The harness pieces the CPU scripts in ``benchmarks/`` share with it: :func:`environment`
+(what a result file records about where and when), :func:`save_results` (the JSON file and its
+name), :func:`time_pair` and :func:`batched` (interleaved CPU timing).
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +51,15 @@ __all__ = [
     "SHAPES",
     "Shape",
     "add_arguments",
+    "batched",
     "bytes_moved",
+    "environment",
+    "failures",
+    "finish",
     "main",
     "run",
+    "save_results",
+    "time_pair",
 ]
 
 # ------------------------------------------------------------------------------- shapes, bytes
@@ -83,7 +97,7 @@ def _sd(N: int, C: int, hw: int, name: str) -> Shape:
     return Shape(name, N, C, (hw, hw))
 
 
-# SPEC.md "Benchmark shapes": one entry per shape; rows with several values are expanded.
+# docs/spec.md#benchmark-shapes: one entry per shape; rows with several values are expanded.
 SHAPES: list[Shape] = [
     _sd(2, 320, 64, "SD1.5 UNet 64x64"),
     _sd(2, 640, 32, "SD1.5 32x32"),
@@ -113,7 +127,7 @@ DIRECTIONS = ("fwd", "fwd+bwd")
 # Tensors of x's size that must cross HBM: forward reads x, writes y; the backward reads x
 # and dy and writes dx (recomputing y's epilogue from x instead of reading a saved y).
 TENSORS_MOVED = {"fwd": 2, "fwd+bwd": 5}
-GRAPH_BELOW_BYTES = 10 * 2**20  # SPEC: CUDA-graph replay for shapes under 10 MB
+GRAPH_BELOW_BYTES = 10 * 2**20  # CUDA-graph replay for shapes under 10 MB
 FLUSH_BYTES = 256 * 2**20  # > 5x the 50 MB L2 of an H100
 
 
@@ -199,7 +213,8 @@ PROVIDERS: list[Provider] = [
     Provider("liger", "group", _liger, _liger_available),
 ]
 
-# (atol, rtol) of the correctness check against float32, by dtype (the test table's rows).
+# (atol, rtol) of the check against torch's float32 computation, by dtype: a few units in the last
+# place of bf16/fp16 at |y| ~ 4, and float32 summation-order differences.
 CHECK_TOL = {
     torch.bfloat16: (2e-2, 1.6e-2),
     torch.float16: (4e-3, 2e-3),
@@ -370,6 +385,91 @@ def run(
     return rows
 
 
+def failures(rows: Sequence[dict], provider: str = "ours") -> list[dict]:
+    """The rows of ``provider`` that did not pass their correctness check (or did not run)."""
+    return [r for r in rows if r["provider"] == provider and "error" in r]
+
+
+# ------------------------------------------------------------------------------------ harness
+
+
+def environment(benchmark: str, device: str | None = None) -> dict[str, object]:
+    """What a result file records about where and when it was measured."""
+    try:
+        import triton
+
+        triton_version: str | None = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "benchmark": benchmark,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device or "cpu",
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "groupnorm": groupnorm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _slug(text: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in text).lower().split())
+
+
+def save_results(out: Path, meta: dict[str, object], rows: list[dict]) -> Path:
+    """Write ``{"meta", "rows"}`` to ``out/<benchmark>-<machine>-<UTC time>.json`` and return
+    the path. The machine is the GPU's name, else ``<arch>-<cores>cores-<threads>threads``; a
+    file of that name already there gets a ``-2``, ``-3``, ... suffix rather than overwritten."""
+    if meta["device"] == "cpu":
+        machine = f"{meta['machine']}-{meta['cpu_count']}cores-{meta['torch_threads']}threads"
+    else:
+        machine = str(meta["device"])
+    when = dt.datetime.fromisoformat(str(meta["date"])).strftime("%Y%m%dT%H%M%SZ")
+    stem = f"{meta['benchmark']}-{_slug(machine)}-{when}"
+    out.mkdir(parents=True, exist_ok=True)
+    path, n = out / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = out / f"{stem}-{n}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return path
+
+
+def time_pair(
+    a: Callable[[], object], b: Callable[[], object], reps: int
+) -> tuple[list[float], list[float]]:
+    """CPU wall times (s) of ``reps`` calls each of ``a`` and ``b``, interleaved."""
+    for _ in range(3):
+        a()
+        b()
+    # Alternate which goes first (A B, B A, ...): the second call of a pair finds x warmer in
+    # the cache, which alone made the second provider look ~5-10 % faster.
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for rep in range(reps):
+        order = (0, 1) if rep % 2 == 0 else (1, 0)
+        for which in order:
+            fn = a if which == 0 else b
+            t0 = time.perf_counter()
+            fn()
+            times[which].append(time.perf_counter() - t0)
+    return times[0], times[1]
+
+
+def batched(f: Callable[[], object], calls: int) -> Callable[[], None]:
+    """``f`` called ``calls`` times in a row: one timing sample for :func:`time_pair`."""
+
+    def in_a_row() -> None:
+        for _ in range(calls):
+            f()
+
+    return in_a_row
+
+
 # ---------------------------------------------------------------------------------------- CLI
 
 
@@ -424,31 +524,25 @@ def main(args: argparse.Namespace) -> int:
         reps=args.reps,
         copy_bw=copy_bw,
     )
-    try:
-        import triton
+    meta = environment("bench", name)
+    meta.update(
+        copy_bandwidth_gbps=copy_bw / 1e9,
+        reps=args.reps,
+        l2_flush_bytes=FLUSH_BYTES,
+        cuda_graph_below_bytes=GRAPH_BELOW_BYTES,
+        tensors_moved=TENSORS_MOVED,
+    )
+    return finish(args.out, meta, rows)
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    now = dt.datetime.now(dt.timezone.utc)
-    meta = {
-        "benchmark": "groupnorm bench",
-        "date": now.isoformat(),
-        "device": name,
-        "copy_bandwidth_gbps": copy_bw / 1e9,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton_version,
-        "groupnorm": groupnorm.__version__,
-        "python": platform.python_version(),
-        "reps": args.reps,
-        "l2_flush_bytes": FLUSH_BYTES,
-        "cuda_graph_below_bytes": GRAPH_BELOW_BYTES,
-        "tensors_moved": TENSORS_MOVED,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
-    path = args.out / f"bench-{slug}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {path}")
-    return 0
+
+def finish(out: Path, meta: dict[str, object], rows: list[dict]) -> int:
+    """Save the results; the exit status: 1 when a case of ours failed, else 0."""
+    print(f"wrote {save_results(out, meta, rows)}")
+    failed = failures(rows)
+    for r in failed:
+        print(
+            f"groupnorm bench: ours failed {r['workload']} {r['layout']} {r['direction']}: "
+            f"{r['error']}",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0

@@ -51,6 +51,8 @@ class Backend:
     ``available()`` returns None when usable on this machine at all, else the reason it is not.
     ``auto(request)``: whether ``backend="auto"`` may pick it for this request (a backend can
     serve a request when named explicitly yet not be the better choice, e.g. interpreted kernels).
+    ``stats(request)``: the statistics alone, where the backend has a cheaper way to them than
+    ``run`` with ``return_stats`` (which also writes y).
     """
 
     name: str
@@ -59,6 +61,15 @@ class Backend:
     run: Callable[[Request], tuple[torch.Tensor, GroupStats | None]]
     available: Callable[[], str | None] = lambda: None
     auto: Callable[[Request], bool] = lambda r: True
+    stats: Callable[[Request], GroupStats] | None = None
+
+    def stats_of(self, request: Request) -> GroupStats:
+        """The statistics of ``request.x`` under ``request.plan`` from this backend."""
+        if self.stats is not None:
+            return self.stats(request)
+        out = self.run(request._replace(return_stats=True))[1]
+        assert out is not None, f"backend {self.name!r} returned no statistics"
+        return out
 
 
 _REGISTRY: dict[str, Backend] = {}

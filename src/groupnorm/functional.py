@@ -14,12 +14,11 @@ from typing import Literal, overload
 import torch
 
 from groupnorm import dispatch
-from groupnorm.backends import torch_ops
+from groupnorm.activations import check_activation
 from groupnorm.groups import GroupPlan, make_plan
-from groupnorm.reference import ACTIVATIONS
 from groupnorm.stats import GroupStats
 
-__all__ = ["ACTIVATIONS", "SingleElementGroupWarning", "group_norm", "group_stats", "resolve_plan"]
+__all__ = ["SingleElementGroupWarning", "group_norm", "group_stats", "resolve_plan"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -132,8 +131,7 @@ def _request(
 ) -> dispatch.Request:
     """Validate everything but x itself (checked by the caller, which needed its C for the plan)."""
     N, C = x.shape[:2]
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    check_activation(activation)
     if not isinstance(eps, (int, float)) or not eps >= 0 or math.isinf(eps):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     weight = _check_param("weight", weight, (C,), x)
@@ -183,7 +181,7 @@ def group_norm_planned(
 
 @overload
 def group_norm(
-    x: torch.Tensor,
+    input: torch.Tensor,
     num_groups: int | None = None,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
@@ -203,7 +201,7 @@ def group_norm(
 
 @overload
 def group_norm(
-    x: torch.Tensor,
+    input: torch.Tensor,
     num_groups: int | None = None,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
@@ -222,7 +220,7 @@ def group_norm(
 
 
 def group_norm(
-    x: torch.Tensor,
+    input: torch.Tensor,
     num_groups: int | None = None,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
@@ -238,7 +236,8 @@ def group_norm(
     return_stats: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, GroupStats]:
-    """Group normalization of ``x`` (N, C, *S), a drop-in for ``torch.nn.functional.group_norm``.
+    """Group normalization of ``input`` (N, C, *S), a drop-in for ``torch.nn.functional.group_norm``
+    (same positional and keyword arguments, ``input=`` included).
 
     For each sample n and group g (channels of g, all positions)::
 
@@ -250,10 +249,10 @@ def group_norm(
     ``weight``/``bias``: (C,); ``scale``/``shift``: (N, C) per-sample modulation (AdaGroupNorm);
     ``activation``: None, "silu", "gelu" (exact) or "relu". ``stats``: normalize with these
     statistics (e.g. merged from tiles) instead of computing them; ``return_stats=True`` also
-    returns the computed :class:`GroupStats`. The output has x's dtype and memory format;
-    statistics are accumulated in float32 (float64 for float64 x).
+    returns the computed :class:`GroupStats`. The output has the input's dtype and memory
+    format; statistics are accumulated in float32 (float64 for float64 input).
     """
-    x = _check_input(x)
+    x = _check_input(input)
     plan = resolve_plan(
         x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
     )
@@ -272,15 +271,17 @@ def group_stats(
     group_size: int | None = None,
     group_sizes: Sequence[int] | None = None,
     uneven: bool = False,
+    backend: str = "auto",
 ) -> GroupStats:
     """Per-(sample, group) statistics of ``x`` (N, C, *S) as :class:`GroupStats`, (N, G) each.
 
     With :func:`groupnorm.merge_stats` and ``group_norm(..., stats=)`` this normalizes a tensor
     processed in parts (tiled VAE decoding): the stats of the parts, merged, equal the stats of
-    the whole.
+    the whole. ``backend`` is chosen as for :func:`group_norm` (the Triton kernels on CUDA).
     """
     x = _check_input(x)
     plan = resolve_plan(
         x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
     )
-    return torch_ops.compute_stats(x, plan)
+    r = dispatch.Request(x, plan, None, None, 0.0, None, None, None, None, True)
+    return dispatch.select_backend(r, backend).stats_of(r)

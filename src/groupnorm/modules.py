@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from groupnorm.activations import check_activation
 from groupnorm.functional import group_norm_planned, resolve_plan
-from groupnorm.reference import ACTIVATIONS
 
 __all__ = ["GroupNorm", "GroupNormAct"]
 
-# torch 2.13 added nn.GroupNorm(..., *, bias=True); older releases (2.11 on our GPU machines)
-# lack it, and there we drop the bias ourselves.
+# torch 2.13 added nn.GroupNorm(..., *, bias=True); older releases lack it, and there we drop
+# the bias ourselves.
 _TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(nn.GroupNorm.__init__).parameters
 
 
@@ -51,8 +51,7 @@ class GroupNorm(nn.GroupNorm):
     ) -> None:
         if num_channels is None:
             raise ValueError("num_channels is required, e.g. GroupNorm(32, num_channels=256)")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        check_activation(activation)
         plan = resolve_plan(
             num_channels, num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
         )

@@ -2,7 +2,8 @@
 
 Statistics are kept relative to a per-group *pivot* (one element of the group): with ``x`` near
 ``1e4`` and a spread of ``1e-2``, a float32 absolute mean is off by ~ulp(1e4) = 1e-3, a tenth of
-the spread, while ``x - pivot`` is exact in float32 and its mean is accurate (SPEC numerics policy).
+the spread, while ``x - pivot`` is exact in float32 and its mean is accurate
+(docs/spec.md#numerics).
 
 All fields are ``(N, G)`` tensors in the accumulation dtype (float32, float64 for float64 x)::
 

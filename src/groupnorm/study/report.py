@@ -2,7 +2,7 @@
 
 - ``report.md``: test error (%) mean ± 95 % CI (Student's t over seeds) per arm and images per
   device N, the paper's ImageNet numbers beside it, train error, the group sweep, and the
-  checks the issue asks the quick preset to pass, each with the numbers that decide it.
+  checks the quick preset must pass, each with the numbers that decide it.
 - ``batch_size.png``: error vs N (log-2 axis, N falling left to right as in the paper's figure 1),
   one line per norm with its CI band; test and train error side by side.
 - ``groups.png``: error vs G and vs channels per group at N = 32.
@@ -24,7 +24,7 @@ from groupnorm.study.training import ARM_NAMES
 
 __all__ = ["Check", "cells", "checks", "render_report"]
 
-# Wu & He (2018), ResNet-50 on ImageNet, validation error (%), from SPEC.md.
+# Wu & He (2018), ResNet-50 on ImageNet, validation error (%): docs/spec.md#the-papers-numbers.
 PAPER_BATCH = {
     "BN": {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7},
     "GN": {32: 24.1, 16: 24.2, 8: 24.0, 4: 24.2, 2: 24.1},
@@ -104,7 +104,7 @@ class Check:
 
 
 def checks(arms: dict[str, dict[int, Cell]]) -> list[Check]:
-    """The issue's four claims for the batch-size study, decided from the cells."""
+    """The four claims of the paper the batch-size study checks, decided from the cells."""
     out: list[Check] = []
     bn, gn = arms.get("BN", {}), arms.get("GN", {})
     claim = "BN's error at N=2 exceeds BN at N=32 by more than the two 95 % CI half-widths"

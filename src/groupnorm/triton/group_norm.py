@@ -9,7 +9,7 @@ transposed) is copied ONCE with ``.contiguous()`` (documented in :func:`_flat_vi
 
 Forward, per sample n and group g (channels c0 .. c0 + Cg, positions 0 .. L)::
 
-    p        = x[n, c0, 0]                   pivot: x - p is exact in fp32 (SPEC numerics)
+    p        = x[n, c0, 0]                   pivot: x - p is exact in fp32 (docs/spec.md#numerics)
     per register tile (BLOCK_C x BLOCK_L):   n_t, mean_t = mean(x - p), m2_t = sum((x-p-mean_t)^2)
     tiles and chunks merged by Chan's formula: delta = mean_b - mean_a, n = n_a + n_b,
         mean = mean_a + delta * n_b / n,   m2 = m2_a + m2_b + delta^2 * n_a * n_b / n
@@ -41,13 +41,13 @@ import torch
 import triton
 import triton.language as tl
 
+from groupnorm.activations import triton_code
 from groupnorm.groups import GroupPlan
 from groupnorm.stats import GroupStats
 from groupnorm.triton.heuristics import CPU_SM_COUNT, LaunchConfig, choose_config, next_pow2
 
 __all__ = ["group_norm_triton"]
 
-ACT_CODES = {None: 0, "silu": 1, "gelu": 2, "relu": 3}
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
 
@@ -59,7 +59,8 @@ _INT32_MAX = 2**31 - 1
 
 @triton.jit
 def _act(u, ACT: tl.constexpr):
-    """act(u): 0 identity, 1 silu, 2 gelu (exact erf), 3 relu (NaN propagates)."""
+    """act(u) for ``groupnorm.activations.triton_code``: 0 identity, 1 silu, 2 gelu (exact
+    erf), 3 relu (NaN propagates)."""
     if ACT == 1:
         return u * tl.sigmoid(u)
     elif ACT == 2:
@@ -1013,7 +1014,7 @@ def _forward(
         HAS_B=bias is not None,
         HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None,
-        ACT=ACT_CODES[activation],
+        ACT=triton_code(activation),
         BLOCK_C=cfg.block_c,
         BLOCK_L=cfg.block_l,
         IDX64=_needs_int64(xv, y),
@@ -1125,7 +1126,7 @@ def _backward(
     )
     flags = dict(
         has,
-        ACT=ACT_CODES[activation],
+        ACT=triton_code(activation),
         BLOCK_C=cfg.block_c,
         BLOCK_L=cfg.block_l,
         IDX64=_needs_int64(xv, dyv, dx),

@@ -2,7 +2,7 @@
 
 Pure Python (no triton import), so the choices are testable anywhere.
 
-Two regimes (SPEC.md, performance):
+Two regimes (docs/spec.md#performance-floors):
 
 * ``fused``: one program per (sample, group) reads its group (statistics), then reads it again
   and writes y, in one launch. Right when there are enough (sample, group) pairs to fill the GPU
@@ -13,9 +13,9 @@ Two regimes (SPEC.md, performance):
   and groups are large (VAE decode at batch 1, 3-D segmentation, detection at batch 2), where the
   fused regime leaves most SMs idle (torch's kernel: 3-8 % of the bandwidth floor there).
 
-GPU timings of these choices are NOT measured yet (no GPU in the session that wrote them); the
-thresholds below are derived from the hardware facts cited next to each, and are the first
-thing to tune with ``groupnorm bench`` on a real device.
+GPU timings of these choices are not measured yet; the thresholds below are derived from the
+hardware facts cited next to each, and are the first thing to tune with ``groupnorm bench`` on a
+real device.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ MIN_CHUNK_ELEMS = 16384
 MAX_CHUNKS = 1024
 # Below this many elements per group the fused regime is kept even when N * G is small: the
 # whole group fits in L1/L2 on its second read and a second launch (~3 us) would dominate
-# (SPEC.md: the two-kernel split ran 2x320x64x64 at 27 % of the floor because of two launches).
+# (docs/spec.md#performance-floors: a two-kernel split ran 2x320x64x64 at 27 % of the floor).
 FUSED_MAX_GROUP_ELEMS = 65536
 # Programs the device runs at once when it is not a GPU (the interpreter): keeps the tiny test
 # tensors in the fused regime under "auto".

@@ -1,0 +1,54 @@
+"""The fused activations: one table of names, torch functions and Triton kernel codes.
+
+Every backend and argument check reads this table; the float64 reference implements each
+activation independently in NumPy (it is the test oracle, not a consumer of this table).
+
+| name   | act(u)                       | Triton ``ACT`` code |
+|--------|------------------------------|---------------------|
+| None   | u                            | 0                   |
+| "silu" | u * sigmoid(u)               | 1                   |
+| "gelu" | u * Phi(u) (exact erf form)  | 2                   |
+| "relu" | max(u, 0), NaN propagates    | 3                   |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ACTIVATIONS", "Activation", "apply_activation", "check_activation", "triton_code"]
+
+
+class Activation(NamedTuple):
+    """One fused activation: its torch function and the code the Triton kernels branch on."""
+
+    torch_fn: Callable[[torch.Tensor], torch.Tensor] | None
+    triton_code: int
+
+
+ACTIVATIONS: dict[str | None, Activation] = {
+    None: Activation(None, 0),
+    "silu": Activation(F.silu, 1),
+    "gelu": Activation(F.gelu, 2),
+    "relu": Activation(F.relu, 3),
+}
+
+
+def check_activation(activation: object) -> None:
+    """Raise ValueError naming the accepted activations unless ``activation`` is one of them."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+
+
+def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """act(y) elementwise, in y's dtype; identity for None."""
+    fn = ACTIVATIONS[activation].torch_fn
+    return y if fn is None else fn(y)
+
+
+def triton_code(activation: str | None) -> int:
+    """The ``ACT`` constexpr of the Triton kernels for this activation."""
+    return ACTIVATIONS[activation].triton_code

@@ -1,0 +1,35 @@
+"""Session hooks: the tolerance report (``GROUPNORM_TOLERANCE_LOG``, see tests/_tolerances.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    path = os.environ.get("GROUPNORM_TOLERANCE_LOG")
+    if path:
+        Path(path).write_text("")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Per dtype: how many checks ran and the largest fraction of its allowance one used."""
+    path = os.environ.get("GROUPNORM_TOLERANCE_LOG")
+    if not path or not Path(path).exists():
+        return
+    worst: dict[str, dict] = {}
+    counts: dict[str, int] = {}
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        counts[rec["dtype"]] = counts.get(rec["dtype"], 0) + 1
+        if rec["fraction"] > worst.get(rec["dtype"], {"fraction": -1.0})["fraction"]:
+            worst[rec["dtype"]] = rec
+    terminalreporter.section("worst fraction of the tolerance allowance, per dtype")
+    for dtype, rec in sorted(worst.items()):
+        terminalreporter.write_line(
+            f"{dtype:16s} {rec['fraction']:8.3f}  over {counts[dtype]:5d} checks; "
+            f"worst: {rec['test']} ({rec['what']})"
+        )
