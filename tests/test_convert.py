@@ -155,10 +155,13 @@ def test_every_batchnorm_kind_and_affine_parameters_copied() -> None:
     for name, old in model.items():
         new = out[name]
         assert isinstance(new, GroupNorm) and new.num_groups == 32 and new.eps == old.eps
+        assert isinstance(old, nn.modules.batchnorm._BatchNorm)
         assert torch.equal(new.weight, old.weight) and torch.equal(new.bias, old.bias)
         assert new.weight is not old.weight
     x = make_x((3, 32, 7), torch.float32, seed=3)
-    expected, _ = reference(x, GroupPlan((1,) * 32), model["b1"].weight, model["b1"].bias)
+    b1 = model["b1"]
+    assert isinstance(b1, nn.BatchNorm1d)
+    expected, _ = reference(x, GroupPlan((1,) * 32), b1.weight, b1.bias)
     assert_matches(out["b1"](x), expected, torch.float32)
     assert any("BatchNorm1d" in w for w in report.warnings)
 
@@ -198,7 +201,7 @@ def test_train_eval_mode_kept_per_module() -> None:
     model = nn.Sequential(nn.BatchNorm2d(32), nn.BatchNorm2d(32)).train()
     model[1].eval()
     out, _ = convert_batchnorm(model)
-    assert [m.training for m in out] == [True, False]
+    assert [m.training for m in out.children()] == [True, False]
     out, _ = convert_batchnorm(model.eval())
     assert not any(m.training for m in out.modules())
 

@@ -157,7 +157,7 @@ def test_backward_matches_reference(
     shape = (2, 12, 4, 3)
     x = make_x(shape, dtype, layout, seed=5).requires_grad_()
     w, b = (t.requires_grad_() for t in _params(12, dtype))
-    mod = {}
+    mod: dict[str, Any] = {}
     if modulated:
         mod = {
             "scale": (rand((2, 12), dtype, 7) * 0.3).requires_grad_(),

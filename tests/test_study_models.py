@@ -20,9 +20,11 @@ from tests._tolerances import assert_matches
 
 
 def _affine(bn: torch.nn.Module, gen: torch.Generator) -> None:
+    w, b = bn.weight, bn.bias
+    assert isinstance(w, torch.Tensor) and isinstance(b, torch.Tensor)
     with torch.no_grad():
-        bn.weight.copy_(torch.rand(bn.weight.shape, generator=gen, dtype=bn.weight.dtype) + 0.5)
-        bn.bias.copy_(torch.randn(bn.bias.shape, generator=gen, dtype=bn.bias.dtype))
+        w.copy_(torch.rand(w.shape, generator=gen, dtype=w.dtype) + 0.5)
+        b.copy_(torch.randn(b.shape, generator=gen, dtype=b.dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
