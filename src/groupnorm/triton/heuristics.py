@@ -46,15 +46,11 @@ TILE = 4096
 # Programs per SM the split regime aims for: 4 x 132 SMs on an H100 keeps every SM busy while
 # the per-program partial merge (up to MAX_CHUNKS values) stays negligible.
 PROGRAMS_PER_SM = 4
-# A chunk shorter than this many elements spends more on its merge and launch bookkeeping than
-# on moving data (16 K bf16 elements = 32 KB, ~10 ns of one SM's share of 3 TB/s).
-MIN_CHUNK_ELEMS = 16384
+# A chunk of fewer elements than one tile spends more on its merge and bookkeeping than on
+# moving data; one tile (8 KB of bf16) per program is the least that keeps loads in flight.
+MIN_CHUNK_ELEMS = 4096
 # The normalize kernel loads all partials of its group as one vector: bound its length.
 MAX_CHUNKS = 1024
-# Below this many elements per group the fused regime is kept even when N * G is small: the
-# whole group fits in L1/L2 on its second read and a second launch (~3 us) would dominate
-# (SPEC.md: the two-kernel split ran 2x320x64x64 at 27 % of the floor because of two launches).
-FUSED_MAX_GROUP_ELEMS = 65536
 # Programs the device runs at once when it is not a GPU (the interpreter): keeps the tiny test
 # tensors in the fused regime under "auto".
 CPU_SM_COUNT = 1
@@ -205,18 +201,23 @@ def choose_config(
     block_c, block_l = _tile(max_group, L, channels_fast)
     group_elems = max_group * L
     if regime == "auto":
+        # Groups that fit on chip took the branch above; the rest are fused when the (sample,
+        # group) pairs alone fill the GPU, else split into chunks so that every SM has programs.
         fills_gpu = N * num_groups >= PROGRAMS_PER_SM * sm_count
-        regime = "fused" if fills_gpu or group_elems <= FUSED_MAX_GROUP_ELEMS else "split"
+        regime = "fused" if fills_gpu else "split"
     if regime == "fused":
         return LaunchConfig("fused", block_c, block_l, L, 1)
-    if regime == "split" and group_elems <= FUSED_MAX_GROUP_ELEMS:
-        # Forced split on a small group (tests): about four chunks of one small tile each, so
-        # that the partial/merge path really merges several chunks.
-        block_l = min(block_l, next_pow2(-(-L // 4)))
-        chunks_wanted = 4
-    else:
-        want = -(-PROGRAMS_PER_SM * sm_count // max(1, N * num_groups))
-        chunks_wanted = max(1, min(want, group_elems // MIN_CHUNK_ELEMS, MAX_CHUNKS))
+    want = -(-PROGRAMS_PER_SM * sm_count // max(1, N * num_groups))
+    chunks_wanted = max(1, min(want, group_elems // MIN_CHUNK_ELEMS, MAX_CHUNKS))
+    if chunks_wanted == 1:
+        # Forced split of a small group (tests): a few chunks, so that the partial/merge path
+        # really merges several.
+        chunks_wanted = min(4, L)
+    # Chunks are whole tiles: shorten the tile along L so that a short L still splits (an L of
+    # one tile would otherwise collapse to one chunk), widening it along C to keep TILE.
+    block_l = min(block_l, next_pow2(-(-L // chunks_wanted)))
+    if not channels_fast:
+        block_c = max(1, min(next_pow2(max_group), TILE // block_l))
     chunk_l = -(-L // chunks_wanted)
     chunk_l = -(-chunk_l // block_l) * block_l  # whole tiles per chunk
     chunks = -(-L // chunk_l)
