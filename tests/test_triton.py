@@ -276,6 +276,17 @@ def test_empty_batch(regime):
     assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
 
 
+@pytest.mark.parametrize("regime", REGIMES)
+def test_regression_empty_batch_in_a_layout_that_does_not_collapse(regime):
+    """N = 0 with H and W transposed: an empty tensor counts as contiguous whatever its
+    strides, so the copy to a flat layout kept them and a bare AssertionError followed."""
+    x = torch.randn(0, 6, 5, 4, device=DEVICE).transpose(2, 3).requires_grad_()
+    y, stats = group_norm_triton(x, make_plan(6, 3), regime=regime, return_stats=True)
+    assert y.shape == x.shape and stats.mean.shape == (0, 3)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 def test_groupnorm_module_on_triton_matches_torch_backend():
     """The drop-in module with backend="triton": same output and parameter gradients as the
     same module on the torch backend (channels-last bf16 input, uneven groups, SiLU)."""

@@ -891,7 +891,9 @@ def _flat_view(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     NCHW-contiguous (the only copy the Triton backend makes of x or dy)."""
     strides = _flat_strides(x)
     if strides is None:
-        x = x.contiguous()
+        # An empty tensor counts as contiguous whatever its strides (contiguous() keeps them):
+        # give it the standard ones.
+        x = x.contiguous() if x.numel() else x.new_empty(x.shape)
         strides = _flat_strides(x)
         assert strides is not None
     return x, strides
