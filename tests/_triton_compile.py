@@ -1,66 +1,253 @@
-"""Compile every Triton kernel for an H100 (sm_90) without a GPU (python -m tests._triton_compile).
+"""Compile the Triton kernels for an H100/H200 (sm_90) without a GPU, as a real launch would.
 
-The interpreter (TRITON_INTERPRET=1) accepts code the compiler rejects (Python ints where the
-compiler wants tensors, mixed loop-carried types); this runs the real compiler down to a cubin
-(Triton ships ptxas), so CI without a GPU still catches it. Exit 0 when every kernel compiles.
+The launchers run on CPU tensors of the wanted shape and layout with every ``kernel[grid](...)``
+recorded instead of run (:func:`capture`). Each recorded launch is then specialized by the very
+binder Triton uses at launch time (pointers 16-byte aligned, ints divisible by 16, ints equal to
+1 become constants: what makes 128-bit accesses possible) for an sm_90 target, and compiled down
+to PTX and a cubin with Triton's bundled ptxas (:func:`compile_launch`). The cubin's resource
+usage (``cuobjdump -res-usage``) gives registers and local memory (spills); the PTX gives the
+width of every global load and store.
+
+``python -m tests._triton_compile`` compiles the kernels of a few representative launches and
+prints one line per kernel; exit 0 when every kernel compiles. Needs TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 import groupnorm.triton.group_norm as kernels
+from groupnorm.groups import make_plan
 
-SCALARS = {"C", "G", "L", "N", "K", "CHUNK_L", "KP"}
-ALL_ON = dict(HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True)
+TARGET = GPUTarget("cuda", 90, 32)
+H100_SMS = 132
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_kernel(fn: triton.JITFunction, constexprs: dict, x_dtype: str = "bf16") -> None:
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in ("X", "Y", "DY", "DX"):
-            signature[name] = "*" + x_dtype
-        elif name == "OFFS":
-            signature[name] = "*i32"
-        elif name == "eps":
-            signature[name] = "fp32"
-        elif name in SCALARS or not name.isupper():
-            signature[name] = "i32"
-        else:
-            signature[name] = "*fp32"
-    compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-        target=GPUTarget("cuda", 90, 32),
+@dataclass
+class Launch:
+    name: str
+    fn: Any
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class Compiled:
+    name: str
+    registers: int
+    local_bytes: int  # stack + local memory: spills
+    global_ops: frozenset[str]  # e.g. {"ld.global.v4.b32", "st.global.b16"}
+    num_warps: int
+
+    @property
+    def vector_loads(self) -> bool:
+        return any(op.startswith("ld.global.v4") for op in self.global_ops)
+
+    @property
+    def vector_stores(self) -> bool:
+        return any(op.startswith("st.global.v4") for op in self.global_ops)
+
+
+KERNEL_NAMES = [n for n in dir(kernels) if n.startswith("_gn_") and n.endswith("_kernel")]
+
+
+class _Recorder:
+    def __init__(self, name: str, fn: Any, launches: list[Launch]) -> None:
+        self.name, self.fn, self.launches = name, fn, launches
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
+        def record(*args: Any, **kwargs: Any) -> None:
+            self.launches.append(Launch(self.name, self.fn, tuple(grid), args, kwargs))
+
+        return record
+
+
+def capture(run: Callable[[], Any], sm_count: int = H100_SMS) -> list[Launch]:
+    """The launches ``run()`` makes through the launchers, recorded, not executed; the device
+    is taken to have ``sm_count`` SMs (an H100 by default)."""
+    launches: list[Launch] = []
+    saved = {n: getattr(kernels, n) for n in KERNEL_NAMES}
+    saved_sm = kernels._sm_count
+    try:
+        for n, fn in saved.items():
+            setattr(kernels, n, _Recorder(n, fn, launches))
+        kernels._sm_count = lambda device: sm_count  # type: ignore[assignment]
+        run()
+    finally:
+        for n, fn in saved.items():
+            setattr(kernels, n, fn)
+        kernels._sm_count = saved_sm
+    return launches
+
+
+def launches_of(
+    shape: tuple[int, ...],
+    G: int,
+    *,
+    channels_last: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    backward: bool = False,
+    affine: bool = True,
+    scale_shift: bool = False,
+    activation: str | None = None,
+    regime: str = "auto",
+    sm_count: int = H100_SMS,
+) -> list[Launch]:
+    """Launches of one forward (or one backward) call on uninitialised CPU tensors."""
+    x = torch.empty(shape, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    C = shape[1]
+    sizes = make_plan(C, G, uneven=C % G != 0).sizes
+    w = torch.empty(C) if affine else None
+    s = torch.empty(shape[0], C, dtype=dtype) if scale_shift else None
+
+    def run() -> None:
+        if not backward:
+            kernels._forward(x, w, w, s, s, sizes, 1e-5, activation, None, regime)
+            return
+        stats = torch.zeros(shape[0], G)
+        kernels._backward(
+            torch.empty_like(x), x, w, w, s, s, sizes, stats, stats, stats,
+            activation, False, regime,
+        )  # fmt: skip
+
+    return capture(run, sm_count)
+
+
+def _specialize(launch: Launch) -> tuple[dict, dict, dict, Any]:
+    backend = make_backend(TARGET)
+    fn = launch.fn
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(
+        backend, launch.kwargs, bound, spec, options
     )
-    assert compiled.asm["cubin"], f"{fn.__name__}: no cubin"
+    return signature, constexprs, attrs, options
+
+
+def compile_launch(launch: Launch) -> Compiled:
+    """Compile one recorded launch for sm_90 with the launch's own specialization."""
+    signature, constexprs, attrs, options = _specialize(launch)
+    compiled = triton.compile(
+        ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=TARGET,
+        options=options.__dict__,
+    )
+    ptx = compiled.asm["ptx"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        usage = subprocess.run(
+            [os.path.join(_BIN, "cuobjdump"), "-res-usage", f.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        os.unlink(f.name)
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert found, f"{launch.name}: no resource usage in\n{usage}"
+    regs, stack, local = (int(v) for v in found.groups())
+    ops = frozenset(re.findall(r"\b(?:ld|st)\.global[.\w]*", ptx))
+    return Compiled(launch.name, regs, stack + local, ops, options.num_warps)
+
+
+CASES = {
+    "SD 8x8 NHWC fwd": dict(shape=(2, 1280, 8, 8), G=32, channels_last=True),
+    "SD 8x8 NCHW bwd": dict(shape=(2, 1280, 8, 8), G=32, backward=True),
+    "ResNet b32 NCHW fwd": dict(shape=(32, 256, 56, 56), G=32),
+    "VAE 512@512 NCHW fwd+bwd (split)": dict(shape=(1, 128, 512, 512), G=32, backward=True),
+    "uneven NHWC silu fwd": dict(shape=(2, 10, 4, 6), G=4, channels_last=True, activation="silu"),
+    "ResNet b32 NHWC fwd+bwd": dict(
+        shape=(32, 256, 56, 56), G=32, channels_last=True, backward=True
+    ),
+}
+
+
+def limit_cases() -> dict[str, list[Launch]]:
+    """The on-chip kernels at the heuristics' largest tiles (ONCHIP_MAX_SLOTS), every epilogue
+    on (GELU, scale, shift, affine), in NCHW and channels-last, on 16-byte rows (8 bf16 or 4
+    fp32 channels per group)."""
+    from groupnorm.triton.heuristics import ONCHIP_MAX_SLOTS
+
+    cases = {}
+    for (direction, size, channels_last), slots in ONCHIP_MAX_SLOTS.items():
+        dtype = torch.bfloat16 if size == 2 else torch.float32
+        cg = 16 // size
+        L = slots // cg
+        name = f"{direction} {dtype} {'NHWC' if channels_last else 'NCHW'} {slots} slots"
+        found = launches_of(
+            (2, 32 * cg, L // 64, 64),
+            32,
+            channels_last=channels_last,
+            dtype=dtype,
+            backward=direction == "bwd",
+            scale_shift=True,
+            activation="gelu",
+            regime="onchip",
+        )
+        cases[name] = [f for f in found if "onchip" in f.name]
+    return cases
+
+
+def check_limits() -> list[str]:
+    """Problems of the on-chip kernels at their limits: spills, scalar global accesses."""
+    problems = []
+    for name, found in limit_cases().items():
+        for launch in found:
+            c = compile_launch(launch)
+            print(
+                f"limit {name:30s} {c.name:24s} warps {c.num_warps:2d} regs {c.registers:3d} "
+                f"local {c.local_bytes:4d} B  v4 ld/st {c.vector_loads:d}/{c.vector_stores:d}"
+            )
+            if c.local_bytes:
+                problems.append(f"{name}: {c.name} spills {c.local_bytes} B")
+            if not (c.vector_loads and c.vector_stores):
+                problems.append(f"{name}: {c.name} has no 128-bit loads or stores")
+    return problems
 
 
 def main() -> int:
-    tile = dict(BLOCK_C=8, BLOCK_L=512)
-    for act, idx64 in ((2, True), (1, False), (3, False)):
-        flags = dict(ALL_ON, ACT=act, IDX64=idx64, **tile)
-        compile_kernel(kernels._gn_fwd_fused_kernel, flags)
-        compile_kernel(kernels._gn_fwd_normalize_kernel, dict(flags, BLOCK_KP=16))
-        compile_kernel(kernels._gn_bwd_partial_kernel, flags)
-        for fused in (True, False):
-            compile_kernel(
-                kernels._gn_bwd_dx_kernel, dict(flags, STATS_GIVEN=not fused, FUSED=fused)
+    failed = 0
+    if "--limits" in sys.argv:
+        problems = check_limits()
+        print("\n".join(problems) or "no spills, 128-bit accesses at every on-chip limit")
+        return 1 if problems else 0
+    for case, spec in CASES.items():
+        kw = dict(spec)
+        both = kw.get("backward", False)
+        kw["backward"] = False
+        found = launches_of(**kw)
+        if both:
+            found += launches_of(**dict(kw, backward=True))
+        for launch in found:
+            try:
+                c = compile_launch(launch)
+            except Exception as e:  # report every kernel, then fail
+                failed += 1
+                print(f"FAILED {case}: {launch.name}: {type(e).__name__}: {e}")
+                continue
+            print(
+                f"{case:34s} {c.name:26s} warps {c.num_warps:2d} regs {c.registers:3d} "
+                f"local {c.local_bytes:5d} B  v4 ld/st {c.vector_loads:d}/{c.vector_stores:d}"
             )
-    compile_kernel(kernels._gn_fwd_partial_kernel, dict(IDX64=True, **tile), "fp16")
-    compile_kernel(
-        kernels._gn_fwd_fused_kernel,
-        {**{k: False for k in ALL_ON}, "ACT": 0, "IDX64": False, **tile},
-        "fp32",
-    )
-    compile_kernel(kernels._gn_bwd_param_kernel, dict(ALL_ON, BLOCK=1024))
-    print("every kernel compiled for sm_90")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -5,14 +5,20 @@ ours at import of the kernels) whether it is interpreted, from TRITON_INTERPRET.
 variable for those imports only and restores it, so that other test modules see this machine's
 backends as they are; the kernel tests set it again while they run (the triton backend serves
 CPU tensors only under TRITON_INTERPRET=1). Skips the importing test module without triton.
+
+:func:`count_traffic` counts the bytes each interpreted launch moves to and from each tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,3 +40,58 @@ finally:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = _before
+
+
+@dataclass
+class LaunchTraffic:
+    """One interpreted kernel launch: every global access as (addresses, element bytes)."""
+
+    kernel: str
+    loads: list[tuple[np.ndarray, int]] = field(default_factory=list)
+    stores: list[tuple[np.ndarray, int]] = field(default_factory=list)
+
+    def _bytes(self, accesses: list[tuple[np.ndarray, int]], t: torch.Tensor) -> int:
+        lo = t.data_ptr()
+        hi = lo + t.untyped_storage().nbytes()
+        return sum(int(((a >= lo) & (a < hi)).sum()) * size for a, size in accesses)
+
+    def loaded(self, t: torch.Tensor) -> int:
+        """Bytes this launch loaded from t's storage (every access, repeats included)."""
+        return self._bytes(self.loads, t)
+
+    def stored(self, t: torch.Tensor) -> int:
+        return self._bytes(self.stores, t)
+
+
+@contextlib.contextmanager
+def count_traffic() -> Iterator[list[LaunchTraffic]]:
+    """Record the bytes every interpreted launch loads and stores, per launch (the kernels
+    then run as usual). Only meaningful under the interpreter: the list stays empty on a GPU."""
+    from triton.runtime import interpreter
+
+    launches: list[LaunchTraffic] = []
+    builder = interpreter.InterpreterBuilder
+    real_load, real_store = builder.create_masked_load, builder.create_masked_store
+    real_call = interpreter.GridExecutor.__call__
+
+    def load(self, ptrs, mask, other, *args):
+        size = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
+        launches[-1].loads.append((ptrs.data[mask.data].astype(np.uint64), size))
+        return real_load(self, ptrs, mask, other, *args)
+
+    def store(self, ptrs, value, mask, *args):
+        size = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
+        launches[-1].stores.append((ptrs.data[mask.data].astype(np.uint64), size))
+        return real_store(self, ptrs, value, mask, *args)
+
+    def call(self, *args, **kwargs):
+        launches.append(LaunchTraffic(self.fn.__name__))
+        return real_call(self, *args, **kwargs)
+
+    builder.create_masked_load, builder.create_masked_store = load, store
+    interpreter.GridExecutor.__call__ = call
+    try:
+        yield launches
+    finally:
+        builder.create_masked_load, builder.create_masked_store = real_load, real_store
+        interpreter.GridExecutor.__call__ = real_call

@@ -18,7 +18,7 @@ from groupnorm.groups import GroupPlan, make_plan
 from groupnorm.stats import GroupStats
 from groupnorm.triton import backend as triton_backend
 from tests._tolerances import ATOL, assert_matches, to_numpy
-from tests._triton_interpreted import INTERPRET, kernels
+from tests._triton_interpreted import INTERPRET, count_traffic, kernels
 
 group_norm_triton = kernels.group_norm_triton
 
@@ -38,7 +38,7 @@ def _interpreter(monkeypatch):
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
-REGIMES = ["fused", "split"]
+REGIMES = ["onchip", "fused", "split"]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -292,6 +292,11 @@ EDGE_SHAPES = {
 def test_edge_shapes_forward_backward(edge, regime):
     shape, G = EDGE_SHAPES[edge]
     x = _rand(shape, 47)
+    if regime == "onchip" and edge == "N=1-huge-group-G1":
+        # 4 x 4608 fp32 elements take 32 K tile slots, over the on-chip limit: a clear error
+        with pytest.raises(ValueError, match="group of at most 16384 tile slots"):
+            group_norm_triton(x, make_plan(shape[1], G), regime="onchip")
+        return
     _backward_case(x, make_plan(shape[1], G), regime=regime, dtype=torch.float32, has_scale=True)
 
 
@@ -305,6 +310,17 @@ def test_empty_batch(regime):
     assert y.shape == x.shape and stats.mean.shape == (0, 3)
     y.sum().backward()
     assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_regression_empty_batch_in_a_layout_that_does_not_collapse(regime):
+    """N = 0 with H and W transposed: an empty tensor counts as contiguous whatever its
+    strides, so the copy to a flat layout kept them and a bare AssertionError followed."""
+    x = torch.randn(0, 6, 5, 4, device=DEVICE).transpose(2, 3).requires_grad_()
+    y, stats = group_norm_triton(x, make_plan(6, 3), regime=regime, return_stats=True)
+    assert y.shape == x.shape and stats.mean.shape == (0, 3)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
 
 
 def test_groupnorm_module_on_triton_matches_float64_like_the_torch_backend():
@@ -712,9 +728,13 @@ def test_launch_heuristics_are_consistent():
     from groupnorm.triton import heuristics as h
 
     H100_SMS = 132
-    # Many (sample, group) pairs: fused. VAE decode at batch 1 (N*G = 32, 262 K-element groups):
-    # split into enough chunks to give every SM several programs.
-    assert h.choose_config(32, 56 * 56, 8, 32, False, H100_SMS).regime == "fused"
+    # ResNet b32 (8 x 3136-element groups): on chip forward; backward holds half the tile, and
+    # 1024 (sample, group) pairs fill the GPU: fused. VAE decode at batch 1 (N*G = 32,
+    # 262 K-element groups): split into enough chunks to give every SM several programs.
+    resnet = dict(even=True, elem_bytes=2)
+    assert h.choose_config(32, 56 * 56, 8, 32, False, H100_SMS, **resnet).regime == "onchip"
+    bwd = h.choose_config(32, 56 * 56, 8, 32, False, H100_SMS, direction="bwd", **resnet)
+    assert bwd.regime == "fused"
     vae = h.choose_config(1, 512 * 512, 4, 32, False, H100_SMS)
     assert vae.regime == "split" and vae.chunks * 32 >= H100_SMS
     for cfg, L in (
@@ -731,22 +751,37 @@ def test_launch_heuristics_are_consistent():
         h.choose_config(1, 35, 6, 2, True, 1, "fast")
 
 
-def test_kernels_compile_for_sm90():
-    """The real Triton compiler (not the interpreter) accepts every kernel; see
-    tests/_triton_compile.py. Runs in a subprocess because this process interprets."""
+def _compile_module(*args: str) -> subprocess.CompletedProcess:
+    """Run tests/_triton_compile.py in a subprocess: this process interprets the kernels."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(
-        [sys.executable, "-m", "tests._triton_compile"],
+    return subprocess.run(
+        [sys.executable, "-m", "tests._triton_compile", *args],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         env=env,
         cwd=root,
     )
+
+
+def test_kernels_compile_for_sm90():
+    """The real Triton compiler (not the interpreter) accepts every kernel, each with the
+    specialization of a real launch of the launchers; see tests/_triton_compile.py."""
+    done = _compile_module()
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_onchip_kernels_at_their_limits_have_no_spills_and_128_bit_accesses():
+    """Each on-chip kernel at the largest tile the heuristics give it (ONCHIP_MAX_SLOTS), with
+    every epilogue on, NCHW and channels-last, bf16 and fp32, compiled for sm_90 with a real
+    launch's specialization: no local memory, ld.global.v4 and st.global.v4 in the PTX."""
+    done = _compile_module("--limits")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "no spills, 128-bit accesses at every on-chip limit" in done.stdout
 
 
 def test_bench_pipeline_checks_and_times_on_a_tiny_shape():
@@ -780,3 +815,122 @@ def test_bench_pipeline_checks_and_times_on_a_tiny_shape():
         assert "error" not in row, row
         assert row["bytes"] == bench.bytes_moved(shape, row["direction"])
         assert row["median_us"] > 0 and row["cuda_graph"]
+
+
+# ------------------------------------------------------- poisoned outputs, wide channels-last
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every float buffer the launchers allocate (outputs, statistics, partials) starts as NaN,
+    so an element a kernel forgets to write fails the comparison."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_channels_last_groups_wider_than_64_channels(regime, poisoned_outputs):
+    """Groups of 72 channels (more than one 64-channel block of the older kernels) in
+    channels-last bf16, forward and backward, into NaN-poisoned buffers."""
+    x = _rand((2, 144, 3, 4), 80, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    _backward_case(
+        x,
+        make_plan(144, 2),
+        regime=regime,
+        dtype=torch.bfloat16,
+        param_dtype=torch.float32,
+        activation="silu",
+        has_scale=True,
+    )
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_runs_of_groups_and_uneven_plans_poisoned(channels_last, regime, poisoned_outputs):
+    """Several groups per on-chip program (Cg = 10 bf16 rows are widened to 4 groups), an
+    uneven plan, and G = C, with every output buffer poisoned."""
+    for C, plan in ((40, make_plan(40, 4)), (11, make_plan(11, 3, uneven=True)), (8, None)):
+        plan = plan or make_plan(C, C)
+        x = _rand((2, C, 3, 3), 81 + C, dtype=torch.bfloat16)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        _backward_case(x, plan, regime=regime, dtype=torch.bfloat16, param_dtype=torch.float32)
+
+
+# ------------------------------------------------------------- traffic and launch counts
+
+
+def _traffic_case(shape, G, *, channels_last, regime, affine=True):
+    x = _rand(shape, 90, dtype=torch.bfloat16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = _rand((shape[1],), 91).requires_grad_() if affine else None
+    with count_traffic() as fwd:
+        y, _ = group_norm_triton(x, make_plan(shape[1], G), w, None, regime=regime)
+    dy = _rand(shape, 92, dtype=torch.bfloat16)
+    with count_traffic() as bwd:
+        (dx,) = torch.autograd.grad(y, x, dy)
+    return x, y, dy, dx, fwd, bwd
+
+
+@pytest.mark.skipif(not INTERPRET, reason="counts bytes in Triton's interpreter")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_onchip_moves_each_byte_once(channels_last):
+    """On chip, forward reads x once and writes y once in one launch; backward reads x and dy
+    once and writes dx once, plus one small parameter launch only when there are parameters."""
+    for affine in (True, False):
+        x, y, dy, dx, fwd, bwd = _traffic_case(
+            (2, 40, 6, 5), 4, channels_last=channels_last, regime="onchip", affine=affine
+        )
+        assert [t.kernel for t in fwd] == ["_gn_fwd_onchip_kernel"]
+        assert fwd[0].loaded(x) == x.numel() * 2, "forward reads x exactly once"
+        assert fwd[0].stored(y) == y.numel() * 2, "forward writes y exactly once"
+        expected = ["_gn_bwd_onchip_kernel"] + (["_gn_bwd_param_kernel"] if affine else [])
+        assert [t.kernel for t in bwd] == expected
+        main = bwd[0]
+        assert main.loaded(x) == x.numel() * 2 and main.loaded(dy) == dy.numel() * 2
+        assert main.stored(dx) == dx.numel() * 2
+        for t in bwd[1:]:
+            assert t.loaded(x) == t.loaded(dy) == t.stored(dx) == 0
+
+
+@pytest.mark.skipif(not INTERPRET, reason="counts bytes in Triton's interpreter")
+def test_split_and_fused_traffic_within_their_stated_passes():
+    """The regimes that do not hold a group on chip read x (and dy) at most the passes the
+    heuristics state (SPLIT_PASSES), plus one pivot element per program."""
+    from groupnorm.triton import heuristics as h
+
+    shape = (2, 8, 16, 16)
+    for regime in ("fused", "split"):
+        x, y, dy, dx, fwd, bwd = _traffic_case(shape, 2, channels_last=False, regime=regime)
+        elems = x.numel()
+        pivots = 64  # at most one extra element per program on these shapes
+        passes = h.PASSES[regime]
+        read_x = sum(t.loaded(x) for t in fwd) / 2
+        assert elems * passes["fwd"]["x"] <= read_x <= elems * passes["fwd"]["x"] + pivots
+        assert sum(t.stored(y) for t in fwd) == 2 * elems
+        read_x = sum(t.loaded(x) for t in bwd) / 2
+        read_dy = sum(t.loaded(dy) for t in bwd) / 2
+        assert read_x <= elems * passes["bwd"]["x"] and read_dy <= elems * passes["bwd"]["dy"]
+        assert sum(t.stored(dx) for t in bwd) == 2 * elems
+        assert len(fwd) == (1 if regime == "fused" else 2)
+
+
+def test_small_shapes_take_one_launch_forward_and_at_most_two_backward():
+    """Every spec shape of at most 1 MiB is on chip on an H100: one forward launch, at most two in
+    backward (from the launch plan the launchers record; nothing runs)."""
+    from tests._triton_compile import launches_of
+
+    small = [((2, 1280, 8, 8), 32), ((2, 320, 8, 8, 8), 32), ((8, 64, 32, 32), 32)]
+    for shape, G in small:
+        for channels_last in (False, True):
+            assert 2 * np.prod(shape) <= 2**20
+            kw = dict(channels_last=channels_last)
+            assert len(launches_of(shape, G, **kw)) == 1, (shape, channels_last)
+            assert len(launches_of(shape, G, backward=True, **kw)) <= 2, (shape, channels_last)

@@ -44,7 +44,9 @@ import triton.language as tl
 from groupnorm.activations import triton_code
 from groupnorm.groups import GroupPlan
 from groupnorm.stats import GroupStats
+from groupnorm.triton.activation import _act, _act_grad
 from groupnorm.triton.heuristics import CPU_SM_COUNT, LaunchConfig, choose_config, next_pow2
+from groupnorm.triton.onchip import _gn_bwd_onchip_kernel, _gn_fwd_onchip_kernel
 
 __all__ = ["group_norm_triton"]
 
@@ -55,35 +57,6 @@ _INT32_MAX = 2**31 - 1
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _act(u, ACT: tl.constexpr):
-    """act(u) for ``groupnorm.activations.triton_code``: 0 identity, 1 silu, 2 gelu (exact
-    erf), 3 relu (NaN propagates)."""
-    if ACT == 1:
-        return u * tl.sigmoid(u)
-    elif ACT == 2:
-        return 0.5 * u * (1.0 + tl.erf(u * 0.7071067811865476))
-    elif ACT == 3:
-        return tl.where(u < 0.0, 0.0, u)
-    else:
-        return u
-
-
-@triton.jit
-def _act_grad(u, ACT: tl.constexpr):
-    """d act(u) / du."""
-    if ACT == 1:
-        s = tl.sigmoid(u)
-        return s * (1.0 + u * (1.0 - s))
-    elif ACT == 2:
-        cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
-        return cdf + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
-    elif ACT == 3:
-        return tl.where(u > 0.0, 1.0, 0.0)
-    else:
-        return tl.full(u.shape, 1.0, tl.float32)
 
 
 @triton.jit
@@ -919,7 +892,9 @@ def _flat_view(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     NCHW-contiguous (the only copy the Triton backend makes of x or dy)."""
     strides = _flat_strides(x)
     if strides is None:
-        x = x.contiguous()
+        # An empty tensor counts as contiguous whatever its strides (contiguous() keeps them):
+        # give it the standard ones.
+        x = x.contiguous() if x.numel() else x.new_empty(x.shape)
         strides = _flat_strides(x)
         assert strides is not None
     return x, strides
@@ -940,6 +915,13 @@ def _offsets_tensor(sizes: tuple[int, ...], device: torch.device) -> torch.Tenso
     return torch.tensor(plan.offsets, dtype=torch.int32, device=device)
 
 
+@lru_cache(maxsize=256)
+def _group_index_tensor(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Group of each channel (C,) int32: the on-chip kernels' map for uneven plans."""
+    index = [g for g, size in enumerate(sizes) for _ in range(size)]
+    return torch.tensor(index, dtype=torch.int32, device=device)
+
+
 @lru_cache(maxsize=16)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
@@ -947,13 +929,49 @@ def _sm_count(device: torch.device) -> int:
     return CPU_SM_COUNT
 
 
+def _unit_stride(strides: tuple[int, int, int]) -> bool:
+    """Positions (NCHW) or channels (channels-last) adjacent: what the on-chip kernels need."""
+    return strides[2] == 1 or strides[1] == 1
+
+
+def _channels_fast(strides: tuple[int, int, int]) -> bool:
+    return strides[1] == 1 and strides[2] != 1
+
+
 def _config(
-    x: torch.Tensor, strides: tuple[int, int, int], sizes: tuple[int, ...], regime: str
+    x: torch.Tensor,
+    strides: tuple[int, int, int],
+    sizes: tuple[int, ...],
+    regime: str,
+    direction: str = "fwd",
+    unit_stride: bool = True,
 ) -> LaunchConfig:
     L = x[0, 0].numel() if x.shape[0] else 1
-    channels_fast = strides[1] == 1 and strides[2] != 1
     return choose_config(
-        x.shape[0], L, max(sizes), len(sizes), channels_fast, _sm_count(x.device), regime
+        x.shape[0],
+        L,
+        max(sizes),
+        len(sizes),
+        _channels_fast(strides),
+        _sm_count(x.device),
+        regime,
+        even=min(sizes) == max(sizes),
+        elem_bytes=x.element_size(),
+        direction=direction,
+        unit_stride=unit_stride and _unit_stride(strides),
+    )
+
+
+def _onchip_options(
+    cfg: LaunchConfig, sizes: tuple[int, ...], strides: tuple[int, int, int]
+) -> tuple[int, dict]:
+    """Programs per sample R and the launch options shared by the on-chip kernels."""
+    even = min(sizes) == max(sizes)
+    return -(-len(sizes) // cfg.groups_per_program), dict(
+        CG=sizes[0] if even else 0,
+        GPP=cfg.groups_per_program,
+        CHANNELS_LAST=_channels_fast(strides),
+        num_warps=cfg.num_warps,
     )
 
 
@@ -1021,6 +1039,29 @@ def _forward(
     )
     params = tuple(dummy if t is None else t for t in (weight, bias, scale, shift))
     strides = (sxN, sxC, sxL, *ys)
+    if stats is None and cfg.regime == "onchip":
+        R, onchip = _onchip_options(cfg, sizes, (sxN, sxC, sxL))
+        _gn_fwd_onchip_kernel[(N * R,)](
+            xv,
+            y,
+            *params,
+            offs,
+            _group_index_tensor(sizes, x.device),
+            pivot,
+            smean,
+            m2,
+            count,
+            rstd,
+            C,
+            G,
+            L,
+            R,
+            *strides,
+            eps,
+            **onchip,
+            **flags,
+        )
+        return y, pivot, smean, m2, count, rstd
     if stats is None and cfg.regime == "fused":
         _gn_fwd_fused_kernel[(N * G,)](
             xv, y, *params, offs, pivot, smean, m2, count, rstd, C, G, L, *strides, eps, **flags
@@ -1115,7 +1156,7 @@ def _backward(
             t.zero_()
         return (dx, *grads)
     L = x[0, 0].numel()
-    cfg = _config(xv, (sxN, sxC, sxL), sizes, regime)
+    cfg = _config(xv, (sxN, sxC, sxL), sizes, regime, "bwd", _unit_stride(dys))
     offs = _offsets_tensor(sizes, x.device)
     params = tuple(xv if t is None else t for t in (weight, bias, scale, shift))
     has = dict(
@@ -1136,35 +1177,63 @@ def _backward(
     strides = (C, G, L, sxN, sxC, sxL, *dys)
     K = cfg.chunks
     fused = cfg.regime == "fused"
-    if fused:
+    if cfg.regime == "onchip":
+        R, onchip = _onchip_options(cfg, sizes, (sxN, sxC, sxL))
+        _gn_bwd_onchip_kernel[(N * R,)](
+            xv,
+            dyv,
+            dx,
+            *params,
+            offs,
+            _group_index_tensor(sizes, x.device),
+            *stats,
+            *sums,
+            C,
+            G,
+            L,
+            R,
+            sxN,
+            sxC,
+            sxL,
+            *dys,
+            *dxs,
+            STATS_GIVEN=stats_given,
+            WRITE_SUMS=any(has.values()),
+            DY_CHANNELS_LAST=_channels_fast(dys),
+            **onchip,
+            **flags,
+        )
+    elif fused:
         parts = list(sums)  # not read: A, B come straight from x and dy
     else:
         parts = [torch.empty((N, K, C), dtype=torch.float32, device=x.device) for _ in range(2)]
         _gn_bwd_partial_kernel[(N * G, K)](
             xv, dyv, *params, offs, *stats, *parts, *strides, cfg.chunk_l, K, **flags
         )
-    _gn_bwd_dx_kernel[(N * G, K)](
-        xv,
-        dyv,
-        dx,
-        *params,
-        offs,
-        *stats,
-        *parts,
-        *sums,
-        *strides,
-        *dxs,
-        cfg.chunk_l,
-        K,
-        STATS_GIVEN=stats_given,
-        FUSED=fused,
-        **flags,
-    )
-    block = min(next_pow2(C), 1024)
-    dummies = tuple(xv if g.numel() == 0 else g for g in grads)
-    _gn_bwd_param_kernel[(triton.cdiv(C, block),)](
-        *sums, params[0], params[1], params[2], *dummies, N, C, BLOCK=block, **has
-    )
+    if cfg.regime != "onchip":
+        _gn_bwd_dx_kernel[(N * G, K)](
+            xv,
+            dyv,
+            dx,
+            *params,
+            offs,
+            *stats,
+            *parts,
+            *sums,
+            *strides,
+            *dxs,
+            cfg.chunk_l,
+            K,
+            STATS_GIVEN=stats_given,
+            FUSED=fused,
+            **flags,
+        )
+    if any(has.values()):  # no parameter kernel without parameters
+        block = min(next_pow2(C), 1024)
+        dummies = tuple(xv if g.numel() == 0 else g for g in grads)
+        _gn_bwd_param_kernel[(triton.cdiv(C, block),)](
+            *sums, params[0], params[1], params[2], *dummies, N, C, BLOCK=block, **has
+        )
     return (dx, *grads)
 
 

@@ -2,8 +2,11 @@
 
 Pure Python (no triton import), so the choices are testable anywhere.
 
-Two regimes (docs/spec.md#performance-floors):
+Three regimes (docs/spec.md#performance-floors):
 
+* ``onchip``: a program holds whole groups in registers (``onchip.py``): forward reads x once
+  and writes y once, backward reads x and dy once and writes dx once. Chosen whenever the tile
+  fits (``ONCHIP_MAX_SLOTS``) and the layout has a unit-stride axis (NCHW or channels-last).
 * ``fused``: one program per (sample, group) reads its group (statistics), then reads it again
   and writes y, in one launch. Right when there are enough (sample, group) pairs to fill the GPU
   or the groups are small (the second read then hits L1/L2, and one launch beats two).
@@ -20,11 +23,20 @@ real device.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-__all__ = ["REGIMES", "LaunchConfig", "choose_config", "next_pow2"]
+__all__ = ["PASSES", "REGIMES", "LaunchConfig", "choose_config", "next_pow2", "onchip_tile"]
 
-REGIMES = ("auto", "fused", "split")
+REGIMES = ("auto", "onchip", "fused", "split")
+
+# Reads and writes each regime issues per element of the big tensors (the traffic tests assert
+# them under the interpreter; benchmarks/model.py turns them into DRAM bytes with an L2 model).
+PASSES = {
+    "onchip": {"fwd": {"x": 1, "y": 1}, "bwd": {"x": 1, "dy": 1, "dx": 1}},
+    "fused": {"fwd": {"x": 2, "y": 1}, "bwd": {"x": 2, "dy": 2, "dx": 1}},
+    "split": {"fwd": {"x": 2, "y": 1}, "bwd": {"x": 2, "dy": 2, "dx": 1}},
+}
 
 # Elements per tile (BLOCK_C * BLOCK_L). 4096 fp32 values over 4 warps is 32 registers per
 # thread per live tile: the kernels keep about three tiles live, well under the 255-register
@@ -34,18 +46,57 @@ TILE = 4096
 # Programs per SM the split regime aims for: 4 x 132 SMs on an H100 keeps every SM busy while
 # the per-program partial merge (up to MAX_CHUNKS values) stays negligible.
 PROGRAMS_PER_SM = 4
-# A chunk shorter than this many elements spends more on its merge and launch bookkeeping than
-# on moving data (16 K bf16 elements = 32 KB, ~10 ns of one SM's share of 3 TB/s).
-MIN_CHUNK_ELEMS = 16384
+# A chunk of fewer elements than one tile spends more on its merge and bookkeeping than on
+# moving data; one tile (8 KB of bf16) per program is the least that keeps loads in flight.
+MIN_CHUNK_ELEMS = 4096
 # The normalize kernel loads all partials of its group as one vector: bound its length.
 MAX_CHUNKS = 1024
-# Below this many elements per group the fused regime is kept even when N * G is small: the
-# whole group fits in L1/L2 on its second read and a second launch (~3 us) would dominate
-# (docs/spec.md#performance-floors: a two-kernel split ran 2x320x64x64 at 27 % of the floor).
-FUSED_MAX_GROUP_ELEMS = 65536
 # Programs the device runs at once when it is not a GPU (the interpreter): keeps the tiny test
 # tensors in the fused regime under "auto".
 CPU_SM_COUNT = 1
+
+# On-chip regime. A program's tile is BLOCK_C x BLOCK_L "slots" (powers of two, so a group of
+# Cg x L elements takes next_pow2(Cg) * next_pow2(L) slots) held in registers. The limits are the
+# largest tiles whose compiled sm_90 code (triton 3.9, GELU epilogue, the launch's real argument
+# specialization) uses no local memory at the warp count below; tests/_triton_compile.py compiles
+# every on-chip variant at these limits and asserts no spills and 128-bit accesses. Sweep
+# (registers / local bytes at 8, 16, 32 warps, GELU only; forward measured with the pivot loaded
+# separately, which the tile now provides):
+#   fwd  bf16 16 K: NCHW 119/0, 78/0, 54/0        NHWC 144/0, 80/0, 54/0
+#   fwd  bf16 32 K: NCHW 255/48, 128/0, 64/64     NHWC 255/120, 128/16, 64/32
+#   fwd  fp32 16 K: NCHW 181/0, 82/0, 54/0        NHWC 140/0, 91/0, 52/0
+#   fwd  fp32 32 K: NCHW 255/88, 128/0, 64/56     NHWC 255/232, 128/8, 64/104
+#   bwd  bf16 16 K: NCHW 207/0, 125/0, 64/0       NHWC 255/0, 128/0, 64/56
+#   bwd  bf16 32 K: NCHW 255/912, 128/336, 64/224 NHWC 255/1176, 128/432, 64/224
+#   bwd  fp32 16 K: NCHW 208/0, 128/0, 64/0       NHWC 255/8, 128/40, 64/24
+#   bwd  bf16/fp32 8 K: no spills at any width
+# 65 K slots never fit. With scale and shift on as well, channels-last spills 32 B at the NCHW
+# limits (each thread holds every per-channel vector for its 8 adjacent channels), so it gets the
+# next smaller tile. Keyed by (direction, element bytes, channels-last); backward keeps x, dy,
+# x_hat and du live and holds half the forward's tile.
+ONCHIP_MAX_SLOTS = {
+    ("fwd", 2, False): 32768,
+    ("fwd", 2, True): 16384,
+    ("fwd", 4, False): 16384,
+    ("fwd", 4, True): 16384,
+    ("bwd", 2, False): 16384,
+    ("bwd", 2, True): 8192,
+    ("bwd", 4, False): 8192,
+    ("bwd", 4, True): 8192,
+}
+# Slots per thread (warps = slots / (32 * this), clamped to ONCHIP_WARPS): 64 fp32 values per
+# thread in forward (32 K slots at 16 warps), 32 in backward (16 K at 16 warps). Wide programs
+# also keep a whole group's loads in flight: 32 K slots of bf16 are 64 KB per program, more than
+# the ~25 KB per SM that Little's law asks for (3.35 TB/s over 132 SMs x ~1 us DRAM latency), so
+# even 32-64 programs (SD 64x64 at batch 2) can stream near bandwidth with one per SM.
+ONCHIP_SLOTS_PER_THREAD = {"fwd": 64, "bwd": 32}
+ONCHIP_WARPS = (4, 16)
+# A program of fewer slots than this takes several consecutive groups (even plans): tiny groups
+# (G = C, 8x8 maps) otherwise cost one program each for a few bytes.
+ONCHIP_MIN_SLOTS = 2048
+# 128-bit global accesses: a channels-last run of groups is widened to a multiple of 16 bytes
+# (Cg = 10 in bf16 is 20 bytes: 4 groups = 80 bytes) so that every row segment is aligned.
+VECTOR_BYTES = 16
 
 
 def next_pow2(n: int) -> int:
@@ -58,7 +109,8 @@ class LaunchConfig:
     """How one call is launched.
 
     ``block_c`` x ``block_l`` is the tile (channels x positions); ``chunk_l`` positions per
-    program along L and ``chunks`` = ceil(L / chunk_l) programs per group (1 in the fused regime).
+    program along L and ``chunks`` = ceil(L / chunk_l) programs per group (1 in the fused and
+    on-chip regimes); ``groups_per_program`` consecutive groups per program (on-chip only).
     """
 
     regime: str
@@ -66,6 +118,40 @@ class LaunchConfig:
     block_l: int
     chunk_l: int
     chunks: int
+    groups_per_program: int = 1
+    num_warps: int = 4
+
+
+def onchip_tile(
+    L: int,
+    num_groups: int,
+    max_group: int,
+    even: bool,
+    channels_last: bool,
+    elem_bytes: int,
+    direction: str,
+) -> tuple[int, int, int, int] | None:
+    """(block_c, block_l, groups_per_program, num_warps) of the on-chip regime, or None when
+    a group does not fit in one program (``ONCHIP_MAX_SLOTS``)."""
+    limit = ONCHIP_MAX_SLOTS[direction, elem_bytes, channels_last]
+    block_l = next_pow2(L)
+
+    def slots(gpp: int) -> int:
+        return next_pow2(gpp * max_group) * block_l
+
+    gpp = 1
+    if even and channels_last:
+        want = VECTOR_BYTES // math.gcd(max_group * elem_bytes, VECTOR_BYTES)
+        if num_groups % want == 0 and slots(want) <= limit:
+            gpp = want
+    if even:
+        while slots(gpp) < ONCHIP_MIN_SLOTS and num_groups % (2 * gpp) == 0:
+            gpp *= 2
+    if slots(gpp) > limit:
+        return None
+    lo, hi = ONCHIP_WARPS
+    warps = min(hi, max(lo, slots(gpp) // (ONCHIP_SLOTS_PER_THREAD[direction] * 32)))
+    return next_pow2(gpp * max_group), block_l, gpp, warps
 
 
 def _tile(max_group: int, L: int, channels_fast: bool) -> tuple[int, int]:
@@ -86,26 +172,52 @@ def choose_config(
     channels_fast: bool,
     sm_count: int,
     regime: str = "auto",
+    *,
+    even: bool = False,
+    elem_bytes: int = 2,
+    direction: str = "fwd",
+    unit_stride: bool = True,
 ) -> LaunchConfig:
     """Pick the regime and tiling for an (N, C, L) input whose largest group has ``max_group``
-    channels. ``regime`` forces "fused" or "split" (tests); "auto" decides by size."""
+    channels. ``regime`` forces "onchip", "fused" or "split" (tests); "auto" decides by size.
+    ``even``: all groups have ``max_group`` channels; ``unit_stride``: positions (NCHW) or
+    channels (channels-last) are adjacent in memory, which the on-chip kernels need."""
     if regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+    if regime in ("auto", "onchip"):
+        tile = None
+        if unit_stride:
+            tile = onchip_tile(L, num_groups, max_group, even, channels_fast, elem_bytes, direction)
+        if tile is not None:
+            block_c, block_l, gpp, warps = tile
+            return LaunchConfig("onchip", block_c, block_l, L, 1, gpp, warps)
+        if regime == "onchip":
+            limit = ONCHIP_MAX_SLOTS[direction, elem_bytes, channels_fast]
+            raise ValueError(
+                f"regime 'onchip' needs a unit-stride layout and a group of at most {limit} "
+                f"tile slots; got {max_group} channels x {L} positions (unit stride: "
+                f"{unit_stride}); use 'auto', 'fused' or 'split'"
+            )
     block_c, block_l = _tile(max_group, L, channels_fast)
     group_elems = max_group * L
     if regime == "auto":
+        # Groups that fit on chip took the branch above; the rest are fused when the (sample,
+        # group) pairs alone fill the GPU, else split into chunks so that every SM has programs.
         fills_gpu = N * num_groups >= PROGRAMS_PER_SM * sm_count
-        regime = "fused" if fills_gpu or group_elems <= FUSED_MAX_GROUP_ELEMS else "split"
+        regime = "fused" if fills_gpu else "split"
     if regime == "fused":
         return LaunchConfig("fused", block_c, block_l, L, 1)
-    if regime == "split" and group_elems <= FUSED_MAX_GROUP_ELEMS:
-        # Forced split on a small group (tests): about four chunks of one small tile each, so
-        # that the partial/merge path really merges several chunks.
-        block_l = min(block_l, next_pow2(-(-L // 4)))
-        chunks_wanted = 4
-    else:
-        want = -(-PROGRAMS_PER_SM * sm_count // max(1, N * num_groups))
-        chunks_wanted = max(1, min(want, group_elems // MIN_CHUNK_ELEMS, MAX_CHUNKS))
+    want = -(-PROGRAMS_PER_SM * sm_count // max(1, N * num_groups))
+    chunks_wanted = max(1, min(want, group_elems // MIN_CHUNK_ELEMS, MAX_CHUNKS))
+    if chunks_wanted == 1:
+        # Forced split of a small group (tests): a few chunks, so that the partial/merge path
+        # really merges several.
+        chunks_wanted = min(4, L)
+    # Chunks are whole tiles: shorten the tile along L so that a short L still splits (an L of
+    # one tile would otherwise collapse to one chunk), widening it along C to keep TILE.
+    block_l = min(block_l, next_pow2(-(-L // chunks_wanted)))
+    if not channels_fast:
+        block_c = max(1, min(next_pow2(max_group), TILE // block_l))
     chunk_l = -(-L // chunks_wanted)
     chunk_l = -(-chunk_l // block_l) * block_l  # whole tiles per chunk
     chunks = -(-L // chunk_l)

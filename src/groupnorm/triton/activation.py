@@ -1,0 +1,38 @@
+"""Fused activations inside the Triton kernels: the jit helpers.
+
+``ACT`` is the code from ``groupnorm.activations.triton_code``, a ``tl.constexpr``, so each
+activation compiles to its own kernel with no branch.
+"""
+
+import triton
+import triton.language as tl
+
+__all__: list[str] = []
+
+
+@triton.jit
+def _act(u, ACT: tl.constexpr):
+    """act(u): 0 identity, 1 silu, 2 gelu (exact erf), 3 relu (NaN propagates)."""
+    if ACT == 1:
+        return u * tl.sigmoid(u)
+    elif ACT == 2:
+        return 0.5 * u * (1.0 + tl.erf(u * 0.7071067811865476))
+    elif ACT == 3:
+        return tl.where(u < 0.0, 0.0, u)
+    else:
+        return u
+
+
+@triton.jit
+def _act_grad(u, ACT: tl.constexpr):
+    """d act(u) / du."""
+    if ACT == 1:
+        s = tl.sigmoid(u)
+        return s * (1.0 + u * (1.0 - s))
+    elif ACT == 2:
+        cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
+        return cdf + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
+    elif ACT == 3:
+        return tl.where(u > 0.0, 1.0, 0.0)
+    else:
+        return tl.full(u.shape, 1.0, tl.float32)
