@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from groupnorm import reference as ref
+from groupnorm.study.config import RunSpec, TrainConfig
 from groupnorm.study.models import (
     PerDeviceBatchNorm2d,
     ResNet,
@@ -15,7 +16,7 @@ from groupnorm.study.models import (
     reestimate_bn,
     set_virtual_devices,
 )
-from groupnorm.study.training import RunSpec, TrainConfig, lr_at
+from groupnorm.study.training import lr_at
 from tests._tolerances import assert_matches
 
 

@@ -6,9 +6,9 @@ import json
 import math
 from pathlib import Path
 
+from groupnorm.study.config import PRESETS
 from groupnorm.study.report import checks, render_report
 from groupnorm.study.results import append_result
-from groupnorm.study.runner import PRESETS
 
 T2 = 4.302652729749752  # t_{0.975, 2}
 
@@ -70,7 +70,8 @@ def test_checks_fail_when_the_results_do_not_show_it(tmp_path: Path) -> None:
 
 
 def test_plan_is_seed_major_and_deduplicated() -> None:
-    from groupnorm.study.runner import StudyConfig, plan_runs
+    from groupnorm.study.config import StudyConfig
+    from groupnorm.study.runner import plan_runs
 
     cfg = StudyConfig(arms={"bn": (32, 2), "gn": (32, 2)}, seeds=(0, 1), sweep=True)
     specs = plan_runs(cfg)

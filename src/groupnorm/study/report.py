@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from groupnorm.study.ci import Summary, summarize
+from groupnorm.study.config import ARM_NAMES
+from groupnorm.study.intervals import Summary, summarize
 from groupnorm.study.results import read_results
-from groupnorm.study.training import ARM_NAMES
 
 __all__ = ["Check", "cells", "checks", "render_report"]
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from groupnorm.study.ci import summarize, t_cdf, t_quantile
+from groupnorm.study.intervals import summarize, t_cdf, t_quantile
 
 # Two-sided 95 % critical values t_{0.975, df} from standard tables.
 TABLE = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 9: 2.2622, 29: 2.0452, 120: 1.9799}
