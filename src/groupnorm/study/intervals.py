@@ -1,9 +1,13 @@
-"""Confidence intervals over seeds: Student's t, with no SciPy.
+"""Confidence intervals and tests over seeds: Student's t, with no SciPy.
 
 For n runs with mean m and sample standard deviation s (divisor n - 1), the 95 % interval of the
-mean is ``m +/- t_{0.975, n-1} * s / sqrt(n)``. The t quantile is found by bisection on the t
-CDF, ``F(t) = 1 - I_{nu/(nu+t^2)}(nu/2, 1/2) / 2`` for t >= 0, with the regularized incomplete
-beta function I evaluated by its continued fraction (modified Lentz's method).
+mean is ``m +/- t_{0.975, n-1} * s / sqrt(n)``. Paired comparisons (:func:`paired`) apply it to
+the per-seed differences d_i = a_i - b_i; the equivalence test (:func:`tost`, Schuirmann's two
+one-sided tests) declares |mean d| < margin when both ``t_lo = (m + margin) / se`` and
+``t_hi = (m - margin) / se`` are significant at alpha, one-sided; that is the same as the
+``1 - 2 alpha`` interval lying inside (-margin, margin). The t quantile is found by bisection
+on the t CDF, ``F(t) = 1 - I_{nu/(nu+t^2)}(nu/2, 1/2) / 2`` for t >= 0, with the regularized
+incomplete beta function I evaluated by its continued fraction (modified Lentz's method).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Summary", "summarize", "t_cdf", "t_quantile"]
+__all__ = ["Paired", "Summary", "Tost", "paired", "summarize", "t_cdf", "t_quantile", "tost"]
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -98,3 +102,66 @@ def summarize(values: Sequence[float], confidence: float = 0.95) -> Summary:
         return Summary(mean, math.nan, 1)
     s = statistics.stdev(values)
     return Summary(mean, t_quantile((1 + confidence) / 2, n - 1) * s / math.sqrt(n), n)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A paired comparison over n seeds: mean difference, its standard error, the t statistic
+    ``mean / se`` (df = n - 1) and the two-sided ``confidence`` interval (lo, hi)."""
+
+    n: int
+    mean: float
+    se: float
+    t: float
+    lo: float
+    hi: float
+    confidence: float
+
+
+def paired(diffs: Sequence[float], confidence: float = 0.95) -> Paired:
+    """Student's t interval of the mean of per-seed differences (at least two)."""
+    n = len(diffs)
+    if n < 2:
+        raise ValueError(f"a paired interval needs at least 2 differences, got {n}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(n)
+    half = t_quantile((1 + confidence) / 2, n - 1) * se
+    t = mean / se if se > 0 else math.copysign(math.inf, mean) if mean else math.nan
+    return Paired(n, mean, se, t, mean - half, mean + half, confidence)
+
+
+@dataclass(frozen=True)
+class Tost:
+    """Two one-sided tests of ``|mean| < margin``: both t statistics (df = n - 1), their
+    one-sided p values, the ``1 - 2 alpha`` interval, and whether equivalence is shown."""
+
+    n: int
+    mean: float
+    margin: float
+    t_lo: float
+    t_hi: float
+    p: float  # the larger of the two one-sided p values
+    lo: float
+    hi: float
+    equivalent: bool
+
+
+def tost(diffs: Sequence[float], margin: float, alpha: float = 0.05) -> Tost:
+    """Schuirmann's TOST on per-seed differences: H0 ``mean <= -margin`` or ``mean >= margin``
+    is rejected (equivalence shown) when ``max(p_lo, p_hi) < alpha``, with
+    ``p_lo = 1 - F(t_lo)``, ``p_hi = F(t_hi)`` and F the t CDF with n - 1 df."""
+    if not margin > 0:
+        raise ValueError(f"the equivalence margin must be > 0, got {margin}")
+    if not 0 < alpha < 0.5:
+        raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
+    ci = paired(diffs, 1 - 2 * alpha)
+    df = ci.n - 1
+    if ci.se > 0:
+        t_lo, t_hi = (ci.mean + margin) / ci.se, (ci.mean - margin) / ci.se
+        p = max(1 - t_cdf(t_lo, df), t_cdf(t_hi, df))
+    else:  # identical differences: equivalent exactly when inside the margin
+        t_lo, t_hi = math.inf, -math.inf
+        p = 0.0 if abs(ci.mean) < margin else 1.0
+    return Tost(ci.n, ci.mean, margin, t_lo, t_hi, p, ci.lo, ci.hi, p < alpha)
