@@ -158,7 +158,7 @@ def _control_lines(records: list[dict[str, Any]]) -> list[str]:
         lines += _paired_line(
             train[("gn", n)],
             train.get(("gn", 32), none),
-            f"GN train error (eval mode), N={n} - N=32",
+            f"GN train error, N={n} - N=32",
         )
     if not lines:
         return []
@@ -191,8 +191,9 @@ def _seed_lines(records: list[dict[str, Any]], config: dict[str, Any]) -> list[s
     if overlap:
         lines.append(f"- **Seeds used for both**: {overlap}: these results are not clean.")
     lines.append(
-        f"- Tuning seeds are {list(TUNING_SEEDS)} and up (`--tune`); a seed's training images "
-        "are its own draw from the pool, so seeds differ in data as well as initialization."
+        f"- Tuning seeds are {list(TUNING_SEEDS)} and up (`--tune`). Each seed trains on its "
+        "own draw of training images from the pool (the whole pool when it is no larger than "
+        "the training size, as for the generated strokes), and its own initialization."
     )
     return lines
 
