@@ -2,8 +2,8 @@
 # One-shot GPU check for a session that has a CUDA device: about 10 minutes on an H100/H200.
 #
 #   1. the Triton kernel tests on the GPU (real kernels, not the interpreter), slow ones skipped;
-#   2. groupnorm bench over every SPEC.md shape, NCHW and channels-last, fwd and fwd+bwd
-#      (providers: ours, torch, cuDNN BatchNorm; torch.compile's figures are in SPEC.md and its
+#   2. groupnorm bench over every docs/spec.md shape, NCHW and channels-last, fwd and fwd+bwd
+#      (providers: ours, torch, cuDNN BatchNorm; torch.compile's figures are in docs/spec.md and its
 #      compiles would not fit the budget), JSON under benchmarks/results/ named with the device;
 #   3. the performance MODEL (benchmarks/model.py) beside each measurement, >20 % gaps flagged.
 #

@@ -1,4 +1,4 @@
-"""A performance MODEL (not a measurement) of the Triton GroupNorm kernels on SPEC.md's shapes.
+"""A performance MODEL (not a measurement) of the Triton GroupNorm kernels on docs/spec.md's shapes.
 
     python benchmarks/model.py [--device h100|h200] [--json PATH] [--compare BENCH.json]
 
@@ -13,7 +13,7 @@ Assumptions (each a number below, each the first suspect when a measurement disa
 1. Time = launches x LAUNCH_US + DRAM bytes / (ETA x copy rate), with the bandwidth capped by
    the bytes a launch keeps in flight (Little's law: in-flight bytes / DRAM_LATENCY_US). LAUNCH_US
    and ETA are fitted (least squares on relative error) to the H100 two-kernel split prototype
-   timings in SPEC.md (the calibration table is printed); the prototype's programs filled the GPU,
+   timings in docs/spec.md (the calibration table is printed); the prototype's programs filled the GPU,
    so the in-flight cap did not bind there. LAUNCH_US stands for everything a launch costs
    beyond moving bytes (launch gap, ramp-up, tail), so it is larger than a bare launch.
 2. Issued reads come from heuristics.PASSES (the traffic tests assert them under the
@@ -45,7 +45,7 @@ from groupnorm.triton import heuristics as h
 # ---------------------------------------------------------------------------- the assumptions
 
 DEVICES = {
-    # SPEC.md: copy rate (read + write), SMs, L2. L2_EFFECTIVE: what a schedule may count on
+    # docs/spec.md: copy rate (read + write), SMs, L2. L2_EFFECTIVE: what a schedule may count on
     # (about half of L2: set-associativity, other traffic, write-back).
     "h100": dict(copy_bw=3.0e12, sms=132, l2=50e6, l2_effective=25e6),
     "h200": dict(copy_bw=4.3e12, sms=132, l2=60e6, l2_effective=30e6),
@@ -55,7 +55,7 @@ REGS_PER_SLOT_THREAD = 1.25  # registers ~ 48 + 1.25 x tile slots per thread (sw
 REGS_BASE = 48
 LOOP_KERNEL_REGS = 64  # the loop-based kernels at 4 warps (compiled: 32-55 NCHW)
 
-# SPEC.md: H100, bf16, forward, the plain two-kernel split prototype, median microseconds.
+# docs/spec.md: H100, bf16, forward, the plain two-kernel split prototype, median microseconds.
 PROTOTYPE = [
     (Shape("VAE 1x128x512^2", 1, 128, (512, 512)), 88.0),
     (Shape("FPN 2x256x200x304", 2, 256, (200, 304)), 83.0),
@@ -63,7 +63,7 @@ PROTOTYPE = [
     (Shape("ResNet 32x256x56^2", 32, 256, (56, 56)), 72.0),
     (Shape("SD 2x320x64^2", 2, 320, (64, 64)), 13.0),
 ]
-# SPEC.md, H100 bf16 forward: cuDNN BatchNorm (NHWC) and torch.compile (NCHW), microseconds.
+# docs/spec.md, H100 bf16 forward: cuDNN BatchNorm (NHWC) and torch.compile (NCHW), microseconds.
 BASELINES = {
     (2, 320, (64, 64)): {"cudnn_bn": 27.0, "torch_compile": 63.0},
     (1, 128, (512, 512)): {"cudnn_bn": 197.0, "torch_compile": 355.0},
@@ -303,7 +303,7 @@ def main() -> int:
     parser.add_argument("--compare", type=Path, help="a groupnorm bench JSON to set beside")
     args = parser.parse_args()
     launch_us, eta, table = fit_calibration()
-    print("PERFORMANCE MODEL (no GPU ran this); calibration on SPEC.md's H100 prototype:")
+    print("PERFORMANCE MODEL (no GPU ran this); calibration on docs/spec.md's H100 prototype:")
     print(f"  fitted launch cost {launch_us:.2f} us, streaming efficiency {eta:.3f} of copy rate")
     for label, measured, modeled in table:
         print(f"  {label:<26} measured {measured:6.1f} us  model {modeled:6.1f} us")

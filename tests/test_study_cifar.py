@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from groupnorm.study import cifar
+from groupnorm.study.config import StudyConfig
 from groupnorm.study.data import load_dataset
-from groupnorm.study.runner import StudyConfig
 from tests._tolerances import assert_matches
 
 

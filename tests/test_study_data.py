@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from groupnorm.cli import main
+from groupnorm.study.config import PRESETS, StudyConfig, with_overrides
 from groupnorm.study.data import load_dataset, make_strokes
-from groupnorm.study.runner import PRESETS, StudyConfig, with_overrides
 
 
 def test_strokes_are_reproducible_balanced_and_standardized() -> None:

@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 import torch
 
+from groupnorm import WSConv2d
 from groupnorm import reference as ref
+from groupnorm.study.config import RunSpec, TrainConfig
 from groupnorm.study.models import (
     PerDeviceBatchNorm2d,
     ResNet,
-    WSConv2d,
     make_norm,
     reestimate_bn,
     set_virtual_devices,
 )
-from groupnorm.study.training import RunSpec, TrainConfig, lr_at
+from groupnorm.study.training import lr_at
 from tests._tolerances import assert_matches
 
 
@@ -155,25 +156,25 @@ def test_run_spec_validation() -> None:
         TrainConfig(epochs=2, eval_epochs=3)
 
 
-def test_weight_standardized_conv() -> None:
-    gen = torch.Generator().manual_seed(11)
-    conv = WSConv2d(3, 4, 3, padding=1, bias=False).double()
-    with torch.no_grad():
-        conv.weight.copy_(
-            torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64) * 3 + 1
-        )
-    x = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64)
-    w = conv.weight.detach().numpy().reshape(4, -1)
-    w_hat = (w - w.mean(1, keepdims=True)) / np.sqrt(w.var(1, keepdims=True) + 1e-5)
-    expected = torch.nn.functional.conv2d(x, torch.from_numpy(w_hat.reshape(4, 3, 3, 3)), padding=1)
-    assert_matches(conv(x), expected.numpy(), torch.float64, reduction=27, what="WS conv")
-    model = ResNet(make_norm("gnws", 2), width=4, conv=WSConv2d)
-    assert sum(isinstance(m, WSConv2d) for m in model.modules()) == 9
+def test_the_gnws_arm_runs_the_shipped_wsconv2d() -> None:
+    # The GN+WS arm must train groupnorm.WSConv2d (tested against float64 in test_convert), not
+    # a copy of it: every convolution of its model is that class, and no other arm has one.
+    from groupnorm.study.data import Dataset
+    from groupnorm.study.training import build_model
+
+    x = torch.zeros(4, 3, 8, 8)
+    data = Dataset("x", x, torch.zeros(4, dtype=torch.int64), x, x[:, 0, 0, 0].long(), 10)
+    cfg = TrainConfig(width=4)
+    ws = build_model(RunSpec("gnws", 2, 0, groups=2), cfg, data)
+    convs = [m for m in ws.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 9 and all(type(m) is WSConv2d for m in convs)
+    gn = build_model(RunSpec("gn", 2, 0, groups=2), cfg, data)
+    assert not any(isinstance(m, WSConv2d) for m in gn.modules())
 
 
 def test_reestimated_population_statistics() -> None:
-    """bnpop: running statistics become the average over whole batches of each batch's mean
-    and unbiased variance; the per-device setting and momentum are restored."""
+    """Population statistics: running statistics become the average over whole batches of each
+    batch's mean and unbiased variance; the per-device setting and momentum are restored."""
     gen = torch.Generator().manual_seed(12)
     bn = PerDeviceBatchNorm2d(3, devices=4)
     model = torch.nn.Sequential(bn)
@@ -187,3 +188,24 @@ def test_reestimated_population_statistics() -> None:
     assert_matches(bn.running_mean, mean, torch.float64, what="population mean")
     assert_matches(bn.running_var, var, torch.float64, what="population var")
     assert bn.devices == 4 and bn.momentum == 0.1
+
+
+def test_a_run_trains_on_its_seeds_draw_and_records_both_bn_evaluations() -> None:
+    from groupnorm.study.config import PRESETS, with_overrides
+    from groupnorm.study.data import load_dataset
+    from groupnorm.study.training import train_run
+
+    cfg = with_overrides(PRESETS["tiny"], train_size=48, val_size=16, test_size=32)
+    data = load_dataset(cfg, None)
+    assert len(data.train_y) == 48 + 16 - 16 and data.run_size == 48
+    train = with_overrides(cfg, train_epochs=2, train_eval_epochs=2).train
+    bn = train_run(RunSpec("bn", 4, 0), train, data, torch.device("cpu"))
+    gn = train_run(RunSpec("gn", 4, 0, groups=2), train, data, torch.device("cpu"))
+    assert bn["train_images"] == gn["train_images"] == 48
+    assert len(bn["pop_test_error_per_epoch"]) == len(bn["test_error_per_epoch"]) == 2
+    assert "pop_test_error" not in gn
+    # Errors on 32 test and 48 training images are multiples of 1/32 and 1/48 of 100 %.
+    for rec in (bn, gn):
+        assert all((e * 32 / 100).is_integer() for e in rec["test_error_per_epoch"])
+        assert all((e * 48 / 100).is_integer() for e in rec["train_error_per_epoch"])
+        assert len(rec["running_train_error_per_epoch"]) == 2

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from groupnorm.cli import main
+from groupnorm.study.config import PRESETS
 from groupnorm.study.results import RESULTS, append_result, read_results, repair
-from groupnorm.study.runner import PRESETS, plan_runs
+from groupnorm.study.runner import plan_runs
 
 ARGS = ["study", "--preset", "tiny", "--no-progress"]
 STUDY = [sys.executable, "-m", "groupnorm.cli", *ARGS]

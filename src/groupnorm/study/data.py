@@ -10,7 +10,12 @@ orientations overlap and the colour families overlap by a margin, so some images
 the quick preset's small ResNet ends at 23-27 % test error with BN or GN, not 1 %, and there is
 room to do worse.
 
-CIFAR (the torchvision folder layout, MD5-checked) is read by :mod:`groupnorm.study.cifar`.
+Fashion-MNIST (idx files, checksummed) is read by :mod:`groupnorm.study.fashion`, CIFAR (the
+torchvision folder layout, MD5-checked) by :mod:`groupnorm.study.cifar`.
+
+Splits: ``val_size`` images of the training file (a fixed draw with ``data_seed``) are held out
+for recipe choices; the rest is the pool each run draws its own ``train_size`` images from (the
+draw depends on the run's seed). The test set is the first ``test_size`` test images (None: all).
 """
 
 from __future__ import annotations
@@ -18,25 +23,29 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from groupnorm.study import cifar
+from groupnorm.study import cifar, fashion
+from groupnorm.study.config import StudyConfig
 
-if TYPE_CHECKING:
-    from groupnorm.study.runner import StudyConfig
-
-__all__ = ["DATASETS", "Dataset", "load_dataset", "make_strokes"]
+__all__ = ["Dataset", "load_dataset", "make_strokes"]
 
 ORIENTATIONS = 5
+NUM_STROKE_CLASSES = 2 * ORIENTATIONS
 
 
 @dataclass(frozen=True)
 class Dataset:
     """Tensors in memory: images (N, C, H, W) float32, standardized per channel with the
-    training set's statistics; labels (N,) int64."""
+    pool's statistics; labels (N,) int64.
+
+    ``train_x``/``train_y``: the pool runs draw their training images from; ``test_x``/
+    ``test_y``: what runs are evaluated on, the test set or, when choosing a recipe, the
+    validation split (``evaluated_on`` says which; the other is not loaded at all);
+    ``run_size``: training images per run (None: the whole pool, in its order).
+    """
 
     name: str
     train_x: torch.Tensor
@@ -44,10 +53,22 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    evaluated_on: str = "test"
+    run_size: int | None = None
 
     @property
     def in_channels(self) -> int:
         return int(self.train_x.shape[1])
+
+    def run_indices(self, seed: int) -> torch.Tensor:
+        """The pool indices of seed ``seed``'s training images: a draw of ``run_size`` without
+        replacement (its own generator, so the model's init and batch order do not shift it),
+        or the whole pool when ``run_size`` is None or not smaller than the pool."""
+        pool = len(self.train_y)
+        if self.run_size is None or self.run_size >= pool:
+            return torch.arange(pool)
+        gen = torch.Generator().manual_seed(20_000 + seed)
+        return torch.randperm(pool, generator=gen)[: self.run_size].sort().values
 
 
 def _colour(family: torch.Tensor, gen: torch.Generator, overlap: float) -> torch.Tensor:
@@ -111,6 +132,36 @@ def _render(
     return img + noise * torch.randn(img.shape, generator=gen)
 
 
+def _strokes_raw(
+    train: int,
+    test: int,
+    seed: int,
+    size: int,
+    noise: float = 0.05,
+    overlap: float = 0.1,
+    jitter: float = 0.4,
+    strokes: int = 3,
+    distractors: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``train + test`` unstandardized images (B, 3, size, size) and balanced labels (B,)."""
+    if train < 10 or test < 10:
+        raise ValueError(f"strokes needs at least 10 train and 10 test images, got {train}, {test}")
+    if size < 8:
+        raise ValueError(
+            f"strokes images must be at least 8 px (bars up to 9 px long), got size={size}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(train + test) % NUM_STROKE_CLASSES
+    labels = labels[torch.randperm(train + test, generator=gen)]
+    x = torch.cat(
+        [
+            _render(chunk, gen, size, noise, overlap, jitter, strokes, distractors)
+            for chunk in labels.split(4096)
+        ]
+    )
+    return x, labels
+
+
 def make_strokes(
     train: int = 10000,
     test: int = 2000,
@@ -132,68 +183,101 @@ def make_strokes(
     many radians (the classes are pi/5 = 0.63 rad apart); ``strokes``: bars per image;
     ``distractors``: fainter bars of any angle and colour.
     """
-    if train < 10 or test < 10:
-        raise ValueError(f"strokes needs at least 10 train and 10 test images, got {train}, {test}")
-    if size < 8:
-        raise ValueError(
-            f"strokes images must be at least 8 px (bars up to 9 px long), got size={size}"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    num_classes = 2 * ORIENTATIONS
-    labels = torch.arange(train + test) % num_classes
-    labels = labels[torch.randperm(train + test, generator=gen)]
-    x = torch.cat(
-        [
-            _render(chunk, gen, size, noise, overlap, jitter, strokes, distractors)
-            for chunk in labels.split(4096)
-        ]
-    )
-    return _standardized("strokes", x, labels, train, num_classes)
-
-
-def _standardized(
-    name: str, x: torch.Tensor, labels: torch.Tensor, train: int, num_classes: int
-) -> Dataset:
-    """Split at ``train`` and standardize every channel with the training images' statistics."""
-    x = x.float()
+    x, labels = _strokes_raw(train, test, seed, size, noise, overlap, jitter, strokes, distractors)
     mean = x[:train].mean(dim=(0, 2, 3), keepdim=True)
     std = x[:train].std(dim=(0, 2, 3), keepdim=True)
     x = (x - mean) / std
     return Dataset(
-        name,
+        "strokes",
         x[:train].contiguous(),
         labels[:train].contiguous(),
         x[train:].contiguous(),
         labels[train:].contiguous(),
-        num_classes,
+        NUM_STROKE_CLASSES,
     )
 
 
-DATASETS = ("strokes", "cifar10", "cifar100")
-
-
-def load_dataset(
-    cfg: StudyConfig, data_dir: str | None, *, download_url: str | None = None
+def _splits(
+    cfg: StudyConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
 ) -> Dataset:
-    """The study's data: generated (``strokes``) or read from ``data_dir`` (CIFAR; fetched first
-    when ``download_url`` is given, "" meaning the official address). ``train_size`` /
-    ``test_size`` take the first images of each split (all of them when None)."""
-    if cfg.data == "strokes":
-        return make_strokes(
-            cfg.train_size or 10000, cfg.test_size or 2000, seed=cfg.data_seed, size=cfg.image_size
-        )
-    if cfg.data not in DATASETS:
-        raise ValueError(f"unknown data {cfg.data!r}; choose one of {DATASETS}")
-    if data_dir is None:
+    """Hold ``cfg.val_size`` of the training file out, standardize every channel with the
+    pool's statistics, and keep the split runs are evaluated on (``cfg.evaluate``)."""
+    if cfg.val_size:
+        if cfg.val_size >= len(y):
+            raise ValueError(
+                f"val_size {cfg.val_size} leaves no training images of the {len(y)} there are"
+            )
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.data_seed))
+        val, pool = order[: cfg.val_size], order[cfg.val_size :].sort().values
+        val_x, val_y, x, y = x[val], y[val], x[pool], y[pool]
+    if cfg.train_size is not None and cfg.train_size > len(y):
         raise ValueError(
-            f"--data {cfg.data} reads the torchvision folder layout from "
-            f"--data-dir DIR (add --download to fetch it)"
+            f"train_size {cfg.train_size} exceeds the {len(y)} training images left after "
+            f"holding out {cfg.val_size} for validation"
         )
-    if download_url is not None:
-        cifar.download(Path(data_dir), cfg.data, url=download_url or None)
-    tx, ty, vx, vy, classes = cifar.read_cifar(Path(data_dir), cfg.data)
-    ntr = len(ty) if cfg.train_size is None else min(cfg.train_size, len(ty))
+    x = x.float()
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    std = x.std(dim=(0, 2, 3), keepdim=True)
+    if cfg.evaluate == "val":
+        test_x, test_y = val_x, val_y
+    return Dataset(
+        cfg.data,
+        ((x - mean) / std).contiguous(),
+        y.contiguous(),
+        ((test_x.float() - mean) / std).contiguous(),
+        test_y.contiguous(),
+        num_classes,
+        evaluated_on=cfg.evaluate,
+        run_size=cfg.train_size,
+    )
+
+
+def fetch(cfg: StudyConfig, data_dir: str | None, download_url: str | None) -> None:
+    """Download the data set first when it can be and ``download_url`` is given ("" meaning
+    the official address); the generated and Debian-packaged sets need nothing."""
+    if download_url is None:
+        return
+    if cfg.data not in cifar.CIFAR:
+        raise ValueError(
+            f"--download fetches CIFAR only; {cfg.data} is "
+            + ("generated" if cfg.data == "strokes" else f"installed: {fashion.INSTALL_HINT}")
+        )
+    if data_dir is None:
+        raise ValueError(f"--download needs --data-dir DIR to put {cfg.data} in")
+    cifar.download(Path(data_dir), cfg.data, url=download_url or None)
+
+
+def load_dataset(cfg: StudyConfig, data_dir: str | None) -> Dataset:
+    """The study's data: generated (``strokes``) or read from ``data_dir`` (Fashion-MNIST: by
+    default where Debian installs it; CIFAR: the torchvision layout), split as the module
+    docstring says."""
+    if cfg.data == "strokes":
+        n_train = (cfg.train_size or 10000) + cfg.val_size
+        n_test = cfg.test_size or 2000
+        x, y = _strokes_raw(n_train, n_test, cfg.data_seed, cfg.image_size)
+        return _splits(cfg, x[:n_train], y[:n_train], x[n_train:], y[n_train:], NUM_STROKE_CLASSES)
+    if cfg.data == "fashion-mnist":
+        tx, ty, vx, vy = fashion.read_fashion_mnist(data_dir or fashion.DEFAULT_DIR)
+        tx, vx = tx[:, None], vx[:, None]  # (n, 1, 28, 28)
+        classes = fashion.NUM_CLASSES
+    else:
+        if data_dir is None:
+            raise ValueError(
+                f"--data {cfg.data} reads the torchvision folder layout from "
+                f"--data-dir DIR (add --download to fetch it)"
+            )
+        tx, ty, vx, vy, classes = cifar.read_cifar(Path(data_dir), cfg.data)
     nte = len(vy) if cfg.test_size is None else min(cfg.test_size, len(vy))
-    x = torch.from_numpy(np.concatenate([tx[:ntr], vx[:nte]])).float() / 255
-    y = torch.from_numpy(np.concatenate([ty[:ntr], vy[:nte]]))
-    return _standardized(cfg.data, x, y, ntr, classes)
+    return _splits(
+        cfg,
+        torch.from_numpy(np.ascontiguousarray(tx)).float() / 255,
+        torch.from_numpy(ty),
+        torch.from_numpy(np.ascontiguousarray(vx[:nte])).float() / 255,
+        torch.from_numpy(vy[:nte]),
+        classes,
+    )

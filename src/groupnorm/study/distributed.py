@@ -15,21 +15,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from groupnorm.study.data import load_dataset
-from groupnorm.study.results import append_result, read_results, repair
-from groupnorm.study.runner import StudyConfig, plan_runs, save_or_check_config, with_overrides
+from groupnorm.study.config import StudyConfig, with_overrides
+from groupnorm.study.data import fetch, load_dataset
+from groupnorm.study.results import append_result
+from groupnorm.study.runner import pick_device, plan_runs, prepare
 from groupnorm.study.training import train_run
 
 __all__ = ["run_distributed"]
-
-
-def _device(requested: str, local_rank: int) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(requested)
 
 
 def run_distributed(
@@ -44,20 +36,15 @@ def run_distributed(
     """Run the study's remaining runs with one process per device (torchrun's environment)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    dev = _device(device, local_rank)
+    dev = pick_device(device, local_rank)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     try:
         if cfg.train.workers != world:
             cfg = with_overrides(cfg, train_workers=world)
         todo_keys: list[object] = [None]
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            save_or_check_config(out, cfg)
-            repair(out)
-            finished = {r["key"] for r in read_results(out)}
-            todo_keys = [[s.key for s in plan_runs(cfg) if s.key not in finished]]
-            # Rank 0 fetches CIFAR (if asked) before the others read it.
-            load_dataset(cfg, data_dir, download_url=download_url)
+            todo_keys = [[s.key for s in prepare(cfg, out)]]
+            fetch(cfg, data_dir, download_url)  # before any rank reads the files
         dist.broadcast_object_list(todo_keys, src=0)
         keys = todo_keys[0]
         assert isinstance(keys, list)

@@ -10,9 +10,11 @@ Arms (``NORMS``), on an (N, C, H, W) activation:
 - ``gn``:  :class:`groupnorm.GroupNorm` with G groups (statistics over C/G channels and H, W).
 - ``ln``:  GroupNorm with G = 1 (LayerNorm over C, H, W).
 - ``in``:  GroupNorm with G = C (InstanceNorm).
-- ``gnws``: GN with Weight Standardization on every convolution (Qiao et al. 2019).
-- ``bnpop``: BN trained as ``bn``, evaluated with population statistics re-estimated over the
-  training set in large batches instead of the running averages of small-batch statistics.
+- ``gnws``: GN with Weight Standardization (:class:`groupnorm.WSConv2d`) on every convolution
+  (Qiao et al. 2019).
+
+Every ``bn`` run is also evaluated with population statistics (:func:`reestimate_bn`) instead of
+the running averages of small-batch statistics: the same weights, another evaluation.
 
 Initialization follows Wu & He (2018) section 4.1: He (fan-out) init for convolutions, gamma = 1
 and beta = 0 everywhere except gamma = 0 on the last norm layer of each residual block, so every
@@ -28,23 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from groupnorm.modules import GroupNorm
+from groupnorm.study.config import BATCH_NORMS, NORMS
 
 __all__ = [
-    "BATCH_NORMS",
-    "GROUP_NORMS",
-    "NORMS",
     "PerDeviceBatchNorm2d",
     "ResNet",
-    "WSConv2d",
     "make_norm",
     "reestimate_bn",
     "set_synchronized",
     "set_virtual_devices",
 ]
-
-NORMS = ("bn", "syncbn", "gn", "ln", "in", "gnws", "bnpop")
-BATCH_NORMS = ("bn", "syncbn", "bnpop")
-GROUP_NORMS = ("gn", "gnws")  # the arms that take G or channels per group
 
 
 class PerDeviceBatchNorm2d(nn.BatchNorm2d):
@@ -198,8 +193,8 @@ def reestimate_bn(
 ) -> None:
     """Replace every BN layer's running statistics by population statistics: the average over
     the whole batches of ``batch`` images of ``x`` (the training set) of each batch's mean and
-    unbiased variance, computed over the full batch (one device). Used before evaluating the
-    ``bnpop`` arm; training-mode outputs do not depend on the running statistics."""
+    unbiased variance, computed over the full batch (one device). Training-mode outputs do not
+    depend on the running statistics."""
     bns = [m for m in model.modules() if isinstance(m, PerDeviceBatchNorm2d)]
     saved = [(m.momentum, m.devices) for m in bns]
     for m in bns:
@@ -230,18 +225,6 @@ def set_synchronized(model: nn.Module, synchronized: bool) -> None:
     for m in model.modules():
         if isinstance(m, PerDeviceBatchNorm2d):
             m.synchronized = synchronized
-
-
-class WSConv2d(nn.Conv2d):
-    """Conv2d with Weight Standardization: each output filter's weights are standardized over
-    (in_channels, kh, kw) before the convolution, ``w_hat = (w - mean) / sqrt(var + eps)``
-    (biased variance), as in Qiao et al. (2019) "Micro-Batch Training with Batch-Channel
-    Normalization and Weight Standardization"."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), correction=0, keepdim=True)
-        w = (self.weight - mean) * torch.rsqrt(var + 1e-5)
-        return self._conv_forward(input, w, self.bias)
 
 
 class BasicBlock(nn.Module):

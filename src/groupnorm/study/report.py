@@ -1,8 +1,9 @@
 """The study's report, rendered from ``results.jsonl`` alone: markdown tables and PNG plots.
 
 - ``report.md``: test error (%) mean ± 95 % CI (Student's t over seeds) per arm and images per
-  device N, the paper's ImageNet numbers beside it, train error, the group sweep, and the
-  checks the quick preset must pass, each with the numbers that decide it.
+  device N, the paper's ImageNet numbers beside it, train error (eval mode), the group sweep,
+  the pre-registered claims (:mod:`groupnorm.study.protocol`) each with its test statistic,
+  interval and verdict, the control arms, and which seeds were used for what.
 - ``batch_size.png``: error vs N (log-2 axis, N falling left to right as in the paper's figure 1),
   one line per norm with its CI band; test and train error side by side.
 - ``groups.png``: error vs G and vs channels per group at N = 32.
@@ -18,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from groupnorm.study.ci import Summary, summarize
+from groupnorm.study.config import ARM_NAMES, POP_ARM, TUNING_SEEDS
+from groupnorm.study.intervals import Summary, paired, summarize
+from groupnorm.study.protocol import MARGIN, cell_errors, decide
 from groupnorm.study.results import read_results
-from groupnorm.study.training import ARM_NAMES
 
-__all__ = ["Check", "cells", "checks", "render_report"]
+__all__ = ["cells", "render_report"]
 
 # Wu & He (2018), ResNet-50 on ImageNet, validation error (%): docs/spec.md#the-papers-numbers.
 PAPER_BATCH = {
@@ -34,11 +36,11 @@ PAPER_BATCH = {
 PAPER_GROUPS = {64: 24.6, 32: 24.1, 16: 24.6, 8: 24.4, 4: 24.6, 2: 24.7, 1: 25.3}
 PAPER_CPG = {64: 24.4, 32: 24.5, 16: 24.2, 8: 24.3, 4: 24.8, 2: 25.6, 1: 28.4}
 
-ORDER = ("BN", "SyncBN", "BN (pop. stats)", "GN", "GN+WS", "LN", "IN")
+ORDER = ("BN", "SyncBN", POP_ARM, "GN", "GN+WS", "LN", "IN")
 COLOURS = {
     "BN": "tab:blue",
     "SyncBN": "tab:cyan",
-    "BN (pop. stats)": "tab:olive",
+    POP_ARM: "tab:olive",
     "GN": "tab:red",
     "GN+WS": "tab:orange",
     "LN": "tab:green",
@@ -48,13 +50,14 @@ COLOURS = {
 
 @dataclass(frozen=True)
 class Cell:
-    """All seeds of one arm at one N: ``test`` and ``train`` summaries."""
+    """All seeds of one arm at one N: ``test`` and ``train`` summaries (``train`` is None for
+    the population-statistics evaluation of BN runs, which measures test error only)."""
 
-    arm: str  # "BN", "GN", "LN", "IN", "SyncBN"
+    arm: str  # "BN", "GN", "LN", "IN", "SyncBN", POP_ARM
     detail: str  # "G=8", "4 ch/group" or ""
     batch: int
     test: Summary
-    train: Summary
+    train: Summary | None
 
 
 def _arm(spec: dict[str, Any]) -> tuple[str, str]:
@@ -67,12 +70,16 @@ def _arm(spec: dict[str, Any]) -> tuple[str, str]:
 
 
 def cells(records: Iterable[dict[str, Any]]) -> list[Cell]:
-    """Group finished runs by (arm, detail, N) and summarize over seeds."""
+    """Group finished runs by (arm, detail, N) and summarize over seeds; BN runs evaluated
+    with population statistics also make the cells of that arm."""
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    pop: dict[int, list[float]] = defaultdict(list)
     for r in records:
         arm, detail = _arm(r["spec"])
         groups[(arm, detail, int(r["spec"]["batch"]))].append(r)
-    return [
+        if "pop_test_error" in r:
+            pop[int(r["spec"]["batch"])].append(r["pop_test_error"])
+    out = [
         Cell(
             arm,
             detail,
@@ -82,6 +89,7 @@ def cells(records: Iterable[dict[str, Any]]) -> list[Cell]:
         )
         for (arm, detail, n), rs in sorted(groups.items())
     ]
+    return out + [Cell(POP_ARM, "", n, summarize(v), None) for n, v in sorted(pop.items())]
 
 
 def _main_arms(all_cells: list[Cell], gn_groups: int | None) -> dict[str, dict[int, Cell]]:
@@ -94,61 +102,100 @@ def _main_arms(all_cells: list[Cell], gn_groups: int | None) -> dict[str, dict[i
     return {a: table[a] for a in ORDER if a in table}
 
 
-@dataclass(frozen=True)
-class Check:
-    """One claim, whether the results support it, and the numbers that decide it."""
+def _protocol_lines(records: list[dict[str, Any]]) -> list[str]:
+    """The pre-registered claims, each with its test, statistics, verdict and per-seed d."""
+    lines = [
+        "## Pre-registered claims",
+        "",
+        "Fixed in `groupnorm.study.protocol` before the real run; test error (%), paired by "
+        f"seed; margin {MARGIN:g} point(s). Every number below is recomputable from "
+        "`results.jsonl` alone (`groupnorm study --report DIR`).",
+        "",
+    ]
+    for c in decide(records):
+        verdict = {True: "HOLDS", False: "NOT SHOWN", None: "n/a"}[c.verdict]
+        lines.append(f"- **{verdict}** {c.name}. Test: {c.test}. Result: {c.statistics}.")
+        for label, d in c.diffs.items():
+            if d:
+                per_seed = ", ".join(f"s{s} {v:+.2f}" for s, v in sorted(d.items()))
+                lines.append(f"  Per-seed {label}: {per_seed}.")
+    return lines
 
-    claim: str
-    passed: bool | None  # None: the results lack the cells (or seeds) to decide
-    evidence: str
+
+Errors = dict[tuple[str, int], dict[int, float]]
 
 
-def checks(arms: dict[str, dict[int, Cell]]) -> list[Check]:
-    """The four claims of the paper the batch-size study checks, decided from the cells."""
-    out: list[Check] = []
-    bn, gn = arms.get("BN", {}), arms.get("GN", {})
-    claim = "BN's error at N=2 exceeds BN at N=32 by more than the two 95 % CI half-widths"
-    if 2 in bn and 32 in bn and bn[2].test.n > 1 and bn[32].test.n > 1:
-        gap = bn[2].test.mean - bn[32].test.mean
-        need = bn[2].test.half_width + bn[32].test.half_width
-        out.append(Check(claim, gap > need, f"gap {gap:.2f} vs half-widths {need:.2f}"))
-    else:
-        out.append(Check(claim, None, "needs BN at N=2 and N=32 with 2+ seeds"))
-    claim = "GN's spread across N lies inside its 95 % CI (mean half-width over N)"
-    if len(gn) > 1 and all(c.test.n > 1 for c in gn.values()):
-        means = [c.test.mean for c in gn.values()]
-        spread = max(means) - min(means)
-        hw = sum(c.test.half_width for c in gn.values()) / len(gn)
-        out.append(
-            Check(
-                claim,
-                spread <= hw,
-                f"spread {spread:.2f} vs half-width {hw:.2f} over N = {sorted(gn, reverse=True)}",
-            )
+def _paired_line(a: dict[int, float], b: dict[int, float], name: str) -> list[str]:
+    """``- name: mean a - b ... 95 % CI`` over the seeds both have (nothing under 2 seeds)."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return []
+    ci = paired([a[s] - b[s] for s in seeds])
+    return [
+        f"- {name}: mean {ci.mean:+.2f} points over {ci.n} seeds, 95 % CI "
+        f"[{ci.lo:+.2f}, {ci.hi:+.2f}]"
+    ]
+
+
+def _control_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Descriptive paired comparisons (not pre-registered claims): the control arms and GN's
+    train error across N."""
+    test, pop = cell_errors(records), cell_errors(records, "pop_test_error")
+    train = cell_errors(records, "train_error")
+    none: dict[int, float] = {}
+    lines: list[str] = []
+    for n in sorted({n for arm, n in test if arm == "syncbn"}, reverse=True):
+        sync = test[("syncbn", n)]
+        lines += _paired_line(sync, test.get(("bn", n), none), f"SyncBN({n}) - BN({n})")
+        lines += _paired_line(sync, test.get(("bn", 32), none), f"SyncBN({n}) - BN(32)")
+    for n in sorted({n for arm, n in pop if arm == "bn"}, reverse=True):
+        lines += _paired_line(
+            pop[("bn", n)],
+            test.get(("bn", n), none),
+            f"BN({n}), population minus running statistics (same weights)",
         )
-    else:
-        out.append(Check(claim, None, "needs GN at 2+ batch sizes with 2+ seeds"))
-    at32 = {a: cells_[32].test.mean for a, cells_ in arms.items() if 32 in cells_}
-    claim = "IN is the worst norm at N=32"
-    if "IN" in at32 and len(at32) > 1:
-        others = {a: m for a, m in at32.items() if a != "IN"}
-        out.append(
-            Check(
-                claim,
-                all(at32["IN"] > m for m in others.values()),
-                f"IN {at32['IN']:.2f} vs " + ", ".join(f"{a} {m:.2f}" for a, m in others.items()),
-            )
+    for n in sorted({n for arm, n in train if arm == "gn" and n != 32}, reverse=True):
+        lines += _paired_line(
+            train[("gn", n)],
+            train.get(("gn", 32), none),
+            f"GN train error, N={n} - N=32",
         )
-    else:
-        out.append(Check(claim, None, "needs IN and another arm at N=32"))
-    claim = "LN is worse than GN at N=32"
-    if "LN" in at32 and "GN" in at32:
-        out.append(
-            Check(claim, at32["LN"] > at32["GN"], f"LN {at32['LN']:.2f} vs GN {at32['GN']:.2f}")
+    if not lines:
+        return []
+    return [
+        "",
+        "## Controls and train error (descriptive, not pre-registered)",
+        "",
+        "Paired by seed: mean difference of error (%) and its 95 % CI (Student's t). SyncBN "
+        "normalizes over all devices (the same total batch, no small-batch statistics); "
+        "population statistics re-estimated over a run's training images replace BN's running "
+        "averages at evaluation (the same weights), which separates the train/test mismatch "
+        "from noisy statistics during training.",
+        "",
+        *lines,
+    ]
+
+
+def _seed_lines(records: list[dict[str, Any]], config: dict[str, Any]) -> list[str]:
+    test = sorted({r["spec"]["seed"] for r in records if r.get("evaluated_on", "test") == "test"})
+    val = sorted({r["spec"]["seed"] for r in records if r.get("evaluated_on") == "val"})
+    lines = ["", "## Seeds", ""]
+    if test:
+        lines.append(f"- Reported (evaluated on the test set): {test}.")
+    if val:
+        lines.append(
+            f"- Recipe choice (evaluated on the {config.get('val_size', '?')}-image validation "
+            f"split held out of the training images): {val}."
         )
-    else:
-        out.append(Check(claim, None, "needs LN and GN at N=32"))
-    return out
+    overlap = sorted(set(test) & set(val))
+    if overlap:
+        lines.append(f"- **Seeds used for both**: {overlap}: these results are not clean.")
+    lines.append(
+        f"- Tuning seeds are {list(TUNING_SEEDS)} and up (`--tune`). Each seed trains on its "
+        "own draw of training images from the pool (the whole pool when it is no larger than "
+        "the training size, as for the generated strokes), and its own initialization."
+    )
+    return lines
 
 
 def _batch_table(arms: dict[str, dict[int, Cell]], what: str, paper: bool) -> list[str]:
@@ -156,6 +203,8 @@ def _batch_table(arms: dict[str, dict[int, Cell]], what: str, paper: bool) -> li
     head = "| arm | " + " | ".join(f"N={n}" for n in batches) + " |"
     lines = [head, "|---" * (len(batches) + 1) + "|"]
     for arm, cs in arms.items():
+        if what == "train" and arm == POP_ARM:
+            continue
         row = [getattr(cs[n], what).fmt() if n in cs else "" for n in batches]
         lines.append(f"| {arm} | " + " | ".join(row) + " |")
         if paper and arm in PAPER_BATCH:
@@ -177,13 +226,20 @@ def _sweep(all_cells: list[Cell], kind: str) -> dict[int, Cell]:
     return dict(sorted(out.items(), reverse=True))
 
 
+def _train_of(cell: Cell) -> Summary:
+    """A trained arm's train-error summary (every cell but the population-statistics ones)."""
+    if cell.train is None:
+        raise ValueError(f"{cell.arm} at N={cell.batch} has no train error")
+    return cell.train
+
+
 def _sweep_table(sweep: dict[int, Cell], name: str, paper: dict[int, float]) -> list[str]:
     keys = list(sweep)
     lines = [
         f"| {name} | " + " | ".join(str(k) for k in keys) + " |",
         "|---" * (len(keys) + 1) + "|",
         "| test error | " + " | ".join(sweep[k].test.fmt() for k in keys) + " |",
-        "| train error | " + " | ".join(sweep[k].train.fmt() for k in keys) + " |",
+        "| train error | " + " | ".join(_train_of(sweep[k]).fmt() for k in keys) + " |",
         "| paper (ImageNet) | "
         + " | ".join(f"{paper[k]:.1f}" if k in paper else "" for k in keys)
         + " |",
@@ -210,7 +266,7 @@ def _plot_batch(arms: dict[str, dict[int, Cell]], path: Path, title: str) -> Non
     for ax, what in zip(axes, ("test", "train"), strict=True):
         for arm, cs in arms.items():
             ns = sorted(cs, reverse=True)
-            if not ns:
+            if not ns or (what == "train" and arm == POP_ARM):
                 continue
             m = [getattr(cs[n], what).mean for n in ns]
             hw = [getattr(cs[n], what).half_width for n in ns]
@@ -233,7 +289,7 @@ def _plot_batch(arms: dict[str, dict[int, Cell]], path: Path, title: str) -> Non
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0].set_title("test error, mean and 95 % CI over seeds")
-    axes[1].set_title("train error (last epochs, train mode)")
+    axes[1].set_title("train error (eval mode, end of the last epochs)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -258,7 +314,8 @@ def _plot_groups(g: dict[int, Cell], cpg: dict[int, Cell], path: Path, title: st
                 capsize=3,
                 label="test",
             )
-            ax.plot(ks, [sweep[k].train.mean for k in ks], "s--", color="tab:gray", label="train")
+            train = [_train_of(sweep[k]).mean for k in ks]
+            ax.plot(ks, train, "s--", color="tab:gray", label="train")
             ax.set_xscale("log", base=2)
             ax.set_xticks(ks, [str(k) for k in ks])
             ax.invert_xaxis()
@@ -289,28 +346,53 @@ def render_report(out: Path, *, plots: bool = True) -> str:
     train = config.get("train", {})
     seeds = sorted({r["spec"]["seed"] for r in records})
     minutes = sum(r.get("seconds", 0.0) for r in records) / 60
-    setup = (
-        f"data `{config.get('data', '?')}` ({config.get('train_size', '?')} train / "
-        f"{config.get('test_size', '?')} test images), ResNet width {train.get('width')} "
-        f"x {train.get('blocks')} block(s) per stage, {train.get('epochs')} epochs, "
-        f"{train.get('workers')} devices x N images per step, lr {train.get('lr')} x N/32, "
-        f"GN with G={gn_groups}; seeds {seeds}; {len(records)} runs, "
-        f"{minutes:.1f} run-minutes in total"
+    cpu_minutes = sum(r.get("cpu_seconds", 0.0) for r in records) / 60
+    width = train.get("width") or 0
+    stage_cpg = (
+        str([c // min(gn_groups, c) for c in (width, 2 * width, 4 * width)]) if width else "?"
     )
+    split = "validation" if config.get("evaluate") == "val" else "test"
+    train_images = {int(r["train_images"]) for r in records if "train_images" in r}
+    setup = (
+        f"data `{config.get('data', '?')}`: "
+        f"{'/'.join(str(n) for n in sorted(train_images)) or config.get('train_size', '?')} "
+        f"training images per run, drawn per seed from the pool left after holding out "
+        f"{config.get('val_size', 0)} for validation; {config.get('test_size') or 'all'} "
+        f"test images; errors measured on the **{split}** split. ResNet width {width} x "
+        f"{train.get('blocks')} block(s) per stage, {train.get('epochs')} epochs, "
+        f"{train.get('workers')} devices x N images per step, lr {train.get('lr')} x N/32, "
+        f"metric the median of the last {train.get('eval_epochs')} epoch(s); GN with "
+        f"G={gn_groups} ({stage_cpg} channels per group by stage); seeds {seeds}; {len(records)} "
+        f"runs, {minutes:.1f} run-minutes of wall time, {cpu_minutes:.1f} CPU-minutes."
+    )
+    eval_mode = all("running_train_error_per_epoch" in r for r in records)
     lines = [
         "# Batch-size study: GroupNorm vs BatchNorm",
         "",
         setup,
         "",
-        "Test error (%), median of the last epochs, mean ± 95 % CI (Student's t over "
-        "seeds); the paper's ResNet-50 ImageNet numbers (Wu & He 2018) beside each arm:",
+        f"{split.capitalize()} error (%), median of the last epochs, mean ± 95 % CI "
+        "(Student's t over seeds); the paper's ResNet-50 ImageNet numbers (Wu & He 2018) "
+        f"beside each arm; {POP_ARM} is BN's runs evaluated with re-estimated population "
+        "statistics:",
         "",
     ]
     lines += _batch_table(arms, "test", paper=True)
-    lines += ["", "Train error (%), same runs (the paper: GN optimizes better than BN):", ""]
+    lines += [
+        "",
+        "Train error (%), same runs, "
+        + (
+            "in eval mode at the end of the last epochs"
+            if eval_mode
+            else "the running train-mode error of the last epochs (records from before "
+            "eval-mode train error)"
+        )
+        + " (the paper: GN optimizes better than BN):",
+        "",
+    ]
     lines += _batch_table(arms, "train", paper=False)
-    g, cpg = _sweep(all_cells, "G"), _sweep(all_cells, "cpg")
-    if len(g) > 1 or cpg:
+    g, per_group = _sweep(all_cells, "G"), _sweep(all_cells, "cpg")
+    if len(g) > 1 or per_group:
         lines += [
             "",
             "Group sweep at N=32 (GN; a G above a layer's channel count means G = C "
@@ -319,12 +401,11 @@ def render_report(out: Path, *, plots: bool = True) -> str:
         ]
         if len(g) > 1:
             lines += _sweep_table(g, "G", PAPER_GROUPS) + [""]
-        if cpg:
-            lines += _sweep_table(cpg, "channels/group", PAPER_CPG)
-    lines += ["", "## Checks", ""]
-    for c in checks(arms):
-        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[c.passed]
-        lines.append(f"- **{verdict}** {c.claim}: {c.evidence}")
+        if per_group:
+            lines += _sweep_table(per_group, "channels/group", PAPER_CPG)
+    lines += ["", *_protocol_lines(records)]
+    lines += _control_lines(records)
+    lines += _seed_lines(records, config)
     title = (
         f"{config.get('data', '?')}, ResNet width {train.get('width')}, "
         f"{train.get('epochs')} epochs, {train.get('workers')} devices x N, "
@@ -333,8 +414,8 @@ def render_report(out: Path, *, plots: bool = True) -> str:
     if plots:
         _plot_batch(arms, out / "batch_size.png", title)
         lines += ["", "![error vs batch size](batch_size.png)"]
-        if len(g) > 1 or cpg:
-            _plot_groups(g, cpg, out / "groups.png", title)
+        if len(g) > 1 or per_group:
+            _plot_groups(g, per_group, out / "groups.png", title)
             lines += ["", "![error vs groups](groups.png)"]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)

@@ -15,105 +15,21 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from groupnorm.study.data import Dataset, load_dataset
-from groupnorm.study.models import GROUP_NORMS, NORMS
+from groupnorm.study.config import GROUP_NORMS, RunSpec, StudyConfig
+from groupnorm.study.data import Dataset, fetch, load_dataset
 from groupnorm.study.results import append_result, read_results, repair
-from groupnorm.study.training import RunSpec, TrainConfig, train_run
+from groupnorm.study.training import train_run
 
-__all__ = ["PRESETS", "StudyConfig", "plan_runs", "run_study"]
+__all__ = ["pick_device", "plan_runs", "prepare", "run_study"]
 
 CONFIG = "config.json"
 SWEEP_GROUPS = (1, 2, 4, 8, 16, 32)
 SWEEP_GROUP_SIZES = (1, 2, 4, 8, 16, 32)
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """Everything that decides a study's results (saved to ``OUT/config.json``)."""
-
-    data: str = "strokes"
-    train_size: int | None = 10000  # None: the whole training set (CIFAR)
-    test_size: int | None = 2000
-    data_seed: int = 0
-    image_size: int = 12  # strokes images are image_size x image_size (CIFAR: 32)
-    arms: dict[str, tuple[int, ...]] = field(
-        default_factory=lambda: {
-            "bn": (32, 16, 8, 4, 2),
-            "gn": (32, 16, 8, 4, 2),
-            "ln": (32, 16, 8, 4, 2),
-            "in": (32, 16, 8, 4, 2),
-        }
-    )
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    sweep: bool = False  # GN over G and channels per group at N = 32
-    gn_groups: int = 16  # the GN arm's G, capped at each layer's channel count
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self) -> None:
-        for norm, batches in self.arms.items():
-            if norm not in NORMS:
-                raise ValueError(f"unknown arm {norm!r}; arms are {NORMS}")
-            if not batches or any(n < 1 for n in batches):
-                raise ValueError(f"arm {norm}: batch sizes must be positive, got {batches}")
-        if not self.seeds:
-            raise ValueError("a study needs at least one seed")
-        if self.image_size < 8:
-            raise ValueError(f"image_size must be at least 8 px, got {self.image_size}")
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["arms"] = {k: list(v) for k, v in self.arms.items()}
-        d["seeds"] = list(self.seeds)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> StudyConfig:
-        d = dict(d)
-        d["arms"] = {k: tuple(v) for k, v in d["arms"].items()}
-        d["seeds"] = tuple(d["seeds"])
-        d["train"] = TrainConfig(**d["train"])
-        return cls(**d)
-
-
-# Presets. "quick" is the README's command (2 CPU cores, under 15 minutes; the cells the four
-# checks need, 4 seeds); "full" is every arm at every N, 5 seeds and the G sweep with the same
-# recipe (a GPU, or hours of CPU); "tiny" is for tests. The recipe, from single-seed probes on the
-# 2-core machine (docs/study.md has the numbers):
-# - W = 4 devices, not the paper's 8: with fixed epochs the N = 32 arm then takes twice the
-#   steps, and at this budget it needs them (earlier tuning with W = 8 and 10 epochs: GN at
-#   N = 32 ended at 26.9 %, at N = 2 at 20-23 %).
-# - lr 0.2 at N = 32: at 0.4, LN's runs were unstable (26.7-33.0 % over 5 seeds) and hid the
-#   IN-vs-LN order; at 0.2 LN trained better and IN fell to last.
-# - 12 x 12 images: the last stage is 3 x 3, so at N = 2 BatchNorm estimates each statistic
-#   from 18 values (32 at 16 x 16): BN's N = 2 penalty was 8 points instead of 4, and a seed
-#   costs about 0.76 of a 16 x 16 seed (0.6 for the N = 32 runs, 0.9 for N = 2), which pays
-#   for the fourth seed.
-# - GN with G = 16 (1, 2 and 4 channels per group in the 16-, 32- and 64-channel stages):
-#   at G = 8 the N = 32 arm ended 3 points behind N = 2 (under-trained, 18.7 vs 13.8 % train
-#   error); at G = 16 it matched that N = 2 arm (16 x 16 probes).
-_RECIPE = TrainConfig(epochs=14, lr=0.2, workers=4)
-PRESETS: dict[str, StudyConfig] = {
-    "full": StudyConfig(train_size=8000, sweep=True, train=_RECIPE),
-    "quick": StudyConfig(
-        train_size=8000,
-        arms={"bn": (32, 8, 2), "gn": (32, 8, 2), "ln": (32,), "in": (32,)},
-        seeds=(0, 1, 2, 3),
-        train=_RECIPE,
-    ),
-    "tiny": StudyConfig(
-        train_size=256,
-        test_size=64,
-        arms={"bn": (4, 2), "gn": (4, 2)},
-        seeds=(0, 1),
-        train=TrainConfig(epochs=2, workers=2, width=4, eval_epochs=1),
-    ),
-}
 
 
 def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
@@ -169,11 +85,25 @@ def save_or_check_config(out: Path, cfg: StudyConfig) -> None:
     )
 
 
-def pick_device(requested: str = "auto") -> torch.device:
-    """``auto``: the first CUDA device where there is one, else the CPU."""
+def pick_device(requested: str = "auto", local_rank: int | None = None) -> torch.device:
+    """``auto``: a CUDA device where there is one, else the CPU. Under torchrun
+    (``local_rank`` given) a CUDA request means this process's own GPU, made current."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if local_rank is not None and requested.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(requested)
+
+
+def prepare(cfg: StudyConfig, out: Path) -> list[RunSpec]:
+    """The prologue every way of running shares: create ``out``, save or check the config,
+    cut a torn last line off the results and return the planned runs not yet finished."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_or_check_config(out, cfg)
+    repair(out)
+    finished = {r["key"] for r in read_results(out)}
+    return [s for s in plan_runs(cfg) if s.key not in finished]
 
 
 def default_jobs(device: torch.device) -> int:
@@ -230,8 +160,8 @@ def _step_work(spec: RunSpec, cfg: StudyConfig) -> int:
     return cfg.train.workers * spec.batch + STEP_OVERHEAD_IMAGES
 
 
-def _work(spec: RunSpec, cfg: StudyConfig, data_len: int) -> int:
-    steps = data_len // (cfg.train.workers * spec.batch) * cfg.train.epochs
+def _work(spec: RunSpec, cfg: StudyConfig, data: Dataset) -> int:
+    steps = len(data.run_indices(spec.seed)) // (cfg.train.workers * spec.batch) * cfg.train.epochs
     return steps * _step_work(spec, cfg)
 
 
@@ -262,21 +192,17 @@ def run_study(
     ``download_url``: fetch CIFAR first ("" = the official address; None = no download).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_or_check_config(out, cfg)
-    repair(out)
-    finished = {r["key"] for r in read_results(out)}
-    todo = [s for s in plan_runs(cfg) if s.key not in finished]
+    todo = prepare(cfg, out)
     if not todo:
         return read_results(out)
     dev = pick_device(device)
     jobs = min(jobs or default_jobs(dev), len(todo))
-    data = load_dataset(cfg, data_dir, download_url=download_url)
-    all_runs = len(finished) + len(todo)
-    bar = _bar(
-        sum(_work(s, cfg, len(data.train_y)) for s in todo), len(finished), all_runs, progress
-    )
-    done = len(finished)
+    fetch(cfg, data_dir, download_url)
+    data = load_dataset(cfg, data_dir)
+    all_runs = len(plan_runs(cfg))
+    finished = all_runs - len(todo)
+    bar = _bar(sum(_work(s, cfg, data) for s in todo), finished, all_runs, progress)
+    done = finished
 
     def finish(record: dict[str, Any]) -> None:
         nonlocal done
@@ -357,14 +283,3 @@ def _as_finished(pending: set[Future[dict[str, Any]]]) -> Iterator[Future[dict[s
     while pending:
         done, pending = wait(pending, return_when=FIRST_COMPLETED)
         yield from done
-
-
-def with_overrides(cfg: StudyConfig, **changes: Any) -> StudyConfig:
-    """``cfg`` with its own fields replaced, and TrainConfig's given as ``train_<name>``.
-
-    StudyConfig's names win: ``train_size`` is the study's, not a TrainConfig ``size``.
-    """
-    own = {f.name for f in fields(StudyConfig)}
-    top = {k: v for k, v in changes.items() if k in own}
-    train = {k.removeprefix("train_"): v for k, v in changes.items() if k not in own}
-    return replace(cfg, train=replace(cfg.train, **train), **top)
