@@ -754,6 +754,10 @@ def test_launch_heuristics_are_consistent():
 def _compile_module(*args: str) -> subprocess.CompletedProcess:
     """Run tests/_triton_compile.py in a subprocess: this process interprets the kernels."""
     pytest.importorskip("triton.backends.nvidia")
+    from triton.runtime.jit import JITFunction
+
+    if not hasattr(JITFunction, "_pack_args"):
+        pytest.skip("this triton's launch binder differs (written for triton 3.9's _pack_args)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
