@@ -64,7 +64,8 @@ def _run(OFFS, GIDX, G, R, CG: tl.constexpr, GPP: tl.constexpr, BLOCK_C: tl.cons
         cmask = c < tl.load(OFFS + tl.minimum(g0 + GPP, G)) - c_lo
         gl = tl.load(GIDX + c_lo + c, mask=cmask, other=0) - g0
         first = tl.load(OFFS + g0 + gl, mask=cmask, other=0) - c_lo
-        gsize = tl.load(OFFS + g0 + gl + 1, mask=cmask, other=1) - c_lo - first
+        # Lanes past the run get size 1, so no count of theirs is 0 or negative.
+        gsize = tl.where(cmask, tl.load(OFFS + g0 + gl + 1, mask=cmask, other=1) - c_lo - first, 1)
     return n, g0, c_lo, c, cmask, gl, first, gsize
 
 
@@ -157,7 +158,8 @@ def _gn_fwd_onchip_kernel(
     mean = _group_sum(tl.sum(d, axis=1), gl, GPP) / count
     e = tl.where(mask, (v.to(tl.float32) - pivot[:, None]) - mean[:, None], 0.0)
     m2 = _group_sum(tl.sum(e * e, axis=1), gl, GPP)
-    rstd = 1.0 / tl.sqrt(m2 / count + eps)
+    # Lanes past the run have m2 = 0; with eps = 0 (statistics only) they would divide by 0.
+    rstd = 1.0 / tl.sqrt(tl.where(cmask, m2 / count + eps, 1.0))
     for j in tl.static_range(GPP):
         # one channel speaks for each group: its first
         head = cmask & (gl == j) & (c == first)
