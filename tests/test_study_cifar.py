@@ -151,14 +151,16 @@ def test_load_dataset_standardizes_cifar(tmp_path: Path, monkeypatch: pytest.Mon
     )
     data = load_dataset(StudyConfig(data="cifar100", train_size=10, test_size=None), str(tmp_path))
     assert data.num_classes == 100 and data.in_channels == 3
-    assert data.train_x.shape == (10, 3, 32, 32) and data.test_x.shape == (12, 3, 32, 32)
+    # The pool is every training image; each run draws train_size = 10 of them.
+    assert data.train_x.shape == (12, 3, 32, 32) and data.test_x.shape == (12, 3, 32, 32)
+    assert data.run_size == 10 and len(data.run_indices(0)) == 10
     mean = data.train_x.double().mean(dim=(0, 2, 3))
-    assert mean.abs().max() < 1e-5  # standardized with the train images
-    raw = images[:10].reshape(10, 3, 32, 32).astype(np.float64) / 255
+    assert mean.abs().max() < 1e-5  # standardized with the pool's images
+    raw = images[:12].reshape(12, 3, 32, 32).astype(np.float64) / 255
     expected = (raw - raw.mean(axis=(0, 2, 3), keepdims=True)) / raw.std(
         axis=(0, 2, 3), ddof=1, keepdims=True
     )
     assert_matches(
-        data.train_x, expected, torch.float32, reduction=10 * 1024, what="standardized CIFAR"
+        data.train_x, expected, torch.float32, reduction=12 * 1024, what="standardized CIFAR"
     )
     assert data.test_y.tolist() == labels[12:].tolist()
