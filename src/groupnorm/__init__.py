@@ -3,7 +3,7 @@
 Public API::
 
     group_norm(x, num_groups, weight, bias, eps, *, group_size, group_sizes, uneven,
-               activation, scale, shift, stats, return_stats, backend)
+               activation, scale, shift, stats, return_stats, backend, mask)
     GroupNorm, GroupNormAct                      drop-ins for torch.nn.GroupNorm
     group_stats, merge_stats, GroupStats         statistics as values (tiled normalization)
     make_plan, choose_num_groups, GroupPlan      how channels are split into groups

@@ -13,7 +13,7 @@ from typing import Literal, overload
 
 import torch
 
-from groupnorm import dispatch
+from groupnorm import dispatch, masked
 from groupnorm.backends import torch_ops
 from groupnorm.groups import GroupPlan, make_plan
 from groupnorm.reference import ACTIVATIONS
@@ -198,6 +198,7 @@ def group_norm(
     stats: GroupStats | None = None,
     return_stats: Literal[False] = False,
     backend: str = "auto",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor: ...
 
 
@@ -218,6 +219,7 @@ def group_norm(
     stats: GroupStats | None = None,
     return_stats: Literal[True],
     backend: str = "auto",
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GroupStats]: ...
 
 
@@ -237,6 +239,7 @@ def group_norm(
     stats: GroupStats | None = None,
     return_stats: bool = False,
     backend: str = "auto",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, GroupStats]:
     """Group normalization of ``x`` (N, C, *S), a drop-in for ``torch.nn.functional.group_norm``.
 
@@ -252,17 +255,33 @@ def group_norm(
     statistics (e.g. merged from tiles) instead of computing them; ``return_stats=True`` also
     returns the computed :class:`GroupStats`. The output has x's dtype and memory format;
     statistics are accumulated in float32 (float64 for float64 x).
+
+    ``mask``: statistics over the valid positions only (bool, or non-negative float weights,
+    broadcastable to (N, 1, *S) or (N, C, *S)); see :mod:`groupnorm.masked` for the output at
+    masked positions and for all-masked groups.
     """
     x = _check_input(x)
     plan = resolve_plan(
         x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
     )
     r = _request(x, plan, weight, bias, eps, activation, scale, shift, stats, return_stats)
-    y, out_stats = dispatch.select_backend(r, backend).run(r)
+    chosen = dispatch.select_backend(r, backend)
+    if mask is not None:
+        y, out_stats = _run_beyond_one_tensor(r, mask)
+    else:
+        y, out_stats = chosen.run(r)
     if return_stats:
         assert out_stats is not None
         return y, out_stats
     return y
+
+
+def _run_beyond_one_tensor(
+    r: dispatch.Request, mask: torch.Tensor
+) -> tuple[torch.Tensor, GroupStats | None]:
+    """Masked calls: the torch backend's composite ops with statistics made by
+    :mod:`groupnorm.masked` (the Triton kernels defer to it)."""
+    return masked.run_masked(r, masked.check_mask(mask, r.x))
 
 
 def group_stats(
@@ -272,15 +291,19 @@ def group_stats(
     group_size: int | None = None,
     group_sizes: Sequence[int] | None = None,
     uneven: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> GroupStats:
     """Per-(sample, group) statistics of ``x`` (N, C, *S) as :class:`GroupStats`, (N, G) each.
 
     With :func:`groupnorm.merge_stats` and ``group_norm(..., stats=)`` this normalizes a tensor
     processed in parts (tiled VAE decoding): the stats of the parts, merged, equal the stats of
-    the whole.
+    the whole. With ``mask``, the statistics of the valid positions only (``count`` is then the
+    sum of the mask's weights; see :mod:`groupnorm.masked`).
     """
     x = _check_input(x)
     plan = resolve_plan(
         x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
     )
+    if mask is not None:
+        return masked.masked_stats(x, plan, masked.check_mask(mask, x))
     return torch_ops.compute_stats(x, plan)
