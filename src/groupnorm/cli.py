@@ -136,7 +136,7 @@ def check() -> int:
     for name, reason in groupnorm.available_backends().items():
         print(f"  {name:<8} {'available' if reason is None else 'unavailable: ' + reason}")
     print(
-        "mask= runs the torch backend's composite ops on every device "
+        "mask= and process_group= run the torch backend's composite ops on every device "
         "(the triton backend defers them to it)"
     )
     failed = 0

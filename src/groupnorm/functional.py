@@ -199,6 +199,7 @@ def group_norm(
     return_stats: Literal[False] = False,
     backend: str = "auto",
     mask: torch.Tensor | None = None,
+    process_group: object | None = None,
 ) -> torch.Tensor: ...
 
 
@@ -220,6 +221,7 @@ def group_norm(
     return_stats: Literal[True],
     backend: str = "auto",
     mask: torch.Tensor | None = None,
+    process_group: object | None = None,
 ) -> tuple[torch.Tensor, GroupStats]: ...
 
 
@@ -240,6 +242,7 @@ def group_norm(
     return_stats: bool = False,
     backend: str = "auto",
     mask: torch.Tensor | None = None,
+    process_group: object | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, GroupStats]:
     """Group normalization of ``x`` (N, C, *S), a drop-in for ``torch.nn.functional.group_norm``.
 
@@ -258,7 +261,9 @@ def group_norm(
 
     ``mask``: statistics over the valid positions only (bool, or non-negative float weights,
     broadcastable to (N, 1, *S) or (N, C, *S)); see :mod:`groupnorm.masked` for the output at
-    masked positions and for all-masked groups.
+    masked positions and for all-masked groups. ``process_group``: ``x`` is this rank's shard
+    of a tensor split along a spatial axis across the group's ranks, normalized with the whole
+    tensor's statistics; see :mod:`groupnorm.distributed`.
     """
     x = _check_input(x)
     plan = resolve_plan(
@@ -266,8 +271,8 @@ def group_norm(
     )
     r = _request(x, plan, weight, bias, eps, activation, scale, shift, stats, return_stats)
     chosen = dispatch.select_backend(r, backend)
-    if mask is not None:
-        y, out_stats = _run_beyond_one_tensor(r, mask)
+    if mask is not None or process_group is not None:
+        y, out_stats = _run_beyond_one_tensor(r, mask, process_group)
     else:
         y, out_stats = chosen.run(r)
     if return_stats:
@@ -277,11 +282,18 @@ def group_norm(
 
 
 def _run_beyond_one_tensor(
-    r: dispatch.Request, mask: torch.Tensor
+    r: dispatch.Request, mask: torch.Tensor | None, process_group: object | None
 ) -> tuple[torch.Tensor, GroupStats | None]:
-    """Masked calls: the torch backend's composite ops with statistics made by
-    :mod:`groupnorm.masked` (the Triton kernels defer to it)."""
-    return masked.run_masked(r, masked.check_mask(mask, r.x))
+    """Masked and cross-process calls: the torch backend's composite ops with statistics made
+    by :mod:`groupnorm.masked` / :mod:`groupnorm.distributed` (the Triton kernels defer to it)."""
+    from groupnorm import distributed
+
+    if mask is not None:
+        mask = masked.check_mask(mask, r.x)
+    if process_group is not None:
+        return distributed.run_sharded(r, process_group, mask)
+    assert mask is not None
+    return masked.run_masked(r, mask)
 
 
 def group_stats(
