@@ -13,8 +13,8 @@ Assumptions (each a number below, each the first suspect when a measurement disa
 1. Time = launches x LAUNCH_US + DRAM bytes / (ETA x copy rate), with the bandwidth capped by
    the bytes a launch keeps in flight (Little's law: in-flight bytes / DRAM_LATENCY_US). LAUNCH_US
    and ETA are fitted (least squares on relative error) to the H100 two-kernel split prototype
-   timings in docs/spec.md (the calibration table is printed); the prototype's programs filled the GPU,
-   so the in-flight cap did not bind there. LAUNCH_US stands for everything a launch costs
+   timings in docs/spec.md (the calibration table is printed); the prototype's programs filled
+   the GPU, so the in-flight cap did not bind there. LAUNCH_US stands for everything a launch costs
    beyond moving bytes (launch gap, ramp-up, tail), so it is larger than a bare launch.
 2. Issued reads come from heuristics.PASSES (the traffic tests assert them under the
    interpreter). A second read of a byte hits L2 with probability min(1, L2_EFFECTIVE / reuse

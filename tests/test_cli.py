@@ -24,6 +24,7 @@ def test_check_passes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check"]) == 0
     out = capsys.readouterr().out
     assert "torch    available" in out and "FAIL" not in out
+    assert "mask= and process_group= run the torch backend's composite ops" in out
 
 
 @pytest.mark.slow

@@ -3,13 +3,15 @@
 Public API::
 
     group_norm(x, num_groups, weight, bias, eps, *, group_size, group_sizes, uneven,
-               activation, scale, shift, stats, return_stats, backend)
+               activation, scale, shift, stats, return_stats, backend, mask,
+               process_group)
     GroupNorm, GroupNormAct                      drop-ins for torch.nn.GroupNorm
     group_stats, merge_stats, GroupStats         statistics as values (tiled normalization)
     make_plan, choose_num_groups, GroupPlan      how channels are split into groups
     available_backends                           which backends run on this machine
     convert_batchnorm, swap_group_norm,          move a model onto GroupNorm (with reports)
     restore_group_norm, WSConv2d                 and Weight Standardization
+    groupnorm.tiled.tiled_decode                 exact tiled decoding of a diffusers VAE
 """
 
 from groupnorm import backends as _backends  # noqa: F401  (registers the backends)

@@ -135,6 +135,10 @@ def check() -> int:
     print("backends:")
     for name, reason in groupnorm.available_backends().items():
         print(f"  {name:<8} {'available' if reason is None else 'unavailable: ' + reason}")
+    print(
+        "mask= and process_group= run the torch backend's composite ops on every device "
+        "(the triton backend defers them to it)"
+    )
     failed = 0
     print("self-test against the float64 reference:")
     for name, err, tol in _self_test():

@@ -13,7 +13,7 @@ from typing import Literal, overload
 
 import torch
 
-from groupnorm import dispatch
+from groupnorm import dispatch, masked
 from groupnorm.activations import check_activation
 from groupnorm.groups import GroupPlan, make_plan
 from groupnorm.stats import GroupStats
@@ -196,6 +196,8 @@ def group_norm(
     stats: GroupStats | None = None,
     return_stats: Literal[False] = False,
     backend: str = "auto",
+    mask: torch.Tensor | None = None,
+    process_group: object | None = None,
 ) -> torch.Tensor: ...
 
 
@@ -216,6 +218,8 @@ def group_norm(
     stats: GroupStats | None = None,
     return_stats: Literal[True],
     backend: str = "auto",
+    mask: torch.Tensor | None = None,
+    process_group: object | None = None,
 ) -> tuple[torch.Tensor, GroupStats]: ...
 
 
@@ -235,6 +239,8 @@ def group_norm(
     stats: GroupStats | None = None,
     return_stats: bool = False,
     backend: str = "auto",
+    mask: torch.Tensor | None = None,
+    process_group: object | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, GroupStats]:
     """Group normalization of ``input`` (N, C, *S), a drop-in for ``torch.nn.functional.group_norm``
     (same positional and keyword arguments, ``input=`` included).
@@ -251,17 +257,42 @@ def group_norm(
     statistics (e.g. merged from tiles) instead of computing them; ``return_stats=True`` also
     returns the computed :class:`GroupStats`. The output has the input's dtype and memory
     format; statistics are accumulated in float32 (float64 for float64 input).
+
+    ``mask``: statistics over the valid positions only (bool, or non-negative float weights,
+    broadcastable to (N, 1, *S) or (N, C, *S)); see :mod:`groupnorm.masked` for the output at
+    masked positions and for all-masked groups. ``process_group``: ``x`` is this rank's shard
+    of a tensor split along a spatial axis across the group's ranks, normalized with the whole
+    tensor's statistics; see :mod:`groupnorm.distributed`.
     """
     x = _check_input(input)
     plan = resolve_plan(
         x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
     )
     r = _request(x, plan, weight, bias, eps, activation, scale, shift, stats, return_stats)
-    y, out_stats = dispatch.select_backend(r, backend).run(r)
+    chosen = dispatch.select_backend(r, backend)
+    if mask is not None or process_group is not None:
+        y, out_stats = _run_beyond_one_tensor(r, mask, process_group)
+    else:
+        y, out_stats = chosen.run(r)
     if return_stats:
         assert out_stats is not None
         return y, out_stats
     return y
+
+
+def _run_beyond_one_tensor(
+    r: dispatch.Request, mask: torch.Tensor | None, process_group: object | None
+) -> tuple[torch.Tensor, GroupStats | None]:
+    """Masked and cross-process calls: the torch backend's composite ops with statistics made
+    by :mod:`groupnorm.masked` / :mod:`groupnorm.distributed` (the Triton kernels defer to it)."""
+    from groupnorm import distributed
+
+    if mask is not None:
+        mask = masked.check_mask(mask, r.x)
+    if process_group is not None:
+        return distributed.run_sharded(r, process_group, mask)
+    assert mask is not None
+    return masked.run_masked(r, mask)
 
 
 def group_stats(
@@ -272,16 +303,22 @@ def group_stats(
     group_sizes: Sequence[int] | None = None,
     uneven: bool = False,
     backend: str = "auto",
+    mask: torch.Tensor | None = None,
 ) -> GroupStats:
     """Per-(sample, group) statistics of ``x`` (N, C, *S) as :class:`GroupStats`, (N, G) each.
 
     With :func:`groupnorm.merge_stats` and ``group_norm(..., stats=)`` this normalizes a tensor
     processed in parts (tiled VAE decoding): the stats of the parts, merged, equal the stats of
     the whole. ``backend`` is chosen as for :func:`group_norm` (the Triton kernels on CUDA).
+    With ``mask``, the statistics of the valid positions only (``count`` is then the sum of the
+    mask's weights; see :mod:`groupnorm.masked`; the torch backend computes them).
     """
     x = _check_input(x)
     plan = resolve_plan(
         x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
     )
     r = dispatch.Request(x, plan, None, None, 0.0, None, None, None, None, True)
-    return dispatch.select_backend(r, backend).stats_of(r)
+    chosen = dispatch.select_backend(r, backend)
+    if mask is not None:
+        return masked.masked_stats(x, plan, masked.check_mask(mask, x))
+    return chosen.stats_of(r)

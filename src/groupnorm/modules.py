@@ -3,7 +3,8 @@ activation.
 
 The subclass keeps torch's signature, defaults, ``state_dict`` keys (``weight``, ``bias``) and
 repr, so an ``nn.GroupNorm`` checkpoint loads unchanged and gives the same output. What it adds is
-keyword-only: ``group_size=``, ``group_sizes=``, ``uneven=True``, ``activation=``, ``backend=``.
+keyword-only: ``group_size=``, ``group_sizes=``, ``uneven=True``, ``activation=``, ``backend=``,
+``process_group=`` (the input is one rank's spatial shard; see :mod:`groupnorm.distributed`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from groupnorm.activations import check_activation
-from groupnorm.functional import group_norm_planned, resolve_plan
+from groupnorm.functional import group_norm, group_norm_planned, resolve_plan
 
 __all__ = ["GroupNorm", "GroupNormAct"]
 
@@ -48,6 +49,7 @@ class GroupNorm(nn.GroupNorm):
         uneven: bool = False,
         activation: str | None = None,
         backend: str = "auto",
+        process_group: Any = None,
     ) -> None:
         if num_channels is None:
             raise ValueError("num_channels is required, e.g. GroupNorm(32, num_channels=256)")
@@ -67,9 +69,21 @@ class GroupNorm(nn.GroupNorm):
         self.plan = plan
         self.activation = activation
         self.backend = backend
+        self.process_group = process_group
         self._explicit_sizes = group_sizes is not None or not plan.is_even
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.process_group is not None:
+            return group_norm(
+                input,
+                weight=self.weight,
+                bias=self.bias,
+                eps=self.eps,
+                group_sizes=self.plan.sizes,
+                activation=self.activation,
+                backend=self.backend,
+                process_group=self.process_group,
+            )
         return group_norm_planned(
             input, self.plan, self.weight, self.bias, self.eps, self.activation, self.backend
         )

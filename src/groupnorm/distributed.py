@@ -1,0 +1,117 @@
+"""Group normalization of a tensor sharded across processes (patch parallelism).
+
+Each rank of a ``torch.distributed`` process group holds a disjoint part of the same (N, C, *S)
+tensor, split along any spatial axis (or any disjoint split of the positions). Every rank calls
+``group_norm(x_shard, ..., process_group=pg)`` with the same N, C, group plan and dtype; the
+output is the shard of what the whole tensor would give.
+
+How (every rank, identically):
+
+1. local pivot-shifted statistics of the shard (:class:`GroupStats`, (N, G) each);
+2. one ``all_gather`` of the four (N, G) fields of every rank;
+3. a W-way merge in float64, in rank order (deterministic, the same on every rank)::
+
+       P  = sum_r n_r p_r / n, in the statistics' dtype (a common pivot, near the data)
+       m_r = (p_r - P) + shifted_mean_r             (rank r's mean relative to P, exact in f64)
+       n  = sum_r n_r;   M = sum_r n_r m_r / n
+       m2 = sum_r m2_r + sum_r n_r (m_r - M)^2
+
+4. normalize the shard with the merged statistics.
+
+Gradients: the gather is a differentiable collective whose backward all-reduces (sums) the
+gradients of the gathered statistics over ranks and keeps this rank's slice, so each rank's
+``x_shard.grad`` equals the matching slice of the unsharded gradient of ``sum over ranks of each
+rank's loss``. Every rank must run backward through its output (the backward is a collective).
+``weight``/``bias`` gradients are per rank: all-reduce them (DDP does) for the whole tensor's.
+
+``mask=`` combines: masked local statistics, merged the same way (a group masked on every rank
+has count 0 and gets :mod:`groupnorm.masked`'s all-masked result).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from groupnorm.backends import torch_ops
+from groupnorm.dispatch import Request
+from groupnorm.masked import masked_stats, normalize_with
+from groupnorm.stats import GroupStats
+
+__all__ = ["all_gather_stats", "merge_many", "run_sharded"]
+
+
+class _AllGather(torch.autograd.Function):
+    """(…) -> (W, …): every rank's tensor; backward sums the gradients over ranks."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total[dist.get_rank(ctx.group)], None
+
+
+def _check_group(group: object) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "process_group= needs torch.distributed initialized first "
+            "(torch.distributed.init_process_group(...)); pass None for a single process"
+        )
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD or "
+            f"dist.new_group(ranks)), got {type(group).__name__}"
+        )
+
+
+def merge_many(every: torch.Tensor, dtype: torch.dtype) -> GroupStats:
+    """The W-way merge of the module doc: ``every`` is (W, 4, N, G), each rank's pivot,
+    shifted_mean, m2 and count stacked; returns the whole's statistics in ``dtype``."""
+    pivot, shifted_mean, m2, count = every.to(torch.float64).unbind(1)  # (W, N, G) each
+    n = count.sum(0)
+    empty = n == 0
+    safe = torch.where(empty, 1, n)
+    # Rounded to the statistics' dtype first: the means below are relative to the stored pivot.
+    common = torch.where(empty, 0, (count * pivot).sum(0) / safe).to(dtype).to(torch.float64)
+    means = (pivot - common) + shifted_mean  # (W, N, G)
+    mean = torch.where(empty, 0, (count * means).sum(0) / safe)
+    dev = means - mean
+    total_m2 = m2.sum(0) + (count * dev * dev).sum(0)
+    return GroupStats(common.to(dtype), mean.to(dtype), total_m2.to(dtype), n.to(dtype))
+
+
+def all_gather_stats(local: GroupStats, group: Any) -> GroupStats:
+    """Merge every rank's statistics of its shard into the whole tensor's (see the module doc).
+
+    Differentiable: gradients flow back into each rank's ``local`` statistics.
+    """
+    _check_group(group)
+    fields = torch.stack([local.pivot, local.shifted_mean, local.m2, local.count])  # (4, N, G)
+    return merge_many(_AllGather.apply(fields, group), local.pivot.dtype)
+
+
+def run_sharded(
+    r: Request, group: object, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, GroupStats | None]:
+    """A validated request on this rank's shard: ``(y_shard, whole-tensor stats or None)``."""
+    _check_group(group)
+    if r.stats is not None:
+        raise ValueError(
+            "process_group= and stats= together: stats= already holds the statistics to use; "
+            "merge them across ranks with groupnorm.distributed.all_gather_stats and drop "
+            "process_group="
+        )
+    local = (
+        torch_ops.compute_stats(r.x, r.plan) if mask is None else masked_stats(r.x, r.plan, mask)
+    )
+    stats = all_gather_stats(local, group)
+    return normalize_with(r, stats), (stats if r.return_stats else None)

@@ -1,0 +1,126 @@
+"""Masked group normalization: statistics over the valid positions only.
+
+``mask`` broadcasts to ``x`` (N, C, *S): typically (N, 1, *S) (one validity map per sample:
+padded audio, variable-size images in a batch) or (N, C, *S). Bool masks select positions;
+floating masks are non-negative weights ``w``. Per sample n and group g, over the group's
+channels c and positions l::
+
+    count[n,g] = sum w[n,c,l]
+    mean[n,g]  = sum w * x / count
+    var[n,g]   = sum w * (x - mean)^2 / count         (biased, like the unmasked case)
+
+Every position, masked or not, is then normalized with these statistics and gets the usual
+epilogue, ``y = act(((x - mean) * rstd * gamma + beta) * (1 + scale) + shift)``; values at
+masked positions never enter the statistics (NaN or Inf there stays at that position).
+A group with ``count == 0`` (all of it masked) has no statistics: its ``x_hat`` is defined as 0,
+so its output is the epilogue of ``beta`` alone and its input gradient is 0 (not NaN).
+
+Numerics: a first pass takes a per-group pivot (the masked mean in the accumulation dtype), the
+second accumulates the shifted values, the third their squared deviations, so a large common
+offset costs no precision (the pivot is detached: the result does not depend on it).
+
+Only the torch backend's composite ops compute masked statistics; a call that would go to the
+Triton kernels (CUDA, ``backend="auto"`` or ``"triton"``) runs them too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from groupnorm.backends import torch_ops
+from groupnorm.dispatch import Request
+from groupnorm.groups import GroupPlan
+from groupnorm.stats import GroupStats
+
+__all__ = ["check_mask", "masked_stats", "normalize_with", "run_masked"]
+
+
+def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
+    """Validate ``mask`` against ``x`` before any work; returns it unchanged.
+
+    Floating masks are checked to be finite and non-negative (one reduction over the mask).
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(
+            f"mask has dtype {mask.dtype}; use a bool mask (True = valid) or floating "
+            "non-negative weights (e.g. mask.bool() or mask.float())"
+        )
+    try:
+        shape = torch.broadcast_shapes(mask.shape, x.shape)
+    except RuntimeError:
+        shape = None
+    if shape != x.shape:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to x of shape "
+            f"{tuple(x.shape)}; use (N, 1, *spatial) or (N, C, *spatial) (size-1 dims broadcast)"
+        )
+    if mask.device != x.device:
+        raise ValueError(
+            f"mask is on {mask.device} but x is on {x.device}; move it with .to({str(x.device)!r})"
+        )
+    if mask.dtype != torch.bool and not bool(((mask >= 0) & mask.isfinite()).all()):
+        raise ValueError(
+            "mask holds negative or non-finite weights; floating masks are weights >= 0 "
+            "(0 = masked)"
+        )
+    return mask
+
+
+def _channel_sum(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Broadcast ``t`` to ``shape`` (N, C, *S) and sum over the positions: (N, C)."""
+    t = t.expand(shape)
+    return t if t.dim() == 2 else t.sum(dim=tuple(range(2, t.dim())))
+
+
+def masked_stats(x: torch.Tensor, plan: GroupPlan, mask: torch.Tensor) -> GroupStats:
+    """Statistics of the valid positions of ``x`` (N, C, *S) as :class:`GroupStats`, (N, G)
+    each; ``count`` is the sum of the weights (0 for an all-masked group, whose pivot,
+    shifted_mean and m2 are then 0). Differentiable in ``x``; ``mask`` is validated already."""
+    acc = torch_ops.accumulation_dtype(x.dtype)
+    w = mask.to(acc)
+    # torch.where, not a product: a NaN at a masked position must not reach the sums.
+    xv = torch.where(mask > 0, x, 0).to(acc)
+    count = torch_ops._group_sum(_channel_sum(w, x.shape), plan)  # (N, G)
+    empty = count == 0
+    safe = torch.where(empty, 1, count)
+
+    def group_mean(t: torch.Tensor) -> torch.Tensor:  # (N, C, *S) -> weighted (N, G) mean
+        return torch.where(
+            empty, 0, torch_ops._group_sum(_channel_sum(w * t, x.shape), plan) / safe
+        )
+
+    def per_channel(v: torch.Tensor) -> torch.Tensor:  # (N, G) -> broadcastable to x
+        return torch_ops._expand(torch_ops._per_channel(v, plan), x.dim())
+
+    pivot = group_mean(xv.detach())
+    d = xv - per_channel(pivot)
+    shifted_mean = group_mean(d)
+    e = d - per_channel(shifted_mean)
+    m2 = torch_ops._group_sum(_channel_sum(w * e * e, x.shape), plan)
+    return GroupStats(pivot, shifted_mean, m2, count)
+
+
+def normalize_with(r: Request, stats: GroupStats) -> torch.Tensor:
+    """``r`` normalized with ``stats`` by the torch backend's composite ops; a group with
+    ``count == 0`` is handed an infinite variance so that its ``rstd``, hence ``x_hat``, is 0."""
+    empty = stats.count == 0
+    normalizing = GroupStats(
+        stats.pivot,
+        stats.shifted_mean,
+        torch.where(empty, torch.inf, stats.m2),
+        torch.where(empty, 1, stats.count),
+    )
+    return torch_ops.run(r._replace(stats=normalizing, return_stats=False))[0]
+
+
+def run_masked(r: Request, mask: torch.Tensor) -> tuple[torch.Tensor, GroupStats | None]:
+    """A validated request with a validated mask: ``(y, stats or None)``."""
+    if r.stats is not None:
+        raise ValueError(
+            "mask= and stats= together: the mask only selects the positions the statistics "
+            "come from, and stats= replaces them; pass group_stats(x, ..., mask=mask) as stats="
+        )
+    stats = masked_stats(r.x, r.plan, mask)
+    return normalize_with(r, stats), (stats if r.return_stats else None)

@@ -1,0 +1,350 @@
+"""Exact tiled decoding of a diffusers ``AutoencoderKL`` latent: every GroupNorm uses the whole
+image's statistics, every convolution sees the halo its tile needs.
+
+Tiles are full-width strips of ``tile_rows`` latent rows (``8 * tile_rows`` image rows for the
+SD VAE). The decoder runs segment by segment, a segment being the local operations between two
+GroupNorm statistics (conv, SiLU, nearest upsampling, residual add)::
+
+    z -> post_quant_conv -> conv_in -> mid_block                      whole, at latent size
+    for each up block:   for each resnet:  H = conv1(act(norm1(X)))    one pass over the strips
+                                           X = shortcut(X) + conv2(act(norm2(H)))   another
+                         upsampler:        X = conv(upsample2x(X))     another
+    image = conv_out(act(conv_norm_out(X)))                            the last pass
+
+Each pass reads, for every strip, its rows plus one row of halo above and below (the one 3x3
+convolution in a segment needs exactly that: the rows a cut corrupts are cropped), and writes the
+strip's rows. The statistics a GroupNorm needs are gathered from the stored strips of its input
+(``group_stats`` per strip, merged exactly with ``merge_stats``) before the pass that normalizes
+with them (``group_norm(..., stats=)``). No activation is computed twice.
+
+Why the mid block is not tiled: its attention mixes every latent position, so no halo makes a
+tile exact; it runs at latent size (1/64 of the image's positions), where memory is small.
+
+Between passes the strips are kept in memory (``store="memory"``) or in a temporary directory
+(``store="disk"``: then the process holds only a few strips at a time; the peak falls with
+``tile_rows``). With ``process_group``, each rank decodes a contiguous band of strips (patch
+parallelism): statistics are merged across ranks (:mod:`groupnorm.distributed`) and the one
+halo row at each band edge is exchanged with an all-gather after every pass; the mid block runs
+on every rank.
+
+Use with a pretrained pipeline (weights downloaded by diffusers as usual)::
+
+    pipe = StableDiffusionPipeline.from_pretrained(...)
+    latents = pipe(prompt, output_type="latent").images
+    image = groupnorm.tiled.tiled_decode(pipe.vae, latents / pipe.vae.config.scaling_factor)
+    image = pipe.image_processor.postprocess(image)
+
+Supported: ``AutoencoderKL`` decoders built from ``UpDecoderBlock2D`` (ResnetBlock2D without a
+time embedding, ``Upsample2D`` with a 3x3 convolution) and a GroupNorm ``conv_norm_out``: the
+SD 1.x / 2.x / XL / 3 / Flux VAEs. Anything else is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from groupnorm.distributed import all_gather_stats
+from groupnorm.functional import group_norm, group_stats
+from groupnorm.stats import GroupStats, merge_stats
+
+__all__ = ["band_rows", "tiled_decode"]
+
+# A progress bar is shown by default from this many latent positions on: a 1024 px SD image
+# (128 x 128 latents) takes minutes to decode on a CPU; a 512 px one well under one.
+AUTO_PROGRESS_POSITIONS = 128 * 128
+
+
+def _remove_files(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _strips(height: int, tile_rows: int) -> list[tuple[int, int]]:
+    """Latent row ranges [a, b) of the strips, top to bottom."""
+    return [(a, min(a + tile_rows, height)) for a in range(0, height, tile_rows)]
+
+
+def band_rows(
+    latent_height: int, tile_rows: int, world: int, rank: int, upscale: int = 8
+) -> tuple[int, int]:
+    """Image rows [start, end) that rank ``rank`` of ``world`` returns from a patch-parallel
+    :func:`tiled_decode` (strips are dealt out in contiguous runs, earlier ranks one more)."""
+    strips = _strips(latent_height, tile_rows)
+    mine = _rank_strips(len(strips), world, rank)
+    return strips[mine[0]][0] * upscale, strips[mine[-1]][1] * upscale
+
+
+def _rank_strips(count: int, world: int, rank: int) -> range:
+    base, extra = divmod(count, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+class _Plane:
+    """One activation of the whole image, (N, C, rows, W), held as this rank's strips plus the
+    single rows just outside its band (ghosts) that the next pass's halo needs."""
+
+    def __init__(self, run: _Run, scale: int) -> None:
+        self.run = run
+        self.scale = scale  # rows per latent row
+        self.parts: dict[int, torch.Tensor | str] = {}
+        self.ghosts: dict[int, torch.Tensor] = {}  # image row -> (N, C, 1, W)
+        self._stats: dict[int, GroupStats] = {}
+        self._files: list[str] = []
+        # A plane's files go when the plane does: disk use stays at the live planes.
+        weakref.finalize(self, _remove_files, self._files)
+
+    def rows(self, k: int) -> tuple[int, int]:
+        a, b = self.run.strips[k]
+        return a * self.scale, b * self.scale
+
+    @property
+    def height(self) -> int:
+        return self.run.strips[-1][1] * self.scale
+
+    def put(self, k: int, t: torch.Tensor) -> None:
+        if self.run.store_dir is None:
+            self.parts[k] = t
+        else:
+            path = os.path.join(self.run.store_dir, f"{id(self)}-{k}.pt")
+            torch.save(t, path)
+            self.parts[k] = path
+            self._files.append(path)
+
+    def get(self, k: int) -> torch.Tensor:
+        part = self.parts[k]
+        return part if isinstance(part, torch.Tensor) else torch.load(part, weights_only=True)
+
+    def read(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) from the strips and ghosts that hold them."""
+        pieces = []
+        for k in self.run.mine:
+            a, b = self.rows(k)
+            if a < r1 and r0 < b:
+                pieces.append((a, self.get(k)[:, :, max(r0, a) - a : min(r1, b) - a]))
+        pieces += [(row, t) for row, t in self.ghosts.items() if r0 <= row < r1]
+        pieces.sort(key=lambda p: p[0])
+        out = torch.cat([t for _, t in pieces], dim=2)
+        assert out.shape[2] == r1 - r0, "a halo row is missing"
+        return out
+
+    def exchange_ghosts(self) -> None:
+        """All-gather every band's first and last row; keep the rows next to this band."""
+        group = self.run.group
+        if group is None:
+            return
+        first, last = self.run.mine[0], self.run.mine[-1]
+        start, end = self.rows(first)[0], self.rows(last)[1]
+        edges = torch.cat(
+            [self.get(first)[:, :, :1], self.get(last)[:, :, -1:]], dim=2
+        ).contiguous()
+        every = [torch.empty_like(edges) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, edges, group=group)
+        for r, t in enumerate(every):
+            band = _rank_strips(len(self.run.strips), len(every), r)
+            top, bottom = self.rows(band[0])[0], self.rows(band[-1])[1] - 1
+            if bottom == start - 1:
+                self.ghosts[bottom] = t[:, :, 1:2]
+            if top == end:
+                self.ghosts[top] = t[:, :, 0:1]
+
+    def stats(self, norm: nn.GroupNorm) -> GroupStats:
+        """The whole image's statistics for ``norm``'s groups, merged over strips and ranks."""
+        if norm.num_groups not in self._stats:
+            merged = None
+            for k in self.run.mine:
+                s = group_stats(self.get(k), norm.num_groups)
+                merged = s if merged is None else merge_stats(merged, s)
+            assert merged is not None
+            if self.run.group is not None:
+                merged = all_gather_stats(merged, self.run.group)
+            self._stats[norm.num_groups] = merged
+        return self._stats[norm.num_groups]
+
+    def whole(self) -> torch.Tensor:
+        return torch.cat([self.get(k) for k in self.run.mine], dim=2)
+
+
+class _Run:
+    def __init__(
+        self,
+        strips: list[tuple[int, int]],
+        group: Any,
+        store_dir: str | None,
+        bar: Any,
+    ) -> None:
+        self.strips = strips
+        self.group = group
+        world, rank = (
+            (1, 0) if group is None else (dist.get_world_size(group), dist.get_rank(group))
+        )
+        self.mine = _rank_strips(len(strips), world, rank)
+        self.store_dir = store_dir
+        self.bar = bar
+
+    def split(self, whole: torch.Tensor) -> _Plane:
+        plane = _Plane(self, whole.shape[2] // self.strips[-1][1])
+        for k in self.mine:
+            a, b = plane.rows(k)
+            plane.put(k, whole[:, :, a:b].clone())
+        plane.exchange_ghosts()
+        return plane
+
+    def apply(
+        self, fn: Callable[..., torch.Tensor], inputs: list[_Plane], factor: int = 1
+    ) -> _Plane:
+        """``fn`` (one 3x3 convolution deep, rows scaled by ``factor``) over every strip, each
+        read with one halo row on both sides and its output cropped back to the strip."""
+        src = inputs[0]
+        out = _Plane(self, src.scale * factor)
+        for k in self.mine:
+            a, b = src.rows(k)
+            r0, r1 = max(a - 1, 0), min(b + 1, src.height)
+            y = fn(*(p.read(r0, r1) for p in inputs))
+            off = (a - r0) * factor
+            out.put(k, y[:, :, off : off + (b - a) * factor].clone())
+            if self.bar is not None:
+                self.bar.update(1)
+        out.exchange_ghosts()
+        return out
+
+
+def _normalized(t: torch.Tensor, norm: nn.GroupNorm, stats: GroupStats) -> torch.Tensor:
+    return group_norm(t, norm.num_groups, norm.weight, norm.bias, norm.eps, stats=stats)
+
+
+def _resnet(run: _Run, block: Any, x: _Plane) -> _Plane:
+    """diffusers' ResnetBlock2D (no time embedding) as two passes."""
+    act = block.nonlinearity
+    s1 = x.stats(block.norm1)
+    h = run.apply(lambda t: block.conv1(act(_normalized(t, block.norm1, s1))), [x])
+    s2 = h.stats(block.norm2)
+    skip = block.conv_shortcut or nn.Identity()
+
+    def second(xt: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
+        out = block.conv2(block.dropout(act(_normalized(ht, block.norm2, s2))))
+        return (skip(xt) + out) / block.output_scale_factor
+
+    return run.apply(second, [x, h])
+
+
+def _unsupported(vae: Any) -> str | None:
+    """Why ``vae``'s decoder cannot be tiled exactly here, or None."""
+    dec = getattr(vae, "decoder", None)
+    if dec is None or not hasattr(dec, "up_blocks") or not hasattr(dec, "mid_block"):
+        return f"{type(vae).__name__} has no diffusers Decoder (vae.decoder.up_blocks)"
+    if type(dec.conv_norm_out) is not nn.GroupNorm:
+        return f"conv_norm_out is {type(dec.conv_norm_out).__name__}, not nn.GroupNorm"
+    for i, block in enumerate(dec.up_blocks):
+        if not hasattr(block, "resnets") or getattr(block, "attentions", None):
+            return f"up block {i} ({type(block).__name__}) is not an UpDecoderBlock2D"
+        for resnet in block.resnets:
+            if type(resnet).__name__ != "ResnetBlock2D":
+                return f"up block {i} has a {type(resnet).__name__}, not a ResnetBlock2D"
+            if resnet.time_emb_proj is not None or resnet.upsample or resnet.downsample:
+                return f"up block {i}: a resnet with a time embedding or resampling"
+            for m in (resnet.conv1, resnet.conv2):
+                if m.kernel_size != (3, 3) or m.padding != (1, 1) or m.stride != (1, 1):
+                    return f"up block {i}: a resnet conv that is not 3x3, stride 1, padding 1"
+        for up in block.upsamplers or []:
+            conv = getattr(up, "conv", None)
+            if (
+                type(up).__name__ != "Upsample2D"
+                or up.use_conv_transpose
+                or up.norm is not None
+                or not up.interpolate
+                or conv is None
+                or conv.kernel_size != (3, 3)
+            ):
+                return f"up block {i}: an upsampler other than nearest 2x + 3x3 conv"
+    return None
+
+
+@contextlib.contextmanager
+def _store(kind: str) -> Iterator[str | None]:
+    if kind == "memory":
+        yield None
+    else:
+        with tempfile.TemporaryDirectory(prefix="groupnorm-tiles-") as d:
+            yield d
+
+
+def tiled_decode(
+    vae: Any,
+    z: torch.Tensor,
+    *,
+    tile_rows: int = 16,
+    store: str = "memory",
+    progress: bool | None = None,
+    process_group: Any = None,
+) -> torch.Tensor:
+    """Decode latents ``z`` (N, latent_channels, h, w) with ``vae.decoder`` in strips of
+    ``tile_rows`` latent rows: the same image as ``vae.decode(z).sample`` up to float rounding.
+
+    ``store``: ``"memory"`` or ``"disk"`` (activations between passes in a temporary directory).
+    ``progress``: a tqdm bar over the strip passes (default: on for long decodes when tqdm is
+    installed). ``process_group``: decode across ranks; each returns its band of image rows,
+    :func:`band_rows` (every rank must pass the same ``z``). Runs under ``torch.no_grad``.
+    """
+    reason = _unsupported(vae)
+    if reason is not None:
+        raise ValueError(f"tiled_decode cannot decode this VAE exactly: {reason}")
+    if not isinstance(z, torch.Tensor) or z.dim() != 4:
+        raise ValueError(f"z must be a (N, C, h, w) latent tensor, got {getattr(z, 'shape', z)}")
+    if not isinstance(tile_rows, int) or tile_rows < 1:
+        raise ValueError(
+            f"tile_rows must be a positive int (latent rows per tile), got {tile_rows!r}"
+        )
+    if store not in ("memory", "disk"):
+        raise ValueError(f"store must be 'memory' or 'disk', got {store!r}")
+    strips = _strips(z.shape[2], tile_rows)
+    world = 1 if process_group is None else dist.get_world_size(process_group)
+    if len(strips) < world:
+        raise ValueError(
+            f"{len(strips)} tiles of {tile_rows} latent rows for {world} ranks: every rank needs "
+            f"one; use tile_rows <= {z.shape[2] // world}"
+        )
+    dec = vae.decoder
+    passes = sum(2 * len(b.resnets) + len(b.upsamplers or []) for b in dec.up_blocks) + 1
+    steps = passes * len(_rank_strips(len(strips), world, 0))
+    bar = _progress_bar(progress, steps, long=z.shape[2] * z.shape[3] >= AUTO_PROGRESS_POSITIONS)
+    try:
+        with torch.no_grad(), _store(store) as store_dir:
+            run = _Run(strips, process_group, store_dir, bar)
+            h = z if vae.post_quant_conv is None else vae.post_quant_conv(z)
+            x = run.split(dec.mid_block(dec.conv_in(h)))
+            for block in dec.up_blocks:
+                for resnet in block.resnets:
+                    x = _resnet(run, resnet, x)
+                for up in block.upsamplers or []:
+                    x = run.apply(up, [x], factor=2)
+            norm, s = dec.conv_norm_out, x.stats(dec.conv_norm_out)
+            out = run.apply(lambda t: dec.conv_out(dec.conv_act(_normalized(t, norm, s))), [x])
+            return out.whole()
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _progress_bar(progress: bool | None, steps: int, long: bool) -> Any:
+    if progress is False or (progress is None and not long):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        if progress:
+            raise ImportError(
+                "progress=True needs tqdm: pip install tqdm (or groupnorm[study])"
+            ) from None
+        return None
+    return tqdm(total=steps, desc="tiled decode", unit="strip")

@@ -1,0 +1,166 @@
+"""GroupNorm across 2 and 4 real processes (gloo on 127.0.0.1): a tensor sharded along a spatial
+axis normalizes, forward and backward, as the whole tensor does in the float64 reference."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+
+import groupnorm
+from groupnorm import reference as R
+from groupnorm.functional import resolve_plan
+from tests._dropped import dropped_reference
+from tests._inputs import make_x, rand
+from tests._tolerances import assert_matches, to_numpy
+
+SHAPE = (2, 12, 11, 7)  # H = 11 splits unevenly over 2 and 4 ranks
+PLAN = {"num_groups": 5, "uneven": True}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    """The whole tensors every rank rebuilds from seeds, then shards."""
+    mask = torch.rand((2, 1, 11, 7), generator=torch.Generator().manual_seed(5)) > 0.4
+    mask[0, :, :6] = False  # sample 0: masked on the first rank(s) entirely
+    return {
+        "x": make_x(SHAPE, torch.float64, "channels_last", seed=1),
+        "weight": rand((12,), torch.float64, 2) * 0.5 + 1,
+        "bias": rand((12,), torch.float64, 3),
+        "scale": rand((2, 12), torch.float64, 4) * 0.3,
+        "shift": rand((2, 12), torch.float64, 6),
+        "dy": rand(SHAPE, torch.float64, 7),
+        "offset_x": make_x((2, 8, 9, 16), torch.float32, seed=8, loc=1e4, std=1e-2),
+        "x5": make_x((2, 8, 6, 3, 4), torch.float64, seed=9),
+        "dy5": rand((2, 8, 6, 3, 4), torch.float64, 10),
+        "mask": mask,
+    }
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_()
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        torch.set_num_threads(1)
+        pg = dist.group.WORLD
+        full = _inputs()
+        result: dict[str, torch.Tensor] = {}
+
+        def shard(t: torch.Tensor, dim: int) -> torch.Tensor:
+            return torch.tensor_split(t, world, dim=dim)[rank]
+
+        # Every epilogue, uneven groups, channels-last, split along H; forward and backward.
+        x = _leaf(shard(full["x"], 2))
+        params = {k: _leaf(full[k]) for k in ("weight", "bias", "scale", "shift")}
+        y = groupnorm.group_norm(x, **PLAN, **params, activation="silu", process_group=pg)
+        y.backward(shard(full["dy"], 2))
+        result["y"], result["dx"] = y.detach(), x.grad
+        result.update({f"d{k}": v.grad for k, v in params.items()})
+
+        # float32, mean 1e4 and std 1e-2, split along W: the merge keeps the shifted precision.
+        result["offset_y"] = groupnorm.group_norm(shard(full["offset_x"], 3), 4, process_group=pg)
+
+        # The module option on a 5-D input split along D.
+        module = groupnorm.GroupNorm(4, 8, process_group=pg).double()
+        x5 = _leaf(shard(full["x5"], 2))
+        y5 = module(x5)
+        y5.backward(shard(full["dy5"], 2))
+        result["y5"], result["dx5"] = y5.detach(), x5.grad
+
+        # Masked: sample 0 has no valid position on the first rank(s).
+        xm = _leaf(shard(full["x"], 2))
+        ym = groupnorm.group_norm(xm, 4, mask=shard(full["mask"], 2), process_group=pg)
+        ym.backward(shard(full["dy"], 2))
+        result["ym"], result["dxm"] = ym.detach(), xm.grad
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_group_norm_matches_the_whole_tensor(world: int, tmp_path: Path) -> None:
+    tmp.spawn(_worker, args=(world, _port(), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    full = _inputs()
+
+    def cat(key: str, dim: int) -> torch.Tensor:
+        return torch.cat([r[key] for r in ranks], dim=dim)
+
+    def total(key: str) -> torch.Tensor:  # per-rank parameter gradients, all-reduced
+        return torch.stack([r[key] for r in ranks]).sum(0)
+
+    np64 = {k: to_numpy(v) for k, v in full.items()}
+    plan = resolve_plan(12, **PLAN)
+    expected, cache = R.group_norm_forward(
+        np64["x"],
+        plan=plan,
+        gamma=np64["weight"],
+        beta=np64["bias"],
+        activation="silu",
+        scale=np64["scale"],
+        shift=np64["shift"],
+    )
+    f64 = torch.float64
+    group = max(plan.sizes) * 11 * 7
+    assert_matches(cat("y", 2), expected, f64, what="y")
+    grads = R.group_norm_backward(np64["dy"], cache)
+    assert_matches(cat("dx", 2), grads.dx, f64, reduction=group, what="dx")
+    assert_matches(total("dweight"), grads.dgamma, f64, reduction=2 * group, what="dweight")
+    assert_matches(total("dbias"), grads.dbeta, f64, reduction=2 * group, what="dbias")
+    assert_matches(total("dscale"), grads.dscale, f64, reduction=group, what="dscale")
+    assert_matches(total("dshift"), grads.dshift, f64, reduction=group, what="dshift")
+
+    offset = to_numpy(full["offset_x"])
+    expected_offset, _ = R.group_norm_forward(offset, 4)
+    assert np.abs(to_numpy(cat("offset_y", 3)) - expected_offset).max() < 1e-3
+
+    expected5, cache5 = R.group_norm_forward(np64["x5"], 4)
+    assert_matches(cat("y5", 2), expected5, f64, what="module y")
+    grads5 = R.group_norm_backward(np64["dy5"], cache5)
+    assert_matches(cat("dx5", 2), grads5.dx, f64, reduction=2 * 6 * 3 * 4, what="module dx")
+
+    xm = full["x"].detach().clone().requires_grad_()
+    ym = dropped_reference(xm, resolve_plan(12, 4), full["mask"])
+    ym.backward(full["dy"])
+    assert_matches(cat("ym", 2), to_numpy(ym), f64, what="masked y")
+    assert_matches(cat("dxm", 2), to_numpy(xm.grad), f64, reduction=group, what="masked dx")
+
+
+def test_process_group_needs_torch_distributed_initialized() -> None:
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        groupnorm.group_norm(make_x((2, 4, 3, 3), torch.float32), 2, process_group=object())
+
+
+def test_regression_merged_pivot_is_rounded_to_the_stats_dtype() -> None:
+    """The merged means are taken relative to the common pivot; with it kept in float64 while
+    the stored pivot was its float32 rounding, a mean-1e4 input was off by half an ulp(1e4)
+    (5e-4, i.e. 0.05 after normalization by std 1e-2)."""
+    from groupnorm.distributed import merge_many
+
+    x = make_x((2, 8, 9, 16), torch.float32, seed=8, loc=1e4, std=1e-2)
+    parts = [groupnorm.group_stats(t, 4) for t in x.tensor_split(3, dim=3)]
+    every = torch.stack(
+        [torch.stack([s.pivot, s.shifted_mean, s.m2, s.count]) for s in parts]
+    )  # (W, 4, N, G)
+    merged = merge_many(every, torch.float32)
+    y = groupnorm.group_norm(x, 4, stats=merged)
+    expected, _ = R.group_norm_forward(to_numpy(x), 4)
+    assert np.abs(to_numpy(y) - expected).max() < 1e-3

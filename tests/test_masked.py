@@ -1,0 +1,245 @@
+"""Masked GroupNorm against an independent float64 computation that drops the masked elements:
+every dtype, forward and backward, NCHW and channels-last, bool and float masks, all-masked
+groups, the statistics API and bad input."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import groupnorm
+from groupnorm.functional import resolve_plan
+from tests._dropped import dropped_reference
+from tests._inputs import make_x, rand
+from tests._tolerances import assert_matches, to_numpy
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
+PLANS = {"even": {"num_groups": 4}, "uneven": {"num_groups": 5, "uneven": True}}
+SHAPE = (3, 12, 5, 6)
+
+
+def make_mask(kind: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Named masks: bool per position or per (channel, position), float weights, and masks that
+    empty a whole sample or a single group."""
+    gen = torch.Generator().manual_seed(seed)
+    N, C, *S = shape
+    if kind == "bool_positions":
+        return torch.rand((N, 1, *S), generator=gen) > 0.4
+    if kind == "bool_channels":
+        return torch.rand((N, C, *S), generator=gen) > 0.5
+    if kind == "float_weights":
+        w = torch.rand((N, 1, *S), generator=gen, dtype=torch.float64) * 2
+        return torch.where(w < 0.6, 0, w)
+    if kind == "empty_sample":
+        m = torch.rand((N, 1, *S), generator=gen) > 0.3
+        m[1] = False
+        return m
+    if kind == "empty_group":
+        m = torch.rand((N, C, *S), generator=gen) > 0.3
+        m[0, :3] = False  # the first group of sample 0 under both plans (sizes 3 and 3)
+        return m
+    raise ValueError(kind)
+
+
+MASKS = ["bool_positions", "bool_channels", "float_weights", "empty_sample", "empty_group"]
+
+
+def _params(C: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return rand((C,), dtype, 10) * 0.5 + 1, rand((C,), dtype, 11)
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("plan_name", list(PLANS))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_forward_matches_dropped_reference(
+    dtype: torch.dtype, layout: str, plan_name: str, mask_kind: str
+) -> None:
+    x = make_x(SHAPE, dtype, layout, seed=1)
+    mask = make_mask(mask_kind, SHAPE)
+    w, b = _params(12, dtype)
+    plan = resolve_plan(12, **PLANS[plan_name])
+    y = groupnorm.group_norm(x, weight=w, bias=b, mask=mask, **PLANS[plan_name])
+    expected = dropped_reference(x.double(), plan, mask, w, b)
+    assert y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    assert_matches(y, to_numpy(expected), dtype)
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_backward_matches_dropped_reference(
+    dtype: torch.dtype, layout: str, mask_kind: str
+) -> None:
+    plan_kw = PLANS["uneven"]
+    plan = resolve_plan(12, **plan_kw)
+    x = make_x(SHAPE, dtype, layout, seed=2).requires_grad_()
+    w, b = (t.requires_grad_() for t in _params(12, dtype))
+    mask = make_mask(mask_kind, SHAPE, seed=3)
+    dy = rand(SHAPE, dtype, 4)
+    groupnorm.group_norm(x, weight=w, bias=b, activation="silu", mask=mask, **plan_kw).backward(dy)
+
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    dropped_reference(x64, plan, mask, w64, b64, activation="silu").backward(dy.double())
+    group = max(plan.sizes) * math.prod(SHAPE[2:])
+    assert_matches(x.grad, to_numpy(x64.grad), dtype, reduction=group, what="dx")
+    assert_matches(w.grad, to_numpy(w64.grad), dtype, reduction=group, what="dweight")
+    assert_matches(b.grad, to_numpy(b64.grad), dtype, reduction=group, what="dbias")
+
+
+def test_all_masked_group_gives_beta_and_zero_gradient() -> None:
+    """The documented result: x_hat = 0, so y = act(beta), and no gradient reaches x."""
+    x = make_x((2, 8, 4, 4), torch.float32, seed=5).requires_grad_()
+    mask = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    mask[1] = False
+    bias = rand((8,), torch.float32, 6)
+    y, stats = groupnorm.group_norm(x, 2, bias=bias, mask=mask, return_stats=True)
+    assert torch.equal(y[1], bias.reshape(8, 1, 1).expand(8, 4, 4))
+    assert torch.equal(stats.count[1], torch.zeros(2))
+    y.backward(torch.ones_like(y))
+    assert x.grad is not None and torch.equal(x.grad[1], torch.zeros(8, 4, 4))
+    assert torch.isfinite(x.grad).all()
+
+
+def test_masked_positions_never_enter_the_statistics() -> None:
+    """NaN and huge values at masked positions change nothing at the valid ones, and a NaN
+    stays at its own position."""
+    x = make_x((2, 8, 5, 5), torch.float32, seed=7)
+    mask = make_mask("bool_positions", (2, 8, 5, 5), seed=8)
+    clean = groupnorm.group_norm(x, 4, mask=mask)
+    dirty = x.clone()
+    dirty[~mask.expand_as(x)] = 1e30
+    dirty[0, 0][~mask[0, 0]] = torch.nan
+    got = groupnorm.group_norm(dirty, 4, mask=mask)
+    valid = mask.expand_as(x)
+    assert torch.equal(got[valid], clean[valid])
+    assert torch.isnan(got).sum() == int((~mask[0, 0]).sum())
+
+
+def test_all_valid_mask_equals_unmasked() -> None:
+    x = make_x((2, 12, 6, 7), torch.float32, "channels_last", seed=9)
+    y = groupnorm.group_norm(x, 4, mask=torch.ones(1, 1, 6, 7, dtype=torch.bool))
+    expected = dropped_reference(x.double(), resolve_plan(12, 4), torch.ones(1))
+    assert_matches(y, to_numpy(expected), torch.float32)
+
+
+def test_float_zero_one_weights_equal_bool() -> None:
+    x = make_x(SHAPE, torch.float64, seed=10)
+    mask = make_mask("bool_channels", SHAPE, seed=11)
+    y_bool = groupnorm.group_norm(x, 4, mask=mask)
+    y_float = groupnorm.group_norm(x, 4, mask=mask.double())
+    torch.testing.assert_close(y_float, y_bool, rtol=1e-12, atol=1e-12)
+
+
+def test_large_mean_small_std_float32() -> None:
+    """The SPEC's shifted-variance case under a mask: mean 1e4, std 1e-2, masked garbage 0."""
+    x = make_x((2, 8, 16, 16), torch.float32, seed=12, loc=1e4, std=1e-2)
+    mask = make_mask("bool_positions", (2, 8, 16, 16), seed=13)
+    x = torch.where(mask, x, 0)
+    y = groupnorm.group_norm(x, 4, mask=mask)
+    expected = to_numpy(dropped_reference(x.double(), resolve_plan(8, 4), mask))
+    valid = mask.expand_as(x).numpy()
+    rel = np.abs(to_numpy(y) - expected)[valid] / np.abs(expected[valid]).max()
+    assert rel.max() < 1e-3
+
+
+@pytest.mark.parametrize("mask_kind", ["bool_positions", "float_weights", "empty_group"])
+def test_masked_stats_merge_across_tiles(mask_kind: str) -> None:
+    """Masked statistics of the tiles, merged, equal the whole's; normalizing each tile with them
+    gives the masked output of the whole."""
+    x = make_x(SHAPE, torch.float64, "channels_last", seed=14)
+    mask = make_mask(mask_kind, SHAPE, seed=15).expand(SHAPE[0], -1, -1, -1)
+    whole = groupnorm.group_stats(x, 4, mask=mask)
+    cuts = [(0, 2), (2, 3), (3, 6)]
+    merged = groupnorm.group_stats(x[..., 0:2], 4, mask=mask[..., 0:2])
+    for a, b in cuts[1:]:
+        merged = groupnorm.merge_stats(
+            merged, groupnorm.group_stats(x[..., a:b], 4, mask=mask[..., a:b])
+        )
+    torch.testing.assert_close(merged.count, whole.count, rtol=1e-12, atol=0)
+    # merge_stats divides by the merged count: two all-masked parts merge to NaN statistics.
+    some = whole.count > 0
+    torch.testing.assert_close(merged.mean[some], whole.mean[some], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(merged.m2[some], whole.m2[some], rtol=1e-12, atol=1e-12)
+    if mask_kind != "empty_group":  # an all-masked group has no statistics to normalize with
+        y = groupnorm.group_norm(x, 4, mask=mask)
+        tiles = [groupnorm.group_norm(x[..., a:b], 4, stats=merged) for a, b in cuts]
+        torch.testing.assert_close(torch.cat(tiles, dim=-1), y, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_float64_float_mask() -> None:
+    x = make_x((2, 6, 3, 3), torch.float64, seed=16).requires_grad_()
+    w, b = (t.requires_grad_() for t in _params(6, torch.float64))
+    mask = make_mask("float_weights", (2, 6, 3, 3), seed=17)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: groupnorm.group_norm(x, 3, w, b, activation="silu", mask=mask), (x, w, b)
+    )
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    N=st.integers(1, 3),
+    C=st.integers(1, 10),
+    spatial=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    G=st.integers(1, 10),
+    per_channel=st.booleans(),
+    keep=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_property_any_shape_plan_and_mask(
+    N: int, C: int, spatial: list[int], G: int, per_channel: bool, keep: float, seed: int
+) -> None:
+    G = min(G, C)
+    shape = (N, C, *spatial)
+    x = make_x(shape, torch.float32, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    mask = torch.rand((N, C if per_channel else 1, *spatial), generator=gen) < keep
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", groupnorm.SingleElementGroupWarning)
+        y = groupnorm.group_norm(x, G, uneven=True, mask=mask)
+    expected = dropped_reference(x.double(), resolve_plan(C, G, uneven=True), mask)
+    assert_matches(y, to_numpy(expected), torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("mask", "kwargs", "match"),
+    [
+        (torch.ones(2, 1, 3, 3, dtype=torch.int64), {}, "bool mask"),
+        (torch.ones(2, 1, 4, 3, dtype=torch.bool), {}, "does not broadcast"),
+        (torch.ones(3, 1, 3, 3, dtype=torch.bool), {}, "does not broadcast"),
+        (-torch.ones(2, 1, 3, 3), {}, "negative or non-finite"),
+        (torch.full((2, 1, 3, 3), torch.nan), {}, "negative or non-finite"),
+        ([1, 0], {}, "must be a torch.Tensor"),
+        (torch.ones(2, 1, 3, 3, dtype=torch.bool), {"stats": "whole"}, "mask= and stats="),
+    ],
+)
+def test_bad_masks_are_refused(mask: object, kwargs: dict, match: str) -> None:
+    x = make_x((2, 4, 3, 3), torch.float32)
+    if kwargs.get("stats") == "whole":
+        kwargs = {"stats": groupnorm.group_stats(x, 2)}
+    with pytest.raises((TypeError, ValueError), match=match):
+        groupnorm.group_norm(x, 2, mask=mask, **kwargs)  # type: ignore[arg-type]
+
+
+def test_triton_defers_masks_to_the_torch_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call dispatch would hand to the Triton kernels runs the torch composite path instead."""
+    from groupnorm import dispatch
+
+    def refuse(r: object) -> tuple[torch.Tensor, None]:
+        raise AssertionError("the triton kernels were called with a mask")
+
+    fake = dispatch.Backend(name="fake_triton", priority=99, why_not=lambda r: None, run=refuse)
+    monkeypatch.setitem(dispatch._REGISTRY, "fake_triton", fake)
+    x = make_x(SHAPE, torch.float32, seed=18)
+    mask = make_mask("bool_positions", SHAPE, seed=19)
+    y = groupnorm.group_norm(x, 4, mask=mask, backend="fake_triton")
+    expected = dropped_reference(x.double(), resolve_plan(12, 4), mask)
+    assert_matches(y, to_numpy(expected), torch.float32)
