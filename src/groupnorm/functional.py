@@ -42,7 +42,7 @@ def _check_flag(name: str, value: object) -> bool:
 def check_eps(eps: object) -> float:
     """eps as a float: what ``F.group_norm`` takes (a Python or NumPy real, a 0-d real tensor),
     but not a bool, and finite and >= 0. Raises before any work."""
-    if isinstance(eps, torch.SymFloat):  # torch.compile(dynamic=True) passes floats symbolic
+    if type(eps) is float or isinstance(eps, torch.SymFloat):  # symbolic: compile(dynamic=True)
         value: object = eps
     elif isinstance(eps, bool | np.bool_) or not isinstance(
         eps, int | float | np.integer | np.floating | torch.Tensor

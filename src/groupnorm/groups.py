@@ -171,7 +171,8 @@ def make_plan(
         return GroupPlan((C // G,) * G)
     if not uneven:
         raise _divisibility_error("num_groups", G, C)
-    base, extra = divmod(C, G)
+    base = C // G  # not divmod: torch.compile cannot trace it
+    extra = C - base * G
     return GroupPlan((base + 1,) * extra + (base,) * (G - extra))
 
 

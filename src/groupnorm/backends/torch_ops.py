@@ -281,7 +281,11 @@ def _native(r: Request) -> tuple[torch.Tensor, torch.Tensor]:
     y, mean, rstd = torch.native_group_norm(
         x, w, b, N, C, math.prod(x.shape[2:]), r.plan.num_groups, r.eps
     )
-    ratio = mean.detach() * rstd.detach()
+    if mean.requires_grad:
+        mean_d, rstd_d = mean.detach(), rstd.detach()
+    else:  # detach() is a dispatch of its own: this check runs on every call
+        mean_d, rstd_d = mean, rstd
+    ratio = mean_d * rstd_d
     if inside:
         return apply_activation(y, r.activation), ratio
     fa, fb = _fold(mean, rstd, r.plan, r)
@@ -350,6 +354,10 @@ def _native_checked(r: Request) -> torch.Tensor | None:
             parts.append(part)
             ratios.append(ratio)
         y, ratio = _like(torch.cat(parts, dim=1), r.x), torch.cat(ratios, dim=1)
+    # One reduction on the common path: NaN if any group is NaN, and then the elementwise
+    # check below decides (a NaN group compares False there, the others as they are).
+    if not ratio.numel() or float(torch.linalg.vector_norm(ratio, math.inf)) <= limit:
+        return y
     bad = ratio.abs_().gt_(limit).any(dim=1)  # (N,)
     if not bad.any():
         return y
