@@ -166,7 +166,7 @@ def test_stats_values_against_reference() -> None:
 def test_stats_errors() -> None:
     x = make_x((2, 8, 4, 4), torch.float32)
     stats = groupnorm.group_stats(x, 4)
-    with pytest.raises(ValueError, match=r"needs \(N, G\) = \(2, 2\)"):
+    with pytest.raises(ValueError, match="computed for 4 groups of 2.*2 groups of 4"):
         groupnorm.group_norm(x, 2, stats=stats)
     with pytest.raises(ValueError, match=r"needs \(N, G\) = \(3, 4\)"):
         groupnorm.group_norm(make_x((3, 8, 4, 4), torch.float32), 4, stats=stats)

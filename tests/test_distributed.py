@@ -160,7 +160,7 @@ def test_regression_merged_pivot_is_rounded_to_the_stats_dtype() -> None:
     every = torch.stack(
         [torch.stack([s.pivot, s.shifted_mean, s.m2, s.count]) for s in parts]
     )  # (W, 4, N, G)
-    merged = merge_many(every, torch.float32)
+    merged = merge_many(every, torch.float32, parts[0].plan)
     y = groupnorm.group_norm(x, 4, stats=merged)
     expected, _ = R.group_norm_forward(to_numpy(x), 4)
     assert np.abs(to_numpy(y) - expected).max() < 1e-3

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from groupnorm.backends import torch_ops
 from groupnorm.dispatch import Request
+from groupnorm.groups import GroupPlan
 from groupnorm.masked import masked_stats, normalize_with
 from groupnorm.stats import GroupStats
 
@@ -73,9 +74,9 @@ def _check_group(group: object) -> None:
         )
 
 
-def merge_many(every: torch.Tensor, dtype: torch.dtype) -> GroupStats:
+def merge_many(every: torch.Tensor, dtype: torch.dtype, plan: GroupPlan) -> GroupStats:
     """The W-way merge of the module doc: ``every`` is (W, 4, N, G), each rank's pivot,
-    shifted_mean, m2 and count stacked; returns the whole's statistics in ``dtype``."""
+    shifted_mean, m2 and count stacked; returns the whole's statistics in ``dtype`` for ``plan``."""
     pivot, shifted_mean, m2, count = every.to(torch.float64).unbind(1)  # (W, N, G) each
     n = count.sum(0)
     empty = n == 0
@@ -86,7 +87,7 @@ def merge_many(every: torch.Tensor, dtype: torch.dtype) -> GroupStats:
     mean = torch.where(empty, 0, (count * means).sum(0) / safe)
     dev = means - mean
     total_m2 = m2.sum(0) + (count * dev * dev).sum(0)
-    return GroupStats(common.to(dtype), mean.to(dtype), total_m2.to(dtype), n.to(dtype))
+    return GroupStats(common.to(dtype), mean.to(dtype), total_m2.to(dtype), n.to(dtype), plan=plan)
 
 
 def all_gather_stats(local: GroupStats, group: Any) -> GroupStats:
@@ -96,7 +97,8 @@ def all_gather_stats(local: GroupStats, group: Any) -> GroupStats:
     """
     _check_group(group)
     fields = torch.stack([local.pivot, local.shifted_mean, local.m2, local.count])  # (4, N, G)
-    return merge_many(_AllGather.apply(fields, group), local.pivot.dtype)
+    assert local.plan is not None
+    return merge_many(_AllGather.apply(fields, group), local.pivot.dtype, local.plan)
 
 
 def run_sharded(

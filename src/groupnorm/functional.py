@@ -11,12 +11,14 @@ import warnings
 from collections.abc import Sequence
 from typing import Literal, overload
 
+import numpy as np
 import torch
 
 from groupnorm import dispatch, masked
 from groupnorm.activations import check_activation
-from groupnorm.groups import GroupPlan, make_plan
-from groupnorm.stats import GroupStats
+from groupnorm.backends import torch_ops
+from groupnorm.groups import GroupPlan, check_group_sizes, make_plan
+from groupnorm.stats import GroupStats, check_stats_values
 
 __all__ = ["SingleElementGroupWarning", "group_norm", "group_stats", "resolve_plan"]
 
@@ -31,6 +33,51 @@ class SingleElementGroupWarning(UserWarning):
 _PLANS: dict[tuple[object, ...], GroupPlan] = {}
 
 
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_eps(eps: object) -> float:
+    """eps as a float: what ``F.group_norm`` takes (a Python or NumPy real, a 0-d real tensor),
+    but not a bool, and finite and >= 0. Raises before any work."""
+    if type(eps) is float or isinstance(eps, torch.SymFloat):  # symbolic: compile(dynamic=True)
+        value: object = eps
+    elif isinstance(eps, bool | np.bool_) or not isinstance(
+        eps, int | float | np.integer | np.floating | torch.Tensor
+    ):
+        raise TypeError(f"eps must be a real number, got {eps!r} ({type(eps).__name__})")
+    elif isinstance(eps, torch.Tensor):
+        if eps.dim() or not eps.dtype.is_floating_point:
+            raise TypeError(f"eps as a tensor must be 0-d floating point, got {eps!r}")
+        value = eps.item()
+    else:
+        value = float(eps)
+    # Comparisons, not math.isinf: they work on a symbolic float, and NaN fails the first.
+    if not (value >= 0 and value < math.inf):  # type: ignore[operator]
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_backend_name(backend: object) -> str:
+    """``"auto"`` or a registered backend's name (whether it can serve a call is decided then)."""
+    names = sorted(dispatch.available_backends())
+    if backend != "auto" and backend not in names:
+        raise ValueError(f"unknown backend {backend!r}; one of {['auto', *names]}")
+    return backend  # type: ignore[return-value]
+
+
+def _check_count(name: str, value: object) -> None:
+    """None or a positive int (a NumPy integer too; not a bool, float or string)."""
+    if (
+        value is not None
+        and type(value) is not int
+        and (isinstance(value, bool) or not isinstance(value, int | np.integer))
+    ):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def resolve_plan(
     num_channels: int,
     num_groups: int | None = None,
@@ -39,13 +86,21 @@ def resolve_plan(
     group_sizes: Sequence[int] | None = None,
     uneven: bool = False,
 ) -> GroupPlan:
-    """:func:`groupnorm.groups.make_plan`, cached (plans are immutable; at most 4096 kept)."""
-    sizes = None if group_sizes is None else tuple(int(s) for s in group_sizes)
-    key = (num_channels, num_groups, group_size, sizes, bool(uneven))
+    """:func:`groupnorm.groups.make_plan`, cached (plans are immutable; at most 4096 kept).
+
+    The argument types are checked before the cache is consulted, so what is accepted does not
+    depend on what was called before (2.0 and True hash like 2 and 1)."""
+    _check_count("num_groups", num_groups)
+    _check_count("group_size", group_size)
+    _check_flag("uneven", uneven)
+    sizes = None if group_sizes is None else check_group_sizes(group_sizes)
+    # A symbolic C (torch.compile with dynamic shapes) is specialized: the plan's structure,
+    # hence the graph, depends on it.
+    key = (int(num_channels), num_groups, group_size, sizes, uneven)
     plan = _PLANS.get(key)
     if plan is None:
         plan = make_plan(
-            num_channels, num_groups, group_size=group_size, group_sizes=sizes, uneven=uneven
+            key[0], num_groups, group_size=group_size, group_sizes=sizes, uneven=uneven
         )
         if len(_PLANS) < 4096:
             _PLANS[key] = plan
@@ -102,19 +157,32 @@ def _check_stats(stats: GroupStats, x: torch.Tensor, plan: GroupPlan) -> None:
         raise TypeError(
             f"stats must be a GroupStats (from group_stats), got {type(stats).__name__}"
         )
+    if stats.plan != plan:
+        assert stats.plan is not None
+        raise ValueError(
+            f"stats were computed for {stats.plan.describe()}, but this call normalizes with "
+            f"{plan.describe()}; compute the statistics with the same group plan"
+        )
     want = (x.shape[0], plan.num_groups)
-    for field in ("pivot", "shifted_mean", "m2", "count"):
-        t = getattr(stats, field)
-        if tuple(t.shape) != want:
-            raise ValueError(
-                f"stats.{field} has shape {tuple(t.shape)}, but x of shape {tuple(x.shape)} "
-                f"with {plan.describe()} needs (N, G) = {want}; compute the statistics with the "
-                "same batch and group plan"
-            )
-        if t.device != x.device:
-            raise ValueError(
-                f"stats are on {t.device} but x is on {x.device}; use stats.to({str(x.device)!r})"
-            )
+    if tuple(stats.shape) != want:
+        raise ValueError(
+            f"stats have shape {tuple(stats.shape)}, but x of shape {tuple(x.shape)} "
+            f"with {plan.describe()} needs (N, G) = {want}; compute the statistics with the "
+            "same batch and group plan"
+        )
+    if stats.pivot.device != x.device:
+        raise ValueError(
+            f"stats are on {stats.pivot.device} but x is on {x.device}; "
+            f"use stats.to({str(x.device)!r})"
+        )
+    acc = torch_ops.accumulation_dtype(x.dtype)
+    if stats.dtype != acc:
+        raise ValueError(
+            f"stats are {stats.dtype}, but x of dtype {x.dtype} is normalized with {acc} "
+            "statistics; compute them from an input of x's dtype"
+        )
+    if torch_ops.can_read_values(stats.m2):
+        check_stats_values(stats)
 
 
 def _request(
@@ -132,8 +200,8 @@ def _request(
     """Validate everything but x itself (checked by the caller, which needed its C for the plan)."""
     N, C = x.shape[:2]
     check_activation(activation)
-    if not isinstance(eps, (int, float)) or not eps >= 0 or math.isinf(eps):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    eps = check_eps(eps)
+    _check_flag("return_stats", return_stats)
     weight = _check_param("weight", weight, (C,), x)
     bias = _check_param("bias", bias, (C,), x)
     scale = _check_param("scale", scale, (N, C), x)
@@ -145,7 +213,12 @@ def _request(
                 "return_stats=True with stats= given: the given stats are returned "
                 "unchanged; drop one of the two"
             )
-    elif N and plan.min_size == 1 and math.prod(x.shape[2:]) == 1:
+    elif (
+        N
+        and plan.min_size == 1
+        and math.prod(x.shape[2:]) == 1
+        and not torch.compiler.is_compiling()
+    ):
         warnings.warn(
             f"{plan.describe()} over {math.prod(x.shape[2:])} position(s) puts a single element "
             "in a group: its variance is 0 and its output is just beta. Use fewer groups or "
@@ -154,7 +227,7 @@ def _request(
             stacklevel=3,
         )
     return dispatch.Request(
-        x, plan, weight, bias, float(eps), activation, scale, shift, stats, bool(return_stats)
+        x, plan, weight, bias, eps, activation, scale, shift, stats, return_stats
     )
 
 

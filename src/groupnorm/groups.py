@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["GroupChoice", "GroupPlan", "choose_num_groups", "divisors", "make_plan"]
+__all__ = [
+    "GroupChoice",
+    "GroupPlan",
+    "check_group_sizes",
+    "choose_num_groups",
+    "divisors",
+    "make_plan",
+]
 
 
 def divisors(n: int) -> list[int]:
@@ -140,7 +147,7 @@ def make_plan(
             f"give exactly one of num_groups=, group_size= or group_sizes=, got {given or 'none'}"
         )
     if group_sizes is not None:
-        sizes = tuple(int(s) for s in group_sizes)
+        sizes = check_group_sizes(group_sizes)
         if sum(sizes) != C or any(s < 1 for s in sizes):
             raise ValueError(
                 f"group_sizes={list(sizes)} must be positive and sum to num_channels={C} "
@@ -164,8 +171,26 @@ def make_plan(
         return GroupPlan((C // G,) * G)
     if not uneven:
         raise _divisibility_error("num_groups", G, C)
-    base, extra = divmod(C, G)
+    base = C // G  # not divmod: torch.compile cannot trace it
+    extra = C - base * G
     return GroupPlan((base + 1,) * extra + (base,) * (G - extra))
+
+
+def check_group_sizes(group_sizes: object) -> tuple[int, ...]:
+    """``group_sizes`` as a tuple of ints: a list, tuple or 1-D integer array of integers (not
+    bools, floats or strings, which ``int()`` would truncate or parse, nor a dict or set)."""
+    if isinstance(group_sizes, np.ndarray) and group_sizes.ndim == 1:
+        group_sizes = group_sizes.tolist()
+    if not isinstance(group_sizes, list | tuple):
+        raise TypeError(
+            f"group_sizes must be a list or tuple of ints, got {type(group_sizes).__name__}"
+        )
+    for s in group_sizes:
+        if isinstance(s, bool) or not isinstance(s, int | np.integer):
+            raise TypeError(
+                f"group_sizes must hold ints, got {s!r} ({type(s).__name__}) in {group_sizes!r}"
+            )
+    return tuple(int(s) for s in group_sizes)
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -194,6 +219,7 @@ def choose_num_groups(
     """
     C = _positive_int("num_channels", num_channels)
     target = _positive_int("target", target)
+    min_channels_per_group = _positive_int("min_channels_per_group", min_channels_per_group)
     divs = divisors(C)
     ok = [g for g in divs if C // g >= min_channels_per_group]
     if not ok:

@@ -99,7 +99,7 @@ def masked_stats(x: torch.Tensor, plan: GroupPlan, mask: torch.Tensor) -> GroupS
     shifted_mean = group_mean(d)
     e = d - per_channel(shifted_mean)
     m2 = torch_ops._group_sum(_channel_sum(w * e * e, x.shape), plan)
-    return GroupStats(pivot, shifted_mean, m2, count)
+    return GroupStats(pivot, shifted_mean, m2, count, plan=plan)
 
 
 def normalize_with(r: Request, stats: GroupStats) -> torch.Tensor:
@@ -111,6 +111,7 @@ def normalize_with(r: Request, stats: GroupStats) -> torch.Tensor:
         stats.shifted_mean,
         torch.where(empty, torch.inf, stats.m2),
         torch.where(empty, 1, stats.count),
+        plan=stats.plan,
     )
     return torch_ops.run(r._replace(stats=normalizing, return_stats=False))[0]
 

@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 from groupnorm.activations import check_activation
-from groupnorm.functional import group_norm, group_norm_planned, resolve_plan
+from groupnorm.backends.shifted import ScriptableGroupNorm
+from groupnorm.functional import (
+    check_backend_name,
+    check_eps,
+    group_norm,
+    group_norm_planned,
+    resolve_plan,
+)
+from groupnorm.groups import GroupPlan
 
 __all__ = ["GroupNorm", "GroupNormAct"]
 
@@ -54,6 +62,8 @@ class GroupNorm(nn.GroupNorm):
         if num_channels is None:
             raise ValueError("num_channels is required, e.g. GroupNorm(32, num_channels=256)")
         check_activation(activation)
+        check_eps(eps)
+        check_backend_name(backend)
         plan = resolve_plan(
             num_channels, num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
         )
@@ -67,25 +77,46 @@ class GroupNorm(nn.GroupNorm):
                 self.register_parameter("bias", None)
         self.num_groups = plan.num_groups
         self.plan = plan
+        self.uneven = uneven
         self.activation = activation
         self.backend = backend
         self.process_group = process_group
         self._explicit_sizes = group_sizes is not None or not plan.is_even
 
+    def _replan(self) -> GroupPlan:
+        """The plan for changed ``num_groups`` / ``num_channels`` attributes (nn.GroupNorm reads
+        them on every call, and so do we), as if passed to the constructor."""
+        self.plan = resolve_plan(self.num_channels, self.num_groups, uneven=self.uneven)
+        self._explicit_sizes = not self.plan.is_even
+        return self.plan
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        plan = self.plan
+        if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
+            plan = self._replan()
         if self.process_group is not None:
             return group_norm(
                 input,
                 weight=self.weight,
                 bias=self.bias,
                 eps=self.eps,
-                group_sizes=self.plan.sizes,
+                group_sizes=plan.sizes,
                 activation=self.activation,
                 backend=self.backend,
                 process_group=self.process_group,
             )
         return group_norm_planned(
-            input, self.plan, self.weight, self.bias, self.eps, self.activation, self.backend
+            input, plan, self.weight, self.bias, self.eps, self.activation, self.backend
+        )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` compiles this instead: the plan is a Python object TorchScript
+        cannot compile, so the scripted module carries its runs as a list of int tuples."""
+        plan = self.plan
+        if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
+            plan = self._replan()
+        return ScriptableGroupNorm(
+            list(plan.runs), self.weight, self.bias, float(self.eps), self.activation
         )
 
     def extra_repr(self) -> str:

@@ -19,17 +19,56 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GroupStats", "merge_stats"]
+from groupnorm.groups import GroupPlan
+
+__all__ = ["GroupStats", "check_stats_values", "merge_stats"]
+
+_FIELDS = ("pivot", "shifted_mean", "m2", "count")
 
 
 @dataclass(frozen=True)
 class GroupStats:
-    """Pivot-shifted group statistics, every field (N, G) in the accumulation dtype."""
+    """Pivot-shifted group statistics, every field (N, G) in the accumulation dtype, and the
+    :class:`GroupPlan` they were computed for (its G is the second dimension).
+
+    Built by :func:`groupnorm.group_stats`; the constructor checks types, shapes, dtypes and
+    devices (not values: see :func:`check_stats_values`).
+    """
 
     pivot: torch.Tensor
     shifted_mean: torch.Tensor
     m2: torch.Tensor
     count: torch.Tensor
+    plan: GroupPlan | None = None
+
+    def __post_init__(self) -> None:
+        fields = [getattr(self, f) for f in _FIELDS]
+        if not all(isinstance(t, torch.Tensor) for t in fields) or not isinstance(
+            self.plan, GroupPlan
+        ):
+            got = ", ".join(type(v).__name__ for v in (*fields, self.plan))
+            raise TypeError(
+                "GroupStats(pivot, shifted_mean, m2, count, plan) takes four (N, G) tensors and "
+                f"the GroupPlan they were computed for; got ({got}). Use groupnorm.group_stats"
+            )
+        p = self.pivot
+        G = self.plan.num_groups
+        for name, t in zip(_FIELDS, fields, strict=True):
+            if t.dim() != 2 or t.shape[1] != G or t.shape != p.shape:
+                raise ValueError(
+                    f"GroupStats.{name} has shape {tuple(t.shape)}; every field must be (N, G) "
+                    f"with G = {G} for {self.plan.describe()}, and pivot is {tuple(p.shape)}"
+                )
+            if t.dtype != p.dtype or t.dtype not in (torch.float32, torch.float64):
+                raise ValueError(
+                    f"GroupStats.{name} has dtype {t.dtype}; every field must be float32 (float64 "
+                    f"for float64 inputs), all the same; pivot is {p.dtype}"
+                )
+            if t.device != p.device:
+                raise ValueError(
+                    f"GroupStats.{name} is on {t.device} but pivot is on {p.device}: all fields "
+                    "must be on one device"
+                )
 
     @property
     def mean(self) -> torch.Tensor:
@@ -49,9 +88,27 @@ class GroupStats:
     def shape(self) -> torch.Size:
         return self.pivot.shape
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pivot.dtype
+
     def to(self, device: torch.device | str) -> GroupStats:
-        return GroupStats(
-            *(t.to(device) for t in (self.pivot, self.shifted_mean, self.m2, self.count))
+        pivot, shifted_mean, m2, count = (getattr(self, f).to(device) for f in _FIELDS)
+        return GroupStats(pivot, shifted_mean, m2, count, self.plan)
+
+
+def check_stats_values(stats: GroupStats, what: str = "stats") -> None:
+    """Raise if a count is not positive or an m2 is negative (or NaN): such statistics would give
+    ``bias`` or NaN without an error. Reads the values: the caller skips it where that is not
+    possible (tracing) or would stall a device."""
+    if not bool((stats.count > 0).all()):
+        raise ValueError(
+            f"{what}.count has entries <= 0; every group needs at least one element "
+            "(statistics of an empty tile cannot normalize)"
+        )
+    if not bool((stats.m2 >= 0).all()):
+        raise ValueError(
+            f"{what}.m2 has negative or NaN entries; m2 is a sum of squared deviations, >= 0"
         )
 
 
@@ -64,19 +121,37 @@ def merge_stats(a: GroupStats, b: GroupStats) -> GroupStats:
         m2 = m2_a + m2_b + delta^2 * n_a * n_b / n
 
     computed in float64 (the tensors are (N, G): cheap) so that the pivots' difference is exact.
+    Both must come from the same plan, batch, dtype and device.
     """
+    for name, s in (("a", a), ("b", b)):
+        if not isinstance(s, GroupStats):
+            raise TypeError(
+                f"merge_stats({name}=...) needs a GroupStats (from group_stats), got "
+                f"{type(s).__name__}"
+            )
+    if a.plan != b.plan:
+        assert a.plan is not None and b.plan is not None
+        raise ValueError(
+            f"cannot merge statistics of {a.plan.describe()} with {b.plan.describe()}: "
+            "compute both with the same group plan"
+        )
     if a.shape != b.shape:
         raise ValueError(
             f"cannot merge statistics of shape {tuple(a.shape)} with {tuple(b.shape)}: "
             "both must be (N, G) for the same batch and group plan"
         )
+    if a.dtype != b.dtype:
+        raise ValueError(
+            f"cannot merge {a.dtype} statistics with {b.dtype} ones: compute both from inputs "
+            "of the same precision"
+        )
     if a.pivot.device != b.pivot.device:
         raise ValueError(f"statistics on {a.pivot.device} and {b.pivot.device}: move one first")
-    dtype = a.pivot.dtype
     f64 = torch.float64
     na, nb = a.count.to(f64), b.count.to(f64)
     delta = (b.pivot.to(f64) - a.pivot.to(f64)) + (b.shifted_mean.to(f64) - a.shifted_mean.to(f64))
     n = na + nb
     shifted_mean = a.shifted_mean.to(f64) + delta * (nb / n)
     m2 = a.m2.to(f64) + b.m2.to(f64) + delta * delta * (na * nb / n)
-    return GroupStats(a.pivot, shifted_mean.to(dtype), m2.to(dtype), n.to(dtype))
+    dtype = a.dtype
+    return GroupStats(a.pivot, shifted_mean.to(dtype), m2.to(dtype), n.to(dtype), plan=a.plan)

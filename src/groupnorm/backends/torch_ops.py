@@ -14,10 +14,13 @@ Normalization folds everything per (n, c) into one multiply-add on ``xs``:
 ``y = act(xs * a + b)``.
 
 Plans without statistics in or out call torch's native kernel, which is faster on CPU (an
-uneven plan once per run of equal-size groups, concatenated), and apply any epilogue (affine in
-another dtype, scale/shift, activation) as elementwise ops after it; its float32 mean is trusted
-only while ``|mean| * rstd <= NATIVE_TRUST`` (the mean's rounding error, ~ulp(|mean|), stays far
-below the spread), else the call is redone shifted.
+uneven plan once per run of equal-size groups, concatenated). On an eager CPU call its float32
+mean is trusted per (sample, group) only while ``|mean| * rstd`` stays under the layout's
+measured limit (``NATIVE_TRUST*``); samples past it are redone on the composite path. Any
+epilogue the kernel cannot apply itself (affine in another dtype, scale/shift, activation on a
+half-precision x) is computed from x and the kernel's float32 mean and rstd, and rounded once.
+Calls that cannot read tensor values (tracing, transforms, other devices) run the kernel on
+pivot-shifted input instead (:mod:`groupnorm.backends.shifted`).
 """
 
 from __future__ import annotations
@@ -26,13 +29,21 @@ import math
 from functools import lru_cache
 
 import torch
+from torch.autograd import forward_ad
 
 from groupnorm.activations import apply_activation
+from groupnorm.backends.shifted import shifted_group_norm
 from groupnorm.dispatch import Backend, Request, register_backend
 from groupnorm.groups import GroupPlan
 from groupnorm.stats import GroupStats
 
-__all__ = ["NATIVE_TRUST", "accumulation_dtype", "compute_stats", "run"]
+__all__ = [
+    "NATIVE_TRUST",
+    "accumulation_dtype",
+    "can_read_values",
+    "compute_stats",
+    "run",
+]
 
 # |mean| * rstd above which the native float32 mean is not trusted. Its error is a few
 # ulp(|mean|) = |mean| * 6e-8 * k, i.e. r * 6e-8 * k relative to the spread: 1e-6 * k at r = 16.
@@ -129,7 +140,7 @@ def _stats_of_shifted(xs: torch.Tensor, pivot: torch.Tensor, plan: GroupPlan) ->
     dev = mean_c - _per_channel(mean_g, plan)  # (N, C)
     m2 = _group_sum(var_c + dev * dev, plan) * L  # (N, G)
     count = (sizes * L).expand(N, -1)
-    return GroupStats(pivot, mean_g, m2, count)
+    return GroupStats(pivot, mean_g, m2, count, plan=plan)
 
 
 def compute_stats(x: torch.Tensor, plan: GroupPlan) -> GroupStats:
@@ -157,6 +168,17 @@ def _native_layout(x: torch.Tensor) -> bool:
     return x.stride() == (C * math.prod(spatial), 1, *inner)
 
 
+# |mean| * rstd up to which the CPU kernel's statistics hold the float32 tolerance table, per
+# layout (benchmarks/native_trust.py measures the error against float64). The NCHW kernel's
+# mean is off by a few ulp(|mean|), 1e-6 of the spread at 16. The channels-last kernel forms
+# the variance from float32 sums over each channel's positions: its error grows with the
+# positions per channel and with (1 + ratio^2); (1, 128, 256, 256) G=32 reaches 0.45 of the
+# tolerance at ratio 2 and 1.4-2.6 at ratio 4, and past 2^16 positions it misses even at ratio
+# 0 (3.6x at 1024^2), so larger channels-last inputs are not sent to it.
+NATIVE_TRUST = 16.0
+NATIVE_TRUST_CHANNELS_LAST = 2.0
+CHANNELS_LAST_MAX_POSITIONS = 1 << 16
+
 # Uneven plans come in runs of equal-size groups (uneven=True makes two: the larger groups
 # first). Torch's kernel takes each run's channels as an even plan, and the outputs are
 # concatenated: one copy of x and one of y, yet 6.7-13x faster on CPU than the composite path
@@ -166,121 +188,47 @@ def _native_layout(x: torch.Tensor) -> bool:
 MAX_NATIVE_RUNS = 4
 
 
-def _native_ok(r: Request) -> bool:
-    if r.stats is not None or r.return_stats:
-        return False
-    if r.x.dtype in (torch.float16, torch.bfloat16) and _epilogue_after_kernel(r):
-        # The kernel returns y rounded to x's dtype; an epilogue on that would round twice
-        # (seen: bf16 + SiLU 2x the error of the exactly rounded result, 10x at one element).
-        return False
-    if r.plan.is_even:
-        return _native_layout(r.x)
-    # Each run is copied in x's memory format; off the CPU the kernel reads only contiguous
-    # input, so a channels-last x there would be copied for nothing.
-    return len(r.plan.runs) <= MAX_NATIVE_RUNS and (r.x.device.type == "cpu" or r.x.is_contiguous())
-
-
-def _epilogue_after_kernel(r: Request) -> bool:
-    """Whether :func:`_native` has work left after torch's kernel (see its docstring)."""
-    x = r.x
-    affine_inside = (r.weight is None or r.weight.dtype == x.dtype) and (
-        r.bias is None or r.bias.dtype == x.dtype
-    )
-    return (
-        not affine_inside or r.activation is not None or r.scale is not None or r.shift is not None
-    )
-
-
-@lru_cache(maxsize=256)
-def _even_plan(size: int, groups: int) -> GroupPlan:
-    return GroupPlan((size,) * groups)
-
-
-def _native_runs(r: Request) -> torch.Tensor | None:
-    """An uneven request as one native call per run of equal-size groups (see MAX_NATIVE_RUNS);
-    None when a run's channels cannot be read in place after the copy, or its mean is not
-    trusted."""
-    parts = []
-    for start, end, size in r.plan.runs:
-        cols = slice(start, end)
-        # The slice skips the other runs' channels; a dense copy in x's memory format.
-        xs = r.x[:, cols].clone(memory_format=torch.preserve_format)
-        if not _native_layout(xs):
-            return None
-        y = _native(
-            Request(
-                xs,
-                _even_plan(size, (end - start) // size),
-                None if r.weight is None else r.weight[cols],
-                None if r.bias is None else r.bias[cols],
-                r.eps,
-                r.activation,
-                None if r.scale is None else r.scale[:, cols],
-                None if r.shift is None else r.shift[:, cols],
-                None,
-                False,
-            )
-        )
-        if y is None:
-            return None
-        parts.append(y)
-    return torch.cat(parts, dim=1)
-
-
-def _native(r: Request) -> torch.Tensor | None:
-    """torch's own kernel, then any epilogue as elementwise ops; None when the kernel's float32
-    mean cannot be trusted for this input.
-
-    The kernel applies weight and bias itself when they are in x's dtype (it requires that);
-    otherwise it returns x_hat and the affine joins the epilogue, in the accumulation dtype.
-    """
-    x = r.x
-    N, C = x.shape[:2]
-    affine_inside = (r.weight is None or r.weight.dtype == x.dtype) and (
-        r.bias is None or r.bias.dtype == x.dtype
-    )
-    w, b = (r.weight, r.bias) if affine_inside else (None, None)
-    y, mean, rstd = torch.native_group_norm(
-        x, w, b, N, C, math.prod(x.shape[2:]), r.plan.num_groups, r.eps
-    )
-    # NaN (a NaN group) compares False: such a group is NaN either way, and others unaffected.
-    if mean.numel() and mean.detach().mul(rstd.detach()).abs_().max().item() > NATIVE_TRUST:
+def _trust_limit(x: torch.Tensor) -> float | None:
+    """The largest |mean| * rstd at which torch's CPU kernel is trusted on x, None when it does
+    not read x in place or cannot be trusted at any ratio."""
+    if x.is_contiguous():
+        return NATIVE_TRUST
+    if not _native_layout(x) or math.prod(x.shape[2:]) > CHANNELS_LAST_MAX_POSITIONS:
         return None
-    if affine_inside and r.activation is None and r.scale is None and r.shift is None:
-        return y
-    acc = accumulation_dtype(x.dtype)
-    u = y.to(acc)
-    per_channel = (C,) + (1,) * (x.dim() - 2)
-    if not affine_inside:
-        if r.weight is not None:
-            u = u * r.weight.to(acc).reshape(per_channel)
-        if r.bias is not None:
-            u = u + r.bias.to(acc).reshape(per_channel)
-    if r.scale is not None:
-        u = u * _expand(1 + r.scale.to(acc), x.dim())
-    if r.shift is not None:
-        u = u + _expand(r.shift.to(acc), x.dim())
-    return apply_activation(u, r.activation).to(x.dtype)
+    return NATIVE_TRUST_CHANNELS_LAST
 
 
-def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
-    """Run a validated request: ``(y, stats or None)``."""
-    # The native path checks its mean with a Python branch on tensor values; a traced graph
-    # (ONNX export, torch.export, torch.compile, jit.trace) cannot record that branch, so tracing
-    # takes the composite path, which is exact for every input and has no such branch.
-    if not _tracing() and _native_ok(r):
-        y = _native(r) if r.plan.is_even else _native_runs(r)
-        if y is not None:
-            return y, None
-    x, plan = r.x, r.plan
-    given = r.stats
-    xs, pivot = _shifted(x, plan, None if given is None else given.pivot)
-    stats = _stats_of_shifted(xs, pivot, plan) if given is None else given
-    rstd = torch.rsqrt(stats.var + r.eps)  # (N, G)
-    a = _per_channel(rstd, plan)  # (N, C)
+def can_read_values(x: torch.Tensor) -> bool:
+    """Whether this call may read tensor values (``.item()``, ``bool(t)``).
+
+    Not while torch.compile, jit.trace, make_fx or a fake mode records (no values), not under
+    vmap or other functorch transforms (``.item()`` is refused), and not on meta tensors.
+    """
+    return (
+        not _tracing()  # first: dynamo cannot trace the queries below
+        and type(x) is torch.Tensor
+        and x.device.type != "meta"
+        and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
+
+
+def _reads_values(x: torch.Tensor) -> bool:
+    """Whether the hot path may branch on tensor values: :func:`can_read_values` on the CPU
+    (elsewhere reading a value stalls the host until the device catches up)."""
+    return x.device.type == "cpu" and can_read_values(x)
+
+
+def _fold(
+    mean: torch.Tensor, rstd: torch.Tensor, plan: GroupPlan, r: Request
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Everything per (n, c) as one multiply-add on (x - 0): ``y = act(x * a + b)``, with
+    ``a = rstd * gamma * (1 + scale)`` and ``b = (beta - mean * rstd * gamma) * (1 + scale) +
+    shift``; mean, rstd (N, G) in the accumulation dtype, a and b (N, C)."""
+    a = _per_channel(rstd, plan)
     if r.weight is not None:
         a = a * r.weight.to(a.dtype)
-    b = -_per_channel(stats.shifted_mean, plan) * a  # (N, C)
+    b = -_per_channel(mean, plan) * a
     if r.bias is not None:
         b = b + r.bias.to(a.dtype)
     if r.scale is not None:
@@ -290,8 +238,166 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
         a, b = a * s1, b * s1
     if r.shift is not None:
         b = b + r.shift.to(a.dtype)
-    y = apply_activation(xs * _expand(a, x.dim()) + _expand(b, x.dim()), r.activation)
-    return y.to(x.dtype), (stats if r.return_stats else None)
+    return a, b
+
+
+def _native(r: Request) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's kernel on an even plan, then any epilogue: ``(y, |mean| * rstd (N, G))``.
+
+    Rounded once: the kernel applies weight and bias itself only when they are in x's dtype and
+    its output is final (or only an activation follows in x's dtype, float32 or float64). Any
+    other epilogue, and every epilogue of a half-precision x, is computed from x and the
+    kernel's float32 mean and rstd in the accumulation dtype, then rounded.
+    """
+    x = r.x
+    N, C = x.shape[:2]
+    acc = accumulation_dtype(x.dtype)
+    inside = (
+        (r.weight is None or r.weight.dtype == x.dtype)
+        and (r.bias is None or r.bias.dtype == x.dtype)
+        and r.scale is None
+        and r.shift is None
+        and (r.activation is None or x.dtype == acc)
+    )
+    if inside:
+        w, b = r.weight, r.bias
+    elif x.dtype != acc:
+        # A float32 weight makes the CPU kernel return float32 mean and rstd (else x's dtype).
+        w, b = _float32_ones(C, x.device) if r.weight is None else r.weight.float(), None
+    else:
+        w, b = None, None
+    y, mean, rstd = torch.native_group_norm(
+        x, w, b, N, C, math.prod(x.shape[2:]), r.plan.num_groups, r.eps
+    )
+    if mean.requires_grad:
+        mean_d, rstd_d = mean.detach(), rstd.detach()
+    else:  # detach() is a dispatch of its own: this check runs on every call
+        mean_d, rstd_d = mean, rstd
+    ratio = mean_d * rstd_d
+    if inside:
+        return apply_activation(y, r.activation), ratio
+    fa, fb = _fold(mean, rstd, r.plan, r)
+    u = torch.addcmul(_expand(fb, x.dim()), x, _expand(fa, x.dim()))  # x promoted: one op
+    return apply_activation(u, r.activation).to(x.dtype), ratio
+
+
+@lru_cache(maxsize=64)
+def _float32_ones(C: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(C, dtype=torch.float32, device=device)
+
+
+@lru_cache(maxsize=256)
+def _even_plan(size: int, groups: int) -> GroupPlan:
+    return GroupPlan((size,) * groups)
+
+
+def _run_request(r: Request, start: int, end: int, size: int, x: torch.Tensor) -> Request:
+    """The part of ``r`` for channels start:end (an even plan of ``size``), on ``x``."""
+    cols = slice(start, end)
+    return Request(
+        x,
+        _even_plan(size, (end - start) // size),
+        None if r.weight is None else r.weight[cols],
+        None if r.bias is None else r.bias[cols],
+        r.eps,
+        r.activation,
+        None if r.scale is None else r.scale[:, cols],
+        None if r.shift is None else r.shift[:, cols],
+        None,
+        False,
+    )
+
+
+def _sample_request(r: Request, rows: torch.Tensor) -> Request:
+    """The part of ``r`` for the samples ``rows``."""
+    return r._replace(
+        x=r.x[rows],
+        scale=None if r.scale is None else r.scale[rows],
+        shift=None if r.shift is None else r.shift[rows],
+    )
+
+
+def _native_checked(r: Request) -> torch.Tensor | None:
+    """torch's kernel on the CPU, with samples whose statistics it cannot be trusted with redone
+    on the composite path; None when the kernel cannot serve x at all.
+
+    The check is per (sample, group), elementwise: a NaN or Inf group compares False (it is
+    NaN either way) and cannot switch the check off for the other groups.
+    """
+    limit = _trust_limit(r.x)
+    if limit is None:
+        return None
+    if r.plan.is_even:
+        y, ratio = _native(r)
+    else:
+        if len(r.plan.runs) > MAX_NATIVE_RUNS:
+            return None
+        parts, ratios = [], []
+        for start, end, size in r.plan.runs:
+            # The slice skips the other runs' channels; a dense copy in x's memory format.
+            xs = r.x[:, start:end].clone(memory_format=torch.preserve_format)
+            if not _native_layout(xs):
+                return None
+            part, ratio = _native(_run_request(r, start, end, size, xs))
+            parts.append(part)
+            ratios.append(ratio)
+        y, ratio = _like(torch.cat(parts, dim=1), r.x), torch.cat(ratios, dim=1)
+    # One reduction on the common path: NaN if any group is NaN, and then the elementwise
+    # check below decides (a NaN group compares False there, the others as they are).
+    if not ratio.numel() or float(torch.linalg.vector_norm(ratio, math.inf)) <= limit:
+        return y
+    bad = ratio.abs_().gt_(limit).any(dim=1)  # (N,)
+    if not bad.any():
+        return y
+    if bad.all():
+        return None
+    rows = bad.nonzero().squeeze(1)
+    redone, _ = _composite(_sample_request(r, rows))
+    return _like(y.index_copy(0, rows, redone), r.x)
+
+
+def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y in x's memory format (cat picks NCHW when a one-channel part is both layouts at once)."""
+    if x.is_contiguous():
+        return y
+    like = torch.empty_like(x, dtype=y.dtype)
+    return y if like.stride() == y.stride() else like.copy_(y)
+
+
+def _composite(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
+    """Statistics of the pivot-shifted input (or the given ones), then one multiply-add."""
+    given = r.stats
+    xs, pivot = _shifted(r.x, r.plan, None if given is None else given.pivot)
+    stats = _stats_of_shifted(xs, pivot, r.plan) if given is None else given
+    a, b = _fold(stats.shifted_mean, torch.rsqrt(stats.var + r.eps), r.plan, r)
+    y = apply_activation(xs * _expand(a, xs.dim()) + _expand(b, xs.dim()), r.activation)
+    return y.to(r.x.dtype), (stats if r.return_stats else None)
+
+
+def _forward_ad_on_channels_last(x: torch.Tensor) -> bool:
+    """torch's kernel has no forward-mode derivative for a non-contiguous input."""
+    return forward_ad._current_level >= 0 and not x.is_contiguous()
+
+
+def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
+    """Run a validated request: ``(y, stats or None)``.
+
+    Without statistics in or out: on an eager CPU call, torch's kernel with its mean checked
+    (:func:`_native_checked`); everywhere else (tracing, transforms, other devices), torch's
+    kernel on pivot-shifted input, which needs no check (:mod:`.shifted`). Statistics in or out,
+    and what neither serves, take the composite path.
+    """
+    if r.stats is None and not r.return_stats and not _forward_ad_on_channels_last(r.x):
+        if _reads_values(r.x):
+            y = _native_checked(r)
+            if y is not None:
+                return y, None
+        else:
+            runs = list(r.plan.runs)
+            return shifted_group_norm(
+                r.x, runs, r.weight, r.bias, r.eps, r.activation, r.scale, r.shift
+            ), None
+    return _composite(r)
 
 
 register_backend(

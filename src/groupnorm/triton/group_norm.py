@@ -1441,4 +1441,4 @@ def group_norm_triton(
     )
     if not return_stats:
         return y, None
-    return y, GroupStats(pivot, smean, m2, count)
+    return y, GroupStats(pivot, smean, m2, count, plan=plan)

@@ -1,0 +1,272 @@
+"""Regression tests for wrong results the torch path once returned without an error, each against
+float64 computed independently of the code under test (groupnorm.reference, or float64 math
+here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import groupnorm
+from groupnorm import reference as R
+from tests._inputs import make_x, rand
+from tests._tolerances import assert_matches, to_numpy
+
+
+def _f64_group_norm(x: torch.Tensor, G: int, eps: float = 1e-5) -> np.ndarray:
+    """Plain float64 group norm of the values x holds (no affine), by two-pass formulas."""
+    xd = x.detach().double().contiguous()
+    g = xd.reshape(x.shape[0], G, -1)
+    mean = g.mean(-1, keepdim=True)
+    var = ((g - mean) ** 2).mean(-1, keepdim=True)
+    return ((g - mean) / torch.sqrt(var + eps)).reshape(x.shape).numpy()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_regression_nan_in_one_sample_disables_trust_check(layout: str, bad: float) -> None:
+    """A non-finite group made the trust check's max NaN, so clean samples kept torch's inexact
+    float32 mean (error 8.95 on the clean sample, channels-last)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64) * 1e-2 + 1e4).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, 0] = bad
+    y = groupnorm.group_norm(x, 2)
+    expected = _f64_group_norm(x, 2)
+    assert_matches(y[1], expected[1], torch.float32)
+    assert_matches(y[0, 2:], expected[0, 2:], torch.float32)
+    assert torch.isnan(y[0, :2]).all()
+
+
+@pytest.mark.parametrize(
+    ("shape", "G", "loc"),
+    [
+        ((1, 32, 256, 256), 8, 4.0),  # ratio 4: 1.4x the tolerance when trusted
+        ((1, 32, 256, 256), 1, 15.9),  # the issue's case: 6.0e-4
+        ((1, 8, 1024, 1024), 2, 0.0),  # 2^20 positions: 3.6x the tolerance at ratio 0
+    ],
+    ids=["ratio4", "ratio16_G1", "1024sq"],
+)
+def test_regression_channels_last_float32_misses_tolerance(
+    shape: tuple[int, ...], G: int, loc: float
+) -> None:
+    """torch's channels-last CPU kernel was trusted up to |mean|/std = 16 like the NCHW one, yet
+    its variance comes from float32 sums: it missed the float32 tolerance by up to 30x."""
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=gen) + loc).contiguous(memory_format=torch.channels_last)
+    y = groupnorm.group_norm(x, G)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_matches(y, _f64_group_norm(x, G), torch.float32)
+
+
+def test_regression_channels_last_float16_misses_tolerance() -> None:
+    gen = torch.Generator().manual_seed(2)
+    shape = (1, 16, 512, 512)
+    x = (torch.randn(shape, generator=gen) + 15).half()  # ratio 15: 0.048 off, 3.5x the bound
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = groupnorm.group_norm(x, 4)
+    assert_matches(y, _f64_group_norm(x, 4), torch.float16)
+
+
+def _ulps(y: torch.Tensor, expected: np.ndarray) -> float:
+    """Largest |y - expected| in units of y's dtype's spacing at expected, over |expected| >=
+    1e-2: below that, GELU's tail in float32 (1 + erf(u) near -1) has a relative error of its
+    own that is no rounding of ours."""
+    keep = np.abs(expected) >= 1e-2
+    spacing = 2.0 ** np.floor(np.log2(np.abs(expected[keep]))) * torch.finfo(y.dtype).eps
+    return float((np.abs(to_numpy(y)[keep] - expected[keep]) / spacing).max())
+
+
+EPILOGUES = {
+    "fp32_affine": {},
+    "scale_shift": {"scale": True},
+    "silu": {"activation": "silu"},
+    "gelu_scale_shift": {"activation": "gelu", "scale": True},
+}
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_regression_half_precision_rounded_twice(
+    dtype: torch.dtype, epilogue: str, layout: str
+) -> None:
+    """The kernel's half output was rounded, then the epilogue rounded again: 7.7 ulp with a
+    float32 weight, 27-33 with scale/shift, 3-4 with silu. Rounded once, every element is within
+    half an ulp of the float64 result (plus float32 arithmetic), as close as torch's own
+    kernel with the same float32 weight."""
+    shape = (2, 16, 6, 5)
+    x = make_x(shape, dtype, layout, seed=3)
+    w = rand((16,), torch.float32, 4) * 0.5 + 1
+    b = rand((16,), torch.float32, 5)
+    kw = dict(EPILOGUES[epilogue])
+    if kw.pop("scale", False):
+        kw["scale"] = rand((2, 16), dtype, 6) * 0.3
+        kw["shift"] = rand((2, 16), dtype, 7)
+    y = groupnorm.group_norm(x, 4, w, b, **kw)
+    assert y.dtype == dtype
+    expected, _ = R.group_norm_forward(
+        x.double().numpy(),
+        4,
+        gamma=w.double().numpy(),
+        beta=b.double().numpy(),
+        activation=kw.get("activation"),
+        scale=None if "scale" not in kw else kw["scale"].double().numpy(),
+        shift=None if "shift" not in kw else kw["shift"].double().numpy(),
+    )
+    assert _ulps(y, expected) <= 0.51
+    assert_matches(y, expected, dtype)
+    if not kw:
+        torch_err = np.abs(to_numpy(F.group_norm(x, 4, w, b)) - expected).max()
+        assert np.abs(to_numpy(y) - expected).max() <= torch_err
+
+
+def test_regression_half_precision_one_rounding_in_backward_still_matches() -> None:
+    """The epilogue computed from x and float32 statistics keeps gradients in tolerance."""
+    shape = (2, 8, 4, 4)
+    x = make_x(shape, torch.bfloat16, seed=8).requires_grad_()
+    w = (rand((8,), torch.float32, 9) + 1).requires_grad_()
+    y = groupnorm.group_norm(x, 2, w, activation="silu")
+    dy = rand(shape, torch.bfloat16, 10)
+    y.backward(dy)
+    _, cache = R.group_norm_forward(
+        x.detach().double().numpy(), 2, gamma=w.detach().double().numpy(), activation="silu"
+    )
+    grads = R.group_norm_backward(to_numpy(dy), cache)
+    assert_matches(x.grad, grads.dx, torch.bfloat16, reduction=4 * 16, what="dx")
+    assert_matches(w.grad, grads.dgamma, torch.float32, reduction=2 * 16, what="dweight")
+
+
+def test_regression_statistics_accepted_for_wrong_plan() -> None:
+    """Statistics of group_sizes=[5, 1] normalized a [1, 5] call (0.62 off), merged with other
+    plans' statistics, and their dtype, a negative m2 or a zero count passed unchecked."""
+    x = make_x((2, 6, 4, 4), torch.float32)
+    wrong = groupnorm.group_stats(x, group_sizes=[5, 1])
+    with pytest.raises(ValueError, match=r"computed for 1x5 \+ 1x1 \(C=6\).*with 1x1 \+ 1x5"):
+        groupnorm.group_norm(x, group_sizes=[1, 5], stats=wrong)
+    right = groupnorm.group_stats(x, group_sizes=[1, 5])
+    with pytest.raises(ValueError, match="same group plan"):
+        groupnorm.merge_stats(right, wrong)
+    y = groupnorm.group_norm(x, group_sizes=[1, 5], stats=right)
+    expected, _ = R.group_norm_forward(x.double().numpy(), group_sizes=[1, 5])
+    assert_matches(y, expected, torch.float32)
+
+    with pytest.raises(ValueError, match=r"stats are torch.float32.*torch.float64"):
+        groupnorm.group_norm(x.double(), group_sizes=[1, 5], stats=right)
+    as64 = groupnorm.group_stats(x.double(), group_sizes=[1, 5])
+    with pytest.raises(ValueError, match="cannot merge torch.float32"):
+        groupnorm.merge_stats(right, as64)
+
+    def edited(**fields: torch.Tensor) -> groupnorm.GroupStats:
+        kept = {f: getattr(right, f) for f in ("pivot", "shifted_mean", "m2", "count")}
+        return groupnorm.GroupStats(**{**kept, **fields}, plan=right.plan)
+
+    with pytest.raises(ValueError, match="m2 has negative"):
+        groupnorm.group_norm(x, group_sizes=[1, 5], stats=edited(m2=-right.m2))
+    with pytest.raises(ValueError, match="count has entries <= 0"):
+        groupnorm.group_norm(x, group_sizes=[1, 5], stats=edited(count=right.count * 0))
+    with pytest.raises(ValueError, match="dtype torch.float64"):
+        edited(m2=right.m2.double())
+    with pytest.raises(ValueError, match=r"\(N, G\) with G = 2"):
+        edited(m2=right.m2[:, :1])
+
+
+def test_regression_group_stats_type_errors_say_what_was_expected() -> None:
+    with pytest.raises(TypeError, match=r"four \(N, G\) tensors and the GroupPlan"):
+        groupnorm.GroupStats(1, 2, 3, 4)  # type: ignore[arg-type]
+    stats = groupnorm.group_stats(make_x((2, 4, 3), torch.float32), 2)
+    with pytest.raises(TypeError, match=r"merge_stats\(b=...\) needs a GroupStats.*NoneType"):
+        groupnorm.merge_stats(stats, None)  # type: ignore[arg-type]
+    assert stats.to("cpu").plan == stats.plan
+
+
+def test_regression_module_ignores_changed_attribute() -> None:
+    """``m.num_groups = 3`` after construction kept the old plan (0.70 off F.group_norm(x, 3));
+    nn.GroupNorm reads its attributes on every call, and so must a drop-in. Likewise eps."""
+    m = groupnorm.GroupNorm(2, 6)
+    x = make_x((2, 6, 5, 4), torch.float32, seed=11)
+    m.num_groups = 3
+    assert_matches(m(x), _f64_group_norm(x, 3), torch.float32)
+    m.eps = 0.5
+    assert_matches(m(x), _f64_group_norm(x, 3, eps=0.5), torch.float32)
+    m.num_groups = 4
+    with pytest.raises(ValueError, match="num_groups=4 does not divide num_channels=6"):
+        m(x)
+
+
+def test_regression_channels_last_lost_with_one_channel_run_and_activation() -> None:
+    """A one-channel run is both NCHW and channels-last; concatenated after an activation, the
+    output came back NCHW."""
+    x = make_x((2, 3, 4, 4), torch.float32, "channels_last", seed=12)
+    y = groupnorm.group_norm(x, 2, uneven=True, activation="silu")
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    expected, _ = R.group_norm_forward(x.double().numpy(), 2, uneven=True, activation="silu")
+    assert_matches(y, expected, torch.float32)
+
+
+def test_regression_validation_depends_on_the_plan_cache() -> None:
+    """2.0 and True hash like 2 and 1: once group_norm(x, 2) had cached its plan, they passed."""
+    x = make_x((2, 4, 3), torch.float32)
+    groupnorm.group_norm(x, 2)
+    groupnorm.group_norm(x, 1)
+    for bad in (2.0, True):
+        with pytest.raises(ValueError, match="num_groups must be a positive integer"):
+            groupnorm.group_norm(x, bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="group_size must be a positive integer"):
+        groupnorm.group_norm(x, group_size=2.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [["2", "2"], [True, 3], [2.9, 1.1], {2: 0, 2.0: 1}, "22"],
+    ids=["strings", "bool", "floats", "dict", "str"],
+)
+def test_regression_group_sizes_elements_must_be_ints(sizes: object) -> None:
+    x = make_x((2, 4, 3), torch.float32)
+    with pytest.raises(TypeError, match="group_sizes must"):
+        groupnorm.group_norm(x, group_sizes=sizes)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="group_sizes must"):
+        groupnorm.make_plan(4, group_sizes=sizes)  # type: ignore[arg-type]
+    y = groupnorm.group_norm(x, group_sizes=np.array([1, 3]))
+    assert_matches(y, R.group_norm_forward(x.double().numpy(), group_sizes=[1, 3])[0], x.dtype)
+
+
+def test_regression_eps_accepts_what_f_group_norm_accepts() -> None:
+    x = make_x((2, 4, 3), torch.float32)
+    for eps in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), 1):
+        assert_matches(
+            groupnorm.group_norm(x, 2, eps=eps), _f64_group_norm(x, 2, float(eps)), x.dtype
+        )
+        assert torch.equal(groupnorm.group_norm(x, 2, eps=eps), F.group_norm(x, 2, eps=eps))
+    for bad in (True, np.bool_(False), "1e-5", torch.tensor([1e-5]), None):
+        with pytest.raises(TypeError, match="eps"):
+            groupnorm.group_norm(x, 2, eps=bad)  # type: ignore[arg-type]
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            groupnorm.group_norm(x, 2, eps=bad)
+
+
+def test_regression_flags_must_be_bools() -> None:
+    x = make_x((2, 4, 3), torch.float32)
+    with pytest.raises(TypeError, match="uneven must be True or False, got 1"):
+        groupnorm.group_norm(x, 3, uneven=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="return_stats must be True or False, got 'yes'"):
+        groupnorm.group_norm(x, 2, return_stats="yes")  # type: ignore[call-overload]
+
+
+def test_regression_module_arguments_fail_at_construction() -> None:
+    with pytest.raises(ValueError, match="unknown backend 'nope'; one of \\['auto'"):
+        groupnorm.GroupNorm(2, 4, backend="nope")
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0, got -1"):
+        groupnorm.GroupNorm(2, 4, eps=-1)
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        groupnorm.GroupNorm(2, 4, eps=True)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "2"])
+def test_regression_choose_num_groups_validates_min_channels(bad: object) -> None:
+    with pytest.raises(ValueError, match="min_channels_per_group must be a positive integer"):
+        groupnorm.choose_num_groups(64, min_channels_per_group=bad)  # type: ignore[arg-type]

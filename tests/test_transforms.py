@@ -1,0 +1,146 @@
+"""The torch path under torch's transforms and tracers, where nn.GroupNorm works: each result is
+checked against the float64 reference (inputs with a large offset, so an inexact float32 mean
+would show), and against eager where both run."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import groupnorm
+from groupnorm.functional import resolve_plan
+from tests._inputs import make_x, reference
+from tests._tolerances import assert_matches
+
+PLANS = {"even": {"num_groups": 4}, "uneven": {"num_groups": 5, "uneven": True}}
+
+
+def _x(shape: tuple[int, ...] = (3, 12, 5, 4), layout: str = "nchw", seed: int = 0) -> torch.Tensor:
+    return make_x(shape, torch.float32, layout, seed=seed, loc=300.0, std=0.5)
+
+
+def _expected(x: torch.Tensor, plan_kw: dict, **kw: object):
+    return reference(x, resolve_plan(x.shape[1], **plan_kw), **kw)[0]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_vmap(plan_name: str) -> None:
+    plan_kw = PLANS[plan_name]
+    x = _x()
+    w = torch.randn(12)
+    y = torch.vmap(lambda s: groupnorm.group_norm(s[None], weight=w, **plan_kw)[0])(x)
+    assert_matches(y, _expected(x, plan_kw, weight=w), torch.float32)
+
+
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_meta_and_fake_tensors(plan_name: str) -> None:
+    plan_kw = PLANS[plan_name]
+    x = _x(layout="channels_last").to("meta")
+    y = groupnorm.group_norm(x, activation="silu", **plan_kw)
+    assert y.device.type == "meta" and y.shape == x.shape and y.stride() == x.stride()
+    m = groupnorm.GroupNorm(**plan_kw, num_channels=12, device="meta")
+    assert m(x).shape == x.shape
+    with FakeTensorMode():
+        fx = torch.empty(3, 12, 5, 4).to(memory_format=torch.channels_last)
+        fy = groupnorm.group_norm(fx, **plan_kw)
+        assert fy.shape == fx.shape and fy.stride() == fx.stride()
+
+
+@pytest.mark.parametrize("mode", ["real", "symbolic"])
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_make_fx(plan_name: str, mode: str) -> None:
+    plan_kw = PLANS[plan_name]
+    x = _x()
+    gm = make_fx(lambda t: groupnorm.group_norm(t, **plan_kw), tracing_mode=mode)(x)
+    x2 = _x(seed=1)
+    assert_matches(gm(x2), _expected(x2, plan_kw), torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_jit_script_of_a_model_holding_groupnorm() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 12, 3, padding=1),
+        groupnorm.GroupNorm(5, 12, uneven=True),
+        groupnorm.GroupNormAct(4, 12),
+    )
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 6, 5)
+    torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
+    assert list(scripted.state_dict()) == list(model.state_dict())
+    h = model[0](x).detach()
+    assert_matches(
+        torch.jit.script(model[1])(h),
+        _expected(h, {"num_groups": 5, "uneven": True}, weight=model[1].weight, bias=model[1].bias),
+        torch.float32,
+    )
+
+
+# forward_ad loads its decompositions through torch.jit.script on first use.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_forward_mode_ad(layout: str) -> None:
+    """jvp against the float64 finite difference of the reference; torch's own kernel has no
+    forward derivative for channels-last input on the CPU (its view fails)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = make_x((2, 8, 4, 3), torch.float64, layout, seed=2)
+    t = make_x((2, 8, 4, 3), torch.float64, layout, seed=3)
+    with fwAD.dual_level():
+        y = groupnorm.group_norm(fwAD.make_dual(x, t), 4, activation="silu")
+        tangent = fwAD.unpack_dual(y).tangent
+    h = 1e-6
+    plus = reference(x + h * t, resolve_plan(8, 4), activation="silu")[0]
+    minus = reference(x - h * t, resolve_plan(8, 4), activation="silu")[0]
+    torch.testing.assert_close(
+        tangent, torch.from_numpy((plus - minus) / (2 * h)), rtol=1e-6, atol=1e-7
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_compile_dynamic_fullgraph(plan_name: str) -> None:
+    """torch.compile(dynamic=True, fullgraph=True) of the module and the function, two batch
+    sizes (the second reuses the graph) and a float eps (symbolic under dynamic=True)."""
+    plan_kw = PLANS[plan_name]
+    torch._dynamo.reset()
+    m = groupnorm.GroupNorm(**plan_kw, num_channels=12)
+    cm = torch.compile(m, dynamic=True, fullgraph=True)
+    cf = torch.compile(
+        lambda t, eps: groupnorm.group_norm(t, **plan_kw, eps=eps), dynamic=True, fullgraph=True
+    )
+    for n in (2, 3):
+        x = _x((n, 12, 5, 4), "channels_last", seed=n)
+        assert_matches(cm(x), _expected(x, plan_kw), torch.float32)
+        assert_matches(cf(x, 1e-3), _expected(x, plan_kw, eps=1e-3), torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compile_uneven_plan_with_varying_channels() -> None:
+    torch._dynamo.reset()
+    cf = torch.compile(
+        lambda t: groupnorm.group_norm(t, 5, uneven=True), dynamic=True, fullgraph=True
+    )
+    for C in (12, 13, 17):
+        x = _x((2, C, 3, 3), seed=C)
+        assert_matches(cf(x), _expected(x, {"num_groups": 5, "uneven": True}), torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compile_single_element_groups() -> None:
+    """Eager warns about single-element groups; compiled, the warning is skipped, not a break."""
+    torch._dynamo.reset()
+    cf = torch.compile(lambda t, b: groupnorm.group_norm(t, 8, bias=b), fullgraph=True)
+    x, b = torch.randn(2, 8), torch.randn(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", groupnorm.SingleElementGroupWarning)
+        torch.testing.assert_close(cf(x, b), b.expand(2, 8))
