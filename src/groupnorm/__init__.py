@@ -10,6 +10,7 @@ Public API::
     available_backends                           which backends run on this machine
     convert_batchnorm, swap_group_norm,          move a model onto GroupNorm (with reports)
     restore_group_norm, WSConv2d                 and Weight Standardization
+    safe_globals                                 classes to allow for torch.load(weights_only)
 """
 
 from groupnorm import backends as _backends  # noqa: F401  (registers the backends)
@@ -24,6 +25,7 @@ from groupnorm.dispatch import available_backends
 from groupnorm.functional import SingleElementGroupWarning, group_norm, group_stats
 from groupnorm.groups import GroupChoice, GroupPlan, choose_num_groups, make_plan
 from groupnorm.modules import GroupNorm, GroupNormAct
+from groupnorm.serialization import safe_globals
 from groupnorm.stats import GroupStats, merge_stats
 from groupnorm.ws import WSConv2d
 
@@ -48,5 +50,6 @@ __all__ = [
     "make_plan",
     "merge_stats",
     "restore_group_norm",
+    "safe_globals",
     "swap_group_norm",
 ]

@@ -51,17 +51,21 @@ class Plan:
     why_not: dict[int, str] = field(default_factory=dict)
 
 
-_PRE_HOOKS: dict[str, Callable[[Any], Any]] = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
+_FUNCTIONS: dict[str, Callable[[Any], Any]] = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
 
 
-def pre_hook(activation: str) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
-    """A forward pre-hook applying ``activation`` to a module's first input."""
-    fn = _PRE_HOOKS[activation]
+@dataclass(frozen=True)
+class ActivationPreHook:
+    """A forward pre-hook applying ``activation`` to a module's first input: where an
+    activation module removed by fusion was also applied to that module's input.
 
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (fn(args[0]), *args[1:])
+    A class, not a closure, so that ``torch.save(model)`` pickles it (and
+    :func:`groupnorm.safe_globals` allows it to ``torch.load(weights_only=True)``)."""
 
-    return hook
+    activation: str
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (_FUNCTIONS[self.activation](args[0]), *args[1:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -196,7 +196,8 @@ def swap_group_norm(
     for act_id in plan.removed:
         target = _walk.replace_everywhere(target, paths[act_id], nn.Identity(), report._undo)
     report._hooks += [
-        m.register_forward_pre_hook(fusion.pre_hook(name)) for m, name in plan.pre_act.values()
+        m.register_forward_pre_hook(fusion.ActivationPreHook(name))
+        for m, name in plan.pre_act.values()
     ]
     report.fused = plan.pairs + report.fused
     return target, report

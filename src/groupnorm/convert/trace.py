@@ -109,9 +109,15 @@ def _is_ancestor(parent: str, path: str) -> bool:
     return parent == "" or path.startswith(parent + ".")
 
 
+# Modules that compute one op on their input, subclasses included (ours, timm's): leaves, so
+# that fx need not trace their forwards, whose argument checks branch on shapes.
+_ONE_OP = (nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd)
+
+
 class _LeafTracer(fx.Tracer):
-    """torch.fx's tracer with ``leaves`` as extra leaf modules, and nn.Identity traced through
-    (it computes nothing, so it must not stand between a norm and its activation)."""
+    """torch.fx's tracer with ``leaves`` and every norm and conv as leaf modules, and
+    nn.Identity traced through (it computes nothing, so it must not stand between a norm and
+    its activation)."""
 
     def __init__(self, leaves: Iterable[nn.Module]) -> None:
         super().__init__()
@@ -120,7 +126,9 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) is nn.Identity:
             return False
-        return id(m) in self._leaves or super().is_leaf_module(m, module_qualified_name)
+        if id(m) in self._leaves or isinstance(m, _ONE_OP):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 def from_fx(model: nn.Module, leaves: Iterable[nn.Module]) -> Calls:
