@@ -40,7 +40,9 @@ def why_not_fused(act: nn.Module, drop: nn.Module) -> str | None:
     """Why ``act(drop(.))`` after a norm does not run fused in it, or None when it does."""
     if type(drop) is not nn.Identity:
         return f"{drop!r} comes before the activation {act!r}; both kept as modules"
-    if type(act) is not nn.Identity and fusible_activation(act) is None:
+    if type(act) is nn.Identity:
+        return "it has no activation (act is nn.Identity)"
+    if fusible_activation(act) is None:
         return f"the activation {act!r} is not one the kernels compute; kept as a module"
     return None
 
