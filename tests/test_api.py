@@ -87,7 +87,9 @@ def test_module_errors() -> None:
     with pytest.raises(ValueError, match="uneven=True"):
         groupnorm.GroupNorm(32, 48)
     with pytest.raises(ValueError, match="num_channels is required"):
-        groupnorm.GroupNorm(32)
+        groupnorm.GroupNorm(num_groups=32)
+    with pytest.raises(TypeError, match="give each once"):
+        groupnorm.GroupNorm(8, num_groups=4, num_channels=8)
     with pytest.raises(ValueError, match="activation"):
         groupnorm.GroupNorm(4, 8, activation="tanh")
     with pytest.raises(

@@ -12,6 +12,7 @@ Public API::
     convert_batchnorm, swap_group_norm,          move a model onto GroupNorm (with reports)
     restore_group_norm, WSConv2d                 and Weight Standardization
     groupnorm.tiled.tiled_decode                 exact tiled decoding of a diffusers VAE
+    safe_globals                                 classes to allow for torch.load(weights_only)
 """
 
 from groupnorm import backends as _backends  # noqa: F401  (registers the backends)
@@ -26,6 +27,7 @@ from groupnorm.dispatch import available_backends
 from groupnorm.functional import SingleElementGroupWarning, group_norm, group_stats
 from groupnorm.groups import GroupChoice, GroupPlan, choose_num_groups, make_plan
 from groupnorm.modules import GroupNorm, GroupNormAct
+from groupnorm.serialization import safe_globals
 from groupnorm.stats import GroupStats, merge_stats
 from groupnorm.ws import WSConv2d
 
@@ -50,5 +52,6 @@ __all__ = [
     "make_plan",
     "merge_stats",
     "restore_group_norm",
+    "safe_globals",
     "swap_group_norm",
 ]

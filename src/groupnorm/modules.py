@@ -40,17 +40,25 @@ class GroupNorm(nn.GroupNorm):
     ``GroupNorm(32, 64)`` behaves as ``nn.GroupNorm(32, 64)``. Also accepted:
     ``GroupNorm(num_channels=48, group_size=16)``, ``GroupNorm(32, 48, uneven=True)``,
     ``GroupNorm(num_channels=10, group_sizes=[4, 3, 3])``. ``num_groups`` is then the plan's G.
+
+    Norm-layer factories call ``norm_layer(C)`` with the channels alone (timm does, after
+    dropping a partial's positional arguments), so a first positional argument given alone, or
+    with ``num_groups=`` as a keyword, is the channel count: ``partial(GroupNorm,
+    num_groups=16)(64)`` is ``GroupNorm(16, 64)``, and ``GroupNorm(64)`` has 32 groups (timm's
+    GroupNorm default) unless ``group_size=`` or ``group_sizes=`` says otherwise.
     """
 
     def __init__(
         self,
-        num_groups: int | None = None,
+        groups_or_channels: int | None = None,
+        /,
         num_channels: int | None = None,
         eps: float = 1e-5,
         affine: bool = True,
         device: Any = None,
         dtype: Any = None,
         *,
+        num_groups: int | None = None,
         bias: bool = True,
         group_size: int | None = None,
         group_sizes: Sequence[int] | None = None,
@@ -59,8 +67,20 @@ class GroupNorm(nn.GroupNorm):
         backend: str = "auto",
         process_group: Any = None,
     ) -> None:
+        if groups_or_channels is not None:
+            if num_groups is not None and num_channels is not None:
+                raise TypeError(
+                    f"GroupNorm got a positional {groups_or_channels} besides num_groups= and "
+                    "num_channels=; give each once, e.g. GroupNorm(32, 256)"
+                )
+            if num_channels is None:
+                num_channels = groups_or_channels
+            else:
+                num_groups = groups_or_channels
         if num_channels is None:
             raise ValueError("num_channels is required, e.g. GroupNorm(32, num_channels=256)")
+        if num_groups is None and group_size is None and group_sizes is None:
+            num_groups = 32
         check_activation(activation)
         check_eps(eps)
         check_backend_name(backend)

@@ -1,0 +1,128 @@
+"""The walk shared by the surgery functions: paths of (shared) modules, replacing a module at
+every path, and the checks that say a module cannot be replaced without changing what runs."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import hashlib
+import inspect
+import textwrap
+from typing import Any
+
+from torch import nn
+
+
+def paths_by_module(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every path it is reachable at (a shared module has several)."""
+    paths: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(path)
+    return paths
+
+
+def split(path: str) -> tuple[str, str]:
+    parent, _, name = path.rpartition(".")
+    return parent, name
+
+
+def join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def check_model(model: object, what: str) -> nn.Module:
+    """``model`` as a Module, or a TypeError; DistributedDataParallel anywhere is refused."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} needs a torch.nn.Module, got {type(model).__name__}")
+    for path, m in model.named_modules():
+        if isinstance(m, nn.parallel.DistributedDataParallel):
+            where = "the model" if not path else f"submodule {path!r}"
+            raise TypeError(
+                f"{what} got a model in which {where} is wrapped in DistributedDataParallel. DDP "
+                "has already registered the parameters it all-reduces, so replacing modules "
+                f"underneath it would desynchronize it. Call {what} on the plain model before "
+                f"wrapping: ddp = DistributedDataParallel({what}(model)[0], ...)."
+            )
+    return model
+
+
+def uninitialized(m: nn.Module) -> bool:
+    """Whether ``m`` is a lazy module whose shapes are not known yet."""
+    lazy = isinstance(m, nn.modules.lazy.LazyModuleMixin)
+    return lazy and bool(m.has_uninitialized_params())  # type: ignore[operator]
+
+
+def target_of(model: nn.Module, inplace: bool, what: str) -> nn.Module:
+    """``model`` itself, or a deep copy: one with an uninitialized lazy module cannot be copied
+    (torch refuses), which is said before anything is done."""
+    if inplace:
+        return model
+    for path, m in model.named_modules():
+        if uninitialized(m):
+            raise ValueError(
+                f"{what} works on a copy of the model, and {path or 'the model'} "
+                f"({type(m).__name__}) is uninitialized, which torch cannot copy: run one forward "
+                "first, or pass inplace=True to change the model itself"
+            )
+    return copy.deepcopy(model)
+
+
+def factory_kwargs(m: nn.Module) -> dict[str, Any]:
+    """device and dtype of the module's first floating tensor (None, None when it has none)."""
+    for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+        if t.is_floating_point():
+            return {"device": t.device, "dtype": t.dtype}
+    return {"device": None, "dtype": None}
+
+
+def patched(m: nn.Module) -> str | None:
+    """Why ``m`` cannot be replaced or fused without changing what runs, or None.
+
+    Hooks and a forward replaced on the instance (as offloading wrappers do) belong to this
+    object and would not move to its replacement; a hook on a norm would see a fused output."""
+    if "forward" in m.__dict__:
+        return f"{type(m).__name__} has its forward replaced on the instance"
+    if any((m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)):
+        return f"{type(m).__name__} has hooks registered on it"
+    return None
+
+
+def replace_everywhere(
+    root: nn.Module,
+    paths: list[str],
+    new: nn.Module,
+    undo: list[tuple[nn.Module, str, nn.Module]] | None = None,
+) -> nn.Module:
+    """Put ``new`` at every path (the root path "" replaces the root: returned). ``undo`` gets
+    ``(parent, name, old)`` per replacement; for the root, ``(new root, "", old root)``."""
+    for path in paths:
+        if path == "":
+            if undo is not None:
+                undo.append((new, "", root))
+            root = new
+            continue
+        parent_path, name = split(path)
+        parent = root.get_submodule(parent_path)
+        if undo is not None:
+            undo.append((parent, name, getattr(parent, name)))
+        setattr(parent, name, new)
+    return root
+
+
+def forward_fingerprint(cls: type) -> str | None:
+    """A hash of ``cls.forward``'s code (its AST, unparsed: comments, formatting and the
+    docstring do not count), or None when the source cannot be read."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls.forward))  # type: ignore[attr-defined]
+    except (OSError, TypeError):
+        return None
+    fn = ast.parse(source).body[0]
+    assert isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+    body = fn.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        fn.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.unparse(fn).encode()).hexdigest()[:16]
+
+
+def qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__name__}"
