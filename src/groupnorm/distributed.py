@@ -38,7 +38,7 @@ import torch.distributed as dist
 from groupnorm.backends import torch_ops
 from groupnorm.dispatch import Request
 from groupnorm.groups import GroupPlan
-from groupnorm.masked import masked_stats, normalize_with
+from groupnorm.masked import masked_stats, normalize_with, upcast
 from groupnorm.stats import GroupStats
 
 __all__ = ["all_gather_stats", "merge_many", "run_sharded"]
@@ -112,8 +112,11 @@ def run_sharded(
             "merge them across ranks with groupnorm.distributed.all_gather_stats and drop "
             "process_group="
         )
+    wide = upcast(r)
     local = (
-        torch_ops.compute_stats(r.x, r.plan) if mask is None else masked_stats(r.x, r.plan, mask)
+        torch_ops.compute_stats(wide.x, r.plan)
+        if mask is None
+        else masked_stats(wide.x, r.plan, mask)
     )
     stats = all_gather_stats(local, group)
-    return normalize_with(r, stats), (stats if r.return_stats else None)
+    return normalize_with(wide, stats).to(r.x.dtype), (stats if r.return_stats else None)
