@@ -48,7 +48,9 @@ def tolerance(dtype: torch.dtype, reduction: int = 1) -> tuple[float, float]:
     return ATOL[dtype] * s, RTOL[dtype] * s
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: torch.Tensor | None) -> np.ndarray:
+    """float64 NumPy copy; None (a gradient that was never computed) is an error."""
+    assert t is not None, "expected a tensor (a gradient?), got None"
     return t.detach().cpu().double().numpy()
 
 

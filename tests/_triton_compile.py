@@ -230,7 +230,7 @@ def main() -> int:
         print("\n".join(problems) or "no spills, 128-bit accesses at every on-chip limit")
         return 1 if problems else 0
     for case, spec in CASES.items():
-        kw = dict(spec)
+        kw: dict[str, Any] = dict(spec)
         both = kw.get("backward", False)
         kw["backward"] = False
         found = launches_of(**kw)

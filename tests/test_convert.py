@@ -495,7 +495,7 @@ def test_regression_fusion_where_the_norm_output_is_read_twice(traced_by: str) -
     # report said fused=1. The trace shows the second read, so nothing is fused, and why.
     model = randomize(NormReadTwice(), seed=29).double()
     x = make_x((2, 8, 5, 4), torch.float64, seed=30)
-    kw = {"example_inputs": x} if traced_by == "export" else {}
+    kw: dict[str, Any] = {"example_inputs": x} if traced_by == "export" else {}
     out, report = swap_group_norm(model, **kw)
     assert report.fused == [] and report.swapped == ["seq.0"]
     assert report.proof.startswith("torch.export" if traced_by == "export" else "torch.fx")
@@ -525,7 +525,7 @@ class DropoutBetween(nn.Module):
 def test_fusion_reasons_and_an_activation_moved_into_its_only_consumer(traced_by: str) -> None:
     model = randomize(DropoutBetween(), seed=31).double().eval()
     x, t = make_x((2, 8, 4, 4), torch.float64, seed=32), make_x((2, 3), torch.float64, seed=33)
-    kw = {"example_inputs": (x, t)} if traced_by == "export" else {}
+    kw: dict[str, Any] = {"example_inputs": (x, t)} if traced_by == "export" else {}
     out, report = swap_group_norm(model, **kw)
     assert [(f.norm, f.activation, f.moved_to) for f in report.fused] == [
         ("norm", "act", ("proj",))

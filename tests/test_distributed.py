@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from tests._inputs import make_x, rand
 from tests._tolerances import assert_matches, to_numpy
 
 SHAPE = (2, 12, 11, 7)  # H = 11 splits unevenly over 2 and 4 ranks
-PLAN = {"num_groups": 5, "uneven": True}
+PLAN: dict[str, Any] = {"num_groups": 5, "uneven": True}
 
 
 def _port() -> int:
@@ -60,14 +61,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         torch.set_num_threads(1)
         pg = dist.group.WORLD
         full = _inputs()
-        result: dict[str, torch.Tensor] = {}
+        result: dict[str, torch.Tensor | None] = {}
 
         def shard(t: torch.Tensor, dim: int) -> torch.Tensor:
             return torch.tensor_split(t, world, dim=dim)[rank]
 
         # Every epilogue, uneven groups, channels-last, split along H; forward and backward.
         x = _leaf(shard(full["x"], 2))
-        params = {k: _leaf(full[k]) for k in ("weight", "bias", "scale", "shift")}
+        params: dict[str, Any] = {k: _leaf(full[k]) for k in ("weight", "bias", "scale", "shift")}
         y = groupnorm.group_norm(x, **PLAN, **params, activation="silu", process_group=pg)
         y.backward(shard(full["dy"], 2))
         result["y"], result["dx"] = y.detach(), x.grad
@@ -160,7 +161,9 @@ def test_regression_merged_pivot_is_rounded_to_the_stats_dtype() -> None:
     every = torch.stack(
         [torch.stack([s.pivot, s.shifted_mean, s.m2, s.count]) for s in parts]
     )  # (W, 4, N, G)
-    merged = merge_many(every, torch.float32, parts[0].plan)
+    plan = parts[0].plan
+    assert plan is not None
+    merged = merge_many(every, torch.float32, plan)
     y = groupnorm.group_norm(x, 4, stats=merged)
     expected, _ = R.group_norm_forward(to_numpy(x), 4)
     assert np.abs(to_numpy(y) - expected).max() < 1e-3

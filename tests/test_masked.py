@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,10 @@ from tests._tolerances import assert_matches, to_numpy
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
-PLANS = {"even": {"num_groups": 4}, "uneven": {"num_groups": 5, "uneven": True}}
+PLANS: dict[str, dict[str, Any]] = {
+    "even": {"num_groups": 4},
+    "uneven": {"num_groups": 5, "uneven": True},
+}
 SHAPE = (3, 12, 5, 6)
 
 
@@ -226,7 +230,7 @@ def test_bad_masks_are_refused(mask: object, kwargs: dict, match: str) -> None:
     if kwargs.get("stats") == "whole":
         kwargs = {"stats": groupnorm.group_stats(x, 2)}
     with pytest.raises((TypeError, ValueError), match=match):
-        groupnorm.group_norm(x, 2, mask=mask, **kwargs)  # type: ignore[arg-type]
+        groupnorm.group_norm(x, 2, mask=mask, **kwargs)  # type: ignore[call-overload]
 
 
 def test_triton_defers_masks_to_the_torch_backend(monkeypatch: pytest.MonkeyPatch) -> None:

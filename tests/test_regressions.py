@@ -4,6 +4,8 @@ here)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -80,7 +82,7 @@ def _ulps(y: torch.Tensor, expected: np.ndarray) -> float:
     return float((np.abs(to_numpy(y)[keep] - expected[keep]) / spacing).max())
 
 
-EPILOGUES = {
+EPILOGUES: dict[str, dict[str, Any]] = {
     "fp32_affine": {},
     "scale_shift": {"scale": True},
     "silu": {"activation": "silu"},
@@ -216,7 +218,7 @@ def test_regression_validation_depends_on_the_plan_cache() -> None:
         with pytest.raises(ValueError, match="num_groups must be a positive integer"):
             groupnorm.group_norm(x, bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="group_size must be a positive integer"):
-        groupnorm.group_norm(x, group_size=2.0)  # type: ignore[arg-type]
+        groupnorm.group_norm(x, group_size=2.0)  # type: ignore[call-overload]
 
 
 @pytest.mark.parametrize(
@@ -227,16 +229,17 @@ def test_regression_validation_depends_on_the_plan_cache() -> None:
 def test_regression_group_sizes_elements_must_be_ints(sizes: object) -> None:
     x = make_x((2, 4, 3), torch.float32)
     with pytest.raises(TypeError, match="group_sizes must"):
-        groupnorm.group_norm(x, group_sizes=sizes)  # type: ignore[arg-type]
+        groupnorm.group_norm(x, group_sizes=sizes)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="group_sizes must"):
         groupnorm.make_plan(4, group_sizes=sizes)  # type: ignore[arg-type]
-    y = groupnorm.group_norm(x, group_sizes=np.array([1, 3]))
+    y = groupnorm.group_norm(x, group_sizes=np.array([1, 3]))  # type: ignore[call-overload]
     assert_matches(y, R.group_norm_forward(x.double().numpy(), group_sizes=[1, 3])[0], x.dtype)
 
 
 def test_regression_eps_accepts_what_f_group_norm_accepts() -> None:
     x = make_x((2, 4, 3), torch.float32)
-    for eps in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), 1):
+    accepted: tuple[Any, ...] = (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), 1)
+    for eps in accepted:
         assert_matches(
             groupnorm.group_norm(x, 2, eps=eps), _f64_group_norm(x, 2, float(eps)), x.dtype
         )
@@ -244,15 +247,15 @@ def test_regression_eps_accepts_what_f_group_norm_accepts() -> None:
     for bad in (True, np.bool_(False), "1e-5", torch.tensor([1e-5]), None):
         with pytest.raises(TypeError, match="eps"):
             groupnorm.group_norm(x, 2, eps=bad)  # type: ignore[arg-type]
-    for bad in (-1.0, float("nan"), float("inf")):
+    for out_of_range in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="finite number >= 0"):
-            groupnorm.group_norm(x, 2, eps=bad)
+            groupnorm.group_norm(x, 2, eps=out_of_range)
 
 
 def test_regression_flags_must_be_bools() -> None:
     x = make_x((2, 4, 3), torch.float32)
     with pytest.raises(TypeError, match="uneven must be True or False, got 1"):
-        groupnorm.group_norm(x, 3, uneven=1)  # type: ignore[arg-type]
+        groupnorm.group_norm(x, 3, uneven=1)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="return_stats must be True or False, got 'yes'"):
         groupnorm.group_norm(x, 2, return_stats="yes")  # type: ignore[call-overload]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,7 +45,9 @@ def _write(out: Path, gn_spread: float) -> None:
     (out / "config.json").write_text(json.dumps(PRESETS["quick"].to_json()))
     for seed, d in enumerate((-1.0, 0.0, 1.0)):  # per-cell sd 1 -> half-width T2/sqrt(3)
         for n, bn in ((32, 20.0), (8, 22.0), (2, 30.0)):
-            pop = {"pop_test_error": bn + d - 1 - seed}  # population statistics: 1-3 better
+            pop: dict[str, Any] = {
+                "pop_test_error": bn + d - 1 - seed
+            }  # population statistics: 1-3 better
             append_result(out, _record("bn", n, seed, bn + d, bn - 3 + d, **pop))
         append_result(out, _record("syncbn", 2, seed, 20.5 + 0.5 * seed, 17.0))
         for n, gn in ((32, 21.0), (8, 21.0 + gn_spread / 2), (2, 21.0 + gn_spread)):

@@ -5,6 +5,7 @@ would show), and against eager where both run."""
 from __future__ import annotations
 
 import warnings
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -17,7 +18,10 @@ from groupnorm.functional import resolve_plan
 from tests._inputs import make_x, reference
 from tests._tolerances import assert_matches
 
-PLANS = {"even": {"num_groups": 4}, "uneven": {"num_groups": 5, "uneven": True}}
+PLANS: dict[str, dict[str, Any]] = {
+    "even": {"num_groups": 4},
+    "uneven": {"num_groups": 5, "uneven": True},
+}
 
 
 def _x(shape: tuple[int, ...] = (3, 12, 5, 4), layout: str = "nchw", seed: int = 0) -> torch.Tensor:
@@ -53,7 +57,7 @@ def test_meta_and_fake_tensors(plan_name: str) -> None:
 
 @pytest.mark.parametrize("mode", ["real", "symbolic"])
 @pytest.mark.parametrize("plan_name", list(PLANS))
-def test_make_fx(plan_name: str, mode: str) -> None:
+def test_make_fx(plan_name: str, mode: Literal["real", "symbolic"]) -> None:
     plan_kw = PLANS[plan_name]
     x = _x()
     gm = make_fx(lambda t: groupnorm.group_norm(t, **plan_kw), tracing_mode=mode)(x)
