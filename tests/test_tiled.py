@@ -3,6 +3,7 @@ decode for every strip height and store, on one process and patch-parallel on tw
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import socket
@@ -26,8 +27,7 @@ LATENT = (2, 4, 13, 10)  # odd height: the last strip is shorter
 def _vae() -> torch.nn.Module:
     """SD's VAE layout, shrunk: 3 up blocks (two upsamplers), mid-block attention, a channel
     change with a 1x1 shortcut, 4 groups."""
-    import diffusers
-
+    diffusers = importlib.import_module("diffusers")
     torch.manual_seed(0)
     return diffusers.AutoencoderKL(
         block_out_channels=(8, 16, 16),
