@@ -252,13 +252,7 @@ def _native(r: Request) -> tuple[torch.Tensor, torch.Tensor]:
     x = r.x
     N, C = x.shape[:2]
     acc = accumulation_dtype(x.dtype)
-    inside = (
-        (r.weight is None or r.weight.dtype == x.dtype)
-        and (r.bias is None or r.bias.dtype == x.dtype)
-        and r.scale is None
-        and r.shift is None
-        and (r.activation is None or x.dtype == acc)
-    )
+    inside = _kernel_output_is_final(r)
     if inside:
         w, b = r.weight, r.bias
     elif x.dtype != acc:
@@ -356,6 +350,19 @@ def _native_checked(r: Request) -> torch.Tensor | None:
     return _like(y.index_copy(0, rows, redone), r.x)
 
 
+def _kernel_output_is_final(r: Request) -> bool:
+    """Whether torch's kernel output, at most followed by an activation in x's dtype (float32 or
+    float64 only), is y: weight and bias in x's dtype, no scale or shift."""
+    x = r.x
+    return (
+        (r.weight is None or r.weight.dtype == x.dtype)
+        and (r.bias is None or r.bias.dtype == x.dtype)
+        and r.scale is None
+        and r.shift is None
+        and (r.activation is None or x.dtype == accumulation_dtype(x.dtype))
+    )
+
+
 def _half_epilogue_with_grad(r: Request) -> bool:
     """A half-precision x with an epilogue, under autograd: the forward below is rounded once,
     but its gradient would run through torch's half-precision kernel backward (seen: bf16 dx at
@@ -365,13 +372,7 @@ def _half_epilogue_with_grad(r: Request) -> bool:
     tensors = (r.x, r.weight, r.bias, r.scale, r.shift)
     if not any(t is not None and t.requires_grad for t in tensors):
         return False
-    return not (
-        (r.weight is None or r.weight.dtype == r.x.dtype)
-        and (r.bias is None or r.bias.dtype == r.x.dtype)
-        and r.scale is None
-        and r.shift is None
-        and r.activation is None
-    )
+    return not _kernel_output_is_final(r)
 
 
 def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
