@@ -169,14 +169,25 @@ def test_masked_stats_merge_across_tiles(mask_kind: str) -> None:
             merged, groupnorm.group_stats(x[..., a:b], 4, mask=mask[..., a:b])
         )
     torch.testing.assert_close(merged.count, whole.count, rtol=1e-12, atol=0)
-    # merge_stats divides by the merged count: two all-masked parts merge to NaN statistics.
-    some = whole.count > 0
-    torch.testing.assert_close(merged.mean[some], whole.mean[some], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(merged.m2[some], whole.m2[some], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(merged.mean, whole.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(merged.m2, whole.m2, rtol=1e-12, atol=1e-12)
     if mask_kind != "empty_group":  # an all-masked group has no statistics to normalize with
         y = groupnorm.group_norm(x, 4, mask=mask)
         tiles = [groupnorm.group_norm(x[..., a:b], 4, stats=merged) for a, b in cuts]
         torch.testing.assert_close(torch.cat(tiles, dim=-1), y, rtol=1e-12, atol=1e-12)
+
+
+def test_merge_stats_of_two_all_masked_parts_is_empty_not_nan() -> None:
+    """Regression: merging two parts with count 0 divided by the merged count, 0."""
+    x = make_x((2, 4, 3, 3), torch.float64, seed=18).requires_grad_()
+    none = torch.zeros(2, 1, 3, 3, dtype=torch.bool)
+    a = groupnorm.group_stats(x[..., :1], 2, mask=none[..., :1])
+    b = groupnorm.group_stats(x[..., 1:], 2, mask=none[..., 1:])
+    merged = groupnorm.merge_stats(a, b)
+    assert (merged.count == 0).all() and (merged.m2 == 0).all()
+    assert torch.isfinite(merged.mean).all()
+    (merged.shifted_mean.sum() + merged.m2.sum()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_gradcheck_float64_float_mask() -> None:

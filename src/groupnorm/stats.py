@@ -121,7 +121,9 @@ def merge_stats(a: GroupStats, b: GroupStats) -> GroupStats:
         m2 = m2_a + m2_b + delta^2 * n_a * n_b / n
 
     computed in float64 (the tensors are (N, G): cheap) so that the pivots' difference is exact.
-    Both must come from the same plan, batch, dtype and device.
+    Both must come from the same plan, batch, dtype and device. Two empty parts of a group
+    (count 0, as masked statistics of all-masked positions are) merge to an empty one: count 0,
+    m2 0 and ``a``'s mean, not NaN.
     """
     for name, s in (("a", a), ("b", b)):
         if not isinstance(s, GroupStats):
@@ -151,7 +153,10 @@ def merge_stats(a: GroupStats, b: GroupStats) -> GroupStats:
     na, nb = a.count.to(f64), b.count.to(f64)
     delta = (b.pivot.to(f64) - a.pivot.to(f64)) + (b.shifted_mean.to(f64) - a.shifted_mean.to(f64))
     n = na + nb
-    shifted_mean = a.shifted_mean.to(f64) + delta * (nb / n)
-    m2 = a.m2.to(f64) + b.m2.to(f64) + delta * delta * (na * nb / n)
+    # Counts are >= 0, so n == 0 only where nb == 0 too: dividing by 1 there gives 0 terms,
+    # and keeps NaN out of the gradient of an unselected torch.where branch.
+    safe_n = torch.where(n > 0, n, 1)
+    shifted_mean = a.shifted_mean.to(f64) + delta * (nb / safe_n)
+    m2 = a.m2.to(f64) + b.m2.to(f64) + delta * delta * (na * nb / safe_n)
     dtype = a.dtype
     return GroupStats(a.pivot, shifted_mean.to(dtype), m2.to(dtype), n.to(dtype), plan=a.plan)
