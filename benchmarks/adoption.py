@@ -17,10 +17,11 @@ from functools import partial
 from typing import Any
 
 import torch
-from cpu_standard import _time_pair, save_results, small_input_args
+from cpu_standard import save, small_input_args
 from torch import nn
 
 import groupnorm
+from groupnorm import bench
 
 SAMPLES = 10
 Build = Callable[[], tuple[nn.Module, tuple[Any, ...], str]]
@@ -146,7 +147,7 @@ def run() -> list[dict[str, Any]]:
             }
         new.eval()
         with torch.no_grad():
-            before, after = _time_pair(partial(model, *args), partial(new, *args), SAMPLES)
+            before, after = bench.time_pair(partial(model, *args), partial(new, *args), SAMPLES)
         row |= {
             "before_ms": 1e3 * statistics.median(before),
             "after_ms": 1e3 * statistics.median(after),
@@ -163,7 +164,7 @@ def run() -> list[dict[str, Any]]:
 
 def main() -> None:
     args = small_input_args(__doc__)
-    save_results(args.out, "adoption", run())
+    save(args.out, "adoption", run())
 
 
 if __name__ == "__main__":

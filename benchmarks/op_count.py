@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from cpu_standard import save_results
+from cpu_standard import save
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     print(f"{'case':<24} {'ours':>6} {'torch':>6}")
-    save_results(args.out, "op_count", run())
+    save(args.out, "op_count", run())
 
 
 if __name__ == "__main__":

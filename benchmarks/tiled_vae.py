@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cpu_standard import save_results
+from cpu_standard import save
 
 # diffusers' AutoencoderKL config of runwayml/stable-diffusion-v1-5 (vae/config.json).
 SD15_VAE = {
@@ -187,7 +187,7 @@ def main() -> None:
             f"| {r['size']} | {r['label']} | {r['max_abs_diff']:.1e} | {r['peak_rss_mib']:.0f} | "
             f"{r['peak_ratio_untiled_over_this']:.1f}x | {r['seconds']:.0f} |"
         )
-    save_results(args.out, "tiled_vae-" + "-".join(map(str, args.sizes)), rows)
+    save(args.out, "tiled_vae-" + "-".join(map(str, args.sizes)), rows)
 
 
 if __name__ == "__main__":

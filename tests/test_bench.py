@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -107,3 +111,17 @@ def test_result_files_carry_benchmark_machine_and_time_and_never_overwrite(tmp_p
         assert path.name.startswith("cpu_demo-") and stamp in path.name
         assert f"{meta['cpu_count']}cores-{meta['torch_threads']}threads" in path.name
     assert second.name == first.name.replace(".json", "-2.json")
+
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in BENCHMARKS.glob("*.py")))
+def test_benchmark_script_imports(script: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: three scripts imported a helper that had moved, and failed before measuring."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"_bench_{script}", BENCHMARKS / f"{script}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
