@@ -70,24 +70,44 @@ class GroupPlan:
     min_size: int = field(init=False, compare=False, repr=False)
     offsets: tuple[int, ...] = field(init=False, compare=False, repr=False)
     channel_group: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    channel_first: tuple[int, ...] = field(init=False, compare=False, repr=False)
     runs: tuple[tuple[int, int, int], ...] = field(init=False, compare=False, repr=False)
+    # Index tensors of the plan per device, filled by the torch backend in eager calls: a
+    # compiled graph reads them as constants instead of building them with ops of its own.
+    index_cache: dict[object, object] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         sizes = tuple(int(s) for s in self.sizes)
         if not sizes or min(sizes) < 1:
             raise ValueError(f"group sizes must be positive integers, got {list(self.sizes)}")
+        offsets = (0, *itertools.accumulate(sizes))
         derived = {
             "sizes": sizes,
             "num_groups": len(sizes),
             "num_channels": sum(sizes),
             "is_even": len(set(sizes)) == 1,
             "min_size": min(sizes),
-            "offsets": (0, *itertools.accumulate(sizes)),
+            "offsets": offsets,
             "channel_group": tuple(g for g, s in enumerate(sizes) for _ in range(s)),
+            "channel_first": tuple(
+                o for o, s in zip(offsets, sizes, strict=False) for _ in range(s)
+            ),
             "runs": _runs(sizes),
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)  # frozen: set once, here
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled without ``index_cache``: tensors on this machine's devices, rebuilt on use
+        (and a weights-only load admits only the classes it is told of)."""
+        return {k: v for k, v in self.__dict__.items() if k != "index_cache"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "index_cache", {})
 
     @property
     def channels_per_group(self) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 
 from groupnorm.activations import check_activation
 from groupnorm.backends.shifted import ScriptableGroupNorm
+from groupnorm.backends.torch_ops import plan_index
 from groupnorm.functional import (
     check_backend_name,
     check_eps,
@@ -102,12 +103,14 @@ class GroupNorm(nn.GroupNorm):
         self.backend = backend
         self.process_group = process_group
         self._explicit_sizes = group_sizes is not None or not plan.is_even
+        plan_index(plan, self._device())  # kept with the plan: a compiled forward reads it
 
     def _replan(self) -> GroupPlan:
         """The plan for changed ``num_groups`` / ``num_channels`` attributes (nn.GroupNorm reads
         them on every call, and so do we), as if passed to the constructor."""
         self.plan = resolve_plan(self.num_channels, self.num_groups, uneven=self.uneven)
         self._explicit_sizes = not self.plan.is_even
+        plan_index(self.plan, self._device())
         return self.plan
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -136,8 +139,17 @@ class GroupNorm(nn.GroupNorm):
         if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
             plan = self._replan()
         return ScriptableGroupNorm(
-            list(plan.runs), self.weight, self.bias, float(self.eps), self.activation
+            list(plan.runs),
+            list(plan.channel_first),
+            self.weight,
+            self.bias,
+            float(self.eps),
+            self.activation,
         )
+
+    def _device(self) -> torch.device:
+        """Where the parameters live (the default device without affine parameters)."""
+        return self.weight.device if self.weight is not None else torch.empty(0).device
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -1,16 +1,20 @@
 """Group norm as torch's kernel on pivot-shifted input: exact, branch-free and scriptable.
 
-For each run of equal-size groups (first channel, end channel, group size)::
+With ``first[c]`` the first channel of channel c's group::
 
-    xs = x[:, run] - pivot[n, g]          (accumulation dtype: float32, float64 for float64 x)
+    xs = x - x[n, first[c], 0, ..., 0]      (accumulation dtype: float32, float64 for float64 x)
     y  = act((group_norm(xs) * weight + bias) * (1 + scale) + shift)   rounded once to x's dtype
 
-``pivot`` is the first element of each group, so ``|mean(xs)| / std`` is that element's distance
-from the mean in standard deviations, whatever the offset of x: torch's float32 mean of xs is then
-accurate (SPEC numerics policy), and nothing depends on tensor values. That is what the paths
-that cannot read values need: torch.compile, vmap, meta and fake tensors, make_fx, ONNX export,
+the kernel running once per run of equal-size groups (once for an even plan). Each group's
+pivot is its first element, so ``|mean(xs)| / std`` is that element's distance from the mean in
+standard deviations, whatever the offset of x: torch's float32 mean of xs is then accurate
+(docs/spec.md#numerics), and nothing depends on tensor values. That is what the paths that
+cannot read values need: torch.compile, vmap, meta and fake tensors, make_fx, ONNX export,
 TorchScript, and devices where reading a value would stall the host. The subtraction costs one
 elementwise pass, which is why eager CPU calls check torch's own mean instead.
+
+A graph holds three ops more than ``F.group_norm``'s for an even plan: the pivot gather, its
+detach (only when x requires grad) and the subtraction; ``first`` is a constant.
 
 Written in the TorchScript subset (no ``from __future__ import annotations``: TorchScript reads
 the annotations at runtime), so ``torch.jit.script`` compiles it from a module's forward.
@@ -42,9 +46,29 @@ def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape(shape)
 
 
+def _pivot(x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """(N, C, 1, ..., 1): the first element of each channel's group. Detached: the result is
+    mathematically independent of it, and its gradient would be rounding noise."""
+    src = x.detach() if x.requires_grad else x
+    if torch.jit.is_scripting():
+        pivot = src.index_select(1, first)
+        for d in range(2, x.dim()):
+            pivot = pivot.narrow(d, 0, 1)
+        return pivot
+    return src[(slice(None), first) + (slice(0, 1),) * (x.dim() - 2)]  # one op in a graph
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """t in dtype; no op when it is already (a graph records every .to call)."""
+    if t is None or t.dtype == dtype:
+        return t
+    return t.to(dtype)
+
+
 def shifted_group_norm(
     x: torch.Tensor,
     runs: list[tuple[int, int, int]],
+    first: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
@@ -54,27 +78,35 @@ def shifted_group_norm(
 ) -> torch.Tensor:
     """Group norm of x (N, C, *S) over the plan given as its runs of equal-size groups.
 
-    weight, bias: (C,) or None; scale, shift: (N, C) or None. Returns x's dtype and layout.
+    first: (C,) int64, the first channel of each channel's group, on x's device; weight, bias:
+    (C,) or None; scale, shift: (N, C) or None. Returns x's dtype and layout.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    parts: list[torch.Tensor] = []
-    for start, end, size in runs:
-        xr = x[:, start:end]
-        pivot = xr.detach()[:, ::size]  # (N, G_run, *S): the first channel of each group
-        for _ in range(x.dim() - 2):
-            pivot = pivot.select(2, 0)
-        pivot = _per_channel(pivot.to(acc).repeat_interleave(size, dim=1), x.dim())
-        w = None if weight is None else weight[start:end].to(acc)
-        b = None if bias is None else bias[start:end].to(acc)
-        # A half x minus a float32 pivot is promoted: xs is formed in float32 in one op.
-        parts.append(torch.group_norm(xr - pivot, (end - start) // size, w, b, eps))
-    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    pivot = _pivot(x, first)
+    if pivot.dtype != acc:
+        pivot = pivot.to(acc)
+    w = _cast(weight, acc)
+    b = _cast(bias, acc)
+    # A half x minus a float32 pivot is promoted: xs is float32, formed in one op.
+    if len(runs) == 1:
+        y = torch.group_norm(x - pivot, x.shape[1] // runs[0][2], w, b, eps)
+    else:
+        parts: list[torch.Tensor] = []
+        for start, end, size in runs:
+            # Shifted per run: a slice of one shifted x is not dense, which vmap's kernel refuses.
+            xs = x[:, start:end] - pivot[:, start:end]
+            wr = None if w is None else w[start:end]
+            br = None if b is None else b[start:end]
+            parts.append(torch.group_norm(xs, (end - start) // size, wr, br, eps))
+        y = torch.cat(parts, dim=1)
     if scale is not None:
         y = y * _per_channel(1 + scale.to(acc), x.dim())
     if shift is not None:
         y = y + _per_channel(shift.to(acc), x.dim())
-    y = _activation(y, activation).to(x.dtype)
-    if not x.is_contiguous():
+    y = _activation(y, activation)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    if y.stride() != x.stride():
         # The kernel returns contiguous output off the CPU and for layouts without a memory
         # format (NLC), and cat may pick NCHW for one-channel runs: hand back x's layout.
         like = torch.empty_like(x)
@@ -93,6 +125,7 @@ class ScriptableGroupNorm(torch.nn.Module):
     def __init__(
         self,
         runs: list[tuple[int, int, int]],
+        first: list[int],
         weight: torch.nn.Parameter | None,
         bias: torch.nn.Parameter | None,
         eps: float,
@@ -100,6 +133,7 @@ class ScriptableGroupNorm(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.runs = runs
+        self.first = first  # a list, not a buffer: a scripted state_dict would list a buffer
         self.weight = weight
         self.bias = bias
         self.eps = eps
@@ -107,5 +141,13 @@ class ScriptableGroupNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return shifted_group_norm(
-            x, self.runs, self.weight, self.bias, self.eps, self.activation, None, None
+            x,
+            self.runs,
+            torch.tensor(self.first, device=x.device),
+            self.weight,
+            self.bias,
+            self.eps,
+            self.activation,
+            None,
+            None,
         )

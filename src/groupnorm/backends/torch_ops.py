@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import NamedTuple, cast
 
 import torch
 from torch.autograd import forward_ad
@@ -39,9 +40,11 @@ from groupnorm.stats import GroupStats
 
 __all__ = [
     "NATIVE_TRUST",
+    "PlanIndex",
     "accumulation_dtype",
     "can_read_values",
     "compute_stats",
+    "plan_index",
     "run",
 ]
 
@@ -62,32 +65,40 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def _plan_indices(
-    plan: GroupPlan, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per plan and device: channel -> group (C,), first channel of each group (G,), and a
-    (G, max size) gather index into C + 1 columns whose last column is a zero pad.
+class PlanIndex(NamedTuple):
+    """A plan's index tensors on one device."""
 
-    Cached in eager mode only: a tensor built while tracing is a fake tensor that would poison
-    the cache for later eager calls (and the exporter refuses a fake constant)."""
-    if _tracing():
-        return _build_plan_indices(plan, device)
-    return _cached_plan_indices(plan, device)
+    channel_group: torch.Tensor  # (C,): group of each channel
+    first: torch.Tensor  # (G,): first channel of each group
+    pad: torch.Tensor  # (G, max size): gather index into C + 1 columns, the last a zero pad
+    channel_first: torch.Tensor  # (C,): first channel of each channel's group
 
 
-def _build_plan_indices(
-    plan: GroupPlan, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    channel_group = torch.as_tensor(plan.channel_group, device=device)
-    first = torch.as_tensor(plan.offsets[:-1], device=device)
+def plan_index(plan: GroupPlan, device: torch.device) -> PlanIndex:
+    """The plan's index tensors on ``device``, kept in ``plan.index_cache`` by eager calls.
+
+    A graph being recorded (torch.compile, make_fx) reads a kept entry as a constant, a fake
+    tensor mode cannot (it refuses real tensors). What is built while recording is not kept: it
+    is fake or a graph constant, which would poison later eager calls (and the exporter refuses a
+    fake constant)."""
+    tracing = _tracing()  # first: dynamo cannot trace the queries below
+    if tracing or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None:
+        kept = plan.index_cache.get(device)
+        if kept is not None:
+            return cast(PlanIndex, kept)
     width = max(plan.sizes)
     pad = torch.full((plan.num_groups, width), plan.num_channels, dtype=torch.int64)
     for g, (start, size) in enumerate(zip(plan.offsets, plan.sizes, strict=False)):
         pad[g, :size] = torch.arange(start, start + size)
-    return channel_group, first, pad.to(device)
-
-
-_cached_plan_indices = lru_cache(maxsize=256)(_build_plan_indices)
+    built = PlanIndex(
+        torch.as_tensor(plan.channel_group, device=device),
+        torch.as_tensor(plan.offsets[:-1], device=device),
+        pad.to(device),
+        torch.as_tensor(plan.channel_first, device=device),
+    )
+    if not tracing and not torch._C._len_torch_dispatch_stack():
+        plan.index_cache[device] = built
+    return built
 
 
 def _group_sum(v: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
@@ -95,7 +106,7 @@ def _group_sum(v: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
     N = v.shape[0]
     if plan.is_even:
         return v.reshape(N, plan.num_groups, plan.sizes[0]).sum(-1)
-    _, _, pad = _plan_indices(plan, v.device)
+    pad = plan_index(plan, v.device).pad
     padded = torch.cat([v, v.new_zeros(N, 1)], dim=1)
     return padded[:, pad].sum(-1)
 
@@ -104,8 +115,7 @@ def _per_channel(v: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
     """(N, G) -> (N, C)."""
     if plan.is_even:
         return v.repeat_interleave(plan.sizes[0], dim=1)
-    channel_group, _, _ = _plan_indices(plan, v.device)
-    return v[:, channel_group]
+    return v[:, plan_index(plan, v.device).channel_group]
 
 
 def _expand(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -120,7 +130,7 @@ def _shifted(
     unless given. It is detached: the result is mathematically independent of it."""
     acc = accumulation_dtype(x.dtype)
     if pivot is None:
-        _, first, _ = _plan_indices(plan, x.device)
+        first = plan_index(plan, x.device).first
         pivot = x.detach()[(slice(None), first) + (0,) * (x.dim() - 2)].to(acc)
     xs = x.to(acc) - _expand(_per_channel(pivot, plan), x.dim())
     return xs, pivot
@@ -412,9 +422,10 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
             if y is not None:
                 return y, None
         else:
+            first = plan_index(r.plan, r.x.device).channel_first
             runs = list(r.plan.runs)
             return shifted_group_norm(
-                r.x, runs, r.weight, r.bias, r.eps, r.activation, r.scale, r.shift
+                r.x, runs, first, r.weight, r.bias, r.eps, r.activation, r.scale, r.shift
             ), None
     return _composite(r)
 
