@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -96,6 +97,12 @@ def run() -> list[dict]:
     return rows
 
 
+def _step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(net(x), y).backward()
+    opt.step()
+
+
 def step_times(reps: int = 15) -> list[dict]:
     """Median seconds per SGD step of ResNet-20 (G=8), eager vs compiled, ours vs torch's."""
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
@@ -108,14 +115,10 @@ def step_times(reps: int = 15) -> list[dict]:
         model = resnet20(norm).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         compiled = torch.compile(model)
-
-        def step(net: nn.Module) -> None:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(net(x), y).backward()
-            opt.step()
-
         torch._dynamo.reset()
-        t_eager, t_compiled = bench.time_pair(lambda: step(model), lambda: step(compiled), reps)
+        t_eager, t_compiled = bench.time_pair(
+            partial(_step, model, opt, x, y), partial(_step, compiled, opt, x, y), reps
+        )
         row = {
             "norm": who,
             "eager_ms": 1e3 * statistics.median(t_eager),

@@ -273,3 +273,36 @@ def test_regression_module_arguments_fail_at_construction() -> None:
 def test_regression_choose_num_groups_validates_min_channels(bad: object) -> None:
     with pytest.raises(ValueError, match="min_channels_per_group must be a positive integer"):
         groupnorm.choose_num_groups(64, min_channels_per_group=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("api", ["function", "module"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_fast_path_hands_untrusted_statistics_on(api: str, dtype: torch.dtype) -> None:
+    """The one-step CPU path (torch's kernel, then the trust check) must return only what the
+    check trusts: a large offset over a small spread goes on to the exact path."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 8, 6, 6, generator=gen, dtype=torch.float64) * 1e-2 + 1e4).to(dtype)
+    m = groupnorm.GroupNorm(4, 8, affine=False)
+    y = m(x) if api == "module" else groupnorm.group_norm(x, 4)
+    assert y.dtype == dtype
+    assert_matches(y, _f64_group_norm(x, 4), dtype, what=f"{api} {dtype}")
+
+
+def test_cpu_fast_path_leaves_a_higher_priority_backend_its_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A registered backend that backend="auto" may pick for CPU tensors is asked first."""
+    from groupnorm import dispatch
+
+    seen: list[int] = []
+
+    def run(r: dispatch.Request) -> tuple[torch.Tensor, None]:
+        seen.append(1)
+        return r.x, None
+
+    monkeypatch.setitem(
+        dispatch._REGISTRY, "mine", dispatch.Backend("mine", 9, lambda r: None, run)
+    )
+    x = torch.randn(2, 4, 3, 3)
+    assert groupnorm.group_norm(x, 2) is x and groupnorm.GroupNorm(2, 4)(x) is x
+    assert len(seen) == 2

@@ -19,7 +19,14 @@ from groupnorm.groups import GroupPlan
 if TYPE_CHECKING:
     from groupnorm.stats import GroupStats
 
-__all__ = ["Backend", "Request", "available_backends", "register_backend", "select_backend"]
+__all__ = [
+    "Backend",
+    "Request",
+    "available_backends",
+    "register_backend",
+    "select_backend",
+    "torch_serves",
+]
 
 
 class Request(NamedTuple):
@@ -52,7 +59,8 @@ class Backend:
     ``auto(request)``: whether ``backend="auto"`` may pick it for this request (a backend can
     serve a request when named explicitly yet not be the better choice, e.g. interpreted kernels).
     ``stats(request)``: the statistics alone, where the backend has a cheaper way to them than
-    ``run`` with ``return_stats`` (which also writes y).
+    ``run`` with ``return_stats`` (which also writes y). ``auto_on_cpu``: False when ``auto``
+    never picks it for a CPU tensor (lets the torch backend's CPU fast path skip the registry).
     """
 
     name: str
@@ -62,6 +70,7 @@ class Backend:
     available: Callable[[], str | None] = lambda: None
     auto: Callable[[Request], bool] = lambda r: True
     stats: Callable[[Request], GroupStats] | None = None
+    auto_on_cpu: bool = True
 
     def stats_of(self, request: Request) -> GroupStats:
         """The statistics of ``request.x`` under ``request.plan`` from this backend."""
@@ -78,6 +87,16 @@ _REGISTRY: dict[str, Backend] = {}
 def register_backend(backend: Backend) -> None:
     """Add or replace a backend under its name."""
     _REGISTRY[backend.name] = backend
+
+
+def torch_serves(backend: str) -> bool:
+    """Whether a CPU call with ``backend=`` goes to the torch backend, without asking the
+    registered backends one by one."""
+    if backend == "torch":
+        return True
+    return backend == "auto" and all(
+        b.name == "torch" or not b.auto_on_cpu for b in _REGISTRY.values()
+    )
 
 
 def available_backends() -> dict[str, str | None]:

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from groupnorm import dispatch
 from groupnorm.activations import check_activation
 from groupnorm.backends.shifted import ScriptableGroupNorm
-from groupnorm.backends.torch_ops import plan_index
+from groupnorm.backends.torch_ops import native_fast, plan_index
 from groupnorm.functional import (
     check_backend_name,
     check_eps,
@@ -117,6 +118,10 @@ class GroupNorm(nn.GroupNorm):
         plan = self.plan
         if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
             plan = self._replan()
+        if self.process_group is None and dispatch.torch_serves(self.backend):
+            y = native_fast(input, plan, self.weight, self.bias, self.eps, self.activation)
+            if y is not None:
+                return y
         if self.process_group is not None:
             return group_norm(
                 input,

@@ -44,6 +44,7 @@ __all__ = [
     "accumulation_dtype",
     "can_read_values",
     "compute_stats",
+    "native_fast",
     "plan_index",
     "run",
 ]
@@ -358,6 +359,71 @@ def _native_checked(r: Request) -> torch.Tensor | None:
     rows = bad.nonzero().squeeze(1)
     redone, _ = _composite(_sample_request(r, rows))
     return _like(y.index_copy(0, rows, redone), r.x)
+
+
+def _fast_param(t: torch.Tensor | None, x: torch.Tensor) -> bool:
+    return t is None or (
+        isinstance(t, torch.Tensor)
+        and t.dtype == x.dtype
+        and t.shape == x.shape[1:2]
+        and t.device.type == "cpu"
+    )
+
+
+def native_fast(
+    x: torch.Tensor,
+    plan: GroupPlan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+) -> torch.Tensor | None:
+    """The common eager CPU call in one step, or None to take the validated path.
+
+    Serves what needs no checks beyond those below: an even plan, an NCHW-contiguous float x on
+    the CPU, weight and bias of x's dtype (or None), a plain eps and at most an activation on a
+    float32/float64 x. Runs torch's kernel once and returns its output when its float32 mean is
+    trusted for every (sample, group); None for anything else, untrusted statistics and NaN
+    included (the validated path then raises, or redoes the samples that need it). The
+    arguments are as the user gave them: nothing is assumed of their types."""
+    if (
+        _tracing()
+        or type(x) is not torch.Tensor
+        or x.device.type != "cpu"
+        or not plan.is_even
+        or x.dim() < 3
+        or x.shape[1] != plan.num_channels
+        or not x.is_contiguous()
+        or type(eps) is not float
+        or not (eps >= 0 and eps < math.inf)
+    ):
+        return None
+    if activation is not None and (
+        activation not in _FAST_ACTIVATIONS or x.dtype != accumulation_dtype(x.dtype)
+    ):
+        return None
+    N, C = x.shape[:2]
+    L = x.numel() // (N * C) if N else 0
+    if (
+        x.dtype not in _FAST_DTYPES
+        or not L
+        or (L == 1 and plan.min_size == 1)  # the validated path warns
+        or not (_fast_param(weight, x) and _fast_param(bias, x))
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        or (forward_ad._current_level >= 0)
+    ):
+        return None
+    y, mean, rstd = torch.native_group_norm(x, weight, bias, N, C, L, plan.num_groups, eps)
+    if mean.requires_grad:
+        mean, rstd = mean.detach(), rstd.detach()
+    if not float(torch.linalg.vector_norm(mean * rstd, math.inf)) <= NATIVE_TRUST:
+        return None
+    return y if activation is None else apply_activation(y, activation)
+
+
+_FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_FAST_ACTIVATIONS = ("silu", "gelu", "relu")
 
 
 def _kernel_output_is_final(r: Request) -> bool:

@@ -108,6 +108,12 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
 
 register_backend(
     Backend(
-        name="triton", priority=PRIORITY, why_not=why_not, run=run, available=available, auto=_auto
+        name="triton",
+        priority=PRIORITY,
+        why_not=why_not,
+        run=run,
+        available=available,
+        auto=_auto,
+        auto_on_cpu=False,
     )
 )
