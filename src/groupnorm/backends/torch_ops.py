@@ -361,12 +361,9 @@ def _native_checked(r: Request) -> torch.Tensor | None:
     return _like(y.index_copy(0, rows, redone), r.x)
 
 
-def _fast_param(t: torch.Tensor | None, x: torch.Tensor) -> bool:
+def _fast_param(t: torch.Tensor | None, dtype: torch.dtype, C: int) -> bool:
     return t is None or (
-        isinstance(t, torch.Tensor)
-        and t.dtype == x.dtype
-        and t.shape == x.shape[1:2]
-        and t.device.type == "cpu"
+        isinstance(t, torch.Tensor) and t.dtype == dtype and t.is_cpu and t.shape == (C,)
     )
 
 
@@ -389,7 +386,7 @@ def native_fast(
     if (
         _tracing()
         or type(x) is not torch.Tensor
-        or x.device.type != "cpu"
+        or not x.is_cpu
         or not plan.is_even
         or x.dim() < 3
         or x.shape[1] != plan.num_channels
@@ -408,7 +405,7 @@ def native_fast(
         x.dtype not in _FAST_DTYPES
         or not L
         or (L == 1 and plan.min_size == 1)  # the validated path warns
-        or not (_fast_param(weight, x) and _fast_param(bias, x))
+        or not (_fast_param(weight, x.dtype, C) and _fast_param(bias, x.dtype, C))
         or torch._C._len_torch_dispatch_stack()
         or torch._C._functorch.is_functorch_wrapped_tensor(x)
         or (forward_ad._current_level >= 0)
