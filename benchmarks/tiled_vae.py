@@ -105,7 +105,10 @@ def _difference_png(images: dict[str, np.ndarray], size: int, path: Path) -> Non
     import matplotlib.pyplot as plt
 
     ref = images["untiled vae.decode"]
-    shown = [k for k in images if k != "untiled vae.decode" and "memory" not in k][:3]
+    # Ours on disk (memory gives the same image) and diffusers', at most three panels.
+    ours = [k for k in images if k.startswith("groupnorm") and "memory" not in k]
+    theirs = [k for k in images if k.startswith("diffusers")]
+    shown = ours[: 3 - len(theirs)] + theirs
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4.6))
     for ax, name in zip(np.atleast_1d(axes), shown, strict=False):
         diff = np.abs(images[name] - ref)[0].max(axis=0)  # (H, W): worst channel per pixel
