@@ -4,11 +4,14 @@ composite path.
 ``uneven=True`` splits C channels into larger groups first, then groups one channel smaller:
 two runs of equal-size groups. The torch backend runs torch's kernel on each run and
 concatenates; the composite path (shift, per-channel moments, Chan merge) is the alternative.
-Both are timed in alternating blocks of consecutive calls (groupnorm.bench.time_pair), with
-torch's kernel on the same tensor with an even G nearby as the floor. Blocks, not single calls:
-alternating single calls with the composite path's large temporaries made the per-run path's
-time vary 5x between runs of this script (0.37-2.1 ms on the first shape), against a steady
-0.26 ms timed alone. Forward only, float32, one thread by default.
+Both are timed in blocks of consecutive calls (groupnorm.bench.time_pair), with torch's
+kernel on the same tensor with an even G nearby as the floor, alternating with the per-run path;
+the composite path is timed afterwards. Blocks, not single calls: alternating single calls with
+the composite path's large temporaries made the per-run path's time vary 5x between runs of this
+script. Large buffers come from fresh pages whenever glibc's allocator has returned memory to
+the system, which still varies a path's time up to 4x between runs; run with
+``MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000`` to see the ops alone.
+Forward only, float32, one thread by default.
 
     python benchmarks/cpu_uneven.py [--threads T] [--out benchmarks/results]
 """
@@ -56,19 +59,21 @@ def _measure(shape: tuple[int, ...], G: int) -> dict:
             rtol=1e-5,
             atol=1e-5,
         )
-        t_runs, t_comp = bench.time_pair(
+        # The even floor alternates with the per-run path; the composite path's large
+        # temporaries come after, so that they cannot slow the first pair's allocations.
+        t_runs, t_even = bench.time_pair(
             bench.batched(lambda: groupnorm.group_norm(x, G, w, b, uneven=True), CALLS),
-            bench.batched(lambda: _composite(x, G, w, b), CALLS),
+            bench.batched(lambda: F.group_norm(x, even_g, w, b), CALLS),
             REPS,
         )
-        t_even, _ = bench.time_pair(
-            bench.batched(lambda: F.group_norm(x, even_g, w, b), CALLS), lambda: None, REPS
+        t_comp, _ = bench.time_pair(
+            bench.batched(lambda: _composite(x, G, w, b), CALLS), lambda: None, REPS
         )
     ms = [statistics.median(t) / CALLS * 1e3 for t in (t_runs, t_comp, t_even)]
     plan = groupnorm.functional.resolve_plan(C, G, uneven=True)
     print(
         f"{str(shape):<18} {plan.describe():<22} {ms[0]:9.3f} {ms[1]:9.3f} {ms[2]:9.3f} "
-        f"{ms[1] / ms[0]:8.1f}x",
+        f"{ms[1] / ms[0]:8.1f}x {ms[0] / ms[2]:8.1f}x",
         flush=True,
     )
     return {
@@ -80,6 +85,7 @@ def _measure(shape: tuple[int, ...], G: int) -> dict:
         "torch_even_ms": ms[2],
         "torch_even_G": even_g,
         "speedup": ms[1] / ms[0],
+        "runs_over_even": ms[0] / ms[2],
         "reps": REPS,
         "calls_per_sample": CALLS,
     }
@@ -92,7 +98,10 @@ def run() -> list[dict]:
 
 def main() -> None:
     args = small_input_args(__doc__)
-    print(f"{'shape':<18} {'plan':<22} {'runs ms':>9} {'comp ms':>9} {'even ms':>9} {'speedup':>9}")
+    print(
+        f"{'shape':<18} {'plan':<22} {'runs ms':>9} {'comp ms':>9} {'even ms':>9} "
+        f"{'speedup':>9} {'vs even':>9}"
+    )
     save(args.out, "cpu_uneven", run())
 
 
