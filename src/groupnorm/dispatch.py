@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from groupnorm.stats import GroupStats
 
 __all__ = [
+    "FLOAT_DTYPES",
     "Backend",
     "Request",
     "available_backends",
@@ -27,6 +28,10 @@ __all__ = [
     "select_backend",
     "torch_serves",
 ]
+
+
+# The input dtypes every backend accepts.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class Request(NamedTuple):

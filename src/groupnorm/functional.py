@@ -17,12 +17,11 @@ import torch
 from groupnorm import dispatch, masked
 from groupnorm.activations import check_activation
 from groupnorm.backends import torch_ops
+from groupnorm.dispatch import FLOAT_DTYPES
 from groupnorm.groups import GroupPlan, check_group_sizes, make_plan
 from groupnorm.stats import GroupStats, check_stats_values
 
 __all__ = ["SingleElementGroupWarning", "group_norm", "group_stats", "resolve_plan"]
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class SingleElementGroupWarning(UserWarning):
@@ -115,10 +114,10 @@ def _check_input(x: object) -> torch.Tensor:
             f"x must have shape (N, C, *spatial) with at least 2 dimensions, got shape "
             f"{tuple(x.shape)}; for a single sample use x.unsqueeze(0)"
         )
-    if x.dtype not in _FLOATS:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"x has dtype {x.dtype}; group norm needs a floating dtype, one of "
-            f"{[str(d) for d in _FLOATS]} (convert with x.float())"
+            f"{[str(d) for d in FLOAT_DTYPES]} (convert with x.float())"
         )
     if x.shape[1] == 0:
         raise ValueError(f"x has no channels (shape {tuple(x.shape)}): C must be at least 1")
@@ -141,9 +140,9 @@ def _check_param(
         raise ValueError(
             f"{name} has shape {tuple(t.shape)}, expected {shape} for x of shape {tuple(x.shape)}"
         )
-    if t.dtype not in _FLOATS:
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"{name} has dtype {t.dtype}; it must be one of {[str(d) for d in _FLOATS]}"
+            f"{name} has dtype {t.dtype}; it must be one of {[str(d) for d in FLOAT_DTYPES]}"
         )
     if t.device != x.device:
         raise ValueError(

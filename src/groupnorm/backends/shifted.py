@@ -121,6 +121,7 @@ class ScriptableGroupNorm(torch.nn.Module):
     :func:`shifted_group_norm`."""
 
     activation: str | None
+    first: torch.Tensor
 
     def __init__(
         self,
@@ -133,17 +134,22 @@ class ScriptableGroupNorm(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.runs = runs
-        self.first = first  # a list, not a buffer: a scripted state_dict would list a buffer
+        # A plain attribute, not a buffer: a scripted state_dict would list even a
+        # non-persistent buffer. So .to() leaves it where it is, and forward follows x.
+        self.first = torch.tensor(first, dtype=torch.int64)
         self.weight = weight
         self.bias = bias
         self.eps = eps
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.first
+        if first.device != x.device:
+            first = first.to(x.device)
         return shifted_group_norm(
             x,
             self.runs,
-            torch.tensor(self.first, device=x.device),
+            first,
             self.weight,
             self.bias,
             self.eps,

@@ -34,7 +34,7 @@ from torch.autograd import forward_ad
 
 from groupnorm.activations import apply_activation
 from groupnorm.backends.shifted import shifted_group_norm
-from groupnorm.dispatch import Backend, Request, register_backend
+from groupnorm.dispatch import FLOAT_DTYPES, Backend, Request, register_backend
 from groupnorm.groups import GroupPlan
 from groupnorm.stats import GroupStats
 
@@ -252,6 +252,19 @@ def _fold(
     return a, b
 
 
+def _ratio(mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """``mean * rstd`` (N, G) of torch's kernel, detached: what the trust check compares."""
+    if mean.requires_grad:  # detach() is a dispatch of its own: this check runs on every call
+        mean, rstd = mean.detach(), rstd.detach()
+    return mean * rstd
+
+
+def _all_trusted(ratio: torch.Tensor, limit: float) -> bool:
+    """Whether every (sample, group) has ``|mean| * rstd <= limit``, in one reduction: NaN if
+    any group is NaN, which compares False (the caller then checks elementwise or declines)."""
+    return not ratio.numel() or float(torch.linalg.vector_norm(ratio, math.inf)) <= limit
+
+
 def _native(r: Request) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's kernel on an even plan, then any epilogue: ``(y, |mean| * rstd (N, G))``.
 
@@ -274,11 +287,7 @@ def _native(r: Request) -> tuple[torch.Tensor, torch.Tensor]:
     y, mean, rstd = torch.native_group_norm(
         x, w, b, N, C, math.prod(x.shape[2:]), r.plan.num_groups, r.eps
     )
-    if mean.requires_grad:
-        mean_d, rstd_d = mean.detach(), rstd.detach()
-    else:  # detach() is a dispatch of its own: this check runs on every call
-        mean_d, rstd_d = mean, rstd
-    ratio = mean_d * rstd_d
+    ratio = _ratio(mean, rstd)
     if inside:
         return apply_activation(y, r.activation), ratio
     fa, fb = _fold(mean, rstd, r.plan, r)
@@ -347,10 +356,9 @@ def _native_checked(r: Request) -> torch.Tensor | None:
             parts.append(part)
             ratios.append(ratio)
         y, ratio = _like(torch.cat(parts, dim=1), r.x), torch.cat(ratios, dim=1)
-    # One reduction on the common path: NaN if any group is NaN, and then the elementwise
-    # check below decides (a NaN group compares False there, the others as they are).
-    if not ratio.numel() or float(torch.linalg.vector_norm(ratio, math.inf)) <= limit:
+    if _all_trusted(ratio, limit):
         return y
+    # Elementwise: a NaN group compares False here, the others as they are.
     bad = ratio.abs_().gt_(limit).any(dim=1)  # (N,)
     if not bad.any():
         return y
@@ -361,10 +369,8 @@ def _native_checked(r: Request) -> torch.Tensor | None:
     return _like(y.index_copy(0, rows, redone), r.x)
 
 
-def _fast_param(t: torch.Tensor | None, dtype: torch.dtype, C: int) -> bool:
-    return t is None or (
-        isinstance(t, torch.Tensor) and t.dtype == dtype and t.is_cpu and t.shape == (C,)
-    )
+def _fast_param(t: object, C: int) -> bool:
+    return t is None or (isinstance(t, torch.Tensor) and t.is_cpu and t.shape == (C,))
 
 
 def native_fast(
@@ -395,44 +401,53 @@ def native_fast(
         or not (eps >= 0 and eps < math.inf)
     ):
         return None
-    if activation is not None and (
-        activation not in _FAST_ACTIVATIONS or x.dtype != accumulation_dtype(x.dtype)
-    ):
+    if activation is not None and activation not in _FAST_ACTIVATIONS:
         return None
     N, C = x.shape[:2]
     L = x.numel() // (N * C) if N else 0
     if (
-        x.dtype not in _FAST_DTYPES
+        x.dtype not in FLOAT_DTYPES
         or not L
         or (L == 1 and plan.min_size == 1)  # the validated path warns
-        or not (_fast_param(weight, x.dtype, C) and _fast_param(bias, x.dtype, C))
+        or not (_fast_param(weight, C) and _fast_param(bias, C))
+        or not _final_in_kernel(x.dtype, weight, bias, activation)
         or torch._C._len_torch_dispatch_stack()
         or torch._C._functorch.is_functorch_wrapped_tensor(x)
         or (forward_ad._current_level >= 0)
     ):
         return None
     y, mean, rstd = torch.native_group_norm(x, weight, bias, N, C, L, plan.num_groups, eps)
-    if mean.requires_grad:
-        mean, rstd = mean.detach(), rstd.detach()
-    if not float(torch.linalg.vector_norm(mean * rstd, math.inf)) <= NATIVE_TRUST:
+    if not _all_trusted(_ratio(mean, rstd), NATIVE_TRUST):
         return None
     return y if activation is None else apply_activation(y, activation)
 
 
-_FAST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _FAST_ACTIVATIONS = ("silu", "gelu", "relu")
 
 
-def _kernel_output_is_final(r: Request) -> bool:
-    """Whether torch's kernel output, at most followed by an activation in x's dtype (float32 or
-    float64 only), is y: weight and bias in x's dtype, no scale or shift."""
-    x = r.x
+def _final_in_kernel(
+    dtype: torch.dtype,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    activation: str | None,
+) -> bool:
+    """Whether torch's kernel applies weight and bias itself, rounding once: both in x's
+    ``dtype`` (or None), and an activation only after a float32 or float64 output (after a
+    half-precision one it would round a second time)."""
     return (
-        (r.weight is None or r.weight.dtype == x.dtype)
-        and (r.bias is None or r.bias.dtype == x.dtype)
-        and r.scale is None
+        (weight is None or weight.dtype == dtype)
+        and (bias is None or bias.dtype == dtype)
+        and (activation is None or dtype == accumulation_dtype(dtype))
+    )
+
+
+def _kernel_output_is_final(r: Request) -> bool:
+    """Whether torch's kernel output, at most followed by an activation, is y: no scale or
+    shift, and :func:`_final_in_kernel`."""
+    return (
+        r.scale is None
         and r.shift is None
-        and (r.activation is None or x.dtype == accumulation_dtype(x.dtype))
+        and _final_in_kernel(r.x.dtype, r.weight, r.bias, r.activation)
     )
 
 
