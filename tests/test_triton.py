@@ -262,7 +262,10 @@ def test_stats_match_torch_backend_layout():
     _, ours = _run(x, plan, regime="fused", return_stats=True)
     theirs = groupnorm.group_stats(x, 2, backend="torch")
     assert isinstance(ours, GroupStats)
-    assert torch.equal(ours.pivot, theirs.pivot), "pivot is each group's first element"
+    # Pivots may differ (an element of the group, or the mean from torch's kernel); the
+    # statistics they stand for may not.
+    torch.testing.assert_close(ours.mean, theirs.mean)
+    torch.testing.assert_close(ours.var, theirs.var)
     assert ours.count.dtype == torch.float32 and ours.count.shape == (2, 2)
 
 

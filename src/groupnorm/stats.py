@@ -1,6 +1,7 @@
 """Per-(sample, group) statistics as a value: compute on parts, merge exactly, normalize with them.
 
-Statistics are kept relative to a per-group *pivot* (one element of the group): with ``x`` near
+Statistics are kept relative to a per-group *pivot* (one element of the group, or its mean
+where torch's kernel computed that within ~1e-6 of the spread): with ``x`` near
 ``1e4`` and a spread of ``1e-2``, a float32 absolute mean is off by ~ulp(1e4) = 1e-3, a tenth of
 the spread, while ``x - pivot`` is exact in float32 and its mean is accurate
 (docs/spec.md#numerics).

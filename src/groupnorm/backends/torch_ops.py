@@ -13,6 +13,11 @@ Normalization folds everything per (n, c) into one multiply-add on ``xs``:
 ``a = rstd * gamma * (1 + scale)``, ``b = (beta - mean_g * rstd * gamma) * (1 + scale) + shift``,
 ``y = act(xs * a + b)``.
 
+On an eager CPU call that autograd does not record, statistics out come from torch's kernel
+run with eps = 0 (so ``var = rstd^-2``) wherever its mean is trusted (below), and y from
+statistics is one multiply-add on x itself while ``|mean| * rstd <= NATIVE_TRUST``, the form
+and error of torch's own kernel; otherwise both take the shifted path above.
+
 Plans without statistics in or out call torch's native kernel, which is faster on CPU (an
 uneven plan once per run of equal-size groups, concatenated). On an eager CPU call its float32
 mean is trusted per (sample, group) only while ``|mean| * rstd`` stays under the layout's
@@ -252,11 +257,11 @@ def _fold(
     return a, b
 
 
-def _ratio(mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """``mean * rstd`` (N, G) of torch's kernel, detached: what the trust check compares."""
+def _detached(mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's kernel's mean and rstd without their autograd history, for the checks."""
     if mean.requires_grad:  # detach() is a dispatch of its own: this check runs on every call
-        mean, rstd = mean.detach(), rstd.detach()
-    return mean * rstd
+        return mean.detach(), rstd.detach()
+    return mean, rstd
 
 
 def _all_trusted(ratio: torch.Tensor, limit: float) -> bool:
@@ -265,8 +270,9 @@ def _all_trusted(ratio: torch.Tensor, limit: float) -> bool:
     return not ratio.numel() or float(torch.linalg.vector_norm(ratio, math.inf)) <= limit
 
 
-def _native(r: Request) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch's kernel on an even plan, then any epilogue: ``(y, |mean| * rstd (N, G))``.
+def _native(r: Request) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch's kernel on an even plan, then any epilogue: ``(y, mean, rstd)``, mean and rstd
+    (N, G) detached, float32 except for a half x whose weight and bias are applied inside.
 
     Rounded once: the kernel applies weight and bias itself only when they are in x's dtype and
     its output is final (or only an activation follows in x's dtype, float32 or float64). Any
@@ -287,12 +293,42 @@ def _native(r: Request) -> tuple[torch.Tensor, torch.Tensor]:
     y, mean, rstd = torch.native_group_norm(
         x, w, b, N, C, math.prod(x.shape[2:]), r.plan.num_groups, r.eps
     )
-    ratio = _ratio(mean, rstd)
+    mean_d, rstd_d = _detached(mean, rstd)
     if inside:
-        return apply_activation(y, r.activation), ratio
-    fa, fb = _fold(mean, rstd, r.plan, r)
-    u = torch.addcmul(_expand(fb, x.dim()), x, _expand(fa, x.dim()))  # x promoted: one op
-    return apply_activation(u, r.activation).to(x.dtype), ratio
+        return apply_activation(y, r.activation), mean_d, rstd_d
+    return _multiply_add(r, mean, rstd), mean_d, rstd_d
+
+
+def _native_with_stats(r: Request) -> tuple[torch.Tensor, GroupStats] | None:
+    """y and its statistics from one call of torch's kernel, or None: an even plan, a layout
+    and statistics the kernel is trusted with, float32 (float64) mean and rstd, and every
+    group's ``var >= eps``, so that ``var = rstd^-2 - eps`` loses at most a factor 2 of its
+    relative accuracy to the subtraction. Kept as ``pivot = mean``, ``shifted_mean = 0``."""
+    limit = _trust_limit(r.x)
+    half = r.x.dtype != accumulation_dtype(r.x.dtype)
+    if limit is None or not r.plan.is_even or (half and _kernel_output_is_final(r)):
+        return None  # the last: the kernel's mean and rstd would be in x's half dtype
+    y, mean, rstd = _native(r)
+    if not _all_trusted(mean * rstd, limit):
+        return None
+    var = rstd.pow(-2) - r.eps
+    if not bool((var >= r.eps).all()):
+        return None
+    count = torch.full_like(mean, r.plan.sizes[0] * math.prod(r.x.shape[2:]))
+    return y, GroupStats(mean, torch.zeros_like(mean), var * count, count, plan=r.plan)
+
+
+def _multiply_add(r: Request, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """``act(x * a + b)`` (:func:`_fold`) on x itself, in the accumulation dtype (a half x is
+    promoted by the multiply), rounded once to x's dtype and layout.
+
+    No shift: rounding ``x * a`` and ``b`` costs ~ulp(|mean| * rstd) of the output's scale, the
+    error torch's own kernel makes (its y has this form), so callers bound ``|mean| * rstd``.
+    A multiply then an in-place add: addcmul's broadcast loop took twice as long on CPU."""
+    x = r.x
+    a, b = _fold(mean, rstd, r.plan, r)
+    u = (x * _expand(a, x.dim())).add_(_expand(b, x.dim()))
+    return apply_activation(u, r.activation).to(x.dtype)
 
 
 @lru_cache(maxsize=64)
@@ -342,7 +378,8 @@ def _native_checked(r: Request) -> torch.Tensor | None:
     if limit is None or _half_epilogue_with_grad(r):
         return None
     if r.plan.is_even:
-        y, ratio = _native(r)
+        y, mean, rstd = _native(r)
+        ratio = mean * rstd
     else:
         if len(r.plan.runs) > MAX_NATIVE_RUNS:
             return None
@@ -352,9 +389,9 @@ def _native_checked(r: Request) -> torch.Tensor | None:
             xs = r.x[:, start:end].clone(memory_format=torch.preserve_format)
             if not _native_layout(xs):
                 return None
-            part, ratio = _native(_run_request(r, start, end, size, xs))
+            part, mean, rstd = _native(_run_request(r, start, end, size, xs))
             parts.append(part)
-            ratios.append(ratio)
+            ratios.append(mean * rstd)
         y, ratio = _like(torch.cat(parts, dim=1), r.x), torch.cat(ratios, dim=1)
     if _all_trusted(ratio, limit):
         return y
@@ -417,7 +454,8 @@ def native_fast(
     ):
         return None
     y, mean, rstd = torch.native_group_norm(x, weight, bias, N, C, L, plan.num_groups, eps)
-    if not _all_trusted(_ratio(mean, rstd), NATIVE_TRUST):
+    mean, rstd = _detached(mean, rstd)
+    if not _all_trusted(mean * rstd, NATIVE_TRUST):
         return None
     return y if activation is None else apply_activation(y, activation)
 
@@ -471,9 +509,64 @@ def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if like.stride() == y.stride() else like.copy_(y)
 
 
+def _stats_native(x: torch.Tensor, plan: GroupPlan) -> GroupStats | None:
+    """Statistics from torch's kernel, or None: on an eager CPU call without autograd (the
+    kernel's mean and rstd have no gradient), an even plan and a layout whose statistics the
+    kernel is trusted with, when every (sample, group) is trusted.
+
+    eps = 0 makes rstd = 1 / std, so ``var = rstd^-2`` has no cancellation against eps, and
+    ``|mean| * rstd`` within the layout's limit puts the mean within ~1e-6 of the spread of
+    the exact one (see NATIVE_TRUST): kept as ``pivot = mean``, ``shifted_mean = 0``. A
+    constant group (rstd = inf) or NaN fails the check. The kernel's y is discarded."""
+    if not plan.is_even or (x.requires_grad and torch.is_grad_enabled()) or not _reads_values(x):
+        return None
+    limit = _trust_limit(x)
+    N, C = x.shape[:2]
+    L = math.prod(x.shape[2:])
+    if limit is None or not N * L:
+        return None
+    acc = accumulation_dtype(x.dtype)
+    # A float32 weight makes the kernel return float32 mean and rstd for a half x.
+    w = None if x.dtype == acc else _float32_ones(C, x.device)
+    _, mean, rstd = torch.native_group_norm(x, w, None, N, C, L, plan.num_groups, 0.0)
+    if not _all_trusted(mean * rstd, limit):
+        return None
+    count = torch.full_like(mean, plan.sizes[0] * L)
+    return GroupStats(mean, torch.zeros_like(mean), rstd.pow(-2) * count, count, plan=plan)
+
+
+def _records_grad(r: Request) -> bool:
+    """Whether autograd records this call. The unshifted multiply-add's gradients for weight and
+    the statistics would cancel terms ~|mean| * rstd times larger than themselves; the shifted
+    path's do not."""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [r.x, r.weight, r.bias, r.scale, r.shift]
+    if r.stats is not None:
+        tensors += [r.stats.pivot, r.stats.shifted_mean, r.stats.m2]
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _stats(r: Request) -> GroupStats:
+    """The statistics of ``r.x``: from torch's kernel where it is trusted, else exact."""
+    return _stats_native(r.x, r.plan) or compute_stats(r.x, r.plan)
+
+
 def _composite(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
-    """Statistics of the pivot-shifted input (or the given ones), then one multiply-add."""
+    """Statistics of the pivot-shifted input (or the given ones), then one multiply-add.
+
+    On an eager CPU call that autograd does not record, statistics out come from torch's kernel
+    where it is trusted, and y
+    is one multiply-add on x itself while every ``|mean| * rstd <= NATIVE_TRUST``, without
+    forming ``x - pivot`` (:func:`_multiply_add`)."""
     given = r.stats
+    if _reads_values(r.x) and not _records_grad(r):
+        known = given if given is not None or not r.return_stats else _stats_native(r.x, r.plan)
+        if known is not None:
+            rstd = torch.rsqrt(known.var + r.eps)
+            mean = known.mean
+            if _all_trusted(mean * rstd, NATIVE_TRUST):
+                return _multiply_add(r, mean, rstd), (known if r.return_stats else None)
     xs, pivot = _shifted(r.x, r.plan, None if given is None else given.pivot)
     stats = _stats_of_shifted(xs, pivot, r.plan) if given is None else given
     a, b = _fold(stats.shifted_mean, torch.rsqrt(stats.var + r.eps), r.plan, r)
@@ -491,8 +584,9 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
 
     Without statistics in or out: on an eager CPU call, torch's kernel with its mean checked
     (:func:`_native_checked`); everywhere else (tracing, transforms, other devices), torch's
-    kernel on pivot-shifted input, which needs no check (:mod:`.shifted`). Statistics in or out,
-    and what neither serves, take the composite path.
+    kernel on pivot-shifted input, which needs no check (:mod:`.shifted`). Statistics out, where
+    autograd does not record, from the same checked kernel call (:func:`_native_with_stats`).
+    Statistics in or out, and what none of these serves, take the composite path.
     """
     if r.stats is None and not r.return_stats and not _forward_ad_on_channels_last(r.x):
         if _reads_values(r.x):
@@ -505,6 +599,10 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
             return shifted_group_norm(
                 r.x, runs, first, r.weight, r.bias, r.eps, r.activation, r.scale, r.shift
             ), None
+    if r.stats is None and r.return_stats and _reads_values(r.x) and not _records_grad(r):
+        both = _native_with_stats(r)
+        if both is not None:
+            return both
     return _composite(r)
 
 
@@ -514,6 +612,6 @@ register_backend(
         priority=0,
         why_not=lambda r: None,
         run=run,
-        stats=lambda r: compute_stats(r.x, r.plan),
+        stats=_stats,
     )
 )
