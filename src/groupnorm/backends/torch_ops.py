@@ -34,6 +34,7 @@ import math
 from functools import lru_cache
 from typing import NamedTuple, cast
 
+import numpy as np
 import torch
 from torch.autograd import forward_ad
 
@@ -264,10 +265,20 @@ def _detached(mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, tor
     return mean, rstd
 
 
-def _all_trusted(ratio: torch.Tensor, limit: float) -> bool:
-    """Whether every (sample, group) has ``|mean| * rstd <= limit``, in one reduction: NaN if
-    any group is NaN, which compares False (the caller then checks elementwise or declines)."""
+def _all_trusted(mean: torch.Tensor, rstd: torch.Tensor, limit: float) -> bool:
+    """Whether every (sample, group) has ``|mean| * rstd <= limit``; a NaN anywhere makes the
+    maximum NaN, which compares False (the caller then checks elementwise or declines).
+
+    CPU tensors without autograd history. float32/float64 go through NumPy: on these (N, G)
+    arrays its three operations cost less than torch's dispatch of two (7 vs 11 us per call
+    on this project's CPU machine), which every eager CPU call pays."""
+    if mean.dtype in _NUMPY_FLOATS and rstd.dtype == mean.dtype:
+        return bool(np.abs(mean.numpy() * rstd.numpy()).max(initial=0.0) <= limit)
+    ratio = mean * rstd
     return not ratio.numel() or float(torch.linalg.vector_norm(ratio, math.inf)) <= limit
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float64)
 
 
 def _native(r: Request) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -309,7 +320,7 @@ def _native_with_stats(r: Request) -> tuple[torch.Tensor, GroupStats] | None:
     if limit is None or not r.plan.is_even or (half and _kernel_output_is_final(r)):
         return None  # the last: the kernel's mean and rstd would be in x's half dtype
     y, mean, rstd = _native(r)
-    if not _all_trusted(mean * rstd, limit):
+    if not _all_trusted(mean, rstd, limit):
         return None
     var = rstd.pow(-2) - r.eps
     if not bool((var >= r.eps).all()):
@@ -379,11 +390,10 @@ def _native_checked(r: Request) -> torch.Tensor | None:
         return None
     if r.plan.is_even:
         y, mean, rstd = _native(r)
-        ratio = mean * rstd
     else:
         if len(r.plan.runs) > MAX_NATIVE_RUNS:
             return None
-        parts, ratios = [], []
+        parts, means, rstds = [], [], []
         for start, end, size in r.plan.runs:
             # The slice skips the other runs' channels; a dense copy in x's memory format.
             xs = r.x[:, start:end].clone(memory_format=torch.preserve_format)
@@ -391,12 +401,14 @@ def _native_checked(r: Request) -> torch.Tensor | None:
                 return None
             part, mean, rstd = _native(_run_request(r, start, end, size, xs))
             parts.append(part)
-            ratios.append(mean * rstd)
-        y, ratio = _like(torch.cat(parts, dim=1), r.x), torch.cat(ratios, dim=1)
-    if _all_trusted(ratio, limit):
+            means.append(mean)
+            rstds.append(rstd)
+        y = _like(torch.cat(parts, dim=1), r.x)
+        mean, rstd = torch.cat(means, dim=1), torch.cat(rstds, dim=1)
+    if _all_trusted(mean, rstd, limit):
         return y
     # Elementwise: a NaN group compares False here, the others as they are.
-    bad = ratio.abs_().gt_(limit).any(dim=1)  # (N,)
+    bad = (mean * rstd).abs_().gt_(limit).any(dim=1)  # (N,)
     if not bad.any():
         return y
     if bad.all():
@@ -455,7 +467,7 @@ def native_fast(
         return None
     y, mean, rstd = torch.native_group_norm(x, weight, bias, N, C, L, plan.num_groups, eps)
     mean, rstd = _detached(mean, rstd)
-    if not _all_trusted(mean * rstd, NATIVE_TRUST):
+    if not _all_trusted(mean, rstd, NATIVE_TRUST):
         return None
     return y if activation is None else apply_activation(y, activation)
 
@@ -529,7 +541,7 @@ def _stats_native(x: torch.Tensor, plan: GroupPlan) -> GroupStats | None:
     # A float32 weight makes the kernel return float32 mean and rstd for a half x.
     w = None if x.dtype == acc else _float32_ones(C, x.device)
     _, mean, rstd = torch.native_group_norm(x, w, None, N, C, L, plan.num_groups, 0.0)
-    if not _all_trusted(mean * rstd, limit):
+    if not _all_trusted(mean, rstd, limit):
         return None
     count = torch.full_like(mean, plan.sizes[0] * L)
     return GroupStats(mean, torch.zeros_like(mean), rstd.pow(-2) * count, count, plan=plan)
@@ -565,7 +577,7 @@ def _composite(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
         if known is not None:
             rstd = torch.rsqrt(known.var + r.eps)
             mean = known.mean
-            if _all_trusted(mean * rstd, NATIVE_TRUST):
+            if _all_trusted(mean, rstd, NATIVE_TRUST):
                 return _multiply_add(r, mean, rstd), (known if r.return_stats else None)
     xs, pivot = _shifted(r.x, r.plan, None if given is None else given.pivot)
     stats = _stats_of_shifted(xs, pivot, r.plan) if given is None else given
