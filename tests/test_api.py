@@ -259,6 +259,25 @@ def test_statistics_out_with_a_variance_below_eps_are_not_taken_from_rstd() -> N
     assert_matches(y, expected, torch.float32)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_statistics_carry_forward_mode_tangents() -> None:
+    """Statistics under forward-mode AD: their tangents match finite differences of the
+    float64 reference."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = make_x((2, 8, 4, 3), torch.float64, seed=2)
+    t = make_x((2, 8, 4, 3), torch.float64, seed=3)
+    with fwAD.dual_level():
+        stats = groupnorm.group_stats(fwAD.make_dual(x, t), 4)
+        tangents = [fwAD.unpack_dual(v).tangent for v in (stats.mean, stats.var)]
+    h = 1e-6
+    _, plus = reference(x + h * t, resolve_plan(8, 4))
+    _, minus = reference(x - h * t, resolve_plan(8, 4))
+    for got, hi, lo in zip(tangents, (plus.mean, plus.var), (minus.mean, minus.var), strict=True):
+        assert got is not None
+        torch.testing.assert_close(got, torch.from_numpy((hi - lo) / (2 * h)), rtol=1e-6, atol=1e-7)
+
+
 def test_statistics_under_autograd_take_the_shifted_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernel's mean and rstd have no gradient, and the unshifted multiply-add's weight and
     statistics gradients would cancel: a recorded call computes them shifted."""

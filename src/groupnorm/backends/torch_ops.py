@@ -550,7 +550,9 @@ def _stats_native(x: torch.Tensor, plan: GroupPlan) -> GroupStats | None:
 def _records_grad(r: Request) -> bool:
     """Whether autograd records this call. The unshifted multiply-add's gradients for weight and
     the statistics would cancel terms ~|mean| * rstd times larger than themselves; the shifted
-    path's do not."""
+    path's do not. Forward mode counts too: its tangents would cancel alike."""
+    if forward_ad._current_level >= 0:
+        return True
     if not torch.is_grad_enabled():
         return False
     tensors = [r.x, r.weight, r.bias, r.scale, r.shift]
@@ -568,9 +570,8 @@ def _composite(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     """Statistics of the pivot-shifted input (or the given ones), then one multiply-add.
 
     On an eager CPU call that autograd does not record, statistics out come from torch's kernel
-    where it is trusted, and y
-    is one multiply-add on x itself while every ``|mean| * rstd <= NATIVE_TRUST``, without
-    forming ``x - pivot`` (:func:`_multiply_add`)."""
+    where it is trusted, and y is one multiply-add on x itself while every
+    ``|mean| * rstd <= NATIVE_TRUST``, without forming ``x - pivot`` (:func:`_multiply_add`)."""
     given = r.stats
     if _reads_values(r.x) and not _records_grad(r):
         known = given if given is not None or not r.return_stats else _stats_native(r.x, r.plan)
