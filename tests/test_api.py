@@ -231,18 +231,21 @@ def test_kernel_statistics_near_the_trust_limit(G: int) -> None:
 def test_statistics_of_a_constant_group_take_the_shifted_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A constant group has rstd = inf from the kernel at eps = 0: its statistics are computed
+    """A constant group has rstd = inf from the kernel at eps = 0 (``group_stats``), and
+    ``|mean| * rstd`` past the limit at eps > 0 (statistics out): its statistics are computed
     exactly instead (variance 0), and y there is beta."""
     x = make_x((2, 8, 4, 4), torch.float32)
     x[1, 2:4] = 3.0
     b = rand((8,), torch.float32, 2)
     eps_seen = _eps_of_kernel_calls(monkeypatch)
     with torch.no_grad():
+        alone = groupnorm.group_stats(x, 4)
         y, stats = groupnorm.group_norm(x, 4, bias=b, return_stats=True)
     assert 0.0 in eps_seen
-    assert stats.var[1, 1] == 0 and stats.mean[1, 1] == 3.0
     expected, cache = reference(x, resolve_plan(8, 4), None, b)
-    assert_matches(stats.var, cache.var, torch.float32, what="var")
+    for got in (alone, stats):
+        assert got.var[1, 1] == 0 and got.mean[1, 1] == 3.0
+        assert_matches(got.var, cache.var, torch.float32, what="var")
     assert_matches(y, expected, torch.float32)
     torch.testing.assert_close(y[1, 2:4], b[2:4, None, None].expand(2, 4, 4))
 

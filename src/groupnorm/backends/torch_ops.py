@@ -14,9 +14,10 @@ Normalization folds everything per (n, c) into one multiply-add on ``xs``:
 ``y = act(xs * a + b)``.
 
 On an eager CPU call that autograd does not record, statistics out come from torch's kernel
-run with eps = 0 (so ``var = rstd^-2``) wherever its mean is trusted (below), and y from
-statistics is one multiply-add on x itself while ``|mean| * rstd <= NATIVE_TRUST``, the form
-and error of torch's own kernel; otherwise both take the shifted path above.
+wherever its mean is trusted (below): the variance as ``rstd^-2 - eps`` from the call that
+makes y while it is at least eps, else from a call at eps = 0. y from given statistics is one
+multiply-add on x itself while ``|mean| * rstd <= NATIVE_TRUST``, the form and error of torch's
+own kernel. Otherwise both take the shifted path above.
 
 Plans without statistics in or out call torch's native kernel, which is faster on CPU (an
 uneven plan once per run of equal-size groups, concatenated). On an eager CPU call its float32
@@ -283,7 +284,8 @@ _NUMPY_FLOATS = (torch.float32, torch.float64)
 
 def _native(r: Request) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch's kernel on an even plan, then any epilogue: ``(y, mean, rstd)``, mean and rstd
-    (N, G) detached, float32 except for a half x whose weight and bias are applied inside.
+    (N, G) detached, in the accumulation dtype except for a half x whose weight and bias are
+    applied inside (then in x's dtype).
 
     Rounded once: the kernel applies weight and bias itself only when they are in x's dtype and
     its output is final (or only an activation follows in x's dtype, float32 or float64). Any
@@ -311,22 +313,39 @@ def _native(r: Request) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _native_with_stats(r: Request) -> tuple[torch.Tensor, GroupStats] | None:
-    """y and its statistics from one call of torch's kernel, or None: an even plan, a layout
-    and statistics the kernel is trusted with, float32 (float64) mean and rstd, and every
-    group's ``var >= eps``, so that ``var = rstd^-2 - eps`` loses at most a factor 2 of its
-    relative accuracy to the subtraction. Kept as ``pivot = mean``, ``shifted_mean = 0``."""
+    """y and its statistics from torch's kernel on an even plan, or None for the shifted path.
+
+    One call gives both while every group's ``var >= eps``: ``var = rstd^-2 - eps`` then loses
+    at most a factor 2 of its relative accuracy to the subtraction. A group below eps takes the
+    variance from a call at eps = 0 (:func:`_stats_native`), as does a half x whose weight and
+    bias the kernel applies (its mean and rstd would be in x's dtype), whose y is then the
+    multiply-add (within NATIVE_TRUST: at eps = 0 ``|mean| * rstd`` is only larger). A call
+    whose mean is not trusted goes shifted without asking again: at eps = 0 it would not be."""
     limit = _trust_limit(r.x)
-    half = r.x.dtype != accumulation_dtype(r.x.dtype)
-    if limit is None or not r.plan.is_even or (half and _kernel_output_is_final(r)):
-        return None  # the last: the kernel's mean and rstd would be in x's half dtype
+    if limit is None or not r.plan.is_even:
+        return None
+    if r.x.dtype != accumulation_dtype(r.x.dtype) and _kernel_output_is_final(r):
+        stats = _stats_native(r.x, r.plan)
+        if stats is None:
+            return None
+        return _multiply_add(r, stats.mean, torch.rsqrt(stats.var + r.eps)), stats
     y, mean, rstd = _native(r)
     if not _all_trusted(mean, rstd, limit):
         return None
     var = rstd.pow(-2) - r.eps
-    if not bool((var >= r.eps).all()):
-        return None
-    count = torch.full_like(mean, r.plan.sizes[0] * math.prod(r.x.shape[2:]))
-    return y, GroupStats(mean, torch.zeros_like(mean), var * count, count, plan=r.plan)
+    if bool((var >= r.eps).all()):
+        return y, _kernel_stats(mean, var, r.plan, r.x)
+    stats = _stats_native(r.x, r.plan)
+    return None if stats is None else (y, stats)
+
+
+def _kernel_stats(
+    mean: torch.Tensor, var: torch.Tensor, plan: GroupPlan, x: torch.Tensor
+) -> GroupStats:
+    """torch's kernel's mean and variance (N, G) of an even plan on x as ``pivot = mean``,
+    ``shifted_mean = 0``."""
+    count = torch.full_like(mean, plan.sizes[0] * math.prod(x.shape[2:]))
+    return GroupStats(mean, torch.zeros_like(mean), var * count, count, plan=plan)
 
 
 def _multiply_add(r: Request, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
@@ -543,8 +562,7 @@ def _stats_native(x: torch.Tensor, plan: GroupPlan) -> GroupStats | None:
     _, mean, rstd = torch.native_group_norm(x, w, None, N, C, L, plan.num_groups, 0.0)
     if not _all_trusted(mean, rstd, limit):
         return None
-    count = torch.full_like(mean, plan.sizes[0] * L)
-    return GroupStats(mean, torch.zeros_like(mean), rstd.pow(-2) * count, count, plan=plan)
+    return _kernel_stats(mean, rstd.pow(-2), plan, x)
 
 
 def _records_grad(r: Request) -> bool:
@@ -569,17 +587,14 @@ def _stats(r: Request) -> GroupStats:
 def _composite(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     """Statistics of the pivot-shifted input (or the given ones), then one multiply-add.
 
-    On an eager CPU call that autograd does not record, statistics out come from torch's kernel
-    where it is trusted, and y is one multiply-add on x itself while every
-    ``|mean| * rstd <= NATIVE_TRUST``, without forming ``x - pivot`` (:func:`_multiply_add`)."""
+    Given statistics, on an eager CPU call that autograd does not record, y is one multiply-add
+    on x itself while every ``|mean| * rstd <= NATIVE_TRUST``, without forming ``x - pivot``
+    (:func:`_multiply_add`)."""
     given = r.stats
-    if _reads_values(r.x) and not _records_grad(r):
-        known = given if given is not None or not r.return_stats else _stats_native(r.x, r.plan)
-        if known is not None:
-            rstd = torch.rsqrt(known.var + r.eps)
-            mean = known.mean
-            if _all_trusted(mean, rstd, NATIVE_TRUST):
-                return _multiply_add(r, mean, rstd), (known if r.return_stats else None)
+    if given is not None and _reads_values(r.x) and not _records_grad(r):
+        mean, rstd = given.mean, torch.rsqrt(given.var + r.eps)
+        if _all_trusted(mean, rstd, NATIVE_TRUST):
+            return _multiply_add(r, mean, rstd), (given if r.return_stats else None)
     xs, pivot = _shifted(r.x, r.plan, None if given is None else given.pivot)
     stats = _stats_of_shifted(xs, pivot, r.plan) if given is None else given
     a, b = _fold(stats.shifted_mean, torch.rsqrt(stats.var + r.eps), r.plan, r)
