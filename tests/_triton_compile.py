@@ -124,7 +124,7 @@ def launches_of(
         stats = torch.zeros(shape[0], G)
         kernels._backward(
             torch.empty_like(x), x, w, w, s, s, sizes, stats, stats, stats,
-            activation, False, regime,
+            activation, False, regime, False,
         )  # fmt: skip
 
     return capture(run, sm_count)

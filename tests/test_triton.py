@@ -583,6 +583,98 @@ def test_backward_with_given_stats_treats_them_as_constants(regime):
     )
 
 
+def _float64_group_norm(x, sizes, mean, var, weight, eps=1e-5):
+    """silu(x_hat * weight) in float64 torch ops from (N, G) mean and var: independent of both
+    backends, differentiable by autograd."""
+    index = torch.tensor([g for g, size in enumerate(sizes) for _ in range(size)])
+    shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    mean_c, var_c = (v[:, index].reshape(shape) for v in (mean, var))
+    x_hat = (x - mean_c) / torch.sqrt(var_c + eps)
+    return torch.nn.functional.silu(x_hat * weight.reshape((1, -1) + (1,) * (x.dim() - 2)))
+
+
+def _leaf64(t):
+    return t.detach().double().requires_grad_()
+
+
+GRADIENT_BACKENDS = ["torch", *REGIMES]
+
+
+def _group_norm_on(backend, x, plan, weight, **kw):
+    """(y, stats or None) from the torch backend or the Triton op in one regime."""
+    if backend == "torch":
+        out = groupnorm.group_norm(
+            x, weight=weight, group_sizes=list(plan.sizes), backend="torch", **kw
+        )
+        return out if isinstance(out, tuple) else (out, None)
+    return group_norm_triton(x, plan, weight, None, regime=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", GRADIENT_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_regression_gradients_flow_into_given_statistics(channels_last, backend):
+    """Given statistics that require grad get dL/dpivot, dL/dshifted_mean, dL/dm2 and
+    dL/dcount, and dx is rstd * dx_hat, on both backends (the Triton op once treated them as
+    constants), against float64 autograd of the formula; at an offset of 10 std."""
+    plan = GroupPlan((4, 2))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = _rand((2, 6, 3, 4), 70, loc=20.0).to(memory_format=fmt).requires_grad_()
+    w = _rand((6,), 71, loc=1.0, std=0.5).requires_grad_()
+    made = groupnorm.group_stats(_rand((2, 6, 3, 4), 72, loc=20.0), group_sizes=[4, 2])
+    fields = [
+        getattr(made, f).detach().clone().requires_grad_()
+        for f in ("pivot", "shifted_mean", "m2", "count")
+    ]
+    stats = GroupStats(*fields, plan=plan)
+    y, _ = _group_norm_on(backend, x, plan, w, stats=stats, activation="silu")
+    dy = _rand((2, 6, 3, 4), 73, loc=0.0, std=1.0)
+    y.backward(dy)
+
+    x64, w64, p64, s64, m64, n64 = (_leaf64(t) for t in (x, w, *fields))
+    y64 = _float64_group_norm(x64, plan.sizes, p64 + s64, m64 / n64, w64)
+    y64.backward(dy.double())
+    check(x.grad, to_numpy(x64.grad), torch.float32, what="dx")
+    check(w.grad, to_numpy(w64.grad), torch.float32, reduction=24, what="dweight")
+    for name, leaf, ref64 in zip(
+        ("pivot", "shifted_mean", "m2", "count"), fields, (p64, s64, m64, n64), strict=True
+    ):
+        check(leaf.grad, to_numpy(ref64.grad), torch.float32, reduction=48, what=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", GRADIENT_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_regression_returned_statistics_are_differentiable_in_x(dtype, backend):
+    """Statistics out carry gradients to x through shifted_mean and m2 (the pivot is a detached
+    constant) on both backends, added to y's own gradient and rounded once, against float64
+    autograd; also when only the statistics enter the loss."""
+    plan = GroupPlan((4, 2))
+    x = _rand((2, 6, 3, 4), 74, loc=50.0, dtype=dtype).requires_grad_()
+    w = _rand((6,), 75, loc=1.0, std=0.5, dtype=dtype)
+    y, stats = _group_norm_on(backend, x, plan, w, activation="silu", return_stats=True)
+    a, b = (_rand((2, 2), seed, std=1.0) for seed in (76, 77))
+    dy = _rand((2, 6, 3, 4), 78, loc=0.0, std=1.0, dtype=dtype)
+    for with_y in (True, False):
+        x.grad = None
+        loss = (stats.shifted_mean * a).sum() + (stats.m2 * b).sum() * 1e-2
+        if with_y:
+            loss = loss + (y.float() * dy.float()).sum()
+        loss.backward(retain_graph=with_y)
+
+        x64 = _leaf64(x)
+        index = torch.tensor([0, 0, 0, 0, 1, 1])
+        pivot = x64.detach()[:, [0, 4], 0, 0]
+        groups = [x64[:, index == g].reshape(2, -1) for g in range(2)]
+        mean = torch.stack([v.mean(1) for v in groups], 1)
+        m2 = torch.stack([((v - v.mean(1, keepdim=True)) ** 2).sum(1) for v in groups], 1)
+        loss64 = ((mean - pivot) * a.double()).sum() + (m2 * b.double()).sum() * 1e-2
+        if with_y:
+            counts = torch.tensor([48.0, 24.0], dtype=torch.float64)
+            y64 = _float64_group_norm(x64, plan.sizes, mean, m2 / counts, w.double())
+            loss64 = loss64 + (y64 * dy.double()).sum()
+        loss64.backward()
+        check(x.grad, to_numpy(x64.grad), dtype, reduction=48, what=f"dx (y in the loss: {with_y})")
+
+
 @pytest.mark.parametrize("regime", REGIMES)
 def test_backward_op_keeps_channels_last(regime):
     """The backward op writes dx in x's layout (no copy), whatever dy's layout."""
@@ -605,6 +697,7 @@ def test_backward_op_keeps_channels_last(regime):
         None,
         False,
         regime,
+        False,
     )[0]
     assert dx.is_contiguous(memory_format=torch.channels_last)
 
@@ -622,7 +715,16 @@ def test_opcheck_forward_and_backward_ops():
         (x, w, None, scale, None, [4, 2], 1e-5, "silu", None, None, None, None, "split"),
     )
     _, pivot, smean, _, _, rstd = group_norm_fwd_op(
-        x.detach(), w, None, scale, None, [4, 2], 1e-5, "silu", None, None, None, None, "fused"
+        x.detach(),
+        w.detach(),
+        None,
+        scale.detach(),
+        None,
+        [4, 2],
+        1e-5,
+        "silu",
+        *[None] * 4,
+        "fused",
     )
     # The backward op is not itself differentiable (no double backward): plain inputs.
     torch.library.opcheck(
@@ -641,6 +743,7 @@ def test_opcheck_forward_and_backward_ops():
             "silu",
             False,
             "fused",
+            True,
         ),
     )
 

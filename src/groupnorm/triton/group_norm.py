@@ -28,7 +28,8 @@ Backward, recomputing x_hat and u from x and the saved fp32 (pivot, shifted_mean
     wc    = w * (1 + scale);  dx_hat = du * wc
     mean_dxhat = sum_c wc * B / count,  mean_dxhat_xhat = sum_c wc * A / count
     dx    = rstd * (dx_hat - mean_dxhat - x_hat * mean_dxhat_xhat)
-    (with statistics given by the caller they are constants: dx = rstd * dx_hat)
+    (with statistics given by the caller: dx = rstd * dx_hat, and the statistics get their own
+    gradients, see the autograd section)
 
 Reductions: every sum is a fixed-shape tile reduction (tl.sum) or a sequential loop; partials
 live in fp32 buffers and are reduced in a fixed order: no atomics, bitwise deterministic.
@@ -1139,13 +1140,15 @@ def _backward(
     activation: str | None,
     stats_given: bool,
     regime: str,
+    dx_float32: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward; returns (dx, dweight, dbias, dscale, dshift), (0,) where absent."""
+    """Launch the backward; returns (dx, dweight, dbias, dscale, dshift), (0,) where absent.
+    dx is in x's dtype, or float32 when ``dx_float32`` (for gradients still to be added)."""
     _check_inputs(x, sizes, weight, bias, scale, shift, dy)
     weight, bias, scale, shift = (_param(t) for t in (weight, bias, scale, shift))
     xv, (sxN, sxC, sxL) = _flat_view(x)
     dyv, dys = _flat_view(dy)
-    dx = torch.empty_like(xv)
+    dx = torch.empty_like(xv, dtype=torch.float32 if dx_float32 else xv.dtype)
     dxs = _flat_strides(dx)
     assert dxs is not None
     grads = [_empty_or(t, x.device) for t in (weight, bias, scale, shift)]
@@ -1261,7 +1264,7 @@ def group_norm_fwd_op(
     regime: str,
 ) -> _Stats6:
     """(y, pivot, shifted_mean, m2, count, rstd); the statistics are (N, G) fp32. With the four
-    stats_* given, x is normalized with them (they are constants for autograd)."""
+    stats_* given, x is normalized with them."""
     given = None
     if (
         stats_pivot is not None
@@ -1312,8 +1315,10 @@ def group_norm_bwd_op(
     activation: Optional[str],  # noqa: UP045
     stats_given: bool,
     regime: str,
+    dx_float32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias, dscale, dshift); a (0,) tensor stands for an absent parameter."""
+    """(dx, dweight, dbias, dscale, dshift); a (0,) tensor stands for an absent parameter; dx
+    in float32 when ``dx_float32``, else in x's dtype."""
     dx, dw, db, dscale, dshift = _backward(
         dy,
         x,
@@ -1328,6 +1333,7 @@ def group_norm_bwd_op(
         activation,
         stats_given,
         regime,
+        dx_float32,
     )
     return dx, dw, db, dscale, dshift
 
@@ -1347,6 +1353,7 @@ def _(
     activation,
     stats_given,
     regime,
+    dx_float32,
 ):
     def like(t):
         return (
@@ -1355,49 +1362,113 @@ def _(
             else torch.empty_like(t, memory_format=torch.contiguous_format)
         )
 
-    return (torch.empty_like(_flat_view(x)[0]), *(like(t) for t in (weight, bias, scale, shift)))
+    xv = _flat_view(x)[0]
+    dx = torch.empty_like(xv, dtype=torch.float32 if dx_float32 else xv.dtype)
+    return (dx, *(like(t) for t in (weight, bias, scale, shift)))
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd: y depends on x, weight, bias, scale, shift; statistics outputs and given statistics
-# are not differentiated (given statistics are constants: dx = rstd * dx_hat then).
+# autograd: y depends on x, weight, bias, scale, shift and on given statistics; the statistics
+# it returns depend on x (shifted_mean and m2; pivot, count and rstd are constants), as on the
+# torch backend, whose pivot is detached. With u = dL/dx_hat and dx = rstd * u per element, a
+# group's given statistics (mean = pivot + shifted_mean, var = m2 / count) get
+#     dL/dmean = -sum(dx),   dL/dvar = -rstd^2 / 2 * sum(dx * (x - mean))
+# and returned ones add  dL/dshifted_mean / count + 2 dL/dm2 * (x - mean)  to dx.
+# Both take float32 reductions over x after the kernel (only when such a gradient is asked for).
 # ----------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=256)
+def _plan(sizes: tuple[int, ...]) -> GroupPlan:
+    return GroupPlan(sizes)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, scale, shift, sizes, _, activation, stats_pivot, *_, regime = inputs
+    x, weight, bias, scale, shift, sizes, _, activation, *given, regime = inputs
     _, pivot, smean, m2, count, rstd = output
-    ctx.save_for_backward(x, weight, bias, scale, shift, pivot, smean, rstd)
+    ctx.stats_given = given[0] is not None
+    if ctx.stats_given:  # the statistics that made rstd, for dL/dm2 and dL/dcount
+        m2, count = given[2], given[3]
+        ctx.mark_non_differentiable(*output[1:])
+    else:
+        ctx.mark_non_differentiable(pivot, count, rstd)
+    ctx.save_for_backward(x, weight, bias, scale, shift, pivot, smean, rstd, m2, count)
     ctx.sizes, ctx.activation, ctx.regime = sizes, activation, regime
-    ctx.stats_given = stats_pivot is not None
-    ctx.mark_non_differentiable(pivot, smean, m2, count, rstd)
+    ctx.set_materialize_grads(False)
 
 
-def _backward_fn(ctx, dy, *_):
-    x, weight, bias, scale, shift, pivot, smean, rstd = ctx.saved_tensors
-    dx, dw, db, dscale, dshift = group_norm_bwd_op(
-        dy,
-        x,
-        weight,
-        bias,
-        scale,
-        shift,
-        ctx.sizes,
-        pivot,
-        smean,
-        rstd,
-        ctx.activation,
-        ctx.stats_given,
-        ctx.regime,
-    )
+def _statistics_grads(
+    x: torch.Tensor,
+    dx: torch.Tensor,
+    plan: GroupPlan,
+    pivot: torch.Tensor,
+    smean: torch.Tensor,
+    rstd: torch.Tensor,
+    m2: torch.Tensor,
+    count: torch.Tensor,
+    d_smean: torch.Tensor | None,
+    d_m2: torch.Tensor | None,
+    given: bool,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """dx (float32, in place) plus what reaches x through returned statistics, and the gradients
+    of given (pivot, shifted_mean, m2, count), all (N, G) float32 (None unless ``given``)."""
+    from groupnorm.backends.torch_ops import _expand, _group_sum, _per_channel
+
+    def spread(v: torch.Tensor) -> torch.Tensor:  # (N, G) -> (N, C, 1, ...)
+        return _expand(_per_channel(v, plan), x.dim())
+
+    # x - mean as (x - pivot) - shifted_mean: no cancellation at a large offset.
+    xc = (x.float() - spread(pivot)).sub_(spread(smean))
+    dims = tuple(range(2, x.dim()))
+    stats_grads = None
+    if given:
+        s1 = _group_sum(dx.sum(dims) if dims else dx, plan)
+        s2 = _group_sum((dx * xc).sum(dims) if dims else dx * xc, plan)
+        d_mean, d_var = -s1, -0.5 * rstd * rstd * s2
+        stats_grads = (d_mean, d_mean, d_var / count, -d_var * m2 / (count * count))
+    if d_smean is not None:
+        dx.add_(spread(d_smean / count))
+    if d_m2 is not None:
+        dx.add_(xc.mul_(spread(2 * d_m2)))
+    return dx, stats_grads
+
+
+def _backward_fn(ctx, dy, _pivot, d_smean, d_m2, *_):
+    x, weight, bias, scale, shift, pivot, smean, rstd, m2, count = ctx.saved_tensors
     need = ctx.needs_input_grad
+    given = ctx.stats_given and any(need[8:12])
+    exact = given or d_smean is not None or d_m2 is not None
+    params = (weight, bias, scale, shift)
+    if dy is None:
+        dx = torch.zeros_like(x, dtype=torch.float32)
+        pgrads: tuple[torch.Tensor | None, ...] = (None,) * 4
+    else:
+        dx, *pgrads = group_norm_bwd_op(
+            dy,
+            x,
+            *params,
+            ctx.sizes,
+            pivot,
+            smean,
+            rstd,
+            ctx.activation,
+            ctx.stats_given,
+            ctx.regime,
+            exact,
+        )
+    stats_grads: tuple[torch.Tensor | None, ...] = (None,) * 4
+    if exact:
+        dx, sg = _statistics_grads(
+            x, dx, _plan(tuple(ctx.sizes)), pivot, smean, rstd, m2, count, d_smean, d_m2, given
+        )
+        dx = dx.to(x.dtype)
+        if sg is not None:
+            stats_grads = tuple(g if need[8 + i] else None for i, g in enumerate(sg))
     grads = [
         g if t is not None and need[i + 1] else None
-        for i, (g, t) in enumerate(
-            zip((dw, db, dscale, dshift), (weight, bias, scale, shift), strict=True)
-        )
+        for i, (g, t) in enumerate(zip(pgrads, params, strict=True))
     ]
-    return (dx if need[0] else None, *grads) + (None,) * 8
+    return (dx if need[0] else None, *grads, None, None, None, *stats_grads, None)
 
 
 group_norm_fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
@@ -1427,7 +1498,8 @@ def group_norm_triton(
     y = act((x_hat * weight + bias) * (1 + scale) + shift), y in x's dtype and memory format.
     Arguments as in :func:`groupnorm.group_norm` (already validated there); ``regime``
     ("auto" | "fused" | "split") forces a launch regime (see ``heuristics``). Differentiable in
-    x, weight, bias, scale and shift; given ``stats`` are constants for autograd.
+    x, weight, bias, scale, shift and given ``stats``; returned statistics are differentiable
+    in x (their shifted_mean and m2), as on the torch backend.
 
     Autocast: the op has no autocast rule, so it runs in x's own dtype (statistics in float32
     either way) where torch's group_norm would be cast to float32. CUDA graphs: the first call
@@ -1441,4 +1513,6 @@ def group_norm_triton(
     )
     if not return_stats:
         return y, None
+    if stats is not None:
+        return y, stats
     return y, GroupStats(pivot, smean, m2, count, plan=plan)

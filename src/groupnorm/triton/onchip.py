@@ -230,7 +230,8 @@ def _gn_bwd_onchip_kernel(
     A[c] = sum_l du x_hat, B[c] = sum_l du (stored for the parameter gradients when
     WRITE_SUMS), wc = w (1 + scale), per group mean_dxhat = sum_c wc B / count,
     mean_dxhat_xhat = sum_c wc A / count, dx = rstd (du wc - mean_dxhat - x_hat mean_dxhat_xhat)
-    (statistics given by the caller are constants: dx = rstd du wc)."""
+    (with statistics given by the caller: dx = rstd du wc; their own gradients are formed
+    after the kernel, see group_norm.py)."""
     n, g0, c_lo, c, cmask, gl, first, gsize = _run(OFFS, GIDX, G, R, CG, GPP, BLOCK_C)
     pos = tl.arange(0, BLOCK_L)
     mask = cmask[:, None] & (pos < L)[None, :]
