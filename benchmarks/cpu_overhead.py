@@ -11,16 +11,14 @@ alternate (groupnorm.bench.time_pair); the table gives medians and the differenc
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from cpu_standard import save, small_input_args
+from cpu_standard import per_call_us, save, small_input_args
 from torch import nn
 
 import groupnorm
-from groupnorm import bench
 
 SHAPES: list[tuple[int, ...]] = [(2, 64, 8, 8), (2, 1280, 8, 8), (8, 64, 32, 32)]
 G = 32
@@ -50,11 +48,7 @@ def run() -> list[dict]:
         with torch.no_grad():
             for api, (ours, theirs) in _pairs(x, ours_m, torch_m).items():
                 torch.testing.assert_close(ours(), theirs(), rtol=0, atol=0)
-                t_ours, t_torch = bench.time_pair(
-                    bench.batched(ours, CALLS), bench.batched(theirs, CALLS), SAMPLES
-                )
-                us_ours = statistics.median(t_ours) / CALLS * 1e6
-                us_torch = statistics.median(t_torch) / CALLS * 1e6
+                us_ours, us_torch = per_call_us(ours, theirs, CALLS, SAMPLES)
                 rows.append(
                     {
                         "shape": list(shape),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -86,6 +87,19 @@ def run(quick: bool) -> list[dict]:
 def save(out: Path, benchmark: str, rows: list[dict]) -> None:
     """Write the rows with the shared harness's metadata (groupnorm.bench) and say where."""
     print(f"wrote {bench.save_results(out, bench.environment(benchmark), rows)}")
+
+
+def per_call_us(
+    ours: Callable[[], object], theirs: Callable[[], object], calls: int, samples: int
+) -> tuple[float, float]:
+    """Median microseconds per call of ours and theirs, batches of ``calls`` alternating."""
+    t_ours, t_theirs = bench.time_pair(
+        bench.batched(ours, calls), bench.batched(theirs, calls), samples
+    )
+    return (
+        statistics.median(t_ours) / calls * 1e6,
+        statistics.median(t_theirs) / calls * 1e6,
+    )
 
 
 def small_input_args(doc: str) -> argparse.Namespace:

@@ -35,12 +35,14 @@ Reductions: every sum is a fixed-shape tile reduction (tl.sum) or a sequential l
 live in fp32 buffers and are reduced in a fixed order: no atomics, bitwise deterministic.
 """
 
+import math
 from functools import lru_cache
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from groupnorm.activations import triton_code
 from groupnorm.groups import GroupPlan
@@ -877,8 +879,19 @@ def _gn_bwd_param_kernel(
 
 def _flat_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
     """(sN, sC, sL) when t's positions are one index l with a single stride, else None."""
-    sN, sC = t.stride(0), t.stride(1)
-    dims = [(s, st) for s, st in zip(t.shape[2:], t.stride()[2:], strict=True) if s != 1]
+    shape, strides = t.shape, t.stride()
+    try:
+        return _flat_strides_of(shape, strides)
+    except TypeError:  # symbolic sizes (a dynamic-shape trace's fake tensors) do not hash
+        return _flat_strides_of.__wrapped__(shape, strides)
+
+
+@lru_cache(maxsize=1024)
+def _flat_strides_of(
+    shape: tuple[int, ...], strides: tuple[int, ...]
+) -> tuple[int, int, int] | None:
+    sN, sC = strides[0], strides[1]
+    dims = [(s, st) for s, st in zip(shape[2:], strides[2:], strict=True) if s != 1]
     if not dims:
         return sN, sC, 1
     for (_, outer), (size, inner) in zip(dims, dims[1:], strict=False):
@@ -901,13 +914,8 @@ def _flat_view(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return x, strides
 
 
-def _max_offset(t: torch.Tensor) -> int:
-    return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True))
-
-
-def _needs_int64(*tensors: torch.Tensor) -> bool:
-    """True when an element offset of one of the tensors does not fit in int32."""
-    return any(_max_offset(t) > _INT32_MAX for t in tensors)
+def _max_offset(shape: tuple[int, ...], strides: tuple[int, ...]) -> int:
+    return sum((s - 1) * abs(st) for s, st in zip(shape, strides, strict=True))
 
 
 @lru_cache(maxsize=256)
@@ -939,40 +947,97 @@ def _channels_fast(strides: tuple[int, int, int]) -> bool:
     return strides[1] == 1 and strides[2] != 1
 
 
-def _config(
-    x: torch.Tensor,
+class _Launch(NamedTuple):
+    """What one call's launches need besides its tensors: a pure function of shapes, strides,
+    dtypes, the plan and the options, so it is decided once per such signature (a call on a
+    small tensor is otherwise dominated by these decisions)."""
+
+    cfg: LaunchConfig
+    programs: int  # on-chip programs per sample (R); 1 in the other regimes
+    onchip: dict[str, Any]  # the on-chip kernels' own options
+    flags: dict[str, Any]  # options every kernel of the call takes
+    has: dict[str, bool]  # which of weight, bias, scale, shift are given
+    offs: torch.Tensor  # (G + 1,) int32 channel offsets of the groups
+    group_index: torch.Tensor  # (C,) int32 group of each channel
+
+
+@lru_cache(maxsize=1024)
+def _launch(
+    direction: str,
+    shape: tuple[int, ...],
     strides: tuple[int, int, int],
+    dy_strides: tuple[int, int, int] | None,
+    full: tuple[tuple[int, ...], ...],
+    elem_bytes: int,
+    device: torch.device,
     sizes: tuple[int, ...],
     regime: str,
-    direction: str = "fwd",
-    unit_stride: bool = True,
-) -> LaunchConfig:
-    L = x[0, 0].numel() if x.shape[0] else 1
-    return choose_config(
-        x.shape[0],
-        L,
+    has: tuple[bool, bool, bool, bool],
+    act: int,
+) -> _Launch:
+    """The launch for x of ``shape`` with flat ``strides`` (sN, sC, sL) (and dy's, backward);
+    ``full``: the strides of every tensor the kernels index, which decide int64 offsets."""
+    N = shape[0]
+    unit = _unit_stride(strides) and (dy_strides is None or _unit_stride(dy_strides))
+    cfg = choose_config(
+        N,
+        math.prod(shape[2:]) if N else 1,
         max(sizes),
         len(sizes),
         _channels_fast(strides),
-        _sm_count(x.device),
+        _sm_count(device),
         regime,
         even=min(sizes) == max(sizes),
-        elem_bytes=x.element_size(),
+        elem_bytes=elem_bytes,
         direction=direction,
-        unit_stride=unit_stride and _unit_stride(strides),
+        unit_stride=unit,
     )
-
-
-def _onchip_options(
-    cfg: LaunchConfig, sizes: tuple[int, ...], strides: tuple[int, int, int]
-) -> tuple[int, dict]:
-    """Programs per sample R and the launch options shared by the on-chip kernels."""
+    int64 = any(_max_offset(shape, st) > _INT32_MAX for st in full)
+    named = dict(zip(("HAS_W", "HAS_B", "HAS_SCALE", "HAS_SHIFT"), has, strict=True))
+    flags = dict(named, ACT=act, BLOCK_C=cfg.block_c, BLOCK_L=cfg.block_l, IDX64=int64)
     even = min(sizes) == max(sizes)
-    return -(-len(sizes) // cfg.groups_per_program), dict(
+    onchip = dict(
         CG=sizes[0] if even else 0,
         GPP=cfg.groups_per_program,
         CHANNELS_LAST=_channels_fast(strides),
         num_warps=cfg.num_warps,
+    )
+    programs = -(-len(sizes) // cfg.groups_per_program)
+    return _Launch(
+        cfg,
+        programs,
+        onchip,
+        flags,
+        named,
+        _offsets_tensor(sizes, device),
+        _group_index_tensor(sizes, device),
+    )
+
+
+def _launch_of(
+    direction: str,
+    xv: torch.Tensor,
+    strides: tuple[int, int, int],
+    dy_strides: tuple[int, int, int] | None,
+    others: tuple[torch.Tensor, ...],
+    sizes: tuple[int, ...],
+    regime: str,
+    params: tuple[torch.Tensor | None, ...],
+    activation: str | None,
+) -> _Launch:
+    """:func:`_launch` for these tensors (x, then ``others``: y, or dy and dx)."""
+    return _launch(
+        direction,
+        tuple(xv.shape),
+        strides,
+        dy_strides,
+        (xv.stride(), *(t.stride() for t in others)),
+        xv.element_size(),
+        xv.device,
+        sizes,
+        regime,
+        tuple(t is not None for t in params),  # type: ignore[arg-type]
+        triton_code(activation),
     )
 
 
@@ -997,6 +1062,8 @@ def _param(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _stat_buffers(x: torch.Tensor, G: int) -> list[torch.Tensor]:
+    """(pivot, shifted_mean, m2, count, rstd), each (N, G) float32. Five allocations, not views
+    of one: a custom op's outputs must not alias each other."""
     return [torch.empty((x.shape[0], G), dtype=torch.float32, device=x.device) for _ in range(5)]
 
 
@@ -1024,30 +1091,21 @@ def _forward(
     pivot, smean, m2, count, rstd = _stat_buffers(x, G)
     if N == 0:
         return y, pivot, smean, m2, count, rstd
-    L = x[0, 0].numel()
-    cfg = _config(xv, (sxN, sxC, sxL), sizes, regime)
-    offs = _offsets_tensor(sizes, x.device)
+    L = math.prod(x.shape[2:])
+    epilogue = (weight, bias, scale, shift)
+    plan = _launch_of("fwd", xv, (sxN, sxC, sxL), None, (y,), sizes, regime, epilogue, activation)
+    cfg, offs, flags = plan.cfg, plan.offs, plan.flags
     dummy = xv
-    flags = dict(
-        HAS_W=weight is not None,
-        HAS_B=bias is not None,
-        HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None,
-        ACT=triton_code(activation),
-        BLOCK_C=cfg.block_c,
-        BLOCK_L=cfg.block_l,
-        IDX64=_needs_int64(xv, y),
-    )
-    params = tuple(dummy if t is None else t for t in (weight, bias, scale, shift))
+    params = tuple(dummy if t is None else t for t in epilogue)
     strides = (sxN, sxC, sxL, *ys)
     if stats is None and cfg.regime == "onchip":
-        R, onchip = _onchip_options(cfg, sizes, (sxN, sxC, sxL))
+        R = plan.programs
         _gn_fwd_onchip_kernel[(N * R,)](
             xv,
             y,
             *params,
             offs,
-            _group_index_tensor(sizes, x.device),
+            plan.group_index,
             pivot,
             smean,
             m2,
@@ -1059,7 +1117,7 @@ def _forward(
             R,
             *strides,
             eps,
-            **onchip,
+            **plan.onchip,
             **flags,
         )
         return y, pivot, smean, m2, count, rstd
@@ -1158,37 +1216,27 @@ def _backward(
         for t in grads:
             t.zero_()
         return (dx, *grads)
-    L = x[0, 0].numel()
-    cfg = _config(xv, (sxN, sxC, sxL), sizes, regime, "bwd", _unit_stride(dys))
-    offs = _offsets_tensor(sizes, x.device)
-    params = tuple(xv if t is None else t for t in (weight, bias, scale, shift))
-    has = dict(
-        HAS_W=weight is not None,
-        HAS_B=bias is not None,
-        HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None,
+    L = math.prod(x.shape[2:])
+    epilogue = (weight, bias, scale, shift)
+    plan = _launch_of(
+        "bwd", xv, (sxN, sxC, sxL), dys, (dyv, dx), sizes, regime, epilogue, activation
     )
-    flags = dict(
-        has,
-        ACT=triton_code(activation),
-        BLOCK_C=cfg.block_c,
-        BLOCK_L=cfg.block_l,
-        IDX64=_needs_int64(xv, dyv, dx),
-    )
+    cfg, offs, flags, has = plan.cfg, plan.offs, plan.flags, plan.has
+    params = tuple(xv if t is None else t for t in epilogue)
     stats = (pivot.contiguous(), smean.contiguous(), rstd.contiguous())
     sums = [torch.empty((N, C), dtype=torch.float32, device=x.device) for _ in range(2)]
     strides = (C, G, L, sxN, sxC, sxL, *dys)
     K = cfg.chunks
     fused = cfg.regime == "fused"
     if cfg.regime == "onchip":
-        R, onchip = _onchip_options(cfg, sizes, (sxN, sxC, sxL))
+        R = plan.programs
         _gn_bwd_onchip_kernel[(N * R,)](
             xv,
             dyv,
             dx,
             *params,
             offs,
-            _group_index_tensor(sizes, x.device),
+            plan.group_index,
             *stats,
             *sums,
             C,
@@ -1203,7 +1251,7 @@ def _backward(
             STATS_GIVEN=stats_given,
             WRITE_SUMS=any(has.values()),
             DY_CHANNELS_LAST=_channels_fast(dys),
-            **onchip,
+            **plan.onchip,
             **flags,
         )
     elif fused:
@@ -1443,11 +1491,14 @@ def _backward_fn(ctx, dy, _pivot, d_smean, d_m2, *_):
         dx = torch.zeros_like(x, dtype=torch.float32)
         pgrads: tuple[torch.Tensor | None, ...] = (None,) * 4
     else:
-        dx, *pgrads = group_norm_bwd_op(
+        # The op where a graph is recorded (compile, make_fx), a direct launch in eager autograd.
+        eager = _eager(dy)
+        bwd = _backward if eager else group_norm_bwd_op
+        dx, *pgrads = bwd(
             dy,
             x,
             *params,
-            ctx.sizes,
+            tuple(ctx.sizes) if eager else list(ctx.sizes),
             pivot,
             smean,
             rstd,
@@ -1472,6 +1523,40 @@ def _backward_fn(ctx, dy, _pivot, d_smean, d_m2, *_):
 
 
 group_norm_fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
+
+
+class _EagerGroupNorm(torch.autograd.Function):
+    """The op's forward and autograd without the custom-op machinery, for eager calls: its
+    dispatch cost several times nn.GroupNorm's whole call on a small tensor. Old-style (ctx in
+    forward): with a separate setup_context, apply binds the arguments by inspect.signature."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # type: ignore[override]
+        x, weight, bias, scale, shift, sizes, eps, activation, *given, regime = inputs
+        fields = None if given[0] is None else tuple(given)
+        output = _forward(x, weight, bias, scale, shift, sizes, eps, activation, fields, regime)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    # No double backward, as with the op: raise rather than return zero second derivatives.
+    backward = staticmethod(once_differentiable(_backward_fn))  # type: ignore[assignment]
+
+
+def _eager(t: torch.Tensor) -> bool:
+    """Whether a call on t may launch directly: a plain tensor, no graph being recorded
+    (torch.compile, jit tracing, make_fx), no dispatch mode (fake tensors) and no functorch
+    transform (vmap, grad). Everything else goes through the custom op and its fake impl."""
+    return (
+        type(t) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch._C._len_torch_dispatch_stack()
+        and torch._C._functorch.peek_interpreter_stack() is None
+    )
+
+
+def _records_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1505,12 +1590,21 @@ def group_norm_triton(
     either way) where torch's group_norm would be cast to float32. CUDA graphs: the first call
     for a group plan on a device uploads the plan's offsets; capture after one eager call.
     """
-    given = (
-        (None,) * 4 if stats is None else (stats.pivot, stats.shifted_mean, stats.m2, stats.count)
-    )
-    y, pivot, smean, m2, count, _ = group_norm_fwd_op(
-        x, weight, bias, scale, shift, list(plan.sizes), float(eps), activation, *given, regime
-    )
+    fields = None if stats is None else (stats.pivot, stats.shifted_mean, stats.m2, stats.count)
+    given = (None,) * 4 if fields is None else fields
+    if not _eager(x):
+        outs = group_norm_fwd_op(
+            x, weight, bias, scale, shift, list(plan.sizes), float(eps), activation, *given, regime
+        )
+    elif _records_grad(x, weight, bias, scale, shift, *given):
+        outs = _EagerGroupNorm.apply(
+            x, weight, bias, scale, shift, plan.sizes, float(eps), activation, *given, regime
+        )
+    else:
+        outs = _forward(
+            x, weight, bias, scale, shift, plan.sizes, float(eps), activation, fields, regime
+        )
+    y, pivot, smean, m2, count, _ = outs
     if not return_stats:
         return y, None
     if stats is not None:
