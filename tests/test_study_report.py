@@ -115,4 +115,4 @@ def test_plan_is_seed_major_and_deduplicated() -> None:
     assert [s.seed for s in specs] == [0] * 15 + [1] * 15
     assert [s.batch for s in specs[:2]] == [2, 2]  # the longest runs start first
     quick = plan_runs(PRESETS["quick"])
-    assert len(quick) == 4 * 8
+    assert len(quick) == 3 * 8

@@ -226,7 +226,9 @@ PRESETS: dict[str, StudyConfig] = {
     "quick": StudyConfig(
         train_size=8000,
         arms={"bn": (32, 8, 2), "gn": (32, 8, 2), "ln": (32,), "in": (32,)},
-        seeds=(0, 1, 2, 3),
+        # Three seeds: four took 18.5 minutes on 2 idle cores of this machine, over the 15
+        # the preset is for; its runs are deterministic, so seeds 0-2 are the same as before.
+        seeds=(0, 1, 2),
         train=_QUICK_RECIPE,
     ),
     "tiny": StudyConfig(
