@@ -732,29 +732,14 @@ def test_opcheck_forward_and_backward_ops():
         group_norm_fwd_op,
         (x, w, None, scale, None, [4, 2], 1e-5, "silu", None, None, None, None, "split"),
     )
-    _, pivot, smean, _, _, rstd = group_norm_fwd_op(
-        x.detach(),
-        w.detach(),
-        None,
-        scale.detach(),
-        None,
-        [4, 2],
-        1e-5,
-        "silu",
-        *[None] * 4,
-        "fused",
-    )
     # The backward op is not itself differentiable (no double backward): plain inputs.
+    plain = (x.detach(), w.detach(), None, scale.detach(), None, [4, 2])
+    _, pivot, smean, _, _, rstd = group_norm_fwd_op(*plain, 1e-5, "silu", *[None] * 4, "fused")
     torch.library.opcheck(
         group_norm_bwd_op,
         (
             _rand((2, 6, 3, 4), 64),
-            x.detach(),
-            w.detach(),
-            None,
-            scale.detach(),
-            None,
-            [4, 2],
+            *plain,
             pivot,
             smean,
             rstd,

@@ -919,16 +919,20 @@ def _max_offset(shape: tuple[int, ...], strides: tuple[int, ...]) -> int:
 
 
 @lru_cache(maxsize=256)
+def _plan(sizes: tuple[int, ...]) -> GroupPlan:
+    """The plan of ``sizes``: the op and the kernels carry sizes, the helpers take plans."""
+    return GroupPlan(sizes)
+
+
+@lru_cache(maxsize=256)
 def _offsets_tensor(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    plan = GroupPlan(sizes)
-    return torch.tensor(plan.offsets, dtype=torch.int32, device=device)
+    return torch.tensor(_plan(sizes).offsets, dtype=torch.int32, device=device)
 
 
 @lru_cache(maxsize=256)
 def _group_index_tensor(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Group of each channel (C,) int32: the on-chip kernels' map for uneven plans."""
-    index = [g for g, size in enumerate(sizes) for _ in range(size)]
-    return torch.tensor(index, dtype=torch.int32, device=device)
+    return torch.tensor(_plan(sizes).channel_group, dtype=torch.int32, device=device)
 
 
 @lru_cache(maxsize=16)
@@ -972,13 +976,14 @@ def _launch(
     device: torch.device,
     sizes: tuple[int, ...],
     regime: str,
-    has: tuple[bool, bool, bool, bool],
+    has: tuple[bool, ...],
     act: int,
 ) -> _Launch:
     """The launch for x of ``shape`` with flat ``strides`` (sN, sC, sL) (and dy's, backward);
     ``full``: the strides of every tensor the kernels index, which decide int64 offsets."""
     N = shape[0]
     unit = _unit_stride(strides) and (dy_strides is None or _unit_stride(dy_strides))
+    even = min(sizes) == max(sizes)
     cfg = choose_config(
         N,
         math.prod(shape[2:]) if N else 1,
@@ -987,7 +992,7 @@ def _launch(
         _channels_fast(strides),
         _sm_count(device),
         regime,
-        even=min(sizes) == max(sizes),
+        even=even,
         elem_bytes=elem_bytes,
         direction=direction,
         unit_stride=unit,
@@ -995,7 +1000,6 @@ def _launch(
     int64 = any(_max_offset(shape, st) > _INT32_MAX for st in full)
     named = dict(zip(("HAS_W", "HAS_B", "HAS_SCALE", "HAS_SHIFT"), has, strict=True))
     flags = dict(named, ACT=act, BLOCK_C=cfg.block_c, BLOCK_L=cfg.block_l, IDX64=int64)
-    even = min(sizes) == max(sizes)
     onchip = dict(
         CG=sizes[0] if even else 0,
         GPP=cfg.groups_per_program,
@@ -1036,7 +1040,7 @@ def _launch_of(
         xv.device,
         sizes,
         regime,
-        tuple(t is not None for t in params),  # type: ignore[arg-type]
+        tuple(t is not None for t in params),
         triton_code(activation),
     )
 
@@ -1426,11 +1430,6 @@ def _(
 # ----------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=256)
-def _plan(sizes: tuple[int, ...]) -> GroupPlan:
-    return GroupPlan(sizes)
-
-
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, scale, shift, sizes, _, activation, *given, regime = inputs
     _, pivot, smean, m2, count, rstd = output
@@ -1468,10 +1467,13 @@ def _statistics_grads(
     # x - mean as (x - pivot) - shifted_mean: no cancellation at a large offset.
     xc = (x.float() - spread(pivot)).sub_(spread(smean))
     dims = tuple(range(2, x.dim()))
+
+    def group_sum(t: torch.Tensor) -> torch.Tensor:  # (N, C, ...) -> (N, G)
+        return _group_sum(t.sum(dims) if dims else t, plan)  # sum(()) would sum everything
+
     stats_grads = None
     if given:
-        s1 = _group_sum(dx.sum(dims) if dims else dx, plan)
-        s2 = _group_sum((dx * xc).sum(dims) if dims else dx * xc, plan)
+        s1, s2 = group_sum(dx), group_sum(dx * xc)
         d_mean, d_var = -s1, -0.5 * rstd * rstd * s2
         stats_grads = (d_mean, d_mean, d_var / count, -d_var * m2 / (count * count))
     if d_smean is not None:
