@@ -16,9 +16,10 @@ from torch import nn
 
 import groupnorm
 from groupnorm import dispatch
+from groupnorm.backends import torch_ops
 from groupnorm.functional import resolve_plan
 from groupnorm.stats import GroupStats
-from tests._inputs import make_x, rand, reference
+from tests._inputs import LAYOUTS, make_x, rand, reference
 from tests._tolerances import assert_matches
 
 # ---- drop-in module ----------------------------------------------------------------------------
@@ -167,6 +168,12 @@ def _eps_of_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return seen
 
 
+def _stats_cases(cases: list[tuple[torch.dtype, str, float, float]]) -> Any:
+    """Parametrize a test by (dtype, layout, loc, std)."""
+    ids = [f"{str(d)[6:]}-{layout}-mean{loc:g}" for d, layout, loc, _ in cases]
+    return pytest.mark.parametrize(("dtype", "layout", "loc", "std"), cases, ids=ids)
+
+
 # At a mean of 1e4 spreads of 1e-2 only float32 is judged: float64's own rounding of such a
 # mean (ulp 1.8e-12, times rstd 100) exceeds its 1e-12 bound in the reference itself.
 STATS_CASES = [
@@ -179,11 +186,7 @@ STATS_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("dtype", "layout", "loc", "std"),
-    STATS_CASES,
-    ids=[f"{str(d)[6:]}-{layout}-mean{loc:g}" for d, layout, loc, _ in STATS_CASES],
-)
+@_stats_cases(STATS_CASES)
 def test_statistics_in_and_out_match_float64(
     dtype: torch.dtype, layout: str, loc: float, std: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -209,6 +212,49 @@ def test_statistics_in_and_out_match_float64(
         assert_matches(got.mean, cache.mean, acc, what="mean")
         assert_matches(got.var, cache.var, acc, what="var")
         assert got.count.tolist() == [[90.0] * 4] * 2
+    for y in (y_out, y_in):
+        assert_matches(y, expected, dtype)
+        assert y.stride() == x.stride()
+
+
+UNEVEN_STATS_CASES = [
+    *[(d, layout, 0.5, 2.0) for d in (torch.float64, torch.float32) for layout in LAYOUTS],
+    *[(torch.float32, layout, 1e4, 1e-2) for layout in ("nchw", "channels_last")],
+]
+
+
+@_stats_cases(UNEVEN_STATS_CASES)
+def test_uneven_statistics_in_and_out_match_float64(
+    dtype: torch.dtype, layout: str, loc: float, std: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without autograd, an uneven plan's statistics out and ``group_stats`` come from sums of x
+    and x^2 (|mean| * rstd = 0.25 here); at a mean of 1e4 spreads of 1e-2 they decline and the
+    shifted path answers. Either way every statistic and y match float64, and the count is each
+    group's size times the positions."""
+    served: list[bool] = []
+    from_sums = torch_ops._from_sums
+
+    def spy(*args: Any) -> Any:
+        got = from_sums(*args)
+        served.append(got is not None)
+        return got
+
+    monkeypatch.setattr(torch_ops, "_from_sums", spy)
+    x = make_x((2, 10, 6, 5), dtype, layout, loc=loc, std=std)
+    w, b = rand((10,), dtype, 1), rand((10,), dtype, 2)
+    plan_kw: dict[str, Any] = {"num_groups": 4, "uneven": True}  # 3, 3, 2, 2
+    with torch.no_grad():
+        stats = groupnorm.group_stats(x, **plan_kw)
+        y_out, out_stats = groupnorm.group_norm(
+            x, weight=w, bias=b, activation="silu", return_stats=True, **plan_kw
+        )
+        y_in = groupnorm.group_norm(x, weight=w, bias=b, activation="silu", stats=stats, **plan_kw)
+    assert served[:2] == [loc < 100] * 2
+    expected, cache = reference(x, resolve_plan(10, **plan_kw), w, b, activation="silu")
+    for got in (stats, out_stats):
+        assert_matches(got.mean, cache.mean, dtype, what="mean")
+        assert_matches(got.var, cache.var, dtype, what="var")
+        assert got.count.tolist() == [[90.0, 90.0, 60.0, 60.0]] * 2
     for y in (y_out, y_in):
         assert_matches(y, expected, dtype)
         assert y.stride() == x.stride()

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import groupnorm
 from groupnorm import reference as R
+from groupnorm.backends import torch_ops
 from groupnorm.functional import resolve_plan
 from groupnorm.groups import GroupPlan
 from tests._inputs import LAYOUTS, make_x, rand, reference
@@ -297,19 +298,28 @@ def test_empty_batch(plan_kw: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("plan_kw", "native_calls"),
+    ("plan_kw", "offset", "grad", "native_calls", "sums"),
     [
-        ({"num_groups": 4}, 1),
-        ({"num_groups": 5, "uneven": True}, 2),  # 2 groups of 3, 3 of 2
-        ({"group_sizes": [1, 2, 1, 2, 1, 2, 3]}, 0),  # 7 runs: composite
+        ({"num_groups": 4}, 0.0, False, 1, False),
+        ({"num_groups": 5, "uneven": True}, 0.0, False, 0, True),  # 2 groups of 3, 3 of 2
+        ({"num_groups": 5, "uneven": True}, 0.0, True, 2, False),  # autograd: once per run
+        ({"num_groups": 5, "uneven": True}, 5.0, False, 2, True),  # past SUMS_TRUST: per run
+        ({"group_sizes": [1, 2, 1, 2, 1, 2, 3]}, 5.0, False, 0, True),  # 7 runs: composite
     ],
-    ids=["even", "uneven", "many_runs"],
+    ids=["even", "uneven_sums", "uneven_grad", "uneven_offset", "many_runs"],
 )
 def test_native_kernel_serves_plans_of_few_runs(
-    plan_kw: dict[str, Any], native_calls: int, monkeypatch: pytest.MonkeyPatch
+    plan_kw: dict[str, Any],
+    offset: float,
+    grad: bool,
+    native_calls: int,
+    sums: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Uneven plans run torch's kernel once per run of equal-size groups (an order of magnitude
-    faster on CPU than the composite path); the result still matches the reference."""
+    """Uneven plans take statistics from per-channel sums where autograd does not record and
+    ``|mean| * rstd <= SUMS_TRUST``; else torch's kernel once per run of equal-size groups (an
+    order of magnitude faster on CPU than the composite path), and past a few runs the
+    composite path. Every path matches the reference and keeps channels-last."""
     calls = []
     native = torch.native_group_norm
 
@@ -317,13 +327,57 @@ def test_native_kernel_serves_plans_of_few_runs(
         calls.append(args[0].shape)
         return native(*args)
 
+    sums_calls = []
+    sums_stats = torch_ops._sums_stats
+
+    def sums_spy(*args: Any) -> Any:
+        sums_calls.append(1)
+        return sums_stats(*args)
+
     monkeypatch.setattr(torch, "native_group_norm", spy)
-    x = make_x((2, 12, 5, 3), torch.float32, "channels_last")
+    monkeypatch.setattr(torch_ops, "_sums_stats", sums_spy)
+    x = (make_x((2, 12, 5, 3), torch.float32, "channels_last") + offset).requires_grad_(grad)
     w, b = torch.randn(12), torch.randn(12)
     y = groupnorm.group_norm(x, weight=w, bias=b, **plan_kw)
     assert len(calls) == native_calls
+    assert bool(sums_calls) == sums
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_matches(y, reference(x, resolve_plan(12, **plan_kw), w, b)[0], torch.float32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("shape", "G"),
+    [((2, 48, 32, 32), 32), ((1, 3, 512, 512), 2)],
+    ids=["groups_of_1_and_2", "262k_positions"],
+)
+def test_uneven_statistics_from_sums_near_their_trust_limit(
+    shape: tuple[int, ...],
+    G: int,
+    dtype: torch.dtype,
+    layout: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """|mean| * rstd = 1.8 +- 0.1 (SUMS_TRUST is 2): an uneven plan takes its statistics from
+    sums of x and x^2, whose variance loses (1 + ratio^2) times their relative error, and still
+    holds the unscaled bound; groups of one or two channels are its worst case (nothing
+    averages)."""
+    served = []
+    from_sums = torch_ops._uneven_from_sums
+
+    def spy(r: Any) -> Any:
+        served.append(from_sums(r) is not None)
+        return from_sums(r)
+
+    monkeypatch.setattr(torch_ops, "_uneven_from_sums", spy)
+    x = make_x(shape, dtype, layout, seed=3, loc=1.8, std=1.0)
+    w, b = rand((shape[1],), dtype, 1), rand((shape[1],), dtype, 2)
+    with torch.no_grad():
+        y = groupnorm.group_norm(x, G, w, b, uneven=True, activation="silu")
+    assert served == [True]
+    plan = resolve_plan(shape[1], G, uneven=True)
+    assert_matches(y, reference(x, plan, w, b, activation="silu")[0], dtype)
 
 
 # ---- numerics policy ---------------------------------------------------------------------------

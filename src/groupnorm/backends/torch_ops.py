@@ -19,8 +19,13 @@ makes y while it is at least eps, else from a call at eps = 0. y from given stat
 multiply-add on x itself while ``|mean| * rstd <= NATIVE_TRUST``, the form and error of torch's
 own kernel. Otherwise both take the shifted path above.
 
+Uneven plans on such a call (float32/float64 x) take their statistics from each channel's sums
+of x and x^2, merged per group in float64, while ``|mean| * rstd <= SUMS_TRUST``; y is then one
+multiply-add on x: no per-run kernel calls or copies of channel slices.
+
 Plans without statistics in or out call torch's native kernel, which is faster on CPU (an
-uneven plan once per run of equal-size groups, concatenated). On an eager CPU call its float32
+uneven plan, where the sums decline, once per run of equal-size groups, concatenated). On an
+eager CPU call its float32
 mean is trusted per (sample, group) only while ``|mean| * rstd`` stays under the layout's
 measured limit (``NATIVE_TRUST*``); samples past it are redone on the composite path. Any
 epilogue the kernel cannot apply itself (affine in another dtype, scale/shift, activation on a
@@ -313,7 +318,8 @@ def _native(r: Request) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _native_with_stats(r: Request) -> tuple[torch.Tensor, GroupStats] | None:
-    """y and its statistics from torch's kernel on an even plan, or None for the shifted path.
+    """y and its statistics from torch's kernel on an even plan (from sums of x and x^2 on an
+    uneven one, :func:`_from_sums`), or None for the shifted path.
 
     One call gives both while every group's ``var >= eps``: ``var = rstd^-2 - eps`` then loses
     at most a factor 2 of its relative accuracy to the subtraction. A group below eps takes the
@@ -321,8 +327,13 @@ def _native_with_stats(r: Request) -> tuple[torch.Tensor, GroupStats] | None:
     bias the kernel applies (its mean and rstd would be in x's dtype), whose y is then the
     multiply-add (within NATIVE_TRUST: at eps = 0 ``|mean| * rstd`` is only larger). A call
     whose mean is not trusted goes shifted without asking again: at eps = 0 it would not be."""
+    if not r.plan.is_even:
+        stats = _from_sums(r.x, r.plan, 0.0)
+        if stats is None:
+            return None
+        return _multiply_add(r, stats.mean, torch.rsqrt(stats.var + r.eps)), stats
     limit = _trust_limit(r.x)
-    if limit is None or not r.plan.is_even:
+    if limit is None:
         return None
     if r.x.dtype != accumulation_dtype(r.x.dtype) and _kernel_output_is_final(r):
         stats = _stats_native(r.x, r.plan)
@@ -397,13 +408,92 @@ def _sample_request(r: Request, rows: torch.Tensor) -> Request:
     )
 
 
+# |mean| * rstd up to which statistics from float sums of x and x^2 are trusted (the uneven
+# plans' path below). ``var = E[x^2] - mean^2`` loses (1 + ratio^2) times the sums' relative
+# error (a few ulp: torch's CPU sum is a cascade); measured against float64 on groups of one
+# or two channels (the worst: no averaging over channels), 4096 to 1M positions, both layouts:
+# 0.24 of the float32 tolerance at ratio 2, 0.45 at 3, 1.05 at 4 (with weight, bias and silu,
+# 0.13 at ratio 0 and 0.48 at 1.8: the test at the limit).
+SUMS_TRUST = 2.0
+
+
+def _sums_stats(x: torch.Tensor, plan: GroupPlan) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (N, G) mean and variance of a float32/float64 x (N, C, *S) from each channel's
+    sums of x and x^2 (one pass each, in x's own layout), merged per group:
+    ``mean = sum(x) / n``, ``var = max(sum(x^2) / n - mean^2, 0)``, n = group size * L.
+    Exact only while ``|mean| * rstd <= SUMS_TRUST``: the callers check."""
+    if x.dim() == 2:
+        s1, s2 = x, x * x
+    else:
+        dims = tuple(range(2, x.dim()))
+        s1, s2 = x.sum(dims), (x * x).sum(dims)
+    count = np.asarray(plan.sizes) * (x[0, 0].numel())
+    firsts = np.asarray(plan.offsets[:-1])
+    with np.errstate(invalid="ignore", over="ignore"):  # Inf and NaN fail the callers' check
+        mean = np.add.reduceat(s1.numpy().astype(np.float64), firsts, axis=1) / count
+        mean_sq = np.add.reduceat(s2.numpy().astype(np.float64), firsts, axis=1) / count
+        return mean, np.maximum(mean_sq - mean * mean, 0.0)
+
+
+def _sums_trusted(mean: np.ndarray, var: np.ndarray, eps: float) -> bool:
+    """Whether every (sample, group) has ``|mean| <= SUMS_TRUST * sqrt(var + eps)``; NaN and
+    Inf compare False, and at eps = 0 so does a constant group with a nonzero mean."""
+    with np.errstate(invalid="ignore"):
+        return bool(np.all(np.abs(mean) <= SUMS_TRUST * np.sqrt(var + eps)))
+
+
+def _from_sums(x: torch.Tensor, plan: GroupPlan, eps: float) -> GroupStats | None:
+    """Statistics of a float32/float64 x from :func:`_sums_stats` where they are trusted at
+    ``eps``, else None: kept as ``pivot`` = the float64 mean rounded to x's dtype,
+    ``shifted_mean`` = the rest, so the mean keeps float64's precision.
+
+    Callers make sure autograd records nothing: the sums leave torch for NumPy."""
+    if x.dtype not in _NUMPY_FLOATS or not x.numel():
+        return None
+    mean, var = _sums_stats(x, plan)
+    if not _sums_trusted(mean, var, eps):
+        return None
+    dtype = np.float32 if x.dtype == torch.float32 else np.float64
+    pivot = mean.astype(dtype)
+    count = np.asarray(plan.sizes, dtype=np.float64) * x[0, 0].numel()  # (G,)
+    pivot_t, shifted, m2, count_t = (
+        torch.from_numpy(np.array(v, dtype=dtype))
+        for v in (pivot, mean - pivot, var * count, np.broadcast_to(count, mean.shape))
+    )
+    return GroupStats(pivot_t, shifted, m2, count_t, plan=plan)
+
+
+def _uneven_from_sums(r: Request) -> torch.Tensor | None:
+    """An uneven plan without a per-run kernel call: statistics from :func:`_sums_stats`, then
+    one multiply-add on x (:func:`_multiply_add`); None where that is not exact or not served.
+
+    Serves float32/float64 x of any layout (no copies of channel slices) on a call autograd does
+    not record, when every (sample, group) has ``|mean| * rstd <= SUMS_TRUST`` (NaN fails): two
+    reductions and one multiply-add, faster than the per-run path and without its copies
+    (benchmarks/cpu_uneven.py)."""
+    x = r.x
+    if x.dtype not in _NUMPY_FLOATS or not x.numel() or _records_grad(r):
+        return None
+    mean, var = _sums_stats(x, r.plan)
+    if not _sums_trusted(mean, var, r.eps):
+        return None
+    with np.errstate(divide="ignore"):  # eps = 0 on a constant group: inf, as torch's kernel
+        rstd = 1.0 / np.sqrt(var + r.eps)
+    return _multiply_add(r, torch.from_numpy(mean).to(x.dtype), torch.from_numpy(rstd).to(x.dtype))
+
+
 def _native_checked(r: Request) -> torch.Tensor | None:
     """torch's kernel on the CPU, with samples whose statistics it cannot be trusted with redone
-    on the composite path; None when the kernel cannot serve x at all.
+    on the composite path; None when the kernel cannot serve x at all. Uneven plans try
+    :func:`_uneven_from_sums` first.
 
     The check is per (sample, group), elementwise: a NaN or Inf group compares False (it is
     NaN either way) and cannot switch the check off for the other groups.
     """
+    if not r.plan.is_even:
+        y = _uneven_from_sums(r)
+        if y is not None:
+            return y
     limit = _trust_limit(r.x)
     if limit is None or _half_epilogue_with_grad(r):
         return None
@@ -543,14 +633,21 @@ def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _stats_native(x: torch.Tensor, plan: GroupPlan) -> GroupStats | None:
     """Statistics from torch's kernel, or None: on an eager CPU call without autograd (the
     kernel's mean and rstd have no gradient), an even plan and a layout whose statistics the
-    kernel is trusted with, when every (sample, group) is trusted.
+    kernel is trusted with, when every (sample, group) is trusted. Uneven plans take them from
+    sums of x and x^2 under the same conditions (:func:`_from_sums`).
 
     eps = 0 makes rstd = 1 / std, so ``var = rstd^-2`` has no cancellation against eps, and
     ``|mean| * rstd`` within the layout's limit puts the mean within ~1e-6 of the spread of
     the exact one (see NATIVE_TRUST): kept as ``pivot = mean``, ``shifted_mean = 0``. A
     constant group (rstd = inf) or NaN fails the check. The kernel's y is discarded."""
-    if not plan.is_even or (x.requires_grad and torch.is_grad_enabled()) or not _reads_values(x):
+    if (
+        (x.requires_grad and torch.is_grad_enabled())
+        or forward_ad._current_level >= 0
+        or not _reads_values(x)
+    ):
         return None
+    if not plan.is_even:
+        return _from_sums(x, plan, 0.0)
     limit = _trust_limit(x)
     N, C = x.shape[:2]
     L = math.prod(x.shape[2:])
