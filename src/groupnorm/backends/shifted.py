@@ -13,8 +13,9 @@ cannot read values need: torch.compile, vmap, meta and fake tensors, make_fx, ON
 TorchScript, and devices where reading a value would stall the host. The subtraction costs one
 elementwise pass, which is why eager CPU calls check torch's own mean instead.
 
-A graph holds three ops more than ``F.group_norm``'s for an even plan: the pivot gather, its
-detach (only when x requires grad) and the subtraction; ``first`` is a constant.
+A graph holds three ops more than ``F.group_norm``'s: the pivot gather (``first`` is a
+constant), its detach (only when x requires grad) and the subtraction; under torch.compile an
+even plan's pivot is a strided slice and a repeat instead, four ops.
 
 Written in the TorchScript subset (no ``from __future__ import annotations``: TorchScript reads
 the annotations at runtime), so ``torch.jit.script`` compiles it from a module's forward.
@@ -46,16 +47,25 @@ def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape(shape)
 
 
-def _pivot(x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """(N, C, 1, ..., 1): the first element of each channel's group. Detached: the result is
-    mathematically independent of it, and its gradient would be rounding noise."""
+def _pivot(x: torch.Tensor, first: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, 1, ..., 1): the first element of each channel's group; ``size`` is the group size
+    of an even plan, 0 for an uneven one. Detached: the result is mathematically independent of
+    it, and its gradient would be rounding noise."""
     src = x.detach() if x.requires_grad else x
     if torch.jit.is_scripting():
         pivot = src.index_select(1, first)
         for d in range(2, x.dim()):
             pivot = pivot.narrow(d, 0, 1)
         return pivot
-    return src[(slice(None), first) + (slice(0, 1),) * (x.dim() - 2)]  # one op in a graph
+    spatial = (slice(0, 1),) * (x.dim() - 2)
+    if size and torch.compiler.is_compiling():
+        # Every size-th channel, repeated: inductor then reads the pivot at an affine index. A
+        # gather through `first` it inlines into each reduction as an indirect load per vector
+        # iteration (a compiled ResNet-20 training step: 58 vs 84 ms, eager 53-63 ms). One
+        # Dynamo op more; ATen graphs (make_fx, export) keep the gather, 6 ATen ops fewer.
+        every = src[(slice(None), slice(None, None, size)) + spatial]
+        return every.repeat_interleave(size, dim=1)
+    return src[(slice(None), first) + spatial]  # one op in a graph
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -82,7 +92,7 @@ def shifted_group_norm(
     (C,) or None; scale, shift: (N, C) or None. Returns x's dtype and layout.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    pivot = _pivot(x, first)
+    pivot = _pivot(x, first, runs[0][2] if len(runs) == 1 else 0)
     if pivot.dtype != acc:
         pivot = pivot.to(acc)
     w = _cast(weight, acc)
