@@ -364,13 +364,13 @@ def test_uneven_statistics_from_sums_near_their_trust_limit(
     holds the unscaled bound; groups of one or two channels are its worst case (nothing
     averages)."""
     served = []
-    from_sums = torch_ops._uneven_from_sums
+    from_sums = torch_ops._forward_from_sums
 
     def spy(r: Any) -> Any:
         served.append(from_sums(r) is not None)
         return from_sums(r)
 
-    monkeypatch.setattr(torch_ops, "_uneven_from_sums", spy)
+    monkeypatch.setattr(torch_ops, "_forward_from_sums", spy)
     x = make_x(shape, dtype, layout, seed=3, loc=1.8, std=1.0)
     w, b = rand((shape[1],), dtype, 1), rand((shape[1],), dtype, 2)
     with torch.no_grad():

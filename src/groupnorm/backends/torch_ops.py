@@ -19,19 +19,20 @@ makes y while it is at least eps, else from a call at eps = 0. y from given stat
 multiply-add on x itself while ``|mean| * rstd <= NATIVE_TRUST``, the form and error of torch's
 own kernel. Otherwise both take the shifted path above.
 
-Uneven plans on such a call (float32/float64 x) take their statistics from each channel's sums
-of x and x^2, merged per group in float64, while ``|mean| * rstd <= SUMS_TRUST``; y is then one
-multiply-add on x: no per-run kernel calls or copies of channel slices.
+Uneven plans on such a call (float32/float64 x), and layouts torch's kernel is not trusted
+with (channels-last past 64^2 positions, strided views), take their statistics from each
+channel's sums of x and x^2, merged per group in float64, while ``|mean| * rstd <=
+SUMS_TRUST``; y is then one multiply-add on x: no per-run kernel calls or copies of channel
+slices.
 
 Plans without statistics in or out call torch's native kernel, which is faster on CPU (an
 uneven plan, where the sums decline, once per run of equal-size groups, concatenated). On an
-eager CPU call its float32
-mean is trusted per (sample, group) only while ``|mean| * rstd`` stays under the layout's
-measured limit (``NATIVE_TRUST*``); samples past it are redone on the composite path. Any
-epilogue the kernel cannot apply itself (affine in another dtype, scale/shift, activation on a
-half-precision x) is computed from x and the kernel's float32 mean and rstd, and rounded once.
-Calls that cannot read tensor values (tracing, transforms, other devices) run the kernel on
-pivot-shifted input instead (:mod:`groupnorm.backends.shifted`).
+eager CPU call its float32 mean is trusted per (sample, group) only while ``|mean| * rstd``
+stays under the layout's measured limit (``NATIVE_TRUST*``); samples past it are redone on the
+composite path. Any epilogue the kernel cannot apply itself (affine in another dtype,
+scale/shift, activation on a half-precision x) is computed from x and the kernel's float32 mean
+and rstd, and rounded once. Calls that cannot read tensor values (tracing, transforms, other
+devices) run the kernel on pivot-shifted input instead (:mod:`groupnorm.backends.shifted`).
 """
 
 from __future__ import annotations
@@ -192,15 +193,18 @@ def _native_layout(x: torch.Tensor) -> bool:
 
 
 # |mean| * rstd up to which the CPU kernel's statistics hold the float32 tolerance table, per
-# layout (benchmarks/native_trust.py measures the error against float64). The NCHW kernel's
-# mean is off by a few ulp(|mean|), 1e-6 of the spread at 16. The channels-last kernel forms
-# the variance from float32 sums over each channel's positions: its error grows with the
-# positions per channel and with (1 + ratio^2); (1, 128, 256, 256) G=32 reaches 0.45 of the
-# tolerance at ratio 2 and 1.4-2.6 at ratio 4, and past 2^16 positions it misses even at ratio
-# 0 (3.6x at 1024^2), so larger channels-last inputs are not sent to it.
+# layout. The NCHW kernel's mean is off by a few ulp(|mean|), 1e-6 of the spread at 16. The
+# channels-last kernel forms the variance from float32 sums over each channel's positions: its
+# error grows with the positions per channel and with (1 + ratio^2). Against the float32 bound
+# (2e-6 + 2e-6 |y|), float64 reference, (1, C, H, H), randn + ratio, G = C / 4, fraction of the
+# bound at ratio 0 / 0.5 / 1 / 2: 32 channels at 64^2 0.10 / 0.09 / 0.22 / 0.75, at 128^2
+# 0.24 / 0.24 / 0.41 / 1.38, at 256^2 0.77 / 1.32 / 1.30 / 3.99; 128 channels at 64^2
+# 0.10 / 0.24 / 0.32 / 1.18. So it serves up to 64^2 positions at ratio 1; larger
+# channels-last inputs take the sums path (float32 sums of x and x^2 merged in float64, then
+# one multiply-add: 0.27 of the bound at ratio 1 on 64^2) or the composite path.
 NATIVE_TRUST = 16.0
-NATIVE_TRUST_CHANNELS_LAST = 2.0
-CHANNELS_LAST_MAX_POSITIONS = 1 << 16
+NATIVE_TRUST_CHANNELS_LAST = 1.0
+CHANNELS_LAST_MAX_POSITIONS = 1 << 12
 
 # Uneven plans come in runs of equal-size groups (uneven=True makes two: the larger groups
 # first). Torch's kernel takes each run's channels as an even plan, and the outputs are
@@ -327,7 +331,7 @@ def _native_with_stats(r: Request) -> tuple[torch.Tensor, GroupStats] | None:
     bias the kernel applies (its mean and rstd would be in x's dtype), whose y is then the
     multiply-add (within NATIVE_TRUST: at eps = 0 ``|mean| * rstd`` is only larger). A call
     whose mean is not trusted goes shifted without asking again: at eps = 0 it would not be."""
-    if not r.plan.is_even:
+    if _takes_sums(r.x, r.plan):
         stats = _from_sums(r.x, r.plan, 0.0)
         if stats is None:
             return None
@@ -465,14 +469,20 @@ def _from_sums(x: torch.Tensor, plan: GroupPlan, eps: float) -> GroupStats | Non
     return GroupStats(pivot_t, shifted, m2, count_t, plan=plan)
 
 
-def _uneven_from_sums(r: Request) -> torch.Tensor | None:
-    """An uneven plan without a per-run kernel call: statistics from :func:`_sums_stats`, then
-    one multiply-add on x (:func:`_multiply_add`); None where that is not exact or not served.
+def _takes_sums(x: torch.Tensor, plan: GroupPlan) -> bool:
+    """Whether statistics of x come from sums before torch's kernel is asked: an uneven plan
+    (no per-run kernel calls, no copies of channel slices), or a layout the kernel is not
+    trusted with at any ratio (large channels-last inputs, strided views)."""
+    return not plan.is_even or _trust_limit(x) is None
 
-    Serves float32/float64 x of any layout (no copies of channel slices) on a call autograd does
-    not record, when every (sample, group) has ``|mean| * rstd <= SUMS_TRUST`` (NaN fails): two
-    reductions and one multiply-add, faster than the per-run path and without its copies
-    (benchmarks/cpu_uneven.py)."""
+
+def _forward_from_sums(r: Request) -> torch.Tensor | None:
+    """y from statistics of :func:`_sums_stats`, then one multiply-add on x
+    (:func:`_multiply_add`); None where that is not exact or not served.
+
+    Serves float32/float64 x of any layout on a call autograd does not record, when every
+    (sample, group) has ``|mean| * rstd <= SUMS_TRUST`` (NaN fails): two reductions and one
+    multiply-add, faster than an uneven plan's per-run path (benchmarks/cpu_uneven.py)."""
     x = r.x
     if x.dtype not in _NUMPY_FLOATS or not x.numel() or _records_grad(r):
         return None
@@ -486,14 +496,14 @@ def _uneven_from_sums(r: Request) -> torch.Tensor | None:
 
 def _native_checked(r: Request) -> torch.Tensor | None:
     """torch's kernel on the CPU, with samples whose statistics it cannot be trusted with redone
-    on the composite path; None when the kernel cannot serve x at all. Uneven plans try
-    :func:`_uneven_from_sums` first.
+    on the composite path; None when the kernel cannot serve x at all. Uneven plans and
+    layouts the kernel is not trusted with try :func:`_forward_from_sums` first.
 
     The check is per (sample, group), elementwise: a NaN or Inf group compares False (it is
     NaN either way) and cannot switch the check off for the other groups.
     """
-    if not r.plan.is_even:
-        y = _uneven_from_sums(r)
+    if _takes_sums(r.x, r.plan):
+        y = _forward_from_sums(r)
         if y is not None:
             return y
     limit = _trust_limit(r.x)
@@ -648,7 +658,7 @@ def _stats_native(x: torch.Tensor, plan: GroupPlan) -> GroupStats | None:
         or not _reads_values(x)
     ):
         return None
-    if not plan.is_even:
+    if _takes_sums(x, plan):
         return _from_sums(x, plan, 0.0)
     limit = _trust_limit(x)
     N, C = x.shape[:2]
