@@ -346,7 +346,7 @@ def test_native_kernel_serves_plans_of_few_runs(
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     ("shape", "G"),
     [((2, 48, 32, 32), 32), ((1, 3, 512, 512), 2)],
@@ -362,7 +362,7 @@ def test_uneven_statistics_from_sums_near_their_trust_limit(
     """|mean| * rstd = 1.8 +- 0.1 (SUMS_TRUST is 2): an uneven plan takes its statistics from
     sums of x and x^2, whose variance loses (1 + ratio^2) times their relative error, and still
     holds the unscaled bound; groups of one or two channels are its worst case (nothing
-    averages)."""
+    averages). Half precision is summed as a float32 copy and rounded once."""
     served = []
     from_sums = torch_ops._forward_from_sums
 

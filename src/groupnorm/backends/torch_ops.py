@@ -19,7 +19,7 @@ makes y while it is at least eps, else from a call at eps = 0. y from given stat
 multiply-add on x itself while ``|mean| * rstd <= NATIVE_TRUST``, the form and error of torch's
 own kernel. Otherwise both take the shifted path above.
 
-Uneven plans on such a call (float32/float64 x), and layouts torch's kernel is not trusted
+Uneven plans on such a call, and layouts torch's kernel is not trusted
 with (channels-last past 64^2 positions, strided views), take their statistics from each
 channel's sums of x and x^2, merged per group in float64, while ``|mean| * rstd <=
 SUMS_TRUST``; y is then one multiply-add on x: no per-run kernel calls or copies of channel
@@ -61,10 +61,6 @@ __all__ = [
     "plan_index",
     "run",
 ]
-
-# |mean| * rstd above which the native float32 mean is not trusted. Its error is a few
-# ulp(|mean|) = |mean| * 6e-8 * k, i.e. r * 6e-8 * k relative to the spread: 1e-6 * k at r = 16.
-NATIVE_TRUST = 16.0
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -193,16 +189,19 @@ def _native_layout(x: torch.Tensor) -> bool:
 
 
 # |mean| * rstd up to which the CPU kernel's statistics hold the float32 tolerance table, per
-# layout. The NCHW kernel's mean is off by a few ulp(|mean|), 1e-6 of the spread at 16. The
-# channels-last kernel forms the variance from float32 sums over each channel's positions: its
-# error grows with the positions per channel and with (1 + ratio^2). Against the float32 bound
-# (2e-6 + 2e-6 |y|), float64 reference, (1, C, H, H), randn + ratio, G = C / 4, fraction of the
-# bound at ratio 0 / 0.5 / 1 / 2: 32 channels at 64^2 0.10 / 0.09 / 0.22 / 0.75, at 128^2
+# layout. The NCHW kernel's mean is off by a few ulp(|mean|), i.e. ratio * 6e-8 * k of the
+# spread, and y's multiply-add rounds b = -mean * rstd * gamma alike: against the float32 bound
+# (2e-6 + 2e-6 |y|), groups standardized to an exact ratio, 4 to 1024 elements, 256 samples x
+# 20 draws each, worst fraction of the bound at ratio 1 / 2 / 4 / 8 / 16: 0.12 / 0.24 / 0.48 /
+# 0.72 / 1.85. So it is trusted to 8. The channels-last kernel forms the variance from float32
+# sums over each channel's positions: its error grows with the positions per channel and with
+# (1 + ratio^2). Against the same bound, (1, C, H, H), randn + ratio, G = C / 4, fraction at
+# ratio 0 / 0.5 / 1 / 2: 32 channels at 64^2 0.10 / 0.09 / 0.22 / 0.75, at 128^2
 # 0.24 / 0.24 / 0.41 / 1.38, at 256^2 0.77 / 1.32 / 1.30 / 3.99; 128 channels at 64^2
 # 0.10 / 0.24 / 0.32 / 1.18. So it serves up to 64^2 positions at ratio 1; larger
 # channels-last inputs take the sums path (float32 sums of x and x^2 merged in float64, then
 # one multiply-add: 0.27 of the bound at ratio 1 on 64^2) or the composite path.
-NATIVE_TRUST = 16.0
+NATIVE_TRUST = 8.0
 NATIVE_TRUST_CHANNELS_LAST = 1.0
 CHANNELS_LAST_MAX_POSITIONS = 1 << 12
 
@@ -424,10 +423,13 @@ SUMS_TRUST = 2.0
 
 
 def _sums_stats(x: torch.Tensor, plan: GroupPlan) -> tuple[np.ndarray, np.ndarray]:
-    """float64 (N, G) mean and variance of a float32/float64 x (N, C, *S) from each channel's
-    sums of x and x^2 (one pass each, in x's own layout), merged per group:
+    """float64 (N, G) mean and variance of x (N, C, *S) from each channel's sums of x and x^2
+    (one pass each, in x's own layout; a half-precision x is summed as a float32 copy, so x^2
+    cannot overflow), merged per group:
     ``mean = sum(x) / n``, ``var = max(sum(x^2) / n - mean^2, 0)``, n = group size * L.
     Exact only while ``|mean| * rstd <= SUMS_TRUST``: the callers check."""
+    if x.dtype not in _NUMPY_FLOATS:
+        x = x.float()
     if x.dim() == 2:
         s1, s2 = x, x * x
     else:
@@ -449,17 +451,17 @@ def _sums_trusted(mean: np.ndarray, var: np.ndarray, eps: float) -> bool:
 
 
 def _from_sums(x: torch.Tensor, plan: GroupPlan, eps: float) -> GroupStats | None:
-    """Statistics of a float32/float64 x from :func:`_sums_stats` where they are trusted at
-    ``eps``, else None: kept as ``pivot`` = the float64 mean rounded to x's dtype,
-    ``shifted_mean`` = the rest, so the mean keeps float64's precision.
+    """Statistics of x from :func:`_sums_stats` where they are trusted at ``eps``, else None,
+    in the accumulation dtype: kept as ``pivot`` = the float64 mean rounded, ``shifted_mean`` =
+    the rest, so the mean keeps float64's precision.
 
     Callers make sure autograd records nothing: the sums leave torch for NumPy."""
-    if x.dtype not in _NUMPY_FLOATS or not x.numel():
+    if not x.numel():
         return None
     mean, var = _sums_stats(x, plan)
     if not _sums_trusted(mean, var, eps):
         return None
-    dtype = np.float32 if x.dtype == torch.float32 else np.float64
+    dtype = np.float64 if x.dtype == torch.float64 else np.float32
     pivot = mean.astype(dtype)
     count = np.asarray(plan.sizes, dtype=np.float64) * x[0, 0].numel()  # (G,)
     pivot_t, shifted, m2, count_t = (
@@ -480,18 +482,19 @@ def _forward_from_sums(r: Request) -> torch.Tensor | None:
     """y from statistics of :func:`_sums_stats`, then one multiply-add on x
     (:func:`_multiply_add`); None where that is not exact or not served.
 
-    Serves float32/float64 x of any layout on a call autograd does not record, when every
+    Serves x of any layout and float dtype on a call autograd does not record, when every
     (sample, group) has ``|mean| * rstd <= SUMS_TRUST`` (NaN fails): two reductions and one
     multiply-add, faster than an uneven plan's per-run path (benchmarks/cpu_uneven.py)."""
     x = r.x
-    if x.dtype not in _NUMPY_FLOATS or not x.numel() or _records_grad(r):
+    if not x.numel() or _records_grad(r):
         return None
     mean, var = _sums_stats(x, r.plan)
     if not _sums_trusted(mean, var, r.eps):
         return None
     with np.errstate(divide="ignore"):  # eps = 0 on a constant group: inf, as torch's kernel
         rstd = 1.0 / np.sqrt(var + r.eps)
-    return _multiply_add(r, torch.from_numpy(mean).to(x.dtype), torch.from_numpy(rstd).to(x.dtype))
+    acc = accumulation_dtype(x.dtype)
+    return _multiply_add(r, torch.from_numpy(mean).to(acc), torch.from_numpy(rstd).to(acc))
 
 
 def _native_checked(r: Request) -> torch.Tensor | None:
