@@ -191,9 +191,9 @@ def test_statistics_in_and_out_match_float64(
     dtype: torch.dtype, layout: str, loc: float, std: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without autograd, statistics out come from torch's kernel (eps = 0) where its mean is
-    trusted, and y from given statistics is one multiply-add on x itself (no shift); at a mean
-    of 1e4 spreads of 1e-2 both decline and the shifted path answers. Either way every
-    statistic and y match float64."""
+    trusted (float32 channels-last: from sums of x and x^2), and y from given statistics is one
+    multiply-add on x itself (no shift); at a mean of 1e4 spreads of 1e-2 both decline and the
+    shifted path answers. Either way every statistic and y match float64."""
     x = make_x((2, 12, 6, 5), dtype, layout, loc=loc, std=std)
     w, b = rand((12,), dtype, 1), rand((12,), dtype, 2)
     eps_seen = _eps_of_kernel_calls(monkeypatch)
@@ -201,11 +201,14 @@ def test_statistics_in_and_out_match_float64(
         stats = groupnorm.group_stats(x, 4)
         y_out, out_stats = groupnorm.group_norm(x, 4, w, b, activation="silu", return_stats=True)
         y_in = groupnorm.group_norm(x, 4, w, b, activation="silu", stats=stats)
-    assert 0.0 in eps_seen  # the kernel was asked
+    # float32 channels-last goes to the sums (torch's kernel there misses the float32 bound).
+    kernel = not (dtype == torch.float32 and layout == "channels_last")
+    assert (0.0 in eps_seen) == kernel  # the kernel was asked
     # Its statistics are kept as pivot = mean, shifted_mean = 0; the shifted path's pivot is an
     # element of the group.
     for got in (stats, out_stats):
-        assert bool((got.shifted_mean == 0).all()) == (loc < 100)
+        if kernel:
+            assert bool((got.shifted_mean == 0).all()) == (loc < 100)
     expected, cache = reference(x, resolve_plan(12, 4), w, b, activation="silu")
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     for got in (stats, out_stats):
@@ -262,10 +265,10 @@ def test_uneven_statistics_in_and_out_match_float64(
 
 @pytest.mark.parametrize("G", [32, 1])
 def test_kernel_statistics_near_the_trust_limit(G: int) -> None:
-    """|mean| * rstd = 7.5 (NATIVE_TRUST is 8), groups of 2K and 128K elements: the kernel's
-    statistics are kept and hold the float32 bound unscaled by the group size."""
+    """|mean| * rstd = 1.9 (NATIVE_TRUST_FLOAT32 is 2), groups of 2K and 128K elements: the
+    kernel's statistics are kept and hold the float32 bound unscaled by the group size."""
     gen = torch.Generator().manual_seed(5)
-    x = (7.5 + torch.randn(2, 64, 32, 32, generator=gen, dtype=torch.float64)).float()
+    x = (1.9 + torch.randn(2, 64, 32, 32, generator=gen, dtype=torch.float64)).float()
     with torch.no_grad():
         stats = groupnorm.group_stats(x, G)
     assert bool((stats.shifted_mean == 0).all())

@@ -319,7 +319,7 @@ def test_native_kernel_serves_plans_of_few_runs(
     """Uneven plans take statistics from per-channel sums where autograd does not record and
     ``|mean| * rstd <= SUMS_TRUST``; else torch's kernel once per run of equal-size groups (an
     order of magnitude faster on CPU than the composite path), and past a few runs the
-    composite path. Every path matches the reference and keeps channels-last."""
+    composite path. Every path matches the reference."""
     calls = []
     native = torch.native_group_norm
 
@@ -336,12 +336,12 @@ def test_native_kernel_serves_plans_of_few_runs(
 
     monkeypatch.setattr(torch, "native_group_norm", spy)
     monkeypatch.setattr(torch_ops, "_sums_stats", sums_spy)
-    x = (make_x((2, 12, 5, 3), torch.float32, "channels_last") + offset).requires_grad_(grad)
+    x = (make_x((2, 12, 5, 3), torch.float32) + offset).requires_grad_(grad)
     w, b = torch.randn(12), torch.randn(12)
     y = groupnorm.group_norm(x, weight=w, bias=b, **plan_kw)
     assert len(calls) == native_calls
     assert bool(sums_calls) == sums
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert y.is_contiguous()
     assert_matches(y, reference(x, resolve_plan(12, **plan_kw), w, b)[0], torch.float32)
 
 
