@@ -1,9 +1,10 @@
 """CPU: groupnorm.group_norm vs torch.nn.functional.group_norm on the standard case.
 
 The standard case is what both can do: G divides C, no epilogue. Forward only, no autograd.
-Ours and torch's calls are timed interleaved (A B, B A, ...) so that load from other processes
-and cache warmth hit both alike; the table gives medians and the ratio of medians. Correctness
-is checked first.
+Ours runs torch's kernel where it holds the tolerance table (NCHW; float32 channels-last takes
+per-channel sums and a multiply-add instead). Ours and torch's calls are timed interleaved
+(A B, B A, ...) so that load from other processes and cache warmth hit both alike; the table
+gives medians and the ratio of medians. Correctness against float64 is checked first.
 
     python benchmarks/cpu_standard.py [--quick] [--threads T] [--out benchmarks/results]
 """
@@ -53,8 +54,9 @@ def run(quick: bool) -> list[dict]:
                 w, b = torch.randn(C, dtype=dtype), torch.randn(C, dtype=dtype)
                 with torch.no_grad():
                     ours = groupnorm.group_norm(x, G, w, b)
-                    theirs = F.group_norm(x, G, w, b)
-                    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+                    exact = F.group_norm(x.double(), G, w.double(), b.double())
+                    tol = 1e-5 if dtype == torch.float32 else 2e-2
+                    torch.testing.assert_close(ours.double(), exact, rtol=tol, atol=tol)
                     reps = 6 if quick else 20
                     args = (x, G, w, b)
                     t_ours, t_torch = bench.time_pair(
