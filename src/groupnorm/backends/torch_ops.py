@@ -19,9 +19,9 @@ makes y while it is at least eps, else from a call at eps = 0. y from given stat
 multiply-add on x itself while ``|mean| * rstd`` is within the NCHW kernel's limit, the form and
 error of torch's own kernel. Otherwise both take the shifted path above.
 
-Uneven plans on such a call, and layouts torch's kernel is not trusted
-with (channels-last past 64^2 positions, strided views), take their statistics from each
-channel's sums of x and x^2, merged per group in float64, while ``|mean| * rstd <=
+Uneven plans on such a call, and layouts torch's kernel is not trusted with (float32
+channels-last, other channels-last past 64^2 positions, strided views), take their statistics
+from each channel's sums of x and x^2, merged per group in float64, while ``|mean| * rstd <=
 SUMS_TRUST``; y is then one multiply-add on x: no per-run kernel calls or copies of channel
 slices.
 
@@ -484,7 +484,7 @@ def _from_sums(x: torch.Tensor, plan: GroupPlan, eps: float) -> GroupStats | Non
 def _takes_sums(x: torch.Tensor, plan: GroupPlan) -> bool:
     """Whether statistics of x come from sums before torch's kernel is asked: an uneven plan
     (no per-run kernel calls, no copies of channel slices), or a layout the kernel is not
-    trusted with at any ratio (large channels-last inputs, strided views)."""
+    trusted with at any ratio (float32 or large channels-last inputs, strided views)."""
     return not plan.is_even or _trust_limit(x) is None
 
 
