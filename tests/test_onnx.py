@@ -127,3 +127,34 @@ def test_converted_model_with_weight_standardization_round_trip() -> None:
     with torch.no_grad():
         eager = model(x)
     assert_matches(torch.from_numpy(got), to_numpy(eager), torch.float32)
+
+
+def _export_nodes(model: nn.Module, x: torch.Tensor) -> list[str]:
+    program = torch.onnx.export(model.eval(), (x,), dynamo=True, verbose=False)
+    assert program is not None
+    return [node.op_type for node in program.model_proto.graph.node]
+
+
+def test_regression_onnx_graph_is_compact() -> None:
+    # The pivot was a gather through the plan's `first` index: five nodes per layer before the
+    # subtraction (Slice, Slice, Transpose, GatherND, Transpose): 11 nodes for nn's 5, and 22
+    # with two runs of groups, each run's normalization with its own Reshape, multiply-add and
+    # Reshape around the InstanceNormalization.
+    x = make_x((2, 48, 5, 7), torch.float32, seed=9)
+    assert len(_export_nodes(nn.GroupNorm(8, 48), x)) == 5
+    even = _export_nodes(GroupNorm(8, 48), x)
+    assert even.count("InstanceNormalization") == 1 and len(even) <= 7, even
+    uneven = _export_nodes(GroupNorm(10, 48, uneven=True), x)
+    assert uneven.count("InstanceNormalization") == 2 and len(uneven) <= 15, uneven
+
+
+@pytest.mark.parametrize("kind", ["standard", "uneven"])
+def test_onnx_holds_the_tolerance_at_a_large_offset(kind: str) -> None:
+    # |mean| / std = 1e6: onnxruntime's float32 statistics of x itself would lose every digit;
+    # the exported graph normalizes each group minus its first element.
+    C = 48 if kind == "uneven" else 64
+    norm = _norm(kind, C)
+    x = make_x((2, C, 6, 5), torch.float32, seed=10, loc=1e4, std=1e-2)
+    got = _onnx_run(norm, x)
+    expected, _ = reference(x, norm.plan, norm.weight, norm.bias)
+    assert_matches(torch.from_numpy(got), expected, torch.float32, what=f"onnxruntime {kind}")
