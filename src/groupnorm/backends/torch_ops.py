@@ -378,10 +378,13 @@ def _multiply_add(r: Request, mean: torch.Tensor, rstd: torch.Tensor) -> torch.T
 
     No shift: rounding ``x * a`` and ``b`` costs ~ulp(|mean| * rstd) of the output's scale, the
     error torch's own kernel makes (its y has this form), so callers bound ``|mean| * rstd``.
-    A multiply then an in-place add: addcmul's broadcast loop took twice as long on CPU."""
+    On NCHW x a multiply then an in-place add: addcmul's broadcast loop took up to twice as long
+    on CPU ((8, 64, 32, 32) float32: 0.36 vs 0.19 ms); on channels-last x addcmul, 1.6-2.7x
+    faster than the pair ((2, 320, 64, 64): 1.4 vs 2.6 ms; (8, 64, 32, 32): 0.11 vs 0.19)."""
     x = r.x
     a, b = _fold(mean, rstd, r.plan, r)
-    u = (x * _expand(a, x.dim())).add_(_expand(b, x.dim()))
+    a, b = _expand(a, x.dim()), _expand(b, x.dim())
+    u = (x * a).add_(b) if x.is_contiguous() else torch.addcmul(b, x, a)
     return apply_activation(u, r.activation).to(x.dtype)
 
 
