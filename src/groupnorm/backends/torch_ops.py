@@ -20,7 +20,8 @@ multiply-add on x itself while ``|mean| * rstd`` is within the NCHW kernel's lim
 error of torch's own kernel. Otherwise both take the shifted path above.
 
 Uneven plans on such a call, and layouts torch's kernel is not trusted with (float32
-channels-last, other channels-last past 64^2 positions, strided views), take their statistics
+channels-last past 8^2 positions or 4096-element groups, other channels-last past 64^2
+positions, strided views), take their statistics
 from each channel's sums of x and x^2, merged per group in float64, while ``|mean| * rstd <=
 SUMS_TRUST``; y is then one multiply-add on x: no per-run kernel calls or copies of channel
 slices.
@@ -28,11 +29,12 @@ slices.
 Plans without statistics in or out call torch's native kernel, which is faster on CPU (an
 uneven plan, where the sums decline, once per run of equal-size groups, concatenated). On an
 eager CPU call its float32 mean is trusted per (sample, group) only while ``|mean| * rstd``
-stays under the layout's measured limit (``NATIVE_TRUST*``); samples past it are redone on the
-composite path. Any epilogue the kernel cannot apply itself (affine in another dtype,
-scale/shift, activation on a half-precision x) is computed from x and the kernel's float32 mean
-and rstd, and rounded once. Calls that cannot read tensor values (tracing, transforms, other
-devices) run the kernel on pivot-shifted input instead (:mod:`groupnorm.backends.shifted`).
+stays under the layout's measured limit (``NATIVE_TRUST*``); samples past it are redone from
+sums where the limit is below theirs, else on the composite path. Any epilogue the kernel
+cannot apply itself (affine in another dtype, scale/shift, activation on a half-precision x)
+is computed from x and the kernel's float32 mean and rstd, and rounded once. Calls that
+cannot read tensor values (tracing, transforms, other devices) run the kernel on
+pivot-shifted input instead (:mod:`groupnorm.backends.shifted`).
 """
 
 from __future__ import annotations
@@ -197,13 +199,20 @@ def _native_layout(x: torch.Tensor) -> bool:
 # 1.85 at 16). float64 and half precision keep 16 (float64's error is 1e-4 of its bound there;
 # half is judged against torch's own kernel). The channels-last kernel forms the variance from
 # float32 sums over each channel's positions: with affine, (2, C, H, H), G = C/4, it reaches
-# 1.13x the float32 bound at 64^2 and ratio 0.5, 1.16x at 32^2 and ratio 1, so float32
-# channels-last inputs never take it (they take the sums path or the composite path); other
-# dtypes take it up to 64^2 positions and ratio 1.
+# 1.13x the float32 bound at 64^2 and ratio 0.5, 1.16x at 32^2 and ratio 1; its error grows
+# with the group's element count (one group of 4096 channels at 8^2: 2.8x at ratio 0). Float32
+# channels-last inputs take it only on small groups: at most 8^2 positions and 4096 elements a
+# group, ratio 0.5 (4 samples x 16 groups x 20 draws for each of 2^2..8^2 positions and 1 to
+# 4096 / positions channels a group: worst 0.50 of the bound; at ratio 1 it reached 1.02x);
+# elsewhere the sums path or the composite path. Other dtypes take it up to 64^2 positions and
+# ratio 1.
 NATIVE_TRUST = 16.0
 NATIVE_TRUST_FLOAT32 = 2.0
 NATIVE_TRUST_CHANNELS_LAST = 1.0
 CHANNELS_LAST_MAX_POSITIONS = 1 << 12
+NATIVE_TRUST_CHANNELS_LAST_FLOAT32 = 0.5
+CHANNELS_LAST_FLOAT32_MAX_POSITIONS = 64
+CHANNELS_LAST_FLOAT32_MAX_GROUP = 1 << 12
 
 # Uneven plans come in runs of equal-size groups (uneven=True makes two: the larger groups
 # first). Torch's kernel takes each run's channels as an even plan, and the outputs are
@@ -214,16 +223,23 @@ CHANNELS_LAST_MAX_POSITIONS = 1 << 12
 MAX_NATIVE_RUNS = 4
 
 
-def _trust_limit(x: torch.Tensor) -> float | None:
-    """The largest |mean| * rstd at which torch's CPU kernel is trusted on x, None when it does
-    not read x in place or cannot be trusted at any ratio."""
+def _trust_limit(x: torch.Tensor, plan: GroupPlan) -> float | None:
+    """The largest |mean| * rstd at which torch's CPU kernel is trusted on x with ``plan``'s
+    groups (an uneven plan's largest), None when it does not read x in place or cannot be
+    trusted at any ratio."""
     if x.is_contiguous():
         return _nchw_trust(x.dtype)
-    if (
-        x.dtype == torch.float32
-        or not _native_layout(x)
-        or math.prod(x.shape[2:]) > CHANNELS_LAST_MAX_POSITIONS
-    ):
+    if not _native_layout(x):
+        return None
+    positions = math.prod(x.shape[2:])
+    if x.dtype == torch.float32:
+        if (
+            positions > CHANNELS_LAST_FLOAT32_MAX_POSITIONS
+            or max(plan.sizes) * positions > CHANNELS_LAST_FLOAT32_MAX_GROUP
+        ):
+            return None
+        return NATIVE_TRUST_CHANNELS_LAST_FLOAT32
+    if positions > CHANNELS_LAST_MAX_POSITIONS:
         return None
     return NATIVE_TRUST_CHANNELS_LAST
 
@@ -345,7 +361,7 @@ def _native_with_stats(r: Request) -> tuple[torch.Tensor, GroupStats] | None:
         if stats is None:
             return None
         return _multiply_add(r, stats.mean, torch.rsqrt(stats.var + r.eps)), stats
-    limit = _trust_limit(r.x)
+    limit = _trust_limit(r.x, r.plan)
     if limit is None:
         return None
     if r.x.dtype != accumulation_dtype(r.x.dtype) and _kernel_output_is_final(r):
@@ -487,8 +503,9 @@ def _from_sums(x: torch.Tensor, plan: GroupPlan, eps: float) -> GroupStats | Non
 def _takes_sums(x: torch.Tensor, plan: GroupPlan) -> bool:
     """Whether statistics of x come from sums before torch's kernel is asked: an uneven plan
     (no per-run kernel calls, no copies of channel slices), or a layout the kernel is not
-    trusted with at any ratio (float32 or large channels-last inputs, strided views)."""
-    return not plan.is_even or _trust_limit(x) is None
+    trusted with at any ratio (channels-last inputs past :func:`_trust_limit`'s sizes, strided
+    views)."""
+    return not plan.is_even or _trust_limit(x, plan) is None
 
 
 def _forward_from_sums(r: Request) -> torch.Tensor | None:
@@ -512,8 +529,9 @@ def _forward_from_sums(r: Request) -> torch.Tensor | None:
 
 def _native_checked(r: Request) -> torch.Tensor | None:
     """torch's kernel on the CPU, with samples whose statistics it cannot be trusted with redone
-    on the composite path; None when the kernel cannot serve x at all. Uneven plans and
-    layouts the kernel is not trusted with try :func:`_forward_from_sums` first.
+    (from sums where the layout's limit is below theirs, else on the composite path); None
+    when the kernel cannot serve x at all. Uneven plans and layouts the kernel is not trusted
+    with try :func:`_forward_from_sums` first.
 
     The check is per (sample, group), elementwise: a NaN or Inf group compares False (it is
     NaN either way) and cannot switch the check off for the other groups.
@@ -522,7 +540,7 @@ def _native_checked(r: Request) -> torch.Tensor | None:
         y = _forward_from_sums(r)
         if y is not None:
             return y
-    limit = _trust_limit(r.x)
+    limit = _trust_limit(r.x, r.plan)
     if limit is None or _half_epilogue_with_grad(r):
         return None
     if r.plan.is_even:
@@ -548,10 +566,15 @@ def _native_checked(r: Request) -> torch.Tensor | None:
     bad = (mean * rstd).abs_().gt_(limit).any(dim=1)  # (N,)
     if not bad.any():
         return y
+    # Samples past a limit below the sums path's (float32 channels-last) try that path first.
+    retry = _forward_from_sums if limit < SUMS_TRUST else None
     if bad.all():
-        return None
+        return None if retry is None else retry(r)
     rows = bad.nonzero().squeeze(1)
-    redone, _ = _composite(_sample_request(r, rows))
+    samples = _sample_request(r, rows)
+    redone = None if retry is None else retry(samples)
+    if redone is None:
+        redone, _ = _composite(samples)
     return _like(y.index_copy(0, rows, redone), r.x)
 
 
@@ -676,7 +699,7 @@ def _stats_native(x: torch.Tensor, plan: GroupPlan) -> GroupStats | None:
         return None
     if _takes_sums(x, plan):
         return _from_sums(x, plan, 0.0)
-    limit = _trust_limit(x)
+    limit = _trust_limit(x, plan)
     N, C = x.shape[:2]
     L = math.prod(x.shape[2:])
     if limit is None or not N * L:
