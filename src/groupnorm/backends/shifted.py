@@ -17,7 +17,7 @@ A graph holds three ops more than ``F.group_norm``'s: the pivot gather (``first`
 constant), its detach (only when x requires grad) and the subtraction; under torch.compile an
 even plan's pivot is a strided slice and a repeat instead, four ops. An export (torch.export,
 ONNX) records each run as rows of (N, groups, elements) instead: ONNX then holds 7 nodes per
-even layer where ``nn.GroupNorm`` holds 5 (:func:`_grouped_rows`).
+even layer where ``nn.GroupNorm`` holds 5 (:func:`_exported`).
 
 Written in the TorchScript subset (no ``from __future__ import annotations``: TorchScript reads
 the annotations at runtime), so ``torch.jit.script`` compiles it from a module's forward.

@@ -21,10 +21,9 @@ error of torch's own kernel. Otherwise both take the shifted path above.
 
 Uneven plans on such a call, and layouts torch's kernel is not trusted with (float32
 channels-last past 8^2 positions or 4096-element groups, other channels-last past 64^2
-positions, strided views), take their statistics
-from each channel's sums of x and x^2, merged per group in float64, while ``|mean| * rstd <=
-SUMS_TRUST``; y is then one multiply-add on x: no per-run kernel calls or copies of channel
-slices.
+positions, strided views), take their statistics from each channel's sums of x and x^2,
+merged per group in float64, while ``|mean| * rstd <= SUMS_TRUST``; y is then one
+multiply-add on x: no per-run kernel calls or copies of channel slices.
 
 Plans without statistics in or out call torch's native kernel, which is faster on CPU (an
 uneven plan, where the sums decline, once per run of equal-size groups, concatenated). On an
