@@ -158,3 +158,24 @@ def test_onnx_holds_the_tolerance_at_a_large_offset(kind: str) -> None:
     got = _onnx_run(norm, x)
     expected, _ = reference(x, norm.plan, norm.weight, norm.bias)
     assert_matches(torch.from_numpy(got), expected, torch.float32, what=f"onnxruntime {kind}")
+
+
+@pytest.mark.parametrize("kind", ["standard", "uneven"])
+def test_export_with_dynamic_batch_and_spatial_sizes(kind: str) -> None:
+    # The rows of the export form take their length from the traced sizes: symbolic here.
+    from torch.export import Dim
+
+    C = 48 if kind == "uneven" else 64
+    norm = _norm(kind, C).eval()
+    x = make_x((2, C, 6, 5), torch.float32, seed=11, loc=3.0)
+    dims = ({0: Dim("n", max=64), 2: Dim("h", max=512), 3: Dim("w", max=512)},)
+    program = torch.onnx.export(norm, (x,), dynamo=True, verbose=False, dynamic_shapes=dims)
+    assert program is not None
+    session = ort.InferenceSession(
+        program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    for shape in [(2, C, 6, 5), (3, C, 7, 9)]:
+        other = make_x(shape, torch.float32, seed=12, loc=3.0)
+        got = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
+        expected, _ = reference(other, norm.plan, norm.weight, norm.bias)
+        assert_matches(torch.from_numpy(got), expected, torch.float32, what=f"{shape}")
