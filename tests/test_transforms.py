@@ -65,6 +65,29 @@ def test_make_fx(plan_name: str, mode: Literal["real", "symbolic"]) -> None:
     assert_matches(gm(x2), _expected(x2, plan_kw), torch.float32)
 
 
+@pytest.mark.slow  # each export traces the module twice: about a second
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_torch_export_program_runs_exactly(plan_name: str, layout: str, dtype: torch.dtype) -> None:
+    """torch.export records the export form (each group as a row minus its first element);
+    the exported program, run by torch with another batch size, holds the tolerance table at a
+    large offset and keeps x's dtype and layout."""
+    from torch.export import Dim
+
+    plan_kw = PLANS[plan_name]
+    module = groupnorm.GroupNorm(num_channels=12, activation="silu", **plan_kw).to(dtype)
+    x = make_x((3, 12, 5, 4), dtype, layout, seed=2, loc=300.0, std=0.5)
+    program = torch.export.export(module.eval(), (x,), dynamic_shapes=({0: Dim("n")},))
+    x2 = make_x((2, 12, 5, 4), dtype, layout, seed=3, loc=300.0, std=0.5)
+    with torch.no_grad():
+        y = program.module()(x2)
+    assert y.dtype == dtype and y.stride() == x2.stride()
+    plan = resolve_plan(12, **plan_kw)
+    expected = reference(x2, plan, module.weight, module.bias, activation="silu")[0]
+    assert_matches(y, expected, dtype)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_jit_script_of_a_model_holding_groupnorm() -> None:
     model = nn.Sequential(
