@@ -4,6 +4,7 @@ exporter) and run in onnxruntime with the outputs of PyTorch and of the float64 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,15 +29,25 @@ pytestmark = [
 ]
 
 
-def _onnx_run(model: nn.Module, *args: torch.Tensor) -> np.ndarray:
-    """Export ``model`` (eval mode) and run it in onnxruntime on ``args``."""
-    program = torch.onnx.export(model.eval(), args, dynamo=True, verbose=False)
+def _export(model: nn.Module, *args: torch.Tensor, **kwargs: Any) -> Any:
+    """``model`` (eval mode) exported with the dynamo exporter: the ONNXProgram."""
+    program = torch.onnx.export(model.eval(), args, dynamo=True, verbose=False, **kwargs)
     assert program is not None
+    return program
+
+
+def _run(program: Any, *args: torch.Tensor) -> np.ndarray:
+    """The program's first output in onnxruntime on ``args``."""
     session = ort.InferenceSession(
         program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
     )
     feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)}
     return np.asarray(session.run(None, feeds)[0])
+
+
+def _onnx_run(model: nn.Module, *args: torch.Tensor) -> np.ndarray:
+    """Export ``model`` (eval mode) and run it in onnxruntime on ``args``."""
+    return _run(_export(model, *args), *args)
 
 
 def _norm(kind: str, C: int) -> GroupNorm:
@@ -130,9 +141,7 @@ def test_converted_model_with_weight_standardization_round_trip() -> None:
 
 
 def _export_nodes(model: nn.Module, x: torch.Tensor) -> list[str]:
-    program = torch.onnx.export(model.eval(), (x,), dynamo=True, verbose=False)
-    assert program is not None
-    return [node.op_type for node in program.model_proto.graph.node]
+    return [node.op_type for node in _export(model, x).model_proto.graph.node]
 
 
 def test_regression_onnx_graph_is_compact() -> None:
@@ -166,16 +175,12 @@ def test_export_with_dynamic_batch_and_spatial_sizes(kind: str) -> None:
     from torch.export import Dim
 
     C = 48 if kind == "uneven" else 64
-    norm = _norm(kind, C).eval()
+    norm = _norm(kind, C)
     x = make_x((2, C, 6, 5), torch.float32, seed=11, loc=3.0)
     dims = ({0: Dim("n", max=64), 2: Dim("h", max=512), 3: Dim("w", max=512)},)
-    program = torch.onnx.export(norm, (x,), dynamo=True, verbose=False, dynamic_shapes=dims)
-    assert program is not None
-    session = ort.InferenceSession(
-        program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
-    )
+    program = _export(norm, x, dynamic_shapes=dims)
     for shape in [(2, C, 6, 5), (3, C, 7, 9)]:
         other = make_x(shape, torch.float32, seed=12, loc=3.0)
-        got = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
+        got = _run(program, other)
         expected, _ = reference(other, norm.plan, norm.weight, norm.bias)
         assert_matches(torch.from_numpy(got), expected, torch.float32, what=f"{shape}")

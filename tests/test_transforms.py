@@ -65,7 +65,7 @@ def test_make_fx(plan_name: str, mode: Literal["real", "symbolic"]) -> None:
     assert_matches(gm(x2), _expected(x2, plan_kw), torch.float32)
 
 
-@pytest.mark.slow  # each export traces the module twice: about a second
+@pytest.mark.slow  # an export takes about a second here
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("plan_name", list(PLANS))

@@ -42,16 +42,9 @@ def _activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
 
 
 def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(N, C) -> (N, C, 1, ..., 1)."""
+    """(N, C) -> (N, C, 1, ..., 1), or (C,) -> (C, 1, ..., 1): ndim - 2 trailing ones, so v
+    broadcasts over (N, C, *S)."""
     shape = list(v.shape)
-    for _ in range(ndim - 2):
-        shape.append(1)
-    return v.reshape(shape)
-
-
-def _column(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(C,) -> (C, 1, ..., 1), which broadcasts over (N, C, *S)."""
-    shape = [v.shape[0]]
     for _ in range(ndim - 2):
         shape.append(1)
     return v.reshape(shape)
@@ -147,9 +140,9 @@ def _exported(
         return _epilogue(y, x, activation, scale, shift)
     y = _grouped_rows(x, runs, eps, acc)
     if weight is not None:
-        y = y * _column(weight, x.dim())
+        y = y * _per_channel(weight, x.dim())
     if bias is not None:
-        y = y + _column(bias, x.dim())
+        y = y + _per_channel(bias, x.dim())
     return _epilogue(y, x, activation, scale, shift)
 
 
