@@ -1,4 +1,5 @@
-"""Session hooks: the tolerance report (``GROUPNORM_TOLERANCE_LOG``, see tests/_tolerances.py)."""
+"""Session hooks: the tolerance report (``GROUPNORM_TOLERANCE_LOG``, see tests/_tolerances.py);
+the ``without_fused_kernel`` fixture."""
 
 from __future__ import annotations
 
@@ -7,6 +8,15 @@ import os
 from pathlib import Path
 
 import pytest
+
+from groupnorm.backends import cpu_kernel
+
+
+@pytest.fixture
+def without_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch backend's own CPU paths (torch's kernel checked, sums, shifted), as on a
+    machine where the fused CPU kernel is not built: tests of those paths use this."""
+    monkeypatch.setattr(cpu_kernel, "library", lambda: None)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

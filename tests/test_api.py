@@ -186,6 +186,7 @@ STATS_CASES = [
 ]
 
 
+@pytest.mark.usefixtures("without_fused_kernel")
 @_stats_cases(STATS_CASES)
 @pytest.mark.parametrize("spatial", [(6, 5), (9, 10)])
 def test_statistics_in_and_out_match_float64(
@@ -235,6 +236,7 @@ UNEVEN_STATS_CASES = [
 ]
 
 
+@pytest.mark.usefixtures("without_fused_kernel")
 @_stats_cases(UNEVEN_STATS_CASES)
 def test_uneven_statistics_in_and_out_match_float64(
     dtype: torch.dtype, layout: str, loc: float, std: float, monkeypatch: pytest.MonkeyPatch
@@ -272,6 +274,7 @@ def test_uneven_statistics_in_and_out_match_float64(
         assert y.stride() == x.stride()
 
 
+@pytest.mark.usefixtures("without_fused_kernel")
 @pytest.mark.parametrize("G", [32, 1])
 def test_kernel_statistics_near_the_trust_limit(G: int) -> None:
     """|mean| * rstd = 1.9 (NATIVE_TRUST_FLOAT32 is 2), groups of 2K and 128K elements: the
@@ -286,6 +289,7 @@ def test_kernel_statistics_near_the_trust_limit(G: int) -> None:
     assert_matches(stats.var, cache.var, torch.float32, what="var")
 
 
+@pytest.mark.usefixtures("without_fused_kernel")
 def test_statistics_of_a_constant_group_take_the_shifted_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

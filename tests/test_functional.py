@@ -297,6 +297,7 @@ def test_empty_batch(plan_kw: dict[str, Any]) -> None:
     assert groupnorm.group_norm(x, **plan_kw).shape == x.shape
 
 
+@pytest.mark.usefixtures("without_fused_kernel")
 @pytest.mark.parametrize(
     ("plan_kw", "offset", "grad", "native_calls", "sums"),
     [
@@ -345,6 +346,7 @@ def test_native_kernel_serves_plans_of_few_runs(
     assert_matches(y, reference(x, resolve_plan(12, **plan_kw), w, b)[0], torch.float32)
 
 
+@pytest.mark.usefixtures("without_fused_kernel")
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(

@@ -244,7 +244,7 @@ def test_regression_eps_accepts_what_f_group_norm_accepts() -> None:
         assert_matches(
             groupnorm.group_norm(x, 2, eps=eps), _f64_group_norm(x, 2, float(eps)), x.dtype
         )
-        assert torch.equal(groupnorm.group_norm(x, 2, eps=eps), F.group_norm(x, 2, eps=eps))
+        torch.testing.assert_close(groupnorm.group_norm(x, 2, eps=eps), F.group_norm(x, 2, eps=eps))
     for bad in (True, np.bool_(False), "1e-5", torch.tensor([1e-5]), None):
         with pytest.raises(TypeError, match="eps"):
             groupnorm.group_norm(x, 2, eps=bad)  # type: ignore[arg-type]

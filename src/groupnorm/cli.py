@@ -15,6 +15,7 @@ import torch
 import groupnorm
 from groupnorm import bench
 from groupnorm import reference as ref
+from groupnorm.backends import cpu_kernel
 from groupnorm.study import cli as study_cli
 
 # The seed article's worked example (N=1, C=8, no spatial extent, G=2) and the digits it prints.
@@ -139,6 +140,7 @@ def check() -> int:
         "mask= and process_group= run the torch backend's composite ops on every device "
         "(the triton backend defers them to it)"
     )
+    print(f"CPU: {cpu_kernel.status()}")
     failed = 0
     print("self-test against the float64 reference:")
     for name, err, tol in _self_test():

@@ -47,6 +47,7 @@ import torch
 from torch.autograd import forward_ad
 
 from groupnorm.activations import apply_activation
+from groupnorm.backends import cpu_kernel
 from groupnorm.backends.shifted import shifted_group_norm
 from groupnorm.dispatch import FLOAT_DTYPES, Backend, Request, register_backend
 from groupnorm.groups import GroupPlan
@@ -479,9 +480,8 @@ def _sums_trusted(mean: np.ndarray, var: np.ndarray, eps: float) -> bool:
 
 
 def _from_sums(x: torch.Tensor, plan: GroupPlan, eps: float) -> GroupStats | None:
-    """Statistics of x from :func:`_sums_stats` where they are trusted at ``eps``, else None,
-    in the accumulation dtype: kept as ``pivot`` = the float64 mean rounded, ``shifted_mean`` =
-    the rest, so the mean keeps float64's precision.
+    """Statistics of x from :func:`_sums_stats` where they are trusted at ``eps``, else None
+    (:func:`_stats_of_moments`).
 
     Callers make sure autograd records nothing: the sums leave torch for NumPy."""
     if not x.numel():
@@ -489,6 +489,15 @@ def _from_sums(x: torch.Tensor, plan: GroupPlan, eps: float) -> GroupStats | Non
     mean, var = _sums_stats(x, plan)
     if not _sums_trusted(mean, var, eps):
         return None
+    return _stats_of_moments(mean, var, plan, x)
+
+
+def _stats_of_moments(
+    mean: np.ndarray, var: np.ndarray, plan: GroupPlan, x: torch.Tensor
+) -> GroupStats:
+    """float64 (N, G) mean and variance of x as :class:`GroupStats` in the accumulation dtype:
+    ``pivot`` = the mean rounded, ``shifted_mean`` = the rest, so the mean keeps float64's
+    precision."""
     dtype = np.float64 if x.dtype == torch.float64 else np.float32
     pivot = mean.astype(dtype)
     count = np.asarray(plan.sizes, dtype=np.float64) * x[0, 0].numel()  # (G,)
@@ -596,7 +605,13 @@ def native_fast(
     float32/float64 x. Runs torch's kernel once and returns its output when its float32 mean is
     trusted for every (sample, group); None for anything else, untrusted statistics and NaN
     included (the validated path then raises, or redoes the samples that need it). The
-    arguments are as the user gave them: nothing is assumed of their types."""
+    arguments are as the user gave them: nothing is assumed of their types.
+
+    float32 and float64 x on a call autograd does not record go to the fused CPU kernel
+    instead, in either layout and any plan (:func:`_fused_fast`)."""
+    fused = _fused_fast(x, plan, weight, bias, eps, activation)
+    if fused is not None:
+        return fused
     if (
         _tracing()
         or type(x) is not torch.Tensor
@@ -632,6 +647,59 @@ def native_fast(
 
 
 _FAST_ACTIVATIONS = ("silu", "gelu", "relu")
+
+
+def _fused_fast(
+    x: torch.Tensor,
+    plan: GroupPlan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+) -> torch.Tensor | None:
+    """:func:`native_fast`'s float32/float64 call on the fused CPU kernel, or None. Every check
+    here runs on every such call: the cheapest and most selective first, after Dynamo's (it
+    would record some of them as graph ops)."""
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or type(eps) is not float:
+        return None
+    dtype = x.dtype
+    if (dtype is not torch.float32 and dtype is not torch.float64) or not x.is_cpu:
+        return None
+    shape = x.shape
+    if (
+        len(shape) < 3
+        or shape[1] != plan.num_channels
+        or not (eps >= 0 and eps < math.inf)
+        or (activation is not None and activation not in _FAST_ACTIVATIONS)
+        or not (_fast_float_param(weight, shape[1]) and _fast_float_param(bias, shape[1]))
+        or forward_ad._current_level >= 0
+        or (
+            torch.is_grad_enabled()
+            and (
+                x.requires_grad
+                or (weight is not None and weight.requires_grad)
+                or (bias is not None and bias.requires_grad)
+            )
+        )
+        or torch.jit.is_tracing()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        or (plan.min_size == 1 and x[0, 0].numel() == 1)  # the validated path warns
+    ):
+        return None
+    y = cpu_kernel.forward_plain(x, plan, weight, bias, eps, activation == "relu")
+    if y is None or activation in (None, "relu"):
+        return y
+    return apply_activation(y, activation)
+
+
+def _fast_float_param(t: object, C: int) -> bool:
+    """None, or a contiguous floating (C,) CPU tensor (what the kernel reads as it is)."""
+    return t is None or (
+        _fast_param(t, C)
+        and cast(torch.Tensor, t).is_floating_point()
+        and cast(torch.Tensor, t).is_contiguous()
+    )
 
 
 def _final_in_kernel(
@@ -727,8 +795,18 @@ def _records_grad(r: Request) -> bool:
 
 
 def _stats(r: Request) -> GroupStats:
-    """The statistics of ``r.x``: from torch's kernel where it is trusted, else exact."""
-    return _stats_native(r.x, r.plan) or compute_stats(r.x, r.plan)
+    """The statistics of ``r.x``: from the fused CPU kernel, else from torch's kernel where it
+    is trusted, else exact."""
+    x = r.x
+    if (
+        not (x.requires_grad and torch.is_grad_enabled())
+        and forward_ad._current_level < 0
+        and _reads_values(x)
+        and cpu_kernel.serves(x)
+    ):
+        mean, var = cpu_kernel.stats(x, r.plan).numpy()
+        return _stats_of_moments(mean, var, r.plan, x)
+    return _stats_native(x, r.plan) or compute_stats(x, r.plan)
 
 
 def _composite(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
@@ -749,6 +827,58 @@ def _composite(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     return y.to(r.x.dtype), (stats if r.return_stats else None)
 
 
+def _fused_serves(r: Request) -> bool:
+    """Whether the fused CPU kernel (:mod:`.cpu_kernel`) serves ``r``: an eager CPU call that
+    autograd does not record, on x of a layout and dtype it reads.
+
+    Half-precision x with an even plan and neither statistics in nor out, in a layout torch's
+    kernel is trusted with, stays with torch's kernel: faster there, and half precision is
+    judged against torch's own kernel."""
+    x = r.x
+    if not (_reads_values(x) and cpu_kernel.serves(x)) or _records_grad(r):
+        return False
+    if x.dtype in (torch.float16, torch.bfloat16):
+        plain = r.stats is None and not r.return_stats and r.plan.is_even
+        return not plain or _trust_limit(x, r.plan) is None
+    return True
+
+
+def _fused(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
+    """y, and the statistics when asked for, from the fused CPU kernel (:func:`_fused_serves`).
+
+    relu is applied in the kernel; silu and gelu after it, on a float32 output for a half x,
+    which is then rounded once."""
+    x, plan, given = r.x, r.plan, r.stats
+    moments = None
+    if given is not None:
+        mean = given.pivot.double() + given.shifted_mean.double()
+        moments = torch.stack((mean, given.m2.double() / given.count.double()))
+    after = r.activation if r.activation in ("silu", "gelu") else None
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    y, moments = cpu_kernel.forward(
+        x,
+        plan,
+        None if r.weight is None else r.weight.contiguous(),
+        None if r.bias is None else r.bias.contiguous(),
+        r.eps,
+        relu=r.activation == "relu",
+        out_dtype=torch.float32 if after is not None and half else x.dtype,
+        moments=moments,
+        want_moments=r.return_stats,
+        scale=None if r.scale is None else r.scale.double().contiguous(),
+        shift=None if r.shift is None else r.shift.double().contiguous(),
+    )
+    if after is not None:
+        y = apply_activation(y, after).to(x.dtype)
+    if not r.return_stats:
+        return y, None
+    if given is not None:
+        return y, given
+    assert moments is not None
+    mean, var = moments.numpy()
+    return y, _stats_of_moments(mean, var, plan, x)
+
+
 def _forward_ad_on_channels_last(x: torch.Tensor) -> bool:
     """torch's kernel has no forward-mode derivative for a non-contiguous input."""
     return forward_ad._current_level >= 0 and not x.is_contiguous()
@@ -761,8 +891,12 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     (:func:`_native_checked`); everywhere else (tracing, transforms, other devices), torch's
     kernel on pivot-shifted input, which needs no check (:mod:`.shifted`). Statistics out, where
     autograd does not record, from the same checked kernel call (:func:`_native_with_stats`).
-    Statistics in or out, and what none of these serves, take the composite path.
+    Statistics in or out, and what none of these serves, take the composite path. The fused
+    CPU kernel, where it is built, serves eager CPU calls that autograd does not record before
+    all of these (:func:`_fused_serves`).
     """
+    if _fused_serves(r):
+        return _fused(r)
     if r.stats is None and not r.return_stats and not _forward_ad_on_channels_last(r.x):
         if _reads_values(r.x):
             y = _native_checked(r)

@@ -1,0 +1,626 @@
+/* Group norm on the CPU, exact at any offset.
+
+   x is (N, C, L) NCHW-contiguous (cl = 0) or (N, L, C) channels-last-contiguous (cl = 1), in
+   float32, float64, bfloat16 or float16; groups are channel ranges offsets[g]..offsets[g+1].
+   Arithmetic is in W (float64 for float64 x, else float32: half precision is widened
+   exactly), sums in float64.
+
+   Statistics, per (n, g), from blocks (NCHW: a range of the group's contiguous elements;
+   channels-last: a range of positions with all channels):
+     e       = x - shift in W, rounded relative to |e|, not to |x|: no loss at an offset;
+             shift is near the block's mean: NCHW the mean of its first SHIFT elements;
+             channels-last the group's first element p plus the group mean of the sample's
+             first block (that block is two-pass: its mean, then its squares around it);
+     one pass S1 = sum(e), S2 = sum(e^2), each lane summing RUN terms in W before float64 takes
+             them (positive e^2 terms: relative error <= RUN ulp of W); m = S1 / n and
+             q = S2 - S1 m lose about 1 + m^2 n / q of that to cancellation, so a block with
+             m^2 n > TRUST q (NaN included) takes a second pass while it is in cache:
+             q = sum((e - m_W)^2) - n (m - m_W)^2, no cancellation;
+     merged  in block order with Chan's formula in float64 (means relative to p), so results
+             do not depend on the thread count: mean = p + m, var = q / count.
+   Output, per element:
+     y = ((x - hi) - lo) * A + B in W, hi + lo = mean (two W numbers: x - hi is rounded
+     relative to |x - mean|), A = rstd * w[c] * (1 + scale[n,c]), B = b[c] * (1 + scale[n,c])
+     + shift[n,c] formed in float64, rstd = 1 / sqrt(var + eps); relu as max(y, 0) with NaN
+     kept; rounded once to y's dtype (x's, or float32 when an epilogue follows).
+
+   Blocks and rows are shared among nthreads OpenMP threads when the tensor is large enough to
+   pay for waking them. Entry points return 0, or -1 for dtypes this build does not serve.
+
+   It is built as the Python extension module groupnorm_cpu_kernel (bottom of the file), whose
+   functions take the tensors' data pointers as ints: a call costs well under a microsecond. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
+
+/* Elements per block: a block read a second time is still in L2. */
+#define BLOCK 16384
+/* Terms each lane sums in W before float64 takes them. */
+#define RUN 8
+/* NCHW blocks sum d = x - shift, shift the mean of their first SHIFT elements, in one pass;
+   the largest m^2 n / q at which that variance is kept (it loses about 1 + that). */
+#define SHIFT 8 /* the tree sum below takes 8 */
+#define TRUST 1.0
+/* Below this many elements one thread does all: waking the others costs more. */
+#define PARALLEL_MIN 65536
+
+typedef struct {
+    double count, mean, m2; /* mean relative to the group's pivot */
+} part_t;
+
+typedef struct {
+    int64_t base, start, len; /* an NCHW block: the group's first element, its own, its length */
+} block_t;
+
+/* for (t = 0; t < tasks; t++) BODY, shared among nthreads OpenMP threads when nthreads > 1;
+   one thread does not enter OpenMP at all (a region costs microseconds even when off). */
+#define FOR_TASKS(t, tasks, ...)                                                            \
+    if (nthreads > 1) {                                                                     \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                  \
+        for (int64_t t = 0; t < (tasks); t++) __VA_ARGS__                                   \
+    } else                                                                                  \
+        for (int64_t t = 0; t < (tasks); t++) __VA_ARGS__
+
+/* Vectors of 8 elements (GCC vector extensions: AVX-512, AVX2 or SSE as the CPU has). */
+typedef float vf __attribute__((vector_size(32)));
+typedef double vd __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(32)));
+typedef uint64_t vq __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(16)));
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(u >> 16 | 0x40u); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + (u >> 16 & 1u)) >> 16); /* nearest, ties to even */
+}
+
+static inline vf load_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline vd load_f64(const double *p) { vd v; memcpy(&v, p, sizeof v); return v; }
+static inline vf load_bf16(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+static inline void store_f32(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline void store_f64(double *p, vd v) { memcpy(p, &v, sizeof v); }
+static inline void store_bf16(uint16_t *p, vf v) {
+    vu u;
+    memcpy(&u, &v, sizeof u);
+    vu nan = (vu)((u & 0x7fffffffu) > 0x7f800000u);
+    vu r = (((u + 0x7fffu + (u >> 16 & 1u)) >> 16) & ~nan) | ((u >> 16 | 0x40u) & nan);
+    vh h = __builtin_convertvector(r, vh);
+    memcpy(p, &h, sizeof h);
+}
+static inline vd wide_f(vf v) { return __builtin_convertvector(v, vd); }
+/* The sum of a vector's lanes as a tree (3 dependent adds, not 8). */
+static inline double lanes(vd v) {
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+static inline vd wide_d(vd v) { return v; }
+/* max(v, 0) with NaN kept. */
+static inline vf relu_f(vf v) {
+    vu u;
+    memcpy(&u, &v, sizeof u);
+    u &= ~(vu)(v < 0);
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+static inline vd relu_d(vd v) {
+    vq u;
+    memcpy(&u, &v, sizeof u);
+    u &= ~(vq)(v < 0);
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+#define F32_IN(v) (v)
+#define F64_IN(v) (v)
+#define BF16_IN(v) bf16_to_float(v)
+#define F32_OUT(v) (v)
+#define F64_OUT(v) (v)
+#define BF16_OUT(v) float_to_bf16(v)
+
+#ifdef __FLT16_MAX__
+#define HAVE_F16 1
+typedef _Float16 f16_t;
+typedef _Float16 vhf __attribute__((vector_size(16)));
+#define F16_IN(v) ((float)(v))
+#define F16_OUT(v) ((_Float16)(v))
+static inline vf load_f16(const f16_t *p) {
+    vhf h;
+    memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, vf);
+}
+static inline void store_f16(f16_t *p, vf v) {
+    vhf h = __builtin_convertvector(v, vhf);
+    memcpy(p, &h, sizeof h);
+}
+#else
+#define HAVE_F16 0
+#endif
+
+static double param(const void *p, int dtype, int64_t i, double none) {
+    if (!p) return none;
+    switch (dtype) {
+    case F32: return ((const float *)p)[i];
+    case F64: return ((const double *)p)[i];
+    case BF16: return bf16_to_float(((const uint16_t *)p)[i]);
+#if HAVE_F16
+    case F16: return (double)((const f16_t *)p)[i];
+#endif
+    default: return NAN;
+    }
+}
+
+/* Chan's merge of parts[0..k) in order; returns the merged (count, mean, m2). */
+static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
+    part_t acc = {0.0, 0.0, 0.0};
+    for (int64_t i = 0; i < k; i++) {
+        const part_t *p = parts + i * stride;
+        double total = acc.count + p->count;
+        double delta = p->mean - acc.mean;
+        acc.mean += delta * (p->count / total);
+        acc.m2 += p->m2 + delta * delta * (acc.count * p->count / total);
+        acc.count = total;
+    }
+    return acc;
+}
+
+/* Per input type S (element T, arithmetic W in vectors VW of 8, IN widens one element to W,
+   LOAD 8 of them, WIDE a VW to float64, LOADW 8 W values):
+   sums_S    S1 = sum(x - p), S2 = sum((x - p)^2) over a contiguous run;
+   m2_S      sum(((x - p) - m)^2) over a contiguous run;
+   stats_nchw_S / stats_cl_S   every block's part, the second pass where the first cancels,
+             merged per (n, g). */
+#define DEFINE_STATS(S, T, W, VW, IN, LOAD, WIDE, LOADW)                                    \
+    static void sums_##S(const T *x, int64_t n, W p, double *s1, double *s2) {             \
+        vd a1 = {0}, a2 = {0};                                                              \
+        int64_t i = 0;                                                                      \
+        for (; i + 32 * RUN <= n; i += 32 * RUN) {                                          \
+            VW f1[4] = {0}, f2[4] = {0};                                                    \
+            for (int j = 0; j < RUN; j++)                                                   \
+                for (int k = 0; k < 4; k++) {                                               \
+                    VW d = LOAD(x + i + 32 * j + 8 * k) - p;                                \
+                    f1[k] += d;                                                             \
+                    f2[k] += d * d;                                                         \
+                }                                                                           \
+            for (int k = 0; k < 4; k++) {                                                   \
+                a1 += WIDE(f1[k]);                                                          \
+                a2 += WIDE(f2[k]);                                                          \
+            }                                                                               \
+        }                                                                                   \
+        for (; i + 8 <= n; i += 8) {                                                        \
+            VW d = LOAD(x + i) - p;                                                         \
+            a1 += WIDE(d);                                                                  \
+            a2 += WIDE(d * d);                                                              \
+        }                                                                                   \
+        double t1 = 0, t2 = 0;                                                              \
+        for (; i < n; i++) {                                                                \
+            double d = (double)(IN(x[i]) - p);                                              \
+            t1 += d;                                                                        \
+            t2 += d * d;                                                                    \
+        }                                                                                   \
+        *s1 = t1 + lanes(a1);                                                               \
+        *s2 = t2 + lanes(a2);                                                               \
+    }                                                                                       \
+    static double m2_##S(const T *x, int64_t n, W p, W m) {                                \
+        vd a2 = {0};                                                                        \
+        int64_t i = 0;                                                                      \
+        for (; i + 32 * RUN <= n; i += 32 * RUN) {                                          \
+            VW f2[4] = {0};                                                                 \
+            for (int j = 0; j < RUN; j++)                                                   \
+                for (int k = 0; k < 4; k++) {                                               \
+                    VW e = (LOAD(x + i + 32 * j + 8 * k) - p) - m;                          \
+                    f2[k] += e * e;                                                         \
+                }                                                                           \
+            for (int k = 0; k < 4; k++) a2 += WIDE(f2[k]);                                  \
+        }                                                                                   \
+        for (; i + 8 <= n; i += 8) {                                                        \
+            VW e = (LOAD(x + i) - p) - m;                                                   \
+            a2 += WIDE(e * e);                                                              \
+        }                                                                                   \
+        double t2 = 0;                                                                      \
+        for (; i < n; i++) {                                                                \
+            double e = (double)((IN(x[i]) - p) - m);                                        \
+            t2 += e * e;                                                                    \
+        }                                                                                   \
+        return t2 + lanes(a2);                                                              \
+    }                                                                                       \
+    static void stats_nchw_##S(const T *x, int64_t N, int64_t C, int64_t L,                 \
+                               const int64_t *offsets, int64_t G, double *mean, double *var, \
+                               int nthreads) {                                              \
+        int64_t NG = N * G, tasks = 0;                                                      \
+        for (int64_t g = 0; g < G; g++)                                                     \
+            tasks += N * (((offsets[g + 1] - offsets[g]) * L + BLOCK - 1) / BLOCK);         \
+        block_t *todo = malloc((size_t)tasks * sizeof(block_t));                            \
+        int64_t *first = malloc((size_t)(NG + 1) * sizeof(int64_t));                       \
+        part_t *parts = malloc((size_t)tasks * sizeof(part_t));                             \
+        int64_t t = 0;                                                                      \
+        for (int64_t n = 0; n < N; n++)                                                     \
+            for (int64_t g = 0; g < G; g++) {                                               \
+                int64_t base = (n * C + offsets[g]) * L, count = (offsets[g + 1] - offsets[g]) * L; \
+                first[n * G + g] = t;                                                       \
+                for (int64_t start = 0; start < count; start += BLOCK)                      \
+                    todo[t++] = (block_t){base, start,                                      \
+                                          count - start < BLOCK ? count - start : BLOCK};   \
+            }                                                                               \
+        first[NG] = t;                                                                      \
+        FOR_TASKS(k, tasks, {                                                               \
+            const T *block = x + todo[k].base + todo[k].start;                              \
+            int64_t len = todo[k].len, h = len < SHIFT ? len : SHIFT;                       \
+            double head[SHIFT] = {0};                                                       \
+            for (int64_t j = 0; j < h; j++) head[j] = (double)IN(block[j]);                 \
+            W shift = (W)((((head[0] + head[4]) + (head[2] + head[6])) +                    \
+                           ((head[1] + head[5]) + (head[3] + head[7]))) / (double)h);       \
+            double s1, s2;                                                                  \
+            sums_##S(block, len, shift, &s1, &s2);                                          \
+            part_t part = {(double)len, s1 / (double)len, s2 - s1 * (s1 / (double)len)};    \
+            if (!(part.mean * part.mean * (double)len <= TRUST * part.m2)) {                \
+                W m = (W)part.mean;                                                         \
+                double r = part.mean - (double)m;                                           \
+                part.m2 = m2_##S(block, len, shift, m) - (double)len * r * r;               \
+            }                                                                               \
+            part.mean += (double)shift - (double)IN(x[todo[k].base]);                       \
+            parts[k] = part;                                                                \
+        })                                                                                  \
+        for (int64_t i = 0; i < NG; i++) {                                                  \
+            part_t acc = merge(parts + first[i], first[i + 1] - first[i], 1);               \
+            mean[i] = (double)IN(x[todo[first[i]].base]) + acc.mean;                        \
+            var[i] = acc.m2 < 0 ? 0.0 : acc.m2 / acc.count; /* NaN kept */                \
+        }                                                                                   \
+        free(parts);                                                                        \
+        free(first);                                                                        \
+        free(todo);                                                                         \
+    }                                                                                       \
+    /* Channels-last, per channel over rows r0..r1: sum(e) into a1 and sum(e^2) into a2 (either \
+       may be NULL), e = (x - pivot) - center (center NULL: 0), RUN rows at a time in W,     \
+       then in float64. */                                                                  \
+    static void rows_##S(const T *slab, int64_t C, int64_t r0, int64_t r1, const W *pivot,  \
+                         const W *center, double *a1, double *a2) {                         \
+        int64_t C8 = C - C % 8;                                                             \
+        for (int64_t r = r0; r < r1; r += RUN) {                                            \
+            int64_t r2 = r + RUN < r1 ? r + RUN : r1;                                       \
+            for (int64_t c = 0; c < C8; c += 8) {                                           \
+                VW pv = LOADW(pivot + c), cv = center ? LOADW(center + c) : (VW){0};        \
+                VW f1 = {0}, f2 = {0};                                                      \
+                if (!a2)                                                                    \
+                    for (int64_t q = r; q < r2; q++) f1 += (LOAD(slab + q * C + c) - pv) - cv; \
+                else if (!a1)                                                               \
+                    for (int64_t q = r; q < r2; q++) {                                      \
+                        VW e = (LOAD(slab + q * C + c) - pv) - cv;                          \
+                        f2 += e * e;                                                        \
+                    }                                                                       \
+                else                                                                        \
+                    for (int64_t q = r; q < r2; q++) {                                      \
+                        VW e = (LOAD(slab + q * C + c) - pv) - cv;                          \
+                        f1 += e;                                                            \
+                        f2 += e * e;                                                        \
+                    }                                                                       \
+                if (a1) store_f64(a1 + c, load_f64(a1 + c) + WIDE(f1));                     \
+                if (a2) store_f64(a2 + c, load_f64(a2 + c) + WIDE(f2));                     \
+            }                                                                               \
+            for (int64_t c = C8; c < C; c++) {                                              \
+                W f1 = 0, f2 = 0;                                                           \
+                for (int64_t q = r; q < r2; q++) {                                          \
+                    W e = (IN(slab[q * C + c]) - pivot[c]) - (center ? center[c] : 0);      \
+                    f1 += e;                                                                \
+                    f2 += e * e;                                                            \
+                }                                                                           \
+                if (a1) a1[c] += f1;                                                        \
+                if (a2) a2[c] += f2;                                                        \
+            }                                                                               \
+        }                                                                                   \
+    }                                                                                       \
+    /* Sum of acc over each group's channels. */                                            \
+    static double fold_##S(const double *acc, const int64_t *offsets, int64_t g) {          \
+        double s = 0;                                                                       \
+        for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) s += acc[c];                  \
+        return s;                                                                           \
+    }                                                                                       \
+    /* A block's parts, two-pass: the group means (relative to the pivot), then the sums of \
+       squares around them (rounded to W: the rounding's n r^2 taken back). centers gets   \
+       each channel's group mean in W. */                                                  \
+    static void two_pass_##S(const T *slab, int64_t C, int64_t r0, int64_t r1,              \
+                             const int64_t *offsets, int64_t G, const W *pivot, W *centers, \
+                             double *a1, double *a2, part_t *out) {                         \
+        memset(a1, 0, (size_t)(2 * C) * sizeof(double));                                    \
+        rows_##S(slab, C, r0, r1, pivot, NULL, a1, NULL);                                   \
+        for (int64_t g = 0; g < G; g++) {                                                   \
+            double n_g = (double)((offsets[g + 1] - offsets[g]) * (r1 - r0));               \
+            double m = fold_##S(a1, offsets, g) / n_g, r = m - (double)(W)m;                \
+            out[g] = (part_t){n_g, m, -n_g * r * r};                                        \
+            for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) centers[c] = (W)m;        \
+        }                                                                                   \
+        rows_##S(slab, C, r0, r1, pivot, centers, NULL, a2);                                \
+        for (int64_t g = 0; g < G; g++) out[g].m2 += fold_##S(a2, offsets, g);              \
+    }                                                                                       \
+    /* Channels-last: block 0 of each sample two-pass; its group means center every other   \
+       block's one pass (the same for any thread count), which takes a second pass only     \
+       where it cancels. */                                                                 \
+    static void stats_cl_##S(const T *x, int64_t N, int64_t C, int64_t L,                   \
+                             const int64_t *offsets, int64_t G, double *mean, double *var,  \
+                             int nthreads) {                                                \
+        int64_t rows = C >= BLOCK / 4 ? 4 : BLOCK / C;                                      \
+        int64_t blocks = (L + rows - 1) / rows;                                             \
+        part_t *parts = malloc((size_t)(N * blocks * G) * sizeof(part_t));                  \
+        W *pivots = malloc((size_t)(2 * N * C) * sizeof(W)), *pilots = pivots + N * C;      \
+        for (int64_t n = 0; n < N; n++)                                                     \
+            for (int64_t g = 0; g < G; g++)                                                 \
+                for (int64_t c = offsets[g]; c < offsets[g + 1]; c++)                       \
+                    pivots[n * C + c] = IN(x[n * L * C + offsets[g]]);                      \
+        FOR_TASKS(n, N, {                                                                   \
+            double *a1 = malloc((size_t)(2 * C) * sizeof(double));                          \
+            two_pass_##S(x + n * L * C, C, 0, rows < L ? rows : L, offsets, G, pivots + n * C, \
+                         pilots + n * C, a1, a1 + C, parts + n * blocks * G);               \
+            free(a1);                                                                       \
+        })                                                                                  \
+        FOR_TASKS(t, N * (blocks - 1), {                                                    \
+            int64_t n = t / (blocks - 1), b = t % (blocks - 1) + 1;                         \
+            const T *slab = x + n * L * C;                                                  \
+            const W *pivot = pivots + n * C, *pilot = pilots + n * C;                       \
+            int64_t r0 = b * rows, r1 = r0 + rows < L ? r0 + rows : L;                      \
+            part_t *out = parts + (n * blocks + b) * G;                                     \
+            double *a1 = calloc((size_t)(2 * C), sizeof(double)), *a2 = a1 + C;             \
+            rows_##S(slab, C, r0, r1, pivot, pilot, a1, a2);                                \
+            int cancels = 0;                                                                \
+            for (int64_t g = 0; g < G; g++) {                                               \
+                double n_g = (double)((offsets[g + 1] - offsets[g]) * (r1 - r0));           \
+                double s1 = fold_##S(a1, offsets, g), m = s1 / n_g;                         \
+                out[g] = (part_t){n_g, (double)pilot[offsets[g]] + m,                       \
+                                  fold_##S(a2, offsets, g) - s1 * m};                       \
+                cancels |= !(m * m * n_g <= TRUST * out[g].m2);                             \
+            }                                                                               \
+            if (cancels) {                                                                  \
+                W *centers = malloc((size_t)C * sizeof(W));                                 \
+                two_pass_##S(slab, C, r0, r1, offsets, G, pivot, centers, a1, a2, out);     \
+                free(centers);                                                              \
+            }                                                                               \
+            free(a1);                                                                       \
+        })                                                                                  \
+        for (int64_t n = 0; n < N; n++)                                                     \
+            for (int64_t g = 0; g < G; g++) {                                               \
+                part_t acc = merge(parts + n * blocks * G + g, blocks, G);                  \
+                mean[n * G + g] = (double)pivots[n * C + offsets[g]] + acc.mean;            \
+                var[n * G + g] = acc.m2 < 0 ? 0.0 : acc.m2 / acc.count;                     \
+            }                                                                               \
+        free(pivots);                                                                       \
+        free(parts);                                                                        \
+    }
+
+/* Per (input, output) pair: y = ((x - hi) - lo) * a + b in W, 8 at a time. NCHW: per (n, c)
+   row of L, in chunks of BLOCK; channels-last: blocks of positions, per-channel coefficients.
+   coef holds (mean, A, B) per (n, c) in float64. */
+#define DEFINE_APPLY(S, T, W, VW, IN, LOAD, LOADW, RELU, O, TO, OUT, STORE)                 \
+    static void apply_##S##_##O(const T *x, TO *y, int64_t N, int64_t C, int64_t L, int cl,  \
+                                const double *coef, int relu, int nthreads) {               \
+        int64_t NC = N * C;                                                                 \
+        W *k = malloc((size_t)(4 * NC) * sizeof(W));                                        \
+        for (int64_t i = 0; i < NC; i++) {                                                  \
+            W hi = (W)coef[3 * i];                                                          \
+            W v[4] = {hi, (W)(coef[3 * i] - (double)hi), (W)coef[3 * i + 1],                \
+                      (W)coef[3 * i + 2]};                                                  \
+            for (int j = 0; j < 4; j++) k[cl ? j * NC + i : 4 * i + j] = v[j];              \
+        }                                                                                   \
+        if (!cl) {                                                                          \
+            int64_t chunks = (L + BLOCK - 1) / BLOCK;                                       \
+            FOR_TASKS(t, NC * chunks, {                                                     \
+                int64_t row = chunks == 1 ? t : t / chunks;                                 \
+                int64_t i0 = (t - row * chunks) * BLOCK;                                    \
+                int64_t i1 = i0 + BLOCK < L ? i0 + BLOCK : L, i = i0;                       \
+                W hi = k[4 * row], lo = k[4 * row + 1], a = k[4 * row + 2], b = k[4 * row + 3]; \
+                const T *xr = x + row * L;                                                  \
+                TO *yr = y + row * L;                                                       \
+                for (; i + 8 <= i1; i += 8) {                                               \
+                    VW v = ((LOAD(xr + i) - hi) - lo) * a + b;                              \
+                    STORE(yr + i, relu ? RELU(v) : v);                                      \
+                }                                                                           \
+                for (; i < i1; i++) {                                                       \
+                    W v = ((IN(xr[i]) - hi) - lo) * a + b;                                  \
+                    yr[i] = OUT(relu && v < 0 ? (W)0 : v);                                  \
+                }                                                                           \
+            })                                                                              \
+        } else {                                                                            \
+            int64_t rows = C >= BLOCK / 4 ? 4 : BLOCK / C, C8 = C - C % 8;                  \
+            int64_t blocks = (L + rows - 1) / rows;                                         \
+            FOR_TASKS(t, N * blocks, {                                                      \
+                int64_t n = t / blocks, r0 = t % blocks * rows;                             \
+                int64_t r1 = r0 + rows < L ? r0 + rows : L;                                 \
+                const W *hi = k + n * C, *lo = hi + NC, *a = lo + NC, *b = a + NC;          \
+                for (int64_t r = r0; r < r1; r++) {                                         \
+                    const T *xr = x + (n * L + r) * C;                                      \
+                    TO *yr = y + (n * L + r) * C;                                           \
+                    for (int64_t c = 0; c < C8; c += 8) {                                   \
+                        VW v = ((LOAD(xr + c) - LOADW(hi + c)) - LOADW(lo + c)) * LOADW(a + c) \
+                               + LOADW(b + c);                                              \
+                        STORE(yr + c, relu ? RELU(v) : v);                                  \
+                    }                                                                       \
+                    for (int64_t c = C8; c < C; c++) {                                      \
+                        W v = ((IN(xr[c]) - hi[c]) - lo[c]) * a[c] + b[c];                  \
+                        yr[c] = OUT(relu && v < 0 ? (W)0 : v);                              \
+                    }                                                                       \
+                }                                                                           \
+            })                                                                              \
+        }                                                                                   \
+        free(k);                                                                            \
+    }
+
+DEFINE_STATS(f32, float, float, vf, F32_IN, load_f32, wide_f, load_f32)
+DEFINE_STATS(f64, double, double, vd, F64_IN, load_f64, wide_d, load_f64)
+DEFINE_STATS(bf16, uint16_t, float, vf, BF16_IN, load_bf16, wide_f, load_f32)
+DEFINE_APPLY(f32, float, float, vf, F32_IN, load_f32, load_f32, relu_f, f32, float, F32_OUT,
+             store_f32)
+DEFINE_APPLY(f64, double, double, vd, F64_IN, load_f64, load_f64, relu_d, f64, double,
+             F64_OUT, store_f64)
+DEFINE_APPLY(bf16, uint16_t, float, vf, BF16_IN, load_bf16, load_f32, relu_f, bf16, uint16_t,
+             BF16_OUT, store_bf16)
+DEFINE_APPLY(bf16, uint16_t, float, vf, BF16_IN, load_bf16, load_f32, relu_f, f32, float,
+             F32_OUT, store_f32)
+#if HAVE_F16
+DEFINE_STATS(f16, f16_t, float, vf, F16_IN, load_f16, wide_f, load_f32)
+DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f16, f16_t, F16_OUT,
+             store_f16)
+DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, float, F32_OUT,
+             store_f32)
+#endif
+
+/* Bit k set: dtype code k is supported by this build. */
+static int gn_dtypes(void) { return 1 << F32 | 1 << F64 | 1 << BF16 | HAVE_F16 << F16; }
+
+/* Per-(n, g) mean and var (float64, (N, G)) of x. */
+static int gn_stats(const void *x, int dtype, int64_t N, int64_t C, int64_t L, int cl,
+             const int64_t *offsets, int64_t G, double *mean, double *var, int nthreads) {
+    if (N * C * L < PARALLEL_MIN) nthreads = 1;
+#define STATS_CASE(CODE, S, T)                                                              \
+    case CODE:                                                                              \
+        if (cl) stats_cl_##S((const T *)x, N, C, L, offsets, G, mean, var, nthreads);         \
+        else stats_nchw_##S((const T *)x, N, C, L, offsets, G, mean, var, nthreads);       \
+        return 0;
+    switch (dtype) {
+    STATS_CASE(F32, f32, float)
+    STATS_CASE(F64, f64, double)
+    STATS_CASE(BF16, bf16, uint16_t)
+#if HAVE_F16
+    STATS_CASE(F16, f16, f16_t)
+#endif
+    default: return -1;
+    }
+}
+
+/* y from x and per-(n, g) mean and var: given (given = 1) or computed here into mean and var. */
+static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, int64_t C, int64_t L,
+               int cl, const int64_t *offsets, int64_t G, const int64_t *group_of,
+               double *mean, double *var, int given, double eps, const void *w, int wtype,
+               const void *b, int btype, const double *scale, const double *shift, int relu,
+               int nthreads) {
+    if (ytype != dtype && (ytype != F32 || dtype == F64)) return -1;
+    if (N * C * L < PARALLEL_MIN) nthreads = 1;
+    double *moments = mean ? NULL : malloc((size_t)(2 * N * G) * sizeof(double));
+    if (moments) {
+        mean = moments;
+        var = moments + N * G;
+    }
+    if (!given && gn_stats(x, dtype, N, C, L, cl, offsets, G, mean, var, nthreads)) {
+        free(moments);
+        return -1;
+    }
+    /* (mean, A, B) per (n, c); rstd per (n, g) and the parameters in float64 first. */
+    double *coef = malloc((size_t)(3 * N * C + N * G + 2 * C) * sizeof(double));
+    double *rstd = coef + 3 * N * C, *wd = rstd + N * G, *bd = wd + C;
+    for (int64_t i = 0; i < N * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);
+    for (int64_t c = 0; c < C; c++) {
+        wd[c] = param(w, wtype, c, 1.0);
+        bd[c] = param(b, btype, c, 0.0);
+    }
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < C; c++) {
+            int64_t i = n * G + group_of[c], j = n * C + c;
+            double s1 = scale ? 1.0 + scale[j] : 1.0;
+            coef[3 * j] = mean[i];
+            coef[3 * j + 1] = wd[c] * rstd[i] * s1;
+            coef[3 * j + 2] = bd[c] * s1 + (shift ? shift[j] : 0.0);
+        }
+#define APPLY_CASE(CODE, S, T)                                                              \
+    case CODE:                                                                              \
+        if (ytype == dtype) apply_##S##_##S((const T *)x, (T *)y, N, C, L, cl, coef, relu, nthreads); \
+        else apply_##S##_f32((const T *)x, (float *)y, N, C, L, cl, coef, relu, nthreads);   \
+        break;
+    int status = 0;
+    switch (dtype) {
+    case F32: apply_f32_f32((const float *)x, (float *)y, N, C, L, cl, coef, relu, nthreads); break;
+    case F64:
+        apply_f64_f64((const double *)x, (double *)y, N, C, L, cl, coef, relu, nthreads);
+        break;
+    APPLY_CASE(BF16, bf16, uint16_t)
+#if HAVE_F16
+    APPLY_CASE(F16, f16, f16_t)
+#endif
+    default: status = -1;
+    }
+    free(coef);
+    free(moments);
+    return status;
+}
+
+/* Python: forward(x, dtype, y, ytype, N, C, L, cl, offsets, G, group_of, mean, var, given, eps,
+   w, wtype, b, btype, scale, shift, relu, nthreads) and stats(x, dtype, N, C, L, cl, offsets,
+   G, mean, var, nthreads), pointers as ints (0: none; forward's mean and var may be 0 when not
+   given), return 0 or -1 as above; dtypes() the bit mask of dtype codes served. The GIL is
+   released while they run. */
+static int ints(PyObject *const *args, Py_ssize_t n, long long *out) {
+    for (Py_ssize_t i = 0; i < n; i++) out[i] = PyLong_AsLongLong(args[i]);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+#define PTR(v) ((void *)(intptr_t)(v))
+
+static PyObject *py_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    long long a[23];
+    if (nargs != 23) {
+        PyErr_SetString(PyExc_TypeError, "forward takes 23 arguments");
+        return NULL;
+    }
+    double eps = PyFloat_AsDouble(args[14]);
+    if (ints(args, 14, a) || ints(args + 15, 8, a + 15)) return NULL;
+    if (eps == -1.0 && PyErr_Occurred()) return NULL;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = gn_forward(PTR(a[0]), (int)a[1], PTR(a[2]), (int)a[3], a[4], a[5], a[6], (int)a[7],
+                        PTR(a[8]), a[9], PTR(a[10]), PTR(a[11]), PTR(a[12]), (int)a[13], eps,
+                        PTR(a[15]), (int)a[16], PTR(a[17]), (int)a[18], PTR(a[19]), PTR(a[20]),
+                        (int)a[21], (int)a[22]);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(status);
+}
+
+static PyObject *py_stats(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    long long a[11];
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "stats takes 11 arguments");
+        return NULL;
+    }
+    if (ints(args, 11, a)) return NULL;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = gn_stats(PTR(a[0]), (int)a[1], a[2], a[3], a[4], (int)a[5], PTR(a[6]), a[7],
+                      PTR(a[8]), PTR(a[9]), (int)a[10]);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(status);
+}
+
+static PyObject *py_dtypes(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyLong_FromLong(gn_dtypes());
+}
+
+static PyMethodDef methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))py_forward, METH_FASTCALL, "group norm forward"},
+    {"stats", (PyCFunction)(void (*)(void))py_stats, METH_FASTCALL, "group statistics"},
+    {"dtypes", py_dtypes, METH_NOARGS, "bit mask of the dtype codes served"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "groupnorm_cpu_kernel", NULL, -1,
+                                    methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit_groupnorm_cpu_kernel(void) { return PyModule_Create(&module); }

@@ -1,0 +1,267 @@
+"""The fused CPU kernel (``cpu_kernel.c``): statistics and output of a group norm in two fused
+stages, exact at any offset, for NCHW- and channels-last-contiguous inputs, any group plan, and
+float32, float64, bfloat16 and float16.
+
+It is C with no torch headers, built with the machine's C compiler at first use (``-O3
+-march=native -fopenmp``, about a second) as a small Python extension module into a per-user
+cache keyed by the source, the compiler, the flags, the Python ABI and the CPU, and called with
+tensors' data pointers; its OpenMP threads follow ``torch.get_num_threads()``. Where it cannot
+be built (no compiler or Python headers), or with ``GROUPNORM_CPU_KERNEL=0``, the torch backend
+keeps its composition of torch's ops; :func:`status` says which, and ``groupnorm check`` prints
+it.
+
+Statistics (float64, per (sample, group)): blocks of at most 16384 elements, each summed around
+a shift near its mean and, where that cancels, a second time around its mean while in cache;
+blocks are merged with Chan's formula in a fixed order, so results do not depend on the thread
+count. Output: ``y = (x - mean) * A + B`` with the mean as two float32 numbers,
+``A = rstd * w * (1 + scale)``, ``B = b * (1 + scale) + shift``, rounded once to y's dtype
+(relu applied before rounding). The C file's header has the error analysis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from groupnorm.groups import GroupPlan
+
+__all__ = ["forward", "library", "serves", "stats", "status"]
+
+_SOURCE = Path(__file__).with_name("cpu_kernel.c")
+_NAME = "groupnorm_cpu_kernel"
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
+_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+_why_not: list[str] = []
+
+
+def _cache_dir() -> Path:
+    """``$GROUPNORM_CACHE_DIR``, else ``$XDG_CACHE_HOME/groupnorm`` (``~/.cache/groupnorm``)."""
+    given = os.environ.get("GROUPNORM_CACHE_DIR")
+    if given:
+        return Path(given)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "groupnorm"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (-march=native code must not run on a CPU that lacks them)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build() -> Path:
+    """The kernel's extension module, compiled unless the cache holds it. Raises OSError or
+    subprocess.CalledProcessError where it cannot be built."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise OSError("no C compiler: neither $CC nor cc nor gcc is on PATH")
+    include = sysconfig.get_paths()["include"]
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        raise OSError(f"no Python headers (Python.h) in {include}")
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    source = _SOURCE.read_bytes()
+    key = repr((cc, _FLAGS, include, suffix, platform.machine(), _cpu_flags())).encode()
+    digest = hashlib.sha256(source + key).hexdigest()[:16]
+    path = _cache_dir() / f"cpu_kernel-{digest}{suffix}"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside, then renamed: processes building at once never load a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [cc, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+@cache
+def library() -> ModuleType | None:
+    """The loaded kernel module, or None where it is switched off or cannot be built
+    (:func:`status` says why)."""
+    if os.environ.get("GROUPNORM_CPU_KERNEL", "1") == "0":
+        _why_not.append("switched off by GROUPNORM_CPU_KERNEL=0")
+        return None
+    try:
+        path = _build()
+        spec = importlib.util.spec_from_file_location(_NAME, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except subprocess.CalledProcessError as e:
+        _why_not.append(f"the C compiler failed: {e.stderr.strip()[-500:]}")
+        return None
+    except (OSError, ImportError, subprocess.SubprocessError) as e:
+        _why_not.append(f"cannot build or load it: {e}")
+        return None
+    return module
+
+
+@cache
+def _dtypes() -> frozenset[torch.dtype]:
+    lib = library()
+    mask = 0 if lib is None else lib.dtypes()
+    return frozenset(d for d, code in _CODES.items() if mask >> code & 1)
+
+
+def status() -> str:
+    """One line: whether the kernel is in use, or why not."""
+    if library() is not None:
+        return "fused CPU kernel: built and in use"
+    return f"fused CPU kernel: not in use ({_why_not[-1]}); torch's ops serve the CPU instead"
+
+
+def layout(x: torch.Tensor) -> int | None:
+    """0 for NCHW-contiguous x (N, C, *S), 1 for channels-last-contiguous x (as (N, *S, C)),
+    None for any other layout. Strides of size-1 dimensions do not matter to the kernel."""
+    if x.is_contiguous():
+        return 0
+    if x.dim() > 2 and x.movedim(1, -1).is_contiguous():
+        return 1
+    return None
+
+
+def serves(x: torch.Tensor) -> bool:
+    """Whether the kernel can run on x: built, a non-empty CPU tensor of a float dtype in a
+    layout it reads (:func:`layout`). The caller makes sure autograd records nothing."""
+    return (
+        x.device.type == "cpu"
+        and library() is not None
+        and x.dtype in _dtypes()
+        and x.numel() > 0
+        and layout(x) is not None
+    )
+
+
+def _plan_arrays(plan: GroupPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's offsets (G + 1) and channel groups (C) as int64 tensors, kept with the plan."""
+    kept = plan.index_cache.get(_NAME)
+    if kept is None:
+        kept = plan.index_cache[_NAME] = (
+            torch.tensor(plan.offsets, dtype=torch.int64),
+            torch.tensor(plan.channel_group, dtype=torch.int64),
+        )
+    return kept  # type: ignore[return-value]
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _code(t: torch.Tensor | None) -> int:
+    return 0 if t is None else _CODES[t.dtype]
+
+
+def _shape(x: torch.Tensor) -> tuple[int, int, int]:
+    N, C = x.shape[:2]
+    return N, C, x.numel() // (N * C)
+
+
+def stats(x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+    """float64 (2, N, G): each (sample, group)'s mean and biased variance of x, which
+    :func:`serves` accepts."""
+    lib = library()
+    assert lib is not None
+    N, C, L = _shape(x)
+    off, _ = _plan_arrays(plan)
+    out = torch.empty((2, N, plan.num_groups), dtype=torch.float64)
+    lib.stats(
+        x.data_ptr(), _CODES[x.dtype], N, C, L, layout(x), off.data_ptr(), plan.num_groups,
+        out[0].data_ptr(), out[1].data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def forward_plain(
+    x: torch.Tensor,
+    plan: GroupPlan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    relu: bool,
+) -> torch.Tensor | None:
+    """:func:`forward`'s y with nothing but weight, bias and relu, or None where the kernel is
+    not built or does not read x's layout (the hot path of a module call: checks its caller
+    has made are not made again)."""
+    lib = library()
+    cl = layout(x)
+    if lib is None or cl is None or not x.numel():
+        return None
+    N, C = x.shape[:2]
+    off, group_of = _plan_arrays(plan)
+    y = torch.empty_like(x)
+    code = _CODES[x.dtype]
+    lib.forward(
+        x.data_ptr(), code, y.data_ptr(), code, N, C, x.numel() // (N * C), cl, off.data_ptr(),
+        plan.num_groups, group_of.data_ptr(), 0, 0, 0, eps, _ptr(weight), _code(weight),
+        _ptr(bias), _code(bias), 0, 0, relu, torch.get_num_threads(),
+    )  # fmt: skip
+    return y
+
+
+def forward(
+    x: torch.Tensor,
+    plan: GroupPlan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    *,
+    relu: bool = False,
+    out_dtype: torch.dtype | None = None,
+    moments: torch.Tensor | None = None,
+    want_moments: bool = False,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(y, moments)`` for x (N, C, *S) that :func:`serves` accepts: y in x's memory format and
+    ``out_dtype`` (x's dtype, or float32 for a half x whose epilogue follows); moments the
+    float64 (2, N, G) mean and variance used: those given, else computed (None unless
+    ``want_moments``).
+
+    weight and bias: (C,) contiguous CPU tensors of any float dtype; scale and shift: (N, C)
+    float64 contiguous."""
+    lib = library()
+    assert lib is not None
+    N, C, L = _shape(x)
+    G = plan.num_groups
+    off, group_of = _plan_arrays(plan)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    y = torch.empty_like(x, dtype=out_dtype)
+    given = moments is not None
+    if moments is None and want_moments:
+        moments = torch.empty((2, N, G), dtype=torch.float64)
+    mean, var = (0, 0) if moments is None else (moments[0].data_ptr(), moments[1].data_ptr())
+    code = lib.forward(
+        x.data_ptr(), _CODES[x.dtype], y.data_ptr(), _CODES[out_dtype], N, C, L, layout(x),
+        off.data_ptr(), G, group_of.data_ptr(), mean, var, given, eps, _ptr(weight),
+        _code(weight), _ptr(bias), _code(bias), _ptr(scale), _ptr(shift), relu,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if code:
+        raise RuntimeError(f"cpu_kernel: unsupported dtypes {x.dtype} -> {out_dtype}")
+    return y, moments

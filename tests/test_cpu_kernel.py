@@ -1,0 +1,270 @@
+"""The fused CPU kernel (groupnorm/backends/cpu_kernel.c) against the float64 reference.
+
+Every call here is one autograd does not record (the kernel serves no other), checked to have
+reached the kernel, in both layouts, every dtype, every kind of plan, every epilogue, with
+statistics in and out, at offsets far past the spread, and at sizes that cross its blocks and
+its thread split.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import groupnorm
+from groupnorm.backends import cpu_kernel, torch_ops
+from groupnorm.functional import resolve_plan
+from tests._inputs import make_x, rand, reference
+from tests._tolerances import assert_matches
+
+BUILT = cpu_kernel.library() is not None
+needs_kernel = pytest.mark.skipif(not BUILT, reason=cpu_kernel.status())
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def test_kernel_is_built_where_a_compiler_and_python_headers_exist() -> None:
+    """CI has both: the kernel must build there, or the tests below would all skip."""
+    has_cc = any(shutil.which(c) for c in ("cc", "gcc"))
+    has_headers = os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
+    if os.environ.get("GROUPNORM_CPU_KERNEL") == "0" or not (has_cc and has_headers):
+        pytest.skip("switched off, or no compiler / Python headers here")
+    assert BUILT, cpu_kernel.status()
+    assert "in use" in cpu_kernel.status()
+
+
+@contextmanager
+def _kernel_calls() -> Iterator[list[int]]:
+    """Counts calls that reached the kernel (either entry)."""
+    calls = [0]
+
+    def counted(f: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return f(*args, **kwargs)
+
+        return wrapper
+
+    with (
+        mock.patch.object(cpu_kernel, "forward", counted(cpu_kernel.forward)),
+        mock.patch.object(cpu_kernel, "forward_plain", counted(cpu_kernel.forward_plain)),
+    ):
+        yield calls
+
+
+def _plan_kw(kind: str, C: int, data: st.DataObject) -> dict[str, Any]:
+    divisors = [d for d in range(1, C + 1) if C % d == 0]
+    if kind == "num_groups":
+        return {"num_groups": data.draw(st.sampled_from(divisors))}
+    if kind == "uneven":
+        return {"num_groups": data.draw(st.integers(1, C)), "uneven": True}
+    cuts = sorted(data.draw(st.sets(st.integers(1, C - 1), max_size=C - 1))) if C > 1 else []
+    bounds = [0, *cuts, C]
+    return {"group_sizes": [b - a for a, b in zip(bounds, bounds[1:], strict=False)]}
+
+
+@needs_kernel
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    N=st.integers(1, 3),
+    C=st.integers(1, 40),
+    spatial=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    layout=st.sampled_from(["nchw", "channels_last"]),
+    dtype=st.sampled_from(DTYPES),
+    kind=st.sampled_from(["num_groups", "uneven", "group_sizes"]),
+    activation=st.sampled_from([None, "relu", "silu", "gelu"]),
+    epilogue=st.sampled_from(["none", "affine", "affine_float32", "scale_shift"]),
+    offset=st.sampled_from([0.0, 30.0, 1e4]),
+    data=st.data(),
+)
+def test_property_kernel_matches_float64(
+    N: int,
+    C: int,
+    spatial: list[int],
+    layout: str,
+    dtype: torch.dtype,
+    kind: str,
+    activation: str | None,
+    epilogue: str,
+    offset: float,
+    data: st.DataObject,
+) -> None:
+    if dtype in (torch.float16, torch.bfloat16) and offset > 100:
+        offset = 30.0  # half precision cannot hold 1e4 + a unit spread
+    if dtype == torch.float64 and offset > 100:
+        offset = 100.0  # 1e4 * 2^-52 is the float64 bound itself: the input's own rounding
+    shape = (N, C, *spatial)
+    plan_kw = _plan_kw(kind, C, data)
+    plan = resolve_plan(C, **plan_kw)
+    seed = data.draw(st.integers(0, 2**16))
+    x = make_x(shape, dtype, layout, seed=seed, loc=offset)
+    kw: dict[str, Any] = {"activation": activation}
+    if epilogue != "none":
+        param_dtype = torch.float32 if epilogue == "affine_float32" else dtype
+        kw["weight"], kw["bias"] = (
+            rand((C,), param_dtype, seed + 1),
+            rand((C,), param_dtype, seed + 2),
+        )
+    if epilogue == "scale_shift":
+        kw["scale"], kw["shift"] = (
+            rand((N, C), dtype, seed + 3) * 0.5,
+            rand((N, C), dtype, seed + 4),
+        )
+    with torch.no_grad(), _kernel_calls() as calls, warnings.catch_warnings():
+        warnings.simplefilter("ignore", groupnorm.SingleElementGroupWarning)
+        y, stats = groupnorm.group_norm(x, **plan_kw, **kw, return_stats=True)
+        y_plain = groupnorm.group_norm(x, **plan_kw, **kw)
+    half = dtype in (torch.float16, torch.bfloat16)
+    # Half precision with an even plan, no statistics and a layout torch's kernel is trusted
+    # with stays with torch's kernel.
+    torch_serves = half and plan.is_even and torch_ops._trust_limit(x, plan) is not None
+    assert calls[0] == (1 if torch_serves else 2)
+    expected, cache = reference(x, plan, **kw)
+    count = max(plan.sizes) * math.prod(spatial)
+    for out in (y, y_plain):
+        assert out.dtype == dtype
+        assert out.is_contiguous() == x.is_contiguous()
+        assert out.movedim(1, -1).is_contiguous() == x.movedim(1, -1).is_contiguous()
+        assert_matches(out, expected, dtype, reduction=count)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert_matches(stats.mean, cache.mean, acc, reduction=count, what="mean")
+    assert_matches(stats.var, cache.var, acc, reduction=count, what="var")
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    ("shape", "plan_kw"),
+    [
+        ((2, 8, 96, 97), {"num_groups": 2}),  # groups of 37,248: three NCHW blocks
+        ((1, 3, 130, 131), {"num_groups": 1}),  # one group, odd sizes, many channels-last blocks
+        ((2, 48, 40, 40), {"num_groups": 20, "uneven": True}),
+        ((3, 4, 5, 6, 7), {"group_sizes": [3, 1]}),  # 3-D spatial
+    ],
+)
+def test_blocks_and_threads_hold_the_bound_at_an_offset(
+    layout: str, shape: tuple[int, ...], plan_kw: dict[str, Any]
+) -> None:
+    """Past one block, at 1e4 spreads of offset, float32; identical results at 1 and 2
+    threads (the blocks and their merge order do not depend on the thread count)."""
+    x = make_x(shape, torch.float32, layout, seed=7, loc=1e4, std=1.0)
+    C = shape[1]
+    w, b = rand((C,), torch.float32, 1), rand((C,), torch.float32, 2)
+    plan = resolve_plan(C, **plan_kw)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            with torch.no_grad(), _kernel_calls() as calls:
+                outs.append(groupnorm.group_norm(x, weight=w, bias=b, **plan_kw, return_stats=True))
+            assert calls[0] == 1
+    finally:
+        torch.set_num_threads(threads)
+    (y1, s1), (y2, s2) = outs
+    assert torch.equal(y1, y2)
+    assert torch.equal(s1.mean, s2.mean) and torch.equal(s1.var, s2.var)
+    expected, cache = reference(x, plan, w, b)
+    count = max(plan.sizes) * math.prod(shape[2:])
+    assert_matches(y1, expected, torch.float32, reduction=count)
+    assert_matches(s1.var, cache.var, torch.float32, reduction=count, what="var")
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_regression_an_outlier_first_element_is_exact(layout: str, dtype: torch.dtype) -> None:
+    """The first element of each group is the channels-last pivot and starts the NCHW shift:
+    10^4 spreads away from the rest, the one-pass sums would cancel; the kernel's check sends
+    such blocks through a second pass."""
+    x = make_x((2, 6, 70, 70), dtype, layout, seed=3, std=1.0)
+    x[:, 0, 0, 0] = 1e4
+    x[:, 3, 0, 0] = -2e4
+    plan = resolve_plan(6, 2)
+    with torch.no_grad(), _kernel_calls() as calls:
+        y = groupnorm.group_norm(x, 2)
+    assert calls[0] == 1
+    expected, _ = reference(x, plan)
+    assert_matches(y, expected, dtype, reduction=3 * 70 * 70)
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_nonfinite_value_stays_in_its_group(layout: str, bad: float) -> None:
+    x = make_x((2, 8, 40, 40), torch.float32, layout, seed=5, loc=1e3)
+    x[1, 2, 3, 4] = bad
+    with torch.no_grad():
+        y = groupnorm.group_norm(x, 4)
+    expected, _ = reference(x[:1], resolve_plan(8, 4))
+    assert_matches(y[:1], expected, torch.float32, reduction=2 * 1600)
+    assert torch.isfinite(y[1, :2]).all() and torch.isfinite(y[1, 4:]).all()
+    assert not torch.isfinite(y[1, 2:4]).any()
+
+
+@needs_kernel
+def test_given_statistics_of_the_whole_normalize_a_part() -> None:
+    """stats= on the kernel: a tile normalized with the merged statistics of all tiles equals
+    the whole tensor normalized (tiled VAE decoding)."""
+    x = make_x((2, 12, 32, 48), torch.float32, "channels_last", seed=9, loc=200.0)
+    tiles = x[..., :20], x[..., 20:]
+    stats = groupnorm.merge_stats(*(groupnorm.group_stats(t, 3) for t in tiles))
+    w, b = rand((12,), torch.float32, 1), rand((12,), torch.float32, 2)
+    with torch.no_grad(), _kernel_calls() as calls:
+        part = groupnorm.group_norm(tiles[1].contiguous(), 3, w, b, stats=stats)
+    assert calls[0] == 1
+    expected, _ = reference(x, resolve_plan(12, 3), w, b)
+    assert_matches(part, expected[..., 20:], torch.float32, reduction=4 * 32 * 48)
+
+
+def _python(code: str, **env: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout
+
+
+def test_switched_off_the_torch_path_serves_and_says_so() -> None:
+    out = _python(
+        "import torch, groupnorm\n"
+        "from groupnorm.backends import cpu_kernel\n"
+        "x = torch.randn(2, 8, 5, 5) + 1e3\n"
+        "with torch.no_grad():\n"
+        "    y = groupnorm.group_norm(x, 4)\n"
+        "print(cpu_kernel.status())\n"
+        "print(float((y - torch.nn.functional.group_norm(x.double(), 4)).abs().max()))\n",
+        GROUPNORM_CPU_KERNEL="0",
+    )
+    status, err = out.strip().splitlines()
+    assert "not in use (switched off by GROUPNORM_CPU_KERNEL=0)" in status
+    assert float(err) < 1e-5
+
+
+def test_a_failed_build_is_reported_and_nothing_breaks(tmp_path: Any) -> None:
+    out = _python(
+        "import torch, groupnorm\n"
+        "from groupnorm.backends import cpu_kernel\n"
+        "with torch.no_grad():\n"
+        "    groupnorm.group_norm(torch.randn(2, 8, 5, 5), 4)\n"
+        "print(cpu_kernel.status())\n",
+        CC="false",
+        GROUPNORM_CACHE_DIR=str(tmp_path),
+    )
+    assert "not in use (the C compiler failed" in out
