@@ -48,12 +48,19 @@ _why_not: list[str] = []
 
 
 def _cache_dir() -> Path:
-    """``$GROUPNORM_CACHE_DIR``, else ``$XDG_CACHE_HOME/groupnorm`` (``~/.cache/groupnorm``)."""
+    """``$GROUPNORM_CACHE_DIR``, else ``$XDG_CACHE_HOME/groupnorm`` (``~/.cache/groupnorm``),
+    else, where that cannot be written, a folder of this user's in the temporary directory."""
     given = os.environ.get("GROUPNORM_CACHE_DIR")
     if given:
         return Path(given)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "groupnorm"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "groupnorm"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if os.access(base, os.W_OK):
+            return base
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"groupnorm-{os.getuid()}"
 
 
 def _cpu_flags() -> str:

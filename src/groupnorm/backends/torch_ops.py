@@ -13,6 +13,11 @@ Normalization folds everything per (n, c) into one multiply-add on ``xs``:
 ``a = rstd * gamma * (1 + scale)``, ``b = (beta - mean_g * rstd * gamma) * (1 + scale) + shift``,
 ``y = act(xs * a + b)``.
 
+On an eager CPU call that autograd does not record, the fused CPU kernel (:mod:`.cpu_kernel`)
+serves y and statistics in and out, exact with no check, wherever it is built; half-precision
+input with an even plan and neither statistics in nor out, in a layout torch's kernel is trusted
+with, stays with torch's kernel. The rest of this docstring is what serves the calls it does not.
+
 On an eager CPU call that autograd does not record, statistics out come from torch's kernel
 wherever its mean is trusted (below): the variance as ``rstd^-2 - eps`` from the call that
 makes y while it is at least eps, else from a call at eps = 0. y from given statistics is one
