@@ -149,7 +149,8 @@ def test_property_kernel_matches_float64(
 @pytest.mark.parametrize(
     ("shape", "plan_kw"),
     [
-        ((2, 8, 96, 97), {"num_groups": 2}),  # groups of 37,248: three NCHW blocks
+        ((2, 8, 96, 97), {"num_groups": 2}),  # groups of 37,248: three NCHW blocks, fused
+        ((1, 4, 160, 160), {"num_groups": 1}),  # 102,400: past FUSED_MAX, two stages
         ((1, 3, 130, 131), {"num_groups": 1}),  # one group, odd sizes, many channels-last blocks
         ((2, 48, 40, 40), {"num_groups": 20, "uneven": True}),
         ((3, 4, 5, 6, 7), {"group_sizes": [3, 1]}),  # 3-D spatial

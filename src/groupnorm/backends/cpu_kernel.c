@@ -48,6 +48,9 @@ enum { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
    the largest m^2 n / q at which that variance is kept (it loses about 1 + that). */
 #define SHIFT 8 /* the tree sum below takes 8 */
 #define TRUST 1.0
+/* NCHW groups of at most this many elements are normalized right after their statistics,
+   while in L2 (256 KB of float32): x is read from memory once. A multiple of BLOCK. */
+#define FUSED_MAX 65536
 /* Below this many elements one thread does all: waking the others costs more. */
 #define PARALLEL_MIN 65536
 
@@ -170,6 +173,14 @@ static double param(const void *p, int dtype, int64_t i, double none) {
     }
 }
 
+/* A, B of y = (x - mean) * A + B for element j = n * C + c (float64). */
+static inline void affine(double rstd, double w, double b, const double *scale,
+                          const double *shift, int64_t j, double *a, double *bb) {
+    double s1 = scale ? 1.0 + scale[j] : 1.0;
+    *a = w * rstd * s1;
+    *bb = b * s1 + (shift ? shift[j] : 0.0);
+}
+
 /* Chan's merge of parts[0..k) in order; returns the merged (count, mean, m2). */
 static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
     part_t acc = {0.0, 0.0, 0.0};
@@ -244,6 +255,25 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
         }                                                                                   \
         return t2 + lanes(a2);                                                              \
     }                                                                                       \
+    /* A contiguous block's part around pivot: summed around the mean of its first SHIFT     \
+       elements, a second pass where that cancels. */                                       \
+    static part_t part_##S(const T *block, int64_t len, double pivot) {                    \
+        int64_t h = len < SHIFT ? len : SHIFT;                                              \
+        double head[SHIFT] = {0};                                                           \
+        for (int64_t j = 0; j < h; j++) head[j] = (double)IN(block[j]);                     \
+        W shift = (W)((((head[0] + head[4]) + (head[2] + head[6])) +                        \
+                       ((head[1] + head[5]) + (head[3] + head[7]))) / (double)h);           \
+        double s1, s2;                                                                      \
+        sums_##S(block, len, shift, &s1, &s2);                                              \
+        part_t part = {(double)len, s1 / (double)len, s2 - s1 * (s1 / (double)len)};        \
+        if (!(part.mean * part.mean * (double)len <= TRUST * part.m2)) {                    \
+            W m = (W)part.mean;                                                             \
+            double r = part.mean - (double)m;                                               \
+            part.m2 = m2_##S(block, len, shift, m) - (double)len * r * r;                   \
+        }                                                                                   \
+        part.mean += (double)shift - pivot;                                                 \
+        return part;                                                                        \
+    }                                                                                       \
     static void stats_nchw_##S(const T *x, int64_t N, int64_t C, int64_t L,                 \
                                const int64_t *offsets, int64_t G, double *mean, double *var, \
                                int nthreads) {                                              \
@@ -264,22 +294,8 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
             }                                                                               \
         first[NG] = t;                                                                      \
         FOR_TASKS(k, tasks, {                                                               \
-            const T *block = x + todo[k].base + todo[k].start;                              \
-            int64_t len = todo[k].len, h = len < SHIFT ? len : SHIFT;                       \
-            double head[SHIFT] = {0};                                                       \
-            for (int64_t j = 0; j < h; j++) head[j] = (double)IN(block[j]);                 \
-            W shift = (W)((((head[0] + head[4]) + (head[2] + head[6])) +                    \
-                           ((head[1] + head[5]) + (head[3] + head[7]))) / (double)h);       \
-            double s1, s2;                                                                  \
-            sums_##S(block, len, shift, &s1, &s2);                                          \
-            part_t part = {(double)len, s1 / (double)len, s2 - s1 * (s1 / (double)len)};    \
-            if (!(part.mean * part.mean * (double)len <= TRUST * part.m2)) {                \
-                W m = (W)part.mean;                                                         \
-                double r = part.mean - (double)m;                                           \
-                part.m2 = m2_##S(block, len, shift, m) - (double)len * r * r;               \
-            }                                                                               \
-            part.mean += (double)shift - (double)IN(x[todo[k].base]);                       \
-            parts[k] = part;                                                                \
+            parts[k] = part_##S(x + todo[k].base + todo[k].start, todo[k].len,             \
+                                (double)IN(x[todo[k].base]));                               \
         })                                                                                  \
         for (int64_t i = 0; i < NG; i++) {                                                  \
             part_t acc = merge(parts + first[i], first[i + 1] - first[i], 1);               \
@@ -409,6 +425,47 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
    row of L, in chunks of BLOCK; channels-last: blocks of positions, per-channel coefficients.
    coef holds (mean, A, B) per (n, c) in float64. */
 #define DEFINE_APPLY(S, T, W, VW, IN, LOAD, LOADW, RELU, O, TO, OUT, STORE)                 \
+    static void row_##S##_##O(const T *xr, TO *yr, int64_t i0, int64_t i1, W hi, W lo, W a,  \
+                              W b, int relu) {                                              \
+        int64_t i = i0;                                                                     \
+        for (; i + 8 <= i1; i += 8) {                                                       \
+            VW v = ((LOAD(xr + i) - hi) - lo) * a + b;                                      \
+            STORE(yr + i, relu ? RELU(v) : v);                                              \
+        }                                                                                   \
+        for (; i < i1; i++) {                                                               \
+            W v = ((IN(xr[i]) - hi) - lo) * a + b;                                          \
+            yr[i] = OUT(relu && v < 0 ? (W)0 : v);                                          \
+        }                                                                                   \
+    }                                                                                       \
+    /* NCHW, every group within FUSED_MAX elements: per (n, g) its statistics, then its     \
+       output while the group is in cache, so x is read from memory once. The same blocks,  \
+       merge and coefficients as the two-stage path: the same result. */                   \
+    static void fused_##S##_##O(const T *x, TO *y, int64_t N, int64_t C, int64_t L,          \
+                                const int64_t *offsets, int64_t G, double *mean, double *var, \
+                                double eps, const double *wd, const double *bd,             \
+                                const double *scale, const double *shift, int relu,         \
+                                int nthreads) {                                             \
+        FOR_TASKS(i, N * G, {                                                               \
+            int64_t n = i / G, g = i - n * G, base = (n * C + offsets[g]) * L;              \
+            int64_t count = (offsets[g + 1] - offsets[g]) * L, k = 0;                       \
+            part_t parts[FUSED_MAX / BLOCK];                                                \
+            for (int64_t start = 0; start < count; start += BLOCK)                          \
+                parts[k++] = part_##S(x + base + start,                                     \
+                                      count - start < BLOCK ? count - start : BLOCK,        \
+                                      (double)IN(x[base]));                                 \
+            part_t acc = merge(parts, k, 1);                                                \
+            mean[i] = (double)IN(x[base]) + acc.mean;                                       \
+            var[i] = acc.m2 < 0 ? 0.0 : acc.m2 / acc.count;                                 \
+            double rstd = 1.0 / sqrt(var[i] + eps);                                         \
+            W hi = (W)mean[i], lo = (W)(mean[i] - (double)hi);                              \
+            for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) {                         \
+                double a, b;                                                                \
+                affine(rstd, wd[c], bd[c], scale, shift, n * C + c, &a, &b);                \
+                row_##S##_##O(x + (n * C + c) * L, y + (n * C + c) * L, 0, L, hi, lo, (W)a, \
+                              (W)b, relu);                                                  \
+            }                                                                               \
+        })                                                                                  \
+    }                                                                                       \
     static void apply_##S##_##O(const T *x, TO *y, int64_t N, int64_t C, int64_t L, int cl,  \
                                 const double *coef, int relu, int nthreads) {               \
         int64_t NC = N * C;                                                                 \
@@ -424,18 +481,9 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
             FOR_TASKS(t, NC * chunks, {                                                     \
                 int64_t row = chunks == 1 ? t : t / chunks;                                 \
                 int64_t i0 = (t - row * chunks) * BLOCK;                                    \
-                int64_t i1 = i0 + BLOCK < L ? i0 + BLOCK : L, i = i0;                       \
-                W hi = k[4 * row], lo = k[4 * row + 1], a = k[4 * row + 2], b = k[4 * row + 3]; \
-                const T *xr = x + row * L;                                                  \
-                TO *yr = y + row * L;                                                       \
-                for (; i + 8 <= i1; i += 8) {                                               \
-                    VW v = ((LOAD(xr + i) - hi) - lo) * a + b;                              \
-                    STORE(yr + i, relu ? RELU(v) : v);                                      \
-                }                                                                           \
-                for (; i < i1; i++) {                                                       \
-                    W v = ((IN(xr[i]) - hi) - lo) * a + b;                                  \
-                    yr[i] = OUT(relu && v < 0 ? (W)0 : v);                                  \
-                }                                                                           \
+                int64_t i1 = i0 + BLOCK < L ? i0 + BLOCK : L;                               \
+                const W *kr = k + 4 * row;                                                  \
+                row_##S##_##O(x + row * L, y + row * L, i0, i1, kr[0], kr[1], kr[2], kr[3], relu); \
             })                                                                              \
         } else {                                                                            \
             int64_t rows = C >= BLOCK / 4 ? 4 : BLOCK / C, C8 = C - C % 8;                  \
@@ -505,44 +553,73 @@ static int gn_stats(const void *x, int dtype, int64_t N, int64_t C, int64_t L, i
 }
 
 /* y from x and per-(n, g) mean and var: given (given = 1) or computed here into mean and var. */
-static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, int64_t C, int64_t L,
-               int cl, const int64_t *offsets, int64_t G, const int64_t *group_of,
-               double *mean, double *var, int given, double eps, const void *w, int wtype,
-               const void *b, int btype, const double *scale, const double *shift, int relu,
-               int nthreads) {
+static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, int64_t C,
+                      int64_t L, int cl, const int64_t *offsets, int64_t G,
+                      const int64_t *group_of, double *mean, double *var, int given, double eps,
+                      const void *w, int wtype, const void *b, int btype, const double *scale,
+                      const double *shift, int relu, int nthreads) {
     if (ytype != dtype && (ytype != F32 || dtype == F64)) return -1;
     if (N * C * L < PARALLEL_MIN) nthreads = 1;
-    double *moments = mean ? NULL : malloc((size_t)(2 * N * G) * sizeof(double));
-    if (moments) {
-        mean = moments;
-        var = moments + N * G;
-    }
-    if (!given && gn_stats(x, dtype, N, C, L, cl, offsets, G, mean, var, nthreads)) {
-        free(moments);
-        return -1;
-    }
-    /* (mean, A, B) per (n, c); rstd per (n, g) and the parameters in float64 first. */
-    double *coef = malloc((size_t)(3 * N * C + N * G + 2 * C) * sizeof(double));
-    double *rstd = coef + 3 * N * C, *wd = rstd + N * G, *bd = wd + C;
-    for (int64_t i = 0; i < N * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);
+    int64_t largest = 0;
+    for (int64_t g = 0; g < G; g++)
+        if (offsets[g + 1] - offsets[g] > largest) largest = offsets[g + 1] - offsets[g];
+    /* The parameters in float64, the moments' scratch where the caller wants none, then the
+       coefficients (mean, A, B) per (n, c) and rstd per (n, g). */
+    double *work = malloc((size_t)(2 * C + 2 * N * G + 3 * N * C + N * G) * sizeof(double));
+    double *wd = work, *bd = wd + C, *coef = bd + C + 2 * N * G, *rstd = coef + 3 * N * C;
     for (int64_t c = 0; c < C; c++) {
         wd[c] = param(w, wtype, c, 1.0);
         bd[c] = param(b, btype, c, 0.0);
     }
+    if (!mean) {
+        mean = bd + C;
+        var = mean + N * G;
+    }
+    int status = 0;
+#define FUSED_CASE(CODE, S, T)                                                              \
+    case CODE:                                                                              \
+        if (ytype == dtype)                                                                 \
+            fused_##S##_##S((const T *)x, (T *)y, N, C, L, offsets, G, mean, var, eps, wd, bd, \
+                            scale, shift, relu, nthreads);                                  \
+        else                                                                                \
+            fused_##S##_f32((const T *)x, (float *)y, N, C, L, offsets, G, mean, var, eps, wd, \
+                            bd, scale, shift, relu, nthreads);                              \
+        break;
+    if (!cl && !given && largest * L <= FUSED_MAX) {
+        switch (dtype) {
+        case F32:
+            fused_f32_f32((const float *)x, (float *)y, N, C, L, offsets, G, mean, var, eps, wd,
+                          bd, scale, shift, relu, nthreads);
+            break;
+        case F64:
+            fused_f64_f64((const double *)x, (double *)y, N, C, L, offsets, G, mean, var, eps, wd,
+                          bd, scale, shift, relu, nthreads);
+            break;
+        FUSED_CASE(BF16, bf16, uint16_t)
+#if HAVE_F16
+        FUSED_CASE(F16, f16, f16_t)
+#endif
+        default: status = -1;
+        }
+        free(work);
+        return status;
+    }
+    if (!given && gn_stats(x, dtype, N, C, L, cl, offsets, G, mean, var, nthreads)) {
+        free(work);
+        return -1;
+    }
+    for (int64_t i = 0; i < N * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);
     for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < C; c++) {
             int64_t i = n * G + group_of[c], j = n * C + c;
-            double s1 = scale ? 1.0 + scale[j] : 1.0;
             coef[3 * j] = mean[i];
-            coef[3 * j + 1] = wd[c] * rstd[i] * s1;
-            coef[3 * j + 2] = bd[c] * s1 + (shift ? shift[j] : 0.0);
+            affine(rstd[i], wd[c], bd[c], scale, shift, j, coef + 3 * j + 1, coef + 3 * j + 2);
         }
 #define APPLY_CASE(CODE, S, T)                                                              \
     case CODE:                                                                              \
         if (ytype == dtype) apply_##S##_##S((const T *)x, (T *)y, N, C, L, cl, coef, relu, nthreads); \
         else apply_##S##_f32((const T *)x, (float *)y, N, C, L, cl, coef, relu, nthreads);   \
         break;
-    int status = 0;
     switch (dtype) {
     case F32: apply_f32_f32((const float *)x, (float *)y, N, C, L, cl, coef, relu, nthreads); break;
     case F64:
@@ -554,8 +631,7 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
 #endif
     default: status = -1;
     }
-    free(coef);
-    free(moments);
+    free(work);
     return status;
 }
 
