@@ -2,16 +2,17 @@
 kernel on an even G of the same tensor.
 
 ``uneven=True`` splits C channels into larger groups first, then groups one channel smaller:
-two runs of equal-size groups. The torch backend serves them, in order of preference, from
-per-channel sums of x and x^2 and one multiply-add (``sums``: where autograd does not record
-and ``|mean| * rstd <= SUMS_TRUST``), from torch's kernel once per run with the outputs
-concatenated (``runs``: under autograd, or past that ratio), or from the composite path (shift,
-per-channel moments, Chan merge). Each path is timed in blocks of consecutive calls
-(groupnorm.bench.time_pair) alternating with torch's kernel on an even G nearby, the floor.
-Blocks, not single calls: alternating single calls with the composite path's large
-temporaries made a path's time vary 5x between runs of this script. Large buffers come from
-fresh pages whenever glibc's allocator has returned memory to the system, which still varies a
-path's time up to 4x between runs; run with
+two runs of equal-size groups. Where autograd does not record, the fused CPU kernel serves
+them (``fused``: any plan is a list of channel ranges to it). Where it is not built, the torch
+backend serves them, in order of preference, from per-channel sums of x and x^2 and one
+multiply-add (``sums``: where autograd does not record and ``|mean| * rstd <= SUMS_TRUST``),
+from torch's kernel once per run with the outputs concatenated (``runs``: under autograd, or
+past that ratio), or from the composite path (shift, per-channel moments, Chan merge). Each
+path is timed in blocks of consecutive calls (groupnorm.bench.time_pair) alternating with
+torch's kernel on an even G nearby, the floor. Blocks, not single calls: alternating single
+calls with the composite path's large temporaries made a path's time vary 5x between runs of
+this script. Large buffers come from fresh pages whenever glibc's allocator has returned
+memory to the system, which still varies a path's time up to 4x between runs; run with
 ``MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000`` to see the ops alone.
 Forward only, float32, NCHW and channels-last, one thread by default.
 
@@ -30,7 +31,7 @@ from cpu_standard import save, small_input_args
 
 import groupnorm
 from groupnorm import bench
-from groupnorm.backends import torch_ops
+from groupnorm.backends import cpu_kernel, torch_ops
 
 # (shape, G) where G does not divide C.
 SHAPES: list[tuple[tuple[int, ...], int]] = [
@@ -41,21 +42,23 @@ SHAPES: list[tuple[tuple[int, ...], int]] = [
 LAYOUTS = ("nchw", "channels_last")
 REPS = 20  # samples per path
 CALLS = 10  # consecutive calls per sample
-PATHS = ("sums", "runs", "composite")
+PATHS = ("fused", "sums", "runs", "composite")
 
 
 @contextlib.contextmanager
 def _path(name: str) -> Iterator[None]:
     """Make the torch backend take one path for uneven plans."""
-    saved = torch_ops.SUMS_TRUST, torch_ops.MAX_NATIVE_RUNS
-    if name != "sums":
+    saved = torch_ops.SUMS_TRUST, torch_ops.MAX_NATIVE_RUNS, cpu_kernel.library
+    if name != "fused":
+        cpu_kernel.library = lambda: None  # type: ignore[assignment]  # as if not built
+    if name not in ("fused", "sums"):
         torch_ops.SUMS_TRUST = -1.0  # the sums path declines every call
     if name == "composite":
         torch_ops.MAX_NATIVE_RUNS = 0
     try:
         yield
     finally:
-        torch_ops.SUMS_TRUST, torch_ops.MAX_NATIVE_RUNS = saved
+        torch_ops.SUMS_TRUST, torch_ops.MAX_NATIVE_RUNS, cpu_kernel.library = saved
 
 
 def _measure(shape: tuple[int, ...], G: int, layout: str) -> dict:
