@@ -205,9 +205,10 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
     static void sums_##S(const T *x, int64_t n, W p, double *s1, double *s2) {             \
         vd a1 = {0}, a2 = {0};                                                              \
         int64_t i = 0;                                                                      \
-        for (; i + 32 * RUN <= n; i += 32 * RUN) {                                          \
+        while (i + 32 <= n) { /* 4 chains of up to RUN vectors, then float64 */            \
+            int64_t runs = (n - i) / 32 < RUN ? (n - i) / 32 : RUN;                         \
             VW f1[4] = {0}, f2[4] = {0};                                                    \
-            for (int j = 0; j < RUN; j++)                                                   \
+            for (int64_t j = 0; j < runs; j++)                                              \
                 for (int k = 0; k < 4; k++) {                                               \
                     VW d = LOAD(x + i + 32 * j + 8 * k) - p;                                \
                     f1[k] += d;                                                             \
@@ -217,6 +218,7 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
                 a1 += WIDE(f1[k]);                                                          \
                 a2 += WIDE(f2[k]);                                                          \
             }                                                                               \
+            i += 32 * runs;                                                                 \
         }                                                                                   \
         for (; i + 8 <= n; i += 8) {                                                        \
             VW d = LOAD(x + i) - p;                                                         \
@@ -235,14 +237,16 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
     static double m2_##S(const T *x, int64_t n, W p, W m) {                                \
         vd a2 = {0};                                                                        \
         int64_t i = 0;                                                                      \
-        for (; i + 32 * RUN <= n; i += 32 * RUN) {                                          \
+        while (i + 32 <= n) {                                                               \
+            int64_t runs = (n - i) / 32 < RUN ? (n - i) / 32 : RUN;                         \
             VW f2[4] = {0};                                                                 \
-            for (int j = 0; j < RUN; j++)                                                   \
+            for (int64_t j = 0; j < runs; j++)                                              \
                 for (int k = 0; k < 4; k++) {                                               \
                     VW e = (LOAD(x + i + 32 * j + 8 * k) - p) - m;                          \
                     f2[k] += e * e;                                                         \
                 }                                                                           \
             for (int k = 0; k < 4; k++) a2 += WIDE(f2[k]);                                  \
+            i += 32 * runs;                                                                 \
         }                                                                                   \
         for (; i + 8 <= n; i += 8) {                                                        \
             VW e = (LOAD(x + i) - p) - m;                                                   \
