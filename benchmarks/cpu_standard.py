@@ -1,10 +1,11 @@
 """CPU: groupnorm.group_norm vs torch.nn.functional.group_norm on the standard case.
 
 The standard case is what both can do: G divides C, no epilogue. Forward only, no autograd.
-Ours runs torch's kernel where it holds the tolerance table (NCHW; float32 channels-last takes
-per-channel sums and a multiply-add instead). Ours and torch's calls are timed interleaved
-(A B, B A, ...) so that load from other processes and cache warmth hit both alike; the table
-gives medians and the ratio of medians. Correctness against float64 is checked first.
+Ours runs the fused CPU kernel on float32 (exact, both layouts) and torch's kernel, checked, on
+bfloat16 where it holds the tolerance table (elsewhere the fused kernel). Ours and torch's calls
+are timed interleaved (A B, B A, ...) so that load from other processes and cache warmth hit
+both alike; the table gives medians and the ratio of medians. Correctness against float64 is
+checked first.
 
     python benchmarks/cpu_standard.py [--quick] [--threads T] [--out benchmarks/results]
 """
