@@ -1,9 +1,10 @@
 """The fused CPU kernel (groupnorm/backends/cpu_kernel.c) against the float64 reference.
 
-Every call here is one autograd does not record (the kernel serves no other), checked to have
-reached the kernel, in both layouts, every dtype, every kind of plan, every epilogue, with
-statistics in and out, at offsets far past the spread, and at sizes that cross its blocks and
-its thread split.
+Forward: calls autograd does not record, checked to have reached the kernel, in both layouts,
+every dtype, every kind of plan, every epilogue, with statistics in and out, at offsets far past
+the spread, and at sizes that cross its blocks and its thread split. Backward: float32 and
+float64 calls autograd records (dx, dweight, dbias from the kernel), against the hand-derived
+float64 backward.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import groupnorm
+from groupnorm import reference as R
 from groupnorm.backends import cpu_kernel, torch_ops
 from groupnorm.functional import resolve_plan
 from tests._inputs import make_x, rand, reference
-from tests._tolerances import assert_matches
+from tests._tolerances import assert_matches, to_numpy
 
 BUILT = cpu_kernel.library() is not None
 needs_kernel = pytest.mark.skipif(not BUILT, reason=cpu_kernel.status())
@@ -269,3 +271,89 @@ def test_a_failed_build_is_reported_and_nothing_breaks(tmp_path: Any) -> None:
         GROUPNORM_CACHE_DIR=str(tmp_path),
     )
     assert "not in use (the C compiler failed" in out
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    N=st.integers(1, 3),
+    C=st.integers(1, 24),
+    spatial=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    layout=st.sampled_from(["nchw", "channels_last"]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    kind=st.sampled_from(["num_groups", "uneven", "group_sizes"]),
+    activation=st.sampled_from([None, "relu", "silu"]),
+    affine=st.booleans(),
+    offset=st.sampled_from([0.0, 100.0]),
+    data=st.data(),
+)
+def test_property_kernel_backward_matches_float64(
+    N: int,
+    C: int,
+    spatial: list[int],
+    layout: str,
+    dtype: torch.dtype,
+    kind: str,
+    activation: str | None,
+    affine: bool,
+    offset: float,
+    data: st.DataObject,
+) -> None:
+    shape = (N, C, *spatial)
+    plan_kw = _plan_kw(kind, C, data)
+    plan = resolve_plan(C, **plan_kw)
+    seed = data.draw(st.integers(0, 2**16))
+    x = make_x(shape, dtype, layout, seed=seed, loc=offset).requires_grad_()
+    w = rand((C,), dtype, seed + 1).requires_grad_() if affine else None
+    b = rand((C,), dtype, seed + 2).requires_grad_() if affine else None
+    dy = rand(shape, dtype, seed + 3)
+    with _backward_calls() as calls, warnings.catch_warnings():
+        warnings.simplefilter("ignore", groupnorm.SingleElementGroupWarning)
+        y = groupnorm.group_norm(x, weight=w, bias=b, activation=activation, **plan_kw)
+        y.backward(dy)
+    # Even plans in a layout torch's kernel is trusted with keep its backward.
+    assert calls[0] == int(torch_ops._grad_goes_fused(x, plan))
+    _, cache = reference(x, plan, w, b, activation=activation)
+    grads = R.group_norm_backward(to_numpy(dy), cache)
+    group = max(plan.sizes) * math.prod(spatial)
+    assert_matches(x.grad, grads.dx, dtype, reduction=group, what="dx")
+    if affine:
+        assert_matches(w.grad, grads.dgamma, dtype, reduction=N * math.prod(spatial), what="dw")
+        assert_matches(b.grad, grads.dbeta, dtype, reduction=N * math.prod(spatial), what="db")
+
+
+@contextmanager
+def _backward_calls() -> Iterator[list[int]]:
+    calls = [0]
+    original = cpu_kernel.backward
+
+    def counted(*args: Any) -> Any:
+        calls[0] += 1
+        return original(*args)
+
+    with mock.patch.object(cpu_kernel, "backward", counted):
+        yield calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_backward_is_the_same_at_one_and_two_threads(layout: str) -> None:
+    """Past the parallel threshold, every sum in a fixed order: bitwise the same gradients (an
+    uneven plan: the kernel's backward serves it in both layouts)."""
+    x0 = make_x((2, 40, 48, 48), torch.float32, layout, seed=11, loc=30.0)
+    w0, b0 = rand((40,), torch.float32, 1), rand((40,), torch.float32, 2)
+    dy = rand((2, 40, 48, 48), torch.float32, 3)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            x, w, b = (v.clone().requires_grad_() for v in (x0, w0, b0))
+            with _backward_calls() as calls:
+                groupnorm.group_norm(x, 12, w, b, uneven=True).backward(dy)
+            assert calls[0] == 1
+            grads.append((x.grad, w.grad, b.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*grads, strict=True):
+        assert torch.equal(one, two)

@@ -118,6 +118,7 @@ static inline double lanes(vd v) {
     return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 static inline vd wide_d(vd v) { return v; }
+static inline vf narrow_f(vd v) { return __builtin_convertvector(v, vf); }
 /* max(v, 0) with NaN kept. */
 static inline vf relu_f(vf v) {
     vu u;
@@ -533,6 +534,171 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
              store_f32)
 #endif
 
+/* Backward, float32 and float64 (T = W): with xhat = ((x - hi) - lo) * rstd and g = dy * w[c],
+     A[n,c] = sum_l dy, B[n,c] = sum_l dy * xhat        (db = sum_n A, dw = sum_n B),
+     s1 = sum_{c in g} w[c] A[n,c], s2 = sum_{c in g} w[c] B[n,c], n_g = |g| L,
+     dx = rstd * ((dy w[c] - s1 / n_g) - ((x - hi) - lo) * rstd s2 / n_g),
+   dy w - s1 / n_g in float64 (the product is exact there), the rest in W: where g is nearly
+   its group's mean (a single-element group: exactly) the difference is nearly 0, and any
+   rounding of dy w would come back multiplied by rstd, up to eps^-1/2. A and B are
+   summed per (n, c) in W runs of RUN terms, then float64, in a fixed order. NCHW: one task per (n, c) row; channels-last: per (n, 64-channel slice), rows in
+   order. */
+#define DEFINE_BACKWARD(S, T, VW, LOAD, WIDE, NARROW, STORE)                                \
+    static void row_sums_##S(const T *x, const T *dy, int64_t n, T hi, T lo, T r, double *A, \
+                             double *B) {                                                   \
+        vd a1 = {0}, a2 = {0};                                                              \
+        int64_t i = 0;                                                                      \
+        while (i + 8 <= n) {                                                                \
+            int64_t runs = (n - i) / 8 < RUN ? (n - i) / 8 : RUN;                           \
+            VW f1 = {0}, f2 = {0};                                                          \
+            for (int64_t j = 0; j < runs; j++) {                                            \
+                VW d = LOAD(dy + i + 8 * j);                                                \
+                f1 += d;                                                                    \
+                f2 += d * (((LOAD(x + i + 8 * j) - hi) - lo) * r);                          \
+            }                                                                               \
+            a1 += WIDE(f1);                                                                 \
+            a2 += WIDE(f2);                                                                 \
+            i += 8 * runs;                                                                  \
+        }                                                                                   \
+        double t1 = 0, t2 = 0;                                                              \
+        for (; i < n; i++) {                                                                \
+            t1 += dy[i];                                                                    \
+            t2 += (double)(dy[i] * (((x[i] - hi) - lo) * r));                               \
+        }                                                                                   \
+        *A = t1 + lanes(a1);                                                                \
+        *B = t2 + lanes(a2);                                                                \
+    }                                                                                       \
+    static void backward_##S(const T *x, const T *dy, T *dx, int64_t N, int64_t C, int64_t L, \
+                             int cl, const int64_t *offsets, int64_t G,                     \
+                             const int64_t *group_of, const double *mean, const double *var, \
+                             double eps, const double *wd, double *dw, double *db,          \
+                             int nthreads) {                                                \
+        int64_t NC = N * C;                                                                 \
+        double *work = malloc((size_t)(2 * NC + N * G) * sizeof(double));                   \
+        double *A = work, *B = A + NC, *rstd = B + NC;                                      \
+        T *k = malloc((size_t)(4 * NC) * sizeof(T)); /* hi, lo, rstd, rstd s2 / n_g */         \
+        double *kd = malloc((size_t)(2 * NC) * sizeof(double)); /* w, s1 / n_g */             \
+        for (int64_t i = 0; i < N * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);             \
+        for (int64_t j = 0; j < NC; j++) {                                                  \
+            int64_t i = j / C * G + group_of[j % C];                                        \
+            T hi = (T)mean[i];                                                              \
+            k[4 * j] = hi;                                                                  \
+            k[4 * j + 1] = (T)(mean[i] - (double)hi);                                       \
+            k[4 * j + 2] = (T)rstd[i];                                                      \
+            kd[2 * j] = wd[j % C];                                                          \
+        }                                                                                   \
+        if (!cl) {                                                                          \
+            FOR_TASKS(j, NC, {                                                              \
+                row_sums_##S(x + j * L, dy + j * L, L, k[4 * j], k[4 * j + 1], k[4 * j + 2], \
+                             A + j, B + j);                                                 \
+            })                                                                              \
+        } else {                                                                            \
+            int64_t slices = (C + 63) / 64;                                                 \
+            FOR_TASKS(t, N * slices, {                                                      \
+                int64_t n = t / slices, c0 = t % slices * 64;                               \
+                int64_t c1 = c0 + 64 < C ? c0 + 64 : C;                                     \
+                double a1[64] = {0}, a2[64] = {0};                                          \
+                for (int64_t r = 0; r < L; r += RUN) {                                      \
+                    int64_t r2 = r + RUN < L ? r + RUN : L;                                 \
+                    for (int64_t c = c0; c < c1; c++) {                                     \
+                        const T *kc = k + 4 * (n * C + c);                                  \
+                        T f1 = 0, f2 = 0;                                                   \
+                        for (int64_t q = r; q < r2; q++) {                                  \
+                            T d = dy[(n * L + q) * C + c];                                  \
+                            f1 += d;                                                        \
+                            f2 += d * (((x[(n * L + q) * C + c] - kc[0]) - kc[1]) * kc[2]); \
+                        }                                                                   \
+                        a1[c - c0] += f1;                                                   \
+                        a2[c - c0] += f2;                                                   \
+                    }                                                                       \
+                }                                                                           \
+                for (int64_t c = c0; c < c1; c++) {                                         \
+                    A[n * C + c] = a1[c - c0];                                              \
+                    B[n * C + c] = a2[c - c0];                                              \
+                }                                                                           \
+            })                                                                              \
+        }                                                                                   \
+        for (int64_t c = 0; c < C; c++) {                                                   \
+            double sa = 0, sb = 0;                                                          \
+            for (int64_t n = 0; n < N; n++) {                                               \
+                sa += A[n * C + c];                                                         \
+                sb += B[n * C + c];                                                         \
+            }                                                                               \
+            if (db) db[c] = sa;                                                             \
+            if (dw) dw[c] = sb;                                                             \
+        }                                                                                   \
+        for (int64_t n = 0; n < N; n++)                                                     \
+            for (int64_t g = 0; g < G; g++) {                                               \
+                double s1 = 0, s2 = 0, r = rstd[n * G + g];                                 \
+                double n_g = (double)((offsets[g + 1] - offsets[g]) * L);                   \
+                for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) {                     \
+                    s1 += wd[c] * A[n * C + c];                                             \
+                    s2 += wd[c] * B[n * C + c];                                             \
+                }                                                                           \
+                for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) {                     \
+                    k[4 * (n * C + c) + 3] = (T)(r * s2 / n_g);                             \
+                    kd[2 * (n * C + c) + 1] = s1 / n_g;                                     \
+                }                                                                           \
+            }                                                                               \
+        if (!cl) {                                                                          \
+            FOR_TASKS(j, NC, {                                                              \
+                const T *kc = k + 4 * j, *xr = x + j * L, *dr = dy + j * L;                 \
+                double w = kd[2 * j], m1 = kd[2 * j + 1];                                   \
+                T *out = dx + j * L;                                                        \
+                int64_t i = 0;                                                              \
+                for (; i + 8 <= L; i += 8) {                                                \
+                    VW gm = NARROW(WIDE(LOAD(dr + i)) * w - m1);                            \
+                    STORE(out + i, kc[2] * (gm - ((LOAD(xr + i) - kc[0]) - kc[1]) * kc[3])); \
+                }                                                                           \
+                for (; i < L; i++) {                                                        \
+                    T gm = (T)((double)dr[i] * w - m1);                                     \
+                    out[i] = kc[2] * (gm - ((xr[i] - kc[0]) - kc[1]) * kc[3]);              \
+                }                                                                           \
+            })                                                                              \
+        } else {                                                                            \
+            FOR_TASKS(t, N * L, {                                                           \
+                int64_t n = t / L;                                                          \
+                const T *xr = x + t * C, *dr = dy + t * C;                                  \
+                T *out = dx + t * C;                                                        \
+                for (int64_t c = 0; c < C; c++) {                                           \
+                    const T *kc = k + 4 * (n * C + c);                                      \
+                    const double *kw = kd + 2 * (n * C + c);                                \
+                    T gm = (T)((double)dr[c] * kw[0] - kw[1]);                              \
+                    out[c] = kc[2] * (gm - ((xr[c] - kc[0]) - kc[1]) * kc[3]);              \
+                }                                                                           \
+            })                                                                              \
+        }                                                                                   \
+        free(kd);                                                                           \
+        free(k);                                                                            \
+        free(work);                                                                         \
+    }
+
+DEFINE_BACKWARD(f32, float, vf, load_f32, wide_f, narrow_f, store_f32)
+DEFINE_BACKWARD(f64, double, vd, load_f64, wide_d, wide_d, store_f64)
+
+/* dx (x's dtype and layout) and, where asked, dw and db (float64, C) for the forward that
+   used mean and var; dy in x's layout. float32 and float64 only. */
+static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64_t N, int64_t C,
+                       int64_t L, int cl, const int64_t *offsets, int64_t G,
+                       const int64_t *group_of, const double *mean, const double *var,
+                       double eps, const void *w, int wtype, double *dw, double *db,
+                       int nthreads) {
+    if (N * C * L < PARALLEL_MIN) nthreads = 1;
+    double *wd = malloc((size_t)C * sizeof(double));
+    for (int64_t c = 0; c < C; c++) wd[c] = param(w, wtype, c, 1.0);
+    int status = 0;
+    if (dtype == F32)
+        backward_f32(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd, dw, db,
+                     nthreads);
+    else if (dtype == F64)
+        backward_f64(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd, dw, db,
+                     nthreads);
+    else
+        status = -1;
+    free(wd);
+    return status;
+}
+
 /* Bit k set: dtype code k is supported by this build. */
 static int gn_dtypes(void) { return 1 << F32 | 1 << F64 | 1 << BF16 | HAVE_F16 << F16; }
 
@@ -641,8 +807,9 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
 
 /* Python: forward(x, dtype, y, ytype, N, C, L, cl, offsets, G, group_of, mean, var, given, eps,
    w, wtype, b, btype, scale, shift, relu, nthreads) and stats(x, dtype, N, C, L, cl, offsets,
-   G, mean, var, nthreads), pointers as ints (0: none; forward's mean and var may be 0 when not
-   given), return 0 or -1 as above; dtypes() the bit mask of dtype codes served. The GIL is
+   G, mean, var, nthreads) and backward(x, dy, dx, dtype, N, C, L, cl, offsets, G, group_of,
+   mean, var, eps, w, wtype, dw, db, nthreads), pointers as ints (0: none; forward's mean and
+   var may be 0 when not given), return 0 or -1 as above; dtypes() the bit mask of dtype codes served. The GIL is
    released while they run. */
 static int ints(PyObject *const *args, Py_ssize_t n, long long *out) {
     for (Py_ssize_t i = 0; i < n; i++) out[i] = PyLong_AsLongLong(args[i]);
@@ -687,6 +854,25 @@ static PyObject *py_stats(PyObject *self, PyObject *const *args, Py_ssize_t narg
     return PyLong_FromLong(status);
 }
 
+static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    long long a[19];
+    if (nargs != 19) {
+        PyErr_SetString(PyExc_TypeError, "backward takes 19 arguments");
+        return NULL;
+    }
+    double eps = PyFloat_AsDouble(args[13]);
+    if (ints(args, 13, a) || ints(args + 14, 5, a + 14)) return NULL;
+    if (eps == -1.0 && PyErr_Occurred()) return NULL;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = gn_backward(PTR(a[0]), PTR(a[1]), PTR(a[2]), (int)a[3], a[4], a[5], a[6], (int)a[7],
+                         PTR(a[8]), a[9], PTR(a[10]), PTR(a[11]), PTR(a[12]), eps, PTR(a[14]),
+                         (int)a[15], PTR(a[16]), PTR(a[17]), (int)a[18]);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(status);
+}
+
 static PyObject *py_dtypes(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
@@ -696,6 +882,7 @@ static PyObject *py_dtypes(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"forward", (PyCFunction)(void (*)(void))py_forward, METH_FASTCALL, "group norm forward"},
     {"stats", (PyCFunction)(void (*)(void))py_stats, METH_FASTCALL, "group statistics"},
+    {"backward", (PyCFunction)(void (*)(void))py_backward, METH_FASTCALL, "group norm backward"},
     {"dtypes", py_dtypes, METH_NOARGS, "bit mask of the dtype codes served"},
     {NULL, NULL, 0, NULL},
 };

@@ -1,6 +1,7 @@
 """The fused CPU kernel (``cpu_kernel.c``): statistics and output of a group norm in two fused
 stages, exact at any offset, for NCHW- and channels-last-contiguous inputs, any group plan, and
-float32, float64, bfloat16 and float16.
+float32, float64, bfloat16 and float16; and its backward (dx, dweight, dbias) for float32 and
+float64.
 
 It is C with no torch headers, built with the machine's C compiler at first use (``-O3
 -march=native -fopenmp``, about a second) as a small Python extension module into a per-user
@@ -37,7 +38,7 @@ import torch
 
 from groupnorm.groups import GroupPlan
 
-__all__ = ["forward", "library", "serves", "stats", "status"]
+__all__ = ["backward", "forward", "forward_plain", "library", "serves", "stats", "status"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.c")
 _NAME = "groupnorm_cpu_kernel"
@@ -272,3 +273,37 @@ def forward(
     if code:
         raise RuntimeError(f"cpu_kernel: unsupported dtypes {x.dtype} -> {out_dtype}")
     return y, moments
+
+
+def backward(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    plan: GroupPlan,
+    weight: torch.Tensor | None,
+    moments: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dweight_dbias)`` of ``y = GN(x) * weight + bias`` for float32/float64 x that
+    :func:`serves` accepts and the float64 ``moments`` (2, N, G) its forward used: dx in x's
+    dtype and layout, dweight_dbias float64 (2, C) (sums of dy * xhat and of dy per channel)."""
+    lib = library()
+    assert lib is not None
+    N, C, L = _shape(x)
+    cl = layout(x)
+    dy = dy.to(x.dtype)  # held here: a temporary's data pointer would outlive it
+    if cl == 0:
+        dy = dy.contiguous()
+    elif not dy.movedim(1, -1).is_contiguous():
+        dy = dy.movedim(1, -1).contiguous().movedim(-1, 1)
+    off, group_of = _plan_arrays(plan)
+    dx = torch.empty_like(x)
+    grads = torch.empty((2, C), dtype=torch.float64)
+    code = lib.backward(
+        x.data_ptr(), dy.data_ptr(), dx.data_ptr(), _CODES[x.dtype], N, C, L, cl,
+        off.data_ptr(), plan.num_groups, group_of.data_ptr(), moments[0].data_ptr(),
+        moments[1].data_ptr(), eps, _ptr(weight), _code(weight), grads[0].data_ptr(),
+        grads[1].data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if code:
+        raise RuntimeError(f"cpu_kernel: no backward for {x.dtype}")
+    return dx, grads
