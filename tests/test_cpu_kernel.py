@@ -17,7 +17,7 @@ import sys
 import sysconfig
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 from unittest import mock
 
@@ -49,8 +49,8 @@ def test_kernel_is_built_where_a_compiler_and_python_headers_exist() -> None:
 
 
 @contextmanager
-def _kernel_calls() -> Iterator[list[int]]:
-    """Counts calls that reached the kernel (either entry)."""
+def _calls(*names: str) -> Iterator[list[int]]:
+    """Counts calls that reached the named functions of cpu_kernel."""
     calls = [0]
 
     def counted(f: Any) -> Any:
@@ -60,10 +60,11 @@ def _kernel_calls() -> Iterator[list[int]]:
 
         return wrapper
 
-    with (
-        mock.patch.object(cpu_kernel, "forward", counted(cpu_kernel.forward)),
-        mock.patch.object(cpu_kernel, "forward_plain", counted(cpu_kernel.forward_plain)),
-    ):
+    with ExitStack() as stack:
+        for name in names:
+            stack.enter_context(
+                mock.patch.object(cpu_kernel, name, counted(getattr(cpu_kernel, name)))
+            )
         yield calls
 
 
@@ -125,7 +126,7 @@ def test_property_kernel_matches_float64(
             rand((N, C), dtype, seed + 3) * 0.5,
             rand((N, C), dtype, seed + 4),
         )
-    with torch.no_grad(), _kernel_calls() as calls, warnings.catch_warnings():
+    with torch.no_grad(), _calls("forward", "forward_plain") as calls, warnings.catch_warnings():
         warnings.simplefilter("ignore", groupnorm.SingleElementGroupWarning)
         y, stats = groupnorm.group_norm(x, **plan_kw, **kw, return_stats=True)
         y_plain = groupnorm.group_norm(x, **plan_kw, **kw)
@@ -172,7 +173,7 @@ def test_blocks_and_threads_hold_the_bound_at_an_offset(
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
-            with torch.no_grad(), _kernel_calls() as calls:
+            with torch.no_grad(), _calls("forward", "forward_plain") as calls:
                 outs.append(groupnorm.group_norm(x, weight=w, bias=b, **plan_kw, return_stats=True))
             assert calls[0] == 1
     finally:
@@ -197,7 +198,7 @@ def test_regression_an_outlier_first_element_is_exact(layout: str, dtype: torch.
     x[:, 0, 0, 0] = 1e4
     x[:, 3, 0, 0] = -2e4
     plan = resolve_plan(6, 2)
-    with torch.no_grad(), _kernel_calls() as calls:
+    with torch.no_grad(), _calls("forward", "forward_plain") as calls:
         y = groupnorm.group_norm(x, 2)
     assert calls[0] == 1
     expected, _ = reference(x, plan)
@@ -226,7 +227,7 @@ def test_given_statistics_of_the_whole_normalize_a_part() -> None:
     tiles = x[..., :20], x[..., 20:]
     stats = groupnorm.merge_stats(*(groupnorm.group_stats(t, 3) for t in tiles))
     w, b = rand((12,), torch.float32, 1), rand((12,), torch.float32, 2)
-    with torch.no_grad(), _kernel_calls() as calls:
+    with torch.no_grad(), _calls("forward", "forward_plain") as calls:
         part = groupnorm.group_norm(tiles[1].contiguous(), 3, w, b, stats=stats)
     assert calls[0] == 1
     expected, _ = reference(x, resolve_plan(12, 3), w, b)
@@ -307,7 +308,7 @@ def test_property_kernel_backward_matches_float64(
     w = rand((C,), dtype, seed + 1).requires_grad_() if affine else None
     b = rand((C,), dtype, seed + 2).requires_grad_() if affine else None
     dy = rand(shape, dtype, seed + 3)
-    with _backward_calls() as calls, warnings.catch_warnings():
+    with _calls("backward") as calls, warnings.catch_warnings():
         warnings.simplefilter("ignore", groupnorm.SingleElementGroupWarning)
         y = groupnorm.group_norm(x, weight=w, bias=b, activation=activation, **plan_kw)
         y.backward(dy)
@@ -320,19 +321,6 @@ def test_property_kernel_backward_matches_float64(
     if affine:
         assert_matches(w.grad, grads.dgamma, dtype, reduction=N * math.prod(spatial), what="dw")
         assert_matches(b.grad, grads.dbeta, dtype, reduction=N * math.prod(spatial), what="db")
-
-
-@contextmanager
-def _backward_calls() -> Iterator[list[int]]:
-    calls = [0]
-    original = cpu_kernel.backward
-
-    def counted(*args: Any) -> Any:
-        calls[0] += 1
-        return original(*args)
-
-    with mock.patch.object(cpu_kernel, "backward", counted):
-        yield calls
 
 
 @needs_kernel
@@ -349,7 +337,7 @@ def test_backward_is_the_same_at_one_and_two_threads(layout: str) -> None:
         for t in (1, 2):
             torch.set_num_threads(t)
             x, w, b = (v.clone().requires_grad_() for v in (x0, w0, b0))
-            with _backward_calls() as calls:
+            with _calls("backward") as calls:
                 groupnorm.group_norm(x, 12, w, b, uneven=True).backward(dy)
             assert calls[0] == 1
             grads.append((x.grad, w.grad, b.grad))
