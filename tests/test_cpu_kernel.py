@@ -130,10 +130,8 @@ def test_property_kernel_matches_float64(
         warnings.simplefilter("ignore", groupnorm.SingleElementGroupWarning)
         y, stats = groupnorm.group_norm(x, **plan_kw, **kw, return_stats=True)
         y_plain = groupnorm.group_norm(x, **plan_kw, **kw)
-    half = dtype in (torch.float16, torch.bfloat16)
-    # Half precision with an even plan, no statistics and a layout torch's kernel is trusted
-    # with stays with torch's kernel.
-    torch_serves = half and plan.is_even and torch_ops._trust_limit(x, plan) is not None
+    # Half precision with an even plan and no statistics may stay with torch's kernel.
+    torch_serves = plan.is_even and torch_ops.half_keeps_torch(x, plan)
     assert calls[0] == (1 if torch_serves else 2)
     expected, cache = reference(x, plan, **kw)
     count = max(plan.sizes) * math.prod(spatial)

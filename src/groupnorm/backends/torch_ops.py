@@ -880,16 +880,33 @@ def _fused_serves(r: Request) -> bool:
     """Whether the fused CPU kernel (:mod:`.cpu_kernel`) serves ``r``: an eager CPU call that
     autograd does not record, on x of a layout and dtype it reads.
 
-    Half-precision x with an even plan and neither statistics in nor out, in a layout torch's
-    kernel is trusted with, stays with torch's kernel: faster there, and half precision is
-    judged against torch's own kernel."""
+    Half-precision x with an even plan and neither statistics in nor out stays with torch's
+    kernel where :func:`half_keeps_torch` says so."""
     x = r.x
     if not (_reads_values(x) and cpu_kernel.serves(x)) or _records_grad(r):
         return False
-    if x.dtype in (torch.float16, torch.bfloat16):
-        plain = r.stats is None and not r.return_stats and r.plan.is_even
-        return not plain or _trust_limit(x, r.plan) is None
-    return True
+    plain = r.stats is None and not r.return_stats and r.plan.is_even
+    return not (plain and half_keeps_torch(x, r.plan))
+
+
+# Channels-last half-precision inputs with at most this many positions take the fused kernel
+# even where torch's kernel is trusted: torch's channels-last kernel is slow there (bfloat16,
+# one thread, this project's CPU machine, 2026-12-03, time over F.group_norm, the kernel against
+# torch's checked kernel: SD 16^2
+# (2, 1280, 16, 16) 0.73x vs 1.21x, SD 8^2 0.79x vs 1.45x, (2, 320, 8, 8, 8) 0.22x vs 1.23x),
+# and past it faster (32^2 and 64^2 positions: the kernel 1.9-2.6x, torch's 1.2-1.7x).
+HALF_CHANNELS_LAST_FUSED_POSITIONS = 512
+
+
+def half_keeps_torch(x: torch.Tensor, plan: GroupPlan) -> bool:
+    """Whether a half-precision x with an even plan, no statistics in or out, stays with torch's
+    kernel rather than the fused one: where torch's kernel is trusted with the layout (and so
+    faster on NCHW, whose bfloat16 conversions cost the kernel 1.25-1.7x), except small
+    channels-last inputs (``HALF_CHANNELS_LAST_FUSED_POSITIONS``). Half precision is judged
+    against torch's own kernel; the fused kernel rounds once from float32 either way."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or _trust_limit(x, plan) is None:
+        return False
+    return x.is_contiguous() or math.prod(x.shape[2:]) > HALF_CHANNELS_LAST_FUSED_POSITIONS
 
 
 def _fused_records(r: Request) -> bool:
