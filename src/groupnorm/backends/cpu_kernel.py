@@ -61,7 +61,8 @@ def _cache_dir() -> Path:
             return base
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"groupnorm-{os.getuid()}"
+    uid = os.getuid() if hasattr(os, "getuid") else 0  # Windows has none
+    return Path(tempfile.gettempdir()) / f"groupnorm-{uid}"
 
 
 def _cpu_flags() -> str:
