@@ -797,6 +797,16 @@ def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if like.stride() == y.stride() else like.copy_(y)
 
 
+def _stats_as_values(x: torch.Tensor) -> bool:
+    """Whether statistics of x may be computed as values, outside autograd: an eager CPU call
+    that records no gradient of x, in reverse or forward mode."""
+    return (
+        not (x.requires_grad and torch.is_grad_enabled())
+        and forward_ad._current_level < 0
+        and _reads_values(x)
+    )
+
+
 def _stats_native(x: torch.Tensor, plan: GroupPlan) -> GroupStats | None:
     """Statistics from torch's kernel, or None: on an eager CPU call without autograd (the
     kernel's mean and rstd have no gradient), an even plan and a layout whose statistics the
@@ -807,11 +817,7 @@ def _stats_native(x: torch.Tensor, plan: GroupPlan) -> GroupStats | None:
     ``|mean| * rstd`` within the layout's limit puts the mean within ~1e-6 of the spread of
     the exact one (see NATIVE_TRUST): kept as ``pivot = mean``, ``shifted_mean = 0``. A
     constant group (rstd = inf) or NaN fails the check. The kernel's y is discarded."""
-    if (
-        (x.requires_grad and torch.is_grad_enabled())
-        or forward_ad._current_level >= 0
-        or not _reads_values(x)
-    ):
+    if not _stats_as_values(x):
         return None
     if _takes_sums(x, plan):
         return _from_sums(x, plan, 0.0)
@@ -847,12 +853,7 @@ def _stats(r: Request) -> GroupStats:
     """The statistics of ``r.x``: from the fused CPU kernel, else from torch's kernel where it
     is trusted, else exact."""
     x = r.x
-    if (
-        not (x.requires_grad and torch.is_grad_enabled())
-        and forward_ad._current_level < 0
-        and _reads_values(x)
-        and cpu_kernel.serves(x)
-    ):
+    if _stats_as_values(x) and cpu_kernel.serves(x):
         mean, var = cpu_kernel.stats(x, r.plan).numpy()
         return _stats_of_moments(mean, var, r.plan, x)
     return _stats_native(x, r.plan) or compute_stats(x, r.plan)
