@@ -182,6 +182,13 @@ static inline void affine(double rstd, double w, double b, const double *scale,
     *bb = b * s1 + (shift ? shift[j] : 0.0);
 }
 
+/* Sum of acc over group g's channels. */
+static double fold(const double *acc, const int64_t *offsets, int64_t g) {
+    double s = 0;
+    for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) s += acc[c];
+    return s;
+}
+
 /* Chan's merge of parts[0..k) in order; returns the merged (count, mean, m2). */
 static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
     part_t acc = {0.0, 0.0, 0.0};
@@ -350,12 +357,6 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
             }                                                                               \
         }                                                                                   \
     }                                                                                       \
-    /* Sum of acc over each group's channels. */                                            \
-    static double fold_##S(const double *acc, const int64_t *offsets, int64_t g) {          \
-        double s = 0;                                                                       \
-        for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) s += acc[c];                  \
-        return s;                                                                           \
-    }                                                                                       \
     /* A block's parts, two-pass: the group means (relative to the pivot), then the sums of \
        squares around them (rounded to W: the rounding's n r^2 taken back). centers gets   \
        each channel's group mean in W. */                                                  \
@@ -366,12 +367,12 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
         rows_##S(slab, C, r0, r1, pivot, NULL, a1, NULL);                                   \
         for (int64_t g = 0; g < G; g++) {                                                   \
             double n_g = (double)((offsets[g + 1] - offsets[g]) * (r1 - r0));               \
-            double m = fold_##S(a1, offsets, g) / n_g, r = m - (double)(W)m;                \
+            double m = fold(a1, offsets, g) / n_g, r = m - (double)(W)m;                \
             out[g] = (part_t){n_g, m, -n_g * r * r};                                        \
             for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) centers[c] = (W)m;        \
         }                                                                                   \
         rows_##S(slab, C, r0, r1, pivot, centers, NULL, a2);                                \
-        for (int64_t g = 0; g < G; g++) out[g].m2 += fold_##S(a2, offsets, g);              \
+        for (int64_t g = 0; g < G; g++) out[g].m2 += fold(a2, offsets, g);              \
     }                                                                                       \
     /* Channels-last: block 0 of each sample two-pass; its group means center every other   \
        block's one pass (the same for any thread count), which takes a second pass only     \
@@ -404,9 +405,9 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
             int cancels = 0;                                                                \
             for (int64_t g = 0; g < G; g++) {                                               \
                 double n_g = (double)((offsets[g + 1] - offsets[g]) * (r1 - r0));           \
-                double s1 = fold_##S(a1, offsets, g), m = s1 / n_g;                         \
+                double s1 = fold(a1, offsets, g), m = s1 / n_g;                         \
                 out[g] = (part_t){n_g, (double)pilot[offsets[g]] + m,                       \
-                                  fold_##S(a2, offsets, g) - s1 * m};                       \
+                                  fold(a2, offsets, g) - s1 * m};                       \
                 cancels |= !(m * m * n_g <= TRUST * out[g].m2);                             \
             }                                                                               \
             if (cancels) {                                                                  \
