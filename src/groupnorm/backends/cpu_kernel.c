@@ -9,8 +9,9 @@
    channels-last: a range of positions with all channels):
      e       = x - shift in W, rounded relative to |e|, not to |x|: no loss at an offset;
              shift is near the block's mean: NCHW the mean of its first SHIFT elements;
-             channels-last the group's first element p plus the group mean of the sample's
-             first block (that block is two-pass: its mean, then its squares around it);
+             channels-last the group mean of the sample's first block in W (that block is
+             two-pass: its mean around the group's first element p, then its squares
+             around that mean);
      one pass S1 = sum(e), S2 = sum(e^2), each lane summing RUN terms in W before float64 takes
              them (positive e^2 terms: relative error <= RUN ulp of W); m = S1 / n and
              q = S2 - S1 m lose about 1 + m^2 n / q of that to cancellation, so a block with
@@ -23,6 +24,9 @@
      relative to |x - mean|), A = rstd * w[c] * (1 + scale[n,c]), B = b[c] * (1 + scale[n,c])
      + shift[n,c] formed in float64, rstd = 1 / sqrt(var + eps); relu as max(y, 0) with NaN
      kept; rounded once to y's dtype (x's, or float32 when an epilogue follows).
+     Channels-last folds lo into B (y = (x - hi) * A + (B - lo A), B - lo A in float64): one
+     load fewer per vector; the extra rounding is relative to |B| + |lo A|, and
+     |lo A| <= ulp(mean) rstd |w| / 2, far under the tolerance at any offset.
 
    Blocks and rows are shared among nthreads OpenMP threads when the tensor is large enough to
    pay for waking them. Entry points return 0, or -1 for dtypes this build does not serve.
@@ -53,6 +57,21 @@ enum { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 #define FUSED_MAX 65536
 /* Below this many elements one thread does all: waking the others costs more. */
 #define PARALLEL_MIN 65536
+/* The forward's statistics and output run on batches of samples of about this many elements
+   (at least one sample), so the output's read of x finds it in cache. */
+#define SPAN 262144
+
+/* Channels-last statistics blocks: rows of all C channels, at least BLOCK elements and, up
+   to BLOCK_MAX, at least CL_ROWS rows. Each block's per-channel sums are folded into groups,
+   2 C scalar adds: blocks of BLOCK / C = 12 rows at C = 1280 spent 40 % of their summing
+   time on the folds (perf). */
+#define CL_ROWS 64
+#define BLOCK_MAX 131072
+static int64_t stats_rows(int64_t C) {
+    int64_t want = CL_ROWS * C < BLOCK_MAX ? CL_ROWS * C : BLOCK_MAX;
+    want = want < BLOCK ? BLOCK : want;
+    return want / C > 0 ? want / C : 1;
+}
 
 typedef struct {
     double count, mean, m2; /* mean relative to the group's pivot */
@@ -319,36 +338,38 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
         free(todo);                                                                         \
     }                                                                                       \
     /* Channels-last, per channel over rows r0..r1: sum(e) into a1 and sum(e^2) into a2 (either \
-       may be NULL), e = (x - pivot) - center (center NULL: 0), RUN rows at a time in W,     \
-       then in float64. */                                                                  \
-    static void rows_##S(const T *slab, int64_t C, int64_t r0, int64_t r1, const W *pivot,  \
-                         const W *center, double *a1, double *a2) {                         \
-        int64_t C8 = C - C % 8;                                                             \
+       may be NULL), e = x - shift, RUN rows at a time in W, then in float64. Channels go K  \
+       vectors at a time: whole cache lines per row, K independent chains. */              \
+    static inline void cols_##S(const T *slab, int64_t C, int64_t r, int64_t r2, int64_t c, \
+                                int K, const W *shift, double *a1, double *a2) {            \
+        VW sv[4], f1[4] = {0}, f2[4] = {0};                                                 \
+        for (int k = 0; k < K; k++) sv[k] = LOADW(shift + c + 8 * k);                       \
+        for (int64_t q = r; q < r2; q++) {                                                  \
+            /* the same columns RUN rows on: strided rows defeat the hardware prefetcher */ \
+            for (int k = 0; k < K; k += 64 / (int)sizeof(T) / 8)                            \
+                __builtin_prefetch(slab + (q + RUN) * C + c + 8 * k);                       \
+            for (int k = 0; k < K; k++) {                                                   \
+                VW e = LOAD(slab + q * C + c + 8 * k) - sv[k];                              \
+                if (a1) f1[k] += e;                                                         \
+                if (a2) f2[k] += e * e;                                                     \
+            }                                                                               \
+        }                                                                                   \
+        for (int k = 0; k < K; k++) {                                                       \
+            if (a1) store_f64(a1 + c + 8 * k, load_f64(a1 + c + 8 * k) + WIDE(f1[k]));      \
+            if (a2) store_f64(a2 + c + 8 * k, load_f64(a2 + c + 8 * k) + WIDE(f2[k]));      \
+        }                                                                                   \
+    }                                                                                       \
+    static void rows_##S(const T *slab, int64_t C, int64_t r0, int64_t r1, const W *shift,  \
+                         double *a1, double *a2) {                                          \
+        int64_t C32 = C - C % 32, C8 = C - C % 8;                                           \
         for (int64_t r = r0; r < r1; r += RUN) {                                            \
             int64_t r2 = r + RUN < r1 ? r + RUN : r1;                                       \
-            for (int64_t c = 0; c < C8; c += 8) {                                           \
-                VW pv = LOADW(pivot + c), cv = center ? LOADW(center + c) : (VW){0};        \
-                VW f1 = {0}, f2 = {0};                                                      \
-                if (!a2)                                                                    \
-                    for (int64_t q = r; q < r2; q++) f1 += (LOAD(slab + q * C + c) - pv) - cv; \
-                else if (!a1)                                                               \
-                    for (int64_t q = r; q < r2; q++) {                                      \
-                        VW e = (LOAD(slab + q * C + c) - pv) - cv;                          \
-                        f2 += e * e;                                                        \
-                    }                                                                       \
-                else                                                                        \
-                    for (int64_t q = r; q < r2; q++) {                                      \
-                        VW e = (LOAD(slab + q * C + c) - pv) - cv;                          \
-                        f1 += e;                                                            \
-                        f2 += e * e;                                                        \
-                    }                                                                       \
-                if (a1) store_f64(a1 + c, load_f64(a1 + c) + WIDE(f1));                     \
-                if (a2) store_f64(a2 + c, load_f64(a2 + c) + WIDE(f2));                     \
-            }                                                                               \
+            for (int64_t c = 0; c < C32; c += 32) cols_##S(slab, C, r, r2, c, 4, shift, a1, a2); \
+            for (int64_t c = C32; c < C8; c += 8) cols_##S(slab, C, r, r2, c, 1, shift, a1, a2); \
             for (int64_t c = C8; c < C; c++) {                                              \
                 W f1 = 0, f2 = 0;                                                           \
                 for (int64_t q = r; q < r2; q++) {                                          \
-                    W e = (IN(slab[q * C + c]) - pivot[c]) - (center ? center[c] : 0);      \
+                    W e = IN(slab[q * C + c]) - shift[c];                                   \
                     f1 += e;                                                                \
                     f2 += e * e;                                                            \
                 }                                                                           \
@@ -359,29 +380,31 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
     }                                                                                       \
     /* A block's parts, two-pass: the group means (relative to the pivot), then the sums of \
        squares around them (rounded to W: the rounding's n r^2 taken back). centers gets   \
-       each channel's group mean in W. */                                                  \
+       each channel's group mean in W (absolute, not relative to the pivot). */            \
     static void two_pass_##S(const T *slab, int64_t C, int64_t r0, int64_t r1,              \
                              const int64_t *offsets, int64_t G, const W *pivot, W *centers, \
                              double *a1, double *a2, part_t *out) {                         \
         memset(a1, 0, (size_t)(2 * C) * sizeof(double));                                    \
-        rows_##S(slab, C, r0, r1, pivot, NULL, a1, NULL);                                   \
+        rows_##S(slab, C, r0, r1, pivot, a1, NULL);                                         \
         for (int64_t g = 0; g < G; g++) {                                                   \
             double n_g = (double)((offsets[g + 1] - offsets[g]) * (r1 - r0));               \
-            double m = fold(a1, offsets, g) / n_g, r = m - (double)(W)m;                \
+            double m = fold(a1, offsets, g) / n_g, at = (double)pivot[offsets[g]] + m;      \
+            double r = at - (double)(W)at;                                                  \
             out[g] = (part_t){n_g, m, -n_g * r * r};                                        \
-            for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) centers[c] = (W)m;        \
+            for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) centers[c] = (W)at;       \
         }                                                                                   \
-        rows_##S(slab, C, r0, r1, pivot, centers, NULL, a2);                                \
+        rows_##S(slab, C, r0, r1, centers, NULL, a2);                                       \
         for (int64_t g = 0; g < G; g++) out[g].m2 += fold(a2, offsets, g);              \
     }                                                                                       \
-    /* Channels-last: block 0 of each sample two-pass; its group means center every other   \
-       block's one pass (the same for any thread count), which takes a second pass only     \
-       where it cancels. */                                                                 \
+    /* Channels-last: block 0 of each sample (its first BLOCK / C rows) two-pass; its group \
+       means center every other block's one pass (the same for any thread count), which     \
+       takes a second pass only where it cancels. */                                        \
     static void stats_cl_##S(const T *x, int64_t N, int64_t C, int64_t L,                   \
                              const int64_t *offsets, int64_t G, double *mean, double *var,  \
                              int nthreads) {                                                \
-        int64_t rows = C >= BLOCK / 4 ? 4 : BLOCK / C;                                      \
-        int64_t blocks = (L + rows - 1) / rows;                                             \
+        int64_t head = BLOCK / C < 1 ? 1 : BLOCK / C, rows = stats_rows(C);                 \
+        head = head < L ? head : L;                                                         \
+        int64_t blocks = 1 + (L - head + rows - 1) / rows;                                  \
         part_t *parts = malloc((size_t)(N * blocks * G) * sizeof(part_t));                  \
         W *pivots = malloc((size_t)(2 * N * C) * sizeof(W)), *pilots = pivots + N * C;      \
         for (int64_t n = 0; n < N; n++)                                                     \
@@ -390,7 +413,7 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
                     pivots[n * C + c] = IN(x[n * L * C + offsets[g]]);                      \
         FOR_TASKS(n, N, {                                                                   \
             double *a1 = malloc((size_t)(2 * C) * sizeof(double));                          \
-            two_pass_##S(x + n * L * C, C, 0, rows < L ? rows : L, offsets, G, pivots + n * C, \
+            two_pass_##S(x + n * L * C, C, 0, head, offsets, G, pivots + n * C,             \
                          pilots + n * C, a1, a1 + C, parts + n * blocks * G);               \
             free(a1);                                                                       \
         })                                                                                  \
@@ -398,15 +421,16 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
             int64_t n = t / (blocks - 1), b = t % (blocks - 1) + 1;                         \
             const T *slab = x + n * L * C;                                                  \
             const W *pivot = pivots + n * C, *pilot = pilots + n * C;                       \
-            int64_t r0 = b * rows, r1 = r0 + rows < L ? r0 + rows : L;                      \
+            int64_t r0 = head + (b - 1) * rows, r1 = r0 + rows < L ? r0 + rows : L;         \
             part_t *out = parts + (n * blocks + b) * G;                                     \
             double *a1 = calloc((size_t)(2 * C), sizeof(double)), *a2 = a1 + C;             \
-            rows_##S(slab, C, r0, r1, pivot, pilot, a1, a2);                                \
+            rows_##S(slab, C, r0, r1, pilot, a1, a2);                                       \
             int cancels = 0;                                                                \
             for (int64_t g = 0; g < G; g++) {                                               \
                 double n_g = (double)((offsets[g + 1] - offsets[g]) * (r1 - r0));           \
                 double s1 = fold(a1, offsets, g), m = s1 / n_g;                         \
-                out[g] = (part_t){n_g, (double)pilot[offsets[g]] + m,                       \
+                out[g] = (part_t){n_g,                                                      \
+                                  ((double)pilot[offsets[g]] - (double)pivot[offsets[g]]) + m, \
                                   fold(a2, offsets, g) - s1 * m};                       \
                 cancels |= !(m * m * n_g <= TRUST * out[g].m2);                             \
             }                                                                               \
@@ -472,15 +496,38 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
             }                                                                               \
         })                                                                                  \
     }                                                                                       \
+    /* Channels-last rows r0..r1 of one sample: y = (x - hi) * a + b per channel. */         \
+    static void rows_##S##_##O(const T *x, TO *y, int64_t C, int64_t r0, int64_t r1,         \
+                               const W *hi, const W *a, const W *b, int relu) {             \
+        int64_t C8 = C - C % 8;                                                             \
+        for (int64_t r = r0; r < r1; r++) {                                                 \
+            const T *xr = x + r * C;                                                        \
+            TO *yr = y + r * C;                                                             \
+            for (int64_t c = 0; c < C8; c += 8) {                                           \
+                VW v = (LOAD(xr + c) - LOADW(hi + c)) * LOADW(a + c) + LOADW(b + c);        \
+                STORE(yr + c, relu ? RELU(v) : v);                                          \
+            }                                                                               \
+            for (int64_t c = C8; c < C; c++) {                                              \
+                W v = (IN(xr[c]) - hi[c]) * a[c] + b[c];                                    \
+                yr[c] = OUT(relu && v < 0 ? (W)0 : v);                                      \
+            }                                                                               \
+        }                                                                                   \
+    }                                                                                       \
     static void apply_##S##_##O(const T *x, TO *y, int64_t N, int64_t C, int64_t L, int cl,  \
                                 const double *coef, int relu, int nthreads) {               \
         int64_t NC = N * C;                                                                 \
         W *k = malloc((size_t)(4 * NC) * sizeof(W));                                        \
         for (int64_t i = 0; i < NC; i++) {                                                  \
             W hi = (W)coef[3 * i];                                                          \
-            W v[4] = {hi, (W)(coef[3 * i] - (double)hi), (W)coef[3 * i + 1],                \
-                      (W)coef[3 * i + 2]};                                                  \
-            for (int j = 0; j < 4; j++) k[cl ? j * NC + i : 4 * i + j] = v[j];              \
+            double lo = coef[3 * i] - (double)hi;                                           \
+            if (cl) { /* lo folded into b: b - lo * a, in float64 */                        \
+                k[i] = hi;                                                                  \
+                k[NC + i] = (W)coef[3 * i + 1];                                             \
+                k[2 * NC + i] = (W)(coef[3 * i + 2] - lo * coef[3 * i + 1]);                \
+            } else {                                                                        \
+                W v[4] = {hi, (W)lo, (W)coef[3 * i + 1], (W)coef[3 * i + 2]};               \
+                for (int j = 0; j < 4; j++) k[4 * i + j] = v[j];                            \
+            }                                                                               \
         }                                                                                   \
         if (!cl) {                                                                          \
             int64_t chunks = (L + BLOCK - 1) / BLOCK;                                       \
@@ -492,25 +539,13 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
                 row_##S##_##O(x + row * L, y + row * L, i0, i1, kr[0], kr[1], kr[2], kr[3], relu); \
             })                                                                              \
         } else {                                                                            \
-            int64_t rows = C >= BLOCK / 4 ? 4 : BLOCK / C, C8 = C - C % 8;                  \
+            int64_t rows = C >= BLOCK / 4 ? 4 : BLOCK / C;                                  \
             int64_t blocks = (L + rows - 1) / rows;                                         \
             FOR_TASKS(t, N * blocks, {                                                      \
                 int64_t n = t / blocks, r0 = t % blocks * rows;                             \
-                int64_t r1 = r0 + rows < L ? r0 + rows : L;                                 \
-                const W *hi = k + n * C, *lo = hi + NC, *a = lo + NC, *b = a + NC;          \
-                for (int64_t r = r0; r < r1; r++) {                                         \
-                    const T *xr = x + (n * L + r) * C;                                      \
-                    TO *yr = y + (n * L + r) * C;                                           \
-                    for (int64_t c = 0; c < C8; c += 8) {                                   \
-                        VW v = ((LOAD(xr + c) - LOADW(hi + c)) - LOADW(lo + c)) * LOADW(a + c) \
-                               + LOADW(b + c);                                              \
-                        STORE(yr + c, relu ? RELU(v) : v);                                  \
-                    }                                                                       \
-                    for (int64_t c = C8; c < C; c++) {                                      \
-                        W v = ((IN(xr[c]) - hi[c]) - lo[c]) * a[c] + b[c];                  \
-                        yr[c] = OUT(relu && v < 0 ? (W)0 : v);                              \
-                    }                                                                       \
-                }                                                                           \
+                const W *hi = k + n * C;                                                    \
+                rows_##S##_##O(x + n * L * C, y + n * L * C, C, r0,                         \
+                               r0 + rows < L ? r0 + rows : L, hi, hi + NC, hi + 2 * NC, relu); \
             })                                                                              \
         }                                                                                   \
         free(k);                                                                            \
@@ -700,6 +735,8 @@ static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64
     return status;
 }
 
+static size_t size_of(int dtype) { return dtype == F64 ? 8 : dtype == F32 ? 4 : 2; }
+
 /* Bit k set: dtype code k is supported by this build. */
 static int gn_dtypes(void) { return 1 << F32 | 1 << F64 | 1 << BF16 | HAVE_F16 << F16; }
 
@@ -775,32 +812,45 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
         free(work);
         return status;
     }
-    if (!given && gn_stats(x, dtype, N, C, L, cl, offsets, G, mean, var, nthreads)) {
-        free(work);
-        return -1;
-    }
-    for (int64_t i = 0; i < N * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t c = 0; c < C; c++) {
-            int64_t i = n * G + group_of[c], j = n * C + c;
-            coef[3 * j] = mean[i];
-            affine(rstd[i], wd[c], bd[c], scale, shift, j, coef + 3 * j + 1, coef + 3 * j + 2);
+    /* Samples in batches of about SPAN elements: statistics, then output while the batch's
+       x is still in cache. */
+    int64_t per = C * L, batch = per < SPAN ? SPAN / per : 1;
+    for (int64_t n0 = 0; n0 < N && !status; n0 += batch) {
+        int64_t nb = N - n0 < batch ? N - n0 : batch;
+        const char *xb = (const char *)x + n0 * per * size_of(dtype);
+        char *yb = (char *)y + n0 * per * size_of(ytype);
+        if (!given && gn_stats(xb, dtype, nb, C, L, cl, offsets, G, mean + n0 * G,
+                               var + n0 * G, nthreads)) {
+            status = -1;
+            break;
         }
+        for (int64_t i = n0 * G; i < (n0 + nb) * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);
+        for (int64_t n = n0; n < n0 + nb; n++)
+            for (int64_t c = 0; c < C; c++) {
+                int64_t i = n * G + group_of[c], j = n * C + c;
+                coef[3 * j] = mean[i];
+                affine(rstd[i], wd[c], bd[c], scale, shift, j, coef + 3 * j + 1,
+                       coef + 3 * j + 2);
+            }
+        const double *cb = coef + 3 * n0 * C;
 #define APPLY_CASE(CODE, S, T)                                                              \
     case CODE:                                                                              \
-        if (ytype == dtype) apply_##S##_##S((const T *)x, (T *)y, N, C, L, cl, coef, relu, nthreads); \
-        else apply_##S##_f32((const T *)x, (float *)y, N, C, L, cl, coef, relu, nthreads);   \
+        if (ytype == dtype) apply_##S##_##S((const T *)xb, (T *)yb, nb, C, L, cl, cb, relu, nthreads); \
+        else apply_##S##_f32((const T *)xb, (float *)yb, nb, C, L, cl, cb, relu, nthreads); \
         break;
-    switch (dtype) {
-    case F32: apply_f32_f32((const float *)x, (float *)y, N, C, L, cl, coef, relu, nthreads); break;
-    case F64:
-        apply_f64_f64((const double *)x, (double *)y, N, C, L, cl, coef, relu, nthreads);
-        break;
-    APPLY_CASE(BF16, bf16, uint16_t)
+        switch (dtype) {
+        case F32:
+            apply_f32_f32((const float *)xb, (float *)yb, nb, C, L, cl, cb, relu, nthreads);
+            break;
+        case F64:
+            apply_f64_f64((const double *)xb, (double *)yb, nb, C, L, cl, cb, relu, nthreads);
+            break;
+        APPLY_CASE(BF16, bf16, uint16_t)
 #if HAVE_F16
-    APPLY_CASE(F16, f16, f16_t)
+        APPLY_CASE(F16, f16, f16_t)
 #endif
-    default: status = -1;
+        default: status = -1;
+        }
     }
     free(work);
     return status;
