@@ -153,6 +153,8 @@ def test_property_kernel_matches_float64(
         ((2, 8, 96, 97), {"num_groups": 2}),  # groups of 37,248: three NCHW blocks, fused
         ((1, 4, 160, 160), {"num_groups": 1}),  # 102,400: past FUSED_MAX, two stages
         ((1, 3, 130, 131), {"num_groups": 1}),  # one group, odd sizes, many channels-last blocks
+        # channels-last: 4-vector, 1-vector and scalar columns, a 54-row head, 64-row blocks
+        ((2, 300, 12, 12), {"num_groups": 30}),
         ((2, 48, 40, 40), {"num_groups": 20, "uneven": True}),
         ((3, 4, 5, 6, 7), {"group_sizes": [3, 1]}),  # 3-D spatial
     ],
@@ -310,15 +312,40 @@ def test_property_kernel_backward_matches_float64(
         warnings.simplefilter("ignore", groupnorm.SingleElementGroupWarning)
         y = groupnorm.group_norm(x, weight=w, bias=b, activation=activation, **plan_kw)
         y.backward(dy)
-    # Even plans in a layout torch's kernel is trusted with keep its backward.
-    assert calls[0] == int(torch_ops._grad_goes_fused(x, plan))
     _, cache = reference(x, plan, w, b, activation=activation)
+    # Even plans in a layout torch's kernel is trusted with keep its backward, unless its
+    # statistics fail the check (mean / std past the limit: an offset, single-element groups).
+    limit = torch_ops._trust_limit(x, plan)
+    ratio = float((abs(cache.mean) * cache.rstd).max())
+    declines = torch_ops._torch_kernel_declines(x, plan)
+    if limit is None or not math.isclose(ratio, limit, rel_tol=1e-3):
+        assert calls[0] == int(declines or (limit is not None and ratio > limit))
     grads = R.group_norm_backward(to_numpy(dy), cache)
     group = max(plan.sizes) * math.prod(spatial)
     assert_matches(x.grad, grads.dx, dtype, reduction=group, what="dx")
     if affine:
         assert_matches(w.grad, grads.dgamma, dtype, reduction=N * math.prod(spatial), what="dw")
         assert_matches(b.grad, grads.dbeta, dtype, reduction=N * math.prod(spatial), what="db")
+
+
+@needs_kernel
+def test_regression_weight_gradient_of_an_even_plan_at_an_offset() -> None:
+    """Even plan, NCHW float32 under autograd, mean / std = 50: torch's kernel fails the check,
+    and the composite path that redid the call summed dy * xhat in float32, its weight gradient
+    1.44x the bound here (found by the property test below). The fused kernel redoes it now."""
+    shape, plan = (1, 5, 9, 9), resolve_plan(5, num_groups=1)
+    x = make_x(shape, torch.float32, seed=0, loc=100.0).requires_grad_()
+    w = rand((5,), torch.float32, 1).requires_grad_()
+    b = rand((5,), torch.float32, 2).requires_grad_()
+    dy = rand(shape, torch.float32, 3)
+    with _calls("backward") as calls:
+        groupnorm.group_norm(x, 1, w, b).backward(dy)
+    assert calls[0] == 1
+    _, cache = reference(x, plan, w, b)
+    grads = R.group_norm_backward(to_numpy(dy), cache)
+    assert_matches(x.grad, grads.dx, torch.float32, reduction=405, what="dx")
+    assert_matches(w.grad, grads.dgamma, torch.float32, reduction=81, what="dw")
+    assert_matches(b.grad, grads.dbeta, torch.float32, reduction=81, what="db")
 
 
 @needs_kernel

@@ -363,7 +363,7 @@ def _native_with_stats(r: Request) -> tuple[torch.Tensor, GroupStats] | None:
     bias the kernel applies (its mean and rstd would be in x's dtype), whose y is then the
     multiply-add (within NATIVE_TRUST: at eps = 0 ``|mean| * rstd`` is only larger). A call
     whose mean is not trusted goes shifted without asking again: at eps = 0 it would not be."""
-    if _takes_sums(r.x, r.plan):
+    if _torch_kernel_declines(r.x, r.plan):
         stats = _from_sums(r.x, r.plan, 0.0)
         if stats is None:
             return None
@@ -515,11 +515,16 @@ def _stats_of_moments(
     return GroupStats(pivot_t, shifted, m2, count_t, plan=plan)
 
 
-def _takes_sums(x: torch.Tensor, plan: GroupPlan) -> bool:
-    """Whether statistics of x come from sums before torch's kernel is asked: an uneven plan
-    (no per-run kernel calls, no copies of channel slices), or a layout the kernel is not
-    trusted with at any ratio (channels-last inputs past :func:`_trust_limit`'s sizes, strided
-    views)."""
+def _torch_kernel_declines(x: torch.Tensor, plan: GroupPlan) -> bool:
+    """Whether torch's kernel is not asked at all: an uneven plan (no per-run kernel calls, no
+    copies of channel slices), or a layout it is not trusted with at any ratio (channels-last
+    inputs past :func:`_trust_limit`'s sizes, strided views). Statistics of x then come from
+    sums (:func:`_forward_from_sums`), and under autograd the fused kernel's forward and
+    backward serve (:class:`_Fused`; channels-last float32 past 8^2 positions went to the
+    composite path, 3-7x nn.GroupNorm's fwd + bwd). Torch's kernel, checked, keeps the rest,
+    where its backward was as fast or faster (float32, one thread, fwd + bwd: (2, 1280, 8, 8)
+    1.27x nn.GroupNorm's against the fused kernel's 1.54x NCHW, 1.52x against 2.21x
+    channels-last)."""
     return not plan.is_even or _trust_limit(x, plan) is None
 
 
@@ -551,7 +556,7 @@ def _native_checked(r: Request) -> torch.Tensor | None:
     The check is per (sample, group), elementwise: a NaN or Inf group compares False (it is
     NaN either way) and cannot switch the check off for the other groups.
     """
-    if _takes_sums(r.x, r.plan):
+    if _torch_kernel_declines(r.x, r.plan):
         y = _forward_from_sums(r)
         if y is not None:
             return y
@@ -581,6 +586,10 @@ def _native_checked(r: Request) -> torch.Tensor | None:
     bad = (mean * rstd).abs_().gt_(limit).any(dim=1)  # (N,)
     if not bad.any():
         return y
+    # Under autograd the composite path's float32 weight gradient misses the bound at an
+    # offset (sums of dy * xhat in float32); the kernel's sums go to float64.
+    if _fused_can_record(r):
+        return _record_fused(r)
     # Samples past a limit below the sums path's (float32 channels-last) try that path first.
     retry = _forward_from_sums if limit < SUMS_TRUST else None
     if bad.all():
@@ -692,7 +701,7 @@ def _fused_fast(
         or (bias is not None and bias.requires_grad)
     )
     if grad:
-        if not (_grad_goes_fused(x, plan) and cpu_kernel.serves(x)):
+        if not (_torch_kernel_declines(x, plan) and cpu_kernel.serves(x)):
             return None
         return apply_activation(_Fused.apply(x, weight, bias, plan, eps), activation)
     y = cpu_kernel.forward_plain(x, plan, weight, bias, eps, activation == "relu")
@@ -819,7 +828,7 @@ def _stats_native(x: torch.Tensor, plan: GroupPlan) -> GroupStats | None:
     constant group (rstd = inf) or NaN fails the check. The kernel's y is discarded."""
     if not _stats_as_values(x):
         return None
-    if _takes_sums(x, plan):
+    if _torch_kernel_declines(x, plan):
         return _from_sums(x, plan, 0.0)
     limit = _trust_limit(x, plan)
     N, C = x.shape[:2]
@@ -914,11 +923,16 @@ def _fused_records(r: Request) -> bool:
     """Whether the fused CPU kernel serves ``r`` under autograd (:class:`_Fused`): an eager
     float32/float64 CPU call in a layout it reads, with weight, bias and an activation at most
     (the activation is then torch's, recorded as usual), reverse mode only, where torch's
-    kernel does not serve it (:func:`_grad_goes_fused`)."""
+    kernel does not serve it (:func:`_torch_kernel_declines`). Where torch's kernel does, but its
+    statistics fail the check, :func:`_native_checked` redoes the call here too
+    (:func:`_fused_can_record`)."""
+    return _torch_kernel_declines(r.x, r.plan) and _fused_can_record(r)
+
+
+def _fused_can_record(r: Request) -> bool:
     x = r.x
     return (
-        _grad_goes_fused(x, r.plan)
-        and x.dtype in _NUMPY_FLOATS
+        x.dtype in _NUMPY_FLOATS
         and r.stats is None
         and not r.return_stats
         and r.scale is None
@@ -930,13 +944,10 @@ def _fused_records(r: Request) -> bool:
     )
 
 
-def _grad_goes_fused(x: torch.Tensor, plan: GroupPlan) -> bool:
-    """Under autograd the kernel's forward and backward serve uneven plans and layouts torch's
-    kernel is not trusted with (channels-last float32 past 8^2 positions: those went to the
-    composite path, 3-7x nn.GroupNorm's fwd + bwd); torch's kernel, checked, keeps the rest, where
-    its backward was as fast or faster (float32, one thread, fwd + bwd: (2, 1280, 8, 8) 1.27x
-    nn.GroupNorm's against the kernel's 1.54x NCHW, 1.52x against 2.21x channels-last)."""
-    return not plan.is_even or _trust_limit(x, plan) is None
+def _record_fused(r: Request) -> torch.Tensor:
+    """y of ``r`` from :class:`_Fused`, the activation recorded after it."""
+    w, b = (None if t is None else t.contiguous() for t in (r.weight, r.bias))
+    return apply_activation(_Fused.apply(r.x, w, b, r.plan, r.eps), r.activation)
 
 
 def _fused(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
@@ -994,9 +1005,7 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     if _fused_serves(r):
         return _fused(r)
     if _fused_records(r):
-        w, b = (None if t is None else t.contiguous() for t in (r.weight, r.bias))
-        y = _Fused.apply(r.x, w, b, r.plan, r.eps)
-        return apply_activation(y, r.activation), None
+        return _record_fused(r), None
     if r.stats is None and not r.return_stats and not _forward_ad_on_channels_last(r.x):
         if _reads_values(r.x):
             y = _native_checked(r)
