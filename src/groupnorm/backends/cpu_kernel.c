@@ -339,44 +339,56 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
     }                                                                                       \
     /* Channels-last, per channel over rows r0..r1: sum(e) into a1 and sum(e^2) into a2 (either \
        may be NULL), e = x - shift, RUN rows at a time in W, then in float64. Channels go K  \
-       vectors at a time: whole cache lines per row, K independent chains. */              \
-    static inline void cols_##S(const T *slab, int64_t C, int64_t r, int64_t r2, int64_t c, \
-                                int K, const W *shift, double *a1, double *a2) {            \
+       vectors at a time: whole cache lines per row, K independent chains. Inlined with      \
+       constant K, row count and wants (w1: a1, w2: a2), so the loop holds no branches. */   \
+    static inline __attribute__((always_inline)) void cols_##S(                            \
+        const T *slab, int64_t C, int64_t r, int64_t rows, int64_t c, int K, const W *shift, \
+        double *a1, double *a2, int w1, int w2) {                                           \
         VW sv[4], f1[4] = {0}, f2[4] = {0};                                                 \
         for (int k = 0; k < K; k++) sv[k] = LOADW(shift + c + 8 * k);                       \
-        for (int64_t q = r; q < r2; q++) {                                                  \
+        for (int64_t q = r; q < r + rows; q++) {                                            \
             /* the same columns RUN rows on: strided rows defeat the hardware prefetcher */ \
             for (int k = 0; k < K; k += 64 / (int)sizeof(T) / 8)                            \
                 __builtin_prefetch(slab + (q + RUN) * C + c + 8 * k);                       \
             for (int k = 0; k < K; k++) {                                                   \
                 VW e = LOAD(slab + q * C + c + 8 * k) - sv[k];                              \
-                if (a1) f1[k] += e;                                                         \
-                if (a2) f2[k] += e * e;                                                     \
+                if (w1) f1[k] += e;                                                         \
+                if (w2) f2[k] += e * e;                                                     \
             }                                                                               \
         }                                                                                   \
         for (int k = 0; k < K; k++) {                                                       \
-            if (a1) store_f64(a1 + c + 8 * k, load_f64(a1 + c + 8 * k) + WIDE(f1[k]));      \
-            if (a2) store_f64(a2 + c + 8 * k, load_f64(a2 + c + 8 * k) + WIDE(f2[k]));      \
+            if (w1) store_f64(a1 + c + 8 * k, load_f64(a1 + c + 8 * k) + WIDE(f1[k]));      \
+            if (w2) store_f64(a2 + c + 8 * k, load_f64(a2 + c + 8 * k) + WIDE(f2[k]));      \
         }                                                                                   \
     }                                                                                       \
-    static void rows_##S(const T *slab, int64_t C, int64_t r0, int64_t r1, const W *shift,  \
-                         double *a1, double *a2) {                                          \
+    static inline __attribute__((always_inline)) void sweep_##S(                           \
+        const T *slab, int64_t C, int64_t r0, int64_t r1, const W *shift, double *a1,       \
+        double *a2, int w1, int w2) {                                                       \
         int64_t C32 = C - C % 32, C8 = C - C % 8;                                           \
         for (int64_t r = r0; r < r1; r += RUN) {                                            \
-            int64_t r2 = r + RUN < r1 ? r + RUN : r1;                                       \
-            for (int64_t c = 0; c < C32; c += 32) cols_##S(slab, C, r, r2, c, 4, shift, a1, a2); \
-            for (int64_t c = C32; c < C8; c += 8) cols_##S(slab, C, r, r2, c, 1, shift, a1, a2); \
+            int64_t n = r + RUN < r1 ? RUN : r1 - r;                                        \
+            for (int64_t c = 0; c < C32; c += 32)                                           \
+                if (n == RUN) cols_##S(slab, C, r, RUN, c, 4, shift, a1, a2, w1, w2);       \
+                else cols_##S(slab, C, r, n, c, 4, shift, a1, a2, w1, w2);                  \
+            for (int64_t c = C32; c < C8; c += 8)                                           \
+                cols_##S(slab, C, r, n, c, 1, shift, a1, a2, w1, w2);                       \
             for (int64_t c = C8; c < C; c++) {                                              \
                 W f1 = 0, f2 = 0;                                                           \
-                for (int64_t q = r; q < r2; q++) {                                          \
+                for (int64_t q = r; q < r + n; q++) {                                       \
                     W e = IN(slab[q * C + c]) - shift[c];                                   \
                     f1 += e;                                                                \
                     f2 += e * e;                                                            \
                 }                                                                           \
-                if (a1) a1[c] += f1;                                                        \
-                if (a2) a2[c] += f2;                                                        \
+                if (w1) a1[c] += f1;                                                        \
+                if (w2) a2[c] += f2;                                                        \
             }                                                                               \
         }                                                                                   \
+    }                                                                                       \
+    static void rows_##S(const T *slab, int64_t C, int64_t r0, int64_t r1, const W *shift,  \
+                         double *a1, double *a2) {                                          \
+        if (a1 && a2) sweep_##S(slab, C, r0, r1, shift, a1, a2, 1, 1);                      \
+        else if (a1) sweep_##S(slab, C, r0, r1, shift, a1, a2, 1, 0);                       \
+        else sweep_##S(slab, C, r0, r1, shift, a1, a2, 0, 1);                               \
     }                                                                                       \
     /* A block's parts, two-pass: the group means (relative to the pivot), then the sums of \
        squares around them (rounded to W: the rounding's n r^2 taken back). centers gets   \
