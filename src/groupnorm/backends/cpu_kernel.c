@@ -57,9 +57,6 @@ enum { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 #define FUSED_MAX 65536
 /* Below this many elements one thread does all: waking the others costs more. */
 #define PARALLEL_MIN 65536
-/* The forward's statistics and output run on batches of samples of about this many elements
-   (at least one sample), so the output's read of x finds it in cache. */
-#define SPAN 262144
 
 /* Channels-last statistics blocks: rows of all C channels, at least BLOCK elements and, up
    to BLOCK_MAX, at least CL_ROWS rows. Each block's per-channel sums are folded into groups,
@@ -747,8 +744,6 @@ static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64
     return status;
 }
 
-static size_t size_of(int dtype) { return dtype == F64 ? 8 : dtype == F32 ? 4 : 2; }
-
 /* Bit k set: dtype code k is supported by this build. */
 static int gn_dtypes(void) { return 1 << F32 | 1 << F64 | 1 << BF16 | HAVE_F16 << F16; }
 
@@ -824,45 +819,32 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
         free(work);
         return status;
     }
-    /* Samples in batches of about SPAN elements: statistics, then output while the batch's
-       x is still in cache. */
-    int64_t per = C * L, batch = per < SPAN ? SPAN / per : 1;
-    for (int64_t n0 = 0; n0 < N && !status; n0 += batch) {
-        int64_t nb = N - n0 < batch ? N - n0 : batch;
-        const char *xb = (const char *)x + n0 * per * size_of(dtype);
-        char *yb = (char *)y + n0 * per * size_of(ytype);
-        if (!given && gn_stats(xb, dtype, nb, C, L, cl, offsets, G, mean + n0 * G,
-                               var + n0 * G, nthreads)) {
-            status = -1;
-            break;
+    if (!given && gn_stats(x, dtype, N, C, L, cl, offsets, G, mean, var, nthreads)) {
+        free(work);
+        return -1;
+    }
+    for (int64_t i = 0; i < N * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < C; c++) {
+            int64_t i = n * G + group_of[c], j = n * C + c;
+            coef[3 * j] = mean[i];
+            affine(rstd[i], wd[c], bd[c], scale, shift, j, coef + 3 * j + 1, coef + 3 * j + 2);
         }
-        for (int64_t i = n0 * G; i < (n0 + nb) * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);
-        for (int64_t n = n0; n < n0 + nb; n++)
-            for (int64_t c = 0; c < C; c++) {
-                int64_t i = n * G + group_of[c], j = n * C + c;
-                coef[3 * j] = mean[i];
-                affine(rstd[i], wd[c], bd[c], scale, shift, j, coef + 3 * j + 1,
-                       coef + 3 * j + 2);
-            }
-        const double *cb = coef + 3 * n0 * C;
 #define APPLY_CASE(CODE, S, T)                                                              \
     case CODE:                                                                              \
-        if (ytype == dtype) apply_##S##_##S((const T *)xb, (T *)yb, nb, C, L, cl, cb, relu, nthreads); \
-        else apply_##S##_f32((const T *)xb, (float *)yb, nb, C, L, cl, cb, relu, nthreads); \
+        if (ytype == dtype) apply_##S##_##S((const T *)x, (T *)y, N, C, L, cl, coef, relu, nthreads); \
+        else apply_##S##_f32((const T *)x, (float *)y, N, C, L, cl, coef, relu, nthreads);   \
         break;
-        switch (dtype) {
-        case F32:
-            apply_f32_f32((const float *)xb, (float *)yb, nb, C, L, cl, cb, relu, nthreads);
-            break;
-        case F64:
-            apply_f64_f64((const double *)xb, (double *)yb, nb, C, L, cl, cb, relu, nthreads);
-            break;
-        APPLY_CASE(BF16, bf16, uint16_t)
+    switch (dtype) {
+    case F32: apply_f32_f32((const float *)x, (float *)y, N, C, L, cl, coef, relu, nthreads); break;
+    case F64:
+        apply_f64_f64((const double *)x, (double *)y, N, C, L, cl, coef, relu, nthreads);
+        break;
+    APPLY_CASE(BF16, bf16, uint16_t)
 #if HAVE_F16
-        APPLY_CASE(F16, f16, f16_t)
+    APPLY_CASE(F16, f16, f16_t)
 #endif
-        default: status = -1;
-        }
+    default: status = -1;
     }
     free(work);
     return status;
