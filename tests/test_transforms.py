@@ -5,6 +5,7 @@ would show), and against eager where both run."""
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import Any, Literal
 
 import pytest
@@ -14,9 +15,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import groupnorm
+from groupnorm import reference as R
+from groupnorm.backends import shifted
 from groupnorm.functional import resolve_plan
-from tests._inputs import make_x, reference
-from tests._tolerances import assert_matches
+from tests._inputs import make_x, rand, reference
+from tests._tolerances import assert_matches, to_numpy
 
 PLANS: dict[str, dict[str, Any]] = {
     "even": {"num_groups": 4},
@@ -194,41 +197,52 @@ def _graph_ops(model: nn.Module, x: torch.Tensor, train: bool) -> tuple[int, int
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_resnet_graph_within_twice_nn_groupnorm() -> None:
     """Regression: the pivot, gathered per run with repeat_interleave, traced a ResNet to 3x
-    nn.GroupNorm's ATen ops. Within 2x at both levels without grad; in train mode the pivot's
-    detach adds one Dynamo op per layer (2.2x there with the compiled pivot's repeat), ATen
-    ops stay within 2x."""
+    nn.GroupNorm's ATen ops. Within 2x at both levels, with and without grad (Dynamo's graph
+    holds two ops more per layer: the pivot and the subtraction)."""
     from groupnorm.study.models import ResNet
 
     x = torch.randn(2, 3, 16, 16)
     ours_net = ResNet(lambda c: groupnorm.GroupNorm(8, c), blocks=2)
     theirs_net = ResNet(lambda c: nn.GroupNorm(8, c), blocks=2)
-    ours, theirs = _graph_ops(ours_net, x, False), _graph_ops(theirs_net, x, False)
-    assert ours[0] <= 2 * theirs[0] and ours[1] <= 2 * theirs[1], (ours, theirs)
-    ours, theirs = _graph_ops(ours_net, x, True), _graph_ops(theirs_net, x, True)
     layers = sum(isinstance(m, groupnorm.GroupNorm) for m in ours_net.modules())
-    assert ours[0] <= 2 * theirs[0] and ours[1] <= 2 * theirs[1] + layers, (ours, theirs)
+    for train in (False, True):
+        ours, theirs = _graph_ops(ours_net, x, train), _graph_ops(theirs_net, x, train)
+        assert ours[0] <= 2 * theirs[0] and ours[1] <= 2 * theirs[1], (train, ours, theirs)
+        assert ours[1] == theirs[1] + 2 * layers, (train, ours, theirs)
 
 
 def test_regression_compiled_even_pivot_is_not_a_gather() -> None:
     """Inductor inlined the pivot's gather through the plan's first-channel index into every
     reduction as an indirect load per vector iteration: a compiled ResNet-20 training step took
-    84 ms against 53 eager. Under torch.compile an even plan's pivot is a strided slice,
-    repeated (affine loads); an uneven plan's is still the gather. Both exact against float64."""
+    84 ms against 53 eager. Under torch.compile the pivot is one node of Dynamo's graph
+    (``_compiled_pivot``, no detach left outside it) whose ops an even plan makes a strided
+    slice, repeated (affine loads); an uneven plan's is still the gather. Exact against
+    float64, forward and backward (no gradient through the pivot)."""
     graphs: list[torch.fx.GraphModule] = []
 
     def backend(g: torch.fx.GraphModule, example: object) -> Any:
         graphs.append(g)
         return g.forward
 
-    cases: list[tuple[dict[str, Any], bool]] = [
-        ({"num_groups": 4}, False),
-        ({"num_groups": 3, "uneven": True}, True),
+    cases: list[tuple[dict[str, Any], int, list[int]]] = [
+        ({"num_groups": 4}, 2, [0, 0, 2, 2, 4, 4, 6, 6]),
+        ({"num_groups": 3, "uneven": True}, 0, [0, 0, 0, 3, 3, 3, 6, 6]),
     ]
-    for kw, gathers in cases:
+    for kw, size, first in cases:
         graphs.clear()
         torch._dynamo.reset()
-        x = make_x((2, 8, 5, 4), torch.float32, loc=1e3, std=1e-1)
+        x = make_x((2, 8, 5, 4), torch.float32, loc=1e3, std=1e-1).requires_grad_()
         y = torch.compile(lambda t, kw=kw: groupnorm.group_norm(t, **kw), backend=backend)(x)
-        methods = {n.target for n in graphs[0].graph.nodes if n.op == "call_method"}
-        assert ("repeat_interleave" not in methods) == gathers, methods
-        assert_matches(y, reference(x, resolve_plan(8, **kw))[0], torch.float32)
+        targets = [n.target for n in graphs[0].graph.nodes if n.op != "placeholder"]
+        assert targets.count(shifted._compiled_pivot) == 1, targets
+        assert "detach" not in targets and "repeat_interleave" not in targets, targets
+        pivot = partial(shifted._compiled_pivot, first=torch.tensor(first), size=size)
+        ops = {n.target for n in make_fx(pivot)(x.detach()).graph.nodes}
+        assert (torch.ops.aten.index.Tensor in ops) == (size == 0), ops
+        plan = resolve_plan(8, **kw)
+        expected, cache = reference(x, plan)
+        assert_matches(y, expected, torch.float32)
+        dy = rand(tuple(x.shape), torch.float32, 5)
+        y.backward(dy)
+        grads = R.group_norm_backward(to_numpy(dy), cache)
+        assert_matches(x.grad, grads.dx, torch.float32, reduction=max(plan.sizes) * 20, what="dx")

@@ -14,8 +14,8 @@ TorchScript, and devices where reading a value would stall the host. The subtrac
 elementwise pass, which is why eager CPU calls check torch's own mean instead.
 
 A graph holds three ops more than ``F.group_norm``'s: the pivot gather (``first`` is a
-constant), its detach (only when x requires grad) and the subtraction; under torch.compile an
-even plan's pivot is a strided slice and a repeat instead, four ops. An export (torch.export,
+constant), its detach (only when x requires grad) and the subtraction; under torch.compile two:
+the pivot is one opaque op there (``groupnorm::pivot``, no gradient). An export (torch.export,
 ONNX) records each run as rows of (N, groups, elements) instead: ONNX then holds 7 nodes per
 even layer where ``nn.GroupNorm`` holds 5 (:func:`_exported`).
 
@@ -54,21 +54,31 @@ def _pivot(x: torch.Tensor, first: torch.Tensor, size: int) -> torch.Tensor:
     """(N, C, 1, ..., 1): the first element of each channel's group; ``size`` is the group size
     of an even plan, 0 for an uneven one. Detached: the result is mathematically independent of
     it, and its gradient would be rounding noise."""
-    src = x.detach() if x.requires_grad else x
     if torch.jit.is_scripting():
+        src = x.detach() if x.requires_grad else x
         pivot = src.index_select(1, first)
         for d in range(2, x.dim()):
             pivot = pivot.narrow(d, 0, 1)
         return pivot
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return _compiled_pivot(x, first, size)
+    src = x.detach() if x.requires_grad else x
+    return src[(slice(None), first) + (slice(0, 1),) * (x.dim() - 2)]  # one op in a graph
+
+
+@torch.compiler.allow_in_graph
+def _compiled_pivot(x: torch.Tensor, first: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`_pivot` under torch.compile: one node in Dynamo's graph where the detach, slice
+    and repeat (or gather) were three; AOTAutograd and inductor still see the ops inside. An
+    even plan's pivot is every size-th channel, repeated: inductor reads it at an affine index,
+    where a gather through ``first`` it inlined into each reduction as an indirect load per
+    vector iteration (a compiled ResNet-20 training step: 84 against 58 ms)."""
+    src = x.detach()
     spatial = (slice(0, 1),) * (x.dim() - 2)
-    if size and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-        # Every size-th channel, repeated: inductor then reads the pivot at an affine index. A
-        # gather through `first` it inlines into each reduction as an indirect load per vector
-        # iteration (a compiled ResNet-20 training step: 58 vs 84 ms, eager 53-63 ms). One
-        # Dynamo op more; make_fx graphs keep the gather, 6 ATen ops fewer.
+    if size:
         every = src[(slice(None), slice(None, None, size)) + spatial]
         return every.repeat_interleave(size, dim=1)
-    return src[(slice(None), first) + spatial]  # one op in a graph
+    return src[(slice(None), first) + spatial]
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
