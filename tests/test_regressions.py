@@ -222,6 +222,25 @@ def test_regression_validation_depends_on_the_plan_cache() -> None:
         groupnorm.group_norm(x, group_size=2.0)  # type: ignore[call-overload]
 
 
+def test_known_plans_skip_no_check_of_x_or_parameters() -> None:
+    """The common call skips the input checks when its plan is cached and lets the fast path
+    judge the rest: every bad argument still raises the validated path's error."""
+    x = make_x((2, 4, 3, 3), torch.float32)
+    groupnorm.group_norm(x, 2)
+    bad: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"input": x.to(torch.int32)}, TypeError, "floating dtype"),
+        ({"input": x[:, :, :0]}, ValueError, "empty spatial dimension"),
+        ({"weight": torch.ones(3)}, ValueError, "weight"),
+        ({"bias": torch.ones(4, dtype=torch.int64)}, TypeError, "bias"),
+        ({"eps": -1.0}, ValueError, "eps"),
+        ({"activation": "tanh"}, ValueError, "activation"),
+    ]
+    for kw, error, match in bad:
+        args = {"input": x, "num_groups": 2, **kw}
+        with pytest.raises(error, match=match):
+            groupnorm.group_norm(**args)
+
+
 @pytest.mark.parametrize(
     "sizes",
     [["2", "2"], [True, 3], [2.9, 1.1], {2: 0, 2.0: 1}, "22"],
