@@ -329,6 +329,18 @@ def test_property_kernel_backward_matches_float64(
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 8, 8, 8), (2, 17, 9, 13), (1, 64, 1, 70)])
+def test_to_channels_last_copies_exactly(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """The backward's copy of an NCHW dy for a channels-last x: 8 x 8 register blocks and
+    scalar edges, the same values and strides as torch's copy."""
+    t = torch.randn(shape, dtype=dtype)
+    got = cpu_kernel._to_channels_last(t)
+    want = t.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, want) and got.stride() == want.stride()
+
+
+@needs_kernel
 def test_regression_weight_gradient_of_an_even_plan_at_an_offset() -> None:
     """Even plan, NCHW float32 under autograd, mean / std = 50: torch's kernel fails the check,
     and the composite path that redid the call summed dy * xhat in float32, its weight gradient

@@ -586,8 +586,9 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
    dy w - s1 / n_g in float64 (the product is exact there), the rest in W: where g is nearly
    its group's mean (a single-element group: exactly) the difference is nearly 0, and any
    rounding of dy w would come back multiplied by rstd, up to eps^-1/2. A and B are
-   summed per (n, c) in W runs of RUN terms, then float64, in a fixed order. NCHW: one task per (n, c) row; channels-last: per (n, 64-channel slice), rows in
-   order. */
+   summed per (n, c) in W runs of RUN terms, then float64, in a fixed order. NCHW: one task
+   per (n, c) row; channels-last: per (n, 64-channel slice), rows in order, 8 channels a
+   vector. */
 #define DEFINE_BACKWARD(S, T, VW, LOAD, WIDE, NARROW, STORE)                                \
     static void row_sums_##S(const T *x, const T *dy, int64_t n, T hi, T lo, T r, double *A, \
                              double *B) {                                                   \
@@ -613,6 +614,35 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
         *A = t1 + lanes(a1);                                                                \
         *B = t2 + lanes(a2);                                                                \
     }                                                                                       \
+    /* Channels-last sums of rows 0..L of one sample over channels c0..c0 + 8 K, K vectors   \
+       at a time (lanes are channels: each channel's terms in the same order as a scalar     \
+       loop), the next RUN rows prefetched as in the statistics. */                         \
+    static inline __attribute__((always_inline)) void cl_sums_##S(                         \
+        const T *x, const T *dy, int64_t C, int64_t L, int64_t c0, int K, const T *hi,      \
+        const T *lo, const T *r, double *A, double *B) {                                    \
+        vd a1[8], a2[8];                                                                    \
+        for (int k = 0; k < K; k++) a1[k] = a2[k] = (vd){0};                                \
+        for (int64_t q0 = 0; q0 < L; q0 += RUN) {                                           \
+            int64_t q1 = q0 + RUN < L ? q0 + RUN : L;                                       \
+            for (int k = 0; k < K; k++) {                                                   \
+                int64_t c = c0 + 8 * k;                                                     \
+                VW h = LOAD(hi + c), l = LOAD(lo + c), rr = LOAD(r + c), f1 = {0}, f2 = {0}; \
+                for (int64_t q = q0; q < q1; q++) {                                         \
+                    __builtin_prefetch(dy + (q + RUN) * C + c);                             \
+                    __builtin_prefetch(x + (q + RUN) * C + c);                              \
+                    VW d = LOAD(dy + q * C + c);                                            \
+                    f1 += d;                                                                \
+                    f2 += d * (((LOAD(x + q * C + c) - h) - l) * rr);                       \
+                }                                                                           \
+                a1[k] += WIDE(f1);                                                          \
+                a2[k] += WIDE(f2);                                                          \
+            }                                                                               \
+        }                                                                                   \
+        for (int k = 0; k < K; k++) {                                                       \
+            store_f64(A + c0 + 8 * k, a1[k]);                                               \
+            store_f64(B + c0 + 8 * k, a2[k]);                                               \
+        }                                                                                   \
+    }                                                                                       \
     static void backward_##S(const T *x, const T *dy, T *dx, int64_t N, int64_t C, int64_t L, \
                              int cl, const int64_t *offsets, int64_t G,                     \
                              const int64_t *group_of, const double *mean, const double *var, \
@@ -621,45 +651,50 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
         int64_t NC = N * C;                                                                 \
         double *work = malloc((size_t)(2 * NC + N * G) * sizeof(double));                   \
         double *A = work, *B = A + NC, *rstd = B + NC;                                      \
-        T *k = malloc((size_t)(4 * NC) * sizeof(T)); /* hi, lo, rstd, rstd s2 / n_g */         \
-        double *kd = malloc((size_t)(2 * NC) * sizeof(double)); /* w, s1 / n_g */             \
+        /* per (n, c), each an array of NC: hi, lo, rstd, rstd s2 / n_g in T; w, s1 / n_g in \
+           float64 */                                                                       \
+        T *k = malloc((size_t)(4 * NC) * sizeof(T));                                        \
+        T *khi = k, *klo = k + NC, *kr = k + 2 * NC, *ks = k + 3 * NC;                      \
+        double *kw = malloc((size_t)(2 * NC) * sizeof(double)), *km = kw + NC;              \
         for (int64_t i = 0; i < N * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);             \
         for (int64_t j = 0; j < NC; j++) {                                                  \
             int64_t i = j / C * G + group_of[j % C];                                        \
             T hi = (T)mean[i];                                                              \
-            k[4 * j] = hi;                                                                  \
-            k[4 * j + 1] = (T)(mean[i] - (double)hi);                                       \
-            k[4 * j + 2] = (T)rstd[i];                                                      \
-            kd[2 * j] = wd[j % C];                                                          \
+            khi[j] = hi;                                                                    \
+            klo[j] = (T)(mean[i] - (double)hi);                                             \
+            kr[j] = (T)rstd[i];                                                             \
+            kw[j] = wd[j % C];                                                              \
         }                                                                                   \
         if (!cl) {                                                                          \
             FOR_TASKS(j, NC, {                                                              \
-                row_sums_##S(x + j * L, dy + j * L, L, k[4 * j], k[4 * j + 1], k[4 * j + 2], \
-                             A + j, B + j);                                                 \
+                row_sums_##S(x + j * L, dy + j * L, L, khi[j], klo[j], kr[j], A + j, B + j); \
             })                                                                              \
         } else {                                                                            \
             int64_t slices = (C + 63) / 64;                                                 \
             FOR_TASKS(t, N * slices, {                                                      \
                 int64_t n = t / slices, c0 = t % slices * 64;                               \
-                int64_t c1 = c0 + 64 < C ? c0 + 64 : C;                                     \
-                double a1[64] = {0}, a2[64] = {0};                                          \
-                for (int64_t r = 0; r < L; r += RUN) {                                      \
-                    int64_t r2 = r + RUN < L ? r + RUN : L;                                 \
-                    for (int64_t c = c0; c < c1; c++) {                                     \
-                        const T *kc = k + 4 * (n * C + c);                                  \
+                int64_t c1 = c0 + 64 < C ? c0 + 64 : C, c8 = c0 + (c1 - c0) / 8 * 8;        \
+                const T *xs = x + n * L * C, *ds = dy + n * L * C;                          \
+                const T *h = khi + n * C, *l = klo + n * C, *r = kr + n * C;                \
+                if (c8 - c0 == 64)                                                          \
+                    cl_sums_##S(xs, ds, C, L, c0, 8, h, l, r, A + n * C, B + n * C);        \
+                else                                                                        \
+                    for (int64_t c = c0; c < c8; c += 8)                                    \
+                        cl_sums_##S(xs, ds, C, L, c, 1, h, l, r, A + n * C, B + n * C);     \
+                for (int64_t c = c8; c < c1; c++) {                                         \
+                    double a1 = 0, a2 = 0;                                                  \
+                    for (int64_t q0 = 0; q0 < L; q0 += RUN) {                               \
                         T f1 = 0, f2 = 0;                                                   \
-                        for (int64_t q = r; q < r2; q++) {                                  \
-                            T d = dy[(n * L + q) * C + c];                                  \
+                        for (int64_t q = q0; q < (q0 + RUN < L ? q0 + RUN : L); q++) {      \
+                            T d = ds[q * C + c];                                            \
                             f1 += d;                                                        \
-                            f2 += d * (((x[(n * L + q) * C + c] - kc[0]) - kc[1]) * kc[2]); \
+                            f2 += d * (((xs[q * C + c] - h[c]) - l[c]) * r[c]);             \
                         }                                                                   \
-                        a1[c - c0] += f1;                                                   \
-                        a2[c - c0] += f2;                                                   \
+                        a1 += f1;                                                           \
+                        a2 += f2;                                                           \
                     }                                                                       \
-                }                                                                           \
-                for (int64_t c = c0; c < c1; c++) {                                         \
-                    A[n * C + c] = a1[c - c0];                                              \
-                    B[n * C + c] = a2[c - c0];                                              \
+                    A[n * C + c] = a1;                                                      \
+                    B[n * C + c] = a2;                                                      \
                 }                                                                           \
             })                                                                              \
         }                                                                                   \
@@ -681,39 +716,45 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                     s2 += wd[c] * B[n * C + c];                                             \
                 }                                                                           \
                 for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) {                     \
-                    k[4 * (n * C + c) + 3] = (T)(r * s2 / n_g);                             \
-                    kd[2 * (n * C + c) + 1] = s1 / n_g;                                     \
+                    ks[n * C + c] = (T)(r * s2 / n_g);                                      \
+                    km[n * C + c] = s1 / n_g;                                               \
                 }                                                                           \
             }                                                                               \
         if (!cl) {                                                                          \
             FOR_TASKS(j, NC, {                                                              \
-                const T *kc = k + 4 * j, *xr = x + j * L, *dr = dy + j * L;                 \
-                double w = kd[2 * j], m1 = kd[2 * j + 1];                                   \
+                const T *xr = x + j * L, *dr = dy + j * L;                                  \
+                double w = kw[j], m1 = km[j];                                               \
                 T *out = dx + j * L;                                                        \
                 int64_t i = 0;                                                              \
                 for (; i + 8 <= L; i += 8) {                                                \
                     VW gm = NARROW(WIDE(LOAD(dr + i)) * w - m1);                            \
-                    STORE(out + i, kc[2] * (gm - ((LOAD(xr + i) - kc[0]) - kc[1]) * kc[3])); \
+                    STORE(out + i, kr[j] * (gm - ((LOAD(xr + i) - khi[j]) - klo[j]) * ks[j])); \
                 }                                                                           \
                 for (; i < L; i++) {                                                        \
                     T gm = (T)((double)dr[i] * w - m1);                                     \
-                    out[i] = kc[2] * (gm - ((xr[i] - kc[0]) - kc[1]) * kc[3]);              \
+                    out[i] = kr[j] * (gm - ((xr[i] - khi[j]) - klo[j]) * ks[j]);            \
                 }                                                                           \
             })                                                                              \
         } else {                                                                            \
+            int64_t C8 = C - C % 8;                                                         \
             FOR_TASKS(t, N * L, {                                                           \
-                int64_t n = t / L;                                                          \
+                int64_t o = t / L * C;                                                      \
                 const T *xr = x + t * C, *dr = dy + t * C;                                  \
                 T *out = dx + t * C;                                                        \
-                for (int64_t c = 0; c < C; c++) {                                           \
-                    const T *kc = k + 4 * (n * C + c);                                      \
-                    const double *kw = kd + 2 * (n * C + c);                                \
-                    T gm = (T)((double)dr[c] * kw[0] - kw[1]);                              \
-                    out[c] = kc[2] * (gm - ((xr[c] - kc[0]) - kc[1]) * kc[3]);              \
+                for (int64_t c = 0; c < C8; c += 8) {                                       \
+                    int64_t j = o + c;                                                      \
+                    VW gm = NARROW(WIDE(LOAD(dr + c)) * load_f64(kw + j) - load_f64(km + j)); \
+                    VW e = (LOAD(xr + c) - LOAD(khi + j)) - LOAD(klo + j);                  \
+                    STORE(out + c, LOAD(kr + j) * (gm - e * LOAD(ks + j)));                 \
+                }                                                                           \
+                for (int64_t c = C8; c < C; c++) {                                          \
+                    int64_t j = o + c;                                                      \
+                    T gm = (T)((double)dr[c] * kw[j] - km[j]);                              \
+                    out[c] = kr[j] * (gm - ((xr[c] - khi[j]) - klo[j]) * ks[j]);            \
                 }                                                                           \
             })                                                                              \
         }                                                                                   \
-        free(kd);                                                                           \
+        free(kw);                                                                           \
         free(k);                                                                            \
         free(work);                                                                         \
     }
@@ -742,6 +783,57 @@ static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64
         status = -1;
     free(wd);
     return status;
+}
+
+/* 8 x 8 block of 4-byte elements: d[j * ld + i] = s[i * ls + j], in registers (three rounds
+   of two-vector shuffles). */
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+static inline void transpose8(const uint32_t *s, int64_t ls, uint32_t *d, int64_t ld) {
+    vu r[8], t[8];
+    for (int i = 0; i < 8; i++) memcpy(&r[i], s + i * ls, sizeof(vu));
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = SHUF(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = SHUF(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4)
+        for (int k = 0; k < 2; k++) {
+            r[i + 2 * k] = SHUF(t[i + k], t[i + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            r[i + 2 * k + 1] = SHUF(t[i + k], t[i + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    for (int j = 0; j < 4; j++) {
+        vu lo = SHUF(r[j], r[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        vu hi = SHUF(r[j], r[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+        memcpy(d + j * ld, &lo, sizeof(vu));
+        memcpy(d + (j + 4) * ld, &hi, sizeof(vu));
+    }
+}
+
+/* dst (N, L, C) from src (N, C, L), elements of esize bytes (4 or 8), TILE positions of every
+   channel at a time, 4-byte elements in 8 x 8 register blocks (torch's strided copy took 4 ns
+   an element on SD's 2 x 320 x 64^2). */
+#define TILE 64
+#define TRANSPOSE_TILE(T, BLOCKS)                                                           \
+    do {                                                                                    \
+        const T *s = (const T *)src + n * C * L;                                            \
+        T *d = (T *)dst + n * L * C;                                                        \
+        int64_t c8 = BLOCKS ? C - C % 8 : 0, l8 = BLOCKS ? l0 + (l1 - l0) / 8 * 8 : l0;     \
+        for (int64_t c = 0; c < c8; c += 8)                                                 \
+            for (int64_t l = l0; l < l8; l += 8)                                            \
+                transpose8((const uint32_t *)s + c * L + l, L, (uint32_t *)d + l * C + c, C); \
+        for (int64_t l = l0; l < l1; l++)                                                   \
+            for (int64_t c = l < l8 ? c8 : 0; c < C; c++) d[l * C + c] = s[c * L + l];      \
+    } while (0)
+static int gn_to_channels_last(const void *src, void *dst, int64_t N, int64_t C, int64_t L,
+                               int esize, int nthreads) {
+    if (esize != 4 && esize != 8) return -1;
+    if (N * C * L < PARALLEL_MIN) nthreads = 1;
+    int64_t tiles = (L + TILE - 1) / TILE;
+    FOR_TASKS(t, N * tiles, {
+        int64_t n = t / tiles, l0 = t % tiles * TILE, l1 = l0 + TILE < L ? l0 + TILE : L;
+        if (esize == 4) TRANSPOSE_TILE(uint32_t, 1);
+        else TRANSPOSE_TILE(uint64_t, 0);
+    })
+    return 0;
 }
 
 /* Bit k set: dtype code k is supported by this build. */
@@ -918,6 +1010,22 @@ static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t n
     return PyLong_FromLong(status);
 }
 
+/* Python: to_channels_last(src, dst, N, C, L, esize, nthreads). */
+static PyObject *py_to_channels_last(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    long long a[7];
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "to_channels_last takes 7 arguments");
+        return NULL;
+    }
+    if (ints(args, 7, a)) return NULL;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = gn_to_channels_last(PTR(a[0]), PTR(a[1]), a[2], a[3], a[4], (int)a[5], (int)a[6]);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(status);
+}
+
 static PyObject *py_dtypes(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
@@ -928,6 +1036,8 @@ static PyMethodDef methods[] = {
     {"forward", (PyCFunction)(void (*)(void))py_forward, METH_FASTCALL, "group norm forward"},
     {"stats", (PyCFunction)(void (*)(void))py_stats, METH_FASTCALL, "group statistics"},
     {"backward", (PyCFunction)(void (*)(void))py_backward, METH_FASTCALL, "group norm backward"},
+    {"to_channels_last", (PyCFunction)(void (*)(void))py_to_channels_last, METH_FASTCALL,
+     "(N, C, L) to (N, L, C)"},
     {"dtypes", py_dtypes, METH_NOARGS, "bit mask of the dtype codes served"},
     {NULL, NULL, 0, NULL},
 };

@@ -276,6 +276,18 @@ def forward(
     return y, moments
 
 
+def _to_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """A copy of NCHW-contiguous float32/float64 t in channels-last strides (t's shape)."""
+    lib = library()
+    assert lib is not None
+    N, C, L = _shape(t)
+    out = t.new_empty((t.shape[0], *t.shape[2:], C)).movedim(-1, 1)
+    lib.to_channels_last(
+        t.data_ptr(), out.data_ptr(), N, C, L, t.element_size(), torch.get_num_threads()
+    )
+    return out
+
+
 def backward(
     x: torch.Tensor,
     dy: torch.Tensor,
@@ -295,7 +307,7 @@ def backward(
     if cl == 0:
         dy = dy.contiguous()
     elif not dy.movedim(1, -1).is_contiguous():
-        dy = dy.movedim(1, -1).contiguous().movedim(-1, 1)
+        dy = _to_channels_last(dy.contiguous())
     off, group_of = _plan_arrays(plan)
     dx = torch.empty_like(x)
     grads = torch.empty((2, C), dtype=torch.float64)
