@@ -15,9 +15,9 @@ elementwise pass, which is why eager CPU calls check torch's own mean instead.
 
 A graph holds three ops more than ``F.group_norm``'s: the pivot gather (``first`` is a
 constant), its detach (only when x requires grad) and the subtraction; under torch.compile two:
-the pivot is one opaque op there (``groupnorm::pivot``, no gradient). An export (torch.export,
-ONNX) records each run as rows of (N, groups, elements) instead: ONNX then holds 7 nodes per
-even layer where ``nn.GroupNorm`` holds 5 (:func:`_exported`).
+the pivot is one op there (``groupnorm::pivot``, whose ops AOTAutograd traces). An export
+(torch.export, ONNX) records each run as rows of (N, groups, elements) instead: ONNX then holds
+7 nodes per even layer where ``nn.GroupNorm`` holds 5 (:func:`_exported`).
 
 Written in the TorchScript subset (no ``from __future__ import annotations``: TorchScript reads
 the annotations at runtime), so ``torch.jit.script`` compiles it from a module's forward.
@@ -61,24 +61,31 @@ def _pivot(x: torch.Tensor, first: torch.Tensor, size: int) -> torch.Tensor:
             pivot = pivot.narrow(d, 0, 1)
         return pivot
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-        return _compiled_pivot(x, first, size)
+        return torch.ops.groupnorm.pivot(x, first, size)
     src = x.detach() if x.requires_grad else x
     return src[(slice(None), first) + (slice(0, 1),) * (x.dim() - 2)]  # one op in a graph
 
 
-@torch.compiler.allow_in_graph
 def _compiled_pivot(x: torch.Tensor, first: torch.Tensor, size: int) -> torch.Tensor:
-    """:func:`_pivot` under torch.compile: one node in Dynamo's graph where the detach, slice
-    and repeat (or gather) were three; AOTAutograd and inductor still see the ops inside. An
-    even plan's pivot is every size-th channel, repeated: inductor reads it at an affine index,
-    where a gather through ``first`` it inlined into each reduction as an indirect load per
-    vector iteration (a compiled ResNet-20 training step: 84 against 58 ms)."""
+    """:func:`_pivot` under torch.compile, as the op ``groupnorm::pivot``: one node in Dynamo's
+    graph where the detach, slice and repeat (or gather) were three. Its implementation is
+    CompositeImplicitAutograd, so AOTAutograd traces through it and inductor sees the ops
+    inside. An even plan's pivot is every size-th channel, repeated: inductor reads it at an
+    affine index, where a gather through ``first`` it inlined into each reduction as an
+    indirect load per vector iteration (a compiled ResNet-20 training step: 84 against 58 ms)."""
     src = x.detach()
     spatial = (slice(0, 1),) * (x.dim() - 2)
     if size:
         every = src[(slice(None), slice(None, None, size)) + spatial]
         return every.repeat_interleave(size, dim=1)
     return src[(slice(None), first) + spatial]
+
+
+# A torch.library op, not torch.compiler.allow_in_graph: that imports Dynamo (and with it
+# Triton), 1.3 s on `import groupnorm`.
+_LIB = torch.library.Library("groupnorm", "FRAGMENT")
+_LIB.define("pivot(Tensor x, Tensor first, int size) -> Tensor")
+_LIB.impl("pivot", _compiled_pivot, "CompositeImplicitAutograd")
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
