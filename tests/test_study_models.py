@@ -209,3 +209,7 @@ def test_a_run_trains_on_its_seeds_draw_and_records_both_bn_evaluations() -> Non
         assert all((e * 32 / 100).is_integer() for e in rec["test_error_per_epoch"])
         assert all((e * 48 / 100).is_integer() for e in rec["train_error_per_epoch"])
         assert len(rec["running_train_error_per_epoch"]) == 2
+        env = rec["environment"]
+        assert env["torch"] == torch.__version__
+        assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert env["cpu"] and env["machine"]

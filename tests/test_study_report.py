@@ -116,3 +116,18 @@ def test_plan_is_seed_major_and_deduplicated() -> None:
     assert [s.batch for s in specs[:2]] == [2, 2]  # the longest runs start first
     quick = plan_runs(PRESETS["quick"])
     assert len(quick) == 3 * 8
+
+
+def test_the_report_names_the_environments_of_its_runs() -> None:
+    """Runs are bitwise reproducible within one machine and software stack only: the report
+    says which its runs came from, and warns when they came from several."""
+    from groupnorm.study.report import _environment_sentence
+
+    def env(cpu: str) -> dict[str, Any]:
+        return {"environment": {"torch": "2.13.0", "cpu": cpu, "cpu_capability": "AVX512"}}
+
+    assert _environment_sentence([{}]) == ""
+    one = _environment_sentence([env("EPYC"), env("EPYC"), {}])
+    assert one == " Runs from torch 2.13.0 on EPYC (AVX512)."
+    two = _environment_sentence([env("EPYC"), env("Xeon")])
+    assert "2 environments" in two and "EPYC" in two and "Xeon" in two

@@ -329,6 +329,26 @@ def _plot_groups(g: dict[int, Cell], cpg: dict[int, Cell], path: Path, title: st
     plt.close(fig)
 
 
+def _environment_sentence(records: list[dict[str, Any]]) -> str:
+    """The software and CPUs the runs came from (records from before it was kept say nothing);
+    runs are bitwise reproducible only within one."""
+    kinds = sorted(
+        {
+            f"torch {e['torch']} on {e['cpu']} ({e['cpu_capability']})"
+            for e in (r.get("environment") for r in records)
+            if e
+        }
+    )
+    if not kinds:
+        return ""
+    if len(kinds) == 1:
+        return f" Runs from {kinds[0]}."
+    return (
+        f" Runs from {len(kinds)} environments ({'; '.join(kinds)}): a run repeated in "
+        "another may differ in its last digits and more (training amplifies rounding)."
+    )
+
+
 def render_report(out: Path, *, plots: bool = True) -> str:
     """Write ``report.md`` (and the PNGs) into ``out`` from its results; return the markdown."""
     out = Path(out)
@@ -366,6 +386,7 @@ def render_report(out: Path, *, plots: bool = True) -> str:
         f"runs, {minutes:.1f} run-minutes of wall time, {cpu_minutes:.1f} CPU-minutes."
     )
     eval_mode = all("running_train_error_per_epoch" in r for r in records)
+    setup += _environment_sentence(records)
     lines = [
         "# Batch-size study: GroupNorm vs BatchNorm",
         "",

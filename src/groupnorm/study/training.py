@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -200,11 +201,33 @@ def train_run(
         "cpu_seconds": time.process_time() - cpu_start,
         "device": str(device),
         "processes": world,
+        "environment": environment(),
     }
     if pop_err:
         record["pop_test_error"] = statistics.median(pop_err)
         record["pop_test_error_per_epoch"] = pop_err
     return record
+
+
+def environment() -> dict[str, str]:
+    """What a run's numbers depend on beyond its spec and recipe: the same code gives bitwise
+    the same record on one machine and software stack, not across them (bn-N32-s0 of
+    docs/study-quick: 25.05 % when recorded and when re-run on 2026-12-02, 25.2 % on
+    2026-12-03 from both days' code: the machine under the session had changed)."""
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?"
+            )
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": cpu,
+        "machine": platform.machine(),
+    }
 
 
 def _pop_error(
