@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -213,7 +214,7 @@ def environment() -> dict[str, str]:
     """What a run's numbers depend on beyond its spec and recipe: the same code gives bitwise
     the same record on one machine and software stack, not across them (bn-N32-s0 of
     docs/study-quick: 25.05 % when recorded and when re-run on 2026-12-02, 25.2 % on
-    2026-12-03 from both days' code: the machine under the session had changed)."""
+    2026-12-03 from both days' code: the machine or what was installed on it had changed)."""
     cpu = "?"
     try:
         with open("/proc/cpuinfo") as f:
@@ -224,6 +225,7 @@ def environment() -> dict[str, str]:
         pass
     return {
         "torch": torch.__version__,
+        "numpy": np.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu": cpu,
         "machine": platform.machine(),
