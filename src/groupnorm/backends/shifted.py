@@ -68,7 +68,7 @@ def _pivot(x: torch.Tensor, first: torch.Tensor, size: int) -> torch.Tensor:
 
 def _compiled_pivot(x: torch.Tensor, first: torch.Tensor, size: int) -> torch.Tensor:
     """:func:`_pivot` under torch.compile, as the op ``groupnorm::pivot``: one node in Dynamo's
-    graph where the detach, slice and repeat (or gather) were three. Its implementation is
+    graph instead of three (detach, slice and repeat, or gather). Its implementation is
     CompositeImplicitAutograd, so AOTAutograd traces through it and inductor sees the ops
     inside. An even plan's pivot is every size-th channel, repeated: inductor reads it at an
     affine index, where a gather through ``first`` it inlined into each reduction as an
