@@ -329,6 +329,27 @@ def test_property_kernel_backward_matches_float64(
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_trust_check_matches_its_definition(dtype: torch.dtype) -> None:
+    """The check on torch's kernel's statistics: every |mean * rstd| <= limit, computed in
+    float64 from the stored values; NaN and Inf fail, an empty tensor passes."""
+    if dtype not in cpu_kernel._dtypes():
+        pytest.skip(f"this build of the kernel does not read {dtype}")
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(200):
+        mean = (torch.randn(3, 5, generator=gen, dtype=torch.float64) * 4).to(dtype)
+        rstd = torch.rand(3, 5, generator=gen, dtype=torch.float64).to(dtype)
+        if trial % 5 == 0:
+            mean[trial % 3, trial % 5] = (math.nan, math.inf, -math.inf)[trial % 3]
+        limit = float(torch.rand((), generator=gen) * 4)
+        want = bool(((mean.double() * rstd.double()).abs() <= limit).all())
+        assert cpu_kernel.trusted(mean, rstd, limit) is want
+    empty = torch.empty(0, 4, dtype=dtype)
+    assert cpu_kernel.trusted(empty, empty, 1.0) is True
+    assert cpu_kernel.trusted(mean.t(), rstd.t(), 1.0) is None  # not contiguous: not read
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 8, 8, 8), (2, 17, 9, 13), (1, 64, 1, 70)])
 def test_to_channels_last_copies_exactly(shape: tuple[int, ...], dtype: torch.dtype) -> None:

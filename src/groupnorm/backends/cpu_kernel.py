@@ -38,7 +38,16 @@ import torch
 
 from groupnorm.groups import GroupPlan
 
-__all__ = ["backward", "forward", "forward_plain", "library", "serves", "stats", "status"]
+__all__ = [
+    "backward",
+    "forward",
+    "forward_plain",
+    "library",
+    "serves",
+    "stats",
+    "status",
+    "trusted",
+]
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.c")
 _NAME = "groupnorm_cpu_kernel"
@@ -274,6 +283,24 @@ def forward(
     if code:
         raise RuntimeError(f"cpu_kernel: unsupported dtypes {x.dtype} -> {out_dtype}")
     return y, moments
+
+
+def trusted(mean: torch.Tensor, rstd: torch.Tensor, limit: float) -> bool | None:
+    """Whether every element has ``|mean * rstd| <= limit`` (in float64; a NaN fails), for
+    contiguous CPU tensors of one float dtype and shape; None where the kernel is not built or
+    cannot read them."""
+    lib = library()
+    dtype = mean.dtype
+    if (
+        lib is None
+        or dtype not in _dtypes()
+        or rstd.dtype is not dtype
+        or not (mean.is_contiguous() and rstd.is_contiguous())
+        or mean.shape != rstd.shape
+        or not (mean.is_cpu and rstd.is_cpu)
+    ):
+        return None
+    return bool(lib.trusted(mean.data_ptr(), rstd.data_ptr(), _CODES[dtype], mean.numel(), limit))
 
 
 def _to_channels_last(t: torch.Tensor) -> torch.Tensor:
