@@ -241,6 +241,27 @@ def test_known_plans_skip_no_check_of_x_or_parameters() -> None:
             groupnorm.group_norm(**args)
 
 
+def test_regression_a_declined_fast_path_is_not_tried_twice(monkeypatch: Any) -> None:
+    """With its plan cached, a call the fast path declines (torch's kernel fails the check
+    under autograd: mean / std = 50) went to native_fast a second time with the same
+    arguments, running torch's kernel again before the validated path."""
+    from groupnorm.backends import torch_ops
+
+    x = make_x((2, 4, 3, 3), torch.float32, loc=100.0).requires_grad_()
+    groupnorm.group_norm(x, 2)
+    calls = [0]
+    native_fast = torch_ops.native_fast
+
+    def counted(*args: Any) -> torch.Tensor | None:
+        calls[0] += 1
+        return native_fast(*args)
+
+    monkeypatch.setattr(torch_ops, "native_fast", counted)
+    y = groupnorm.group_norm(x, 2)
+    assert calls[0] == 1
+    assert_matches(y, reference(x, resolve_plan(4, 2))[0], torch.float32)
+
+
 @pytest.mark.parametrize(
     "sizes",
     [["2", "2"], [True, 3], [2.9, 1.1], {2: 0, 2.0: 1}, "22"],

@@ -77,6 +77,18 @@ def _check_count(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _plan_key(
+    num_channels: int,
+    num_groups: int | None,
+    group_size: int | None,
+    sizes: tuple[int, ...] | None,
+    uneven: bool,
+) -> tuple[int, int | None, int | None, tuple[int, ...] | None, bool]:
+    """The plan cache's key for checked arguments (``sizes`` as :func:`check_group_sizes`
+    returns them)."""
+    return (int(num_channels), num_groups, group_size, sizes, uneven)
+
+
 def resolve_plan(
     num_channels: int,
     num_groups: int | None = None,
@@ -95,7 +107,7 @@ def resolve_plan(
     sizes = None if group_sizes is None else check_group_sizes(group_sizes)
     # A symbolic C (torch.compile with dynamic shapes) is specialized: the plan's structure,
     # hence the graph, depends on it.
-    key = (int(num_channels), num_groups, group_size, sizes, uneven)
+    key = _plan_key(num_channels, num_groups, group_size, sizes, uneven)
     plan = _PLANS.get(key)
     if plan is None:
         plan = make_plan(
@@ -356,11 +368,12 @@ def group_norm(
     ):
         # A plan made before is valid for these arguments, and native_fast checks the rest:
         # the common call skips the checks below (a quarter of its Python time).
-        known = _PLANS.get((int(input.shape[1]), num_groups, None, None, False))
+        known = _PLANS.get(_plan_key(input.shape[1], num_groups, None, None, False))
         if known is not None:
             y = torch_ops.native_fast(input, known, weight, bias, eps, activation)
             if y is not None:
                 return y
+            plain = False  # the same call below would decline again
     x = _check_input(input)
     plan = resolve_plan(
         x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
