@@ -957,9 +957,20 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
    mean, var, eps, w, wtype, dw, db, nthreads), pointers as ints (0: none; forward's mean and
    var may be 0 when not given), return 0 or -1 as above; dtypes() the bit mask of dtype codes served. The GIL is
    released while they run. */
-static int ints(PyObject *const *args, Py_ssize_t n, long long *out) {
-    for (Py_ssize_t i = 0; i < n; i++) out[i] = PyLong_AsLongLong(args[i]);
-    return PyErr_Occurred() ? -1 : 0;
+/* A call's n arguments: ints into a[], except args[real] (real < 0: none), a float into *x.
+   0, or -1 with a Python exception set. */
+static int parse(PyObject *const *args, Py_ssize_t nargs, const char *name, Py_ssize_t n,
+                 Py_ssize_t real, long long *a, double *x) {
+    if (nargs != n) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", name, n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i == real) *x = PyFloat_AsDouble(args[i]);
+        else a[i] = PyLong_AsLongLong(args[i]);
+        if (PyErr_Occurred()) return -1;
+    }
+    return 0;
 }
 
 #define PTR(v) ((void *)(intptr_t)(v))
@@ -967,13 +978,8 @@ static int ints(PyObject *const *args, Py_ssize_t n, long long *out) {
 static PyObject *py_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     long long a[23];
-    if (nargs != 23) {
-        PyErr_SetString(PyExc_TypeError, "forward takes 23 arguments");
-        return NULL;
-    }
-    double eps = PyFloat_AsDouble(args[14]);
-    if (ints(args, 14, a) || ints(args + 15, 8, a + 15)) return NULL;
-    if (eps == -1.0 && PyErr_Occurred()) return NULL;
+    double eps;
+    if (parse(args, nargs, "forward", 23, 14, a, &eps)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = gn_forward(PTR(a[0]), (int)a[1], PTR(a[2]), (int)a[3], a[4], a[5], a[6], (int)a[7],
@@ -987,11 +993,7 @@ static PyObject *py_forward(PyObject *self, PyObject *const *args, Py_ssize_t na
 static PyObject *py_stats(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     long long a[11];
-    if (nargs != 11) {
-        PyErr_SetString(PyExc_TypeError, "stats takes 11 arguments");
-        return NULL;
-    }
-    if (ints(args, 11, a)) return NULL;
+    if (parse(args, nargs, "stats", 11, -1, a, NULL)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = gn_stats(PTR(a[0]), (int)a[1], a[2], a[3], a[4], (int)a[5], PTR(a[6]), a[7],
@@ -1003,13 +1005,8 @@ static PyObject *py_stats(PyObject *self, PyObject *const *args, Py_ssize_t narg
 static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     long long a[19];
-    if (nargs != 19) {
-        PyErr_SetString(PyExc_TypeError, "backward takes 19 arguments");
-        return NULL;
-    }
-    double eps = PyFloat_AsDouble(args[13]);
-    if (ints(args, 13, a) || ints(args + 14, 5, a + 14)) return NULL;
-    if (eps == -1.0 && PyErr_Occurred()) return NULL;
+    double eps;
+    if (parse(args, nargs, "backward", 19, 13, a, &eps)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = gn_backward(PTR(a[0]), PTR(a[1]), PTR(a[2]), (int)a[3], a[4], a[5], a[6], (int)a[7],
@@ -1022,14 +1019,9 @@ static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t n
 /* Python: trusted(mean, rstd, dtype, n, limit) -> 1 or 0. */
 static PyObject *py_trusted(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    long long a[4];
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "trusted takes 5 arguments");
-        return NULL;
-    }
-    double limit = PyFloat_AsDouble(args[4]);
-    if (ints(args, 4, a)) return NULL;
-    if (limit == -1.0 && PyErr_Occurred()) return NULL;
+    long long a[5];
+    double limit;
+    if (parse(args, nargs, "trusted", 5, 4, a, &limit)) return NULL;
     return PyLong_FromLong(gn_trusted(PTR(a[0]), PTR(a[1]), (int)a[2], a[3], limit));
 }
 
@@ -1037,11 +1029,7 @@ static PyObject *py_trusted(PyObject *self, PyObject *const *args, Py_ssize_t na
 static PyObject *py_to_channels_last(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     long long a[7];
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "to_channels_last takes 7 arguments");
-        return NULL;
-    }
-    if (ints(args, 7, a)) return NULL;
+    if (parse(args, nargs, "to_channels_last", 7, -1, a, NULL)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = gn_to_channels_last(PTR(a[0]), PTR(a[1]), a[2], a[3], a[4], (int)a[5], (int)a[6]);
