@@ -213,3 +213,4 @@ def test_a_run_trains_on_its_seeds_draw_and_records_both_bn_evaluations() -> Non
         assert env["torch"] == torch.__version__
         assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
         assert env["cpu"] and env["machine"]
+        assert env["threads"] == str(torch.get_num_threads())

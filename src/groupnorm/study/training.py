@@ -212,9 +212,9 @@ def train_run(
 
 def environment() -> dict[str, str]:
     """What a run's numbers depend on beyond its spec and recipe: the same code gives bitwise
-    the same record on one machine and software stack, not across them (bn-N32-s0 of
-    docs/study-quick: 25.05 % when recorded and when re-run on 2026-12-02, 25.2 % on
-    2026-12-03 from both days' code: the machine or what was installed on it had changed)."""
+    the same record on one machine and software stack with the same number of threads, not
+    across them (bn-N32-s0 of docs/study-quick: 25.05 % when recorded and when re-run on
+    2026-12-02, 25.35 % in the preset's single-threaded workers on 2026-12-03)."""
     cpu = "?"
     try:
         with open("/proc/cpuinfo") as f:
@@ -229,6 +229,7 @@ def environment() -> dict[str, str]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu": cpu,
         "machine": platform.machine(),
+        "threads": str(torch.get_num_threads()),
     }
 
 
