@@ -1,14 +1,16 @@
 """Session hooks: the tolerance report (``GROUPNORM_TOLERANCE_LOG``, see tests/_tolerances.py);
-the ``without_fused_kernel`` fixture."""
+the ``without_fused_kernel`` and ``register`` fixtures."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from groupnorm import dispatch
 from groupnorm.backends import cpu_kernel
 
 
@@ -17,6 +19,15 @@ def without_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """The torch backend's own CPU paths (torch's kernel checked, sums, shifted), as on a
     machine where the fused CPU kernel is not built: tests of those paths use this."""
     monkeypatch.setattr(cpu_kernel, "library", lambda: None)
+
+
+@pytest.fixture
+def register(monkeypatch: pytest.MonkeyPatch) -> Callable[[dispatch.Backend], None]:
+    """``dispatch.register_backend`` for one test: the registry (and its priority order) as it
+    was is restored afterwards."""
+    monkeypatch.setattr(dispatch, "_REGISTRY", dict(dispatch._REGISTRY))
+    monkeypatch.setattr(dispatch, "_BY_PRIORITY", list(dispatch._BY_PRIORITY))
+    return dispatch.register_backend
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -474,7 +474,9 @@ BAD_CALLS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_CALLS))
-def test_bad_input_is_a_clear_error(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_input_is_a_clear_error(
+    case: str, register: Callable[[dispatch.Backend], None]
+) -> None:
     call, exc, match = BAD_CALLS[case]
     ran = []
     for backend in list(dispatch._REGISTRY.values()):
@@ -485,12 +487,10 @@ def test_bad_input_is_a_clear_error(case: str, monkeypatch: pytest.MonkeyPatch) 
             ran.append(r)
             return _run(r)
 
-        monkeypatch.setitem(
-            dispatch._REGISTRY,
-            backend.name,
+        register(
             dispatch.Backend(
                 backend.name, backend.priority, backend.why_not, spy, backend.available
-            ),
+            )
         )
     with pytest.raises(exc, match=match):
         call()
@@ -498,7 +498,7 @@ def test_bad_input_is_a_clear_error(case: str, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_explicit_backend_that_cannot_serve_lists_alternatives(
-    monkeypatch: pytest.MonkeyPatch,
+    register: Callable[[dispatch.Backend], None],
 ) -> None:
     picky = dispatch.Backend(
         "picky",
@@ -506,7 +506,7 @@ def test_explicit_backend_that_cannot_serve_lists_alternatives(
         lambda r: "only float64" if r.x.dtype != torch.float64 else None,
         lambda r: (r.x, None),
     )
-    monkeypatch.setitem(dispatch._REGISTRY, "picky", picky)
+    register(picky)
     with pytest.raises(
         ValueError,
         match=r"backend 'picky' cannot run this call: only float64. "
@@ -568,7 +568,9 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
         torch.testing.assert_close(compiled(x2), m(x2))
 
 
-def test_group_stats_goes_through_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_group_stats_goes_through_the_registry(
+    register: Callable[[dispatch.Backend], None],
+) -> None:
     """``group_stats`` asks the registry like ``group_norm``: the highest-priority backend's
     ``stats`` serves it, or its ``run`` with ``return_stats=True`` where it has no ``stats``."""
     from groupnorm.backends import torch_ops
@@ -590,7 +592,7 @@ def test_group_stats_goes_through_the_registry(monkeypatch: pytest.MonkeyPatch) 
         dispatch.Backend("fake", 100, lambda r: None, run_only, stats=stats_only),
     ):
         seen.clear()
-        monkeypatch.setitem(dispatch._REGISTRY, "fake", fake)
+        register(fake)
         got = groupnorm.group_stats(x, 3)
         assert len(seen) == 1 and seen[0].return_stats and seen[0].plan.num_groups == 3
         # The same statistics; the pivot may differ (torch's kernel or a group's element).

@@ -244,7 +244,7 @@ def test_bad_masks_are_refused(mask: object, kwargs: dict, match: str) -> None:
         groupnorm.group_norm(x, 2, mask=mask, **kwargs)  # type: ignore[call-overload]
 
 
-def test_triton_defers_masks_to_the_torch_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_triton_defers_masks_to_the_torch_backend(register) -> None:
     """A call dispatch would hand to the Triton kernels runs the torch composite path instead."""
     from groupnorm import dispatch
 
@@ -252,7 +252,7 @@ def test_triton_defers_masks_to_the_torch_backend(monkeypatch: pytest.MonkeyPatc
         raise AssertionError("the triton kernels were called with a mask")
 
     fake = dispatch.Backend(name="fake_triton", priority=99, why_not=lambda r: None, run=refuse)
-    monkeypatch.setitem(dispatch._REGISTRY, "fake_triton", fake)
+    register(fake)
     x = make_x(SHAPE, torch.float32, seed=18)
     mask = make_mask("bool_positions", SHAPE, seed=19)
     y = groupnorm.group_norm(x, 4, mask=mask, backend="fake_triton")

@@ -241,22 +241,25 @@ def test_known_plans_skip_no_check_of_x_or_parameters() -> None:
             groupnorm.group_norm(**args)
 
 
-def test_regression_a_declined_fast_path_is_not_tried_twice(monkeypatch: Any) -> None:
+def test_regression_a_declined_fast_path_is_not_tried_twice(register: Any) -> None:
     """With its plan cached, a call the fast path declines (torch's kernel fails the check
     under autograd: mean / std = 50) went to native_fast a second time with the same
     arguments, running torch's kernel again before the validated path."""
-    from groupnorm.backends import torch_ops
+    import dataclasses
+
+    from groupnorm import dispatch
 
     x = make_x((2, 4, 3, 3), torch.float32, loc=100.0).requires_grad_()
     groupnorm.group_norm(x, 2)
     calls = [0]
-    native_fast = torch_ops.native_fast
+    torch_backend = dispatch._REGISTRY["torch"]
+    assert torch_backend.fast is not None
 
     def counted(*args: Any) -> torch.Tensor | None:
         calls[0] += 1
-        return native_fast(*args)
+        return torch_backend.fast(*args)  # type: ignore[misc]
 
-    monkeypatch.setattr(torch_ops, "native_fast", counted)
+    register(dataclasses.replace(torch_backend, fast=counted))
     y = groupnorm.group_norm(x, 2)
     assert calls[0] == 1
     assert_matches(y, reference(x, resolve_plan(4, 2))[0], torch.float32)
@@ -329,9 +332,7 @@ def test_cpu_fast_path_hands_untrusted_statistics_on(api: str, dtype: torch.dtyp
     assert_matches(y, _f64_group_norm(x, 4), dtype, what=f"{api} {dtype}")
 
 
-def test_cpu_fast_path_leaves_a_higher_priority_backend_its_calls(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_cpu_fast_path_leaves_a_higher_priority_backend_its_calls(register) -> None:
     """A registered backend that backend="auto" may pick for CPU tensors is asked first."""
     from groupnorm import dispatch
 
@@ -341,9 +342,7 @@ def test_cpu_fast_path_leaves_a_higher_priority_backend_its_calls(
         seen.append(1)
         return r.x, None
 
-    monkeypatch.setitem(
-        dispatch._REGISTRY, "mine", dispatch.Backend("mine", 9, lambda r: None, run)
-    )
+    register(dispatch.Backend("mine", 9, lambda r: None, run))
     x = torch.randn(2, 4, 3, 3)
     assert groupnorm.group_norm(x, 2) is x and groupnorm.GroupNorm(2, 4)(x) is x
     assert len(seen) == 2

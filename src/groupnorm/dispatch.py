@@ -25,8 +25,8 @@ __all__ = [
     "Request",
     "available_backends",
     "register_backend",
+    "run_plain",
     "select_backend",
-    "torch_serves",
 ]
 
 
@@ -54,6 +54,13 @@ class Request(NamedTuple):
     return_stats: bool
 
 
+# fast(x, plan, weight, bias, eps, activation) -> y, or None for the validated path.
+FastPath = Callable[
+    [torch.Tensor, GroupPlan, torch.Tensor | None, torch.Tensor | None, float, str | None],
+    torch.Tensor | None,
+]
+
+
 @dataclass(frozen=True)
 class Backend:
     """A way to run a :class:`Request`.
@@ -65,7 +72,10 @@ class Backend:
     serve a request when named explicitly yet not be the better choice, e.g. interpreted kernels).
     ``stats(request)``: the statistics alone, where the backend has a cheaper way to them than
     ``run`` with ``return_stats`` (which also writes y). ``auto_on_cpu``: False when ``auto``
-    never picks it for a CPU tensor (lets the torch backend's CPU fast path skip the registry).
+    never picks it for a CPU tensor. ``fast(x, plan, weight, bias, eps, activation)``: a plain
+    call (no scale, shift, statistics in or out, mask or process group) in one step, with the
+    arguments as the user gave them, unchecked; it returns None for anything it does not serve
+    that way, and the validated path then decides (see :func:`run_plain`).
     """
 
     name: str
@@ -76,6 +86,7 @@ class Backend:
     auto: Callable[[Request], bool] = lambda r: True
     stats: Callable[[Request], GroupStats] | None = None
     auto_on_cpu: bool = True
+    fast: FastPath | None = None
 
     def stats_of(self, request: Request) -> GroupStats:
         """The statistics of ``request.x`` under ``request.plan`` from this backend."""
@@ -87,21 +98,43 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
+_BY_PRIORITY: list[Backend] = []
 
 
 def register_backend(backend: Backend) -> None:
     """Add or replace a backend under its name."""
     _REGISTRY[backend.name] = backend
+    _BY_PRIORITY[:] = sorted(_REGISTRY.values(), key=lambda b: -b.priority)
 
 
-def torch_serves(backend: str) -> bool:
-    """Whether a CPU call with ``backend=`` goes to the torch backend, without asking the
-    registered backends one by one."""
-    if backend == "torch":
-        return True
-    return backend == "auto" and all(
-        b.name == "torch" or not b.auto_on_cpu for b in _REGISTRY.values()
-    )
+def run_plain(
+    x: torch.Tensor,
+    plan: GroupPlan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+    backend: str,
+) -> torch.Tensor | None:
+    """A plain call's output from the fast path of the backend that would serve it, or None.
+
+    ``backend="auto"`` asks the highest-priority backend that auto may give x's device to (a
+    CPU tensor skips those with ``auto_on_cpu=False``); a named one is asked itself. Only that
+    one is asked: when it declines, or has no fast path, the validated path chooses (and raises
+    what is wrong). A fast path serves only calls :func:`select_backend` would give its backend.
+    Under torch.compile every call takes the validated path (which records no dead reads of
+    x's attributes into the graph).
+    """
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+        return None
+    for b in _BY_PRIORITY:
+        if backend == "auto":
+            if not b.auto_on_cpu and x.is_cpu:
+                continue
+        elif b.name != backend:
+            continue
+        return None if b.fast is None else b.fast(x, plan, weight, bias, eps, activation)
+    return None
 
 
 def available_backends() -> dict[str, str | None]:
@@ -127,7 +160,7 @@ def select_backend(request: Request, backend: str = "auto") -> Backend:
                 f"Backends that can: {able} (or backend='auto')"
             )
         return chosen
-    for candidate in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
+    for candidate in _BY_PRIORITY:
         if (
             candidate.auto(request)
             and candidate.available() is None

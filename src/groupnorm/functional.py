@@ -355,7 +355,6 @@ def group_norm(
         and stats is None
         and mask is None
         and process_group is None
-        and dispatch.torch_serves(backend)
     )
     if (
         plain
@@ -366,11 +365,11 @@ def group_norm(
         and type(input) is torch.Tensor
         and input.dim() > 2
     ):
-        # A plan made before is valid for these arguments, and native_fast checks the rest:
+        # A plan made before is valid for these arguments, and the fast path checks the rest:
         # the common call skips the checks below (a quarter of its Python time).
         known = _PLANS.get(_plan_key(input.shape[1], num_groups, None, None, False))
         if known is not None:
-            y = torch_ops.native_fast(input, known, weight, bias, eps, activation)
+            y = dispatch.run_plain(input, known, weight, bias, eps, activation, backend)
             if y is not None:
                 return y
             plain = False  # the same call below would decline again
@@ -379,7 +378,7 @@ def group_norm(
         x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
     )
     if plain:
-        y = torch_ops.native_fast(x, plan, weight, bias, eps, activation)
+        y = dispatch.run_plain(x, plan, weight, bias, eps, activation, backend)
         if y is not None:
             return y
     r = _request(x, plan, weight, bias, eps, activation, scale, shift, stats, return_stats)

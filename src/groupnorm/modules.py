@@ -19,7 +19,7 @@ from torch import nn
 from groupnorm import dispatch
 from groupnorm.activations import check_activation
 from groupnorm.backends.shifted import ScriptableGroupNorm
-from groupnorm.backends.torch_ops import native_fast, plan_index
+from groupnorm.backends.torch_ops import plan_index
 from groupnorm.functional import (
     check_backend_name,
     check_eps,
@@ -118,8 +118,10 @@ class GroupNorm(nn.GroupNorm):
         plan = self.plan
         if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
             plan = self._replan()
-        if self.process_group is None and dispatch.torch_serves(self.backend):
-            y = native_fast(input, plan, self.weight, self.bias, self.eps, self.activation)
+        if self.process_group is None:
+            y = dispatch.run_plain(
+                input, plan, self.weight, self.bias, self.eps, self.activation, self.backend
+            )
             if y is not None:
                 return y
         if self.process_group is not None:

@@ -1035,5 +1035,6 @@ register_backend(
         why_not=lambda r: None,
         run=run,
         stats=_stats,
+        fast=native_fast,
     )
 )
