@@ -357,6 +357,97 @@ def test_groupnorm_module_on_triton_matches_float64_like_the_torch_backend():
         judge(m.weight.grad, grads.dgamma, torch.bfloat16, reduction=40, what=f"dweight ({name})")
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        "module-fp32-nchw-grad",
+        "module-bf16-nhwc-silu-grad",
+        "function-fp16-nchw",
+        "function-fp32-uneven",
+    ],
+)
+def test_plain_calls_take_the_fast_path_and_match_float64(case, monkeypatch):
+    """Module and function calls with weight, bias and an activation at most skip the validated
+    path (no backend selection) and launch straight away; output and gradients against
+    float64."""
+    selected = []
+    select = groupnorm.dispatch.select_backend
+    monkeypatch.setattr(
+        groupnorm.dispatch, "select_backend", lambda *a: selected.append(1) or select(*a)
+    )
+    kind, dtype_name, *rest = case.split("-")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    activation = "silu" if "silu" in rest else None
+    C, G = (10, 4) if "uneven" in rest else (8, 4)
+    plan = make_plan(C, G, uneven=C % G != 0)
+    fmt = torch.channels_last if "nhwc" in rest else torch.contiguous_format
+    x = _rand((2, C, 5, 3), 120, dtype=dtype).to(memory_format=fmt)
+    w, b = _rand((C,), 121, loc=1.0, std=0.5), _rand((C,), 122)
+    grad = "grad" in rest
+    if kind == "module":
+        m = groupnorm.GroupNorm(G, C, activation=activation, backend="triton", device=DEVICE)
+        with torch.no_grad():
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+        leaf = x.detach().clone().requires_grad_()
+        y = m(leaf)
+        weight = m.weight
+    else:
+        leaf, weight = x, w
+        y = groupnorm.group_norm(
+            x, G, w, b, uneven=C % G != 0, activation=activation, backend="triton"
+        )
+    assert not selected, "a plain call went through backend selection"
+    assert y.is_contiguous(memory_format=fmt)
+    expected, cache = _reference(x, plan, w, b, activation=activation)
+    check(y, expected, dtype, what=f"y ({case})")
+    if grad:
+        dy = _rand(tuple(x.shape), 123, loc=0.0, std=1.0, dtype=dtype)
+        y.backward(dy)
+        grads = ref.group_norm_backward(to_numpy(dy), cache)
+        check(leaf.grad, grads.dx, dtype, reduction=(C // G + 1) * 15, what=f"dx ({case})")
+        check(weight.grad, grads.dgamma, dtype, reduction=30, what=f"dweight ({case})")
+
+
+def test_plain_calls_outside_the_fast_path_take_the_validated_one(monkeypatch):
+    """What the fast path does not serve reaches the validated path, which decides: float64
+    (refused by name, served by the torch backend under auto), parameters on another device
+    than x, and one-element groups (warned about there)."""
+    selected = []
+    select = groupnorm.dispatch.select_backend
+    monkeypatch.setattr(
+        groupnorm.dispatch, "select_backend", lambda *a: selected.append(1) or select(*a)
+    )
+    x64 = torch.randn(2, 4, 3, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="float64"):
+        groupnorm.GroupNorm(2, 4, backend="triton", device=DEVICE).double()(x64)
+    assert selected
+    selected.clear()
+    with pytest.warns(groupnorm.SingleElementGroupWarning):
+        groupnorm.group_norm(_rand((2, 4, 1, 1), 124), 4, backend="triton")
+    assert selected
+
+
+def test_regression_packed_statistics_reach_the_op_as_their_own_fields():
+    """A plain eager forward packs its statistics in one buffer (the kernels read field k at
+    k * N * G); a backward that goes through the op (here: dy a tensor subclass, which is not a
+    plain eager call) must hand the op each field as its own tensor."""
+
+    class Marked(torch.Tensor):
+        pass
+
+    x = _rand((2, 6, 4, 3), 125).requires_grad_()
+    w = _rand((6,), 126, loc=1.0, std=0.5).requires_grad_()
+    plan = make_plan(6, 3)
+    y, _ = group_norm_triton(x, plan, w)
+    dy = _rand(tuple(x.shape), 127, loc=0.0, std=1.0)
+    dx, dw = torch.autograd.grad(y, (x, w), dy.as_subclass(Marked))
+    _, cache = _reference(x, plan, w)
+    grads = ref.group_norm_backward(to_numpy(dy), cache)
+    check(dx, grads.dx, torch.float32, reduction=24, what="dx through the op")
+    check(dw, grads.dgamma, torch.float32, reduction=24, what="dweight through the op")
+
+
 # ----------------------------------------------------------------------------------- dispatch
 
 

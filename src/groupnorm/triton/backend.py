@@ -9,11 +9,15 @@ faster there.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+from collections.abc import Callable
 
 import torch
 
-from groupnorm.dispatch import Backend, Request, register_backend
+from groupnorm.activations import ACTIVATIONS
+from groupnorm.dispatch import FLOAT_DTYPES, Backend, Request, register_backend
+from groupnorm.groups import GroupPlan
 from groupnorm.stats import GroupStats
 
 __all__ = ["PRIORITY", "available", "why_not"]
@@ -106,6 +110,59 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     )
 
 
+_KERNEL_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
+_PARAM_DTYPES = frozenset(FLOAT_DTYPES)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+# groupnorm.triton.group_norm.plain_forward, once the kernels imported.
+_PLAIN_FORWARD: list[Callable[..., torch.Tensor | None]] = []
+
+
+def _fast_param(t: object, x: torch.Tensor) -> bool:
+    """A (C,) floating tensor or Parameter on x's device (``type() in``: isinstance on a
+    Parameter costs more than the rest together)."""
+    if type(t) not in _PLAIN_TENSORS:
+        return False
+    p: torch.Tensor = t  # type: ignore[assignment]
+    return p.dtype in _PARAM_DTYPES and p.shape == (x.shape[1],) and p.device == x.device
+
+
+def fast(
+    x: torch.Tensor,
+    plan: GroupPlan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+) -> torch.Tensor | None:
+    """The plain call on the kernels with only the checks it needs, or None for the validated
+    path: what that path would reject, warn about (one-element groups) or give the torch
+    backend (float64) is declined here, and so is every traced call (an ONNX export traces) in
+    ``plain_forward``. x is a plain tensor (dispatch checked)."""
+    if not x.is_cuda and not (x.is_cpu and _interpreting()):
+        return None
+    shape = x.shape
+    if (
+        x.dtype not in _KERNEL_DTYPES
+        or type(eps) is not float
+        or not (eps >= 0 and eps < math.inf)
+        or not (activation is None or (type(activation) is str and activation in ACTIVATIONS))
+        or len(shape) < 2
+        or shape[1] != plan.num_channels
+        or not (weight is None or _fast_param(weight, x))
+        or not (bias is None or _fast_param(bias, x))
+        or not x.numel()  # an empty spatial dimension raises there (an empty batch is valid)
+        or (plan.min_size == 1 and math.prod(shape[2:]) == 1)
+    ):
+        return None
+    if not _PLAIN_FORWARD:
+        if not _installed() or _import_error() is not None:
+            return None
+        from groupnorm.triton.group_norm import plain_forward
+
+        _PLAIN_FORWARD.append(plain_forward)
+    return _PLAIN_FORWARD[0](x, plan, weight, bias, eps, activation)
+
+
 register_backend(
     Backend(
         name="triton",
@@ -115,5 +172,6 @@ register_backend(
         available=available,
         auto=_auto,
         auto_on_cpu=False,
+        fast=fast,
     )
 )

@@ -31,6 +31,13 @@ Backward, recomputing x_hat and u from x and the saved fp32 (pivot, shifted_mean
     (with statistics given by the caller: dx = rstd * dx_hat, and the statistics get their own
     gradients, see the autograd section)
 
+Backward sums: A and B per (n, c), float32, side by side in one (N, C, 2) buffer SUMS.
+
+Statistics: (N, G) float32 fields pivot, shifted_mean, m2, count, rstd (numbered 0-4); the
+kernels address field k of row r as ``FIELD + k * SS + r``. The op passes five tensors and
+SS = 0; an eager call passes one (5, N, G) buffer as every field and SS = N * G (one allocation
+instead of five: on a small tensor each costs as much as a kernel launch's Python).
+
 Reductions: every sum is a fixed-shape tile reduction (tl.sum) or a sequential loop; partials
 live in fp32 buffers and are reduced in a fixed order: no atomics, bitwise deterministic.
 """
@@ -208,6 +215,7 @@ def _gn_fwd_fused_kernel(
     M2,
     COUNT,
     RSTD,
+    SS,
     C,
     G,
     L,
@@ -235,10 +243,10 @@ def _gn_fwd_fused_kernel(
     cnt, mean, m2 = _chunk_stats(X, x_base, pivot, Cg, 0, L, sxC, sxL, BLOCK_C, BLOCK_L, IDX64)
     rstd = 1.0 / tl.sqrt(m2 / cnt + eps)
     tl.store(PIVOT + row, pivot)
-    tl.store(SMEAN + row, mean)
-    tl.store(M2 + row, m2)
-    tl.store(COUNT + row, cnt)
-    tl.store(RSTD + row, rstd)
+    tl.store(SMEAN + SS + row, mean)
+    tl.store(M2 + 2 * SS + row, m2)
+    tl.store(COUNT + 3 * SS + row, cnt)
+    tl.store(RSTD + 4 * SS + row, rstd)
     _normalize_chunk(
         X,
         Y,
@@ -325,6 +333,7 @@ def _gn_fwd_normalize_kernel(
     M2,
     COUNT,
     RSTD,
+    SS,
     C,
     G,
     L,
@@ -365,10 +374,10 @@ def _gn_fwd_normalize_kernel(
     rstd = 1.0 / tl.sqrt(m2 / cnt + eps)
     pivot = tl.load(PIVOT + row)
     if k == 0:
-        tl.store(SMEAN + row, mean)
-        tl.store(M2 + row, m2)
-        tl.store(COUNT + row, cnt)
-        tl.store(RSTD + row, rstd)
+        tl.store(SMEAN + SS + row, mean)
+        tl.store(M2 + 2 * SS + row, m2)
+        tl.store(COUNT + 3 * SS + row, cnt)
+        tl.store(RSTD + 4 * SS + row, rstd)
     y_base = n.to(tl.int64) * syN + c0.to(tl.int64) * syC
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
@@ -614,6 +623,7 @@ def _gn_bwd_partial_kernel(
     PIVOT,
     SMEAN,
     RSTD,
+    SS,
     PA,
     PB,
     C,
@@ -642,8 +652,8 @@ def _gn_bwd_partial_kernel(
     k = tl.program_id(1)
     dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
     pivot = tl.load(PIVOT + row)
-    smean = tl.load(SMEAN + row)
-    rstd = tl.load(RSTD + row)
+    smean = tl.load(SMEAN + SS + row)
+    rstd = tl.load(RSTD + 4 * SS + row)
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
     for cb in range(0, Cg, BLOCK_C):
@@ -692,10 +702,10 @@ def _gn_bwd_dx_kernel(
     PIVOT,
     SMEAN,
     RSTD,
+    SS,
     PA,
     PB,
-    SA,
-    SB,
+    SUMS,
     C,
     G,
     L,
@@ -731,8 +741,8 @@ def _gn_bwd_dx_kernel(
     dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
     dx_base = n.to(tl.int64) * sgN + c0.to(tl.int64) * sgC
     pivot = tl.load(PIVOT + row)
-    smean = tl.load(SMEAN + row)
-    rstd = tl.load(RSTD + row)
+    smean = tl.load(SMEAN + SS + row)
+    rstd = tl.load(RSTD + 4 * SS + row)
     sum_dxhat = tl.zeros((), tl.float32)
     sum_dxhat_xhat = tl.zeros((), tl.float32)
     for cb in range(0, Cg, BLOCK_C):
@@ -773,8 +783,8 @@ def _gn_bwd_dx_kernel(
                 b += tl.load(PB + nkc, mask=cmask, other=0.0)
         if k == 0:
             nc = n.to(tl.int64) * C + c0 + c
-            tl.store(SA + nc, a, mask=cmask)
-            tl.store(SB + nc, b, mask=cmask)
+            tl.store(SUMS + 2 * nc, a, mask=cmask)
+            tl.store(SUMS + 2 * nc + 1, b, mask=cmask)
         sum_dxhat += tl.sum(w * s1 * b, axis=0)
         sum_dxhat_xhat += tl.sum(w * s1 * a, axis=0)
     count = Cg.to(tl.float32) * L  # float: Cg * L may exceed int32
@@ -823,8 +833,7 @@ def _gn_bwd_dx_kernel(
 
 @triton.jit
 def _gn_bwd_param_kernel(
-    SA,
-    SB,
+    SUMS,
     W,
     B,
     SCALE,
@@ -840,9 +849,9 @@ def _gn_bwd_param_kernel(
     HAS_SHIFT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Parameter gradients from the per-(n, c) sums A, B, over n in order (deterministic):
-    dweight = sum_n (1 + scale) A, dbias = sum_n (1 + scale) B, dscale = w A + bias B,
-    dshift = B."""
+    """Parameter gradients from the per-(n, c) sums A, B (the (N, C, 2) buffer SUMS), over n in
+    order (deterministic): dweight = sum_n (1 + scale) A, dbias = sum_n (1 + scale) B,
+    dscale = w A + bias B, dshift = B."""
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cmask = c < C
     w = tl.full((BLOCK,), 1.0, tl.float32)
@@ -855,8 +864,8 @@ def _gn_bwd_param_kernel(
     db = tl.zeros((BLOCK,), tl.float32)
     nc = c.to(tl.int64)  # n * C + c, advanced by C per sample (int64 without a multiply)
     for _ in range(0, N):
-        a = tl.load(SA + nc, mask=cmask, other=0.0)
-        b = tl.load(SB + nc, mask=cmask, other=0.0)
+        a = tl.load(SUMS + 2 * nc, mask=cmask, other=0.0)
+        b = tl.load(SUMS + 2 * nc + 1, mask=cmask, other=0.0)
         s1 = tl.full((BLOCK,), 1.0, tl.float32)
         if HAS_SCALE:
             s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(tl.float32)
@@ -906,9 +915,7 @@ def _flat_view(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     NCHW-contiguous (the only copy the Triton backend makes of x or dy)."""
     strides = _flat_strides(x)
     if strides is None:
-        # An empty tensor counts as contiguous whatever its strides (contiguous() keeps them):
-        # give it the standard ones.
-        x = x.contiguous() if x.numel() else x.new_empty(x.shape)
+        x = _copied(x)
         strides = _flat_strides(x)
         assert strides is not None
     return x, strides
@@ -958,54 +965,101 @@ class _Launch(NamedTuple):
 
     cfg: LaunchConfig
     programs: int  # on-chip programs per sample (R); 1 in the other regimes
-    onchip: dict[str, Any]  # the on-chip kernels' own options
+    onchip: dict[str, Any]  # the on-chip kernels' options (``flags`` included)
     flags: dict[str, Any]  # options every kernel of the call takes
     has: dict[str, bool]  # which of weight, bias, scale, shift are given
     offs: torch.Tensor  # (G + 1,) int32 channel offsets of the groups
     group_index: torch.Tensor  # (C,) int32 group of each channel
+    copy_x: bool  # x's positions do not collapse to one stride: read from an NCHW copy
+    xs: tuple[int, int, int]  # (sN, sC, sL) of x as read
+    outs: tuple[int, int, int]  # (sN, sC, sL) of y (forward) or dx (backward)
+    copy_dy: bool  # as copy_x, for dy (backward)
+    dys: tuple[int, int, int] | None  # (sN, sC, sL) of dy as read (backward)
+    L: int  # positions per channel
+    write_sums: bool  # backward: per-channel sums for the parameter gradients
+    param_block: int  # backward: channels per program of the parameter kernel
+    param_grid: tuple[int]  # backward: the parameter kernel's grid
+
+
+def _read_as(
+    shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype
+) -> tuple[bool, torch.Tensor]:
+    """Whether a tensor of this shape and these strides is copied before the kernels read it,
+    and (meta) the tensor they read (see :func:`_flat_view`)."""
+    t = torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+    read = _flat_view(t)[0]
+    return read is not t, read
 
 
 @lru_cache(maxsize=1024)
 def _launch(
     direction: str,
     shape: tuple[int, ...],
-    strides: tuple[int, int, int],
-    dy_strides: tuple[int, int, int] | None,
-    full: tuple[tuple[int, ...], ...],
-    elem_bytes: int,
+    x_strides: tuple[int, ...],
+    dy_strides: tuple[int, ...] | None,
+    dtype: torch.dtype,
     device: torch.device,
     sizes: tuple[int, ...],
     regime: str,
     has: tuple[bool, ...],
-    act: int,
+    activation: str | None,
 ) -> _Launch:
-    """The launch for x of ``shape`` with flat ``strides`` (sN, sC, sL) (and dy's, backward);
-    ``full``: the strides of every tensor the kernels index, which decide int64 offsets."""
+    """The launch for x of ``shape`` and ``x_strides`` (and dy's strides, backward); raises
+    for what the kernels cannot take (checked here once per signature)."""
+    if dtype not in _SUPPORTED:
+        raise TypeError(
+            f"the Triton kernels take x in {[str(d) for d in _SUPPORTED]}, got "
+            f"{dtype}; use backend='torch' for it"
+        )
+    if len(shape) < 2 or sum(sizes) != shape[1]:
+        raise ValueError(f"group sizes {list(sizes)} must sum to C of x with shape {shape}")
+    copy_x, xv = _read_as(shape, x_strides, dtype)
+    strides = _flat_strides(xv)
+    out = _flat_strides(torch.empty_like(xv))
+    assert strides is not None and out is not None
+    full = [xv.stride(), torch.empty_like(xv).stride()]
+    copy_dy, dys = False, None
+    if dy_strides is not None:
+        copy_dy, dyv = _read_as(shape, dy_strides, dtype)
+        dys = _flat_strides(dyv)
+        full.append(dyv.stride())
     N = shape[0]
-    unit = _unit_stride(strides) and (dy_strides is None or _unit_stride(dy_strides))
+    L = math.prod(shape[2:])
+    unit = _unit_stride(strides) and (dys is None or _unit_stride(dys))
     even = min(sizes) == max(sizes)
     cfg = choose_config(
         N,
-        math.prod(shape[2:]) if N else 1,
+        L if N else 1,
         max(sizes),
         len(sizes),
         _channels_fast(strides),
         _sm_count(device),
-        regime,
+        regime if N else "auto",  # nothing is launched for an empty batch
         even=even,
-        elem_bytes=elem_bytes,
+        elem_bytes=xv.element_size(),
         direction=direction,
         unit_stride=unit,
     )
     int64 = any(_max_offset(shape, st) > _INT32_MAX for st in full)
     named = dict(zip(("HAS_W", "HAS_B", "HAS_SCALE", "HAS_SHIFT"), has, strict=True))
-    flags = dict(named, ACT=act, BLOCK_C=cfg.block_c, BLOCK_L=cfg.block_l, IDX64=int64)
+    flags = dict(
+        named,
+        ACT=triton_code(activation),
+        BLOCK_C=cfg.block_c,
+        BLOCK_L=cfg.block_l,
+        IDX64=int64,
+    )
     onchip = dict(
+        flags,
         CG=sizes[0] if even else 0,
         GPP=cfg.groups_per_program,
         CHANNELS_LAST=_channels_fast(strides),
         num_warps=cfg.num_warps,
     )
+    write_sums = any(has)
+    param_block = min(next_pow2(shape[1]), 1024)
+    if dys is not None:
+        onchip.update(WRITE_SUMS=write_sums, DY_CHANNELS_LAST=_channels_fast(dys))
     programs = -(-len(sizes) // cfg.groups_per_program)
     return _Launch(
         cfg,
@@ -1015,60 +1069,64 @@ def _launch(
         named,
         _offsets_tensor(sizes, device),
         _group_index_tensor(sizes, device),
+        copy_x,
+        strides,
+        out,
+        copy_dy,
+        dys,
+        L,
+        write_sums,
+        param_block,
+        (-(-shape[1] // param_block),),
     )
 
 
 def _launch_of(
     direction: str,
-    xv: torch.Tensor,
-    strides: tuple[int, int, int],
-    dy_strides: tuple[int, int, int] | None,
-    others: tuple[torch.Tensor, ...],
+    x: torch.Tensor,
+    dy: torch.Tensor | None,
     sizes: tuple[int, ...],
     regime: str,
     params: tuple[torch.Tensor | None, ...],
     activation: str | None,
 ) -> _Launch:
-    """:func:`_launch` for these tensors (x, then ``others``: y, or dy and dx)."""
+    """:func:`_launch` for these tensors; also checks that the parameters (weight, bias, scale,
+    shift) are on x's device and dy has x's shape."""
+    device = x.device
+    for t in params:
+        if t is not None and t.device != device:
+            raise ValueError(f"a parameter is on {t.device} but x is on {device}")
+    if dy is not None and dy.shape != x.shape:
+        raise ValueError(f"dy has shape {tuple(dy.shape)}, x has {tuple(x.shape)}")
+    w, b, sc, sh = params
     return _launch(
         direction,
-        tuple(xv.shape),
-        strides,
-        dy_strides,
-        (xv.stride(), *(t.stride() for t in others)),
-        xv.element_size(),
-        xv.device,
+        x.shape,
+        x.stride(),
+        None if dy is None else dy.stride(),
+        x.dtype,
+        device,
         sizes,
         regime,
-        tuple(t is not None for t in params),
-        triton_code(activation),
+        (w is not None, b is not None, sc is not None, sh is not None),
+        activation,
     )
 
 
-def _check_inputs(x: torch.Tensor, sizes: tuple[int, ...], *params: torch.Tensor | None) -> None:
-    if x.dtype not in _SUPPORTED:
-        raise TypeError(
-            f"the Triton kernels take x in {[str(d) for d in _SUPPORTED]}, got "
-            f"{x.dtype}; use backend='torch' for it"
-        )
-    if x.dim() < 2 or sum(sizes) != x.shape[1]:
-        raise ValueError(
-            f"group sizes {list(sizes)} must sum to C of x with shape {tuple(x.shape)}"
-        )
-    for t in params:
-        if t is not None and t.device != x.device:
-            raise ValueError(f"a parameter is on {t.device} but x is on {x.device}")
+def _copied(t: torch.Tensor) -> torch.Tensor:
+    """t as NCHW-contiguous (an empty tensor counts as contiguous whatever its strides, and
+    contiguous() keeps them: it gets the standard ones)."""
+    return t.contiguous() if t.numel() else t.new_empty(t.shape)
 
 
-def _param(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Weight, bias (C,) and scale, shift (N, C): small, made contiguous for plain indexing."""
-    return None if t is None else t.contiguous()
-
-
-def _stat_buffers(x: torch.Tensor, G: int) -> list[torch.Tensor]:
-    """(pivot, shifted_mean, m2, count, rstd), each (N, G) float32. Five allocations, not views
-    of one: a custom op's outputs must not alias each other."""
-    return [torch.empty((x.shape[0], G), dtype=torch.float32, device=x.device) for _ in range(5)]
+def _stat_buffers(x: torch.Tensor, G: int, packed: bool) -> tuple[list[torch.Tensor], int]:
+    """The fields (pivot, shifted_mean, m2, count, rstd), each (N, G) float32, and SS: five
+    tensors and SS = 0 (a custom op's outputs must not alias each other), or ``packed``, one
+    (5, N, G) buffer standing for every field and SS = N * G."""
+    N = x.shape[0]
+    if packed:
+        return [torch.empty((5, N, G), dtype=torch.float32, device=x.device)] * 5, N * G
+    return [torch.empty((N, G), dtype=torch.float32, device=x.device) for _ in range(5)], 0
 
 
 def _forward(
@@ -1082,26 +1140,29 @@ def _forward(
     activation: str | None,
     stats: tuple[torch.Tensor, ...] | None,
     regime: str,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the forward; returns (y, pivot, shifted_mean, m2, count, rstd), stats (N, G) fp32."""
-    _check_inputs(x, sizes, weight, bias, scale, shift)
-    weight, bias, scale, shift = (_param(t) for t in (weight, bias, scale, shift))
-    xv, (sxN, sxC, sxL) = _flat_view(x)
+    """Launch the forward; returns (y, pivot, shifted_mean, m2, count, rstd), stats (N, G) fp32,
+    or ``packed`` (no given ``stats``): (y, buffer) with the (5, N, G) buffer of the fields."""
+    epilogue = (weight, bias, scale, shift)
+    plan = _launch_of("fwd", x, None, sizes, regime, epilogue, activation)
+    xv = _copied(x) if plan.copy_x else x
     y = torch.empty_like(xv)
-    ys = _flat_strides(y)
-    assert ys is not None
     N, C = x.shape[:2]
     G = len(sizes)
-    pivot, smean, m2, count, rstd = _stat_buffers(x, G)
+    (pivot, smean, m2, count, rstd), ss = _stat_buffers(x, G, packed)
+    if packed:
+        assert stats is None, "given statistics are normalized with from their own tensors"
+        out: tuple[torch.Tensor, ...] = (y, pivot)
+    else:
+        out = (y, pivot, smean, m2, count, rstd)
     if N == 0:
-        return y, pivot, smean, m2, count, rstd
-    L = math.prod(x.shape[2:])
-    epilogue = (weight, bias, scale, shift)
-    plan = _launch_of("fwd", xv, (sxN, sxC, sxL), None, (y,), sizes, regime, epilogue, activation)
+        return out
+    L = plan.L
     cfg, offs, flags = plan.cfg, plan.offs, plan.flags
-    dummy = xv
-    params = tuple(dummy if t is None else t for t in epilogue)
-    strides = (sxN, sxC, sxL, *ys)
+    sxN, sxC, sxL = plan.xs
+    params = [xv if t is None else t.contiguous() for t in epilogue]
+    strides = plan.xs + plan.outs
     if stats is None and cfg.regime == "onchip":
         R = plan.programs
         _gn_fwd_onchip_kernel[(N * R,)](
@@ -1115,6 +1176,7 @@ def _forward(
             m2,
             count,
             rstd,
+            ss,
             C,
             G,
             L,
@@ -1122,14 +1184,14 @@ def _forward(
             *strides,
             eps,
             **plan.onchip,
-            **flags,
         )
-        return y, pivot, smean, m2, count, rstd
+        return out
     if stats is None and cfg.regime == "fused":
         _gn_fwd_fused_kernel[(N * G,)](
-            xv, y, *params, offs, pivot, smean, m2, count, rstd, C, G, L, *strides, eps, **flags
-        )
-        return y, pivot, smean, m2, count, rstd
+            xv, y, *params, offs, pivot, smean, m2, count, rstd, ss, C, G, L, *strides, eps,
+            **flags,
+        )  # fmt: skip
+        return out
     if stats is None:
         K = cfg.chunks
         parts = [torch.empty((N, G, K), dtype=torch.float32, device=x.device) for _ in range(3)]
@@ -1167,6 +1229,7 @@ def _forward(
         m2,
         count,
         rstd,
+        ss,
         C,
         G,
         L,
@@ -1177,15 +1240,7 @@ def _forward(
         BLOCK_KP=next_pow2(K),
         **flags,
     )
-    return y, pivot, smean, m2, count, rstd
-
-
-def _empty_or(t: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """A gradient buffer shaped like ``t``, or a (0,) placeholder where t is absent (custom ops
-    return tensors, not None)."""
-    if t is None:
-        return torch.empty(0, device=device)
-    return torch.empty_like(t, memory_format=torch.contiguous_format)
+    return out
 
 
 def _backward(
@@ -1203,32 +1258,33 @@ def _backward(
     stats_given: bool,
     regime: str,
     dx_float32: bool,
-) -> tuple[torch.Tensor, ...]:
-    """Launch the backward; returns (dx, dweight, dbias, dscale, dshift), (0,) where absent.
-    dx is in x's dtype, or float32 when ``dx_float32`` (for gradients still to be added)."""
-    _check_inputs(x, sizes, weight, bias, scale, shift, dy)
-    weight, bias, scale, shift = (_param(t) for t in (weight, bias, scale, shift))
-    xv, (sxN, sxC, sxL) = _flat_view(x)
-    dyv, dys = _flat_view(dy)
+    ss: int = 0,
+) -> tuple[Any, ...]:
+    """Launch the backward; returns (dx, dweight, dbias, dscale, dshift), None where absent.
+    dx is in x's dtype, or float32 when ``dx_float32`` (for gradients still to be added).
+    ``ss``: the statistics are one packed buffer (see :func:`_stat_buffers`)."""
+    epilogue = (weight, bias, scale, shift)
+    plan = _launch_of("bwd", x, dy, sizes, regime, epilogue, activation)
+    xv = _copied(x) if plan.copy_x else x
+    dyv = _copied(dy) if plan.copy_dy else dy
     dx = torch.empty_like(xv, dtype=torch.float32 if dx_float32 else xv.dtype)
-    dxs = _flat_strides(dx)
-    assert dxs is not None
-    grads = [_empty_or(t, x.device) for t in (weight, bias, scale, shift)]
+    # Contiguous: the kernels index them as (C,) and (N, C), whatever the parameters' strides.
+    grads = [
+        None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+        for t in epilogue
+    ]
     N, C = x.shape[:2]
     G = len(sizes)
     if N == 0:
-        for t in grads:
-            t.zero_()
-        return (dx, *grads)
-    L = math.prod(x.shape[2:])
-    epilogue = (weight, bias, scale, shift)
-    plan = _launch_of(
-        "bwd", xv, (sxN, sxC, sxL), dys, (dyv, dx), sizes, regime, epilogue, activation
-    )
+        return (dx, *(None if g is None else g.zero_() for g in grads))
+    L = plan.L
     cfg, offs, flags, has = plan.cfg, plan.offs, plan.flags, plan.has
-    params = tuple(xv if t is None else t for t in epilogue)
+    sxN, sxC, sxL = plan.xs
+    dys, dxs = plan.dys, plan.outs
+    assert dys is not None
+    params = [xv if t is None else t.contiguous() for t in epilogue]
     stats = (pivot.contiguous(), smean.contiguous(), rstd.contiguous())
-    sums = [torch.empty((N, C), dtype=torch.float32, device=x.device) for _ in range(2)]
+    sums = torch.empty((N, C, 2), dtype=torch.float32, device=x.device)
     strides = (C, G, L, sxN, sxC, sxL, *dys)
     K = cfg.chunks
     fused = cfg.regime == "fused"
@@ -1242,7 +1298,8 @@ def _backward(
             offs,
             plan.group_index,
             *stats,
-            *sums,
+            ss,
+            sums,
             C,
             G,
             L,
@@ -1253,17 +1310,14 @@ def _backward(
             *dys,
             *dxs,
             STATS_GIVEN=stats_given,
-            WRITE_SUMS=any(has.values()),
-            DY_CHANNELS_LAST=_channels_fast(dys),
             **plan.onchip,
-            **flags,
         )
     elif fused:
-        parts = list(sums)  # not read: A, B come straight from x and dy
+        parts = [sums] * 2  # not read: A, B come straight from x and dy
     else:
         parts = [torch.empty((N, K, C), dtype=torch.float32, device=x.device) for _ in range(2)]
         _gn_bwd_partial_kernel[(N * G, K)](
-            xv, dyv, *params, offs, *stats, *parts, *strides, cfg.chunk_l, K, **flags
+            xv, dyv, *params, offs, *stats, ss, *parts, *strides, cfg.chunk_l, K, **flags
         )
     if cfg.regime != "onchip":
         _gn_bwd_dx_kernel[(N * G, K)](
@@ -1273,8 +1327,9 @@ def _backward(
             *params,
             offs,
             *stats,
+            ss,
             *parts,
-            *sums,
+            sums,
             *strides,
             *dxs,
             cfg.chunk_l,
@@ -1283,11 +1338,17 @@ def _backward(
             FUSED=fused,
             **flags,
         )
-    if any(has.values()):  # no parameter kernel without parameters
-        block = min(next_pow2(C), 1024)
-        dummies = tuple(xv if g.numel() == 0 else g for g in grads)
-        _gn_bwd_param_kernel[(triton.cdiv(C, block),)](
-            *sums, params[0], params[1], params[2], *dummies, N, C, BLOCK=block, **has
+    if plan.write_sums:  # no parameter kernel without parameters
+        _gn_bwd_param_kernel[plan.param_grid](
+            sums,
+            params[0],
+            params[1],
+            params[2],
+            *(xv if g is None else g for g in grads),
+            N,
+            C,
+            BLOCK=plan.param_block,
+            **has,
         )
     return (dx, *grads)
 
@@ -1371,7 +1432,7 @@ def group_norm_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dscale, dshift); a (0,) tensor stands for an absent parameter; dx
     in float32 when ``dx_float32``, else in x's dtype."""
-    dx, dw, db, dscale, dshift = _backward(
+    dx, *grads = _backward(
         dy,
         x,
         weight,
@@ -1387,6 +1448,7 @@ def group_norm_bwd_op(
         regime,
         dx_float32,
     )
+    dw, db, dscale, dshift = (dy.new_empty(0) if g is None else g for g in grads)
     return dx, dw, db, dscale, dshift
 
 
@@ -1441,7 +1503,17 @@ def _setup_context(ctx, inputs, output) -> None:
         ctx.mark_non_differentiable(pivot, count, rstd)
     ctx.save_for_backward(x, weight, bias, scale, shift, pivot, smean, rstd, m2, count)
     ctx.sizes, ctx.activation, ctx.regime = sizes, activation, regime
+    ctx.ss = 0
     ctx.set_materialize_grads(False)
+
+
+def _saved(ctx) -> tuple[Any, ...]:
+    """(x, weight, bias, scale, shift, pivot, shifted_mean, rstd, m2, count) as saved; a plain
+    eager call saved x, weight, bias and its packed statistics (ctx.ss > 0) alone."""
+    if ctx.ss:
+        x, weight, bias, buf = ctx.saved_tensors
+        return x, weight, bias, None, None, buf, buf, buf, None, None
+    return ctx.saved_tensors
 
 
 def _statistics_grads(
@@ -1483,32 +1555,30 @@ def _statistics_grads(
     return dx, stats_grads
 
 
-def _backward_fn(ctx, dy, _pivot, d_smean, d_m2, *_):
-    x, weight, bias, scale, shift, pivot, smean, rstd, m2, count = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    given = ctx.stats_given and any(need[8:12])
+def _grads(ctx, need: tuple[bool, ...], dy, d_smean, d_m2) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of (x, weight, bias, scale, shift, pivot, shifted_mean, m2, count), None where
+    ``need`` (in that order) says no or the input is absent."""
+    x, weight, bias, scale, shift, pivot, smean, rstd, m2, count = _saved(ctx)
+    given = ctx.stats_given and any(need[5:])
     exact = given or d_smean is not None or d_m2 is not None
     params = (weight, bias, scale, shift)
     if dy is None:
         dx = torch.zeros_like(x, dtype=torch.float32)
-        pgrads: tuple[torch.Tensor | None, ...] = (None,) * 4
+        pgrads: list[torch.Tensor | None] = [None] * 4
     else:
         # The op where a graph is recorded (compile, make_fx), a direct launch in eager autograd.
-        eager = _eager(dy)
-        bwd = _backward if eager else group_norm_bwd_op
-        dx, *pgrads = bwd(
-            dy,
-            x,
-            *params,
-            tuple(ctx.sizes) if eager else list(ctx.sizes),
-            pivot,
-            smean,
-            rstd,
-            ctx.activation,
-            ctx.stats_given,
-            ctx.regime,
-            exact,
-        )
+        if _eager(dy):
+            dx, *pgrads = _backward(
+                dy, x, *params, tuple(ctx.sizes), pivot, smean, rstd, ctx.activation,
+                ctx.stats_given, ctx.regime, exact, ctx.ss,
+            )  # fmt: skip
+        else:
+            if ctx.ss:  # the op takes each field as its own tensor
+                pivot, smean, rstd = pivot[0], smean[1], rstd[4]
+            dx, *pgrads = group_norm_bwd_op(
+                dy, x, *params, list(ctx.sizes), pivot, smean, rstd, ctx.activation,
+                ctx.stats_given, ctx.regime, exact,
+            )  # fmt: skip
     stats_grads: tuple[torch.Tensor | None, ...] = (None,) * 4
     if exact:
         dx, sg = _statistics_grads(
@@ -1516,12 +1586,16 @@ def _backward_fn(ctx, dy, _pivot, d_smean, d_m2, *_):
         )
         dx = dx.to(x.dtype)
         if sg is not None:
-            stats_grads = tuple(g if need[8 + i] else None for i, g in enumerate(sg))
-    grads = [
-        g if t is not None and need[i + 1] else None
-        for i, (g, t) in enumerate(zip(pgrads, params, strict=True))
-    ]
-    return (dx if need[0] else None, *grads, None, None, None, *stats_grads, None)
+            stats_grads = tuple(g if need[5 + i] else None for i, g in enumerate(sg))
+    grads = [g if need[i + 1] else None for i, g in enumerate(pgrads)]
+    return (dx if need[0] else None, *grads, *stats_grads)
+
+
+def _backward_fn(ctx, dy, _pivot, d_smean, d_m2, *_):
+    """The op's backward: gradients for its 13 inputs."""
+    need = ctx.needs_input_grad
+    dx, *grads, dp, dm, dm2, dc = _grads(ctx, (*need[:5], *need[8:12]), dy, d_smean, d_m2)
+    return (dx, *grads, None, None, None, dp, dm, dm2, dc, None)
 
 
 group_norm_fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
@@ -1529,19 +1603,52 @@ group_norm_fwd_op.register_autograd(_backward_fn, setup_context=_setup_context)
 
 class _EagerGroupNorm(torch.autograd.Function):
     """The op's forward and autograd without the custom-op machinery, for eager calls: its
-    dispatch cost several times nn.GroupNorm's whole call on a small tensor. Old-style (ctx in
+    dispatch cost several times nn.GroupNorm's whole call on a small tensor.
+
+    ``apply(call, x, weight, bias)`` returns y alone; ``apply(call, x, weight, bias, scale,
+    shift, pivot, shifted_mean, m2, count)`` (the last four given statistics or None) returns
+    the op's six outputs; ``call`` is the tuple (sizes, eps, activation, regime). The plain call
+    takes the first form: autograd's cost grows with every input and output. Old-style (ctx in
     forward): with a separate setup_context, apply binds the arguments by inspect.signature."""
 
     @staticmethod
-    def forward(ctx, *inputs):  # type: ignore[override]
-        x, weight, bias, scale, shift, sizes, eps, activation, *given, regime = inputs
+    def forward(ctx, call, x, weight, bias, *extras):  # type: ignore[override]
+        sizes, eps, activation, regime = call
+        if not extras:
+            y, buf = _forward(
+                x, weight, bias, None, None, sizes, eps, activation, None, regime, packed=True
+            )
+            ctx.save_for_backward(x, weight, bias, buf)
+            ctx.sizes, ctx.activation, ctx.regime = sizes, activation, regime
+            ctx.ss, ctx.stats_given = x.shape[0] * len(sizes), False
+            return y
+        scale, shift, *given = extras
         fields = None if given[0] is None else tuple(given)
         output = _forward(x, weight, bias, scale, shift, sizes, eps, activation, fields, regime)
-        _setup_context(ctx, inputs, output)
+        _setup_context(ctx, (x, weight, bias, scale, shift, *call[:3], *given, regime), output)
         return output
 
-    # No double backward, as with the op: raise rather than return zero second derivatives.
-    backward = staticmethod(once_differentiable(_backward_fn))  # type: ignore[assignment]
+    @staticmethod
+    def backward(ctx, dy, _pivot=None, d_smean=None, d_m2=None, *_):  # type: ignore[override]
+        if ctx.ss and not torch.is_grad_enabled() and _eager(dy):
+            # The plain call, no double backward asked for: straight to the kernels.
+            x, weight, bias, buf = ctx.saved_tensors
+            dx, dw, db, _, _ = _backward(
+                dy, x, weight, bias, None, None, ctx.sizes, buf, buf, buf, ctx.activation,
+                False, ctx.regime, False, ctx.ss,
+            )  # fmt: skip
+            _, need_x, need_w, need_b = ctx.needs_input_grad
+            return None, dx if need_x else None, dw if need_w else None, db if need_b else None
+        return _general_backward(ctx, dy, d_smean, d_m2)
+
+
+@once_differentiable
+def _general_backward(ctx, dy, d_smean, d_m2):
+    """The eager Function's backward; no double backward, as with the op: it raises rather
+    than return zero second derivatives."""
+    need = ctx.needs_input_grad[1:]
+    grads = _grads(ctx, (*need, *(False,) * (9 - len(need))), dy, d_smean, d_m2)
+    return (None, *grads[: len(need)])
 
 
 def _eager(t: torch.Tensor) -> bool:
@@ -1594,21 +1701,67 @@ def group_norm_triton(
     """
     fields = None if stats is None else (stats.pivot, stats.shifted_mean, stats.m2, stats.count)
     given = (None,) * 4 if fields is None else fields
+    # y alone is asked for: the eager paths take the plain call's form (one packed buffer of
+    # statistics, and the Function with four inputs and one output).
+    plain = fields is None and scale is None and shift is None and not return_stats
+    eps = float(eps)
     if not _eager(x):
         outs = group_norm_fwd_op(
-            x, weight, bias, scale, shift, list(plan.sizes), float(eps), activation, *given, regime
+            x, weight, bias, scale, shift, list(plan.sizes), eps, activation, *given, regime
         )
     elif _records_grad(x, weight, bias, scale, shift, *given):
-        outs = _EagerGroupNorm.apply(
-            x, weight, bias, scale, shift, plan.sizes, float(eps), activation, *given, regime
-        )
+        call = (plan.sizes, eps, activation, regime)
+        if plain:
+            return _EagerGroupNorm.apply(call, x, weight, bias), None
+        outs = _EagerGroupNorm.apply(call, x, weight, bias, scale, shift, *given)
     else:
         outs = _forward(
-            x, weight, bias, scale, shift, plan.sizes, float(eps), activation, fields, regime
+            x, weight, bias, scale, shift, plan.sizes, eps, activation, fields, regime, plain
         )
+    if plain:
+        return outs[0], None
     y, pivot, smean, m2, count, _ = outs
     if not return_stats:
         return y, None
     if stats is not None:
         return y, stats
     return y, GroupStats(pivot, smean, m2, count, plan=plan)
+
+
+def plain_forward(
+    x: torch.Tensor,
+    plan: GroupPlan,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+) -> torch.Tensor | None:
+    """y of a plain eager call (weight, bias and an activation at most), arguments checked by
+    the backend's fast path; None for a call to be recorded through the op (traced, faked or
+    transformed), which the validated path makes."""
+    if not _eager(x):
+        return None
+    # _records_grad spelt out: its generator costs more than the rest of this check.
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        if (
+            wrapped(x)
+            or (weight is not None and wrapped(weight))
+            or (bias is not None and wrapped(bias))
+        ):
+            return None  # a tensor left over from a functorch transform: Function.apply unwraps it
+        return _apply_plain((plan.sizes, eps, activation, "auto"), x, weight, bias)
+    return _forward(
+        x, weight, bias, None, None, plan.sizes, eps, activation, None, "auto", packed=True
+    )[0]
+
+
+# Function.apply in C, without its Python wrapper: that binds default arguments for Functions
+# with a separate setup_context (this one has none) and, when no functorch transform is active
+# (_eager checked), unwraps tensors left over from one (plain_forward declines those). On a
+# small tensor the wrapper costs a sixth of the call.
+_apply_plain = super(torch.autograd.Function, _EagerGroupNorm).apply

@@ -116,6 +116,7 @@ def _gn_fwd_onchip_kernel(
     M2,
     COUNT,
     RSTD,
+    SS,
     C,
     G,
     L,
@@ -166,10 +167,10 @@ def _gn_fwd_onchip_kernel(
         row = n * G + g0 + j
         ok = g0 + j < G
         tl.store(PIVOT + row, tl.sum(tl.where(head, pivot, 0.0), axis=0), mask=ok)
-        tl.store(SMEAN + row, tl.sum(tl.where(head, mean, 0.0), axis=0), mask=ok)
-        tl.store(M2 + row, tl.sum(tl.where(head, m2, 0.0), axis=0), mask=ok)
-        tl.store(COUNT + row, tl.sum(tl.where(head, count, 0.0), axis=0), mask=ok)
-        tl.store(RSTD + row, tl.sum(tl.where(head, rstd, 0.0), axis=0), mask=ok)
+        tl.store(SMEAN + SS + row, tl.sum(tl.where(head, mean, 0.0), axis=0), mask=ok)
+        tl.store(M2 + 2 * SS + row, tl.sum(tl.where(head, m2, 0.0), axis=0), mask=ok)
+        tl.store(COUNT + 3 * SS + row, tl.sum(tl.where(head, count, 0.0), axis=0), mask=ok)
+        tl.store(RSTD + 4 * SS + row, tl.sum(tl.where(head, rstd, 0.0), axis=0), mask=ok)
     w, bias, s1, sh = _params(
         n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
     )
@@ -196,8 +197,8 @@ def _gn_bwd_onchip_kernel(
     PIVOT,
     SMEAN,
     RSTD,
-    SA,
-    SB,
+    SS,
+    SUMS,
     C,
     G,
     L,
@@ -237,8 +238,8 @@ def _gn_bwd_onchip_kernel(
     mask = cmask[:, None] & (pos < L)[None, :]
     srow = n * G + g0 + gl
     pivot = tl.load(PIVOT + srow, mask=cmask, other=0.0)
-    smean = tl.load(SMEAN + srow, mask=cmask, other=0.0)
-    rstd = tl.load(RSTD + srow, mask=cmask, other=0.0)
+    smean = tl.load(SMEAN + SS + srow, mask=cmask, other=0.0)
+    rstd = tl.load(RSTD + 4 * SS + srow, mask=cmask, other=0.0)
     w, bias, s1, sh = _params(
         n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
     )
@@ -258,8 +259,8 @@ def _gn_bwd_onchip_kernel(
     b = tl.sum(du, axis=1)
     if WRITE_SUMS:
         nc = nb * C + c_lo + c
-        tl.store(SA + nc, a, mask=cmask)
-        tl.store(SB + nc, b, mask=cmask)
+        tl.store(SUMS + 2 * nc, a, mask=cmask)
+        tl.store(SUMS + 2 * nc + 1, b, mask=cmask)
     wc = w * s1
     count = gsize.to(tl.float32) * L
     mean_dxhat = _group_sum(wc * b, gl, GPP) / count
