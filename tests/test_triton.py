@@ -448,6 +448,18 @@ def test_regression_packed_statistics_reach_the_op_as_their_own_fields():
     check(dw, grads.dgamma, torch.float32, reduction=24, what="dweight through the op")
 
 
+def test_regression_an_empty_batch_backpropagates_through_the_plain_call():
+    """The plain eager call saves four tensors (x, weight, bias, packed statistics); its
+    backward told them apart from the op's ten by N * G, which is 0 for an empty batch, and
+    unpacked four tensors as ten."""
+    x = torch.empty((0, 4, 3, 3), device=DEVICE).requires_grad_()
+    m = groupnorm.GroupNorm(2, 4, backend="triton", device=DEVICE)
+    dx, dw, db = torch.autograd.grad(m(x), (x, m.weight, m.bias), torch.ones_like(x))
+    assert dx.shape == x.shape
+    assert torch.equal(dw, torch.zeros(4, device=DEVICE))
+    assert torch.equal(db, torch.zeros(4, device=DEVICE))
+
+
 # ----------------------------------------------------------------------------------- dispatch
 
 

@@ -979,6 +979,9 @@ class _Launch(NamedTuple):
     write_sums: bool  # backward: per-channel sums for the parameter gradients
     param_block: int  # backward: channels per program of the parameter kernel
     param_grid: tuple[int]  # backward: the parameter kernel's grid
+    rows: int  # N * G: statistics per field
+    grid: tuple[int]  # the on-chip kernel's grid, (N * programs,)
+    ints: tuple[int, ...]  # the on-chip kernel's integer arguments after its tensors
 
 
 def _read_as(
@@ -1078,6 +1081,9 @@ def _launch(
         write_sums,
         param_block,
         (-(-shape[1] // param_block),),
+        N * len(sizes),
+        (N * programs,),
+        (shape[1], len(sizes), L, programs, *strides, *(dys or ()), *out),
     )
 
 
@@ -1090,14 +1096,7 @@ def _launch_of(
     params: tuple[torch.Tensor | None, ...],
     activation: str | None,
 ) -> _Launch:
-    """:func:`_launch` for these tensors; also checks that the parameters (weight, bias, scale,
-    shift) are on x's device and dy has x's shape."""
-    device = x.device
-    for t in params:
-        if t is not None and t.device != device:
-            raise ValueError(f"a parameter is on {t.device} but x is on {device}")
-    if dy is not None and dy.shape != x.shape:
-        raise ValueError(f"dy has shape {tuple(dy.shape)}, x has {tuple(x.shape)}")
+    """:func:`_launch` for these tensors (weight, bias, scale, shift in ``params``)."""
     w, b, sc, sh = params
     return _launch(
         direction,
@@ -1105,12 +1104,24 @@ def _launch_of(
         x.stride(),
         None if dy is None else dy.stride(),
         x.dtype,
-        device,
+        x.device,
         sizes,
         regime,
         (w is not None, b is not None, sc is not None, sh is not None),
         activation,
     )
+
+
+def _check_op_inputs(
+    x: torch.Tensor, dy: torch.Tensor | None, params: tuple[torch.Tensor | None, ...]
+) -> None:
+    """What the ops' callers inside this package checked already, for a direct call of an op:
+    the parameters on x's device and dy of x's shape."""
+    for t in params:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"a parameter is on {t.device} but x is on {x.device}")
+    if dy is not None and dy.shape != x.shape:
+        raise ValueError(f"dy has shape {tuple(dy.shape)}, x has {tuple(x.shape)}")
 
 
 def _copied(t: torch.Tensor) -> torch.Tensor:
@@ -1119,14 +1130,14 @@ def _copied(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous() if t.numel() else t.new_empty(t.shape)
 
 
-def _stat_buffers(x: torch.Tensor, G: int, packed: bool) -> tuple[list[torch.Tensor], int]:
+def _stat_buffers(x: torch.Tensor, G: int, packed: int | None) -> tuple[list[torch.Tensor], int]:
     """The fields (pivot, shifted_mean, m2, count, rstd), each (N, G) float32, and SS: five
-    tensors and SS = 0 (a custom op's outputs must not alias each other), or ``packed``, one
-    (5, N, G) buffer standing for every field and SS = N * G."""
-    N = x.shape[0]
-    if packed:
-        return [torch.empty((5, N, G), dtype=torch.float32, device=x.device)] * 5, N * G
-    return [torch.empty((N, G), dtype=torch.float32, device=x.device) for _ in range(5)], 0
+    tensors and SS = 0 (a custom op's outputs must not alias each other), or, ``packed`` being
+    N * G, one flat buffer standing for every field and SS = N * G: field k of row n * G + g
+    at k * SS + n * G + g."""
+    if packed is not None:
+        return [x.new_empty(5 * packed, dtype=torch.float32)] * 5, packed
+    return [torch.empty((x.shape[0], G), dtype=torch.float32, device=x.device) for _ in range(5)], 0
 
 
 def _forward(
@@ -1143,49 +1154,32 @@ def _forward(
     packed: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the forward; returns (y, pivot, shifted_mean, m2, count, rstd), stats (N, G) fp32,
-    or ``packed`` (no given ``stats``): (y, buffer) with the (5, N, G) buffer of the fields."""
+    or ``packed`` (no given ``stats``): (y, buffer) with the flat buffer of the fields."""
     epilogue = (weight, bias, scale, shift)
     plan = _launch_of("fwd", x, None, sizes, regime, epilogue, activation)
     xv = _copied(x) if plan.copy_x else x
     y = torch.empty_like(xv)
-    N, C = x.shape[:2]
     G = len(sizes)
-    (pivot, smean, m2, count, rstd), ss = _stat_buffers(x, G, packed)
+    (pivot, smean, m2, count, rstd), ss = _stat_buffers(x, G, plan.rows if packed else None)
     if packed:
         assert stats is None, "given statistics are normalized with from their own tensors"
         out: tuple[torch.Tensor, ...] = (y, pivot)
     else:
         out = (y, pivot, smean, m2, count, rstd)
-    if N == 0:
+    if not plan.rows:
         return out
-    L = plan.L
-    cfg, offs, flags = plan.cfg, plan.offs, plan.flags
-    sxN, sxC, sxL = plan.xs
+    cfg, offs = plan.cfg, plan.offs
     params = [xv if t is None else t.contiguous() for t in epilogue]
-    strides = plan.xs + plan.outs
     if stats is None and cfg.regime == "onchip":
-        R = plan.programs
-        _gn_fwd_onchip_kernel[(N * R,)](
-            xv,
-            y,
-            *params,
-            offs,
-            plan.group_index,
-            pivot,
-            smean,
-            m2,
-            count,
-            rstd,
-            ss,
-            C,
-            G,
-            L,
-            R,
-            *strides,
-            eps,
-            **plan.onchip,
-        )
+        _gn_fwd_onchip_kernel[plan.grid](
+            xv, y, *params, offs, plan.group_index, pivot, smean, m2, count, rstd, ss,
+            *plan.ints, eps, **plan.onchip,
+        )  # fmt: skip
         return out
+    N, C = x.shape[:2]
+    L, flags = plan.L, plan.flags
+    sxN, sxC, sxL = plan.xs
+    strides = plan.xs + plan.outs
     if stats is None and cfg.regime == "fused":
         _gn_fwd_fused_kernel[(N * G,)](
             xv, y, *params, offs, pivot, smean, m2, count, rstd, ss, C, G, L, *strides, eps,
@@ -1267,84 +1261,46 @@ def _backward(
     plan = _launch_of("bwd", x, dy, sizes, regime, epilogue, activation)
     xv = _copied(x) if plan.copy_x else x
     dyv = _copied(dy) if plan.copy_dy else dy
-    dx = torch.empty_like(xv, dtype=torch.float32 if dx_float32 else xv.dtype)
-    # Contiguous: the kernels index them as (C,) and (N, C), whatever the parameters' strides.
-    grads = [
-        None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
-        for t in epilogue
-    ]
-    N, C = x.shape[:2]
-    G = len(sizes)
-    if N == 0:
+    dx = torch.empty_like(xv, dtype=torch.float32) if dx_float32 else torch.empty_like(xv)
+    # new_empty: contiguous, as the kernels index them ((C,) and (N, C)) whatever the
+    # parameters' strides.
+    grads = [None if t is None else t.new_empty(t.shape) for t in epilogue]
+    if not plan.rows:
         return (dx, *(None if g is None else g.zero_() for g in grads))
-    L = plan.L
     cfg, offs, flags, has = plan.cfg, plan.offs, plan.flags, plan.has
-    sxN, sxC, sxL = plan.xs
-    dys, dxs = plan.dys, plan.outs
-    assert dys is not None
     params = [xv if t is None else t.contiguous() for t in epilogue]
     stats = (pivot.contiguous(), smean.contiguous(), rstd.contiguous())
-    sums = torch.empty((N, C, 2), dtype=torch.float32, device=x.device)
-    strides = (C, G, L, sxN, sxC, sxL, *dys)
-    K = cfg.chunks
-    fused = cfg.regime == "fused"
+    N, C = x.shape[:2]
+    sums = x.new_empty(2 * N * C, dtype=torch.float32)  # (N, C, 2): A and B of each channel
     if cfg.regime == "onchip":
-        R = plan.programs
-        _gn_bwd_onchip_kernel[(N * R,)](
-            xv,
-            dyv,
-            dx,
-            *params,
-            offs,
-            plan.group_index,
-            *stats,
-            ss,
-            sums,
-            C,
-            G,
-            L,
-            R,
-            sxN,
-            sxC,
-            sxL,
-            *dys,
-            *dxs,
-            STATS_GIVEN=stats_given,
-            **plan.onchip,
-        )
-    elif fused:
-        parts = [sums] * 2  # not read: A, B come straight from x and dy
+        _gn_bwd_onchip_kernel[plan.grid](
+            xv, dyv, dx, *params, offs, plan.group_index, *stats, ss, sums, *plan.ints,
+            STATS_GIVEN=stats_given, **plan.onchip,
+        )  # fmt: skip
     else:
-        parts = [torch.empty((N, K, C), dtype=torch.float32, device=x.device) for _ in range(2)]
-        _gn_bwd_partial_kernel[(N * G, K)](
-            xv, dyv, *params, offs, *stats, ss, *parts, *strides, cfg.chunk_l, K, **flags
-        )
-    if cfg.regime != "onchip":
+        G, K = len(sizes), cfg.chunks
+        dys = plan.dys
+        assert dys is not None
+        strides = (C, G, plan.L, *plan.xs, *dys)
+        fused = cfg.regime == "fused"
+        if fused:
+            parts = [sums] * 2  # not read: A, B come straight from x and dy
+        else:
+            parts = [x.new_empty((N, K, C), dtype=torch.float32) for _ in range(2)]
+            _gn_bwd_partial_kernel[(N * G, K)](
+                xv, dyv, *params, offs, *stats, ss, *parts, *strides, cfg.chunk_l, K, **flags
+            )
         _gn_bwd_dx_kernel[(N * G, K)](
-            xv,
-            dyv,
-            dx,
-            *params,
-            offs,
-            *stats,
-            ss,
-            *parts,
-            sums,
-            *strides,
-            *dxs,
-            cfg.chunk_l,
-            K,
-            STATS_GIVEN=stats_given,
-            FUSED=fused,
-            **flags,
-        )
+            xv, dyv, dx, *params, offs, *stats, ss, *parts, sums, *strides, *plan.outs,
+            cfg.chunk_l, K, STATS_GIVEN=stats_given, FUSED=fused, **flags,
+        )  # fmt: skip
     if plan.write_sums:  # no parameter kernel without parameters
         _gn_bwd_param_kernel[plan.param_grid](
             sums,
             params[0],
             params[1],
             params[2],
-            *(xv if g is None else g for g in grads),
+            *[xv if g is None else g for g in grads],
             N,
             C,
             BLOCK=plan.param_block,
@@ -1386,6 +1342,7 @@ def group_norm_fwd_op(
         and stats_count is not None
     ):
         given = (stats_pivot, stats_mean, stats_m2, stats_count)
+    _check_op_inputs(x, None, (weight, bias, scale, shift))
     y, pivot, smean, m2, count, rstd = _forward(
         x, weight, bias, scale, shift, tuple(sizes), eps, activation, given, regime
     )
@@ -1432,6 +1389,7 @@ def group_norm_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dscale, dshift); a (0,) tensor stands for an absent parameter; dx
     in float32 when ``dx_float32``, else in x's dtype."""
+    _check_op_inputs(x, dy, (weight, bias, scale, shift))
     dx, *grads = _backward(
         dy,
         x,
@@ -1503,14 +1461,14 @@ def _setup_context(ctx, inputs, output) -> None:
         ctx.mark_non_differentiable(pivot, count, rstd)
     ctx.save_for_backward(x, weight, bias, scale, shift, pivot, smean, rstd, m2, count)
     ctx.sizes, ctx.activation, ctx.regime = sizes, activation, regime
-    ctx.ss = 0
+    ctx.packed, ctx.ss = False, 0
     ctx.set_materialize_grads(False)
 
 
 def _saved(ctx) -> tuple[Any, ...]:
     """(x, weight, bias, scale, shift, pivot, shifted_mean, rstd, m2, count) as saved; a plain
-    eager call saved x, weight, bias and its packed statistics (ctx.ss > 0) alone."""
-    if ctx.ss:
+    eager call saved x, weight, bias and its packed statistics alone (ctx.packed)."""
+    if ctx.packed:
         x, weight, bias, buf = ctx.saved_tensors
         return x, weight, bias, None, None, buf, buf, buf, None, None
     return ctx.saved_tensors
@@ -1573,8 +1531,9 @@ def _grads(ctx, need: tuple[bool, ...], dy, d_smean, d_m2) -> tuple[torch.Tensor
                 ctx.stats_given, ctx.regime, exact, ctx.ss,
             )  # fmt: skip
         else:
-            if ctx.ss:  # the op takes each field as its own tensor
-                pivot, smean, rstd = pivot[0], smean[1], rstd[4]
+            if ctx.packed:  # the op takes each field as its own tensor
+                fields = pivot.view(5, x.shape[0], len(ctx.sizes))
+                pivot, smean, rstd = fields[0], fields[1], fields[4]
             dx, *pgrads = group_norm_bwd_op(
                 dy, x, *params, list(ctx.sizes), pivot, smean, rstd, ctx.activation,
                 ctx.stats_given, ctx.regime, exact,
@@ -1620,7 +1579,7 @@ class _EagerGroupNorm(torch.autograd.Function):
             )
             ctx.save_for_backward(x, weight, bias, buf)
             ctx.sizes, ctx.activation, ctx.regime = sizes, activation, regime
-            ctx.ss, ctx.stats_given = x.shape[0] * len(sizes), False
+            ctx.packed, ctx.ss, ctx.stats_given = True, x.shape[0] * len(sizes), False
             return y
         scale, shift, *given = extras
         fields = None if given[0] is None else tuple(given)
@@ -1630,7 +1589,7 @@ class _EagerGroupNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _pivot=None, d_smean=None, d_m2=None, *_):  # type: ignore[override]
-        if ctx.ss and not torch.is_grad_enabled() and _eager(dy):
+        if ctx.packed and not torch.is_grad_enabled() and _eager(dy):
             # The plain call, no double backward asked for: straight to the kernels.
             x, weight, bias, buf = ctx.saved_tensors
             dx, dw, db, _, _ = _backward(
@@ -1655,10 +1614,14 @@ def _eager(t: torch.Tensor) -> bool:
     """Whether a call on t may launch directly: a plain tensor, no graph being recorded
     (torch.compile, jit tracing, make_fx), no dispatch mode (fake tensors) and no functorch
     transform (vmap, grad). Everything else goes through the custom op and its fake impl."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and _untraced()
+
+
+def _untraced() -> bool:
+    """:func:`_eager` for a plain tensor outside torch.compile (dispatch checked both): no jit
+    trace, no dispatch mode, no functorch transform."""
     return (
-        type(t) is torch.Tensor
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
+        not torch._C._is_tracing()
         and not torch._C._len_torch_dispatch_stack()
         and torch._C._functorch.peek_interpreter_stack() is None
     )
@@ -1738,8 +1701,9 @@ def plain_forward(
 ) -> torch.Tensor | None:
     """y of a plain eager call (weight, bias and an activation at most), arguments checked by
     the backend's fast path; None for a call to be recorded through the op (traced, faked or
-    transformed), which the validated path makes."""
-    if not _eager(x):
+    transformed), which the validated path makes. x is a plain tensor and torch.compile is not
+    tracing (dispatch checked both)."""
+    if not _untraced():
         return None
     # _records_grad spelt out: its generator costs more than the rest of this check.
     if torch.is_grad_enabled() and (
