@@ -118,12 +118,6 @@ class GroupNorm(nn.GroupNorm):
         plan = self.plan
         if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
             plan = self._replan()
-        if self.process_group is None:
-            y = dispatch.run_plain(
-                input, plan, self.weight, self.bias, self.eps, self.activation, self.backend
-            )
-            if y is not None:
-                return y
         if self.process_group is not None:
             return group_norm(
                 input,
@@ -135,6 +129,11 @@ class GroupNorm(nn.GroupNorm):
                 backend=self.backend,
                 process_group=self.process_group,
             )
+        y = dispatch.run_plain(
+            input, plan, self.weight, self.bias, self.eps, self.activation, self.backend
+        )
+        if y is not None:
+            return y
         return group_norm_planned(
             input, plan, self.weight, self.bias, self.eps, self.activation, self.backend
         )

@@ -117,13 +117,13 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _PLAIN_FORWARD: list[Callable[..., torch.Tensor | None]] = []
 
 
-def _fast_param(t: object, x: torch.Tensor) -> bool:
-    """A (C,) floating tensor or Parameter on x's device (``type() in``: isinstance on a
+def _fast_param(t: object, C: int, device: torch.device) -> bool:
+    """A (C,) floating tensor or Parameter on ``device`` (``type() in``: isinstance on a
     Parameter costs more than the rest together)."""
     if type(t) not in _PLAIN_TENSORS:
         return False
     p: torch.Tensor = t  # type: ignore[assignment]
-    return p.dtype in _PARAM_DTYPES and p.shape == (x.shape[1],) and p.device == x.device
+    return p.dtype in _PARAM_DTYPES and p.shape == (C,) and p.device == device
 
 
 def fast(
@@ -142,16 +142,19 @@ def fast(
         return None
     shape = x.shape
     if (
-        x.dtype not in _KERNEL_DTYPES
-        or type(eps) is not float
-        or not (eps >= 0 and eps < math.inf)
-        or not (activation is None or (type(activation) is str and activation in ACTIVATIONS))
-        or len(shape) < 2
+        len(shape) < 2
         or shape[1] != plan.num_channels
-        or not (weight is None or _fast_param(weight, x))
-        or not (bias is None or _fast_param(bias, x))
+        or x.dtype not in _KERNEL_DTYPES
+        or type(eps) is not float
+        or not 0.0 <= eps < math.inf
+        or not (activation is None or (type(activation) is str and activation in ACTIVATIONS))
         or not x.numel()  # an empty spatial dimension raises there (an empty batch is valid)
         or (plan.min_size == 1 and math.prod(shape[2:]) == 1)
+    ):
+        return None
+    device = x.device
+    if (weight is not None and not _fast_param(weight, shape[1], device)) or (
+        bias is not None and not _fast_param(bias, shape[1], device)
     ):
         return None
     if not _PLAIN_FORWARD:
