@@ -105,6 +105,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         torch.set_num_threads(1)
         band = tiled_decode(_vae(), _latent(), tile_rows=3, process_group=dist.group.WORLD)
         torch.save(band, os.path.join(out, f"rank{rank}.pt"))
+        # Neither rank tears gloo down while the other still talks to it: under load that
+        # aborted a rank (std::terminate in gloo's teardown).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
