@@ -49,6 +49,8 @@ class LaunchTraffic:
     kernel: str
     loads: list[tuple[np.ndarray, int]] = field(default_factory=list)
     stores: list[tuple[np.ndarray, int]] = field(default_factory=list)
+    # Every access in program order: (is_load, addresses, element bytes).
+    sequence: list[tuple[bool, np.ndarray, int]] = field(default_factory=list)
 
     def _bytes(self, accesses: list[tuple[np.ndarray, int]], t: torch.Tensor) -> int:
         lo = t.data_ptr()
@@ -61,6 +63,46 @@ class LaunchTraffic:
 
     def stored(self, t: torch.Tensor) -> int:
         return self._bytes(self.stores, t)
+
+    def reuse_distance(self, t: torch.Tensor) -> int:
+        """The LRU stack distance of t's second reads: the most distinct bytes (of any tensor,
+        loads and stores) accessed between two loads of one element of t's storage, in program
+        order (under the interpreter the programs run one after another). An L2 of more bytes
+        than this serves every re-read of t."""
+        lo = t.data_ptr()
+        hi = lo + t.untyped_storage().nbytes()
+        addrs = np.concatenate([a for _, a, _ in self.sequence])
+        sizes = np.concatenate([np.full(len(a), s, np.int64) for _, a, s in self.sequence])
+        loads = np.concatenate([np.full(len(a), ld) for ld, a, _ in self.sequence])
+        # Fenwick tree over access positions: a position holds its address's bytes while it is
+        # that address's latest access, so the bytes in (p, i) are the distinct bytes between.
+        tree = np.zeros(len(addrs) + 1, np.int64)
+
+        def add(i: int, v: int) -> None:
+            i += 1
+            while i < len(tree):
+                tree[i] += v
+                i += i & -i
+
+        def prefix(i: int) -> int:  # sum over positions < i
+            total = 0
+            while i > 0:
+                total += tree[i]
+                i -= i & -i
+            return int(total)
+
+        latest: dict[int, int] = {}
+        worst = 0
+        accesses = zip(addrs.tolist(), sizes.tolist(), loads, strict=True)
+        for i, (a, size, is_load) in enumerate(accesses):
+            p = latest.get(a)
+            if p is not None:
+                if is_load and lo <= a < hi:
+                    worst = max(worst, prefix(i) - prefix(p + 1))
+                add(p, -size)
+            add(i, size)
+            latest[a] = i
+        return worst
 
 
 @contextlib.contextmanager
@@ -76,12 +118,16 @@ def count_traffic() -> Iterator[list[LaunchTraffic]]:
 
     def load(self, ptrs, mask, other, *args):
         size = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
-        launches[-1].loads.append((ptrs.data[mask.data].astype(np.uint64), size))
+        addrs = ptrs.data[mask.data].astype(np.uint64)
+        launches[-1].loads.append((addrs, size))
+        launches[-1].sequence.append((True, addrs, size))
         return real_load(self, ptrs, mask, other, *args)
 
     def store(self, ptrs, value, mask, *args):
         size = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
-        launches[-1].stores.append((ptrs.data[mask.data].astype(np.uint64), size))
+        addrs = ptrs.data[mask.data].astype(np.uint64)
+        launches[-1].stores.append((addrs, size))
+        launches[-1].sequence.append((False, addrs, size))
         return real_store(self, ptrs, value, mask, *args)
 
     def call(self, *args, **kwargs):

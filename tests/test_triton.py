@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import groupnorm
 from groupnorm import reference as ref
@@ -38,7 +40,7 @@ def _interpreter(monkeypatch):
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
-REGIMES = ["onchip", "fused", "split"]
+REGIMES = ["onchip", "fused", "split", "wave"]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -967,6 +969,36 @@ def test_launch_heuristics_are_consistent():
         h.choose_config(1, 35, 6, 2, True, 1, "fast")
 
 
+@given(
+    N=st.integers(1, 64),
+    G=st.integers(1, 64),
+    cg=st.integers(1, 64),
+    L=st.integers(1, 1 << 20),
+    channels_fast=st.booleans(),
+    elem_bytes=st.sampled_from([2, 4]),
+)
+def test_wave_plans_cover_every_row_and_position(N, G, cg, L, channels_fast, elem_bytes):
+    """A wave plan covers every (sample, group) row and every position with whole-tile chunks,
+    keeps a wave within WAVE_BYTES (unless one row alone is larger: then a wave is one row),
+    chunks near WAVE_TICKET_BYTES (at most MAX_CHUNKS a row), a persistent grid of at most
+    WAVE_PROGRAMS_PER_SM per SM; backward under "wave" takes the split kernels."""
+    from groupnorm.triton import heuristics as h
+
+    cfg = h.choose_config(N, L, cg, G, channels_fast, 132, "wave", elem_bytes=elem_bytes)
+    rows, row_bytes = N * G, cg * L * elem_bytes
+    assert cfg.regime == "wave"
+    assert cfg.block_c * cfg.block_l <= h.TILE and cfg.chunk_l % cfg.block_l == 0
+    assert (cfg.chunks - 1) * cfg.chunk_l < L <= cfg.chunks * cfg.chunk_l
+    assert (cfg.waves - 1) * cfg.wave_rows < rows <= cfg.waves * cfg.wave_rows
+    assert cfg.wave_rows == 1 or cfg.wave_rows * row_bytes <= h.WAVE_BYTES
+    chunk_bytes = cg * cfg.chunk_l * elem_bytes
+    ticket = max(h.WAVE_TICKET_BYTES, row_bytes / h.MAX_CHUNKS)
+    assert cfg.chunks == 1 or chunk_bytes <= 2 * ticket + cg * cfg.block_l * elem_bytes
+    assert 1 <= cfg.programs <= h.WAVE_PROGRAMS_PER_SM * 132
+    bwd = h.choose_config(N, L, cg, G, channels_fast, 132, "wave", direction="bwd")
+    assert bwd.regime == "split"
+
+
 def _compile_module(*args: str) -> subprocess.CompletedProcess:
     """Run tests/_triton_compile.py in a subprocess: this process interprets the kernels."""
     pytest.importorskip("triton.backends.nvidia")
@@ -1018,7 +1050,7 @@ def test_bench_pipeline_checks_and_times_on_a_tiny_shape():
         return elapsed, elapsed, elapsed
 
     shape = bench.Shape("tiny", 2, 8, (3, 5), G=4, dtype=torch.bfloat16)
-    names = ("ours", "torch", "cudnn-batchnorm")
+    names = ("ours", "ours-wave", "torch", "cudnn-batchnorm")
     rows = bench.run(
         [shape],
         bench.LAYOUTS,
@@ -1030,7 +1062,7 @@ def test_bench_pipeline_checks_and_times_on_a_tiny_shape():
         copy_bw=1e9,
         echo=lambda line: None,
     )
-    assert len(rows) == 2 * 2 * 3
+    assert len(rows) == 2 * 2 * len(names)
     for row in rows:
         assert "error" not in row, row
         assert row["bytes"] == bench.bytes_moved(shape, row["direction"])
@@ -1045,12 +1077,14 @@ def poisoned_outputs(monkeypatch):
     """Every float buffer the launchers allocate (outputs, statistics, partials) starts as NaN,
     so an element a kernel forgets to write fails the comparison."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
+    real_new_empty = torch.Tensor.new_empty
 
     def poison(t):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda *a, **k: poison(real_new_empty(*a, **k)))
 
 
 @pytest.mark.parametrize("regime", REGIMES)
@@ -1140,6 +1174,75 @@ def test_split_and_fused_traffic_within_their_stated_passes():
         assert read_x <= elems * passes["bwd"]["x"] and read_dy <= elems * passes["bwd"]["dy"]
         assert sum(t.stored(dx) for t in bwd) == 2 * elems
         assert len(fwd) == (1 if regime == "fused" else 2)
+
+
+@pytest.fixture
+def small_waves(monkeypatch):
+    """Wave-regime waves of 2 KB and tickets of 256 B: the tiny test tensors then take several
+    waves of several chunks (the launch plans are cached, so the cache is cleared around)."""
+    from groupnorm.triton import heuristics as h
+
+    monkeypatch.setattr(h, "WAVE_BYTES", 2048)
+    monkeypatch.setattr(h, "WAVE_TICKET_BYTES", 256)
+    kernels._launch.cache_clear()
+    yield h
+    kernels._launch.cache_clear()
+
+
+WAVE_CASES = {
+    "nchw-bf16-G2": ((2, 8, 16, 16), make_plan(8, 2), False, torch.bfloat16),
+    "nhwc-fp32-G4": ((2, 8, 16, 16), make_plan(8, 4), True, torch.float32),
+    "uneven-fp16-odd-L": ((3, 11, 5, 7), make_plan(11, 3, uneven=True), False, torch.float16),
+    "ndhwc-bf16-G1": ((3, 6, 4, 4, 5), make_plan(6, 1), True, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", list(WAVE_CASES))
+def test_wave_schedule_over_several_waves_matches_float64(case, small_waves, poisoned_outputs):
+    """The wave kernel's tickets (S0, S1 N0, ..., N(last)) over several waves of several chunks,
+    with an epilogue, into NaN-poisoned buffers: y and the statistics against float64."""
+    shape, plan, channels_last, dtype = WAVE_CASES[case]
+    x = _rand(shape, 150, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    C = shape[1]
+    w, b = _rand((C,), 151, loc=1.0, std=0.5), _rand((C,), 152)
+    shift = _rand((shape[0], C), 153, loc=0.0, std=0.5, dtype=dtype)
+    with count_traffic() as launches:
+        y, stats = _run(
+            x, plan, w, b, regime="wave", activation="silu", shift=shift, return_stats=True
+        )
+    cfg = kernels._launch(
+        "fwd", tuple(x.shape), x.stride(), None, x.dtype, x.device, plan.sizes, "wave",
+        (True, True, False, True), "silu",
+    ).cfg  # fmt: skip
+    if INTERPRET:
+        assert [t.kernel for t in launches] == ["_gn_fwd_wave_kernel"]
+    assert cfg.regime == "wave" and cfg.waves > 1 and cfg.chunks > 1, cfg
+    expected, cache = _reference(x, plan, w, b, activation="silu", shift=shift)
+    check(y, expected, dtype, what=f"y ({case})")
+    check(stats.mean, cache.mean, torch.float32, what="mean")
+    check(stats.var, cache.var, torch.float32, what="var")
+    assert y.stride() == torch.empty_like(x).stride()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="counts bytes in Triton's interpreter")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_wave_traffic_and_reuse_distance_within_the_stated_budget(channels_last, small_waves):
+    """One launch reads x twice and writes y once, and between any two reads of an element of x
+    the schedule touches at most five waves of distinct bytes (x of three waves, y of two, as
+    heuristics.WAVE_BYTES is sized), plus the statistics' few bytes."""
+    shape, G = (2, 8, 16, 16), 2
+    x, y, _, _, fwd, _ = _traffic_case(shape, G, channels_last=channels_last, regime="wave")
+    assert [t.kernel for t in fwd] == ["_gn_fwd_wave_kernel"]
+    rows, elems = shape[0] * G, x.numel()
+    assert elems * 2 <= fwd[0].loaded(x) / 2 <= elems * 2 + 2 * rows * 64, "x read twice"
+    assert fwd[0].stored(y) == 2 * elems, "y written once"
+    wave_rows = max(1, small_waves.WAVE_BYTES // (2 * elems // rows))
+    assert rows // wave_rows >= 3, "the case must have waves before and after a middle one"
+    wave_bytes = wave_rows * 2 * elems // rows
+    statistics = 1024  # pivots, partials, counters, parameters: a few bytes per chunk
+    assert fwd[0].reuse_distance(x) <= 5 * wave_bytes + statistics
 
 
 def test_small_shapes_take_one_launch_forward_and_at_most_two_backward():

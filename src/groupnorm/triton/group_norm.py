@@ -35,11 +35,12 @@ Backward sums: A and B per (n, c), float32, side by side in one (N, C, 2) buffer
 
 Statistics: (N, G) float32 fields pivot, shifted_mean, m2, count, rstd (numbered 0-4); the
 kernels address field k of row r as ``FIELD + k * SS + r``. The op passes five tensors and
-SS = 0; an eager call passes one (5, N, G) buffer as every field and SS = N * G (one allocation
-instead of five: on a small tensor each costs as much as a kernel launch's Python).
+SS = 0; an eager call passes one flat buffer of 5 * N * G as every field and SS = N * G (one
+allocation instead of five: on a small tensor each costs as much as a kernel launch's Python).
 
 Reductions: every sum is a fixed-shape tile reduction (tl.sum) or a sequential loop; partials
-live in fp32 buffers and are reduced in a fixed order: no atomics, bitwise deterministic.
+live in fp32 buffers and are reduced in a fixed order: bitwise deterministic. Atomics only
+schedule work (the wave regime's tickets and counters), they never sum values.
 """
 
 import math
@@ -362,17 +363,72 @@ def _gn_fwd_normalize_kernel(
     merged statistics, and every program normalizes its chunk."""
     row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
     k = _reversed_chunk()
+    pivot = tl.load(PIVOT + row)
+    _merge_and_normalize(
+        X, Y, W, B, SCALE, SHIFT, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD, SS, C, L,
+        syN, sxC, sxL, syC, syL, eps, CHUNK_L, KP, row, n, c0, Cg, x_base, pivot, k,
+        HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_KP, BLOCK_C, BLOCK_L, IDX64, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _merge_and_normalize(
+    X,
+    Y,
+    W,
+    B,
+    SCALE,
+    SHIFT,
+    P_CNT,
+    P_MEAN,
+    P_M2,
+    SMEAN,
+    M2,
+    COUNT,
+    RSTD,
+    SS,
+    C,
+    L,
+    syN,
+    sxC,
+    sxL,
+    syC,
+    syL,
+    eps,
+    CHUNK_L,
+    KP,
+    row,
+    n,
+    c0,
+    Cg,
+    x_base,
+    pivot,
+    k,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_KP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
+    VOLATILE: tl.constexpr,
+):
+    """Merge row's KP partials in a fixed order (Chan's formula, vector form: mean = sum n_i
+    mean_i / n, m2 = sum m2_i + sum n_i (mean_i - mean)^2), write the merged statistics from
+    chunk 0, and normalize chunk k. ``VOLATILE``: the partials were written by programs still
+    running (the wave regime), so they are read past the L1 cache."""
     i = tl.arange(0, BLOCK_KP)
     imask = i < KP
-    p_cnt = tl.load(P_CNT + row * KP + i, mask=imask, other=0.0)
-    p_mean = tl.load(P_MEAN + row * KP + i, mask=imask, other=0.0)
-    p_m2 = tl.load(P_M2 + row * KP + i, mask=imask, other=0.0)
+    p_cnt = tl.load(P_CNT + row * KP + i, mask=imask, other=0.0, volatile=VOLATILE)
+    p_mean = tl.load(P_MEAN + row * KP + i, mask=imask, other=0.0, volatile=VOLATILE)
+    p_m2 = tl.load(P_M2 + row * KP + i, mask=imask, other=0.0, volatile=VOLATILE)
     cnt = tl.sum(p_cnt, axis=0)
     mean = tl.sum(p_cnt * p_mean, axis=0) / cnt
     dev = tl.where(imask, p_mean - mean, 0.0)
     m2 = tl.sum(p_m2, axis=0) + tl.sum(p_cnt * dev * dev, axis=0)
     rstd = 1.0 / tl.sqrt(m2 / cnt + eps)
-    pivot = tl.load(PIVOT + row)
     if k == 0:
         tl.store(SMEAN + SS + row, mean)
         tl.store(M2 + 2 * SS + row, m2)
@@ -382,36 +438,115 @@ def _gn_fwd_normalize_kernel(
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
     _normalize_chunk(
-        X,
-        Y,
-        x_base,
-        y_base,
-        n,
-        c0,
-        Cg,
-        l_lo,
-        l_hi,
-        sxC,
-        sxL,
-        syC,
-        syL,
-        pivot,
-        mean,
-        rstd,
-        W,
-        B,
-        SCALE,
-        SHIFT,
-        C,
-        HAS_W,
-        HAS_B,
-        HAS_SCALE,
-        HAS_SHIFT,
-        ACT,
-        BLOCK_C,
-        BLOCK_L,
-        IDX64,
-    )
+        X, Y, x_base, y_base, n, c0, Cg, l_lo, l_hi, sxC, sxL, syC, syL, pivot, mean, rstd,
+        W, B, SCALE, SHIFT, C, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64,
+    )  # fmt: skip
+
+
+@triton.jit
+def _gn_fwd_wave_kernel(
+    X,
+    Y,
+    W,
+    B,
+    SCALE,
+    SHIFT,
+    OFFS,
+    PIVOT,
+    P_CNT,
+    P_MEAN,
+    P_M2,
+    SMEAN,
+    M2,
+    COUNT,
+    RSTD,
+    SS,
+    SYNC,
+    C,
+    G,
+    L,
+    sxN,
+    sxC,
+    sxL,
+    syN,
+    syC,
+    syL,
+    eps,
+    CHUNK_L,
+    K,
+    ROWS,
+    WAVE_ROWS,
+    WAVES,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_KP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
+):
+    """Wave regime: a persistent grid takes tickets in order from the counter SYNC[0]; each
+    ticket is one chunk (CHUNK_L positions) of one row (n * G + g) of one wave (WAVE_ROWS rows),
+    either its partial statistics (S) or its normalization (N). Tickets run S0, S1 N0, S2 N1,
+    ..., N(WAVES-1), so between a chunk's two reads at most five waves of distinct bytes are
+    touched (x of the waves before, at and after its own, y of the one before and its own): a
+    wave of a fifth of L2 makes the second read an L2 hit, and N(w - 1) gives the programs work
+    while S(w) finishes, so one launch keeps the GPU busy across waves.
+
+    An N ticket waits until its row's K partials are written (counter SYNC[1 + row], released
+    after the partials' stores, acquired before their loads). It only ever waits for tickets
+    issued before its own, and a ticket is issued only to a running program, so the wait always
+    ends, on a GPU and in the interpreter (where one program takes every ticket in order). The
+    next ticket is taken before the current one is worked, to hide the atomic's latency.
+    """
+    RK = WAVE_ROWS * K
+    total = 2 * WAVES * RK
+    t = tl.atomic_add(SYNC, 1)
+    while t < total:
+        following = tl.atomic_add(SYNC, 1)
+        # Ticket -> (stats?, wave, index in wave): block 0 is S0, block b < WAVES is S(b) then
+        # N(b - 1), block WAVES is N(WAVES - 1); each half-block has RK tickets.
+        first = t < RK
+        u = tl.maximum(t - RK, 0)
+        b = u // (2 * RK) + 1
+        within = u % (2 * RK)
+        stats = first | ((b < WAVES) & (within < RK))
+        wave = tl.where(first, 0, tl.where(stats, b, b - 1))
+        i = tl.where(first, t, tl.where(within < RK, within, within - RK))
+        row = wave * WAVE_ROWS + i // K
+        k = i % K
+        if row < ROWS:
+            n = row // G
+            g = row % G
+            c0 = tl.load(OFFS + g)
+            Cg = tl.load(OFFS + g + 1) - c0
+            x_base = n.to(tl.int64) * sxN + c0.to(tl.int64) * sxC
+            pivot = tl.load(X + x_base).to(tl.float32)
+            if stats:
+                l_lo = k * CHUNK_L
+                l_hi = tl.minimum(l_lo + CHUNK_L, L)
+                cnt, mean, m2 = _chunk_stats(
+                    X, x_base, pivot, Cg, l_lo, l_hi, sxC, sxL, BLOCK_C, BLOCK_L, IDX64
+                )
+                if k == 0:
+                    tl.store(PIVOT + row, pivot)
+                tl.store(P_CNT + row * K + k, cnt)
+                tl.store(P_MEAN + row * K + k, mean)
+                tl.store(P_M2 + row * K + k, m2)
+                tl.debug_barrier()  # every thread's stores before the release
+                tl.atomic_add(SYNC + 1 + row, 1, sem="release")
+            else:
+                while tl.atomic_add(SYNC + 1 + row, 0, sem="acquire") < K:
+                    pass
+                _merge_and_normalize(
+                    X, Y, W, B, SCALE, SHIFT, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD, SS,
+                    C, L, syN, sxC, sxL, syC, syL, eps, CHUNK_L, K, row, n, c0, Cg, x_base,
+                    pivot, k, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_KP, BLOCK_C,
+                    BLOCK_L, IDX64, True,
+                )  # fmt: skip
+        t = following
 
 
 @triton.jit
@@ -1186,6 +1321,16 @@ def _forward(
             **flags,
         )  # fmt: skip
         return out
+    if stats is None and cfg.regime == "wave":
+        K = cfg.chunks
+        parts = [x.new_empty((N, G, K), dtype=torch.float32) for _ in range(3)]
+        sync = x.new_zeros(1 + N * G, dtype=torch.int32)  # ticket counter, then per row
+        _gn_fwd_wave_kernel[(cfg.programs,)](
+            xv, y, *params, offs, pivot, *parts, smean, m2, count, rstd, ss, sync, C, G, L,
+            *strides, eps, cfg.chunk_l, K, N * G, cfg.wave_rows, cfg.waves,
+            BLOCK_KP=next_pow2(K), **flags,
+        )  # fmt: skip
+        return out
     if stats is None:
         K = cfg.chunks
         parts = [torch.empty((N, G, K), dtype=torch.float32, device=x.device) for _ in range(3)]
@@ -1654,7 +1799,8 @@ def group_norm_triton(
 
     y = act((x_hat * weight + bias) * (1 + scale) + shift), y in x's dtype and memory format.
     Arguments as in :func:`groupnorm.group_norm` (already validated there); ``regime``
-    ("auto" | "fused" | "split") forces a launch regime (see ``heuristics``). Differentiable in
+    ("auto" | "onchip" | "fused" | "split" | "wave") forces a launch regime (see
+    ``heuristics``; "wave" is forward-only and opt-in, its backward is "split"). Differentiable in
     x, weight, bias, scale, shift and given ``stats``; returned statistics are differentiable
     in x (their shifted_mean and m2), as on the torch backend.
 

@@ -15,6 +15,12 @@ Three regimes (docs/spec.md#performance-floors):
   partials (Chan's formula, fixed order) and normalizes its chunk. Right when N * G is small
   and groups are large (VAE decode at batch 1, 3-D segmentation, detection at batch 2), where the
   fused regime leaves most SMs idle (torch's kernel: 3-8 % of the bandwidth floor there).
+* ``wave`` (forward; opt-in, never chosen by ``auto``): the split regime's two passes in one
+  launch of a persistent grid, scheduled in waves of groups a fifth of an L2 budget in size, so
+  that the second read of every chunk comes from L2 (``_gn_fwd_wave_kernel``). Its
+  synchronization (release/acquire counters between programs) has run only in the interpreter,
+  so ``auto`` takes it only once a GPU has measured it; backward under ``regime="wave"`` takes
+  the split kernels.
 
 GPU timings of these choices are not measured yet; the thresholds below are derived from the
 hardware facts cited next to each, and are the first thing to tune with ``groupnorm bench`` on a
@@ -28,7 +34,7 @@ from dataclasses import dataclass
 
 __all__ = ["PASSES", "REGIMES", "LaunchConfig", "choose_config", "next_pow2", "onchip_tile"]
 
-REGIMES = ("auto", "onchip", "fused", "split")
+REGIMES = ("auto", "onchip", "fused", "split", "wave")
 
 # Reads and writes each regime issues per element of the big tensors (the traffic tests assert
 # them under the interpreter; benchmarks/model.py turns them into DRAM bytes with an L2 model).
@@ -36,6 +42,7 @@ PASSES = {
     "onchip": {"fwd": {"x": 1, "y": 1}, "bwd": {"x": 1, "dy": 1, "dx": 1}},
     "fused": {"fwd": {"x": 2, "y": 1}, "bwd": {"x": 2, "dy": 2, "dx": 1}},
     "split": {"fwd": {"x": 2, "y": 1}, "bwd": {"x": 2, "dy": 2, "dx": 1}},
+    "wave": {"fwd": {"x": 2, "y": 1}, "bwd": {"x": 2, "dy": 2, "dx": 1}},
 }
 
 # Elements per tile (BLOCK_C * BLOCK_L). 4096 fp32 values over 4 warps is 32 registers per
@@ -51,6 +58,19 @@ PROGRAMS_PER_SM = 4
 MIN_CHUNK_ELEMS = 4096
 # The normalize kernel loads all partials of its group as one vector: bound its length.
 MAX_CHUNKS = 1024
+# Wave regime (untuned: every number here awaits a GPU). L2 a schedule may count on: about half
+# of the H100's 50 MB (set-associativity, other traffic, write-back); the H200 has 60 MB.
+# Between the two reads of a chunk of wave w the tickets touch at most five waves of distinct
+# bytes (x of waves w - 1, w and w + 1, y of waves w - 1 and w: the LRU stack distance the
+# traffic test measures), so a wave is a fifth of the budget.
+L2_BUDGET = 24 * 2**20
+WAVE_BYTES = L2_BUDGET // 5
+# Bytes of x per ticket: enough work (about 1 us at a program's share of HBM bandwidth, 2
+# programs per SM) that taking the next ticket (one L2 atomic, issued before the work) is
+# hidden, and small enough that a wave (about 300 tickets) outnumbers the programs, so that a
+# normalize ticket rarely waits for its wave's last partials.
+WAVE_TICKET_BYTES = 16 * 2**10
+WAVE_PROGRAMS_PER_SM = 2
 # Programs the device runs at once when it is not a GPU (the interpreter): keeps the tiny test
 # tensors in the fused regime under "auto".
 CPU_SM_COUNT = 1
@@ -111,6 +131,8 @@ class LaunchConfig:
     ``block_c`` x ``block_l`` is the tile (channels x positions); ``chunk_l`` positions per
     program along L and ``chunks`` = ceil(L / chunk_l) programs per group (1 in the fused and
     on-chip regimes); ``groups_per_program`` consecutive groups per program (on-chip only).
+    Wave regime: ``wave_rows`` (sample, group) rows per wave, ``waves`` of them, and a
+    persistent grid of ``programs``.
     """
 
     regime: str
@@ -120,6 +142,9 @@ class LaunchConfig:
     chunks: int
     groups_per_program: int = 1
     num_warps: int = 4
+    wave_rows: int = 0
+    waves: int = 0
+    programs: int = 0
 
 
 def onchip_tile(
@@ -179,11 +204,13 @@ def choose_config(
     unit_stride: bool = True,
 ) -> LaunchConfig:
     """Pick the regime and tiling for an (N, C, L) input whose largest group has ``max_group``
-    channels. ``regime`` forces "onchip", "fused" or "split" (tests); "auto" decides by size.
+    channels. ``regime`` forces "onchip", "fused", "split" or "wave"; "auto" decides by size.
     ``even``: all groups have ``max_group`` channels; ``unit_stride``: positions (NCHW) or
     channels (channels-last) are adjacent in memory, which the on-chip kernels need."""
     if regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+    if regime == "wave" and direction == "bwd":
+        regime = "split"
     if regime in ("auto", "onchip"):
         tile = None
         if unit_stride:
@@ -207,18 +234,46 @@ def choose_config(
         regime = "fused" if fills_gpu else "split"
     if regime == "fused":
         return LaunchConfig("fused", block_c, block_l, L, 1)
+    if regime == "wave":
+        return _wave_config(N * num_groups, L, max_group, channels_fast, sm_count, elem_bytes)
     want = -(-PROGRAMS_PER_SM * sm_count // max(1, N * num_groups))
     chunks_wanted = max(1, min(want, group_elems // MIN_CHUNK_ELEMS, MAX_CHUNKS))
     if chunks_wanted == 1:
         # Forced split of a small group (tests): a few chunks, so that the partial/merge path
         # really merges several.
         chunks_wanted = min(4, L)
-    # Chunks are whole tiles: shorten the tile along L so that a short L still splits (an L of
-    # one tile would otherwise collapse to one chunk), widening it along C to keep TILE.
+    block_c, block_l, chunk_l, chunks = _chunking(L, max_group, channels_fast, chunks_wanted)
+    return LaunchConfig("split", block_c, block_l, chunk_l, chunks)
+
+
+def _chunking(
+    L: int, max_group: int, channels_fast: bool, chunks_wanted: int
+) -> tuple[int, int, int, int]:
+    """(block_c, block_l, chunk_l, chunks): chunks of whole tiles along L, about
+    ``chunks_wanted`` of them. The tile is shortened along L so that a short L still splits (an
+    L of one tile would otherwise collapse to one chunk), and widened along C to keep TILE."""
+    block_c, block_l = _tile(max_group, L, channels_fast)
     block_l = min(block_l, next_pow2(-(-L // chunks_wanted)))
     if not channels_fast:
         block_c = max(1, min(next_pow2(max_group), TILE // block_l))
     chunk_l = -(-L // chunks_wanted)
-    chunk_l = -(-chunk_l // block_l) * block_l  # whole tiles per chunk
-    chunks = -(-L // chunk_l)
-    return LaunchConfig("split", block_c, block_l, chunk_l, chunks)
+    chunk_l = -(-chunk_l // block_l) * block_l
+    return block_c, block_l, chunk_l, -(-L // chunk_l)
+
+
+def _wave_config(
+    rows: int, L: int, max_group: int, channels_fast: bool, sm_count: int, elem_bytes: int
+) -> LaunchConfig:
+    """The wave regime's plan: chunks of about WAVE_TICKET_BYTES, waves of about WAVE_BYTES
+    (at least one row), a persistent grid of WAVE_PROGRAMS_PER_SM per SM."""
+    group_bytes = max_group * L * elem_bytes
+    chunks_wanted = max(1, min(-(-group_bytes // WAVE_TICKET_BYTES), MAX_CHUNKS, L))
+    block_c, block_l, chunk_l, chunks = _chunking(L, max_group, channels_fast, chunks_wanted)
+    wave_rows = max(1, min(rows, WAVE_BYTES // max(1, group_bytes)))
+    waves = -(-rows // wave_rows)
+    tickets = 2 * waves * wave_rows * chunks
+    programs = max(1, min(tickets, WAVE_PROGRAMS_PER_SM * sm_count))
+    return LaunchConfig(
+        "wave", block_c, block_l, chunk_l, chunks, wave_rows=wave_rows, waves=waves,
+        programs=programs,
+    )  # fmt: skip
