@@ -27,6 +27,12 @@ Assumptions (each a number below, each the first suspect when a measurement disa
 4. In flight per program: the on-chip regime issues its whole tile before reducing (one tile of
    bytes); the loop-based kernels keep about one tile of heuristics.TILE elements in flight.
 5. Small per-(n, c) or per-(n, g) traffic (statistics, channel sums, parameters) is ignored.
+6. The wave regime (forward, opt-in: ``auto`` never takes it until a GPU has measured it) is one
+   launch of its persistent grid; its second reads have a reuse distance of five waves
+   (heuristics.WAVE_BYTES, the bound its traffic test asserts), at most three times x. A
+   normalize ticket waits for its wave's last partials unless a wave has at least as many
+   tickets as there are programs: the bandwidth is scaled by min(1, tickets per wave /
+   programs). Its rows are printed beside the ``auto`` plan's, marked "wave".
 """
 
 from __future__ import annotations
@@ -87,10 +93,12 @@ class Launch:
     issued: float  # bytes issued to memory (reads + writes)
     second_reads: float  # bytes of those that re-read data read earlier in this call
     reuse_bytes: float  # bytes touched between a byte's two reads
+    wave_tickets: int = 0  # wave regime: tickets per wave (S or N half)
 
 
 @dataclass
 class Row:
+    forward: str  # the forward's regime as asked: "auto", or "wave" (opt-in)
     workload: str
     shape: str
     layout: str
@@ -115,18 +123,26 @@ def _loop_resident(warps: int) -> int:
     return max(1, min(2048 // (32 * warps), 65536 // (LOOP_KERNEL_REGS * 32 * warps), 32))
 
 
-def plan(shape: Shape, layout: str, direction: str, sms: int) -> tuple[str, list[Launch]]:
+def plan(
+    shape: Shape, layout: str, direction: str, sms: int, regime: str = "auto"
+) -> tuple[str, list[Launch]]:
     """The launches one call makes ("fwd" or "bwd"), from the heuristics (as on the device)."""
     N, C, G = shape.N, shape.C, shape.G
     L = shape.numel // (N * C)
     esize = shape.nbytes // shape.numel
     cg = C // G
     cfg = h.choose_config(
-        N, L, cg, G, layout == "channels_last", sms, even=C % G == 0, elem_bytes=esize,
+        N, L, cg, G, layout == "channels_last", sms, regime, even=C % G == 0, elem_bytes=esize,
         direction=direction,
     )  # fmt: skip
     x = float(shape.nbytes)
     group = x / (N * G)
+    if cfg.regime == "wave":
+        wave = cfg.wave_rows * group
+        reuse = min(5 * wave, 3 * x)
+        launch = Launch("wave", cfg.programs, 4, cfg.block_c * cfg.block_l, 3 * x, x, reuse)
+        launch.wave_tickets = cfg.wave_rows * cfg.chunks
+        return cfg.regime, [launch]
     if cfg.regime == "onchip":
         programs = N * -(-G // cfg.groups_per_program)
         slots = cfg.block_c * cfg.block_l
@@ -164,6 +180,8 @@ def launch_time_us(launch: Launch, dev: dict, launch_us: float, eta: float) -> t
     esize_bytes = 2.0  # in-flight bytes per slot (bf16; fp32 is conservative here)
     inflight = active * launch.slots * esize_bytes
     bw = min(eta * dev["copy_bw"], inflight / (DRAM_LATENCY_US * 1e-6))
+    if launch.wave_tickets:
+        bw *= min(1.0, launch.wave_tickets / active)
     return launch_us + 1e6 * dram / bw, dram
 
 
@@ -194,18 +212,25 @@ def fit_calibration() -> tuple[float, float, list[tuple[str, float, float]]]:
 
 
 def model(device: str) -> list[Row]:
+    """Rows of the ``auto`` plan for every shape, layout and direction; where its forward is
+    not on chip, also rows with the forward in the wave regime (regime column "wave...")."""
     dev = DEVICES[device]
     launch_us, eta, _ = fit_calibration()
     rows = []
     for shape in SHAPES:
         for layout in ("nchw", "channels_last"):
-            for direction in ("fwd", "fwd+bwd"):
+            forwards = ["auto"]
+            if plan(shape, layout, "fwd", dev["sms"])[0] != "onchip":
+                forwards.append("wave")
+            for forward, direction in ((f, d) for f in forwards for d in ("fwd", "fwd+bwd")):
                 parts = ["fwd"] if direction == "fwd" else ["fwd", "bwd"]
                 total_us = dram = reuse = 0.0
                 launches: list[Launch] = []
                 regimes = []
                 for part in parts:
-                    regime, ls = plan(shape, layout, part, dev["sms"])
+                    regime, ls = plan(
+                        shape, layout, part, dev["sms"], forward if part == "fwd" else "auto"
+                    )
                     regimes.append(regime)
                     launches += ls
                 for launch in launches:
@@ -216,6 +241,7 @@ def model(device: str) -> list[Row]:
                 floor_us = 1e6 * bytes_moved(shape, direction) / dev["copy_bw"]
                 rows.append(
                     Row(
+                        forward,
                         shape.workload,
                         shape.label,
                         layout,
@@ -278,10 +304,17 @@ def _targets(rows: list[Row], device: str) -> list[str]:
     return out
 
 
+def _with_wave(rows: list[Row]) -> list[Row]:
+    """One row per (shape, layout, direction): the wave forward's where there is one."""
+    best = {(r.workload, r.layout, r.direction): r for r in rows if r.forward == "auto"}
+    best.update({(r.workload, r.layout, r.direction): r for r in rows if r.forward == "wave"})
+    return list(best.values())
+
+
 def _compare(rows: list[Row], path: Path) -> None:
     bench = json.loads(path.read_text())
     print(f"\nMODEL vs MEASURED ({path.name}; ours only; |diff| > 20 % flagged)")
-    by_key = {(r.workload, r.layout, r.direction): r for r in rows}
+    by_key = {(r.workload, r.layout, r.direction): r for r in rows if r.forward == "auto"}
     for b in bench["rows"]:
         if b.get("provider") != "ours" or "median_us" not in b:
             continue
@@ -319,8 +352,11 @@ def main() -> int:
             f"{r.grid:>6} {r.launches:>6} {r.dram_passes:>6.2f} {r.reuse_mb:>8.1f} "
             f"{r.model_us:>9.1f} {r.floor_us:>8.1f} {r.model_pct_floor:>6.0f}%"
         )
-    print("\nTargets (MODELED):")
-    for line in _targets(rows, args.device):
+    print("\nTargets (MODELED), the auto plan:")
+    for line in _targets([r for r in rows if r.forward == "auto"], args.device):
+        print("  " + line)
+    print("\nTargets (MODELED), the forward in the wave regime where auto's is not on chip:")
+    for line in _targets(_with_wave(rows), args.device):
         print("  " + line)
     if args.json:
         meta = {"kind": "performance MODEL, not a measurement", "device": args.device}
