@@ -7,11 +7,11 @@
 #   2. groupnorm bench over every docs/spec.md shape, NCHW and channels-last, fwd and fwd+bwd
 #      (providers: ours, torch, cuDNN BatchNorm; torch.compile's figures are in docs/spec.md and its
 #      compiles would not fit the budget), JSON under benchmarks/results/ named with the device;
-#      then, if its tests passed, the wave regime's forward alone (provider ours-wave);
+#      then, if its tests passed, the wave regime alone (provider ours-wave);
 #   3. the performance MODEL (benchmarks/model.py) beside each measurement, >20 % gaps flagged.
 #
-# Usage: benchmarks/gpu_check.sh  (env: PYTHON, REPS=20, TEST_TIMEOUT=180, WAVE_TIMEOUT=75,
-# BENCH_TIMEOUT=270, WAVE_BENCH_TIMEOUT=60)
+# Usage: benchmarks/gpu_check.sh  (env: PYTHON, REPS=20, TEST_TIMEOUT=170, WAVE_TIMEOUT=70,
+# BENCH_TIMEOUT=240, WAVE_BENCH_TIMEOUT=90)
 # Each step has its own time limit so that a hang in one still leaves the others' output.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,23 +29,23 @@ fi
 "$PY" -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
 
 echo "== 1/3 CUDA correctness: tests/test_triton.py"
-timeout "${TEST_TIMEOUT:-180}" "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
+timeout "${TEST_TIMEOUT:-170}" "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
     -k "not wave" tests/test_triton.py || status=1
 echo "== 1/3 the wave regime's tests (a hang here is a synchronization bug)"
 wave_ok=1
-timeout "${WAVE_TIMEOUT:-75}" "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
+timeout "${WAVE_TIMEOUT:-70}" "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
     -k wave tests/test_triton.py || { status=1; wave_ok=0; }
 
 echo "== 2/3 groupnorm bench: every spec shape, both layouts, fwd and fwd+bwd"
 before=$(ls "$OUT"/bench-*.json 2>/dev/null | sort)
-timeout "${BENCH_TIMEOUT:-270}" "$PY" benchmarks/bench.py --reps "${REPS:-20}" \
+timeout "${BENCH_TIMEOUT:-240}" "$PY" benchmarks/bench.py --reps "${REPS:-20}" \
     --providers ours,torch,cudnn-batchnorm --out "$OUT" || status=1
 after=$(ls "$OUT"/bench-*.json 2>/dev/null | sort)
 new=$(comm -13 <(echo "$before") <(echo "$after") | tail -1)
 if [ "$wave_ok" = 1 ]; then
-    echo "== 2/3 the wave regime's forward (opt-in), every spec shape, both layouts"
-    timeout "${WAVE_BENCH_TIMEOUT:-60}" "$PY" benchmarks/bench.py --reps "${REPS:-20}" \
-        --providers ours-wave --directions fwd --out "$OUT" || status=1
+    echo "== 2/3 the wave regime (opt-in), every spec shape, both layouts, fwd and fwd+bwd"
+    timeout "${WAVE_BENCH_TIMEOUT:-90}" "$PY" benchmarks/bench.py --reps "${REPS:-20}" \
+        --providers ours-wave --out "$OUT" || status=1
 fi
 
 echo "== 3/3 the MODEL beside the measurements"

@@ -27,12 +27,13 @@ Assumptions (each a number below, each the first suspect when a measurement disa
 4. In flight per program: the on-chip regime issues its whole tile before reducing (one tile of
    bytes); the loop-based kernels keep about one tile of heuristics.TILE elements in flight.
 5. Small per-(n, c) or per-(n, g) traffic (statistics, channel sums, parameters) is ignored.
-6. The wave regime (forward, opt-in: ``auto`` never takes it until a GPU has measured it) is one
-   launch of its persistent grid; its second reads have a reuse distance of five waves
-   (heuristics.WAVE_BYTES, the bound its traffic test asserts), at most three times x. A
-   normalize ticket waits for its wave's last partials unless a wave has at least as many
-   tickets as there are programs: the bandwidth is scaled by min(1, tickets per wave /
-   programs). Its rows are printed beside the ``auto`` plan's, marked "wave".
+6. The wave regime (opt-in: ``auto`` never takes it until a GPU has measured it) is one launch
+   of its persistent grid (backward: plus the parameter kernel); its second reads have a reuse
+   distance of heuristics.WAVE_STACK waves (five forward, eight backward: the bound its traffic
+   test asserts), at most the bytes the launch issues. A normalize ticket waits for its wave's
+   last partials unless a wave has at least as many tickets as there are programs: the
+   bandwidth is scaled by min(1, tickets per wave / programs). Its rows are printed beside the
+   ``auto`` plan's, marked "wave".
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class Launch:
 
 @dataclass
 class Row:
-    forward: str  # the forward's regime as asked: "auto", or "wave" (opt-in)
+    forward: str  # the regime asked for: "auto", or "wave" (opt-in, both directions)
     workload: str
     shape: str
     layout: str
@@ -138,11 +139,17 @@ def plan(
     x = float(shape.nbytes)
     group = x / (N * G)
     if cfg.regime == "wave":
-        wave = cfg.wave_rows * group
-        reuse = min(5 * wave, 3 * x)
-        launch = Launch("wave", cfg.programs, 4, cfg.block_c * cfg.block_l, 3 * x, x, reuse)
+        reads = 1 if direction == "fwd" else 2  # x (and dy) per pass
+        issued = (2 * reads + 1) * x
+        reuse = min(h.WAVE_STACK[direction] * cfg.wave_rows * group, issued)
+        launch = Launch(
+            "wave", cfg.programs, 4, cfg.block_c * cfg.block_l, issued, reads * x, reuse
+        )
         launch.wave_tickets = cfg.wave_rows * cfg.chunks
-        return cfg.regime, [launch]
+        launches = [launch]
+        if direction == "bwd":
+            launches.append(Launch("param", -(-C // 1024), 4, 1024, 0.0, 0.0, 0.0))
+        return cfg.regime, launches
     if cfg.regime == "onchip":
         programs = N * -(-G // cfg.groups_per_program)
         slots = cfg.block_c * cfg.block_l
@@ -213,7 +220,7 @@ def fit_calibration() -> tuple[float, float, list[tuple[str, float, float]]]:
 
 def model(device: str) -> list[Row]:
     """Rows of the ``auto`` plan for every shape, layout and direction; where its forward is
-    not on chip, also rows with the forward in the wave regime (regime column "wave...")."""
+    not on chip, also rows of the wave regime (forward and backward)."""
     dev = DEVICES[device]
     launch_us, eta, _ = fit_calibration()
     rows = []
@@ -228,9 +235,7 @@ def model(device: str) -> list[Row]:
                 launches: list[Launch] = []
                 regimes = []
                 for part in parts:
-                    regime, ls = plan(
-                        shape, layout, part, dev["sms"], forward if part == "fwd" else "auto"
-                    )
+                    regime, ls = plan(shape, layout, part, dev["sms"], forward)
                     regimes.append(regime)
                     launches += ls
                 for launch in launches:
@@ -305,7 +310,7 @@ def _targets(rows: list[Row], device: str) -> list[str]:
 
 
 def _with_wave(rows: list[Row]) -> list[Row]:
-    """One row per (shape, layout, direction): the wave forward's where there is one."""
+    """One row per (shape, layout, direction): the wave regime's where there is one."""
     best = {(r.workload, r.layout, r.direction): r for r in rows if r.forward == "auto"}
     best.update({(r.workload, r.layout, r.direction): r for r in rows if r.forward == "wave"})
     return list(best.values())
@@ -355,7 +360,7 @@ def main() -> int:
     print("\nTargets (MODELED), the auto plan:")
     for line in _targets([r for r in rows if r.forward == "auto"], args.device):
         print("  " + line)
-    print("\nTargets (MODELED), the forward in the wave regime where auto's is not on chip:")
+    print("\nTargets (MODELED), the wave regime where auto's forward is not on chip:")
     for line in _targets(_with_wave(rows), args.device):
         print("  " + line)
     if args.json:

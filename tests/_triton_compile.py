@@ -173,9 +173,11 @@ CASES = {
     "SD 8x8 NCHW bwd": dict(shape=(2, 1280, 8, 8), G=32, backward=True),
     "ResNet b32 NCHW fwd": dict(shape=(32, 256, 56, 56), G=32),
     "VAE 512@512 NCHW fwd+bwd (split)": dict(shape=(1, 128, 512, 512), G=32, backward=True),
-    "VAE 512@512 NCHW fwd (wave)": dict(shape=(1, 128, 512, 512), G=32, regime="wave"),
-    "SD up-concat NHWC fwd (wave)": dict(
-        shape=(2, 960, 64, 64), G=32, channels_last=True, regime="wave"
+    "VAE 512@512 NCHW fwd+bwd (wave)": dict(
+        shape=(1, 128, 512, 512), G=32, regime="wave", backward=True
+    ),
+    "SD up-concat NHWC fwd+bwd (wave)": dict(
+        shape=(2, 960, 64, 64), G=32, channels_last=True, regime="wave", backward=True
     ),
     "uneven NHWC silu fwd": dict(shape=(2, 10, 4, 6), G=4, channels_last=True, activation="silu"),
     "ResNet b32 NHWC fwd+bwd": dict(

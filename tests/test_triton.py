@@ -978,25 +978,26 @@ def test_launch_heuristics_are_consistent():
     elem_bytes=st.sampled_from([2, 4]),
 )
 def test_wave_plans_cover_every_row_and_position(N, G, cg, L, channels_fast, elem_bytes):
-    """A wave plan covers every (sample, group) row and every position with whole-tile chunks,
-    keeps a wave within WAVE_BYTES (unless one row alone is larger: then a wave is one row),
-    chunks near WAVE_TICKET_BYTES (at most MAX_CHUNKS a row), a persistent grid of at most
-    WAVE_PROGRAMS_PER_SM per SM; backward under "wave" takes the split kernels."""
+    """A wave plan, forward and backward, covers every (sample, group) row and every position
+    with whole-tile chunks, keeps a wave within wave_bytes (unless one row alone is larger: then
+    a wave is one row), chunks near WAVE_TICKET_BYTES (at most MAX_CHUNKS a row), a persistent
+    grid of at most WAVE_PROGRAMS_PER_SM per SM."""
     from groupnorm.triton import heuristics as h
 
-    cfg = h.choose_config(N, L, cg, G, channels_fast, 132, "wave", elem_bytes=elem_bytes)
     rows, row_bytes = N * G, cg * L * elem_bytes
-    assert cfg.regime == "wave"
-    assert cfg.block_c * cfg.block_l <= h.TILE and cfg.chunk_l % cfg.block_l == 0
-    assert (cfg.chunks - 1) * cfg.chunk_l < L <= cfg.chunks * cfg.chunk_l
-    assert (cfg.waves - 1) * cfg.wave_rows < rows <= cfg.waves * cfg.wave_rows
-    assert cfg.wave_rows == 1 or cfg.wave_rows * row_bytes <= h.WAVE_BYTES
-    chunk_bytes = cg * cfg.chunk_l * elem_bytes
-    ticket = max(h.WAVE_TICKET_BYTES, row_bytes / h.MAX_CHUNKS)
-    assert cfg.chunks == 1 or chunk_bytes <= 2 * ticket + cg * cfg.block_l * elem_bytes
-    assert 1 <= cfg.programs <= h.WAVE_PROGRAMS_PER_SM * 132
-    bwd = h.choose_config(N, L, cg, G, channels_fast, 132, "wave", direction="bwd")
-    assert bwd.regime == "split"
+    for direction in ("fwd", "bwd"):
+        cfg = h.choose_config(
+            N, L, cg, G, channels_fast, 132, "wave", elem_bytes=elem_bytes, direction=direction
+        )
+        assert cfg.regime == "wave"
+        assert cfg.block_c * cfg.block_l <= h.TILE and cfg.chunk_l % cfg.block_l == 0
+        assert (cfg.chunks - 1) * cfg.chunk_l < L <= cfg.chunks * cfg.chunk_l
+        assert (cfg.waves - 1) * cfg.wave_rows < rows <= cfg.waves * cfg.wave_rows
+        assert cfg.wave_rows == 1 or cfg.wave_rows * row_bytes <= h.wave_bytes(direction)
+        chunk_bytes = cg * cfg.chunk_l * elem_bytes
+        ticket = max(h.WAVE_TICKET_BYTES, row_bytes / h.MAX_CHUNKS)
+        assert cfg.chunks == 1 or chunk_bytes <= 2 * ticket + cg * cfg.block_l * elem_bytes
+        assert 1 <= cfg.programs <= h.WAVE_PROGRAMS_PER_SM * 132
 
 
 def _compile_module(*args: str) -> subprocess.CompletedProcess:
@@ -1178,11 +1179,12 @@ def test_split_and_fused_traffic_within_their_stated_passes():
 
 @pytest.fixture
 def small_waves(monkeypatch):
-    """Wave-regime waves of 2 KB and tickets of 256 B: the tiny test tensors then take several
-    waves of several chunks (the launch plans are cached, so the cache is cleared around)."""
+    """An L2 budget of 10 KB (forward waves of 2 KB, backward of 1.25 KB) and tickets of 256 B:
+    the tiny test tensors then take several waves of several chunks (the launch plans are
+    cached, so the cache is cleared around)."""
     from groupnorm.triton import heuristics as h
 
-    monkeypatch.setattr(h, "WAVE_BYTES", 2048)
+    monkeypatch.setattr(h, "L2_BUDGET", 10240)
     monkeypatch.setattr(h, "WAVE_TICKET_BYTES", 256)
     kernels._launch.cache_clear()
     yield h
@@ -1197,10 +1199,19 @@ WAVE_CASES = {
 }
 
 
+def _wave_cfg(x, plan, direction, has, activation):
+    dy = x.stride() if direction == "bwd" else None
+    return kernels._launch(
+        direction, tuple(x.shape), x.stride(), dy, x.dtype, x.device, plan.sizes, "wave", has,
+        activation,
+    ).cfg  # fmt: skip
+
+
 @pytest.mark.parametrize("case", list(WAVE_CASES))
 def test_wave_schedule_over_several_waves_matches_float64(case, small_waves, poisoned_outputs):
-    """The wave kernel's tickets (S0, S1 N0, ..., N(last)) over several waves of several chunks,
-    with an epilogue, into NaN-poisoned buffers: y and the statistics against float64."""
+    """The wave kernels' tickets (S0, S1 N0, ..., N(last)) over several waves of several chunks,
+    with an epilogue, into NaN-poisoned buffers: y, the statistics and every gradient against
+    float64."""
     shape, plan, channels_last, dtype = WAVE_CASES[case]
     x = _rand(shape, 150, dtype=dtype)
     if channels_last:
@@ -1212,37 +1223,55 @@ def test_wave_schedule_over_several_waves_matches_float64(case, small_waves, poi
         y, stats = _run(
             x, plan, w, b, regime="wave", activation="silu", shift=shift, return_stats=True
         )
-    cfg = kernels._launch(
-        "fwd", tuple(x.shape), x.stride(), None, x.dtype, x.device, plan.sizes, "wave",
-        (True, True, False, True), "silu",
-    ).cfg  # fmt: skip
+    has = (True, True, False, True)
+    for direction in ("fwd", "bwd"):
+        cfg = _wave_cfg(x, plan, direction, has, "silu")
+        assert cfg.regime == "wave" and cfg.waves > 1 and cfg.chunks > 1, (direction, cfg)
     if INTERPRET:
         assert [t.kernel for t in launches] == ["_gn_fwd_wave_kernel"]
-    assert cfg.regime == "wave" and cfg.waves > 1 and cfg.chunks > 1, cfg
     expected, cache = _reference(x, plan, w, b, activation="silu", shift=shift)
     check(y, expected, dtype, what=f"y ({case})")
     check(stats.mean, cache.mean, torch.float32, what="mean")
     check(stats.var, cache.var, torch.float32, what="var")
     assert y.stride() == torch.empty_like(x).stride()
+    with count_traffic() as launches:
+        _backward_case(
+            x, plan, regime="wave", dtype=dtype, param_dtype=torch.float32, activation="silu",
+            has_shift=True,
+        )  # fmt: skip
+    if INTERPRET:
+        kinds = [t.kernel for t in launches]
+        assert kinds == ["_gn_fwd_wave_kernel", "_gn_bwd_wave_kernel", "_gn_bwd_param_kernel"]
 
 
 @pytest.mark.skipif(not INTERPRET, reason="counts bytes in Triton's interpreter")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_wave_traffic_and_reuse_distance_within_the_stated_budget(channels_last, small_waves):
-    """One launch reads x twice and writes y once, and between any two reads of an element of x
-    the schedule touches at most five waves of distinct bytes (x of three waves, y of two, as
-    heuristics.WAVE_BYTES is sized), plus the statistics' few bytes."""
+    """Forward, one launch reads x twice and writes y once; backward, one launch reads x and dy
+    twice and writes dx once (plus the parameter kernel). Between any two reads of an element
+    of x (or dy) the schedule touches at most five waves of x's bytes forward, eight backward
+    (heuristics.WAVE_STACK: what the waves are sized by), plus the statistics' few bytes."""
     shape, G = (2, 8, 16, 16), 2
-    x, y, _, _, fwd, _ = _traffic_case(shape, G, channels_last=channels_last, regime="wave")
+    x, y, dy, dx, fwd, bwd = _traffic_case(shape, G, channels_last=channels_last, regime="wave")
     assert [t.kernel for t in fwd] == ["_gn_fwd_wave_kernel"]
+    assert [t.kernel for t in bwd] == ["_gn_bwd_wave_kernel", "_gn_bwd_param_kernel"]
     rows, elems = shape[0] * G, x.numel()
-    assert elems * 2 <= fwd[0].loaded(x) / 2 <= elems * 2 + 2 * rows * 64, "x read twice"
+    pivots = 2 * rows * 64  # at most one pivot element per ticket
+    assert elems * 2 <= fwd[0].loaded(x) / 2 <= elems * 2 + pivots, "x read twice"
     assert fwd[0].stored(y) == 2 * elems, "y written once"
-    wave_rows = max(1, small_waves.WAVE_BYTES // (2 * elems // rows))
-    assert rows // wave_rows >= 3, "the case must have waves before and after a middle one"
-    wave_bytes = wave_rows * 2 * elems // rows
+    assert bwd[0].loaded(x) == bwd[0].loaded(dy) == 2 * 2 * elems, "x and dy read twice"
+    assert bwd[0].stored(dx) == 2 * elems, "dx written once"
     statistics = 1024  # pivots, partials, counters, parameters: a few bytes per chunk
-    assert fwd[0].reuse_distance(x) <= 5 * wave_bytes + statistics
+    bound = {}
+    for direction in ("fwd", "bwd"):
+        cfg = _wave_cfg(x, make_plan(shape[1], G), direction, (True, False, False, False), None)
+        assert cfg.waves >= 3, "the case needs waves before and after a middle one"
+        wave = cfg.wave_rows * 2 * elems // rows
+        assert wave <= small_waves.wave_bytes(direction) or cfg.wave_rows == 1
+        bound[direction] = small_waves.WAVE_STACK[direction] * wave + statistics
+    assert fwd[0].reuse_distance(x) <= bound["fwd"]
+    assert bwd[0].reuse_distance(x) <= bound["bwd"]
+    assert bwd[0].reuse_distance(dy) <= bound["bwd"]
 
 
 def test_small_shapes_take_one_launch_forward_and_at_most_two_backward():

@@ -177,7 +177,7 @@ def _ours() -> Fn:
 
 
 def _ours_wave() -> Fn:
-    """Ours with the forward forced into the wave regime (opt-in; backward: split)."""
+    """Ours forced into the wave regime (opt-in), forward and backward."""
     from groupnorm.functional import resolve_plan
     from groupnorm.triton.group_norm import group_norm_triton
 

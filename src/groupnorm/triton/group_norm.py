@@ -56,7 +56,13 @@ from groupnorm.activations import triton_code
 from groupnorm.groups import GroupPlan
 from groupnorm.stats import GroupStats
 from groupnorm.triton.activation import _act, _act_grad
-from groupnorm.triton.heuristics import CPU_SM_COUNT, LaunchConfig, choose_config, next_pow2
+from groupnorm.triton.heuristics import (
+    CPU_SM_COUNT,
+    TILE,
+    LaunchConfig,
+    choose_config,
+    next_pow2,
+)
 from groupnorm.triton.onchip import _gn_bwd_onchip_kernel, _gn_fwd_onchip_kernel
 
 __all__ = ["group_norm_triton"]
@@ -444,6 +450,22 @@ def _merge_and_normalize(
 
 
 @triton.jit
+def _ticket(t, K, WAVE_ROWS, WAVES):
+    """Ticket t of a wave schedule -> (an S ticket?, row, chunk). Block 0 is S0, block
+    b < WAVES is S(b) then N(b - 1), block WAVES is N(WAVES - 1); each half-block has
+    WAVE_ROWS * K tickets, chunk-fastest."""
+    RK = WAVE_ROWS * K
+    first = t < RK
+    u = tl.maximum(t - RK, 0)
+    b = u // (2 * RK) + 1
+    within = u % (2 * RK)
+    stats = first | ((b < WAVES) & (within < RK))
+    wave = tl.where(first, 0, tl.where(stats, b, b - 1))
+    i = tl.where(first, t, tl.where(within < RK, within, within - RK))
+    return stats, wave * WAVE_ROWS + i // K, i % K
+
+
+@triton.jit
 def _gn_fwd_wave_kernel(
     X,
     Y,
@@ -501,22 +523,11 @@ def _gn_fwd_wave_kernel(
     ends, on a GPU and in the interpreter (where one program takes every ticket in order). The
     next ticket is taken before the current one is worked, to hide the atomic's latency.
     """
-    RK = WAVE_ROWS * K
-    total = 2 * WAVES * RK
+    total = 2 * WAVES * WAVE_ROWS * K
     t = tl.atomic_add(SYNC, 1)
     while t < total:
         following = tl.atomic_add(SYNC, 1)
-        # Ticket -> (stats?, wave, index in wave): block 0 is S0, block b < WAVES is S(b) then
-        # N(b - 1), block WAVES is N(WAVES - 1); each half-block has RK tickets.
-        first = t < RK
-        u = tl.maximum(t - RK, 0)
-        b = u // (2 * RK) + 1
-        within = u % (2 * RK)
-        stats = first | ((b < WAVES) & (within < RK))
-        wave = tl.where(first, 0, tl.where(stats, b, b - 1))
-        i = tl.where(first, t, tl.where(within < RK, within, within - RK))
-        row = wave * WAVE_ROWS + i // K
-        k = i % K
+        stats, row, k = _ticket(t, K, WAVE_ROWS, WAVES)
         if row < ROWS:
             n = row // G
             g = row % G
@@ -747,6 +758,58 @@ def _dx_block(
 
 
 @triton.jit
+def _bwd_partial_chunk(
+    X,
+    DY,
+    W,
+    B,
+    SCALE,
+    SHIFT,
+    PA,
+    PB,
+    C,
+    L,
+    sxC,
+    sxL,
+    sdC,
+    sdL,
+    CHUNK_L,
+    K,
+    n,
+    c0,
+    Cg,
+    x_base,
+    dy_base,
+    pivot,
+    smean,
+    rstd,
+    k,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
+):
+    """A, B of the group's channels over chunk k of positions, into PA, PB[n, k, c]."""
+    l_lo = k * CHUNK_L
+    l_hi = tl.minimum(l_lo + CHUNK_L, L)
+    for cb in range(0, Cg, BLOCK_C):
+        c, cmask, w, bias, s1, sh = _channel_block(
+            cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C
+        )
+        a, b = _channel_sums(
+            X, DY, x_base, dy_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL, pivot, smean, rstd,
+            w, bias, s1, sh, ACT, BLOCK_L, IDX64,
+        )  # fmt: skip
+        nkc = (n.to(tl.int64) * K + k) * C + c0 + c
+        tl.store(PA + nkc, a, mask=cmask)
+        tl.store(PB + nkc, b, mask=cmask)
+
+
+@triton.jit
 def _gn_bwd_partial_kernel(
     X,
     DY,
@@ -784,44 +847,110 @@ def _gn_bwd_partial_kernel(
     """Split regime, pass 1: program (n * G + g, k) writes A, B of its group's channels over
     its chunk of positions to partials PA, PB[n, k, c] (fp32, (N, K, C))."""
     row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
-    k = tl.program_id(1)
-    dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
-    pivot = tl.load(PIVOT + row)
-    smean = tl.load(SMEAN + SS + row)
-    rstd = tl.load(RSTD + 4 * SS + row)
+    _bwd_partial_chunk(
+        X, DY, W, B, SCALE, SHIFT, PA, PB, C, L, sxC, sxL, sdC, sdL, CHUNK_L, K, n, c0, Cg,
+        x_base, n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC, tl.load(PIVOT + row),
+        tl.load(SMEAN + SS + row), tl.load(RSTD + 4 * SS + row), tl.program_id(1),
+        HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64,
+    )  # fmt: skip
+
+
+@triton.jit
+def _bwd_dx_chunk(
+    X,
+    DY,
+    DX,
+    W,
+    B,
+    SCALE,
+    SHIFT,
+    PA,
+    PB,
+    SUMS,
+    C,
+    L,
+    sxC,
+    sxL,
+    sdC,
+    sdL,
+    sgC,
+    sgL,
+    CHUNK_L,
+    K,
+    n,
+    c0,
+    Cg,
+    x_base,
+    dy_base,
+    dx_base,
+    pivot,
+    smean,
+    rstd,
+    k,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    STATS_GIVEN: tl.constexpr,
+    FUSED: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IDX64: tl.constexpr,
+    VOLATILE: tl.constexpr,
+):
+    """The group's channels' A, B over the whole group (stored from chunk 0 for the parameter
+    gradients), the group means, and dx of chunk k.
+
+    FUSED (one chunk, CHUNK_L = L): A, B are computed here from x and dy. Otherwise they are
+    the sums of the partials PA, PB[n, 0..K, c], BLOCK_K partials at a time as one tile (a
+    fixed reduction tree: deterministic); ``VOLATILE``: written by programs still running."""
+    sum_dxhat = tl.zeros((), tl.float32)
+    sum_dxhat_xhat = tl.zeros((), tl.float32)
+    for cb in range(0, Cg, BLOCK_C):
+        c, cmask, w, bias, s1, sh = _channel_block(
+            cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C
+        )
+        if FUSED:
+            a, b = _channel_sums(
+                X, DY, x_base, dy_base, c, cmask, 0, L, sxC, sxL, sdC, sdL, pivot, smean, rstd,
+                w, bias, s1, sh, ACT, BLOCK_L, IDX64,
+            )  # fmt: skip
+        else:
+            a = tl.zeros((BLOCK_C,), tl.float32)
+            b = tl.zeros((BLOCK_C,), tl.float32)
+            for kb in range(0, K, BLOCK_K):
+                kk = kb + tl.arange(0, BLOCK_K)
+                m = (kk < K)[:, None] & cmask[None, :]
+                nkc = (n.to(tl.int64) * K + kk)[:, None] * C + (c0 + c)[None, :]
+                pa = tl.load(PA + nkc, mask=m, other=0.0, volatile=VOLATILE)
+                pb = tl.load(PB + nkc, mask=m, other=0.0, volatile=VOLATILE)
+                a += tl.sum(pa, axis=0)
+                b += tl.sum(pb, axis=0)
+        if k == 0:
+            nc = n.to(tl.int64) * C + c0 + c
+            tl.store(SUMS + 2 * nc, a, mask=cmask)
+            tl.store(SUMS + 2 * nc + 1, b, mask=cmask)
+        sum_dxhat += tl.sum(w * s1 * b, axis=0)
+        sum_dxhat_xhat += tl.sum(w * s1 * a, axis=0)
+    count = Cg.to(tl.float32) * L  # float: Cg * L may exceed int32
+    mean_dxhat = sum_dxhat / count
+    mean_dxhat_xhat = sum_dxhat_xhat / count
+    if STATS_GIVEN:
+        mean_dxhat = 0.0
+        mean_dxhat_xhat = 0.0
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
     for cb in range(0, Cg, BLOCK_C):
         c, cmask, w, bias, s1, sh = _channel_block(
             cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C
         )
-        a, b = _channel_sums(
-            X,
-            DY,
-            x_base,
-            dy_base,
-            c,
-            cmask,
-            l_lo,
-            l_hi,
-            sxC,
-            sxL,
-            sdC,
-            sdL,
-            pivot,
-            smean,
-            rstd,
-            w,
-            bias,
-            s1,
-            sh,
-            ACT,
-            BLOCK_L,
+        _dx_block(
+            X, DY, DX, x_base, dy_base, dx_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL, sgC,
+            sgL, pivot, smean, rstd, w, bias, s1, sh, mean_dxhat, mean_dxhat_xhat, ACT, BLOCK_L,
             IDX64,
-        )
-        nkc = (n.to(tl.int64) * K + k) * C + c0 + c
-        tl.store(PA + nkc, a, mask=cmask)
-        tl.store(PB + nkc, b, mask=cmask)
+        )  # fmt: skip
 
 
 @triton.jit
@@ -864,106 +993,105 @@ def _gn_bwd_dx_kernel(
     FUSED: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     IDX64: tl.constexpr,
 ):
-    """Program (n * G + g, k) gets its channels' A, B over the whole group, stores them (chunk 0)
-    for the parameter gradients, forms the group means and writes dx of its chunk.
-
-    FUSED (one chunk, CHUNK_L = L): A, B are computed here from x and dy, in one launch.
-    Split: A, B are the sums of the partials PA, PB[n, 0..K, c], taken in order."""
+    """Program (n * G + g, k): :func:`_bwd_dx_chunk` of its group and chunk (the fused regime:
+    one chunk, A and B from x and dy; split: from the partial kernel's PA, PB)."""
     row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
-    k = _reversed_chunk()
-    dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
-    dx_base = n.to(tl.int64) * sgN + c0.to(tl.int64) * sgC
-    pivot = tl.load(PIVOT + row)
-    smean = tl.load(SMEAN + SS + row)
-    rstd = tl.load(RSTD + 4 * SS + row)
-    sum_dxhat = tl.zeros((), tl.float32)
-    sum_dxhat_xhat = tl.zeros((), tl.float32)
-    for cb in range(0, Cg, BLOCK_C):
-        c, cmask, w, bias, s1, sh = _channel_block(
-            cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C
-        )
-        if FUSED:
-            a, b = _channel_sums(
-                X,
-                DY,
-                x_base,
-                dy_base,
-                c,
-                cmask,
-                0,
-                L,
-                sxC,
-                sxL,
-                sdC,
-                sdL,
-                pivot,
-                smean,
-                rstd,
-                w,
-                bias,
-                s1,
-                sh,
-                ACT,
-                BLOCK_L,
-                IDX64,
-            )
-        else:
-            a = tl.zeros((BLOCK_C,), tl.float32)
-            b = tl.zeros((BLOCK_C,), tl.float32)
-            for kk in range(0, K):
-                nkc = (n.to(tl.int64) * K + kk) * C + c0 + c
-                a += tl.load(PA + nkc, mask=cmask, other=0.0)
-                b += tl.load(PB + nkc, mask=cmask, other=0.0)
-        if k == 0:
-            nc = n.to(tl.int64) * C + c0 + c
-            tl.store(SUMS + 2 * nc, a, mask=cmask)
-            tl.store(SUMS + 2 * nc + 1, b, mask=cmask)
-        sum_dxhat += tl.sum(w * s1 * b, axis=0)
-        sum_dxhat_xhat += tl.sum(w * s1 * a, axis=0)
-    count = Cg.to(tl.float32) * L  # float: Cg * L may exceed int32
-    mean_dxhat = sum_dxhat / count
-    mean_dxhat_xhat = sum_dxhat_xhat / count
-    if STATS_GIVEN:
-        mean_dxhat = 0.0
-        mean_dxhat_xhat = 0.0
-    l_lo = k * CHUNK_L
-    l_hi = tl.minimum(l_lo + CHUNK_L, L)
-    for cb in range(0, Cg, BLOCK_C):
-        c, cmask, w, bias, s1, sh = _channel_block(
-            cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C
-        )
-        _dx_block(
-            X,
-            DY,
-            DX,
-            x_base,
-            dy_base,
-            dx_base,
-            c,
-            cmask,
-            l_lo,
-            l_hi,
-            sxC,
-            sxL,
-            sdC,
-            sdL,
-            sgC,
-            sgL,
-            pivot,
-            smean,
-            rstd,
-            w,
-            bias,
-            s1,
-            sh,
-            mean_dxhat,
-            mean_dxhat_xhat,
-            ACT,
-            BLOCK_L,
-            IDX64,
-        )
+    _bwd_dx_chunk(
+        X, DY, DX, W, B, SCALE, SHIFT, PA, PB, SUMS, C, L, sxC, sxL, sdC, sdL, sgC, sgL,
+        CHUNK_L, K, n, c0, Cg, x_base, n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC,
+        n.to(tl.int64) * sgN + c0.to(tl.int64) * sgC, tl.load(PIVOT + row),
+        tl.load(SMEAN + SS + row), tl.load(RSTD + 4 * SS + row), _reversed_chunk(),
+        HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, STATS_GIVEN, FUSED, BLOCK_C, BLOCK_L, BLOCK_K,
+        IDX64, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _gn_bwd_wave_kernel(
+    X,
+    DY,
+    DX,
+    W,
+    B,
+    SCALE,
+    SHIFT,
+    OFFS,
+    PIVOT,
+    SMEAN,
+    RSTD,
+    SS,
+    PA,
+    PB,
+    SUMS,
+    SYNC,
+    C,
+    G,
+    L,
+    sxN,
+    sxC,
+    sxL,
+    sdN,
+    sdC,
+    sdL,
+    sgN,
+    sgC,
+    sgL,
+    CHUNK_L,
+    K,
+    ROWS,
+    WAVE_ROWS,
+    WAVES,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    STATS_GIVEN: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IDX64: tl.constexpr,
+):
+    """Wave regime, backward: the tickets of :func:`_gn_fwd_wave_kernel`, an S ticket writing
+    a chunk's partial A, B (:func:`_bwd_partial_chunk`), an N ticket its dx
+    (:func:`_bwd_dx_chunk`) once its row's K partials are released."""
+    total = 2 * WAVES * WAVE_ROWS * K
+    t = tl.atomic_add(SYNC, 1)
+    while t < total:
+        following = tl.atomic_add(SYNC, 1)
+        stats, row, k = _ticket(t, K, WAVE_ROWS, WAVES)
+        if row < ROWS:
+            n = row // G
+            g = row % G
+            c0 = tl.load(OFFS + g)
+            Cg = tl.load(OFFS + g + 1) - c0
+            x_base = n.to(tl.int64) * sxN + c0.to(tl.int64) * sxC
+            dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
+            pivot = tl.load(PIVOT + row)
+            smean = tl.load(SMEAN + SS + row)
+            rstd = tl.load(RSTD + 4 * SS + row)
+            if stats:
+                _bwd_partial_chunk(
+                    X, DY, W, B, SCALE, SHIFT, PA, PB, C, L, sxC, sxL, sdC, sdL, CHUNK_L, K, n,
+                    c0, Cg, x_base, dy_base, pivot, smean, rstd, k, HAS_W, HAS_B, HAS_SCALE,
+                    HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64,
+                )  # fmt: skip
+                tl.debug_barrier()  # every thread's stores before the release
+                tl.atomic_add(SYNC + 1 + row, 1, sem="release")
+            else:
+                while tl.atomic_add(SYNC + 1 + row, 0, sem="acquire") < K:
+                    pass
+                _bwd_dx_chunk(
+                    X, DY, DX, W, B, SCALE, SHIFT, PA, PB, SUMS, C, L, sxC, sxL, sdC, sdL, sgC,
+                    sgL, CHUNK_L, K, n, c0, Cg, x_base, dy_base,
+                    n.to(tl.int64) * sgN + c0.to(tl.int64) * sgC, pivot, smean, rstd, k, HAS_W,
+                    HAS_B, HAS_SCALE, HAS_SHIFT, ACT, STATS_GIVEN, False, BLOCK_C, BLOCK_L,
+                    BLOCK_K, IDX64, True,
+                )  # fmt: skip
+        t = following
 
 
 @triton.jit
@@ -1428,17 +1556,29 @@ def _backward(
         assert dys is not None
         strides = (C, G, plan.L, *plan.xs, *dys)
         fused = cfg.regime == "fused"
+        # Partials merged as (BLOCK_K, BLOCK_C) tiles of at most one TILE.
+        block_k = min(next_pow2(K), max(1, TILE // cfg.block_c))
         if fused:
             parts = [sums] * 2  # not read: A, B come straight from x and dy
         else:
             parts = [x.new_empty((N, K, C), dtype=torch.float32) for _ in range(2)]
-            _gn_bwd_partial_kernel[(N * G, K)](
-                xv, dyv, *params, offs, *stats, ss, *parts, *strides, cfg.chunk_l, K, **flags
-            )
-        _gn_bwd_dx_kernel[(N * G, K)](
-            xv, dyv, dx, *params, offs, *stats, ss, *parts, sums, *strides, *plan.outs,
-            cfg.chunk_l, K, STATS_GIVEN=stats_given, FUSED=fused, **flags,
-        )  # fmt: skip
+        if cfg.regime == "wave":
+            sync = x.new_zeros(1 + N * G, dtype=torch.int32)  # ticket counter, then per row
+            _gn_bwd_wave_kernel[(cfg.programs,)](
+                xv, dyv, dx, *params, offs, *stats, ss, *parts, sums, sync, *strides,
+                *plan.outs, cfg.chunk_l, K, N * G, cfg.wave_rows, cfg.waves,
+                STATS_GIVEN=stats_given, BLOCK_K=block_k, **flags,
+            )  # fmt: skip
+        else:
+            if not fused:
+                _gn_bwd_partial_kernel[(N * G, K)](
+                    xv, dyv, *params, offs, *stats, ss, *parts, *strides, cfg.chunk_l, K,
+                    **flags,
+                )  # fmt: skip
+            _gn_bwd_dx_kernel[(N * G, K)](
+                xv, dyv, dx, *params, offs, *stats, ss, *parts, sums, *strides, *plan.outs,
+                cfg.chunk_l, K, STATS_GIVEN=stats_given, FUSED=fused, BLOCK_K=block_k, **flags,
+            )  # fmt: skip
     if plan.write_sums:  # no parameter kernel without parameters
         _gn_bwd_param_kernel[plan.param_grid](
             sums,
@@ -1800,7 +1940,7 @@ def group_norm_triton(
     y = act((x_hat * weight + bias) * (1 + scale) + shift), y in x's dtype and memory format.
     Arguments as in :func:`groupnorm.group_norm` (already validated there); ``regime``
     ("auto" | "onchip" | "fused" | "split" | "wave") forces a launch regime (see
-    ``heuristics``; "wave" is forward-only and opt-in, its backward is "split"). Differentiable in
+    ``heuristics``; "auto" never picks "wave", which awaits a GPU measurement). Differentiable in
     x, weight, bias, scale, shift and given ``stats``; returned statistics are differentiable
     in x (their shifted_mean and m2), as on the torch backend.
 

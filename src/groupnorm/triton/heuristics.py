@@ -15,12 +15,12 @@ Three regimes (docs/spec.md#performance-floors):
   partials (Chan's formula, fixed order) and normalizes its chunk. Right when N * G is small
   and groups are large (VAE decode at batch 1, 3-D segmentation, detection at batch 2), where the
   fused regime leaves most SMs idle (torch's kernel: 3-8 % of the bandwidth floor there).
-* ``wave`` (forward; opt-in, never chosen by ``auto``): the split regime's two passes in one
-  launch of a persistent grid, scheduled in waves of groups a fifth of an L2 budget in size, so
-  that the second read of every chunk comes from L2 (``_gn_fwd_wave_kernel``). Its
-  synchronization (release/acquire counters between programs) has run only in the interpreter,
-  so ``auto`` takes it only once a GPU has measured it; backward under ``regime="wave"`` takes
-  the split kernels.
+* ``wave`` (opt-in, never chosen by ``auto``): the split regime's two passes in one launch of a
+  persistent grid, scheduled in waves of groups sized to an L2 budget, so that the second read
+  of every chunk comes from L2 (``_gn_fwd_wave_kernel``, ``_gn_bwd_wave_kernel``; backward
+  then launches the parameter kernel as the other regimes do). Its synchronization
+  (release/acquire counters between programs) has run only in the interpreter, so ``auto``
+  takes it only once a GPU has measured it.
 
 GPU timings of these choices are not measured yet; the thresholds below are derived from the
 hardware facts cited next to each, and are the first thing to tune with ``groupnorm bench`` on a
@@ -32,7 +32,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["PASSES", "REGIMES", "LaunchConfig", "choose_config", "next_pow2", "onchip_tile"]
+__all__ = [
+    "PASSES",
+    "REGIMES",
+    "LaunchConfig",
+    "choose_config",
+    "next_pow2",
+    "onchip_tile",
+    "wave_bytes",
+]
 
 REGIMES = ("auto", "onchip", "fused", "split", "wave")
 
@@ -60,11 +68,12 @@ MIN_CHUNK_ELEMS = 4096
 MAX_CHUNKS = 1024
 # Wave regime (untuned: every number here awaits a GPU). L2 a schedule may count on: about half
 # of the H100's 50 MB (set-associativity, other traffic, write-back); the H200 has 60 MB.
-# Between the two reads of a chunk of wave w the tickets touch at most five waves of distinct
-# bytes (x of waves w - 1, w and w + 1, y of waves w - 1 and w: the LRU stack distance the
-# traffic test measures), so a wave is a fifth of the budget.
+# Between the two reads of a chunk of wave w the tickets touch at most this many waves' worth
+# of x's bytes, distinct (the LRU stack distance the traffic tests measure): forward, x of waves
+# w - 1, w and w + 1 and y of waves w - 1 and w (5); backward, x and dy of the three waves and
+# dx of two (8). A wave is the budget over that.
 L2_BUDGET = 24 * 2**20
-WAVE_BYTES = L2_BUDGET // 5
+WAVE_STACK = {"fwd": 5, "bwd": 8}
 # Bytes of x per ticket: enough work (about 1 us at a program's share of HBM bandwidth, 2
 # programs per SM) that taking the next ticket (one L2 atomic, issued before the work) is
 # hidden, and small enough that a wave (about 300 tickets) outnumbers the programs, so that a
@@ -209,8 +218,6 @@ def choose_config(
     channels (channels-last) are adjacent in memory, which the on-chip kernels need."""
     if regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
-    if regime == "wave" and direction == "bwd":
-        regime = "split"
     if regime in ("auto", "onchip"):
         tile = None
         if unit_stride:
@@ -235,7 +242,9 @@ def choose_config(
     if regime == "fused":
         return LaunchConfig("fused", block_c, block_l, L, 1)
     if regime == "wave":
-        return _wave_config(N * num_groups, L, max_group, channels_fast, sm_count, elem_bytes)
+        return _wave_config(
+            N * num_groups, L, max_group, channels_fast, sm_count, elem_bytes, direction
+        )
     want = -(-PROGRAMS_PER_SM * sm_count // max(1, N * num_groups))
     chunks_wanted = max(1, min(want, group_elems // MIN_CHUNK_ELEMS, MAX_CHUNKS))
     if chunks_wanted == 1:
@@ -261,15 +270,38 @@ def _chunking(
     return block_c, block_l, chunk_l, -(-L // chunk_l)
 
 
+def wave_bytes(direction: str) -> int:
+    """Bytes of x in one wave of the wave regime: the L2 budget over its reuse stack."""
+    return L2_BUDGET // WAVE_STACK[direction]
+
+
 def _wave_config(
-    rows: int, L: int, max_group: int, channels_fast: bool, sm_count: int, elem_bytes: int
+    rows: int,
+    L: int,
+    max_group: int,
+    channels_fast: bool,
+    sm_count: int,
+    elem_bytes: int,
+    direction: str,
 ) -> LaunchConfig:
-    """The wave regime's plan: chunks of about WAVE_TICKET_BYTES, waves of about WAVE_BYTES
-    (at least one row), a persistent grid of WAVE_PROGRAMS_PER_SM per SM."""
+    """The wave regime's plan: waves of about :func:`wave_bytes` (at least one row), chunks of
+    about WAVE_TICKET_BYTES of x, or smaller where a wave would otherwise have fewer tickets
+    than the persistent grid (WAVE_PROGRAMS_PER_SM per SM) has programs."""
     group_bytes = max_group * L * elem_bytes
-    chunks_wanted = max(1, min(-(-group_bytes // WAVE_TICKET_BYTES), MAX_CHUNKS, L))
+    wave_rows = max(1, min(rows, wave_bytes(direction) // max(1, group_bytes)))
+    grid = WAVE_PROGRAMS_PER_SM * sm_count
+    chunks_wanted = max(-(-group_bytes // WAVE_TICKET_BYTES), -(-grid // wave_rows))
+    cap = max(1, min(MAX_CHUNKS, L))
+    chunks_wanted = max(1, min(chunks_wanted, cap))
     block_c, block_l, chunk_l, chunks = _chunking(L, max_group, channels_fast, chunks_wanted)
-    wave_rows = max(1, min(rows, WAVE_BYTES // max(1, group_bytes)))
+    # Whole power-of-two tiles can round the chunks down to half of what was asked for: ask for
+    # more while that does not shrink the tile (the bytes a program keeps in flight).
+    while wave_rows * chunks < grid and chunks_wanted < cap:
+        chunks_wanted = min(2 * chunks_wanted, cap)
+        finer = _chunking(L, max_group, channels_fast, chunks_wanted)
+        if finer[0] * finer[1] < block_c * block_l:
+            break
+        block_c, block_l, chunk_l, chunks = finer
     waves = -(-rows // wave_rows)
     tickets = 2 * waves * wave_rows * chunks
     programs = max(1, min(tickets, WAVE_PROGRAMS_PER_SM * sm_count))
