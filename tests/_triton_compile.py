@@ -229,11 +229,34 @@ def check_limits() -> list[str]:
     return problems
 
 
+def check_flat() -> list[str]:
+    """Problems of the loop regimes' flat forward on R50-GN C5 (2 x 2048 x 25 x 38, bf16 NCHW:
+    rows of 950 elements, 1900 bytes, are not 16-byte multiples): spills, scalar x or y."""
+    problems = []
+    for regime in ("auto", "wave"):
+        for launch in launches_of((2, 2048, 25, 38), 32, regime=regime):
+            c = compile_launch(launch)
+            print(
+                f"flat {regime:5s} {c.name:26s} regs {c.registers:3d} local {c.local_bytes:3d} B "
+                f"v4 ld/st {c.vector_loads:d}/{c.vector_stores:d}"
+            )
+            if c.local_bytes:
+                problems.append(f"{regime}: {c.name} spills {c.local_bytes} B")
+            stores_y = "normalize" in c.name or "wave" in c.name or "fused" in c.name
+            if not c.vector_loads or (stores_y and not c.vector_stores):
+                problems.append(f"{regime}: {c.name} has no 128-bit loads or stores of y")
+    return problems
+
+
 def main() -> int:
     failed = 0
     if "--limits" in sys.argv:
         problems = check_limits()
         print("\n".join(problems) or "no spills, 128-bit accesses at every on-chip limit")
+        return 1 if problems else 0
+    if "--flat" in sys.argv:
+        problems = check_flat()
+        print("\n".join(problems) or "no spills, 128-bit accesses in the flat forward")
         return 1 if problems else 0
     for case, spec in CASES.items():
         kw: dict[str, Any] = dict(spec)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import groupnorm
@@ -1035,6 +1035,56 @@ def test_onchip_kernels_at_their_limits_have_no_spills_and_128_bit_accesses():
     done = _compile_module("--limits")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "no spills, 128-bit accesses at every on-chip limit" in done.stdout
+
+
+@example(L=63_000, r=63_000 + 4095)
+@given(L=st.integers(2, 1 << 17), r=st.integers(0, (1 << 17) + 4096))
+def test_flat_channel_index_is_exact_where_the_heuristics_allow_flat(L, r):
+    """_normalize_flat finds r // L as (r * ceil(2^32 / L)) >> 32 for r < TILE + L; the
+    heuristics allow the flat layout only where (TILE + L) * L < 2^32, where that is exact."""
+    from groupnorm.triton import heuristics as h
+
+    assume((h.TILE + L) * L < 2**32 and r < h.TILE + L)
+    assert (r * -(-(1 << 32) // L)) >> 32 == r // L
+
+
+@pytest.mark.parametrize("regime", ["fused", "split", "wave"])
+def test_flat_forward_serves_nchw_rows_that_are_not_16_byte_multiples(regime, poisoned_outputs):
+    """Rows of 35 bf16 elements (70 bytes): the loop regimes' forward reads each group flat (an
+    even plan, NCHW), with every epilogue, into poisoned buffers; an uneven plan and
+    channels-last keep the 2-D tiles. Both against float64."""
+    for C, plan, channels_last, flat in (
+        (8, make_plan(8, 2), False, True),
+        (11, make_plan(11, 3, uneven=True), False, False),
+        (8, make_plan(8, 2), True, False),
+    ):
+        x = _rand((2, C, 5, 7), 160, dtype=torch.bfloat16)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        w, b = _rand((C,), 161, loc=1.0, std=0.5), _rand((C,), 162)
+        scale, shift = (_rand((2, C), s, loc=0.0, std=0.5) for s in (163, 164))
+        kw = dict(activation="gelu", scale=scale, shift=shift)
+        y, stats = _run(x, plan, w, b, regime=regime, return_stats=True, **kw)
+        has = (True, True, True, True)
+        cfg = kernels._launch(
+            "fwd", tuple(x.shape), x.stride(), None, x.dtype, x.device, plan.sizes, regime, has,
+            "gelu",
+        ).cfg  # fmt: skip
+        assert cfg.flat == flat, (C, channels_last, cfg)
+        expected, cache = _reference(x, plan, w, b, **kw)
+        check(y, expected, torch.bfloat16, what=f"y (flat={flat})")
+        check(stats.mean, cache.mean, torch.float32, what="mean")
+        check(stats.var, cache.var, torch.float32, what="var")
+
+
+@pytest.mark.slow
+def test_flat_forward_of_odd_rows_has_128_bit_accesses_and_no_spills():
+    """The loop regimes' forward on R50-GN C5 (bf16 NCHW, rows of 950 elements, not 16-byte
+    multiples) reads each group flat: compiled for sm_90, x is loaded and y stored 128 bits at a
+    time, with no local memory (the 2-D tiles loaded 16 bits at a time, in 136-236 registers)."""
+    done = _compile_module("--flat")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "no spills, 128-bit accesses in the flat forward" in done.stdout
 
 
 def test_bench_pipeline_checks_and_times_on_a_tiny_shape():

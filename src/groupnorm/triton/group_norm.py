@@ -177,8 +177,18 @@ def _normalize_chunk(
     BLOCK_C: tl.constexpr,
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
+    L,
+    LINV,
+    FLAT: tl.constexpr,
 ):
-    """y = act((x - pivot) * a[c] + b[c]) over channels [0, Cg) x positions [l_lo, l_hi)."""
+    """y = act((x - pivot) * a[c] + b[c]) over channels [0, Cg) x positions [l_lo, l_hi), or
+    with ``FLAT`` over the contiguous group's elements [l_lo, l_hi) (:func:`_normalize_flat`)."""
+    if FLAT:
+        _normalize_flat(
+            X, Y, x_base, y_base, n, c0, l_lo, l_hi, L, LINV, pivot, shifted_mean, rstd, W, B,
+            SCALE, SHIFT, C, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_L, IDX64,
+        )  # fmt: skip
+        return
     for cb in range(0, Cg, BLOCK_C):
         c = cb + tl.arange(0, BLOCK_C)
         cmask = c < Cg
@@ -209,6 +219,102 @@ def _normalize_chunk(
 
 
 @triton.jit
+def _normalize_flat(
+    X,
+    Y,
+    x_base,
+    y_base,
+    n,
+    c0,
+    f_lo,
+    f_hi,
+    L,
+    LINV,
+    pivot,
+    shifted_mean,
+    rstd,
+    W,
+    B,
+    SCALE,
+    SHIFT,
+    C,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
+):
+    """:func:`_normalize_chunk` over elements [f_lo, f_hi) of a contiguous NCHW group, in 1-D
+    tiles whose loads and stores are 128-bit wherever the group is 16-byte aligned, whatever L
+    (rows of L elements need not be). Element f is channel f // L, found per tile without a
+    division per element: t + ((f - t L) * LINV) >> 32 with t = (tile start) // L and
+    LINV = ceil(2^32 / L), exact while (f - t L) L < 2^32 (the host checks (BLOCK + L) L < 2^32);
+    the per-channel coefficients are gathered per element (from L1: a tile spans few channels)."""
+    for fb in range(f_lo, f_hi, BLOCK):
+        f = fb + tl.arange(0, BLOCK)
+        mask = f < f_hi
+        t = fb // L
+        ch = t + (((f - t * L).to(tl.int64) * LINV) >> 32).to(tl.int32)
+        a = tl.full((BLOCK,), 1.0, tl.float32) * rstd
+        if HAS_W:
+            a = a * tl.load(W + c0 + ch, mask=mask, other=1.0).to(tl.float32)
+        b = -shifted_mean * a
+        if HAS_B:
+            b = b + tl.load(B + c0 + ch, mask=mask, other=0.0).to(tl.float32)
+        nc = n.to(tl.int64) * C + c0 + ch
+        if HAS_SCALE:
+            s1 = 1.0 + tl.load(SCALE + nc, mask=mask, other=0.0).to(tl.float32)
+            a = a * s1
+            b = b * s1
+        if HAS_SHIFT:
+            b = b + tl.load(SHIFT + nc, mask=mask, other=0.0).to(tl.float32)
+        if IDX64:
+            f = f.to(tl.int64)
+        v = tl.load(X + x_base + f, mask=mask, other=0.0)
+        y = _act((v.to(tl.float32) - pivot) * a + b, ACT)
+        tl.store(Y + y_base + f, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _stats_range(
+    X,
+    x_base,
+    pivot,
+    Cg,
+    lo,
+    hi,
+    sC,
+    sL,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
+):
+    """:func:`_chunk_stats` over positions [lo, hi), or with ``FLAT`` over elements [lo, hi)
+    of a contiguous group (as one channel of unit stride: 1-D tiles, BLOCK_C = 1)."""
+    if FLAT:
+        return _chunk_stats(X, x_base, pivot, 1, lo, hi, 0, 1, BLOCK_C, BLOCK_L, IDX64)
+    else:
+        return _chunk_stats(X, x_base, pivot, Cg, lo, hi, sC, sL, BLOCK_C, BLOCK_L, IDX64)
+
+
+@triton.jit
+def _group_bases(row, n, c0, Cg, G, L, sxN, sxC, syN, syC, GSTRIDE, FLAT: tl.constexpr):
+    """(x offset, y offset, extent) of row n * G + g: the extent is L positions, or with
+    ``FLAT`` GSTRIDE = Cg * L elements, the offsets then g * GSTRIDE past the sample's. GSTRIDE
+    is an argument so that the launch specializes its divisibility: the offsets and the masks'
+    bounds are then known multiples of 16, which 128-bit accesses need."""
+    if FLAT:
+        g = (row % G).to(tl.int64)
+        return n.to(tl.int64) * sxN + g * GSTRIDE, n.to(tl.int64) * syN + g * GSTRIDE, GSTRIDE
+    else:
+        x_base = n.to(tl.int64) * sxN + c0.to(tl.int64) * sxC
+        return x_base, n.to(tl.int64) * syN + c0.to(tl.int64) * syC, L
+
+
+@triton.jit
 def _gn_fwd_fused_kernel(
     X,
     Y,
@@ -233,6 +339,8 @@ def _gn_fwd_fused_kernel(
     syC,
     syL,
     eps,
+    GSTRIDE,
+    LINV,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -241,13 +349,16 @@ def _gn_fwd_fused_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     """Fused regime: program (n * G + g) computes its group's statistics, writes them, then
     normalizes the group (second read of x, from L1/L2 for small groups)."""
-    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
-    y_base = n.to(tl.int64) * syN + c0.to(tl.int64) * syC
+    row, n, c0, Cg, _ = _program_group(OFFS, G, sxN, sxC)
+    x_base, y_base, extent = _group_bases(row, n, c0, Cg, G, L, sxN, sxC, syN, syC, GSTRIDE, FLAT)
     pivot = tl.load(X + x_base).to(tl.float32)
-    cnt, mean, m2 = _chunk_stats(X, x_base, pivot, Cg, 0, L, sxC, sxL, BLOCK_C, BLOCK_L, IDX64)
+    cnt, mean, m2 = _stats_range(
+        X, x_base, pivot, Cg, 0, extent, sxC, sxL, BLOCK_C, BLOCK_L, IDX64, FLAT
+    )
     rstd = 1.0 / tl.sqrt(m2 / cnt + eps)
     tl.store(PIVOT + row, pivot)
     tl.store(SMEAN + SS + row, mean)
@@ -263,7 +374,7 @@ def _gn_fwd_fused_kernel(
         c0,
         Cg,
         0,
-        L,
+        extent,
         sxC,
         sxL,
         syC,
@@ -284,6 +395,9 @@ def _gn_fwd_fused_kernel(
         BLOCK_C,
         BLOCK_L,
         IDX64,
+        L,
+        LINV,
+        FLAT,
     )
 
 
@@ -302,19 +416,23 @@ def _gn_fwd_partial_kernel(
     sxL,
     CHUNK_L,
     K,
+    GSTRIDE,
     BLOCK_C: tl.constexpr,
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     """Split regime, pass 1: program (n * G + g, k) writes (count, mean, m2) of ``x - pivot``
-    over its chunk of positions [k * CHUNK_L, (k + 1) * CHUNK_L) to partials[n, g, k]."""
-    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
+    over its chunk of positions [k * CHUNK_L, (k + 1) * CHUNK_L) (``FLAT``: of the group's
+    elements) to partials[n, g, k]."""
+    row, n, c0, Cg, _ = _program_group(OFFS, G, sxN, sxC)
+    x_base, _, extent = _group_bases(row, n, c0, Cg, G, L, sxN, sxC, 0, 0, GSTRIDE, FLAT)
     k = tl.program_id(1)
     pivot = tl.load(X + x_base).to(tl.float32)
     l_lo = k * CHUNK_L
-    l_hi = tl.minimum(l_lo + CHUNK_L, L)
-    cnt, mean, m2 = _chunk_stats(
-        X, x_base, pivot, Cg, l_lo, l_hi, sxC, sxL, BLOCK_C, BLOCK_L, IDX64
+    l_hi = tl.minimum(l_lo + CHUNK_L, extent)
+    cnt, mean, m2 = _stats_range(
+        X, x_base, pivot, Cg, l_lo, l_hi, sxC, sxL, BLOCK_C, BLOCK_L, IDX64, FLAT
     )
     if k == 0:
         tl.store(PIVOT + row, pivot)
@@ -353,6 +471,8 @@ def _gn_fwd_normalize_kernel(
     eps,
     CHUNK_L,
     KP,
+    GSTRIDE,
+    LINV,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -362,18 +482,18 @@ def _gn_fwd_normalize_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     """Split regime, pass 2 (also: normalize with given statistics, KP = 1): program
-    (n * G + g, k) merges its group's KP partials in a fixed order (Chan's formula, vector form:
-    mean = sum n_i mean_i / n, m2 = sum m2_i + sum n_i (mean_i - mean)^2), chunk 0 writes the
-    merged statistics, and every program normalizes its chunk."""
-    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
-    k = _reversed_chunk()
-    pivot = tl.load(PIVOT + row)
+    (n * G + g, k) merges its group's KP partials and normalizes its chunk
+    (:func:`_merge_and_normalize`)."""
+    row, n, c0, Cg, _ = _program_group(OFFS, G, sxN, sxC)
+    x_base, y_base, extent = _group_bases(row, n, c0, Cg, G, L, sxN, sxC, syN, syC, GSTRIDE, FLAT)
     _merge_and_normalize(
-        X, Y, W, B, SCALE, SHIFT, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD, SS, C, L,
-        syN, sxC, sxL, syC, syL, eps, CHUNK_L, KP, row, n, c0, Cg, x_base, pivot, k,
-        HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_KP, BLOCK_C, BLOCK_L, IDX64, False,
+        X, Y, W, B, SCALE, SHIFT, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD, SS, C, L, LINV,
+        extent, sxC, sxL, syC, syL, eps, CHUNK_L, KP, row, n, c0, Cg, x_base, y_base,
+        tl.load(PIVOT + row), _reversed_chunk(), HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT,
+        BLOCK_KP, BLOCK_C, BLOCK_L, IDX64, FLAT, False,
     )  # fmt: skip
 
 
@@ -395,7 +515,8 @@ def _merge_and_normalize(
     SS,
     C,
     L,
-    syN,
+    LINV,
+    extent,
     sxC,
     sxL,
     syC,
@@ -408,6 +529,7 @@ def _merge_and_normalize(
     c0,
     Cg,
     x_base,
+    y_base,
     pivot,
     k,
     HAS_W: tl.constexpr,
@@ -419,12 +541,14 @@ def _merge_and_normalize(
     BLOCK_C: tl.constexpr,
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
     VOLATILE: tl.constexpr,
 ):
     """Merge row's KP partials in a fixed order (Chan's formula, vector form: mean = sum n_i
     mean_i / n, m2 = sum m2_i + sum n_i (mean_i - mean)^2), write the merged statistics from
-    chunk 0, and normalize chunk k. ``VOLATILE``: the partials were written by programs still
-    running (the wave regime), so they are read past the L1 cache."""
+    chunk 0, and normalize chunk k of the row's ``extent`` (positions, or ``FLAT`` elements).
+    ``VOLATILE``: the partials were written by programs still running (the wave regime), so
+    they are read past the L1 cache."""
     i = tl.arange(0, BLOCK_KP)
     imask = i < KP
     p_cnt = tl.load(P_CNT + row * KP + i, mask=imask, other=0.0, volatile=VOLATILE)
@@ -440,12 +564,12 @@ def _merge_and_normalize(
         tl.store(M2 + 2 * SS + row, m2)
         tl.store(COUNT + 3 * SS + row, cnt)
         tl.store(RSTD + 4 * SS + row, rstd)
-    y_base = n.to(tl.int64) * syN + c0.to(tl.int64) * syC
     l_lo = k * CHUNK_L
-    l_hi = tl.minimum(l_lo + CHUNK_L, L)
+    l_hi = tl.minimum(l_lo + CHUNK_L, extent)
     _normalize_chunk(
         X, Y, x_base, y_base, n, c0, Cg, l_lo, l_hi, sxC, sxL, syC, syL, pivot, mean, rstd,
         W, B, SCALE, SHIFT, C, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64,
+        L, LINV, FLAT,
     )  # fmt: skip
 
 
@@ -499,6 +623,8 @@ def _gn_fwd_wave_kernel(
     ROWS,
     WAVE_ROWS,
     WAVES,
+    GSTRIDE,
+    LINV,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -508,14 +634,15 @@ def _gn_fwd_wave_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     """Wave regime: a persistent grid takes tickets in order from the counter SYNC[0]; each
-    ticket is one chunk (CHUNK_L positions) of one row (n * G + g) of one wave (WAVE_ROWS rows),
-    either its partial statistics (S) or its normalization (N). Tickets run S0, S1 N0, S2 N1,
-    ..., N(WAVES-1), so between a chunk's two reads at most five waves of distinct bytes are
-    touched (x of the waves before, at and after its own, y of the one before and its own): a
-    wave of a fifth of L2 makes the second read an L2 hit, and N(w - 1) gives the programs work
-    while S(w) finishes, so one launch keeps the GPU busy across waves.
+    ticket is one chunk (CHUNK_L positions, or elements when FLAT) of one row (n * G + g) of one
+    wave (WAVE_ROWS rows), either its partial statistics (S) or its normalization (N). Tickets
+    run S0, S1 N0, S2 N1, ..., N(WAVES-1), so between a chunk's two reads at most five waves of
+    distinct bytes are touched (x of the waves before, at and after its own, y of the one before
+    and its own): a wave of a fifth of L2 makes the second read an L2 hit, and N(w - 1) gives
+    the programs work while S(w) finishes, so one launch keeps the GPU busy across waves.
 
     An N ticket waits until its row's K partials are written (counter SYNC[1 + row], released
     after the partials' stores, acquired before their loads). It only ever waits for tickets
@@ -533,13 +660,15 @@ def _gn_fwd_wave_kernel(
             g = row % G
             c0 = tl.load(OFFS + g)
             Cg = tl.load(OFFS + g + 1) - c0
-            x_base = n.to(tl.int64) * sxN + c0.to(tl.int64) * sxC
+            x_base, y_base, extent = _group_bases(
+                row, n, c0, Cg, G, L, sxN, sxC, syN, syC, GSTRIDE, FLAT
+            )
             pivot = tl.load(X + x_base).to(tl.float32)
             if stats:
                 l_lo = k * CHUNK_L
-                l_hi = tl.minimum(l_lo + CHUNK_L, L)
-                cnt, mean, m2 = _chunk_stats(
-                    X, x_base, pivot, Cg, l_lo, l_hi, sxC, sxL, BLOCK_C, BLOCK_L, IDX64
+                l_hi = tl.minimum(l_lo + CHUNK_L, extent)
+                cnt, mean, m2 = _stats_range(
+                    X, x_base, pivot, Cg, l_lo, l_hi, sxC, sxL, BLOCK_C, BLOCK_L, IDX64, FLAT
                 )
                 if k == 0:
                     tl.store(PIVOT + row, pivot)
@@ -553,9 +682,9 @@ def _gn_fwd_wave_kernel(
                     pass
                 _merge_and_normalize(
                     X, Y, W, B, SCALE, SHIFT, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD, SS,
-                    C, L, syN, sxC, sxL, syC, syL, eps, CHUNK_L, K, row, n, c0, Cg, x_base,
-                    pivot, k, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_KP, BLOCK_C,
-                    BLOCK_L, IDX64, True,
+                    C, L, LINV, extent, sxC, sxL, syC, syL, eps, CHUNK_L, K, row, n, c0, Cg,
+                    x_base, y_base, pivot, k, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_KP,
+                    BLOCK_C, BLOCK_L, IDX64, FLAT, True,
                 )  # fmt: skip
         t = following
 
@@ -1293,6 +1422,8 @@ def _launch(
     L = math.prod(shape[2:])
     unit = _unit_stride(strides) and (dys is None or _unit_stride(dys))
     even = min(sizes) == max(sizes)
+    # Each group one contiguous run of elements, in x and in y (NCHW with sC = L).
+    contiguous_groups = strides[1:] == (L, 1) and out[1:] == (L, 1)
     cfg = choose_config(
         N,
         L if N else 1,
@@ -1305,18 +1436,26 @@ def _launch(
         elem_bytes=xv.element_size(),
         direction=direction,
         unit_stride=unit,
+        contiguous_groups=contiguous_groups,
     )
     int64 = any(_max_offset(shape, st) > _INT32_MAX for st in full)
     named = dict(zip(("HAS_W", "HAS_B", "HAS_SCALE", "HAS_SHIFT"), has, strict=True))
-    flags = dict(
+    common = dict(
         named,
         ACT=triton_code(activation),
         BLOCK_C=cfg.block_c,
         BLOCK_L=cfg.block_l,
         IDX64=int64,
     )
+    flags = common
+    if direction == "fwd":
+        # The loop kernels' flat layout: GSTRIDE = Cg * L, LINV = ceil(2^32 / L) (see
+        # _normalize_flat); unused (0) otherwise.
+        flat = cfg.flat
+        gstride, linv = (sizes[0] * L, -(-(1 << 32) // L)) if flat else (0, 0)
+        flags = dict(common, FLAT=flat, GSTRIDE=gstride, LINV=linv)
     onchip = dict(
-        flags,
+        common,
         CG=sizes[0] if even else 0,
         GPP=cfg.groups_per_program,
         CHANNELS_LAST=_channels_fast(strides),
@@ -1474,9 +1613,11 @@ def _forward(
             sxL,
             cfg.chunk_l,
             K,
+            GSTRIDE=flags["GSTRIDE"],
             BLOCK_C=cfg.block_c,
             BLOCK_L=cfg.block_l,
             IDX64=flags["IDX64"],
+            FLAT=flags["FLAT"],
         )
     else:
         K = 1

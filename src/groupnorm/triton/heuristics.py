@@ -30,7 +30,7 @@ real device.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = [
     "PASSES",
@@ -141,7 +141,9 @@ class LaunchConfig:
     program along L and ``chunks`` = ceil(L / chunk_l) programs per group (1 in the fused and
     on-chip regimes); ``groups_per_program`` consecutive groups per program (on-chip only).
     Wave regime: ``wave_rows`` (sample, group) rows per wave, ``waves`` of them, and a
-    persistent grid of ``programs``.
+    persistent grid of ``programs``. ``flat`` (forward of the loop regimes, NCHW): each group is
+    read as one run of Cg * L elements in 1-D tiles (``block_c`` = 1), ``chunk_l`` elements a
+    chunk, so that loads are 128-bit where rows of L are not 16-byte multiples.
     """
 
     regime: str
@@ -154,6 +156,7 @@ class LaunchConfig:
     wave_rows: int = 0
     waves: int = 0
     programs: int = 0
+    flat: bool = False
 
 
 def onchip_tile(
@@ -211,11 +214,15 @@ def choose_config(
     elem_bytes: int = 2,
     direction: str = "fwd",
     unit_stride: bool = True,
+    contiguous_groups: bool = False,
 ) -> LaunchConfig:
     """Pick the regime and tiling for an (N, C, L) input whose largest group has ``max_group``
     channels. ``regime`` forces "onchip", "fused", "split" or "wave"; "auto" decides by size.
     ``even``: all groups have ``max_group`` channels; ``unit_stride``: positions (NCHW) or
-    channels (channels-last) are adjacent in memory, which the on-chip kernels need."""
+    channels (channels-last) are adjacent in memory, which the on-chip kernels need;
+    ``contiguous_groups``: each group is one run of memory in x and y (NCHW), which lets the
+    loop regimes' forward read it flat (``LaunchConfig.flat``) when its rows are not 16-byte
+    multiples."""
     if regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
     if regime in ("auto", "onchip"):
@@ -232,6 +239,34 @@ def choose_config(
                 f"tile slots; got {max_group} channels x {L} positions (unit stride: "
                 f"{unit_stride}); use 'auto', 'fused' or 'split'"
             )
+    flat = (
+        direction == "fwd"
+        and contiguous_groups
+        and even
+        and L > 1
+        and (L * elem_bytes) % VECTOR_BYTES != 0
+        and (TILE + L) * L < 2**32  # _normalize_flat's exact channel index
+    )
+    if flat:
+        cfg = _loop_config(N, max_group * L, 1, num_groups, False, sm_count, regime, elem_bytes)
+        return replace(cfg, flat=True)
+    return _loop_config(
+        N, L, max_group, num_groups, channels_fast, sm_count, regime, elem_bytes, direction
+    )
+
+
+def _loop_config(
+    N: int,
+    L: int,
+    max_group: int,
+    num_groups: int,
+    channels_fast: bool,
+    sm_count: int,
+    regime: str,
+    elem_bytes: int,
+    direction: str = "fwd",
+) -> LaunchConfig:
+    """The fused, split or wave plan (``regime`` "auto" picks fused or split)."""
     block_c, block_l = _tile(max_group, L, channels_fast)
     group_elems = max_group * L
     if regime == "auto":
