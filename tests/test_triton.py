@@ -1038,7 +1038,7 @@ def test_onchip_kernels_at_their_limits_have_no_spills_and_128_bit_accesses():
 
 
 @example(L=63_000, r=63_000 + 4095)
-@given(L=st.integers(2, 1 << 17), r=st.integers(0, (1 << 17) + 4096))
+@given(L=st.integers(1, 1 << 17), r=st.integers(0, (1 << 17) + 4096))
 def test_flat_channel_index_is_exact_where_the_heuristics_allow_flat(L, r):
     """_normalize_flat finds r // L as (r * ceil(2^32 / L)) >> 32 for r < TILE + L; the
     heuristics allow the flat layout only where (TILE + L) * L < 2^32, where that is exact."""
@@ -1050,19 +1050,22 @@ def test_flat_channel_index_is_exact_where_the_heuristics_allow_flat(L, r):
 
 @pytest.mark.parametrize("regime", ["fused", "split", "wave"])
 def test_flat_forward_serves_nchw_rows_that_are_not_16_byte_multiples(regime, poisoned_outputs):
-    """Rows of 35 bf16 elements (70 bytes): the loop regimes' forward reads each group flat (an
-    even plan, NCHW), with every epilogue, into poisoned buffers; an uneven plan and
-    channels-last keep the 2-D tiles. Both against float64."""
-    for C, plan, channels_last, flat in (
-        (8, make_plan(8, 2), False, True),
-        (11, make_plan(11, 3, uneven=True), False, False),
-        (8, make_plan(8, 2), True, False),
+    """Rows of 35 bf16 elements (70 bytes), and (N, C) inputs (rows of one element): the loop
+    regimes' forward reads each group flat (an even plan, NCHW), with every epilogue, into
+    poisoned buffers; an uneven plan and channels-last keep the 2-D tiles. Both against
+    float64."""
+    for shape, plan, channels_last, flat in (
+        ((2, 8, 5, 7), make_plan(8, 2), False, True),
+        ((3, 40), make_plan(40, 1), False, True),
+        ((2, 11, 5, 7), make_plan(11, 3, uneven=True), False, False),
+        ((2, 8, 5, 7), make_plan(8, 2), True, False),
     ):
-        x = _rand((2, C, 5, 7), 160, dtype=torch.bfloat16)
+        C = shape[1]
+        x = _rand(shape, 160, dtype=torch.bfloat16)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
         w, b = _rand((C,), 161, loc=1.0, std=0.5), _rand((C,), 162)
-        scale, shift = (_rand((2, C), s, loc=0.0, std=0.5) for s in (163, 164))
+        scale, shift = (_rand((shape[0], C), s, loc=0.0, std=0.5) for s in (163, 164))
         kw = dict(activation="gelu", scale=scale, shift=shift)
         y, stats = _run(x, plan, w, b, regime=regime, return_stats=True, **kw)
         has = (True, True, True, True)
@@ -1070,7 +1073,7 @@ def test_flat_forward_serves_nchw_rows_that_are_not_16_byte_multiples(regime, po
             "fwd", tuple(x.shape), x.stride(), None, x.dtype, x.device, plan.sizes, regime, has,
             "gelu",
         ).cfg  # fmt: skip
-        assert cfg.flat == flat, (C, channels_last, cfg)
+        assert cfg.flat == flat, (shape, channels_last, cfg)
         expected, cache = _reference(x, plan, w, b, **kw)
         check(y, expected, torch.bfloat16, what=f"y (flat={flat})")
         check(stats.mean, cache.mean, torch.float32, what="mean")

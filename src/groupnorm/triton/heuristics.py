@@ -143,7 +143,8 @@ class LaunchConfig:
     Wave regime: ``wave_rows`` (sample, group) rows per wave, ``waves`` of them, and a
     persistent grid of ``programs``. ``flat`` (forward of the loop regimes, NCHW): each group is
     read as one run of Cg * L elements in 1-D tiles (``block_c`` = 1), ``chunk_l`` elements a
-    chunk, so that loads are 128-bit where rows of L are not 16-byte multiples.
+    chunk, so that loads are 128-bit where rows of L are not 16-byte multiples, and a group of
+    short rows (down to the (N, C) input's one element) still splits into many chunks.
     """
 
     regime: str
@@ -243,7 +244,6 @@ def choose_config(
         direction == "fwd"
         and contiguous_groups
         and even
-        and L > 1
         and (L * elem_bytes) % VECTOR_BYTES != 0
         and (TILE + L) * L < 2**32  # _normalize_flat's exact channel index
     )
