@@ -1081,13 +1081,15 @@ def test_flat_forward_serves_nchw_rows_that_are_not_16_byte_multiples(regime, po
 
 
 @pytest.mark.slow
-def test_flat_forward_of_odd_rows_has_128_bit_accesses_and_no_spills():
-    """The loop regimes' forward on R50-GN C5 (bf16 NCHW, rows of 950 elements, not 16-byte
-    multiples) reads each group flat: compiled for sm_90, x is loaded and y stored 128 bits at a
-    time, with no local memory (the 2-D tiles loaded 16 bits at a time, in 136-236 registers)."""
-    done = _compile_module("--flat")
+def test_loop_kernels_have_128_bit_accesses_and_no_spills():
+    """The fused, split and wave kernels compiled for sm_90 (tests/_triton_compile.py
+    LOOP_CASES): R50-GN C5's NCHW rows of 950 elements read flat, and channels-last groups of 8
+    channels with their channels known to the compiler, load x (and dy) and store y (and dx) 128
+    bits at a time, with no local memory. Before, both were 16-bit accesses in 136-255
+    registers, and the channels-last dx kernel spilled 40 B."""
+    done = _compile_module("--loops")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert "no spills, 128-bit accesses in the flat forward" in done.stdout
+    assert "no spills, 128-bit accesses in the loop kernels" in done.stdout
 
 
 def test_bench_pipeline_checks_and_times_on_a_tiny_shape():

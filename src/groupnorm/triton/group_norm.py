@@ -86,14 +86,26 @@ def _tile_offsets(c, pos, sC, sL, IDX64: tl.constexpr):
 
 
 @triton.jit
-def _program_group(OFFS, G, sN, sC):
+def _group_channels(OFFS, g, CG: tl.constexpr):
+    """Group g's first channel and channel count: from the offsets, or for an even plan
+    (``CG`` > 0 channels a group) g * CG and CG, known to the compiler: channels-last tiles of
+    a 16-byte multiple of channels are then 128-bit loads and stores."""
+    if CG > 0:
+        return g * CG, CG
+    else:
+        c0 = tl.load(OFFS + g)
+        return c0, tl.load(OFFS + g + 1) - c0
+
+
+@triton.jit
+def _program_group(OFFS, G, sN, sC, CG: tl.constexpr):
     """This program's row = n * G + g (axis 0), its sample n, first channel c0, channel count
-    Cg and the int64 element offset of (n, c0, 0) for strides sN, sC."""
+    Cg (see :func:`_group_channels`) and the int64 element offset of (n, c0, 0) for strides
+    sN, sC."""
     row = tl.program_id(0)
     n = row // G
     g = row % G
-    c0 = tl.load(OFFS + g)
-    Cg = tl.load(OFFS + g + 1) - c0
+    c0, Cg = _group_channels(OFFS, g, CG)
     return row, n, c0, Cg, n.to(tl.int64) * sN + c0.to(tl.int64) * sC
 
 
@@ -349,11 +361,12 @@ def _gn_fwd_fused_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
+    CG: tl.constexpr,
     FLAT: tl.constexpr,
 ):
     """Fused regime: program (n * G + g) computes its group's statistics, writes them, then
     normalizes the group (second read of x, from L1/L2 for small groups)."""
-    row, n, c0, Cg, _ = _program_group(OFFS, G, sxN, sxC)
+    row, n, c0, Cg, _ = _program_group(OFFS, G, sxN, sxC, CG)
     x_base, y_base, extent = _group_bases(row, n, c0, Cg, G, L, sxN, sxC, syN, syC, GSTRIDE, FLAT)
     pivot = tl.load(X + x_base).to(tl.float32)
     cnt, mean, m2 = _stats_range(
@@ -420,12 +433,13 @@ def _gn_fwd_partial_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
+    CG: tl.constexpr,
     FLAT: tl.constexpr,
 ):
     """Split regime, pass 1: program (n * G + g, k) writes (count, mean, m2) of ``x - pivot``
     over its chunk of positions [k * CHUNK_L, (k + 1) * CHUNK_L) (``FLAT``: of the group's
     elements) to partials[n, g, k]."""
-    row, n, c0, Cg, _ = _program_group(OFFS, G, sxN, sxC)
+    row, n, c0, Cg, _ = _program_group(OFFS, G, sxN, sxC, CG)
     x_base, _, extent = _group_bases(row, n, c0, Cg, G, L, sxN, sxC, 0, 0, GSTRIDE, FLAT)
     k = tl.program_id(1)
     pivot = tl.load(X + x_base).to(tl.float32)
@@ -482,12 +496,13 @@ def _gn_fwd_normalize_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
+    CG: tl.constexpr,
     FLAT: tl.constexpr,
 ):
     """Split regime, pass 2 (also: normalize with given statistics, KP = 1): program
     (n * G + g, k) merges its group's KP partials and normalizes its chunk
     (:func:`_merge_and_normalize`)."""
-    row, n, c0, Cg, _ = _program_group(OFFS, G, sxN, sxC)
+    row, n, c0, Cg, _ = _program_group(OFFS, G, sxN, sxC, CG)
     x_base, y_base, extent = _group_bases(row, n, c0, Cg, G, L, sxN, sxC, syN, syC, GSTRIDE, FLAT)
     _merge_and_normalize(
         X, Y, W, B, SCALE, SHIFT, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD, SS, C, L, LINV,
@@ -634,6 +649,7 @@ def _gn_fwd_wave_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
+    CG: tl.constexpr,
     FLAT: tl.constexpr,
 ):
     """Wave regime: a persistent grid takes tickets in order from the counter SYNC[0]; each
@@ -658,8 +674,7 @@ def _gn_fwd_wave_kernel(
         if row < ROWS:
             n = row // G
             g = row % G
-            c0 = tl.load(OFFS + g)
-            Cg = tl.load(OFFS + g + 1) - c0
+            c0, Cg = _group_channels(OFFS, g, CG)
             x_base, y_base, extent = _group_bases(
                 row, n, c0, Cg, G, L, sxN, sxC, syN, syC, GSTRIDE, FLAT
             )
@@ -972,10 +987,11 @@ def _gn_bwd_partial_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
+    CG: tl.constexpr,
 ):
     """Split regime, pass 1: program (n * G + g, k) writes A, B of its group's channels over
     its chunk of positions to partials PA, PB[n, k, c] (fp32, (N, K, C))."""
-    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
+    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC, CG)
     _bwd_partial_chunk(
         X, DY, W, B, SCALE, SHIFT, PA, PB, C, L, sxC, sxL, sdC, sdL, CHUNK_L, K, n, c0, Cg,
         x_base, n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC, tl.load(PIVOT + row),
@@ -1063,7 +1079,7 @@ def _bwd_dx_chunk(
             tl.store(SUMS + 2 * nc + 1, b, mask=cmask)
         sum_dxhat += tl.sum(w * s1 * b, axis=0)
         sum_dxhat_xhat += tl.sum(w * s1 * a, axis=0)
-    count = Cg.to(tl.float32) * L  # float: Cg * L may exceed int32
+    count = (Cg * 1.0) * L  # float: Cg * L may exceed int32
     mean_dxhat = sum_dxhat / count
     mean_dxhat_xhat = sum_dxhat_xhat / count
     if STATS_GIVEN:
@@ -1124,10 +1140,11 @@ def _gn_bwd_dx_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_K: tl.constexpr,
     IDX64: tl.constexpr,
+    CG: tl.constexpr,
 ):
     """Program (n * G + g, k): :func:`_bwd_dx_chunk` of its group and chunk (the fused regime:
     one chunk, A and B from x and dy; split: from the partial kernel's PA, PB)."""
-    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC)
+    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC, CG)
     _bwd_dx_chunk(
         X, DY, DX, W, B, SCALE, SHIFT, PA, PB, SUMS, C, L, sxC, sxL, sdC, sdL, sgC, sgL,
         CHUNK_L, K, n, c0, Cg, x_base, n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC,
@@ -1183,6 +1200,7 @@ def _gn_bwd_wave_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_K: tl.constexpr,
     IDX64: tl.constexpr,
+    CG: tl.constexpr,
 ):
     """Wave regime, backward: the tickets of :func:`_gn_fwd_wave_kernel`, an S ticket writing
     a chunk's partial A, B (:func:`_bwd_partial_chunk`), an N ticket its dx
@@ -1195,8 +1213,7 @@ def _gn_bwd_wave_kernel(
         if row < ROWS:
             n = row // G
             g = row % G
-            c0 = tl.load(OFFS + g)
-            Cg = tl.load(OFFS + g + 1) - c0
+            c0, Cg = _group_channels(OFFS, g, CG)
             x_base = n.to(tl.int64) * sxN + c0.to(tl.int64) * sxC
             dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
             pivot = tl.load(PIVOT + row)
@@ -1446,6 +1463,7 @@ def _launch(
         BLOCK_C=cfg.block_c,
         BLOCK_L=cfg.block_l,
         IDX64=int64,
+        CG=sizes[0] if even else 0,
     )
     flags = common
     if direction == "fwd":
@@ -1456,7 +1474,6 @@ def _launch(
         flags = dict(common, FLAT=flat, GSTRIDE=gstride, LINV=linv)
     onchip = dict(
         common,
-        CG=sizes[0] if even else 0,
         GPP=cfg.groups_per_program,
         CHANNELS_LAST=_channels_fast(strides),
         num_warps=cfg.num_warps,
@@ -1617,6 +1634,7 @@ def _forward(
             BLOCK_C=cfg.block_c,
             BLOCK_L=cfg.block_l,
             IDX64=flags["IDX64"],
+            CG=flags["CG"],
             FLAT=flags["FLAT"],
         )
     else:
