@@ -138,28 +138,20 @@ def plan(
     )  # fmt: skip
     x = float(shape.nbytes)
     group = x / (N * G)
-    if cfg.regime == "wave":
-        reads = 1 if direction == "fwd" else 2  # x (and dy) per pass
-        issued = (2 * reads + 1) * x
-        reuse = min(h.WAVE_STACK[direction] * cfg.wave_rows * group, issued)
-        launch = Launch(
-            "wave", cfg.programs, 4, cfg.block_c * cfg.block_l, issued, reads * x, reuse
-        )
-        launch.wave_tickets = cfg.wave_rows * cfg.chunks
-        launches = [launch]
-        if direction == "bwd":
-            launches.append(Launch("param", -(-C // 1024), 4, 1024, 0.0, 0.0, 0.0))
-        return cfg.regime, launches
+    slots = cfg.block_c * cfg.block_l
+    reads = 1 if direction == "fwd" else 2  # x (and dy) per pass
     if cfg.regime == "onchip":
         programs = N * -(-G // cfg.groups_per_program)
-        slots = cfg.block_c * cfg.block_l
-        tensors = 2 if direction == "fwd" else 3
-        launches = [Launch("onchip", programs, cfg.num_warps, slots, tensors * x, 0.0, 0.0)]
+        launches = [Launch("onchip", programs, cfg.num_warps, slots, (reads + 1) * x, 0.0, 0.0)]
+    elif cfg.regime == "wave":
+        issued = (2 * reads + 1) * x
+        reuse = min(h.WAVE_STACK[direction] * cfg.wave_rows * group, issued)
+        launch = Launch("wave", cfg.programs, 4, slots, issued, reads * x, reuse)
+        launch.wave_tickets = cfg.wave_rows * cfg.chunks
+        launches = [launch]
     else:
         programs = N * G * cfg.chunks
-        slots = cfg.block_c * cfg.block_l
         resident = min(programs, sms * _loop_resident(4))
-        reads = 1 if direction == "fwd" else 2  # x (and dy) per pass
         if cfg.regime == "fused":
             reuse = resident * group * reads * 1.5
             launches = [Launch("fused", programs, 4, slots, (2 * reads + 1) * x, reads * x, reuse)]

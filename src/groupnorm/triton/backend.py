@@ -20,10 +20,12 @@ from groupnorm.dispatch import FLOAT_DTYPES, Backend, Request, register_backend
 from groupnorm.groups import GroupPlan
 from groupnorm.stats import GroupStats
 
-__all__ = ["PRIORITY", "available", "why_not"]
+__all__ = ["KERNEL_DTYPES", "PRIORITY", "available", "why_not"]
 
 # Above the composite torch backend (0): on CUDA the kernels are the reason this package exists.
 PRIORITY = 10
+# x's dtypes the kernels take (float64 goes to the torch backend).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _interpreting() -> bool:
@@ -80,7 +82,7 @@ def why_not(r: Request) -> str | None:
             "an ONNX export is being traced: the torch backend's composite ops export, the "
             "Triton custom op has no ONNX form"
         )
-    if r.x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if r.x.dtype not in KERNEL_DTYPES:
         return (
             f"x has dtype {r.x.dtype}; the Triton kernels take float32, float16 and bfloat16 "
             "(the torch backend serves float64)"
@@ -110,7 +112,6 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     )
 
 
-_KERNEL_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
 _PARAM_DTYPES = frozenset(FLOAT_DTYPES)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 # groupnorm.triton.group_norm.plain_forward, once the kernels imported.
@@ -144,7 +145,7 @@ def fast(
     if (
         len(shape) < 2
         or shape[1] != plan.num_channels
-        or x.dtype not in _KERNEL_DTYPES
+        or x.dtype not in KERNEL_DTYPES
         or type(eps) is not float
         or not 0.0 <= eps < math.inf
         or not (activation is None or (type(activation) is str and activation in ACTIVATIONS))

@@ -56,6 +56,7 @@ from groupnorm.activations import triton_code
 from groupnorm.groups import GroupPlan
 from groupnorm.stats import GroupStats
 from groupnorm.triton.activation import _act, _act_grad
+from groupnorm.triton.backend import KERNEL_DTYPES
 from groupnorm.triton.heuristics import (
     CPU_SM_COUNT,
     TILE,
@@ -67,7 +68,6 @@ from groupnorm.triton.onchip import _gn_bwd_onchip_kernel, _gn_fwd_onchip_kernel
 
 __all__ = ["group_norm_triton"]
 
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
 
 
@@ -589,6 +589,21 @@ def _merge_and_normalize(
 
 
 @triton.jit
+def _release_partials(SYNC, row):
+    """Publish row's partial just stored: every thread's stores, then the row's counter
+    SYNC[1 + row] raised with release semantics."""
+    tl.debug_barrier()
+    tl.atomic_add(SYNC + 1 + row, 1, sem="release")
+
+
+@triton.jit
+def _await_partials(SYNC, row, K):
+    """Wait (acquire) until all K partials of row are published."""
+    while tl.atomic_add(SYNC + 1 + row, 0, sem="acquire") < K:
+        pass
+
+
+@triton.jit
 def _ticket(t, K, WAVE_ROWS, WAVES):
     """Ticket t of a wave schedule -> (an S ticket?, row, chunk). Block 0 is S0, block
     b < WAVES is S(b) then N(b - 1), block WAVES is N(WAVES - 1); each half-block has
@@ -690,11 +705,9 @@ def _gn_fwd_wave_kernel(
                 tl.store(P_CNT + row * K + k, cnt)
                 tl.store(P_MEAN + row * K + k, mean)
                 tl.store(P_M2 + row * K + k, m2)
-                tl.debug_barrier()  # every thread's stores before the release
-                tl.atomic_add(SYNC + 1 + row, 1, sem="release")
+                _release_partials(SYNC, row)
             else:
-                while tl.atomic_add(SYNC + 1 + row, 0, sem="acquire") < K:
-                    pass
+                _await_partials(SYNC, row, K)
                 _merge_and_normalize(
                     X, Y, W, B, SCALE, SHIFT, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD, SS,
                     C, L, LINV, extent, sxC, sxL, syC, syL, eps, CHUNK_L, K, row, n, c0, Cg,
@@ -1225,11 +1238,9 @@ def _gn_bwd_wave_kernel(
                     c0, Cg, x_base, dy_base, pivot, smean, rstd, k, HAS_W, HAS_B, HAS_SCALE,
                     HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64,
                 )  # fmt: skip
-                tl.debug_barrier()  # every thread's stores before the release
-                tl.atomic_add(SYNC + 1 + row, 1, sem="release")
+                _release_partials(SYNC, row)
             else:
-                while tl.atomic_add(SYNC + 1 + row, 0, sem="acquire") < K:
-                    pass
+                _await_partials(SYNC, row, K)
                 _bwd_dx_chunk(
                     X, DY, DX, W, B, SCALE, SHIFT, PA, PB, SUMS, C, L, sxC, sxL, sdC, sdL, sgC,
                     sgL, CHUNK_L, K, n, c0, Cg, x_base, dy_base,
@@ -1373,7 +1384,6 @@ class _Launch(NamedTuple):
     small tensor is otherwise dominated by these decisions)."""
 
     cfg: LaunchConfig
-    programs: int  # on-chip programs per sample (R); 1 in the other regimes
     onchip: dict[str, Any]  # the on-chip kernels' options (``flags`` included)
     flags: dict[str, Any]  # options every kernel of the call takes
     has: dict[str, bool]  # which of weight, bias, scale, shift are given
@@ -1389,7 +1399,7 @@ class _Launch(NamedTuple):
     param_block: int  # backward: channels per program of the parameter kernel
     param_grid: tuple[int]  # backward: the parameter kernel's grid
     rows: int  # N * G: statistics per field
-    grid: tuple[int]  # the on-chip kernel's grid, (N * programs,)
+    grid: tuple[int]  # the on-chip kernel's grid: N x on-chip programs per sample
     ints: tuple[int, ...]  # the on-chip kernel's integer arguments after its tensors
 
 
@@ -1418,9 +1428,9 @@ def _launch(
 ) -> _Launch:
     """The launch for x of ``shape`` and ``x_strides`` (and dy's strides, backward); raises
     for what the kernels cannot take (checked here once per signature)."""
-    if dtype not in _SUPPORTED:
+    if dtype not in KERNEL_DTYPES:
         raise TypeError(
-            f"the Triton kernels take x in {[str(d) for d in _SUPPORTED]}, got "
+            f"the Triton kernels take x in {[str(d) for d in KERNEL_DTYPES]}, got "
             f"{dtype}; use backend='torch' for it"
         )
     if len(shape) < 2 or sum(sizes) != shape[1]:
@@ -1469,9 +1479,8 @@ def _launch(
     if direction == "fwd":
         # The loop kernels' flat layout: GSTRIDE = Cg * L, LINV = ceil(2^32 / L) (see
         # _normalize_flat); unused (0) otherwise.
-        flat = cfg.flat
-        gstride, linv = (sizes[0] * L, -(-(1 << 32) // L)) if flat else (0, 0)
-        flags = dict(common, FLAT=flat, GSTRIDE=gstride, LINV=linv)
+        gstride, linv = (sizes[0] * L, -(-(1 << 32) // L)) if cfg.flat else (0, 0)
+        flags = dict(common, FLAT=cfg.flat, GSTRIDE=gstride, LINV=linv)
     onchip = dict(
         common,
         GPP=cfg.groups_per_program,
@@ -1485,7 +1494,6 @@ def _launch(
     programs = -(-len(sizes) // cfg.groups_per_program)
     return _Launch(
         cfg,
-        programs,
         onchip,
         flags,
         named,
@@ -1605,19 +1613,17 @@ def _forward(
             **flags,
         )  # fmt: skip
         return out
-    if stats is None and cfg.regime == "wave":
-        K = cfg.chunks
-        parts = [x.new_empty((N, G, K), dtype=torch.float32) for _ in range(3)]
-        sync = x.new_zeros(1 + N * G, dtype=torch.int32)  # ticket counter, then per row
-        _gn_fwd_wave_kernel[(cfg.programs,)](
-            xv, y, *params, offs, pivot, *parts, smean, m2, count, rstd, ss, sync, C, G, L,
-            *strides, eps, cfg.chunk_l, K, N * G, cfg.wave_rows, cfg.waves,
-            BLOCK_KP=next_pow2(K), **flags,
-        )  # fmt: skip
-        return out
     if stats is None:
         K = cfg.chunks
-        parts = [torch.empty((N, G, K), dtype=torch.float32, device=x.device) for _ in range(3)]
+        parts = [x.new_empty((N, G, K), dtype=torch.float32) for _ in range(3)]
+        if cfg.regime == "wave":
+            sync = x.new_zeros(1 + N * G, dtype=torch.int32)  # ticket counter, then per row
+            _gn_fwd_wave_kernel[(cfg.programs,)](
+                xv, y, *params, offs, pivot, *parts, smean, m2, count, rstd, ss, sync, C, G, L,
+                *strides, eps, cfg.chunk_l, K, N * G, cfg.wave_rows, cfg.waves,
+                BLOCK_KP=next_pow2(K), **flags,
+            )  # fmt: skip
+            return out
         _gn_fwd_partial_kernel[(N * G, K)](
             xv,
             offs,
