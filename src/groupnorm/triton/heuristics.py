@@ -339,7 +339,7 @@ def _wave_config(
         block_c, block_l, chunk_l, chunks = finer
     waves = -(-rows // wave_rows)
     tickets = 2 * waves * wave_rows * chunks
-    programs = max(1, min(tickets, WAVE_PROGRAMS_PER_SM * sm_count))
+    programs = max(1, min(tickets, grid))
     return LaunchConfig(
         "wave", block_c, block_l, chunk_l, chunks, wave_rows=wave_rows, waves=waves,
         programs=programs,
