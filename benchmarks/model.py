@@ -150,10 +150,11 @@ def plan(
         launch.wave_tickets = cfg.wave_rows * cfg.chunks
         launches = [launch]
     else:
-        programs = N * G * cfg.chunks
+        # a program spans groups_per_program groups (channels-last runs, heuristics.loop_run)
+        programs = N * (G // cfg.groups_per_program) * cfg.chunks
         resident = min(programs, sms * _loop_resident(4))
         if cfg.regime == "fused":
-            reuse = resident * group * reads * 1.5
+            reuse = resident * group * cfg.groups_per_program * reads * 1.5
             launches = [Launch("fused", programs, 4, slots, (2 * reads + 1) * x, reads * x, reuse)]
         else:
             launches = [

@@ -236,13 +236,17 @@ def check_limits() -> list[str]:
     return problems
 
 
-# name -> (shape, channels_last, backward too)
-LOOP_CASES: dict[str, tuple[tuple[int, ...], bool, bool]] = {
+# name -> (shape, channels_last, backward too, regimes)
+LOOP_CASES: dict[str, tuple[tuple[int, ...], bool, bool, tuple[str, ...]]] = {
     # rows of 950 bf16 elements (1900 bytes, not 16-byte multiples): the forward reads flat
-    "R50-GN C5 NCHW": ((2, 2048, 25, 38), False, False),
+    "R50-GN C5 NCHW": ((2, 2048, 25, 38), False, False, ("auto", "wave")),
     # channels-last, 8 channels a group (16 bytes): the compiler knows the group's channels
-    "ResNet b32 NHWC": ((32, 256, 56, 56), True, True),
-    "FPN P2 NHWC": ((2, 256, 200, 304), True, True),
+    "ResNet b32 NHWC": ((32, 256, 56, 56), True, True, ("auto", "wave")),
+    "FPN P2 NHWC": ((2, 256, 200, 304), True, True, ("auto", "wave")),
+    # channels-last, 10 and 30 channels a group (20 and 60 bytes): runs of 4 groups (80 and 240
+    # bytes, heuristics.loop_run) in the split and fused regimes; the wave regime has no runs
+    "SD 2x320x64x64 NHWC": ((2, 320, 64, 64), True, True, ("auto", "fused")),
+    "SD up-concat 2x960x64x64 NHWC": ((2, 960, 64, 64), True, True, ("auto", "fused")),
 }
 
 
@@ -250,8 +254,8 @@ def check_loops() -> list[str]:
     """Problems of the loop regimes' kernels (fused, split, wave) where 128-bit accesses are
     possible (LOOP_CASES, bf16, G = 32): spills, scalar loads, or scalar stores of y or dx."""
     problems = []
-    for name, (shape, channels_last, backward) in LOOP_CASES.items():
-        for regime in ("auto", "wave"):
+    for name, (shape, channels_last, backward, regimes) in LOOP_CASES.items():
+        for regime in regimes:
             found = launches_of(shape, 32, channels_last=channels_last, regime=regime)
             if backward:
                 found += launches_of(

@@ -47,6 +47,8 @@ class LaunchTraffic:
     """One interpreted kernel launch: every global access as (addresses, element bytes)."""
 
     kernel: str
+    grid: tuple[int, ...] = ()
+    options: dict = field(default_factory=dict)  # the launch's keyword (constexpr) arguments
     loads: list[tuple[np.ndarray, int]] = field(default_factory=list)
     stores: list[tuple[np.ndarray, int]] = field(default_factory=list)
     # Every access in program order: (is_load, addresses, element bytes).
@@ -131,7 +133,7 @@ def count_traffic() -> Iterator[list[LaunchTraffic]]:
         return real_store(self, ptrs, value, mask, *args)
 
     def call(self, *args, **kwargs):
-        launches.append(LaunchTraffic(self.fn.__name__))
+        launches.append(LaunchTraffic(self.fn.__name__, tuple(self.grid), dict(kwargs)))
         return real_call(self, *args, **kwargs)
 
     builder.create_masked_load, builder.create_masked_store = load, store

@@ -4,6 +4,7 @@ shapes (it is slow); see tests/_triton_interpreted.py for how TRITON_INTERPRET i
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -1172,6 +1173,90 @@ def test_runs_of_groups_and_uneven_plans_poisoned(channels_last, regime, poisone
         _backward_case(x, plan, regime=regime, dtype=torch.bfloat16, param_dtype=torch.float32)
 
 
+@given(
+    N=st.integers(1, 64),
+    G=st.integers(1, 64),
+    cg=st.integers(1, 160),
+    L=st.integers(1, 1 << 20),
+    elem_bytes=st.sampled_from([2, 4]),
+    regime=st.sampled_from(["auto", "fused", "split"]),
+)
+def test_channels_last_run_plans(N, G, cg, L, elem_bytes, regime):
+    """The loop regimes' channels-last runs (heuristics.loop_run): the fewest consecutive groups
+    whose channels are a 16-byte multiple, only where they divide G and fit one channel block;
+    the plan's tile then spans the run, and its chunks cover L (split: in whole tiles)."""
+    from groupnorm.triton import heuristics as h
+
+    cfg = h.choose_config(
+        N, L, cg, G, True, 132, regime, even=True, elem_bytes=elem_bytes, unit_stride=False
+    )
+    gpp = cfg.groups_per_program
+    row = cg * elem_bytes
+    fewest = h.VECTOR_BYTES // np.gcd(row, h.VECTOR_BYTES)
+    if fewest > 1 and G % fewest == 0 and h.next_pow2(fewest * cg) <= h.RUN_MAX_CHANNELS:
+        assert gpp == fewest and (gpp * row) % h.VECTOR_BYTES == 0
+        assert cfg.block_c >= gpp * cg, "one channel block spans the run"
+    else:
+        assert gpp == 1
+    assert cfg.block_c * cfg.block_l <= h.TILE
+    assert cfg.regime == "fused" or cfg.chunk_l % cfg.block_l == 0, "split chunks: whole tiles"
+    assert (cfg.chunks - 1) * cfg.chunk_l < L <= cfg.chunks * cfg.chunk_l
+    assert h.loop_run(cg, G, False, True, elem_bytes) == 1, "uneven plans have no runs"
+    assert h.loop_run(cg, G, True, False, elem_bytes) == 1, "NCHW has no runs"
+    assert h.loop_run(cg, G, True, True, elem_bytes, "wave") == 1, "the wave regime has none"
+
+
+# channels-last even plans whose groups are not 16-byte multiples:
+# (shape, G, dtype, runs of, activation). float32 without an activation: with SiLU, scale and
+# shift, this input's dscale is ill-conditioned enough that torch's own float32 reaches 99 % of
+# the static bound, and the per-group kernels 104 % (the run kernels give the same bits).
+RUN_CASES = {
+    "bf16-cg10-runs-of-4": ((2, 40, 9, 11), 4, torch.bfloat16, 4, "silu"),
+    "fp16-cg30-runs-of-4": ((1, 240, 5, 6), 8, torch.float16, 4, "silu"),
+    "fp32-cg6-runs-of-2": ((3, 12, 7, 5), 2, torch.float32, 2, None),
+    "bf16-cg1-instancenorm-runs-of-8": ((2, 16, 6, 7), 16, torch.bfloat16, 8, "silu"),
+}
+
+
+@pytest.mark.parametrize("regime", ["fused", "split"])
+@pytest.mark.parametrize("case", list(RUN_CASES))
+def test_channels_last_runs_match_float64(case, regime, poisoned_outputs):
+    """The fused and split regimes read channels-last groups of 20, 60, 24 and 2 bytes as runs
+    of groups (_gn_*_run_* kernels): forward with every epilogue and the statistics, backward
+    into every gradient, and a forward from given statistics, all into poisoned buffers, against
+    float64. The split regime merges several chunks."""
+    shape, G, dtype, gpp, activation = RUN_CASES[case]
+    x = _rand(shape, 170, dtype=dtype).to(memory_format=torch.channels_last)
+    plan = make_plan(shape[1], G)
+    sizes, has = plan.sizes, (True, True, True, True)
+    for direction in ("fwd", "bwd"):
+        dy_strides = None if direction == "fwd" else x.stride()
+        cfg = kernels._launch(
+            direction, tuple(x.shape), x.stride(), dy_strides, x.dtype, x.device, sizes, regime,
+            has, activation,
+        ).cfg  # fmt: skip
+        assert cfg.regime in ("fused", "split") and cfg.groups_per_program == gpp, cfg
+        assert regime != "split" or cfg.chunks > 1
+    with count_traffic() as launches:
+        _backward_case(
+            x, plan, regime=regime, dtype=dtype, param_dtype=torch.float32,
+            activation=activation, has_scale=True, has_shift=True,
+        )  # fmt: skip
+    if INTERPRET:
+        for t in launches:
+            if "param" not in t.kernel:  # every other launch takes runs of gpp groups
+                assert t.options.get("GPP") == gpp and t.grid[0] == shape[0] * G // gpp, t
+    w, b = _rand((shape[1],), 171), _rand((shape[1],), 172)
+    y, stats = _run(x, plan, w, b, regime=regime, return_stats=True)
+    expected, cache = _reference(x, plan, w, b)
+    check(y, expected, dtype, what="y")
+    check(stats.mean, cache.mean, torch.float32, what="mean")
+    check(stats.var, cache.var, torch.float32, what="var")
+    again, _ = _run(x, plan, w, b, regime=regime, stats=stats)
+    check(again, expected, dtype, what="y from given statistics")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
 # ------------------------------------------------------------- traffic and launch counts
 
 
@@ -1213,14 +1298,18 @@ def test_onchip_moves_each_byte_once(channels_last):
 @pytest.mark.skipif(not INTERPRET, reason="counts bytes in Triton's interpreter")
 def test_split_and_fused_traffic_within_their_stated_passes():
     """The regimes that do not hold a group on chip read x (and dy) at most the passes the
-    heuristics state (SPLIT_PASSES), plus one pivot element per program."""
+    heuristics state (PASSES), plus one pivot element per group a program holds."""
     from groupnorm.triton import heuristics as h
 
-    shape = (2, 8, 16, 16)
-    for regime in ("fused", "split"):
-        x, y, dy, dx, fwd, bwd = _traffic_case(shape, 2, channels_last=False, regime=regime)
+    # NCHW; channels-last groups of 20 bytes, read as runs of 4 groups
+    for (shape, G, channels_last), regime in itertools.product(
+        (((2, 8, 16, 16), 2, False), ((2, 40, 8, 8), 4, True)), ("fused", "split")
+    ):
+        x, y, dy, dx, fwd, bwd = _traffic_case(shape, G, channels_last=channels_last, regime=regime)
+        runs = {t.options.get("GPP", 1) for t in fwd + bwd if "param" not in t.kernel}
+        assert runs == {4 if channels_last else 1}, [(t.kernel, t.options) for t in fwd + bwd]
         elems = x.numel()
-        pivots = 64  # at most one extra element per program on these shapes
+        pivots = 64  # at most one extra element per (program, group) on these shapes
         passes = h.PASSES[regime]
         read_x = sum(t.loaded(x) for t in fwd) / 2
         assert elems * passes["fwd"]["x"] <= read_x <= elems * passes["fwd"]["x"] + pivots

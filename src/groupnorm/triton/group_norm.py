@@ -64,7 +64,13 @@ from groupnorm.triton.heuristics import (
     choose_config,
     next_pow2,
 )
-from groupnorm.triton.onchip import _gn_bwd_onchip_kernel, _gn_fwd_onchip_kernel
+from groupnorm.triton.onchip import (
+    _gn_bwd_onchip_kernel,
+    _gn_fwd_onchip_kernel,
+    _group_sum,
+    _params,
+    _run,
+)
 
 __all__ = ["group_norm_triton"]
 
@@ -363,9 +369,18 @@ def _gn_fwd_fused_kernel(
     IDX64: tl.constexpr,
     CG: tl.constexpr,
     FLAT: tl.constexpr,
+    GPP: tl.constexpr = 1,
 ):
     """Fused regime: program (n * G + g) computes its group's statistics, writes them, then
-    normalizes the group (second read of x, from L1/L2 for small groups)."""
+    normalizes the group (second read of x, from L1/L2 for small groups). ``GPP`` > 1: program
+    (n * G / GPP + r) does so for channels-last run r (:func:`_run_normalize`)."""
+    if GPP > 1:
+        _run_normalize(
+            X, Y, W, B, SCALE, SHIFT, OFFS, PIVOT, PIVOT, PIVOT, PIVOT, SMEAN, M2, COUNT, RSTD,
+            SS, C, G, L, sxN, sxC, sxL, syN, syC, syL, eps, L, 1, 0, HAS_W, HAS_B, HAS_SCALE,
+            HAS_SHIFT, ACT, 1, BLOCK_C, BLOCK_L, IDX64, CG, GPP, True,
+        )  # fmt: skip
+        return
     row, n, c0, Cg, _ = _program_group(OFFS, G, sxN, sxC, CG)
     x_base, y_base, extent = _group_bases(row, n, c0, Cg, G, L, sxN, sxC, syN, syC, GSTRIDE, FLAT)
     pivot = tl.load(X + x_base).to(tl.float32)
@@ -435,10 +450,32 @@ def _gn_fwd_partial_kernel(
     IDX64: tl.constexpr,
     CG: tl.constexpr,
     FLAT: tl.constexpr,
+    GPP: tl.constexpr = 1,
 ):
     """Split regime, pass 1: program (n * G + g, k) writes (count, mean, m2) of ``x - pivot``
     over its chunk of positions [k * CHUNK_L, (k + 1) * CHUNK_L) (``FLAT``: of the group's
-    elements) to partials[n, g, k]."""
+    elements) to partials[n, g, k]. ``GPP`` > 1, a channels-last even plan whose groups are not
+    16-byte multiples (SD's 10 bf16 channels are 20 bytes): program (n * G / GPP + r, k) does so
+    for each group of run r of GPP groups (4: 80 bytes), read as one tile of 16-byte row
+    segments (:func:`_run_stats`); a group's first channel stores its partial."""
+    if GPP > 1:
+        n, g0, c_lo, c, cmask, gl, first, _ = _run(OFFS, OFFS, G, G // GPP, CG, GPP, BLOCK_C)
+        k = tl.program_id(1)
+        x_base = n.to(tl.int64) * sxN + c_lo
+        pivot = _run_pivot(X, x_base, gl, CG, GPP)
+        l_lo = k * CHUNK_L
+        cnt, mean, m2 = _run_stats(
+            X, x_base, pivot, c, cmask, gl, l_lo, tl.minimum(l_lo + CHUNK_L, L), sxC, sxL, CG, GPP,
+            BLOCK_L, IDX64,
+        )  # fmt: skip
+        head = cmask & (c == first)
+        row = n * G + g0 + gl
+        if k == 0:
+            tl.store(PIVOT + row, pivot, mask=head)
+        tl.store(P_CNT + row * K + k, tl.zeros_like(mean) + cnt, mask=head)
+        tl.store(P_MEAN + row * K + k, mean, mask=head)
+        tl.store(P_M2 + row * K + k, m2, mask=head)
+        return
     row, n, c0, Cg, _ = _program_group(OFFS, G, sxN, sxC, CG)
     x_base, _, extent = _group_bases(row, n, c0, Cg, G, L, sxN, sxC, 0, 0, GSTRIDE, FLAT)
     k = tl.program_id(1)
@@ -498,10 +535,20 @@ def _gn_fwd_normalize_kernel(
     IDX64: tl.constexpr,
     CG: tl.constexpr,
     FLAT: tl.constexpr,
+    GPP: tl.constexpr = 1,
 ):
     """Split regime, pass 2 (also: normalize with given statistics, KP = 1): program
     (n * G + g, k) merges its group's KP partials and normalizes its chunk
-    (:func:`_merge_and_normalize`)."""
+    (:func:`_merge_and_normalize`); ``GPP`` > 1: program (n * G / GPP + r, k), for each group of
+    channels-last run r (:func:`_run_normalize`)."""
+    if GPP > 1:
+        _run_normalize(
+            X, Y, W, B, SCALE, SHIFT, OFFS, PIVOT, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD,
+            SS, C, G, L, sxN, sxC, sxL, syN, syC, syL, eps, CHUNK_L, KP, _reversed_chunk(),
+            HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_KP, BLOCK_C, BLOCK_L, IDX64, CG, GPP,
+            False,
+        )  # fmt: skip
+        return
     row, n, c0, Cg, _ = _program_group(OFFS, G, sxN, sxC, CG)
     x_base, y_base, extent = _group_bases(row, n, c0, Cg, G, L, sxN, sxC, syN, syC, GSTRIDE, FLAT)
     _merge_and_normalize(
@@ -586,6 +633,168 @@ def _merge_and_normalize(
         W, B, SCALE, SHIFT, C, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64,
         L, LINV, FLAT,
     )  # fmt: skip
+
+
+@triton.jit
+def _spread(v, gl, GPP: tl.constexpr):
+    """Per channel of a run, the value v[gl] (v: one per group, (GPP,)) of its group: selected,
+    never summed across groups (a NaN stays in its group)."""
+    own = gl[:, None] == tl.arange(0, GPP)[None, :]
+    return tl.sum(tl.where(own, v[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _run_pivot(X, x_base, gl, CG: tl.constexpr, GPP: tl.constexpr):
+    """Per channel of a channels-last run: its group's pivot x[n, first channel, 0], one load
+    per group."""
+    p = tl.load(X + x_base + tl.arange(0, GPP) * CG).to(tl.float32)
+    return _spread(p, gl, GPP)
+
+
+@triton.jit
+def _run_stats(
+    X,
+    x_base,
+    pivot,
+    c,
+    cmask,
+    gl,
+    l_lo,
+    l_hi,
+    sC,
+    sL,
+    CG: tl.constexpr,
+    GPP: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
+):
+    """:func:`_chunk_stats` of every group of a channels-last run at once, over positions
+    [l_lo, l_hi): per channel, its group's (count, mean, m2) of ``x - pivot`` (a scalar count:
+    the groups of a run are equal). One (channels x positions) tile spans the run, so each
+    position's row segment is a 16-byte multiple; a tile's per-channel sums are folded into
+    groups (:func:`_group_sum`), two-pass within the tile, Chan-merged across tiles."""
+    cnt = tl.zeros((), tl.float32)
+    mean = tl.zeros(c.shape, tl.float32)
+    m2 = tl.zeros(c.shape, tl.float32)
+    for lb in range(l_lo, l_hi, BLOCK_L):
+        pos = lb + tl.arange(0, BLOCK_L)
+        mask = cmask[:, None] & (pos < l_hi)[None, :]
+        v = tl.load(X + x_base + _tile_offsets(c, pos, sC, sL, IDX64), mask=mask, other=0.0)
+        d = tl.where(mask, v.to(tl.float32) - pivot[:, None], 0.0)
+        n_t = (CG * 1.0) * tl.minimum(l_hi - lb, BLOCK_L).to(tl.float32)
+        mean_t = _group_sum(tl.sum(d, axis=1), gl, GPP) / n_t
+        e = tl.where(mask, d - mean_t[:, None], 0.0)
+        m2_t = _group_sum(tl.sum(e * e, axis=1), gl, GPP)
+        n_new = cnt + n_t
+        delta = mean_t - mean
+        mean = mean + delta * (n_t / n_new)
+        m2 = m2 + m2_t + delta * delta * (cnt * (n_t / n_new))
+        cnt = n_new
+    return cnt, mean, m2
+
+
+@triton.jit
+def _run_normalize(
+    X,
+    Y,
+    W,
+    B,
+    SCALE,
+    SHIFT,
+    OFFS,
+    PIVOT,
+    P_CNT,
+    P_MEAN,
+    P_M2,
+    SMEAN,
+    M2,
+    COUNT,
+    RSTD,
+    SS,
+    C,
+    G,
+    L,
+    sxN,
+    sxC,
+    sxL,
+    syN,
+    syC,
+    syL,
+    eps,
+    CHUNK_L,
+    KP,
+    k,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_KP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
+    CG: tl.constexpr,
+    GPP: tl.constexpr,
+    FUSED: tl.constexpr,
+):
+    """A channels-last run of GPP groups (program n * G / GPP + r: :func:`_run`), chunk k:
+    merge the KP partials of each group of the run as one (GPP, BLOCK_KP) tile (Chan's formula
+    in vector form, as :func:`_merge_and_normalize`), write the statistics from chunk 0 and
+    normalize the chunk. ``FUSED`` (one chunk): the statistics come from the program's own pass
+    over the run instead (:func:`_run_stats`), as the fused regime's."""
+    n, g0, c_lo, c, cmask, gl, first, _ = _run(OFFS, OFFS, G, G // GPP, CG, GPP, BLOCK_C)
+    x_base = n.to(tl.int64) * sxN + c_lo
+    row = n * G + g0 + gl
+    head = cmask & (c == first)
+    if FUSED:
+        pivot = _run_pivot(X, x_base, gl, CG, GPP)
+        cnt, mean, m2 = _run_stats(
+            X, x_base, pivot, c, cmask, gl, 0, L, sxC, sxL, CG, GPP, BLOCK_L, IDX64
+        )
+        tl.store(PIVOT + row, pivot, mask=head)
+        cnt = tl.zeros_like(mean) + cnt
+    else:
+        pivot = tl.load(PIVOT + row, mask=cmask, other=0.0)
+        j = tl.arange(0, GPP)
+        i = tl.arange(0, BLOCK_KP)
+        at = (n * G + g0 + j)[:, None] * KP + i[None, :]
+        imask = (i < KP)[None, :] & (j >= 0)[:, None]
+        p_cnt = tl.load(P_CNT + at, mask=imask, other=0.0)
+        p_mean = tl.load(P_MEAN + at, mask=imask, other=0.0)
+        g_cnt = tl.sum(p_cnt, axis=1)
+        g_mean = tl.sum(p_cnt * p_mean, axis=1) / g_cnt
+        dev = tl.where(imask, p_mean - g_mean[:, None], 0.0)
+        g_m2 = tl.sum(tl.load(P_M2 + at, mask=imask, other=0.0), axis=1)
+        g_m2 += tl.sum(p_cnt * dev * dev, axis=1)
+        cnt = _spread(g_cnt, gl, GPP)
+        mean = _spread(g_mean, gl, GPP)
+        m2 = _spread(g_m2, gl, GPP)
+        cnt = tl.where(cmask, cnt, 1.0)  # lanes past the run: no group, no 0 / 0
+    # Lanes past the run have m2 = 0; with eps = 0 (statistics only) they would divide by 0.
+    rstd = 1.0 / tl.sqrt(tl.where(cmask, m2 / cnt + eps, 1.0))
+    if k == 0:
+        tl.store(SMEAN + SS + row, mean, mask=head)
+        tl.store(M2 + 2 * SS + row, m2, mask=head)
+        tl.store(COUNT + 3 * SS + row, cnt, mask=head)
+        tl.store(RSTD + 4 * SS + row, rstd, mask=head)
+    w, bias, s1, sh = _params(
+        n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
+    )
+    a = rstd * w * s1
+    b = (bias - mean * rstd * w) * s1 + sh
+    y_base = n.to(tl.int64) * syN + c_lo
+    l_lo = k * CHUNK_L
+    l_hi = tl.minimum(l_lo + CHUNK_L, L)
+    for lb in range(l_lo, l_hi, BLOCK_L):
+        pos = lb + tl.arange(0, BLOCK_L)
+        mask = cmask[:, None] & (pos < l_hi)[None, :]
+        v = tl.load(X + x_base + _tile_offsets(c, pos, sxC, sxL, IDX64), mask=mask, other=0.0)
+        y = _act((v.to(tl.float32) - pivot[:, None]) * a[:, None] + b[:, None], ACT)
+        tl.store(
+            Y + y_base + _tile_offsets(c, pos, syC, syL, IDX64),
+            y.to(Y.dtype.element_ty),
+            mask=mask,
+        )
 
 
 @triton.jit
@@ -1001,16 +1210,44 @@ def _gn_bwd_partial_kernel(
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
     CG: tl.constexpr,
+    GPP: tl.constexpr = 1,
 ):
     """Split regime, pass 1: program (n * G + g, k) writes A, B of its group's channels over
-    its chunk of positions to partials PA, PB[n, k, c] (fp32, (N, K, C))."""
-    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC, CG)
+    its chunk of positions to partials PA, PB[n, k, c] (fp32, (N, K, C)). ``GPP`` > 1: program
+    (n * G / GPP + r, k), of channels-last run r's channels, as one channel block (see
+    :func:`_gn_fwd_partial_kernel`)."""
+    if GPP > 1:
+        n, c0, _, _, pivot, smean, rstd = _run_saved(
+            OFFS, PIVOT, SMEAN, RSTD, SS, G, CG, GPP, BLOCK_C
+        )
+        Cg = GPP * CG
+        x_base = n.to(tl.int64) * sxN + c0
+    else:
+        row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC, CG)
+        pivot = tl.load(PIVOT + row)
+        smean = tl.load(SMEAN + SS + row)
+        rstd = tl.load(RSTD + 4 * SS + row)
     _bwd_partial_chunk(
         X, DY, W, B, SCALE, SHIFT, PA, PB, C, L, sxC, sxL, sdC, sdL, CHUNK_L, K, n, c0, Cg,
-        x_base, n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC, tl.load(PIVOT + row),
-        tl.load(SMEAN + SS + row), tl.load(RSTD + 4 * SS + row), tl.program_id(1),
-        HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64,
+        x_base, n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC, pivot, smean, rstd,
+        tl.program_id(1), HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64,
     )  # fmt: skip
+
+
+@triton.jit
+def _merged_sums(PA, PB, n, K, C, c0, c, cmask, BLOCK_K: tl.constexpr, VOLATILE: tl.constexpr):
+    """Per channel c0 + c: the sums over k of the partials PA, PB[n, k, c], BLOCK_K partials at
+    a time as one (BLOCK_K, channels) tile (a fixed reduction tree: deterministic);
+    ``VOLATILE``: written by programs still running."""
+    a = tl.zeros(c.shape, tl.float32)
+    b = tl.zeros(c.shape, tl.float32)
+    for kb in range(0, K, BLOCK_K):
+        kk = kb + tl.arange(0, BLOCK_K)
+        m = (kk < K)[:, None] & cmask[None, :]
+        nkc = (n.to(tl.int64) * K + kk)[:, None] * C + (c0 + c)[None, :]
+        a += tl.sum(tl.load(PA + nkc, mask=m, other=0.0, volatile=VOLATILE), axis=0)
+        b += tl.sum(tl.load(PB + nkc, mask=m, other=0.0, volatile=VOLATILE), axis=0)
+    return a, b
 
 
 @triton.jit
@@ -1062,8 +1299,7 @@ def _bwd_dx_chunk(
     gradients), the group means, and dx of chunk k.
 
     FUSED (one chunk, CHUNK_L = L): A, B are computed here from x and dy. Otherwise they are
-    the sums of the partials PA, PB[n, 0..K, c], BLOCK_K partials at a time as one tile (a
-    fixed reduction tree: deterministic); ``VOLATILE``: written by programs still running."""
+    the sums of the partials PA, PB[n, 0..K, c] (:func:`_merged_sums`)."""
     sum_dxhat = tl.zeros((), tl.float32)
     sum_dxhat_xhat = tl.zeros((), tl.float32)
     for cb in range(0, Cg, BLOCK_C):
@@ -1076,16 +1312,7 @@ def _bwd_dx_chunk(
                 w, bias, s1, sh, ACT, BLOCK_L, IDX64,
             )  # fmt: skip
         else:
-            a = tl.zeros((BLOCK_C,), tl.float32)
-            b = tl.zeros((BLOCK_C,), tl.float32)
-            for kb in range(0, K, BLOCK_K):
-                kk = kb + tl.arange(0, BLOCK_K)
-                m = (kk < K)[:, None] & cmask[None, :]
-                nkc = (n.to(tl.int64) * K + kk)[:, None] * C + (c0 + c)[None, :]
-                pa = tl.load(PA + nkc, mask=m, other=0.0, volatile=VOLATILE)
-                pb = tl.load(PB + nkc, mask=m, other=0.0, volatile=VOLATILE)
-                a += tl.sum(pa, axis=0)
-                b += tl.sum(pb, axis=0)
+            a, b = _merged_sums(PA, PB, n, K, C, c0, c, cmask, BLOCK_K, VOLATILE)
         if k == 0:
             nc = n.to(tl.int64) * C + c0 + c
             tl.store(SUMS + 2 * nc, a, mask=cmask)
@@ -1154,9 +1381,48 @@ def _gn_bwd_dx_kernel(
     BLOCK_K: tl.constexpr,
     IDX64: tl.constexpr,
     CG: tl.constexpr,
+    GPP: tl.constexpr = 1,
 ):
     """Program (n * G + g, k): :func:`_bwd_dx_chunk` of its group and chunk (the fused regime:
-    one chunk, A and B from x and dy; split: from the partial kernel's PA, PB)."""
+    one chunk, A and B from x and dy; split: from the partial kernel's PA, PB). ``GPP`` > 1:
+    program (n * G / GPP + r, k) does so for every group of channels-last run r at once, the
+    group means folded from the run's per-channel A, B by :func:`_group_sum`."""
+    if GPP > 1:
+        n, c_lo, _, gl, pivot, smean, rstd = _run_saved(
+            OFFS, PIVOT, SMEAN, RSTD, SS, G, CG, GPP, BLOCK_C
+        )
+        k = _reversed_chunk()
+        x_base = n.to(tl.int64) * sxN + c_lo
+        dy_base = n.to(tl.int64) * sdN + c_lo * sdC
+        c, cmask, w, bias, s1, sh = _channel_block(
+            0, n, c_lo, GPP * CG, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT,
+            BLOCK_C,
+        )  # fmt: skip
+        if FUSED:
+            a, b = _channel_sums(
+                X, DY, x_base, dy_base, c, cmask, 0, L, sxC, sxL, sdC, sdL, pivot, smean, rstd, w,
+                bias, s1, sh, ACT, BLOCK_L, IDX64,
+            )  # fmt: skip
+        else:
+            a, b = _merged_sums(PA, PB, n, K, C, c_lo, c, cmask, BLOCK_K, False)
+        if k == 0:
+            nc = n.to(tl.int64) * C + c_lo + c
+            tl.store(SUMS + 2 * nc, a, mask=cmask)
+            tl.store(SUMS + 2 * nc + 1, b, mask=cmask)
+        count = (CG * 1.0) * L  # float: CG * L may exceed int32
+        wc = w * s1
+        mean_dxhat = _group_sum(wc * b, gl, GPP) / count
+        mean_dxhat_xhat = _group_sum(wc * a, gl, GPP) / count
+        if STATS_GIVEN:
+            mean_dxhat = tl.zeros_like(mean_dxhat)
+            mean_dxhat_xhat = tl.zeros_like(mean_dxhat_xhat)
+        l_lo = k * CHUNK_L
+        _dx_block(
+            X, DY, DX, x_base, dy_base, n.to(tl.int64) * sgN + c_lo, c, cmask, l_lo,
+            tl.minimum(l_lo + CHUNK_L, L), sxC, sxL, sdC, sdL, sgC, sgL, pivot, smean, rstd, w,
+            bias, s1, sh, mean_dxhat[:, None], mean_dxhat_xhat[:, None], ACT, BLOCK_L, IDX64,
+        )  # fmt: skip
+        return
     row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC, CG)
     _bwd_dx_chunk(
         X, DY, DX, W, B, SCALE, SHIFT, PA, PB, SUMS, C, L, sxC, sxL, sdC, sdL, sgC, sgL,
@@ -1166,6 +1432,20 @@ def _gn_bwd_dx_kernel(
         HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, STATS_GIVEN, FUSED, BLOCK_C, BLOCK_L, BLOCK_K,
         IDX64, False,
     )  # fmt: skip
+
+
+@triton.jit
+def _run_saved(OFFS, PIVOT, SMEAN, RSTD, SS, G, CG: tl.constexpr, GPP: tl.constexpr, BLOCK_C):
+    """A channels-last run's program (see :func:`_gn_bwd_partial_kernel`): n, its first
+    channel c_lo, local channels c, their mask, local groups gl and per channel its group's
+    saved (pivot, shifted_mean, rstd) as (BLOCK_C, 1) columns, which the per-group helpers'
+    arithmetic broadcasts like their scalars."""
+    n, g0, c_lo, c, cmask, gl, _, _ = _run(OFFS, OFFS, G, G // GPP, CG, GPP, BLOCK_C)
+    rows = n * G + g0 + tl.arange(0, GPP)
+    pivot = _spread(tl.load(PIVOT + rows), gl, GPP)[:, None]
+    smean = _spread(tl.load(SMEAN + SS + rows), gl, GPP)[:, None]
+    rstd = _spread(tl.load(RSTD + 4 * SS + rows), gl, GPP)[:, None]
+    return n, c_lo, cmask, gl, pivot, smean, rstd
 
 
 @triton.jit
@@ -1481,6 +1761,8 @@ def _launch(
         # _normalize_flat); unused (0) otherwise.
         gstride, linv = (sizes[0] * L, -(-(1 << 32) // L)) if cfg.flat else (0, 0)
         flags = dict(common, FLAT=cfg.flat, GSTRIDE=gstride, LINV=linv)
+    if cfg.regime in ("fused", "split") and cfg.groups_per_program > 1:
+        flags = dict(flags, GPP=cfg.groups_per_program)  # channels-last runs of groups
     onchip = dict(
         common,
         GPP=cfg.groups_per_program,
@@ -1607,8 +1889,11 @@ def _forward(
     L, flags = plan.L, plan.flags
     sxN, sxC, sxL = plan.xs
     strides = plan.xs + plan.outs
+    # programs per chunk: one per group, or per channels-last run of groups (GPP); given
+    # statistics under an on-chip plan are normalized per group
+    programs = N * G // flags.get("GPP", 1)
     if stats is None and cfg.regime == "fused":
-        _gn_fwd_fused_kernel[(N * G,)](
+        _gn_fwd_fused_kernel[(programs,)](
             xv, y, *params, offs, pivot, smean, m2, count, rstd, ss, C, G, L, *strides, eps,
             **flags,
         )  # fmt: skip
@@ -1624,7 +1909,7 @@ def _forward(
                 BLOCK_KP=next_pow2(K), **flags,
             )  # fmt: skip
             return out
-        _gn_fwd_partial_kernel[(N * G, K)](
+        _gn_fwd_partial_kernel[(programs, K)](
             xv,
             offs,
             pivot,
@@ -1642,6 +1927,7 @@ def _forward(
             IDX64=flags["IDX64"],
             CG=flags["CG"],
             FLAT=flags["FLAT"],
+            GPP=cfg.groups_per_program,
         )
     else:
         K = 1
@@ -1650,7 +1936,7 @@ def _forward(
         )
         pivot.copy_(given_pivot)
         parts = [given_count, given_mean, given_m2]
-    _gn_fwd_normalize_kernel[(N * G, cfg.chunks)](
+    _gn_fwd_normalize_kernel[(programs, cfg.chunks)](
         xv,
         y,
         *params,
@@ -1735,12 +2021,13 @@ def _backward(
                 STATS_GIVEN=stats_given, BLOCK_K=block_k, **flags,
             )  # fmt: skip
         else:
+            grid = (N * G // flags.get("GPP", 1), K)
             if not fused:
-                _gn_bwd_partial_kernel[(N * G, K)](
+                _gn_bwd_partial_kernel[grid](
                     xv, dyv, *params, offs, *stats, ss, *parts, *strides, cfg.chunk_l, K,
                     **flags,
                 )  # fmt: skip
-            _gn_bwd_dx_kernel[(N * G, K)](
+            _gn_bwd_dx_kernel[grid](
                 xv, dyv, dx, *params, offs, *stats, ss, *parts, sums, *strides, *plan.outs,
                 cfg.chunk_l, K, STATS_GIVEN=stats_given, FUSED=fused, BLOCK_K=block_k, **flags,
             )  # fmt: skip

@@ -15,6 +15,10 @@ Three regimes (docs/spec.md#performance-floors):
   partials (Chan's formula, fixed order) and normalizes its chunk. Right when N * G is small
   and groups are large (VAE decode at batch 1, 3-D segmentation, detection at batch 2), where the
   fused regime leaves most SMs idle (torch's kernel: 3-8 % of the bandwidth floor there).
+* Channels-last runs (fused and split): an even plan whose groups are not 16-byte multiples of
+  channels (SD's 10 bf16 channels, 20 bytes) is read by programs of several consecutive groups
+  (:func:`loop_run`: 4 groups, 80 bytes), so every row segment a program loads or stores is
+  128-bit aligned; the run's statistics are folded per group in registers.
 * ``wave`` (opt-in, never chosen by ``auto``): the split regime's two passes in one launch of a
   persistent grid, scheduled in waves of groups sized to an L2 budget, so that the second read
   of every chunk comes from L2 (``_gn_fwd_wave_kernel``, ``_gn_bwd_wave_kernel``; backward
@@ -37,6 +41,7 @@ __all__ = [
     "REGIMES",
     "LaunchConfig",
     "choose_config",
+    "loop_run",
     "next_pow2",
     "onchip_tile",
     "wave_bytes",
@@ -126,6 +131,9 @@ ONCHIP_MIN_SLOTS = 2048
 # 128-bit global accesses: a channels-last run of groups is widened to a multiple of 16 bytes
 # (Cg = 10 in bf16 is 20 bytes: 4 groups = 80 bytes) so that every row segment is aligned.
 VECTOR_BYTES = 16
+# The loop regimes' channels-last runs (loop_run) hold a run as one channel block: 256 channels
+# leave at least 16 positions of a TILE per block.
+RUN_MAX_CHANNELS = 256
 
 
 def next_pow2(n: int) -> int:
@@ -139,7 +147,8 @@ class LaunchConfig:
 
     ``block_c`` x ``block_l`` is the tile (channels x positions); ``chunk_l`` positions per
     program along L and ``chunks`` = ceil(L / chunk_l) programs per group (1 in the fused and
-    on-chip regimes); ``groups_per_program`` consecutive groups per program (on-chip only).
+    on-chip regimes); ``groups_per_program`` consecutive groups per program (on-chip, and the
+    fused and split regimes' channels-last runs: :func:`loop_run`; chunks then span the run).
     Wave regime: ``wave_rows`` (sample, group) rows per wave, ``waves`` of them, and a
     persistent grid of ``programs``. ``flat`` (forward of the loop regimes, NCHW): each group is
     read as one run of Cg * L elements in 1-D tiles (``block_c`` = 1), ``chunk_l`` elements a
@@ -192,11 +201,12 @@ def onchip_tile(
     return next_pow2(gpp * max_group), block_l, gpp, warps
 
 
-def _tile(max_group: int, L: int, channels_fast: bool) -> tuple[int, int]:
+def _tile(max_group: int, L: int, channels_fast: bool, whole: bool = False) -> tuple[int, int]:
     """(block_c, block_l). The contiguous axis gets the long side of the tile so that loads are
-    coalesced: channels for channels-last (a group's channels are adjacent), positions for NCHW."""
+    coalesced: channels for channels-last (a group's channels are adjacent), positions for NCHW.
+    ``whole``: one block spans all ``max_group`` channels (a channels-last run of groups)."""
     if channels_fast:
-        block_c = min(next_pow2(max_group), 64)
+        block_c = next_pow2(max_group) if whole else min(next_pow2(max_group), 64)
         return block_c, max(1, min(next_pow2(L), TILE // block_c))
     block_l = min(next_pow2(L), TILE)
     return max(1, min(next_pow2(max_group), TILE // block_l)), block_l
@@ -250,9 +260,37 @@ def choose_config(
     if flat:
         cfg = _loop_config(N, max_group * L, 1, num_groups, False, sm_count, regime, elem_bytes)
         return replace(cfg, flat=True)
+    gpp = loop_run(max_group, num_groups, even, channels_fast, elem_bytes, regime)
+    if gpp > 1:
+        cfg = _loop_config(
+            N, L, gpp * max_group, num_groups // gpp, True, sm_count, regime, elem_bytes,
+            direction, whole=True,
+        )  # fmt: skip
+        return replace(cfg, groups_per_program=gpp)
     return _loop_config(
         N, L, max_group, num_groups, channels_fast, sm_count, regime, elem_bytes, direction
     )
+
+
+def loop_run(
+    max_group: int,
+    num_groups: int,
+    even: bool,
+    channels_fast: bool,
+    elem_bytes: int,
+    regime: str = "auto",
+) -> int:
+    """Groups per program of the fused and split regimes: 1, or for a channels-last even plan
+    whose groups are not 16-byte multiples of channels the fewest consecutive groups that are
+    (SD's 320 / 32 = 10 bf16 channels, 20 bytes: 4 groups, 80 bytes), so that every row segment
+    a program reads is 128-bit aligned. Only where that many groups divide G and the run fits
+    one channel block of at most RUN_MAX_CHANNELS (the kernels hold a run as one tile row)."""
+    if not (even and channels_fast) or regime == "wave":
+        return 1
+    gpp = VECTOR_BYTES // math.gcd(max_group * elem_bytes, VECTOR_BYTES)
+    if gpp == 1 or num_groups % gpp or next_pow2(gpp * max_group) > RUN_MAX_CHANNELS:
+        return 1
+    return gpp
 
 
 def _loop_config(
@@ -265,9 +303,11 @@ def _loop_config(
     regime: str,
     elem_bytes: int,
     direction: str = "fwd",
+    whole: bool = False,
 ) -> LaunchConfig:
-    """The fused, split or wave plan (``regime`` "auto" picks fused or split)."""
-    block_c, block_l = _tile(max_group, L, channels_fast)
+    """The fused, split or wave plan (``regime`` "auto" picks fused or split); ``whole``: see
+    :func:`_tile`."""
+    block_c, block_l = _tile(max_group, L, channels_fast, whole)
     group_elems = max_group * L
     if regime == "auto":
         # Groups that fit on chip took the branch above; the rest are fused when the (sample,
@@ -286,17 +326,17 @@ def _loop_config(
         # Forced split of a small group (tests): a few chunks, so that the partial/merge path
         # really merges several.
         chunks_wanted = min(4, L)
-    block_c, block_l, chunk_l, chunks = _chunking(L, max_group, channels_fast, chunks_wanted)
+    block_c, block_l, chunk_l, chunks = _chunking(L, max_group, channels_fast, chunks_wanted, whole)
     return LaunchConfig("split", block_c, block_l, chunk_l, chunks)
 
 
 def _chunking(
-    L: int, max_group: int, channels_fast: bool, chunks_wanted: int
+    L: int, max_group: int, channels_fast: bool, chunks_wanted: int, whole: bool = False
 ) -> tuple[int, int, int, int]:
     """(block_c, block_l, chunk_l, chunks): chunks of whole tiles along L, about
     ``chunks_wanted`` of them. The tile is shortened along L so that a short L still splits (an
     L of one tile would otherwise collapse to one chunk), and widened along C to keep TILE."""
-    block_c, block_l = _tile(max_group, L, channels_fast)
+    block_c, block_l = _tile(max_group, L, channels_fast, whole)
     block_l = min(block_l, next_pow2(-(-L // chunks_wanted)))
     if not channels_fast:
         block_c = max(1, min(next_pow2(max_group), TILE // block_l))
