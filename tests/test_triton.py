@@ -901,20 +901,28 @@ def test_autocast_runs_in_the_input_dtype():
 
 @pytest.mark.parametrize("regime", REGIMES)
 def test_int64_index_path(monkeypatch, regime):
-    """The IDX64 kernels (used above 2^31 elements) on a small tensor: lower the threshold."""
+    """The IDX64 kernels (used above 2^31 elements) on a small tensor: lower the threshold.
+    Channels-last with an uneven plan, and in the fused and split regimes channels-last runs of
+    groups (2 fp16 channels, 4 bytes: runs of 4) and NCHW rows of 15 fp16 elements (flat)."""
     monkeypatch.setattr(kernels, "_INT32_MAX", 16)
     kernels._launch.cache_clear()  # launch decisions are cached: none made at the real limit
-    x = _rand((2, 6, 3, 5), 70, dtype=torch.float16).to(memory_format=torch.channels_last)
+    cl = torch.channels_last
     try:
-        _backward_case(
-            x,
-            make_plan(6, 4, uneven=True),
-            regime=regime,
-            dtype=torch.float16,
-            activation="relu",
-            has_scale=True,
-            has_shift=True,
-        )
+        for C, plan, fmt in (
+            (6, make_plan(6, 4, uneven=True), cl),
+            (8, make_plan(8, 4), cl),
+            (6, make_plan(6, 2), torch.contiguous_format),
+        ):
+            x = _rand((2, C, 3, 5), 70, dtype=torch.float16).to(memory_format=fmt)
+            _backward_case(
+                x,
+                plan,
+                regime=regime,
+                dtype=torch.float16,
+                activation="relu",
+                has_scale=True,
+                has_shift=True,
+            )
     finally:
         kernels._launch.cache_clear()
 
@@ -1079,6 +1087,35 @@ def test_flat_forward_serves_nchw_rows_that_are_not_16_byte_multiples(regime, po
         check(y, expected, torch.bfloat16, what=f"y (flat={flat})")
         check(stats.mean, cache.mean, torch.float32, what="mean")
         check(stats.var, cache.var, torch.float32, what="var")
+
+
+@pytest.mark.parametrize("regime", ["fused", "split"])
+def test_flat_backward_serves_nchw_rows_that_are_not_16_byte_multiples(regime, poisoned_outputs):
+    """Rows of 35 bf16 elements (70 bytes), of 9 float32 ones, and (N, C) inputs: the loop
+    regimes' backward sums each channel through 16-byte-aligned windows and writes dx flat (an
+    even plan, NCHW x and dy); an uneven plan, channels-last, and a channels-last dy keep the
+    2-D tiles. Every gradient against float64, into poisoned buffers."""
+    nchw = torch.contiguous_format
+    for shape, plan, fmt, dy_fmt, flat, dtype, activation in (
+        ((2, 8, 5, 7), make_plan(8, 2), nchw, nchw, True, torch.bfloat16, "gelu"),
+        ((3, 12, 3, 3), make_plan(12, 3), nchw, nchw, True, torch.float32, None),
+        ((3, 40), make_plan(40, 1), nchw, nchw, True, torch.bfloat16, "silu"),
+        ((2, 11, 5, 7), make_plan(11, 3, uneven=True), nchw, nchw, False, torch.bfloat16, None),
+        ((2, 8, 5, 7), make_plan(8, 2), torch.channels_last, nchw, False, torch.bfloat16, None),
+        ((2, 8, 5, 7), make_plan(8, 2), nchw, torch.channels_last, False, torch.bfloat16, None),
+    ):
+        x = _rand(shape, 165, dtype=dtype).to(memory_format=fmt)
+        dy_strides = torch.empty(shape).to(memory_format=dy_fmt).stride()
+        cfg = kernels._launch(
+            "bwd", tuple(x.shape), x.stride(), dy_strides, x.dtype, x.device, plan.sizes, regime,
+            (True, True, True, True), activation,
+        ).cfg  # fmt: skip
+        assert cfg.flat == flat, (shape, fmt, dy_fmt, cfg)
+        if dy_fmt is nchw:  # _backward_case's dy is NCHW
+            _backward_case(
+                x, plan, regime=regime, dtype=dtype, param_dtype=torch.float32,
+                activation=activation, has_scale=True, has_shift=True,
+            )  # fmt: skip
 
 
 @pytest.mark.slow
@@ -1301,22 +1338,29 @@ def test_split_and_fused_traffic_within_their_stated_passes():
     heuristics state (PASSES), plus one pivot element per group a program holds."""
     from groupnorm.triton import heuristics as h
 
-    # NCHW; channels-last groups of 20 bytes, read as runs of 4 groups
+    # NCHW; channels-last groups of 20 bytes, read as runs of 4 groups; NCHW rows of 35 bf16
+    # elements (70 bytes), read flat (backward: at most 2 x 7 extra elements a row and chunk)
     for (shape, G, channels_last), regime in itertools.product(
-        (((2, 8, 16, 16), 2, False), ((2, 40, 8, 8), 4, True)), ("fused", "split")
+        (((2, 8, 16, 16), 2, False), ((2, 40, 8, 8), 4, True), ((2, 8, 5, 7), 2, False)),
+        ("fused", "split"),
     ):
         x, y, dy, dx, fwd, bwd = _traffic_case(shape, G, channels_last=channels_last, regime=regime)
         runs = {t.options.get("GPP", 1) for t in fwd + bwd if "param" not in t.kernel}
         assert runs == {4 if channels_last else 1}, [(t.kernel, t.options) for t in fwd + bwd]
+        flat = {t.options.get("FLAT", False) for t in fwd + bwd if "param" not in t.kernel}
+        assert flat == {shape[-1] == 7}
         elems = x.numel()
         pivots = 64  # at most one extra element per (program, group) on these shapes
+        chunks = max(t.grid[-1] for t in bwd)
+        windows = 14 * shape[0] * shape[1] * chunks if shape[-1] == 7 else 0
         passes = h.PASSES[regime]
         read_x = sum(t.loaded(x) for t in fwd) / 2
         assert elems * passes["fwd"]["x"] <= read_x <= elems * passes["fwd"]["x"] + pivots
         assert sum(t.stored(y) for t in fwd) == 2 * elems
         read_x = sum(t.loaded(x) for t in bwd) / 2
         read_dy = sum(t.loaded(dy) for t in bwd) / 2
-        assert read_x <= elems * passes["bwd"]["x"] and read_dy <= elems * passes["bwd"]["dy"]
+        assert read_x <= elems * passes["bwd"]["x"] + windows
+        assert read_dy <= elems * passes["bwd"]["dy"] + windows
         assert sum(t.stored(dx) for t in bwd) == 2 * elems
         assert len(fwd) == (1 if regime == "fused" else 2)
 

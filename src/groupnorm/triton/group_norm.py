@@ -59,7 +59,9 @@ from groupnorm.triton.activation import _act, _act_grad
 from groupnorm.triton.backend import KERNEL_DTYPES
 from groupnorm.triton.heuristics import (
     CPU_SM_COUNT,
+    FLAT_DX_BLOCK,
     TILE,
+    VECTOR_BYTES,
     LaunchConfig,
     choose_config,
     next_pow2,
@@ -986,16 +988,17 @@ def _du_xhat(
     sh,
     ACT: tl.constexpr,
     IDX64: tl.constexpr,
+    keep,
 ):
     """Recompute x_hat and u of one tile from x and the saved statistics; du = dy * act'(u).
-    Both are 0 outside the mask."""
+    The tile is loaded where ``mask`` holds; both are 0 outside ``keep`` (within the mask)."""
     v = tl.load(X + x_base + _tile_offsets(c, pos, sxC, sxL, IDX64), mask=mask, other=0.0)
     dy = tl.load(DY + dy_base + _tile_offsets(c, pos, sdC, sdL, IDX64), mask=mask, other=0.0)
-    xhat = tl.where(mask, ((v.to(tl.float32) - pivot) - smean) * rstd, 0.0)
-    du = dy.to(tl.float32)
+    xhat = tl.where(keep, ((v.to(tl.float32) - pivot) - smean) * rstd, 0.0)
+    du = tl.where(keep, dy.to(tl.float32), 0.0)
     if ACT != 0:
         u = (xhat * w[:, None] + bias[:, None]) * s1[:, None] + sh[:, None]
-        du = tl.where(mask, du * _act_grad(u, ACT), 0.0)
+        du = tl.where(keep, du * _act_grad(u, ACT), 0.0)
     return du, xhat
 
 
@@ -1051,6 +1054,7 @@ def _channel_sums(
             sh,
             ACT,
             IDX64,
+            mask,
         )
         acc_a += tl.sum(du * xhat, axis=1)
         acc_b += tl.sum(du, axis=1)
@@ -1114,6 +1118,7 @@ def _dx_block(
             sh,
             ACT,
             IDX64,
+            mask,
         )
         dx = rstd * (du * wc[:, None] - mean_dxhat - xhat * mean_dxhat_xhat)
         tl.store(
@@ -1121,6 +1126,120 @@ def _dx_block(
             dx.to(DX.dtype.element_ty),
             mask=mask,
         )
+
+
+@triton.jit
+def _channel_sums_flat(
+    X,
+    DY,
+    x_base,
+    dy_base,
+    c,
+    cmask,
+    l_lo,
+    l_hi,
+    L,
+    GSTRIDE,
+    pivot,
+    smean,
+    rstd,
+    w,
+    bias,
+    s1,
+    sh,
+    ACT: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """:func:`_channel_sums` of a contiguous NCHW group (GSTRIDE = Cg * L elements at x_base
+    and dy_base) whose rows of L elements are not 16-byte multiples: each channel's segment
+    [l_lo, l_hi) is read through the window of whole VEC-element (16-byte) vectors that covers
+    it, so that every load is 128-bit aligned (where the group is); what the window holds of the
+    neighbouring rows (the same group's, less than 2 VEC elements a segment) is selected away,
+    and nothing past the group is read."""
+    acc_a = tl.zeros((c.shape[0],), tl.float32)
+    acc_b = tl.zeros((c.shape[0],), tl.float32)
+    lo = c * L + l_lo
+    hi = c * L + l_hi
+    start = (lo // VEC) * VEC
+    end = tl.minimum(((hi + VEC - 1) // VEC) * VEC, GSTRIDE)
+    for q in range(0, l_hi - l_lo + VEC - 1, BLOCK_L):
+        p = q + tl.arange(0, BLOCK_L)
+        f = start[:, None] + p[None, :]
+        mask = cmask[:, None] & (f < end[:, None])
+        keep = mask & (f >= lo[:, None]) & (f < hi[:, None])
+        du, xhat = _du_xhat(
+            X, DY, x_base, dy_base, start, p, mask, 1, 1, 1, 1, pivot, smean, rstd, w, bias, s1,
+            sh, ACT, IDX64, keep,
+        )  # fmt: skip
+        acc_a += tl.sum(du * xhat, axis=1)
+        acc_b += tl.sum(du, axis=1)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _dx_flat(
+    X,
+    DY,
+    DX,
+    x_base,
+    dy_base,
+    dx_base,
+    n,
+    c0,
+    f_lo,
+    f_hi,
+    L,
+    LINV,
+    pivot,
+    smean,
+    rstd,
+    W,
+    B,
+    SCALE,
+    SHIFT,
+    C,
+    mean_dxhat,
+    mean_dxhat_xhat,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    IDX64: tl.constexpr,
+):
+    """:func:`_dx_block` over elements [f_lo, f_hi) of a contiguous NCHW group, in 1-D tiles
+    whose loads and stores are 128-bit wherever the group is 16-byte aligned, whatever L; each
+    element's channel and per-channel values as in :func:`_normalize_flat`."""
+    for fb in range(f_lo, f_hi, BLOCK):
+        f = fb + tl.arange(0, BLOCK)
+        mask = f < f_hi
+        t = fb // L
+        ch = t + (((f - t * L).to(tl.int64) * LINV) >> 32).to(tl.int32)
+        w = tl.full((BLOCK,), 1.0, tl.float32)
+        bias = tl.zeros((BLOCK,), tl.float32)
+        s1 = tl.full((BLOCK,), 1.0, tl.float32)
+        sh = tl.zeros((BLOCK,), tl.float32)
+        nc = n.to(tl.int64) * C + c0 + ch
+        if HAS_W:
+            w = tl.load(W + c0 + ch, mask=mask, other=1.0).to(tl.float32)
+        if HAS_B:
+            bias = tl.load(B + c0 + ch, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            s1 = 1.0 + tl.load(SCALE + nc, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            sh = tl.load(SHIFT + nc, mask=mask, other=0.0).to(tl.float32)
+        if IDX64:
+            f = f.to(tl.int64)
+        v = tl.load(X + x_base + f, mask=mask, other=0.0)
+        du = tl.load(DY + dy_base + f, mask=mask, other=0.0).to(tl.float32)
+        xhat = ((v.to(tl.float32) - pivot) - smean) * rstd
+        if ACT != 0:
+            du = du * _act_grad((xhat * w + bias) * s1 + sh, ACT)
+        dx = rstd * (du * (w * s1) - mean_dxhat - xhat * mean_dxhat_xhat)
+        tl.store(DX + dx_base + f, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -1158,18 +1277,28 @@ def _bwd_partial_chunk(
     BLOCK_C: tl.constexpr,
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
+    GSTRIDE=0,
+    FLAT: tl.constexpr = False,
+    VEC: tl.constexpr = 8,
 ):
-    """A, B of the group's channels over chunk k of positions, into PA, PB[n, k, c]."""
+    """A, B of the group's channels over chunk k of positions, into PA, PB[n, k, c]; ``FLAT``:
+    through aligned windows (:func:`_channel_sums_flat`)."""
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
     for cb in range(0, Cg, BLOCK_C):
         c, cmask, w, bias, s1, sh = _channel_block(
             cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C
         )
-        a, b = _channel_sums(
-            X, DY, x_base, dy_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL, pivot, smean, rstd,
-            w, bias, s1, sh, ACT, BLOCK_L, IDX64,
-        )  # fmt: skip
+        if FLAT:
+            a, b = _channel_sums_flat(
+                X, DY, x_base, dy_base, c, cmask, l_lo, l_hi, L, GSTRIDE, pivot, smean, rstd, w,
+                bias, s1, sh, ACT, BLOCK_L, IDX64, VEC,
+            )  # fmt: skip
+        else:
+            a, b = _channel_sums(
+                X, DY, x_base, dy_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL, pivot, smean,
+                rstd, w, bias, s1, sh, ACT, BLOCK_L, IDX64,
+            )  # fmt: skip
         nkc = (n.to(tl.int64) * K + k) * C + c0 + c
         tl.store(PA + nkc, a, mask=cmask)
         tl.store(PB + nkc, b, mask=cmask)
@@ -1211,26 +1340,37 @@ def _gn_bwd_partial_kernel(
     IDX64: tl.constexpr,
     CG: tl.constexpr,
     GPP: tl.constexpr = 1,
+    GSTRIDE=0,
+    FLAT: tl.constexpr = False,
+    VEC: tl.constexpr = 8,
 ):
     """Split regime, pass 1: program (n * G + g, k) writes A, B of its group's channels over
     its chunk of positions to partials PA, PB[n, k, c] (fp32, (N, K, C)). ``GPP`` > 1: program
     (n * G / GPP + r, k), of channels-last run r's channels, as one channel block (see
-    :func:`_gn_fwd_partial_kernel`)."""
+    :func:`_gn_fwd_partial_kernel`). ``FLAT``: a contiguous NCHW group of GSTRIDE elements
+    (rows of L not 16-byte multiples), read through aligned windows
+    (:func:`_channel_sums_flat`)."""
     if GPP > 1:
         n, c0, _, _, pivot, smean, rstd = _run_saved(
             OFFS, PIVOT, SMEAN, RSTD, SS, G, CG, GPP, BLOCK_C
         )
         Cg = GPP * CG
         x_base = n.to(tl.int64) * sxN + c0
+        dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
     else:
         row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC, CG)
+        dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
+        if FLAT:
+            x_base, dy_base, _ = _group_bases(
+                row, n, c0, Cg, G, L, sxN, sxC, sdN, sdC, GSTRIDE, True
+            )
         pivot = tl.load(PIVOT + row)
         smean = tl.load(SMEAN + SS + row)
         rstd = tl.load(RSTD + 4 * SS + row)
     _bwd_partial_chunk(
         X, DY, W, B, SCALE, SHIFT, PA, PB, C, L, sxC, sxL, sdC, sdL, CHUNK_L, K, n, c0, Cg,
-        x_base, n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC, pivot, smean, rstd,
-        tl.program_id(1), HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64,
+        x_base, dy_base, pivot, smean, rstd, tl.program_id(1), HAS_W, HAS_B, HAS_SCALE,
+        HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64, GSTRIDE, FLAT, VEC,
     )  # fmt: skip
 
 
@@ -1294,19 +1434,33 @@ def _bwd_dx_chunk(
     BLOCK_K: tl.constexpr,
     IDX64: tl.constexpr,
     VOLATILE: tl.constexpr,
+    GSTRIDE=0,
+    LINV=0,
+    CHUNK_F=0,
+    FLAT: tl.constexpr = False,
+    VEC: tl.constexpr = 8,
+    BLOCK_F: tl.constexpr = 1024,
 ):
     """The group's channels' A, B over the whole group (stored from chunk 0 for the parameter
     gradients), the group means, and dx of chunk k.
 
     FUSED (one chunk, CHUNK_L = L): A, B are computed here from x and dy. Otherwise they are
-    the sums of the partials PA, PB[n, 0..K, c] (:func:`_merged_sums`)."""
+    the sums of the partials PA, PB[n, 0..K, c] (:func:`_merged_sums`). ``FLAT`` (a contiguous
+    NCHW group of GSTRIDE elements): A, B are read through aligned windows
+    (:func:`_channel_sums_flat`) and chunk k is elements [k * CHUNK_F, (k + 1) * CHUNK_F) of
+    the group, in 1-D tiles of BLOCK_F (:func:`_dx_flat`)."""
     sum_dxhat = tl.zeros((), tl.float32)
     sum_dxhat_xhat = tl.zeros((), tl.float32)
     for cb in range(0, Cg, BLOCK_C):
         c, cmask, w, bias, s1, sh = _channel_block(
             cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C
         )
-        if FUSED:
+        if FUSED and FLAT:
+            a, b = _channel_sums_flat(
+                X, DY, x_base, dy_base, c, cmask, 0, L, L, GSTRIDE, pivot, smean, rstd, w, bias,
+                s1, sh, ACT, BLOCK_L, IDX64, VEC,
+            )  # fmt: skip
+        elif FUSED:
             a, b = _channel_sums(
                 X, DY, x_base, dy_base, c, cmask, 0, L, sxC, sxL, sdC, sdL, pivot, smean, rstd,
                 w, bias, s1, sh, ACT, BLOCK_L, IDX64,
@@ -1325,6 +1479,15 @@ def _bwd_dx_chunk(
     if STATS_GIVEN:
         mean_dxhat = 0.0
         mean_dxhat_xhat = 0.0
+    if FLAT:
+        f_lo = k * CHUNK_F
+        _dx_flat(
+            X, DY, DX, x_base, dy_base, dx_base, n, c0, f_lo,
+            tl.minimum(f_lo + CHUNK_F, GSTRIDE), L, LINV, pivot, smean, rstd, W, B, SCALE, SHIFT,
+            C, mean_dxhat, mean_dxhat_xhat, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_F,
+            IDX64,
+        )  # fmt: skip
+        return
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
     for cb in range(0, Cg, BLOCK_C):
@@ -1382,11 +1545,18 @@ def _gn_bwd_dx_kernel(
     IDX64: tl.constexpr,
     CG: tl.constexpr,
     GPP: tl.constexpr = 1,
+    GSTRIDE=0,
+    LINV=0,
+    CHUNK_F=0,
+    FLAT: tl.constexpr = False,
+    VEC: tl.constexpr = 8,
+    BLOCK_F: tl.constexpr = 1024,
 ):
     """Program (n * G + g, k): :func:`_bwd_dx_chunk` of its group and chunk (the fused regime:
     one chunk, A and B from x and dy; split: from the partial kernel's PA, PB). ``GPP`` > 1:
     program (n * G / GPP + r, k) does so for every group of channels-last run r at once, the
-    group means folded from the run's per-channel A, B by :func:`_group_sum`."""
+    group means folded from the run's per-channel A, B by :func:`_group_sum`. ``FLAT``: see
+    :func:`_bwd_dx_chunk`."""
     if GPP > 1:
         n, c_lo, _, gl, pivot, smean, rstd = _run_saved(
             OFFS, PIVOT, SMEAN, RSTD, SS, G, CG, GPP, BLOCK_C
@@ -1424,13 +1594,17 @@ def _gn_bwd_dx_kernel(
         )  # fmt: skip
         return
     row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC, CG)
+    dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
+    dx_base = n.to(tl.int64) * sgN + c0.to(tl.int64) * sgC
+    if FLAT:
+        x_base, dy_base, _ = _group_bases(row, n, c0, Cg, G, L, sxN, sxC, sdN, sdC, GSTRIDE, True)
+        dx_base, _, _ = _group_bases(row, n, c0, Cg, G, L, sgN, sgC, sgN, sgC, GSTRIDE, True)
     _bwd_dx_chunk(
         X, DY, DX, W, B, SCALE, SHIFT, PA, PB, SUMS, C, L, sxC, sxL, sdC, sdL, sgC, sgL,
-        CHUNK_L, K, n, c0, Cg, x_base, n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC,
-        n.to(tl.int64) * sgN + c0.to(tl.int64) * sgC, tl.load(PIVOT + row),
+        CHUNK_L, K, n, c0, Cg, x_base, dy_base, dx_base, tl.load(PIVOT + row),
         tl.load(SMEAN + SS + row), tl.load(RSTD + 4 * SS + row), _reversed_chunk(),
         HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, STATS_GIVEN, FUSED, BLOCK_C, BLOCK_L, BLOCK_K,
-        IDX64, False,
+        IDX64, False, GSTRIDE, LINV, CHUNK_F, FLAT, VEC, BLOCK_F,
     )  # fmt: skip
 
 
@@ -1678,6 +1852,7 @@ class _Launch(NamedTuple):
     write_sums: bool  # backward: per-channel sums for the parameter gradients
     param_block: int  # backward: channels per program of the parameter kernel
     param_grid: tuple[int]  # backward: the parameter kernel's grid
+    dx_flat: dict[str, int]  # backward, flat plans: the dx kernel's flat chunking
     rows: int  # N * G: statistics per field
     grid: tuple[int]  # the on-chip kernel's grid: N x on-chip programs per sample
     ints: tuple[int, ...]  # the on-chip kernel's integer arguments after its tensors
@@ -1729,8 +1904,9 @@ def _launch(
     L = math.prod(shape[2:])
     unit = _unit_stride(strides) and (dys is None or _unit_stride(dys))
     even = min(sizes) == max(sizes)
-    # Each group one contiguous run of elements, in x and in y (NCHW with sC = L).
+    # Each group one contiguous run of elements, in x and in y or dx and dy (NCHW with sC = L).
     contiguous_groups = strides[1:] == (L, 1) and out[1:] == (L, 1)
+    contiguous_groups = contiguous_groups and (dys is None or dys[1:] == (L, 1))
     cfg = choose_config(
         N,
         L if N else 1,
@@ -1756,11 +1932,18 @@ def _launch(
         CG=sizes[0] if even else 0,
     )
     flags = common
+    # The loop kernels' flat layout: GSTRIDE = Cg * L, LINV = ceil(2^32 / L) (see
+    # _normalize_flat); unused (0) otherwise.
+    gstride, linv = (sizes[0] * L, -(-(1 << 32) // L)) if cfg.flat else (0, 0)
+    dx_flat: dict[str, int] = {}
     if direction == "fwd":
-        # The loop kernels' flat layout: GSTRIDE = Cg * L, LINV = ceil(2^32 / L) (see
-        # _normalize_flat); unused (0) otherwise.
-        gstride, linv = (sizes[0] * L, -(-(1 << 32) // L)) if cfg.flat else (0, 0)
         flags = dict(common, FLAT=cfg.flat, GSTRIDE=gstride, LINV=linv)
+    elif cfg.flat:
+        flags = dict(common, FLAT=True, GSTRIDE=gstride, VEC=VECTOR_BYTES // xv.element_size())
+        # dx: chunk k is the k-th of ``chunks`` runs of whole FLAT_DX_BLOCK tiles
+        per_chunk = -(-gstride // cfg.chunks)
+        chunk_f = -(-per_chunk // FLAT_DX_BLOCK) * FLAT_DX_BLOCK
+        dx_flat = dict(LINV=linv, CHUNK_F=chunk_f, BLOCK_F=FLAT_DX_BLOCK)
     if cfg.regime in ("fused", "split") and cfg.groups_per_program > 1:
         flags = dict(flags, GPP=cfg.groups_per_program)  # channels-last runs of groups
     onchip = dict(
@@ -1790,6 +1973,7 @@ def _launch(
         write_sums,
         param_block,
         (-(-shape[1] // param_block),),
+        dx_flat,
         N * len(sizes),
         (N * programs,),
         (shape[1], len(sizes), L, programs, *strides, *(dys or ()), *out),
@@ -2030,6 +2214,7 @@ def _backward(
             _gn_bwd_dx_kernel[grid](
                 xv, dyv, dx, *params, offs, *stats, ss, *parts, sums, *strides, *plan.outs,
                 cfg.chunk_l, K, STATS_GIVEN=stats_given, FUSED=fused, BLOCK_K=block_k, **flags,
+                **plan.dx_flat,
             )  # fmt: skip
     if plan.write_sums:  # no parameter kernel without parameters
         _gn_bwd_param_kernel[plan.param_grid](

@@ -131,6 +131,9 @@ ONCHIP_MIN_SLOTS = 2048
 # 128-bit global accesses: a channels-last run of groups is widened to a multiple of 16 bytes
 # (Cg = 10 in bf16 is 20 bytes: 4 groups = 80 bytes) so that every row segment is aligned.
 VECTOR_BYTES = 16
+# The flat backward's dx tiles (1-D, elements of a contiguous group): each element gathers its
+# channel's parameters, so a tile is half a TILE to keep registers near the 2-D kernels'.
+FLAT_DX_BLOCK = 2048
 # The loop regimes' channels-last runs (loop_run) hold a run as one channel block: 256 channels
 # leave at least 16 positions of a TILE per block.
 RUN_MAX_CHANNELS = 256
@@ -150,10 +153,12 @@ class LaunchConfig:
     on-chip regimes); ``groups_per_program`` consecutive groups per program (on-chip, and the
     fused and split regimes' channels-last runs: :func:`loop_run`; chunks then span the run).
     Wave regime: ``wave_rows`` (sample, group) rows per wave, ``waves`` of them, and a
-    persistent grid of ``programs``. ``flat`` (forward of the loop regimes, NCHW): each group is
-    read as one run of Cg * L elements in 1-D tiles (``block_c`` = 1), ``chunk_l`` elements a
-    chunk, so that loads are 128-bit where rows of L are not 16-byte multiples, and a group of
-    short rows (down to the (N, C) input's one element) still splits into many chunks.
+    persistent grid of ``programs``. ``flat`` (the loop regimes, NCHW, rows of L not 16-byte
+    multiples): forward, each group is read as one run of Cg * L elements in 1-D tiles
+    (``block_c`` = 1), ``chunk_l`` elements a chunk, so that loads are 128-bit, and a group of
+    short rows (down to the (N, C) input's one element) still splits into many chunks;
+    backward, the per-channel sums read each row through 16-byte-aligned windows and dx is
+    written in 1-D tiles of FLAT_DX_BLOCK elements.
     """
 
     regime: str
@@ -251,14 +256,21 @@ def choose_config(
                 f"{unit_stride}); use 'auto', 'fused' or 'split'"
             )
     flat = (
-        direction == "fwd"
-        and contiguous_groups
+        contiguous_groups
         and even
         and (L * elem_bytes) % VECTOR_BYTES != 0
         and (TILE + L) * L < 2**32  # _normalize_flat's exact channel index
+        and max_group * L < 2**31  # element indices within a group are int32
+        and (direction == "fwd" or regime != "wave")
     )
-    if flat:
+    if flat and direction == "fwd":
         cfg = _loop_config(N, max_group * L, 1, num_groups, False, sm_count, regime, elem_bytes)
+        return replace(cfg, flat=True)
+    if flat:
+        # Backward: the partial sums stay per channel over chunks of positions (read through
+        # aligned windows); dx is written flat, chunk k being the k-th of ``chunks`` equal runs
+        # of the group's elements.
+        cfg = _loop_config(N, L, max_group, num_groups, False, sm_count, regime, elem_bytes, "bwd")
         return replace(cfg, flat=True)
     gpp = loop_run(max_group, num_groups, even, channels_fast, elem_bytes, regime)
     if gpp > 1:
