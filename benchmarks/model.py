@@ -146,7 +146,7 @@ def plan(
     elif cfg.regime == "wave":
         issued = (2 * reads + 1) * x
         reuse = min(h.WAVE_STACK[direction] * cfg.wave_rows * group, issued)
-        launch = Launch("wave", cfg.programs, 4, slots, issued, reads * x, reuse)
+        launch = Launch("wave", cfg.programs, cfg.num_warps, slots, issued, reads * x, reuse)
         launch.wave_tickets = cfg.wave_rows * cfg.chunks
         launches = [launch]
     else:

@@ -240,17 +240,20 @@ def check_limits() -> list[str]:
 # name -> (shape, channels_last, directions, regimes)
 LOOP_CASES: dict[str, tuple[tuple[int, ...], bool, tuple[str, ...], tuple[str, ...]]] = {
     # rows of 950 bf16 elements (1900 bytes, not 16-byte multiples): the forward reads flat,
-    # the backward's sums read through aligned windows and dx is written flat (the wave
-    # backward has neither)
-    "R50-GN C5 NCHW": ((2, 2048, 25, 38), False, ("fwd",), ("auto", "wave")),
-    "R50-GN C5 NCHW bwd": ((2, 2048, 25, 38), False, ("bwd",), ("auto", "fused")),
+    # the backward's sums read through aligned windows and dx is written flat
+    "R50-GN C5 NCHW": ((2, 2048, 25, 38), False, ("fwd", "bwd"), ("auto", "fused", "wave")),
     # channels-last, 8 channels a group (16 bytes): the compiler knows the group's channels
     "ResNet b32 NHWC": ((32, 256, 56, 56), True, ("fwd", "bwd"), ("auto", "wave")),
     "FPN P2 NHWC": ((2, 256, 200, 304), True, ("fwd", "bwd"), ("auto", "wave")),
     # channels-last, 10 and 30 channels a group (20 and 60 bytes): runs of 4 groups (80 and 240
-    # bytes, heuristics.loop_run) in the split and fused regimes; the wave regime has no runs
-    "SD 2x320x64x64 NHWC": ((2, 320, 64, 64), True, ("fwd", "bwd"), ("auto", "fused")),
-    "SD up-concat 2x960x64x64 NHWC": ((2, 960, 64, 64), True, ("fwd", "bwd"), ("auto", "fused")),
+    # bytes, heuristics.loop_run)
+    "SD 2x320x64x64 NHWC": ((2, 320, 64, 64), True, ("fwd", "bwd"), ("auto", "fused", "wave")),
+    "SD up-concat 2x960x64x64 NHWC": (
+        (2, 960, 64, 64),
+        True,
+        ("fwd", "bwd"),
+        ("auto", "fused", "wave"),
+    ),
 }
 
 

@@ -1089,7 +1089,7 @@ def test_flat_forward_serves_nchw_rows_that_are_not_16_byte_multiples(regime, po
         check(stats.var, cache.var, torch.float32, what="var")
 
 
-@pytest.mark.parametrize("regime", ["fused", "split"])
+@pytest.mark.parametrize("regime", ["fused", "split", "wave"])
 def test_flat_backward_serves_nchw_rows_that_are_not_16_byte_multiples(regime, poisoned_outputs):
     """Rows of 35 bf16 elements (70 bytes), of 9 float32 ones, and (N, C) inputs: the loop
     regimes' backward sums each channel through 16-byte-aligned windows and writes dx flat (an
@@ -1216,7 +1216,7 @@ def test_runs_of_groups_and_uneven_plans_poisoned(channels_last, regime, poisone
     cg=st.integers(1, 160),
     L=st.integers(1, 1 << 20),
     elem_bytes=st.sampled_from([2, 4]),
-    regime=st.sampled_from(["auto", "fused", "split"]),
+    regime=st.sampled_from(["auto", "fused", "split", "wave"]),
 )
 def test_channels_last_run_plans(N, G, cg, L, elem_bytes, regime):
     """The loop regimes' channels-last runs (heuristics.loop_run): the fewest consecutive groups
@@ -1236,11 +1236,10 @@ def test_channels_last_run_plans(N, G, cg, L, elem_bytes, regime):
     else:
         assert gpp == 1
     assert cfg.block_c * cfg.block_l <= h.TILE
-    assert cfg.regime == "fused" or cfg.chunk_l % cfg.block_l == 0, "split chunks: whole tiles"
+    assert cfg.regime == "fused" or cfg.chunk_l % cfg.block_l == 0, "chunks of whole tiles"
     assert (cfg.chunks - 1) * cfg.chunk_l < L <= cfg.chunks * cfg.chunk_l
     assert h.loop_run(cg, G, False, True, elem_bytes) == 1, "uneven plans have no runs"
     assert h.loop_run(cg, G, True, False, elem_bytes) == 1, "NCHW has no runs"
-    assert h.loop_run(cg, G, True, True, elem_bytes, "wave") == 1, "the wave regime has none"
 
 
 # channels-last even plans whose groups are not 16-byte multiples:
@@ -1255,13 +1254,13 @@ RUN_CASES = {
 }
 
 
-@pytest.mark.parametrize("regime", ["fused", "split"])
+@pytest.mark.parametrize("regime", ["fused", "split", "wave"])
 @pytest.mark.parametrize("case", list(RUN_CASES))
 def test_channels_last_runs_match_float64(case, regime, poisoned_outputs):
-    """The fused and split regimes read channels-last groups of 20, 60, 24 and 2 bytes as runs
-    of groups (_gn_*_run_* kernels): forward with every epilogue and the statistics, backward
-    into every gradient, and a forward from given statistics, all into poisoned buffers, against
-    float64. The split regime merges several chunks."""
+    """The fused, split and wave regimes read channels-last groups of 20, 60, 24 and 2 bytes as
+    runs of groups (programs, or wave tickets' rows, of GPP groups): forward with every epilogue
+    and the statistics, backward into every gradient, and a forward from given statistics, all
+    into poisoned buffers, against float64. The split regime merges several chunks."""
     shape, G, dtype, gpp, activation = RUN_CASES[case]
     x = _rand(shape, 170, dtype=dtype).to(memory_format=torch.channels_last)
     plan = make_plan(shape[1], G)
@@ -1272,7 +1271,7 @@ def test_channels_last_runs_match_float64(case, regime, poisoned_outputs):
             direction, tuple(x.shape), x.stride(), dy_strides, x.dtype, x.device, sizes, regime,
             has, activation,
         ).cfg  # fmt: skip
-        assert cfg.regime in ("fused", "split") and cfg.groups_per_program == gpp, cfg
+        assert cfg.regime == regime and cfg.groups_per_program == gpp, cfg
         assert regime != "split" or cfg.chunks > 1
     with count_traffic() as launches:
         _backward_case(
@@ -1282,7 +1281,8 @@ def test_channels_last_runs_match_float64(case, regime, poisoned_outputs):
     if INTERPRET:
         for t in launches:
             if "param" not in t.kernel:  # every other launch takes runs of gpp groups
-                assert t.options.get("GPP") == gpp and t.grid[0] == shape[0] * G // gpp, t
+                assert t.options.get("GPP") == gpp, t
+                assert regime == "wave" or t.grid[0] == shape[0] * G // gpp, t
     w, b = _rand((shape[1],), 171), _rand((shape[1],), 172)
     y, stats = _run(x, plan, w, b, regime=regime, return_stats=True)
     expected, cache = _reference(x, plan, w, b)
@@ -1379,11 +1379,21 @@ def small_waves(monkeypatch):
     kernels._launch.cache_clear()
 
 
+# (shape, plan, channels-last, dtype, groups a ticket's row holds, flat backward)
 WAVE_CASES = {
-    "nchw-bf16-G2": ((2, 8, 16, 16), make_plan(8, 2), False, torch.bfloat16),
-    "nhwc-fp32-G4": ((2, 8, 16, 16), make_plan(8, 4), True, torch.float32),
-    "uneven-fp16-odd-L": ((3, 11, 5, 7), make_plan(11, 3, uneven=True), False, torch.float16),
-    "ndhwc-bf16-G1": ((3, 6, 4, 4, 5), make_plan(6, 1), True, torch.bfloat16),
+    "nchw-bf16-G2": ((2, 8, 16, 16), make_plan(8, 2), False, torch.bfloat16, 1, False),
+    "nhwc-fp32-G4-runs-of-2": ((2, 8, 16, 16), make_plan(8, 4), True, torch.float32, 2, False),
+    "nhwc-bf16-cg10-runs-of-4": ((2, 40, 8, 8), make_plan(40, 4), True, torch.bfloat16, 4, False),
+    "nchw-bf16-rows-of-99-flat": ((3, 8, 9, 11), make_plan(8, 2), False, torch.bfloat16, 1, True),
+    "uneven-fp16-odd-L": (
+        (3, 11, 5, 7),
+        make_plan(11, 3, uneven=True),
+        False,
+        torch.float16,
+        1,
+        False,
+    ),
+    "ndhwc-bf16-G1": ((3, 6, 4, 4, 5), make_plan(6, 1), True, torch.bfloat16, 1, False),
 }
 
 
@@ -1399,8 +1409,8 @@ def _wave_cfg(x, plan, direction, has, activation):
 def test_wave_schedule_over_several_waves_matches_float64(case, small_waves, poisoned_outputs):
     """The wave kernels' tickets (S0, S1 N0, ..., N(last)) over several waves of several chunks,
     with an epilogue, into NaN-poisoned buffers: y, the statistics and every gradient against
-    float64."""
-    shape, plan, channels_last, dtype = WAVE_CASES[case]
+    float64. Rows of groups, of channels-last runs of groups, and a flat NCHW backward."""
+    shape, plan, channels_last, dtype, gpp, flat = WAVE_CASES[case]
     x = _rand(shape, 150, dtype=dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
@@ -1430,33 +1440,52 @@ def test_wave_schedule_over_several_waves_matches_float64(case, small_waves, poi
     if INTERPRET:
         kinds = [t.kernel for t in launches]
         assert kinds == ["_gn_fwd_wave_kernel", "_gn_bwd_wave_kernel", "_gn_bwd_param_kernel"]
+        fwd, bwd = launches[:2]
+        assert fwd.options.get("GPP", 1) == bwd.options.get("GPP", 1) == gpp
+        assert bwd.options.get("FLAT", False) == flat
 
 
 @pytest.mark.skipif(not INTERPRET, reason="counts bytes in Triton's interpreter")
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_wave_traffic_and_reuse_distance_within_the_stated_budget(channels_last, small_waves):
+@pytest.mark.parametrize(
+    "shape, G, channels_last, gpp",
+    [
+        ((2, 16, 16, 16), 2, False, 1),
+        ((2, 16, 16, 16), 2, True, 1),
+        ((4, 40, 8, 8), 4, True, 4),  # rows are runs of 4 groups of 20 bytes
+    ],
+    ids=["nchw", "nhwc", "nhwc-runs"],
+)
+def test_wave_traffic_and_reuse_distance_within_the_stated_budget(
+    shape, G, channels_last, gpp, small_waves
+):
     """Forward, one launch reads x twice and writes y once; backward, one launch reads x and dy
     twice and writes dx once (plus the parameter kernel). Between any two reads of an element
     of x (or dy) the schedule touches at most five waves of x's bytes forward, eight backward
-    (heuristics.WAVE_STACK: what the waves are sized by), plus the statistics' few bytes."""
-    shape, G = (2, 8, 16, 16), 2
+    (heuristics.WAVE_STACK: what the waves are sized by), plus the partials and statistics."""
     x, y, dy, dx, fwd, bwd = _traffic_case(shape, G, channels_last=channels_last, regime="wave")
     assert [t.kernel for t in fwd] == ["_gn_fwd_wave_kernel"]
     assert [t.kernel for t in bwd] == ["_gn_bwd_wave_kernel", "_gn_bwd_param_kernel"]
-    rows, elems = shape[0] * G, x.numel()
-    pivots = 2 * rows * 64  # at most one pivot element per ticket
+    assert fwd[0].options.get("GPP", 1) == bwd[0].options.get("GPP", 1) == gpp
+    rows, elems = shape[0] * G // gpp, x.numel()
+    plan, has = make_plan(shape[1], G), (True, False, False, False)
+    # at most one pivot element a group, chunk and ticket (S and N)
+    pivots = 2 * shape[0] * G * _wave_cfg(x, plan, "fwd", has, None).chunks
     assert elems * 2 <= fwd[0].loaded(x) / 2 <= elems * 2 + pivots, "x read twice"
     assert fwd[0].stored(y) == 2 * elems, "y written once"
     assert bwd[0].loaded(x) == bwd[0].loaded(dy) == 2 * 2 * elems, "x and dy read twice"
     assert bwd[0].stored(dx) == 2 * elems, "dx written once"
-    statistics = 1024  # pivots, partials, counters, parameters: a few bytes per chunk
+    statistics = 1024  # pivots, counters, parameters: a few bytes
+    # partials of the three waves a chunk's two reads span: forward (count, mean, m2) a group
+    # and chunk, backward (A, B) a channel and chunk
+    partial_bytes = {"fwd": 12 * gpp, "bwd": 8 * gpp * (shape[1] // G)}
     bound = {}
     for direction in ("fwd", "bwd"):
-        cfg = _wave_cfg(x, make_plan(shape[1], G), direction, (True, False, False, False), None)
+        cfg = _wave_cfg(x, plan, direction, has, None)
         assert cfg.waves >= 3, "the case needs waves before and after a middle one"
         wave = cfg.wave_rows * 2 * elems // rows
         assert wave <= small_waves.wave_bytes(direction) or cfg.wave_rows == 1
-        bound[direction] = small_waves.WAVE_STACK[direction] * wave + statistics
+        partials = 3 * cfg.wave_rows * cfg.chunks * partial_bytes[direction]
+        bound[direction] = small_waves.WAVE_STACK[direction] * wave + statistics + partials
     assert fwd[0].reuse_distance(x) <= bound["fwd"]
     assert bwd[0].reuse_distance(x) <= bound["bwd"]
     assert bwd[0].reuse_distance(dy) <= bound["bwd"]

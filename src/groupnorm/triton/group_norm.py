@@ -379,8 +379,8 @@ def _gn_fwd_fused_kernel(
     if GPP > 1:
         _run_normalize(
             X, Y, W, B, SCALE, SHIFT, OFFS, PIVOT, PIVOT, PIVOT, PIVOT, SMEAN, M2, COUNT, RSTD,
-            SS, C, G, L, sxN, sxC, sxL, syN, syC, syL, eps, L, 1, 0, HAS_W, HAS_B, HAS_SCALE,
-            HAS_SHIFT, ACT, 1, BLOCK_C, BLOCK_L, IDX64, CG, GPP, True,
+            SS, C, G, L, sxN, sxC, sxL, syN, syC, syL, eps, L, 1, tl.program_id(0), 0, HAS_W,
+            HAS_B, HAS_SCALE, HAS_SHIFT, ACT, 1, BLOCK_C, BLOCK_L, IDX64, CG, GPP, True, False,
         )  # fmt: skip
         return
     row, n, c0, Cg, _ = _program_group(OFFS, G, sxN, sxC, CG)
@@ -461,22 +461,10 @@ def _gn_fwd_partial_kernel(
     for each group of run r of GPP groups (4: 80 bytes), read as one tile of 16-byte row
     segments (:func:`_run_stats`); a group's first channel stores its partial."""
     if GPP > 1:
-        n, g0, c_lo, c, cmask, gl, first, _ = _run(OFFS, OFFS, G, G // GPP, CG, GPP, BLOCK_C)
-        k = tl.program_id(1)
-        x_base = n.to(tl.int64) * sxN + c_lo
-        pivot = _run_pivot(X, x_base, gl, CG, GPP)
-        l_lo = k * CHUNK_L
-        cnt, mean, m2 = _run_stats(
-            X, x_base, pivot, c, cmask, gl, l_lo, tl.minimum(l_lo + CHUNK_L, L), sxC, sxL, CG, GPP,
-            BLOCK_L, IDX64,
+        _run_partial(
+            X, OFFS, PIVOT, P_CNT, P_MEAN, P_M2, G, L, sxN, sxC, sxL, CHUNK_L, K,
+            tl.program_id(0), tl.program_id(1), BLOCK_C, BLOCK_L, IDX64, CG, GPP,
         )  # fmt: skip
-        head = cmask & (c == first)
-        row = n * G + g0 + gl
-        if k == 0:
-            tl.store(PIVOT + row, pivot, mask=head)
-        tl.store(P_CNT + row * K + k, tl.zeros_like(mean) + cnt, mask=head)
-        tl.store(P_MEAN + row * K + k, mean, mask=head)
-        tl.store(P_M2 + row * K + k, m2, mask=head)
         return
     row, n, c0, Cg, _ = _program_group(OFFS, G, sxN, sxC, CG)
     x_base, _, extent = _group_bases(row, n, c0, Cg, G, L, sxN, sxC, 0, 0, GSTRIDE, FLAT)
@@ -546,9 +534,9 @@ def _gn_fwd_normalize_kernel(
     if GPP > 1:
         _run_normalize(
             X, Y, W, B, SCALE, SHIFT, OFFS, PIVOT, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD,
-            SS, C, G, L, sxN, sxC, sxL, syN, syC, syL, eps, CHUNK_L, KP, _reversed_chunk(),
-            HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_KP, BLOCK_C, BLOCK_L, IDX64, CG, GPP,
-            False,
+            SS, C, G, L, sxN, sxC, sxL, syN, syC, syL, eps, CHUNK_L, KP, tl.program_id(0),
+            _reversed_chunk(), HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_KP, BLOCK_C, BLOCK_L,
+            IDX64, CG, GPP, False, False,
         )  # fmt: skip
         return
     row, n, c0, Cg, _ = _program_group(OFFS, G, sxN, sxC, CG)
@@ -696,6 +684,48 @@ def _run_stats(
 
 
 @triton.jit
+def _run_partial(
+    X,
+    OFFS,
+    PIVOT,
+    P_CNT,
+    P_MEAN,
+    P_M2,
+    G,
+    L,
+    sxN,
+    sxC,
+    sxL,
+    CHUNK_L,
+    K,
+    pid,
+    k,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IDX64: tl.constexpr,
+    CG: tl.constexpr,
+    GPP: tl.constexpr,
+):
+    """The partial (count, mean, m2) of each group of channels-last run pid over chunk k of
+    positions (:func:`_run_stats`), to partials[n, g, k]: a group's first channel stores it."""
+    n, g0, c_lo, c, cmask, gl, first, _ = _run(pid, OFFS, OFFS, G, G // GPP, CG, GPP, BLOCK_C)
+    x_base = n.to(tl.int64) * sxN + c_lo
+    pivot = _run_pivot(X, x_base, gl, CG, GPP)
+    l_lo = k * CHUNK_L
+    cnt, mean, m2 = _run_stats(
+        X, x_base, pivot, c, cmask, gl, l_lo, tl.minimum(l_lo + CHUNK_L, L), sxC, sxL, CG, GPP,
+        BLOCK_L, IDX64,
+    )  # fmt: skip
+    head = cmask & (c == first)
+    row = n * G + g0 + gl
+    if k == 0:
+        tl.store(PIVOT + row, pivot, mask=head)
+    tl.store(P_CNT + row * K + k, tl.zeros_like(mean) + cnt, mask=head)
+    tl.store(P_MEAN + row * K + k, mean, mask=head)
+    tl.store(P_M2 + row * K + k, m2, mask=head)
+
+
+@triton.jit
 def _run_normalize(
     X,
     Y,
@@ -725,6 +755,7 @@ def _run_normalize(
     eps,
     CHUNK_L,
     KP,
+    pid,
     k,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
@@ -738,13 +769,15 @@ def _run_normalize(
     CG: tl.constexpr,
     GPP: tl.constexpr,
     FUSED: tl.constexpr,
+    VOLATILE: tl.constexpr,
 ):
-    """A channels-last run of GPP groups (program n * G / GPP + r: :func:`_run`), chunk k:
-    merge the KP partials of each group of the run as one (GPP, BLOCK_KP) tile (Chan's formula
-    in vector form, as :func:`_merge_and_normalize`), write the statistics from chunk 0 and
-    normalize the chunk. ``FUSED`` (one chunk): the statistics come from the program's own pass
-    over the run instead (:func:`_run_stats`), as the fused regime's."""
-    n, g0, c_lo, c, cmask, gl, first, _ = _run(OFFS, OFFS, G, G // GPP, CG, GPP, BLOCK_C)
+    """Channels-last run pid of GPP groups (n * G / GPP + r: :func:`_run`), chunk k: merge the
+    KP partials of each group of the run as one (GPP, BLOCK_KP) tile (Chan's formula in vector
+    form, as :func:`_merge_and_normalize`), write the statistics from chunk 0 and normalize the
+    chunk. ``FUSED`` (one chunk): the statistics come from the program's own pass over the run
+    instead (:func:`_run_stats`), as the fused regime's. ``VOLATILE``: see
+    :func:`_merge_and_normalize`."""
+    n, g0, c_lo, c, cmask, gl, first, _ = _run(pid, OFFS, OFFS, G, G // GPP, CG, GPP, BLOCK_C)
     x_base = n.to(tl.int64) * sxN + c_lo
     row = n * G + g0 + gl
     head = cmask & (c == first)
@@ -756,17 +789,17 @@ def _run_normalize(
         tl.store(PIVOT + row, pivot, mask=head)
         cnt = tl.zeros_like(mean) + cnt
     else:
-        pivot = tl.load(PIVOT + row, mask=cmask, other=0.0)
+        pivot = tl.load(PIVOT + row, mask=cmask, other=0.0, volatile=VOLATILE)
         j = tl.arange(0, GPP)
         i = tl.arange(0, BLOCK_KP)
         at = (n * G + g0 + j)[:, None] * KP + i[None, :]
         imask = (i < KP)[None, :] & (j >= 0)[:, None]
-        p_cnt = tl.load(P_CNT + at, mask=imask, other=0.0)
-        p_mean = tl.load(P_MEAN + at, mask=imask, other=0.0)
+        p_cnt = tl.load(P_CNT + at, mask=imask, other=0.0, volatile=VOLATILE)
+        p_mean = tl.load(P_MEAN + at, mask=imask, other=0.0, volatile=VOLATILE)
         g_cnt = tl.sum(p_cnt, axis=1)
         g_mean = tl.sum(p_cnt * p_mean, axis=1) / g_cnt
         dev = tl.where(imask, p_mean - g_mean[:, None], 0.0)
-        g_m2 = tl.sum(tl.load(P_M2 + at, mask=imask, other=0.0), axis=1)
+        g_m2 = tl.sum(tl.load(P_M2 + at, mask=imask, other=0.0, volatile=VOLATILE), axis=1)
         g_m2 += tl.sum(p_cnt * dev * dev, axis=1)
         cnt = _spread(g_cnt, gl, GPP)
         mean = _spread(g_mean, gl, GPP)
@@ -877,6 +910,7 @@ def _gn_fwd_wave_kernel(
     IDX64: tl.constexpr,
     CG: tl.constexpr,
     FLAT: tl.constexpr,
+    GPP: tl.constexpr = 1,
 ):
     """Wave regime: a persistent grid takes tickets in order from the counter SYNC[0]; each
     ticket is one chunk (CHUNK_L positions, or elements when FLAT) of one row (n * G + g) of one
@@ -898,33 +932,49 @@ def _gn_fwd_wave_kernel(
         following = tl.atomic_add(SYNC, 1)
         stats, row, k = _ticket(t, K, WAVE_ROWS, WAVES)
         if row < ROWS:
-            n = row // G
-            g = row % G
-            c0, Cg = _group_channels(OFFS, g, CG)
-            x_base, y_base, extent = _group_bases(
-                row, n, c0, Cg, G, L, sxN, sxC, syN, syC, GSTRIDE, FLAT
-            )
-            pivot = tl.load(X + x_base).to(tl.float32)
-            if stats:
-                l_lo = k * CHUNK_L
-                l_hi = tl.minimum(l_lo + CHUNK_L, extent)
-                cnt, mean, m2 = _stats_range(
-                    X, x_base, pivot, Cg, l_lo, l_hi, sxC, sxL, BLOCK_C, BLOCK_L, IDX64, FLAT
-                )
-                if k == 0:
-                    tl.store(PIVOT + row, pivot)
-                tl.store(P_CNT + row * K + k, cnt)
-                tl.store(P_MEAN + row * K + k, mean)
-                tl.store(P_M2 + row * K + k, m2)
-                _release_partials(SYNC, row)
+            if GPP > 1:  # row: a channels-last run of GPP groups
+                if stats:
+                    _run_partial(
+                        X, OFFS, PIVOT, P_CNT, P_MEAN, P_M2, G, L, sxN, sxC, sxL, CHUNK_L, K, row,
+                        k, BLOCK_C, BLOCK_L, IDX64, CG, GPP,
+                    )  # fmt: skip
+                    _release_partials(SYNC, row)
+                else:
+                    _await_partials(SYNC, row, K)
+                    _run_normalize(
+                        X, Y, W, B, SCALE, SHIFT, OFFS, PIVOT, P_CNT, P_MEAN, P_M2, SMEAN, M2,
+                        COUNT, RSTD, SS, C, G, L, sxN, sxC, sxL, syN, syC, syL, eps, CHUNK_L, K,
+                        row, k, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_KP, BLOCK_C,
+                        BLOCK_L, IDX64, CG, GPP, False, True,
+                    )  # fmt: skip
             else:
-                _await_partials(SYNC, row, K)
-                _merge_and_normalize(
-                    X, Y, W, B, SCALE, SHIFT, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD, SS,
-                    C, L, LINV, extent, sxC, sxL, syC, syL, eps, CHUNK_L, K, row, n, c0, Cg,
-                    x_base, y_base, pivot, k, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_KP,
-                    BLOCK_C, BLOCK_L, IDX64, FLAT, True,
-                )  # fmt: skip
+                n = row // G
+                g = row % G
+                c0, Cg = _group_channels(OFFS, g, CG)
+                x_base, y_base, extent = _group_bases(
+                    row, n, c0, Cg, G, L, sxN, sxC, syN, syC, GSTRIDE, FLAT
+                )
+                pivot = tl.load(X + x_base).to(tl.float32)
+                if stats:
+                    l_lo = k * CHUNK_L
+                    l_hi = tl.minimum(l_lo + CHUNK_L, extent)
+                    cnt, mean, m2 = _stats_range(
+                        X, x_base, pivot, Cg, l_lo, l_hi, sxC, sxL, BLOCK_C, BLOCK_L, IDX64, FLAT
+                    )
+                    if k == 0:
+                        tl.store(PIVOT + row, pivot)
+                    tl.store(P_CNT + row * K + k, cnt)
+                    tl.store(P_MEAN + row * K + k, mean)
+                    tl.store(P_M2 + row * K + k, m2)
+                    _release_partials(SYNC, row)
+                else:
+                    _await_partials(SYNC, row, K)
+                    _merge_and_normalize(
+                        X, Y, W, B, SCALE, SHIFT, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD, SS,
+                        C, L, LINV, extent, sxC, sxL, syC, syL, eps, CHUNK_L, K, row, n, c0, Cg,
+                        x_base, y_base, pivot, k, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_KP,
+                        BLOCK_C, BLOCK_L, IDX64, FLAT, True,
+                    )  # fmt: skip
         t = following
 
 
@@ -1305,6 +1355,67 @@ def _bwd_partial_chunk(
 
 
 @triton.jit
+def _run_saved(pid, OFFS, PIVOT, SMEAN, RSTD, SS, G, CG: tl.constexpr, GPP: tl.constexpr, BLOCK_C):
+    """Channels-last run pid (see :func:`_gn_bwd_partial_kernel`): n, its first channel c_lo,
+    local channels c, their mask, local groups gl and per channel its group's saved (pivot,
+    shifted_mean, rstd) as (BLOCK_C, 1) columns, which the per-group helpers' arithmetic
+    broadcasts like their scalars."""
+    n, g0, c_lo, c, cmask, gl, _, _ = _run(pid, OFFS, OFFS, G, G // GPP, CG, GPP, BLOCK_C)
+    rows = n * G + g0 + tl.arange(0, GPP)
+    pivot = _spread(tl.load(PIVOT + rows), gl, GPP)[:, None]
+    smean = _spread(tl.load(SMEAN + SS + rows), gl, GPP)[:, None]
+    rstd = _spread(tl.load(RSTD + 4 * SS + rows), gl, GPP)[:, None]
+    return n, c_lo, cmask, gl, pivot, smean, rstd
+
+
+@triton.jit
+def _bwd_program(
+    pid,
+    OFFS,
+    PIVOT,
+    SMEAN,
+    RSTD,
+    SS,
+    G,
+    L,
+    sxN,
+    sxC,
+    sdN,
+    sdC,
+    sgN,
+    sgC,
+    GSTRIDE,
+    CG: tl.constexpr,
+    GPP: tl.constexpr,
+    FLAT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """What a backward program of row pid (a program id, or a wave ticket's row) works on: n,
+    first channel c0, channels Cg, the int64 offsets of (n, c0, 0) in x, dy and dx, and the
+    saved (pivot, shifted_mean, rstd): of group pid (``FLAT``: offsets g * GSTRIDE, see
+    :func:`_group_bases`), or with ``GPP`` > 1 of channels-last run pid as per-channel columns
+    (:func:`_run_saved`)."""
+    if GPP > 1:
+        n, c0, _, _, pivot, smean, rstd = _run_saved(
+            pid, OFFS, PIVOT, SMEAN, RSTD, SS, G, CG, GPP, BLOCK_C
+        )
+        Cg = GPP * CG
+    else:
+        n = pid // G
+        c0, Cg = _group_channels(OFFS, pid % G, CG)
+        pivot = tl.load(PIVOT + pid)
+        smean = tl.load(SMEAN + SS + pid)
+        rstd = tl.load(RSTD + 4 * SS + pid)
+    x_base = n.to(tl.int64) * sxN + c0.to(tl.int64) * sxC
+    dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
+    dx_base = n.to(tl.int64) * sgN + c0.to(tl.int64) * sgC
+    if FLAT:
+        x_base, dy_base, _ = _group_bases(pid, n, c0, Cg, G, L, sxN, sxC, sdN, sdC, GSTRIDE, True)
+        dx_base, _, _ = _group_bases(pid, n, c0, Cg, G, L, sgN, sgC, sgN, sgC, GSTRIDE, True)
+    return n, c0, Cg, x_base, dy_base, dx_base, pivot, smean, rstd
+
+
+@triton.jit
 def _gn_bwd_partial_kernel(
     X,
     DY,
@@ -1350,23 +1461,10 @@ def _gn_bwd_partial_kernel(
     :func:`_gn_fwd_partial_kernel`). ``FLAT``: a contiguous NCHW group of GSTRIDE elements
     (rows of L not 16-byte multiples), read through aligned windows
     (:func:`_channel_sums_flat`)."""
-    if GPP > 1:
-        n, c0, _, _, pivot, smean, rstd = _run_saved(
-            OFFS, PIVOT, SMEAN, RSTD, SS, G, CG, GPP, BLOCK_C
-        )
-        Cg = GPP * CG
-        x_base = n.to(tl.int64) * sxN + c0
-        dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
-    else:
-        row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC, CG)
-        dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
-        if FLAT:
-            x_base, dy_base, _ = _group_bases(
-                row, n, c0, Cg, G, L, sxN, sxC, sdN, sdC, GSTRIDE, True
-            )
-        pivot = tl.load(PIVOT + row)
-        smean = tl.load(SMEAN + SS + row)
-        rstd = tl.load(RSTD + 4 * SS + row)
+    n, c0, Cg, x_base, dy_base, _, pivot, smean, rstd = _bwd_program(
+        tl.program_id(0), OFFS, PIVOT, SMEAN, RSTD, SS, G, L, sxN, sxC, sdN, sdC, 0, 0, GSTRIDE,
+        CG, GPP, FLAT, BLOCK_C,
+    )  # fmt: skip
     _bwd_partial_chunk(
         X, DY, W, B, SCALE, SHIFT, PA, PB, C, L, sxC, sxL, sdC, sdL, CHUNK_L, K, n, c0, Cg,
         x_base, dy_base, pivot, smean, rstd, tl.program_id(1), HAS_W, HAS_B, HAS_SCALE,
@@ -1440,17 +1538,22 @@ def _bwd_dx_chunk(
     FLAT: tl.constexpr = False,
     VEC: tl.constexpr = 8,
     BLOCK_F: tl.constexpr = 1024,
+    CG: tl.constexpr = 0,
+    GPP: tl.constexpr = 1,
 ):
     """The group's channels' A, B over the whole group (stored from chunk 0 for the parameter
-    gradients), the group means, and dx of chunk k.
+    gradients), the group means, and dx of chunk k. ``GPP`` > 1: the "group" is a channels-last
+    run of GPP groups of CG channels in one channel block, with per-channel columns of the
+    saved statistics (:func:`_run_saved`), and the means are per group.
 
     FUSED (one chunk, CHUNK_L = L): A, B are computed here from x and dy. Otherwise they are
     the sums of the partials PA, PB[n, 0..K, c] (:func:`_merged_sums`). ``FLAT`` (a contiguous
     NCHW group of GSTRIDE elements): A, B are read through aligned windows
     (:func:`_channel_sums_flat`) and chunk k is elements [k * CHUNK_F, (k + 1) * CHUNK_F) of
     the group, in 1-D tiles of BLOCK_F (:func:`_dx_flat`)."""
-    sum_dxhat = tl.zeros((), tl.float32)
-    sum_dxhat_xhat = tl.zeros((), tl.float32)
+    # per lane (channel cb + i of each block), summed over the blocks, then over the group
+    sum_dxhat = tl.zeros((BLOCK_C,), tl.float32)
+    sum_dxhat_xhat = tl.zeros((BLOCK_C,), tl.float32)
     for cb in range(0, Cg, BLOCK_C):
         c, cmask, w, bias, s1, sh = _channel_block(
             cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C
@@ -1471,11 +1574,19 @@ def _bwd_dx_chunk(
             nc = n.to(tl.int64) * C + c0 + c
             tl.store(SUMS + 2 * nc, a, mask=cmask)
             tl.store(SUMS + 2 * nc + 1, b, mask=cmask)
-        sum_dxhat += tl.sum(w * s1 * b, axis=0)
-        sum_dxhat_xhat += tl.sum(w * s1 * a, axis=0)
-    count = (Cg * 1.0) * L  # float: Cg * L may exceed int32
-    mean_dxhat = sum_dxhat / count
-    mean_dxhat_xhat = sum_dxhat_xhat / count
+        sum_dxhat += tl.where(cmask, w * s1 * b, 0.0)
+        sum_dxhat_xhat += tl.where(cmask, w * s1 * a, 0.0)
+    if GPP > 1:
+        # A channels-last run (one block): each channel takes its own group's means, as a
+        # (BLOCK_C, 1) column that the tile arithmetic broadcasts like the scalars.
+        gl = tl.arange(0, BLOCK_C) // CG
+        count = (CG * 1.0) * L
+        mean_dxhat = (_group_sum(sum_dxhat, gl, GPP) / count)[:, None]
+        mean_dxhat_xhat = (_group_sum(sum_dxhat_xhat, gl, GPP) / count)[:, None]
+    else:
+        count = (Cg * 1.0) * L  # float: Cg * L may exceed int32
+        mean_dxhat = tl.sum(sum_dxhat, axis=0) / count
+        mean_dxhat_xhat = tl.sum(sum_dxhat_xhat, axis=0) / count
     if STATS_GIVEN:
         mean_dxhat = 0.0
         mean_dxhat_xhat = 0.0
@@ -1557,69 +1668,16 @@ def _gn_bwd_dx_kernel(
     program (n * G / GPP + r, k) does so for every group of channels-last run r at once, the
     group means folded from the run's per-channel A, B by :func:`_group_sum`. ``FLAT``: see
     :func:`_bwd_dx_chunk`."""
-    if GPP > 1:
-        n, c_lo, _, gl, pivot, smean, rstd = _run_saved(
-            OFFS, PIVOT, SMEAN, RSTD, SS, G, CG, GPP, BLOCK_C
-        )
-        k = _reversed_chunk()
-        x_base = n.to(tl.int64) * sxN + c_lo
-        dy_base = n.to(tl.int64) * sdN + c_lo * sdC
-        c, cmask, w, bias, s1, sh = _channel_block(
-            0, n, c_lo, GPP * CG, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT,
-            BLOCK_C,
-        )  # fmt: skip
-        if FUSED:
-            a, b = _channel_sums(
-                X, DY, x_base, dy_base, c, cmask, 0, L, sxC, sxL, sdC, sdL, pivot, smean, rstd, w,
-                bias, s1, sh, ACT, BLOCK_L, IDX64,
-            )  # fmt: skip
-        else:
-            a, b = _merged_sums(PA, PB, n, K, C, c_lo, c, cmask, BLOCK_K, False)
-        if k == 0:
-            nc = n.to(tl.int64) * C + c_lo + c
-            tl.store(SUMS + 2 * nc, a, mask=cmask)
-            tl.store(SUMS + 2 * nc + 1, b, mask=cmask)
-        count = (CG * 1.0) * L  # float: CG * L may exceed int32
-        wc = w * s1
-        mean_dxhat = _group_sum(wc * b, gl, GPP) / count
-        mean_dxhat_xhat = _group_sum(wc * a, gl, GPP) / count
-        if STATS_GIVEN:
-            mean_dxhat = tl.zeros_like(mean_dxhat)
-            mean_dxhat_xhat = tl.zeros_like(mean_dxhat_xhat)
-        l_lo = k * CHUNK_L
-        _dx_block(
-            X, DY, DX, x_base, dy_base, n.to(tl.int64) * sgN + c_lo, c, cmask, l_lo,
-            tl.minimum(l_lo + CHUNK_L, L), sxC, sxL, sdC, sdL, sgC, sgL, pivot, smean, rstd, w,
-            bias, s1, sh, mean_dxhat[:, None], mean_dxhat_xhat[:, None], ACT, BLOCK_L, IDX64,
-        )  # fmt: skip
-        return
-    row, n, c0, Cg, x_base = _program_group(OFFS, G, sxN, sxC, CG)
-    dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
-    dx_base = n.to(tl.int64) * sgN + c0.to(tl.int64) * sgC
-    if FLAT:
-        x_base, dy_base, _ = _group_bases(row, n, c0, Cg, G, L, sxN, sxC, sdN, sdC, GSTRIDE, True)
-        dx_base, _, _ = _group_bases(row, n, c0, Cg, G, L, sgN, sgC, sgN, sgC, GSTRIDE, True)
+    n, c0, Cg, x_base, dy_base, dx_base, pivot, smean, rstd = _bwd_program(
+        tl.program_id(0), OFFS, PIVOT, SMEAN, RSTD, SS, G, L, sxN, sxC, sdN, sdC, sgN, sgC,
+        GSTRIDE, CG, GPP, FLAT, BLOCK_C,
+    )  # fmt: skip
     _bwd_dx_chunk(
         X, DY, DX, W, B, SCALE, SHIFT, PA, PB, SUMS, C, L, sxC, sxL, sdC, sdL, sgC, sgL,
-        CHUNK_L, K, n, c0, Cg, x_base, dy_base, dx_base, tl.load(PIVOT + row),
-        tl.load(SMEAN + SS + row), tl.load(RSTD + 4 * SS + row), _reversed_chunk(),
+        CHUNK_L, K, n, c0, Cg, x_base, dy_base, dx_base, pivot, smean, rstd, _reversed_chunk(),
         HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, STATS_GIVEN, FUSED, BLOCK_C, BLOCK_L, BLOCK_K,
-        IDX64, False, GSTRIDE, LINV, CHUNK_F, FLAT, VEC, BLOCK_F,
+        IDX64, False, GSTRIDE, LINV, CHUNK_F, FLAT, VEC, BLOCK_F, CG, GPP,
     )  # fmt: skip
-
-
-@triton.jit
-def _run_saved(OFFS, PIVOT, SMEAN, RSTD, SS, G, CG: tl.constexpr, GPP: tl.constexpr, BLOCK_C):
-    """A channels-last run's program (see :func:`_gn_bwd_partial_kernel`): n, its first
-    channel c_lo, local channels c, their mask, local groups gl and per channel its group's
-    saved (pivot, shifted_mean, rstd) as (BLOCK_C, 1) columns, which the per-group helpers'
-    arithmetic broadcasts like their scalars."""
-    n, g0, c_lo, c, cmask, gl, _, _ = _run(OFFS, OFFS, G, G // GPP, CG, GPP, BLOCK_C)
-    rows = n * G + g0 + tl.arange(0, GPP)
-    pivot = _spread(tl.load(PIVOT + rows), gl, GPP)[:, None]
-    smean = _spread(tl.load(SMEAN + SS + rows), gl, GPP)[:, None]
-    rstd = _spread(tl.load(RSTD + 4 * SS + rows), gl, GPP)[:, None]
-    return n, c_lo, cmask, gl, pivot, smean, rstd
 
 
 @triton.jit
@@ -1668,39 +1726,42 @@ def _gn_bwd_wave_kernel(
     BLOCK_K: tl.constexpr,
     IDX64: tl.constexpr,
     CG: tl.constexpr,
+    GPP: tl.constexpr = 1,
+    GSTRIDE=0,
+    LINV=0,
+    CHUNK_F=0,
+    FLAT: tl.constexpr = False,
+    VEC: tl.constexpr = 8,
+    BLOCK_F: tl.constexpr = 1024,
 ):
     """Wave regime, backward: the tickets of :func:`_gn_fwd_wave_kernel`, an S ticket writing
     a chunk's partial A, B (:func:`_bwd_partial_chunk`), an N ticket its dx
-    (:func:`_bwd_dx_chunk`) once its row's K partials are released."""
+    (:func:`_bwd_dx_chunk`) once its row's K partials are released. A row is a group, or with
+    ``GPP`` > 1 a channels-last run of groups; ``FLAT``: see :func:`_bwd_dx_chunk`."""
     total = 2 * WAVES * WAVE_ROWS * K
     t = tl.atomic_add(SYNC, 1)
     while t < total:
         following = tl.atomic_add(SYNC, 1)
         stats, row, k = _ticket(t, K, WAVE_ROWS, WAVES)
         if row < ROWS:
-            n = row // G
-            g = row % G
-            c0, Cg = _group_channels(OFFS, g, CG)
-            x_base = n.to(tl.int64) * sxN + c0.to(tl.int64) * sxC
-            dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
-            pivot = tl.load(PIVOT + row)
-            smean = tl.load(SMEAN + SS + row)
-            rstd = tl.load(RSTD + 4 * SS + row)
+            n, c0, Cg, x_base, dy_base, dx_base, pivot, smean, rstd = _bwd_program(
+                row, OFFS, PIVOT, SMEAN, RSTD, SS, G, L, sxN, sxC, sdN, sdC, sgN, sgC, GSTRIDE,
+                CG, GPP, FLAT, BLOCK_C,
+            )  # fmt: skip
             if stats:
                 _bwd_partial_chunk(
                     X, DY, W, B, SCALE, SHIFT, PA, PB, C, L, sxC, sxL, sdC, sdL, CHUNK_L, K, n,
                     c0, Cg, x_base, dy_base, pivot, smean, rstd, k, HAS_W, HAS_B, HAS_SCALE,
-                    HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64,
+                    HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64, GSTRIDE, FLAT, VEC,
                 )  # fmt: skip
                 _release_partials(SYNC, row)
             else:
                 _await_partials(SYNC, row, K)
                 _bwd_dx_chunk(
                     X, DY, DX, W, B, SCALE, SHIFT, PA, PB, SUMS, C, L, sxC, sxL, sdC, sdL, sgC,
-                    sgL, CHUNK_L, K, n, c0, Cg, x_base, dy_base,
-                    n.to(tl.int64) * sgN + c0.to(tl.int64) * sgC, pivot, smean, rstd, k, HAS_W,
-                    HAS_B, HAS_SCALE, HAS_SHIFT, ACT, STATS_GIVEN, False, BLOCK_C, BLOCK_L,
-                    BLOCK_K, IDX64, True,
+                    sgL, CHUNK_L, K, n, c0, Cg, x_base, dy_base, dx_base, pivot, smean, rstd, k,
+                    HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, STATS_GIVEN, False, BLOCK_C, BLOCK_L,
+                    BLOCK_K, IDX64, True, GSTRIDE, LINV, CHUNK_F, FLAT, VEC, BLOCK_F, CG, GPP,
                 )  # fmt: skip
         t = following
 
@@ -1944,7 +2005,7 @@ def _launch(
         per_chunk = -(-gstride // cfg.chunks)
         chunk_f = -(-per_chunk // FLAT_DX_BLOCK) * FLAT_DX_BLOCK
         dx_flat = dict(LINV=linv, CHUNK_F=chunk_f, BLOCK_F=FLAT_DX_BLOCK)
-    if cfg.regime in ("fused", "split") and cfg.groups_per_program > 1:
+    if cfg.regime != "onchip" and cfg.groups_per_program > 1:
         flags = dict(flags, GPP=cfg.groups_per_program)  # channels-last runs of groups
     onchip = dict(
         common,
@@ -2089,8 +2150,8 @@ def _forward(
             sync = x.new_zeros(1 + N * G, dtype=torch.int32)  # ticket counter, then per row
             _gn_fwd_wave_kernel[(cfg.programs,)](
                 xv, y, *params, offs, pivot, *parts, smean, m2, count, rstd, ss, sync, C, G, L,
-                *strides, eps, cfg.chunk_l, K, N * G, cfg.wave_rows, cfg.waves,
-                BLOCK_KP=next_pow2(K), **flags,
+                *strides, eps, cfg.chunk_l, K, programs, cfg.wave_rows, cfg.waves,
+                BLOCK_KP=next_pow2(K), num_warps=cfg.num_warps, **flags,
             )  # fmt: skip
             return out
         _gn_fwd_partial_kernel[(programs, K)](
@@ -2201,8 +2262,9 @@ def _backward(
             sync = x.new_zeros(1 + N * G, dtype=torch.int32)  # ticket counter, then per row
             _gn_bwd_wave_kernel[(cfg.programs,)](
                 xv, dyv, dx, *params, offs, *stats, ss, *parts, sums, sync, *strides,
-                *plan.outs, cfg.chunk_l, K, N * G, cfg.wave_rows, cfg.waves,
-                STATS_GIVEN=stats_given, BLOCK_K=block_k, **flags,
+                *plan.outs, cfg.chunk_l, K, N * G // flags.get("GPP", 1), cfg.wave_rows,
+                cfg.waves, STATS_GIVEN=stats_given, BLOCK_K=block_k, num_warps=cfg.num_warps,
+                **flags, **plan.dx_flat,
             )  # fmt: skip
         else:
             grid = (N * G // flags.get("GPP", 1), K)

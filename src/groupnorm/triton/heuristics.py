@@ -15,7 +15,7 @@ Three regimes (docs/spec.md#performance-floors):
   partials (Chan's formula, fixed order) and normalizes its chunk. Right when N * G is small
   and groups are large (VAE decode at batch 1, 3-D segmentation, detection at batch 2), where the
   fused regime leaves most SMs idle (torch's kernel: 3-8 % of the bandwidth floor there).
-* Channels-last runs (fused and split): an even plan whose groups are not 16-byte multiples of
+* Channels-last runs (fused, split and wave): an even plan whose groups are not 16-byte multiples of
   channels (SD's 10 bf16 channels, 20 bytes) is read by programs of several consecutive groups
   (:func:`loop_run`: 4 groups, 80 bytes), so every row segment a program loads or stores is
   128-bit aligned; the run's statistics are folded per group in registers.
@@ -85,6 +85,11 @@ WAVE_STACK = {"fwd": 5, "bwd": 8}
 # normalize ticket rarely waits for its wave's last partials.
 WAVE_TICKET_BYTES = 16 * 2**10
 WAVE_PROGRAMS_PER_SM = 2
+# A wave program over channels-last runs holds both tickets' code, each with per-group folds of
+# its tile. Compiled for sm_90 (SD 64^2 and the up-block concat, bf16): at 4 warps 128-151
+# registers and an 8 B spill forward, 230-254 registers backward; at 8 warps 125-128 and
+# 177-178, no spills (the backward then has room for one program per SM, not two; untuned).
+WAVE_RUN_WARPS = 8
 # Programs the device runs at once when it is not a GPU (the interpreter): keeps the tiny test
 # tensors in the fused regime under "auto".
 CPU_SM_COUNT = 1
@@ -261,7 +266,6 @@ def choose_config(
         and (L * elem_bytes) % VECTOR_BYTES != 0
         and (TILE + L) * L < 2**32  # _normalize_flat's exact channel index
         and max_group * L < 2**31  # element indices within a group are int32
-        and (direction == "fwd" or regime != "wave")
     )
     if flat and direction == "fwd":
         cfg = _loop_config(N, max_group * L, 1, num_groups, False, sm_count, regime, elem_bytes)
@@ -272,7 +276,7 @@ def choose_config(
         # of the group's elements.
         cfg = _loop_config(N, L, max_group, num_groups, False, sm_count, regime, elem_bytes, "bwd")
         return replace(cfg, flat=True)
-    gpp = loop_run(max_group, num_groups, even, channels_fast, elem_bytes, regime)
+    gpp = loop_run(max_group, num_groups, even, channels_fast, elem_bytes)
     if gpp > 1:
         cfg = _loop_config(
             N, L, gpp * max_group, num_groups // gpp, True, sm_count, regime, elem_bytes,
@@ -285,19 +289,14 @@ def choose_config(
 
 
 def loop_run(
-    max_group: int,
-    num_groups: int,
-    even: bool,
-    channels_fast: bool,
-    elem_bytes: int,
-    regime: str = "auto",
+    max_group: int, num_groups: int, even: bool, channels_fast: bool, elem_bytes: int
 ) -> int:
-    """Groups per program of the fused and split regimes: 1, or for a channels-last even plan
+    """Groups per program of the fused, split and wave regimes: 1, or for a channels-last even plan
     whose groups are not 16-byte multiples of channels the fewest consecutive groups that are
     (SD's 320 / 32 = 10 bf16 channels, 20 bytes: 4 groups, 80 bytes), so that every row segment
     a program reads is 128-bit aligned. Only where that many groups divide G and the run fits
     one channel block of at most RUN_MAX_CHANNELS (the kernels hold a run as one tile row)."""
-    if not (even and channels_fast) or regime == "wave":
+    if not (even and channels_fast):
         return 1
     gpp = VECTOR_BYTES // math.gcd(max_group * elem_bytes, VECTOR_BYTES)
     if gpp == 1 or num_groups % gpp or next_pow2(gpp * max_group) > RUN_MAX_CHANNELS:
@@ -330,7 +329,7 @@ def _loop_config(
         return LaunchConfig("fused", block_c, block_l, L, 1)
     if regime == "wave":
         return _wave_config(
-            N * num_groups, L, max_group, channels_fast, sm_count, elem_bytes, direction
+            N * num_groups, L, max_group, channels_fast, sm_count, elem_bytes, direction, whole
         )
     want = -(-PROGRAMS_PER_SM * sm_count // max(1, N * num_groups))
     chunks_wanted = max(1, min(want, group_elems // MIN_CHUNK_ELEMS, MAX_CHUNKS))
@@ -370,6 +369,7 @@ def _wave_config(
     sm_count: int,
     elem_bytes: int,
     direction: str,
+    whole: bool = False,
 ) -> LaunchConfig:
     """The wave regime's plan: waves of about :func:`wave_bytes` (at least one row), chunks of
     about WAVE_TICKET_BYTES of x, or smaller where a wave would otherwise have fewer tickets
@@ -380,12 +380,12 @@ def _wave_config(
     chunks_wanted = max(-(-group_bytes // WAVE_TICKET_BYTES), -(-grid // wave_rows))
     cap = max(1, min(MAX_CHUNKS, L))
     chunks_wanted = max(1, min(chunks_wanted, cap))
-    block_c, block_l, chunk_l, chunks = _chunking(L, max_group, channels_fast, chunks_wanted)
+    block_c, block_l, chunk_l, chunks = _chunking(L, max_group, channels_fast, chunks_wanted, whole)
     # Whole power-of-two tiles can round the chunks down to half of what was asked for: ask for
     # more while that does not shrink the tile (the bytes a program keeps in flight).
     while wave_rows * chunks < grid and chunks_wanted < cap:
         chunks_wanted = min(2 * chunks_wanted, cap)
-        finer = _chunking(L, max_group, channels_fast, chunks_wanted)
+        finer = _chunking(L, max_group, channels_fast, chunks_wanted, whole)
         if finer[0] * finer[1] < block_c * block_l:
             break
         block_c, block_l, chunk_l, chunks = finer
@@ -394,5 +394,5 @@ def _wave_config(
     programs = max(1, min(tickets, grid))
     return LaunchConfig(
         "wave", block_c, block_l, chunk_l, chunks, wave_rows=wave_rows, waves=waves,
-        programs=programs,
+        programs=programs, num_warps=WAVE_RUN_WARPS if whole else 4,
     )  # fmt: skip

@@ -45,11 +45,11 @@ def _chan(c, sC, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _run(OFFS, GIDX, G, R, CG: tl.constexpr, GPP: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program pid = n * R + r owns groups [g0, g0 + GPP) of sample n. Returns n, g0, the run's
-    first channel c_lo, local channels c, their mask, and per local channel: its local group gl,
-    the local index of its group's first channel and its group's size."""
-    pid = tl.program_id(0)
+def _run(pid, OFFS, GIDX, G, R, CG: tl.constexpr, GPP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Run pid = n * R + r (a program id, or a wave ticket's row) is groups [g0, g0 + GPP) of
+    sample n. Returns n, g0, the run's first channel c_lo, local channels c, their mask, and per
+    local channel: its local group gl, the local index of its group's first channel and its
+    group's size."""
     n = pid // R
     g0 = (pid % R) * GPP
     c = tl.arange(0, BLOCK_C)
@@ -144,7 +144,8 @@ def _gn_fwd_onchip_kernel(
     mean = sum d / count, m2 = sum (d - mean)^2, rstd = 1 / sqrt(m2 / count + eps), then
     y = act(d * a[c] + b[c]) with a = rstd w (1 + scale), b = (bias - mean rstd w)(1 + scale)
     + shift, from the same registers."""
-    n, g0, c_lo, c, cmask, gl, first, gsize = _run(OFFS, GIDX, G, R, CG, GPP, BLOCK_C)
+    pid = tl.program_id(0)
+    n, g0, c_lo, c, cmask, gl, first, gsize = _run(pid, OFFS, GIDX, G, R, CG, GPP, BLOCK_C)
     pos = tl.arange(0, BLOCK_L)
     mask = cmask[:, None] & (pos < L)[None, :]
     xb = X + n.to(tl.int64) * sxN + _chan(c_lo, sxC, CHANNELS_LAST)
@@ -233,7 +234,8 @@ def _gn_bwd_onchip_kernel(
     mean_dxhat_xhat = sum_c wc A / count, dx = rstd (du wc - mean_dxhat - x_hat mean_dxhat_xhat)
     (with statistics given by the caller: dx = rstd du wc; their own gradients are formed
     after the kernel, see group_norm.py)."""
-    n, g0, c_lo, c, cmask, gl, first, gsize = _run(OFFS, GIDX, G, R, CG, GPP, BLOCK_C)
+    pid = tl.program_id(0)
+    n, g0, c_lo, c, cmask, gl, first, gsize = _run(pid, OFFS, GIDX, G, R, CG, GPP, BLOCK_C)
     pos = tl.arange(0, BLOCK_L)
     mask = cmask[:, None] & (pos < L)[None, :]
     srow = n * G + g0 + gl
