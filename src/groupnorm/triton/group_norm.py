@@ -7,6 +7,13 @@ expanded views too). Such inputs are read in place, never copied. Any other view
 transposed) is copied ONCE with ``.contiguous()`` (documented in :func:`_flat_view`). ``y`` and
 ``dx`` take x's memory format (``torch.empty_like``).
 
+Vector width. Loads and stores are 128-bit where each program's row segments are 16-byte
+aligned: even plans pass the channels per group as a constexpr (``CG``); channels-last groups
+that are not 16-byte multiples are read as runs of ``GPP`` groups that are (``GPP`` > 1,
+heuristics.loop_run); NCHW groups whose rows are not 16-byte multiples are read ``FLAT`` (the
+forward in 1-D tiles over the group's elements, the backward's sums through aligned windows and
+its dx in 1-D tiles). tests/_triton_compile.py asserts the widths on sm_90 code.
+
 Forward, per sample n and group g (channels c0 .. c0 + Cg, positions 0 .. L)::
 
     p        = x[n, c0, 0]                   pivot: x - p is exact in fp32 (docs/spec.md#numerics)
