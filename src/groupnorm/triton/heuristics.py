@@ -112,7 +112,10 @@ CPU_SM_COUNT = 1
 # 65 K slots never fit. With scale and shift on as well, channels-last spills 32 B at the NCHW
 # limits (each thread holds every per-channel vector for its 8 adjacent channels), so it gets the
 # next smaller tile. Keyed by (direction, element bytes, channels-last); backward keeps x, dy,
-# x_hat and du live and holds half the forward's tile.
+# x_hat and du live and holds half the forward's tile. Under triton 3.6 (the GPU machine's; same
+# audit) every other limit holds, but the 32 K NCHW bf16 forward with GELU, scale and shift
+# spills 32 B at 16 warps (without the epilogue, ResNet b32: 112 registers, none); kept until a
+# GPU says what those 32 B cost.
 ONCHIP_MAX_SLOTS = {
     ("fwd", 2, False): 32768,
     ("fwd", 2, True): 16384,
