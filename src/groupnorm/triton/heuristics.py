@@ -159,11 +159,11 @@ class LaunchConfig:
     ``block_c`` x ``block_l`` is the tile (channels x positions); ``chunk_l`` positions per
     program along L and ``chunks`` = ceil(L / chunk_l) programs per group (1 in the fused and
     on-chip regimes); ``groups_per_program`` consecutive groups per program (on-chip, and the
-    fused and split regimes' channels-last runs: :func:`loop_run`; chunks then span the run).
-    Wave regime: ``wave_rows`` (sample, group) rows per wave, ``waves`` of them, and a
-    persistent grid of ``programs``. ``flat`` (the loop regimes, NCHW, rows of L not 16-byte
-    multiples): forward, each group is read as one run of Cg * L elements in 1-D tiles
-    (``block_c`` = 1), ``chunk_l`` elements a chunk, so that loads are 128-bit, and a group of
+    loop regimes' channels-last runs: :func:`loop_run`; chunks then span the run). Wave regime:
+    ``wave_rows`` rows (a sample's group, or run of groups) per wave, ``waves`` of them, and a
+    persistent grid of ``programs`` of ``num_warps``. ``flat`` (the loop regimes, NCHW, rows of
+    L not 16-byte multiples): forward, each group is read as one run of Cg * L elements in 1-D
+    tiles (``block_c`` = 1), ``chunk_l`` elements a chunk, so that loads are 128-bit, and a group of
     short rows (down to the (N, C) input's one element) still splits into many chunks;
     backward, the per-channel sums read each row through 16-byte-aligned windows and dx is
     written in 1-D tiles of FLAT_DX_BLOCK elements.
