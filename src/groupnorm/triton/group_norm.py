@@ -74,10 +74,10 @@ from groupnorm.triton.heuristics import (
     next_pow2,
 )
 from groupnorm.triton.onchip import (
+    _coefficients,
     _gn_bwd_onchip_kernel,
     _gn_fwd_onchip_kernel,
     _group_sum,
-    _params,
     _run,
 )
 
@@ -557,6 +557,22 @@ def _gn_fwd_normalize_kernel(
 
 
 @triton.jit
+def _merge_partials(P_CNT, P_MEAN, P_M2, at, mask, VOLATILE: tl.constexpr):
+    """Partials (count, mean, m2) at offsets ``at`` (where ``mask``) merged along the last axis
+    by Chan's formula in vector form, in a fixed order: cnt = sum n_i, mean = sum n_i mean_i /
+    cnt, m2 = sum m2_i + sum n_i (mean_i - mean)^2. ``VOLATILE``: the partials were written by
+    programs still running (the wave regime), so they are read past the L1 cache."""
+    p_cnt = tl.load(P_CNT + at, mask=mask, other=0.0, volatile=VOLATILE)
+    p_mean = tl.load(P_MEAN + at, mask=mask, other=0.0, volatile=VOLATILE)
+    p_m2 = tl.load(P_M2 + at, mask=mask, other=0.0, volatile=VOLATILE)
+    cnt = tl.sum(p_cnt, axis=-1)
+    mean = tl.sum(p_cnt * p_mean, axis=-1) / cnt
+    dev = tl.where(mask, p_mean - tl.expand_dims(mean, -1), 0.0)
+    m2 = tl.sum(p_m2, axis=-1) + tl.sum(p_cnt * dev * dev, axis=-1)
+    return cnt, mean, m2
+
+
+@triton.jit
 def _merge_and_normalize(
     X,
     Y,
@@ -603,20 +619,11 @@ def _merge_and_normalize(
     FLAT: tl.constexpr,
     VOLATILE: tl.constexpr,
 ):
-    """Merge row's KP partials in a fixed order (Chan's formula, vector form: mean = sum n_i
-    mean_i / n, m2 = sum m2_i + sum n_i (mean_i - mean)^2), write the merged statistics from
+    """Merge row's KP partials (:func:`_merge_partials`), write the merged statistics from
     chunk 0, and normalize chunk k of the row's ``extent`` (positions, or ``FLAT`` elements).
-    ``VOLATILE``: the partials were written by programs still running (the wave regime), so
-    they are read past the L1 cache."""
+    ``VOLATILE``: see :func:`_merge_partials`."""
     i = tl.arange(0, BLOCK_KP)
-    imask = i < KP
-    p_cnt = tl.load(P_CNT + row * KP + i, mask=imask, other=0.0, volatile=VOLATILE)
-    p_mean = tl.load(P_MEAN + row * KP + i, mask=imask, other=0.0, volatile=VOLATILE)
-    p_m2 = tl.load(P_M2 + row * KP + i, mask=imask, other=0.0, volatile=VOLATILE)
-    cnt = tl.sum(p_cnt, axis=0)
-    mean = tl.sum(p_cnt * p_mean, axis=0) / cnt
-    dev = tl.where(imask, p_mean - mean, 0.0)
-    m2 = tl.sum(p_m2, axis=0) + tl.sum(p_cnt * dev * dev, axis=0)
+    cnt, mean, m2 = _merge_partials(P_CNT, P_MEAN, P_M2, row * KP + i, i < KP, VOLATILE)
     rstd = 1.0 / tl.sqrt(m2 / cnt + eps)
     if k == 0:
         tl.store(SMEAN + SS + row, mean)
@@ -779,11 +786,10 @@ def _run_normalize(
     VOLATILE: tl.constexpr,
 ):
     """Channels-last run pid of GPP groups (n * G / GPP + r: :func:`_run`), chunk k: merge the
-    KP partials of each group of the run as one (GPP, BLOCK_KP) tile (Chan's formula in vector
-    form, as :func:`_merge_and_normalize`), write the statistics from chunk 0 and normalize the
-    chunk. ``FUSED`` (one chunk): the statistics come from the program's own pass over the run
-    instead (:func:`_run_stats`), as the fused regime's. ``VOLATILE``: see
-    :func:`_merge_and_normalize`."""
+    KP partials of each group of the run as one (GPP, BLOCK_KP) tile (:func:`_merge_partials`),
+    write the statistics from chunk 0 and normalize the chunk. ``FUSED`` (one chunk): the
+    statistics come from the program's own pass over the run instead (:func:`_run_stats`), as
+    the fused regime's. ``VOLATILE``: see :func:`_merge_partials`."""
     n, g0, c_lo, c, cmask, gl, first, _ = _run(pid, OFFS, OFFS, G, G // GPP, CG, GPP, BLOCK_C)
     x_base = n.to(tl.int64) * sxN + c_lo
     row = n * G + g0 + gl
@@ -801,13 +807,7 @@ def _run_normalize(
         i = tl.arange(0, BLOCK_KP)
         at = (n * G + g0 + j)[:, None] * KP + i[None, :]
         imask = (i < KP)[None, :] & (j >= 0)[:, None]
-        p_cnt = tl.load(P_CNT + at, mask=imask, other=0.0, volatile=VOLATILE)
-        p_mean = tl.load(P_MEAN + at, mask=imask, other=0.0, volatile=VOLATILE)
-        g_cnt = tl.sum(p_cnt, axis=1)
-        g_mean = tl.sum(p_cnt * p_mean, axis=1) / g_cnt
-        dev = tl.where(imask, p_mean - g_mean[:, None], 0.0)
-        g_m2 = tl.sum(tl.load(P_M2 + at, mask=imask, other=0.0, volatile=VOLATILE), axis=1)
-        g_m2 += tl.sum(p_cnt * dev * dev, axis=1)
+        g_cnt, g_mean, g_m2 = _merge_partials(P_CNT, P_MEAN, P_M2, at, imask, VOLATILE)
         cnt = _spread(g_cnt, gl, GPP)
         mean = _spread(g_mean, gl, GPP)
         m2 = _spread(g_m2, gl, GPP)
@@ -819,11 +819,9 @@ def _run_normalize(
         tl.store(M2 + 2 * SS + row, m2, mask=head)
         tl.store(COUNT + 3 * SS + row, cnt, mask=head)
         tl.store(RSTD + 4 * SS + row, rstd, mask=head)
-    w, bias, s1, sh = _params(
-        n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
+    a, b = _coefficients(
+        n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, mean, rstd, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
     )
-    a = rstd * w * s1
-    b = (bias - mean * rstd * w) * s1 + sh
     y_base = n.to(tl.int64) * syN + c_lo
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
@@ -1384,7 +1382,6 @@ def _bwd_program(
     RSTD,
     SS,
     G,
-    L,
     sxN,
     sxC,
     sdN,
@@ -1413,13 +1410,18 @@ def _bwd_program(
         pivot = tl.load(PIVOT + pid)
         smean = tl.load(SMEAN + SS + pid)
         rstd = tl.load(RSTD + 4 * SS + pid)
-    x_base = n.to(tl.int64) * sxN + c0.to(tl.int64) * sxC
-    dy_base = n.to(tl.int64) * sdN + c0.to(tl.int64) * sdC
-    dx_base = n.to(tl.int64) * sgN + c0.to(tl.int64) * sgC
+    # the group's offset past the sample's: c0 * sC, or with FLAT g * GSTRIDE, as _group_bases
+    # (an argument, whose divisibility the launch specializes)
     if FLAT:
-        x_base, dy_base, _ = _group_bases(pid, n, c0, Cg, G, L, sxN, sxC, sdN, sdC, GSTRIDE, True)
-        dx_base, _, _ = _group_bases(pid, n, c0, Cg, G, L, sgN, sgC, sgN, sgC, GSTRIDE, True)
-    return n, c0, Cg, x_base, dy_base, dx_base, pivot, smean, rstd
+        at_x = (pid % G).to(tl.int64) * GSTRIDE
+        at_dy = at_x
+        at_dx = at_x
+    else:
+        at_x = c0.to(tl.int64) * sxC
+        at_dy = c0.to(tl.int64) * sdC
+        at_dx = c0.to(tl.int64) * sgC
+    n64 = n.to(tl.int64)
+    return n, c0, Cg, n64 * sxN + at_x, n64 * sdN + at_dy, n64 * sgN + at_dx, pivot, smean, rstd
 
 
 @triton.jit
@@ -1469,7 +1471,7 @@ def _gn_bwd_partial_kernel(
     (rows of L not 16-byte multiples), read through aligned windows
     (:func:`_channel_sums_flat`)."""
     n, c0, Cg, x_base, dy_base, _, pivot, smean, rstd = _bwd_program(
-        tl.program_id(0), OFFS, PIVOT, SMEAN, RSTD, SS, G, L, sxN, sxC, sdN, sdC, 0, 0, GSTRIDE,
+        tl.program_id(0), OFFS, PIVOT, SMEAN, RSTD, SS, G, sxN, sxC, sdN, sdC, 0, 0, GSTRIDE,
         CG, GPP, FLAT, BLOCK_C,
     )  # fmt: skip
     _bwd_partial_chunk(
@@ -1676,7 +1678,7 @@ def _gn_bwd_dx_kernel(
     group means folded from the run's per-channel A, B by :func:`_group_sum`. ``FLAT``: see
     :func:`_bwd_dx_chunk`."""
     n, c0, Cg, x_base, dy_base, dx_base, pivot, smean, rstd = _bwd_program(
-        tl.program_id(0), OFFS, PIVOT, SMEAN, RSTD, SS, G, L, sxN, sxC, sdN, sdC, sgN, sgC,
+        tl.program_id(0), OFFS, PIVOT, SMEAN, RSTD, SS, G, sxN, sxC, sdN, sdC, sgN, sgC,
         GSTRIDE, CG, GPP, FLAT, BLOCK_C,
     )  # fmt: skip
     _bwd_dx_chunk(
@@ -1752,7 +1754,7 @@ def _gn_bwd_wave_kernel(
         stats, row, k = _ticket(t, K, WAVE_ROWS, WAVES)
         if row < ROWS:
             n, c0, Cg, x_base, dy_base, dx_base, pivot, smean, rstd = _bwd_program(
-                row, OFFS, PIVOT, SMEAN, RSTD, SS, G, L, sxN, sxC, sdN, sdC, sgN, sgC, GSTRIDE,
+                row, OFFS, PIVOT, SMEAN, RSTD, SS, G, sxN, sxC, sdN, sdC, sgN, sgC, GSTRIDE,
                 CG, GPP, FLAT, BLOCK_C,
             )  # fmt: skip
             if stats:
@@ -1973,8 +1975,7 @@ def _launch(
     unit = _unit_stride(strides) and (dys is None or _unit_stride(dys))
     even = min(sizes) == max(sizes)
     # Each group one contiguous run of elements, in x and in y or dx and dy (NCHW with sC = L).
-    contiguous_groups = strides[1:] == (L, 1) and out[1:] == (L, 1)
-    contiguous_groups = contiguous_groups and (dys is None or dys[1:] == (L, 1))
+    contiguous_groups = all(st[1:] == (L, 1) for st in (strides, out, dys) if st is not None)
     cfg = choose_config(
         N,
         L if N else 1,

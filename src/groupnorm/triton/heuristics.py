@@ -182,6 +182,12 @@ class LaunchConfig:
     flat: bool = False
 
 
+def _aligned_run(group_channels: int, elem_bytes: int) -> int:
+    """The fewest consecutive channels-last groups of ``group_channels`` channels whose row
+    segment is a multiple of VECTOR_BYTES (a power of two)."""
+    return VECTOR_BYTES // math.gcd(group_channels * elem_bytes, VECTOR_BYTES)
+
+
 def onchip_tile(
     L: int,
     num_groups: int,
@@ -201,7 +207,7 @@ def onchip_tile(
 
     gpp = 1
     if even and channels_last:
-        want = VECTOR_BYTES // math.gcd(max_group * elem_bytes, VECTOR_BYTES)
+        want = _aligned_run(max_group, elem_bytes)
         if num_groups % want == 0 and slots(want) <= limit:
             gpp = want
     if even:
@@ -301,7 +307,7 @@ def loop_run(
     one channel block of at most RUN_MAX_CHANNELS (the kernels hold a run as one tile row)."""
     if not (even and channels_fast):
         return 1
-    gpp = VECTOR_BYTES // math.gcd(max_group * elem_bytes, VECTOR_BYTES)
+    gpp = _aligned_run(max_group, elem_bytes)
     if gpp == 1 or num_groups % gpp or next_pow2(gpp * max_group) > RUN_MAX_CHANNELS:
         return 1
     return gpp

@@ -102,6 +102,18 @@ def _params(n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, H
 
 
 @triton.jit
+def _coefficients(
+    n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, mean, rstd, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
+):
+    """Per channel, y = (x - pivot) * a + b before the activation: a = rstd w (1 + scale),
+    b = (bias - mean rstd w)(1 + scale) + shift (mean: of x - pivot)."""
+    w, bias, s1, sh = _params(
+        n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
+    )
+    return rstd * w * s1, (bias - mean * rstd * w) * s1 + sh
+
+
+@triton.jit
 def _gn_fwd_onchip_kernel(
     X,
     Y,
@@ -172,11 +184,9 @@ def _gn_fwd_onchip_kernel(
         tl.store(M2 + 2 * SS + row, tl.sum(tl.where(head, m2, 0.0), axis=0), mask=ok)
         tl.store(COUNT + 3 * SS + row, tl.sum(tl.where(head, count, 0.0), axis=0), mask=ok)
         tl.store(RSTD + 4 * SS + row, tl.sum(tl.where(head, rstd, 0.0), axis=0), mask=ok)
-    w, bias, s1, sh = _params(
-        n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
+    a, b = _coefficients(
+        n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, mean, rstd, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
     )
-    a = rstd * w * s1
-    b = (bias - mean * rstd * w) * s1 + sh
     y = _act((v.to(tl.float32) - pivot[:, None]) * a[:, None] + b[:, None], ACT)
     yb = Y + n.to(tl.int64) * syN + _chan(c_lo, syC, CHANNELS_LAST)
     tl.store(
