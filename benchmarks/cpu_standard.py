@@ -4,8 +4,10 @@ The standard case is what both can do: G divides C, no epilogue. Forward only, n
 Ours runs the fused CPU kernel on float32 (exact, both layouts) and torch's kernel, checked, on
 bfloat16 where it holds the tolerance table (elsewhere the fused kernel). Ours and torch's calls
 are timed interleaved (A B, B A, ...) so that load from other processes and cache warmth hit
-both alike; the table gives medians and the ratio of medians. Correctness against float64 is
-checked first.
+both alike, as many pairs as fill about 1.5 s a row (20 to 400); the table gives the medians
+and the ratio as the median of the pairs' ratios, with its quartiles: on this project's shared
+2-core machine one row's ratio of medians moved by 5-10 % between runs, the pairs' ratio by
+less (each pair shares the load of its moment). Correctness against float64 is checked first.
 
     python benchmarks/cpu_standard.py [--quick] [--threads T] [--out benchmarks/results]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,14 +61,20 @@ def run(quick: bool) -> list[dict]:
                     exact = F.group_norm(x.double(), G, w.double(), b.double())
                     tol = 1e-5 if dtype == torch.float32 else 2e-2
                     torch.testing.assert_close(ours.double(), exact, rtol=tol, atol=tol)
-                    reps = 6 if quick else 20
                     args = (x, G, w, b)
-                    t_ours, t_torch = bench.time_pair(
-                        lambda a=args: groupnorm.group_norm(*a),
-                        lambda a=args: F.group_norm(*a),
-                        reps,
-                    )
+
+                    def ours(a: tuple = args) -> torch.Tensor:
+                        return groupnorm.group_norm(*a)
+
+                    def theirs(a: tuple = args) -> torch.Tensor:
+                        return F.group_norm(*a)
+
+                    reps = 6 if quick else _pairs(theirs)
+                    t_ours, t_torch = bench.time_pair(ours, theirs, reps)
                 m_ours, m_torch = statistics.median(t_ours), statistics.median(t_torch)
+                q1, ratio, q3 = statistics.quantiles(
+                    [a / b for a, b in zip(t_ours, t_torch, strict=True)], n=4
+                )
                 rows.append(
                     {
                         "workload": name,
@@ -75,16 +84,28 @@ def run(quick: bool) -> list[dict]:
                         "layout": layout,
                         "ours_ms": m_ours * 1e3,
                         "torch_ms": m_torch * 1e3,
-                        "ratio": m_ours / m_torch,
+                        "ratio": ratio,
+                        "ratio_quartiles": [q1, q3],
+                        "ratio_of_medians": m_ours / m_torch,
                         "reps": reps,
                     }
                 )
                 print(
                     f"{name:<18} {str(tuple(shape)):<20} {str(dtype)[6:]:<9} {layout:<14} "
-                    f"{m_ours * 1e3:9.3f} {m_torch * 1e3:9.3f} {m_ours / m_torch:6.3f}",
+                    f"{m_ours * 1e3:9.3f} {m_torch * 1e3:9.3f} {ratio:6.3f} "
+                    f"[{q1:.3f}, {q3:.3f}] {reps:5d}",
                     flush=True,
                 )
     return rows
+
+
+def _pairs(call: Callable[[], object], seconds: float = 1.5) -> int:
+    """How many interleaved pairs of calls like ``call`` fill about ``seconds``: 20 to 400."""
+    call()
+    start = time.perf_counter()
+    call()
+    once = time.perf_counter() - start
+    return max(20, min(400, int(seconds / (2 * once))))
 
 
 def save(out: Path, benchmark: str, rows: list[dict]) -> None:
@@ -117,7 +138,7 @@ def small_input_args(doc: str) -> argparse.Namespace:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="four small shapes, 5 reps")
+    parser.add_argument("--quick", action="store_true", help="four small shapes, 6 pairs")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument(
         "--threads",
@@ -132,7 +153,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(
         f"{'workload':<18} {'shape':<20} {'dtype':<9} {'layout':<14} {'ours ms':>9} "
-        f"{'torch ms':>9} {'ratio':>6}"
+        f"{'torch ms':>9} {'ratio':>6} {'quartiles':>16} {'pairs':>5}"
     )
     rows = run(args.quick)
     ratios = [r["ratio"] for r in rows]

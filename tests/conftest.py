@@ -23,10 +23,11 @@ def without_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def register(monkeypatch: pytest.MonkeyPatch) -> Callable[[dispatch.Backend], None]:
-    """``dispatch.register_backend`` for one test: the registry (and its priority order) as it
-    was is restored afterwards."""
+    """``dispatch.register_backend`` for one test: the registry (its priority order and the
+    backends auto asks first) as it was is restored afterwards."""
     monkeypatch.setattr(dispatch, "_REGISTRY", dict(dispatch._REGISTRY))
     monkeypatch.setattr(dispatch, "_BY_PRIORITY", list(dispatch._BY_PRIORITY))
+    monkeypatch.setattr(dispatch, "_FIRST", dict(dispatch._FIRST))
     return dispatch.register_backend
 
 

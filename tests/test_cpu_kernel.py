@@ -403,3 +403,73 @@ def test_backward_is_the_same_at_one_and_two_threads(layout: str) -> None:
         torch.set_num_threads(threads)
     for one, two in zip(*grads, strict=True):
         assert torch.equal(one, two)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 3), min_size=3, max_size=5),
+    order=st.randoms(use_true_random=False),
+)
+def test_property_layout_is_movedim_contiguity(shape: list[int], order: Any) -> None:
+    """layout() reads torch's channels-last flag for 4-D and 5-D x instead of a movedim (a
+    dispatched op): the same answer as its definition on any permutation of any shape, size-1
+    dimensions (whose strides do not matter) included."""
+    perm = list(range(len(shape)))
+    order.shuffle(perm)
+    x = torch.empty([shape[p] for p in perm]).permute([perm.index(d) for d in range(len(shape))])
+    assert list(x.shape) == shape
+    want = 0 if x.is_contiguous() else (1 if x.movedim(1, -1).is_contiguous() else None)
+    assert cpu_kernel.layout(x) == want
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("spatial", "route"),
+    [((8, 8), "kernel"), ((32, 32), "torch"), ((72, 64), "kernel"), ((4, 4, 4), "kernel")],
+    ids=["8sq", "32sq", "72x64", "4cube"],
+)
+@pytest.mark.parametrize(("wdtype", "activation"), [("x", None), ("float32", "relu")])
+def test_fast_path_serves_channels_last_half_precision(
+    dtype: torch.dtype, spatial: tuple[int, ...], route: str, wdtype: str, activation: str | None
+) -> None:
+    """A plain channels-last half-precision call takes the one-step path (no validated path)
+    to what the validated path would pick: the fused kernel at most 512 and past 4096
+    positions, torch's kernel checked between (only where it rounds once: weight and bias in
+    x's dtype, no activation; else the validated path's multiply-add); exact against float64,
+    channels-last out."""
+    shape = (2, 24, *spatial)
+    x = make_x(shape, dtype, "channels_last", seed=5)
+    w_dtype = dtype if wdtype == "x" else torch.float32
+    w, b = rand((24,), w_dtype, seed=6), rand((24,), w_dtype, seed=7)
+    plan = resolve_plan(24, 6)
+    with _calls("forward_plain") as fused:
+        fast = torch_ops.native_fast(x, plan, w, b, 1e-5, activation)
+    assert fused[0] == (route == "kernel")
+    y = groupnorm.group_norm(x, 6, w, b, activation=activation)
+    if route == "kernel" or (wdtype == "x" and activation is None):
+        assert fast is not None
+        torch.testing.assert_close(fast, y, rtol=0, atol=0)
+    else:
+        assert fast is None
+    assert y.dtype == dtype and cpu_kernel.layout(y) == 1
+    want, _ = reference(x, plan, w, b, activation=activation)
+    assert_matches(y, want, dtype, what=f"{dtype} {spatial} {route}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_path_leaves_the_validated_path_what_it_does_not_serve(dtype: torch.dtype) -> None:
+    """Half precision on the one-step path: a silu or gelu (it would round twice) and torch's
+    kernel failing the check at an offset (channels-last, 32^2) go on; under autograd the fused
+    kernel is not asked (it has no half-precision backward), torch's kernel records."""
+    x = make_x((2, 8, 32, 32), dtype, "channels_last", seed=8)
+    plan = resolve_plan(8, 4)
+    assert torch_ops.native_fast(x, plan, None, None, 1e-5, "silu") is None
+    small = make_x((2, 8, 8, 8), dtype, "channels_last", seed=8).requires_grad_()
+    with _calls("forward_plain") as fused:
+        y = torch_ops.native_fast(small, plan, None, None, 1e-5, None)
+    assert fused[0] == 0 and y is not None and y.grad_fn is not None
+    far = make_x((2, 8, 32, 32), dtype, "channels_last", seed=8, loc=1e4, std=1e-1)
+    assert torch_ops.native_fast(far, plan, None, None, 1e-5, None) is None
+    assert_matches(groupnorm.group_norm(far, 4), reference(far, plan)[0], dtype)

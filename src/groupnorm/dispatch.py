@@ -74,8 +74,9 @@ class Backend:
     ``run`` with ``return_stats`` (which also writes y). ``auto_on_cpu``: False when ``auto``
     never picks it for a CPU tensor. ``fast(x, plan, weight, bias, eps, activation)``: a plain
     call (no scale, shift, statistics in or out, mask or process group) in one step, with the
-    arguments as the user gave them, unchecked; it returns None for anything it does not serve
-    that way, and the validated path then decides (see :func:`run_plain`).
+    arguments as the user gave them, unchecked but for two things :func:`run_plain` has made sure
+    of: x is a plain ``torch.Tensor`` and torch.compile is not tracing; it returns None for
+    anything it does not serve that way, and the validated path then decides.
     """
 
     name: str
@@ -99,12 +100,17 @@ class Backend:
 
 _REGISTRY: dict[str, Backend] = {}
 _BY_PRIORITY: list[Backend] = []
+# The backend auto asks first on a CPU tensor and on any other, kept with the registry:
+# run_plain's lookup is on every call.
+_FIRST: dict[bool, Backend | None] = {True: None, False: None}
 
 
 def register_backend(backend: Backend) -> None:
     """Add or replace a backend under its name."""
     _REGISTRY[backend.name] = backend
     _BY_PRIORITY[:] = sorted(_REGISTRY.values(), key=lambda b: -b.priority)
+    _FIRST[True] = next((b for b in _BY_PRIORITY if b.auto_on_cpu), None)
+    _FIRST[False] = _BY_PRIORITY[0]
 
 
 def run_plain(
@@ -127,14 +133,10 @@ def run_plain(
     """
     if type(x) is not torch.Tensor or torch.compiler.is_compiling():
         return None
-    for b in _BY_PRIORITY:
-        if backend == "auto":
-            if not b.auto_on_cpu and x.is_cpu:
-                continue
-        elif b.name != backend:
-            continue
-        return None if b.fast is None else b.fast(x, plan, weight, bias, eps, activation)
-    return None
+    b = _FIRST[x.is_cpu] if backend == "auto" else _REGISTRY.get(backend)
+    if b is None or b.fast is None:
+        return None
+    return b.fast(x, plan, weight, bias, eps, activation)
 
 
 def available_backends() -> dict[str, str | None]:

@@ -159,9 +159,19 @@ def layout(x: torch.Tensor) -> int | None:
     None for any other layout. Strides of size-1 dimensions do not matter to the kernel."""
     if x.is_contiguous():
         return 0
-    if x.dim() > 2 and x.movedim(1, -1).is_contiguous():
+    # A 4-D or 5-D tensor's own flag, where torch keeps one (it too skips size-1 dimensions):
+    # movedim is a dispatched op, 25-30 us on the first call after a large kernel has pushed
+    # the dispatcher's tables out of cache (the forward of a (2, 320, 64, 64) float32 tensor;
+    # this project's CPU machine).
+    dim = x.dim()
+    if dim in _FORMATS:
+        return 1 if x.is_contiguous(memory_format=_FORMATS[dim]) else None
+    if dim > 2 and x.movedim(1, -1).is_contiguous():
         return 1
     return None
+
+
+_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def serves(x: torch.Tensor) -> bool:
@@ -224,22 +234,27 @@ def forward_plain(
     relu: bool,
 ) -> torch.Tensor | None:
     """:func:`forward`'s y with nothing but weight, bias and relu, or None where the kernel is
-    not built or does not read x's layout (the hot path of a module call: checks its caller
-    has made are not made again)."""
+    not built or does not read x's layout or dtype (the hot path of a module call: checks its
+    caller has made are not made again)."""
     lib = library()
     cl = layout(x)
-    if lib is None or cl is None or not x.numel():
+    numel = x.numel()
+    if lib is None or cl is None or not numel:
         return None
     N, C = x.shape[:2]
     off, group_of = _plan_arrays(plan)
     y = torch.empty_like(x)
     code = _CODES[x.dtype]
-    lib.forward(
-        x.data_ptr(), code, y.data_ptr(), code, N, C, x.numel() // (N * C), cl, off.data_ptr(),
-        plan.num_groups, group_of.data_ptr(), 0, 0, 0, eps, _ptr(weight), _code(weight),
-        _ptr(bias), _code(bias), 0, 0, relu, torch.get_num_threads(),
+    # _ptr and _code written out: each call costs a few us after a large kernel (cold caches).
+    # A dtype this build lacks (float16 without _Float16) returns -1.
+    failed = lib.forward(
+        x.data_ptr(), code, y.data_ptr(), code, N, C, numel // (N * C), cl, off.data_ptr(),
+        plan.num_groups, group_of.data_ptr(), 0, 0, 0, eps,
+        0 if weight is None else weight.data_ptr(), 0 if weight is None else _CODES[weight.dtype],
+        0 if bias is None else bias.data_ptr(), 0 if bias is None else _CODES[bias.dtype],
+        0, 0, relu, torch.get_num_threads(),
     )  # fmt: skip
-    return y
+    return None if failed else y
 
 
 def forward(

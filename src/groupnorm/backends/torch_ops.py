@@ -639,10 +639,14 @@ def native_fast(
         or not plan.is_even
         or x.dim() < 3
         or x.shape[1] != plan.num_channels
-        or not x.is_contiguous()
         or type(eps) is not float
         or not (eps >= 0 and eps < math.inf)
     ):
+        return None
+    # Channels-last: torch's kernel where the validated path asks it (_trust_limit, and for
+    # half precision half_keeps_torch), checked against that layout's limit.
+    limit = _nchw_trust(x.dtype) if x.is_contiguous() else _trust_limit(x, plan)
+    if limit is None:
         return None
     if activation is not None and activation not in _FAST_ACTIVATIONS:
         return None
@@ -661,7 +665,7 @@ def native_fast(
         return None
     y, mean, rstd = torch.native_group_norm(x, weight, bias, N, C, L, plan.num_groups, eps)
     mean, rstd = _detached(mean, rstd)
-    if not _all_trusted(mean, rstd, _nchw_trust(x.dtype)):
+    if not _all_trusted(mean, rstd, limit):
         return None
     return y if activation is None else apply_activation(y, activation)
 
@@ -677,13 +681,17 @@ def _fused_fast(
     eps: float,
     activation: str | None,
 ) -> torch.Tensor | None:
-    """:func:`native_fast`'s float32/float64 call on the fused CPU kernel, or None. Every check
-    here runs on every such call: the cheapest and most selective first, after Dynamo's (it
-    would record some of them as graph ops)."""
-    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or type(eps) is not float:
+    """:func:`native_fast`'s call on the fused CPU kernel, or None: float32/float64 x, also
+    under autograd (:class:`_Fused`, where torch's kernel is not asked); half-precision x where
+    the validated path gives it the kernel (:func:`_fused_serves`), with at most relu (applied
+    in the kernel, rounding once). Every check here runs on every such call: the cheapest and
+    most selective first (run_plain has ruled out Dynamo, which would record some of them as
+    graph ops, and tensor subclasses)."""
+    if type(eps) is not float:
         return None
     dtype = x.dtype
-    if (dtype is not torch.float32 and dtype is not torch.float64) or not x.is_cpu:
+    half = dtype is torch.bfloat16 or dtype is torch.float16
+    if not (half or dtype is torch.float32 or dtype is torch.float64) or not x.is_cpu:
         return None
     shape = x.shape
     if (
@@ -704,6 +712,10 @@ def _fused_fast(
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
+    if half and (
+        grad or activation not in (None, "relu") or (plan.is_even and half_keeps_torch(x, plan))
+    ):
+        return None
     if grad:
         if not (_torch_kernel_declines(x, plan) and cpu_kernel.serves(x)):
             return None
