@@ -3,7 +3,8 @@
 On small tensors a call is mostly Python: validation and dispatch (and, where the fused CPU
 kernel is not built, the exactness check on torch's kernel's float32 mean). This times
 ``groupnorm.group_norm`` against ``F.group_norm`` and ``groupnorm.GroupNorm`` against
-``nn.GroupNorm`` on the standard case (G divides C, affine, no epilogue), forward only. Each
+``nn.GroupNorm`` on the standard case (G divides C, affine, no epilogue), float32 and
+bfloat16, forward only. Each
 sample is the mean of a batch of calls; ours and torch's batches alternate
 (groupnorm.bench.time_pair); the table gives medians and the difference in microseconds.
 
@@ -41,23 +42,25 @@ def _pairs(
 def run() -> list[dict]:
     rows = []
     torch.manual_seed(0)
-    for shape in SHAPES:
+    for dtype, shape in [(d, s) for d in (torch.float32, torch.bfloat16) for s in SHAPES]:
         C = shape[1]
-        x = torch.randn(shape)
-        ours_m, torch_m = groupnorm.GroupNorm(G, C), nn.GroupNorm(G, C)
+        x = torch.randn(shape).to(dtype)
+        ours_m = groupnorm.GroupNorm(G, C).to(dtype)
+        torch_m = nn.GroupNorm(G, C).to(dtype)
         torch_m.load_state_dict(ours_m.state_dict())
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
         with torch.no_grad():
             for api, (ours, theirs) in _pairs(x, ours_m, torch_m).items():
                 w, b = torch_m.weight.double(), torch_m.bias.double()
                 exact = F.group_norm(x.double(), G, w, b)
                 for out in (ours(), theirs()):
-                    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol)
                 us_ours, us_torch = per_call_us(ours, theirs, CALLS, SAMPLES)
                 rows.append(
                     {
                         "shape": list(shape),
                         "G": G,
-                        "dtype": "torch.float32",
+                        "dtype": str(dtype),
                         "api": api,
                         "ours_us": us_ours,
                         "torch_us": us_torch,
@@ -67,8 +70,8 @@ def run() -> list[dict]:
                     }
                 )
                 print(
-                    f"{str(shape):<18} {api:<11} {us_ours:9.2f} {us_torch:9.2f} "
-                    f"{us_ours - us_torch:+9.2f}",
+                    f"{str(shape):<18} {str(dtype)[6:]:<9} {api:<11} {us_ours:9.2f} "
+                    f"{us_torch:9.2f} {us_ours - us_torch:+9.2f}",
                     flush=True,
                 )
     return rows
@@ -76,7 +79,7 @@ def run() -> list[dict]:
 
 def main() -> None:
     args = small_input_args(__doc__)
-    print(f"{'shape':<18} {'api':<11} {'ours us':>9} {'torch us':>9} {'extra us':>9}")
+    print(f"{'shape':<18} {'dtype':<9} {'api':<11} {'ours us':>9} {'torch us':>9} {'extra us':>9}")
     save(args.out, "cpu_overhead", run())
 
 

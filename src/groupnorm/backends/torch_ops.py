@@ -620,21 +620,29 @@ def native_fast(
 ) -> torch.Tensor | None:
     """The common eager CPU call in one step, or None to take the validated path.
 
-    Serves what needs no checks beyond those below: an even plan, an NCHW-contiguous float x on
-    the CPU, weight and bias of x's dtype (or None), a plain eps and at most an activation on a
-    float32/float64 x. Runs torch's kernel once and returns its output when its float32 mean is
-    trusted for every (sample, group); None for anything else, untrusted statistics and NaN
-    included (the validated path then raises, or redoes the samples that need it). The
-    arguments are as the user gave them: nothing is assumed of their types.
+    Serves what needs no checks beyond those below: an even plan, a float x on the CPU in a
+    layout torch's kernel is trusted with (NCHW-contiguous; channels-last within
+    :func:`_trust_limit`'s sizes), weight and bias of x's dtype (or None), a plain eps and at
+    most an activation on a float32/float64 x. Runs torch's kernel once and returns its output
+    when its float32 mean is trusted for every (sample, group); None for anything else,
+    untrusted statistics and NaN included (the validated path then raises, or redoes the
+    samples that need it). The arguments are as the user gave them: nothing is assumed of their
+    types but what :func:`groupnorm.dispatch.run_plain` has checked.
 
-    float32 and float64 x on a call autograd does not record go to the fused CPU kernel
-    instead, in either layout and any plan (:func:`_fused_fast`)."""
-    fused = _fused_fast(x, plan, weight, bias, eps, activation)
-    if fused is not None:
-        return fused
+    What the validated path gives the fused CPU kernel, it gets here too (:func:`_fused_fast`):
+    float32 and float64 x in either layout and any plan, half precision where torch's kernel is
+    not kept (:func:`half_keeps_torch`)."""
+    # Half precision with an even plan in NCHW stays with torch's kernel (half_keeps_torch):
+    # _fused_fast's checks would all be made to decline it.
+    dtype = x.dtype
+    if not (
+        (dtype is torch.bfloat16 or dtype is torch.float16) and plan.is_even and x.is_contiguous()
+    ):
+        fused = _fused_fast(x, plan, weight, bias, eps, activation)
+        if fused is not None:
+            return fused
     if (
-        _tracing()
-        or type(x) is not torch.Tensor
+        torch._C._is_tracing()  # torch.jit.trace; run_plain has ruled out Dynamo
         or not x.is_cpu
         or not plan.is_even
         or x.dim() < 3
