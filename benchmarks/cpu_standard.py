@@ -1,13 +1,15 @@
-"""CPU: groupnorm.group_norm vs torch.nn.functional.group_norm on the standard case.
+"""CPU: groupnorm.group_norm vs torch.nn.functional.group_norm on the standard case, float32,
+bfloat16 and float16.
 
 The standard case is what both can do: G divides C, no epilogue. Forward only, no autograd.
 Ours runs the fused CPU kernel on float32 (exact, both layouts) and torch's kernel, checked, on
-bfloat16 where it holds the tolerance table (elsewhere the fused kernel). Ours and torch's calls
-are timed interleaved (A B, B A, ...) so that load from other processes and cache warmth hit
-both alike, as many pairs as fill about 1.5 s a row (20 to 400); the table gives the medians
-and the ratio as the median of the pairs' ratios, with its quartiles: on this project's shared
-2-core machine one row's ratio of medians moved by 5-10 % between runs, the pairs' ratio by
-less (each pair shares the load of its moment). Correctness against float64 is checked first.
+half precision where it holds the tolerance table (elsewhere the fused kernel). Ours and
+torch's calls are timed interleaved (A B, B A, ...) so that load from other processes and cache
+warmth hit both alike, as many pairs as fill about 1.5 s a row (20 to 400); the table gives the
+medians and the ratio as the median of the pairs' ratios, with its quartiles: on this project's
+shared 2-core machine one row's ratio of medians moved by 5-10 % between runs, the pairs' ratio
+by less (each pair shares the load of its moment). Correctness against float64 is checked
+first.
 
     python benchmarks/cpu_standard.py [--quick] [--threads T] [--out benchmarks/results]
 """
@@ -45,7 +47,7 @@ def run(quick: bool) -> list[dict]:
     rows = []
     torch.manual_seed(0)
     shapes = SHAPES[-4:] if quick else SHAPES
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for name, shape, G in shapes:
             for layout in ("nchw", "channels_last"):
                 x = torch.randn(shape).to(dtype)

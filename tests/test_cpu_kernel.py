@@ -473,3 +473,29 @@ def test_fast_path_leaves_the_validated_path_what_it_does_not_serve(dtype: torch
     far = make_x((2, 8, 32, 32), dtype, "channels_last", seed=8, loc=1e4, std=1e-1)
     assert torch_ops.native_fast(far, plan, None, None, 1e-5, None) is None
     assert_matches(groupnorm.group_norm(far, 4), reference(far, plan)[0], dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_regression_half_stores_round_once_like_torch(layout: str, dtype: torch.dtype) -> None:
+    """The kernel's half-precision output is its float32 result rounded once, as torch rounds
+    it, in every lane: float16 stores were converted one lane at a time (GCC's _Float16
+    vectors, 5.7-7.5x torch's kernel channels-last) and now go through F16C 8 at a time.
+    Weights spread the outputs over overflow, normal and subnormal half values; a NaN and an
+    Inf stay in their groups."""
+    x = make_x((2, 40, 9, 7), dtype, layout, seed=11)
+    x[1, 3, 2, 2] = math.nan
+    x[1, 25, 0, 1] = math.inf
+    info = torch.finfo(dtype)
+    scales = torch.tensor([info.max, 1.0, 1e-3, info.tiny * 30, info.tiny / 30])
+    w = (rand((40,), torch.float32, seed=12) * scales.repeat(8)).to(dtype)
+    b = (rand((40,), torch.float32, seed=13) * scales.repeat(8)).to(dtype)
+    plan = resolve_plan(40, 8)
+    y, _ = cpu_kernel.forward(x, plan, w, b, 1e-5)
+    wide, _ = cpu_kernel.forward(x, plan, w, b, 1e-5, out_dtype=torch.float32)
+    assert y.dtype == dtype and wide.dtype == torch.float32
+    want = wide.to(dtype)
+    same = (y.view(torch.int16) == want.view(torch.int16)) | (y.isnan() & want.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} lanes differ"
+    assert bool(y.isinf().any()) and bool(((y != 0) & (y.abs() < info.tiny)).any())

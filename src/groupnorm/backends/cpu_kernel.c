@@ -37,6 +37,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -164,6 +167,18 @@ typedef _Float16 f16_t;
 typedef _Float16 vhf __attribute__((vector_size(16)));
 #define F16_IN(v) ((float)(v))
 #define F16_OUT(v) ((_Float16)(v))
+#ifdef __F16C__
+/* F16C's 8-wide conversions (to half: round to nearest even, as a cast): GCC 12 converts a
+   _Float16 vector to half one lane at a time, which made the float16 channels-last forward
+   5.7-7.5x torch's kernel. */
+static inline vf load_f16(const f16_t *p) {
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+static inline void store_f16(f16_t *p, vf v) {
+    _mm_storeu_si128((__m128i *)p,
+                     _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#else
 static inline vf load_f16(const f16_t *p) {
     vhf h;
     memcpy(&h, p, sizeof h);
@@ -173,6 +188,7 @@ static inline void store_f16(f16_t *p, vf v) {
     vhf h = __builtin_convertvector(v, vhf);
     memcpy(p, &h, sizeof h);
 }
+#endif
 #else
 #define HAVE_F16 0
 #endif
