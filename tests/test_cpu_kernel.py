@@ -481,9 +481,10 @@ def test_fast_path_leaves_the_validated_path_what_it_does_not_serve(dtype: torch
 def test_regression_half_stores_round_once_like_torch(layout: str, dtype: torch.dtype) -> None:
     """The kernel's half-precision output is its float32 result rounded once, as torch rounds
     it, in every lane: float16 stores were converted one lane at a time (GCC's _Float16
-    vectors, 5.7-7.5x torch's kernel channels-last) and now go through F16C 8 at a time.
-    Weights spread the outputs over overflow, normal and subnormal half values; a NaN and an
-    Inf stay in their groups."""
+    vectors, 5.7-7.5x torch's kernel channels-last) and now go through F16C 8 at a time;
+    bfloat16 stores through vcvtneps2bf16 where the CPU has it, except vectors with a subnormal
+    lane (which it would flush). Weights spread the outputs over overflow, normal and subnormal
+    half values; a NaN and an Inf stay in their groups."""
     x = make_x((2, 40, 9, 7), dtype, layout, seed=11)
     x[1, 3, 2, 2] = math.nan
     x[1, 25, 0, 1] = math.inf

@@ -923,17 +923,17 @@ def _fused_serves(r: Request) -> bool:
 # Channels-last half-precision inputs with at most this many positions take the fused kernel
 # even where torch's kernel is trusted: torch's channels-last kernel is slow there (bfloat16,
 # one thread, this project's CPU machine, 2026-12-03, time over F.group_norm, the kernel against
-# torch's checked kernel: SD 16^2
-# (2, 1280, 16, 16) 0.73x vs 1.21x, SD 8^2 0.79x vs 1.45x, (2, 320, 8, 8, 8) 0.22x vs 1.23x),
-# and past it faster (32^2 and 64^2 positions: the kernel 1.9-2.6x, torch's 1.2-1.7x).
+# torch's checked kernel: SD 16^2 (2, 1280, 16, 16) 0.73x vs 1.21x, SD 8^2 0.79x vs 1.45x,
+# (2, 320, 8, 8, 8) 0.22x vs 1.23x), and past it faster (2026-12-04, the fused kernel called
+# directly against torch's: 32^2 and 64^2 positions 1.2-1.35x in bfloat16, 1.3-1.4x in float16).
 HALF_CHANNELS_LAST_FUSED_POSITIONS = 512
 
 
 def half_keeps_torch(x: torch.Tensor, plan: GroupPlan) -> bool:
     """Whether a half-precision x with an even plan, no statistics in or out, stays with torch's
     kernel rather than the fused one: where torch's kernel is trusted with the layout and faster
-    (bfloat16 NCHW, whose conversions cost the fused kernel 1.23-1.34x torch's time; channels-
-    last past ``HALF_CHANNELS_LAST_FUSED_POSITIONS``). Not float16 NCHW: torch's CPU kernel takes
+    (bfloat16 NCHW, where the fused kernel takes 1.03-1.07x torch's time; channels-last past
+    ``HALF_CHANNELS_LAST_FUSED_POSITIONS``). Not float16 NCHW: torch's CPU kernel takes
     3-5x the fused kernel's time there ((2, 320, 64, 64): 2.2 against 0.71 ms; one thread, this
     project's CPU machine, 2026-12-04). Half precision is judged against torch's own kernel; the
     fused kernel rounds once from float32 either way."""
