@@ -311,13 +311,15 @@ def _all_trusted(mean: torch.Tensor, rstd: torch.Tensor, limit: float) -> bool:
     """Whether every (sample, group) has ``|mean| * rstd <= limit``; a NaN anywhere makes the
     maximum NaN, which compares False (the caller then checks elementwise or declines).
 
-    CPU tensors without autograd history. The fused CPU kernel's loop where it is built (well
-    under a microsecond); else float32/float64 go through NumPy: on these (N, G) arrays its
-    three operations cost less than torch's dispatch of two (7 vs 11 us per call on this
-    project's CPU machine), which every eager CPU call pays."""
+    CPU tensors, with autograd history or without. The fused CPU kernel's loop where it is
+    built (well under a microsecond; it reads the data, so nothing is detached: two dispatched
+    ops on every training step's forward); else float32/float64 go through NumPy: on these
+    (N, G) arrays its three operations cost less than torch's dispatch of two (7 vs 11 us per
+    call on this project's CPU machine), which every eager CPU call pays."""
     checked = cpu_kernel.trusted(mean, rstd, limit)
     if checked is not None:
         return checked
+    mean, rstd = _detached(mean, rstd)
     if mean.dtype in _NUMPY_FLOATS and rstd.dtype == mean.dtype:
         return bool(np.abs(mean.numpy() * rstd.numpy()).max(initial=0.0) <= limit)
     ratio = mean * rstd
@@ -669,7 +671,6 @@ def native_fast(
     ):
         return None
     y, mean, rstd = torch.native_group_norm(x, weight, bias, N, C, L, plan.num_groups, eps)
-    mean, rstd = _detached(mean, rstd)
     if not _all_trusted(mean, rstd, limit):
         return None
     return y if activation is None else apply_activation(y, activation)
@@ -705,11 +706,6 @@ def _fused_fast(
         or not (eps >= 0 and eps < math.inf)
         or (activation is not None and activation not in _FAST_ACTIVATIONS)
         or not (_fast_float_param(weight, shape[1]) and _fast_float_param(bias, shape[1]))
-        or forward_ad._current_level >= 0
-        or torch.jit.is_tracing()
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._functorch.is_functorch_wrapped_tensor(x)
-        or (plan.min_size == 1 and x[0, 0].numel() == 1)  # the validated path warns
     ):
         return None
     grad = torch.is_grad_enabled() and (
@@ -717,12 +713,22 @@ def _fused_fast(
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    if half and (
-        grad or activation not in (None, "relu") or (plan.is_even and half_keeps_torch(x, plan))
+    # Declined before the checks below, which native_fast makes again: under autograd torch's
+    # kernel records what it is trusted with (an eager training step's forward).
+    if grad and (half or not _torch_kernel_declines(x, plan)):
+        return None
+    if half and (activation not in (None, "relu") or (plan.is_even and half_keeps_torch(x, plan))):
+        return None
+    if (
+        forward_ad._current_level >= 0
+        or torch.jit.is_tracing()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        or (plan.min_size == 1 and x[0, 0].numel() == 1)  # the validated path warns
     ):
         return None
     if grad:
-        if not (_torch_kernel_declines(x, plan) and cpu_kernel.serves(x)):
+        if not cpu_kernel.serves(x):
             return None
         return apply_activation(_Fused.apply(x, weight, bias, plan, eps), activation)
     y = cpu_kernel.forward_plain(x, plan, weight, bias, eps, activation == "relu")
