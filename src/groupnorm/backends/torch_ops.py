@@ -721,7 +721,7 @@ def _fused_fast(
         return None
     if (
         forward_ad._current_level >= 0
-        or torch.jit.is_tracing()
+        or torch._C._is_tracing()  # torch.jit.trace, as native_fast asks it
         or torch._C._len_torch_dispatch_stack()
         or torch._C._functorch.is_functorch_wrapped_tensor(x)
         or (plan.min_size == 1 and x[0, 0].numel() == 1)  # the validated path warns
