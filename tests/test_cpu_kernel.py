@@ -189,6 +189,74 @@ def test_blocks_and_threads_hold_the_bound_at_an_offset(
     assert_matches(s1.var, cache.var, torch.float32, reduction=count, what="var")
 
 
+@contextmanager
+def _stream_min(bytes_: int) -> Iterator[None]:
+    """The kernel's non-temporal-store threshold set to bytes_ for the block."""
+    lib = cpu_kernel.library()
+    assert lib is not None
+    before = lib.stream_min(bytes_)
+    try:
+        yield
+    finally:
+        lib.stream_min(before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("shape", "plan_kw"),
+    [
+        ((2, 6, 7, 9), {"num_groups": 3}),  # rows of 63 and 6 elements: unaligned vectors too
+        ((1, 2, 256, 300), {"num_groups": 1}),  # NCHW two stages: past every fused limit
+        ((2, 20, 12, 12), {"num_groups": 4, "uneven": False}),
+    ],
+)
+def test_outputs_stored_around_the_caches_equal_cached_ones(
+    layout: str, dtype: torch.dtype, shape: tuple[int, ...], plan_kw: dict[str, Any]
+) -> None:
+    """Outputs of stream_min bytes and more take non-temporal stores (float32 and float64 at
+    32-byte aligned addresses, cached stores elsewhere): with the threshold at 0 every
+    forward path, with weight, bias and relu, writes the same bits as with none, exactly."""
+    x = make_x(shape, dtype, layout, seed=11, loc=3.0)
+    C = shape[1]
+    w, b = rand((C,), dtype, 1), rand((C,), dtype, 2)
+    outs = []
+    for threshold in (1 << 62, 0):
+        with _stream_min(threshold), torch.no_grad(), _calls("forward", "forward_plain") as n:
+            outs.append(
+                (
+                    groupnorm.group_norm(x, weight=w, bias=b, **plan_kw),
+                    groupnorm.group_norm(x, weight=w, bias=b, activation="relu", **plan_kw),
+                )
+            )
+        if dtype != torch.bfloat16:
+            assert n[0] == 2
+    for cached, streamed in zip(*outs, strict=True):
+        assert torch.equal(cached, streamed)
+    plan = resolve_plan(C, **plan_kw)
+    expected, _ = reference(x, plan, w, b)
+    assert_matches(outs[1][0], expected, dtype, reduction=max(plan.sizes) * math.prod(shape[2:]))
+
+
+def test_stream_min_reads_the_shared_cache_size(tmp_path: Path) -> None:
+    """3/4 of CPU 0's largest data or unified cache from sysfs, never where there is none."""
+    fake = tmp_path / "cache"
+    for name, kind, size in [
+        ("index0", "Data", "48K"),
+        ("index1", "Instruction", "64M"),
+        ("index2", "Unified", "1024K"),
+        ("index3", "Unified", "32768K"),
+    ]:
+        (fake / name).mkdir(parents=True)
+        (fake / name / "type").write_text(kind + "\n")
+        (fake / name / "size").write_text(size + "\n")
+    with mock.patch.object(cpu_kernel, "_CACHES", fake):
+        assert cpu_kernel.stream_min() == 32 * 2**20 // 4 * 3
+    with mock.patch.object(cpu_kernel, "_CACHES", tmp_path / "absent"):
+        assert cpu_kernel.stream_min() == 1 << 62
+
+
 @needs_kernel
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -37,7 +37,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#if defined(__F16C__) || defined(__AVX512BF16__)
+#if defined(__AVX__) || defined(__F16C__) || defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
 #include <math.h>
@@ -61,6 +61,10 @@ enum { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
    half precision 64K elements (128 KB): its larger groups took 1.03-1.11x as long fused. */
 #define FUSED_MAX 131072 /* the largest of them, a multiple of BLOCK */
 static int64_t fused_max(int dtype) { return dtype == F32 ? 131072 : 65536; }
+/* y of at least this many bytes is stored around the caches (put_f32); set by the loader
+   (stream_min()), none until then. */
+static int64_t stream_min = INT64_MAX;
+static int streams(int64_t bytes) { return bytes >= stream_min; }
 /* Below this many elements one thread does all: waking the others costs more. */
 #define PARALLEL_MIN 65536
 
@@ -126,6 +130,41 @@ static inline vf load_bf16(const uint16_t *p) {
 }
 static inline void store_f32(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline void store_f64(double *p, vd v) { memcpy(p, &v, sizeof v); }
+/* y's stores: where nt, float32 and float64 vectors go around the caches (non-temporal, at
+   32-byte aligned addresses), as memcpy does for copies larger than the last-level cache:
+   caching such a y only evicts x and whatever else is there, and a cached store first reads
+   the line it writes. */
+static inline void put_f32(float *p, vf v, int nt) {
+#ifdef __AVX__
+    if (nt && !((uintptr_t)p & 31)) {
+        __m256 q;
+        memcpy(&q, &v, sizeof q);
+        _mm256_stream_ps(p, q);
+        return;
+    }
+#endif
+    store_f32(p, v);
+}
+static inline void put_f64(double *p, vd v, int nt) {
+#ifdef __AVX__
+    if (nt && !((uintptr_t)p & 31)) {
+        __m256d q[2];
+        memcpy(q, &v, sizeof q);
+        _mm256_stream_pd(p, q[0]);
+        _mm256_stream_pd(p + 4, q[1]);
+        return;
+    }
+#endif
+    store_f64(p, v);
+}
+/* Orders a task's non-temporal stores before what follows it. */
+static inline void drain(int nt) {
+#ifdef __AVX__
+    if (nt) _mm_sfence();
+#else
+    (void)nt;
+#endif
+}
 static inline void store_bf16(uint16_t *p, vf v) {
     vu u;
     memcpy(&u, &v, sizeof u);
@@ -146,6 +185,7 @@ static inline void store_bf16(uint16_t *p, vf v) {
     vh h = __builtin_convertvector(r, vh);
     memcpy(p, &h, sizeof h);
 }
+static inline void put_bf16(uint16_t *p, vf v, int nt) { (void)nt; store_bf16(p, v); }
 static inline vd wide_f(vf v) { return __builtin_convertvector(v, vd); }
 /* The sum of a vector's lanes as a tree (3 dependent adds, not 8). */
 static inline double lanes(vd v) {
@@ -204,6 +244,7 @@ static inline void store_f16(f16_t *p, vf v) {
     memcpy(p, &h, sizeof h);
 }
 #endif
+static inline void put_f16(f16_t *p, vf v, int nt) { (void)nt; store_f16(p, v); }
 #else
 #define HAVE_F16 0
 #endif
@@ -496,11 +537,11 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
    coef holds (mean, A, B) per (n, c) in float64. */
 #define DEFINE_APPLY(S, T, W, VW, IN, LOAD, LOADW, RELU, O, TO, OUT, STORE)                 \
     static void row_##S##_##O(const T *xr, TO *yr, int64_t i0, int64_t i1, W hi, W lo, W a,  \
-                              W b, int relu) {                                              \
+                              W b, int relu, int nt) {                                      \
         int64_t i = i0;                                                                     \
         for (; i + 8 <= i1; i += 8) {                                                       \
             VW v = ((LOAD(xr + i) - hi) - lo) * a + b;                                      \
-            STORE(yr + i, relu ? RELU(v) : v);                                              \
+            STORE(yr + i, relu ? RELU(v) : v, nt);                                          \
         }                                                                                   \
         for (; i < i1; i++) {                                                               \
             W v = ((IN(xr[i]) - hi) - lo) * a + b;                                          \
@@ -515,6 +556,7 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
                                 double eps, const double *wd, const double *bd,             \
                                 const double *scale, const double *shift, int relu,         \
                                 int nthreads) {                                             \
+        int nt = streams(N * C * L * (int64_t)sizeof(TO));                                  \
         FOR_TASKS(i, N * G, {                                                               \
             int64_t n = i / G, g = i - n * G, base = (n * C + offsets[g]) * L;              \
             int64_t count = (offsets[g + 1] - offsets[g]) * L, k = 0;                       \
@@ -532,20 +574,21 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
                 double a, b;                                                                \
                 affine(rstd, wd[c], bd[c], scale, shift, n * C + c, &a, &b);                \
                 row_##S##_##O(x + (n * C + c) * L, y + (n * C + c) * L, 0, L, hi, lo, (W)a, \
-                              (W)b, relu);                                                  \
+                              (W)b, relu, nt);                                              \
             }                                                                               \
+            drain(nt);                                                                      \
         })                                                                                  \
     }                                                                                       \
     /* Channels-last rows r0..r1 of one sample: y = (x - hi) * a + b per channel. */         \
     static void rows_##S##_##O(const T *x, TO *y, int64_t C, int64_t r0, int64_t r1,         \
-                               const W *hi, const W *a, const W *b, int relu) {             \
+                               const W *hi, const W *a, const W *b, int relu, int nt) {     \
         int64_t C8 = C - C % 8;                                                             \
         for (int64_t r = r0; r < r1; r++) {                                                 \
             const T *xr = x + r * C;                                                        \
             TO *yr = y + r * C;                                                             \
             for (int64_t c = 0; c < C8; c += 8) {                                           \
                 VW v = (LOAD(xr + c) - LOADW(hi + c)) * LOADW(a + c) + LOADW(b + c);        \
-                STORE(yr + c, relu ? RELU(v) : v);                                          \
+                STORE(yr + c, relu ? RELU(v) : v, nt);                                      \
             }                                                                               \
             for (int64_t c = C8; c < C; c++) {                                              \
                 W v = (IN(xr[c]) - hi[c]) * a[c] + b[c];                                    \
@@ -556,6 +599,7 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
     static void apply_##S##_##O(const T *x, TO *y, int64_t N, int64_t C, int64_t L, int cl,  \
                                 const double *coef, int relu, int nthreads) {               \
         int64_t NC = N * C;                                                                 \
+        int nt = streams(NC * L * (int64_t)sizeof(TO));                                     \
         W *k = malloc((size_t)(4 * NC) * sizeof(W));                                        \
         for (int64_t i = 0; i < NC; i++) {                                                  \
             W hi = (W)coef[3 * i];                                                          \
@@ -576,7 +620,9 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
                 int64_t i0 = (t - row * chunks) * BLOCK;                                    \
                 int64_t i1 = i0 + BLOCK < L ? i0 + BLOCK : L;                               \
                 const W *kr = k + 4 * row;                                                  \
-                row_##S##_##O(x + row * L, y + row * L, i0, i1, kr[0], kr[1], kr[2], kr[3], relu); \
+                row_##S##_##O(x + row * L, y + row * L, i0, i1, kr[0], kr[1], kr[2], kr[3], relu, \
+                              nt);                                                          \
+                drain(nt);                                                                  \
             })                                                                              \
         } else {                                                                            \
             int64_t rows = C >= BLOCK / 4 ? 4 : BLOCK / C;                                  \
@@ -585,7 +631,9 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
                 int64_t n = t / blocks, r0 = t % blocks * rows;                             \
                 const W *hi = k + n * C;                                                    \
                 rows_##S##_##O(x + n * L * C, y + n * L * C, C, r0,                         \
-                               r0 + rows < L ? r0 + rows : L, hi, hi + NC, hi + 2 * NC, relu); \
+                               r0 + rows < L ? r0 + rows : L, hi, hi + NC, hi + 2 * NC, relu, \
+                               nt);                                                         \
+                drain(nt);                                                                  \
             })                                                                              \
         }                                                                                   \
         free(k);                                                                            \
@@ -595,19 +643,19 @@ DEFINE_STATS(f32, float, float, vf, F32_IN, load_f32, wide_f, load_f32)
 DEFINE_STATS(f64, double, double, vd, F64_IN, load_f64, wide_d, load_f64)
 DEFINE_STATS(bf16, uint16_t, float, vf, BF16_IN, load_bf16, wide_f, load_f32)
 DEFINE_APPLY(f32, float, float, vf, F32_IN, load_f32, load_f32, relu_f, f32, float, F32_OUT,
-             store_f32)
+             put_f32)
 DEFINE_APPLY(f64, double, double, vd, F64_IN, load_f64, load_f64, relu_d, f64, double,
-             F64_OUT, store_f64)
+             F64_OUT, put_f64)
 DEFINE_APPLY(bf16, uint16_t, float, vf, BF16_IN, load_bf16, load_f32, relu_f, bf16, uint16_t,
-             BF16_OUT, store_bf16)
+             BF16_OUT, put_bf16)
 DEFINE_APPLY(bf16, uint16_t, float, vf, BF16_IN, load_bf16, load_f32, relu_f, f32, float,
-             F32_OUT, store_f32)
+             F32_OUT, put_f32)
 #if HAVE_F16
 DEFINE_STATS(f16, f16_t, float, vf, F16_IN, load_f16, wide_f, load_f32)
 DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f16, f16_t, F16_OUT,
-             store_f16)
+             put_f16)
 DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, float, F32_OUT,
-             store_f32)
+             put_f32)
 #endif
 
 /* Backward, float32 and float64 (T = W): with xhat = ((x - hi) - lo) * rstd and g = dy * w[c],
@@ -986,8 +1034,9 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
    w, wtype, b, btype, scale, shift, relu, nthreads) and stats(x, dtype, N, C, L, cl, offsets,
    G, mean, var, nthreads) and backward(x, dy, dx, dtype, N, C, L, cl, offsets, G, group_of,
    mean, var, eps, w, wtype, dw, db, nthreads), pointers as ints (0: none; forward's mean and
-   var may be 0 when not given), return 0 or -1 as above; dtypes() the bit mask of dtype codes served. The GIL is
-   released while they run. */
+   var may be 0 when not given), return 0 or -1 as above; dtypes() the bit mask of dtype codes
+   served; stream_min(bytes) sets stream_min and returns the value before. The GIL is released
+   while the kernels run. */
 /* A call's n arguments: ints into a[], except args[real] (real < 0: none), a float into *x.
    0, or -1 with a Python exception set. */
 static int parse(PyObject *const *args, Py_ssize_t nargs, const char *name, Py_ssize_t n,
@@ -1074,6 +1123,15 @@ static PyObject *py_dtypes(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(gn_dtypes());
 }
 
+static PyObject *py_stream_min(PyObject *self, PyObject *arg) {
+    (void)self;
+    long long bytes = PyLong_AsLongLong(arg);
+    if (bytes == -1 && PyErr_Occurred()) return NULL;
+    int64_t before = stream_min;
+    stream_min = bytes;
+    return PyLong_FromLongLong(before);
+}
+
 static PyMethodDef methods[] = {
     {"forward", (PyCFunction)(void (*)(void))py_forward, METH_FASTCALL, "group norm forward"},
     {"stats", (PyCFunction)(void (*)(void))py_stats, METH_FASTCALL, "group statistics"},
@@ -1083,6 +1141,8 @@ static PyMethodDef methods[] = {
     {"to_channels_last", (PyCFunction)(void (*)(void))py_to_channels_last, METH_FASTCALL,
      "(N, C, L) to (N, L, C)"},
     {"dtypes", py_dtypes, METH_NOARGS, "bit mask of the dtype codes served"},
+    {"stream_min", py_stream_min, METH_O,
+     "set the smallest y in bytes stored non-temporally; returns the one before"},
     {NULL, NULL, 0, NULL},
 };
 
