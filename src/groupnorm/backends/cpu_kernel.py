@@ -128,10 +128,11 @@ def stream_min() -> int:
     VM it can report the host's whole L3 (320 MB on this project's machine, whose CPUs share
     32 MB).
 
-    Measured on this project's 2-core machine (32 MB L3; the kernel called directly, two builds
-    interleaved): a float32 (2, 960, 64, 64) forward, 31 MB out, took 0.76x (NCHW) and 0.85x
-    (channels-last) the time with them at one thread, 0.97x and 0.95x at two. Below the limit
-    y stays in cache for the layer that reads it next."""
+    Measured on this project's 2-core machine (32 MB L3, the kernel called directly, float32,
+    streamed vs cached interleaved), with a consumer that reads y next (SiLU or an add) and
+    without: 30 MiB outputs took 0.79-0.92x the time at one thread and 0.86-0.97x at two, both
+    layouts; 5-10 MiB ones gained alone at one thread but took 1.0-1.8x as long at two, most
+    with the add after. Below the limit y stays in cache for the layer that reads it next."""
     best = 0
     for index in _CACHES.glob("index*"):
         try:
