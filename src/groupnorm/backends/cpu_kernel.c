@@ -88,6 +88,16 @@ typedef struct {
     int64_t base, start, len; /* an NCHW block: the group's first element, its own, its length */
 } block_t;
 
+/* What the output coefficients of every (n, c) are made of: mean and rstd per (n, g), the
+   parameters in float64, scale and shift per (n, c) or NULL. */
+typedef struct {
+    int64_t N, C, G;
+    const int64_t *group_of;
+    const double *mean, *rstd, *wd, *bd, *scale, *shift;
+} coef_in_t;
+/* Channels whose coefficients one task makes. */
+#define COEF_CHUNK 256
+
 /* for (t = 0; t < tasks; t++) BODY, shared among nthreads OpenMP threads when nthreads > 1;
    one thread does not enter OpenMP at all (a region costs microseconds even when off). */
 #define FOR_TASKS(t, tasks, ...)                                                            \
@@ -96,6 +106,20 @@ typedef struct {
         for (int64_t t = 0; t < (tasks); t++) __VA_ARGS__                                   \
     } else                                                                                  \
         for (int64_t t = 0; t < (tasks); t++) __VA_ARGS__
+
+/* for (t = 0; t < n1; t++) ONE; then, once all are done, for (u = 0; u < n2; u++) TWO: in
+   one OpenMP region when nthreads > 1 (one wake-up of the threads, not two). ONE and TWO are
+   single statements. */
+#define FOR_TWO(t, n1, ONE, u, n2, TWO)                                                     \
+    if (nthreads > 1) {                                                                     \
+        _Pragma("omp parallel num_threads(nthreads)") {                                     \
+            _Pragma("omp for schedule(static)") for (int64_t t = 0; t < (n1); t++) ONE;     \
+            _Pragma("omp for schedule(static)") for (int64_t u = 0; u < (n2); u++) TWO;     \
+        }                                                                                   \
+    } else {                                                                                \
+        for (int64_t t = 0; t < (n1); t++) ONE;                                             \
+        for (int64_t u = 0; u < (n2); u++) TWO;                                             \
+    }
 
 /* Vectors of 8 elements (GCC vector extensions: AVX-512, AVX2 or SSE as the CPU has). */
 typedef float vf __attribute__((vector_size(32)));
@@ -533,8 +557,8 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
     }
 
 /* Per (input, output) pair: y = ((x - hi) - lo) * a + b in W, 8 at a time. NCHW: per (n, c)
-   row of L, in chunks of BLOCK; channels-last: blocks of positions, per-channel coefficients.
-   coef holds (mean, A, B) per (n, c) in float64. */
+   row of L, in chunks of BLOCK; channels-last: blocks of positions, per-channel coefficients
+   made from coef_in_t's float64 values. */
 #define DEFINE_APPLY(S, T, W, VW, IN, LOAD, LOADW, RELU, O, TO, OUT, STORE)                 \
     static void row_##S##_##O(const T *xr, TO *yr, int64_t i0, int64_t i1, W hi, W lo, W a,  \
                               W b, int relu, int nt) {                                      \
@@ -596,46 +620,59 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
             }                                                                               \
         }                                                                                   \
     }                                                                                       \
-    static void apply_##S##_##O(const T *x, TO *y, int64_t N, int64_t C, int64_t L, int cl,  \
-                                const double *coef, int relu, int nthreads) {               \
-        int64_t NC = N * C;                                                                 \
-        int nt = streams(NC * L * (int64_t)sizeof(TO));                                     \
-        W *k = malloc((size_t)(4 * NC) * sizeof(W));                                        \
-        for (int64_t i = 0; i < NC; i++) {                                                  \
-            W hi = (W)coef[3 * i];                                                          \
-            double lo = coef[3 * i] - (double)hi;                                           \
+    /* Coefficients of channels j0..j1 (j = n * C + c) in W: channels-last (hi, A, B - lo A)  \
+       as three arrays of NC, NCHW (hi, lo, A, B) per channel; from the same float64 values \
+       in either case. */                                                                   \
+    static void coefs_##S##_##O(const coef_in_t *q, int64_t j0, int64_t j1, int cl, W *k) {  \
+        int64_t NC = q->N * q->C;                                                           \
+        for (int64_t j = j0; j < j1; j++) {                                                 \
+            int64_t n = j / q->C, c = j - n * q->C, i = n * q->G + q->group_of[c];          \
+            double a, b;                                                                    \
+            affine(q->rstd[i], q->wd[c], q->bd[c], q->scale, q->shift, j, &a, &b);          \
+            W hi = (W)q->mean[i];                                                           \
+            double lo = q->mean[i] - (double)hi;                                            \
             if (cl) { /* lo folded into b: b - lo * a, in float64 */                        \
-                k[i] = hi;                                                                  \
-                k[NC + i] = (W)coef[3 * i + 1];                                             \
-                k[2 * NC + i] = (W)(coef[3 * i + 2] - lo * coef[3 * i + 1]);                \
+                k[j] = hi;                                                                  \
+                k[NC + j] = (W)a;                                                           \
+                k[2 * NC + j] = (W)(b - lo * a);                                            \
             } else {                                                                        \
-                W v[4] = {hi, (W)lo, (W)coef[3 * i + 1], (W)coef[3 * i + 2]};               \
-                for (int j = 0; j < 4; j++) k[4 * i + j] = v[j];                            \
+                W v[4] = {hi, (W)lo, (W)a, (W)b};                                           \
+                for (int m = 0; m < 4; m++) k[4 * j + m] = v[m];                            \
             }                                                                               \
         }                                                                                   \
+    }                                                                                       \
+    /* Output task t: NCHW a chunk of BLOCK of one (n, c) row, channels-last `rows` rows of  \
+       one sample. */                                                                       \
+    static void apply_task_##S##_##O(const T *x, TO *y, int64_t N, int64_t C, int64_t L,     \
+                                     int cl, int64_t rows, const W *k, int relu, int nt,    \
+                                     int64_t t) {                                           \
         if (!cl) {                                                                          \
-            int64_t chunks = (L + BLOCK - 1) / BLOCK;                                       \
-            FOR_TASKS(t, NC * chunks, {                                                     \
-                int64_t row = chunks == 1 ? t : t / chunks;                                 \
-                int64_t i0 = (t - row * chunks) * BLOCK;                                    \
-                int64_t i1 = i0 + BLOCK < L ? i0 + BLOCK : L;                               \
-                const W *kr = k + 4 * row;                                                  \
-                row_##S##_##O(x + row * L, y + row * L, i0, i1, kr[0], kr[1], kr[2], kr[3], relu, \
-                              nt);                                                          \
-                drain(nt);                                                                  \
-            })                                                                              \
+            int64_t chunks = (L + BLOCK - 1) / BLOCK, row = chunks == 1 ? t : t / chunks;   \
+            int64_t i0 = (t - row * chunks) * BLOCK, i1 = i0 + BLOCK < L ? i0 + BLOCK : L;  \
+            const W *kr = k + 4 * row;                                                      \
+            row_##S##_##O(x + row * L, y + row * L, i0, i1, kr[0], kr[1], kr[2], kr[3], relu, nt); \
         } else {                                                                            \
-            int64_t rows = C >= BLOCK / 4 ? 4 : BLOCK / C;                                  \
-            int64_t blocks = (L + rows - 1) / rows;                                         \
-            FOR_TASKS(t, N * blocks, {                                                      \
-                int64_t n = t / blocks, r0 = t % blocks * rows;                             \
-                const W *hi = k + n * C;                                                    \
-                rows_##S##_##O(x + n * L * C, y + n * L * C, C, r0,                         \
-                               r0 + rows < L ? r0 + rows : L, hi, hi + NC, hi + 2 * NC, relu, \
-                               nt);                                                         \
-                drain(nt);                                                                  \
-            })                                                                              \
+            int64_t blocks = (L + rows - 1) / rows, n = t / blocks, r0 = t % blocks * rows;  \
+            const W *hi = k + n * C;                                                        \
+            rows_##S##_##O(x + n * L * C, y + n * L * C, C, r0, r0 + rows < L ? r0 + rows : L, \
+                           hi, hi + N * C, hi + 2 * N * C, relu, nt);                       \
         }                                                                                   \
+        drain(nt);                                                                          \
+    }                                                                                       \
+    /* y from the coefficients of q: first all of them (COEF_CHUNK channels a task), then    \
+       the output, in one parallel region. */                                               \
+    static void apply_##S##_##O(const T *x, TO *y, int64_t L, int cl, const coef_in_t *q,    \
+                                int relu, int nthreads) {                                   \
+        int64_t N = q->N, C = q->C, NC = N * C;                                             \
+        int nt = streams(NC * L * (int64_t)sizeof(TO));                                     \
+        int64_t rows = C >= BLOCK / 4 ? 4 : BLOCK / C;                                      \
+        int64_t tasks = cl ? N * ((L + rows - 1) / rows) : NC * ((L + BLOCK - 1) / BLOCK);   \
+        int64_t parts = (NC + COEF_CHUNK - 1) / COEF_CHUNK;                                 \
+        W *k = malloc((size_t)(4 * NC) * sizeof(W));                                        \
+        FOR_TWO(j, parts,                                                                   \
+                coefs_##S##_##O(q, j * COEF_CHUNK,                                          \
+                                (j + 1) * COEF_CHUNK < NC ? (j + 1) * COEF_CHUNK : NC, cl, k), \
+                t, tasks, apply_task_##S##_##O(x, y, N, C, L, cl, rows, k, relu, nt, t))    \
         free(k);                                                                            \
     }
 
@@ -958,10 +995,10 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
     int64_t largest = 0;
     for (int64_t g = 0; g < G; g++)
         if (offsets[g + 1] - offsets[g] > largest) largest = offsets[g + 1] - offsets[g];
-    /* The parameters in float64, the moments' scratch where the caller wants none, then the
-       coefficients (mean, A, B) per (n, c) and rstd per (n, g). */
-    double *work = malloc((size_t)(2 * C + 2 * N * G + 3 * N * C + N * G) * sizeof(double));
-    double *wd = work, *bd = wd + C, *coef = bd + C + 2 * N * G, *rstd = coef + 3 * N * C;
+    /* The parameters in float64, the moments' scratch where the caller wants none, rstd per
+       (n, g). */
+    double *work = malloc((size_t)(2 * C + 3 * N * G) * sizeof(double));
+    double *wd = work, *bd = wd + C, *rstd = bd + C + 2 * N * G;
     for (int64_t c = 0; c < C; c++) {
         wd[c] = param(w, wtype, c, 1.0);
         bd[c] = param(b, btype, c, 0.0);
@@ -1004,22 +1041,15 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
         return -1;
     }
     for (int64_t i = 0; i < N * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t c = 0; c < C; c++) {
-            int64_t i = n * G + group_of[c], j = n * C + c;
-            coef[3 * j] = mean[i];
-            affine(rstd[i], wd[c], bd[c], scale, shift, j, coef + 3 * j + 1, coef + 3 * j + 2);
-        }
+    coef_in_t q = {N, C, G, group_of, mean, rstd, wd, bd, scale, shift};
 #define APPLY_CASE(CODE, S, T)                                                              \
     case CODE:                                                                              \
-        if (ytype == dtype) apply_##S##_##S((const T *)x, (T *)y, N, C, L, cl, coef, relu, nthreads); \
-        else apply_##S##_f32((const T *)x, (float *)y, N, C, L, cl, coef, relu, nthreads);   \
+        if (ytype == dtype) apply_##S##_##S((const T *)x, (T *)y, L, cl, &q, relu, nthreads); \
+        else apply_##S##_f32((const T *)x, (float *)y, L, cl, &q, relu, nthreads);           \
         break;
     switch (dtype) {
-    case F32: apply_f32_f32((const float *)x, (float *)y, N, C, L, cl, coef, relu, nthreads); break;
-    case F64:
-        apply_f64_f64((const double *)x, (double *)y, N, C, L, cl, coef, relu, nthreads);
-        break;
+    case F32: apply_f32_f32((const float *)x, (float *)y, L, cl, &q, relu, nthreads); break;
+    case F64: apply_f64_f64((const double *)x, (double *)y, L, cl, &q, relu, nthreads); break;
     APPLY_CASE(BF16, bf16, uint16_t)
 #if HAVE_F16
     APPLY_CASE(F16, f16, f16_t)
