@@ -157,6 +157,8 @@ def test_property_kernel_matches_float64(
         ((1, 3, 130, 131), {"num_groups": 1}),  # one group, odd sizes, many channels-last blocks
         # channels-last: 4-vector, 1-vector and scalar columns, a 54-row head, 64-row blocks
         ((2, 300, 12, 12), {"num_groups": 30}),
+        # channels-last: the sample whole on one thread (one thread), its blocks shared (two)
+        ((1, 300, 16, 16), {"num_groups": 30}),
         ((2, 48, 40, 40), {"num_groups": 20, "uneven": True}),
         ((3, 4, 5, 6, 7), {"group_sizes": [3, 1]}),  # 3-D spatial
     ],

@@ -61,6 +61,11 @@ enum { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
    half precision 64K elements (128 KB): its larger groups took 1.03-1.11x as long fused. */
 #define FUSED_MAX 131072 /* the largest of them, a multiple of BLOCK */
 static int64_t fused_max(int dtype) { return dtype == F32 ? 131072 : 65536; }
+/* Channels-last samples of at most this many bytes, when there are at least as many samples
+   as threads, are each done whole by one thread (statistics, then output while in L2): one
+   parallel region instead of three, no thread waiting on another's block. */
+#define FUSED_CL_BYTES 524288
+static int64_t elem_size(int dtype) { return dtype == F64 ? 8 : dtype == F32 ? 4 : 2; }
 /* y of at least this many bytes is stored around the caches (put_f32); set by the loader
    (stream_min()), none until then. */
 static int64_t stream_min = INT64_MAX;
@@ -315,6 +320,16 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
     return acc;
 }
 
+/* Channels-last statistics blocks of a sample: a head of BLOCK / C rows (at most L), then
+   blocks of stats_rows(C) rows. */
+static int64_t cl_head(int64_t C, int64_t L) {
+    int64_t head = BLOCK / C < 1 ? 1 : BLOCK / C;
+    return head < L ? head : L;
+}
+static int64_t cl_blocks(int64_t C, int64_t L) {
+    int64_t rows = stats_rows(C);
+    return 1 + (L - cl_head(C, L) + rows - 1) / rows;
+}
 /* Per input type S (element T, arithmetic W in vectors VW of 8, IN widens one element to W,
    LOAD 8 of them, WIDE a VW to float64, LOADW 8 W values):
    sums_S    S1 = sum(x - p), S2 = sum((x - p)^2) over a contiguous run;
@@ -503,55 +518,72 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
     }                                                                                       \
     /* Channels-last: block 0 of each sample (its first BLOCK / C rows) two-pass; its group \
        means center every other block's one pass (the same for any thread count), which     \
-       takes a second pass only where it cancels. */                                        \
+       takes a second pass only where it cancels. cl_block_S makes block b's G parts of one  \
+       sample (slab): b = 0 writes pilot, the others read it; cl_merge_S merges a sample's   \
+       parts into its G means and variances. */                                             \
+    static void cl_block_##S(const T *slab, int64_t C, int64_t L, const int64_t *offsets,   \
+                             int64_t G, const W *pivot, W *pilot, int64_t b, part_t *out) {  \
+        int64_t head = cl_head(C, L), rows = stats_rows(C);                                 \
+        double *a1 = calloc((size_t)(2 * C), sizeof(double)), *a2 = a1 + C;                 \
+        if (b == 0) {                                                                       \
+            two_pass_##S(slab, C, 0, head, offsets, G, pivot, pilot, a1, a2, out);          \
+            free(a1);                                                                       \
+            return;                                                                         \
+        }                                                                                   \
+        int64_t r0 = head + (b - 1) * rows, r1 = r0 + rows < L ? r0 + rows : L;             \
+        rows_##S(slab, C, r0, r1, pilot, a1, a2);                                           \
+        int cancels = 0;                                                                    \
+        for (int64_t g = 0; g < G; g++) {                                                   \
+            double n_g = (double)((offsets[g + 1] - offsets[g]) * (r1 - r0));               \
+            double s1 = fold(a1, offsets, g), m = s1 / n_g;                                 \
+            out[g] = (part_t){n_g, ((double)pilot[offsets[g]] - (double)pivot[offsets[g]]) + m, \
+                              fold(a2, offsets, g) - s1 * m};                               \
+            cancels |= !(m * m * n_g <= TRUST * out[g].m2);                                 \
+        }                                                                                   \
+        if (cancels) {                                                                      \
+            W *centers = malloc((size_t)C * sizeof(W));                                     \
+            two_pass_##S(slab, C, r0, r1, offsets, G, pivot, centers, a1, a2, out);         \
+            free(centers);                                                                  \
+        }                                                                                   \
+        free(a1);                                                                           \
+    }                                                                                       \
+    /* One sample's G means and variances from its blocks' parts (block-major, G a block)    \
+       and its pivots, merged in block order. */                                            \
+    static void cl_merge_##S(const part_t *parts, int64_t blocks, int64_t G,                \
+                             const int64_t *offsets, const W *pivot, double *mean,          \
+                             double *var) {                                                 \
+        for (int64_t g = 0; g < G; g++) {                                                   \
+            part_t acc = merge(parts + g, blocks, G);                                       \
+            mean[g] = (double)pivot[offsets[g]] + acc.mean;                                 \
+            var[g] = acc.m2 < 0 ? 0.0 : acc.m2 / acc.count;                                \
+        }                                                                                   \
+    }                                                                                       \
+    /* pivot[c]: the first element of c's group in the sample. */                           \
+    static void cl_pivots_##S(const T *slab, int64_t C, const int64_t *offsets, int64_t G,  \
+                              W *pivot) {                                                   \
+        for (int64_t g = 0; g < G; g++)                                                     \
+            for (int64_t c = offsets[g]; c < offsets[g + 1]; c++)                           \
+                pivot[c] = IN(slab[offsets[g]]);                                            \
+    }                                                                                       \
     static void stats_cl_##S(const T *x, int64_t N, int64_t C, int64_t L,                   \
                              const int64_t *offsets, int64_t G, double *mean, double *var,  \
                              int nthreads) {                                                \
-        int64_t head = BLOCK / C < 1 ? 1 : BLOCK / C, rows = stats_rows(C);                 \
-        head = head < L ? head : L;                                                         \
-        int64_t blocks = 1 + (L - head + rows - 1) / rows;                                  \
+        int64_t blocks = cl_blocks(C, L);                                                   \
         part_t *parts = malloc((size_t)(N * blocks * G) * sizeof(part_t));                  \
         W *pivots = malloc((size_t)(2 * N * C) * sizeof(W)), *pilots = pivots + N * C;      \
         for (int64_t n = 0; n < N; n++)                                                     \
-            for (int64_t g = 0; g < G; g++)                                                 \
-                for (int64_t c = offsets[g]; c < offsets[g + 1]; c++)                       \
-                    pivots[n * C + c] = IN(x[n * L * C + offsets[g]]);                      \
-        FOR_TASKS(n, N, {                                                                   \
-            double *a1 = malloc((size_t)(2 * C) * sizeof(double));                          \
-            two_pass_##S(x + n * L * C, C, 0, head, offsets, G, pivots + n * C,             \
-                         pilots + n * C, a1, a1 + C, parts + n * blocks * G);               \
-            free(a1);                                                                       \
-        })                                                                                  \
-        FOR_TASKS(t, N * (blocks - 1), {                                                    \
-            int64_t n = t / (blocks - 1), b = t % (blocks - 1) + 1;                         \
-            const T *slab = x + n * L * C;                                                  \
-            const W *pivot = pivots + n * C, *pilot = pilots + n * C;                       \
-            int64_t r0 = head + (b - 1) * rows, r1 = r0 + rows < L ? r0 + rows : L;         \
-            part_t *out = parts + (n * blocks + b) * G;                                     \
-            double *a1 = calloc((size_t)(2 * C), sizeof(double)), *a2 = a1 + C;             \
-            rows_##S(slab, C, r0, r1, pilot, a1, a2);                                       \
-            int cancels = 0;                                                                \
-            for (int64_t g = 0; g < G; g++) {                                               \
-                double n_g = (double)((offsets[g + 1] - offsets[g]) * (r1 - r0));           \
-                double s1 = fold(a1, offsets, g), m = s1 / n_g;                         \
-                out[g] = (part_t){n_g,                                                      \
-                                  ((double)pilot[offsets[g]] - (double)pivot[offsets[g]]) + m, \
-                                  fold(a2, offsets, g) - s1 * m};                       \
-                cancels |= !(m * m * n_g <= TRUST * out[g].m2);                             \
-            }                                                                               \
-            if (cancels) {                                                                  \
-                W *centers = malloc((size_t)C * sizeof(W));                                 \
-                two_pass_##S(slab, C, r0, r1, offsets, G, pivot, centers, a1, a2, out);     \
-                free(centers);                                                              \
-            }                                                                               \
-            free(a1);                                                                       \
-        })                                                                                  \
+            cl_pivots_##S(x + n * L * C, C, offsets, G, pivots + n * C);                    \
+        FOR_TWO(n, N,                                                                       \
+                cl_block_##S(x + n * L * C, C, L, offsets, G, pivots + n * C, pilots + n * C, \
+                             0, parts + n * blocks * G),                                    \
+                t, N * (blocks - 1),                                                        \
+                cl_block_##S(x + t / (blocks - 1) * L * C, C, L, offsets, G,                \
+                             pivots + t / (blocks - 1) * C, pilots + t / (blocks - 1) * C,  \
+                             t % (blocks - 1) + 1,                                          \
+                             parts + (t / (blocks - 1) * blocks + t % (blocks - 1) + 1) * G)) \
         for (int64_t n = 0; n < N; n++)                                                     \
-            for (int64_t g = 0; g < G; g++) {                                               \
-                part_t acc = merge(parts + n * blocks * G + g, blocks, G);                  \
-                mean[n * G + g] = (double)pivots[n * C + offsets[g]] + acc.mean;            \
-                var[n * G + g] = acc.m2 < 0 ? 0.0 : acc.m2 / acc.count;                     \
-            }                                                                               \
+            cl_merge_##S(parts + n * blocks * G, blocks, G, offsets, pivots + n * C,        \
+                         mean + n * G, var + n * G);                                        \
         free(pivots);                                                                       \
         free(parts);                                                                        \
     }
@@ -658,6 +690,35 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
                            hi, hi + N * C, hi + 2 * N * C, relu, nt);                       \
         }                                                                                   \
         drain(nt);                                                                          \
+    }                                                                                       \
+    /* Channels-last sample n whole, while it stays in L2: its statistics (cl_block_S's       \
+       blocks and cl_merge_S's order, as stats_cl_S makes them: the same bits), rstd, its     \
+       coefficients into k (q's layout) and its output. */                                  \
+    static void cl_sample_##S##_##O(const T *x, TO *y, int64_t L, const int64_t *offsets,    \
+                                    const coef_in_t *q, double *mean, double *var,          \
+                                    double *rstd, double eps, W *k, int relu, int64_t n) {  \
+        int64_t C = q->C, G = q->G, NC = q->N * C, blocks = cl_blocks(C, L);                \
+        const T *slab = x + n * L * C;                                                      \
+        part_t *parts = malloc((size_t)(blocks * G) * sizeof(part_t));                      \
+        W *pivot = malloc((size_t)(2 * C) * sizeof(W)), *pilot = pivot + C;                 \
+        cl_pivots_##S(slab, C, offsets, G, pivot);                                          \
+        for (int64_t b = 0; b < blocks; b++)                                                \
+            cl_block_##S(slab, C, L, offsets, G, pivot, pilot, b, parts + b * G);           \
+        cl_merge_##S(parts, blocks, G, offsets, pivot, mean + n * G, var + n * G);          \
+        for (int64_t i = n * G; i < (n + 1) * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);   \
+        coefs_##S##_##O(q, n * C, (n + 1) * C, 1, k);                                       \
+        rows_##S##_##O(slab, y + n * L * C, C, 0, L, k + n * C, k + NC + n * C,              \
+                       k + 2 * NC + n * C, relu, 0);                                        \
+        free(pivot);                                                                        \
+        free(parts);                                                                        \
+    }                                                                                       \
+    static void fused_cl_##S##_##O(const T *x, TO *y, int64_t L, const int64_t *offsets,     \
+                                   const coef_in_t *q, double *mean, double *var,           \
+                                   double *rstd, double eps, int relu, int nthreads) {      \
+        W *k = malloc((size_t)(3 * q->N * q->C) * sizeof(W));                               \
+        FOR_TASKS(n, q->N,                                                                  \
+                  { cl_sample_##S##_##O(x, y, L, offsets, q, mean, var, rstd, eps, k, relu, n); }) \
+        free(k);                                                                            \
     }                                                                                       \
     /* y from the coefficients of q: first all of them (COEF_CHUNK channels a task), then    \
        the output, in one parallel region. */                                               \
@@ -1036,12 +1097,40 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
         free(work);
         return status;
     }
+    coef_in_t q = {N, C, G, group_of, mean, rstd, wd, bd, scale, shift};
+#define FUSED_CL_CASE(CODE, S, T)                                                           \
+    case CODE:                                                                              \
+        if (ytype == dtype)                                                                 \
+            fused_cl_##S##_##S((const T *)x, (T *)y, L, offsets, &q, mean, var, rstd, eps, relu, \
+                               nthreads);                                                   \
+        else                                                                                \
+            fused_cl_##S##_f32((const T *)x, (float *)y, L, offsets, &q, mean, var, rstd, eps, \
+                               relu, nthreads);                                             \
+        break;
+    if (cl && !given && C * L * elem_size(dtype) <= FUSED_CL_BYTES && N >= nthreads) {
+        switch (dtype) {
+        case F32:
+            fused_cl_f32_f32((const float *)x, (float *)y, L, offsets, &q, mean, var, rstd, eps,
+                             relu, nthreads);
+            break;
+        case F64:
+            fused_cl_f64_f64((const double *)x, (double *)y, L, offsets, &q, mean, var, rstd, eps,
+                             relu, nthreads);
+            break;
+        FUSED_CL_CASE(BF16, bf16, uint16_t)
+#if HAVE_F16
+        FUSED_CL_CASE(F16, f16, f16_t)
+#endif
+        default: status = -1;
+        }
+        free(work);
+        return status;
+    }
     if (!given && gn_stats(x, dtype, N, C, L, cl, offsets, G, mean, var, nthreads)) {
         free(work);
         return -1;
     }
     for (int64_t i = 0; i < N * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);
-    coef_in_t q = {N, C, G, group_of, mean, rstd, wd, bd, scale, shift};
 #define APPLY_CASE(CODE, S, T)                                                              \
     case CODE:                                                                              \
         if (ytype == dtype) apply_##S##_##S((const T *)x, (T *)y, L, cl, &q, relu, nthreads); \
