@@ -4,9 +4,8 @@ Each sample is a batch of steps (zero the gradients, forward, backward with a fi
 and torch's batches alternate (groupnorm.bench.time_pair), the table gives medians and their
 ratio. Float32, NCHW and channels-last, even G = 32 and an uneven plan (G = 24 on C that 24
 does not divide; its baseline is nn.GroupNorm with G = 32 on the same tensor). Ours runs the
-fused CPU kernel's forward and backward on uneven plans and on channels-last inputs torch's
-kernel is not trusted with, torch's kernel (checked) elsewhere. Gradients are checked against
-float64 first.
+fused CPU kernel's forward and backward (float32 always records it: torch's float32 backward
+misses the float32 bound on dweight and dbias). Gradients are checked against float64 first.
 
     python benchmarks/cpu_train.py [--threads T] [--out benchmarks/results]
 """

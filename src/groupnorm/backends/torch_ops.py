@@ -190,11 +190,17 @@ def _native_layout(x: torch.Tensor) -> bool:
     """
     if x.is_contiguous():
         return True
-    if x.device.type != "cpu" or x.dim() not in (4, 5):
+    fmt = _CHANNELS_LAST.get(x.dim())
+    if fmt is None or not x.is_cpu or not x.is_contiguous(memory_format=fmt):
         return False
+    if 1 not in x.shape[1:]:  # only a batch of 1 may have a stride other than canonical
+        return x.shape[0] != 1 or x.stride(0) == x.numel()
     C, spatial = x.shape[1], x.shape[2:]
     inner = [C * math.prod(spatial[i + 1 :]) for i in range(len(spatial))]
     return x.stride() == (C * math.prod(spatial), 1, *inner)
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 # |mean| * rstd up to which torch's CPU kernel is trusted, by dtype and layout, measured
@@ -527,11 +533,19 @@ def _torch_kernel_declines(x: torch.Tensor, plan: GroupPlan) -> bool:
     inputs past :func:`_trust_limit`'s sizes, strided views). Statistics of x then come from
     sums (:func:`_forward_from_sums`), and under autograd the fused kernel's forward and
     backward serve (:class:`_Fused`; channels-last float32 past 8^2 positions went to the
-    composite path, 3-7x nn.GroupNorm's fwd + bwd). Torch's kernel, checked, keeps the rest,
-    where its backward was as fast or faster (float32, one thread, fwd + bwd: (2, 1280, 8, 8)
-    1.27x nn.GroupNorm's against the fused kernel's 1.54x NCHW, 1.52x against 2.21x
-    channels-last)."""
+    composite path, 3-7x nn.GroupNorm's fwd + bwd), as they do for float32 everywhere
+    (:func:`_fused_backward`). Torch's kernel, checked, keeps the rest."""
     return not plan.is_even or _trust_limit(x, plan) is None
+
+
+def _fused_backward(x: torch.Tensor, plan: GroupPlan) -> bool:
+    """Whether under autograd the fused kernel records the call (:class:`_Fused`, its backward
+    summing in float64) rather than torch's kernel: where torch's kernel declines x, and for
+    every float32 x. torch's float32 backward sums dweight and dbias over N * L in float32
+    (dweight as rstd (sum dy x - mean sum dy)): at |mean| * rstd within the forward's trust
+    limits it missed the float32 bound in 1.2 % of random draws at ratio 0.25 and by up to 1.8x
+    at 0.5 and 3.1x at 2 NCHW (channels-last 2.1x at 0.5); its dx held. float64 held at 16."""
+    return x.dtype is torch.float32 or _torch_kernel_declines(x, plan)
 
 
 def _forward_from_sums(r: Request) -> torch.Tensor | None:
@@ -634,9 +648,15 @@ def native_fast(
     What the validated path gives the fused CPU kernel, it gets here too (:func:`_fused_fast`):
     float32 and float64 x in either layout and any plan, half precision where torch's kernel is
     not kept (:func:`half_keeps_torch`)."""
-    # bfloat16 with an even plan in NCHW stays with torch's kernel (half_keeps_torch):
-    # _fused_fast's checks would all be made to decline it.
-    if not (x.dtype is torch.bfloat16 and plan.is_even and x.is_contiguous()):
+    # Half precision that stays with torch's kernel (half_keeps_torch) skips _fused_fast's
+    # checks, which would all be made to decline it; bfloat16 NCHW with an even plan is one
+    # such case, told by the cheapest test (tiny calls: +3 us per call at most).
+    dtype = x.dtype
+    if not (dtype is torch.bfloat16 and plan.is_even and x.is_contiguous()) and not (
+        (dtype is torch.float16 or dtype is torch.bfloat16)
+        and plan.is_even
+        and half_keeps_torch(x, plan)
+    ):
         fused = _fused_fast(x, plan, weight, bias, eps, activation)
         if fused is not None:
             return fused
@@ -688,11 +708,11 @@ def _fused_fast(
     activation: str | None,
 ) -> torch.Tensor | None:
     """:func:`native_fast`'s call on the fused CPU kernel, or None: float32/float64 x, also
-    under autograd (:class:`_Fused`, where torch's kernel is not asked); half-precision x where
-    the validated path gives it the kernel (:func:`_fused_serves`), with at most relu (applied
-    in the kernel, rounding once). Every check here runs on every such call: the cheapest and
-    most selective first (run_plain has ruled out Dynamo, which would record some of them as
-    graph ops, and tensor subclasses)."""
+    under autograd (:class:`_Fused`, where torch's kernel is not asked); half-precision x that
+    native_fast has found torch's kernel does not keep (:func:`half_keeps_torch`, as the
+    validated path decides), with at most relu (applied in the kernel, rounding once). Every
+    check here runs on every such call: the cheapest and most selective first (run_plain has
+    ruled out Dynamo, which would record some of them as graph ops, and tensor subclasses)."""
     if type(eps) is not float:
         return None
     dtype = x.dtype
@@ -714,10 +734,10 @@ def _fused_fast(
         or (bias is not None and bias.requires_grad)
     )
     # Declined before the checks below, which native_fast makes again: under autograd torch's
-    # kernel records what it is trusted with (an eager training step's forward).
-    if grad and (half or not _torch_kernel_declines(x, plan)):
+    # kernel records float64 where it is trusted (_fused_backward).
+    if grad and (half or not _fused_backward(x, plan)):
         return None
-    if half and (activation not in (None, "relu") or (plan.is_even and half_keeps_torch(x, plan))):
+    if half and activation not in (None, "relu"):  # (native_fast has asked half_keeps_torch)
         return None
     if (
         forward_ad._current_level >= 0
@@ -953,11 +973,11 @@ def half_keeps_torch(x: torch.Tensor, plan: GroupPlan) -> bool:
 def _fused_records(r: Request) -> bool:
     """Whether the fused CPU kernel serves ``r`` under autograd (:class:`_Fused`): an eager
     float32/float64 CPU call in a layout it reads, with weight, bias and an activation at most
-    (the activation is then torch's, recorded as usual), reverse mode only, where torch's
-    kernel does not serve it (:func:`_torch_kernel_declines`). Where torch's kernel does, but its
-    statistics fail the check, :func:`_native_checked` redoes the call here too
+    (the activation is then torch's, recorded as usual), reverse mode only, for float32 and
+    where torch's kernel does not serve it (:func:`_fused_backward`). Where torch's kernel does,
+    but its statistics fail the check, :func:`_native_checked` redoes the call here too
     (:func:`_fused_can_record`)."""
-    return _torch_kernel_declines(r.x, r.plan) and _fused_can_record(r)
+    return _fused_backward(r.x, r.plan) and _fused_can_record(r)
 
 
 def _fused_can_record(r: Request) -> bool:
