@@ -349,7 +349,7 @@ def test_a_failed_build_is_reported_and_nothing_breaks(tmp_path: Any) -> None:
 @needs_kernel
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("loc", [0.0, 0.5, 2.0])
-@pytest.mark.parametrize("epilogue", ["affine", "silu"])
+@pytest.mark.parametrize("epilogue", ["affine", "silu", "scale_shift"])
 def test_regression_float32_gradients_hold_the_bound_where_torchs_kernel_is_trusted(
     layout: str, loc: float, epilogue: str
 ) -> None:
@@ -357,8 +357,9 @@ def test_regression_float32_gradients_hold_the_bound_where_torchs_kernel_is_trus
     (|mean| * rstd up to 2 NCHW, 0.5 channels-last), and so its backward, whose dweight and
     dbias are float32 sums over N * L (dweight as rstd (sum dy x - mean sum dy)): 1.2 % of
     random draws at ratio 0.25 missed the float32 bound, up to 1.8x at ratio 0.5 and 3.1x at 2
-    (2.1x / 4.6x channels-last); dx held. Every gradient must hold it, on every draw here:
-    float32 under autograd records the fused kernel, whose backward sums in float64."""
+    (2.1x / 4.6x channels-last); dx held; with scale and shift (the composite path past the
+    trust limit) dscale too. Every gradient must hold it, on every draw here: float32 under
+    autograd records the fused kernel, whose backward sums in float64."""
     N, C, G = 3, 24, 6
     plan = resolve_plan(C, G)
     for seed in range(12):
@@ -367,6 +368,9 @@ def test_regression_float32_gradients_hold_the_bound_where_torchs_kernel_is_trus
         w = rand((C,), torch.float32, seed + 1).requires_grad_()
         b = rand((C,), torch.float32, seed + 2).requires_grad_()
         kw: dict[str, Any] = {"activation": "silu"} if epilogue == "silu" else {}
+        if epilogue == "scale_shift":
+            kw["scale"] = rand((N, C), torch.float32, seed + 4).requires_grad_()
+            kw["shift"] = rand((N, C), torch.float32, seed + 5).requires_grad_()
         dy = rand(x.shape, torch.float32, seed + 3)
         groupnorm.group_norm(x, G, w, b, **kw).backward(dy)
         _, cache = reference(x, plan, w, b, **kw)
@@ -374,6 +378,9 @@ def test_regression_float32_gradients_hold_the_bound_where_torchs_kernel_is_trus
         assert_matches(x.grad, grads.dx, torch.float32, reduction=C // G * 64, what="dx")
         assert_matches(w.grad, grads.dgamma, torch.float32, reduction=N * 64, what="dw")
         assert_matches(b.grad, grads.dbeta, torch.float32, reduction=N * 64, what="db")
+        if epilogue == "scale_shift":
+            assert_matches(kw["scale"].grad, grads.dscale, torch.float32, reduction=64, what="ds")
+            assert_matches(kw["shift"].grad, grads.dshift, torch.float32, reduction=64, what="dh")
 
 
 @needs_kernel

@@ -763,68 +763,70 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
    dy w - s1 / n_g in float64 (the product is exact there), the rest in W: where g is nearly
    its group's mean (a single-element group: exactly) the difference is nearly 0, and any
    rounding of dy w would come back multiplied by rstd, up to eps^-1/2. A and B are
-   summed per (n, c) in W runs of RUN terms, then float64, in a fixed order. NCHW: one task
+   summed per (n, c) in float64, their terms too (B as rstd sum dy (x - mean), x - mean from
+   the float64 mean), in a fixed order: dweight and dbias sum N L terms, and float32 terms (or float32 runs of them)
+   missed the float32 bound on them by up to 1.3x where the sum is small. NCHW: one task
    per (n, c) row; channels-last: per (n, 64-channel slice), rows in order, 8 channels a
-   vector. */
+   vector. With per_sample, w[c] is w[n, c] throughout. */
 #define DEFINE_BACKWARD(S, T, VW, LOAD, WIDE, NARROW, STORE)                                \
-    static void row_sums_##S(const T *x, const T *dy, int64_t n, T hi, T lo, T r, double *A, \
-                             double *B) {                                                   \
-        vd a1 = {0}, a2 = {0};                                                              \
+    static void row_sums_##S(const T *x, const T *dy, int64_t n, double m, double r,         \
+                             double *A, double *B) {                                        \
+        vd a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0};                                          \
         int64_t i = 0;                                                                      \
-        while (i + 8 <= n) {                                                                \
-            int64_t runs = (n - i) / 8 < RUN ? (n - i) / 8 : RUN;                           \
-            VW f1 = {0}, f2 = {0};                                                          \
-            for (int64_t j = 0; j < runs; j++) {                                            \
-                VW d = LOAD(dy + i + 8 * j);                                                \
-                f1 += d;                                                                    \
-                f2 += d * (((LOAD(x + i + 8 * j) - hi) - lo) * r);                          \
-            }                                                                               \
-            a1 += WIDE(f1);                                                                 \
-            a2 += WIDE(f2);                                                                 \
-            i += 8 * runs;                                                                  \
+        for (; i + 16 <= n; i += 16) {                                                      \
+            vd d0 = WIDE(LOAD(dy + i)), d1 = WIDE(LOAD(dy + i + 8));                        \
+            a1 += d0;                                                                       \
+            b1 += d1;                                                                       \
+            a2 += d0 * (WIDE(LOAD(x + i)) - m);                                             \
+            b2 += d1 * (WIDE(LOAD(x + i + 8)) - m);                                         \
+        }                                                                                   \
+        for (; i + 8 <= n; i += 8) {                                                        \
+            vd d = WIDE(LOAD(dy + i));                                                      \
+            a1 += d;                                                                        \
+            a2 += d * (WIDE(LOAD(x + i)) - m);                                              \
         }                                                                                   \
         double t1 = 0, t2 = 0;                                                              \
         for (; i < n; i++) {                                                                \
-            t1 += dy[i];                                                                    \
-            t2 += (double)(dy[i] * (((x[i] - hi) - lo) * r));                               \
+            t1 += (double)dy[i];                                                            \
+            t2 += (double)dy[i] * ((double)x[i] - m);                                       \
         }                                                                                   \
-        *A = t1 + lanes(a1);                                                                \
-        *B = t2 + lanes(a2);                                                                \
+        *A = t1 + lanes(a1 + b1);                                                           \
+        *B = (t2 + lanes(a2 + b2)) * r;                                                     \
     }                                                                                       \
     /* Channels-last sums of rows 0..L of one sample over channels c0..c0 + 8 K, K vectors   \
        at a time (lanes are channels: each channel's terms in the same order as a scalar     \
        loop), the next RUN rows prefetched as in the statistics. */                         \
     static inline __attribute__((always_inline)) void cl_sums_##S(                         \
-        const T *x, const T *dy, int64_t C, int64_t L, int64_t c0, int K, const T *hi,      \
-        const T *lo, const T *r, double *A, double *B) {                                    \
-        vd a1[8], a2[8];                                                                    \
-        for (int k = 0; k < K; k++) a1[k] = a2[k] = (vd){0};                                \
-        for (int64_t q0 = 0; q0 < L; q0 += RUN) {                                           \
-            int64_t q1 = q0 + RUN < L ? q0 + RUN : L;                                       \
+        const T *x, const T *dy, int64_t C, int64_t L, int64_t c0, int K, const double *m,  \
+        const double *r, double *A, double *B) {                                            \
+        vd a1[8], a2[8], mm[8], rr[8];                                                      \
+        for (int k = 0; k < K; k++) {                                                       \
+            a1[k] = a2[k] = (vd){0};                                                        \
+            mm[k] = load_f64(m + c0 + 8 * k);                                               \
+            rr[k] = load_f64(r + c0 + 8 * k);                                               \
+        }                                                                                   \
+        for (int64_t q = 0; q < L; q++) {                                                   \
+            for (int k = 0; k < K; k += 64 / (int)sizeof(T) / 8) {                          \
+                __builtin_prefetch(dy + (q + RUN) * C + c0 + 8 * k);                        \
+                __builtin_prefetch(x + (q + RUN) * C + c0 + 8 * k);                         \
+            }                                                                               \
             for (int k = 0; k < K; k++) {                                                   \
                 int64_t c = c0 + 8 * k;                                                     \
-                VW h = LOAD(hi + c), l = LOAD(lo + c), rr = LOAD(r + c), f1 = {0}, f2 = {0}; \
-                for (int64_t q = q0; q < q1; q++) {                                         \
-                    __builtin_prefetch(dy + (q + RUN) * C + c);                             \
-                    __builtin_prefetch(x + (q + RUN) * C + c);                              \
-                    VW d = LOAD(dy + q * C + c);                                            \
-                    f1 += d;                                                                \
-                    f2 += d * (((LOAD(x + q * C + c) - h) - l) * rr);                       \
-                }                                                                           \
-                a1[k] += WIDE(f1);                                                          \
-                a2[k] += WIDE(f2);                                                          \
+                vd d = WIDE(LOAD(dy + q * C + c));                                          \
+                a1[k] += d;                                                                 \
+                a2[k] += d * (WIDE(LOAD(x + q * C + c)) - mm[k]);                           \
             }                                                                               \
         }                                                                                   \
         for (int k = 0; k < K; k++) {                                                       \
             store_f64(A + c0 + 8 * k, a1[k]);                                               \
-            store_f64(B + c0 + 8 * k, a2[k]);                                               \
+            store_f64(B + c0 + 8 * k, a2[k] * rr[k]);                                       \
         }                                                                                   \
     }                                                                                       \
     static void backward_##S(const T *x, const T *dy, T *dx, int64_t N, int64_t C, int64_t L, \
                              int cl, const int64_t *offsets, int64_t G,                     \
                              const int64_t *group_of, const double *mean, const double *var, \
-                             double eps, const double *wd, double *dw, double *db,          \
-                             int nthreads) {                                                \
+                             double eps, const double *wd, int per_sample, double *dw,      \
+                             double *db, int nthreads) {                                    \
         int64_t NC = N * C;                                                                 \
         double *work = malloc((size_t)(2 * NC + N * G) * sizeof(double));                   \
         double *A = work, *B = A + NC, *rstd = B + NC;                                      \
@@ -832,7 +834,8 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
            float64 */                                                                       \
         T *k = malloc((size_t)(4 * NC) * sizeof(T));                                        \
         T *khi = k, *klo = k + NC, *kr = k + 2 * NC, *ks = k + 3 * NC;                      \
-        double *kw = malloc((size_t)(2 * NC) * sizeof(double)), *km = kw + NC;              \
+        double *kw = malloc((size_t)(4 * NC) * sizeof(double)), *km = kw + NC;              \
+        double *kmd = km + NC, *krd = kmd + NC; /* mean and rstd per (n, c) for the sums */ \
         for (int64_t i = 0; i < N * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);             \
         for (int64_t j = 0; j < NC; j++) {                                                  \
             int64_t i = j / C * G + group_of[j % C];                                        \
@@ -840,11 +843,13 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
             khi[j] = hi;                                                                    \
             klo[j] = (T)(mean[i] - (double)hi);                                             \
             kr[j] = (T)rstd[i];                                                             \
-            kw[j] = wd[j % C];                                                              \
+            kmd[j] = mean[i];                                                               \
+            krd[j] = rstd[i];                                                               \
+            kw[j] = wd[per_sample ? j : j % C];                                             \
         }                                                                                   \
         if (!cl) {                                                                          \
             FOR_TASKS(j, NC, {                                                              \
-                row_sums_##S(x + j * L, dy + j * L, L, khi[j], klo[j], kr[j], A + j, B + j); \
+                row_sums_##S(x + j * L, dy + j * L, L, kmd[j], krd[j], A + j, B + j);       \
             })                                                                              \
         } else {                                                                            \
             int64_t slices = (C + 63) / 64;                                                 \
@@ -852,45 +857,44 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 int64_t n = t / slices, c0 = t % slices * 64;                               \
                 int64_t c1 = c0 + 64 < C ? c0 + 64 : C, c8 = c0 + (c1 - c0) / 8 * 8;        \
                 const T *xs = x + n * L * C, *ds = dy + n * L * C;                          \
-                const T *h = khi + n * C, *l = klo + n * C, *r = kr + n * C;                \
+                const double *m = kmd + n * C, *r = krd + n * C;                            \
                 if (c8 - c0 == 64)                                                          \
-                    cl_sums_##S(xs, ds, C, L, c0, 8, h, l, r, A + n * C, B + n * C);        \
+                    cl_sums_##S(xs, ds, C, L, c0, 8, m, r, A + n * C, B + n * C);           \
                 else                                                                        \
                     for (int64_t c = c0; c < c8; c += 8)                                    \
-                        cl_sums_##S(xs, ds, C, L, c, 1, h, l, r, A + n * C, B + n * C);     \
+                        cl_sums_##S(xs, ds, C, L, c, 1, m, r, A + n * C, B + n * C);        \
                 for (int64_t c = c8; c < c1; c++) {                                         \
                     double a1 = 0, a2 = 0;                                                  \
-                    for (int64_t q0 = 0; q0 < L; q0 += RUN) {                               \
-                        T f1 = 0, f2 = 0;                                                   \
-                        for (int64_t q = q0; q < (q0 + RUN < L ? q0 + RUN : L); q++) {      \
-                            T d = ds[q * C + c];                                            \
-                            f1 += d;                                                        \
-                            f2 += d * (((xs[q * C + c] - h[c]) - l[c]) * r[c]);             \
-                        }                                                                   \
-                        a1 += f1;                                                           \
-                        a2 += f2;                                                           \
+                    for (int64_t q = 0; q < L; q++) {                                       \
+                        double d = (double)ds[q * C + c];                                   \
+                        a1 += d;                                                            \
+                        a2 += d * ((double)xs[q * C + c] - m[c]);                           \
                     }                                                                       \
                     A[n * C + c] = a1;                                                      \
-                    B[n * C + c] = a2;                                                      \
+                    B[n * C + c] = a2 * r[c];                                               \
                 }                                                                           \
             })                                                                              \
         }                                                                                   \
-        for (int64_t c = 0; c < C; c++) {                                                   \
-            double sa = 0, sb = 0;                                                          \
-            for (int64_t n = 0; n < N; n++) {                                               \
-                sa += A[n * C + c];                                                         \
-                sb += B[n * C + c];                                                         \
+        if (per_sample) {                                                                   \
+            if (db) memcpy(db, A, (size_t)NC * sizeof(double));                             \
+            if (dw) memcpy(dw, B, (size_t)NC * sizeof(double));                             \
+        } else                                                                              \
+            for (int64_t c = 0; c < C; c++) {                                               \
+                double sa = 0, sb = 0;                                                      \
+                for (int64_t n = 0; n < N; n++) {                                           \
+                    sa += A[n * C + c];                                                     \
+                    sb += B[n * C + c];                                                     \
+                }                                                                           \
+                if (db) db[c] = sa;                                                         \
+                if (dw) dw[c] = sb;                                                         \
             }                                                                               \
-            if (db) db[c] = sa;                                                             \
-            if (dw) dw[c] = sb;                                                             \
-        }                                                                                   \
         for (int64_t n = 0; n < N; n++)                                                     \
             for (int64_t g = 0; g < G; g++) {                                               \
                 double s1 = 0, s2 = 0, r = rstd[n * G + g];                                 \
                 double n_g = (double)((offsets[g + 1] - offsets[g]) * L);                   \
                 for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) {                     \
-                    s1 += wd[c] * A[n * C + c];                                             \
-                    s2 += wd[c] * B[n * C + c];                                             \
+                    s1 += kw[n * C + c] * A[n * C + c];                                     \
+                    s2 += kw[n * C + c] * B[n * C + c];                                     \
                 }                                                                           \
                 for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) {                     \
                     ks[n * C + c] = (T)(r * s2 / n_g);                                      \
@@ -940,22 +944,25 @@ DEFINE_BACKWARD(f32, float, vf, load_f32, wide_f, narrow_f, store_f32)
 DEFINE_BACKWARD(f64, double, vd, load_f64, wide_d, wide_d, store_f64)
 
 /* dx (x's dtype and layout) and, where asked, dw and db (float64, C) for the forward that
-   used mean and var; dy in x's layout. float32 and float64 only. */
+   used mean and var; dy in x's layout. float32 and float64 only. per_sample: w is (N, C), a
+   weight per sample and channel (w[c] (1 + scale[n, c]) of a modulated forward), and dw and db
+   get the (N, C) sums B and A themselves. */
 static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64_t N, int64_t C,
                        int64_t L, int cl, const int64_t *offsets, int64_t G,
                        const int64_t *group_of, const double *mean, const double *var,
                        double eps, const void *w, int wtype, double *dw, double *db,
-                       int nthreads) {
+                       int nthreads, int per_sample) {
     if (N * C * L < PARALLEL_MIN) nthreads = 1;
-    double *wd = malloc((size_t)C * sizeof(double));
-    for (int64_t c = 0; c < C; c++) wd[c] = param(w, wtype, c, 1.0);
+    int64_t nw = per_sample ? N * C : C;
+    double *wd = malloc((size_t)nw * sizeof(double));
+    for (int64_t j = 0; j < nw; j++) wd[j] = param(w, wtype, j, 1.0);
     int status = 0;
     if (dtype == F32)
-        backward_f32(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd, dw, db,
-                     nthreads);
+        backward_f32(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd,
+                     per_sample, dw, db, nthreads);
     else if (dtype == F64)
-        backward_f64(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd, dw, db,
-                     nthreads);
+        backward_f64(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd,
+                     per_sample, dw, db, nthreads);
     else
         status = -1;
     free(wd);
@@ -1152,7 +1159,7 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
 /* Python: forward(x, dtype, y, ytype, N, C, L, cl, offsets, G, group_of, mean, var, given, eps,
    w, wtype, b, btype, scale, shift, relu, nthreads) and stats(x, dtype, N, C, L, cl, offsets,
    G, mean, var, nthreads) and backward(x, dy, dx, dtype, N, C, L, cl, offsets, G, group_of,
-   mean, var, eps, w, wtype, dw, db, nthreads), pointers as ints (0: none; forward's mean and
+   mean, var, eps, w, wtype, dw, db, nthreads, per_sample), pointers as ints (0: none; forward's mean and
    var may be 0 when not given), return 0 or -1 as above; dtypes() the bit mask of dtype codes
    served; stream_min(bytes) sets stream_min and returns the value before. The GIL is released
    while the kernels run. */
@@ -1203,14 +1210,14 @@ static PyObject *py_stats(PyObject *self, PyObject *const *args, Py_ssize_t narg
 
 static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    long long a[19];
+    long long a[20];
     double eps;
-    if (parse(args, nargs, "backward", 19, 13, a, &eps)) return NULL;
+    if (parse(args, nargs, "backward", 20, 13, a, &eps)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = gn_backward(PTR(a[0]), PTR(a[1]), PTR(a[2]), (int)a[3], a[4], a[5], a[6], (int)a[7],
                          PTR(a[8]), a[9], PTR(a[10]), PTR(a[11]), PTR(a[12]), eps, PTR(a[14]),
-                         (int)a[15], PTR(a[16]), PTR(a[17]), (int)a[18]);
+                         (int)a[15], PTR(a[16]), PTR(a[17]), (int)a[18], (int)a[19]);
     Py_END_ALLOW_THREADS
     return PyLong_FromLong(status);
 }

@@ -368,10 +368,17 @@ def backward(
     weight: torch.Tensor | None,
     moments: torch.Tensor,
     eps: float,
+    *,
+    per_sample: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dx, dweight_dbias)`` of ``y = GN(x) * weight + bias`` for float32/float64 x that
+    """``(dx, sums)`` of ``y = GN(x) * weight + bias`` for float32/float64 x that
     :func:`serves` accepts and the float64 ``moments`` (2, N, G) its forward used: dx in x's
-    dtype and layout, dweight_dbias float64 (2, C) (sums of dy * xhat and of dy per channel)."""
+    dtype and layout, sums float64 (2, C): dweight and dbias (sums of dy * xhat and of dy per
+    channel).
+
+    ``per_sample``: weight is float64 (N, C) contiguous, a weight per sample and channel
+    (``weight[c] * (1 + scale[n, c])`` of a modulated forward), and sums is (2, N, C), the
+    sums of dy * xhat and of dy per sample and channel."""
     lib = library()
     assert lib is not None
     N, C, L = _shape(x)
@@ -383,12 +390,12 @@ def backward(
         dy = _to_channels_last(dy.contiguous())
     off, group_of = _plan_arrays(plan)
     dx = torch.empty_like(x)
-    grads = torch.empty((2, C), dtype=torch.float64)
+    grads = torch.empty((2, N, C) if per_sample else (2, C), dtype=torch.float64)
     code = lib.backward(
         x.data_ptr(), dy.data_ptr(), dx.data_ptr(), _CODES[x.dtype], N, C, L, cl,
         off.data_ptr(), plan.num_groups, group_of.data_ptr(), moments[0].data_ptr(),
         moments[1].data_ptr(), eps, _ptr(weight), _code(weight), grads[0].data_ptr(),
-        grads[1].data_ptr(), torch.get_num_threads(),
+        grads[1].data_ptr(), torch.get_num_threads(), per_sample,
     )  # fmt: skip
     if code:
         raise RuntimeError(f"cpu_kernel: no backward for {x.dtype}")

@@ -792,6 +792,59 @@ class _Fused(torch.autograd.Function):
         return dx if wanted[0] else None, dw, db, None, None
 
 
+class _FusedModulated(torch.autograd.Function):
+    """``y = (GN(x) * weight + bias) * (1 + scale) + shift`` (scale, shift (N, C), either may
+    be None) on the fused CPU kernel under autograd, float32/float64, as :class:`_Fused`: the
+    kernel's backward with the per-sample weight ``w[c] (1 + scale[n, c])`` gives dx and the
+    (N, C) sums B = sum dy * xhat and A = sum dy, in float64, from which
+    dweight = sum_n (1 + scale) B, dbias = sum_n (1 + scale) A, dscale = w B + b A and
+    dshift = A."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        scale: torch.Tensor | None,
+        shift: torch.Tensor | None,
+        plan: GroupPlan,
+        eps: float,
+    ) -> torch.Tensor:
+        s64, h64 = (None if t is None else t.double().contiguous() for t in (scale, shift))
+        y, moments = cpu_kernel.forward(
+            x, plan, weight, bias, eps, want_moments=True, scale=s64, shift=h64
+        )
+        ctx.save_for_backward(x, weight, bias, scale, shift, moments)
+        ctx.plan, ctx.eps = plan, eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, weight, bias, scale, shift, moments = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():
+            given = (x, weight, bias, scale, shift)
+            inputs = [t for t, want in zip(given, wanted, strict=True) if want]
+            r = Request(x, ctx.plan, weight, bias, ctx.eps, None, scale, shift, None, False)
+            grads = iter(torch.autograd.grad(_composite(r)[0], inputs, dy, create_graph=True))
+            return (*(next(grads) if want else None for want in wanted), None, None)
+        N, C = x.shape[:2]
+        s1 = torch.ones((N, C), dtype=torch.float64) if scale is None else 1 + scale.double()
+        w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
+        dx, (B, A) = cpu_kernel.backward(
+            x, dy, ctx.plan, (w * s1).contiguous(), moments, ctx.eps, per_sample=True
+        )
+        dw = (s1 * B).sum(0).to(weight.dtype) if wanted[1] else None
+        db = (s1 * A).sum(0).to(bias.dtype) if wanted[2] else None
+        ds = None
+        if wanted[3]:
+            ds = w * B if bias is None else w * B + bias.double() * A
+            ds = ds.to(scale.dtype)
+        dh = A.to(shift.dtype) if wanted[4] else None
+        return dx if wanted[0] else None, dw, db, ds, dh, None, None
+
+
 def _fast_float_param(t: object, C: int) -> bool:
     """None, or a contiguous floating (C,) CPU tensor or Parameter (what the kernel reads as it
     is; ``type() in`` because isinstance on a Parameter costs more than the rest together)."""
@@ -971,9 +1024,10 @@ def half_keeps_torch(x: torch.Tensor, plan: GroupPlan) -> bool:
 
 
 def _fused_records(r: Request) -> bool:
-    """Whether the fused CPU kernel serves ``r`` under autograd (:class:`_Fused`): an eager
-    float32/float64 CPU call in a layout it reads, with weight, bias and an activation at most
-    (the activation is then torch's, recorded as usual), reverse mode only, for float32 and
+    """Whether the fused CPU kernel serves ``r`` under autograd (:class:`_Fused`,
+    :class:`_FusedModulated`): an eager float32/float64 CPU call in a layout it reads, with
+    weight, bias, scale, shift and an activation at most (the activation is then torch's,
+    recorded as usual), no statistics in or out, reverse mode only, for float32 and
     where torch's kernel does not serve it (:func:`_fused_backward`). Where torch's kernel does,
     but its statistics fail the check, :func:`_native_checked` redoes the call here too
     (:func:`_fused_can_record`)."""
@@ -986,8 +1040,6 @@ def _fused_can_record(r: Request) -> bool:
         x.dtype in _NUMPY_FLOATS
         and r.stats is None
         and not r.return_stats
-        and r.scale is None
-        and r.shift is None
         and forward_ad._current_level < 0
         and _reads_values(x)
         and cpu_kernel.serves(x)
@@ -996,9 +1048,14 @@ def _fused_can_record(r: Request) -> bool:
 
 
 def _record_fused(r: Request) -> torch.Tensor:
-    """y of ``r`` from :class:`_Fused`, the activation recorded after it."""
+    """y of ``r`` from :class:`_Fused` (:class:`_FusedModulated` with scale or shift), the
+    activation recorded after it."""
     w, b = (None if t is None else t.contiguous() for t in (r.weight, r.bias))
-    return apply_activation(_Fused.apply(r.x, w, b, r.plan, r.eps), r.activation)
+    if r.scale is None and r.shift is None:
+        y = _Fused.apply(r.x, w, b, r.plan, r.eps)
+    else:
+        y = _FusedModulated.apply(r.x, w, b, r.scale, r.shift, r.plan, r.eps)
+    return apply_activation(y, r.activation)
 
 
 def _fused(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
