@@ -304,8 +304,8 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(y, moments)`` for x (N, C, *S) that :func:`serves` accepts: y in x's memory format and
     ``out_dtype`` (x's dtype, or float32 for a half x whose epilogue follows); moments the
-    float64 (2, N, G) mean and variance used: those given, else computed (None unless
-    ``want_moments``).
+    float64 (2, N, G) mean and variance used: those given (contiguous), else computed (None
+    unless ``want_moments``).
 
     weight and bias: (C,) contiguous CPU tensors of any float dtype; scale and shift: (N, C)
     float64 contiguous."""
@@ -319,7 +319,10 @@ def forward(
     given = moments is not None
     if moments is None and want_moments:
         moments = torch.empty((2, N, G), dtype=torch.float64)
-    mean, var = (0, 0) if moments is None else (moments[0].data_ptr(), moments[1].data_ptr())
+    mean = var = 0
+    if moments is not None:  # pointers by arithmetic: indexing makes a view per row
+        mean = moments.data_ptr()
+        var = mean + moments.stride(0) * 8
     code = lib.forward(
         x.data_ptr(), _CODES[x.dtype], y.data_ptr(), _CODES[out_dtype], N, C, L, layout(x),
         off.data_ptr(), G, group_of.data_ptr(), mean, var, given, eps, _ptr(weight),
@@ -383,7 +386,8 @@ def backward(
     assert lib is not None
     N, C, L = _shape(x)
     cl = layout(x)
-    dy = dy.to(x.dtype)  # held here: a temporary's data pointer would outlive it
+    if dy.dtype != x.dtype:
+        dy = dy.to(x.dtype)  # held here: a temporary's data pointer would outlive it
     if cl == 0:
         dy = dy.contiguous()
     elif not dy.movedim(1, -1).is_contiguous():
@@ -391,11 +395,12 @@ def backward(
     off, group_of = _plan_arrays(plan)
     dx = torch.empty_like(x)
     grads = torch.empty((2, N, C) if per_sample else (2, C), dtype=torch.float64)
+    mean, dw = moments.data_ptr(), grads.data_ptr()
     code = lib.backward(
         x.data_ptr(), dy.data_ptr(), dx.data_ptr(), _CODES[x.dtype], N, C, L, cl,
-        off.data_ptr(), plan.num_groups, group_of.data_ptr(), moments[0].data_ptr(),
-        moments[1].data_ptr(), eps, _ptr(weight), _code(weight), grads[0].data_ptr(),
-        grads[1].data_ptr(), torch.get_num_threads(), per_sample,
+        off.data_ptr(), plan.num_groups, group_of.data_ptr(), mean,
+        mean + moments.stride(0) * 8, eps, _ptr(weight), _code(weight), dw,
+        dw + grads.stride(0) * 8, torch.get_num_threads(), per_sample,
     )  # fmt: skip
     if code:
         raise RuntimeError(f"cpu_kernel: no backward for {x.dtype}")

@@ -787,8 +787,12 @@ class _Fused(torch.autograd.Function):
             grads = iter(torch.autograd.grad(_composite(r)[0], inputs, dy, create_graph=True))
             return (*(next(grads) if want else None for want in wanted), None, None)
         dx, wb = cpu_kernel.backward(x, dy, ctx.plan, weight, moments, ctx.eps)
-        dw = wb[0].to(weight.dtype) if wanted[1] else None
-        db = wb[1].to(bias.dtype) if wanted[2] else None
+        dw = db = None
+        if wanted[1] and wanted[2] and weight.dtype is bias.dtype:
+            dw, db = wb.to(weight.dtype).unbind()  # one conversion for both
+        else:
+            dw = wb[0].to(weight.dtype) if wanted[1] else None
+            db = wb[1].to(bias.dtype) if wanted[2] else None
         return dx if wanted[0] else None, dw, db, None, None
 
 
