@@ -750,7 +750,7 @@ def _fused_fast(
     if grad:
         if not cpu_kernel.serves(x):
             return None
-        return apply_activation(_Fused.apply(x, weight, bias, plan, eps), activation)
+        return apply_activation(_Fused.apply(x, weight, bias, None, None, plan, eps), activation)
     y = cpu_kernel.forward_plain(x, plan, weight, bias, eps, activation == "relu")
     if y is None or activation in (None, "relu"):
         return y
@@ -758,51 +758,15 @@ def _fused_fast(
 
 
 class _Fused(torch.autograd.Function):
-    """``y = GN(x) * weight + bias`` on the fused CPU kernel under autograd, float32/float64:
-    the forward keeps the float64 moments, the backward is the kernel's (dx, dweight, dbias in
-    one call). A backward that is itself recorded (``create_graph=True``: gradient penalties)
-    recomputes y with the composite ops and differentiates those instead."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        plan: GroupPlan,
-        eps: float,
-    ) -> torch.Tensor:
-        y, moments = cpu_kernel.forward(x, plan, weight, bias, eps, want_moments=True)
-        ctx.save_for_backward(x, weight, bias, moments)
-        ctx.plan, ctx.eps = plan, eps
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, weight, bias, moments = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():
-            inputs = [t for t, want in zip((x, weight, bias), wanted, strict=True) if want]
-            r = Request(x, ctx.plan, weight, bias, ctx.eps, None, None, None, None, False)
-            grads = iter(torch.autograd.grad(_composite(r)[0], inputs, dy, create_graph=True))
-            return (*(next(grads) if want else None for want in wanted), None, None)
-        dx, wb = cpu_kernel.backward(x, dy, ctx.plan, weight, moments, ctx.eps)
-        dw = db = None
-        if wanted[1] and wanted[2] and weight.dtype is bias.dtype:
-            dw, db = wb.to(weight.dtype).unbind()  # one conversion for both
-        else:
-            dw = wb[0].to(weight.dtype) if wanted[1] else None
-            db = wb[1].to(bias.dtype) if wanted[2] else None
-        return dx if wanted[0] else None, dw, db, None, None
-
-
-class _FusedModulated(torch.autograd.Function):
-    """``y = (GN(x) * weight + bias) * (1 + scale) + shift`` (scale, shift (N, C), either may
-    be None) on the fused CPU kernel under autograd, float32/float64, as :class:`_Fused`: the
-    kernel's backward with the per-sample weight ``w[c] (1 + scale[n, c])`` gives dx and the
-    (N, C) sums B = sum dy * xhat and A = sum dy, in float64, from which
-    dweight = sum_n (1 + scale) B, dbias = sum_n (1 + scale) A, dscale = w B + b A and
-    dshift = A."""
+    """``y = (GN(x) * weight + bias) * (1 + scale) + shift`` on the fused CPU kernel under
+    autograd, float32/float64 (scale and shift (N, C), either or both may be None): the forward
+    keeps the float64 moments, the backward is the kernel's (dx and the per-channel sums in one
+    call). Without scale and shift the sums are dweight and dbias; with them the kernel takes
+    the per-sample weight ``w[c] (1 + scale[n, c])`` and returns the (N, C) sums
+    B = sum dy * xhat and A = sum dy, from which dweight = sum_n (1 + scale) B,
+    dbias = sum_n (1 + scale) A, dscale = w B + b A and dshift = A, in float64. A backward that
+    is itself recorded (``create_graph=True``: gradient penalties) recomputes y with the
+    composite ops and differentiates those instead."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -833,19 +797,26 @@ class _FusedModulated(torch.autograd.Function):
             r = Request(x, ctx.plan, weight, bias, ctx.eps, None, scale, shift, None, False)
             grads = iter(torch.autograd.grad(_composite(r)[0], inputs, dy, create_graph=True))
             return (*(next(grads) if want else None for want in wanted), None, None)
-        N, C = x.shape[:2]
-        s1 = torch.ones((N, C), dtype=torch.float64) if scale is None else 1 + scale.double()
-        w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
-        dx, (B, A) = cpu_kernel.backward(
-            x, dy, ctx.plan, (w * s1).contiguous(), moments, ctx.eps, per_sample=True
-        )
-        dw = (s1 * B).sum(0).to(weight.dtype) if wanted[1] else None
-        db = (s1 * A).sum(0).to(bias.dtype) if wanted[2] else None
-        ds = None
-        if wanted[3]:
-            ds = w * B if bias is None else w * B + bias.double() * A
-            ds = ds.to(scale.dtype)
-        dh = A.to(shift.dtype) if wanted[4] else None
+        dx = dw = db = ds = dh = None
+        if scale is None and shift is None:
+            dx, wb = cpu_kernel.backward(x, dy, ctx.plan, weight, moments, ctx.eps)
+            if wanted[1] and wanted[2] and weight.dtype is bias.dtype:
+                dw, db = wb.to(weight.dtype).unbind()  # one conversion for both
+            else:
+                dw = wb[0].to(weight.dtype) if wanted[1] else None
+                db = wb[1].to(bias.dtype) if wanted[2] else None
+        else:
+            N, C = x.shape[:2]
+            s1 = torch.ones((N, C), dtype=torch.float64) if scale is None else 1 + scale.double()
+            w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
+            dx, (B, A) = cpu_kernel.backward(
+                x, dy, ctx.plan, (w * s1).contiguous(), moments, ctx.eps, per_sample=True
+            )
+            dw = (s1 * B).sum(0).to(weight.dtype) if wanted[1] else None
+            db = (s1 * A).sum(0).to(bias.dtype) if wanted[2] else None
+            if wanted[3]:
+                ds = (w * B if bias is None else w * B + bias.double() * A).to(scale.dtype)
+            dh = A.to(shift.dtype) if wanted[4] else None
         return dx if wanted[0] else None, dw, db, ds, dh, None, None
 
 
@@ -1028,13 +999,12 @@ def half_keeps_torch(x: torch.Tensor, plan: GroupPlan) -> bool:
 
 
 def _fused_records(r: Request) -> bool:
-    """Whether the fused CPU kernel serves ``r`` under autograd (:class:`_Fused`,
-    :class:`_FusedModulated`): an eager float32/float64 CPU call in a layout it reads, with
-    weight, bias, scale, shift and an activation at most (the activation is then torch's,
-    recorded as usual), no statistics in or out, reverse mode only, for float32 and
-    where torch's kernel does not serve it (:func:`_fused_backward`). Where torch's kernel does,
-    but its statistics fail the check, :func:`_native_checked` redoes the call here too
-    (:func:`_fused_can_record`)."""
+    """Whether the fused CPU kernel serves ``r`` under autograd (:class:`_Fused`): an eager
+    float32/float64 CPU call in a layout it reads, with weight, bias, scale, shift and an
+    activation at most (the activation is then torch's, recorded as usual), no statistics in or
+    out, reverse mode only, for float32 and where torch's kernel does not serve it
+    (:func:`_fused_backward`). Where torch's kernel does, but its statistics fail the check,
+    :func:`_native_checked` redoes the call here too (:func:`_fused_can_record`)."""
     return _fused_backward(r.x, r.plan) and _fused_can_record(r)
 
 
@@ -1052,14 +1022,9 @@ def _fused_can_record(r: Request) -> bool:
 
 
 def _record_fused(r: Request) -> torch.Tensor:
-    """y of ``r`` from :class:`_Fused` (:class:`_FusedModulated` with scale or shift), the
-    activation recorded after it."""
+    """y of ``r`` from :class:`_Fused`, the activation recorded after it."""
     w, b = (None if t is None else t.contiguous() for t in (r.weight, r.bias))
-    if r.scale is None and r.shift is None:
-        y = _Fused.apply(r.x, w, b, r.plan, r.eps)
-    else:
-        y = _FusedModulated.apply(r.x, w, b, r.scale, r.shift, r.plan, r.eps)
-    return apply_activation(y, r.activation)
+    return apply_activation(_Fused.apply(r.x, w, b, r.scale, r.shift, r.plan, r.eps), r.activation)
 
 
 def _fused(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
