@@ -211,6 +211,7 @@ def _stream_min(bytes_: int) -> Iterator[None]:
     [
         ((2, 6, 7, 9), {"num_groups": 3}),  # rows of 63 and 6 elements: unaligned vectors too
         ((1, 2, 256, 300), {"num_groups": 1}),  # NCHW two stages: past every fused limit
+        ((1, 16, 96, 96), {"num_groups": 4}),  # channels-last: a sample past 512 KB, shared
         ((2, 20, 12, 12), {"num_groups": 4, "uneven": False}),
     ],
 )

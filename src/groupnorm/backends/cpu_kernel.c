@@ -696,7 +696,8 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
        coefficients into k (q's layout) and its output. */                                  \
     static void cl_sample_##S##_##O(const T *x, TO *y, int64_t L, const int64_t *offsets,    \
                                     const coef_in_t *q, double *mean, double *var,          \
-                                    double *rstd, double eps, W *k, int relu, int64_t n) {  \
+                                    double *rstd, double eps, W *k, int relu, int nt,       \
+                                    int64_t n) {                                            \
         int64_t C = q->C, G = q->G, NC = q->N * C, blocks = cl_blocks(C, L);                \
         const T *slab = x + n * L * C;                                                      \
         part_t *parts = malloc((size_t)(blocks * G) * sizeof(part_t));                      \
@@ -708,7 +709,8 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         for (int64_t i = n * G; i < (n + 1) * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);   \
         coefs_##S##_##O(q, n * C, (n + 1) * C, 1, k);                                       \
         rows_##S##_##O(slab, y + n * L * C, C, 0, L, k + n * C, k + NC + n * C,              \
-                       k + 2 * NC + n * C, relu, 0);                                        \
+                       k + 2 * NC + n * C, relu, nt);                                       \
+        drain(nt);                                                                          \
         free(pivot);                                                                        \
         free(parts);                                                                        \
     }                                                                                       \
@@ -716,8 +718,10 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
                                    const coef_in_t *q, double *mean, double *var,           \
                                    double *rstd, double eps, int relu, int nthreads) {      \
         W *k = malloc((size_t)(3 * q->N * q->C) * sizeof(W));                               \
-        FOR_TASKS(n, q->N,                                                                  \
-                  { cl_sample_##S##_##O(x, y, L, offsets, q, mean, var, rstd, eps, k, relu, n); }) \
+        int nt = streams(q->N * q->C * L * (int64_t)sizeof(TO));                            \
+        FOR_TASKS(n, q->N, {                                                                \
+            cl_sample_##S##_##O(x, y, L, offsets, q, mean, var, rstd, eps, k, relu, nt, n);  \
+        })                                                                                  \
         free(k);                                                                            \
     }                                                                                       \
     /* y from the coefficients of q: first all of them (COEF_CHUNK channels a task), then    \
