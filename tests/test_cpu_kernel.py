@@ -546,8 +546,7 @@ def test_property_native_layout_is_canonical_channels_last(
     contiguity and compares strides only where a dimension has size 1: the same answer as its
     definition, NCHW-contiguous or exactly the canonical channels-last strides, on every
     permutation, with any stride on size-1 dimensions; and torch's kernel runs on what it
-    accepts (regression: diffusers' VAE at batch 1, (1, 128, 64, 64) with strides
-    (128, 1, 8192, 128), is channels-last-contiguous and the kernel refused it)."""
+    accepts."""
     perm = list(range(len(shape)))
     order.shuffle(perm)
     base = torch.randn([shape[p] for p in perm]).permute([perm.index(d) for d in range(len(shape))])
@@ -565,6 +564,11 @@ def test_property_native_layout_is_canonical_channels_last(
     assert torch_ops._native_layout(x) == (x.is_contiguous() or x.stride() == canonical)
     if torch_ops._native_layout(x):
         torch.native_group_norm(x, None, None, shape[0], C, math.prod(spatial), 1, 1e-5)
+
+
+def test_regression_vae_batch_one_layout_is_not_native() -> None:
+    """diffusers' VAE at batch 1: (1, 128, 64, 64) with strides (128, 1, 8192, 128) is
+    channels-last-contiguous, but torch's kernel refused it; _native_layout must say no."""
     vae = torch.randn(1, 128, 64, 64).as_strided((1, 128, 64, 64), (128, 1, 8192, 128))
     assert not torch_ops._native_layout(vae)
 

@@ -59,8 +59,8 @@ enum { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
    statistics, while in L2: x is read from memory once. 512 KB of float32 or float64 (a
    float32 (2, 960, 64, 64), groups of 480 KB: 0.90-0.94x the time of statistics then output);
    half precision 64K elements (128 KB): its larger groups took 1.03-1.11x as long fused. */
-#define FUSED_MAX 131072 /* the largest of them, a multiple of BLOCK */
-static int64_t fused_max(int dtype) { return dtype == F32 ? 131072 : 65536; }
+#define FUSED_MAX 131072 /* float32's, the largest of them, a multiple of BLOCK */
+static int64_t fused_max(int dtype) { return dtype == F32 ? FUSED_MAX : FUSED_MAX / 2; }
 /* Channels-last samples of at most this many bytes, when there are at least as many samples
    as threads, are each done whole by one thread (statistics, then output while in L2): one
    parallel region instead of three, no thread waiting on another's block. */
@@ -768,8 +768,9 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
    its group's mean (a single-element group: exactly) the difference is nearly 0, and any
    rounding of dy w would come back multiplied by rstd, up to eps^-1/2. A and B are
    summed per (n, c) in float64, their terms too (B as rstd sum dy (x - mean), x - mean from
-   the float64 mean), in a fixed order: dweight and dbias sum N L terms, and float32 terms (or float32 runs of them)
-   missed the float32 bound on them by up to 1.3x where the sum is small. NCHW: one task
+   the float64 mean), in a fixed order: dweight and dbias sum N L terms, and float32 terms
+   (or float32 runs of them) missed the float32 bound on them by up to 1.3x where the sum is
+   small. NCHW: one task
    per (n, c) row; channels-last: per (n, 64-channel slice), rows in order, 8 channels a
    vector. With per_sample, w[c] is w[n, c] throughout. */
 #define DEFINE_BACKWARD(S, T, VW, LOAD, WIDE, NARROW, STORE)                                \
@@ -1163,10 +1164,10 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
 /* Python: forward(x, dtype, y, ytype, N, C, L, cl, offsets, G, group_of, mean, var, given, eps,
    w, wtype, b, btype, scale, shift, relu, nthreads) and stats(x, dtype, N, C, L, cl, offsets,
    G, mean, var, nthreads) and backward(x, dy, dx, dtype, N, C, L, cl, offsets, G, group_of,
-   mean, var, eps, w, wtype, dw, db, nthreads, per_sample), pointers as ints (0: none; forward's mean and
-   var may be 0 when not given), return 0 or -1 as above; dtypes() the bit mask of dtype codes
-   served; stream_min(bytes) sets stream_min and returns the value before. The GIL is released
-   while the kernels run. */
+   mean, var, eps, w, wtype, dw, db, nthreads, per_sample), pointers as ints (0: none;
+   forward's mean and var may be 0 when not given), return 0 or -1 as above; dtypes() the bit
+   mask of dtype codes served; stream_min(bytes) sets stream_min and returns the value before.
+   The GIL is released while the kernels run. */
 /* A call's n arguments: ints into a[], except args[real] (real < 0: none), a float into *x.
    0, or -1 with a Python exception set. */
 static int parse(PyObject *const *args, Py_ssize_t nargs, const char *name, Py_ssize_t n,
