@@ -26,18 +26,19 @@ def make_x(
     neither (every other element of a wider last dimension); ``nchw``: contiguous.
     """
     gen = torch.Generator().manual_seed(seed)
+
+    def values(dims: tuple[int, ...]) -> torch.Tensor:
+        return (torch.randn(dims, generator=gen, dtype=torch.float64) * std + loc).to(dtype)
+
     if layout == "nchw":
-        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        out = values(shape)
     elif layout == "channels_last":
-        x = torch.randn(
-            (shape[0],) + shape[2:] + (shape[1],), generator=gen, dtype=torch.float64
-        ).movedim(-1, 1)
+        out = values((shape[0],) + shape[2:] + (shape[1],)).movedim(-1, 1)
     elif layout == "strided":
-        wide = torch.randn(shape[:-1] + (2 * shape[-1],), generator=gen, dtype=torch.float64)
-        x = wide[..., ::2]
+        # Sliced last: arithmetic on a view with gaps returns a contiguous tensor.
+        out = values(shape[:-1] + (2 * shape[-1],))[..., ::2]
     else:
         raise ValueError(f"unknown layout {layout!r}; one of {LAYOUTS}")
-    out = (x * std + loc).to(dtype)
     assert out.shape == shape
     return out
 

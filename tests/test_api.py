@@ -271,7 +271,7 @@ def test_uneven_statistics_in_and_out_match_float64(
         assert got.count.tolist() == [[90.0, 90.0, 60.0, 60.0]] * 2
     for y in (y_out, y_in):
         assert_matches(y, expected, dtype)
-        assert y.stride() == x.stride()
+        assert y.stride() == torch.empty_like(x).stride()  # x's dense layout
 
 
 @pytest.mark.usefixtures("without_fused_kernel")

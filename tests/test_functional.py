@@ -79,6 +79,16 @@ RANK_LAYOUTS = [
 ]
 
 
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_regression_strided_test_inputs_are_strided(rank: int) -> None:
+    """The test inputs' "strided" layout sliced every other element and then scaled and
+    shifted the view, which returns a contiguous tensor: every strided case tested NCHW input.
+    Strided inputs are neither NCHW- nor channels-last-contiguous."""
+    shape = (2, 3, 4, 5, 6)[:rank]
+    x = make_x(shape, torch.float32, "strided", seed=1)
+    assert not x.is_contiguous() and not x.movedim(1, -1).is_contiguous()
+
+
 @pytest.mark.parametrize("plan_name", list(PLANS))
 @pytest.mark.parametrize(
     ("rank", "layout"), RANK_LAYOUTS, ids=[f"{r}d-{lay}" for r, lay in RANK_LAYOUTS]
