@@ -200,7 +200,8 @@ def _graph_ops(model: nn.Module, x: torch.Tensor, train: bool) -> tuple[int, int
 def test_resnet_graph_within_twice_nn_groupnorm() -> None:
     """Regression: the pivot, gathered per run with repeat_interleave, traced a ResNet to 3x
     nn.GroupNorm's ATen ops. Within 2x at both levels, with and without grad (Dynamo's graph
-    holds two ops more per layer: the pivot and the subtraction)."""
+    holds one op more per layer on a float32 CPU input: the fused kernel's op and the getitem
+    of its y)."""
     from groupnorm.study.models import ResNet
 
     x = torch.randn(2, 3, 16, 16)
@@ -210,7 +211,7 @@ def test_resnet_graph_within_twice_nn_groupnorm() -> None:
     for train in (False, True):
         ours, theirs = _graph_ops(ours_net, x, train), _graph_ops(theirs_net, x, train)
         assert ours[0] <= 2 * theirs[0] and ours[1] <= 2 * theirs[1], (train, ours, theirs)
-        assert ours[1] == theirs[1] + 2 * layers, (train, ours, theirs)
+        assert ours[1] == theirs[1] + layers, (train, ours, theirs)
 
 
 def test_regression_import_loads_neither_dynamo_nor_triton() -> None:
@@ -242,7 +243,8 @@ def test_regression_compiled_even_pivot_is_not_a_gather() -> None:
     for kw, size, first in cases:
         graphs.clear()
         torch._dynamo.reset()
-        x = make_x((2, 8, 5, 4), torch.float32, loc=1e3, std=1e-1).requires_grad_()
+        # Strided: a CPU layout the fused kernel's op does not read (the pivot path serves it).
+        x = make_x((2, 8, 5, 4), torch.float32, "strided", loc=1e3, std=1e-1).requires_grad_()
         y = torch.compile(lambda t, kw=kw: groupnorm.group_norm(t, **kw), backend=backend)(x)
         targets = [str(n.target) for n in graphs[0].graph.nodes if n.op != "placeholder"]
         assert targets.count("groupnorm.pivot") == 1, targets

@@ -46,6 +46,7 @@ pivot-shifted input instead (:mod:`groupnorm.backends.shifted`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, NamedTuple, cast
 
@@ -798,27 +799,54 @@ class _Fused(torch.autograd.Function):
             r = Request(x, ctx.plan, weight, bias, ctx.eps, None, scale, shift, None, False)
             grads = iter(torch.autograd.grad(_composite(r)[0], inputs, dy, create_graph=True))
             return (*(next(grads) if want else None for want in wanted), None, None)
-        dx = dw = db = ds = dh = None
-        if scale is None and shift is None:
-            dx, wb = cpu_kernel.backward(x, dy, ctx.plan, weight, moments, ctx.eps)
-            if wanted[1] and wanted[2] and weight.dtype is bias.dtype:
-                dw, db = wb.to(weight.dtype).unbind()  # one conversion for both
-            else:
-                dw = wb[0].to(weight.dtype) if wanted[1] else None
-                db = wb[1].to(bias.dtype) if wanted[2] else None
+
+        def backward(w: torch.Tensor | None, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            return cpu_kernel.backward(x, dy, ctx.plan, w, moments, ctx.eps, per_sample=per_sample)
+
+        return (*kernel_grads(backward, x, weight, bias, scale, shift, wanted), None, None)
+
+
+KernelBackward = Callable[[torch.Tensor | None, bool], tuple[torch.Tensor, torch.Tensor]]
+
+
+def kernel_grads(
+    backward: KernelBackward,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    wanted: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradients (dx, dweight, dbias, dscale, dshift) of :class:`_Fused`'s y, None where
+    ``wanted`` says no, from ``backward(weight, per_sample)``: the kernel's backward for one dy
+    (:func:`cpu_kernel.backward`, or its op under torch.compile), dx and the float64
+    per-channel sums, from which the parameters' gradients are assembled in float64."""
+    dw = db = ds = dh = None
+    if scale is None and shift is None:
+        dx, wb = backward(weight, False)
+        both = weight is not None and bias is not None and weight.dtype is bias.dtype
+        if both and wanted[1] and wanted[2]:
+            dw, db = wb.to(weight.dtype).unbind()  # type: ignore[union-attr]  # one conversion
         else:
-            N, C = x.shape[:2]
-            s1 = torch.ones((N, C), dtype=torch.float64) if scale is None else 1 + scale.double()
-            w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
-            dx, (B, A) = cpu_kernel.backward(
-                x, dy, ctx.plan, (w * s1).contiguous(), moments, ctx.eps, per_sample=True
-            )
-            dw = (s1 * B).sum(0).to(weight.dtype) if wanted[1] else None
-            db = (s1 * A).sum(0).to(bias.dtype) if wanted[2] else None
-            if wanted[3]:
-                ds = (w * B if bias is None else w * B + bias.double() * A).to(scale.dtype)
-            dh = A.to(shift.dtype) if wanted[4] else None
-        return dx if wanted[0] else None, dw, db, ds, dh, None, None
+            if wanted[1] and weight is not None:
+                dw = wb[0].to(weight.dtype)
+            if wanted[2] and bias is not None:
+                db = wb[1].to(bias.dtype)
+        return dx if wanted[0] else None, dw, db, None, None
+    N, C = x.shape[:2]
+    s1 = torch.ones((N, C), dtype=torch.float64) if scale is None else 1 + scale.double()
+    w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
+    dx, (B, A) = backward((w * s1).contiguous(), True)
+    if wanted[1] and weight is not None:
+        dw = (s1 * B).sum(0).to(weight.dtype)
+    if wanted[2] and bias is not None:
+        db = (s1 * A).sum(0).to(bias.dtype)
+    if wanted[3] and scale is not None:
+        ds = (w * B if bias is None else w * B + bias.double() * A).to(scale.dtype)
+    if wanted[4] and shift is not None:
+        dh = A.to(shift.dtype)
+    return dx if wanted[0] else None, dw, db, ds, dh
 
 
 def _fast_float_param(t: object, C: int) -> bool:
@@ -1069,6 +1097,34 @@ def _forward_ad_on_channels_last(x: torch.Tensor) -> bool:
     return forward_ad._current_level >= 0 and not x.is_contiguous()
 
 
+def _compiles_fused(r: Request) -> bool:
+    """Whether a call that torch.compile records (not an export: ONNX has no such op) runs the
+    fused CPU kernel's ops (:mod:`.compiled`): float32/float64 CPU x in a layout the kernel
+    reads, no statistics in or out, reverse mode only."""
+    x = r.x
+    return (
+        torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and x.device.type == "cpu"
+        and x.dtype in _NUMPY_FLOATS
+        and r.stats is None
+        and not r.return_stats
+        and forward_ad._current_level < 0
+        and x.numel() > 0
+        and cpu_kernel.layout(x) is not None
+    )
+
+
+def _compiled_fused(r: Request) -> torch.Tensor:
+    """y of ``r`` from ``groupnorm::cpu_forward``; relu, which rounds nothing, recorded after
+    it, SiLU and GELU inside it."""
+    inside = r.activation if r.activation in ("silu", "gelu") else None
+    y, _, _ = torch.ops.groupnorm.cpu_forward(
+        r.x, r.weight, r.bias, r.scale, r.shift, list(r.plan.sizes), r.eps, inside
+    )
+    return y if inside is not None or r.activation is None else apply_activation(y, r.activation)
+
+
 def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     """Run a validated request: ``(y, stats or None)``.
 
@@ -1089,6 +1145,8 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
             y = _native_checked(r)
             if y is not None:
                 return y, None
+        elif _compiles_fused(r):
+            return _compiled_fused(r), None
         else:
             first = plan_index(r.plan, r.x.device).channel_first
             runs = list(r.plan.runs)

@@ -1,0 +1,215 @@
+"""The fused CPU kernel as torch.library ops: what a graph recorded by torch.compile calls.
+
+Eager calls reach the kernel through a plain autograd Function (``torch_ops._Fused``), which
+costs less per call than the custom-op machinery; a compiled graph cannot call a Python
+Function's kernel, and without these ops a compiled CPU call ran torch's kernel on
+pivot-shifted input (:mod:`.shifted`): exact forward, but torch's float32 backward sums
+dweight and dbias in float32 and missed the float32 bound on 30 of 72 draws of the
+regression test (up to 2.7x, channels-last worst). The ops:
+
+- ``groupnorm::cpu_forward(x, weight, bias, scale, shift, sizes, eps, activation)
+  -> (y, u, moments)``: ``u = (GN(x) * weight + bias) * (1 + scale) + shift`` and
+  ``y = act(u)`` (SiLU or GELU, in float64, rounded once) in x's dtype and memory format, and
+  the float64 (2, N, G) mean and variance used;
+- ``groupnorm::cpu_backward(dy, x, weight, moments, sizes, eps, per_sample, u, activation)
+  -> (dx, sums)``: dy through the activation's derivative in float64, then
+  :func:`cpu_kernel.backward`: dx and the float64 per-channel sums.
+
+The forward's registered autograd calls the backward op and assembles the parameters'
+gradients from its sums in float64, as the eager Function does (:func:`torch_ops.kernel_grads`).
+Each op is one node of Dynamo's graph; AOTAutograd records the assembly's few (N, C) ops.
+
+Whether the kernel is built cannot be asked while Dynamo traces (building it is file and
+process I/O), so the ops ask when they run; where it is not built (no C compiler,
+``GROUPNORM_CPU_KERNEL=0``) they compute the same results with float64 torch ops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from groupnorm.activations import apply_activation
+from groupnorm.backends import cpu_kernel
+from groupnorm.backends.torch_ops import _expand, _group_sum, _per_channel, kernel_grads
+from groupnorm.groups import GroupPlan
+
+__all__ = ["cpu_backward", "cpu_forward"]
+
+_ACTIVATION_BACKWARD = {
+    "silu": torch.ops.aten.silu_backward,
+    "gelu": torch.ops.aten.gelu_backward,
+}
+
+# A plain dict rather than lru_cache: the ops run once per call, plans are few.
+_PLANS: dict[tuple[int, ...], GroupPlan] = {}
+
+
+def _plan(sizes: list[int]) -> GroupPlan:
+    key = tuple(sizes)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = GroupPlan(key)
+    return plan
+
+
+def _spatial_sum(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, *S) -> (N, C); an (N, C) tensor as it is (``sum(())`` would sum everything)."""
+    return t.sum(tuple(range(2, t.dim()))) if t.dim() > 2 else t
+
+
+def _moments64(x64: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+    """float64 (2, N, G): each group's mean and biased variance, two passes."""
+    count = torch.tensor(plan.sizes, dtype=torch.float64) * math.prod(x64.shape[2:])
+    mean = _group_sum(_spatial_sum(x64), plan) / count
+    d = x64 - _expand(_per_channel(mean, plan), x64.dim())
+    return torch.stack((mean, _group_sum(_spatial_sum(d * d), plan) / count))
+
+
+def _xhat64(x64: torch.Tensor, moments: torch.Tensor, plan: GroupPlan, eps: float) -> torch.Tensor:
+    mean, var = moments
+    spread = (_expand(_per_channel(v, plan), x64.dim()) for v in (mean, (var + eps).rsqrt()))
+    return (x64 - next(spread)) * next(spread)
+
+
+def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y in x's dtype and in the memory format the kernel writes (``empty_like(x)``'s)."""
+    return torch.empty_like(x).copy_(y)
+
+
+@torch.library.custom_op("groupnorm::cpu_forward", mutates_args=())
+def cpu_forward(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],  # noqa: UP045  (torch's schema inference needs Optional)
+    bias: Optional[torch.Tensor],  # noqa: UP045
+    scale: Optional[torch.Tensor],  # noqa: UP045
+    shift: Optional[torch.Tensor],  # noqa: UP045
+    sizes: list[int],
+    eps: float,
+    activation: Optional[str],  # noqa: UP045
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, u, moments)`` of float32/float64 x (N, C, *S), NCHW- or channels-last-contiguous:
+    weight and bias (C,), scale and shift (N, C), any float dtype or None; ``activation`` None,
+    "silu" or "gelu", applied in float64 to u, the output before it (a (0,) tensor without
+    one), and rounded once."""
+    plan = _plan(sizes)
+    s64, h64 = (None if t is None else t.double().contiguous() for t in (scale, shift))
+    if cpu_kernel.serves(x):
+        w, b = (None if t is None else t.contiguous() for t in (weight, bias))
+        u, moments = cpu_kernel.forward(x, plan, w, b, eps, want_moments=True, scale=s64, shift=h64)
+        assert moments is not None
+        if activation is None:
+            return u, u.new_empty(0), moments
+        return _like(apply_activation(u.double(), activation), x), u, moments
+    x64 = x.double()
+    moments = _moments64(x64, plan)
+    y = _xhat64(x64, moments, plan, eps)
+    if weight is not None:
+        y = y * _expand(weight.double()[None], x.dim())
+    if bias is not None:
+        y = y + _expand(bias.double()[None], x.dim())
+    if s64 is not None:
+        y = y * _expand(1 + s64, x.dim())
+    if h64 is not None:
+        y = y + _expand(h64, x.dim())
+    if activation is None:
+        return _like(y, x), x.new_empty(0), moments
+    return _like(apply_activation(y, activation), x), _like(y, x), moments
+
+
+@cpu_forward.register_fake
+def _(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    sizes: list[int],
+    eps: float,
+    activation: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    u = x.new_empty(0) if activation is None else torch.empty_like(x)
+    moments = x.new_empty((2, x.shape[0], len(sizes)), dtype=torch.float64)
+    return torch.empty_like(x), u, moments
+
+
+@torch.library.custom_op("groupnorm::cpu_backward", mutates_args=())
+def cpu_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],  # noqa: UP045
+    moments: torch.Tensor,
+    sizes: list[int],
+    eps: float,
+    per_sample: bool,
+    u: torch.Tensor,
+    activation: Optional[str],  # noqa: UP045
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cpu_kernel.backward` as an op: ``(dx, sums)``, sums float64 (2, C), or (2, N, C)
+    where ``per_sample`` (weight then float64 (N, C)). With an activation, dy is first taken
+    through its derivative at u in float64 (torch.compile's float32 SiLU backward carried
+    enough rounding into dweight's sum to reach 1.03 of the float32 bound)."""
+    plan = _plan(sizes)
+    if activation is not None:
+        dy = _ACTIVATION_BACKWARD[activation](dy.double(), u.double()).to(x.dtype)
+    if cpu_kernel.serves(x):
+        w = None if weight is None else weight.contiguous()
+        return cpu_kernel.backward(x, dy, plan, w, moments, eps, per_sample=per_sample)
+    N, C = x.shape[:2]
+    x64, dy64 = x.double(), dy.double()
+    xhat = _xhat64(x64, moments, plan, eps)
+    B, A = _spatial_sum(dy64 * xhat), _spatial_sum(dy64)  # (N, C)
+    w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
+    w = w.expand(N, C)
+    # dx = rstd (w dy - mean_g(w dy) - xhat mean_g(w dy xhat)), means over each group's elements.
+    count = torch.tensor(sizes, dtype=torch.float64) * math.prod(x.shape[2:])
+    mean_wdy, mean_wdyx = (_group_sum(w * s, plan) / count for s in (A, B))
+    rstd = (moments[1] + eps).rsqrt()
+
+    def spread(v: torch.Tensor) -> torch.Tensor:
+        return _expand(_per_channel(v, plan), x.dim())
+
+    dx = spread(rstd) * (_expand(w, x.dim()) * dy64 - spread(mean_wdy) - xhat * spread(mean_wdyx))
+    sums = torch.stack((B, A)) if per_sample else torch.stack((B.sum(0), A.sum(0)))
+    return _like(dx, x), sums
+
+
+@cpu_backward.register_fake
+def _(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    moments: torch.Tensor,
+    sizes: list[int],
+    eps: float,
+    per_sample: bool,
+    u: torch.Tensor,
+    activation: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    C = x.shape[1]
+    shape = (2, x.shape[0], C) if per_sample else (2, C)
+    return torch.empty_like(x), x.new_empty(shape, dtype=torch.float64)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    x, weight, bias, scale, shift, sizes, eps, activation = inputs
+    _, u, moments = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, u, moments)
+    ctx.sizes, ctx.eps, ctx.activation = sizes, eps, activation
+    ctx.mark_non_differentiable(u, moments)
+
+
+def _backward(ctx: Any, dy: torch.Tensor, *_: torch.Tensor) -> tuple[Any, ...]:
+    x, weight, bias, scale, shift, u, moments = ctx.saved_tensors
+
+    def backward(w: torch.Tensor | None, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        sizes, act = list(ctx.sizes), ctx.activation
+        return cpu_backward(dy, x, w, moments, sizes, ctx.eps, per_sample, u, act)
+
+    grads = kernel_grads(backward, x, weight, bias, scale, shift, tuple(ctx.needs_input_grad[:5]))
+    return (*grads, None, None, None)
+
+
+cpu_forward.register_autograd(_backward, setup_context=_setup_context)
