@@ -61,10 +61,17 @@ def _spatial_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _moments64(x64: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
-    """float64 (2, N, G): each group's mean and biased variance, two passes."""
+    """float64 (2, N, G): each group's mean and biased variance. The mean gets one correction
+    pass (a sum at an offset rounds relative to the offset, the deviations from a first
+    estimate relative to the spread), the variance is summed around it."""
     count = torch.tensor(plan.sizes, dtype=torch.float64) * math.prod(x64.shape[2:])
-    mean = _group_sum(_spatial_sum(x64), plan) / count
-    d = x64 - _expand(_per_channel(mean, plan), x64.dim())
+
+    def deviations(mean: torch.Tensor) -> torch.Tensor:
+        return x64 - _expand(_per_channel(mean, plan), x64.dim())
+
+    rough = _group_sum(_spatial_sum(x64), plan) / count
+    mean = rough + _group_sum(_spatial_sum(deviations(rough)), plan) / count
+    d = deviations(mean)
     return torch.stack((mean, _group_sum(_spatial_sum(d * d), plan) / count))
 
 
