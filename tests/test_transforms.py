@@ -135,6 +135,32 @@ def test_forward_mode_ad(layout: str) -> None:
     )
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("loc", [0.0, 2.0, 50.0])
+def test_forward_mode_ad_float32_holds_the_bound(layout: str, loc: float) -> None:
+    """float32 tangents of x, weight and bias at offsets past every trust limit, against the
+    float64 central difference of the reference at the same values, within the float32 bound
+    (a tangent of y sums over each group: dx's reduction)."""
+    import torch.autograd.forward_ad as fwAD
+
+    N, C, G = 3, 24, 6
+    plan = resolve_plan(C, G)
+    for seed in range(4):
+        x = make_x((N, C, 8, 8), torch.float32, layout, seed=seed, loc=loc, std=1.0)
+        w, b = rand((C,), torch.float32, seed + 1), rand((C,), torch.float32, seed + 2)
+        tx = make_x((N, C, 8, 8), torch.float32, layout, seed=seed + 3, loc=0.0, std=1.0)
+        tw, tb = rand((C,), torch.float32, seed + 4), rand((C,), torch.float32, seed + 5)
+        with fwAD.dual_level():
+            duals = (fwAD.make_dual(t, d) for t, d in ((x, tx), (w, tw), (b, tb)))
+            tangent = fwAD.unpack_dual(groupnorm.group_norm(next(duals), G, *duals)).tangent
+        h = 1e-7
+        xd, wd, bd, txd, twd, tbd = (t.double() for t in (x, w, b, tx, tw, tb))
+        plus = reference(xd + h * txd, plan, wd + h * twd, bd + h * tbd)[0]
+        minus = reference(xd - h * txd, plan, wd - h * twd, bd - h * tbd)[0]
+        assert_matches(tangent, (plus - minus) / (2 * h), torch.float32, reduction=C // G * 64)
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("plan_name", list(PLANS))
