@@ -49,6 +49,18 @@ def rand(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
     ).to(dtype)
 
 
+def affine_draw(
+    shape: tuple[int, ...], layout: str, seed: int, loc: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One draw of the float32 gradient tests: x (unit spread at ``loc``), weight and bias
+    requiring grad, and dy."""
+    C = shape[1]
+    x = make_x(shape, torch.float32, layout, seed=seed, loc=loc, std=1.0).requires_grad_()
+    w = rand((C,), torch.float32, seed + 1).requires_grad_()
+    b = rand((C,), torch.float32, seed + 2).requires_grad_()
+    return x, w, b, rand(shape, torch.float32, seed + 3)
+
+
 def reference(
     x: torch.Tensor,
     plan: GroupPlan,

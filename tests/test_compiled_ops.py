@@ -18,7 +18,7 @@ import groupnorm
 from groupnorm import reference as R
 from groupnorm.backends import cpu_kernel
 from groupnorm.functional import resolve_plan
-from tests._inputs import make_x, rand, reference
+from tests._inputs import affine_draw, make_x, rand, reference
 from tests._tolerances import assert_matches, to_numpy
 
 SERVED = ("kernel", "fallback")
@@ -159,21 +159,16 @@ def test_regression_compiled_float32_gradients_hold_the_bound(
     with _served(served):
         for loc in (0.0, 0.5, 2.0):
             for seed in range(4 if served == "fallback" else 12):
-                x = make_x((N, C, 8, 8), torch.float32, layout, seed=seed, loc=loc, std=1.0)
-                x.requires_grad_()
+                x, w, b, dy = affine_draw((N, C, 8, 8), layout, seed, loc)
                 params: dict[str, torch.Tensor | None] = {
-                    "weight": rand((C,), torch.float32, seed + 1).requires_grad_(),
-                    "bias": rand((C,), torch.float32, seed + 2).requires_grad_(),
-                    "scale": None,
-                    "shift": None,
-                }
+                    "weight": w, "bias": b, "scale": None, "shift": None
+                }  # fmt: skip
                 if epilogue == "scale_shift":
                     params["scale"] = rand((N, C), torch.float32, seed + 4).requires_grad_()
                     params["shift"] = rand((N, C), torch.float32, seed + 5).requires_grad_()
-                dy = rand(x.shape, torch.float32, seed + 3)
                 y = f(x, *params.values())
                 y.backward(dy)
-                w, b, s, h = params.values()
+                s, h = params["scale"], params["shift"]
                 expected, cache = reference(x, plan, w, b, scale=s, shift=h, **kw)
                 assert_matches(y, expected, torch.float32)
                 assert y.stride() == x.stride()

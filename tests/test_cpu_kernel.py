@@ -31,7 +31,7 @@ import groupnorm
 from groupnorm import reference as R
 from groupnorm.backends import cpu_kernel, torch_ops
 from groupnorm.functional import resolve_plan
-from tests._inputs import make_x, rand, reference
+from tests._inputs import affine_draw, make_x, rand, reference
 from tests._tolerances import assert_matches, to_numpy
 
 BUILT = cpu_kernel.library() is not None
@@ -364,15 +364,11 @@ def test_regression_float32_gradients_hold_the_bound_where_torchs_kernel_is_trus
     N, C, G = 3, 24, 6
     plan = resolve_plan(C, G)
     for seed in range(12):
-        x = make_x((N, C, 8, 8), torch.float32, layout, seed=seed, loc=loc, std=1.0)
-        x.requires_grad_()
-        w = rand((C,), torch.float32, seed + 1).requires_grad_()
-        b = rand((C,), torch.float32, seed + 2).requires_grad_()
+        x, w, b, dy = affine_draw((N, C, 8, 8), layout, seed, loc)
         kw: dict[str, Any] = {"activation": "silu"} if epilogue == "silu" else {}
         if epilogue == "scale_shift":
             kw["scale"] = rand((N, C), torch.float32, seed + 4).requires_grad_()
             kw["shift"] = rand((N, C), torch.float32, seed + 5).requires_grad_()
-        dy = rand(x.shape, torch.float32, seed + 3)
         groupnorm.group_norm(x, G, w, b, **kw).backward(dy)
         _, cache = reference(x, plan, w, b, **kw)
         grads = R.group_norm_backward(to_numpy(dy), cache)

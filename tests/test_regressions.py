@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import groupnorm
 from groupnorm import reference as R
 from groupnorm.functional import resolve_plan
-from tests._inputs import make_x, rand, reference
+from tests._inputs import affine_draw, make_x, rand, reference
 from tests._tolerances import assert_matches, to_numpy
 
 
@@ -430,11 +430,7 @@ def test_regression_float32_gradients_with_statistics_hold_the_bound(
     N, C, G = 3, 24, 6
     plan = resolve_plan(C, G)
     for seed in range(10):
-        x = make_x((N, C, 8, 8), torch.float32, layout, seed=seed, loc=loc, std=1.0)
-        x.requires_grad_()
-        w = rand((C,), torch.float32, seed + 1).requires_grad_()
-        b = rand((C,), torch.float32, seed + 2).requires_grad_()
-        dy = rand(x.shape, torch.float32, seed + 3)
+        x, w, b, dy = affine_draw((N, C, 8, 8), layout, seed, loc)
         if stats == "out":
             y, out = groupnorm.group_norm(x, G, w, b, return_stats=True)
             assert out.pivot.dtype == torch.float32

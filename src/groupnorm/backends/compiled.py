@@ -1,15 +1,14 @@
 """The fused CPU kernel as torch.library ops: what a graph recorded by torch.compile calls.
 
 Eager calls reach the kernel through a plain autograd Function (``torch_ops._Fused``), which
-costs less per call than the custom-op machinery; a compiled graph cannot call a Python
-Function's kernel, and without these ops a compiled CPU call ran torch's kernel on
-pivot-shifted input (:mod:`.shifted`): exact forward, but torch's float32 backward sums
-dweight and dbias in float32 and missed the float32 bound on 30 of 72 draws of the
-regression test (up to 2.7x, channels-last worst). The ops:
+costs less per call than the custom-op machinery; a compiled graph needs ops. What other
+recorded calls run, torch's kernel on pivot-shifted input (:mod:`.shifted`), is exact
+forward, but torch's float32 backward sums dweight and dbias in float32 and misses the float32
+bound (compiled, 30 of the 72 draws of the eager regression test, up to 2.7x). The ops:
 
 - ``groupnorm::cpu_forward(x, weight, bias, scale, shift, sizes, eps, activation)
   -> (y, u, moments)``: ``u = (GN(x) * weight + bias) * (1 + scale) + shift`` and
-  ``y = act(u)`` (SiLU or GELU, in float64, rounded once) in x's dtype and memory format, and
+  ``y = act(u)`` (SiLU or GELU, in float64 from u) in x's dtype and memory format, and
   the float64 (2, N, G) mean and variance used;
 - ``groupnorm::cpu_backward(dy, x, weight, moments, sizes, eps, per_sample, u, activation)
   -> (dx, sums)``: dy through the activation's derivative in float64, then
@@ -99,8 +98,8 @@ def cpu_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, u, moments)`` of float32/float64 x (N, C, *S), NCHW- or channels-last-contiguous:
     weight and bias (C,), scale and shift (N, C), any float dtype or None; ``activation`` None,
-    "silu" or "gelu", applied in float64 to u, the output before it (a (0,) tensor without
-    one), and rounded once."""
+    "silu" or "gelu", applied in float64 to u, the output before it in x's dtype (a (0,) tensor
+    without one), which the backward takes its derivative at."""
     plan = _plan(sizes)
     s64, h64 = (None if t is None else t.double().contiguous() for t in (scale, shift))
     if cpu_kernel.serves(x):
@@ -156,8 +155,8 @@ def cpu_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cpu_kernel.backward` as an op: ``(dx, sums)``, sums float64 (2, C), or (2, N, C)
     where ``per_sample`` (weight then float64 (N, C)). With an activation, dy is first taken
-    through its derivative at u in float64 (torch.compile's float32 SiLU backward carried
-    enough rounding into dweight's sum to reach 1.03 of the float32 bound)."""
+    through its derivative at u in float64 (inductor's float32 SiLU backward carries enough
+    rounding into dweight's sum to reach 1.03 of the float32 bound)."""
     plan = _plan(sizes)
     if activation is not None:
         dy = _ACTIVATION_BACKWARD[activation](dy.double(), u.double()).to(x.dtype)

@@ -40,7 +40,9 @@ sums where the limit is below theirs, else on the composite path. Any epilogue t
 cannot apply itself (affine in another dtype, scale/shift, activation on a half-precision x)
 is computed from x and the kernel's float32 mean and rstd, and rounded once. Calls that
 cannot read tensor values (tracing, transforms, other devices) run the kernel on
-pivot-shifted input instead (:mod:`groupnorm.backends.shifted`).
+pivot-shifted input instead (:mod:`groupnorm.backends.shifted`), except float32/float64 CPU
+calls torch.compile records, which run the fused CPU kernel's ops
+(:mod:`groupnorm.backends.compiled`).
 """
 
 from __future__ import annotations
@@ -174,18 +176,13 @@ def _stats_of_shifted(xs: torch.Tensor, pivot: torch.Tensor, plan: GroupPlan) ->
     return GroupStats(pivot, mean_g, m2, count, plan=plan)
 
 
-def _wide(x: torch.Tensor) -> bool:
-    """Whether a float32 x recorded by autograd is shifted and its statistics and output formed
-    in float64 (not on MPS, which has no float64): in float32, autograd's sums of dy and
-    dy * (x - pivot) over N * L put dweight at 1.75x and dbias at 1.32x the float32 bound, and
-    the rounding of x - pivot, or of a shifted mean several deviations from 0, dweight at
-    0.8-0.9x."""
-    return (
-        x.dtype == torch.float32
-        and x.requires_grad
-        and torch.is_grad_enabled()
-        and x.device.type != "mps"
-    )
+def _widens(x: torch.Tensor) -> bool:
+    """Whether x, when autograd records a call on the composite path, is shifted and its
+    statistics and output formed in float64: float32 x (not on MPS, which has no float64). In
+    float32, autograd's sums of dy and dy * (x - pivot) over N * L put dweight at 1.75x and
+    dbias at 1.32x the float32 bound, and the rounding of x - pivot, of a shifted mean several
+    deviations from 0 or of rstd dweight at 0.8-0.9x."""
+    return x.dtype == torch.float32 and x.device.type != "mps"
 
 
 def _narrowed(stats: GroupStats) -> GroupStats:
@@ -200,7 +197,7 @@ def _narrowed(stats: GroupStats) -> GroupStats:
 
 def compute_stats(x: torch.Tensor, plan: GroupPlan) -> GroupStats:
     """Statistics of ``x`` (N, C, *S) for ``plan``, as :class:`GroupStats`."""
-    if _wide(x):
+    if _widens(x) and x.requires_grad and torch.is_grad_enabled():
         return _narrowed(_stats_of_shifted(*_shifted(x, plan, None, torch.float64), plan))
     xs, pivot = _shifted(x, plan, None)
     return _stats_of_shifted(xs, pivot, plan)
@@ -1011,13 +1008,15 @@ def _composite(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
 
     Given statistics, on an eager CPU call that autograd does not record, y is one multiply-add
     on x itself while every ``|mean| * rstd`` is within :func:`_nchw_trust`, without forming
-    ``x - pivot`` (:func:`_multiply_add`)."""
+    ``x - pivot`` (:func:`_multiply_add`). Where autograd records the call, float32 x is
+    shifted and normalized in float64 (:func:`_widens`), statistics out rounded back to float32
+    (:func:`_narrowed`)."""
     given = r.stats
     if given is not None and _reads_values(r.x) and not _records_grad(r):
         mean, rstd = given.mean, torch.rsqrt(given.var + r.eps)
         if _all_trusted(mean, rstd, _nchw_trust(r.x.dtype)):
             return _multiply_add(r, mean, rstd), (given if r.return_stats else None)
-    wide = _wide(r.x) or (r.x.dtype == torch.float32 and _records_grad(r))
+    wide = _widens(r.x) and _records_grad(r)
     pivot = None if given is None else given.pivot
     xs, pivot = _shifted(r.x, r.plan, pivot, torch.float64 if wide else None)
     stats = _stats_of_shifted(xs, pivot, r.plan) if given is None else given
@@ -1175,8 +1174,10 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     """Run a validated request: ``(y, stats or None)``.
 
     Without statistics in or out: on an eager CPU call, torch's kernel with its mean checked
-    (:func:`_native_checked`); everywhere else (tracing, transforms, other devices), torch's
-    kernel on pivot-shifted input, which needs no check (:mod:`.shifted`). Statistics out, where
+    (:func:`_native_checked`); under torch.compile, float32/float64 CPU input in a layout the
+    fused kernel reads, its ops (:mod:`.compiled`); everywhere else (tracing, transforms, other
+    devices), torch's kernel on pivot-shifted input, which needs no check (:mod:`.shifted`).
+    Statistics out, where
     autograd does not record, from the same checked kernel call (:func:`_native_with_stats`).
     Statistics in or out, and what none of these serves, take the composite path. The fused
     CPU kernel, where it is built, serves eager CPU calls that autograd does not record before
