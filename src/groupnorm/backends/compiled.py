@@ -4,7 +4,7 @@ Eager calls reach the kernel through a plain autograd Function (``torch_ops._Fus
 costs less per call than the custom-op machinery; a compiled graph needs ops. What other
 recorded calls run, torch's kernel on pivot-shifted input (:mod:`.shifted`), is exact
 forward, but torch's float32 backward sums dweight and dbias in float32 and misses the float32
-bound (compiled, 30 of the 72 draws of the eager regression test, up to 2.7x). The ops:
+bound (compiled, 26 of the 72 draws of the eager regression test, up to 2.3x). The ops:
 
 - ``groupnorm::cpu_forward(x, weight, bias, scale, shift, sizes, eps, activation)
   -> (y, u, moments)``: ``u = (GN(x) * weight + bias) * (1 + scale) + shift`` and
