@@ -674,20 +674,12 @@ def native_fast(
     float32 and float64 x in either layout and any plan, half precision where torch's kernel is
     not kept (:func:`half_keeps_torch`)."""
     # Half precision that stays with torch's kernel (half_keeps_torch) skips _fused_fast's
-    # checks, which would all be made to decline it; bfloat16 NCHW, which it keeps, is told by
-    # the cheapest test first (tiny calls: +3 us per call at most).
+    # checks, which would all be made to decline it.
     dtype = x.dtype
     keeps = (
         (dtype is torch.bfloat16 or dtype is torch.float16)
         and plan.is_even
-        and (
-            (
-                dtype is torch.bfloat16
-                and x.is_contiguous()
-                and x.numel() > BFLOAT16_NCHW_FUSED_NUMEL
-            )
-            or half_keeps_torch(x, plan)
-        )
+        and half_keeps_torch(x, plan)
     )
     if not keeps:
         fused = _fused_fast(x, plan, weight, bias, eps, activation)
@@ -856,9 +848,14 @@ def kernel_grads(
     dw = db = ds = dh = None
     if scale is None and shift is None:
         dx, wb = backward(weight, False)
-        both = weight is not None and bias is not None and weight.dtype is bias.dtype
-        if both and wanted[1] and wanted[2]:
-            dw, db = wb.to(weight.dtype).unbind()  # type: ignore[union-attr]  # one conversion
+        if (
+            wanted[1]
+            and wanted[2]
+            and weight is not None
+            and bias is not None
+            and weight.dtype is bias.dtype
+        ):
+            dw, db = wb.to(weight.dtype).unbind()  # one conversion for both
         else:
             if wanted[1] and weight is not None:
                 dw = wb[0].to(weight.dtype)
@@ -1065,11 +1062,15 @@ def half_keeps_torch(x: torch.Tensor, plan: GroupPlan) -> bool:
     64): 2.2 against 0.71 ms; one thread, this project's CPU machine, 2026-12-04). Half
     precision is judged against torch's own kernel; the fused kernel rounds once from float32
     either way."""
-    if x.dtype not in (torch.float16, torch.bfloat16) or _trust_limit(x, plan) is None:
+    if x.dtype not in (torch.float16, torch.bfloat16):
         return False
+    # NCHW first, told without _trust_limit (which always trusts it): the tiny calls' path.
     if x.is_contiguous():
         return x.dtype == torch.bfloat16 and x.numel() > BFLOAT16_NCHW_FUSED_NUMEL
-    return math.prod(x.shape[2:]) > HALF_CHANNELS_LAST_FUSED_POSITIONS
+    return (
+        _trust_limit(x, plan) is not None
+        and math.prod(x.shape[2:]) > HALF_CHANNELS_LAST_FUSED_POSITIONS
+    )
 
 
 def _fused_records(r: Request) -> bool:
