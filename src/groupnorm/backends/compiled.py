@@ -32,7 +32,14 @@ import torch
 
 from groupnorm.activations import apply_activation
 from groupnorm.backends import cpu_kernel
-from groupnorm.backends.torch_ops import _expand, _group_sum, _per_channel, kernel_grads
+from groupnorm.backends.torch_ops import (
+    _expand,
+    _group_sum,
+    _per_channel,
+    _shifted,
+    _stats_of_shifted,
+    kernel_grads,
+)
 from groupnorm.groups import GroupPlan
 
 __all__ = ["cpu_backward", "cpu_forward"]
@@ -59,19 +66,11 @@ def _spatial_sum(t: torch.Tensor) -> torch.Tensor:
     return t.sum(tuple(range(2, t.dim()))) if t.dim() > 2 else t
 
 
-def _moments64(x64: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
-    """float64 (2, N, G): each group's mean and biased variance. The mean gets one correction
-    pass (a sum at an offset rounds relative to the offset, the deviations from a first
-    estimate relative to the spread), the variance is summed around it."""
-    count = torch.tensor(plan.sizes, dtype=torch.float64) * math.prod(x64.shape[2:])
-
-    def deviations(mean: torch.Tensor) -> torch.Tensor:
-        return x64 - _expand(_per_channel(mean, plan), x64.dim())
-
-    rough = _group_sum(_spatial_sum(x64), plan) / count
-    mean = rough + _group_sum(_spatial_sum(deviations(rough)), plan) / count
-    d = deviations(mean)
-    return torch.stack((mean, _group_sum(_spatial_sum(d * d), plan) / count))
+def _moments64(x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+    """float64 (2, N, G): each group's mean and biased variance, from the composite path's
+    pivot-shifted statistics formed in float64."""
+    stats = _stats_of_shifted(*_shifted(x, plan, None, torch.float64), plan)
+    return torch.stack((stats.pivot + stats.shifted_mean, stats.m2 / stats.count))
 
 
 def _xhat64(x64: torch.Tensor, moments: torch.Tensor, plan: GroupPlan, eps: float) -> torch.Tensor:
@@ -110,7 +109,7 @@ def cpu_forward(
             return u, u.new_empty(0), moments
         return _like(apply_activation(u.double(), activation), x), u, moments
     x64 = x.double()
-    moments = _moments64(x64, plan)
+    moments = _moments64(x, plan)
     y = _xhat64(x64, moments, plan, eps)
     if weight is not None:
         y = y * _expand(weight.double()[None], x.dim())
