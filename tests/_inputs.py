@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
+from hypothesis import strategies as st
 
 from groupnorm import reference as R
 from groupnorm.groups import GroupPlan
@@ -41,6 +44,22 @@ def make_x(
         raise ValueError(f"unknown layout {layout!r}; one of {LAYOUTS}")
     assert out.shape == shape
     return out
+
+
+PLAN_KINDS = ("num_groups", "uneven", "group_sizes")
+
+
+def plan_kwargs(kind: str, C: int, data: st.DataObject) -> dict[str, Any]:
+    """A drawn group plan for C channels as ``resolve_plan`` keywords: ``num_groups`` (a
+    divisor of C), ``uneven`` (any G up to C) or explicit ``group_sizes``."""
+    divisors = [d for d in range(1, C + 1) if C % d == 0]
+    if kind == "num_groups":
+        return {"num_groups": data.draw(st.sampled_from(divisors))}
+    if kind == "uneven":
+        return {"num_groups": data.draw(st.integers(1, C)), "uneven": True}
+    cuts = sorted(data.draw(st.sets(st.integers(1, C - 1), max_size=C - 1))) if C > 1 else []
+    bounds = [0, *cuts, C]
+    return {"group_sizes": [b - a for a, b in zip(bounds, bounds[1:], strict=False)]}
 
 
 def rand(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:

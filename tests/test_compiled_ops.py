@@ -18,7 +18,7 @@ import groupnorm
 from groupnorm import reference as R
 from groupnorm.backends import cpu_kernel
 from groupnorm.functional import resolve_plan
-from tests._inputs import affine_draw, make_x, rand, reference
+from tests._inputs import PLAN_KINDS, affine_draw, make_x, plan_kwargs, rand, reference
 from tests._tolerances import assert_matches, to_numpy
 
 SERVED = ("kernel", "fallback")
@@ -38,13 +38,6 @@ def _served(how: str) -> Iterator[None]:
         return
     with mock.patch.object(cpu_kernel, "serves", lambda x: False):
         yield
-
-
-def _plan_kw(kind: str, C: int, data: st.DataObject) -> dict[str, Any]:
-    if kind == "even":
-        divisors = [d for d in range(1, C + 1) if C % d == 0]
-        return {"num_groups": data.draw(st.sampled_from(divisors))}
-    return {"num_groups": data.draw(st.integers(1, C)), "uneven": True}
 
 
 def _check_grads(
@@ -76,7 +69,7 @@ def _check_grads(
     spatial=st.lists(st.integers(1, 7), min_size=0, max_size=3),
     layout=st.sampled_from(["nchw", "channels_last"]),
     dtype=st.sampled_from([torch.float32, torch.float64]),
-    kind=st.sampled_from(["even", "uneven"]),
+    kind=st.sampled_from(PLAN_KINDS),
     affine=st.booleans(),
     modulated=st.sampled_from([None, "scale", "shift", "both"]),
     activation=st.sampled_from([None, "silu", "gelu"]),
@@ -104,7 +97,7 @@ def test_property_ops_match_float64_forward_and_backward(
     shape = (N, C, *spatial)
     if layout == "channels_last" and not spatial:
         layout = "nchw"  # an (N, C) tensor has one layout
-    plan = resolve_plan(C, **_plan_kw(kind, C, data))
+    plan = resolve_plan(C, **plan_kwargs(kind, C, data))
     seed = data.draw(st.integers(0, 2**16))
     x = make_x(shape, dtype, layout, seed=seed, loc=offset).requires_grad_()
     params: dict[str, torch.Tensor | None] = dict.fromkeys(("weight", "bias", "scale", "shift"))

@@ -31,7 +31,7 @@ import groupnorm
 from groupnorm import reference as R
 from groupnorm.backends import cpu_kernel, torch_ops
 from groupnorm.functional import resolve_plan
-from tests._inputs import affine_draw, make_x, rand, reference
+from tests._inputs import PLAN_KINDS, affine_draw, make_x, plan_kwargs, rand, reference
 from tests._tolerances import assert_matches, to_numpy
 
 BUILT = cpu_kernel.library() is not None
@@ -69,17 +69,6 @@ def _calls(*names: str) -> Iterator[list[int]]:
         yield calls
 
 
-def _plan_kw(kind: str, C: int, data: st.DataObject) -> dict[str, Any]:
-    divisors = [d for d in range(1, C + 1) if C % d == 0]
-    if kind == "num_groups":
-        return {"num_groups": data.draw(st.sampled_from(divisors))}
-    if kind == "uneven":
-        return {"num_groups": data.draw(st.integers(1, C)), "uneven": True}
-    cuts = sorted(data.draw(st.sets(st.integers(1, C - 1), max_size=C - 1))) if C > 1 else []
-    bounds = [0, *cuts, C]
-    return {"group_sizes": [b - a for a, b in zip(bounds, bounds[1:], strict=False)]}
-
-
 @needs_kernel
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -88,7 +77,7 @@ def _plan_kw(kind: str, C: int, data: st.DataObject) -> dict[str, Any]:
     spatial=st.lists(st.integers(1, 9), min_size=1, max_size=3),
     layout=st.sampled_from(["nchw", "channels_last"]),
     dtype=st.sampled_from(DTYPES),
-    kind=st.sampled_from(["num_groups", "uneven", "group_sizes"]),
+    kind=st.sampled_from(PLAN_KINDS),
     activation=st.sampled_from([None, "relu", "silu", "gelu"]),
     epilogue=st.sampled_from(["none", "affine", "affine_float32", "scale_shift"]),
     offset=st.sampled_from([0.0, 30.0, 1e4]),
@@ -111,7 +100,7 @@ def test_property_kernel_matches_float64(
     if dtype == torch.float64 and offset > 100:
         offset = 100.0  # 1e4 * 2^-52 is the float64 bound itself: the input's own rounding
     shape = (N, C, *spatial)
-    plan_kw = _plan_kw(kind, C, data)
+    plan_kw = plan_kwargs(kind, C, data)
     plan = resolve_plan(C, **plan_kw)
     seed = data.draw(st.integers(0, 2**16))
     x = make_x(shape, dtype, layout, seed=seed, loc=offset)
@@ -388,7 +377,7 @@ def test_regression_float32_gradients_hold_the_bound_where_torchs_kernel_is_trus
     spatial=st.lists(st.integers(1, 9), min_size=1, max_size=3),
     layout=st.sampled_from(["nchw", "channels_last"]),
     dtype=st.sampled_from([torch.float32, torch.float64]),
-    kind=st.sampled_from(["num_groups", "uneven", "group_sizes"]),
+    kind=st.sampled_from(PLAN_KINDS),
     activation=st.sampled_from([None, "relu", "silu"]),
     affine=st.booleans(),
     offset=st.sampled_from([0.0, 100.0]),
@@ -407,7 +396,7 @@ def test_property_kernel_backward_matches_float64(
     data: st.DataObject,
 ) -> None:
     shape = (N, C, *spatial)
-    plan_kw = _plan_kw(kind, C, data)
+    plan_kw = plan_kwargs(kind, C, data)
     plan = resolve_plan(C, **plan_kw)
     seed = data.draw(st.integers(0, 2**16))
     x = make_x(shape, dtype, layout, seed=seed, loc=offset).requires_grad_()
