@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def test_a_wrong_provider_is_a_failed_row_and_exit_status_1(tmp_path, capsys):
         bench.Provider("ours", "group", wrong),
         bench.Provider("torch", "group", bench._torch),
     ]
+    handed = []
     rows = bench.run(
         [shape],
         ["nchw"],
@@ -90,7 +92,9 @@ def test_a_wrong_provider_is_a_failed_row_and_exit_status_1(tmp_path, capsys):
         reps=1,
         copy_bw=1e9,
         echo=lambda line: None,
+        on_row=handed.append,
     )
+    assert handed == rows
     assert [r["provider"] for r in bench.failures(rows)] == ["ours"]
     assert "wrong output" in rows[0]["error"] and "median_us" not in rows[0]
     meta = bench.environment("bench-test")
@@ -113,6 +117,15 @@ def test_result_files_carry_benchmark_machine_and_time_and_never_overwrite(tmp_p
     assert second.name == first.name.replace(".json", "-2.json")
 
 
+def test_a_result_file_is_rewritten_in_place_as_rows_arrive(tmp_path):
+    """The GPU bench saves after every row: a run stopped by a time limit keeps its rows."""
+    meta = bench.environment("cpu_demo")
+    path = bench.save_results(tmp_path, meta, [])
+    assert bench.save_results(tmp_path, meta, [{"a": 1}], path) == path
+    assert json.loads(path.read_text())["rows"] == [{"a": 1}]
+    assert len(list(tmp_path.iterdir())) == 1
+
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
@@ -125,3 +138,35 @@ def test_benchmark_script_imports(script: str, monkeypatch: pytest.MonkeyPatch) 
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
+
+
+def test_warm_runs_ours_untimed_on_its_share_of_the_shapes(monkeypatch, capsys):
+    """``bench --warm I/N``: ours on shapes[I::N] only, every layout and direction, nothing
+    timed or saved; a wrong result still fails (exit status 1, the case named)."""
+    seen = []
+
+    def ours(offset: float):
+        def build():
+            def f(x, w, b, G):
+                seen.append(tuple(x.shape))
+                return torch.nn.functional.group_norm(x, G, w, b) + offset
+
+            return f
+
+        return build
+
+    shapes = [bench.Shape(f"tiny{i}", 2, 8, (3, i + 2), G=4, dtype=torch.float32) for i in range(3)]
+    monkeypatch.setattr(bench, "PROVIDERS", [bench.Provider("ours", "group", ours(0.0))])
+    cpu = torch.device("cpu")
+    assert bench._warm((1, 2), shapes, bench.LAYOUTS, bench.DIRECTIONS, cpu) == 0
+    assert set(seen) == {(2, 8, 3, 3)}
+    monkeypatch.setattr(bench, "PROVIDERS", [bench.Provider("ours", "group", ours(1e-2))])
+    assert bench._warm((0, 3), shapes, ["nchw"], ["fwd"], cpu) == 1
+    assert "ours failed tiny0 nchw fwd: wrong output" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["3/3", "1", "a/2", "-1/2", "1/2/3"])
+def test_warm_share_must_be_i_of_n(bad):
+    with pytest.raises(SystemExit, match="--warm must be I/N"):
+        bench._share(bad)
+    assert bench._share("2/8") == (2, 8)

@@ -338,8 +338,10 @@ def run(
     reps: int,
     copy_bw: float,
     echo: Callable[[str], None] = print,
+    on_row: Callable[[dict], None] = lambda row: None,
 ) -> list[dict]:
-    """Check and time every (shape, layout, direction, provider); one dict per row."""
+    """Check and time every (shape, layout, direction, provider); one dict per row, each also
+    handed to ``on_row`` as soon as it is done (so that a run cut short keeps what it measured)."""
     usable = []
     for p in providers:
         reason = p.available()
@@ -394,6 +396,7 @@ def run(
                             f"{row['pct_copy_bw']:>6.1f}%"
                         )
                     rows.append(row)
+                    on_row(row)
     return rows
 
 
@@ -433,10 +436,16 @@ def _slug(text: str) -> str:
     return "-".join("".join(c if c.isalnum() else " " for c in text).lower().split())
 
 
-def save_results(out: Path, meta: dict[str, object], rows: list[dict]) -> Path:
+def save_results(
+    out: Path, meta: dict[str, object], rows: list[dict], path: Path | None = None
+) -> Path:
     """Write ``{"meta", "rows"}`` to ``out/<benchmark>-<machine>-<UTC time>.json`` and return
     the path. The machine is the GPU's name, else ``<arch>-<cores>cores-<threads>threads``; a
-    file of that name already there gets a ``-2``, ``-3``, ... suffix rather than overwritten."""
+    file of that name already there gets a ``-2``, ``-3``, ... suffix rather than overwritten.
+    With ``path`` (what an earlier call returned) that file is rewritten with ``rows``."""
+    if path is not None:
+        path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        return path
     if meta["device"] == "cpu":
         machine = f"{meta['machine']}-{meta['cpu_count']}cores-{meta['torch_threads']}threads"
     else:
@@ -495,6 +504,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON results"
     )
+    parser.add_argument(
+        "--warm",
+        metavar="I/N",
+        help="run ours untimed on every N-th shape from the I-th (all layouts and directions) and "
+        "save nothing: N such processes side by side fill Triton's disk cache, so that a later "
+        "timed run compiles nothing",
+    )
 
 
 def _pick(value: str, allowed: Sequence[str], what: str) -> list[str]:
@@ -522,10 +538,28 @@ def main(args: argparse.Namespace) -> int:
     shapes = [s for s in SHAPES if args.shapes.lower() in s.workload.lower()]
     if not shapes:
         raise SystemExit(f"groupnorm bench: no workload name contains {args.shapes!r}")
+    share = _share(args.warm) if args.warm else None
     device = torch.device("cuda")
+    if share is not None:
+        return _warm(share, shapes, layouts, directions, device)
     copy_bw = copy_bandwidth(cuda_time, device)
     name = torch.cuda.get_device_name(device)
     print(f"{name}: measured device-to-device copy {copy_bw / 1e9:.0f} GB/s (read + write)")
+    meta = environment("bench", name)
+    meta.update(
+        copy_bandwidth_gbps=copy_bw / 1e9,
+        reps=args.reps,
+        l2_flush_bytes=FLUSH_BYTES,
+        cuda_graph_below_bytes=GRAPH_BELOW_BYTES,
+        tensors_moved=TENSORS_MOVED,
+    )
+    path = save_results(args.out, meta, [])
+    done: list[dict] = []
+
+    def keep(row: dict) -> None:
+        done.append(row)
+        save_results(args.out, meta, done, path)
+
     rows = run(
         shapes,
         layouts,
@@ -535,21 +569,47 @@ def main(args: argparse.Namespace) -> int:
         device=device,
         reps=args.reps,
         copy_bw=copy_bw,
+        on_row=keep,
     )
-    meta = environment("bench", name)
-    meta.update(
-        copy_bandwidth_gbps=copy_bw / 1e9,
-        reps=args.reps,
-        l2_flush_bytes=FLUSH_BYTES,
-        cuda_graph_below_bytes=GRAPH_BELOW_BYTES,
-        tensors_moved=TENSORS_MOVED,
-    )
-    return finish(args.out, meta, rows)
+    return finish(args.out, meta, rows, path)
 
 
-def finish(out: Path, meta: dict[str, object], rows: list[dict]) -> int:
-    """Save the results; the exit status: 1 when a case of ours (either regime) failed, else 0."""
-    print(f"wrote {save_results(out, meta, rows)}")
+def _share(value: str) -> tuple[int, int]:
+    parts = value.split("/")
+    if len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < int(parts[1]):
+        return int(parts[0]), int(parts[1])
+    raise SystemExit(f"groupnorm bench: --warm must be I/N with 0 <= I < N, got {value!r}")
+
+
+def _warm(
+    share: tuple[int, int],
+    shapes: Sequence[Shape],
+    layouts: Sequence[str],
+    directions: Sequence[str],
+    device: torch.device,
+) -> int:
+    """Ours once per case of ``shapes[i::n]``, untimed; exit status as :func:`finish`'s."""
+
+    def once(fn: Callable[[], object], graph: bool, reps: int) -> tuple[float, float, float]:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return 1.0, 1.0, 1.0
+
+    i, n = share
+    ours = [p for p in PROVIDERS if p.name == "ours"]
+    rows = run(shapes[i::n], layouts, directions, ours, timer=once, device=device, reps=1,
+               copy_bw=1.0, echo=lambda line: None)  # fmt: skip
+    for r in failures(rows):
+        print(f"groupnorm bench --warm: ours failed {r['workload']} {r['layout']} "
+              f"{r['direction']}: {r['error']}")  # fmt: skip
+    return 1 if failures(rows) else 0
+
+
+def finish(out: Path, meta: dict[str, object], rows: list[dict], path: Path | None = None) -> int:
+    """Save the results (to ``path`` where given); the exit status: 1 when a case of ours
+    (either regime) failed, else 0."""
+    print(f"wrote {save_results(out, meta, rows, path)}")
     failed = failures(rows) + failures(rows, "ours-wave")
     for r in failed:
         print(
