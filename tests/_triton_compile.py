@@ -242,9 +242,11 @@ LOOP_CASES: dict[str, tuple[tuple[int, ...], bool, tuple[str, ...], tuple[str, .
     # rows of 950 bf16 elements (1900 bytes, not 16-byte multiples): the forward reads flat,
     # the backward's sums read through aligned windows and dx is written flat
     "R50-GN C5 NCHW": ((2, 2048, 25, 38), False, ("fwd", "bwd"), ("auto", "fused", "wave")),
-    # channels-last, 8 channels a group (16 bytes): the compiler knows the group's channels
+    # channels-last, 8 and 4 channels a group (16 and 8 bytes): runs of 4 and 8 groups (32
+    # channels, heuristics.RUN_CHANNELS); the compiler knows the group's channels
     "ResNet b32 NHWC": ((32, 256, 56, 56), True, ("fwd", "bwd"), ("auto", "wave")),
     "FPN P2 NHWC": ((2, 256, 200, 304), True, ("fwd", "bwd"), ("auto", "wave")),
+    "VAE 1024 NHWC": ((1, 128, 1024, 1024), True, ("fwd", "bwd"), ("auto",)),
     # channels-last, 10 and 30 channels a group (20 and 60 bytes): runs of 4 groups (80 and 240
     # bytes, heuristics.loop_run)
     "SD 2x320x64x64 NHWC": ((2, 320, 64, 64), True, ("fwd", "bwd"), ("auto", "fused", "wave")),

@@ -1599,6 +1599,10 @@ def _bwd_dx_chunk(
     if STATS_GIVEN:
         mean_dxhat = 0.0
         mean_dxhat_xhat = 0.0
+    else:
+        # A group of one element: dx = 0 exactly (y does not depend on x), where fused
+        # multiply-adds would leave rstd times a rounding of du * w.
+        rstd = tl.where(count > 1.0, rstd, 0.0)
     if FLAT:
         f_lo = k * CHUNK_F
         _dx_flat(

@@ -15,10 +15,11 @@ Three regimes (docs/spec.md#performance-floors):
   partials (Chan's formula, fixed order) and normalizes its chunk. Right when N * G is small
   and groups are large (VAE decode at batch 1, 3-D segmentation, detection at batch 2), where the
   fused regime leaves most SMs idle (torch's kernel: 3-8 % of the bandwidth floor there).
-* Channels-last runs (fused, split and wave): an even plan whose groups are not 16-byte multiples of
-  channels (SD's 10 bf16 channels, 20 bytes) is read by programs of several consecutive groups
-  (:func:`loop_run`: 4 groups, 80 bytes), so every row segment a program loads or stores is
-  128-bit aligned; the run's statistics are folded per group in registers.
+* Channels-last runs (fused, split and wave): an even plan is read by programs of several
+  consecutive groups (:func:`loop_run`): at least a 16-byte multiple of channels (SD's 10 bf16
+  channels, 20 bytes: 4 groups, 80 bytes), so every row segment a program loads or stores is
+  128-bit aligned, and at least RUN_CHANNELS channels, so that it reads whole sectors (VAE's 4
+  channels: 8 groups); the run's statistics are folded per group in registers.
 * ``wave`` (opt-in, never chosen by ``auto``): the split regime's two passes in one launch of a
   persistent grid, scheduled in waves of groups sized to an L2 budget, so that the second read
   of every chunk comes from L2 (``_gn_fwd_wave_kernel``, ``_gn_bwd_wave_kernel``; backward
@@ -145,6 +146,13 @@ FLAT_DX_BLOCK = 2048
 # The loop regimes' channels-last runs (loop_run) hold a run as one channel block: 256 channels
 # leave at least 16 positions of a TILE per block.
 RUN_MAX_CHANNELS = 256
+# ... and a run is widened (doubled, where the groups divide G) to at least RUN_CHANNELS channels.
+# Measured on an H200 (bf16, graphed, L2 flushed; runs widened to 16/64/128/256 bytes): a program
+# reading one 16-byte group of each 256-512 byte position streams at 16-21 % of the copy rate;
+# runs of 32 channels (64 bytes) at 35-42 % (VAE 1024 fwd 758 -> 349 us, FPN P2 184 -> 82 us,
+# ResNet b32 117 -> 66 us); 64 channels lost 10-25 % of that again, 128 channels half of it.
+# float32: 32 channels (128 bytes) 148 -> 99 us on ResNet b32, 64 channels 93 us.
+RUN_CHANNELS = 32
 
 
 def next_pow2(n: int) -> int:
@@ -301,15 +309,23 @@ def loop_run(
     max_group: int, num_groups: int, even: bool, channels_fast: bool, elem_bytes: int
 ) -> int:
     """Groups per program of the fused, split and wave regimes: 1, or for a channels-last even plan
-    whose groups are not 16-byte multiples of channels the fewest consecutive groups that are
-    (SD's 320 / 32 = 10 bf16 channels, 20 bytes: 4 groups, 80 bytes), so that every row segment
-    a program reads is 128-bit aligned. Only where that many groups divide G and the run fits
-    one channel block of at most RUN_MAX_CHANNELS (the kernels hold a run as one tile row)."""
+    a run of consecutive groups: the fewest whose channels are a 16-byte multiple (SD's 320 / 32
+    = 10 bf16 channels, 20 bytes: 4 groups, 80 bytes), so that every row segment a program reads
+    is 128-bit aligned, then doubled while it has fewer than RUN_CHANNELS channels (VAE's 128 / 32
+    = 4: 8 groups), so that a program reads whole sectors of each position. Only where the
+    groups divide G and the run fits one channel block of at most RUN_MAX_CHANNELS (the kernels
+    hold a run as one tile row)."""
     if not (even and channels_fast):
         return 1
     gpp = _aligned_run(max_group, elem_bytes)
-    if gpp == 1 or num_groups % gpp or next_pow2(gpp * max_group) > RUN_MAX_CHANNELS:
+    if num_groups % gpp or next_pow2(gpp * max_group) > RUN_MAX_CHANNELS:
         return 1
+    while (
+        gpp * max_group < RUN_CHANNELS
+        and num_groups % (2 * gpp) == 0
+        and next_pow2(2 * gpp * max_group) <= RUN_MAX_CHANNELS
+    ):
+        gpp *= 2
     return gpp
 
 

@@ -280,6 +280,11 @@ def _gn_bwd_onchip_kernel(
     if STATS_GIVEN:
         mean_dxhat = tl.zeros_like(mean_dxhat)
         mean_dxhat_xhat = tl.zeros_like(mean_dxhat_xhat)
+    else:
+        # A group of one element: y does not depend on x, so dx = 0 exactly. Computed, fused
+        # multiply-adds leave du * wc - mean_dxhat at a rounding of du * wc, times rstd (up to
+        # 1 / sqrt(eps)).
+        rstd = tl.where(count > 1.0, rstd, 0.0)
     dx = rstd[:, None] * (du * wc[:, None] - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None])
     gb = DX + nb * sgN + _chan(c_lo, sgC, CHANNELS_LAST)
     tl.store(
