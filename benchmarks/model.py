@@ -27,7 +27,7 @@ Assumptions (each a number below, each the first suspect when a measurement disa
 4. In flight per program: the on-chip regime issues its whole tile before reducing (one tile of
    bytes); the loop-based kernels keep about one tile of heuristics.TILE elements in flight.
 5. Small per-(n, c) or per-(n, g) traffic (statistics, channel sums, parameters) is ignored.
-6. The wave regime (opt-in: ``auto`` never takes it until a GPU has measured it) is one launch
+6. The wave regime (opt-in: ``auto`` never takes it; it measured slower on an H200) is one launch
    of its persistent grid (backward: plus the parameter kernel); its second reads have a reuse
    distance of heuristics.WAVE_STACK waves (five forward, eight backward: the bound its traffic
    test asserts), at most the bytes the launch issues. A normalize ticket waits for its wave's
