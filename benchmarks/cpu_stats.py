@@ -8,7 +8,12 @@ Four calls on the same tensor, each timed interleaved with ``F.group_norm`` (gro
 - ``stats in``: ``group_norm(x, G, w, b, stats=s)`` with ``s`` computed beforehand;
 - ``stats only``: ``group_stats(x, G)``.
 
-Outputs are checked against the standard path first. Forward only, float32, no autograd.
+Outputs are checked against the standard path first. float32. Then the same under autograd,
+forward and backward, each against ``F.group_norm``'s forward and backward:
+
+- ``train standard``: the gradients of x, weight and bias for one dy;
+- ``train stats out``: the same through y, the returned shifted mean and m2 (one dy each);
+- ``train stats in``: through y, with statistics given (computed beforehand, detached).
 
     python benchmarks/cpu_stats.py [--threads T] [--out benchmarks/results]
 """
@@ -32,6 +37,15 @@ SHAPES: list[tuple[str, tuple[int, ...], int]] = [
     ("1-D sequence", (8, 512, 1024), 32),
 ]
 REPS = 20
+COLUMNS = (
+    "standard",
+    "stats out",
+    "stats in",
+    "stats only",
+    "train standard",
+    "train stats out",
+    "train stats in",
+)
 LAYOUTS = ("nchw", "channels_last")
 
 
@@ -53,6 +67,57 @@ def _calls(
     }
 
 
+def _train_calls(
+    x: torch.Tensor, G: int, w: torch.Tensor, b: torch.Tensor
+) -> dict[str, Callable[[], object]]:
+    xr, wr, br = (t.detach().requires_grad_() for t in (x, w, b))
+    inputs = (xr, wr, br)
+    gen = torch.Generator().manual_seed(1)
+    dy = torch.randn(x.shape, generator=gen)
+    d_mean, d_m2 = (torch.randn(x.shape[0], G, generator=gen) for _ in range(2))
+    given = groupnorm.group_stats(x.detach(), G)
+
+    def stats_out() -> object:
+        y, stats = groupnorm.group_norm(xr, G, wr, br, return_stats=True)
+        return torch.autograd.grad((y, stats.shifted_mean, stats.m2), inputs, (dy, d_mean, d_m2))
+
+    return {
+        "torch": lambda: torch.autograd.grad(F.group_norm(xr, G, wr, br), inputs, dy),
+        "train standard": lambda: torch.autograd.grad(
+            groupnorm.group_norm(xr, G, wr, br), inputs, dy
+        ),
+        "train stats out": stats_out,
+        "train stats in": lambda: torch.autograd.grad(
+            groupnorm.group_norm(xr, G, wr, br, stats=given), inputs, dy
+        ),
+    }
+
+
+def _timed(
+    calls: dict[str, Callable[[], object]], name: str, shape: tuple[int, ...], G: int, layout: str
+) -> tuple[dict[str, float], list[dict]]:
+    """Each call against ``calls["torch"]``, interleaved: (ratios, rows)."""
+    theirs = calls.pop("torch")
+    ratios, rows = {}, []
+    for call, fn in calls.items():
+        t_ours, t_torch = bench.time_pair(fn, theirs, REPS)
+        ratios[call] = statistics.median(t_ours) / statistics.median(t_torch)
+        rows.append(
+            {
+                "workload": name,
+                "shape": list(shape),
+                "G": G,
+                "layout": layout,
+                "call": call,
+                "ours_ms": statistics.median(t_ours) * 1e3,
+                "torch_ms": statistics.median(t_torch) * 1e3,
+                "ratio": ratios[call],
+                "reps": REPS,
+            }
+        )
+    return ratios, rows
+
+
 def run() -> list[dict]:
     torch.manual_seed(0)
     rows = []
@@ -66,40 +131,20 @@ def run() -> list[dict]:
             C = shape[1]
             w, b = torch.randn(C), torch.randn(C)
             with torch.no_grad():
-                ratios = {}
-                calls = _calls(x, G, w, b)
-                theirs = calls.pop("torch")
-                for call, fn in calls.items():
-                    t_ours, t_torch = bench.time_pair(fn, theirs, REPS)
-                    ms = statistics.median(t_ours) * 1e3
-                    ratios[call] = statistics.median(t_ours) / statistics.median(t_torch)
-                    rows.append(
-                        {
-                            "workload": name,
-                            "shape": list(shape),
-                            "G": G,
-                            "layout": layout,
-                            "call": call,
-                            "ours_ms": ms,
-                            "torch_ms": statistics.median(t_torch) * 1e3,
-                            "ratio": ratios[call],
-                            "reps": REPS,
-                        }
-                    )
-            print(
-                f"{name:<16} {layout:<14} "
-                + " ".join(f"{ratios[c]:10.2f}" for c in ("standard", "stats out", "stats in"))
-                + f" {ratios['stats only']:10.2f}",
-                flush=True,
-            )
+                ratios, timed = _timed(_calls(x, G, w, b), name, shape, G, layout)
+            trained, timed_train = _timed(_train_calls(x, G, w, b), name, shape, G, layout)
+            rows += timed + timed_train
+            ratios.update(trained)
+            print(f"{name:<16} {layout:<14} " + " ".join(f"{ratios[c]:10.2f}" for c in COLUMNS))
     return rows
 
 
 def main() -> None:
     args = small_input_args(__doc__)
     print(
-        f"{'workload':<16} {'layout':<14} {'standard':>10} {'stats out':>10} {'stats in':>10} "
-        f"{'stats only':>10}   (time / F.group_norm's)"
+        f"{'workload':<16} {'layout':<14} "
+        + " ".join(f"{c.replace('train ', 'tr. '):>10}" for c in COLUMNS)
+        + "   (time / F.group_norm's, forward; tr.: forward + backward)"
     )
     save(args.out, "cpu_stats", run())
 

@@ -831,7 +831,7 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                              int cl, const int64_t *offsets, int64_t G,                     \
                              const int64_t *group_of, const double *mean, const double *var, \
                              double eps, const double *wd, int per_sample, double *dw,      \
-                             double *db, int nthreads) {                                    \
+                             double *db, const double *sa, const double *sb, int nthreads) { \
         int64_t NC = N * C;                                                                 \
         double *work = malloc((size_t)(2 * NC + N * G) * sizeof(double));                   \
         double *A = work, *B = A + NC, *rstd = B + NC;                                      \
@@ -901,9 +901,12 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                     s1 += kw[n * C + c] * A[n * C + c];                                     \
                     s2 += kw[n * C + c] * B[n * C + c];                                     \
                 }                                                                           \
+                /* gradients through returned statistics, a (x - mean) + b, folded in:     \
+                   dx = r (dy w - m1 - (x - mean) r s2 / n_g) + a (x - mean) + b */         \
+                double ea = sa ? sa[n * G + g] / r : 0.0, eb = sb ? sb[n * G + g] / r : 0.0; \
                 for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) {                     \
-                    ks[n * C + c] = (T)(r * s2 / n_g);                                      \
-                    km[n * C + c] = s1 / n_g;                                               \
+                    ks[n * C + c] = (T)(r * s2 / n_g - ea);                                 \
+                    km[n * C + c] = s1 / n_g - eb;                                          \
                 }                                                                           \
             }                                                                               \
         if (!cl) {                                                                          \
@@ -951,12 +954,14 @@ DEFINE_BACKWARD(f64, double, vd, load_f64, wide_d, wide_d, store_f64)
 /* dx (x's dtype and layout) and, where asked, dw and db (float64, C) for the forward that
    used mean and var; dy in x's layout. float32 and float64 only. per_sample: w is (N, C), a
    weight per sample and channel (w[c] (1 + scale[n, c]) of a modulated forward), and dw and db
-   get the (N, C) sums B and A themselves. */
+   get the (N, C) sums B and A themselves. sa, sb (float64 (N, G), or NULL): gradients that
+   reach x through returned statistics, a (x - mean) + b on every element of group (n, g), added
+   to dx in the same pass. */
 static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64_t N, int64_t C,
                        int64_t L, int cl, const int64_t *offsets, int64_t G,
                        const int64_t *group_of, const double *mean, const double *var,
                        double eps, const void *w, int wtype, double *dw, double *db,
-                       int nthreads, int per_sample) {
+                       const double *sa, const double *sb, int nthreads, int per_sample) {
     if (N * C * L < PARALLEL_MIN) nthreads = 1;
     int64_t nw = per_sample ? N * C : C;
     double *wd = malloc((size_t)nw * sizeof(double));
@@ -964,10 +969,10 @@ static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64
     int status = 0;
     if (dtype == F32)
         backward_f32(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd,
-                     per_sample, dw, db, nthreads);
+                     per_sample, dw, db, sa, sb, nthreads);
     else if (dtype == F64)
         backward_f64(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd,
-                     per_sample, dw, db, nthreads);
+                     per_sample, dw, db, sa, sb, nthreads);
     else
         status = -1;
     free(wd);
@@ -1164,7 +1169,7 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
 /* Python: forward(x, dtype, y, ytype, N, C, L, cl, offsets, G, group_of, mean, var, given, eps,
    w, wtype, b, btype, scale, shift, relu, nthreads) and stats(x, dtype, N, C, L, cl, offsets,
    G, mean, var, nthreads) and backward(x, dy, dx, dtype, N, C, L, cl, offsets, G, group_of,
-   mean, var, eps, w, wtype, dw, db, nthreads, per_sample), pointers as ints (0: none;
+   mean, var, eps, w, wtype, dw, db, sa, sb, nthreads, per_sample), pointers as ints (0: none;
    forward's mean and var may be 0 when not given), return 0 or -1 as above; dtypes() the bit
    mask of dtype codes served; stream_min(bytes) sets stream_min and returns the value before.
    The GIL is released while the kernels run. */
@@ -1215,14 +1220,15 @@ static PyObject *py_stats(PyObject *self, PyObject *const *args, Py_ssize_t narg
 
 static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    long long a[20];
+    long long a[22];
     double eps;
-    if (parse(args, nargs, "backward", 20, 13, a, &eps)) return NULL;
+    if (parse(args, nargs, "backward", 22, 13, a, &eps)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = gn_backward(PTR(a[0]), PTR(a[1]), PTR(a[2]), (int)a[3], a[4], a[5], a[6], (int)a[7],
                          PTR(a[8]), a[9], PTR(a[10]), PTR(a[11]), PTR(a[12]), eps, PTR(a[14]),
-                         (int)a[15], PTR(a[16]), PTR(a[17]), (int)a[18], (int)a[19]);
+                         (int)a[15], PTR(a[16]), PTR(a[17]), PTR(a[18]), PTR(a[19]),
+                         (int)a[20], (int)a[21]);
     Py_END_ALLOW_THREADS
     return PyLong_FromLong(status);
 }

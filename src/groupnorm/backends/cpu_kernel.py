@@ -373,6 +373,7 @@ def backward(
     eps: float,
     *,
     per_sample: bool = False,
+    stats_grads: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, sums)`` of ``y = GN(x) * weight + bias`` for float32/float64 x that
     :func:`serves` accepts and the float64 ``moments`` (2, N, G) its forward used: dx in x's
@@ -381,7 +382,11 @@ def backward(
 
     ``per_sample``: weight is float64 (N, C) contiguous, a weight per sample and channel
     (``weight[c] * (1 + scale[n, c])`` of a modulated forward), and sums is (2, N, C), the
-    sums of dy * xhat and of dy per sample and channel."""
+    sums of dy * xhat and of dy per sample and channel.
+
+    ``stats_grads``: float64 (2, N, G) contiguous, (a, b): what reaches x through statistics the
+    forward returned, ``a (x - mean) + b`` on every element of group (n, g) (a = 2 dL/dm2, b =
+    dL/dmean / count), added to dx in the same pass."""
     lib = library()
     assert lib is not None
     N, C, L = _shape(x)
@@ -396,11 +401,15 @@ def backward(
     dx = torch.empty_like(x)
     grads = torch.empty((2, N, C) if per_sample else (2, C), dtype=torch.float64)
     mean, dw = moments.data_ptr(), grads.data_ptr()
+    sa = sb = 0
+    if stats_grads is not None:
+        sa = stats_grads.data_ptr()
+        sb = sa + stats_grads.stride(0) * 8
     code = lib.backward(
         x.data_ptr(), dy.data_ptr(), dx.data_ptr(), _CODES[x.dtype], N, C, L, cl,
         off.data_ptr(), plan.num_groups, group_of.data_ptr(), mean,
         mean + moments.stride(0) * 8, eps, _ptr(weight), _code(weight), dw,
-        dw + grads.stride(0) * 8, torch.get_num_threads(), per_sample,
+        dw + grads.stride(0) * 8, sa, sb, torch.get_num_threads(), per_sample,
     )  # fmt: skip
     if code:
         raise RuntimeError(f"cpu_kernel: no backward for {x.dtype}")
