@@ -775,7 +775,9 @@ def _fused_fast(
     if grad:
         if not cpu_kernel.serves(x):
             return None
-        return apply_activation(_Fused.apply(x, weight, bias, None, None, plan, eps), activation)
+        return apply_activation(
+            _Fused.apply(x, weight, bias, None, None, plan, eps, False), activation
+        )
     y = cpu_kernel.forward_plain(x, plan, weight, bias, eps, activation == "relu")
     if y is None or activation in (None, "relu"):
         return y
@@ -789,9 +791,16 @@ class _Fused(torch.autograd.Function):
     call). Without scale and shift the sums are dweight and dbias; with them the kernel takes
     the per-sample weight ``w[c] (1 + scale[n, c])`` and returns the (N, C) sums
     B = sum dy * xhat and A = sum dy, from which dweight = sum_n (1 + scale) B,
-    dbias = sum_n (1 + scale) A, dscale = w B + b A and dshift = A, in float64. A backward that
-    is itself recorded (``create_graph=True``: gradient penalties) recomputes y with the
-    composite ops and differentiates those instead."""
+    dbias = sum_n (1 + scale) A, dscale = w B + b A and dshift = A, in float64.
+
+    ``stats_out``: the outputs are ``(y, pivot, shifted_mean, m2)``, the (N, G) statistics from
+    the float64 moments, pivot the mean rounded to x's dtype (not differentiable), shifted_mean
+    and m2 differentiable in x: what reaches x through them, ``d shifted_mean / count +
+    2 d m2 (x - mean)`` on each element of a group, the kernel's backward folds into its
+    per-channel coefficients (``stats_grads``), so dx takes no extra pass.
+
+    A backward that is itself recorded (``create_graph=True``: gradient penalties) recomputes
+    the outputs with the composite ops and differentiates those instead."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -803,90 +812,52 @@ class _Fused(torch.autograd.Function):
         shift: torch.Tensor | None,
         plan: GroupPlan,
         eps: float,
-    ) -> torch.Tensor:
+        stats_out: bool,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         s64, h64 = (None if t is None else t.double().contiguous() for t in (scale, shift))
         y, moments = cpu_kernel.forward(
             x, plan, weight, bias, eps, want_moments=True, scale=s64, shift=h64
         )
         ctx.save_for_backward(x, weight, bias, scale, shift, moments)
-        ctx.plan, ctx.eps = plan, eps
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, weight, bias, scale, shift, moments = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[:5]
-        if torch.is_grad_enabled():
-            given = (x, weight, bias, scale, shift)
-            inputs = [t for t, want in zip(given, wanted, strict=True) if want]
-            r = Request(x, ctx.plan, weight, bias, ctx.eps, None, scale, shift, None, False)
-            grads = iter(torch.autograd.grad(_composite(r)[0], inputs, dy, create_graph=True))
-            return (*(next(grads) if want else None for want in wanted), None, None)
-
-        def backward(w: torch.Tensor | None, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            return cpu_kernel.backward(x, dy, ctx.plan, w, moments, ctx.eps, per_sample=per_sample)
-
-        return (*kernel_grads(backward, x, weight, bias, scale, shift, wanted), None, None)
-
-
-class _FusedStats(torch.autograd.Function):
-    """:class:`_Fused` with the statistics out: ``(y, pivot, shifted_mean, m2)``, the (N, G)
-    statistics from the kernel's float64 moments, pivot the mean rounded to x's dtype (not
-    differentiable), shifted_mean and m2 differentiable in x. What reaches x through them,
-    ``d shifted_mean / count + 2 d m2 (x - mean)`` per element of a group, the kernel's backward
-    adds to dx in its one pass (``stats_grads``). A backward that is itself recorded
-    (``create_graph=True``) differentiates the composite ops instead, as :class:`_Fused`'s."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        scale: torch.Tensor | None,
-        shift: torch.Tensor | None,
-        plan: GroupPlan,
-        eps: float,
-    ) -> tuple[torch.Tensor, ...]:
-        s64, h64 = (None if t is None else t.double().contiguous() for t in (scale, shift))
-        y, moments = cpu_kernel.forward(
-            x, plan, weight, bias, eps, want_moments=True, scale=s64, shift=h64
-        )
+        ctx.plan, ctx.eps, ctx.stats_out = plan, eps, stats_out
+        if not stats_out:
+            return y
         assert moments is not None  # want_moments
         mean, var = moments
-        count = _group_counts(x, plan)
         pivot = mean.to(x.dtype)
-        ctx.save_for_backward(x, weight, bias, scale, shift, moments)
-        ctx.plan, ctx.eps = plan, eps
         ctx.mark_non_differentiable(pivot)
-        return y, pivot, (mean - pivot).to(x.dtype), (var * count).to(x.dtype)
+        m2 = var * _group_counts(x, plan)
+        return y, pivot, (mean - pivot).to(x.dtype), m2.to(x.dtype)
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, dy: torch.Tensor, _: Any, d_smean: torch.Tensor, d_m2: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(
+        ctx: Any, dy: torch.Tensor, *stats: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, weight, bias, scale, shift, moments = ctx.saved_tensors
         plan, wanted = ctx.plan, ctx.needs_input_grad[:5]
+        d_smean, d_m2 = stats[1:] if ctx.stats_out else (None, None)
         if torch.is_grad_enabled():
             given = (x, weight, bias, scale, shift)
             inputs = [t for t, want in zip(given, wanted, strict=True) if want]
-            r = Request(x, plan, weight, bias, ctx.eps, None, scale, shift, None, True)
-            y, stats = _composite(r)
-            assert stats is not None
-            outs = (y, stats.shifted_mean, stats.m2)
-            grads = iter(torch.autograd.grad(outs, inputs, (dy, d_smean, d_m2), create_graph=True))
-            return (*(next(grads) if want else None for want in wanted), None, None)
-
-        # d shifted_mean / dx = 1 / count, d m2 / dx = 2 (x - mean): the kernel folds them into
-        # its per-channel coefficients, so dx takes no extra pass.
-        through = torch.stack((2 * d_m2.double(), d_smean.double() / _group_counts(x, plan)))
+            r = Request(x, plan, weight, bias, ctx.eps, None, scale, shift, None, ctx.stats_out)
+            y, out = _composite(r)
+            outs, douts = [y], [dy]
+            if out is not None and d_smean is not None and d_m2 is not None:
+                outs += [out.shifted_mean, out.m2]
+                douts += [d_smean, d_m2]
+            grads = iter(torch.autograd.grad(outs, inputs, douts, create_graph=True))
+            return (*(next(grads) if want else None for want in wanted), None, None, None)
+        through = None
+        if d_smean is not None and d_m2 is not None:
+            # d shifted_mean / dx = 1 / count and d m2 / dx = 2 (x - mean), per group
+            through = torch.stack((2 * d_m2.double(), d_smean.double() / _group_counts(x, plan)))
 
         def backward(w: torch.Tensor | None, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
             return cpu_kernel.backward(
                 x, dy, plan, w, moments, ctx.eps, per_sample=per_sample, stats_grads=through
             )
 
-        return (*kernel_grads(backward, x, weight, bias, scale, shift, wanted), None, None)
+        return (*kernel_grads(backward, x, weight, bias, scale, shift, wanted), None, None, None)
 
 
 def _group_counts(x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
@@ -1165,15 +1136,17 @@ def _fused_can_record(r: Request, stats_out: bool = False) -> bool:
 def _record_fused(r: Request) -> torch.Tensor:
     """y of ``r`` from :class:`_Fused`, the activation recorded after it."""
     w, b = (None if t is None else t.contiguous() for t in (r.weight, r.bias))
-    return apply_activation(_Fused.apply(r.x, w, b, r.scale, r.shift, r.plan, r.eps), r.activation)
+    return apply_activation(
+        _Fused.apply(r.x, w, b, r.scale, r.shift, r.plan, r.eps, False), r.activation
+    )
 
 
 def _record_fused_stats(r: Request) -> tuple[torch.Tensor, GroupStats]:
-    """y and the statistics of ``r`` from :class:`_FusedStats` (float32 and float64 x with
+    """y and the statistics of ``r`` from :class:`_Fused` (float32 and float64 x with
     statistics out under autograd, where the composite path took 17-27x the standard call's
     forward and backward), the activation recorded after it."""
     w, b = (None if t is None else t.contiguous() for t in (r.weight, r.bias))
-    y, pivot, smean, m2 = _FusedStats.apply(r.x, w, b, r.scale, r.shift, r.plan, r.eps)
+    y, pivot, smean, m2 = _Fused.apply(r.x, w, b, r.scale, r.shift, r.plan, r.eps, True)
     count = _group_counts(r.x, r.plan).to(smean.dtype).expand_as(smean).contiguous()
     return apply_activation(y, r.activation), GroupStats(pivot, smean, m2, count, plan=r.plan)
 
