@@ -453,7 +453,7 @@ def test_regression_statistics_out_under_autograd_cost_one_kernel_pass(
     layout: str, loc: float, dtype: torch.dtype
 ) -> None:
     """Statistics out under autograd took the composite path in float64: forward and backward
-    17-27x the plain call's (float32, one thread, this project's CPU machine). The fused
+    8-13x the plain call's (float32, one thread, this project's CPU machine). The fused
     kernel now records them (its backward folds what reaches x through the returned mean and
     variance into dx's coefficients); gradients of a loss through y, the mean and the variance
     against float64 autograd of the textbook formula, at offsets up to 1e4 deviations."""
