@@ -148,9 +148,10 @@ FLAT_DX_BLOCK = 2048
 RUN_MAX_CHANNELS = 256
 # ... and a run is widened (doubled, where the groups divide G) to at least RUN_CHANNELS channels.
 # Measured on an H200 (bf16, graphed, L2 flushed; runs widened to 16/64/128/256 bytes): a program
-# reading one 16-byte group of each 256-512 byte position streams at 16-21 % of the copy rate;
-# runs of 32 channels (64 bytes) at 35-42 % (VAE 1024 fwd 758 -> 349 us, FPN P2 184 -> 82 us,
-# ResNet b32 117 -> 66 us); 64 channels lost 10-25 % of that again, 128 channels half of it.
+# reading one 8- or 16-byte group (or aligned run) of each position streams a forward at 16-31 %
+# of the copy rate; runs of 32 channels (64 bytes) at 31-41 % (VAE 1024 758 -> 349 us, FPN P2
+# 184 -> 82 us, ResNet b32 117 -> 66 us); runs of 64 channels were 0-24 % slower than 32, of 128
+# channels 1.0-6.8x slower.
 # float32: 32 channels (128 bytes) 148 -> 99 us on ResNet b32, 64 channels 93 us.
 RUN_CHANNELS = 32
 
