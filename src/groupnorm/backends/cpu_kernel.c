@@ -831,7 +831,8 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                              int cl, const int64_t *offsets, int64_t G,                     \
                              const int64_t *group_of, const double *mean, const double *var, \
                              double eps, const double *wd, int per_sample, double *dw,      \
-                             double *db, const double *sa, const double *sb, int nthreads) { \
+                             double *db, const double *sa, const double *sb, int given,     \
+                             int nthreads) {                                                \
         int64_t NC = N * C;                                                                 \
         double *work = malloc((size_t)(2 * NC + N * G) * sizeof(double));                   \
         double *A = work, *B = A + NC, *rstd = B + NC;                                      \
@@ -904,6 +905,9 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 /* gradients through returned statistics, a (x - mean) + b, folded in:     \
                    dx = r (dy w - m1 - (x - mean) r s2 / n_g) + a (x - mean) + b */         \
                 double ea = sa ? sa[n * G + g] / r : 0.0, eb = sb ? sb[n * G + g] / r : 0.0; \
+                /* given statistics are constants here: dx = r dy w (their own gradients   \
+                   come from A and B) */                                                    \
+                if (given) s1 = s2 = 0.0;                                                   \
                 for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) {                     \
                     ks[n * C + c] = (T)(r * s2 / n_g - ea);                                 \
                     km[n * C + c] = s1 / n_g - eb;                                          \
@@ -956,12 +960,13 @@ DEFINE_BACKWARD(f64, double, vd, load_f64, wide_d, wide_d, store_f64)
    weight per sample and channel (w[c] (1 + scale[n, c]) of a modulated forward), and dw and db
    get the (N, C) sums B and A themselves. sa, sb (float64 (N, G), or NULL): gradients that
    reach x through returned statistics, a (x - mean) + b on every element of group (n, g), added
-   to dx in the same pass. */
+   to dx in the same pass. given: mean and var were given, constants here: dx = rstd dy w. */
 static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64_t N, int64_t C,
                        int64_t L, int cl, const int64_t *offsets, int64_t G,
                        const int64_t *group_of, const double *mean, const double *var,
                        double eps, const void *w, int wtype, double *dw, double *db,
-                       const double *sa, const double *sb, int nthreads, int per_sample) {
+                       const double *sa, const double *sb, int given, int nthreads,
+                       int per_sample) {
     if (N * C * L < PARALLEL_MIN) nthreads = 1;
     int64_t nw = per_sample ? N * C : C;
     double *wd = malloc((size_t)nw * sizeof(double));
@@ -969,10 +974,10 @@ static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64
     int status = 0;
     if (dtype == F32)
         backward_f32(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd,
-                     per_sample, dw, db, sa, sb, nthreads);
+                     per_sample, dw, db, sa, sb, given, nthreads);
     else if (dtype == F64)
         backward_f64(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd,
-                     per_sample, dw, db, sa, sb, nthreads);
+                     per_sample, dw, db, sa, sb, given, nthreads);
     else
         status = -1;
     free(wd);
@@ -1169,7 +1174,7 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
 /* Python: forward(x, dtype, y, ytype, N, C, L, cl, offsets, G, group_of, mean, var, given, eps,
    w, wtype, b, btype, scale, shift, relu, nthreads) and stats(x, dtype, N, C, L, cl, offsets,
    G, mean, var, nthreads) and backward(x, dy, dx, dtype, N, C, L, cl, offsets, G, group_of,
-   mean, var, eps, w, wtype, dw, db, sa, sb, nthreads, per_sample), pointers as ints (0: none;
+   mean, var, eps, w, wtype, dw, db, sa, sb, given, nthreads, per_sample), pointers as ints (0: none;
    forward's mean and var may be 0 when not given), return 0 or -1 as above; dtypes() the bit
    mask of dtype codes served; stream_min(bytes) sets stream_min and returns the value before.
    The GIL is released while the kernels run. */
@@ -1220,15 +1225,15 @@ static PyObject *py_stats(PyObject *self, PyObject *const *args, Py_ssize_t narg
 
 static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    long long a[22];
+    long long a[23];
     double eps;
-    if (parse(args, nargs, "backward", 22, 13, a, &eps)) return NULL;
+    if (parse(args, nargs, "backward", 23, 13, a, &eps)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = gn_backward(PTR(a[0]), PTR(a[1]), PTR(a[2]), (int)a[3], a[4], a[5], a[6], (int)a[7],
                          PTR(a[8]), a[9], PTR(a[10]), PTR(a[11]), PTR(a[12]), eps, PTR(a[14]),
                          (int)a[15], PTR(a[16]), PTR(a[17]), PTR(a[18]), PTR(a[19]),
-                         (int)a[20], (int)a[21]);
+                         (int)a[20], (int)a[21], (int)a[22]);
     Py_END_ALLOW_THREADS
     return PyLong_FromLong(status);
 }

@@ -374,6 +374,7 @@ def backward(
     *,
     per_sample: bool = False,
     stats_grads: torch.Tensor | None = None,
+    stats_given: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, sums)`` of ``y = GN(x) * weight + bias`` for float32/float64 x that
     :func:`serves` accepts and the float64 ``moments`` (2, N, G) its forward used: dx in x's
@@ -386,7 +387,9 @@ def backward(
 
     ``stats_grads``: float64 (2, N, G) contiguous, (a, b): what reaches x through statistics the
     forward returned, ``a (x - mean) + b`` on every element of group (n, g) (a = 2 dL/dm2, b =
-    dL/dmean / count), added to dx in the same pass."""
+    dL/dmean / count), added to dx in the same pass. ``stats_given``: the forward normalized with
+    given statistics, constants to this backward: dx = rstd * dy * weight (their own gradients
+    follow from the sums)."""
     lib = library()
     assert lib is not None
     N, C, L = _shape(x)
@@ -409,7 +412,7 @@ def backward(
         x.data_ptr(), dy.data_ptr(), dx.data_ptr(), _CODES[x.dtype], N, C, L, cl,
         off.data_ptr(), plan.num_groups, group_of.data_ptr(), mean,
         mean + moments.stride(0) * 8, eps, _ptr(weight), _code(weight), dw,
-        dw + grads.stride(0) * 8, sa, sb, torch.get_num_threads(), per_sample,
+        dw + grads.stride(0) * 8, sa, sb, stats_given, torch.get_num_threads(), per_sample,
     )  # fmt: skip
     if code:
         raise RuntimeError(f"cpu_kernel: no backward for {x.dtype}")

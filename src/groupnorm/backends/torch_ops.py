@@ -860,6 +860,95 @@ class _Fused(torch.autograd.Function):
         return (*kernel_grads(backward, x, weight, bias, scale, shift, wanted), None, None, None)
 
 
+class _FusedGiven(torch.autograd.Function):
+    """``y = GN(x; given statistics) * weight + bias`` on the fused CPU kernel under autograd,
+    float32/float64 x, the statistics as their four (N, G) fields (pivot, shifted_mean, m2,
+    count), each differentiable. The backward takes dx = rstd dy w and the (N, C) sums
+    A = sum dy and B = sum dy x_hat from the kernel (told the statistics are constants), or,
+    where the backward is itself recorded, from float64 torch ops on the saved tensors (partial
+    derivatives, so that nothing reaching x also through the statistics is counted twice); the
+    rest from them in float64 (:func:`_given_grads`)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        pivot: torch.Tensor,
+        smean: torch.Tensor,
+        m2: torch.Tensor,
+        count: torch.Tensor,
+        plan: GroupPlan,
+        eps: float,
+    ) -> torch.Tensor:
+        mean = pivot.double() + smean.double()
+        moments = torch.stack((mean, m2.double() / count.double()))
+        y, _ = cpu_kernel.forward(x, plan, weight, bias, eps, moments=moments)
+        ctx.save_for_backward(x, weight, bias, pivot, smean, m2, count, moments)
+        ctx.plan, ctx.eps = plan, eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, weight, bias, pivot, smean, m2, count, moments = ctx.saved_tensors
+        plan, eps = ctx.plan, ctx.eps
+        N, C = x.shape[:2]
+        w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
+        if torch.is_grad_enabled():
+            rstd = torch.rsqrt(m2.double() / count.double() + eps)
+            mean = pivot.double() + smean.double()
+            xc = x.double() - _expand(_per_channel(mean, plan), x.dim())
+            r = _expand(_per_channel(rstd, plan), x.dim())
+            dyw = dy.double() * _expand(w.expand(N, C), x.dim())
+            dx = (dyw * r).to(x.dtype)
+            dims = tuple(range(2, x.dim()))
+            B = (dy.double() * xc * r).sum(dims) if dims else dy.double() * xc * r
+            A = dy.double().sum(dims) if dims else dy.double()
+        else:
+            rstd = torch.rsqrt(moments[1] + eps)
+            dx, (B, A) = cpu_kernel.backward(
+                x, dy, plan, w.expand(N, C).contiguous(), moments, eps, per_sample=True,
+                stats_given=True,
+            )  # fmt: skip
+        grads = _given_grads(A, B, w, rstd, (weight, bias, pivot, smean, m2, count), plan)
+        wanted = ctx.needs_input_grad
+        return (
+            dx if wanted[0] else None,
+            *(g if want else None for g, want in zip(grads, wanted[1:7], strict=True)),
+            None,
+            None,
+        )
+
+
+def _given_grads(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    w: torch.Tensor,
+    rstd: torch.Tensor,
+    inputs: tuple[torch.Tensor | None, ...],
+    plan: GroupPlan,
+) -> list[torch.Tensor | None]:
+    """Gradients of (weight, bias, pivot, shifted_mean, m2, count) of a call with statistics
+    given, from the (N, C) sums A = sum dy and B = sum dy x_hat, weight w (C,) and rstd (N, G),
+    float64: dweight = sum_n B, dbias = sum_n A; with S1 = sum_c w A, S2 = sum_c w B per group,
+    dmean = -rstd S1 (pivot and shifted_mean alike), dvar = -rstd^2 S2 / 2, dm2 = dvar / count,
+    dcount = -dvar m2 / count^2. Each in its input's dtype, None where the input is."""
+    weight, bias, pivot, smean, m2, count = inputs
+    d_mean = -rstd * _group_sum(w * A, plan)
+    d_var = -0.5 * rstd * rstd * _group_sum(w * B, plan)
+    m2d, countd = m2.double(), count.double()  # type: ignore[union-attr]
+    grads = (
+        B.sum(0),
+        A.sum(0),
+        d_mean,
+        d_mean,
+        d_var / countd,
+        -d_var * m2d / (countd * countd),
+    )
+    return [None if t is None else g.to(t.dtype) for g, t in zip(grads, inputs, strict=True)]
+
+
 def _group_counts(x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
     """(G,) float64: the elements of each group of one sample of x."""
     L = math.prod(x.shape[2:])
@@ -1120,6 +1209,32 @@ def _fused_records(r: Request) -> bool:
     return _fused_backward(r.x, r.plan) and _fused_can_record(r)
 
 
+def _fused_records_given(r: Request) -> bool:
+    """Whether :class:`_FusedGiven` records ``r``: statistics given, none returned, no scale or
+    shift, float32/float64 x in a layout the fused kernel reads, reverse mode."""
+    x = r.x
+    return (
+        r.stats is not None
+        and not r.return_stats
+        and r.scale is None
+        and r.shift is None
+        and x.dtype in _NUMPY_FLOATS
+        and forward_ad._current_level < 0
+        and _reads_values(x)
+        and cpu_kernel.serves(x)
+        and _records_grad(r)
+    )
+
+
+def _record_fused_given(r: Request) -> torch.Tensor:
+    """y of ``r`` from :class:`_FusedGiven`, the activation recorded after it."""
+    assert r.stats is not None
+    s = r.stats
+    w, b = (None if t is None else t.contiguous() for t in (r.weight, r.bias))
+    y = _FusedGiven.apply(r.x, w, b, s.pivot, s.shifted_mean, s.m2, s.count, r.plan, r.eps)
+    return apply_activation(y, r.activation)
+
+
 def _fused_can_record(r: Request, stats_out: bool = False) -> bool:
     x = r.x
     return (
@@ -1239,6 +1354,8 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
         return _record_fused(r), None
     if _fused_can_record(r, stats_out=True):
         return _record_fused_stats(r)
+    if _fused_records_given(r):
+        return _record_fused_given(r), None
     if r.stats is None and not r.return_stats and not _forward_ad_on_channels_last(r.x):
         if _reads_values(r.x):
             y = _native_checked(r)
