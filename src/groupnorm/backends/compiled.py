@@ -37,6 +37,7 @@ from groupnorm.backends.torch_ops import (
     _group_sum,
     _per_channel,
     _shifted,
+    _spatial_sum,
     _stats_of_shifted,
     kernel_grads,
 )
@@ -59,11 +60,6 @@ def _plan(sizes: list[int]) -> GroupPlan:
     if plan is None:
         plan = _PLANS[key] = GroupPlan(key)
     return plan
-
-
-def _spatial_sum(t: torch.Tensor) -> torch.Tensor:
-    """(N, C, *S) -> (N, C); an (N, C) tensor as it is (``sum(())`` would sum everything)."""
-    return t.sum(tuple(range(2, t.dim()))) if t.dim() > 2 else t
 
 
 def _moments64(x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:

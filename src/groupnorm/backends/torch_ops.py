@@ -133,6 +133,11 @@ def _group_sum(v: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
     return padded[:, pad].sum(-1)
 
 
+def _spatial_sum(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, *S) -> (N, C); an (N, C) tensor as it is (``sum(())`` would sum everything)."""
+    return t.sum(tuple(range(2, t.dim()))) if t.dim() > 2 else t
+
+
 def _per_channel(v: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
     """(N, G) -> (N, C)."""
     if plan.is_even:
@@ -895,18 +900,14 @@ class _FusedGiven(torch.autograd.Function):
         plan, eps = ctx.plan, ctx.eps
         N, C = x.shape[:2]
         w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
+        rstd = torch.rsqrt(m2.double() / count.double() + eps)  # differentiable when recorded
         if torch.is_grad_enabled():
-            rstd = torch.rsqrt(m2.double() / count.double() + eps)
-            mean = pivot.double() + smean.double()
-            xc = x.double() - _expand(_per_channel(mean, plan), x.dim())
-            r = _expand(_per_channel(rstd, plan), x.dim())
-            dyw = dy.double() * _expand(w.expand(N, C), x.dim())
-            dx = (dyw * r).to(x.dtype)
-            dims = tuple(range(2, x.dim()))
-            B = (dy.double() * xc * r).sum(dims) if dims else dy.double() * xc * r
-            A = dy.double().sum(dims) if dims else dy.double()
+            mean, r = (_per_channel(v, plan) for v in (pivot.double() + smean.double(), rstd))
+            xhat = (x.double() - _expand(mean, x.dim())) * _expand(r, x.dim())
+            dy64 = dy.double()
+            dx = (dy64 * _expand(w * r, x.dim())).to(x.dtype)
+            B, A = _spatial_sum(dy64 * xhat), _spatial_sum(dy64)
         else:
-            rstd = torch.rsqrt(moments[1] + eps)
             dx, (B, A) = cpu_kernel.backward(
                 x, dy, plan, w.expand(N, C).contiguous(), moments, eps, per_sample=True,
                 stats_given=True,
@@ -1211,18 +1212,13 @@ def _fused_records(r: Request) -> bool:
 
 def _fused_records_given(r: Request) -> bool:
     """Whether :class:`_FusedGiven` records ``r``: statistics given, none returned, no scale or
-    shift, float32/float64 x in a layout the fused kernel reads, reverse mode."""
-    x = r.x
+    shift (:func:`_kernel_records`)."""
     return (
         r.stats is not None
         and not r.return_stats
         and r.scale is None
         and r.shift is None
-        and x.dtype in _NUMPY_FLOATS
-        and forward_ad._current_level < 0
-        and _reads_values(x)
-        and cpu_kernel.serves(x)
-        and _records_grad(r)
+        and _kernel_records(r)
     )
 
 
@@ -1236,11 +1232,15 @@ def _record_fused_given(r: Request) -> torch.Tensor:
 
 
 def _fused_can_record(r: Request, stats_out: bool = False) -> bool:
+    return r.stats is None and r.return_stats is stats_out and _kernel_records(r)
+
+
+def _kernel_records(r: Request) -> bool:
+    """What every autograd Function on the fused CPU kernel needs: float32/float64 x in a
+    layout the kernel reads, autograd recording the call, reverse mode only."""
     x = r.x
     return (
         x.dtype in _NUMPY_FLOATS
-        and r.stats is None
-        and r.return_stats is stats_out
         and forward_ad._current_level < 0
         and _reads_values(x)
         and cpu_kernel.serves(x)

@@ -2485,17 +2485,16 @@ def _statistics_grads(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """dx (float32, in place) plus what reaches x through returned statistics, and the gradients
     of given (pivot, shifted_mean, m2, count), all (N, G) float32 (None unless ``given``)."""
-    from groupnorm.backends.torch_ops import _expand, _group_sum, _per_channel
+    from groupnorm.backends.torch_ops import _expand, _group_sum, _per_channel, _spatial_sum
 
     def spread(v: torch.Tensor) -> torch.Tensor:  # (N, G) -> (N, C, 1, ...)
         return _expand(_per_channel(v, plan), x.dim())
 
     # x - mean as (x - pivot) - shifted_mean: no cancellation at a large offset.
     xc = (x.float() - spread(pivot)).sub_(spread(smean))
-    dims = tuple(range(2, x.dim()))
 
     def group_sum(t: torch.Tensor) -> torch.Tensor:  # (N, C, ...) -> (N, G)
-        return _group_sum(t.sum(dims) if dims else t, plan)  # sum(()) would sum everything
+        return _group_sum(_spatial_sum(t), plan)
 
     stats_grads = None
     if given:
