@@ -519,6 +519,47 @@ def test_regression_statistics_out_recorded_backward_matches_float64() -> None:
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_regression_recorded_backward_counts_scale_computed_from_x_once(layout: str) -> None:
+    """A backward that is itself recorded (a gradient penalty) of the fused kernel's Function
+    differentiated the composite forward: with scale and shift computed from x (modulation
+    from the features themselves), autograd counted the path through them twice: dx itself
+    was off by 1.1-1.4 on these inputs. Now partial derivatives: first and second derivatives
+    of float32 calls against float64 autograd of the textbook formula."""
+    N, C, G = 2, 8, 4
+    x, w, b, dy = affine_draw((N, C, 4, 4), layout, 11, 3.0)
+
+    def modulation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = x.mean((2, 3))
+        return torch.tanh(pooled), 0.5 * pooled.square()
+
+    def ours(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        scale, shift = modulation(x)
+        y = groupnorm.group_norm(x, G, w, b, scale=scale, shift=shift)
+        if cpu_kernel.library() is not None:
+            assert y.grad_fn is not None and "Fused" in type(y.grad_fn).__name__
+        return y
+
+    def textbook(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        scale, shift = modulation(x)
+        groups = x.reshape(N, G, -1)
+        mean = groups.mean(-1, keepdim=True)
+        var = ((groups - mean) ** 2).mean(-1, keepdim=True)
+        xhat = ((groups - mean) / torch.sqrt(var + 1e-5)).reshape(x.shape)
+        y = xhat * w[:, None, None] + b[:, None, None]
+        return y * (1 + scale[..., None, None]) + shift[..., None, None]
+
+    def derivatives(f: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple:
+        (gx,) = torch.autograd.grad((f(x, w, b) * dy.to(x.dtype)).sum(), x, create_graph=True)
+        return (gx, *torch.autograd.grad((gx**2).sum(), (x, w, b)))
+
+    got = derivatives(ours, x, w, b)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    want = derivatives(textbook, x64, w64, b64)
+    for name, g, e in zip(("dx", "d2x", "d2w", "d2b"), got, want, strict=True):
+        assert_matches(g, to_numpy(e), torch.float32, reduction=C // G * 16, what=name)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_regression_given_statistics_recorded_backward_matches_float64(layout: str) -> None:
     """Statistics given under autograd took the composite path in float64 (2.6-5.0x the plain
     call's forward and backward); the fused kernel's Function now records them. A gradient

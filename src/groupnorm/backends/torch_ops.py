@@ -804,8 +804,8 @@ class _Fused(torch.autograd.Function):
     2 d m2 (x - mean)`` on each element of a group, the kernel's backward folds into its
     per-channel coefficients (``stats_grads``), so dx takes no extra pass.
 
-    A backward that is itself recorded (``create_graph=True``: gradient penalties) recomputes
-    the outputs with the composite ops and differentiates those instead."""
+    A backward that is itself recorded (``create_graph=True``: gradient penalties) forms the
+    same quantities from float64 torch ops instead (:func:`_recorded_backward`)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -841,28 +841,58 @@ class _Fused(torch.autograd.Function):
         x, weight, bias, scale, shift, moments = ctx.saved_tensors
         plan, wanted = ctx.plan, ctx.needs_input_grad[:5]
         d_smean, d_m2 = stats[1:] if ctx.stats_out else (None, None)
-        if torch.is_grad_enabled():
-            given = (x, weight, bias, scale, shift)
-            inputs = [t for t, want in zip(given, wanted, strict=True) if want]
-            r = Request(x, plan, weight, bias, ctx.eps, None, scale, shift, None, ctx.stats_out)
-            y, out = _composite(r)
-            outs, douts = [y], [dy]
-            if out is not None and d_smean is not None and d_m2 is not None:
-                outs += [out.shifted_mean, out.m2]
-                douts += [d_smean, d_m2]
-            grads = iter(torch.autograd.grad(outs, inputs, douts, create_graph=True))
-            return (*(next(grads) if want else None for want in wanted), None, None, None)
         through = None
         if d_smean is not None and d_m2 is not None:
             # d shifted_mean / dx = 1 / count and d m2 / dx = 2 (x - mean), per group
             through = torch.stack((2 * d_m2.double(), d_smean.double() / _group_counts(x, plan)))
+        recorded = torch.is_grad_enabled()
 
         def backward(w: torch.Tensor | None, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            if recorded:
+                return _recorded_backward(x, dy, plan, w, ctx.eps, per_sample, through)
             return cpu_kernel.backward(
                 x, dy, plan, w, moments, ctx.eps, per_sample=per_sample, stats_grads=through
             )
 
         return (*kernel_grads(backward, x, weight, bias, scale, shift, wanted), None, None, None)
+
+
+def _recorded_backward(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    plan: GroupPlan,
+    weight: torch.Tensor | None,
+    eps: float,
+    per_sample: bool,
+    stats_grads: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cpu_kernel.backward`'s ``(dx, sums)`` as float64 torch ops that autograd records,
+    for a backward that is itself differentiated: with xhat = (x - mean) rstd per group,
+    A = sum dy and B = sum dy xhat per (n, c), k1 = sum_c w A / count and k2 = sum_c w B / count
+    per group, dx = rstd (dy w - k1 - xhat k2) (+ a (x - mean) + b from ``stats_grads``). The
+    statistics are recomputed from x, so that second derivatives see them depend on it. These
+    are partial derivatives in each input: where one input of :class:`_Fused` is computed from
+    another (scale from x), autograd adds each path once (differentiating the composite
+    forward would count the path through scale twice)."""
+    N, C = x.shape[:2]
+    nd = x.dim()
+    counts = _group_counts(x, plan)
+
+    def spread(v: torch.Tensor) -> torch.Tensor:  # (N, G) -> (N, C, 1, ...)
+        return _expand(_per_channel(v, plan), nd)
+
+    x64, dy64 = x.double(), dy.double()
+    xc = x64 - spread(_group_sum(_spatial_sum(x64), plan) / counts)
+    rstd = torch.rsqrt(_group_sum(_spatial_sum(xc * xc), plan) / counts + eps)
+    xhat = xc * spread(rstd)
+    B, A = _spatial_sum(dy64 * xhat), _spatial_sum(dy64)
+    w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
+    k1, k2 = (_group_sum(w * s, plan) / counts for s in (A, B))
+    dx = spread(rstd) * (dy64 * _expand(w.expand(N, C), nd) - spread(k1) - xhat * spread(k2))
+    if stats_grads is not None:
+        dx = dx + spread(stats_grads[0]) * xc + spread(stats_grads[1])
+    sums = torch.stack((B, A)) if per_sample else torch.stack((B.sum(0), A.sum(0)))
+    return dx.to(x.dtype), sums
 
 
 class _FusedGiven(torch.autograd.Function):
