@@ -324,7 +324,7 @@ def test_statistics_out_with_a_variance_below_eps_are_not_taken_from_rstd() -> N
     assert_matches(y, expected, torch.float32)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_statistics_carry_forward_mode_tangents() -> None:
     """Statistics under forward-mode AD: their tangents match finite differences of the
     float64 reference."""
@@ -549,7 +549,7 @@ def test_bias_false_without_torch_support(monkeypatch: pytest.MonkeyPatch) -> No
     assert_matches(m(x), reference(x, resolve_plan(8, 4), m.weight)[0], torch.float32)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
 @pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager() -> None:
     """The torch backend under torch.compile: one graph (no break), no recompile on a second call

@@ -23,9 +23,7 @@ from tests._tolerances import assert_matches, to_numpy
 
 SERVED = ("kernel", "fallback")
 # Inductor's own use of TorchScript warns (pyproject turns warnings into errors).
-inductor_warns = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
-)
+inductor_warns = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
 
 
 @contextmanager

@@ -93,7 +93,7 @@ def test_torch_export_program_runs_exactly(plan_name: str, layout: str, dtype: t
     assert_matches(y, expected, dtype)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_jit_script_of_a_model_holding_groupnorm() -> None:
     model = nn.Sequential(
         nn.Conv2d(3, 12, 3, padding=1),
@@ -115,7 +115,7 @@ def test_jit_script_of_a_model_holding_groupnorm() -> None:
 
 
 # forward_ad loads its decompositions through torch.jit.script on first use.
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_forward_mode_ad(layout: str) -> None:
     """jvp against the float64 finite difference of the reference; torch's own kernel has no
@@ -135,7 +135,7 @@ def test_forward_mode_ad(layout: str) -> None:
     )
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("loc", [0.0, 2.0, 50.0])
 def test_forward_mode_ad_float32_holds_the_bound(layout: str, loc: float) -> None:
@@ -162,7 +162,7 @@ def test_forward_mode_ad_float32_holds_the_bound(layout: str, loc: float) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
 @pytest.mark.parametrize("plan_name", list(PLANS))
 def test_compile_dynamic_fullgraph(plan_name: str) -> None:
     """torch.compile(dynamic=True, fullgraph=True) of the module and the function, two batch
@@ -181,7 +181,7 @@ def test_compile_dynamic_fullgraph(plan_name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
 def test_compile_uneven_plan_with_varying_channels() -> None:
     torch._dynamo.reset()
     cf = torch.compile(
@@ -193,7 +193,7 @@ def test_compile_uneven_plan_with_varying_channels() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
 def test_compile_single_element_groups() -> None:
     """Eager warns about single-element groups; compiled, the warning is skipped, not a break."""
     torch._dynamo.reset()
@@ -222,7 +222,7 @@ def _graph_ops(model: nn.Module, x: torch.Tensor, train: bool) -> tuple[int, int
     return aten, counts[0]
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
 def test_resnet_graph_within_twice_nn_groupnorm() -> None:
     """Regression: the pivot, gathered per run with repeat_interleave, traced a ResNet to 3x
     nn.GroupNorm's ATen ops. Within 2x at both levels, with and without grad (Dynamo's graph
