@@ -129,15 +129,21 @@ def test_a_result_file_is_rewritten_in_place_as_rows_arrive(tmp_path):
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", sorted(p.stem for p in BENCHMARKS.glob("*.py")))
-def test_benchmark_script_imports(script: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Regression: three scripts imported a helper that had moved, and failed before measuring."""
+def _benchmark_module(name: str, monkeypatch: pytest.MonkeyPatch):
+    """benchmarks/<name>.py imported as a module (its directory on sys.path, as when run)."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(f"_bench_{script}", BENCHMARKS / f"{script}.py")
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in BENCHMARKS.glob("*.py")))
+def test_benchmark_script_imports(script: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: three scripts imported a helper that had moved, and failed before measuring."""
+    _benchmark_module(script, monkeypatch)
 
 
 def test_warm_runs_ours_untimed_on_its_share_of_the_shapes(monkeypatch, capsys):
@@ -170,3 +176,33 @@ def test_warm_share_must_be_i_of_n(bad):
     with pytest.raises(SystemExit, match="--warm must be I/N"):
         bench._share(bad)
     assert bench._share("2/8") == (2, 8)
+
+
+def test_model_fit_recovers_the_constants_that_made_its_measurements(tmp_path, monkeypatch, capsys):
+    """The performance model's least squares: bench rows synthesized from known constants (NCHW
+    and channels-last, as a bench file holds them) give those constants back, and --compare
+    then flags nothing."""
+    model = _benchmark_module("model", monkeypatch)
+    truth = model.Fit(call_us=3.5, launch_us=2.25, eta_fwd=0.62, eta_bwd=0.81)
+    rows = [
+        {
+            "workload": r.workload,
+            "layout": r.layout,
+            "direction": r.direction,
+            "provider": "ours",
+            "median_us": r.model_us,
+        }
+        for r in model.model("h200", truth)
+        if r.forward == "auto"
+    ]
+    path = tmp_path / "bench-synthetic.json"
+    path.write_text(json.dumps({"meta": {}, "rows": rows}))
+    monkeypatch.setattr(model, "FIT_FILE", path)
+    fit = model.fit_constants()
+    assert fit.eta_fwd == truth.eta_fwd and fit.eta_bwd == truth.eta_bwd
+    assert fit.call_us == pytest.approx(truth.call_us) and fit.launch_us == pytest.approx(2.25)
+    monkeypatch.setattr(sys, "argv", ["model.py", "--device", "h200", "--compare", str(path)])
+    assert model.main() == 0
+    out = capsys.readouterr().out
+    assert "nchw (fitted to): 0 of 42 rows off" in out
+    assert "channels_last (predicted): 0 of 42 rows off" in out
