@@ -479,6 +479,30 @@ def test_regression_weight_gradient_of_an_even_plan_at_an_offset() -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("L", [1, 13, 64, 600])
+def test_dx_holds_the_bound_where_dy_w_is_nearly_its_group_mean(layout: str, L: int) -> None:
+    """dy w - s1 / n_g cancels where dy is nearly constant across a group (dy = 100 + 1e-3
+    noise) and rstd is large (x of spread 1e-2): any rounding of dy w comes back multiplied
+    by rstd. Float32 dx against float64 on rows short and long (four at a time below 512, a
+    row alone above, three rows left over: N C = 2 x 7), with tails (L = 13) and groups of
+    one element (L = 1, G = C)."""
+    N, C = 2, 7
+    G = C if L == 1 else 1
+    shape = (N, C, L, 1)
+    x = make_x(shape, torch.float32, layout, seed=5, loc=3.0, std=1e-2).requires_grad_()
+    w = (1 + 0.1 * rand((C,), torch.float32, 6)).requires_grad_()
+    dy = 100 + 1e-3 * rand(shape, torch.float32, 7)
+    with _calls("backward") as calls, warnings.catch_warnings():
+        warnings.simplefilter("ignore", groupnorm.SingleElementGroupWarning)
+        groupnorm.group_norm(x, G, w).backward(dy)
+    assert calls[0] == 1
+    _, cache = reference(x, resolve_plan(C, G), w, None)
+    grads = R.group_norm_backward(to_numpy(dy), cache)
+    assert_matches(x.grad, grads.dx, torch.float32, reduction=C // G * L, what="dx")
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_backward_is_the_same_at_one_and_two_threads(layout: str) -> None:
     """Past the parallel threshold, every sum in a fixed order: bitwise the same gradients (an
     uneven plan: the kernel's backward serves it in both layouts)."""

@@ -221,6 +221,17 @@ static inline double lanes(vd v) {
     return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 static inline vd wide_d(vd v) { return v; }
+/* a * b + c rounded once, lane by lane (FMA instructions where the CPU has them). */
+static inline vf fma_vf(vf a, vf b, vf c) {
+    vf r;
+    for (int i = 0; i < 8; i++) r[i] = __builtin_fmaf(a[i], b[i], c[i]);
+    return r;
+}
+static inline vd fma_vd(vd a, vd b, vd c) {
+    vd r;
+    for (int i = 0; i < 8; i++) r[i] = __builtin_fma(a[i], b[i], c[i]);
+    return r;
+}
 static inline vf narrow_f(vd v) { return __builtin_convertvector(v, vf); }
 /* max(v, 0) with NaN kept. */
 static inline vf relu_f(vf v) {
@@ -764,16 +775,19 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
      A[n,c] = sum_l dy, B[n,c] = sum_l dy * xhat        (db = sum_n A, dw = sum_n B),
      s1 = sum_{c in g} w[c] A[n,c], s2 = sum_{c in g} w[c] B[n,c], n_g = |g| L,
      dx = rstd * ((dy w[c] - s1 / n_g) - ((x - hi) - lo) * rstd s2 / n_g),
-   dy w - s1 / n_g in float64 (the product is exact there), the rest in W: where g is nearly
-   its group's mean (a single-element group: exactly) the difference is nearly 0, and any
-   rounding of dy w would come back multiplied by rstd, up to eps^-1/2. A and B are
+   dy w - s1 / n_g rounded once, the rest in W: where g is nearly its group's mean (a
+   single-element group: exactly) the difference is nearly 0, and any rounding of dy w would
+   come back multiplied by rstd, up to eps^-1/2. Channels-last forms it in float64 (the product
+   is exact there); NCHW, whose w and s1 / n_g are one pair per row, as fma(dy, w_hi, -m_hi) +
+   fma(dy, w_lo, -m_lo) with each float64 value split into two T (hi + lo), which needs no
+   conversion of dy (0.86x the time at L = 64, one thread). A and B are
    summed per (n, c) in float64, their terms too (B as rstd sum dy (x - mean), x - mean from
    the float64 mean), in a fixed order: dweight and dbias sum N L terms, and float32 terms
    (or float32 runs of them) missed the float32 bound on them by up to 1.3x where the sum is
    small. NCHW: one task
    per (n, c) row; channels-last: per (n, 64-channel slice), rows in order, 8 channels a
    vector. With per_sample, w[c] is w[n, c] throughout. */
-#define DEFINE_BACKWARD(S, T, VW, LOAD, WIDE, NARROW, STORE)                                \
+#define DEFINE_BACKWARD(S, T, VW, LOAD, WIDE, NARROW, FMA, SFMA, STORE)                     \
     static void row_sums_##S(const T *x, const T *dy, int64_t n, double m, double r,         \
                              double *A, double *B) {                                        \
         vd a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0};                                          \
@@ -797,6 +811,29 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
         }                                                                                   \
         *A = t1 + lanes(a1 + b1);                                                           \
         *B = (t2 + lanes(a2 + b2)) * r;                                                     \
+    }                                                                                       \
+    /* row_sums_S of the four rows j..j + 3 at once (n long each, means m[0..3], rstd       \
+       r[0..3]): their loads and sums overlap, where one short row (L = 64) waited on its    \
+       own horizontal sums about as long as on its loads. */                                \
+    static void rows4_sums_##S(const T *x, const T *dy, int64_t n, const double *m,         \
+                               const double *r, double *A, double *B) {                     \
+        vd a[4] = {{0}}, b[4] = {{0}};                                                      \
+        int64_t i = 0;                                                                      \
+        for (; i + 8 <= n; i += 8)                                                          \
+            for (int q = 0; q < 4; q++) {                                                   \
+                vd d = WIDE(LOAD(dy + q * n + i));                                          \
+                a[q] += d;                                                                  \
+                b[q] += d * (WIDE(LOAD(x + q * n + i)) - m[q]);                             \
+            }                                                                               \
+        for (int q = 0; q < 4; q++) {                                                       \
+            double t1 = 0, t2 = 0;                                                          \
+            for (int64_t k = i; k < n; k++) {                                               \
+                t1 += (double)dy[q * n + k];                                                \
+                t2 += (double)dy[q * n + k] * ((double)x[q * n + k] - m[q]);                \
+            }                                                                               \
+            A[q] = t1 + lanes(a[q]);                                                        \
+            B[q] = (t2 + lanes(b[q])) * r[q];                                               \
+        }                                                                                   \
     }                                                                                       \
     /* Channels-last sums of rows 0..L of one sample over channels c0..c0 + 8 K, K vectors   \
        at a time (lanes are channels: each channel's terms in the same order as a scalar     \
@@ -854,9 +891,19 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
             kw[j] = wd[per_sample ? j : j % C];                                             \
         }                                                                                   \
         if (!cl) {                                                                          \
-            FOR_TASKS(j, NC, {                                                              \
-                row_sums_##S(x + j * L, dy + j * L, L, kmd[j], krd[j], A + j, B + j);       \
-            })                                                                              \
+            /* Short rows four at a time (at most three left over); long ones alone       \
+               (eight streams at once measured 3-5 % slower at L = 4096). */                \
+            if (L < 512) {                                                                  \
+                FOR_TASKS(t, NC / 4, {                                                      \
+                    int64_t j = 4 * t;                                                      \
+                    rows4_sums_##S(x + j * L, dy + j * L, L, kmd + j, krd + j, A + j, B + j); \
+                })                                                                          \
+                for (int64_t j = NC - NC % 4; j < NC; j++)                                  \
+                    row_sums_##S(x + j * L, dy + j * L, L, kmd[j], krd[j], A + j, B + j);   \
+            } else                                                                          \
+                FOR_TASKS(j, NC, {                                                          \
+                    row_sums_##S(x + j * L, dy + j * L, L, kmd[j], krd[j], A + j, B + j);   \
+                })                                                                          \
         } else {                                                                            \
             int64_t slices = (C + 63) / 64;                                                 \
             FOR_TASKS(t, N * slices, {                                                      \
@@ -916,15 +963,20 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
         if (!cl) {                                                                          \
             FOR_TASKS(j, NC, {                                                              \
                 const T *xr = x + j * L, *dr = dy + j * L;                                  \
-                double w = kw[j], m1 = km[j];                                               \
+                /* w and -s1 / n_g each as two T that add up to the float64 value: dy w -    \
+                   s1 / n_g rounds once (FMA) where its float64 form converted 8 lanes */   \
+                T wh = (T)kw[j], wl = (T)(kw[j] - (double)wh), mh = (T)-km[j];              \
+                T ml = (T)(-km[j] - (double)mh);                                            \
+                VW vwh = (VW){0} + wh, vwl = (VW){0} + wl, vmh = (VW){0} + mh;             \
+                VW vml = (VW){0} + ml;                                                      \
                 T *out = dx + j * L;                                                        \
                 int64_t i = 0;                                                              \
                 for (; i + 8 <= L; i += 8) {                                                \
-                    VW gm = NARROW(WIDE(LOAD(dr + i)) * w - m1);                            \
+                    VW d = LOAD(dr + i), gm = FMA(d, vwh, vmh) + FMA(d, vwl, vml);         \
                     STORE(out + i, kr[j] * (gm - ((LOAD(xr + i) - khi[j]) - klo[j]) * ks[j])); \
                 }                                                                           \
                 for (; i < L; i++) {                                                        \
-                    T gm = (T)((double)dr[i] * w - m1);                                     \
+                    T gm = SFMA(dr[i], wh, mh) + SFMA(dr[i], wl, ml);                       \
                     out[i] = kr[j] * (gm - ((xr[i] - khi[j]) - klo[j]) * ks[j]);            \
                 }                                                                           \
             })                                                                              \
@@ -952,8 +1004,8 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
         free(work);                                                                         \
     }
 
-DEFINE_BACKWARD(f32, float, vf, load_f32, wide_f, narrow_f, store_f32)
-DEFINE_BACKWARD(f64, double, vd, load_f64, wide_d, wide_d, store_f64)
+DEFINE_BACKWARD(f32, float, vf, load_f32, wide_f, narrow_f, fma_vf, __builtin_fmaf, store_f32)
+DEFINE_BACKWARD(f64, double, vd, load_f64, wide_d, wide_d, fma_vd, __builtin_fma, store_f64)
 
 /* dx (x's dtype and layout) and, where asked, dw and db (float64, C) for the forward that
    used mean and var; dy in x's layout. float32 and float64 only. per_sample: w is (N, C), a
