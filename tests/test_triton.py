@@ -4,10 +4,12 @@ shapes (it is slow); see tests/_triton_interpreted.py for how TRITON_INTERPRET i
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1524,3 +1526,28 @@ def test_small_shapes_take_one_launch_forward_and_at_most_two_backward():
             kw = dict(channels_last=channels_last)
             assert len(launches_of(shape, G, **kw)) == 1, (shape, channels_last)
             assert len(launches_of(shape, G, backward=True, **kw)) <= 2, (shape, channels_last)
+
+
+def test_eager_benchmark_times_ours_and_torch_on_every_case(monkeypatch):
+    """benchmarks/eager_gpu.py: ours (Triton backend) and nn.GroupNorm on each shape, layout
+    and case, a positive time each; here one small shape, one call a sample (interpreted on a
+    machine without CUDA, where it only checks that the script runs)."""
+    spec = importlib.util.spec_from_file_location(
+        "_eager_gpu", Path(__file__).parents[1] / "benchmarks" / "eager_gpu.py"
+    )
+    assert spec is not None and spec.loader is not None
+    eager = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eager)
+    monkeypatch.setattr(eager, "SHAPES", [("tiny", (2, 8, 3, 3))])
+    monkeypatch.setattr(eager, "G", 4)
+    monkeypatch.setattr(eager, "DTYPE", torch.float32)
+    monkeypatch.setattr(eager, "CALLS", 1)
+    monkeypatch.setattr(eager, "SAMPLES", 1)
+    rows = eager.run(torch.device(DEVICE))
+    assert [(r["layout"], r["case"]) for r in rows] == [
+        ("nchw", "forward"),
+        ("nchw", "fwd+bwd"),
+        ("channels_last", "forward"),
+        ("channels_last", "fwd+bwd"),
+    ]
+    assert all(r["ours_us"] > 0 and r["nn_groupnorm_us"] > 0 for r in rows)
