@@ -782,12 +782,13 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
      A[n,c] = sum_l dy, B[n,c] = sum_l dy * xhat        (db = sum_n A, dw = sum_n B),
      s1 = sum_{c in g} w[c] A[n,c], s2 = sum_{c in g} w[c] B[n,c], n_g = |g| L,
      dx = rstd * ((dy w[c] - s1 / n_g) - ((x - hi) - lo) * rstd s2 / n_g),
-   dy w - s1 / n_g rounded once, the rest in W: where g is nearly its group's mean (a
-   single-element group: exactly) the difference is nearly 0, and any rounding of dy w would
-   come back multiplied by rstd, up to eps^-1/2. Channels-last forms it in float64 (the product
-   is exact there); NCHW, whose w and s1 / n_g are one pair per row, as fma(dy, w_hi, -m_hi) +
-   fma(dy, w_lo, -m_lo) with each float64 value split into two T (hi + lo), which needs no
-   conversion of dy (0.86x the time at L = 64, one thread). A and B are
+   dy w - s1 / n_g to about an ulp of itself, the rest in W: where g is nearly its group's
+   mean (a single-element group: exactly) the difference is nearly 0, and any rounding of dy w
+   would come back multiplied by rstd, up to eps^-1/2. Channels-last forms it in float64 (the
+   product is exact there); NCHW, whose w and s1 / n_g are one pair per row, as fma(dy, w_hi,
+   -m_hi) + fma(dy, w_lo, -m_lo) with each float64 value split into two T (hi + lo): the first
+   FMA rounds the difference itself, the second adds what the split left, and dy needs no
+   conversion (the backward 0.85-0.86x its time at L = 64, one thread). A and B are
    summed per (n, c) in float64, their terms too (B as rstd sum dy (x - mean), x - mean from
    the float64 mean), in a fixed order: dweight and dbias sum N L terms, and float32 terms
    (or float32 runs of them) missed the float32 bound on them by up to 1.3x where the sum is
@@ -970,8 +971,8 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
         if (!cl) {                                                                          \
             FOR_TASKS(j, NC, {                                                              \
                 const T *xr = x + j * L, *dr = dy + j * L;                                  \
-                /* w and -s1 / n_g each as two T that add up to the float64 value: dy w -    \
-                   s1 / n_g rounds once (FMA) where its float64 form converted 8 lanes */   \
+                /* w and -s1 / n_g each as two T that add up to the float64 value (see     \
+                   above) */                                                                \
                 T wh = (T)kw[j], wl = (T)(kw[j] - (double)wh), mh = (T)-km[j];              \
                 T ml = (T)(-km[j] - (double)mh);                                            \
                 VW vwh = (VW){0} + wh, vwl = (VW){0} + wl, vmh = (VW){0} + mh;             \
