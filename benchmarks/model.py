@@ -17,13 +17,13 @@ regime (over-predicted: more L2 hits than assumption 2 gives).
 Assumptions (each a number below, each the first suspect when a measurement disagrees):
 
 1. Time of one timed call (a forward, or a forward and backward replayed as one CUDA graph)
-   = CALL_US + launches x LAUNCH_US + DRAM bytes / (ETA x copy rate), ETA one for forward
-   launches and one for backward ones, with the bandwidth capped by the bytes a launch keeps in
-   flight (Little's law: in-flight bytes / DRAM_LATENCY_US). The four constants are FITTED on
+   = call_us + launches x launch_us + DRAM bytes / (eta x copy rate), eta_fwd for forward
+   launches and eta_bwd for backward ones, with the bandwidth capped by the bytes a launch keeps
+   in flight (Little's law: in-flight bytes / DRAM_LATENCY_US). These four (Fit) are FITTED on
    the H200 (least squares in relative error, fit_constants) to the NCHW rows of FIT_FILE; its
    channels-last rows and docs/spec.md's H100 prototype timings are predictions (the
-   calibration table prints both). LAUNCH_US stands for what a launch costs beyond moving bytes
-   (launch gap, ramp-up, tail); CALL_US for what a timed call costs once (graph launch, events).
+   calibration table prints both). launch_us stands for what a launch costs beyond moving bytes
+   (launch gap, ramp-up, tail); call_us for what a timed call costs once (graph launch, events).
 2. Issued reads come from heuristics.PASSES (the traffic tests assert them under the
    interpreter). A second read of a byte hits L2 with probability min(1, L2_EFFECTIVE / reuse
    distance): the bytes the device touches between the two reads. Reuse distance: fused regime,
