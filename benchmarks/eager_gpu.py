@@ -61,8 +61,11 @@ def _cases(
     }
 
 
-def run(device: torch.device) -> list[dict]:
-    rows = []
+def run(
+    device: torch.device, on_row: Callable[[list[dict]], object] = lambda rows: None
+) -> list[dict]:
+    """The rows; ``on_row(rows)`` after each (a time limit keeps what was measured)."""
+    rows: list[dict] = []
     torch.manual_seed(0)
     for name, shape in SHAPES:
         for layout in ("nchw", "channels_last"):
@@ -99,6 +102,7 @@ def run(device: torch.device) -> list[dict]:
                     f"{us_ours / us_torch:7.2f}",
                     flush=True,
                 )
+                on_row(rows)
     return rows
 
 
@@ -111,9 +115,10 @@ def main() -> int:
         return 2
     device = torch.device("cuda")
     print(f"{'workload':<18} {'layout':<14} {'case':<8} {'ours us':>9} {'nn us':>9} {'ratio':>7}")
-    rows = run(device)
     meta = bench.environment("eager_gpu", torch.cuda.get_device_name())
-    print(f"wrote {bench.save_results(args.out, meta, rows)}")
+    path = bench.save_results(args.out, meta, [])
+    run(device, lambda rows: bench.save_results(args.out, meta, rows, path))
+    print(f"wrote {path}")
     return 0
 
 

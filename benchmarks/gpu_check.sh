@@ -18,7 +18,7 @@
 #
 # Usage: benchmarks/gpu_check.sh  (env: PYTHON, RESULTS=benchmarks/results, LOGS=$RESULTS,
 # WORKERS=8, REPS=20, TEST_TIMEOUT=170, WAVE_TIMEOUT=75, BENCH_TIMEOUT=160, WAVE_BENCH_TIMEOUT=70,
-# EAGER_TIMEOUT=60)
+# EAGER_TIMEOUT=90)
 # Each step has its own time limit so that a hang in one still leaves the others' output; every
 # step's output goes to the terminal and to a log under $LOGS.
 set -uo pipefail
@@ -74,7 +74,7 @@ if [ "$wave_ok" = 1 ]; then
 fi
 
 echo "== 4/5 eager calls on small shapes: host time, Triton's launcher included"
-timeout -k 10 "${EAGER_TIMEOUT:-60}" "$PY" benchmarks/eager_gpu.py --out "$RESULTS" 2>&1 \
+timeout -k 10 "${EAGER_TIMEOUT:-90}" "$PY" benchmarks/eager_gpu.py --out "$RESULTS" 2>&1 \
     | tee "$LOGS/eager.log" || status=1
 
 echo "== 5/5 the MODEL beside the measurements"
