@@ -25,7 +25,6 @@ process I/O), so the ops ask when they run; where it is not built (no C compiler
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -33,11 +32,10 @@ import torch
 from groupnorm.activations import apply_activation
 from groupnorm.backends import cpu_kernel
 from groupnorm.backends.torch_ops import (
+    _backward64,
     _expand,
-    _group_sum,
-    _per_channel,
     _shifted,
-    _spatial_sum,
+    _spread_groups,
     _stats_of_shifted,
     kernel_grads,
 )
@@ -71,8 +69,8 @@ def _moments64(x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
 
 def _xhat64(x64: torch.Tensor, moments: torch.Tensor, plan: GroupPlan, eps: float) -> torch.Tensor:
     mean, var = moments
-    spread = (_expand(_per_channel(v, plan), x64.dim()) for v in (mean, (var + eps).rsqrt()))
-    return (x64 - next(spread)) * next(spread)
+    nd = x64.dim()
+    return (x64 - _spread_groups(mean, plan, nd)) * _spread_groups((var + eps).rsqrt(), plan, nd)
 
 
 def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -158,22 +156,9 @@ def cpu_backward(
     if cpu_kernel.serves(x):
         w = None if weight is None else weight.contiguous()
         return cpu_kernel.backward(x, dy, plan, w, moments, eps, per_sample=per_sample)
-    N, C = x.shape[:2]
-    x64, dy64 = x.double(), dy.double()
-    xhat = _xhat64(x64, moments, plan, eps)
-    B, A = _spatial_sum(dy64 * xhat), _spatial_sum(dy64)  # (N, C)
-    w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
-    w = w.expand(N, C)
-    # dx = rstd (w dy - mean_g(w dy) - xhat mean_g(w dy xhat)), means over each group's elements.
-    count = torch.tensor(sizes, dtype=torch.float64) * math.prod(x.shape[2:])
-    mean_wdy, mean_wdyx = (_group_sum(w * s, plan) / count for s in (A, B))
-    rstd = (moments[1] + eps).rsqrt()
-
-    def spread(v: torch.Tensor) -> torch.Tensor:
-        return _expand(_per_channel(v, plan), x.dim())
-
-    dx = spread(rstd) * (_expand(w, x.dim()) * dy64 - spread(mean_wdy) - xhat * spread(mean_wdyx))
-    sums = torch.stack((B, A)) if per_sample else torch.stack((B.sum(0), A.sum(0)))
+    mean, var = moments
+    xc = x.double() - _spread_groups(mean, plan, x.dim())
+    dx, sums = _backward64(xc, dy, plan, weight, (var + eps).rsqrt(), per_sample)
     return _like(dx, x), sums
 
 

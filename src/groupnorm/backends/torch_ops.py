@@ -150,6 +150,12 @@ def _expand(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape(v.shape + (1,) * (ndim - 2))
 
 
+def _spread_groups(v: torch.Tensor, plan: GroupPlan, ndim: int) -> torch.Tensor:
+    """(N, G) -> (N, C, 1, ..., 1): each group's value on its channels, to broadcast against an
+    (N, C, *S) tensor."""
+    return _expand(_per_channel(v, plan), ndim)
+
+
 def _shifted(
     x: torch.Tensor, plan: GroupPlan, pivot: torch.Tensor | None, acc: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +166,7 @@ def _shifted(
     if pivot is None:
         first = plan_index(plan, x.device).first
         pivot = x.detach()[(slice(None), first) + (0,) * (x.dim() - 2)].to(acc)
-    xs = x.to(acc) - _expand(_per_channel(pivot, plan), x.dim())
+    xs = x.to(acc) - _spread_groups(pivot, plan, x.dim())
     return xs, pivot
 
 
@@ -866,33 +872,49 @@ def _recorded_backward(
     per_sample: bool,
     stats_grads: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`cpu_kernel.backward`'s ``(dx, sums)`` as float64 torch ops that autograd records,
-    for a backward that is itself differentiated: with xhat = (x - mean) rstd per group,
-    A = sum dy and B = sum dy xhat per (n, c), k1 = sum_c w A / count and k2 = sum_c w B / count
-    per group, dx = rstd (dy w - k1 - xhat k2) (+ a (x - mean) + b from ``stats_grads``). The
-    statistics are recomputed from x, so that second derivatives see them depend on it. These
-    are partial derivatives in each input: where one input of :class:`_Fused` is computed from
-    another (scale from x), autograd adds each path once (differentiating the composite
-    forward would count the path through scale twice)."""
-    N, C = x.shape[:2]
-    nd = x.dim()
+    """:func:`cpu_kernel.backward`'s ``(dx, sums)`` as float64 torch ops that autograd records
+    (:func:`_backward64`), for a backward that is itself differentiated. The statistics are
+    recomputed from x, so that second derivatives see them depend on it. These are partial
+    derivatives in each input: where one input of :class:`_Fused` is computed from another
+    (scale from x), autograd adds each path once (differentiating the composite forward would
+    count the path through scale twice)."""
     counts = _group_counts(x, plan)
-
-    def spread(v: torch.Tensor) -> torch.Tensor:  # (N, G) -> (N, C, 1, ...)
-        return _expand(_per_channel(v, plan), nd)
-
-    x64, dy64 = x.double(), dy.double()
-    xc = x64 - spread(_group_sum(_spatial_sum(x64), plan) / counts)
+    x64 = x.double()
+    xc = x64 - _spread_groups(_group_sum(_spatial_sum(x64), plan) / counts, plan, x.dim())
     rstd = torch.rsqrt(_group_sum(_spatial_sum(xc * xc), plan) / counts + eps)
-    xhat = xc * spread(rstd)
+    dx, sums = _backward64(xc, dy, plan, weight, rstd, per_sample, stats_grads)
+    return dx.to(x.dtype), sums
+
+
+def _backward64(
+    xc: torch.Tensor,
+    dy: torch.Tensor,
+    plan: GroupPlan,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    per_sample: bool,
+    stats_grads: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cpu_kernel.backward`'s ``(dx, sums)`` in float64 torch ops, from xc = x - mean
+    (float64, (N, C, *S)) and rstd (N, G): with xhat = xc rstd, A = sum dy and B = sum dy xhat
+    per (n, c), k1 = sum_c w A / count and k2 = sum_c w B / count per group,
+    dx = rstd (dy w - k1 - xhat k2) (+ a xc + b from ``stats_grads`` (a, b)), float64; weight
+    (C,), or (N, C) where ``per_sample``, or None."""
+    N, C = xc.shape[:2]
+    nd = xc.dim()
+    counts = _group_counts(xc, plan)
+    dy64 = dy.double()
+    r = _spread_groups(rstd, plan, nd)
+    xhat = xc * r
     B, A = _spatial_sum(dy64 * xhat), _spatial_sum(dy64)
     w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
-    k1, k2 = (_group_sum(w * s, plan) / counts for s in (A, B))
-    dx = spread(rstd) * (dy64 * _expand(w.expand(N, C), nd) - spread(k1) - xhat * spread(k2))
+    k1, k2 = (_spread_groups(_group_sum(w * s, plan) / counts, plan, nd) for s in (A, B))
+    dx = r * (dy64 * _expand(w.expand(N, C), nd) - k1 - xhat * k2)
     if stats_grads is not None:
-        dx = dx + spread(stats_grads[0]) * xc + spread(stats_grads[1])
+        a, b = (_spread_groups(t, plan, nd) for t in stats_grads)
+        dx = dx + a * xc + b
     sums = torch.stack((B, A)) if per_sample else torch.stack((B.sum(0), A.sum(0)))
-    return dx.to(x.dtype), sums
+    return dx, sums
 
 
 class _FusedGiven(torch.autograd.Function):

@@ -2485,10 +2485,10 @@ def _statistics_grads(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """dx (float32, in place) plus what reaches x through returned statistics, and the gradients
     of given (pivot, shifted_mean, m2, count), all (N, G) float32 (None unless ``given``)."""
-    from groupnorm.backends.torch_ops import _expand, _group_sum, _per_channel, _spatial_sum
+    from groupnorm.backends.torch_ops import _group_sum, _spatial_sum, _spread_groups
 
     def spread(v: torch.Tensor) -> torch.Tensor:  # (N, G) -> (N, C, 1, ...)
-        return _expand(_per_channel(v, plan), x.dim())
+        return _spread_groups(v, plan, x.dim())
 
     # x - mean as (x - pivot) - shifted_mean: no cancellation at a large offset.
     xc = (x.float() - spread(pivot)).sub_(spread(smean))
