@@ -106,3 +106,39 @@ def reference(
         scale=np64(epilogue.get("scale")),
         shift=np64(epilogue.get("shift")),
     )
+
+
+def textbook_group_norm(
+    x: torch.Tensor,
+    sizes: tuple[int, ...],
+    w: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, mean, var ((N, G) each) of ``(GN(x) w + b) (1 + scale) + shift`` for groups of
+    ``sizes`` channels, eps 1e-5, in plain torch ops, one group at a time (independent of the
+    code under test; differentiable, for gradients of any order)."""
+    N = x.shape[0]
+    parts, means, variances, c0 = [], [], [], 0
+    for size in sizes:
+        block = x[:, c0 : c0 + size]
+        flat = block.reshape(N, -1)
+        mean = flat.mean(-1, keepdim=True)
+        var = ((flat - mean) ** 2).mean(-1, keepdim=True)
+        parts.append(((flat - mean) / torch.sqrt(var + 1e-5)).reshape(block.shape))
+        means.append(mean[:, 0])
+        variances.append(var[:, 0])
+        c0 += size
+    y = torch.cat(parts, 1)
+    per_channel = (1, -1) + (1,) * (x.dim() - 2)
+    per_sample = x.shape[:2] + (1,) * (x.dim() - 2)
+    if w is not None:
+        y = y * w.reshape(per_channel)
+    if b is not None:
+        y = y + b.reshape(per_channel)
+    if scale is not None:
+        y = y * (1 + scale.reshape(per_sample))
+    if shift is not None:
+        y = y + shift.reshape(per_sample)
+    return y, torch.stack(means, 1), torch.stack(variances, 1)

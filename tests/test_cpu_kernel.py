@@ -31,7 +31,15 @@ import groupnorm
 from groupnorm import reference as R
 from groupnorm.backends import cpu_kernel, torch_ops
 from groupnorm.functional import resolve_plan
-from tests._inputs import PLAN_KINDS, affine_draw, make_x, plan_kwargs, rand, reference
+from tests._inputs import (
+    PLAN_KINDS,
+    affine_draw,
+    make_x,
+    plan_kwargs,
+    rand,
+    reference,
+    textbook_group_norm,
+)
 from tests._tolerances import assert_matches, to_numpy, tolerance
 
 BUILT = cpu_kernel.library() is not None
@@ -424,41 +432,6 @@ def test_property_kernel_backward_matches_float64(
         assert_matches(b.grad, grads.dbeta, dtype, reduction=N * math.prod(spatial), what="db")
 
 
-def _textbook_modulated(
-    x: torch.Tensor,
-    sizes: tuple[int, ...],
-    w: torch.Tensor | None,
-    b: torch.Tensor | None,
-    scale: torch.Tensor | None,
-    shift: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y, mean, var of ``(GN(x) w + b) (1 + scale) + shift`` in plain torch ops, one group at
-    a time (independent of the code under test)."""
-    N = x.shape[0]
-    parts, means, variances, c0 = [], [], [], 0
-    for size in sizes:
-        block = x[:, c0 : c0 + size]
-        flat = block.reshape(N, -1)
-        mean = flat.mean(-1, keepdim=True)
-        var = ((flat - mean) ** 2).mean(-1, keepdim=True)
-        parts.append(((flat - mean) / torch.sqrt(var + 1e-5)).reshape(block.shape))
-        means.append(mean[:, 0])
-        variances.append(var[:, 0])
-        c0 += size
-    y = torch.cat(parts, 1)
-    per_channel = (1, -1) + (1,) * (x.dim() - 2)
-    per_sample = x.shape[:2] + (1,) * (x.dim() - 2)
-    if w is not None:
-        y = y * w.reshape(per_channel)
-    if b is not None:
-        y = y + b.reshape(per_channel)
-    if scale is not None:
-        y = y * (1 + scale.reshape(per_sample))
-    if shift is not None:
-        y = y + shift.reshape(per_sample)
-    return y, torch.stack(means, 1), torch.stack(variances, 1)
-
-
 @needs_kernel
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -515,7 +488,7 @@ def test_property_recorded_backward_matches_float64(
                 ), None)  # fmt: skip
             mean, var = (stats.mean, stats.var) if stats is not None else (x, x)
         else:
-            y, mean, var = _textbook_modulated(x, plan.sizes, w, b, scale, shift)
+            y, mean, var = textbook_group_norm(x, plan.sizes, w, b, scale, shift)
         loss = (y * dy.to(dtype)).sum()
         if stats_out:
             loss = loss + (mean * a.to(dtype)).sum() + var.sum()

@@ -15,7 +15,7 @@ import groupnorm
 from groupnorm import reference as R
 from groupnorm.backends import cpu_kernel
 from groupnorm.functional import resolve_plan
-from tests._inputs import affine_draw, make_x, rand, reference
+from tests._inputs import affine_draw, make_x, rand, reference, textbook_group_norm
 from tests._tolerances import assert_matches, to_numpy
 
 
@@ -471,11 +471,7 @@ def test_regression_statistics_out_under_autograd_cost_one_kernel_pass(
         loss.backward()
 
         x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
-        groups = x64.reshape(N, G, -1)
-        mean = groups.mean(-1)
-        var = ((groups - mean[..., None]) ** 2).mean(-1)
-        xhat = ((groups - mean[..., None]) / torch.sqrt(var[..., None] + 1e-5)).reshape(x64.shape)
-        y64 = xhat * w64[:, None, None] + b64[:, None, None]
+        y64, mean, var = textbook_group_norm(x64, (C // G,) * G, w64, b64)
         ((y64 * dy.double()).sum() + (mean * a).sum() + (var * c).sum()).backward()
         assert_matches(y, to_numpy(y64), dtype)
         assert_matches(stats.mean, to_numpy(mean), dtype, what="mean")
@@ -504,11 +500,7 @@ def test_regression_statistics_out_recorded_backward_matches_float64() -> None:
         return y, stats.mean, stats.var
 
     def textbook(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        groups = x.reshape(N, G, -1)
-        mean = groups.mean(-1)
-        var = ((groups - mean[..., None]) ** 2).mean(-1)
-        xhat = ((groups - mean[..., None]) / torch.sqrt(var[..., None] + 1e-5)).reshape(x.shape)
-        return xhat * w[:, None, None] + b[:, None, None], mean, var
+        return textbook_group_norm(x, (C // G,) * G, w, b)
 
     # (dx does not depend on the bias)
     got = torch.autograd.grad(penalty(ours, x, w, b), (x, w))
@@ -540,13 +532,7 @@ def test_regression_recorded_backward_counts_scale_computed_from_x_once(layout: 
         return y
 
     def textbook(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        scale, shift = modulation(x)
-        groups = x.reshape(N, G, -1)
-        mean = groups.mean(-1, keepdim=True)
-        var = ((groups - mean) ** 2).mean(-1, keepdim=True)
-        xhat = ((groups - mean) / torch.sqrt(var + 1e-5)).reshape(x.shape)
-        y = xhat * w[:, None, None] + b[:, None, None]
-        return y * (1 + scale[..., None, None]) + shift[..., None, None]
+        return textbook_group_norm(x, (C // G,) * G, w, b, *modulation(x))[0]
 
     def derivatives(f: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple:
         (gx,) = torch.autograd.grad((f(x, w, b) * dy.to(x.dtype)).sum(), x, create_graph=True)
@@ -571,11 +557,7 @@ def test_regression_given_statistics_recorded_backward_matches_float64(layout: s
     x, w, b, dy = (t.detach().double().requires_grad_(t.requires_grad) for t in (x, w, b, dy))
 
     def textbook(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        groups = x.reshape(N, G, -1)
-        mean = groups.mean(-1, keepdim=True)
-        var = ((groups - mean) ** 2).mean(-1, keepdim=True)
-        xhat = ((groups - mean) / torch.sqrt(var + 1e-5)).reshape(x.shape)
-        return xhat * w[:, None, None] + b[:, None, None]
+        return textbook_group_norm(x, (C // G,) * G, w, b)[0]
 
     def ours(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         y = groupnorm.group_norm(x, G, w, b, stats=groupnorm.group_stats(x, G))
