@@ -600,6 +600,45 @@ def test_dx_holds_the_bound_where_dy_w_is_nearly_its_group_mean(layout: str, L: 
 
 @needs_kernel
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_float32_sums_are_the_float64_sums_rounded_once(layout: str) -> None:
+    """The backward stores a float32 weight's gradients itself (``sums_dtype``): the float64
+    sums rounded once, dx unchanged; per-sample sums (a modulated forward) stay float64."""
+    shape, plan = (2, 6, 5, 7), resolve_plan(6, num_groups=3)
+    x = make_x(shape, torch.float32, layout, seed=3, loc=10.0)
+    w, dy = rand((6,), torch.float32, 1), rand(shape, torch.float32, 2)
+    _, moments = cpu_kernel.forward(x, plan, w, None, 1e-5, want_moments=True)
+    assert moments is not None
+    dx64, sums64 = cpu_kernel.backward(x, dy, plan, w, moments, 1e-5)
+    dx32, sums32 = cpu_kernel.backward(x, dy, plan, w, moments, 1e-5, sums_dtype=torch.float32)
+    assert sums32.dtype is torch.float32 and sums64.dtype is torch.float64
+    assert torch.equal(sums32, sums64.float()) and torch.equal(dx32, dx64)
+    per_sample = w.double().expand(2, 6).contiguous()
+    with pytest.raises(RuntimeError, match="float32 sums"):
+        cpu_kernel.backward(
+            x, dy, plan, per_sample, moments, 1e-5, per_sample=True, sums_dtype=torch.float32
+        )
+
+
+@needs_kernel
+def test_a_float64_bias_beside_a_float32_weight_gets_float64_sums() -> None:
+    """Where weight and bias differ in dtype the sums stay float64: the float64 bias's
+    gradient within the float64 bound (rounded through float32 it missed it 2e4-fold)."""
+    shape, plan = (2, 6, 5, 7), resolve_plan(6, num_groups=3)
+    x = make_x(shape, torch.float32, seed=4).requires_grad_()
+    w = rand((6,), torch.float32, 5).requires_grad_()
+    b = rand((6,), torch.float64, 6).requires_grad_()
+    dy = rand(shape, torch.float32, 7)
+    with _calls("backward") as calls:
+        groupnorm.group_norm(x, 3, w, b).backward(dy)
+    assert calls[0] == 1 and b.grad is not None and b.grad.dtype is torch.float64
+    _, cache = reference(x, plan, w, b)
+    grads = R.group_norm_backward(to_numpy(dy), cache)
+    assert_matches(w.grad, grads.dgamma, torch.float32, reduction=70, what="dw")
+    assert_matches(b.grad, grads.dbeta, torch.float64, reduction=70, what="db")
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_backward_is_the_same_at_one_and_two_threads(layout: str) -> None:
     """Past the parallel threshold, every sum in a fixed order: bitwise the same gradients (an
     uneven plan: the kernel's backward serves it in both layouts)."""

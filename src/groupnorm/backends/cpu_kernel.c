@@ -781,14 +781,18 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
 /* Backward, float32 and float64 (T = W): with xhat = ((x - hi) - lo) * rstd and g = dy * w[c],
      A[n,c] = sum_l dy, B[n,c] = sum_l dy * xhat        (db = sum_n A, dw = sum_n B),
      s1 = sum_{c in g} w[c] A[n,c], s2 = sum_{c in g} w[c] B[n,c], n_g = |g| L,
-     dx = rstd * ((dy w[c] - s1 / n_g) - ((x - hi) - lo) * rstd s2 / n_g),
-   dy w - s1 / n_g to about an ulp of itself, the rest in W: where g is nearly its group's
-   mean (a single-element group: exactly) the difference is nearly 0, and any rounding of dy w
+     dx = rstd * ((dy w[c] - s1 / n_g) - ((x - hi) - lo) * rstd s2 / n_g)
+        = dy (rstd w[c]) - k - (x - hi) q,   q = rstd^2 s2 / n_g rounded to T,
+                                             k = rstd s1 / n_g - q lo in float64,
+   dy rstd w - k to about an ulp of itself, the rest in T: where g is nearly its group's mean
+   (a single-element group: exactly) the difference is nearly 0, and any rounding of dy w
    would come back multiplied by rstd, up to eps^-1/2. Channels-last forms it in float64 (the
-   product is exact there); NCHW, whose w and s1 / n_g are one pair per row, as fma(dy, w_hi,
-   -m_hi) + fma(dy, w_lo, -m_lo) with each float64 value split into two T (hi + lo): the first
+   product is exact there); NCHW, whose rstd w and k are one pair per row, as fma(dy, w_hi,
+   -k_hi) + fma(dy, w_lo, -k_lo) with each float64 value split into two T (hi + lo): the first
    FMA rounds the difference itself, the second adds what the split left, and dy needs no
-   conversion (the backward 0.85-0.86x its time at L = 64, one thread). A and B are
+   conversion (the backward 0.85-0.86x its time at L = 64, one thread). lo, the part of the
+   mean that hi leaves, enters through k (exactly: q is the T the loop multiplies by), which
+   saves the loop a subtraction and a multiply by rstd per vector. A and B are
    summed per (n, c) in float64, their terms too (B as rstd sum dy (x - mean), x - mean from
    the float64 mean), in a fixed order: dweight and dbias sum N L terms, and float32 terms
    (or float32 runs of them) missed the float32 bound on them by up to 1.3x where the sum is
@@ -881,23 +885,19 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
         int64_t NC = N * C;                                                                 \
         double *work = malloc((size_t)(2 * NC + N * G) * sizeof(double));                   \
         double *A = work, *B = A + NC, *rstd = B + NC;                                      \
-        /* per (n, c), each an array of NC: hi, lo, rstd, rstd s2 / n_g in T; w, s1 / n_g in \
-           float64 */                                                                       \
-        T *k = malloc((size_t)(4 * NC) * sizeof(T));                                        \
-        T *khi = k, *klo = k + NC, *kr = k + 2 * NC, *ks = k + 3 * NC;                      \
+        /* per (n, c), each an array of NC: hi and q in T; w (then r w) and k in float64 */  \
+        T *khi = malloc((size_t)(2 * NC) * sizeof(T)), *kq = khi + NC;                      \
         double *kw = malloc((size_t)(4 * NC) * sizeof(double)), *km = kw + NC;              \
         double *kmd = km + NC, *krd = kmd + NC; /* mean and rstd per (n, c) for the sums */ \
         for (int64_t i = 0; i < N * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);             \
-        for (int64_t j = 0; j < NC; j++) {                                                  \
-            int64_t i = j / C * G + group_of[j % C];                                        \
-            T hi = (T)mean[i];                                                              \
-            khi[j] = hi;                                                                    \
-            klo[j] = (T)(mean[i] - (double)hi);                                             \
-            kr[j] = (T)rstd[i];                                                             \
-            kmd[j] = mean[i];                                                               \
-            krd[j] = rstd[i];                                                               \
-            kw[j] = wd[per_sample ? j : j % C];                                             \
-        }                                                                                   \
+        for (int64_t n = 0, j = 0; n < N; n++)                                              \
+            for (int64_t c = 0; c < C; c++, j++) {                                          \
+                int64_t i = n * G + group_of[c];                                            \
+                khi[j] = (T)mean[i];                                                        \
+                kmd[j] = mean[i];                                                           \
+                krd[j] = rstd[i];                                                           \
+                kw[j] = wd[per_sample ? j : c];                                             \
+            }                                                                               \
         if (!cl) {                                                                          \
             /* Short rows four at a time (at most three left over); long ones alone       \
                (eight streams at once measured 3-5 % slower at L = 4096). */                \
@@ -963,29 +963,31 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 /* given statistics are constants here: dx = r dy w (their own gradients   \
                    come from A and B) */                                                    \
                 if (given) s1 = s2 = 0.0;                                                   \
+                T q = (T)(r * (r * s2 / n_g - ea));                                         \
                 for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) {                     \
-                    ks[n * C + c] = (T)(r * s2 / n_g - ea);                                 \
-                    km[n * C + c] = s1 / n_g - eb;                                          \
+                    int64_t j = n * C + c;                                                  \
+                    kq[j] = q;                                                              \
+                    km[j] = r * (s1 / n_g - eb) - (double)q * (kmd[j] - (double)khi[j]);    \
+                    kw[j] *= r;                                                             \
                 }                                                                           \
             }                                                                               \
         if (!cl) {                                                                          \
             FOR_TASKS(j, NC, {                                                              \
                 const T *xr = x + j * L, *dr = dy + j * L;                                  \
-                /* w and -s1 / n_g each as two T that add up to the float64 value (see     \
-                   above) */                                                                \
+                /* r w and -k each as two T that add up to the float64 value (see above) */ \
                 T wh = (T)kw[j], wl = (T)(kw[j] - (double)wh), mh = (T)-km[j];              \
-                T ml = (T)(-km[j] - (double)mh);                                            \
+                T ml = (T)(-km[j] - (double)mh), h = khi[j], q = kq[j];                     \
                 VW vwh = (VW){0} + wh, vwl = (VW){0} + wl, vmh = (VW){0} + mh;             \
-                VW vml = (VW){0} + ml;                                                      \
+                VW vml = (VW){0} + ml, vh = (VW){0} + h, vq = (VW){0} + q;                 \
                 T *out = dx + j * L;                                                        \
                 int64_t i = 0;                                                              \
                 for (; i + 8 <= L; i += 8) {                                                \
                     VW d = LOAD(dr + i), gm = FMA(d, vwh, vmh) + FMA(d, vwl, vml);         \
-                    STORE(out + i, kr[j] * (gm - ((LOAD(xr + i) - khi[j]) - klo[j]) * ks[j])); \
+                    STORE(out + i, gm - (LOAD(xr + i) - vh) * vq);                         \
                 }                                                                           \
                 for (; i < L; i++) {                                                        \
                     T gm = SFMA(dr[i], wh, mh) + SFMA(dr[i], wl, ml);                       \
-                    out[i] = kr[j] * (gm - ((xr[i] - khi[j]) - klo[j]) * ks[j]);            \
+                    out[i] = gm - (xr[i] - h) * q;                                          \
                 }                                                                           \
             })                                                                              \
         } else {                                                                            \
@@ -997,51 +999,57 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 for (int64_t c = 0; c < C8; c += 8) {                                       \
                     int64_t j = o + c;                                                      \
                     VW gm = NARROW(WIDE(LOAD(dr + c)) * load_f64(kw + j) - load_f64(km + j)); \
-                    VW e = (LOAD(xr + c) - LOAD(khi + j)) - LOAD(klo + j);                  \
-                    STORE(out + c, LOAD(kr + j) * (gm - e * LOAD(ks + j)));                 \
+                    STORE(out + c, gm - (LOAD(xr + c) - LOAD(khi + j)) * LOAD(kq + j));     \
                 }                                                                           \
                 for (int64_t c = C8; c < C; c++) {                                          \
                     int64_t j = o + c;                                                      \
                     T gm = (T)((double)dr[c] * kw[j] - km[j]);                              \
-                    out[c] = kr[j] * (gm - ((xr[c] - khi[j]) - klo[j]) * ks[j]);            \
+                    out[c] = gm - (xr[c] - khi[j]) * kq[j];                                 \
                 }                                                                           \
             })                                                                              \
         }                                                                                   \
         free(kw);                                                                           \
-        free(k);                                                                            \
+        free(khi);                                                                          \
         free(work);                                                                         \
     }
 
 DEFINE_BACKWARD(f32, float, vf, load_f32, wide_f, narrow_f, fma_vf, __builtin_fmaf, store_f32)
 DEFINE_BACKWARD(f64, double, vd, load_f64, wide_d, wide_d, fma_vd, __builtin_fma, store_f64)
 
-/* dx (x's dtype and layout) and, where asked, dw and db (float64, C) for the forward that
-   used mean and var; dy in x's layout. float32 and float64 only. per_sample: w is (N, C), a
-   weight per sample and channel (w[c] (1 + scale[n, c]) of a modulated forward), and dw and db
-   get the (N, C) sums B and A themselves. sa, sb (float64 (N, G), or NULL): gradients that
+/* dx (x's dtype and layout) and, where asked, dw and db (C, summed in float64, stored as
+   stype: F32 or F64) for the forward that used mean and var; dy in x's layout. float32 and
+   float64 only. per_sample: w is (N, C), a weight per sample and channel (w[c] (1 + scale[n,
+   c]) of a modulated forward), and dw and db get the (N, C) sums B and A themselves (F64). sa, sb (float64 (N, G), or NULL): gradients that
    reach x through returned statistics, a (x - mean) + b on every element of group (n, g), added
    to dx in the same pass. given: mean and var were given, constants here: dx = rstd dy w. */
 static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64_t N, int64_t C,
                        int64_t L, int cl, const int64_t *offsets, int64_t G,
                        const int64_t *group_of, const double *mean, const double *var,
-                       double eps, const void *w, int wtype, double *dw, double *db,
+                       double eps, const void *w, int wtype, void *dw, void *db, int stype,
                        const double *sa, const double *sb, int given, int nthreads,
                        int per_sample) {
+    if ((dtype != F32 && dtype != F64) || (stype != F64 && (stype != F32 || per_sample)))
+        return -1;
     if (N * C * L < PARALLEL_MIN) nthreads = 1;
     int64_t nw = per_sample ? N * C : C;
-    double *wd = malloc((size_t)nw * sizeof(double));
+    /* wd, then float64 dw and db where they are stored as float32 */
+    double *wd = malloc((size_t)(nw + (stype == F32 ? 2 * C : 0)) * sizeof(double));
     for (int64_t j = 0; j < nw; j++) wd[j] = param(w, wtype, j, 1.0);
-    int status = 0;
+    double *dw64 = stype == F32 ? (dw ? wd + nw : NULL) : dw;
+    double *db64 = stype == F32 ? (db ? wd + nw + C : NULL) : db;
     if (dtype == F32)
         backward_f32(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd,
-                     per_sample, dw, db, sa, sb, given, nthreads);
-    else if (dtype == F64)
-        backward_f64(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd,
-                     per_sample, dw, db, sa, sb, given, nthreads);
+                     per_sample, dw64, db64, sa, sb, given, nthreads);
     else
-        status = -1;
+        backward_f64(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd,
+                     per_sample, dw64, db64, sa, sb, given, nthreads);
+    if (stype == F32)
+        for (int64_t c = 0; c < C; c++) {
+            if (dw) ((float *)dw)[c] = (float)dw64[c];
+            if (db) ((float *)db)[c] = (float)db64[c];
+        }
     free(wd);
-    return status;
+    return 0;
 }
 
 /* 8 x 8 block of 4-byte elements: d[j * ld + i] = s[i * ls + j], in registers (three rounds
@@ -1234,7 +1242,7 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
 /* Python: forward(x, dtype, y, ytype, N, C, L, cl, offsets, G, group_of, mean, var, given, eps,
    w, wtype, b, btype, scale, shift, relu, nthreads) and stats(x, dtype, N, C, L, cl, offsets,
    G, mean, var, nthreads) and backward(x, dy, dx, dtype, N, C, L, cl, offsets, G, group_of,
-   mean, var, eps, w, wtype, dw, db, sa, sb, given, nthreads, per_sample), pointers as ints (0: none;
+   mean, var, eps, w, wtype, dw, db, stype, sa, sb, given, nthreads, per_sample), pointers as ints (0: none;
    forward's mean and var may be 0 when not given), return 0 or -1 as above; dtypes() the bit
    mask of dtype codes served; stream_min(bytes) sets stream_min and returns the value before.
    The GIL is released while the kernels run. */
@@ -1285,15 +1293,15 @@ static PyObject *py_stats(PyObject *self, PyObject *const *args, Py_ssize_t narg
 
 static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    long long a[23];
+    long long a[24];
     double eps;
-    if (parse(args, nargs, "backward", 23, 13, a, &eps)) return NULL;
+    if (parse(args, nargs, "backward", 24, 13, a, &eps)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = gn_backward(PTR(a[0]), PTR(a[1]), PTR(a[2]), (int)a[3], a[4], a[5], a[6], (int)a[7],
                          PTR(a[8]), a[9], PTR(a[10]), PTR(a[11]), PTR(a[12]), eps, PTR(a[14]),
-                         (int)a[15], PTR(a[16]), PTR(a[17]), PTR(a[18]), PTR(a[19]),
-                         (int)a[20], (int)a[21], (int)a[22]);
+                         (int)a[15], PTR(a[16]), PTR(a[17]), (int)a[18], PTR(a[19]),
+                         PTR(a[20]), (int)a[21], (int)a[22], (int)a[23]);
     Py_END_ALLOW_THREADS
     return PyLong_FromLong(status);
 }

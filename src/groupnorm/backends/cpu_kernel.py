@@ -209,7 +209,7 @@ def serves(x: torch.Tensor) -> bool:
     """Whether the kernel can run on x: built, a non-empty CPU tensor of a float dtype in a
     layout it reads (:func:`layout`). The caller makes sure autograd records nothing."""
     return (
-        x.device.type == "cpu"
+        x.is_cpu
         and library() is not None
         and x.dtype in _dtypes()
         and x.numel() > 0
@@ -375,15 +375,17 @@ def backward(
     per_sample: bool = False,
     stats_grads: torch.Tensor | None = None,
     stats_given: bool = False,
+    sums_dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, sums)`` of ``y = GN(x) * weight + bias`` for float32/float64 x that
     :func:`serves` accepts and the float64 ``moments`` (2, N, G) its forward used: dx in x's
-    dtype and layout, sums float64 (2, C): dweight and dbias (sums of dy * xhat and of dy per
-    channel).
+    dtype and layout, sums (2, C): dweight and dbias (sums of dy * xhat and of dy per
+    channel), summed in float64 and stored as ``sums_dtype`` (float64 or float32: a float32
+    weight's gradients without a conversion after).
 
     ``per_sample``: weight is float64 (N, C) contiguous, a weight per sample and channel
-    (``weight[c] * (1 + scale[n, c])`` of a modulated forward), and sums is (2, N, C), the
-    sums of dy * xhat and of dy per sample and channel.
+    (``weight[c] * (1 + scale[n, c])`` of a modulated forward), and sums is float64 (2, N, C),
+    the sums of dy * xhat and of dy per sample and channel.
 
     ``stats_grads``: float64 (2, N, G) contiguous, (a, b): what reaches x through statistics the
     forward returned, ``a (x - mean) + b`` on every element of group (n, g) (a = 2 dL/dm2, b =
@@ -402,7 +404,7 @@ def backward(
         dy = _to_channels_last(dy.contiguous())
     off, group_of = _plan_arrays(plan)
     dx = torch.empty_like(x)
-    grads = torch.empty((2, N, C) if per_sample else (2, C), dtype=torch.float64)
+    grads = torch.empty((2, N, C) if per_sample else (2, C), dtype=sums_dtype)
     mean, dw = moments.data_ptr(), grads.data_ptr()
     sa = sb = 0
     if stats_grads is not None:
@@ -412,8 +414,9 @@ def backward(
         x.data_ptr(), dy.data_ptr(), dx.data_ptr(), _CODES[x.dtype], N, C, L, cl,
         off.data_ptr(), plan.num_groups, group_of.data_ptr(), mean,
         mean + moments.stride(0) * 8, eps, _ptr(weight), _code(weight), dw,
-        dw + grads.stride(0) * 8, sa, sb, stats_given, torch.get_num_threads(), per_sample,
+        dw + grads.stride(0) * grads.element_size(), _CODES[sums_dtype], sa, sb, stats_given,
+        torch.get_num_threads(), per_sample,
     )  # fmt: skip
     if code:
-        raise RuntimeError(f"cpu_kernel: no backward for {x.dtype}")
+        raise RuntimeError(f"cpu_kernel: no backward for {x.dtype} with {sums_dtype} sums")
     return dx, grads

@@ -825,11 +825,16 @@ class _Fused(torch.autograd.Function):
         eps: float,
         stats_out: bool,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        s64, h64 = (None if t is None else t.double().contiguous() for t in (scale, shift))
-        y, moments = cpu_kernel.forward(
-            x, plan, weight, bias, eps, want_moments=True, scale=s64, shift=h64
-        )
-        ctx.save_for_backward(x, weight, bias, scale, shift, moments)
+        if scale is None and shift is None:
+            y, moments = cpu_kernel.forward(x, plan, weight, bias, eps, want_moments=True)
+            ctx.save_for_backward(x, weight, bias, moments)  # each costs the backward an unpack
+        else:
+            s64 = None if scale is None else scale.double().contiguous()
+            h64 = None if shift is None else shift.double().contiguous()
+            y, moments = cpu_kernel.forward(
+                x, plan, weight, bias, eps, want_moments=True, scale=s64, shift=h64
+            )
+            ctx.save_for_backward(x, weight, bias, moments, scale, shift)
         ctx.plan, ctx.eps, ctx.stats_out = plan, eps, stats_out
         if not stats_out:
             return y
@@ -844,7 +849,9 @@ class _Fused(torch.autograd.Function):
     def backward(
         ctx: Any, dy: torch.Tensor, *stats: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, weight, bias, scale, shift, moments = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        x, weight, bias, moments = saved[:4]
+        scale, shift = saved[4:] if len(saved) > 4 else (None, None)
         plan, wanted = ctx.plan, ctx.needs_input_grad[:5]
         d_smean, d_m2 = stats[1:] if ctx.stats_out else (None, None)
         through = None
@@ -852,13 +859,21 @@ class _Fused(torch.autograd.Function):
             # d shifted_mean / dx = 1 / count and d m2 / dx = 2 (x - mean), per group
             through = torch.stack((2 * d_m2.double(), d_smean.double() / _group_counts(x, plan)))
         recorded = torch.is_grad_enabled()
+        # The kernel stores the float64 sums as a float32 weight's gradient (no conversion
+        # after) where the bias, if any, is of the weight's dtype too.
+        sums = (
+            weight.dtype
+            if weight is not None and (bias is None or bias.dtype is weight.dtype)
+            else torch.float64
+        )
 
         def backward(w: torch.Tensor | None, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
             if recorded:
                 return _recorded_backward(x, dy, plan, w, ctx.eps, per_sample, through)
             return cpu_kernel.backward(
-                x, dy, plan, w, moments, ctx.eps, per_sample=per_sample, stats_grads=through
-            )
+                x, dy, plan, w, moments, ctx.eps, per_sample=per_sample, stats_grads=through,
+                sums_dtype=torch.float64 if per_sample else sums,
+            )  # fmt: skip
 
         return (*kernel_grads(backward, x, weight, bias, scale, shift, wanted), None, None, None)
 
