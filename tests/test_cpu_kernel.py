@@ -602,16 +602,19 @@ def test_dx_holds_the_bound_where_dy_w_is_nearly_its_group_mean(layout: str, L: 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_float32_sums_are_the_float64_sums_rounded_once(layout: str) -> None:
     """The backward stores a float32 weight's gradients itself (``sums_dtype``): the float64
-    sums rounded once, dx unchanged; per-sample sums (a modulated forward) stay float64."""
+    sums rounded once, dx unchanged, each sum a tensor of its own (not a view, which autograd
+    would copy into ``.grad``); per-sample sums (a modulated forward) stay float64."""
     shape, plan = (2, 6, 5, 7), resolve_plan(6, num_groups=3)
     x = make_x(shape, torch.float32, layout, seed=3, loc=10.0)
     w, dy = rand((6,), torch.float32, 1), rand(shape, torch.float32, 2)
     _, moments = cpu_kernel.forward(x, plan, w, None, 1e-5, want_moments=True)
     assert moments is not None
-    dx64, sums64 = cpu_kernel.backward(x, dy, plan, w, moments, 1e-5)
-    dx32, sums32 = cpu_kernel.backward(x, dy, plan, w, moments, 1e-5, sums_dtype=torch.float32)
-    assert sums32.dtype is torch.float32 and sums64.dtype is torch.float64
-    assert torch.equal(sums32, sums64.float()) and torch.equal(dx32, dx64)
+    dx64, *sums64 = cpu_kernel.backward(x, dy, plan, w, moments, 1e-5)
+    dx32, *sums32 = cpu_kernel.backward(x, dy, plan, w, moments, 1e-5, sums_dtype=torch.float32)
+    assert torch.equal(dx32, dx64)
+    for s32, s64 in zip(sums32, sums64, strict=True):
+        assert s32.dtype is torch.float32 and s64.dtype is torch.float64
+        assert torch.equal(s32, s64.float()) and s32._base is None
     per_sample = w.double().expand(2, 6).contiguous()
     with pytest.raises(RuntimeError, match="float32 sums"):
         cpu_kernel.backward(

@@ -11,8 +11,8 @@ bound (compiled, 26 of the 72 draws of the eager regression test, up to 2.3x). T
   ``y = act(u)`` (SiLU or GELU, in float64 from u) in x's dtype and memory format, and
   the float64 (2, N, G) mean and variance used;
 - ``groupnorm::cpu_backward(dy, x, weight, moments, sizes, eps, per_sample, u, activation)
-  -> (dx, sums)``: dy through the activation's derivative in float64, then
-  :func:`cpu_kernel.backward`: dx and the float64 per-channel sums.
+  -> (dx, dw, db)``: dy through the activation's derivative in float64, then
+  :func:`cpu_kernel.backward`: dx and the float64 per-channel sums of dy * xhat and of dy.
 
 The forward's registered autograd calls the backward op and assembles the parameters'
 gradients from its sums in float64, as the eager Function does (:func:`torch_ops.kernel_grads`).
@@ -32,6 +32,7 @@ import torch
 from groupnorm.activations import apply_activation
 from groupnorm.backends import cpu_kernel
 from groupnorm.backends.torch_ops import (
+    KernelSums,
     _backward64,
     _expand,
     _shifted,
@@ -145,8 +146,8 @@ def cpu_backward(
     per_sample: bool,
     u: torch.Tensor,
     activation: Optional[str],  # noqa: UP045
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`cpu_kernel.backward` as an op: ``(dx, sums)``, sums float64 (2, C), or (2, N, C)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cpu_kernel.backward` as an op: ``(dx, dw, db)``, the sums float64 (C,), or (N, C)
     where ``per_sample`` (weight then float64 (N, C)). With an activation, dy is first taken
     through its derivative at u in float64 (inductor's float32 SiLU backward carries enough
     rounding into dweight's sum to reach 1.03 of the float32 bound)."""
@@ -158,8 +159,8 @@ def cpu_backward(
         return cpu_kernel.backward(x, dy, plan, w, moments, eps, per_sample=per_sample)
     mean, var = moments
     xc = x.double() - _spread_groups(mean, plan, x.dim())
-    dx, sums = _backward64(xc, dy, plan, weight, (var + eps).rsqrt(), per_sample)
-    return _like(dx, x), sums
+    dx, B, A = _backward64(xc, dy, plan, weight, (var + eps).rsqrt(), per_sample)
+    return _like(dx, x), B, A
 
 
 @cpu_backward.register_fake
@@ -173,10 +174,10 @@ def _(
     per_sample: bool,
     u: torch.Tensor,
     activation: str | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    C = x.shape[1]
-    shape = (2, x.shape[0], C) if per_sample else (2, C)
-    return torch.empty_like(x), x.new_empty(shape, dtype=torch.float64)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = tuple(x.shape[:2]) if per_sample else (x.shape[1],)
+    dw, db = (x.new_empty(shape, dtype=torch.float64) for _ in range(2))
+    return torch.empty_like(x), dw, db
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
@@ -190,7 +191,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
 def _backward(ctx: Any, dy: torch.Tensor, *_: torch.Tensor) -> tuple[Any, ...]:
     x, weight, bias, scale, shift, u, moments = ctx.saved_tensors
 
-    def backward(w: torch.Tensor | None, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(w: torch.Tensor | None, per_sample: bool) -> KernelSums:
         sizes, act = list(ctx.sizes), ctx.activation
         return cpu_backward(dy, x, w, moments, sizes, ctx.eps, per_sample, u, act)
 

@@ -190,16 +190,19 @@ def layout(x: torch.Tensor) -> int | None:
     None for any other layout. Strides of size-1 dimensions do not matter to the kernel."""
     if x.is_contiguous():
         return 0
+    return 1 if _channels_last(x) else None
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether x (N, C, *S) is channels-last-contiguous, as (N, *S, C)."""
     # A 4-D or 5-D tensor's own flag, where torch keeps one (it too skips size-1 dimensions):
     # movedim is a dispatched op, 25-30 us on the first call after a large kernel has pushed
     # the dispatcher's tables out of cache (the forward of a (2, 320, 64, 64) float32 tensor;
     # this project's CPU machine).
     dim = x.dim()
     if dim in _FORMATS:
-        return 1 if x.is_contiguous(memory_format=_FORMATS[dim]) else None
-    if dim > 2 and x.movedim(1, -1).is_contiguous():
-        return 1
-    return None
+        return x.is_contiguous(memory_format=_FORMATS[dim])
+    return dim > 2 and x.movedim(1, -1).is_contiguous()
 
 
 _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -376,16 +379,17 @@ def backward(
     stats_grads: torch.Tensor | None = None,
     stats_given: bool = False,
     sums_dtype: torch.dtype = torch.float64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dx, sums)`` of ``y = GN(x) * weight + bias`` for float32/float64 x that
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dw, db)`` of ``y = GN(x) * weight + bias`` for float32/float64 x that
     :func:`serves` accepts and the float64 ``moments`` (2, N, G) its forward used: dx in x's
-    dtype and layout, sums (2, C): dweight and dbias (sums of dy * xhat and of dy per
-    channel), summed in float64 and stored as ``sums_dtype`` (float64 or float32: a float32
-    weight's gradients without a conversion after).
+    dtype and layout; dw and db (C,), the sums of dy * xhat and of dy per channel, summed in
+    float64 and stored as ``sums_dtype`` (float64 or float32: a float32 weight's gradients
+    without a conversion after), each its own tensor (autograd accumulates a view of a shared
+    one into ``.grad`` by copying it).
 
     ``per_sample``: weight is float64 (N, C) contiguous, a weight per sample and channel
-    (``weight[c] * (1 + scale[n, c])`` of a modulated forward), and sums is float64 (2, N, C),
-    the sums of dy * xhat and of dy per sample and channel.
+    (``weight[c] * (1 + scale[n, c])`` of a modulated forward), and dw and db are float64
+    (N, C), the sums of dy * xhat and of dy per sample and channel.
 
     ``stats_grads``: float64 (2, N, G) contiguous, (a, b): what reaches x through statistics the
     forward returned, ``a (x - mean) + b`` on every element of group (n, g) (a = 2 dL/dm2, b =
@@ -399,13 +403,15 @@ def backward(
     if dy.dtype != x.dtype:
         dy = dy.to(x.dtype)  # held here: a temporary's data pointer would outlive it
     if cl == 0:
-        dy = dy.contiguous()
-    elif not dy.movedim(1, -1).is_contiguous():
+        if not dy.is_contiguous():
+            dy = dy.contiguous()
+    elif not _channels_last(dy):
         dy = _to_channels_last(dy.contiguous())
     off, group_of = _plan_arrays(plan)
     dx = torch.empty_like(x)
-    grads = torch.empty((2, N, C) if per_sample else (2, C), dtype=sums_dtype)
-    mean, dw = moments.data_ptr(), grads.data_ptr()
+    shape = (N, C) if per_sample else (C,)
+    dw, db = torch.empty(shape, dtype=sums_dtype), torch.empty(shape, dtype=sums_dtype)
+    mean = moments.data_ptr()
     sa = sb = 0
     if stats_grads is not None:
         sa = stats_grads.data_ptr()
@@ -413,10 +419,10 @@ def backward(
     code = lib.backward(
         x.data_ptr(), dy.data_ptr(), dx.data_ptr(), _CODES[x.dtype], N, C, L, cl,
         off.data_ptr(), plan.num_groups, group_of.data_ptr(), mean,
-        mean + moments.stride(0) * 8, eps, _ptr(weight), _code(weight), dw,
-        dw + grads.stride(0) * grads.element_size(), _CODES[sums_dtype], sa, sb, stats_given,
-        torch.get_num_threads(), per_sample,
+        mean + moments.stride(0) * 8, eps, _ptr(weight), _code(weight), dw.data_ptr(),
+        db.data_ptr(), _CODES[sums_dtype], sa, sb, stats_given, torch.get_num_threads(),
+        per_sample,
     )  # fmt: skip
     if code:
         raise RuntimeError(f"cpu_kernel: no backward for {x.dtype} with {sums_dtype} sums")
-    return dx, grads
+    return dx, dw, db

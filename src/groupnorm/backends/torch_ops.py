@@ -786,13 +786,16 @@ def _fused_fast(
     if grad:
         if not cpu_kernel.serves(x):
             return None
-        return apply_activation(
-            _Fused.apply(x, weight, bias, None, None, plan, eps, False), activation
-        )
+        y = _Fused.apply(x, weight, bias, None, None, plan, eps, False)
+        return y if activation is None else apply_activation(y, activation)
     y = cpu_kernel.forward_plain(x, plan, weight, bias, eps, activation == "relu")
     if y is None or activation in (None, "relu"):
         return y
     return apply_activation(y, activation)
+
+
+KernelSums = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # dx, sum dy xhat, sum dy
+KernelBackward = Callable[[torch.Tensor | None, bool], KernelSums]
 
 
 class _Fused(torch.autograd.Function):
@@ -867,7 +870,7 @@ class _Fused(torch.autograd.Function):
             else torch.float64
         )
 
-        def backward(w: torch.Tensor | None, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        def backward(w: torch.Tensor | None, per_sample: bool) -> KernelSums:
             if recorded:
                 return _recorded_backward(x, dy, plan, w, ctx.eps, per_sample, through)
             return cpu_kernel.backward(
@@ -886,8 +889,8 @@ def _recorded_backward(
     eps: float,
     per_sample: bool,
     stats_grads: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`cpu_kernel.backward`'s ``(dx, sums)`` as float64 torch ops that autograd records
+) -> KernelSums:
+    """:func:`cpu_kernel.backward`'s ``(dx, dw, db)`` as float64 torch ops that autograd records
     (:func:`_backward64`), for a backward that is itself differentiated. The statistics are
     recomputed from x, so that second derivatives see them depend on it. These are partial
     derivatives in each input: where one input of :class:`_Fused` is computed from another
@@ -897,8 +900,8 @@ def _recorded_backward(
     x64 = x.double()
     xc = x64 - _spread_groups(_group_sum(_spatial_sum(x64), plan) / counts, plan, x.dim())
     rstd = torch.rsqrt(_group_sum(_spatial_sum(xc * xc), plan) / counts + eps)
-    dx, sums = _backward64(xc, dy, plan, weight, rstd, per_sample, stats_grads)
-    return dx.to(x.dtype), sums
+    dx, B, A = _backward64(xc, dy, plan, weight, rstd, per_sample, stats_grads)
+    return dx.to(x.dtype), B, A
 
 
 def _backward64(
@@ -909,8 +912,8 @@ def _backward64(
     rstd: torch.Tensor,
     per_sample: bool,
     stats_grads: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`cpu_kernel.backward`'s ``(dx, sums)`` in float64 torch ops, from xc = x - mean
+) -> KernelSums:
+    """:func:`cpu_kernel.backward`'s ``(dx, dw, db)`` in float64 torch ops, from xc = x - mean
     (float64, (N, C, *S)) and rstd (N, G): with xhat = xc rstd, A = sum dy and B = sum dy xhat
     per (n, c), k1 = sum_c w A / count and k2 = sum_c w B / count per group,
     dx = rstd (dy w - k1 - xhat k2) (+ a xc + b from ``stats_grads`` (a, b)), float64; weight
@@ -928,8 +931,7 @@ def _backward64(
     if stats_grads is not None:
         a, b = (_spread_groups(t, plan, nd) for t in stats_grads)
         dx = dx + a * xc + b
-    sums = torch.stack((B, A)) if per_sample else torch.stack((B.sum(0), A.sum(0)))
-    return dx, sums
+    return (dx, B, A) if per_sample else (dx, B.sum(0), A.sum(0))
 
 
 class _FusedGiven(torch.autograd.Function):
@@ -975,7 +977,7 @@ class _FusedGiven(torch.autograd.Function):
             dx = (dy64 * _expand(w * r, x.dim())).to(x.dtype)
             B, A = _spatial_sum(dy64 * xhat), _spatial_sum(dy64)
         else:
-            dx, (B, A) = cpu_kernel.backward(
+            dx, B, A = cpu_kernel.backward(
                 x, dy, plan, w.expand(N, C).contiguous(), moments, eps, per_sample=True,
                 stats_given=True,
             )  # fmt: skip
@@ -1023,9 +1025,6 @@ def _group_counts(x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
     return torch.tensor([size * L for size in plan.sizes], dtype=torch.float64)
 
 
-KernelBackward = Callable[[torch.Tensor | None, bool], tuple[torch.Tensor, torch.Tensor]]
-
-
 def kernel_grads(
     backward: KernelBackward,
     x: torch.Tensor,
@@ -1037,29 +1036,22 @@ def kernel_grads(
 ) -> tuple[torch.Tensor | None, ...]:
     """The gradients (dx, dweight, dbias, dscale, dshift) of :class:`_Fused`'s y, None where
     ``wanted`` says no, from ``backward(weight, per_sample)``: the kernel's backward for one dy
-    (:func:`cpu_kernel.backward`, or its op under torch.compile), dx and the float64
-    per-channel sums, from which the parameters' gradients are assembled in float64."""
+    (:func:`cpu_kernel.backward`, or its op under torch.compile), dx and the per-channel
+    sums of dy * xhat and of dy (summed in float64), from which the parameters' gradients are
+    assembled in float64."""
     dw = db = ds = dh = None
     if scale is None and shift is None:
-        dx, wb = backward(weight, False)
-        if (
-            wanted[1]
-            and wanted[2]
-            and weight is not None
-            and bias is not None
-            and weight.dtype is bias.dtype
-        ):
-            dw, db = wb.to(weight.dtype).unbind()  # one conversion for both
-        else:
-            if wanted[1] and weight is not None:
-                dw = wb[0].to(weight.dtype)
-            if wanted[2] and bias is not None:
-                db = wb[1].to(bias.dtype)
+        dx, B, A = backward(weight, False)
+        # The kernel stores them in weight's dtype where it can (a no-op .to costs a call)
+        if wanted[1] and weight is not None:
+            dw = B if B.dtype is weight.dtype else B.to(weight.dtype)
+        if wanted[2] and bias is not None:
+            db = A if A.dtype is bias.dtype else A.to(bias.dtype)
         return dx if wanted[0] else None, dw, db, None, None
     N, C = x.shape[:2]
     s1 = torch.ones((N, C), dtype=torch.float64) if scale is None else 1 + scale.double()
     w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
-    dx, (B, A) = backward((w * s1).contiguous(), True)
+    dx, B, A = backward((w * s1).contiguous(), True)
     if wanted[1] and weight is not None:
         dw = (s1 * B).sum(0).to(weight.dtype)
     if wanted[2] and bias is not None:
