@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import groupnorm
 from groupnorm import reference as R
 from groupnorm.backends import cpu_kernel
+from groupnorm.backends.compiled import cpu_backward
 from groupnorm.functional import resolve_plan
 from tests._inputs import PLAN_KINDS, affine_draw, make_x, plan_kwargs, rand, reference
 from tests._tolerances import assert_matches, to_numpy
@@ -58,6 +59,19 @@ def _check_grads(
         if t is not None:
             per = L if name in ("scale", "shift") else N * L
             assert_matches(t.grad, expected[name], dtype, reduction=per, what=f"d{name}")
+
+
+def test_regression_fallback_sums_of_a_float64_2d_input_are_not_dy_itself() -> None:
+    """The backward op's float64 fallback returns dx and the two sums as three tensors; for a
+    float64 (N, C) dy the per-sample sum of dy over no positions was dy itself, an output
+    aliasing the op's input, which torch.library refuses."""
+    x, dy = rand((2, 3), torch.float64, 1), rand((2, 3), torch.float64, 2)
+    moments = torch.stack((x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)))
+    w = rand((2, 3), torch.float64, 3)
+    with _served("fallback"):
+        dx, dw, db = cpu_backward(dy, x, w, moments, [3], 1e-5, True, x.new_empty(0), None)
+    assert db.data_ptr() != dy.data_ptr() and torch.equal(db, dy)
+    assert dx.shape == x.shape and dw.shape == (2, 3)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])

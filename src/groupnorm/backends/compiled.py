@@ -160,7 +160,8 @@ def cpu_backward(
     mean, var = moments
     xc = x.double() - _spread_groups(mean, plan, x.dim())
     dx, B, A = _backward64(xc, dy, plan, weight, (var + eps).rsqrt(), per_sample)
-    return _like(dx, x), B, A
+    # A float64 (N, C) dy is its own per-sample sum, and an op's output may not alias its input
+    return _like(dx, x), B, A.clone() if A is dy else A
 
 
 @cpu_backward.register_fake
