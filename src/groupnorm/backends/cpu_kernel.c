@@ -162,29 +162,32 @@ static inline void store_f64(double *p, vd v) { memcpy(p, &v, sizeof v); }
 /* y's stores: where nt, float32 and float64 vectors go around the caches (non-temporal, at
    32-byte aligned addresses), as memcpy does for copies larger than the last-level cache:
    caching such a y only evicts x and whatever else is there, and a cached store first reads
-   the line it writes. */
-static inline void put_f32(float *p, vf v, int nt) {
+   the line it writes. Each put_ returns whether the vector must be stored again exactly
+   (put_bf16's fast store flushes subnormal lanes); the others store exactly and return 0. */
+static inline int put_f32(float *p, vf v, int nt) {
 #ifdef __AVX__
     if (nt && !((uintptr_t)p & 31)) {
         __m256 q;
         memcpy(&q, &v, sizeof q);
         _mm256_stream_ps(p, q);
-        return;
+        return 0;
     }
 #endif
     store_f32(p, v);
+    return 0;
 }
-static inline void put_f64(double *p, vd v, int nt) {
+static inline int put_f64(double *p, vd v, int nt) {
 #ifdef __AVX__
     if (nt && !((uintptr_t)p & 31)) {
         __m256d q[2];
         memcpy(q, &v, sizeof q);
         _mm256_stream_pd(p, q[0]);
         _mm256_stream_pd(p + 4, q[1]);
-        return;
+        return 0;
     }
 #endif
     store_f64(p, v);
+    return 0;
 }
 /* Orders a task's non-temporal stores before what follows it. */
 static inline void drain(int nt) {
@@ -194,27 +197,30 @@ static inline void drain(int nt) {
     (void)nt;
 #endif
 }
+/* Rounded to nearest even, a NaN quieted, subnormals kept (as torch converts). */
 static inline void store_bf16(uint16_t *p, vf v) {
     vu u;
     memcpy(&u, &v, sizeof u);
-#if defined(__AVX512BF16__) && defined(__AVX512VL__)
-    /* One vcvtneps2bf16 where no lane is subnormal: it rounds to nearest even and quiets a NaN
-       as below, but flushes subnormals to zero. The integer rounding below took about a third
-       of the channels-last bfloat16 output pass. */
-    __m256i w = (__m256i)u;
-    if (!_mm256_mask_test_epi32_mask(_mm256_testn_epi32_mask(w, _mm256_set1_epi32(0x7f800000)),
-                                     w, _mm256_set1_epi32(0x007fffff))) {
-        __m128bh h = _mm256_cvtneps_pbh((__m256)v);
-        memcpy(p, &h, sizeof h);
-        return;
-    }
-#endif
     vu nan = (vu)((u & 0x7fffffffu) > 0x7f800000u);
     vu r = (((u + 0x7fffu + (u >> 16 & 1u)) >> 16) & ~nan) | ((u >> 16 | 0x40u) & nan);
     vh h = __builtin_convertvector(r, vh);
     memcpy(p, &h, sizeof h);
 }
-static inline void put_bf16(uint16_t *p, vf v, int nt) { (void)nt; store_bf16(p, v); }
+static inline int put_bf16(uint16_t *p, vf v, int nt) {
+    (void)nt;
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+    /* One vcvtneps2bf16: it rounds to nearest even and quiets a NaN as store_bf16 does, but
+       flushes a subnormal lane to zero, which the caller then stores again (the integer
+       rounding took about a third of the channels-last output pass; testing each vector
+       before its store, about a tenth of the forward). */
+    __m128bh h = _mm256_cvtneps_pbh((__m256)v);
+    memcpy(p, &h, sizeof h);
+    return _mm256_fpclass_ps_mask((__m256)v, 0x20); /* 0x20: subnormal */
+#else
+    store_bf16(p, v);
+    return 0;
+#endif
+}
 #ifdef __AVX512F__
 /* One vcvtps2pd to 512 bits, where GCC's generic conversion takes two 256-bit halves and an
    insert, which bound the float64 sums (float32, one thread: the backward 0.87-0.99x its
@@ -267,12 +273,22 @@ static inline vd relu_d(vd v) {
 #define HAVE_F16 1
 typedef _Float16 f16_t;
 typedef _Float16 vhf __attribute__((vector_size(16)));
-#define F16_IN(v) ((float)(v))
-#define F16_OUT(v) ((_Float16)(v))
 #ifdef __F16C__
-/* F16C's 8-wide conversions (to half: round to nearest even, as a cast): GCC 12 converts a
-   _Float16 vector to half one lane at a time, which made the float16 channels-last forward
-   5.7-7.5x torch's kernel. */
+/* F16C's conversions (to half: round to nearest even, as a cast): GCC 12 converts a _Float16
+   vector to half one lane at a time, which made the float16 channels-last forward 5.7-7.5x
+   torch's kernel, and a scalar through a library call (the parameters' and the pivots'
+   conversions took a fifth of the forward of a (2, 1280, 8, 8) tensor). */
+static inline float f16_to_float(f16_t h) {
+    uint16_t u;
+    memcpy(&u, &h, sizeof u);
+    return _cvtsh_ss(u);
+}
+static inline f16_t float_to_f16(float f) {
+    uint16_t u = _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    f16_t h;
+    memcpy(&h, &u, sizeof h);
+    return h;
+}
 static inline vf load_f16(const f16_t *p) {
     return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
@@ -281,6 +297,8 @@ static inline void store_f16(f16_t *p, vf v) {
                      _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 #else
+static inline float f16_to_float(f16_t h) { return (float)h; }
+static inline f16_t float_to_f16(float f) { return (f16_t)f; }
 static inline vf load_f16(const f16_t *p) {
     vhf h;
     memcpy(&h, p, sizeof h);
@@ -291,7 +309,13 @@ static inline void store_f16(f16_t *p, vf v) {
     memcpy(p, &h, sizeof h);
 }
 #endif
-static inline void put_f16(f16_t *p, vf v, int nt) { (void)nt; store_f16(p, v); }
+#define F16_IN(v) f16_to_float(v)
+#define F16_OUT(v) float_to_f16(v)
+static inline int put_f16(f16_t *p, vf v, int nt) {
+    (void)nt;
+    store_f16(p, v);
+    return 0;
+}
 #else
 #define HAVE_F16 0
 #endif
@@ -303,7 +327,7 @@ static double param(const void *p, int dtype, int64_t i, double none) {
     case F64: return ((const double *)p)[i];
     case BF16: return bf16_to_float(((const uint16_t *)p)[i]);
 #if HAVE_F16
-    case F16: return (double)((const f16_t *)p)[i];
+    case F16: return f16_to_float(((const f16_t *)p)[i]);
 #endif
     default: return NAN;
     }
@@ -612,14 +636,20 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
 /* Per (input, output) pair: y = ((x - hi) - lo) * a + b in W, 8 at a time. NCHW: per (n, c)
    row of L, in chunks of BLOCK; channels-last: blocks of positions, per-channel coefficients
    made from coef_in_t's float64 values. */
-#define DEFINE_APPLY(S, T, W, VW, IN, LOAD, LOADW, RELU, O, TO, OUT, STORE)                 \
+#define DEFINE_APPLY(S, T, W, VW, IN, LOAD, LOADW, RELU, O, TO, OUT, STORE, EXACT)          \
     static void row_##S##_##O(const T *xr, TO *yr, int64_t i0, int64_t i1, W hi, W lo, W a,  \
                               W b, int relu, int nt) {                                      \
         int64_t i = i0;                                                                     \
+        int again = 0; /* a vector STORE did not store exactly: the row's vectors again */  \
         for (; i + 8 <= i1; i += 8) {                                                       \
             VW v = ((LOAD(xr + i) - hi) - lo) * a + b;                                      \
-            STORE(yr + i, relu ? RELU(v) : v, nt);                                          \
+            again |= STORE(yr + i, relu ? RELU(v) : v, nt);                                 \
         }                                                                                   \
+        if (again)                                                                          \
+            for (int64_t k = i0; k + 8 <= i1; k += 8) {                                     \
+                VW v = ((LOAD(xr + k) - hi) - lo) * a + b;                                  \
+                EXACT(yr + k, relu ? RELU(v) : v);                                          \
+            }                                                                               \
         for (; i < i1; i++) {                                                               \
             W v = ((IN(xr[i]) - hi) - lo) * a + b;                                          \
             yr[i] = OUT(relu && v < 0 ? (W)0 : v);                                          \
@@ -663,10 +693,16 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         for (int64_t r = r0; r < r1; r++) {                                                 \
             const T *xr = x + r * C;                                                        \
             TO *yr = y + r * C;                                                             \
+            int again = 0; /* as in row_S_O */                                              \
             for (int64_t c = 0; c < C8; c += 8) {                                           \
                 VW v = (LOAD(xr + c) - LOADW(hi + c)) * LOADW(a + c) + LOADW(b + c);        \
-                STORE(yr + c, relu ? RELU(v) : v, nt);                                      \
+                again |= STORE(yr + c, relu ? RELU(v) : v, nt);                             \
             }                                                                               \
+            if (again)                                                                      \
+                for (int64_t c = 0; c < C8; c += 8) {                                       \
+                    VW v = (LOAD(xr + c) - LOADW(hi + c)) * LOADW(a + c) + LOADW(b + c);    \
+                    EXACT(yr + c, relu ? RELU(v) : v);                                      \
+                }                                                                           \
             for (int64_t c = C8; c < C; c++) {                                              \
                 W v = (IN(xr[c]) - hi[c]) * a[c] + b[c];                                    \
                 yr[c] = OUT(relu && v < 0 ? (W)0 : v);                                      \
@@ -766,19 +802,19 @@ DEFINE_STATS(f32, float, float, vf, F32_IN, load_f32, wide_f, load_f32)
 DEFINE_STATS(f64, double, double, vd, F64_IN, load_f64, wide_d, load_f64)
 DEFINE_STATS(bf16, uint16_t, float, vf, BF16_IN, load_bf16, wide_f, load_f32)
 DEFINE_APPLY(f32, float, float, vf, F32_IN, load_f32, load_f32, relu_f, f32, float, F32_OUT,
-             put_f32)
+             put_f32, store_f32)
 DEFINE_APPLY(f64, double, double, vd, F64_IN, load_f64, load_f64, relu_d, f64, double,
-             F64_OUT, put_f64)
+             F64_OUT, put_f64, store_f64)
 DEFINE_APPLY(bf16, uint16_t, float, vf, BF16_IN, load_bf16, load_f32, relu_f, bf16, uint16_t,
-             BF16_OUT, put_bf16)
+             BF16_OUT, put_bf16, store_bf16)
 DEFINE_APPLY(bf16, uint16_t, float, vf, BF16_IN, load_bf16, load_f32, relu_f, f32, float,
-             F32_OUT, put_f32)
+             F32_OUT, put_f32, store_f32)
 #if HAVE_F16
 DEFINE_STATS(f16, f16_t, float, vf, F16_IN, load_f16, wide_f, load_f32)
 DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f16, f16_t, F16_OUT,
-             put_f16)
+             put_f16, store_f16)
 DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, float, F32_OUT,
-             put_f32)
+             put_f32, store_f32)
 #endif
 
 /* Backward, float32 and float64 (T = W): with xhat = ((x - hi) - lo) * rstd and g = dy * w[c],

@@ -1232,27 +1232,19 @@ def _fused_serves(r: Request) -> bool:
 # (2, 320, 8, 8, 8) 0.22x vs 1.23x), and past it faster (2026-12-04, the fused kernel called
 # directly against torch's: 32^2 and 64^2 positions 1.2-1.35x in bfloat16, 1.3-1.4x in float16).
 HALF_CHANNELS_LAST_FUSED_POSITIONS = 512
-# bfloat16 NCHW inputs of at most this many elements take the fused kernel too: torch's kernel
-# and the check of its mean cost more there (one thread, this project's CPU machine,
-# 2026-12-04, per call: (2, 64, 8, 8) 10.9 against 12.5 us, (2, 128, 16, 16) 30.2 against
-# 30.9 us; past it the fused kernel is 1.01-1.10x slower, (2, 256, 16, 16) to (2, 320, 64, 64)).
-BFLOAT16_NCHW_FUSED_NUMEL = 1 << 16
 
 
 def half_keeps_torch(x: torch.Tensor, plan: GroupPlan) -> bool:
     """Whether a half-precision x with an even plan, no statistics in or out, stays with torch's
     kernel rather than the fused one: where torch's kernel is trusted with the layout and faster
-    (bfloat16 NCHW past ``BFLOAT16_NCHW_FUSED_NUMEL`` elements, where the fused kernel takes
-    1.03-1.07x torch's time; channels-last past ``HALF_CHANNELS_LAST_FUSED_POSITIONS``). Not
-    float16 NCHW: torch's CPU kernel takes 3-5x the fused kernel's time there ((2, 320, 64,
-    64): 2.2 against 0.71 ms; one thread, this project's CPU machine, 2026-12-04). Half
+    (channels-last past ``HALF_CHANNELS_LAST_FUSED_POSITIONS``). Not NCHW: torch's float16 CPU
+    kernel takes 3-5x the fused kernel's time there ((2, 320, 64, 64): 2.2 against 0.71 ms),
+    its bfloat16 kernel 1.02-1.11x from (2, 256, 16, 16) to (2, 960, 64, 64) (one thread, this
+    project's CPU machine, 2026-12-04; smaller tensors pay its check of the mean on top). Half
     precision is judged against torch's own kernel; the fused kernel rounds once from float32
     either way."""
-    if x.dtype not in (torch.float16, torch.bfloat16):
+    if x.dtype not in (torch.float16, torch.bfloat16) or x.is_contiguous():
         return False
-    # NCHW first, told without _trust_limit (which always trusts it): the tiny calls' path.
-    if x.is_contiguous():
-        return x.dtype == torch.bfloat16 and x.numel() > BFLOAT16_NCHW_FUSED_NUMEL
     return (
         _trust_limit(x, plan) is not None
         and math.prod(x.shape[2:]) > HALF_CHANNELS_LAST_FUSED_POSITIONS
