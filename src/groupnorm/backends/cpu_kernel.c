@@ -37,7 +37,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#if defined(__AVX__) || defined(__F16C__) || defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <math.h>
