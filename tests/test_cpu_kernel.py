@@ -822,6 +822,30 @@ def test_half_nchw_takes_the_fused_kernel(api: str) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_dimensional_inputs_take_the_fast_path(dtype: torch.dtype) -> None:
+    """An (N, C) input (one position) takes the fused kernel's fast path as (N, C, *S) inputs
+    do (it went through the validated path, 2x torch's call on (2, 1280)); exact against
+    float64, module and function, forward and under autograd (float32)."""
+    x = make_x((6, 20), dtype, seed=21)
+    m = groupnorm.GroupNorm(5, 20).to(dtype)
+    want, cache = reference(x, resolve_plan(20, 5), m.weight, m.bias)
+    with torch.no_grad(), _calls("forward_plain") as calls:
+        ys = [m(x), groupnorm.group_norm(x, 5, m.weight, m.bias)]
+    assert calls[0] == 2
+    for y in ys:
+        assert_matches(y, want, dtype)
+    if dtype == torch.float32:
+        xg, dy = x.clone().requires_grad_(), rand((6, 20), dtype, 22)
+        with _calls("backward") as calls:
+            m(xg).backward(dy)
+        assert calls[0] == 1
+        grads = R.group_norm_backward(to_numpy(dy), cache)
+        assert_matches(xg.grad, grads.dx, dtype, reduction=4, what="dx")
+        assert_matches(m.weight.grad, grads.dgamma, dtype, reduction=6, what="dw")
+
+
+@needs_kernel
 def test_half_conversions_without_their_instructions(tmp_path: Any) -> None:
     """Where the CPU lacks F16C and AVX512-BF16 the kernel converts half precision in plain
     vector code: built without them here, its outputs round once like torch's (the round-once

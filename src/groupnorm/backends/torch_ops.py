@@ -700,7 +700,7 @@ def native_fast(
         torch._C._is_tracing()  # torch.jit.trace; run_plain has ruled out Dynamo
         or not x.is_cpu
         or not plan.is_even
-        or x.dim() < 3
+        or x.dim() < 2
         or x.shape[1] != plan.num_channels
         or type(eps) is not float
         or not (eps >= 0 and eps < math.inf)
@@ -757,7 +757,7 @@ def _fused_fast(
         return None
     shape = x.shape
     if (
-        len(shape) < 3
+        len(shape) < 2
         or shape[1] != plan.num_channels
         or not (eps >= 0 and eps < math.inf)
         or (activation is not None and activation not in _FAST_ACTIVATIONS)
