@@ -1067,9 +1067,10 @@ DEFINE_BACKWARD(f64, double, vd, load_f64, wide_d, wide_d, fma_vd, __builtin_fma
 /* dx (x's dtype and layout) and, where asked, dw and db (C, summed in float64, stored as
    stype: F32 or F64) for the forward that used mean and var; dy in x's layout. float32 and
    float64 only. per_sample: w is (N, C), a weight per sample and channel (w[c] (1 + scale[n,
-   c]) of a modulated forward), and dw and db get the (N, C) sums B and A themselves (F64). sa, sb (float64 (N, G), or NULL): gradients that
-   reach x through returned statistics, a (x - mean) + b on every element of group (n, g), added
-   to dx in the same pass. given: mean and var were given, constants here: dx = rstd dy w. */
+   c]) of a modulated forward), and dw and db get the (N, C) sums B and A themselves (F64).
+   sa, sb (float64 (N, G), or NULL): gradients that reach x through returned statistics,
+   a (x - mean) + b on every element of group (n, g), added to dx in the same pass. given: mean
+   and var were given, constants here: dx = rstd dy w. */
 static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64_t N, int64_t C,
                        int64_t L, int cl, const int64_t *offsets, int64_t G,
                        const int64_t *group_of, const double *mean, const double *var,
