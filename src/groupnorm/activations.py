@@ -23,17 +23,20 @@ __all__ = ["ACTIVATIONS", "Activation", "apply_activation", "check_activation", 
 
 
 class Activation(NamedTuple):
-    """One fused activation: its torch function and the code the Triton kernels branch on."""
+    """One fused activation: its torch function, the code the Triton kernels branch on, and
+    its backward ``(dy, u) -> dy act'(u)`` where that is not exact in any dtype (relu's is a
+    mask)."""
 
     torch_fn: Callable[[torch.Tensor], torch.Tensor] | None
     triton_code: int
+    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
 
 ACTIVATIONS: dict[str | None, Activation] = {
-    None: Activation(None, 0),
-    "silu": Activation(F.silu, 1),
-    "gelu": Activation(F.gelu, 2),
-    "relu": Activation(F.relu, 3),
+    None: Activation(None, 0, None),
+    "silu": Activation(F.silu, 1, torch.ops.aten.silu_backward),
+    "gelu": Activation(F.gelu, 2, torch.ops.aten.gelu_backward),
+    "relu": Activation(F.relu, 3, None),
 }
 
 

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-from groupnorm.activations import apply_activation
+from groupnorm.activations import ACTIVATIONS, apply_activation
 from groupnorm.backends import cpu_kernel
 from groupnorm.backends.torch_ops import (
     KernelSums,
@@ -43,11 +43,6 @@ from groupnorm.backends.torch_ops import (
 from groupnorm.groups import GroupPlan
 
 __all__ = ["cpu_backward", "cpu_forward"]
-
-_ACTIVATION_BACKWARD = {
-    "silu": torch.ops.aten.silu_backward,
-    "gelu": torch.ops.aten.gelu_backward,
-}
 
 # A plain dict rather than lru_cache: the ops run once per call, plans are few.
 _PLANS: dict[tuple[int, ...], GroupPlan] = {}
@@ -153,7 +148,9 @@ def cpu_backward(
     rounding into dweight's sum to reach 1.03 of the float32 bound)."""
     plan = _plan(sizes)
     if activation is not None:
-        dy = _ACTIVATION_BACKWARD[activation](dy.double(), u.double()).to(x.dtype)
+        derivative = ACTIVATIONS[activation].backward
+        assert derivative is not None  # the op takes SiLU and GELU only
+        dy = derivative(dy.double(), u.double()).to(x.dtype)
     if cpu_kernel.serves(x):
         w = None if weight is None else weight.contiguous()
         return cpu_kernel.backward(x, dy, plan, w, moments, eps, per_sample=per_sample)

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch.autograd import forward_ad
 
-from groupnorm.activations import apply_activation
+from groupnorm.activations import ACTIVATIONS, apply_activation
 from groupnorm.backends import cpu_kernel
 from groupnorm.backends.shifted import shifted_group_norm
 from groupnorm.dispatch import FLOAT_DTYPES, Backend, Request, register_backend
@@ -787,11 +787,40 @@ def _fused_fast(
         if not cpu_kernel.serves(x):
             return None
         y = _Fused.apply(x, weight, bias, None, None, plan, eps, False)
-        return y if activation is None else apply_activation(y, activation)
+        return y if activation is None else _activation_after_kernel(y, activation)
     y = cpu_kernel.forward_plain(x, plan, weight, bias, eps, activation == "relu")
     if y is None or activation in (None, "relu"):
         return y
     return apply_activation(y, activation)
+
+
+class _Activation64(torch.autograd.Function):
+    """act(u) as torch computes it; its backward ``dy act'(u)`` in float64, rounded once to
+    u's dtype. torch's float32 SiLU backward rounds several times, and the fused kernel's
+    float64 sums of those dy over N L positions put dweight at 1.006x the float32 bound
+    (test_regression_silu_weight_gradient_takes_the_derivative_in_float64); the compiled op
+    (:mod:`.compiled`) does the same."""
+
+    @staticmethod
+    def forward(ctx: Any, u: torch.Tensor, activation: str) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(u)
+        ctx.activation = activation
+        return apply_activation(u, activation)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (u,) = ctx.saved_tensors
+        derivative = ACTIVATIONS[ctx.activation].backward
+        assert derivative is not None  # _activation_after_kernel sends SiLU and GELU only
+        return derivative(dy.double(), u.double()).to(u.dtype), None
+
+
+def _activation_after_kernel(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """act(y) on the output of the fused kernel's Functions, recorded by autograd with its
+    derivative in float64 (:class:`_Activation64`) where torch's would round it in float32."""
+    if y.dtype is torch.float64 or ACTIVATIONS[activation].backward is None:
+        return apply_activation(y, activation)
+    return _Activation64.apply(y, activation)
 
 
 KernelSums = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # dx, sum dy xhat, sum dy
@@ -1279,7 +1308,7 @@ def _record_fused_given(r: Request) -> torch.Tensor:
     s = r.stats
     w, b = (None if t is None else t.contiguous() for t in (r.weight, r.bias))
     y = _FusedGiven.apply(r.x, w, b, s.pivot, s.shifted_mean, s.m2, s.count, r.plan, r.eps)
-    return apply_activation(y, r.activation)
+    return _activation_after_kernel(y, r.activation)
 
 
 def _fused_can_record(r: Request, stats_out: bool = False) -> bool:
@@ -1302,7 +1331,7 @@ def _kernel_records(r: Request) -> bool:
 def _record_fused(r: Request) -> torch.Tensor:
     """y of ``r`` from :class:`_Fused`, the activation recorded after it."""
     w, b = (None if t is None else t.contiguous() for t in (r.weight, r.bias))
-    return apply_activation(
+    return _activation_after_kernel(
         _Fused.apply(r.x, w, b, r.scale, r.shift, r.plan, r.eps, False), r.activation
     )
 
@@ -1314,7 +1343,9 @@ def _record_fused_stats(r: Request) -> tuple[torch.Tensor, GroupStats]:
     w, b = (None if t is None else t.contiguous() for t in (r.weight, r.bias))
     y, pivot, smean, m2 = _Fused.apply(r.x, w, b, r.scale, r.shift, r.plan, r.eps, True)
     count = _group_counts(r.x, r.plan).to(smean.dtype).expand_as(smean).contiguous()
-    return apply_activation(y, r.activation), GroupStats(pivot, smean, m2, count, plan=r.plan)
+    return _activation_after_kernel(y, r.activation), GroupStats(
+        pivot, smean, m2, count, plan=r.plan
+    )
 
 
 def _fused(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
