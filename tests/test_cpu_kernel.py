@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -612,14 +613,64 @@ def test_regression_silu_weight_gradient_takes_the_derivative_in_float64() -> No
     w = rand((23,), torch.float32, 2).requires_grad_()
     b = rand((23,), torch.float32, 3).requires_grad_()
     dy = rand(shape, torch.float32, 4)
-    with _calls("backward") as calls:
+    with _calls("backward", "activation_backward") as calls:
         groupnorm.group_norm(x, 9, w, b, uneven=True, activation="silu").backward(dy)
-    assert calls[0] == 1
+    assert calls[0] == 2
     _, cache = reference(x, plan, w, b, activation="silu")
     grads = R.group_norm_backward(to_numpy(dy), cache)
     assert_matches(x.grad, grads.dx, torch.float32, reduction=3 * 81, what="dx")
     assert_matches(w.grad, grads.dgamma, torch.float32, reduction=243, what="dw")
     assert_matches(b.grad, grads.dbeta, torch.float32, reduction=243, what="db")
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dy_kind", ["same", "nchw", "transposed", "float64"])
+def test_silu_backward_is_the_float64_product_rounded_once(layout: str, dy_kind: str) -> None:
+    """``cpu_kernel.activation_backward``: dy silu'(u) formed in float64 and rounded once, so
+    within half a float32 ulp of the float64 product (the kernel's derivative is good to
+    about 4e-13 relative), for u from tiny to past the exp clamp (|u| > 708, where silu'
+    is 1 or under 1e-300), in u's layout whatever dy's strides or dtype; infinite u gives
+    NaN (torch's silu_backward does too), NaN stays NaN."""
+    shape = (3, 5, 7, 11)  # 1155 elements: whole vectors, a chunk's tail of 3
+    scales = torch.tensor([1e-30, 1e-3, 1.0, 4.0, 30.0, 100.0, 900.0], dtype=torch.float32)
+    u = rand(shape, torch.float32, 11) * scales[torch.arange(1155) % 7].reshape(shape)
+    u[0, 0, 0, :6] = torch.tensor([math.inf, -math.inf, math.nan, 708.5, -708.5, 0.0])
+    if layout == "channels_last":
+        u = u.contiguous(memory_format=torch.channels_last)
+    dy = rand(shape, torch.float32, 12)
+    if dy_kind == "nchw":
+        dy = dy.contiguous()
+    elif dy_kind == "transposed":
+        dy = dy.transpose(2, 3).contiguous().transpose(2, 3)
+    elif dy_kind == "float64":
+        dy = dy.double()
+    else:
+        dy = torch.empty_like(u).copy_(dy)
+    out = cpu_kernel.activation_backward(dy, u, "silu")
+    assert out is not None and out.dtype is torch.float32 and out.stride() == u.stride()
+    with np.errstate(over="ignore", invalid="ignore"):
+        exact = to_numpy(dy.double()) * R.activation_grad(to_numpy(u.double()), "silu")
+    got = to_numpy(out.double())
+    assert np.isnan(got[0, 0, 0, :3]).all() and got[0, 0, 0, 3] == to_numpy(dy)[0, 0, 0, 3]
+    finite = np.isfinite(exact)
+    assert np.array_equal(np.isnan(got), ~finite)
+    half_ulp = np.spacing(np.abs(exact[finite]).astype(np.float32)).astype(np.float64) / 2
+    err = np.abs(got[finite] - exact[finite])
+    assert (err <= half_ulp * (1 + 1e-6)).all(), err.max()
+
+
+@needs_kernel
+def test_silu_backward_declines_what_it_does_not_serve() -> None:
+    """None, for torch's float64 ops to take it: GELU, float64 or half-precision u, a layout
+    the kernel does not read, an empty tensor."""
+    u = rand((2, 3, 4, 5), torch.float32, 1)
+    dy = torch.ones_like(u)
+    assert cpu_kernel.activation_backward(dy, u, "gelu") is None
+    assert cpu_kernel.activation_backward(dy.double(), u.double(), "silu") is None
+    assert cpu_kernel.activation_backward(dy.half(), u.half(), "silu") is None
+    assert cpu_kernel.activation_backward(dy, u.transpose(1, 2), "silu") is None
+    assert cpu_kernel.activation_backward(dy[:0], u[:0], "silu") is None
 
 
 @needs_kernel

@@ -271,6 +271,49 @@ static inline vd relu_d(vd v) {
     return v;
 }
 
+/* max(lo, min(hi, x)) lane by lane, NaN kept. */
+#ifdef __AVX512F__
+static inline vd clamp_d(vd x, double lo, double hi) {
+    return (vd)_mm512_max_pd(_mm512_set1_pd(lo), _mm512_min_pd(_mm512_set1_pd(hi), (__m512d)x));
+}
+#else
+static inline vd clamp_d(vd x, double lo, double hi) {
+    for (int i = 0; i < 8; i++) x[i] = x[i] > hi ? hi : x[i] < lo ? lo : x[i];
+    return x;
+}
+#endif
+/* exp(x) for x in [-708, 708] (NaN gives NaN), relative error under 4e-13 (2.98e-13 the
+   largest found, against long double, on 2e7 points): x = k ln2 + r with
+   |r| <= ln2 / 2 (ln2 in two parts, k ln2_hi exact), exp(r) by its Taylor series to r^10
+   (the first term left out is under 2.3e-13 relative), times 2^k made in the exponent bits.
+   k comes from adding 1.5 2^52, which rounds x / ln2 to an integer in the low bits. Degree
+   10, not 12: the callers round to float32, and each degree cost 4 % of the SiLU backward. */
+static inline vd exp_d(vd x) {
+    const double magic = 0x1.8p52;
+    vd t = x * 0x1.71547652b82fep0 + magic, k = t - magic;
+    vd r = (x - k * 0x1.62e42fee00000p-1) - k * 0x1.a39ef35793c76p-33;
+    static const double inv_fact[10] = {1.0 / 362880, 1.0 / 40320, 1.0 / 5040, 1.0 / 720,
+                                        1.0 / 120,    1.0 / 24,    1.0 / 6,    0.5,
+                                        1.0,          1.0};
+    vd p = (vd){0} + 1.0 / 3628800;
+    for (int i = 0; i < 10; i++) p = p * r + inv_fact[i];
+    vq bits;
+    memcpy(&bits, &t, sizeof bits);
+    bits = (bits - 0x4338000000000000u + 1023) << 52; /* 0x43380... : the bits of magic */
+    vd scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+/* silu'(u) = s (1 + u (1 - s)), s = 1 / (1 + e), e = exp(-u), in float64; 1 - s formed as
+   e s, exact where s rounds to 1. -u is clamped to +-708: where u > 708 the result is 1 and
+   where u < -708 it is under 1e-300, as it should be; u = +-inf gives NaN through u - u, as
+   torch's silu_backward does. (Selecting those lanes instead took a fifth of the time.) */
+static inline vd silu_grad_d(vd u) {
+    vd e = exp_d(clamp_d(-u, -708.0, 708.0));
+    vd s = 1.0 / (1.0 + e);
+    return s * (1.0 + u * (e * s)) + (u - u);
+}
+
 #define F32_IN(v) (v)
 #define F64_IN(v) (v)
 #define BF16_IN(v) bf16_to_float(v)
@@ -1161,6 +1204,32 @@ static int gn_trusted(const void *mean, const void *rstd, int dtype, int64_t n, 
     return 1;
 }
 
+/* out = dy act'(u), elementwise over n float32 elements, the derivative and the product in
+   float64, rounded once: the backward of an activation after the kernel's forward (torch's
+   float32 SiLU backward rounds several times, and the backward's float64 sums of those dy
+   over N L positions carried it into dweight past the float32 bound). act: 1 SiLU (the
+   Triton ACT code); -1 for any other. */
+#define ACT_CHUNK 16384
+static int gn_act_backward(const float *dy, const float *u, float *out, int act, int64_t n,
+                           int nthreads) {
+    if (act != 1) return -1;
+    if (n < PARALLEL_MIN) nthreads = 1;
+    FOR_TASKS(t, (n + ACT_CHUNK - 1) / ACT_CHUNK, {
+        int64_t i = t * ACT_CHUNK, end = i + ACT_CHUNK < n ? i + ACT_CHUNK : n;
+        for (; i + 8 <= end; i += 8)
+            store_f32(out + i, narrow_f(wide_f(load_f32(dy + i)) *
+                                        silu_grad_d(wide_f(load_f32(u + i)))));
+        if (i < end) {
+            float d[8] = {0}, v[8] = {0};
+            memcpy(d, dy + i, (size_t)(end - i) * sizeof(float));
+            memcpy(v, u + i, (size_t)(end - i) * sizeof(float));
+            vf r = narrow_f(wide_f(load_f32(d)) * silu_grad_d(wide_f(load_f32(v))));
+            memcpy(out + i, &r, (size_t)(end - i) * sizeof(float));
+        }
+    })
+    return 0;
+}
+
 /* Bit k set: dtype code k is supported by this build. */
 static int gn_dtypes(void) { return 1 << F32 | 1 << F64 | 1 << BF16 | HAVE_F16 << F16; }
 
@@ -1355,6 +1424,19 @@ static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t n
     return PyLong_FromLong(status);
 }
 
+/* Python: act_backward(dy, u, out, act, n, nthreads) -> 0, or -1 for an activation not
+   served. */
+static PyObject *py_act_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    long long a[6];
+    if (parse(args, nargs, "act_backward", 6, -1, a, NULL)) return NULL;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = gn_act_backward(PTR(a[0]), PTR(a[1]), PTR(a[2]), (int)a[3], a[4], (int)a[5]);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(status);
+}
+
 /* Python: trusted(mean, rstd, dtype, n, limit) -> 1 or 0. */
 static PyObject *py_trusted(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
@@ -1395,6 +1477,8 @@ static PyMethodDef methods[] = {
     {"forward", (PyCFunction)(void (*)(void))py_forward, METH_FASTCALL, "group norm forward"},
     {"stats", (PyCFunction)(void (*)(void))py_stats, METH_FASTCALL, "group statistics"},
     {"backward", (PyCFunction)(void (*)(void))py_backward, METH_FASTCALL, "group norm backward"},
+    {"act_backward", (PyCFunction)(void (*)(void))py_act_backward, METH_FASTCALL,
+     "dy times an activation's derivative, in float64"},
     {"trusted", (PyCFunction)(void (*)(void))py_trusted, METH_FASTCALL,
      "whether every |mean * rstd| <= limit"},
     {"to_channels_last", (PyCFunction)(void (*)(void))py_to_channels_last, METH_FASTCALL,

@@ -355,6 +355,29 @@ def trusted(mean: torch.Tensor, rstd: torch.Tensor, limit: float) -> bool | None
     return bool(lib.trusted(mean.data_ptr(), rstd.data_ptr(), _CODES[dtype], mean.numel(), limit))
 
 
+def activation_backward(dy: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor | None:
+    """``dy * act'(u)`` for float32 CPU u in a layout the kernel reads, the derivative and the
+    product in float64, rounded once to float32, in u's layout; None where the kernel does not
+    serve it (not built, another dtype or layout, an activation other than SiLU)."""
+    lib = library()
+    if (
+        activation != "silu"
+        or lib is None
+        or u.dtype is not torch.float32
+        or not u.is_cpu
+        or u.numel() == 0
+        or layout(u) is None
+    ):
+        return None
+    out = torch.empty_like(u)
+    if dy.dtype is not u.dtype or dy.stride() != u.stride():
+        dy = torch.empty_like(u).copy_(dy)  # u's strides: the kernel walks both in memory order
+    lib.act_backward(
+        dy.data_ptr(), u.data_ptr(), out.data_ptr(), 1, u.numel(), torch.get_num_threads()
+    )
+    return out
+
+
 def _to_channels_last(t: torch.Tensor) -> torch.Tensor:
     """A copy of NCHW-contiguous float32/float64 t in channels-last strides (t's shape)."""
     lib = library()

@@ -799,7 +799,8 @@ class _Activation64(torch.autograd.Function):
     u's dtype. torch's float32 SiLU backward rounds several times, and the fused kernel's
     float64 sums of those dy over N L positions put dweight at 1.006x the float32 bound
     (test_regression_silu_weight_gradient_takes_the_derivative_in_float64); the compiled op
-    (:mod:`.compiled`) does the same."""
+    (:mod:`.compiled`) does the same. SiLU's derivative comes from the CPU kernel
+    (:func:`cpu_kernel.activation_backward`) where it serves, torch's float64 ops otherwise."""
 
     @staticmethod
     def forward(ctx: Any, u: torch.Tensor, activation: str) -> torch.Tensor:  # type: ignore[override]
@@ -810,6 +811,11 @@ class _Activation64(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (u,) = ctx.saved_tensors
+        # The kernel's (not differentiable) where this backward is not itself recorded.
+        recorded = torch.is_grad_enabled()
+        du = None if recorded else cpu_kernel.activation_backward(dy, u, ctx.activation)
+        if du is not None:
+            return du, None
         derivative = ACTIVATIONS[ctx.activation].backward
         assert derivative is not None  # _activation_after_kernel sends SiLU and GELU only
         return derivative(dy.double(), u.double()).to(u.dtype), None
