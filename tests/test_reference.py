@@ -196,3 +196,20 @@ def test_regression_reference_mean_is_exact_at_an_offset(offset: float, seed: in
             got = Fraction(float(cache.mean[n, g]))
             assert abs(got - exact_mean(x[n, 2 * g : 2 * g + 2])) <= half_ulp
         assert abs(Fraction(float(mean[n, 0, 0, 0])) - exact_mean(x[n])) <= half_ulp
+
+
+@pytest.mark.parametrize("u", [-9.0, -13.0, -25.0, -0.5, 2.0])
+def test_regression_reference_gelu_keeps_the_lower_tail(u: float) -> None:
+    """The reference formed Phi(u) as (1 + erf(u / sqrt 2)) / 2, which cancels to nothing
+    below u = -6: gelu'(-9) came out as u phi(u) alone, 1.2 % off (found when the CPU kernel's
+    GELU derivative, right to 1e-13 there, disagreed with it). Against mpmath at 40 digits."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 40
+    x = mp.mpf(u)
+    cdf = mp.erfc(-x / mp.sqrt(2)) / 2
+    pdf = mp.exp(-x * x / 2) / mp.sqrt(2 * mp.pi)
+    for got, want in (
+        (R.activation_forward(np.array([u]), "gelu")[0], x * cdf),
+        (R.activation_grad(np.array([u]), "gelu")[0], cdf + x * pdf),
+    ):
+        assert abs(got - float(want)) <= 1e-12 * abs(float(want))  # u^2 eps of sqrt 2

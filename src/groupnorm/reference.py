@@ -49,7 +49,8 @@ __all__ = [
     "normalize_over",
 ]
 
-_erf = np.vectorize(math.erf, otypes=[np.float64])
+# Phi(u) = erfc(-u / sqrt 2) / 2: 1 + erf(u / sqrt 2) cancels to nothing for u below -6.
+_erfc = np.vectorize(math.erfc, otypes=[np.float64])
 
 
 def _unknown(activation: object) -> ValueError:
@@ -64,7 +65,7 @@ def activation_forward(u: np.ndarray, activation: str | None) -> np.ndarray:
     if activation == "silu":
         return u / (1.0 + np.exp(-u))
     if activation == "gelu":
-        return 0.5 * u * (1.0 + _erf(u / math.sqrt(2.0)))
+        return 0.5 * u * _erfc(-u / math.sqrt(2.0))
     if activation == "relu":
         return np.maximum(u, 0.0)
     raise _unknown(activation)
@@ -78,7 +79,7 @@ def activation_grad(u: np.ndarray, activation: str | None) -> np.ndarray:
         s = 1.0 / (1.0 + np.exp(-u))
         return s * (1.0 + u * (1.0 - s))
     if activation == "gelu":
-        cdf = 0.5 * (1.0 + _erf(u / math.sqrt(2.0)))
+        cdf = 0.5 * _erfc(-u / math.sqrt(2.0))
         pdf = np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
         return cdf + u * pdf
     if activation == "relu":

@@ -36,6 +36,7 @@ from types import ModuleType
 
 import torch
 
+from groupnorm.activations import triton_code
 from groupnorm.groups import GroupPlan
 
 __all__ = [
@@ -356,12 +357,13 @@ def trusted(mean: torch.Tensor, rstd: torch.Tensor, limit: float) -> bool | None
 
 
 def activation_backward(dy: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor | None:
-    """``dy * act'(u)`` for float32 CPU u in a layout the kernel reads, the derivative and the
-    product in float64, rounded once to float32, in u's layout; None where the kernel does not
-    serve it (not built, another dtype or layout, an activation other than SiLU)."""
+    """``dy * act'(u)`` for float32 CPU u in a layout the kernel reads, SiLU or GELU: the
+    derivative and the product in float64, rounded once to float32, in u's layout; None where
+    the kernel does not serve it (not built, another dtype, layout or activation)."""
     lib = library()
+    code = _ACT_CODES.get(activation)
     if (
-        activation != "silu"
+        code is None
         or lib is None
         or u.dtype is not torch.float32
         or not u.is_cpu
@@ -373,9 +375,12 @@ def activation_backward(dy: torch.Tensor, u: torch.Tensor, activation: str) -> t
     if dy.dtype is not u.dtype or dy.stride() != u.stride():
         dy = torch.empty_like(u).copy_(dy)  # u's strides: the kernel walks both in memory order
     lib.act_backward(
-        dy.data_ptr(), u.data_ptr(), out.data_ptr(), 1, u.numel(), torch.get_num_threads()
+        dy.data_ptr(), u.data_ptr(), out.data_ptr(), code, u.numel(), torch.get_num_threads()
     )
     return out
+
+
+_ACT_CODES = {name: triton_code(name) for name in ("silu", "gelu")}
 
 
 def _to_channels_last(t: torch.Tensor) -> torch.Tensor:
