@@ -50,7 +50,7 @@ def main() -> None:
         f"/* largest relative error on {grid.size} points of [0, {A_MAX:g}]: "
         f"{np.max(np.abs(approx / exact - 1)):.2e} */"
     )
-    print(f"static const double mills_coef[{DEGREE + 1}] = {{ /* t^{DEGREE} first */")
+    print(f"static const double mills[{DEGREE + 1}] = {{ /* t^{DEGREE} first */")
     print(",\n".join(f"    {float(c)!r}" for c in coef[::-1]))
     print("};")
 
