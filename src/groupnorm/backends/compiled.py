@@ -145,12 +145,16 @@ def cpu_backward(
     """:func:`cpu_kernel.backward` as an op: ``(dx, dw, db)``, the sums float64 (C,), or (N, C)
     where ``per_sample`` (weight then float64 (N, C)). With an activation, dy is first taken
     through its derivative at u in float64 (inductor's float32 SiLU backward carries enough
-    rounding into dweight's sum to reach 1.03 of the float32 bound)."""
+    rounding into dweight's sum to reach 1.03 of the float32 bound): the kernel's
+    (:func:`cpu_kernel.activation_backward`) for float32, torch's float64 ops otherwise."""
     plan = _plan(sizes)
     if activation is not None:
-        derivative = ACTIVATIONS[activation].backward
-        assert derivative is not None  # the op takes SiLU and GELU only
-        dy = derivative(dy.double(), u.double()).to(x.dtype)
+        du = cpu_kernel.activation_backward(dy, u, activation)  # float32 u where built
+        if du is None:
+            derivative = ACTIVATIONS[activation].backward
+            assert derivative is not None  # the op takes SiLU and GELU only
+            du = derivative(dy.double(), u.double()).to(x.dtype)
+        dy = du
     if cpu_kernel.serves(x):
         w = None if weight is None else weight.contiguous()
         return cpu_kernel.backward(x, dy, plan, w, moments, eps, per_sample=per_sample)
