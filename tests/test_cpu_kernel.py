@@ -632,6 +632,39 @@ def _activation_terms(u: np.ndarray, activation: str) -> np.ndarray:
     return cdf + np.abs(u) * np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
 
 
+def _activation_input(layout: str) -> torch.Tensor:
+    """float32 (3, 5, 7, 11), 1155 elements (whole vectors and a tail of 3), |u| from 1e-30 to
+    900 (past the clamps: 708 for SiLU's exp, 40 for GELU's tail), the first eight +-inf,
+    NaN, +-708.5, 0, GELU's minimum and -9."""
+    shape = (3, 5, 7, 11)
+    scales = torch.tensor([1e-30, 1e-3, 1.0, 4.0, 30.0, 100.0, 900.0], dtype=torch.float32)
+    u = rand(shape, torch.float32, 11) * scales[torch.arange(1155) % 7].reshape(shape)
+    u[0, 0, 0, :8] = torch.tensor([math.inf, -math.inf, math.nan, 708.5, -708.5, 0.0, -0.75, -9])
+    return u.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else u
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_activation_forward_is_the_float64_value_rounded_once(activation: str, layout: str) -> None:
+    """``cpu_kernel.activation_forward`` (the compiled op's activation): act(u) in float64,
+    rounded once, so within half a float32 ulp of the float64 value give or take the kernel's
+    relative error (under 1e-12), in u's layout; -inf and NaN give NaN, +inf inf, as torch's
+    float64 ops do."""
+    u = _activation_input(layout)
+    out = cpu_kernel.activation_forward(u, activation)
+    assert out is not None and out.dtype is torch.float32 and out.stride() == u.stride()
+    with np.errstate(over="ignore", invalid="ignore"):
+        exact = R.activation_forward(to_numpy(u.double()), activation)
+    got = to_numpy(out.double())
+    assert np.array_equal(np.isnan(got), np.isnan(exact)) and np.isnan(got[0, 0, 0, 1:3]).all()
+    assert got[0, 0, 0, 0] == math.inf
+    finite = np.isfinite(exact)
+    half_ulp = np.spacing(np.abs(exact[finite]).astype(np.float32)).astype(np.float64) / 2
+    err = np.abs(got[finite] - exact[finite])
+    assert (err <= half_ulp + 1e-12 * np.abs(exact[finite])).all(), (err / half_ulp).max()
+
+
 @needs_kernel
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -645,12 +678,8 @@ def test_activation_backward_is_the_float64_product_rounded_once(
     tiny to past the clamps (|u| > 708 for SiLU's exp, 40 for GELU's tail), in u's layout
     whatever dy's strides or dtype; infinite u gives NaN (torch's backward does too), NaN
     stays NaN."""
-    shape = (3, 5, 7, 11)  # 1155 elements: whole vectors, a chunk's tail of 3
-    scales = torch.tensor([1e-30, 1e-3, 1.0, 4.0, 30.0, 100.0, 900.0], dtype=torch.float32)
-    u = rand(shape, torch.float32, 11) * scales[torch.arange(1155) % 7].reshape(shape)
-    u[0, 0, 0, :8] = torch.tensor([math.inf, -math.inf, math.nan, 708.5, -708.5, 0.0, -0.75, -9])
-    if layout == "channels_last":
-        u = u.contiguous(memory_format=torch.channels_last)
+    u = _activation_input(layout)
+    shape = u.shape
     dy = rand(shape, torch.float32, 12)
     if dy_kind == "nchw":
         dy = dy.contiguous()
@@ -678,7 +707,7 @@ def test_activation_backward_is_the_float64_product_rounded_once(
 @needs_kernel
 def test_activation_backward_declines_what_it_does_not_serve() -> None:
     """None, for torch's float64 ops to take it: ReLU (whose backward is a mask), float64 or
-    half-precision u, a layout the kernel does not read, an empty tensor."""
+    half-precision u, a layout the kernel does not read, an empty tensor; the forward too."""
     u = rand((2, 3, 4, 5), torch.float32, 1)
     dy = torch.ones_like(u)
     assert cpu_kernel.activation_backward(dy, u, "relu") is None
@@ -686,6 +715,9 @@ def test_activation_backward_declines_what_it_does_not_serve() -> None:
     assert cpu_kernel.activation_backward(dy.half(), u.half(), "silu") is None
     assert cpu_kernel.activation_backward(dy, u.transpose(1, 2), "silu") is None
     assert cpu_kernel.activation_backward(dy[:0], u[:0], "silu") is None
+    assert cpu_kernel.activation_forward(u.double(), "silu") is None
+    assert cpu_kernel.activation_forward(u.transpose(1, 2), "gelu") is None
+    assert cpu_kernel.activation_forward(u, "relu") is None
 
 
 @needs_kernel

@@ -8,7 +8,8 @@ bound (compiled, 26 of the 72 draws of the eager regression test, up to 2.3x). T
 
 - ``groupnorm::cpu_forward(x, weight, bias, scale, shift, sizes, eps, activation)
   -> (y, u, moments)``: ``u = (GN(x) * weight + bias) * (1 + scale) + shift`` and
-  ``y = act(u)`` (SiLU or GELU, in float64 from u) in x's dtype and memory format, and
+  ``y = act(u)`` (SiLU or GELU, in float64 from u: the kernel's
+  :func:`cpu_kernel.activation_forward` for float32) in x's dtype and memory format, and
   the float64 (2, N, G) mean and variance used;
 - ``groupnorm::cpu_backward(dy, x, weight, moments, sizes, eps, per_sample, u, activation)
   -> (dx, dw, db)``: dy through the activation's derivative in float64, then
@@ -97,7 +98,10 @@ def cpu_forward(
         assert moments is not None
         if activation is None:
             return u, u.new_empty(0), moments
-        return _like(apply_activation(u.double(), activation), x), u, moments
+        y = cpu_kernel.activation_forward(u, activation)  # float32 u
+        if y is None:
+            y = _like(apply_activation(u.double(), activation), x)
+        return y, u, moments
     x64 = x.double()
     moments = _moments64(x, plan)
     y = _xhat64(x64, moments, plan, eps)

@@ -304,22 +304,35 @@ static inline vd exp_d(vd x) {
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
 }
-/* silu'(u) = s (1 + u (1 - s)), s = 1 / (1 + e), e = exp(-u), in float64; 1 - s formed as
-   e s, exact where s rounds to 1. -u is clamped to +-708: where u > 708 the result is 1 and
-   where u < -708 it is under 1e-300, as it should be; u = +-inf gives NaN through u - u, as
-   torch's silu_backward does. (Selecting those lanes instead took a fifth of the time.) */
-static inline vd silu_grad_d(vd u) {
+/* s = 1 / (1 + e), e = exp(-u), in float64, -u clamped to +-708: where u > 708, s = 1 and
+   e is taken as 0; where u < -708, s is under 1e-300, as it should be. */
+static inline vd sigmoid_d(vd u, vd *e_out) {
     vd e = exp_d(clamp_d(-u, -708.0, 708.0));
-    vd s = 1.0 / (1.0 + e);
+    *e_out = e;
+    return 1.0 / (1.0 + e);
+}
+/* NaN where u = -inf, else v: silu and gelu there are -inf 0 (torch's, too). */
+static inline vd nan_at_minus_inf(vd u, vd v) {
+    return (vd)((vq)v | ((vq)(u == -(double)INFINITY) & 0x7ff8000000000000u));
+}
+/* silu(u) = u s in float64. */
+static inline vd silu_d(vd u) {
+    vd e;
+    return nan_at_minus_inf(u, u * sigmoid_d(u, &e));
+}
+/* silu'(u) = s (1 + u (1 - s)) in float64, 1 - s formed as e s (exact where s rounds to 1);
+   u = +-inf gives NaN through u - u, as torch's silu_backward does. (Selecting the clamped
+   lanes instead took a fifth of the time.) */
+static inline vd silu_grad_d(vd u) {
+    vd e, s = sigmoid_d(u, &e);
     return s * (1.0 + u * (e * s)) + (u - u);
 }
-/* gelu'(u) = Phi(u) + u phi(u) in float64, Phi and phi the normal distribution and density.
-   With a = |u|, the upper tail 1 - Phi(a) = phi(a) R(a), R the Mills ratio, evaluated as a
-   polynomial of degree 17 in t = 4 / (4 + a) (fitted by tools/fit_mills_ratio.py, which
-   prints these coefficients: relative error 2.6e-13 on a in [0, 40]); Phi(u) is that tail
-   for u < 0 and 1 minus it for u >= 0. a is clamped to 37.5 (phi < 1e-305 beyond) in phi and
-   to 40 in R; u = +-inf gives NaN through u - u, as torch's gelu_backward does. */
-static inline vd gelu_grad_d(vd u) {
+/* Phi(u) and phi(u), the normal distribution and density, in float64. With a = |u|, the
+   upper tail 1 - Phi(a) = phi(a) R(a), R the Mills ratio, evaluated as a polynomial of degree
+   17 in t = 4 / (4 + a) (fitted by tools/fit_mills_ratio.py, which prints these
+   coefficients: relative error 2.6e-13 on a in [0, 40]); Phi(u) is that tail for u < 0 and 1
+   minus it for u >= 0. a is clamped to 37.5 in phi (phi < 1e-305 beyond) and to 40 in R. */
+static inline vd normal_d(vd u, vd *phi_out) {
     static const double mills[18] = {
         0.009004913386934465,
         -0.08729199990232238,
@@ -346,7 +359,19 @@ static inline vd gelu_grad_d(vd u) {
     vd c = clamp_d(a, 0.0, 37.5);
     vd phi = exp_d(-0.5 * (c * c)) * 0.3989422804014327; /* 1 / sqrt(2 pi) */
     vd one = (vd)((vq)(u >= 0.0) & 0x3ff0000000000000u); /* 1.0 where u >= 0, else 0.0 */
-    return one + (1.0 - 2.0 * one) * (phi * r) + u * phi + (u - u);
+    *phi_out = phi;
+    return one + (1.0 - 2.0 * one) * (phi * r);
+}
+/* gelu(u) = u Phi(u) in float64. */
+static inline vd gelu_d(vd u) {
+    vd phi;
+    return nan_at_minus_inf(u, u * normal_d(u, &phi));
+}
+/* gelu'(u) = Phi(u) + u phi(u) in float64; u = +-inf gives NaN through u - u, as torch's
+   gelu_backward does. */
+static inline vd gelu_grad_d(vd u) {
+    vd phi, cdf = normal_d(u, &phi);
+    return cdf + u * phi + (u - u);
 }
 
 #define F32_IN(v) (v)
@@ -1239,37 +1264,44 @@ static int gn_trusted(const void *mean, const void *rstd, int dtype, int64_t n, 
     return 1;
 }
 
-/* out = dy act'(u), elementwise over n float32 elements, the derivative and the product in
-   float64, rounded once: the backward of an activation after the kernel's forward (torch's
-   float32 SiLU backward rounds several times, and the backward's float64 sums of those dy
-   over N L positions carried it into dweight past the float32 bound). act, as the Triton
-   ACT codes: 1 SiLU, 2 GELU; -1 for any other. */
+/* out = act(u) (dy NULL) or dy act'(u), elementwise over n float32 elements, in float64,
+   rounded once: the activation after the kernel's forward and its backward (torch's float32
+   SiLU backward rounds several times, and the backward's float64 sums of those dy over N L
+   positions carried it into dweight past the float32 bound; torch's float64 ops took 1.1-3.3
+   ms on 164K elements). act, as the Triton ACT codes: 1 SiLU, 2 GELU; -1 for any other. */
 #define ACT_CHUNK 16384
-/* out[i..end) of the above with the derivative grad (inlined: a constant at each call), the
-   tail through a zero-padded vector. */
+/* out[i..end) of the above with f (inlined: a constant at each call), the tail through a
+   zero-padded vector. */
 static inline __attribute__((always_inline)) void act_range(const float *dy, const float *u,
                                                             float *out, int64_t i, int64_t end,
-                                                            vd (*grad)(vd)) {
-    for (; i + 8 <= end; i += 8)
-        store_f32(out + i, narrow_f(wide_f(load_f32(dy + i)) * grad(wide_f(load_f32(u + i)))));
+                                                            vd (*f)(vd)) {
+    for (; i + 8 <= end; i += 8) {
+        vd v = f(wide_f(load_f32(u + i)));
+        store_f32(out + i, narrow_f(dy ? wide_f(load_f32(dy + i)) * v : v));
+    }
     if (i < end) {
-        float d[8] = {0}, v[8] = {0};
-        memcpy(d, dy + i, (size_t)(end - i) * sizeof(float));
-        memcpy(v, u + i, (size_t)(end - i) * sizeof(float));
-        vf r = narrow_f(wide_f(load_f32(d)) * grad(wide_f(load_f32(v))));
+        float d[8] = {0}, w[8] = {0};
+        if (dy) memcpy(d, dy + i, (size_t)(end - i) * sizeof(float));
+        memcpy(w, u + i, (size_t)(end - i) * sizeof(float));
+        vd v = f(wide_f(load_f32(w)));
+        vf r = narrow_f(dy ? wide_f(load_f32(d)) * v : v);
         memcpy(out + i, &r, (size_t)(end - i) * sizeof(float));
     }
 }
-static int gn_act_backward(const float *dy, const float *u, float *out, int act, int64_t n,
-                           int nthreads) {
+static int gn_activation(const float *dy, const float *u, float *out, int act, int64_t n,
+                         int nthreads) {
     if (act != 1 && act != 2) return -1;
     if (n < PARALLEL_MIN) nthreads = 1;
     FOR_TASKS(t, (n + ACT_CHUNK - 1) / ACT_CHUNK, {
         int64_t i = t * ACT_CHUNK, end = i + ACT_CHUNK < n ? i + ACT_CHUNK : n;
-        if (act == 1)
+        if (act == 1 && dy)
             act_range(dy, u, out, i, end, silu_grad_d);
-        else
+        else if (act == 1)
+            act_range(NULL, u, out, i, end, silu_d);
+        else if (dy)
             act_range(dy, u, out, i, end, gelu_grad_d);
+        else
+            act_range(NULL, u, out, i, end, gelu_d);
     })
     return 0;
 }
@@ -1468,15 +1500,15 @@ static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t n
     return PyLong_FromLong(status);
 }
 
-/* Python: act_backward(dy, u, out, act, n, nthreads) -> 0, or -1 for an activation not
-   served. */
-static PyObject *py_act_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+/* Python: activation(dy, u, out, act, n, nthreads) -> 0, or -1 for an activation not
+   served; dy 0 for the activation itself. */
+static PyObject *py_activation(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     long long a[6];
-    if (parse(args, nargs, "act_backward", 6, -1, a, NULL)) return NULL;
+    if (parse(args, nargs, "activation", 6, -1, a, NULL)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = gn_act_backward(PTR(a[0]), PTR(a[1]), PTR(a[2]), (int)a[3], a[4], (int)a[5]);
+    status = gn_activation(PTR(a[0]), PTR(a[1]), PTR(a[2]), (int)a[3], a[4], (int)a[5]);
     Py_END_ALLOW_THREADS
     return PyLong_FromLong(status);
 }
@@ -1521,8 +1553,8 @@ static PyMethodDef methods[] = {
     {"forward", (PyCFunction)(void (*)(void))py_forward, METH_FASTCALL, "group norm forward"},
     {"stats", (PyCFunction)(void (*)(void))py_stats, METH_FASTCALL, "group statistics"},
     {"backward", (PyCFunction)(void (*)(void))py_backward, METH_FASTCALL, "group norm backward"},
-    {"act_backward", (PyCFunction)(void (*)(void))py_act_backward, METH_FASTCALL,
-     "dy times an activation's derivative, in float64"},
+    {"activation", (PyCFunction)(void (*)(void))py_activation, METH_FASTCALL,
+     "an activation, or dy times its derivative, in float64"},
     {"trusted", (PyCFunction)(void (*)(void))py_trusted, METH_FASTCALL,
      "whether every |mean * rstd| <= limit"},
     {"to_channels_last", (PyCFunction)(void (*)(void))py_to_channels_last, METH_FASTCALL,

@@ -40,6 +40,8 @@ from groupnorm.activations import triton_code
 from groupnorm.groups import GroupPlan
 
 __all__ = [
+    "activation_backward",
+    "activation_forward",
     "backward",
     "forward",
     "forward_plain",
@@ -356,10 +358,20 @@ def trusted(mean: torch.Tensor, rstd: torch.Tensor, limit: float) -> bool | None
     return bool(lib.trusted(mean.data_ptr(), rstd.data_ptr(), _CODES[dtype], mean.numel(), limit))
 
 
+def activation_forward(u: torch.Tensor, activation: str) -> torch.Tensor | None:
+    """``act(u)`` for float32 CPU u in a layout the kernel reads, SiLU or GELU, in float64 and
+    rounded once to float32, in u's layout; None where the kernel does not serve it (not
+    built, another dtype, layout or activation)."""
+    return _activation(None, u, activation)
+
+
 def activation_backward(dy: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor | None:
-    """``dy * act'(u)`` for float32 CPU u in a layout the kernel reads, SiLU or GELU: the
-    derivative and the product in float64, rounded once to float32, in u's layout; None where
-    the kernel does not serve it (not built, another dtype, layout or activation)."""
+    """``dy * act'(u)`` for the u that :func:`activation_forward` serves: the derivative and the
+    product in float64, rounded once to float32, in u's layout; None where it does not."""
+    return _activation(dy, u, activation)
+
+
+def _activation(dy: torch.Tensor | None, u: torch.Tensor, activation: str) -> torch.Tensor | None:
     lib = library()
     code = _ACT_CODES.get(activation)
     if (
@@ -372,11 +384,9 @@ def activation_backward(dy: torch.Tensor, u: torch.Tensor, activation: str) -> t
     ):
         return None
     out = torch.empty_like(u)
-    if dy.dtype is not u.dtype or dy.stride() != u.stride():
+    if dy is not None and (dy.dtype is not u.dtype or dy.stride() != u.stride()):
         dy = torch.empty_like(u).copy_(dy)  # u's strides: the kernel walks both in memory order
-    lib.act_backward(
-        dy.data_ptr(), u.data_ptr(), out.data_ptr(), code, u.numel(), torch.get_num_threads()
-    )
+    lib.activation(_ptr(dy), u.data_ptr(), out.data_ptr(), code, u.numel(), torch.get_num_threads())
     return out
 
 
