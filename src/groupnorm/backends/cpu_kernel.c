@@ -304,8 +304,8 @@ static inline vd exp_d(vd x) {
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
 }
-/* s = 1 / (1 + e), e = exp(-u), in float64, -u clamped to +-708: where u > 708, s = 1 and
-   e is taken as 0; where u < -708, s is under 1e-300, as it should be. */
+/* s = 1 / (1 + e), e = exp(-u), in float64, -u clamped to +-708: where u > 708, e is under
+   1e-307 and s rounds to 1; where u < -708, s is under 1e-307: both as they should be. */
 static inline vd sigmoid_d(vd u, vd *e_out) {
     vd e = exp_d(clamp_d(-u, -708.0, 708.0));
     *e_out = e;

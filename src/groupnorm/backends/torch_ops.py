@@ -799,7 +799,7 @@ class _Activation64(torch.autograd.Function):
     u's dtype. torch's float32 SiLU backward rounds several times, and the fused kernel's
     float64 sums of those dy over N L positions put dweight at 1.006x the float32 bound
     (test_regression_silu_weight_gradient_takes_the_derivative_in_float64); the compiled op
-    (:mod:`.compiled`) does the same. SiLU's derivative comes from the CPU kernel
+    (:mod:`.compiled`) does the same. The derivative comes from the CPU kernel
     (:func:`cpu_kernel.activation_backward`) where it serves, torch's float64 ops otherwise."""
 
     @staticmethod
