@@ -445,6 +445,7 @@ def test_property_kernel_backward_matches_float64(
     affine=st.booleans(),
     modulation=st.sampled_from(["scale", "shift", "both"]),
     stats_out=st.booleans(),
+    activation=st.sampled_from([None, "silu", "gelu"]),
     data=st.data(),
 )
 def test_property_recorded_backward_matches_float64(
@@ -456,11 +457,14 @@ def test_property_recorded_backward_matches_float64(
     affine: bool,
     modulation: str,
     stats_out: bool,
+    activation: str | None,
     data: st.DataObject,
 ) -> None:
     """A gradient penalty through the fused kernel's Function (float32, scale and shift
-    computed from x, statistics out or not, any plan and rank): the first derivatives and
-    the penalty's gradients against float64 autograd of the textbook formula."""
+    computed from x, statistics out or not, SiLU or GELU inside or not, any plan and rank):
+    the first derivatives and the penalty's gradients against float64 autograd of the
+    textbook formula (the activation's second derivative included: the recorded backward
+    recomputes u from the inputs)."""
     shape = (N, C, *spatial)
     layout = "channels_last" if channels_last and len(spatial) in (2, 3) else "nchw"
     plan_kw = plan_kwargs(kind, C, data)
@@ -484,13 +488,15 @@ def test_property_recorded_backward_matches_float64(
                 warnings.simplefilter("ignore", groupnorm.SingleElementGroupWarning)
                 y, stats = groupnorm.group_norm(
                     x, weight=w, bias=b, scale=scale, shift=shift, return_stats=True,
-                    **plan_kw,
+                    activation=activation, **plan_kw,
                 ) if stats_out else (groupnorm.group_norm(
-                    x, weight=w, bias=b, scale=scale, shift=shift, **plan_kw,
+                    x, weight=w, bias=b, scale=scale, shift=shift, activation=activation,
+                    **plan_kw,
                 ), None)  # fmt: skip
             mean, var = (stats.mean, stats.var) if stats is not None else (x, x)
         else:
             y, mean, var = textbook_group_norm(x, plan.sizes, w, b, scale, shift)
+            y = y if activation is None else getattr(torch.nn.functional, activation)(y)
         loss = (y * dy.to(dtype)).sum()
         if stats_out:
             loss = loss + (mean * a.to(dtype)).sum() + var.sum()
@@ -521,6 +527,53 @@ def test_property_recorded_backward_matches_float64(
         assert err <= 4 * (err_base + atol), (
             f"d(penalty)/{name[1:]}: error {err:.3e}, the float32 textbook's {err_base:.3e}"
         )
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("given", [False, True])
+def test_regression_gradient_penalty_through_an_activation_after_the_kernel(
+    activation: str, given: bool
+) -> None:
+    """A gradient penalty (create_graph) through float32 GroupNorm + SiLU on the fused kernel
+    raised "derivative for aten::silu_backward is not implemented": the recorded backward
+    took the activation's derivative with aten's op, which has none of its own. Now torch
+    ops that do, checked against float64 autograd of the textbook formula; with statistics
+    given (their own Function) and without (the activation inside the kernel's Function)."""
+    shape, plan = (2, 6, 3, 4), resolve_plan(6, num_groups=3)
+    x0, w0, b0 = (
+        rand(shape, torch.float32, 1),
+        rand((6,), torch.float32, 2),
+        rand((6,), torch.float32, 3),
+    )
+    dy = rand(shape, torch.float64, 4)
+    act = getattr(torch.nn.functional, activation)
+
+    def derivatives(dtype: torch.dtype, ours: bool) -> list[torch.Tensor]:
+        x, w, b = (t.to(dtype).requires_grad_() for t in (x0, w0, b0))
+        if ours:
+            stats = groupnorm.group_stats(x.detach(), 3) if given else None
+            y = groupnorm.group_norm(x, 3, w, b, activation=activation, stats=stats)
+        elif given:  # the statistics are constants
+            rows = x.reshape(2, 3, -1)
+            mean = rows.detach().mean(-1, keepdim=True)
+            var = rows.detach().var(-1, unbiased=False, keepdim=True)
+            xhat = ((rows - mean) / torch.sqrt(var + 1e-5)).reshape(shape)
+            y = act(xhat * w[:, None, None] + b[:, None, None])
+        else:
+            y = act(textbook_group_norm(x, plan.sizes, w, b)[0])
+        first = torch.autograd.grad((y * dy.to(dtype)).sum(), (x, w, b), create_graph=True)
+        penalty = torch.stack([(g**2).sum() for g in first]).sum()
+        return [*first, *torch.autograd.grad(penalty, (x, w, b))]
+
+    got, want, baseline = (
+        derivatives(torch.float32, True),
+        derivatives(torch.float64, False),
+        derivatives(torch.float32, False),
+    )
+    for g, f, t in zip(got, baseline, want, strict=True):
+        err, err_base = (float((v.detach().double() - t.detach()).abs().max()) for v in (g, f))
+        assert err <= 4 * (err_base + tolerance(torch.float32, 12)[0]), (err, err_base)
 
 
 @needs_kernel

@@ -786,8 +786,9 @@ def _fused_fast(
     if grad:
         if not cpu_kernel.serves(x):
             return None
-        y = _Fused.apply(x, weight, bias, None, None, plan, eps, False)
-        return y if activation is None else _activation_after_kernel(y, activation)
+        inside = _folded(activation)
+        y = _Fused.apply(x, weight, bias, None, None, plan, eps, False, inside)
+        return y if activation is inside else apply_activation(y, activation)
     y = cpu_kernel.forward_plain(x, plan, weight, bias, eps, activation == "relu")
     if y is None or activation in (None, "relu"):
         return y
@@ -811,14 +812,24 @@ class _Activation64(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (u,) = ctx.saved_tensors
-        # The kernel's (not differentiable) where this backward is not itself recorded.
-        recorded = torch.is_grad_enabled()
-        du = None if recorded else cpu_kernel.activation_backward(dy, u, ctx.activation)
+        if torch.is_grad_enabled():  # recorded: torch ops with derivatives of their own
+            return _activation_grad64(dy.double(), u.double(), ctx.activation).to(u.dtype), None
+        du = cpu_kernel.activation_backward(dy, u, ctx.activation)
         if du is not None:
             return du, None
         derivative = ACTIVATIONS[ctx.activation].backward
         assert derivative is not None  # _activation_after_kernel sends SiLU and GELU only
         return derivative(dy.double(), u.double()).to(u.dtype), None
+
+
+def _activation_grad64(dy: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
+    """dy act'(u) for SiLU or GELU as torch ops that autograd can differentiate again (aten's
+    silu_backward has no derivative of its own): a backward recorded for a gradient penalty."""
+    if activation == "silu":
+        s = torch.sigmoid(u)
+        return dy * (s * (1 + u * (1 - s)))
+    cdf = 0.5 * torch.special.erfc(u * -0.7071067811865476)
+    return dy * (cdf + u * torch.exp(-0.5 * u * u) * 0.3989422804014327)
 
 
 def _activation_after_kernel(y: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -827,6 +838,13 @@ def _activation_after_kernel(y: torch.Tensor, activation: str | None) -> torch.T
     if y.dtype is torch.float64 or ACTIVATIONS[activation].backward is None:
         return apply_activation(y, activation)
     return _Activation64.apply(y, activation)
+
+
+def _folded(activation: str | None) -> str | None:
+    """The activation :class:`_Fused` applies and differentiates itself (SiLU and GELU, whose
+    derivative it takes in float64), or None: ReLU's derivative is a mask, exact as torch
+    records it after."""
+    return activation if activation is not None and ACTIVATIONS[activation].backward else None
 
 
 KernelSums = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # dx, sum dy xhat, sum dy
@@ -842,6 +860,13 @@ class _Fused(torch.autograd.Function):
     B = sum dy * xhat and A = sum dy, from which dweight = sum_n (1 + scale) B,
     dbias = sum_n (1 + scale) A, dscale = w B + b A and dshift = A, in float64.
 
+    ``activation`` (SiLU, GELU or None): y is act(u) of that u, applied by torch's op, and the
+    backward takes dy through act'(u) in float64, rounded once (the kernel's
+    :func:`cpu_kernel.activation_backward`; torch's float32 SiLU backward rounds several
+    times, which the float64 sums carried into dweight at 1.006x the float32 bound), before
+    the kernel's backward: one autograd node for both (a separate Function cost a (2, 64, 2, 2)
+    SiLU training step 10 of its 104 µs).
+
     ``stats_out``: the outputs are ``(y, pivot, shifted_mean, m2)``, the (N, G) statistics from
     the float64 moments, pivot the mean rounded to x's dtype (not differentiable), shifted_mean
     and m2 differentiable in x: what reaches x through them, ``d shifted_mean / count +
@@ -849,7 +874,8 @@ class _Fused(torch.autograd.Function):
     per-channel coefficients (``stats_grads``), so dx takes no extra pass.
 
     A backward that is itself recorded (``create_graph=True``: gradient penalties) forms the
-    same quantities from float64 torch ops instead (:func:`_recorded_backward`)."""
+    same quantities from float64 torch ops instead (:func:`_recorded_backward`), u recomputed
+    from the inputs (:func:`_u64`)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -862,18 +888,22 @@ class _Fused(torch.autograd.Function):
         plan: GroupPlan,
         eps: float,
         stats_out: bool,
+        activation: str | None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if scale is None and shift is None:
-            y, moments = cpu_kernel.forward(x, plan, weight, bias, eps, want_moments=True)
-            ctx.save_for_backward(x, weight, bias, moments)  # each costs the backward an unpack
+            u, moments = cpu_kernel.forward(x, plan, weight, bias, eps, want_moments=True)
+            saved: tuple[torch.Tensor | None, ...] = (x, weight, bias, moments)
         else:
             s64 = None if scale is None else scale.double().contiguous()
             h64 = None if shift is None else shift.double().contiguous()
-            y, moments = cpu_kernel.forward(
+            u, moments = cpu_kernel.forward(
                 x, plan, weight, bias, eps, want_moments=True, scale=s64, shift=h64
             )
-            ctx.save_for_backward(x, weight, bias, moments, scale, shift)
-        ctx.plan, ctx.eps, ctx.stats_out = plan, eps, stats_out
+            saved = (x, weight, bias, moments, scale, shift)
+        # each saved tensor costs the backward an unpack: u only with an activation
+        ctx.save_for_backward(*saved, u) if activation else ctx.save_for_backward(*saved)
+        ctx.plan, ctx.eps, ctx.stats_out, ctx.activation = plan, eps, stats_out, activation
+        y = u if activation is None else apply_activation(u, activation)
         if not stats_out:
             return y
         assert moments is not None  # want_moments
@@ -888,6 +918,9 @@ class _Fused(torch.autograd.Function):
         ctx: Any, dy: torch.Tensor, *stats: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         saved = ctx.saved_tensors
+        activation = ctx.activation
+        if activation is not None:
+            u, saved = saved[-1], saved[:-1]
         x, weight, bias, moments = saved[:4]
         scale, shift = saved[4:] if len(saved) > 4 else (None, None)
         plan, wanted = ctx.plan, ctx.needs_input_grad[:5]
@@ -897,6 +930,16 @@ class _Fused(torch.autograd.Function):
             # d shifted_mean / dx = 1 / count and d m2 / dx = 2 (x - mean), per group
             through = torch.stack((2 * d_m2.double(), d_smean.double() / _group_counts(x, plan)))
         recorded = torch.is_grad_enabled()
+        if activation is not None:
+            derivative = ACTIVATIONS[activation].backward
+            assert derivative is not None  # _folded sends SiLU and GELU only
+            if recorded:
+                # u recomputed from the inputs, so that second derivatives see it depend on them
+                u64 = _u64(x, weight, bias, scale, shift, plan, ctx.eps)
+                dy = _activation_grad64(dy.double(), u64, activation)
+            else:
+                du = cpu_kernel.activation_backward(dy, u, activation)
+                dy = derivative(dy.double(), u.double()).to(x.dtype) if du is None else du
         # The kernel stores the float64 sums as a float32 weight's gradient (no conversion
         # after) where the bias, if any, is of the weight's dtype too.
         sums = (
@@ -913,7 +956,43 @@ class _Fused(torch.autograd.Function):
                 sums_dtype=torch.float64 if per_sample else sums,
             )  # fmt: skip
 
-        return (*kernel_grads(backward, x, weight, bias, scale, shift, wanted), None, None, None)
+        grads = kernel_grads(backward, x, weight, bias, scale, shift, wanted)
+        return (*grads, None, None, None, None)
+
+
+def _u64(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    plan: GroupPlan,
+    eps: float,
+) -> torch.Tensor:
+    """:class:`_Fused`'s u = (GN(x) * weight + bias) * (1 + scale) + shift, the output before
+    the activation, in float64 torch ops that autograd records (for a recorded backward)."""
+    nd = x.dim()
+    xc, rstd = _centered64(x, plan, eps)
+    u = xc * _spread_groups(rstd, plan, nd)
+    if weight is not None:
+        u = u * _expand(weight.double()[None], nd)
+    if bias is not None:
+        u = u + _expand(bias.double()[None], nd)
+    if scale is not None:
+        u = u * _expand(1 + scale.double(), nd)
+    if shift is not None:
+        u = u + _expand(shift.double(), nd)
+    return u
+
+
+def _centered64(x: torch.Tensor, plan: GroupPlan, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x - mean (float64, x's shape) and rstd (N, G), the statistics recomputed from x in float64
+    torch ops that autograd records."""
+    counts = _group_counts(x, plan)
+    x64 = x.double()
+    xc = x64 - _spread_groups(_group_sum(_spatial_sum(x64), plan) / counts, plan, x.dim())
+    rstd = torch.rsqrt(_group_sum(_spatial_sum(xc * xc), plan) / counts + eps)
+    return xc, rstd
 
 
 def _recorded_backward(
@@ -931,10 +1010,7 @@ def _recorded_backward(
     derivatives in each input: where one input of :class:`_Fused` is computed from another
     (scale from x), autograd adds each path once (differentiating the composite forward would
     count the path through scale twice)."""
-    counts = _group_counts(x, plan)
-    x64 = x.double()
-    xc = x64 - _spread_groups(_group_sum(_spatial_sum(x64), plan) / counts, plan, x.dim())
-    rstd = torch.rsqrt(_group_sum(_spatial_sum(xc * xc), plan) / counts + eps)
+    xc, rstd = _centered64(x, plan, eps)
     dx, B, A = _backward64(xc, dy, plan, weight, rstd, per_sample, stats_grads)
     return dx.to(x.dtype), B, A
 
@@ -1289,8 +1365,8 @@ def half_keeps_torch(x: torch.Tensor, plan: GroupPlan) -> bool:
 def _fused_records(r: Request) -> bool:
     """Whether the fused CPU kernel serves ``r`` under autograd (:class:`_Fused`): an eager
     float32/float64 CPU call in a layout it reads, with weight, bias, scale, shift and an
-    activation at most (the activation is then torch's, recorded as usual), no statistics in or
-    out, reverse mode only, for float32 and where torch's kernel does not serve it
+    activation at most (SiLU and GELU inside the Function, ReLU recorded after it), no
+    statistics in or out, reverse mode only, for float32 and where torch's kernel does not serve it
     (:func:`_fused_backward`). Where torch's kernel does, but its statistics fail the check,
     :func:`_native_checked` redoes the call here too (:func:`_fused_can_record`)."""
     return _fused_backward(r.x, r.plan) and _fused_can_record(r)
@@ -1335,23 +1411,23 @@ def _kernel_records(r: Request) -> bool:
 
 
 def _record_fused(r: Request) -> torch.Tensor:
-    """y of ``r`` from :class:`_Fused`, the activation recorded after it."""
+    """y of ``r`` from :class:`_Fused`, SiLU or GELU inside it (:func:`_folded`), ReLU after."""
     w, b = (None if t is None else t.contiguous() for t in (r.weight, r.bias))
-    return _activation_after_kernel(
-        _Fused.apply(r.x, w, b, r.scale, r.shift, r.plan, r.eps, False), r.activation
-    )
+    inside = _folded(r.activation)
+    y = _Fused.apply(r.x, w, b, r.scale, r.shift, r.plan, r.eps, False, inside)
+    return y if r.activation is inside else apply_activation(y, r.activation)
 
 
 def _record_fused_stats(r: Request) -> tuple[torch.Tensor, GroupStats]:
     """y and the statistics of ``r`` from :class:`_Fused` (float32 and float64 x with
     statistics out under autograd, where the composite path took 8-13x the plain call's
-    forward and backward), the activation recorded after it."""
+    forward and backward), SiLU or GELU inside it, ReLU after."""
     w, b = (None if t is None else t.contiguous() for t in (r.weight, r.bias))
-    y, pivot, smean, m2 = _Fused.apply(r.x, w, b, r.scale, r.shift, r.plan, r.eps, True)
+    inside = _folded(r.activation)
+    y, pivot, smean, m2 = _Fused.apply(r.x, w, b, r.scale, r.shift, r.plan, r.eps, True, inside)
     count = _group_counts(r.x, r.plan).to(smean.dtype).expand_as(smean).contiguous()
-    return _activation_after_kernel(y, r.activation), GroupStats(
-        pivot, smean, m2, count, plan=r.plan
-    )
+    y = y if r.activation is inside else apply_activation(y, r.activation)
+    return y, GroupStats(pivot, smean, m2, count, plan=r.plan)
 
 
 def _fused(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
