@@ -30,15 +30,16 @@ from typing import Any, Optional
 
 import torch
 
-from groupnorm.activations import ACTIVATIONS, apply_activation
+from groupnorm.activations import apply_activation
 from groupnorm.backends import cpu_kernel
 from groupnorm.backends.torch_ops import (
     KernelSums,
     _backward64,
-    _expand,
     _shifted,
     _spread_groups,
     _stats_of_shifted,
+    activation_backward64,
+    affine64,
     kernel_grads,
 )
 from groupnorm.groups import GroupPlan
@@ -104,15 +105,7 @@ def cpu_forward(
         return y, u, moments
     x64 = x.double()
     moments = _moments64(x, plan)
-    y = _xhat64(x64, moments, plan, eps)
-    if weight is not None:
-        y = y * _expand(weight.double()[None], x.dim())
-    if bias is not None:
-        y = y + _expand(bias.double()[None], x.dim())
-    if s64 is not None:
-        y = y * _expand(1 + s64, x.dim())
-    if h64 is not None:
-        y = y + _expand(h64, x.dim())
+    y = affine64(_xhat64(x64, moments, plan, eps), weight, bias, s64, h64)
     if activation is None:
         return _like(y, x), x.new_empty(0), moments
     return _like(apply_activation(y, activation), x), _like(y, x), moments
@@ -153,12 +146,7 @@ def cpu_backward(
     (:func:`cpu_kernel.activation_backward`) for float32, torch's float64 ops otherwise."""
     plan = _plan(sizes)
     if activation is not None:
-        du = cpu_kernel.activation_backward(dy, u, activation)  # float32 u where built
-        if du is None:
-            derivative = ACTIVATIONS[activation].backward
-            assert derivative is not None  # the op takes SiLU and GELU only
-            du = derivative(dy.double(), u.double()).to(x.dtype)
-        dy = du
+        dy = activation_backward64(dy, u, activation)
     if cpu_kernel.serves(x):
         w = None if weight is None else weight.contiguous()
         return cpu_kernel.backward(x, dy, plan, w, moments, eps, per_sample=per_sample)

@@ -814,12 +814,19 @@ class _Activation64(torch.autograd.Function):
         (u,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # recorded: torch ops with derivatives of their own
             return _activation_grad64(dy.double(), u.double(), ctx.activation).to(u.dtype), None
-        du = cpu_kernel.activation_backward(dy, u, ctx.activation)
-        if du is not None:
-            return du, None
-        derivative = ACTIVATIONS[ctx.activation].backward
-        assert derivative is not None  # _activation_after_kernel sends SiLU and GELU only
-        return derivative(dy.double(), u.double()).to(u.dtype), None
+        return activation_backward64(dy, u, ctx.activation), None
+
+
+def activation_backward64(dy: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
+    """dy act'(u) for SiLU or GELU in float64, rounded once to u's dtype: the kernel's
+    (:func:`cpu_kernel.activation_backward`, float32) where it serves, torch's float64 ops
+    otherwise. Not differentiable (a recorded backward takes :func:`_activation_grad64`)."""
+    du = cpu_kernel.activation_backward(dy, u, activation)
+    if du is not None:
+        return du
+    derivative = ACTIVATIONS[activation].backward
+    assert derivative is not None  # the callers send SiLU and GELU only
+    return derivative(dy.double(), u.double()).to(u.dtype)
 
 
 def _activation_grad64(dy: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
@@ -930,16 +937,12 @@ class _Fused(torch.autograd.Function):
             # d shifted_mean / dx = 1 / count and d m2 / dx = 2 (x - mean), per group
             through = torch.stack((2 * d_m2.double(), d_smean.double() / _group_counts(x, plan)))
         recorded = torch.is_grad_enabled()
-        if activation is not None:
-            derivative = ACTIVATIONS[activation].backward
-            assert derivative is not None  # _folded sends SiLU and GELU only
-            if recorded:
-                # u recomputed from the inputs, so that second derivatives see it depend on them
-                u64 = _u64(x, weight, bias, scale, shift, plan, ctx.eps)
-                dy = _activation_grad64(dy.double(), u64, activation)
-            else:
-                du = cpu_kernel.activation_backward(dy, u, activation)
-                dy = derivative(dy.double(), u.double()).to(x.dtype) if du is None else du
+        if activation is not None and recorded:
+            # u recomputed from the inputs, so that second derivatives see it depend on them
+            u64 = _u64(x, weight, bias, scale, shift, plan, ctx.eps)
+            dy = _activation_grad64(dy.double(), u64, activation)
+        elif activation is not None:
+            dy = activation_backward64(dy, u, activation)
         # The kernel stores the float64 sums as a float32 weight's gradient (no conversion
         # after) where the bias, if any, is of the weight's dtype too.
         sums = (
@@ -971,18 +974,29 @@ def _u64(
 ) -> torch.Tensor:
     """:class:`_Fused`'s u = (GN(x) * weight + bias) * (1 + scale) + shift, the output before
     the activation, in float64 torch ops that autograd records (for a recorded backward)."""
-    nd = x.dim()
     xc, rstd = _centered64(x, plan, eps)
-    u = xc * _spread_groups(rstd, plan, nd)
+    return affine64(xc * _spread_groups(rstd, plan, x.dim()), weight, bias, scale, shift)
+
+
+def affine64(
+    xhat: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+) -> torch.Tensor:
+    """``(xhat * weight + bias) * (1 + scale) + shift`` in float64 for float64 xhat (N, C, *S):
+    weight and bias (C,), scale and shift (N, C), each optional."""
+    nd = xhat.dim()
     if weight is not None:
-        u = u * _expand(weight.double()[None], nd)
+        xhat = xhat * _expand(weight.double()[None], nd)
     if bias is not None:
-        u = u + _expand(bias.double()[None], nd)
+        xhat = xhat + _expand(bias.double()[None], nd)
     if scale is not None:
-        u = u * _expand(1 + scale.double(), nd)
+        xhat = xhat * _expand(1 + scale.double(), nd)
     if shift is not None:
-        u = u + _expand(shift.double(), nd)
-    return u
+        xhat = xhat + _expand(shift.double(), nd)
+    return xhat
 
 
 def _centered64(x: torch.Tensor, plan: GroupPlan, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
