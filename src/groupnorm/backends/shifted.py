@@ -166,7 +166,8 @@ def _exported(
 def _rows_shifted(x: torch.Tensor, groups: int, acc: torch.dtype) -> torch.Tensor:
     """x (N, C, *S) as rows (N, groups, C / groups * prod(S)) minus each row's first element
     (its group's pivot), in ``acc``: in an export graph one Reshape, one Slice and one Sub,
-    where the gather through ``first`` costs ONNX five nodes."""
+    where the gather through ``first`` costs ONNX five nodes. (A Split would enter the graph
+    with fewer nodes to fold, but onnxruntime then copies the whole row.)"""
     positions = 1
     for d in x.shape[1:]:
         positions = positions * d
@@ -180,13 +181,13 @@ def _grouped_rows(
     x: torch.Tensor, runs: list[tuple[int, int, int]], eps: float, acc: torch.dtype
 ) -> torch.Tensor:
     """The normalized x without weight and bias, in ``acc``, as an export records an uneven
-    plan: each run's rows (:func:`_rows_shifted`) through ``instance_norm``, whose instances
-    are the rows (ONNX: one InstanceNormalization a run; torch's group_norm would add a Reshape
-    and a multiply-add by ones and zeros around it), concatenated; the caller then applies the
-    affine parameters once to the whole tensor."""
+    plan: x split into its runs (one Split), each run's rows (:func:`_rows_shifted`) through
+    ``instance_norm``, whose instances are the rows (ONNX: one InstanceNormalization a run;
+    torch's group_norm would add a Reshape and a multiply-add by ones and zeros around it),
+    concatenated; the caller then applies the affine parameters once to the whole tensor."""
+    widths = [end - start for start, end, _ in runs]
     parts = []
-    for start, end, size in runs:
-        xr = x[:, start:end]
+    for xr, (start, end, size) in zip(x.split(widths, dim=1), runs, strict=True):
         rows = _rows_shifted(xr, (end - start) // size, acc)
         parts.append(F.instance_norm(rows, eps=eps).reshape(xr.shape))
     return torch.cat(parts, dim=1)
