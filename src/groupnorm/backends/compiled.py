@@ -11,8 +11,8 @@ bound (compiled, 26 of the 72 draws of the eager regression test, up to 2.3x). T
   ``y = act(u)`` (SiLU or GELU, in float64 from u: the kernel's
   :func:`cpu_kernel.activation_forward` for float32) in x's dtype and memory format, and
   the float64 (2, N, G) mean and variance used;
-- ``groupnorm::cpu_backward(dy, x, weight, moments, sizes, eps, per_sample, u, activation)
-  -> (dx, dw, db)``: dy through the activation's derivative in float64, then
+- ``groupnorm::cpu_backward(dy, x, weight, moments, sizes, eps, per_sample, u, activation,
+  u_bias) -> (dx, dw, db)``: dy through the activation's derivative in float64, then
   :func:`cpu_kernel.backward`: dx and the float64 per-channel sums of dy * xhat and of dy.
 
 The forward's registered autograd calls the backward op and assembles the parameters'
@@ -38,6 +38,7 @@ from groupnorm.backends.torch_ops import (
     _shifted,
     _spread_groups,
     _stats_of_shifted,
+    _u_bias,
     activation_backward64,
     affine64,
     kernel_grads,
@@ -138,13 +139,22 @@ def cpu_backward(
     per_sample: bool,
     u: torch.Tensor,
     activation: Optional[str],  # noqa: UP045
+    u_bias: Optional[torch.Tensor],  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`cpu_kernel.backward` as an op: ``(dx, dw, db)``, the sums float64 (C,), or (N, C)
     where ``per_sample`` (weight then float64 (N, C)). With an activation, dy is first taken
-    through its derivative at u in float64 (inductor's float32 SiLU backward carries enough
-    rounding into dweight's sum to reach 1.03 of the float32 bound): the kernel's
-    (:func:`cpu_kernel.activation_backward`) for float32, torch's float64 ops otherwise."""
+    through its derivative in float64 (inductor's float32 SiLU backward carries enough
+    rounding into dweight's sum to reach 1.03 of the float32 bound): by the kernel's backward
+    for float32, at u recomputed from x with ``u_bias`` (:func:`torch_ops._u_bias`); at the
+    forward's u with torch's float64 ops otherwise."""
     plan = _plan(sizes)
+    fused = activation is not None and cpu_kernel.fuses_activation(x, activation)
+    if fused and cpu_kernel.serves(x):
+        w = None if weight is None else weight.contiguous()
+        return cpu_kernel.backward(
+            x, dy, plan, w, moments, eps, per_sample=per_sample, activation=activation,
+            u_bias=u_bias,
+        )  # fmt: skip
     if activation is not None:
         dy = activation_backward64(dy, u, activation)
     if cpu_kernel.serves(x):
@@ -168,6 +178,7 @@ def _(
     per_sample: bool,
     u: torch.Tensor,
     activation: str | None,
+    u_bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     shape = tuple(x.shape[:2]) if per_sample else (x.shape[1],)
     dw, db = (x.new_empty(shape, dtype=torch.float64) for _ in range(2))
@@ -187,7 +198,8 @@ def _backward(ctx: Any, dy: torch.Tensor, *_: torch.Tensor) -> tuple[Any, ...]:
 
     def backward(w: torch.Tensor | None, per_sample: bool) -> KernelSums:
         sizes, act = list(ctx.sizes), ctx.activation
-        return cpu_backward(dy, x, w, moments, sizes, ctx.eps, per_sample, u, act)
+        ub = None if act is None else _u_bias(x, bias, scale, shift, per_sample)
+        return cpu_backward(dy, x, w, moments, sizes, ctx.eps, per_sample, u, act, ub)
 
     grads = kernel_grads(backward, x, weight, bias, scale, shift, tuple(ctx.needs_input_grad[:5]))
     return (*grads, None, None, None)

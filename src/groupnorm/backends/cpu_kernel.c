@@ -1054,28 +1054,144 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
             store_f64(B + c0 + 8 * k, a2[k] * rr[k]);                                       \
         }                                                                                   \
     }                                                                                       \
+    /* With an activation after the norm, dy is dL/dy of y = act(u): g = dy act'(u) in      \
+       float64 (f the derivative, inlined), u = (x - m) rw + ub formed in float64 from x,   \
+       rounded once to T into g (dx's memory), where the sums and the dx pass read it as    \
+       their dy. u is not the forward's: that one is rounded from float32 arithmetic (with  \
+       scale and shift off by up to 1200 ulp where u is small), which act'' carried into    \
+       dweight past the float32 bound. act_row_S: NCHW rows j0..j1 of n elements, m, rw and \
+       ub per row, each row's tail as one vector of x padded with m and dy with 0. */       \
+    static inline __attribute__((always_inline)) void act_row_##S(                         \
+        const T *x, const T *dy, T *g, int64_t j0, int64_t j1, int64_t n, const double *m,  \
+        const double *rw, const double *ub, vd (*f)(vd)) {                                  \
+        for (int64_t j = j0; j < j1; j++) {                                                 \
+            const T *xr = x + j * n, *dr = dy + j * n;                                      \
+            T *gr = g + j * n;                                                              \
+            int64_t i = 0;                                                                  \
+            for (; i + 8 <= n; i += 8) {                                                    \
+                vd u = (WIDE(LOAD(xr + i)) - m[j]) * rw[j] + ub[j];                         \
+                STORE(gr + i, NARROW(WIDE(LOAD(dr + i)) * f(u)));                           \
+            }                                                                               \
+            if (i < n) {                                                                    \
+                T xt[8], dt[8];                                                             \
+                for (int k = 0; k < 8; k++) {                                               \
+                    xt[k] = i + k < n ? xr[i + k] : (T)m[j];                                \
+                    dt[k] = i + k < n ? dr[i + k] : (T)0;                                   \
+                }                                                                           \
+                VW gv = NARROW(WIDE(LOAD(dt)) * f((WIDE(LOAD(xt)) - m[j]) * rw[j] + ub[j])); \
+                memcpy(gr + i, &gv, (size_t)(n - i) * sizeof(T));                           \
+            }                                                                               \
+        }                                                                                   \
+    }                                                                                       \
+    /* The same for channels-last positions q0..q1 of one sample (rows of C channels), m,   \
+       rw and ub per channel, a last partial vector of each row padded with zeros (u = 0    \
+       there). */                                                                           \
+    static inline __attribute__((always_inline)) void act_cl_##S(                          \
+        const T *x, const T *dy, T *g, int64_t C, int64_t q0, int64_t q1, const double *m,  \
+        const double *rw, const double *ub, vd (*f)(vd)) {                                  \
+        for (int64_t q = q0; q < q1; q++) {                                                 \
+            const T *xr = x + q * C, *dr = dy + q * C;                                      \
+            T *gr = g + q * C;                                                              \
+            int64_t c = 0;                                                                  \
+            for (; c + 8 <= C; c += 8) {                                                    \
+                vd u = (WIDE(LOAD(xr + c)) - load_f64(m + c)) * load_f64(rw + c);           \
+                STORE(gr + c, NARROW(WIDE(LOAD(dr + c)) * f(u + load_f64(ub + c))));        \
+            }                                                                               \
+            if (c < C) {                                                                    \
+                T xt[8] = {0}, dt[8] = {0};                                                 \
+                double t[3][8] = {{0}};                                                     \
+                size_t w = (size_t)(C - c);                                                 \
+                memcpy(xt, xr + c, w * sizeof(T));                                          \
+                memcpy(dt, dr + c, w * sizeof(T));                                          \
+                memcpy(t[0], m + c, w * sizeof(double));                                    \
+                memcpy(t[1], rw + c, w * sizeof(double));                                   \
+                memcpy(t[2], ub + c, w * sizeof(double));                                   \
+                vd u = (WIDE(LOAD(xt)) - load_f64(t[0])) * load_f64(t[1]) + load_f64(t[2]); \
+                VW gv = NARROW(WIDE(LOAD(dt)) * f(u));                                      \
+                memcpy(gr + c, &gv, w * sizeof(T));                                         \
+            }                                                                               \
+        }                                                                                   \
+    }                                                                                       \
+    /* dx of one element (of coefficients j) in float64, rounded once: the scalar tails, and \
+       whole rows where a group may have two elements (L <= 2). There dx = rstd^3 eps       \
+       (g1 w1 - g2 w2) / 2 is nearly 0 but its two terms are each rstd |g1 w1 - g2 w2| / 2,  \
+       unbounded as the two values of x approach each other: formed in T (and with q      \
+       rounded to T) their rounding missed the float32 bound by up to 2x. */                \
+    static inline T dx64_##S(T x, T dy, int64_t j, const double *kw, const double *k1,    \
+                             const double *kmd, const double *kq64) {                       \
+        return (T)(((double)dy * kw[j] - k1[j]) - ((double)x - kmd[j]) * kq64[j]);          \
+    }                                                                                       \
     static void backward_##S(const T *x, const T *dy, T *dx, int64_t N, int64_t C, int64_t L, \
                              int cl, const int64_t *offsets, int64_t G,                     \
                              const int64_t *group_of, const double *mean, const double *var, \
                              double eps, const double *wd, int per_sample, double *dw,      \
                              double *db, const double *sa, const double *sb, int given,     \
-                             int nthreads) {                                                \
+                             int act, const double *ubd, int nthreads) {                    \
         int64_t NC = N * C;                                                                 \
-        double *work = malloc((size_t)(2 * NC + N * G) * sizeof(double));                   \
-        double *A = work, *B = A + NC, *rstd = B + NC;                                      \
+        double *work = malloc((size_t)(2 * NC + 2 * N * G) * sizeof(double));               \
+        double *A = work, *B = A + NC, *rstd = B + NC, *mu = rstd + N * G;                  \
         /* per (n, c), each an array of NC: hi and q in T; w (then r w) and k in float64 */  \
         T *khi = malloc((size_t)(2 * NC) * sizeof(T)), *kq = khi + NC;                      \
-        double *kw = malloc((size_t)(4 * NC) * sizeof(double)), *km = kw + NC;              \
+        double *kw = malloc((size_t)(6 * NC) * sizeof(double)), *km = kw + NC;              \
         double *kmd = km + NC, *krd = kmd + NC; /* mean and rstd per (n, c) for the sums */ \
-        for (int64_t i = 0; i < N * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);             \
+        double *k1 = krd + NC, *kq64 = k1 + NC; /* k and q unrounded, for dx64_S */         \
+        /* A group of two elements (or one) takes its mean and variance again from x,      \
+           exactly: the forward's are accurate to the spread's T rounding, and dx there is   \
+           nearly 0 (see dx64_S), a cancellation that error would show through. */         \
+        for (int64_t n = 0, i = 0; n < N; n++)                                              \
+            for (int64_t g = 0; g < G; g++, i++) {                                          \
+                double m = mean[i], v = var[i], e[2];                                       \
+                int64_t k = 0;                                                              \
+                if (!given && (offsets[g + 1] - offsets[g]) * L <= 2) {                     \
+                    for (int64_t c = offsets[g]; c < offsets[g + 1]; c++)                   \
+                        for (int64_t l = 0; l < L; l++)                                     \
+                            e[k++] = (double)x[cl ? (n * L + l) * C + c : (n * C + c) * L + l]; \
+                    m = k == 2 ? 0.5 * (e[0] + e[1]) : e[0];                                \
+                    v = k == 2 ? 0.25 * (e[0] - e[1]) * (e[0] - e[1]) : 0.0 * e[0];         \
+                }                                                                           \
+                mu[i] = m;                                                                  \
+                rstd[i] = 1.0 / sqrt(v + eps);                                              \
+            }                                                                               \
         for (int64_t n = 0, j = 0; n < N; n++)                                              \
             for (int64_t c = 0; c < C; c++, j++) {                                          \
                 int64_t i = n * G + group_of[c];                                            \
-                khi[j] = (T)mean[i];                                                        \
-                kmd[j] = mean[i];                                                           \
+                khi[j] = (T)mu[i];                                                          \
+                kmd[j] = mu[i];                                                             \
                 krd[j] = rstd[i];                                                           \
                 kw[j] = wd[per_sample ? j : c];                                             \
             }                                                                               \
+        if (act) { /* g into dx's memory, the dy of what follows */                        \
+            double *krw = malloc((size_t)(2 * NC) * sizeof(double)), *kub = krw + NC;      \
+            for (int64_t n = 0, j = 0; n < N; n++)                                          \
+                for (int64_t c = 0; c < C; c++, j++) {                                      \
+                    krw[j] = krd[j] * kw[j];                                                \
+                    kub[j] = ubd ? ubd[per_sample ? j : c] : 0.0;                           \
+                }                                                                           \
+            if (!cl) { /* R rows a task: about 2048 elements */                            \
+                int64_t R = L < 2048 ? 2048 / L : 1, tasks = (NC + R - 1) / R;              \
+                FOR_TASKS(t, tasks, {                                                       \
+                    int64_t j0 = t * R, j1 = j0 + R < NC ? j0 + R : NC;                     \
+                    if (act == 1)                                                           \
+                        act_row_##S(x, dy, dx, j0, j1, L, kmd, krw, kub, silu_grad_d);      \
+                    else                                                                    \
+                        act_row_##S(x, dy, dx, j0, j1, L, kmd, krw, kub, gelu_grad_d);      \
+                })                                                                          \
+            } else { /* blocks of 64 positions of one sample */                            \
+                int64_t blocks = (L + 63) / 64;                                             \
+                FOR_TASKS(t, N * blocks, {                                                  \
+                    int64_t n = t / blocks, q0 = t % blocks * 64;                           \
+                    int64_t q1 = q0 + 64 < L ? q0 + 64 : L, o = n * L * C, p = n * C;       \
+                    if (act == 1)                                                           \
+                        act_cl_##S(x + o, dy + o, dx + o, C, q0, q1, kmd + p, krw + p,      \
+                                   kub + p, silu_grad_d);                                   \
+                    else                                                                    \
+                        act_cl_##S(x + o, dy + o, dx + o, C, q0, q1, kmd + p, krw + p,      \
+                                   kub + p, gelu_grad_d);                                   \
+                })                                                                          \
+            }                                                                               \
+            free(krw);                                                                      \
+            dy = dx;                                                                        \
+        }                                                                                   \
         if (!cl) {                                                                          \
             /* Short rows four at a time (at most three left over); long ones alone       \
                (eight streams at once measured 3-5 % slower at L = 4096). */                \
@@ -1141,11 +1257,14 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 /* given statistics are constants here: dx = r dy w (their own gradients   \
                    come from A and B) */                                                    \
                 if (given) s1 = s2 = 0.0;                                                   \
-                T q = (T)(r * (r * s2 / n_g - ea));                                         \
+                double q64 = r * (r * s2 / n_g - ea), m1 = r * (s1 / n_g - eb);             \
+                T q = (T)q64;                                                               \
                 for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) {                     \
                     int64_t j = n * C + c;                                                  \
                     kq[j] = q;                                                              \
-                    km[j] = r * (s1 / n_g - eb) - (double)q * (kmd[j] - (double)khi[j]);    \
+                    km[j] = m1 - (double)q * (kmd[j] - (double)khi[j]);                     \
+                    k1[j] = m1;                                                             \
+                    kq64[j] = q64;                                                          \
                     kw[j] *= r;                                                             \
                 }                                                                           \
             }                                                                               \
@@ -1163,13 +1282,11 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                     VW d = LOAD(dr + i), gm = FMA(d, vwh, vmh) + FMA(d, vwl, vml);         \
                     STORE(out + i, gm - (LOAD(xr + i) - vh) * vq);                         \
                 }                                                                           \
-                for (; i < L; i++) {                                                        \
-                    T gm = SFMA(dr[i], wh, mh) + SFMA(dr[i], wl, ml);                       \
-                    out[i] = gm - (xr[i] - h) * q;                                          \
-                }                                                                           \
+                for (; i < L; i++) out[i] = dx64_##S(xr[i], dr[i], j, kw, k1, kmd, kq64);   \
             })                                                                              \
         } else {                                                                            \
-            int64_t C8 = C - C % 8;                                                         \
+            /* groups of two elements or fewer (L <= 2) all in float64, see dx64_S */      \
+            int64_t C8 = L > 2 ? C - C % 8 : 0;                                             \
             FOR_TASKS(t, N * L, {                                                           \
                 int64_t o = t / L * C;                                                      \
                 const T *xr = x + t * C, *dr = dy + t * C;                                  \
@@ -1179,11 +1296,8 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                     VW gm = NARROW(WIDE(LOAD(dr + c)) * load_f64(kw + j) - load_f64(km + j)); \
                     STORE(out + c, gm - (LOAD(xr + c) - LOAD(khi + j)) * LOAD(kq + j));     \
                 }                                                                           \
-                for (int64_t c = C8; c < C; c++) {                                          \
-                    int64_t j = o + c;                                                      \
-                    T gm = (T)((double)dr[c] * kw[j] - km[j]);                              \
-                    out[c] = gm - (xr[c] - khi[j]) * kq[j];                                 \
-                }                                                                           \
+                for (int64_t c = C8; c < C; c++)                                            \
+                    out[c] = dx64_##S(xr[c], dr[c], o + c, kw, k1, kmd, kq64);             \
             })                                                                              \
         }                                                                                   \
         free(kw);                                                                           \
@@ -1200,15 +1314,19 @@ DEFINE_BACKWARD(f64, double, vd, load_f64, wide_d, wide_d, fma_vd, __builtin_fma
    c]) of a modulated forward), and dw and db get the (N, C) sums B and A themselves (F64).
    sa, sb (float64 (N, G), or NULL): gradients that reach x through returned statistics,
    a (x - mean) + b on every element of group (n, g), added to dx in the same pass. given: mean
-   and var were given, constants here: dx = rstd dy w. */
+   and var were given, constants here: dx = rstd dy w. act (float32 only; 1 SiLU, 2 GELU, 0
+   none): the forward's output was act(u), u = xhat w + ub (ub float64, per channel, or per
+   (n, c) with per_sample, or NULL for 0), and dy is dL/d act(u): dy act'(u), u recomputed
+   in float64, rounded once to float32, replaces dy throughout. */
 static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64_t N, int64_t C,
                        int64_t L, int cl, const int64_t *offsets, int64_t G,
                        const int64_t *group_of, const double *mean, const double *var,
                        double eps, const void *w, int wtype, void *dw, void *db, int stype,
                        const double *sa, const double *sb, int given, int nthreads,
-                       int per_sample) {
+                       int per_sample, int act, const double *ub) {
     if ((dtype != F32 && dtype != F64) || (stype != F64 && (stype != F32 || per_sample)))
         return -1;
+    if (act && (dtype != F32 || (act != 1 && act != 2))) return -1;
     if (N * C * L < PARALLEL_MIN) nthreads = 1;
     int64_t nw = per_sample ? N * C : C;
     /* wd, then float64 dw and db where they are stored as float32 */
@@ -1218,10 +1336,10 @@ static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64
     double *db64 = stype == F32 ? (db ? wd + nw + C : NULL) : db;
     if (dtype == F32)
         backward_f32(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd,
-                     per_sample, dw64, db64, sa, sb, given, nthreads);
+                     per_sample, dw64, db64, sa, sb, given, act, ub, nthreads);
     else
         backward_f64(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd,
-                     per_sample, dw64, db64, sa, sb, given, nthreads);
+                     per_sample, dw64, db64, sa, sb, given, 0, NULL, nthreads);
     if (stype == F32)
         for (int64_t c = 0; c < C; c++) {
             if (dw) ((float *)dw)[c] = (float)dw64[c];
@@ -1514,15 +1632,16 @@ static PyObject *py_stats(PyObject *self, PyObject *const *args, Py_ssize_t narg
 
 static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    long long a[24];
+    long long a[26];
     double eps;
-    if (parse(args, nargs, "backward", 24, 13, a, &eps)) return NULL;
+    if (parse(args, nargs, "backward", 26, 13, a, &eps)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = gn_backward(PTR(a[0]), PTR(a[1]), PTR(a[2]), (int)a[3], a[4], a[5], a[6], (int)a[7],
                          PTR(a[8]), a[9], PTR(a[10]), PTR(a[11]), PTR(a[12]), eps, PTR(a[14]),
                          (int)a[15], PTR(a[16]), PTR(a[17]), (int)a[18], PTR(a[19]),
-                         PTR(a[20]), (int)a[21], (int)a[22], (int)a[23]);
+                         PTR(a[20]), (int)a[21], (int)a[22], (int)a[23], (int)a[24],
+                         PTR(a[25]));
     Py_END_ALLOW_THREADS
     return PyLong_FromLong(status);
 }

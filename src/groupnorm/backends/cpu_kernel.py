@@ -45,6 +45,7 @@ __all__ = [
     "backward",
     "forward",
     "forward_plain",
+    "fuses_activation",
     "library",
     "serves",
     "stats",
@@ -371,6 +372,12 @@ def activation_backward(dy: torch.Tensor, u: torch.Tensor, activation: str) -> t
     return _activation(dy, u, activation)
 
 
+def fuses_activation(x: torch.Tensor, activation: str | None) -> bool:
+    """Whether :func:`backward` takes ``activation``'s derivative itself for this x (which
+    :func:`serves`): SiLU or GELU on float32."""
+    return activation in _ACT_CODES and x.dtype is torch.float32
+
+
 def _activation(dy: torch.Tensor | None, u: torch.Tensor, activation: str) -> torch.Tensor | None:
     lib = library()
     code = _ACT_CODES.get(activation)
@@ -417,6 +424,8 @@ def backward(
     stats_grads: torch.Tensor | None = None,
     stats_given: bool = False,
     sums_dtype: torch.dtype = torch.float64,
+    activation: str | None = None,
+    u_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dw, db)`` of ``y = GN(x) * weight + bias`` for float32/float64 x that
     :func:`serves` accepts and the float64 ``moments`` (2, N, G) its forward used: dx in x's
@@ -433,7 +442,14 @@ def backward(
     forward returned, ``a (x - mean) + b`` on every element of group (n, g) (a = 2 dL/dm2, b =
     dL/dmean / count), added to dx in the same pass. ``stats_given``: the forward normalized with
     given statistics, constants to this backward: dx = rstd * dy * weight (their own gradients
-    follow from the sums)."""
+    follow from the sums).
+
+    ``activation`` (SiLU or GELU where :func:`fuses_activation`): the forward's output was
+    act(u), ``u = xhat * weight + u_bias`` (u_bias float64 contiguous, (C,), or (N, C) where
+    ``per_sample``; None for 0), and dy is the gradient of act(u): the kernel first forms
+    ``dy act'(u)`` in float64, u recomputed from x in float64, rounded once to float32, and
+    goes on with that as dy. (The forward's float32 u is rounded from float32 arithmetic; its
+    error, carried through act'', put dweight past the float32 bound.)"""
     lib = library()
     assert lib is not None
     N, C, L = _shape(x)
@@ -459,7 +475,7 @@ def backward(
         off.data_ptr(), plan.num_groups, group_of.data_ptr(), mean,
         mean + moments.stride(0) * 8, eps, _ptr(weight), _code(weight), dw.data_ptr(),
         db.data_ptr(), _CODES[sums_dtype], sa, sb, stats_given, torch.get_num_threads(),
-        per_sample,
+        per_sample, 0 if activation is None else _ACT_CODES[activation], _ptr(u_bias),
     )  # fmt: skip
     if code:
         raise RuntimeError(f"cpu_kernel: no backward for {x.dtype} with {sums_dtype} sums")

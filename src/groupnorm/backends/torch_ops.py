@@ -868,11 +868,13 @@ class _Fused(torch.autograd.Function):
     dbias = sum_n (1 + scale) A, dscale = w B + b A and dshift = A, in float64.
 
     ``activation`` (SiLU, GELU or None): y is act(u) of that u, applied by torch's op, and the
-    backward takes dy through act'(u) in float64, rounded once (the kernel's
-    :func:`cpu_kernel.activation_backward`; torch's float32 SiLU backward rounds several
-    times, which the float64 sums carried into dweight at 1.006x the float32 bound), before
-    the kernel's backward: one autograd node for both (a separate Function cost a (2, 64, 2, 2)
-    SiLU training step 10 of its 104 µs).
+    backward takes dy through act'(u) in float64, rounded once (torch's float32 SiLU backward
+    rounds several times, which the float64 sums carried into dweight at 1.006x the float32
+    bound): for float32 x the kernel's backward does, at u recomputed from x in float64
+    (:func:`cpu_kernel.fuses_activation`: the forward's float32 u, off by up to 1200 ulp where
+    it is small with scale and shift, put dweight past the bound through act''), so u is
+    not kept; otherwise torch's float64 ops at the kept u. One autograd node for both (a
+    separate Function cost a (2, 64, 2, 2) SiLU training step 10 of its 104 µs).
 
     ``stats_out``: the outputs are ``(y, pivot, shifted_mean, m2)``, the (N, G) statistics from
     the float64 moments, pivot the mean rounded to x's dtype (not differentiable), shifted_mean
@@ -907,8 +909,10 @@ class _Fused(torch.autograd.Function):
                 x, plan, weight, bias, eps, want_moments=True, scale=s64, shift=h64
             )
             saved = (x, weight, bias, moments, scale, shift)
-        # each saved tensor costs the backward an unpack: u only with an activation
-        ctx.save_for_backward(*saved, u) if activation else ctx.save_for_backward(*saved)
+        # u only for an activation the kernel's backward does not take (each saved tensor
+        # costs the backward an unpack, and memory until then)
+        ctx.keeps_u = activation is not None and not cpu_kernel.fuses_activation(x, activation)
+        ctx.save_for_backward(*saved, u) if ctx.keeps_u else ctx.save_for_backward(*saved)
         ctx.plan, ctx.eps, ctx.stats_out, ctx.activation = plan, eps, stats_out, activation
         y = u if activation is None else apply_activation(u, activation)
         if not stats_out:
@@ -926,7 +930,7 @@ class _Fused(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         saved = ctx.saved_tensors
         activation = ctx.activation
-        if activation is not None:
+        if ctx.keeps_u:
             u, saved = saved[-1], saved[:-1]
         x, weight, bias, moments = saved[:4]
         scale, shift = saved[4:] if len(saved) > 4 else (None, None)
@@ -937,12 +941,15 @@ class _Fused(torch.autograd.Function):
             # d shifted_mean / dx = 1 / count and d m2 / dx = 2 (x - mean), per group
             through = torch.stack((2 * d_m2.double(), d_smean.double() / _group_counts(x, plan)))
         recorded = torch.is_grad_enabled()
+        in_kernel = None  # the activation the kernel's backward takes
         if activation is not None and recorded:
             # u recomputed from the inputs, so that second derivatives see it depend on them
             u64 = _u64(x, weight, bias, scale, shift, plan, ctx.eps)
             dy = _activation_grad64(dy.double(), u64, activation)
-        elif activation is not None:
+        elif ctx.keeps_u:
             dy = activation_backward64(dy, u, activation)
+        else:
+            in_kernel = activation
         # The kernel stores the float64 sums as a float32 weight's gradient (no conversion
         # after) where the bias, if any, is of the weight's dtype too.
         sums = (
@@ -956,11 +963,30 @@ class _Fused(torch.autograd.Function):
                 return _recorded_backward(x, dy, plan, w, ctx.eps, per_sample, through)
             return cpu_kernel.backward(
                 x, dy, plan, w, moments, ctx.eps, per_sample=per_sample, stats_grads=through,
-                sums_dtype=torch.float64 if per_sample else sums,
+                sums_dtype=torch.float64 if per_sample else sums, activation=in_kernel,
+                u_bias=None if in_kernel is None else _u_bias(x, bias, scale, shift, per_sample),
             )  # fmt: skip
 
         grads = kernel_grads(backward, x, weight, bias, scale, shift, wanted)
         return (*grads, None, None, None, None)
+
+
+def _u_bias(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    per_sample: bool,
+) -> torch.Tensor | None:
+    """u's offset for :func:`cpu_kernel.backward`'s activation, float64 contiguous:
+    ``bias * (1 + scale) + shift`` (N, C) where ``per_sample``, else bias (C,); None for 0."""
+    b = None if bias is None else bias.double()
+    if not per_sample:
+        return None if b is None else b.contiguous()
+    ub = torch.zeros(x.shape[:2], dtype=torch.float64)
+    if b is not None:
+        ub = ub + (b if scale is None else b * (1 + scale.double()))
+    return ub if shift is None else ub + shift.double()
 
 
 def _u64(
