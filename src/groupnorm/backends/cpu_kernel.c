@@ -1117,9 +1117,11 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
        (g1 w1 - g2 w2) / 2 is nearly 0 but its two terms are each rstd |g1 w1 - g2 w2| / 2,  \
        unbounded as the two values of x approach each other: formed in T (and with q      \
        rounded to T) their rounding missed the float32 bound by up to 2x. */                \
-    static inline T dx64_##S(T x, T dy, int64_t j, const double *kw, const double *k1,    \
-                             const double *kmd, const double *kq64) {                       \
-        return (T)(((double)dy * kw[j] - k1[j]) - ((double)x - kmd[j]) * kq64[j]);          \
+    static inline T dx64_##S(T x, T dy, int64_t j, const double *kw, const double *km,    \
+                             const T *kq, const T *khi, const double *kmd,                  \
+                             const double *kq64) {                                          \
+        double k = km[j] + (double)kq[j] * (kmd[j] - (double)khi[j]); /* km before lo */     \
+        return (T)(((double)dy * kw[j] - k) - ((double)x - kmd[j]) * kq64[j]);              \
     }                                                                                       \
     static void backward_##S(const T *x, const T *dy, T *dx, int64_t N, int64_t C, int64_t L, \
                              int cl, const int64_t *offsets, int64_t G,                     \
@@ -1132,9 +1134,10 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
         double *A = work, *B = A + NC, *rstd = B + NC, *mu = rstd + N * G;                  \
         /* per (n, c), each an array of NC: hi and q in T; w (then r w) and k in float64 */  \
         T *khi = malloc((size_t)(2 * NC) * sizeof(T)), *kq = khi + NC;                      \
-        double *kw = malloc((size_t)(6 * NC) * sizeof(double)), *km = kw + NC;              \
+        double *kw = malloc((size_t)(5 * NC) * sizeof(double)), *km = kw + NC;              \
         double *kmd = km + NC, *krd = kmd + NC; /* mean and rstd per (n, c) for the sums */ \
-        double *k1 = krd + NC, *kq64 = k1 + NC; /* k and q unrounded, for dx64_S */         \
+        double *kq64 = krd + NC; /* q unrounded, where dx64_S runs */                       \
+        int tails = cl ? L <= 2 || C % 8 : L % 8 != 0;                                      \
         /* A group of two elements (or one) takes its mean and variance again from x,      \
            exactly: the forward's are accurate to the spread's T rounding, and dx there is   \
            nearly 0 (see dx64_S), a cancellation that error would show through. */         \
@@ -1263,8 +1266,7 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                     int64_t j = n * C + c;                                                  \
                     kq[j] = q;                                                              \
                     km[j] = m1 - (double)q * (kmd[j] - (double)khi[j]);                     \
-                    k1[j] = m1;                                                             \
-                    kq64[j] = q64;                                                          \
+                    if (tails) kq64[j] = q64;                                               \
                     kw[j] *= r;                                                             \
                 }                                                                           \
             }                                                                               \
@@ -1282,7 +1284,8 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                     VW d = LOAD(dr + i), gm = FMA(d, vwh, vmh) + FMA(d, vwl, vml);         \
                     STORE(out + i, gm - (LOAD(xr + i) - vh) * vq);                         \
                 }                                                                           \
-                for (; i < L; i++) out[i] = dx64_##S(xr[i], dr[i], j, kw, k1, kmd, kq64);   \
+                for (; i < L; i++)                                                          \
+                    out[i] = dx64_##S(xr[i], dr[i], j, kw, km, kq, khi, kmd, kq64);         \
             })                                                                              \
         } else {                                                                            \
             /* groups of two elements or fewer (L <= 2) all in float64, see dx64_S */      \
@@ -1297,7 +1300,7 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                     STORE(out + c, gm - (LOAD(xr + c) - LOAD(khi + j)) * LOAD(kq + j));     \
                 }                                                                           \
                 for (int64_t c = C8; c < C; c++)                                            \
-                    out[c] = dx64_##S(xr[c], dr[c], o + c, kw, k1, kmd, kq64);             \
+                    out[c] = dx64_##S(xr[c], dr[c], o + c, kw, km, kq, khi, kmd, kq64);    \
             })                                                                              \
         }                                                                                   \
         free(kw);                                                                           \
