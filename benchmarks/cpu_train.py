@@ -6,8 +6,8 @@ ratio. Float32, NCHW and channels-last, even G = 32 and an uneven plan (G = 24 o
 does not divide; its baseline is nn.GroupNorm with G = 32 on the same tensor), and even G with
 SiLU and GELU fused (baseline: nn.GroupNorm then nn.SiLU / nn.GELU). Ours runs the fused CPU
 kernel's forward and backward (float32 always records it: torch's float32 backward misses the
-float32 bound on dweight and dbias); the activation's derivative is taken in float64, by the
-kernel. Gradients are checked against float64 first.
+float32 bound on dweight and dbias); the activation's derivative is taken in float64 by the
+kernel's backward, at u recomputed from x. Gradients are checked against float64 first.
 
     python benchmarks/cpu_train.py [--threads T] [--out benchmarks/results]
 """
