@@ -198,7 +198,8 @@ def _backward(ctx: Any, dy: torch.Tensor, *_: torch.Tensor) -> tuple[Any, ...]:
 
     def backward(w: torch.Tensor | None, per_sample: bool) -> KernelSums:
         sizes, act = list(ctx.sizes), ctx.activation
-        ub = None if act is None else _u_bias(x, bias, scale, shift, per_sample)
+        fused = act is not None and cpu_kernel.fuses_activation(x, act)
+        ub = _u_bias(x, bias, scale, shift, per_sample) if fused else None
         return cpu_backward(dy, x, w, moments, sizes, ctx.eps, per_sample, u, act, ub)
 
     grads = kernel_grads(backward, x, weight, bias, scale, shift, tuple(ctx.needs_input_grad[:5]))

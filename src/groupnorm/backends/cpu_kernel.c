@@ -1145,7 +1145,7 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
             for (int64_t g = 0; g < G; g++, i++) {                                          \
                 double m = mean[i], v = var[i], e[2];                                       \
                 int64_t k = 0;                                                              \
-                if (!given && (offsets[g + 1] - offsets[g]) * L <= 2) {                     \
+                if (!given && L > 0 && (offsets[g + 1] - offsets[g]) * L <= 2) {            \
                     for (int64_t c = offsets[g]; c < offsets[g + 1]; c++)                   \
                         for (int64_t l = 0; l < L; l++)                                     \
                             e[k++] = (double)x[cl ? (n * L + l) * C + c : (n * C + c) * L + l]; \
