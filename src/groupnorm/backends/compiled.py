@@ -148,18 +148,16 @@ def cpu_backward(
     for float32, at u recomputed from x with ``u_bias`` (:func:`torch_ops._u_bias`); at the
     forward's u with torch's float64 ops otherwise."""
     plan = _plan(sizes)
-    fused = activation is not None and cpu_kernel.fuses_activation(x, activation)
-    if fused and cpu_kernel.serves(x):
+    served = cpu_kernel.serves(x)
+    inside = activation if served and cpu_kernel.fuses_activation(x, activation) else None
+    if activation is not None and activation is not inside:
+        dy = activation_backward64(dy, u, activation)
+    if served:
         w = None if weight is None else weight.contiguous()
         return cpu_kernel.backward(
-            x, dy, plan, w, moments, eps, per_sample=per_sample, activation=activation,
+            x, dy, plan, w, moments, eps, per_sample=per_sample, activation=inside,
             u_bias=u_bias,
         )  # fmt: skip
-    if activation is not None:
-        dy = activation_backward64(dy, u, activation)
-    if cpu_kernel.serves(x):
-        w = None if weight is None else weight.contiguous()
-        return cpu_kernel.backward(x, dy, plan, w, moments, eps, per_sample=per_sample)
     mean, var = moments
     xc = x.double() - _spread_groups(mean, plan, x.dim())
     dx, B, A = _backward64(xc, dy, plan, weight, (var + eps).rsqrt(), per_sample)
@@ -198,7 +196,7 @@ def _backward(ctx: Any, dy: torch.Tensor, *_: torch.Tensor) -> tuple[Any, ...]:
 
     def backward(w: torch.Tensor | None, per_sample: bool) -> KernelSums:
         sizes, act = list(ctx.sizes), ctx.activation
-        fused = act is not None and cpu_kernel.fuses_activation(x, act)
+        fused = cpu_kernel.fuses_activation(x, act)  # False without one
         ub = _u_bias(x, bias, scale, shift, per_sample) if fused else None
         return cpu_backward(dy, x, w, moments, sizes, ctx.eps, per_sample, u, act, ub)
 
