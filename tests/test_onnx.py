@@ -148,14 +148,18 @@ def test_regression_onnx_graph_is_compact() -> None:
     # The pivot was a gather through the plan's `first` index: five nodes per layer before the
     # subtraction (Slice, Slice, Transpose, GatherND, Transpose): 11 nodes for nn's 5, and 22
     # with two runs of groups, each run's normalization with its own Reshape, multiply-add and
-    # Reshape around the InstanceNormalization. The runs were two Slices: one Split now.
+    # Reshape around the InstanceNormalization. Then the runs were two Slices, each with its
+    # own pivot (14 nodes with one Split); now one gather of all pivots, one Split, and weight
+    # and bias as one BatchNormalization; a run of one-channel groups needs no Reshape.
     x = make_x((2, 48, 5, 7), torch.float32, seed=9)
     assert len(_export_nodes(nn.GroupNorm(8, 48), x)) == 5
     even = _export_nodes(GroupNorm(8, 48), x)
     assert even.count("InstanceNormalization") == 1 and len(even) <= 7, even
     uneven = _export_nodes(GroupNorm(10, 48, uneven=True), x)
-    assert uneven.count("InstanceNormalization") == 2 and len(uneven) <= 14, uneven
-    assert uneven.count("Split") == 1, uneven
+    assert uneven.count("InstanceNormalization") == 2 and len(uneven) <= 13, uneven
+    assert uneven.count("Split") == 1 and uneven.count("Gather") == 1, uneven
+    ones = _export_nodes(GroupNorm(32, 48, uneven=True), x)
+    assert ones.count("InstanceNormalization") == 2 and len(ones) <= 11, ones
 
 
 @pytest.mark.parametrize("kind", ["standard", "uneven"])
@@ -185,3 +189,24 @@ def test_export_with_dynamic_batch_and_spatial_sizes(kind: str) -> None:
         got = _run(program, other)
         expected, _ = reference(other, norm.plan, norm.weight, norm.bias)
         assert_matches(torch.from_numpy(got), expected, torch.float32, what=f"{shape}")
+
+
+@pytest.mark.parametrize(
+    "shape, G",
+    [((5, 48), 10), ((3, 48, 7), 32), ((2, 48, 3, 4, 5), 32), ((2, 48, 3, 4, 5), 10)],
+)
+def test_uneven_export_of_every_rank(shape: tuple[int, ...], G: int) -> None:
+    # The uneven export form gathers the pivots from x flattened past C and skips the
+    # Reshapes of a run of one-channel groups (G = 32 here), which needs spatial dimensions:
+    # (N, C) takes the rows of every run. Each group sits at its own offset, 1e3 apart, with
+    # std 1e-2: a pivot taken from another group would lose every digit.
+    norm = GroupNorm(G, 48, uneven=True)
+    with torch.no_grad():
+        norm.weight.copy_(rand((48,), torch.float32, seed=13) * 0.5 + 1)
+        norm.bias.copy_(rand((48,), torch.float32, seed=14))
+    group = torch.repeat_interleave(torch.arange(G), torch.tensor(norm.plan.sizes))
+    offset = (1e3 * (group + 1)).reshape((48,) + (1,) * (len(shape) - 2))
+    x = make_x(shape, torch.float32, seed=15, std=1e-2) + offset
+    got = _onnx_run(norm, x)
+    expected, _ = reference(x, norm.plan, norm.weight, norm.bias)
+    assert_matches(torch.from_numpy(got), expected, torch.float32, what=f"{shape}, G={G}")

@@ -16,8 +16,8 @@ elementwise pass, which is why eager CPU calls check torch's own mean instead.
 A graph holds three ops more than ``F.group_norm``'s: the pivot gather (``first`` is a
 constant), its detach (only when x requires grad) and the subtraction; under torch.compile two:
 the pivot is one op there (``groupnorm::pivot``, whose ops AOTAutograd traces). An export
-(torch.export, ONNX) records each run as rows of (N, groups, elements) instead: ONNX then holds
-7 nodes per even layer where ``nn.GroupNorm`` holds 5 (:func:`_exported`).
+(torch.export, ONNX) records forms with fewer ops (:func:`_exported`): ONNX then holds 7 nodes
+per even layer where ``nn.GroupNorm`` holds 5.
 
 Written in the TorchScript subset (no ``from __future__ import annotations``: TorchScript reads
 the annotations at runtime), so ``torch.jit.script`` compiles it from a module's forward.
@@ -56,10 +56,9 @@ def _pivot(x: torch.Tensor, first: torch.Tensor, size: int) -> torch.Tensor:
     it, and its gradient would be rounding noise."""
     if torch.jit.is_scripting():
         src = x.detach() if x.requires_grad else x
-        pivot = src.index_select(1, first)
         for d in range(2, x.dim()):
-            pivot = pivot.narrow(d, 0, 1)
-        return pivot
+            src = src.narrow(d, 0, 1)
+        return src.index_select(1, first)  # after the narrowing: N * C elements gathered
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return torch.ops.groupnorm.pivot(x, first, size)
     src = x.detach() if x.requires_grad else x
@@ -117,7 +116,7 @@ def shifted_group_norm(
     # Nested: TorchScript skips a block under `if not torch.jit.is_scripting()`, not an `and`.
     if not torch.jit.is_scripting():  # noqa: SIM102
         if torch.compiler.is_exporting():
-            return _exported(x, runs, w, b, eps, acc, activation, scale, shift)
+            return _exported(x, runs, first, w, b, eps, acc, activation, scale, shift)
     pivot = _pivot(x, first, runs[0][2] if len(runs) == 1 else 0)
     if pivot.dtype != acc:
         pivot = pivot.to(acc)
@@ -139,6 +138,7 @@ def shifted_group_norm(
 def _exported(
     x: torch.Tensor,
     runs: list[tuple[int, int, int]],
+    first: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
@@ -147,50 +147,89 @@ def _exported(
     scale: torch.Tensor | None,
     shift: torch.Tensor | None,
 ) -> torch.Tensor:
-    """:func:`shifted_group_norm` as an export records it (torch.export, ONNX), with the pivot
-    taken from rows (:func:`_rows_shifted`); weight and bias in ``acc``. A ResNet-20 then
-    exports to ONNX with 7 nodes per norm where ``nn.GroupNorm`` has 5
-    (benchmarks/onnx_export.py)."""
+    """:func:`shifted_group_norm` as an export records it (torch.export, ONNX); weight and bias
+    in ``acc``. An even plan is torch's group_norm of rows minus their first element
+    (:func:`_rows_shifted`): in ONNX 7 nodes where ``nn.GroupNorm`` has 5. An uneven plan
+    subtracts every group's pivot at once (:func:`_corner_pivot`), normalizes each run of
+    groups as one ``instance_norm`` (:func:`_normalized_runs`) and applies weight and bias to
+    the whole tensor (:func:`_affine`): 11-13 nodes for two runs. Export time goes with the
+    number of ops recorded (benchmarks/onnx_export.py), so both forms keep it small."""
     if len(runs) == 1:
         G = x.shape[1] // runs[0][2]
         y = torch.group_norm(_rows_shifted(x, G, acc).reshape(x.shape), G, weight, bias, eps)
         return _epilogue(y, x, activation, scale, shift)
-    y = _grouped_rows(x, runs, eps, acc)
-    if weight is not None:
-        y = y * _per_channel(weight, x.dim())
-    if bias is not None:
-        y = y + _per_channel(bias, x.dim())
-    return _epilogue(y, x, activation, scale, shift)
+    y = _normalized_runs(x - _corner_pivot(x, first, acc), runs, eps)
+    return _epilogue(_affine(y, weight, bias), x, activation, scale, shift)
 
 
 def _rows_shifted(x: torch.Tensor, groups: int, acc: torch.dtype) -> torch.Tensor:
     """x (N, C, *S) as rows (N, groups, C / groups * prod(S)) minus each row's first element
-    (its group's pivot), in ``acc``: in an export graph one Reshape, one Slice and one Sub,
-    where the gather through ``first`` costs ONNX five nodes. (A Split would enter the graph
-    with fewer nodes to fold, but onnxruntime then copies the whole row.)"""
-    positions = 1
-    for d in x.shape[1:]:
-        positions = positions * d
-    rows = x.reshape(x.shape[0], groups, positions // groups)
+    (its group's pivot), in ``acc``: in an export graph one Reshape, one Slice and one Sub.
+    (A Split would enter the graph with fewer nodes to fold, but onnxruntime then copies the
+    whole row.)"""
+    rows = _rows(x, groups)
     pivot = rows[:, :, :1]
     pivot = pivot.detach() if pivot.requires_grad else pivot
     return rows - (pivot if pivot.dtype == acc else pivot.to(acc))
 
 
-def _grouped_rows(
-    x: torch.Tensor, runs: list[tuple[int, int, int]], eps: float, acc: torch.dtype
+def _rows(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """x (N, C, *S) as (N, groups, C / groups * prod(S)); the length from the traced sizes, so
+    that it stays symbolic under dynamic shapes (and N = 0 reshapes, which -1 would not)."""
+    positions = 1
+    for d in x.shape[1:]:
+        positions = positions * d
+    return x.reshape(x.shape[0], groups, positions // groups)
+
+
+def _corner_pivot(x: torch.Tensor, first: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """(N, C, 1, ..., 1) in ``acc``: each channel's group's first element, gathered from x
+    flattened to (N, C * prod(S)) at ``first * prod(S)``: N * C elements read, and in ONNX a
+    Gather between two Reshapes, whatever the rank (Slices of the spatial dimensions would cost
+    a node each)."""
+    src = x.detach() if x.requires_grad else x
+    positions = 1
+    for d in x.shape[2:]:
+        positions = positions * d
+    flat = src.reshape(x.shape[0], x.shape[1] * positions)
+    shape = [x.shape[0], x.shape[1]]
+    for _ in range(2, x.dim()):
+        shape.append(1)
+    pivot = flat.index_select(1, first * positions).reshape(shape)
+    return pivot if pivot.dtype == acc else pivot.to(acc)
+
+
+def _normalized_runs(
+    xs: torch.Tensor, runs: list[tuple[int, int, int]], eps: float
 ) -> torch.Tensor:
-    """The normalized x without weight and bias, in ``acc``, as an export records an uneven
-    plan: x split into its runs (one Split), each run's rows (:func:`_rows_shifted`) through
-    ``instance_norm``, whose instances are the rows (ONNX: one InstanceNormalization a run;
-    torch's group_norm would add a Reshape and a multiply-add by ones and zeros around it),
-    concatenated; the caller then applies the affine parameters once to the whole tensor."""
+    """The pivot-shifted x of an uneven plan normalized without weight and bias: xs split into
+    its runs of equal groups (one Split), each run through ``instance_norm`` as rows of its
+    groups (a run of one-channel groups as it is: its instances are its channels, no Reshape),
+    concatenated."""
     widths = [end - start for start, end, _ in runs]
     parts = []
-    for xr, (start, end, size) in zip(x.split(widths, dim=1), runs, strict=True):
-        rows = _rows_shifted(xr, (end - start) // size, acc)
-        parts.append(F.instance_norm(rows, eps=eps).reshape(xr.shape))
+    for xr, (start, end, size) in zip(xs.split(widths, dim=1), runs, strict=True):
+        if size == 1 and xr.dim() > 2:
+            parts.append(F.instance_norm(xr, eps=eps))
+        else:
+            parts.append(
+                F.instance_norm(_rows(xr, (end - start) // size), eps=eps).reshape(xr.shape)
+            )
     return torch.cat(parts, dim=1)
+
+
+def _affine(
+    y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``y * weight + bias`` per channel as an inference-mode batch norm with mean 0, variance
+    1 and eps 0: the same one multiply and one add (1 / sqrt(1 + 0) is exactly 1), but one
+    ONNX node (BatchNormalization) where a multiply and an add need two and their Reshapes."""
+    if weight is None and bias is None:
+        return y
+    C = y.shape[1]
+    zeros = torch.zeros(C, dtype=y.dtype, device=y.device)
+    ones = torch.ones(C, dtype=y.dtype, device=y.device)
+    return F.batch_norm(y, zeros, ones, weight, bias, False, 0.0, 0.0)
 
 
 def _epilogue(
