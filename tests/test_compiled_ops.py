@@ -69,7 +69,7 @@ def test_regression_fallback_sums_of_a_float64_2d_input_are_not_dy_itself() -> N
     moments = torch.stack((x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)))
     w = rand((2, 3), torch.float64, 3)
     with _served("fallback"):
-        dx, dw, db = cpu_backward(dy, x, w, moments, [3], 1e-5, True, x.new_empty(0), None, None)
+        dx, dw, db = cpu_backward(dy, x, w, moments, [3], 1e-5, True, None, None)
     assert db.data_ptr() != dy.data_ptr() and torch.equal(db, dy)
     assert dx.shape == x.shape and dw.shape == (2, 3)
 
@@ -122,7 +122,7 @@ def test_property_ops_match_float64_forward_and_backward(
         params["shift"] = rand((N, C), dtype, seed + 5).requires_grad_()
     dy = rand(shape, dtype, seed + 3)
     with _served(served):
-        y, u, moments = torch.ops.groupnorm.cpu_forward(
+        y, moments = torch.ops.groupnorm.cpu_forward(
             x, *params.values(), list(plan.sizes), 1e-5, activation
         )
         y.backward(dy)
@@ -132,12 +132,35 @@ def test_property_ops_match_float64_forward_and_backward(
                                 scale=params["scale"], shift=params["shift"],
                                 activation=activation)  # fmt: skip
     assert_matches(y, expected, dtype)
-    if activation is None:
-        assert u.shape == (0,)
-    else:
-        assert_matches(u, cache.u, dtype, what="u")
     L = x[0, 0].numel()
     _check_grads(x, params, dy, cache, max(plan.sizes) * L)
+
+
+@pytest.mark.parametrize("served", SERVED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_activation_op_keeps_only_x_for_the_backward(served: str, dtype: torch.dtype) -> None:
+    """The forward op returned u beside y, and the graph kept it for the backward: an
+    x-sized tensor per layer with an activation. The backward op recomputes u from x (in
+    float64), so what is kept is x, the parameters and the (2, N, G) statistics."""
+    x = make_x((2, 16, 8, 8), dtype, seed=1).requires_grad_()
+    w, b = rand((16,), dtype, 2).requires_grad_(), rand((16,), dtype, 3).requires_grad_()
+    shift = rand((2, 16), dtype, 4).requires_grad_()
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with _served(served), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, _ = torch.ops.groupnorm.cpu_forward(x, w, b, None, shift, [4] * 4, 1e-5, "silu")
+    assert x.untyped_storage().data_ptr() in saved
+    assert sum(saved.values()) < x.untyped_storage().nbytes() + 4096
+    dy = rand(tuple(x.shape), dtype, 5)
+    with _served(served):
+        y.backward(dy)
+    plan = resolve_plan(16, 4)
+    _, cache = reference(x, plan, w, b, shift=shift, activation="silu")
+    _check_grads(x, {"weight": w, "bias": b, "scale": None, "shift": shift}, dy, cache, 4 * 64)
 
 
 @pytest.mark.slow

@@ -7,13 +7,16 @@ forward, but torch's float32 backward sums dweight and dbias in float32 and miss
 bound (compiled, 26 of the 72 draws of the eager regression test, up to 2.3x). The ops:
 
 - ``groupnorm::cpu_forward(x, weight, bias, scale, shift, sizes, eps, activation)
-  -> (y, u, moments)``: ``u = (GN(x) * weight + bias) * (1 + scale) + shift`` and
-  ``y = act(u)`` (SiLU or GELU, in float64 from u: the kernel's
-  :func:`cpu_kernel.activation_forward` for float32) in x's dtype and memory format, and
-  the float64 (2, N, G) mean and variance used;
-- ``groupnorm::cpu_backward(dy, x, weight, moments, sizes, eps, per_sample, u, activation,
-  u_bias) -> (dx, dw, db)``: dy through the activation's derivative in float64, then
-  :func:`cpu_kernel.backward`: dx and the float64 per-channel sums of dy * xhat and of dy.
+  -> (y, moments)``: ``y = act(u)``, ``u = (GN(x) * weight + bias) * (1 + scale) + shift``
+  (SiLU or GELU, in float64 from u: the kernel's :func:`cpu_kernel.activation_forward` for
+  float32) in x's dtype and memory format, and the float64 (2, N, G) mean and variance used;
+- ``groupnorm::cpu_backward(dy, x, weight, moments, sizes, eps, per_sample, activation,
+  u_bias) -> (dx, dw, db)``: dy through the activation's derivative at u recomputed from x
+  in float64, then :func:`cpu_kernel.backward`: dx and the float64 per-channel sums of
+  dy * xhat and of dy.
+
+Like the eager Function, a graph keeps x and the statistics for the backward, not u: an
+x-sized tensor less per layer with an activation.
 
 The forward's registered autograd calls the backward op and assembles the parameters'
 gradients from its sums in float64, as the eager Function does (:func:`torch_ops.kernel_grads`).
@@ -30,16 +33,16 @@ from typing import Any, Optional
 
 import torch
 
-from groupnorm.activations import apply_activation
+from groupnorm.activations import ACTIVATIONS, apply_activation
 from groupnorm.backends import cpu_kernel
 from groupnorm.backends.torch_ops import (
     KernelSums,
     _backward64,
+    _expand,
     _shifted,
     _spread_groups,
     _stats_of_shifted,
     _u_bias,
-    activation_backward64,
     affine64,
     kernel_grads,
 )
@@ -87,11 +90,10 @@ def cpu_forward(
     sizes: list[int],
     eps: float,
     activation: Optional[str],  # noqa: UP045
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, u, moments)`` of float32/float64 x (N, C, *S), NCHW- or channels-last-contiguous:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, moments)`` of float32/float64 x (N, C, *S), NCHW- or channels-last-contiguous:
     weight and bias (C,), scale and shift (N, C), any float dtype or None; ``activation`` None,
-    "silu" or "gelu", applied in float64 to u, the output before it in x's dtype (a (0,) tensor
-    without one), which the backward takes its derivative at."""
+    "silu" or "gelu", applied in float64 to u, the output before it."""
     plan = _plan(sizes)
     s64, h64 = (None if t is None else t.double().contiguous() for t in (scale, shift))
     if cpu_kernel.serves(x):
@@ -99,17 +101,14 @@ def cpu_forward(
         u, moments = cpu_kernel.forward(x, plan, w, b, eps, want_moments=True, scale=s64, shift=h64)
         assert moments is not None
         if activation is None:
-            return u, u.new_empty(0), moments
+            return u, moments
         y = cpu_kernel.activation_forward(u, activation)  # float32 u
         if y is None:
             y = _like(apply_activation(u.double(), activation), x)
-        return y, u, moments
-    x64 = x.double()
+        return y, moments
     moments = _moments64(x, plan)
-    y = affine64(_xhat64(x64, moments, plan, eps), weight, bias, s64, h64)
-    if activation is None:
-        return _like(y, x), x.new_empty(0), moments
-    return _like(apply_activation(y, activation), x), _like(y, x), moments
+    y = affine64(_xhat64(x.double(), moments, plan, eps), weight, bias, s64, h64)
+    return _like(y if activation is None else apply_activation(y, activation), x), moments
 
 
 @cpu_forward.register_fake
@@ -122,10 +121,33 @@ def _(
     sizes: list[int],
     eps: float,
     activation: str | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    u = x.new_empty(0) if activation is None else torch.empty_like(x)
+) -> tuple[torch.Tensor, torch.Tensor]:
     moments = x.new_empty((2, x.shape[0], len(sizes)), dtype=torch.float64)
-    return torch.empty_like(x), u, moments
+    return torch.empty_like(x), moments
+
+
+def _through_activation(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    moments: torch.Tensor,
+    plan: GroupPlan,
+    eps: float,
+    per_sample: bool,
+    activation: str,
+    u_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """dy act'(u), float64, in torch's float64 ops, at u = xhat * weight + u_bias formed from x;
+    weight and u_bias (C,), or (N, C) where ``per_sample``, or None."""
+    u = _xhat64(x.double(), moments, plan, eps)
+    nd = x.dim()
+    if weight is not None:
+        u = u * _expand(weight.double() if per_sample else weight.double()[None], nd)
+    if u_bias is not None:
+        u = u + _expand(u_bias if per_sample else u_bias[None], nd)
+    derivative = ACTIVATIONS[activation].backward
+    assert derivative is not None  # the callers send SiLU and GELU only
+    return derivative(dy.double(), u)
 
 
 @torch.library.custom_op("groupnorm::cpu_backward", mutates_args=())
@@ -137,21 +159,21 @@ def cpu_backward(
     sizes: list[int],
     eps: float,
     per_sample: bool,
-    u: torch.Tensor,
     activation: Optional[str],  # noqa: UP045
     u_bias: Optional[torch.Tensor],  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`cpu_kernel.backward` as an op: ``(dx, dw, db)``, the sums float64 (C,), or (N, C)
     where ``per_sample`` (weight then float64 (N, C)). With an activation, dy is first taken
     through its derivative in float64 (inductor's float32 SiLU backward carries enough
-    rounding into dweight's sum to reach 1.03 of the float32 bound): by the kernel's backward
-    for float32, at u recomputed from x with ``u_bias`` (:func:`torch_ops._u_bias`); at the
-    forward's u with torch's float64 ops otherwise."""
+    rounding into dweight's sum to reach 1.03 of the float32 bound) at
+    ``u = xhat * weight + u_bias`` recomputed from x (``u_bias`` from
+    :func:`torch_ops._u_bias`): by the kernel's backward for float32, with torch's float64 ops
+    otherwise."""
     plan = _plan(sizes)
     served = cpu_kernel.serves(x)
     inside = activation if served and cpu_kernel.fuses_activation(x, activation) else None
     if activation is not None and activation is not inside:
-        dy = activation_backward64(dy, u, activation)
+        dy = _through_activation(dy, x, weight, moments, plan, eps, per_sample, activation, u_bias)
     if served:
         w = None if weight is None else weight.contiguous()
         return cpu_kernel.backward(
@@ -174,7 +196,6 @@ def _(
     sizes: list[int],
     eps: float,
     per_sample: bool,
-    u: torch.Tensor,
     activation: str | None,
     u_bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,20 +206,19 @@ def _(
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
     x, weight, bias, scale, shift, sizes, eps, activation = inputs
-    _, u, moments = output
-    ctx.save_for_backward(x, weight, bias, scale, shift, u, moments)
+    _, moments = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, moments)
     ctx.sizes, ctx.eps, ctx.activation = sizes, eps, activation
-    ctx.mark_non_differentiable(u, moments)
+    ctx.mark_non_differentiable(moments)
 
 
 def _backward(ctx: Any, dy: torch.Tensor, *_: torch.Tensor) -> tuple[Any, ...]:
-    x, weight, bias, scale, shift, u, moments = ctx.saved_tensors
+    x, weight, bias, scale, shift, moments = ctx.saved_tensors
 
     def backward(w: torch.Tensor | None, per_sample: bool) -> KernelSums:
         sizes, act = list(ctx.sizes), ctx.activation
-        fused = cpu_kernel.fuses_activation(x, act)  # False without one
-        ub = _u_bias(x, bias, scale, shift, per_sample) if fused else None
-        return cpu_backward(dy, x, w, moments, sizes, ctx.eps, per_sample, u, act, ub)
+        ub = None if act is None else _u_bias(x, bias, scale, shift, per_sample)
+        return cpu_backward(dy, x, w, moments, sizes, ctx.eps, per_sample, act, ub)
 
     grads = kernel_grads(backward, x, weight, bias, scale, shift, tuple(ctx.needs_input_grad[:5]))
     return (*grads, None, None, None)

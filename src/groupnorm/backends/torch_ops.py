@@ -1533,7 +1533,7 @@ def _compiled_fused(r: Request) -> torch.Tensor:
     """y of ``r`` from ``groupnorm::cpu_forward``; relu, which rounds nothing, recorded after
     it, SiLU and GELU inside it."""
     inside = r.activation if r.activation in ("silu", "gelu") else None
-    y, _, _ = torch.ops.groupnorm.cpu_forward(
+    y, _ = torch.ops.groupnorm.cpu_forward(
         r.x, r.weight, r.bias, r.scale, r.shift, list(r.plan.sizes), r.eps, inside
     )
     return y if inside is not None or r.activation is None else apply_activation(y, r.activation)
