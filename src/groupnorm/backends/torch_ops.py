@@ -795,28 +795,6 @@ def _fused_fast(
     return apply_activation(y, activation)
 
 
-class _Activation64(torch.autograd.Function):
-    """act(u) as torch computes it; its backward ``dy act'(u)`` in float64, rounded once to
-    u's dtype. torch's float32 SiLU backward rounds several times, and the fused kernel's
-    float64 sums of those dy over N L positions put dweight at 1.006x the float32 bound
-    (test_regression_silu_weight_gradient_takes_the_derivative_in_float64); the compiled op
-    (:mod:`.compiled`) does the same. The derivative comes from the CPU kernel
-    (:func:`cpu_kernel.activation_backward`) where it serves, torch's float64 ops otherwise."""
-
-    @staticmethod
-    def forward(ctx: Any, u: torch.Tensor, activation: str) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(u)
-        ctx.activation = activation
-        return apply_activation(u, activation)
-
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        (u,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # recorded: torch ops with derivatives of their own
-            return _activation_grad64(dy.double(), u.double(), ctx.activation).to(u.dtype), None
-        return activation_backward64(dy, u, ctx.activation), None
-
-
 def activation_backward64(dy: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
     """dy act'(u) for SiLU or GELU in float64, rounded once to u's dtype: the kernel's
     (:func:`cpu_kernel.activation_backward`, float32) where it serves, torch's float64 ops
@@ -837,14 +815,6 @@ def _activation_grad64(dy: torch.Tensor, u: torch.Tensor, activation: str) -> to
         return dy * (s * (1 + u * (1 - s)))
     cdf = 0.5 * torch.special.erfc(u * -0.7071067811865476)
     return dy * (cdf + u * torch.exp(-0.5 * u * u) * 0.3989422804014327)
-
-
-def _activation_after_kernel(y: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """act(y) on the output of the fused kernel's Functions, recorded by autograd with its
-    derivative in float64 (:class:`_Activation64`) where torch's would round it in float32."""
-    if y.dtype is torch.float64 or ACTIVATIONS[activation].backward is None:
-        return apply_activation(y, activation)
-    return _Activation64.apply(y, activation)
 
 
 def _folded(activation: str | None) -> str | None:
@@ -1086,13 +1056,15 @@ def _backward64(
 
 
 class _FusedGiven(torch.autograd.Function):
-    """``y = GN(x; given statistics) * weight + bias`` on the fused CPU kernel under autograd,
-    float32/float64 x, the statistics as their four (N, G) fields (pivot, shifted_mean, m2,
-    count), each differentiable. The backward takes dx = rstd dy w and the (N, C) sums
-    A = sum dy and B = sum dy x_hat from the kernel (told the statistics are constants), or,
-    where the backward is itself recorded, from float64 torch ops on the saved tensors (partial
-    derivatives, so that nothing reaching x also through the statistics is counted twice); the
-    rest from them in float64 (:func:`_given_grads`)."""
+    """``y = act(GN(x; given statistics) * weight + bias)`` on the fused CPU kernel under
+    autograd, float32/float64 x, the statistics as their four (N, G) fields (pivot,
+    shifted_mean, m2, count), each differentiable. The backward takes dx = rstd dy w and the
+    (N, C) sums A = sum dy and B = sum dy x_hat from the kernel (told the statistics are
+    constants), or, where the backward is itself recorded, from float64 torch ops on the saved
+    tensors (partial derivatives, so that nothing reaching x also through the statistics is
+    counted twice); the rest from them in float64 (:func:`_given_grads`). ``activation`` (SiLU,
+    GELU or None) as in :class:`_Fused`: its derivative in float64 at u recomputed from x, by
+    the kernel's backward where it takes it (u then not kept)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -1106,18 +1078,21 @@ class _FusedGiven(torch.autograd.Function):
         count: torch.Tensor,
         plan: GroupPlan,
         eps: float,
+        activation: str | None,
     ) -> torch.Tensor:
         mean = pivot.double() + smean.double()
         moments = torch.stack((mean, m2.double() / count.double()))
-        y, _ = cpu_kernel.forward(x, plan, weight, bias, eps, moments=moments)
-        ctx.save_for_backward(x, weight, bias, pivot, smean, m2, count, moments)
-        ctx.plan, ctx.eps = plan, eps
-        return y
+        u, _ = cpu_kernel.forward(x, plan, weight, bias, eps, moments=moments)
+        saved = (x, weight, bias, pivot, smean, m2, count, moments)
+        ctx.keeps_u = activation is not None and not cpu_kernel.fuses_activation(x, activation)
+        ctx.save_for_backward(*saved, u) if ctx.keeps_u else ctx.save_for_backward(*saved)
+        ctx.plan, ctx.eps, ctx.activation = plan, eps, activation
+        return u if activation is None else apply_activation(u, activation)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, weight, bias, pivot, smean, m2, count, moments = ctx.saved_tensors
-        plan, eps = ctx.plan, ctx.eps
+        x, weight, bias, pivot, smean, m2, count, moments = ctx.saved_tensors[:8]
+        plan, eps, activation = ctx.plan, ctx.eps, ctx.activation
         N, C = x.shape[:2]
         w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
         rstd = torch.rsqrt(m2.double() / count.double() + eps)  # differentiable when recorded
@@ -1125,18 +1100,28 @@ class _FusedGiven(torch.autograd.Function):
             mean, r = (_per_channel(v, plan) for v in (pivot.double() + smean.double(), rstd))
             xhat = (x.double() - _expand(mean, x.dim())) * _expand(r, x.dim())
             dy64 = dy.double()
+            if activation is not None:
+                u64 = affine64(xhat, weight, bias, None, None)
+                dy64 = _activation_grad64(dy64, u64, activation)
             dx = (dy64 * _expand(w * r, x.dim())).to(x.dtype)
             B, A = _spatial_sum(dy64 * xhat), _spatial_sum(dy64)
         else:
+            in_kernel = None
+            if ctx.keeps_u:
+                dy = activation_backward64(dy, ctx.saved_tensors[8], activation)
+            else:
+                in_kernel = activation
             dx, B, A = cpu_kernel.backward(
                 x, dy, plan, w.expand(N, C).contiguous(), moments, eps, per_sample=True,
-                stats_given=True,
+                stats_given=True, activation=in_kernel,
+                u_bias=None if in_kernel is None else _u_bias(x, bias, None, None, True),
             )  # fmt: skip
         grads = _given_grads(A, B, w, rstd, (weight, bias, pivot, smean, m2, count), plan)
         wanted = ctx.needs_input_grad
         return (
             dx if wanted[0] else None,
             *(g if want else None for g, want in zip(grads, wanted[1:7], strict=True)),
+            None,
             None,
             None,
         )
@@ -1425,12 +1410,14 @@ def _fused_records_given(r: Request) -> bool:
 
 
 def _record_fused_given(r: Request) -> torch.Tensor:
-    """y of ``r`` from :class:`_FusedGiven`, the activation recorded after it."""
+    """y of ``r`` from :class:`_FusedGiven`, SiLU or GELU inside it (:func:`_folded`), ReLU
+    after."""
     assert r.stats is not None
     s = r.stats
     w, b = (None if t is None else t.contiguous() for t in (r.weight, r.bias))
-    y = _FusedGiven.apply(r.x, w, b, s.pivot, s.shifted_mean, s.m2, s.count, r.plan, r.eps)
-    return _activation_after_kernel(y, r.activation)
+    inside = _folded(r.activation)
+    y = _FusedGiven.apply(r.x, w, b, s.pivot, s.shifted_mean, s.m2, s.count, r.plan, r.eps, inside)
+    return y if r.activation is inside else apply_activation(y, r.activation)
 
 
 def _fused_can_record(r: Request, stats_out: bool = False) -> bool:
