@@ -117,6 +117,19 @@ def test_result_files_carry_benchmark_machine_and_time_and_never_overwrite(tmp_p
     assert second.name == first.name.replace(".json", "-2.json")
 
 
+def test_result_files_name_the_cpu_model(tmp_path, monkeypatch):
+    """The session machines change (AMD EPYC, Intel Xeon) while the file names say only
+    x86-64 and the core count: the metadata names the model, read from /proc/cpuinfo."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Example CPU 9000\n")
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open",
+        lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k),
+    )
+    assert bench.environment("cpu_demo")["cpu_model"] == "Example CPU 9000"
+
+
 def test_a_result_file_is_rewritten_in_place_as_rows_arrive(tmp_path):
     """The GPU bench saves after every row: a run stopped by a time limit keeps its rows."""
     meta = bench.environment("cpu_demo")

@@ -422,6 +422,7 @@ def environment(benchmark: str, device: str | None = None) -> dict[str, object]:
         "device": device or "cpu",
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -430,6 +431,20 @@ def environment(benchmark: str, device: str | None = None) -> dict[str, object]:
         "groupnorm": groupnorm.__version__,
         "python": platform.python_version(),
     }
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from Linux's /proc/cpuinfo (the session machines differ: AMD EPYC
+    on some days, Intel Xeon on others, with CPU timings apart by up to 2x), else what
+    platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _slug(text: str) -> str:
