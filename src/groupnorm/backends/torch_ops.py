@@ -1361,25 +1361,29 @@ def _fused_serves(r: Request) -> bool:
     return not (plain and half_keeps_torch(x, r.plan))
 
 
-# Channels-last half-precision inputs with at most this many positions take the fused kernel
-# even where torch's kernel is trusted: torch's channels-last kernel is slow there (bfloat16,
-# one thread, this project's CPU machine, 2026-12-03, time over F.group_norm, the kernel against
-# torch's checked kernel: SD 16^2 (2, 1280, 16, 16) 0.73x vs 1.21x, SD 8^2 0.79x vs 1.45x,
-# (2, 320, 8, 8, 8) 0.22x vs 1.23x), and past it faster (2026-12-04, the fused kernel called
-# directly against torch's: 32^2 and 64^2 positions 1.2-1.35x in bfloat16, 1.3-1.4x in float16).
+# Channels-last float16 inputs with at most this many positions take the fused kernel even
+# where torch's kernel is trusted: torch's channels-last kernel is slow there (bfloat16, one
+# thread, AMD EPYC, 2026-12-03, time over F.group_norm, the kernel against torch's checked
+# kernel: SD 16^2 (2, 1280, 16, 16) 0.73x vs 1.21x, SD 8^2 0.79x vs 1.45x, (2, 320, 8, 8, 8)
+# 0.22x vs 1.23x), and past it about as fast (the fused kernel called directly against torch's:
+# float16 0.92-1.13x, AMD EPYC, 2026-12-04; over F.group_norm 0.88-1.27x where torch's checked
+# kernel took 1.01-1.12x, Intel Xeon, 2026-12-05, one and two threads).
 HALF_CHANNELS_LAST_FUSED_POSITIONS = 512
 
 
 def half_keeps_torch(x: torch.Tensor, plan: GroupPlan) -> bool:
     """Whether a half-precision x with an even plan, no statistics in or out, stays with torch's
-    kernel rather than the fused one: where torch's kernel is trusted with the layout and faster
-    (channels-last past ``HALF_CHANNELS_LAST_FUSED_POSITIONS``). Not NCHW: torch's float16 CPU
-    kernel takes 3-5x the fused kernel's time there ((2, 320, 64, 64): 2.2 against 0.71 ms),
-    its bfloat16 kernel 1.42-1.51x from (2, 1280, 8, 8) to (2, 960, 64, 64) (one thread, this
-    project's CPU machine, 2026-12-04), and its check of the mean comes on top. Half
-    precision is judged against torch's own kernel; the fused kernel rounds once from float32
-    either way."""
-    if x.dtype not in (torch.float16, torch.bfloat16) or x.is_contiguous():
+    kernel rather than the fused one: float16 channels-last past
+    ``HALF_CHANNELS_LAST_FUSED_POSITIONS`` where torch's kernel is trusted with the layout. Not
+    NCHW: torch's float16 CPU kernel takes 3-5x the fused kernel's time there ((2, 320, 64, 64):
+    2.2 against 0.71 ms), its bfloat16 kernel 1.42-1.51x from (2, 1280, 8, 8) to
+    (2, 960, 64, 64) (one thread, AMD EPYC, 2026-12-04), and its check of the mean comes on top.
+    Not bfloat16: the fused kernel's bfloat16 loads and stores (vpmovzxwd, vcvtneps2bf16) made
+    it 0.93-1.08x torch's channels-last kernel there (AMD EPYC), and over F.group_norm it took
+    0.80-1.07x where torch's checked kernel took 1.02-1.08x (Intel Xeon, 2026-12-05, one and
+    two threads; R50-GN's C5, 2048 channels: 0.29x against 1.01x). Half precision is judged
+    against torch's own kernel; the fused kernel rounds once from float32 either way."""
+    if x.dtype is not torch.float16 or x.is_contiguous():
         return False
     return (
         _trust_limit(x, plan) is not None
