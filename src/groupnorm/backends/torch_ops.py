@@ -1091,7 +1091,8 @@ class _FusedGiven(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, weight, bias, pivot, smean, m2, count, moments = ctx.saved_tensors[:8]
+        saved = ctx.saved_tensors  # each access unpacks them all
+        x, weight, bias, pivot, smean, m2, count, moments = saved[:8]
         plan, eps, activation = ctx.plan, ctx.eps, ctx.activation
         N, C = x.shape[:2]
         w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
@@ -1108,7 +1109,7 @@ class _FusedGiven(torch.autograd.Function):
         else:
             in_kernel = None
             if ctx.keeps_u:
-                dy = activation_backward64(dy, ctx.saved_tensors[8], activation)
+                dy = activation_backward64(dy, saved[8], activation)
             else:
                 in_kernel = activation
             dx, B, A = cpu_kernel.backward(
