@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import torch
 
-from groupnorm.activations import ACTIVATIONS, apply_activation
+from groupnorm.activations import apply_activation
 from groupnorm.backends import cpu_kernel
 from groupnorm.backends.torch_ops import (
     KernelSums,
@@ -43,6 +43,7 @@ from groupnorm.backends.torch_ops import (
     _spread_groups,
     _stats_of_shifted,
     _u_bias,
+    activation_backward64,
     affine64,
     kernel_grads,
 )
@@ -137,17 +138,16 @@ def _through_activation(
     activation: str,
     u_bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """dy act'(u), float64, in torch's float64 ops, at u = xhat * weight + u_bias formed from x;
-    weight and u_bias (C,), or (N, C) where ``per_sample``, or None."""
+    """dy act'(u), float64 (:func:`torch_ops.activation_backward64` of a float64 u), at
+    u = xhat * weight + u_bias formed from x; weight and u_bias (C,), or (N, C) where
+    ``per_sample``, or None."""
     u = _xhat64(x.double(), moments, plan, eps)
     nd = x.dim()
     if weight is not None:
         u = u * _expand(weight.double() if per_sample else weight.double()[None], nd)
     if u_bias is not None:
         u = u + _expand(u_bias if per_sample else u_bias[None], nd)
-    derivative = ACTIVATIONS[activation].backward
-    assert derivative is not None  # the callers send SiLU and GELU only
-    return derivative(dy.double(), u)
+    return activation_backward64(dy, u, activation)
 
 
 @torch.library.custom_op("groupnorm::cpu_backward", mutates_args=())
