@@ -265,6 +265,7 @@ def stats(x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
 
 def forward_plain(
     x: torch.Tensor,
+    shape: torch.Size,
     plan: GroupPlan,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -273,13 +274,14 @@ def forward_plain(
 ) -> torch.Tensor | None:
     """:func:`forward`'s y with nothing but weight, bias and relu, or None where the kernel is
     not built or does not read x's layout or dtype (the hot path of a module call: checks its
-    caller has made are not made again)."""
+    caller has made are not made again, and x's shape comes from it, as fetching it costs
+    more than the rest of these lines)."""
     lib = library()
     cl = layout(x)
     numel = x.numel()
     if lib is None or cl is None or not numel:
         return None
-    N, C = x.shape[:2]
+    N, C = shape[0], shape[1]
     off, group_of = _plan_arrays(plan)
     y = torch.empty_like(x)
     code = _CODES[x.dtype]

@@ -789,7 +789,7 @@ def _fused_fast(
         inside = _folded(activation)
         y = _Fused.apply(x, weight, bias, None, None, plan, eps, False, inside)
         return y if activation is inside else apply_activation(y, activation)
-    y = cpu_kernel.forward_plain(x, plan, weight, bias, eps, activation == "relu")
+    y = cpu_kernel.forward_plain(x, shape, plan, weight, bias, eps, activation == "relu")
     if y is None or activation in (None, "relu"):
         return y
     return apply_activation(y, activation)
