@@ -149,17 +149,20 @@ def test_regression_onnx_graph_is_compact() -> None:
     # subtraction (Slice, Slice, Transpose, GatherND, Transpose): 11 nodes for nn's 5, and 22
     # with two runs of groups, each run's normalization with its own Reshape, multiply-add and
     # Reshape around the InstanceNormalization. Then the runs were two Slices, each with its
-    # own pivot (14 nodes with one Split); now one gather of all pivots, one Split, and weight
-    # and bias as one BatchNormalization; a run of one-channel groups needs no Reshape.
+    # own pivot (14 nodes with one Split); then one gather of all pivots between two Reshapes
+    # (13), one Split, and weight and bias as one BatchNormalization; now the pivots are
+    # gathered from the channels' means, without Reshapes. A run of one-channel groups needs
+    # no Reshape either.
     x = make_x((2, 48, 5, 7), torch.float32, seed=9)
     assert len(_export_nodes(nn.GroupNorm(8, 48), x)) == 5
     even = _export_nodes(GroupNorm(8, 48), x)
     assert even.count("InstanceNormalization") == 1 and len(even) <= 7, even
     uneven = _export_nodes(GroupNorm(10, 48, uneven=True), x)
-    assert uneven.count("InstanceNormalization") == 2 and len(uneven) <= 13, uneven
+    assert uneven.count("InstanceNormalization") == 2 and len(uneven) <= 12, uneven
     assert uneven.count("Split") == 1 and uneven.count("Gather") == 1, uneven
+    assert uneven[:3] == ["ReduceMean", "Gather", "Sub"], uneven
     ones = _export_nodes(GroupNorm(32, 48, uneven=True), x)
-    assert ones.count("InstanceNormalization") == 2 and len(ones) <= 11, ones
+    assert ones.count("InstanceNormalization") == 2 and len(ones) <= 10, ones
 
 
 @pytest.mark.parametrize("kind", ["standard", "uneven"])
@@ -196,10 +199,11 @@ def test_export_with_dynamic_batch_and_spatial_sizes(kind: str) -> None:
     [((5, 48), 10), ((3, 48, 7), 32), ((2, 48, 3, 4, 5), 32), ((2, 48, 3, 4, 5), 10)],
 )
 def test_uneven_export_of_every_rank(shape: tuple[int, ...], G: int) -> None:
-    # The uneven export form gathers the pivots from x flattened past C and skips the
-    # Reshapes of a run of one-channel groups (G = 32 here), which needs spatial dimensions:
-    # (N, C) takes the rows of every run. Each group sits at its own offset, 1e3 apart, with
-    # std 1e-2: a pivot taken from another group would lose every digit.
+    # The uneven export form gathers the pivots from the channels' means (from x itself for
+    # (N, C)) and skips the Reshapes of a run of one-channel groups (G = 32 here), which needs
+    # spatial dimensions: (N, C) takes the rows of every run. Each group sits at its own
+    # offset, 1e3 apart, with std 1e-2: a pivot taken from another group would lose every
+    # digit.
     norm = GroupNorm(G, 48, uneven=True)
     with torch.no_grad():
         norm.weight.copy_(rand((48,), torch.float32, seed=13) * 0.5 + 1)

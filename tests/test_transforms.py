@@ -75,7 +75,8 @@ def test_make_fx(plan_name: str, mode: Literal["real", "symbolic"]) -> None:
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("plan_name", list(PLANS))
 def test_torch_export_program_runs_exactly(plan_name: str, layout: str, dtype: torch.dtype) -> None:
-    """torch.export records the export form (each group as a row minus its first element);
+    """torch.export records the export form (each group minus a pivot: an even plan's rows
+    their first element, an uneven plan's groups the mean of their first channel);
     the exported program, run by torch with another batch size, holds the tolerance table at a
     large offset and keeps x's dtype and layout."""
     from torch.export import Dim

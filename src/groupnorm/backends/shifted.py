@@ -17,7 +17,8 @@ A graph holds three ops more than ``F.group_norm``'s: the pivot gather (``first`
 constant), its detach (only when x requires grad) and the subtraction; under torch.compile two:
 the pivot is one op there (``groupnorm::pivot``, whose ops AOTAutograd traces). An export
 (torch.export, ONNX) records forms with fewer ops (:func:`_exported`): ONNX then holds 7 nodes
-per even layer where ``nn.GroupNorm`` holds 5.
+per even layer where ``nn.GroupNorm`` holds 5; an uneven one takes each group's pivot from the
+mean of its first channel instead (:func:`_mean_pivot`).
 
 Written in the TorchScript subset (no ``from __future__ import annotations``: TorchScript reads
 the annotations at runtime), so ``torch.jit.script`` compiles it from a module's forward.
@@ -150,15 +151,16 @@ def _exported(
     """:func:`shifted_group_norm` as an export records it (torch.export, ONNX); weight and bias
     in ``acc``. An even plan is torch's group_norm of rows minus their first element
     (:func:`_rows_shifted`): in ONNX 7 nodes where ``nn.GroupNorm`` has 5. An uneven plan
-    subtracts every group's pivot at once (:func:`_corner_pivot`), normalizes each run of
+    subtracts every group's pivot at once (:func:`_mean_pivot`), normalizes each run of
     groups as one ``instance_norm`` (:func:`_normalized_runs`) and applies weight and bias to
-    the whole tensor (:func:`_affine`): 11-13 nodes for two runs. Export time goes with the
-    number of ops recorded (benchmarks/onnx_export.py), so both forms keep it small."""
+    the whole tensor (:func:`_affine`): 10-12 nodes for two runs. Export time goes with the
+    ops recorded, shape ops (Reshape, Slice, Gather) costing about three times an elementwise
+    op (benchmarks/onnx_export.py), so both forms keep them few."""
     if len(runs) == 1:
         G = x.shape[1] // runs[0][2]
         y = torch.group_norm(_rows_shifted(x, G, acc).reshape(x.shape), G, weight, bias, eps)
         return _epilogue(y, x, activation, scale, shift)
-    y = _normalized_runs(x - _corner_pivot(x, first, acc), runs, eps)
+    y = _normalized_runs(x - _mean_pivot(x, first, acc), runs, eps)
     return _epilogue(_affine(y, weight, bias), x, activation, scale, shift)
 
 
@@ -182,20 +184,23 @@ def _rows(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(x.shape[0], groups, positions // groups)
 
 
-def _corner_pivot(x: torch.Tensor, first: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """(N, C, 1, ..., 1) in ``acc``: each channel's group's first element, gathered from x
-    flattened to (N, C * prod(S)) at ``first * prod(S)``: N * C elements read, and in ONNX a
-    Gather between two Reshapes, whatever the rank (Slices of the spatial dimensions would cost
-    a node each)."""
-    src = x.detach() if x.requires_grad else x
-    positions = 1
-    for d in x.shape[2:]:
-        positions = positions * d
-    flat = src.reshape(x.shape[0], x.shape[1] * positions)
-    shape = [x.shape[0], x.shape[1]]
-    for _ in range(2, x.dim()):
-        shape.append(1)
-    pivot = flat.index_select(1, first * positions).reshape(shape)
+def _mean_pivot(x: torch.Tensor, first: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """(N, C, 1, ..., 1) in ``acc``: for each channel, the mean of its group's first channel.
+    Any value near a group's data serves as its pivot, and this one is within sqrt(k) standard
+    deviations of the group's mean (k channels: the first channel's share of the group's
+    variance bounds its distance), however its float32 rounding goes. In an export graph it is
+    a ReduceMean, a Gather and no Reshape: gathering each group's first element instead took
+    two Reshapes around the Gather, and a Reshape costs torch.onnx.export about three times
+    what an elementwise op does (benchmarks/onnx_export.py)."""
+    # The pivot's gradient is rounding noise; an ONNX graph has no gradient to spare it.
+    detach = x.requires_grad and not torch.onnx.is_in_onnx_export()
+    src = x.detach() if detach else x
+    dims = list(range(2, x.dim()))
+    if dims and x.dtype == acc:
+        src = src.mean(dims, keepdim=True)
+    elif dims:  # half precision: summed in acc, not rounded to (or overflowing) x's dtype
+        src = src.mean(dims, keepdim=True, dtype=acc)
+    pivot = src.index_select(1, first)
     return pivot if pivot.dtype == acc else pivot.to(acc)
 
 
