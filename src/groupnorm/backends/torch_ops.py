@@ -682,20 +682,10 @@ def native_fast(
     types but what :func:`groupnorm.dispatch.run_plain` has checked.
 
     What the validated path gives the fused CPU kernel, it gets here too (:func:`_fused_fast`):
-    float32 and float64 x in either layout and any plan, half precision where torch's kernel is
-    not kept (:func:`half_keeps_torch`)."""
-    # Half precision that stays with torch's kernel (half_keeps_torch) skips _fused_fast's
-    # checks, which would all be made to decline it.
-    dtype = x.dtype
-    keeps = (
-        (dtype is torch.bfloat16 or dtype is torch.float16)
-        and plan.is_even
-        and half_keeps_torch(x, plan)
-    )
-    if not keeps:
-        fused = _fused_fast(x, plan, weight, bias, eps, activation)
-        if fused is not None:
-            return fused
+    x of any float dtype in either layout and any plan."""
+    fused = _fused_fast(x, plan, weight, bias, eps, activation)
+    if fused is not None:
+        return fused
     if (
         torch._C._is_tracing()  # torch.jit.trace; run_plain has ruled out Dynamo
         or not x.is_cpu
@@ -706,8 +696,8 @@ def native_fast(
         or not (eps >= 0 and eps < math.inf)
     ):
         return None
-    # Channels-last: torch's kernel where the validated path asks it (_trust_limit, and for
-    # half precision half_keeps_torch), checked against that layout's limit.
+    # Channels-last: torch's kernel where the validated path asks it (_trust_limit), checked
+    # against that layout's limit.
     limit = _nchw_trust(x.dtype) if x.is_contiguous() else _trust_limit(x, plan)
     if limit is None:
         return None
@@ -744,9 +734,8 @@ def _fused_fast(
     activation: str | None,
 ) -> torch.Tensor | None:
     """:func:`native_fast`'s call on the fused CPU kernel, or None: float32/float64 x, also
-    under autograd (:class:`_Fused`, where torch's kernel is not asked); half-precision x that
-    native_fast has found torch's kernel does not keep (:func:`half_keeps_torch`, as the
-    validated path decides), with at most relu (applied in the kernel, rounding once). Every
+    under autograd (:class:`_Fused`, where torch's kernel is not asked); half-precision x with
+    at most relu (applied in the kernel, rounding once). Every
     check here runs on every such call: the cheapest and most selective first (run_plain has
     ruled out Dynamo, which would record some of them as graph ops, and tensor subclasses)."""
     if type(eps) is not float:
@@ -773,7 +762,7 @@ def _fused_fast(
     # kernel records float64 where it is trusted (_fused_backward).
     if grad and (half or not _fused_backward(x, plan)):
         return None
-    if half and activation not in (None, "relu"):  # (native_fast has asked half_keeps_torch)
+    if half and activation not in (None, "relu"):
         return None
     if (
         forward_ad._current_level >= 0
@@ -1353,43 +1342,17 @@ def _fused_serves(r: Request) -> bool:
     """Whether the fused CPU kernel (:mod:`.cpu_kernel`) serves ``r``: an eager CPU call that
     autograd does not record, on x of a layout and dtype it reads.
 
-    Half-precision x with an even plan and neither statistics in nor out stays with torch's
-    kernel where :func:`half_keeps_torch` says so."""
-    x = r.x
-    if not (_reads_values(x) and cpu_kernel.serves(x)) or _records_grad(r):
-        return False
-    plain = r.stats is None and not r.return_stats and r.plan.is_even
-    return not (plain and half_keeps_torch(x, r.plan))
-
-
-# Channels-last float16 inputs with at most this many positions take the fused kernel even
-# where torch's kernel is trusted: torch's channels-last kernel is slow there (bfloat16, one
-# thread, AMD EPYC, 2026-12-03, time over F.group_norm, the kernel against torch's checked
-# kernel: SD 16^2 (2, 1280, 16, 16) 0.73x vs 1.21x, SD 8^2 0.79x vs 1.45x, (2, 320, 8, 8, 8)
-# 0.22x vs 1.23x), and past it about as fast (the fused kernel called directly against torch's:
-# float16 0.92-1.13x, AMD EPYC, 2026-12-04; over F.group_norm 0.88-1.27x where torch's checked
-# kernel took 1.01-1.12x, Intel Xeon, 2026-12-05, one and two threads).
-HALF_CHANNELS_LAST_FUSED_POSITIONS = 512
-
-
-def half_keeps_torch(x: torch.Tensor, plan: GroupPlan) -> bool:
-    """Whether a half-precision x with an even plan, no statistics in or out, stays with torch's
-    kernel rather than the fused one: float16 channels-last past
-    ``HALF_CHANNELS_LAST_FUSED_POSITIONS`` where torch's kernel is trusted with the layout. Not
-    NCHW: torch's float16 CPU kernel takes 3-5x the fused kernel's time there ((2, 320, 64, 64):
-    2.2 against 0.71 ms), its bfloat16 kernel 1.42-1.51x from (2, 1280, 8, 8) to
-    (2, 960, 64, 64) (one thread, AMD EPYC, 2026-12-04), and its check of the mean comes on top.
-    Not bfloat16: the fused kernel's bfloat16 loads and stores (vpmovzxwd, vcvtneps2bf16) made
-    it 0.93-1.08x torch's channels-last kernel there (AMD EPYC), and over F.group_norm it took
-    0.80-1.07x where torch's checked kernel took 1.02-1.08x (Intel Xeon, 2026-12-05, one and
-    two threads; R50-GN's C5, 2048 channels: 0.29x against 1.01x). Half precision is judged
+    Half precision included, where torch's kernel would be trusted too: in NCHW torch's float16
+    CPU kernel takes 3-5x the fused kernel's time ((2, 320, 64, 64): 2.2 against 0.71 ms), its
+    bfloat16 kernel 1.42-1.51x (one thread, AMD EPYC, 2026-12-04). Channels-last, over
+    F.group_norm on the spec's shapes of 1 MB and more (Intel Xeon, 2026-12-05, two runs at one
+    and two threads), the fused kernel took 0.46-1.05x at one thread and 0.46-1.09x at two
+    where torch's checked kernel took 1.01-1.09x and 1.02-1.13x (bfloat16, the day before:
+    0.80-1.07x against 1.02-1.08x), R50-GN's C5 (2048 channels) 0.46x against 1.01x; at SD
+    8^2's 64 positions float16 took 0.42-0.44x F.group_norm's time. Half precision is judged
     against torch's own kernel; the fused kernel rounds once from float32 either way."""
-    if x.dtype is not torch.float16 or x.is_contiguous():
-        return False
-    return (
-        _trust_limit(x, plan) is not None
-        and math.prod(x.shape[2:]) > HALF_CHANNELS_LAST_FUSED_POSITIONS
-    )
+    x = r.x
+    return _reads_values(x) and cpu_kernel.serves(x) and not _records_grad(r)
 
 
 def _fused_records(r: Request) -> bool:
