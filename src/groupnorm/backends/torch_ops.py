@@ -14,9 +14,8 @@ Normalization folds everything per (n, c) into one multiply-add on ``xs``:
 ``y = act(xs * a + b)``.
 
 On an eager CPU call that autograd does not record, the fused CPU kernel (:mod:`.cpu_kernel`)
-serves y and statistics in and out, exact with no check, wherever it is built; half-precision
-input with an even plan and neither statistics in nor out, in a layout torch's kernel is trusted
-with, stays with torch's kernel. Under autograd it serves float32/float64 uneven plans and
+serves y and statistics in and out, exact with no check, wherever it is built, half precision
+included. Under autograd it serves float32/float64 uneven plans and
 channels-last inputs torch's kernel is not trusted with, backward included (:class:`_Fused`).
 The rest of this docstring is what serves the calls it does not.
 
