@@ -173,6 +173,8 @@ def test_property_kernel_matches_float64(
         # channels-last: the sample whole on one thread (one thread), its blocks shared (two)
         ((1, 300, 16, 16), {"num_groups": 30}),
         ((2, 48, 40, 40), {"num_groups": 20, "uneven": True}),
+        # 32K elements: below PARALLEL_MIN, two threads all the same (forward_threads)
+        ((2, 64, 16, 16), {"num_groups": 8}),
         ((3, 4, 5, 6, 7), {"group_sizes": [3, 1]}),  # 3-D spatial
     ],
 )
