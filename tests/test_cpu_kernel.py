@@ -257,22 +257,39 @@ def test_outputs_stored_around_the_caches_equal_cached_ones(
     assert_matches(outs[1][0], expected, dtype, reduction=max(plan.sizes) * math.prod(shape[2:]))
 
 
-def test_stream_min_reads_the_shared_cache_size(tmp_path: Path) -> None:
-    """3/4 of CPU 0's largest data or unified cache from sysfs, never where there is none."""
-    fake = tmp_path / "cache"
-    for name, kind, size in [
-        ("index0", "Data", "48K"),
-        ("index1", "Instruction", "64M"),
-        ("index2", "Unified", "1024K"),
-        ("index3", "Unified", "32768K"),
+def _fake_caches(root: Path, l2: str) -> Path:
+    fake = root / "cache"
+    for name, level, kind, size in [
+        ("index0", 1, "Data", "48K"),
+        ("index1", 1, "Instruction", "64M"),
+        ("index2", 2, "Unified", l2),
+        ("index3", 3, "Unified", "32768K"),
     ]:
         (fake / name).mkdir(parents=True)
+        (fake / name / "level").write_text(f"{level}\n")
         (fake / name / "type").write_text(kind + "\n")
         (fake / name / "size").write_text(size + "\n")
-    with mock.patch.object(cpu_kernel, "_CACHES", fake):
+    return fake
+
+
+def test_stream_min_reads_the_shared_cache_size(tmp_path: Path) -> None:
+    """3/4 of CPU 0's largest data or unified cache from sysfs, never where there is none."""
+    with mock.patch.object(cpu_kernel, "_CACHES", _fake_caches(tmp_path, "1024K")):
         assert cpu_kernel.stream_min() == 32 * 2**20 // 4 * 3
     with mock.patch.object(cpu_kernel, "_CACHES", tmp_path / "absent"):
         assert cpu_kernel.stream_min() == 1 << 62
+
+
+@pytest.mark.parametrize(
+    ("l2", "expected"), [("2048K", 1 << 20), ("1024K", 512 << 10), ("256K", 512 << 10)]
+)
+def test_fused_cl_bytes_is_half_the_l2_and_at_least_512_kb(
+    tmp_path: Path, l2: str, expected: int
+) -> None:
+    with mock.patch.object(cpu_kernel, "_CACHES", _fake_caches(tmp_path, l2)):
+        assert cpu_kernel.fused_cl_bytes() == expected
+    with mock.patch.object(cpu_kernel, "_CACHES", tmp_path / "absent"):
+        assert cpu_kernel.fused_cl_bytes() == 512 << 10
 
 
 @needs_kernel

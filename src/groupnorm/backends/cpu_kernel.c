@@ -63,8 +63,9 @@ enum { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 static int64_t fused_max(int dtype) { return dtype == F32 ? FUSED_MAX : FUSED_MAX / 2; }
 /* Channels-last samples of at most this many bytes, when there are at least as many samples
    as threads, are each done whole by one thread (statistics, then output while in L2): one
-   parallel region instead of three, no thread waiting on another's block. */
-#define FUSED_CL_BYTES 524288
+   parallel region instead of three, no thread waiting on another's block. Half a core's L2,
+   set by the loader (fused_cl_bytes()); 512 KB until then and at least. */
+static int64_t fused_cl_bytes = 524288;
 static int64_t elem_size(int dtype) { return dtype == F64 ? 8 : dtype == F32 ? 4 : 2; }
 /* y of at least this many bytes is stored around the caches (put_f32); set by the loader
    (stream_min()), none until then. */
@@ -1550,7 +1551,7 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
             fused_cl_##S##_f32((const T *)x, (float *)y, L, offsets, &q, mean, var, rstd, eps, \
                                relu, nthreads);                                             \
         break;
-    if (cl && !given && C * L * elem_size(dtype) <= FUSED_CL_BYTES && N >= nthreads) {
+    if (cl && !given && C * L * elem_size(dtype) <= fused_cl_bytes && N >= nthreads) {
         switch (dtype) {
         case F32:
             fused_cl_f32_f32((const float *)x, (float *)y, L, offsets, &q, mean, var, rstd, eps,
@@ -1597,7 +1598,8 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
    G, mean, var, nthreads) and backward(x, dy, dx, dtype, N, C, L, cl, offsets, G, group_of,
    mean, var, eps, w, wtype, dw, db, stype, sa, sb, given, nthreads, per_sample), pointers as ints (0: none;
    forward's mean and var may be 0 when not given), return 0 or -1 as above; dtypes() the bit
-   mask of dtype codes served; stream_min(bytes) sets stream_min and returns the value before.
+   mask of dtype codes served; stream_min(bytes) and fused_cl_bytes(bytes) set those limits and
+   return the value before.
    The GIL is released while the kernels run. */
 /* A call's n arguments: ints into a[], except args[real] (real < 0: none), a float into *x.
    0, or -1 with a Python exception set. */
@@ -1700,13 +1702,21 @@ static PyObject *py_dtypes(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(gn_dtypes());
 }
 
-static PyObject *py_stream_min(PyObject *self, PyObject *arg) {
-    (void)self;
+/* *slot = arg (an int); the value before, as a Python int. */
+static PyObject *swap_bytes(int64_t *slot, PyObject *arg) {
     long long bytes = PyLong_AsLongLong(arg);
     if (bytes == -1 && PyErr_Occurred()) return NULL;
-    int64_t before = stream_min;
-    stream_min = bytes;
+    int64_t before = *slot;
+    *slot = bytes;
     return PyLong_FromLongLong(before);
+}
+static PyObject *py_stream_min(PyObject *self, PyObject *arg) {
+    (void)self;
+    return swap_bytes(&stream_min, arg);
+}
+static PyObject *py_fused_cl_bytes(PyObject *self, PyObject *arg) {
+    (void)self;
+    return swap_bytes(&fused_cl_bytes, arg);
 }
 
 static PyMethodDef methods[] = {
@@ -1722,6 +1732,9 @@ static PyMethodDef methods[] = {
     {"dtypes", py_dtypes, METH_NOARGS, "bit mask of the dtype codes served"},
     {"stream_min", py_stream_min, METH_O,
      "set the smallest y in bytes stored non-temporally; returns the one before"},
+    {"fused_cl_bytes", py_fused_cl_bytes, METH_O,
+     "set the largest channels-last sample in bytes done whole by one thread; returns the one "
+     "before"},
     {NULL, NULL, 0, NULL},
 };
 

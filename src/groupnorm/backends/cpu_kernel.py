@@ -136,20 +136,44 @@ def stream_min() -> int:
     streamed vs cached interleaved), with a consumer that reads y next (SiLU or an add) and
     without: 30 MiB outputs took 0.79-0.92x the time at one thread and 0.86-0.97x at two, both
     layouts; 5-10 MiB ones gained alone at one thread but took 1.0-1.8x as long at two, most
-    with the add after. Below the limit y stays in cache for the layer that reads it next."""
-    best = 0
+    with the add after. Below the limit y stays in cache for the layer that reads it next.
+    (On the Intel Xeon session machine of 2026-12-05 sysfs too gave the host's L3, 480 MB.)"""
+    best = max((size for _, size in _data_caches()), default=0)
+    return best // 4 * 3 if best else 1 << 62
+
+
+FUSED_CL_MIN = 512 << 10
+
+
+def fused_cl_bytes() -> int:
+    """The largest channels-last sample, in bytes, that one thread normalizes whole while it
+    stays in L2 (statistics, then output): half of CPU 0's level-2 cache from sysfs, and at
+    least ``FUSED_CL_MIN``, the limit measured on the AMD EPYC machine (1 MB of L2 a core).
+
+    On the Intel Xeon machine (2 MB of L2 a core, so 1 MB here; 2026-12-05,
+    ``benchmarks/cpu_fused_cl.py`` and two runs of its draft), 640 KB samples took 0.82-0.98x
+    the two-stage path's time in float32 and 0.91-1.07x in half precision, at one and two
+    threads, where the 512 KB control moved 0.94-1.02x."""
+    level2 = [size for level, size in _data_caches() if level == 2]
+    return max(FUSED_CL_MIN, max(level2, default=0) // 2)
+
+
+def _data_caches() -> list[tuple[int, int]]:
+    """(level, bytes) of CPU 0's data and unified caches, from Linux's sysfs (none elsewhere)."""
+    found = []
     for index in _CACHES.glob("index*"):
         try:
             if (index / "type").read_text().strip() == "Instruction":
                 continue
             size = (index / "size").read_text().strip()
+            level = (index / "level").read_text().strip()
         except OSError:
             continue
         scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
         digits = size.rstrip("KMG")
-        if digits.isdigit():
-            best = max(best, int(digits) * scale)
-    return best // 4 * 3 if best else 1 << 62
+        if digits.isdigit() and level.isdigit():
+            found.append((int(level), int(digits) * scale))
+    return found
 
 
 @cache
@@ -166,6 +190,7 @@ def library() -> ModuleType | None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.stream_min(stream_min())
+        module.fused_cl_bytes(fused_cl_bytes())
     except subprocess.CalledProcessError as e:
         _why_not.append(f"the C compiler failed: {e.stderr.strip()[-500:]}")
         return None
