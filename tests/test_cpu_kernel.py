@@ -293,6 +293,34 @@ def test_fused_cl_bytes_is_half_the_l2_and_at_least_512_kb(
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_sample_done_whole_matches_the_two_stage_path(dtype: torch.dtype) -> None:
+    """fused_cl_bytes depends on the machine's L2: a channels-last sample of 600 KB is done
+    whole by one thread under a 1 MB limit and in two stages under 512 KB, with the same
+    blocks and merge order, so the same bits."""
+    lib = cpu_kernel.library()
+    assert lib is not None
+    shape = (2, 96, 40, 40) if dtype == torch.float32 else (2, 192, 40, 40)
+    x = make_x(shape, dtype, "channels_last", seed=11, loc=3.0)
+    w, b = rand((shape[1],), dtype, 12), rand((shape[1],), dtype, 13)
+    plan = resolve_plan(shape[1], 8)
+    threads, before = torch.get_num_threads(), lib.fused_cl_bytes(512 << 10)
+    outs = []
+    try:
+        torch.set_num_threads(1)
+        for limit in (512 << 10, 1 << 20):
+            lib.fused_cl_bytes(limit)
+            outs.append(cpu_kernel.forward(x, plan, w, b, 1e-5, want_moments=True))
+    finally:
+        lib.fused_cl_bytes(before)
+        torch.set_num_threads(threads)
+    (y1, m1), (y2, m2) = outs
+    assert m1 is not None and m2 is not None
+    assert torch.equal(y1, y2) and torch.equal(m1, m2)
+    assert_matches(y1, reference(x, plan, w, b)[0], dtype, reduction=12 * 1600)
+
+
+@needs_kernel
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_regression_an_outlier_first_element_is_exact(layout: str, dtype: torch.dtype) -> None:
