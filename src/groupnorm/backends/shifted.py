@@ -196,10 +196,8 @@ def _mean_pivot(x: torch.Tensor, first: torch.Tensor, acc: torch.dtype) -> torch
     detach = x.requires_grad and not torch.onnx.is_in_onnx_export()
     src = x.detach() if detach else x
     dims = list(range(2, x.dim()))
-    if dims and x.dtype == acc:
-        src = src.mean(dims, keepdim=True)
-    elif dims:  # half precision: summed in acc, not rounded to (or overflowing) x's dtype
-        src = src.mean(dims, keepdim=True, dtype=acc)
+    if dims:  # half precision summed in acc, not rounded to (or overflowing) x's dtype
+        src = src.mean(dims, keepdim=True, dtype=None if x.dtype == acc else acc)
     pivot = src.index_select(1, first)
     return pivot if pivot.dtype == acc else pivot.to(acc)
 
