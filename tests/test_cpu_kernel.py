@@ -257,13 +257,13 @@ def test_outputs_stored_around_the_caches_equal_cached_ones(
     assert_matches(outs[1][0], expected, dtype, reduction=max(plan.sizes) * math.prod(shape[2:]))
 
 
-def _fake_caches(root: Path, l2: str) -> Path:
+def _fake_caches(root: Path, l2: str, l3: str = "32768K") -> Path:
     fake = root / "cache"
     for name, level, kind, size in [
         ("index0", 1, "Data", "48K"),
         ("index1", 1, "Instruction", "64M"),
         ("index2", 2, "Unified", l2),
-        ("index3", 3, "Unified", "32768K"),
+        ("index3", 3, "Unified", l3),
     ]:
         (fake / name).mkdir(parents=True)
         (fake / name / "level").write_text(f"{level}\n")
@@ -272,10 +272,12 @@ def _fake_caches(root: Path, l2: str) -> Path:
     return fake
 
 
-def test_stream_min_reads_the_shared_cache_size(tmp_path: Path) -> None:
-    """3/4 of CPU 0's largest data or unified cache from sysfs, never where there is none."""
-    with mock.patch.object(cpu_kernel, "_CACHES", _fake_caches(tmp_path, "1024K")):
-        assert cpu_kernel.stream_min() == 32 * 2**20 // 4 * 3
+@pytest.mark.parametrize(("l3", "expected_mib"), [("32768K", 24), ("16384K", 12), ("491520K", 24)])
+def test_stream_min_reads_the_shared_cache_size(tmp_path: Path, l3: str, expected_mib: int) -> None:
+    """3/4 of CPU 0's largest data or unified cache from sysfs, that cache taken as at most
+    32 MiB (a VM's sysfs can give the host's whole L3), never where there is none."""
+    with mock.patch.object(cpu_kernel, "_CACHES", _fake_caches(tmp_path, "1024K", l3)):
+        assert cpu_kernel.stream_min() == expected_mib << 20
     with mock.patch.object(cpu_kernel, "_CACHES", tmp_path / "absent"):
         assert cpu_kernel.stream_min() == 1 << 62
 

@@ -125,21 +125,28 @@ def _build() -> Path:
 _CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 
 
+# The largest last-level cache that stream_min trusts, whatever sysfs says.
+STREAM_LLC_MAX = 32 << 20
+
+
 def stream_min() -> int:
     """The smallest output, in bytes, that the kernel stores around the caches (non-temporal
     stores): 3/4 of the last-level cache that CPU 0 shares (glibc's rule for memcpy), read from
-    Linux's sysfs; 2^62 (never) where that is unknown. sysconf's figure is not used: under a
-    VM it can report the host's whole L3 (320 MB on this project's machine, whose CPUs share
-    32 MB).
+    Linux's sysfs and taken as at most ``STREAM_LLC_MAX``; 2^62 (never) where that is unknown.
+    sysconf's figure is not used: under a VM it can report the host's whole L3 (320 MB on this
+    project's machine, whose CPUs share 32 MB); sysfs can too (480 MB on the Intel Xeon session
+    machine), hence the cap.
 
     Measured on this project's 2-core machine (32 MB L3, the kernel called directly, float32,
     streamed vs cached interleaved), with a consumer that reads y next (SiLU or an add) and
     without: 30 MiB outputs took 0.79-0.92x the time at one thread and 0.86-0.97x at two, both
     layouts; 5-10 MiB ones gained alone at one thread but took 1.0-1.8x as long at two, most
-    with the add after. Below the limit y stays in cache for the layer that reads it next.
-    (On the Intel Xeon session machine of 2026-12-05 sysfs too gave the host's L3, 480 MB.)"""
+    with the add after. Below the limit y stays in cache for the layer that reads it next. On
+    the Intel Xeon machine (``benchmarks/cpu_stream.py``, 2026-12-05), with the residual add
+    after, 24-64 MiB outputs took 0.88-0.97x streamed, 4-16 MiB ones 0.99-1.34x: the same 24 MiB
+    limit."""
     best = max((size for _, size in _data_caches()), default=0)
-    return best // 4 * 3 if best else 1 << 62
+    return min(best, STREAM_LLC_MAX) // 4 * 3 if best else 1 << 62
 
 
 FUSED_CL_MIN = 512 << 10
