@@ -127,7 +127,7 @@ def test_property_ops_match_float64_forward_and_backward(
         )
         y.backward(dy)
     assert y.dtype == dtype and y.stride() == torch.empty_like(x).stride()
-    assert moments.shape == (2, N, plan.num_groups) and moments.dtype == torch.float64
+    assert moments.shape == (3, N, plan.num_groups) and moments.dtype == torch.float64
     expected, cache = reference(x, plan, params["weight"], params["bias"], 1e-5,
                                 scale=params["scale"], shift=params["shift"],
                                 activation=activation)  # fmt: skip
@@ -141,7 +141,7 @@ def test_property_ops_match_float64_forward_and_backward(
 def test_activation_op_keeps_only_x_for_the_backward(served: str, dtype: torch.dtype) -> None:
     """The forward op returned u beside y, and the graph kept it for the backward: an
     x-sized tensor per layer with an activation. The backward op recomputes u from x (in
-    float64), so what is kept is x, the parameters and the (2, N, G) statistics."""
+    float64), so what is kept is x, the parameters and the (3, N, G) statistics."""
     x = make_x((2, 16, 8, 8), dtype, seed=1).requires_grad_()
     w, b = rand((16,), dtype, 2).requires_grad_(), rand((16,), dtype, 3).requires_grad_()
     shift = rand((2, 16), dtype, 4).requires_grad_()

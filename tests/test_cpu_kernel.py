@@ -784,6 +784,43 @@ def test_regression_weight_gradient_of_an_even_plan_at_an_offset() -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    ("shape", "groups"), [((2, 32, 8, 8), 8), ((2, 64, 64, 64), 2)], ids=["fused", "two_stage"]
+)
+def test_regression_float64_is_exact_far_from_zero(
+    layout: str, shape: tuple[int, ...], groups: int
+) -> None:
+    """float64 at a mean of 1e4 and a std of 1e-2: the kernel kept each mean as one float64
+    number (pivot + the mean relative to it, rounded), off by up to half an ulp of 1e4, so y,
+    the statistics out and in, and dw were 1e-10 from the exact result (bound 1e-12). It keeps
+    what that number leaves now (TwoSum) and subtracts both parts. Every path: a group or a
+    channels-last sample normalized right after its statistics, and the two-stage path."""
+    C = shape[1]
+    plan = resolve_plan(C, num_groups=groups)
+    x = make_x(shape, torch.float64, layout, seed=4, loc=1e4, std=1e-2)
+    w = 1 + 0.5 * rand((C,), torch.float64, 5)
+    b = rand((C,), torch.float64, 6)
+    dy = rand(shape, torch.float64, 7)
+    expected, cache = reference(x, plan, w, b)
+    grads = R.group_norm_backward(to_numpy(dy), cache)
+    group = max(plan.sizes) * math.prod(shape[2:])
+    with _calls("forward", "backward") as calls:
+        y, stats = groupnorm.group_norm(x, groups, w, b, return_stats=True)
+        again = groupnorm.group_norm(x, groups, w, b, stats=stats)
+        xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+        groupnorm.group_norm(xg, groups, wg, bg).backward(dy)
+    assert calls[0] == 4
+    assert_matches(y, expected, torch.float64, reduction=group)
+    assert_matches(again, expected, torch.float64, reduction=group, what="given statistics")
+    np.testing.assert_allclose(to_numpy(stats.mean), cache.mean, rtol=1e-15, atol=0)
+    rows = shape[0] * math.prod(shape[2:])
+    assert_matches(xg.grad, grads.dx, torch.float64, reduction=group, what="dx")
+    assert_matches(wg.grad, grads.dgamma, torch.float64, reduction=rows, what="dw")
+    assert_matches(bg.grad, grads.dbeta, torch.float64, reduction=rows, what="db")
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("L", [1, 13, 64, 600])
 def test_dx_holds_the_bound_where_dy_w_is_nearly_its_group_mean(layout: str, L: int) -> None:
     """dy w - s1 / n_g cancels where dy is nearly constant across a group (dy = 100 + 1e-3

@@ -443,6 +443,34 @@ def test_nonfinite_stays_in_its_group(bad: float, plan_kw: dict[str, Any]) -> No
     assert not torch.isfinite(y[0, first_group]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_regression_relu_gradient_of_a_nan_group_like_torch(
+    dtype: torch.dtype, layout: str
+) -> None:
+    """A NaN in one group, ReLU after the norm: torch's ReLU passes the gradient on at NaN,
+    so the NaN group's dy counts in dbias. The reference took relu'(NaN) as 0 and disagreed
+    with every backend here (dbias off by the sum of that group's dy); it follows torch now,
+    and so do we: against the reference and against F.group_norm with F.relu."""
+    shape = (3, 8, 4, 4)
+    x = make_x(shape, dtype, layout, seed=11)
+    x[0, 1, 2, 3] = float("nan")
+    w, b = _params(8, dtype)
+    dy = rand(shape, dtype, 12)
+    plan = resolve_plan(8, num_groups=4)
+    _, cache = reference(x, plan, w, b, activation="relu")
+    grads = R.group_norm_backward(to_numpy(dy), cache)
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    groupnorm.group_norm(xg, 4, wg, bg, activation="relu").backward(dy)
+    xt, wt, bt = (t.clone().requires_grad_() for t in (x, w, b))
+    F.relu(F.group_norm(xt, 4, wt, bt)).backward(dy)
+    assert_matches(bg.grad, grads.dbeta, dtype, reduction=48, what="dbias")
+    assert_matches(wg.grad, grads.dgamma, dtype, reduction=48, what="dweight")
+    assert_matches(xg.grad, grads.dx, dtype, reduction=32, what="dx")
+    assert bt.grad is not None
+    assert_matches(bt.grad, grads.dbeta, dtype, reduction=48, what="torch's dbias")
+
+
 def test_statistics_dtype_for_half_inputs() -> None:
     for dtype in (torch.float16, torch.bfloat16):
         _, stats = groupnorm.group_norm(make_x((2, 8, 3, 3), dtype), 4, return_stats=True)

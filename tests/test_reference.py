@@ -213,3 +213,38 @@ def test_regression_reference_gelu_keeps_the_lower_tail(u: float) -> None:
         (R.activation_grad(np.array([u]), "gelu")[0], cdf + x * pdf),
     ):
         assert abs(got - float(want)) <= 1e-12 * abs(float(want))  # u^2 eps of sqrt 2
+
+
+def test_regression_reference_output_is_exact_far_from_zero() -> None:
+    """x was centered by its mean as one float64 number, which is off by up to half an ulp of
+    the offset: at a mean of 1e4 and a std of 1e-2 (float64) y was 1.2e-10 from the exact
+    result, beyond the float64 bound, and the fused kernel's float64 output matched it.
+    Against exact rational arithmetic, group_norm_forward and the zoo now hold 1e-14."""
+    from fractions import Fraction
+
+    x = np.random.default_rng(3).normal(1e4, 1e-2, size=(2, 4, 3, 5))
+    y, _ = R.group_norm_forward(x, 2)
+    y_zoo, _, _ = R.normalize_over(x, (1, 2, 3))
+
+    def exact(values: np.ndarray) -> np.ndarray:
+        q = [Fraction(float(v)) for v in values.ravel()]
+        mean = sum(q, Fraction(0)) / len(q)
+        var = sum(((v - mean) ** 2 for v in q), Fraction(0)) / len(q)
+        rstd = 1 / np.sqrt(float(var) + 1e-5)
+        return np.array([float(v - mean) * rstd for v in q]).reshape(values.shape)
+
+    for n in range(2):
+        for g in range(2):
+            want = exact(x[n, 2 * g : 2 * g + 2])
+            np.testing.assert_allclose(y[n, 2 * g : 2 * g + 2], want, rtol=0, atol=1e-14)
+        np.testing.assert_allclose(y_zoo[n], exact(x[n]), rtol=0, atol=1e-14)
+
+
+def test_regression_relu_derivative_at_nan_is_torchs() -> None:
+    """The reference took relu'(NaN) as 0, torch's ReLU passes the gradient on at NaN (it
+    zeroes it only where u <= 0): a NaN group's dbias differed from a drop-in's by the sum of
+    its dy. The reference follows torch."""
+    u = torch.tensor([float("nan"), 1.0, -1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    F.relu(u).backward(torch.ones(4, dtype=torch.float64))
+    assert u.grad is not None
+    np.testing.assert_array_equal(R.activation_grad(u.detach().numpy(), "relu"), u.grad.numpy())

@@ -83,7 +83,8 @@ def activation_grad(u: np.ndarray, activation: str | None) -> np.ndarray:
         pdf = np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
         return cdf + u * pdf
     if activation == "relu":
-        return (u > 0).astype(np.float64)
+        # 0 where u <= 0, else 1: NaN passes the gradient on, as torch's ReLU does
+        return np.where(u <= 0, 0.0, 1.0)
     raise _unknown(activation)
 
 
@@ -162,9 +163,13 @@ def group_norm_forward(
     count = np.asarray(plan.sizes, dtype=np.float64) * math.prod(x.shape[2:])  # (G,)
     rough = _group_sum(x, plan) / count  # (N, G)
     # One correction pass: a sum at an offset rounds relative to the offset (1e-12 at 1e3 over
-    # 35 elements), the deviations from the first estimate relative to the spread.
-    mean = rough + _group_sum(x - _per_channel(rough, plan, x.ndim), plan) / count
-    centered = x - _per_channel(mean, plan, x.ndim)  # (N, C, *S)
+    # 35 elements), the deviations from the first estimate relative to the spread. x is
+    # centered by both parts in turn: the mean as one float64 number is off by up to half an
+    # ulp of the offset, which in xhat is that much of a standard deviation.
+    from_rough = x - _per_channel(rough, plan, x.ndim)
+    correction = _group_sum(from_rough, plan) / count
+    mean = rough + correction
+    centered = from_rough - _per_channel(correction, plan, x.ndim)  # (N, C, *S)
     var = _group_sum(centered * centered, plan) / count  # (N, G), two-pass
     rstd = 1.0 / np.sqrt(var + eps)  # (N, G)
     xhat = centered * _per_channel(rstd, plan, x.ndim)  # (N, C, *S)
@@ -221,11 +226,13 @@ def normalize_over(
     """
     x = np.asarray(x, dtype=np.float64)
     rough = x.mean(axis=axes, keepdims=True)
-    mean = rough + (x - rough).mean(axis=axes, keepdims=True)  # corrected, as group_norm_forward
-    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    correction = (x - rough).mean(axis=axes, keepdims=True)  # as in group_norm_forward
+    mean = rough + correction
+    centered = (x - rough) - correction
+    var = (centered**2).mean(axis=axes, keepdims=True)
     C = x.shape[1]
     bshape = (1, C) + (1,) * (x.ndim - 2)
-    y = (x - mean) / np.sqrt(var + eps)
+    y = centered / np.sqrt(var + eps)
     y = _vector(gamma, C, 1.0).reshape(bshape) * y + _vector(beta, C, 0.0).reshape(bshape)
     return y, mean, var
 

@@ -9,7 +9,8 @@ bound (compiled, 26 of the 72 draws of the eager regression test, up to 2.3x). T
 - ``groupnorm::cpu_forward(x, weight, bias, scale, shift, sizes, eps, activation)
   -> (y, moments)``: ``y = act(u)``, ``u = (GN(x) * weight + bias) * (1 + scale) + shift``
   (SiLU or GELU, in float64 from u: the kernel's :func:`cpu_kernel.activation_forward` for
-  float32) in x's dtype and memory format, and the float64 (2, N, G) mean and variance used;
+  float32) in x's dtype and memory format, and the float64 (3, N, G) mean, variance and the
+  mean's low part (:func:`cpu_kernel.low_part`) used;
 - ``groupnorm::cpu_backward(dy, x, weight, moments, sizes, eps, per_sample, activation,
   u_bias) -> (dx, dw, db)``: dy through the activation's derivative at u recomputed from x
   in float64, then :func:`cpu_kernel.backward`: dx and the float64 per-channel sums of
@@ -64,16 +65,24 @@ def _plan(sizes: list[int]) -> GroupPlan:
 
 
 def _moments64(x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
-    """float64 (2, N, G): each group's mean and biased variance, from the composite path's
-    pivot-shifted statistics formed in float64."""
+    """float64 (3, N, G): each group's mean, biased variance and the mean's low part, from the
+    composite path's pivot-shifted statistics formed in float64."""
     stats = _stats_of_shifted(*_shifted(x, plan, None, torch.float64), plan)
-    return torch.stack((stats.pivot + stats.shifted_mean, stats.m2 / stats.count))
+    mean, lo = cpu_kernel.low_part(stats.pivot, stats.shifted_mean)
+    return torch.stack((mean, stats.m2 / stats.count, lo))
+
+
+def _centered64(x64: torch.Tensor, moments: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+    """x - mean in float64, the mean's two parts subtracted in turn ((2, N, G) moments: no low
+    part)."""
+    nd = x64.dim()
+    centered = x64 - _spread_groups(moments[0], plan, nd)
+    return centered - _spread_groups(moments[2], plan, nd) if len(moments) > 2 else centered
 
 
 def _xhat64(x64: torch.Tensor, moments: torch.Tensor, plan: GroupPlan, eps: float) -> torch.Tensor:
-    mean, var = moments
-    nd = x64.dim()
-    return (x64 - _spread_groups(mean, plan, nd)) * _spread_groups((var + eps).rsqrt(), plan, nd)
+    rstd = (moments[1] + eps).rsqrt()
+    return _centered64(x64, moments, plan) * _spread_groups(rstd, plan, x64.dim())
 
 
 def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +132,7 @@ def _(
     eps: float,
     activation: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    moments = x.new_empty((2, x.shape[0], len(sizes)), dtype=torch.float64)
+    moments = x.new_empty((3, x.shape[0], len(sizes)), dtype=torch.float64)
     return torch.empty_like(x), moments
 
 
@@ -180,9 +189,8 @@ def cpu_backward(
             x, dy, plan, w, moments, eps, per_sample=per_sample, activation=inside,
             u_bias=u_bias,
         )  # fmt: skip
-    mean, var = moments
-    xc = x.double() - _spread_groups(mean, plan, x.dim())
-    dx, B, A = _backward64(xc, dy, plan, weight, (var + eps).rsqrt(), per_sample)
+    xc = _centered64(x.double(), moments, plan)
+    dx, B, A = _backward64(xc, dy, plan, weight, (moments[1] + eps).rsqrt(), per_sample)
     # A float64 (N, C) dy is its own per-sample sum, and an op's output may not alias its input
     return _like(dx, x), B, A.clone() if A is dy else A
 

@@ -18,10 +18,12 @@
              m^2 n > TRUST q (NaN included) takes a second pass while it is in cache:
              q = sum((e - m_W)^2) - n (m - m_W)^2, no cancellation;
      merged  in block order with Chan's formula in float64 (means relative to p), so results
-             do not depend on the thread count: mean = p + m, var = q / count.
+             do not depend on the thread count: mean = p + m, var = q / count, and the
+             mean's low part, what the float64 sum p + m leaves (two_sum_lo).
    Output, per element:
-     y = ((x - hi) - lo) * A + B in W, hi + lo = mean (two W numbers: x - hi is rounded
-     relative to |x - mean|), A = rstd * w[c] * (1 + scale[n,c]), B = b[c] * (1 + scale[n,c])
+     y = ((x - hi) - lo) * A + B in W, hi + lo = mean with its low part (two W numbers:
+     x - hi is rounded relative to |x - mean|; for float64 x, hi is the mean's float64
+     number and lo its low part, without which xhat was off by |mean| rstd / 2^53), A = rstd * w[c] * (1 + scale[n,c]), B = b[c] * (1 + scale[n,c])
      + shift[n,c] formed in float64, rstd = 1 / sqrt(var + eps); relu as max(y, 0) with NaN
      kept; rounded once to y's dtype (x's, or float32 when an epilogue follows).
      Channels-last folds lo into B (y = (x - hi) * A + (B - lo A), B - lo A in float64): one
@@ -111,6 +113,7 @@ typedef struct {
     int64_t N, C, G;
     const int64_t *group_of;
     const double *mean, *rstd, *wd, *bd, *scale, *shift;
+    double *lo; /* the part of each mean that a float64 number leaves (two_sum_lo), or NULL */
 } coef_in_t;
 /* Channels whose coefficients one task makes. */
 #define COEF_CHUNK 256
@@ -516,6 +519,14 @@ static part_t merge(const part_t *parts, int64_t k, int64_t stride) {
     return acc;
 }
 
+/* The rounding error of s = p + m (Knuth's TwoSum, exact): a mean is its pivot p plus the mean
+   relative to it, m, and s alone is off by up to half an ulp of p, which in xhat is
+   |mean| rstd / 2^53: 1e-10 at a float64 input's mean 1e4 and std 1e-2. lo keeps it. */
+static inline double two_sum_lo(double p, double m, double s) {
+    double bb = s - p;
+    return (p - (s - bb)) + (m - bb);
+}
+
 /* Channels-last statistics blocks of a sample: a head of BLOCK / C rows (at most L), then
    blocks of stats_rows(C) rows. */
 static int64_t cl_head(int64_t C, int64_t L) {
@@ -611,7 +622,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
     }                                                                                       \
     static void stats_nchw_##S(const T *x, int64_t N, int64_t C, int64_t L,                 \
                                const int64_t *offsets, int64_t G, double *mean, double *var, \
-                               int nthreads) {                                              \
+                               double *lo, int nthreads) {                                  \
         int64_t NG = N * G, tasks = 0;                                                      \
         for (int64_t g = 0; g < G; g++)                                                     \
             tasks += N * (((offsets[g + 1] - offsets[g]) * L + BLOCK - 1) / BLOCK);         \
@@ -634,7 +645,9 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         })                                                                                  \
         for (int64_t i = 0; i < NG; i++) {                                                  \
             part_t acc = merge(parts + first[i], first[i + 1] - first[i], 1);               \
-            mean[i] = (double)IN(x[todo[first[i]].base]) + acc.mean;                        \
+            double p = (double)IN(x[todo[first[i]].base]);                                  \
+            mean[i] = p + acc.mean;                                                         \
+            if (lo) lo[i] = two_sum_lo(p, acc.mean, mean[i]);                               \
             var[i] = acc.m2 < 0 ? 0.0 : acc.m2 / acc.count; /* NaN kept */                \
         }                                                                                   \
         free(parts);                                                                        \
@@ -747,10 +760,12 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
        and its pivots, merged in block order. */                                            \
     static void cl_merge_##S(const part_t *parts, int64_t blocks, int64_t G,                \
                              const int64_t *offsets, const W *pivot, double *mean,          \
-                             double *var) {                                                 \
+                             double *var, double *lo) {                                     \
         for (int64_t g = 0; g < G; g++) {                                                   \
             part_t acc = merge(parts + g, blocks, G);                                       \
-            mean[g] = (double)pivot[offsets[g]] + acc.mean;                                 \
+            double p = (double)pivot[offsets[g]];                                           \
+            mean[g] = p + acc.mean;                                                         \
+            if (lo) lo[g] = two_sum_lo(p, acc.mean, mean[g]);                               \
             var[g] = acc.m2 < 0 ? 0.0 : acc.m2 / acc.count;                                \
         }                                                                                   \
     }                                                                                       \
@@ -763,7 +778,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
     }                                                                                       \
     static void stats_cl_##S(const T *x, int64_t N, int64_t C, int64_t L,                   \
                              const int64_t *offsets, int64_t G, double *mean, double *var,  \
-                             int nthreads) {                                                \
+                             double *lo, int nthreads) {                                    \
         int64_t blocks = cl_blocks(C, L);                                                   \
         part_t *parts = malloc((size_t)(N * blocks * G) * sizeof(part_t));                  \
         W *pivots = malloc((size_t)(2 * N * C) * sizeof(W)), *pilots = pivots + N * C;      \
@@ -779,7 +794,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
                              parts + (t / (blocks - 1) * blocks + t % (blocks - 1) + 1) * G)) \
         for (int64_t n = 0; n < N; n++)                                                     \
             cl_merge_##S(parts + n * blocks * G, blocks, G, offsets, pivots + n * C,        \
-                         mean + n * G, var + n * G);                                        \
+                         mean + n * G, var + n * G, lo ? lo + n * G : NULL);                \
         free(pivots);                                                                       \
         free(parts);                                                                        \
     }
@@ -809,9 +824,9 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
     /* NCHW, every group within FUSED_MAX elements: per (n, g) its statistics, then its     \
        output while the group is in cache, so x is read from memory once. The same blocks,  \
        merge and coefficients as the two-stage path: the same result. */                   \
-    static void fused_##S##_##O(const T *x, TO *y, int64_t N, int64_t C, int64_t L,          \
+    static void fused_##S##_##O(const T *x, TO *y, int64_t N, int64_t C, int64_t L,         \
                                 const int64_t *offsets, int64_t G, double *mean, double *var, \
-                                double eps, const double *wd, const double *bd,             \
+                                double *lo_out, double eps, const double *wd, const double *bd, \
                                 const double *scale, const double *shift, int relu,         \
                                 int nthreads) {                                             \
         int nt = streams(N * C * L * (int64_t)sizeof(TO));                                  \
@@ -824,10 +839,13 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
                                       count - start < BLOCK ? count - start : BLOCK,        \
                                       (double)IN(x[base]));                                 \
             part_t acc = merge(parts, k, 1);                                                \
-            mean[i] = (double)IN(x[base]) + acc.mean;                                       \
+            double p = (double)IN(x[base]);                                                 \
+            mean[i] = p + acc.mean;                                                         \
+            double low = two_sum_lo(p, acc.mean, mean[i]);                                  \
+            if (lo_out) lo_out[i] = low;                                                    \
             var[i] = acc.m2 < 0 ? 0.0 : acc.m2 / acc.count;                                 \
             double rstd = 1.0 / sqrt(var[i] + eps);                                         \
-            W hi = (W)mean[i], lo = (W)(mean[i] - (double)hi);                              \
+            W hi = (W)mean[i], lo = (W)((mean[i] - (double)hi) + low);                      \
             for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) {                         \
                 double a, b;                                                                \
                 affine(rstd, wd[c], bd[c], scale, shift, n * C + c, &a, &b);                \
@@ -870,7 +888,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
             double a, b;                                                                    \
             affine(q->rstd[i], q->wd[c], q->bd[c], q->scale, q->shift, j, &a, &b);          \
             W hi = (W)q->mean[i];                                                           \
-            double lo = q->mean[i] - (double)hi;                                            \
+            double lo = (q->mean[i] - (double)hi) + (q->lo ? q->lo[i] : 0.0);               \
             if (cl) { /* lo folded into b: b - lo * a, in float64 */                        \
                 k[j] = hi;                                                                  \
                 k[NC + j] = (W)a;                                                           \
@@ -913,7 +931,8 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         cl_pivots_##S(slab, C, offsets, G, pivot);                                          \
         for (int64_t b = 0; b < blocks; b++)                                                \
             cl_block_##S(slab, C, L, offsets, G, pivot, pilot, b, parts + b * G);           \
-        cl_merge_##S(parts, blocks, G, offsets, pivot, mean + n * G, var + n * G);          \
+        cl_merge_##S(parts, blocks, G, offsets, pivot, mean + n * G, var + n * G,           \
+                     q->lo ? q->lo + n * G : NULL);                                         \
         for (int64_t i = n * G; i < (n + 1) * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);   \
         coefs_##S##_##O(q, n * C, (n + 1) * C, 1, k);                                       \
         rows_##S##_##O(slab, y + n * L * C, C, 0, L, k + n * C, k + NC + n * C,              \
@@ -1138,12 +1157,13 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
     static void backward_##S(const T *x, const T *dy, T *dx, int64_t N, int64_t C, int64_t L, \
                              int cl, const int64_t *offsets, int64_t G,                     \
                              const int64_t *group_of, const double *mean, const double *var, \
-                             double eps, const double *wd, int per_sample, double *dw,      \
+                             const double *lo, double eps, const double *wd, int per_sample, \
+                             double *dw,                                                    \
                              double *db, const double *sa, const double *sb, int given,     \
                              int act, const double *ubd, int nthreads) {                    \
         int64_t NC = N * C;                                                                 \
-        double *work = malloc((size_t)(2 * NC + 2 * N * G) * sizeof(double));               \
-        double *A = work, *B = A + NC, *rstd = B + NC, *mu = rstd + N * G;                  \
+        double *work = malloc((size_t)(2 * NC + 3 * N * G) * sizeof(double));               \
+        double *A = work, *B = A + NC, *rstd = B + NC, *mu = rstd + N * G, *mlo = mu + N * G; \
         /* per (n, c), each an array of NC: hi and q in T; w (then r w) and k in float64 */  \
         T *khi = malloc((size_t)(2 * NC) * sizeof(T)), *kq = khi + NC;                      \
         double *kw = malloc((size_t)(5 * NC) * sizeof(double)), *km = kw + NC;              \
@@ -1155,7 +1175,7 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
            nearly 0 (see dx64_S), a cancellation that error would show through. */         \
         for (int64_t n = 0, i = 0; n < N; n++)                                              \
             for (int64_t g = 0; g < G; g++, i++) {                                          \
-                double m = mean[i], v = var[i], e[2];                                       \
+                double m = mean[i], v = var[i], e[2], low = lo ? lo[i] : 0.0;               \
                 int64_t k = 0;                                                              \
                 if (!given && L > 0 && (offsets[g + 1] - offsets[g]) * L <= 2) {            \
                     for (int64_t c = offsets[g]; c < offsets[g + 1]; c++)                   \
@@ -1163,8 +1183,10 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                             e[k++] = (double)x[cl ? (n * L + l) * C + c : (n * C + c) * L + l]; \
                     m = k == 2 ? 0.5 * (e[0] + e[1]) : e[0];                                \
                     v = k == 2 ? 0.25 * (e[0] - e[1]) * (e[0] - e[1]) : 0.0 * e[0];         \
+                    low = 0.0;                                                              \
                 }                                                                           \
                 mu[i] = m;                                                                  \
+                mlo[i] = low;                                                               \
                 rstd[i] = 1.0 / sqrt(v + eps);                                              \
             }                                                                               \
         for (int64_t n = 0, j = 0; n < N; n++)                                              \
@@ -1245,6 +1267,11 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 }                                                                           \
             })                                                                              \
         }                                                                                   \
+        /* B was summed around mu: around the mean, sum dy (x - mu - lo) = B - lo A */      \
+        if (lo)                                                                             \
+            for (int64_t n = 0, j = 0; n < N; n++)                                          \
+                for (int64_t c = 0; c < C; c++, j++)                                        \
+                    B[j] -= mlo[n * G + group_of[c]] * A[j] * krd[j];                       \
         if (per_sample) {                                                                   \
             if (db) memcpy(db, A, (size_t)NC * sizeof(double));                             \
             if (dw) memcpy(dw, B, (size_t)NC * sizeof(double));                             \
@@ -1277,7 +1304,7 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) {                     \
                     int64_t j = n * C + c;                                                  \
                     kq[j] = q;                                                              \
-                    km[j] = m1 - (double)q * (kmd[j] - (double)khi[j]);                     \
+                    km[j] = m1 - (double)q * ((kmd[j] - (double)khi[j]) + mlo[n * G + g]);  \
                     if (tails) kq64[j] = q64;                                               \
                     kw[j] *= r;                                                             \
                 }                                                                           \
@@ -1324,7 +1351,8 @@ DEFINE_BACKWARD(f32, float, vf, load_f32, wide_f, narrow_f, fma_vf, __builtin_fm
 DEFINE_BACKWARD(f64, double, vd, load_f64, wide_d, wide_d, fma_vd, __builtin_fma, store_f64)
 
 /* dx (x's dtype and layout) and, where asked, dw and db (C, summed in float64, stored as
-   stype: F32 or F64) for the forward that used mean and var; dy in x's layout. float32 and
+   stype: F32 or F64) for the forward that used mean and var, and lo, the means' low parts
+   (or NULL: zeros); dy in x's layout. float32 and
    float64 only. per_sample: w is (N, C), a weight per sample and channel (w[c] (1 + scale[n,
    c]) of a modulated forward), and dw and db get the (N, C) sums B and A themselves (F64).
    sa, sb (float64 (N, G), or NULL): gradients that reach x through returned statistics,
@@ -1336,7 +1364,8 @@ DEFINE_BACKWARD(f64, double, vd, load_f64, wide_d, wide_d, fma_vd, __builtin_fma
 static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64_t N, int64_t C,
                        int64_t L, int cl, const int64_t *offsets, int64_t G,
                        const int64_t *group_of, const double *mean, const double *var,
-                       double eps, const void *w, int wtype, void *dw, void *db, int stype,
+                       const double *lo, double eps, const void *w, int wtype, void *dw,
+                       void *db, int stype,
                        const double *sa, const double *sb, int given, int nthreads,
                        int per_sample, int act, const double *ub) {
     if ((dtype != F32 && dtype != F64) || (stype != F64 && (stype != F32 || per_sample)))
@@ -1350,10 +1379,10 @@ static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64
     double *dw64 = stype == F32 ? (dw ? wd + nw : NULL) : dw;
     double *db64 = stype == F32 ? (db ? wd + nw + C : NULL) : db;
     if (dtype == F32)
-        backward_f32(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd,
+        backward_f32(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, lo, eps, wd,
                      per_sample, dw64, db64, sa, sb, given, act, ub, nthreads);
     else
-        backward_f64(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, eps, wd,
+        backward_f64(x, dy, dx, N, C, L, cl, offsets, G, group_of, mean, var, lo, eps, wd,
                      per_sample, dw64, db64, sa, sb, given, 0, NULL, nthreads);
     if (stype == F32)
         for (int64_t c = 0; c < C; c++) {
@@ -1471,12 +1500,13 @@ static int gn_dtypes(void) { return 1 << F32 | 1 << F64 | 1 << BF16 | HAVE_F16 <
 
 /* Per-(n, g) mean and var (float64, (N, G)) of x. */
 static int gn_stats(const void *x, int dtype, int64_t N, int64_t C, int64_t L, int cl,
-             const int64_t *offsets, int64_t G, double *mean, double *var, int nthreads) {
+             const int64_t *offsets, int64_t G, double *mean, double *var, double *lo,
+             int nthreads) {
     if (N * C * L < PARALLEL_MIN) nthreads = 1;
 #define STATS_CASE(CODE, S, T)                                                              \
     case CODE:                                                                              \
-        if (cl) stats_cl_##S((const T *)x, N, C, L, offsets, G, mean, var, nthreads);         \
-        else stats_nchw_##S((const T *)x, N, C, L, offsets, G, mean, var, nthreads);       \
+        if (cl) stats_cl_##S((const T *)x, N, C, L, offsets, G, mean, var, lo, nthreads);   \
+        else stats_nchw_##S((const T *)x, N, C, L, offsets, G, mean, var, lo, nthreads);    \
         return 0;
     switch (dtype) {
     STATS_CASE(F32, f32, float)
@@ -1489,10 +1519,13 @@ static int gn_stats(const void *x, int dtype, int64_t N, int64_t C, int64_t L, i
     }
 }
 
-/* y from x and per-(n, g) mean and var: given (given = 1) or computed here into mean and var. */
+/* y from x and per-(n, g) mean and var: given (given = 1) or computed here into mean and var.
+   lo (or NULL), per (n, g): what the mean's float64 number leaves of it (two_sum_lo), read
+   where given, written where computed. */
 static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, int64_t C,
                       int64_t L, int cl, const int64_t *offsets, int64_t G,
-                      const int64_t *group_of, double *mean, double *var, int given, double eps,
+                      const int64_t *group_of, double *mean, double *var, double *lo, int given,
+                      double eps,
                       const void *w, int wtype, const void *b, int btype, const double *scale,
                       const double *shift, int relu, int nthreads) {
     if (ytype != dtype && (ytype != F32 || dtype == F64)) return -1;
@@ -1500,10 +1533,11 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
     int64_t largest = 0;
     for (int64_t g = 0; g < G; g++)
         if (offsets[g + 1] - offsets[g] > largest) largest = offsets[g + 1] - offsets[g];
-    /* The parameters in float64, the moments' scratch where the caller wants none, rstd per
-       (n, g). */
-    double *work = malloc((size_t)(2 * C + 3 * N * G) * sizeof(double));
+    /* The parameters in float64, the moments' scratch where the caller wants none, rstd and
+       the means' low parts (computed here: given means have none) per (n, g). */
+    double *work = malloc((size_t)(2 * C + 4 * N * G) * sizeof(double));
     double *wd = work, *bd = wd + C, *rstd = bd + C + 2 * N * G;
+    if (!lo && !given) lo = rstd + N * G;
     for (int64_t c = 0; c < C; c++) {
         wd[c] = param(w, wtype, c, 1.0);
         bd[c] = param(b, btype, c, 0.0);
@@ -1516,21 +1550,21 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
 #define FUSED_CASE(CODE, S, T)                                                              \
     case CODE:                                                                              \
         if (ytype == dtype)                                                                 \
-            fused_##S##_##S((const T *)x, (T *)y, N, C, L, offsets, G, mean, var, eps, wd, bd, \
-                            scale, shift, relu, nthreads);                                  \
-        else                                                                                \
-            fused_##S##_f32((const T *)x, (float *)y, N, C, L, offsets, G, mean, var, eps, wd, \
+            fused_##S##_##S((const T *)x, (T *)y, N, C, L, offsets, G, mean, var, lo, eps, wd, \
                             bd, scale, shift, relu, nthreads);                              \
+        else                                                                                \
+            fused_##S##_f32((const T *)x, (float *)y, N, C, L, offsets, G, mean, var, lo, eps, \
+                            wd, bd, scale, shift, relu, nthreads);                          \
         break;
     if (!cl && !given && largest * L <= fused_max(dtype)) {
         switch (dtype) {
         case F32:
-            fused_f32_f32((const float *)x, (float *)y, N, C, L, offsets, G, mean, var, eps, wd,
-                          bd, scale, shift, relu, nthreads);
+            fused_f32_f32((const float *)x, (float *)y, N, C, L, offsets, G, mean, var, lo, eps,
+                          wd, bd, scale, shift, relu, nthreads);
             break;
         case F64:
-            fused_f64_f64((const double *)x, (double *)y, N, C, L, offsets, G, mean, var, eps, wd,
-                          bd, scale, shift, relu, nthreads);
+            fused_f64_f64((const double *)x, (double *)y, N, C, L, offsets, G, mean, var, lo,
+                          eps, wd, bd, scale, shift, relu, nthreads);
             break;
         FUSED_CASE(BF16, bf16, uint16_t)
 #if HAVE_F16
@@ -1541,7 +1575,7 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
         free(work);
         return status;
     }
-    coef_in_t q = {N, C, G, group_of, mean, rstd, wd, bd, scale, shift};
+    coef_in_t q = {N, C, G, group_of, mean, rstd, wd, bd, scale, shift, lo};
 #define FUSED_CL_CASE(CODE, S, T)                                                           \
     case CODE:                                                                              \
         if (ytype == dtype)                                                                 \
@@ -1570,7 +1604,7 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
         free(work);
         return status;
     }
-    if (!given && gn_stats(x, dtype, N, C, L, cl, offsets, G, mean, var, nthreads)) {
+    if (!given && gn_stats(x, dtype, N, C, L, cl, offsets, G, mean, var, lo, nthreads)) {
         free(work);
         return -1;
     }
@@ -1593,11 +1627,12 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
     return status;
 }
 
-/* Python: forward(x, dtype, y, ytype, N, C, L, cl, offsets, G, group_of, mean, var, given, eps,
-   w, wtype, b, btype, scale, shift, relu, nthreads) and stats(x, dtype, N, C, L, cl, offsets,
-   G, mean, var, nthreads) and backward(x, dy, dx, dtype, N, C, L, cl, offsets, G, group_of,
-   mean, var, eps, w, wtype, dw, db, stype, sa, sb, given, nthreads, per_sample), pointers as ints (0: none;
-   forward's mean and var may be 0 when not given), return 0 or -1 as above; dtypes() the bit
+/* Python: forward(x, dtype, y, ytype, N, C, L, cl, offsets, G, group_of, mean, var, lo, given,
+   eps, w, wtype, b, btype, scale, shift, relu, nthreads) and stats(x, dtype, N, C, L, cl,
+   offsets, G, mean, var, lo, nthreads) and backward(x, dy, dx, dtype, N, C, L, cl, offsets, G,
+   group_of, mean, var, lo, eps, w, wtype, dw, db, stype, sa, sb, given, nthreads, per_sample),
+   pointers as ints (0: none; forward's mean, var and lo may be 0 when not given; lo 0 given
+   or to backward: zeros), return 0 or -1 as above; dtypes() the bit
    mask of dtype codes served; stream_min(bytes) and fused_cl_bytes(bytes) set those limits and
    return the value before.
    The GIL is released while the kernels run. */
@@ -1621,43 +1656,43 @@ static int parse(PyObject *const *args, Py_ssize_t nargs, const char *name, Py_s
 
 static PyObject *py_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    long long a[23];
+    long long a[24];
     double eps;
-    if (parse(args, nargs, "forward", 23, 14, a, &eps)) return NULL;
+    if (parse(args, nargs, "forward", 24, 15, a, &eps)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = gn_forward(PTR(a[0]), (int)a[1], PTR(a[2]), (int)a[3], a[4], a[5], a[6], (int)a[7],
-                        PTR(a[8]), a[9], PTR(a[10]), PTR(a[11]), PTR(a[12]), (int)a[13], eps,
-                        PTR(a[15]), (int)a[16], PTR(a[17]), (int)a[18], PTR(a[19]), PTR(a[20]),
-                        (int)a[21], (int)a[22]);
+                        PTR(a[8]), a[9], PTR(a[10]), PTR(a[11]), PTR(a[12]), PTR(a[13]),
+                        (int)a[14], eps, PTR(a[16]), (int)a[17], PTR(a[18]), (int)a[19],
+                        PTR(a[20]), PTR(a[21]), (int)a[22], (int)a[23]);
     Py_END_ALLOW_THREADS
     return PyLong_FromLong(status);
 }
 
 static PyObject *py_stats(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    long long a[11];
-    if (parse(args, nargs, "stats", 11, -1, a, NULL)) return NULL;
+    long long a[12];
+    if (parse(args, nargs, "stats", 12, -1, a, NULL)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = gn_stats(PTR(a[0]), (int)a[1], a[2], a[3], a[4], (int)a[5], PTR(a[6]), a[7],
-                      PTR(a[8]), PTR(a[9]), (int)a[10]);
+                      PTR(a[8]), PTR(a[9]), PTR(a[10]), (int)a[11]);
     Py_END_ALLOW_THREADS
     return PyLong_FromLong(status);
 }
 
 static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    long long a[26];
+    long long a[27];
     double eps;
-    if (parse(args, nargs, "backward", 26, 13, a, &eps)) return NULL;
+    if (parse(args, nargs, "backward", 27, 14, a, &eps)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = gn_backward(PTR(a[0]), PTR(a[1]), PTR(a[2]), (int)a[3], a[4], a[5], a[6], (int)a[7],
-                         PTR(a[8]), a[9], PTR(a[10]), PTR(a[11]), PTR(a[12]), eps, PTR(a[14]),
-                         (int)a[15], PTR(a[16]), PTR(a[17]), (int)a[18], PTR(a[19]),
-                         PTR(a[20]), (int)a[21], (int)a[22], (int)a[23], (int)a[24],
-                         PTR(a[25]));
+                         PTR(a[8]), a[9], PTR(a[10]), PTR(a[11]), PTR(a[12]), PTR(a[13]), eps,
+                         PTR(a[15]), (int)a[16], PTR(a[17]), PTR(a[18]), (int)a[19], PTR(a[20]),
+                         PTR(a[21]), (int)a[22], (int)a[23], (int)a[24], (int)a[25],
+                         PTR(a[26]));
     Py_END_ALLOW_THREADS
     return PyLong_FromLong(status);
 }

@@ -281,16 +281,16 @@ def _shape(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def stats(x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
-    """float64 (2, N, G): each (sample, group)'s mean and biased variance of x, which
-    :func:`serves` accepts."""
+    """float64 (3, N, G): each (sample, group)'s mean, biased variance and the mean's low part
+    (:func:`low_part`) of x, which :func:`serves` accepts."""
     lib = library()
     assert lib is not None
     N, C, L = _shape(x)
     off, _ = _plan_arrays(plan)
-    out = torch.empty((2, N, plan.num_groups), dtype=torch.float64)
+    out = torch.empty((3, N, plan.num_groups), dtype=torch.float64)
     lib.stats(
         x.data_ptr(), _CODES[x.dtype], N, C, L, layout(x), off.data_ptr(), plan.num_groups,
-        out[0].data_ptr(), out[1].data_ptr(), torch.get_num_threads(),
+        *_moment_pointers(out), torch.get_num_threads(),
     )  # fmt: skip
     return out
 
@@ -321,7 +321,7 @@ def forward_plain(
     # A dtype this build lacks (float16 without _Float16) returns -1.
     failed = lib.forward(
         x.data_ptr(), code, y.data_ptr(), code, N, C, numel // (N * C), cl, off.data_ptr(),
-        plan.num_groups, group_of.data_ptr(), 0, 0, 0, eps,
+        plan.num_groups, group_of.data_ptr(), 0, 0, 0, 0, eps,
         0 if weight is None else weight.data_ptr(), 0 if weight is None else _CODES[weight.dtype],
         0 if bias is None else bias.data_ptr(), 0 if bias is None else _CODES[bias.dtype],
         0, 0, relu, torch.get_num_threads(),
@@ -345,8 +345,8 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(y, moments)`` for x (N, C, *S) that :func:`serves` accepts: y in x's memory format and
     ``out_dtype`` (x's dtype, or float32 for a half x whose epilogue follows); moments the
-    float64 (2, N, G) mean and variance used: those given (contiguous), else computed (None
-    unless ``want_moments``).
+    float64 (3, N, G) mean, variance and the mean's low part used (:func:`low_part`): those
+    given (contiguous; (2, N, G): no low part), else computed (None unless ``want_moments``).
 
     weight and bias: (C,) contiguous CPU tensors of any float dtype; scale and shift: (N, C)
     float64 contiguous."""
@@ -359,20 +359,37 @@ def forward(
     y = torch.empty_like(x, dtype=out_dtype)
     given = moments is not None
     if moments is None and want_moments:
-        moments = torch.empty((2, N, G), dtype=torch.float64)
-    mean = var = 0
-    if moments is not None:  # pointers by arithmetic: indexing makes a view per row
-        mean = moments.data_ptr()
-        var = mean + moments.stride(0) * 8
+        moments = torch.empty((3, N, G), dtype=torch.float64)
+    mean, var, lo = _moment_pointers(moments)
     code = lib.forward(
         x.data_ptr(), _CODES[x.dtype], y.data_ptr(), _CODES[out_dtype], N, C, L, layout(x),
-        off.data_ptr(), G, group_of.data_ptr(), mean, var, given, eps, _ptr(weight),
+        off.data_ptr(), G, group_of.data_ptr(), mean, var, lo, given, eps, _ptr(weight),
         _code(weight), _ptr(bias), _code(bias), _ptr(scale), _ptr(shift), relu,
         torch.get_num_threads(),
     )  # fmt: skip
     if code:
         raise RuntimeError(f"cpu_kernel: unsupported dtypes {x.dtype} -> {out_dtype}")
     return y, moments
+
+
+def _moment_pointers(moments: torch.Tensor | None) -> tuple[int, int, int]:
+    """Addresses of the mean, variance and low-part rows of (2 or 3, N, G) moments (0 for
+    none), by arithmetic: indexing makes a view per row."""
+    if moments is None:
+        return 0, 0, 0
+    mean, row = moments.data_ptr(), moments.stride(0) * 8
+    return mean, mean + row, mean + 2 * row if moments.shape[0] == 3 else 0
+
+
+def low_part(hi: torch.Tensor, rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``(s, lo)`` with ``s + lo == hi + rest`` exactly, s the float64 sum (Knuth's
+    TwoSum): a mean as pivot plus the mean relative to it, as the kernel keeps it. One float64
+    number alone is off by up to half an ulp of the pivot, which in xhat is ``|mean| rstd /
+    2^53`` (1e-10 at a float64 mean of 1e4 and std of 1e-2)."""
+    hi, rest = hi.double(), rest.double()
+    s = hi + rest
+    back = s - hi
+    return s, (hi - (s - back)) + (rest - back)
 
 
 def trusted(mean: torch.Tensor, rstd: torch.Tensor, limit: float) -> bool | None:
@@ -462,7 +479,8 @@ def backward(
     u_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dw, db)`` of ``y = GN(x) * weight + bias`` for float32/float64 x that
-    :func:`serves` accepts and the float64 ``moments`` (2, N, G) its forward used: dx in x's
+    :func:`serves` accepts and the float64 ``moments`` (2 or 3, N, G) its forward used (as
+    :func:`forward` returns them): dx in x's
     dtype and layout; dw and db (C,), the sums of dy * xhat and of dy per channel, summed in
     float64 and stored as ``sums_dtype`` (float64 or float32: a float32 weight's gradients
     without a conversion after), each its own tensor (autograd accumulates a view of a shared
@@ -499,15 +517,15 @@ def backward(
     dx = torch.empty_like(x)
     shape = (N, C) if per_sample else (C,)
     dw, db = torch.empty(shape, dtype=sums_dtype), torch.empty(shape, dtype=sums_dtype)
-    mean = moments.data_ptr()
+    mean, var, lo = _moment_pointers(moments)
     sa = sb = 0
     if stats_grads is not None:
         sa = stats_grads.data_ptr()
         sb = sa + stats_grads.stride(0) * 8
     code = lib.backward(
         x.data_ptr(), dy.data_ptr(), dx.data_ptr(), _CODES[x.dtype], N, C, L, cl,
-        off.data_ptr(), plan.num_groups, group_of.data_ptr(), mean,
-        mean + moments.stride(0) * 8, eps, _ptr(weight), _code(weight), dw.data_ptr(),
+        off.data_ptr(), plan.num_groups, group_of.data_ptr(), mean, var, lo, eps,
+        _ptr(weight), _code(weight), dw.data_ptr(),
         db.data_ptr(), _CODES[sums_dtype], sa, sb, stats_given, torch.get_num_threads(),
         per_sample, 0 if activation is None else _ACT_CODES[activation], _ptr(u_bias),
     )  # fmt: skip

@@ -547,17 +547,21 @@ def _from_sums(x: torch.Tensor, plan: GroupPlan, eps: float) -> GroupStats | Non
 
 
 def _stats_of_moments(
-    mean: np.ndarray, var: np.ndarray, plan: GroupPlan, x: torch.Tensor
+    mean: np.ndarray,
+    var: np.ndarray,
+    plan: GroupPlan,
+    x: torch.Tensor,
+    lo: np.ndarray | float = 0.0,
 ) -> GroupStats:
     """float64 (N, G) mean and variance of x as :class:`GroupStats` in the accumulation dtype:
-    ``pivot`` = the mean rounded, ``shifted_mean`` = the rest, so the mean keeps float64's
-    precision."""
+    ``pivot`` = the mean rounded, ``shifted_mean`` = the rest with ``lo``, what the float64
+    mean leaves (:func:`cpu_kernel.low_part`), so the mean keeps at least float64's precision."""
     dtype = np.float64 if x.dtype == torch.float64 else np.float32
     pivot = mean.astype(dtype)
     count = np.asarray(plan.sizes, dtype=np.float64) * x[0, 0].numel()  # (G,)
     pivot_t, shifted, m2, count_t = (
         torch.from_numpy(np.array(v, dtype=dtype))
-        for v in (pivot, mean - pivot, var * count, np.broadcast_to(count, mean.shape))
+        for v in (pivot, (mean - pivot) + lo, var * count, np.broadcast_to(count, mean.shape))
     )
     return GroupStats(pivot_t, shifted, m2, count_t, plan=plan)
 
@@ -876,11 +880,11 @@ class _Fused(torch.autograd.Function):
         if not stats_out:
             return y
         assert moments is not None  # want_moments
-        mean, var = moments
+        mean, var, lo = moments
         pivot = mean.to(x.dtype)
         ctx.mark_non_differentiable(pivot)
         m2 = var * _group_counts(x, plan)
-        return y, pivot, (mean - pivot).to(x.dtype), m2.to(x.dtype)
+        return y, pivot, ((mean - pivot) + lo).to(x.dtype), m2.to(x.dtype)
 
     @staticmethod
     def backward(
@@ -1068,8 +1072,7 @@ class _FusedGiven(torch.autograd.Function):
         eps: float,
         activation: str | None,
     ) -> torch.Tensor:
-        mean = pivot.double() + smean.double()
-        moments = torch.stack((mean, m2.double() / count.double()))
+        moments = _given_moments(pivot, smean, m2, count)
         u, _ = cpu_kernel.forward(x, plan, weight, bias, eps, moments=moments)
         saved = (x, weight, bias, pivot, smean, m2, count, moments)
         ctx.keeps_u = activation is not None and not cpu_kernel.fuses_activation(x, activation)
@@ -1086,8 +1089,10 @@ class _FusedGiven(torch.autograd.Function):
         w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
         rstd = torch.rsqrt(m2.double() / count.double() + eps)  # differentiable when recorded
         if torch.is_grad_enabled():
-            mean, r = (_per_channel(v, plan) for v in (pivot.double() + smean.double(), rstd))
-            xhat = (x.double() - _expand(mean, x.dim())) * _expand(r, x.dim())
+            p, m, r = (_per_channel(v, plan) for v in (pivot.double(), smean.double(), rstd))
+            # x - pivot, then the rest: pivot + smean as one float64 number would be off by
+            # up to half an ulp of the pivot
+            xhat = ((x.double() - _expand(p, x.dim())) - _expand(m, x.dim())) * _expand(r, x.dim())
             dy64 = dy.double()
             if activation is not None:
                 u64 = affine64(xhat, weight, bias, None, None)
@@ -1142,6 +1147,15 @@ def _given_grads(
         -d_var * m2d / (countd * countd),
     )
     return [None if t is None else g.to(t.dtype) for g, t in zip(grads, inputs, strict=True)]
+
+
+def _given_moments(
+    pivot: torch.Tensor, smean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor
+) -> torch.Tensor:
+    """float64 (3, N, G) moments of given statistics as the fused kernel reads them: the mean
+    pivot + smean as a float64 number and its low part, and the variance."""
+    mean, lo = cpu_kernel.low_part(pivot, smean)
+    return torch.stack((mean, m2.double() / count.double(), lo))
 
 
 def _group_counts(x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
@@ -1306,8 +1320,8 @@ def _stats(r: Request) -> GroupStats:
     is trusted, else exact."""
     x = r.x
     if _stats_as_values(x) and cpu_kernel.serves(x):
-        mean, var = cpu_kernel.stats(x, r.plan).numpy()
-        return _stats_of_moments(mean, var, r.plan, x)
+        mean, var, lo = cpu_kernel.stats(x, r.plan).numpy()
+        return _stats_of_moments(mean, var, r.plan, x, lo)
     return _stats_native(x, r.plan) or compute_stats(x, r.plan)
 
 
@@ -1432,8 +1446,7 @@ def _fused(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     x, plan, given = r.x, r.plan, r.stats
     moments = None
     if given is not None:
-        mean = given.pivot.double() + given.shifted_mean.double()
-        moments = torch.stack((mean, given.m2.double() / given.count.double()))
+        moments = _given_moments(given.pivot, given.shifted_mean, given.m2, given.count)
     after = r.activation if r.activation in ("silu", "gelu") else None
     half = x.dtype in (torch.float16, torch.bfloat16)
     y, moments = cpu_kernel.forward(
@@ -1456,8 +1469,8 @@ def _fused(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     if given is not None:
         return y, given
     assert moments is not None
-    mean, var = moments.numpy()
-    return y, _stats_of_moments(mean, var, plan, x)
+    mean, var, lo = moments.numpy()
+    return y, _stats_of_moments(mean, var, plan, x, lo)
 
 
 def _forward_ad_on_channels_last(x: torch.Tensor) -> bool:
