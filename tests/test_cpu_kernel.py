@@ -844,6 +844,26 @@ def test_dx_holds_the_bound_where_dy_w_is_nearly_its_group_mean(layout: str, L: 
 
 
 @needs_kernel
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_regression_float64_dx_of_two_element_groups_far_from_zero(layout: str) -> None:
+    """float64 groups of two elements take their mean again from x as (x1 + x2) / 2, one
+    float64 number: at an offset of 1e2-1e4 it is off by up to half an ulp of the offset, and
+    dx, nearly 0 there, came out 2e-11 from the exact result (found by fuzzing; bound 1e-12).
+    The halved TwoSum keeps the rest."""
+    shape, plan = (3, 4, 2, 1), resolve_plan(4, num_groups=4)
+    for seed in range(10):
+        x = make_x(shape, torch.float64, layout, seed=seed, loc=10.0 ** (2 + seed % 3))
+        x.requires_grad_()
+        w = rand((4,), torch.float64, seed + 1)
+        scale = 0.3 * rand((3, 4), torch.float64, seed + 2)
+        dy = rand(shape, torch.float64, seed + 3)
+        groupnorm.group_norm(x, 4, w, scale=scale).backward(dy)
+        _, cache = reference(x, plan, w, None, scale=scale)
+        grads = R.group_norm_backward(to_numpy(dy), cache)
+        assert_matches(x.grad, grads.dx, torch.float64, reduction=2, what="dx")
+
+
+@needs_kernel
 @pytest.mark.parametrize("activation", [None, "silu", "gelu"])
 @pytest.mark.parametrize(
     ("shape", "layout", "groups"),

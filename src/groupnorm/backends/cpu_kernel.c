@@ -1183,7 +1183,7 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                             e[k++] = (double)x[cl ? (n * L + l) * C + c : (n * C + c) * L + l]; \
                     m = k == 2 ? 0.5 * (e[0] + e[1]) : e[0];                                \
                     v = k == 2 ? 0.25 * (e[0] - e[1]) * (e[0] - e[1]) : 0.0 * e[0];         \
-                    low = 0.0;                                                              \
+                    low = k == 2 ? 0.5 * two_sum_lo(e[0], e[1], e[0] + e[1]) : 0.0;         \
                 }                                                                           \
                 mu[i] = m;                                                                  \
                 mlo[i] = low;                                                               \
