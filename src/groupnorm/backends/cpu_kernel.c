@@ -258,17 +258,6 @@ static inline double lanes(vd v) {
     return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 static inline vd wide_d(vd v) { return v; }
-/* a * b + c rounded once, lane by lane (FMA instructions where the CPU has them). */
-static inline vf fma_vf(vf a, vf b, vf c) {
-    vf r;
-    for (int i = 0; i < 8; i++) r[i] = __builtin_fmaf(a[i], b[i], c[i]);
-    return r;
-}
-static inline vd fma_vd(vd a, vd b, vd c) {
-    vd r;
-    for (int i = 0; i < 8; i++) r[i] = __builtin_fma(a[i], b[i], c[i]);
-    return r;
-}
 static inline vf narrow_f(vd v) { return __builtin_convertvector(v, vf); }
 /* max(v, 0) with NaN kept. */
 static inline vf relu_f(vf v) {
@@ -991,24 +980,23 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
      A[n,c] = sum_l dy, B[n,c] = sum_l dy * xhat        (db = sum_n A, dw = sum_n B),
      s1 = sum_{c in g} w[c] A[n,c], s2 = sum_{c in g} w[c] B[n,c], n_g = |g| L,
      dx = rstd * ((dy w[c] - s1 / n_g) - ((x - hi) - lo) * rstd s2 / n_g)
-        = dy (rstd w[c]) - k - (x - hi) q,   q = rstd^2 s2 / n_g rounded to T,
-                                             k = rstd s1 / n_g - q lo in float64,
-   dy rstd w - k to about an ulp of itself, the rest in T: where g is nearly its group's mean
-   (a single-element group: exactly) the difference is nearly 0, and any rounding of dy w
-   would come back multiplied by rstd, up to eps^-1/2. Channels-last forms it in float64 (the
-   product is exact there); NCHW, whose rstd w and k are one pair per row, as fma(dy, w_hi,
-   -k_hi) + fma(dy, w_lo, -k_lo) with each float64 value split into two T (hi + lo): the first
-   FMA rounds the difference itself, the second adds what the split left, and dy needs no
-   conversion (the backward 0.85-0.86x its time at L = 64, one thread). lo, the part of the
-   mean that hi leaves, enters through k (exactly: q is the T the loop multiplies by), which
-   saves the loop a subtraction and a multiply by rstd per vector. A and B are
+        = (dy (rstd w[c]) - k) - (x - hi) q,   q = rstd^2 s2 / n_g,  k = rstd s1 / n_g - q lo,
+   in float64 (x - hi exact there) and rounded once: where g is nearly its group's mean and
+   x - hi nearly xhat's share of the rest (a single-element group: exactly), dx is nearly 0
+   while each term is up to rstd |dy w|, and any of them rounded to float32 came back that
+   large: with dy rstd w - k and q in float32 (each float64 value split into two floats for
+   the first), dx missed the float32 bound by up to 2.5x at std 1e-2 (rstd 100, dy of std 1;
+   found by fuzzing). The float64 arithmetic cost the backward 0.99-1.09x its time (Intel
+   Xeon, SD 64^2, SD 8^2 and CIFAR-scale, one and two threads); lane-by-lane fma() calls
+   instead of a * b + c (which GCC contracts) had cost 1.7-1.8x. lo, the part of the mean that
+   hi leaves, enters through k. A and B are
    summed per (n, c) in float64, their terms too (B as rstd sum dy (x - mean), x - mean from
    the float64 mean), in a fixed order: dweight and dbias sum N L terms, and float32 terms
    (or float32 runs of them) missed the float32 bound on them by up to 1.3x where the sum is
    small. NCHW: one task
    per (n, c) row; channels-last: per (n, 64-channel slice), rows in order, 8 channels a
    vector. With per_sample, w[c] is w[n, c] throughout. */
-#define DEFINE_BACKWARD(S, T, VW, LOAD, WIDE, NARROW, FMA, SFMA, STORE)                     \
+#define DEFINE_BACKWARD(S, T, VW, LOAD, WIDE, NARROW, STORE)                                \
     static void row_sums_##S(const T *x, const T *dy, int64_t n, double m, double r,         \
                              double *A, double *B) {                                        \
         vd a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0};                                          \
@@ -1143,16 +1131,13 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
             }                                                                               \
         }                                                                                   \
     }                                                                                       \
-    /* dx of one element (of coefficients j) in float64, rounded once: the scalar tails, and \
-       whole rows where a group may have two elements (L <= 2). There dx = rstd^3 eps       \
-       (g1 w1 - g2 w2) / 2 is nearly 0 but its two terms are each rstd |g1 w1 - g2 w2| / 2,  \
-       unbounded as the two values of x approach each other: formed in T (and with q      \
-       rounded to T) their rounding missed the float32 bound by up to 2x. */                \
+    /* dx of one element (of coefficients j) as the vectors form it: the scalar tails, and  \
+       channels-last rows where a group may have two elements (L <= 2). There dx = rstd^3   \
+       eps (g1 w1 - g2 w2) / 2 is nearly 0 but its two terms are each rstd |g1 w1 - g2 w2|  \
+       / 2, unbounded as the two values of x approach each other. */                        \
     static inline T dx64_##S(T x, T dy, int64_t j, const double *kw, const double *km,    \
-                             const T *kq, const T *khi, const double *kmd,                  \
-                             const double *kq64) {                                          \
-        double k = km[j] + (double)kq[j] * (kmd[j] - (double)khi[j]); /* km before lo */     \
-        return (T)(((double)dy * kw[j] - k) - ((double)x - kmd[j]) * kq64[j]);              \
+                             const T *khi, const double *kq64) {                            \
+        return (T)(((double)dy * kw[j] - km[j]) - ((double)x - (double)khi[j]) * kq64[j]);  \
     }                                                                                       \
     static void backward_##S(const T *x, const T *dy, T *dx, int64_t N, int64_t C, int64_t L, \
                              int cl, const int64_t *offsets, int64_t G,                     \
@@ -1165,11 +1150,10 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
         double *work = malloc((size_t)(2 * NC + 3 * N * G) * sizeof(double));               \
         double *A = work, *B = A + NC, *rstd = B + NC, *mu = rstd + N * G, *mlo = mu + N * G; \
         /* per (n, c), each an array of NC: hi and q in T; w (then r w) and k in float64 */  \
-        T *khi = malloc((size_t)(2 * NC) * sizeof(T)), *kq = khi + NC;                      \
+        T *khi = malloc((size_t)NC * sizeof(T));                                            \
         double *kw = malloc((size_t)(5 * NC) * sizeof(double)), *km = kw + NC;              \
         double *kmd = km + NC, *krd = kmd + NC; /* mean and rstd per (n, c) for the sums */ \
-        double *kq64 = krd + NC; /* q unrounded, where dx64_S runs */                       \
-        int tails = cl ? L <= 2 || C % 8 : L % 8 != 0;                                      \
+        double *kq64 = krd + NC; /* q */                                                    \
         /* A group of two elements (or one) takes its mean and variance again from x,      \
            exactly: the forward's are accurate to the spread's T rounding, and dx there is   \
            nearly 0 (see dx64_S), a cancellation that error would show through. */         \
@@ -1300,31 +1284,25 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                    come from A and B) */                                                    \
                 if (given) s1 = s2 = 0.0;                                                   \
                 double q64 = r * (r * s2 / n_g - ea), m1 = r * (s1 / n_g - eb);             \
-                T q = (T)q64;                                                               \
                 for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) {                     \
                     int64_t j = n * C + c;                                                  \
-                    kq[j] = q;                                                              \
-                    km[j] = m1 - (double)q * ((kmd[j] - (double)khi[j]) + mlo[n * G + g]);  \
-                    if (tails) kq64[j] = q64;                                               \
+                    km[j] = m1 - q64 * ((kmd[j] - (double)khi[j]) + mlo[n * G + g]);        \
+                    kq64[j] = q64;                                                          \
                     kw[j] *= r;                                                             \
                 }                                                                           \
             }                                                                               \
         if (!cl) {                                                                          \
             FOR_TASKS(j, NC, {                                                              \
                 const T *xr = x + j * L, *dr = dy + j * L;                                  \
-                /* r w and -k each as two T that add up to the float64 value (see above) */ \
-                T wh = (T)kw[j], wl = (T)(kw[j] - (double)wh), mh = (T)-km[j];              \
-                T ml = (T)(-km[j] - (double)mh), h = khi[j], q = kq[j];                     \
-                VW vwh = (VW){0} + wh, vwl = (VW){0} + wl, vmh = (VW){0} + mh;             \
-                VW vml = (VW){0} + ml, vh = (VW){0} + h, vq = (VW){0} + q;                 \
+                vd vrw = (vd){0} + kw[j], vmk = (vd){0} - km[j];                            \
+                vd vh = (vd){0} + (double)khi[j], vmq = (vd){0} - kq64[j];                  \
                 T *out = dx + j * L;                                                        \
                 int64_t i = 0;                                                              \
                 for (; i + 8 <= L; i += 8) {                                                \
-                    VW d = LOAD(dr + i), gm = FMA(d, vwh, vmh) + FMA(d, vwl, vml);         \
-                    STORE(out + i, gm - (LOAD(xr + i) - vh) * vq);                         \
+                    vd g = WIDE(LOAD(dr + i)) * vrw + vmk;                            \
+                    STORE(out + i, NARROW((WIDE(LOAD(xr + i)) - vh) * vmq + g));        \
                 }                                                                           \
-                for (; i < L; i++)                                                          \
-                    out[i] = dx64_##S(xr[i], dr[i], j, kw, km, kq, khi, kmd, kq64);         \
+                for (; i < L; i++) out[i] = dx64_##S(xr[i], dr[i], j, kw, km, khi, kq64);   \
             })                                                                              \
         } else {                                                                            \
             /* groups of two elements or fewer (L <= 2) all in float64, see dx64_S */      \
@@ -1335,11 +1313,12 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 T *out = dx + t * C;                                                        \
                 for (int64_t c = 0; c < C8; c += 8) {                                       \
                     int64_t j = o + c;                                                      \
-                    VW gm = NARROW(WIDE(LOAD(dr + c)) * load_f64(kw + j) - load_f64(km + j)); \
-                    STORE(out + c, gm - (LOAD(xr + c) - LOAD(khi + j)) * LOAD(kq + j));     \
+                    vd g = WIDE(LOAD(dr + c)) * load_f64(kw + j) - load_f64(km + j); \
+                    vd e = WIDE(LOAD(xr + c)) - WIDE(LOAD(khi + j));                        \
+                    STORE(out + c, NARROW(g - e * load_f64(kq64 + j)));              \
                 }                                                                           \
                 for (int64_t c = C8; c < C; c++)                                            \
-                    out[c] = dx64_##S(xr[c], dr[c], o + c, kw, km, kq, khi, kmd, kq64);    \
+                    out[c] = dx64_##S(xr[c], dr[c], o + c, kw, km, khi, kq64);              \
             })                                                                              \
         }                                                                                   \
         free(kw);                                                                           \
@@ -1347,8 +1326,8 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
         free(work);                                                                         \
     }
 
-DEFINE_BACKWARD(f32, float, vf, load_f32, wide_f, narrow_f, fma_vf, __builtin_fmaf, store_f32)
-DEFINE_BACKWARD(f64, double, vd, load_f64, wide_d, wide_d, fma_vd, __builtin_fma, store_f64)
+DEFINE_BACKWARD(f32, float, vf, load_f32, wide_f, narrow_f, store_f32)
+DEFINE_BACKWARD(f64, double, vd, load_f64, wide_d, wide_d, store_f64)
 
 /* dx (x's dtype and layout) and, where asked, dw and db (C, summed in float64, stored as
    stype: F32 or F64) for the forward that used mean and var, and lo, the means' low parts

@@ -1,0 +1,131 @@
+"""CPU: the fused kernel's backward, this tree's source against another revision's, one process.
+
+Builds ``src/groupnorm/backends/cpu_kernel.c`` as it is in the working tree and as it is at
+``--base`` (a git revision; default HEAD) with the loader's flags, loads both, and times
+``cpu_kernel.backward`` of each on the same inputs, the two builds alternated (A B, B A, ...)
+PAIRS times; the table gives each build's median and the median of the pairs' time ratios
+(new / base). dx of both is checked equal within float32's bound first. Both revisions must
+share the kernel's C call signatures (the Python wrapper is this tree's).
+
+    python benchmarks/cpu_kernel_ab.py [--base REV] [--threads T] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from cpu_standard import save
+
+from groupnorm.backends import cpu_kernel
+from groupnorm.functional import resolve_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = "src/groupnorm/backends/cpu_kernel.c"
+# (shape, channels-last, std of x): rstd 1 and rstd 100
+CASES: list[tuple[tuple[int, ...], bool, float]] = [
+    ((2, 320, 64, 64), False, 1.0),
+    ((2, 320, 64, 64), True, 1.0),
+    ((2, 1280, 8, 8), False, 1.0),
+    ((8, 64, 32, 32), True, 1.0),
+    ((2, 320, 64, 64), False, 0.01),
+]
+PAIRS = 40
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def _build(source: Path, out: Path) -> ModuleType:
+    include = sysconfig.get_paths()["include"]
+    subprocess.run(
+        ["cc", *cpu_kernel._FLAGS, f"-I{include}", str(source), "-o", str(out)], check=True
+    )
+    spec = importlib.util.spec_from_file_location(cpu_kernel._NAME, out)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.stream_min(cpu_kernel.stream_min())
+    module.fused_cl_bytes(cpu_kernel.fused_cl_bytes())
+    return module
+
+
+def run(base: str) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "base.c"
+        old.write_text(_git("show", f"{base}:{SOURCE}"))
+        suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+        builds = {
+            "base": _build(old, Path(tmp) / f"base{suffix}"),
+            "new": _build(ROOT / SOURCE, Path(tmp) / f"new{suffix}"),
+        }
+        loader = cpu_kernel.library
+        rows = []
+        try:
+            for shape, channels_last, std in CASES:
+                rows.append(_case(builds, shape, channels_last, std))
+        finally:
+            cpu_kernel.library = loader
+    return rows
+
+
+def _case(
+    builds: dict[str, ModuleType], shape: tuple[int, ...], channels_last: bool, std: float
+) -> dict:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(shape) * std).to(memory_format=fmt)
+    dy = torch.randn(shape).to(memory_format=fmt)
+    w = torch.randn(shape[1])
+    plan = resolve_plan(shape[1], num_groups=32)
+    _, moments = cpu_kernel.forward(x, plan, w, None, 1e-5, want_moments=True)
+
+    def call(name: str) -> torch.Tensor:
+        cpu_kernel.library = lambda: builds[name]  # type: ignore[assignment]
+        return cpu_kernel.backward(x, dy, plan, w, moments, 1e-5)[0]
+
+    torch.testing.assert_close(call("new"), call("base"), rtol=2e-6, atol=2e-6 / std)
+    seconds: dict[str, list[float]] = {"base": [], "new": []}
+    for i in range(PAIRS + 1):  # the first pair warms up
+        for name in ("base", "new") if i % 2 else ("new", "base"):
+            start = time.perf_counter()
+            call(name)
+            if i:
+                seconds[name].append(time.perf_counter() - start)
+    ratio = statistics.median(n / b for n, b in zip(seconds["new"], seconds["base"], strict=True))
+    row = {
+        "shape": list(shape),
+        "layout": "channels_last" if channels_last else "nchw",
+        "x_std": std,
+        "base_ms": statistics.median(seconds["base"]) * 1e3,
+        "new_ms": statistics.median(seconds["new"]) * 1e3,
+        "ratio": ratio,
+        "pairs": PAIRS,
+    }
+    print(
+        f"{str(shape):18s} {row['layout']:13s} std {std:<5} base {row['base_ms']:7.3f} ms  "
+        f"new {row['new_ms']:7.3f} ms  new/base {ratio:.3f}",
+        flush=True,
+    )
+    return row
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--base", default="HEAD", help="git revision of the base source")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base = _git("rev-parse", "--short", args.base).strip()
+    save(args.out, f"cpu_kernel_ab-base-{base}", run(base))
