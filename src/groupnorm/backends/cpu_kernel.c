@@ -986,10 +986,10 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
    while each term is up to rstd |dy w|, and any of them rounded to float32 came back that
    large: with dy rstd w - k and q in float32 (each float64 value split into two floats for
    the first), dx missed the float32 bound by up to 2.5x at std 1e-2 (rstd 100, dy of std 1;
-   found by fuzzing). The float64 arithmetic cost the backward 0.99-1.09x its time (Intel
-   Xeon, SD 64^2, SD 8^2 and CIFAR-scale, one and two threads); lane-by-lane fma() calls
-   instead of a * b + c (which GCC contracts) had cost 1.7-1.8x. lo, the part of the mean that
-   hi leaves, enters through k. A and B are
+   found by fuzzing). The float64 arithmetic took the backward 0.97-1.11x its time, SD 8^2
+   the most (benchmarks/cpu_kernel_ab.py, Intel Xeon, one and two threads); lane-by-lane
+   fma() calls instead of a * b + c (which GCC contracts) had taken 1.7-1.8x. lo, the part of
+   the mean that hi leaves, enters through k. A and B are
    summed per (n, c) in float64, their terms too (B as rstd sum dy (x - mean), x - mean from
    the float64 mean), in a fixed order: dweight and dbias sum N L terms, and float32 terms
    (or float32 runs of them) missed the float32 bound on them by up to 1.3x where the sum is
