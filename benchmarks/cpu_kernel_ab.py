@@ -30,13 +30,17 @@ from groupnorm.functional import resolve_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "src/groupnorm/backends/cpu_kernel.c"
-# (shape, channels-last, std of x): rstd 1 and rstd 100
-CASES: list[tuple[tuple[int, ...], bool, float]] = [
-    ((2, 320, 64, 64), False, 1.0),
-    ((2, 320, 64, 64), True, 1.0),
-    ((2, 1280, 8, 8), False, 1.0),
-    ((8, 64, 32, 32), True, 1.0),
-    ((2, 320, 64, 64), False, 0.01),
+# (shape, channels-last, std of x: rstd 1 or 100, activation the backward differentiates)
+CASES: list[tuple[tuple[int, ...], bool, float, str | None]] = [
+    ((2, 320, 64, 64), False, 1.0, None),
+    ((2, 320, 64, 64), True, 1.0, None),
+    ((2, 1280, 8, 8), False, 1.0, None),
+    ((8, 64, 32, 32), True, 1.0, None),
+    ((2, 320, 64, 64), False, 0.01, None),
+    ((2, 320, 64, 64), False, 1.0, "silu"),
+    ((2, 320, 64, 64), True, 1.0, "silu"),
+    ((2, 1280, 8, 8), False, 1.0, "silu"),
+    ((2, 320, 64, 64), False, 1.0, "gelu"),
 ]
 PAIRS = 40
 
@@ -73,15 +77,19 @@ def run(base: str) -> list[dict]:
         loader = cpu_kernel.library
         rows = []
         try:
-            for shape, channels_last, std in CASES:
-                rows.append(_case(builds, shape, channels_last, std))
+            for shape, channels_last, std, activation in CASES:
+                rows.append(_case(builds, shape, channels_last, std, activation))
         finally:
             cpu_kernel.library = loader
     return rows
 
 
 def _case(
-    builds: dict[str, ModuleType], shape: tuple[int, ...], channels_last: bool, std: float
+    builds: dict[str, ModuleType],
+    shape: tuple[int, ...],
+    channels_last: bool,
+    std: float,
+    activation: str | None,
 ) -> dict:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = (torch.randn(shape) * std).to(memory_format=fmt)
@@ -92,7 +100,7 @@ def _case(
 
     def call(name: str) -> torch.Tensor:
         cpu_kernel.library = lambda: builds[name]  # type: ignore[assignment]
-        return cpu_kernel.backward(x, dy, plan, w, moments, 1e-5)[0]
+        return cpu_kernel.backward(x, dy, plan, w, moments, 1e-5, activation=activation)[0]
 
     torch.testing.assert_close(call("new"), call("base"), rtol=2e-6, atol=2e-6 / std)
     seconds: dict[str, list[float]] = {"base": [], "new": []}
@@ -107,13 +115,15 @@ def _case(
         "shape": list(shape),
         "layout": "channels_last" if channels_last else "nchw",
         "x_std": std,
+        "activation": activation,
         "base_ms": statistics.median(seconds["base"]) * 1e3,
         "new_ms": statistics.median(seconds["new"]) * 1e3,
         "ratio": ratio,
         "pairs": PAIRS,
     }
     print(
-        f"{str(shape):18s} {row['layout']:13s} std {std:<5} base {row['base_ms']:7.3f} ms  "
+        f"{str(shape):18s} {row['layout']:13s} std {std:<5} {str(activation):5s} "
+        f"base {row['base_ms']:7.3f} ms  "
         f"new {row['new_ms']:7.3f} ms  new/base {ratio:.3f}",
         flush=True,
     )
