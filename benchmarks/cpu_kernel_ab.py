@@ -1,11 +1,12 @@
 """CPU: the fused kernel's backward, this tree's source against another revision's, one process.
 
 Builds ``src/groupnorm/backends/cpu_kernel.c`` as it is in the working tree and as it is at
-``--base`` (a git revision; default HEAD) with the loader's flags, loads both, and times
-``cpu_kernel.backward`` of each on the same inputs, the two builds alternated (A B, B A, ...)
-PAIRS times; the table gives each build's median and the median of the pairs' time ratios
-(new / base). dx of both is checked equal within float32's bound first. Both revisions must
-share the kernel's C call signatures (the Python wrapper is this tree's).
+``--base`` (a git revision; default HEAD), as the loader builds and loads the kernel (its
+cache keeps both), and times ``cpu_kernel.backward`` of each on the same inputs, the two
+builds alternated (A B, B A, ...) PAIRS times; the table gives each build's median and the
+median of the pairs' time ratios (new / base). dx of both is checked equal within float32's
+bound first. Both revisions must share the kernel's C call signatures (the Python wrapper is
+this tree's).
 
     python benchmarks/cpu_kernel_ab.py [--base REV] [--threads T] [--out benchmarks/results]
 """
@@ -13,10 +14,8 @@ share the kernel's C call signatures (the Python wrapper is this tree's).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import subprocess
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -51,28 +50,13 @@ def _git(*args: str) -> str:
     ).stdout
 
 
-def _build(source: Path, out: Path) -> ModuleType:
-    include = sysconfig.get_paths()["include"]
-    subprocess.run(
-        ["cc", *cpu_kernel._FLAGS, f"-I{include}", str(source), "-o", str(out)], check=True
-    )
-    spec = importlib.util.spec_from_file_location(cpu_kernel._NAME, out)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.stream_min(cpu_kernel.stream_min())
-    module.fused_cl_bytes(cpu_kernel.fused_cl_bytes())
-    return module
-
-
 def run(base: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "base.c"
         old.write_text(_git("show", f"{base}:{SOURCE}"))
-        suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
         builds = {
-            "base": _build(old, Path(tmp) / f"base{suffix}"),
-            "new": _build(ROOT / SOURCE, Path(tmp) / f"new{suffix}"),
+            "base": cpu_kernel._load(cpu_kernel._build(old)),
+            "new": cpu_kernel._load(cpu_kernel._build(ROOT / SOURCE)),
         }
         loader = cpu_kernel.library
         rows = []

@@ -87,8 +87,9 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def _build() -> Path:
-    """The kernel's extension module, compiled unless the cache holds it. Raises OSError or
+def _build(source_path: Path = _SOURCE) -> Path:
+    """The kernel's extension module built from ``source_path`` (this package's source unless
+    given), compiled unless the cache holds it. Raises OSError or
     subprocess.CalledProcessError where it cannot be built."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
@@ -97,7 +98,7 @@ def _build() -> Path:
     if not os.path.exists(os.path.join(include, "Python.h")):
         raise OSError(f"no Python headers (Python.h) in {include}")
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    source = _SOURCE.read_bytes()
+    source = source_path.read_bytes()
     key = repr((cc, _FLAGS, include, suffix, platform.machine(), _cpu_flags())).encode()
     digest = hashlib.sha256(source + key).hexdigest()[:16]
     path = _cache_dir() / f"cpu_kernel-{digest}{suffix}"
@@ -109,7 +110,7 @@ def _build() -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [cc, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp],
+            [cc, *_FLAGS, f"-I{include}", str(source_path), "-o", tmp],
             check=True,
             capture_output=True,
             text=True,
@@ -183,6 +184,17 @@ def _data_caches() -> list[tuple[int, int]]:
     return found
 
 
+def _load(path: Path) -> ModuleType:
+    """The built module at ``path``, loaded, with this machine's cache limits set."""
+    spec = importlib.util.spec_from_file_location(_NAME, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.stream_min(stream_min())
+    module.fused_cl_bytes(fused_cl_bytes())
+    return module
+
+
 @cache
 def library() -> ModuleType | None:
     """The loaded kernel module, or None where it is switched off or cannot be built
@@ -191,13 +203,7 @@ def library() -> ModuleType | None:
         _why_not.append("switched off by GROUPNORM_CPU_KERNEL=0")
         return None
     try:
-        path = _build()
-        spec = importlib.util.spec_from_file_location(_NAME, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.stream_min(stream_min())
-        module.fused_cl_bytes(fused_cl_bytes())
+        module = _load(_build())
     except subprocess.CalledProcessError as e:
         _why_not.append(f"the C compiler failed: {e.stderr.strip()[-500:]}")
         return None
