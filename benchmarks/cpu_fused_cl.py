@@ -15,7 +15,7 @@ from __future__ import annotations
 import timeit
 
 import torch
-from cpu_standard import save, small_input_args
+from cpu_standard import kernel_limit, save, small_input_args
 
 from groupnorm.backends import cpu_kernel
 from groupnorm.functional import resolve_plan
@@ -32,12 +32,8 @@ ROUNDS = 6
 
 
 def run() -> list[dict]:
-    lib = cpu_kernel.library()
-    if lib is None:
-        raise SystemExit(f"the fused CPU kernel is not in use here: {cpu_kernel.status()}")
-    before = lib.fused_cl_bytes(LIMITS[0])
     rows = []
-    try:
+    with kernel_limit("fused_cl_bytes", LIMITS[0]) as lib:
         for shape, dtype in CASES:
             x = torch.randn(shape).to(dtype).to(memory_format=torch.channels_last)
             C = shape[1]
@@ -72,8 +68,6 @@ def run() -> list[dict]:
                 f"{two_stage:7.1f} us  1 MB {whole:7.1f} us  {whole / two_stage:.2f}x",
                 flush=True,
             )
-    finally:
-        lib.fused_cl_bytes(before)
     return rows
 
 

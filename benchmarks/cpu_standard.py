@@ -19,14 +19,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 import groupnorm
 from groupnorm import bench
+from groupnorm.backends import cpu_kernel
 
 # Benchmark shapes (docs/spec.md) that fit a 2-core CPU run (the largest take seconds per call).
 SHAPES: list[tuple[str, tuple[int, ...], int]] = [
@@ -126,6 +129,21 @@ def per_call_us(
         statistics.median(t_ours) / calls * 1e6,
         statistics.median(t_theirs) / calls * 1e6,
     )
+
+
+@contextmanager
+def kernel_limit(name: str, value: int) -> Iterator[ModuleType]:
+    """The fused CPU kernel's module with its limit ``name`` (``stream_min`` or
+    ``fused_cl_bytes``, setters that return the value before) at ``value``, set back on exit;
+    exits where the kernel is not in use here."""
+    lib = cpu_kernel.library()
+    if lib is None:
+        raise SystemExit(f"the fused CPU kernel is not in use here: {cpu_kernel.status()}")
+    before = getattr(lib, name)(value)
+    try:
+        yield lib
+    finally:
+        getattr(lib, name)(before)
 
 
 def small_input_args(doc: str) -> argparse.Namespace:

@@ -18,10 +18,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from cpu_standard import save, small_input_args
+from cpu_standard import kernel_limit, save, small_input_args
 
 import groupnorm
-from groupnorm.backends import cpu_kernel
 
 MIB = (4, 8, 16, 24, 32, 64)
 PAIRS = 15
@@ -39,13 +38,9 @@ def _consumers(
 
 
 def run() -> list[dict]:
-    lib = cpu_kernel.library()
-    if lib is None:
-        raise SystemExit(f"the fused CPU kernel is not in use here: {cpu_kernel.status()}")
-    before = lib.stream_min(NEVER)
     rows = []
     print(f"{'MiB':>4} {'case':16s} {'cached ms':>9} {'streamed/cached':>15} {'quartiles':>13}")
-    try:
+    with kernel_limit("stream_min", NEVER) as lib:
         for mib in MIB:
             C = 32 * mib
             x = torch.randn(2, C, 64, 64)
@@ -83,8 +78,6 @@ def run() -> list[dict]:
                     f"{mib:4d} {case:16s} {cached_ms:9.2f} {ratio:15.3f} {q1:6.3f}-{q3:.3f}",
                     flush=True,
                 )
-    finally:
-        lib.stream_min(before)
     return rows
 
 
