@@ -23,8 +23,9 @@
    Output, per element:
      y = ((x - hi) - lo) * A + B in W, hi + lo = mean with its low part (two W numbers:
      x - hi is rounded relative to |x - mean|; for float64 x, hi is the mean's float64
-     number and lo its low part, without which xhat was off by |mean| rstd / 2^53), A = rstd * w[c] * (1 + scale[n,c]), B = b[c] * (1 + scale[n,c])
-     + shift[n,c] formed in float64, rstd = 1 / sqrt(var + eps); relu as max(y, 0) with NaN
+     number and lo its low part, without which xhat was off by |mean| rstd / 2^53),
+     A = rstd * w[c] * (1 + scale[n,c]), B = b[c] * (1 + scale[n,c]) + shift[n,c] formed in
+     float64, rstd = 1 / sqrt(var + eps); relu as max(y, 0) with NaN
      kept; rounded once to y's dtype (x's, or float32 when an epilogue follows).
      Channels-last folds lo into B (y = (x - hi) * A + (B - lo A), B - lo A in float64): one
      load fewer per vector; the extra rounding is relative to |B| + |lo A|, and
@@ -1149,11 +1150,12 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
         int64_t NC = N * C;                                                                 \
         double *work = malloc((size_t)(2 * NC + 3 * N * G) * sizeof(double));               \
         double *A = work, *B = A + NC, *rstd = B + NC, *mu = rstd + N * G, *mlo = mu + N * G; \
-        /* per (n, c), each an array of NC: hi and q in T; w (then r w) and k in float64 */  \
+        /* per (n, c), each an array of NC: hi in T; w (then r w), k, the mean, rstd and q in \
+           float64 */                                                                       \
         T *khi = malloc((size_t)NC * sizeof(T));                                            \
         double *kw = malloc((size_t)(5 * NC) * sizeof(double)), *km = kw + NC;              \
         double *kmd = km + NC, *krd = kmd + NC; /* mean and rstd per (n, c) for the sums */ \
-        double *kq64 = krd + NC; /* q */                                                    \
+        double *kq64 = krd + NC;                                                            \
         /* A group of two elements (or one) takes its mean and variance again from x,      \
            exactly: the forward's are accurate to the spread's T rounding, and dx there is   \
            nearly 0 (see dx64_S), a cancellation that error would show through. */         \
@@ -1299,8 +1301,8 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 T *out = dx + j * L;                                                        \
                 int64_t i = 0;                                                              \
                 for (; i + 8 <= L; i += 8) {                                                \
-                    vd g = WIDE(LOAD(dr + i)) * vrw + vmk;                            \
-                    STORE(out + i, NARROW((WIDE(LOAD(xr + i)) - vh) * vmq + g));        \
+                    vd g = WIDE(LOAD(dr + i)) * vrw + vmk;                                  \
+                    STORE(out + i, NARROW((WIDE(LOAD(xr + i)) - vh) * vmq + g));            \
                 }                                                                           \
                 for (; i < L; i++) out[i] = dx64_##S(xr[i], dr[i], j, kw, km, khi, kq64);   \
             })                                                                              \
@@ -1313,9 +1315,9 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 T *out = dx + t * C;                                                        \
                 for (int64_t c = 0; c < C8; c += 8) {                                       \
                     int64_t j = o + c;                                                      \
-                    vd g = WIDE(LOAD(dr + c)) * load_f64(kw + j) - load_f64(km + j); \
+                    vd g = WIDE(LOAD(dr + c)) * load_f64(kw + j) - load_f64(km + j);        \
                     vd e = WIDE(LOAD(xr + c)) - WIDE(LOAD(khi + j));                        \
-                    STORE(out + c, NARROW(g - e * load_f64(kq64 + j)));              \
+                    STORE(out + c, NARROW(g - e * load_f64(kq64 + j)));                     \
                 }                                                                           \
                 for (int64_t c = C8; c < C; c++)                                            \
                     out[c] = dx64_##S(xr[c], dr[c], o + c, kw, km, khi, kq64);              \
