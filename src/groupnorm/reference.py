@@ -226,9 +226,10 @@ def normalize_over(
     """
     x = np.asarray(x, dtype=np.float64)
     rough = x.mean(axis=axes, keepdims=True)
-    correction = (x - rough).mean(axis=axes, keepdims=True)  # as in group_norm_forward
+    from_rough = x - rough
+    correction = from_rough.mean(axis=axes, keepdims=True)  # as in group_norm_forward
     mean = rough + correction
-    centered = (x - rough) - correction
+    centered = from_rough - correction
     var = (centered**2).mean(axis=axes, keepdims=True)
     C = x.shape[1]
     bshape = (1, C) + (1,) * (x.ndim - 2)
