@@ -130,7 +130,7 @@ _CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 STREAM_LLC_MAX = 32 << 20
 
 
-def stream_min() -> int:
+def stream_min(caches: list[tuple[int, int]] | None = None) -> int:
     """The smallest output, in bytes, that the kernel stores around the caches (non-temporal
     stores): 3/4 of the last-level cache that CPU 0 shares (glibc's rule for memcpy), read from
     Linux's sysfs and taken as at most ``STREAM_LLC_MAX``; 2^62 (never) where that is unknown.
@@ -145,15 +145,16 @@ def stream_min() -> int:
     with the add after. Below the limit y stays in cache for the layer that reads it next. On
     the Intel Xeon machine (``benchmarks/cpu_stream.py``, 2026-12-05), with the residual add
     after, 24-64 MiB outputs took 0.88-0.97x streamed, 4-16 MiB ones 0.99-1.34x: the same 24 MiB
-    limit."""
-    best = max((size for _, size in _data_caches()), default=0)
+    limit. ``caches``: :func:`_data_caches`, read here unless given."""
+    caches = _data_caches() if caches is None else caches
+    best = max((size for _, size in caches), default=0)
     return min(best, STREAM_LLC_MAX) // 4 * 3 if best else 1 << 62
 
 
 FUSED_CL_MIN = 512 << 10
 
 
-def fused_cl_bytes() -> int:
+def fused_cl_bytes(caches: list[tuple[int, int]] | None = None) -> int:
     """The largest channels-last sample, in bytes, that one thread normalizes whole while it
     stays in L2 (statistics, then output): half of CPU 0's level-2 cache from sysfs, and at
     least ``FUSED_CL_MIN``, the limit measured on the AMD EPYC machine (1 MB of L2 a core).
@@ -161,8 +162,9 @@ def fused_cl_bytes() -> int:
     On the Intel Xeon machine (2 MB of L2 a core, so 1 MB here; 2026-12-05,
     ``benchmarks/cpu_fused_cl.py`` and two runs of its draft), 640 KB samples took 0.82-0.98x
     the two-stage path's time in float32 and 0.91-1.07x in half precision, at one and two
-    threads, where the 512 KB control moved 0.94-1.02x."""
-    level2 = [size for level, size in _data_caches() if level == 2]
+    threads, where the 512 KB control moved 0.94-1.02x. ``caches`` as for :func:`stream_min`."""
+    caches = _data_caches() if caches is None else caches
+    level2 = [size for level, size in caches if level == 2]
     return max(FUSED_CL_MIN, max(level2, default=0) // 2)
 
 
@@ -190,8 +192,9 @@ def _load(path: Path) -> ModuleType:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.stream_min(stream_min())
-    module.fused_cl_bytes(fused_cl_bytes())
+    caches = _data_caches()  # sysfs, read once
+    module.stream_min(stream_min(caches))
+    module.fused_cl_bytes(fused_cl_bytes(caches))
     return module
 
 
