@@ -324,6 +324,41 @@ def test_a_sample_done_whole_matches_the_two_stage_path(dtype: torch.dtype) -> N
 
 @needs_kernel
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_coefficients_made_in_chunks_that_split_groups_and_samples(
+    layout: str, dtype: torch.dtype
+) -> None:
+    """The two-stage forward makes its per-channel coefficients in chunks of 256 channels of
+    N C, a run of one group's channels at a time: at C = 600 the chunks end inside the
+    530-channel group and across the sample boundary. NCHW takes two stages for that group
+    (530 * 256 elements, past the fused limit), channels-last with the sample limit lowered."""
+    lib = cpu_kernel.library()
+    assert lib is not None
+    N, C = 2, 600
+    x = make_x((N, C, 16, 16), dtype, layout, seed=21, loc=3.0)
+    sizes = [3, 530, 67]
+    kw: dict[str, Any] = {
+        "weight": rand((C,), dtype, 22),
+        "bias": rand((C,), dtype, 23),
+        "scale": rand((N, C), dtype, 24) * 0.5,
+        "shift": rand((N, C), dtype, 25),
+    }
+    before = lib.fused_cl_bytes(1)
+    try:
+        with _calls("forward", "forward_plain") as calls:
+            y = groupnorm.group_norm(x, group_sizes=sizes, **kw)
+            y_plain = groupnorm.group_norm(x, group_sizes=sizes, weight=kw["weight"])
+    finally:
+        lib.fused_cl_bytes(before)
+    assert calls[0] == 2
+    plan = resolve_plan(C, group_sizes=sizes)
+    assert_matches(y, reference(x, plan, **kw)[0], dtype, reduction=530 * 256)
+    expected_plain = reference(x, plan, kw["weight"])[0]
+    assert_matches(y_plain, expected_plain, dtype, reduction=530 * 256)
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_regression_an_outlier_first_element_is_exact(layout: str, dtype: torch.dtype) -> None:
     """The first element of each group is the channels-last pivot and starts the NCHW shift:
