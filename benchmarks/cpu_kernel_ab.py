@@ -1,14 +1,16 @@
-"""CPU: the fused kernel's backward, this tree's source against another revision's, one process.
+"""CPU: the fused kernel, this tree's source against another revision's, one process.
 
 Builds ``src/groupnorm/backends/cpu_kernel.c`` as it is in the working tree and as it is at
 ``--base`` (a git revision; default HEAD), as the loader builds and loads the kernel (its
-cache keeps both), and times ``cpu_kernel.backward`` of each on the same inputs, the two
-builds alternated (A B, B A, ...) PAIRS times; the table gives each build's median and the
-median of the pairs' time ratios (new / base). dx of both is checked equal within float32's
+cache keeps both), and times ``cpu_kernel.backward`` (or, with ``--forward``,
+``cpu_kernel.forward`` with weight and bias) of each on the same inputs, the two builds
+alternated (A B, B A, ...) PAIRS times; the table gives each build's median and the median of
+the pairs' time ratios (new / base). The outputs of both are checked equal within float32's
 bound first. Both revisions must share the kernel's C call signatures (the Python wrapper is
 this tree's).
 
-    python benchmarks/cpu_kernel_ab.py [--base REV] [--threads T] [--out benchmarks/results]
+    python benchmarks/cpu_kernel_ab.py [--base REV] [--forward] [--threads T]
+                                       [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ CASES: list[tuple[tuple[int, ...], bool, float, str | None]] = [
     ((2, 1280, 8, 8), False, 1.0, "silu"),
     ((2, 320, 64, 64), False, 1.0, "gelu"),
 ]
+# The forward's: standard shapes of benchmarks/cpu_standard.py, both layouts.
+FORWARD_CASES: list[tuple[tuple[int, ...], bool, float, str | None]] = [
+    ((2, 1280, 8, 8), True, 1.0, None),
+    ((2, 1280, 8, 8), False, 1.0, None),
+    ((2, 640, 32, 32), True, 1.0, None),
+    ((2, 320, 64, 64), True, 1.0, None),
+    ((2, 320, 64, 64), False, 1.0, None),
+    ((8, 64, 32, 32), True, 1.0, None),
+]
 PAIRS = 40
 
 
@@ -50,7 +61,7 @@ def _git(*args: str) -> str:
     ).stdout
 
 
-def run(base: str) -> list[dict]:
+def run(base: str, forward: bool) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "base.c"
         old.write_text(_git("show", f"{base}:{SOURCE}"))
@@ -61,8 +72,8 @@ def run(base: str) -> list[dict]:
         loader = cpu_kernel.library
         rows = []
         try:
-            for shape, channels_last, std, activation in CASES:
-                rows.append(_case(builds, shape, channels_last, std, activation))
+            for shape, channels_last, std, activation in FORWARD_CASES if forward else CASES:
+                rows.append(_case(builds, forward, shape, channels_last, std, activation))
         finally:
             cpu_kernel.library = loader
     return rows
@@ -70,6 +81,7 @@ def run(base: str) -> list[dict]:
 
 def _case(
     builds: dict[str, ModuleType],
+    forward: bool,
     shape: tuple[int, ...],
     channels_last: bool,
     std: float,
@@ -78,12 +90,14 @@ def _case(
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = (torch.randn(shape) * std).to(memory_format=fmt)
     dy = torch.randn(shape).to(memory_format=fmt)
-    w = torch.randn(shape[1])
+    w, b = torch.randn(shape[1]), torch.randn(shape[1])
     plan = resolve_plan(shape[1], num_groups=32)
     _, moments = cpu_kernel.forward(x, plan, w, None, 1e-5, want_moments=True)
 
     def call(name: str) -> torch.Tensor:
         cpu_kernel.library = lambda: builds[name]  # type: ignore[assignment]
+        if forward:
+            return cpu_kernel.forward(x, plan, w, b, 1e-5)[0]
         return cpu_kernel.backward(x, dy, plan, w, moments, 1e-5, activation=activation)[0]
 
     torch.testing.assert_close(call("new"), call("base"), rtol=2e-6, atol=2e-6 / std)
@@ -96,6 +110,7 @@ def _case(
                 seconds[name].append(time.perf_counter() - start)
     ratio = statistics.median(n / b for n, b in zip(seconds["new"], seconds["base"], strict=True))
     row = {
+        "pass": "forward" if forward else "backward",
         "shape": list(shape),
         "layout": "channels_last" if channels_last else "nchw",
         "x_std": std,
@@ -117,9 +132,11 @@ def _case(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--base", default="HEAD", help="git revision of the base source")
+    parser.add_argument("--forward", action="store_true", help="time the forward instead")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = _git("rev-parse", "--short", args.base).strip()
-    save(args.out, f"cpu_kernel_ab-base-{base}", run(base))
+    name = "cpu_kernel_ab-forward" if args.forward else "cpu_kernel_ab"
+    save(args.out, f"{name}-base-{base}", run(base, args.forward))
