@@ -534,10 +534,10 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
    stats_nchw_S / stats_cl_S   every block's part, the second pass where the first cancels,
              merged per (n, g). */
 #define DEFINE_STATS(S, T, W, VW, IN, LOAD, WIDE, LOADW)                                    \
-    static void sums_##S(const T *x, int64_t n, W p, double *s1, double *s2) {             \
+    static void sums_##S(const T *x, int64_t n, W p, double *s1, double *s2) {              \
         vd a1 = {0}, a2 = {0};                                                              \
         int64_t i = 0;                                                                      \
-        while (i + 32 <= n) { /* 4 chains of up to RUN vectors, then float64 */            \
+        while (i + 32 <= n) { /* 4 chains of up to RUN vectors, then float64 */             \
             int64_t runs = (n - i) / 32 < RUN ? (n - i) / 32 : RUN;                         \
             VW f1[4] = {0}, f2[4] = {0};                                                    \
             for (int64_t j = 0; j < runs; j++)                                              \
@@ -566,7 +566,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         *s1 = t1 + lanes(a1);                                                               \
         *s2 = t2 + lanes(a2);                                                               \
     }                                                                                       \
-    static double m2_##S(const T *x, int64_t n, W p, W m) {                                \
+    static double m2_##S(const T *x, int64_t n, W p, W m) {                                 \
         vd a2 = {0};                                                                        \
         int64_t i = 0;                                                                      \
         while (i + 32 <= n) {                                                               \
@@ -593,7 +593,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
     }                                                                                       \
     /* A contiguous block's part around pivot: summed around the mean of its first SHIFT     \
        elements, a second pass where that cancels. */                                       \
-    static part_t part_##S(const T *block, int64_t len, double pivot) {                    \
+    static part_t part_##S(const T *block, int64_t len, double pivot) {                     \
         int64_t h = len < SHIFT ? len : SHIFT;                                              \
         double head[SHIFT] = {0};                                                           \
         for (int64_t j = 0; j < h; j++) head[j] = (double)IN(block[j]);                     \
@@ -617,7 +617,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         for (int64_t g = 0; g < G; g++)                                                     \
             tasks += N * (((offsets[g + 1] - offsets[g]) * L + BLOCK - 1) / BLOCK);         \
         block_t *todo = malloc((size_t)tasks * sizeof(block_t));                            \
-        int64_t *first = malloc((size_t)(NG + 1) * sizeof(int64_t));                       \
+        int64_t *first = malloc((size_t)(NG + 1) * sizeof(int64_t));                        \
         part_t *parts = malloc((size_t)tasks * sizeof(part_t));                             \
         int64_t t = 0;                                                                      \
         for (int64_t n = 0; n < N; n++)                                                     \
@@ -630,7 +630,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
             }                                                                               \
         first[NG] = t;                                                                      \
         FOR_TASKS(k, tasks, {                                                               \
-            parts[k] = part_##S(x + todo[k].base + todo[k].start, todo[k].len,             \
+            parts[k] = part_##S(x + todo[k].base + todo[k].start, todo[k].len,              \
                                 (double)IN(x[todo[k].base]));                               \
         })                                                                                  \
         for (int64_t i = 0; i < NG; i++) {                                                  \
@@ -638,7 +638,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
             double p = (double)IN(x[todo[first[i]].base]);                                  \
             mean[i] = p + acc.mean;                                                         \
             if (lo) lo[i] = two_sum_lo(p, acc.mean, mean[i]);                               \
-            var[i] = acc.m2 < 0 ? 0.0 : acc.m2 / acc.count; /* NaN kept */                \
+            var[i] = acc.m2 < 0 ? 0.0 : acc.m2 / acc.count; /* NaN kept */                  \
         }                                                                                   \
         free(parts);                                                                        \
         free(first);                                                                        \
@@ -648,7 +648,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
        may be NULL), e = x - shift, RUN rows at a time in W, then in float64. Channels go K  \
        vectors at a time: whole cache lines per row, K independent chains. Inlined with      \
        constant K, row count and wants (w1: a1, w2: a2), so the loop holds no branches. */   \
-    static inline __attribute__((always_inline)) void cols_##S(                            \
+    static inline __attribute__((always_inline)) void cols_##S(                             \
         const T *slab, int64_t C, int64_t r, int64_t rows, int64_t c, int K, const W *shift, \
         double *a1, double *a2, int w1, int w2) {                                           \
         VW sv[4], f1[4] = {0}, f2[4] = {0};                                                 \
@@ -668,7 +668,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
             if (w2) store_f64(a2 + c + 8 * k, load_f64(a2 + c + 8 * k) + WIDE(f2[k]));      \
         }                                                                                   \
     }                                                                                       \
-    static inline __attribute__((always_inline)) void sweep_##S(                           \
+    static inline __attribute__((always_inline)) void sweep_##S(                            \
         const T *slab, int64_t C, int64_t r0, int64_t r1, const W *shift, double *a1,       \
         double *a2, int w1, int w2) {                                                       \
         int64_t C32 = C - C % 32, C8 = C - C % 8;                                           \
@@ -698,8 +698,8 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         else sweep_##S(slab, C, r0, r1, shift, a1, a2, 0, 1);                               \
     }                                                                                       \
     /* A block's parts, two-pass: the group means (relative to the pivot), then the sums of \
-       squares around them (rounded to W: the rounding's n r^2 taken back). centers gets   \
-       each channel's group mean in W (absolute, not relative to the pivot). */            \
+       squares around them (rounded to W: the rounding's n r^2 taken back). centers gets    \
+       each channel's group mean in W (absolute, not relative to the pivot). */             \
     static void two_pass_##S(const T *slab, int64_t C, int64_t r0, int64_t r1,              \
                              const int64_t *offsets, int64_t G, const W *pivot, W *centers, \
                              double *a1, double *a2, part_t *out) {                         \
@@ -713,7 +713,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
             for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) centers[c] = (W)at;       \
         }                                                                                   \
         rows_##S(slab, C, r0, r1, centers, NULL, a2);                                       \
-        for (int64_t g = 0; g < G; g++) out[g].m2 += fold(a2, offsets, g);              \
+        for (int64_t g = 0; g < G; g++) out[g].m2 += fold(a2, offsets, g);                  \
     }                                                                                       \
     /* Channels-last: block 0 of each sample (its first BLOCK / C rows) two-pass; its group \
        means center every other block's one pass (the same for any thread count), which     \
@@ -756,7 +756,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
             double p = (double)pivot[offsets[g]];                                           \
             mean[g] = p + acc.mean;                                                         \
             if (lo) lo[g] = two_sum_lo(p, acc.mean, mean[g]);                               \
-            var[g] = acc.m2 < 0 ? 0.0 : acc.m2 / acc.count;                                \
+            var[g] = acc.m2 < 0 ? 0.0 : acc.m2 / acc.count;                                 \
         }                                                                                   \
     }                                                                                       \
     /* pivot[c]: the first element of c's group in the sample. */                           \
@@ -813,7 +813,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
     }                                                                                       \
     /* NCHW, every group within FUSED_MAX elements: per (n, g) its statistics, then its     \
        output while the group is in cache, so x is read from memory once. The same blocks,  \
-       merge and coefficients as the two-stage path: the same result. */                   \
+       merge and coefficients as the two-stage path: the same result. */                    \
     static void fused_##S##_##O(const T *x, TO *y, int64_t N, int64_t C, int64_t L,         \
                                 const int64_t *offsets, int64_t G, double *mean, double *var, \
                                 double *lo_out, double eps, const double *wd, const double *bd, \
@@ -871,41 +871,41 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
     /* Coefficients of channels j0..j1 (j = n * C + c) in W: channels-last (hi, A, B - lo A) \
        as three arrays of NC, NCHW (hi, lo, A, B) per channel; from the same float64 values \
        in either case. A run of one group's channels at a time, its mean and rstd shared: per \
-       channel a division and a lookup for the group had cost half the output's time at    \
-       (2, 1280, 8, 8) (perf), and without them the loops vectorize. */                    \
+       channel a division and a lookup for the group had cost half the output's time at     \
+       (2, 1280, 8, 8) (perf), and without them the loops vectorize. */                     \
     static void coefs_##S##_##O(const coef_in_t *q, int64_t j0, int64_t j1, int cl, W *k) { \
-        int64_t C = q->C, NC = q->N * C;                                                   \
-        for (int64_t j = j0; j < j1;) {                                                    \
-            int64_t n = j / C, c0 = j - n * C, g = q->group_of[c0];                        \
+        int64_t C = q->C, NC = q->N * C;                                                    \
+        for (int64_t j = j0; j < j1;) {                                                     \
+            int64_t n = j / C, c0 = j - n * C, g = q->group_of[c0];                         \
             int64_t c1 = q->offsets[g + 1] < c0 + (j1 - j) ? q->offsets[g + 1] : c0 + (j1 - j); \
-            int64_t i = n * q->G + g, row = n * C;                                         \
-            double r = q->rstd[i];                                                         \
-            W hi = (W)q->mean[i];                                                          \
-            double lo = (q->mean[i] - (double)hi) + (q->lo ? q->lo[i] : 0.0);              \
-            const double *wd = q->wd, *bd = q->bd, *sc = q->scale, *sh = q->shift;         \
-            if (cl && !sc && !sh)                                                          \
-                for (int64_t c = c0; c < c1; c++) {                                        \
-                    double a = wd[c] * r;                                                  \
-                    k[row + c] = hi;                                                       \
-                    k[NC + row + c] = (W)a;                                                \
-                    k[2 * NC + row + c] = (W)(bd[c] - lo * a);                             \
-                }                                                                          \
-            else                                                                           \
-                for (int64_t c = c0; c < c1; c++) {                                        \
-                    double a, b;                                                           \
-                    affine(r, wd[c], bd[c], sc, sh, row + c, &a, &b);                      \
-                    if (cl) { /* lo folded into b: b - lo * a, in float64 */               \
-                        k[row + c] = hi;                                                   \
-                        k[NC + row + c] = (W)a;                                            \
-                        k[2 * NC + row + c] = (W)(b - lo * a);                             \
-                    } else {                                                               \
-                        W v[4] = {hi, (W)lo, (W)a, (W)b};                                  \
-                        for (int m = 0; m < 4; m++) k[4 * (row + c) + m] = v[m];           \
-                    }                                                                      \
-                }                                                                          \
-            j += c1 - c0;                                                                  \
-        }                                                                                  \
-    }                                                                                      \
+            int64_t i = n * q->G + g, row = n * C;                                          \
+            double r = q->rstd[i];                                                          \
+            W hi = (W)q->mean[i];                                                           \
+            double lo = (q->mean[i] - (double)hi) + (q->lo ? q->lo[i] : 0.0);               \
+            const double *wd = q->wd, *bd = q->bd, *sc = q->scale, *sh = q->shift;          \
+            if (cl && !sc && !sh)                                                           \
+                for (int64_t c = c0; c < c1; c++) {                                         \
+                    double a = wd[c] * r;                                                   \
+                    k[row + c] = hi;                                                        \
+                    k[NC + row + c] = (W)a;                                                 \
+                    k[2 * NC + row + c] = (W)(bd[c] - lo * a);                              \
+                }                                                                           \
+            else                                                                            \
+                for (int64_t c = c0; c < c1; c++) {                                         \
+                    double a, b;                                                            \
+                    affine(r, wd[c], bd[c], sc, sh, row + c, &a, &b);                       \
+                    if (cl) { /* lo folded into b: b - lo * a, in float64 */                \
+                        k[row + c] = hi;                                                    \
+                        k[NC + row + c] = (W)a;                                             \
+                        k[2 * NC + row + c] = (W)(b - lo * a);                              \
+                    } else {                                                                \
+                        W v[4] = {hi, (W)lo, (W)a, (W)b};                                   \
+                        for (int m = 0; m < 4; m++) k[4 * (row + c) + m] = v[m];            \
+                    }                                                                       \
+                }                                                                           \
+            j += c1 - c0;                                                                   \
+        }                                                                                   \
+    }                                                                                       \
     /* Output task t: NCHW a chunk of BLOCK of one (n, c) row, channels-last `rows` rows of  \
        one sample. */                                                                       \
     static void apply_task_##S##_##O(const T *x, TO *y, int64_t N, int64_t C, int64_t L,     \
@@ -1065,7 +1065,7 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
     /* Channels-last sums of rows 0..L of one sample over channels c0..c0 + 8 K, K vectors   \
        at a time (lanes are channels: each channel's terms in the same order as a scalar     \
        loop), the next RUN rows prefetched as in the statistics. */                         \
-    static inline __attribute__((always_inline)) void cl_sums_##S(                         \
+    static inline __attribute__((always_inline)) void cl_sums_##S(                          \
         const T *x, const T *dy, int64_t C, int64_t L, int64_t c0, int K, const double *m,  \
         const double *r, double *A, double *B) {                                            \
         vd a1[8], a2[8], mm[8], rr[8];                                                      \
@@ -1098,7 +1098,7 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
        scale and shift off by up to 1200 ulp where u is small), which act'' carried into    \
        dweight past the float32 bound. act_row_S: NCHW rows j0..j1 of n elements, m, rw and \
        ub per row, each row's tail as one vector of x padded with m and dy with 0. */       \
-    static inline __attribute__((always_inline)) void act_row_##S(                         \
+    static inline __attribute__((always_inline)) void act_row_##S(                          \
         const T *x, const T *dy, T *g, int64_t j0, int64_t j1, int64_t n, const double *m,  \
         const double *rw, const double *ub, vd (*f)(vd)) {                                  \
         for (int64_t j = j0; j < j1; j++) {                                                 \
@@ -1123,7 +1123,7 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
     /* The same for channels-last positions q0..q1 of one sample (rows of C channels), m,   \
        rw and ub per channel, a last partial vector of each row padded with zeros (u = 0    \
        there). */                                                                           \
-    static inline __attribute__((always_inline)) void act_cl_##S(                          \
+    static inline __attribute__((always_inline)) void act_cl_##S(                           \
         const T *x, const T *dy, T *g, int64_t C, int64_t q0, int64_t q1, const double *m,  \
         const double *rw, const double *ub, vd (*f)(vd)) {                                  \
         for (int64_t q = q0; q < q1; q++) {                                                 \
@@ -1149,11 +1149,112 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
             }                                                                               \
         }                                                                                   \
     }                                                                                       \
+    /* Channels-last sums of e = x - m[c] and e^2 over rows 0..L of one sample, channels    \
+       c0..c0 + 8 K, K vectors at a time, as cl_sums_S. */                                  \
+    static inline __attribute__((always_inline)) void cl_centered_##S(                      \
+        const T *x, int64_t C, int64_t L, int64_t c0, int K, const double *m, double *s1,   \
+        double *s2) {                                                                       \
+        vd a1[8], a2[8], mm[8];                                                             \
+        for (int k = 0; k < K; k++) {                                                       \
+            a1[k] = a2[k] = (vd){0};                                                        \
+            mm[k] = load_f64(m + c0 + 8 * k);                                               \
+        }                                                                                   \
+        for (int64_t q = 0; q < L; q++) {                                                   \
+            for (int k = 0; k < K; k += 64 / (int)sizeof(T) / 8)                            \
+                __builtin_prefetch(x + (q + RUN) * C + c0 + 8 * k);                         \
+            for (int k = 0; k < K; k++) {                                                   \
+                vd e = WIDE(LOAD(x + q * C + c0 + 8 * k)) - mm[k];                          \
+                a1[k] += e;                                                                 \
+                a2[k] += e * e;                                                             \
+            }                                                                               \
+        }                                                                                   \
+        for (int k = 0; k < K; k++) {                                                       \
+            store_f64(s1 + c0 + 8 * k, a1[k]);                                              \
+            store_f64(s2 + c0 + 8 * k, a2[k]);                                              \
+        }                                                                                   \
+    }                                                                                       \
+    /* A float32 input's statistics again, in float64, for the activation's backward: the   \
+       forward's sums take float32 runs of x - pivot (relative error ~1e-7 near zero, where \
+       the subtraction rounds), u = xhat w + ub carries that error, and dy act''(u) carries \
+       it times rstd |w| into dx: 1.6-4.2x the float32 bound at rstd 330, |w| = 6, near a   \
+       zero of act' (test_regression_float32_activation_gradient_from_float32_statistics).  \
+       The sums of e = x - m and e^2 around the forward's mean m in float64 (NCHW a task    \
+       per (n, g), its elements contiguous; channels-last per (n, c) in 64-channel slices   \
+       as the sums, folded per group): the mean's remainder goes into mlo, the variance     \
+       into rstd and krd. Groups of at most two elements were made exact from x already. */ \
+    static void exact_stats_##S(const T *x, int64_t N, int64_t C, int64_t L, int cl,        \
+                                const int64_t *offsets, int64_t G, const double *kmd,       \
+                                double *mlo, double *rstd, double *krd, double eps,         \
+                                int nthreads) {                                             \
+        int64_t NC = N * C, NG = N * G, slices = (C + 63) / 64;                             \
+        double *s1 = malloc((size_t)(2 * (NC + NG)) * sizeof(double)), *s2 = s1 + NC;       \
+        double *g1 = s2 + NC, *g2 = g1 + NG;                                                \
+        if (!cl)                                                                            \
+            FOR_TASKS(i, NG, {                                                              \
+                int64_t n = i / G, g = i - n * G, c = offsets[g];                           \
+                const T *xg = x + (n * C + c) * L;                                          \
+                int64_t len = (offsets[g + 1] - c) * L, k = 0;                              \
+                vd m = (vd){0} + kmd[n * C + c], a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0};    \
+                for (; k + 16 <= len; k += 16) {                                            \
+                    vd e = WIDE(LOAD(xg + k)) - m, f = WIDE(LOAD(xg + k + 8)) - m;          \
+                    a1 += e;                                                                \
+                    a2 += e * e;                                                            \
+                    b1 += f;                                                                \
+                    b2 += f * f;                                                            \
+                }                                                                           \
+                double t1 = 0, t2 = 0;                                                      \
+                for (; k < len; k++) {                                                      \
+                    double e = (double)xg[k] - kmd[n * C + c];                              \
+                    t1 += e;                                                                \
+                    t2 += e * e;                                                            \
+                }                                                                           \
+                g1[i] = t1 + lanes(a1 + b1);                                                \
+                g2[i] = t2 + lanes(a2 + b2);                                                \
+            })                                                                              \
+        else {                                                                              \
+            FOR_TASKS(t, N * slices, {                                                      \
+                int64_t n = t / slices, c0 = t % slices * 64;                               \
+                int64_t c1 = c0 + 64 < C ? c0 + 64 : C, K = (c1 - c0) / 8;                  \
+                const T *xs = x + n * L * C;                                                \
+                const double *m = kmd + n * C;                                              \
+                if (K == 8)                                                                 \
+                    cl_centered_##S(xs, C, L, c0, 8, m, s1 + n * C, s2 + n * C);            \
+                else                                                                        \
+                    for (int64_t k = 0; k < K; k++)                                         \
+                        cl_centered_##S(xs, C, L, c0 + 8 * k, 1, m, s1 + n * C, s2 + n * C); \
+                for (int64_t c = c0 + 8 * K; c < c1; c++) {                                 \
+                    double t1 = 0, t2 = 0;                                                  \
+                    for (int64_t q = 0; q < L; q++) {                                       \
+                        double e = (double)xs[q * C + c] - m[c];                            \
+                        t1 += e;                                                            \
+                        t2 += e * e;                                                        \
+                    }                                                                       \
+                    s1[n * C + c] = t1;                                                     \
+                    s2[n * C + c] = t2;                                                     \
+                }                                                                           \
+            })                                                                              \
+            for (int64_t i = 0; i < NG; i++) {                                              \
+                g1[i] = fold(s1 + i / G * C, offsets, i % G);                               \
+                g2[i] = fold(s2 + i / G * C, offsets, i % G);                               \
+            }                                                                               \
+        }                                                                                   \
+        for (int64_t n = 0, i = 0; n < N; n++)                                              \
+            for (int64_t g = 0; g < G; g++, i++) {                                          \
+                double n_g = (double)((offsets[g + 1] - offsets[g]) * L);                   \
+                if (n_g <= 2) continue;                                                     \
+                double t1 = g1[i] / n_g, v = g2[i] / n_g - t1 * t1;                         \
+                double r = 1.0 / sqrt((v < 0 ? 0.0 : v) + eps);                             \
+                mlo[i] = t1;                                                                \
+                rstd[i] = r;                                                                \
+                for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) krd[n * C + c] = r;   \
+            }                                                                               \
+        free(s1);                                                                           \
+    }                                                                                       \
     /* dx of one element (of coefficients j) as the vectors form it: the scalar tails, and  \
        channels-last rows where a group may have two elements (L <= 2). There dx = rstd^3   \
        eps (g1 w1 - g2 w2) / 2 is nearly 0 but its two terms are each rstd |g1 w1 - g2 w2|  \
        / 2, unbounded as the two values of x approach each other. */                        \
-    static inline T dx64_##S(T x, T dy, int64_t j, const double *kw, const double *km,    \
+    static inline T dx64_##S(T x, T dy, int64_t j, const double *kw, const double *km,      \
                              const T *khi, const double *kq64) {                            \
         return (T)(((double)dy * kw[j] - km[j]) - ((double)x - (double)khi[j]) * kq64[j]);  \
     }                                                                                       \
@@ -1173,9 +1274,9 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
         double *kw = malloc((size_t)(5 * NC) * sizeof(double)), *km = kw + NC;              \
         double *kmd = km + NC, *krd = kmd + NC; /* mean and rstd per (n, c) for the sums */ \
         double *kq64 = krd + NC;                                                            \
-        /* A group of two elements (or one) takes its mean and variance again from x,      \
+        /* A group of two elements (or one) takes its mean and variance again from x,       \
            exactly: the forward's are accurate to the spread's T rounding, and dx there is   \
-           nearly 0 (see dx64_S), a cancellation that error would show through. */         \
+           nearly 0 (see dx64_S), a cancellation that error would show through. */          \
         for (int64_t n = 0, i = 0; n < N; n++)                                              \
             for (int64_t g = 0; g < G; g++, i++) {                                          \
                 double m = mean[i], v = var[i], e[2], low = lo ? lo[i] : 0.0;               \
@@ -1200,14 +1301,18 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 krd[j] = rstd[i];                                                           \
                 kw[j] = wd[per_sample ? j : c];                                             \
             }                                                                               \
-        if (act) { /* g into dx's memory, the dy of what follows */                        \
-            double *krw = malloc((size_t)(2 * NC) * sizeof(double)), *kub = krw + NC;      \
+        if (act && sizeof(T) == 4 && !given)                                                \
+            exact_stats_##S(x, N, C, L, cl, offsets, G, kmd, mlo, rstd, krd, eps, nthreads); \
+        if (act) { /* g into dx's memory, the dy of what follows */                         \
+            double *krw = malloc((size_t)(2 * NC) * sizeof(double)), *kub = krw + NC;       \
             for (int64_t n = 0, j = 0; n < N; n++)                                          \
                 for (int64_t c = 0; c < C; c++, j++) {                                      \
+                    /* u = (x - kmd - mlo) krw + ub: the mean's low part folded into ub */  \
                     krw[j] = krd[j] * kw[j];                                                \
-                    kub[j] = ubd ? ubd[per_sample ? j : c] : 0.0;                           \
+                    kub[j] = (ubd ? ubd[per_sample ? j : c] : 0.0) -                        \
+                             mlo[n * G + group_of[c]] * krw[j];                             \
                 }                                                                           \
-            if (!cl) { /* R rows a task: about 2048 elements */                            \
+            if (!cl) { /* R rows a task: about 2048 elements */                             \
                 int64_t R = L < 2048 ? 2048 / L : 1, tasks = (NC + R - 1) / R;              \
                 FOR_TASKS(t, tasks, {                                                       \
                     int64_t j0 = t * R, j1 = j0 + R < NC ? j0 + R : NC;                     \
@@ -1216,7 +1321,7 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                     else                                                                    \
                         act_row_##S(x, dy, dx, j0, j1, L, kmd, krw, kub, gelu_grad_d);      \
                 })                                                                          \
-            } else { /* blocks of 64 positions of one sample */                            \
+            } else { /* blocks of 64 positions of one sample */                             \
                 int64_t blocks = (L + 63) / 64;                                             \
                 FOR_TASKS(t, N * blocks, {                                                  \
                     int64_t n = t / blocks, q0 = t % blocks * 64;                           \
@@ -1233,7 +1338,7 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
             dy = dx;                                                                        \
         }                                                                                   \
         if (!cl) {                                                                          \
-            /* Short rows four at a time (at most three left over); long ones alone       \
+            /* Short rows four at a time (at most three left over); long ones alone         \
                (eight streams at once measured 3-5 % slower at L = 4096). */                \
             if (L < 512) {                                                                  \
                 FOR_TASKS(t, NC / 4, {                                                      \
@@ -1296,10 +1401,10 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                     s1 += kw[n * C + c] * A[n * C + c];                                     \
                     s2 += kw[n * C + c] * B[n * C + c];                                     \
                 }                                                                           \
-                /* gradients through returned statistics, a (x - mean) + b, folded in:     \
+                /* gradients through returned statistics, a (x - mean) + b, folded in:      \
                    dx = r (dy w - m1 - (x - mean) r s2 / n_g) + a (x - mean) + b */         \
                 double ea = sa ? sa[n * G + g] / r : 0.0, eb = sb ? sb[n * G + g] / r : 0.0; \
-                /* given statistics are constants here: dx = r dy w (their own gradients   \
+                /* given statistics are constants here: dx = r dy w (their own gradients    \
                    come from A and B) */                                                    \
                 if (given) s1 = s2 = 0.0;                                                   \
                 double q64 = r * (r * s2 / n_g - ea), m1 = r * (s1 / n_g - eb);             \
@@ -1324,7 +1429,7 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 for (; i < L; i++) out[i] = dx64_##S(xr[i], dr[i], j, kw, km, khi, kq64);   \
             })                                                                              \
         } else {                                                                            \
-            /* groups of two elements or fewer (L <= 2) all in float64, see dx64_S */      \
+            /* groups of two elements or fewer (L <= 2) all in float64, see dx64_S */       \
             int64_t C8 = L > 2 ? C - C % 8 : 0;                                             \
             FOR_TASKS(t, N * L, {                                                           \
                 int64_t o = t / L * C;                                                      \
