@@ -492,6 +492,29 @@ static double fold(const double *acc, const int64_t *offsets, int64_t g) {
     return s;
 }
 
+/* Whether a float32 input's backward without an activation takes its statistics again in
+   float64 (exact_stats_S): the forward's are off by ~1e-7 of the variance, and dx carries
+   that as about rstd |w| |g| |xhat| 1e-7 / sqrt(n_g) (the group term xhat mean(g xhat)),
+   where dx itself may cancel to 0: 3-element groups at rstd 100 put dx at 2.6x the float32
+   bound, 16-element ones at 1.0x (found by fuzzing), while groups of thousands stay far
+   below it. Taken where rstd max|w| / sqrt(n_g) passes EXACT_STATS_RATIO in any group (those
+   fuzzed cases: 58 and 25); w: the nw weights, per channel or per (n, c). */
+#define EXACT_STATS_RATIO 2.0
+static int stats_matter(const double *rstd, const double *w, int64_t nw, int64_t N, int64_t L,
+                        const int64_t *offsets, int64_t G) {
+    double wmax = 0.0, limit = EXACT_STATS_RATIO * EXACT_STATS_RATIO;
+    for (int64_t j = 0; j < nw; j++) {
+        double a = fabs(w[j]);
+        wmax = a > wmax ? a : wmax;
+    }
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t g = 0; g < G; g++) {
+            double r = rstd[n * G + g] * wmax;
+            if (r * r > limit * (double)((offsets[g + 1] - offsets[g]) * L)) return 1;
+        }
+    return 0;
+}
+
 /* Chan's merge of parts[0..k) in order; returns the merged (count, mean, m2). One part is
    itself (the loop would return it unchanged, after two divisions: per group of a small
    tensor they were a tenth of the forward's time). */
@@ -1268,11 +1291,12 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
             store_f64(s2 + c0 + 8 * k, a2[k]);                                              \
         }                                                                                   \
     }                                                                                       \
-    /* A float32 input's statistics again, in float64, for the activation's backward: the   \
-       forward's sums take float32 runs of x - pivot (relative error ~1e-7 near zero, where \
-       the subtraction rounds), u = xhat w + ub carries that error, and dy act''(u) carries \
-       it times rstd |w| into dx: 1.6-4.2x the float32 bound at rstd 330, |w| = 6, near a   \
-       zero of act' (test_regression_float32_activation_gradient_from_float32_statistics).  \
+    /* A float32 input's statistics again, in float64, for the activation's backward and    \
+       where stats_matter: the forward's sums take float32 runs of x - pivot (relative error\
+       ~1e-7 near zero, where the subtraction rounds), u = xhat w + ub carries that error,  \
+       and dy act''(u) carries it times rstd |w| into dx: 1.6-4.2x the float32 bound at rstd\
+       330, |w| = 6, near a zero of act'                                                    \
+       (test_regression_float32_activation_gradient_from_float32_statistics).               \
        The sums of e = x - m and e^2 around the forward's mean m in float64 (NCHW a task    \
        per (n, g), its elements contiguous; channels-last per (n, c) in 64-channel slices   \
        as the sums, folded per group): the mean's remainder goes into mlo, the variance     \
@@ -1398,7 +1422,8 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 krd[j] = rstd[i];                                                           \
                 kw[j] = wd[per_sample ? j : c];                                             \
             }                                                                               \
-        if (act && sizeof(T) == 4 && !given)                                                \
+        if (sizeof(T) == 4 && !given &&                                                     \
+            (act || stats_matter(rstd, wd, per_sample ? NC : C, N, L, offsets, G)))         \
             exact_stats_##S(x, N, C, L, cl, offsets, G, kmd, mlo, rstd, krd, eps, nthreads); \
         if (act) { /* g into dx's memory, the dy of what follows */                         \
             double *krw = malloc((size_t)(2 * NC) * sizeof(double)), *kub = krw + NC;       \
