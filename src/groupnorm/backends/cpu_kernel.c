@@ -495,10 +495,12 @@ static double fold(const double *acc, const int64_t *offsets, int64_t g) {
 /* Whether a float32 input's backward without an activation takes its statistics again in
    float64 (exact_stats_S): the forward's are off by ~1e-7 of the variance, and dx carries
    that as about rstd |w| |g| |xhat| 1e-7 / sqrt(n_g) (the group term xhat mean(g xhat)),
-   where dx itself may cancel to 0: 3-element groups at rstd 100 put dx at 2.6x the float32
-   bound, 16-element ones at 1.0x (found by fuzzing), while groups of thousands stay far
-   below it. Taken where rstd max|w| / sqrt(n_g) passes EXACT_STATS_RATIO in any group (those
-   fuzzed cases: 58 and 25); w: the nw weights, per channel or per (n, c). */
+   where dx itself may cancel to 0: 3-element groups at rstd 100 put dx at up to 3.9x the
+   float32 bound, 16-element ones at 1.5x (found by fuzzing;
+   test_regression_float32_dx_of_small_groups_from_float32_statistics), while groups of
+   thousands stay far below it. Taken where rstd max|w| / sqrt(n_g) passes
+   EXACT_STATS_RATIO in any group (the fuzzed cases: 58 and 25); w: the nw weights, per
+   channel or per (n, c). */
 #define EXACT_STATS_RATIO 2.0
 static int stats_matter(const double *rstd, const double *w, int64_t nw, int64_t N, int64_t L,
                         const int64_t *offsets, int64_t G) {
