@@ -854,6 +854,25 @@ def test_regression_float64_is_exact_far_from_zero(
     assert_matches(bg.grad, grads.dbeta, torch.float64, reduction=rows, what="db")
 
 
+def _kernel_backward(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    plan_kw: dict[str, Any],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    **epilogue: Any,
+) -> tuple[torch.Tensor | None, R.Grads]:
+    """dx of ``group_norm`` on a copy of float32 x through the kernel's backward (asserted to
+    run once), and the float64 reference's gradients for the same inputs. weight and bias
+    collect their own gradients where they require them."""
+    xg = x.detach().clone().requires_grad_()
+    with _calls("backward") as calls:
+        groupnorm.group_norm(xg, weight=weight, bias=bias, **plan_kw, **epilogue).backward(dy)
+    assert calls[0] == 1
+    _, cache = reference(x, resolve_plan(x.shape[1], **plan_kw), weight, bias, **epilogue)
+    return xg.grad, R.group_norm_backward(to_numpy(dy), cache)
+
+
 @needs_kernel
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize(("activation", "zero"), [("gelu", -0.75), ("silu", -1.28)])
@@ -870,13 +889,8 @@ def test_regression_float32_activation_gradient_from_float32_statistics(
     w = torch.full((64,), 6.0, requires_grad=True)
     b = torch.full((64,), zero + 6.0, requires_grad=True)
     dy = rand(shape, torch.float32, 34)
-    xg = x.detach().clone().requires_grad_()
-    with _calls("backward") as calls:
-        groupnorm.group_norm(xg, 8, w, b, activation=activation).backward(dy)
-    assert calls[0] == 1
-    _, cache = reference(x, resolve_plan(64, num_groups=8), w, b, activation=activation)
-    grads = R.group_norm_backward(to_numpy(dy), cache)
-    assert_matches(xg.grad, grads.dx, torch.float32, reduction=8 * 256, what="dx")
+    dx, grads = _kernel_backward(x, dy, {"num_groups": 8}, w, b, activation=activation)
+    assert_matches(dx, grads.dx, torch.float32, reduction=8 * 256, what="dx")
     assert_matches(w.grad, grads.dgamma, torch.float32, reduction=2 * 256, what="dw")
     assert_matches(b.grad, grads.dbeta, torch.float32, reduction=2 * 256, what="db")
 
@@ -912,14 +926,9 @@ def test_regression_float32_dx_of_small_groups_from_float32_statistics(
                 "shift": rand((N, C), torch.float32, seed + 4),
             }
         dy = rand(shape, torch.float32, seed + 5)
-        xg = x.detach().clone().requires_grad_()
-        with _calls("backward") as calls:
-            groupnorm.group_norm(xg, weight=w, bias=b, **plan_kw, **kw).backward(dy)
-        assert calls[0] == 1
-        _, cache = reference(x, plan, w, b, **kw)
-        grads = R.group_norm_backward(to_numpy(dy), cache)
+        dx, grads = _kernel_backward(x, dy, plan_kw, w, b, **kw)
         group = max(plan.sizes) * math.prod(shape[2:])
-        assert_matches(xg.grad, grads.dx, torch.float32, reduction=group, what=f"dx, seed {seed}")
+        assert_matches(dx, grads.dx, torch.float32, reduction=group, what=f"dx, seed {seed}")
 
 
 @needs_kernel
@@ -934,7 +943,6 @@ def test_regression_float32_activation_gradient_keeps_what_rounding_g_leaves(
     cases (found by fuzzing). The dx pass now adds what the rounding left, kept in float32,
     and the sums take g in float64."""
     N, C, spatial = 3, 320, (2, 3)
-    plan = resolve_plan(C, group_size=2)
     for seed in (41, 44):
         x = make_x((N, C, *spatial), torch.float32, layout, seed=seed, loc=0.5, std=1e-2)
         w = rand((C,), torch.float32, seed + 1) * 0.5 + 1
@@ -942,14 +950,9 @@ def test_regression_float32_activation_gradient_keeps_what_rounding_g_leaves(
         scale = rand((N, C), torch.float32, seed + 3) * 0.3
         shift = rand((N, C), torch.float32, seed + 4)
         dy = rand((N, C, *spatial), torch.float32, seed + 5)
-        xg = x.detach().clone().requires_grad_()
         kw: dict[str, Any] = {"scale": scale, "shift": shift, "activation": activation}
-        with _calls("backward") as calls:
-            groupnorm.group_norm(xg, group_size=2, weight=w, bias=b, **kw).backward(dy)
-        assert calls[0] == 1
-        _, cache = reference(x, plan, w, b, **kw)
-        grads = R.group_norm_backward(to_numpy(dy), cache)
-        assert_matches(xg.grad, grads.dx, torch.float32, reduction=12, what=f"dx, seed {seed}")
+        dx, grads = _kernel_backward(x, dy, {"group_size": 2}, w, b, **kw)
+        assert_matches(dx, grads.dx, torch.float32, reduction=12, what=f"dx, seed {seed}")
 
 
 @needs_kernel
