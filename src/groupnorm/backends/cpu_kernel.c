@@ -214,6 +214,14 @@ static inline int put_f64(double *p, vd v, int nt) {
     store_f64(p, v);
     return 0;
 }
+/* Prefetches K vectors of 8 elements of `size` bytes at p, one per cache line: the
+   channels-last sweeps call it for the same columns RUN rows on, whose strided rows defeat
+   the hardware prefetcher. */
+static inline __attribute__((always_inline)) void prefetch_slice(const void *p, int K,
+                                                                 int size) {
+    for (int k = 0; k < K; k += 64 / size / 8)
+        __builtin_prefetch((const char *)p + 8 * k * size);
+}
 /* Orders a task's non-temporal stores before what follows it. */
 static inline void drain(int nt) {
 #ifdef __AVX__
@@ -679,9 +687,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         VW sv[4], f1[4] = {0}, f2[4] = {0};                                                 \
         for (int k = 0; k < K; k++) sv[k] = LOADW(shift + c + 8 * k);                       \
         for (int64_t q = r; q < r + rows; q++) {                                            \
-            /* the same columns RUN rows on: strided rows defeat the hardware prefetcher */ \
-            for (int k = 0; k < K; k += 64 / (int)sizeof(T) / 8)                            \
-                __builtin_prefetch(slab + (q + RUN) * C + c + 8 * k);                       \
+            prefetch_slice(slab + (q + RUN) * C + c, K, (int)sizeof(T));                    \
             for (int k = 0; k < K; k++) {                                                   \
                 VW e = LOAD(slab + q * C + c + 8 * k) - sv[k];                              \
                 if (w1) f1[k] += e;                                                         \
@@ -1101,10 +1107,8 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
             rr[k] = load_f64(r + c0 + 8 * k);                                               \
         }                                                                                   \
         for (int64_t q = 0; q < L; q++) {                                                   \
-            for (int k = 0; k < K; k += 64 / (int)sizeof(T) / 8) {                          \
-                __builtin_prefetch(dy + (q + RUN) * C + c0 + 8 * k);                        \
-                __builtin_prefetch(x + (q + RUN) * C + c0 + 8 * k);                         \
-            }                                                                               \
+            prefetch_slice(dy + (q + RUN) * C + c0, K, (int)sizeof(T));                     \
+            prefetch_slice(x + (q + RUN) * C + c0, K, (int)sizeof(T));                      \
             for (int k = 0; k < K; k++) {                                                   \
                 int64_t c = c0 + 8 * k;                                                     \
                 vd d = WIDE(LOAD(dy + q * C + c));                                          \
@@ -1171,10 +1175,8 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
         vd a1[8], a2[8];                                                                    \
         for (int k = 0; k < K; k++) a1[k] = a2[k] = (vd){0};                                \
         for (int64_t q = 0; q < L; q++) {                                                   \
-            for (int k = 0; k < K; k += 64 / (int)sizeof(T) / 8) {                          \
-                __builtin_prefetch(dy + (q + RUN) * C + c0 + 8 * k);                        \
-                __builtin_prefetch(x + (q + RUN) * C + c0 + 8 * k);                         \
-            }                                                                               \
+            prefetch_slice(dy + (q + RUN) * C + c0, K, (int)sizeof(T));                     \
+            prefetch_slice(x + (q + RUN) * C + c0, K, (int)sizeof(T));                      \
             for (int k = 0; k < K; k++) {                                                   \
                 int64_t c = c0 + 8 * k, o = q * C + c;                                      \
                 vd e = WIDE(LOAD(x + o)) - load_f64(m + c);                                 \
@@ -1280,8 +1282,7 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
             mm[k] = load_f64(m + c0 + 8 * k);                                               \
         }                                                                                   \
         for (int64_t q = 0; q < L; q++) {                                                   \
-            for (int k = 0; k < K; k += 64 / (int)sizeof(T) / 8)                            \
-                __builtin_prefetch(x + (q + RUN) * C + c0 + 8 * k);                         \
+            prefetch_slice(x + (q + RUN) * C + c0, K, (int)sizeof(T));                      \
             for (int k = 0; k < K; k++) {                                                   \
                 vd e = WIDE(LOAD(x + q * C + c0 + 8 * k)) - mm[k];                          \
                 a1[k] += e;                                                                 \
