@@ -791,8 +791,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         }                                                                                   \
     }                                                                                       \
     /* pivot[c]: the first element of c's group in the sample. */                           \
-    static void cl_pivots_##S(const T *slab, int64_t C, const int64_t *offsets, int64_t G,  \
-                              W *pivot) {                                                   \
+    static void cl_pivots_##S(const T *slab, const int64_t *offsets, int64_t G, W *pivot) { \
         for (int64_t g = 0; g < G; g++)                                                     \
             for (int64_t c = offsets[g]; c < offsets[g + 1]; c++)                           \
                 pivot[c] = IN(slab[offsets[g]]);                                            \
@@ -804,7 +803,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         part_t *parts = malloc((size_t)(N * blocks * G) * sizeof(part_t));                  \
         W *pivots = malloc((size_t)(2 * N * C) * sizeof(W)), *pilots = pivots + N * C;      \
         for (int64_t n = 0; n < N; n++)                                                     \
-            cl_pivots_##S(x + n * L * C, C, offsets, G, pivots + n * C);                    \
+            cl_pivots_##S(x + n * L * C, offsets, G, pivots + n * C);                       \
         FOR_TWO(n, N,                                                                       \
                 cl_block_##S(x + n * L * C, C, L, offsets, G, pivots + n * C, pilots + n * C, \
                              0, parts + n * blocks * G),                                    \
@@ -966,7 +965,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         const T *slab = x + n * L * C;                                                      \
         part_t *parts = malloc((size_t)(blocks * G) * sizeof(part_t));                      \
         W *pivot = malloc((size_t)(2 * C) * sizeof(W)), *pilot = pivot + C;                 \
-        cl_pivots_##S(slab, C, offsets, G, pivot);                                          \
+        cl_pivots_##S(slab, offsets, G, pivot);                                             \
         for (int64_t b = 0; b < blocks; b++)                                                \
             cl_block_##S(slab, C, L, offsets, G, pivot, pilot, b, parts + b * G);           \
         cl_merge_##S(parts, blocks, G, offsets, pivot, mean + n * G, var + n * G,           \
@@ -1581,8 +1580,9 @@ DEFINE_BACKWARD(f64, double, vd, load_f64, wide_d, wide_d, store_f64)
    a (x - mean) + b on every element of group (n, g), added to dx in the same pass. given: mean
    and var were given, constants here: dx = rstd dy w. act (float32 only; 1 SiLU, 2 GELU, 0
    none): the forward's output was act(u), u = xhat w + ub (ub float64, per channel, or per
-   (n, c) with per_sample, or NULL for 0), and dy is dL/d act(u): dy act'(u), u recomputed
-   in float64, rounded once to float32, replaces dy throughout. */
+   (n, c) with per_sample, or NULL for 0), and dy is dL/d act(u): g = dy act'(u), u recomputed
+   in float64 around float64 statistics, replaces dy throughout, kept as float32 plus the
+   residual of that rounding. */
 static int gn_backward(const void *x, const void *dy, void *dx, int dtype, int64_t N, int64_t C,
                        int64_t L, int cl, const int64_t *offsets, int64_t G,
                        const int64_t *group_of, const double *mean, const double *var,
@@ -1879,7 +1879,7 @@ static int parse(PyObject *const *args, Py_ssize_t nargs, const char *name, Py_s
 static PyObject *py_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     long long a[24];
-    double eps;
+    double eps = 0.0; /* parse sets it; gcc cannot see that */
     if (parse(args, nargs, "forward", 24, 15, a, &eps)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
@@ -1906,7 +1906,7 @@ static PyObject *py_stats(PyObject *self, PyObject *const *args, Py_ssize_t narg
 static PyObject *py_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     long long a[27];
-    double eps;
+    double eps = 0.0; /* parse sets it; gcc cannot see that */
     if (parse(args, nargs, "backward", 27, 14, a, &eps)) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
