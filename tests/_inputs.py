@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from groupnorm import reference as R
@@ -142,3 +143,27 @@ def textbook_group_norm(
     if shift is not None:
         y = y + shift.reshape(per_sample)
     return y, torch.stack(means, 1), torch.stack(variances, 1)
+
+
+def torch_grads(
+    x: torch.Tensor, plan: GroupPlan, w: torch.Tensor, b: torch.Tensor, dy: torch.Tensor
+) -> list[torch.Tensor]:
+    """torch's own same-dtype (dx, dweight, dbias): ``F.group_norm`` and its autograd on each run
+    of equal-size groups (one run for an even plan), the half-precision baseline of a backward
+    that has no epilogue."""
+    grads: list[list[torch.Tensor]] = [[], [], []]
+    for start, end, size in plan.runs:
+        parts = [t[cols].detach().requires_grad_() for t, cols in run_slices(x, w, b, start, end)]
+        y = F.group_norm(parts[0], (end - start) // size, parts[1], parts[2])
+        y.backward(dy[:, start:end])
+        for acc, t in zip(grads, parts, strict=True):
+            assert t.grad is not None
+            acc.append(t.grad)
+    return [torch.cat(grads[0], dim=1), torch.cat(grads[1]), torch.cat(grads[2])]
+
+
+def run_slices(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, start: int, end: int
+) -> list[tuple[torch.Tensor, tuple[slice, ...]]]:
+    cols = slice(start, end)
+    return [(x, (slice(None), cols)), (w, (cols,)), (b, (cols,))]

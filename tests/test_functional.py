@@ -18,8 +18,7 @@ import groupnorm
 from groupnorm import reference as R
 from groupnorm.backends import torch_ops
 from groupnorm.functional import resolve_plan
-from groupnorm.groups import GroupPlan
-from tests._inputs import LAYOUTS, make_x, rand, reference
+from tests._inputs import LAYOUTS, make_x, rand, reference, torch_grads
 from tests._tolerances import assert_matches, to_numpy
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -47,30 +46,6 @@ def _baseline(
     if set(plan_kw) != {"num_groups"} or x.shape[1] % plan_kw["num_groups"]:
         return None
     return F.group_norm(x, plan_kw["num_groups"], w, b)
-
-
-def _torch_grads(
-    x: torch.Tensor, plan: GroupPlan, w: torch.Tensor, b: torch.Tensor, dy: torch.Tensor
-) -> list[torch.Tensor]:
-    """torch's own same-dtype (dx, dweight, dbias): ``F.group_norm`` and its autograd on each run
-    of equal-size groups (one run for an even plan), the half-precision baseline of a backward
-    that has no epilogue."""
-    grads: list[list[torch.Tensor]] = [[], [], []]
-    for start, end, size in plan.runs:
-        parts = [t[cols].detach().requires_grad_() for t, cols in _run_slices(x, w, b, start, end)]
-        y = F.group_norm(parts[0], (end - start) // size, parts[1], parts[2])
-        y.backward(dy[:, start:end])
-        for acc, t in zip(grads, parts, strict=True):
-            assert t.grad is not None
-            acc.append(t.grad)
-    return [torch.cat(grads[0], dim=1), torch.cat(grads[1]), torch.cat(grads[2])]
-
-
-def _run_slices(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, start: int, end: int
-) -> list[tuple[torch.Tensor, tuple[slice, ...]]]:
-    cols = slice(start, end)
-    return [(x, (slice(None), cols)), (w, (cols,)), (b, (cols,))]
 
 
 # (N, C) has no channels-last layout distinct from contiguous.
@@ -186,7 +161,7 @@ def test_backward_matches_reference(
     # its backward is the baseline: its dx is up to 6.6x the exactly rounded result's error.
     base: list[torch.Tensor | None] = [None, None, None]
     if dtype == torch.bfloat16 and activation is None and not modulated:
-        base = list(_torch_grads(x, plan, w, b, dy))
+        base = list(torch_grads(x, plan, w, b, dy))
     assert_matches(x.grad, grads.dx, dtype, reduction=group, baseline=base[0], what="dx")
     assert_matches(w.grad, grads.dgamma, dtype, reduction=24, baseline=base[1], what="dweight")
     assert_matches(b.grad, grads.dbeta, dtype, reduction=24, baseline=base[2], what="dbias")

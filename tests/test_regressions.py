@@ -15,7 +15,14 @@ import groupnorm
 from groupnorm import reference as R
 from groupnorm.backends import cpu_kernel
 from groupnorm.functional import resolve_plan
-from tests._inputs import affine_draw, make_x, rand, reference, textbook_group_norm
+from tests._inputs import (
+    affine_draw,
+    make_x,
+    rand,
+    reference,
+    textbook_group_norm,
+    torch_grads,
+)
 from tests._tolerances import assert_matches, to_numpy
 
 
@@ -574,3 +581,31 @@ def test_regression_given_statistics_recorded_backward_matches_float64(layout: s
     want = torch.autograd.grad(penalty(textbook, x64, w64, b64), (x64, w64))
     for name, g, e in zip(("dx", "dw"), got, want, strict=True):
         assert_matches(g, to_numpy(e), torch.float64, reduction=C // G * 16, what=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("plan_kw", [{"num_groups": 2}, {"num_groups": 3, "uneven": True}])
+def test_regression_bias_without_weight_backward(
+    dtype: torch.dtype, layout: str, plan_kw: dict[str, Any]
+) -> None:
+    """A bias with no weight: torch's group_norm backward raised "tensor does not have a
+    device", and so did ours wherever it called torch's kernel (float64, half precision; the
+    float32 kernel's did not). dx and dbias against the float64 reference; in bfloat16, where
+    torch's kernel serves, its backward with a weight of ones is the baseline."""
+    N, C, H, W = 2, 8, 3, 5
+    x = make_x((N, C, H, W), dtype, layout, seed=21).requires_grad_()
+    b = rand((C,), dtype, 22).requires_grad_()
+    dy = rand((N, C, H, W), dtype, 23)
+    plan = resolve_plan(C, **plan_kw)
+    y = groupnorm.group_norm(x, bias=b, **plan_kw)
+    y.backward(dy)
+    expected, cache = reference(x, plan, None, b)
+    count = max(plan.sizes) * H * W
+    assert_matches(y, expected, dtype, reduction=count)
+    grads = R.group_norm_backward(to_numpy(dy), cache)
+    base: list[torch.Tensor | None] = [None, None, None]
+    if dtype == torch.bfloat16:
+        base = list(torch_grads(x, plan, torch.ones_like(b), b, dy))
+    assert_matches(x.grad, grads.dx, dtype, reduction=count, baseline=base[0], what="dx")
+    assert_matches(b.grad, grads.dbeta, dtype, reduction=N * H * W, baseline=base[2], what="db")

@@ -217,6 +217,10 @@ def _request(
     bias = _check_param("bias", bias, (C,), x)
     scale = _check_param("scale", scale, (N, C), x)
     shift = _check_param("shift", shift, (N, C), x)
+    if weight is None and bias is not None:
+        # torch's group_norm backward fails on a bias without a weight ("tensor does not have
+        # a device"); a weight of ones changes no value.
+        weight = torch.ones_like(bias)
     if stats is not None:
         _check_stats(stats, x, plan)
         if return_stats:
