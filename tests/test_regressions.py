@@ -609,3 +609,29 @@ def test_regression_bias_without_weight_backward(
         base = list(torch_grads(x, plan, torch.ones_like(b), b, dy))
     assert_matches(x.grad, grads.dx, dtype, reduction=count, baseline=base[0], what="dx")
     assert_matches(b.grad, grads.dbeta, dtype, reduction=N * H * W, baseline=base[2], what="db")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", ["uneven", "silu", "given_stats"])
+def test_regression_batched_backward_reads_no_data_pointer(
+    dtype: torch.dtype, layout: str, case: str
+) -> None:
+    """``autograd.grad(..., is_grads_batched=True)`` (vmap over the backward, as gradcheck's
+    batched check and ``jacobian(vectorize=True)`` use) handed the fused kernel a batched dy:
+    "Cannot access data pointer of Tensor that doesn't have storage". Those backwards now run in
+    torch ops. Each of the batch's dx against the float64 reference's."""
+    N, C, G = 2, 6, 4
+    shape = (N, C, 3, 4)
+    x = make_x(shape, dtype, layout, seed=31).requires_grad_()
+    w, b = rand((C,), dtype, 32), rand((C,), dtype, 33)
+    plan = resolve_plan(C, num_groups=G, uneven=True)
+    activation = "silu" if case == "silu" else None
+    stats = groupnorm.group_stats(x, G, uneven=True) if case == "given_stats" else None
+    y = groupnorm.group_norm(x, G, w, b, uneven=True, activation=activation, stats=stats)
+    dys = rand((3, *shape), dtype, 34)
+    (batched,) = torch.autograd.grad(y, x, dys, is_grads_batched=True)
+    _, cache = reference(x, plan, w, b, activation=activation)
+    for dx, dy in zip(batched, dys, strict=True):
+        want = R.group_norm_backward(to_numpy(dy), cache).dx
+        assert_matches(dx, want, dtype, reduction=2 * 12, what="dx")

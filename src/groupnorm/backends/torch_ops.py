@@ -902,7 +902,7 @@ class _Fused(torch.autograd.Function):
         if d_smean is not None and d_m2 is not None:
             # d shifted_mean / dx = 1 / count and d m2 / dx = 2 (x - mean), per group
             through = torch.stack((2 * d_m2.double(), d_smean.double() / _group_counts(x, plan)))
-        recorded = torch.is_grad_enabled()
+        recorded = _backward_in_torch_ops(dy)
         in_kernel = None  # the activation the kernel's backward takes
         if activation is not None and recorded:
             # u recomputed from the inputs, so that second derivatives see it depend on them
@@ -931,6 +931,19 @@ class _Fused(torch.autograd.Function):
 
         grads = kernel_grads(backward, x, weight, bias, scale, shift, wanted)
         return (*grads, None, None, None, None)
+
+
+def _backward_in_torch_ops(dy: torch.Tensor) -> bool:
+    """Whether a fused Function's backward runs in float64 torch ops instead of the kernel:
+    where it is itself recorded (second derivatives), and where dy is batched by vmap over the
+    backward (``autograd.grad(is_grads_batched=True)``, ``jacobian(vectorize=True)``), whose
+    values the kernel cannot read."""
+    functorch = torch._C._functorch
+    return (
+        torch.is_grad_enabled()
+        or functorch.is_functorch_wrapped_tensor(dy)
+        or functorch.is_legacy_batchedtensor(dy)  # is_grads_batched's vmap
+    )
 
 
 def _u_bias(
@@ -1088,7 +1101,7 @@ class _FusedGiven(torch.autograd.Function):
         N, C = x.shape[:2]
         w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
         rstd = torch.rsqrt(m2.double() / count.double() + eps)  # differentiable when recorded
-        if torch.is_grad_enabled():
+        if _backward_in_torch_ops(dy):
             p, m, r = (_per_channel(v, plan) for v in (pivot.double(), smean.double(), rstd))
             # x - pivot, then the rest: pivot + smean as one float64 number would be off by
             # up to half an ulp of the pivot
