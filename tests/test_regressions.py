@@ -635,3 +635,23 @@ def test_regression_batched_backward_reads_no_data_pointer(
     for dx, dy in zip(batched, dys, strict=True):
         want = R.group_norm_backward(to_numpy(dy), cache).dx
         assert_matches(dx, want, dtype, reduction=2 * 12, what="dx")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("plan_kw", [{"num_groups": 2}, {"num_groups": 4, "uneven": True}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_regression_vmap_of_non_contiguous_samples(
+    layout: str, plan_kw: dict[str, Any], dtype: torch.dtype
+) -> None:
+    """``torch.func.vmap`` of group_norm over samples that are not contiguous (channels-last,
+    strided) raised "NYI: querying is_contiguous inside of vmap for memory_format other than
+    torch.contiguous_format", as torch's own group_norm does: both asked the batched tensor for
+    its channels-last contiguity. Every slice against the float64 reference."""
+    B, C = 3, 6
+    xs = make_x((B * 2, C, 3, 4, 2), dtype, layout, seed=41).unflatten(0, (B, 2))
+    w, b = rand((C,), dtype, 42), rand((C,), dtype, 43)
+    ys = torch.func.vmap(lambda x: groupnorm.group_norm(x, weight=w, bias=b, **plan_kw))(xs)
+    plan = resolve_plan(C, **plan_kw)
+    for x, y in zip(xs, ys, strict=True):
+        expected, _ = reference(x, plan, w, b)
+        assert_matches(y, expected, dtype, reduction=max(plan.sizes) * 24)

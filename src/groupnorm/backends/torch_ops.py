@@ -699,6 +699,8 @@ def native_fast(
         or not (eps >= 0 and eps < math.inf)
     ):
         return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return None  # before the layout queries below, which vmap's tensors do not answer
     # Channels-last: torch's kernel where the validated path asks it (_trust_limit), checked
     # against that layout's limit.
     limit = _nchw_trust(x.dtype) if x.is_contiguous() else _trust_limit(x, plan)
@@ -715,7 +717,6 @@ def native_fast(
         or not (_fast_param(weight, C) and _fast_param(bias, C))
         or not _final_in_kernel(x.dtype, weight, bias, activation)
         or torch._C._len_torch_dispatch_stack()
-        or torch._C._functorch.is_functorch_wrapped_tensor(x)
         or (forward_ad._current_level >= 0)
     ):
         return None
@@ -938,11 +939,10 @@ def _backward_in_torch_ops(dy: torch.Tensor) -> bool:
     where it is itself recorded (second derivatives), and where dy is batched by vmap over the
     backward (``autograd.grad(is_grads_batched=True)``, ``jacobian(vectorize=True)``), whose
     values the kernel cannot read."""
-    functorch = torch._C._functorch
     return (
         torch.is_grad_enabled()
-        or functorch.is_functorch_wrapped_tensor(dy)
-        or functorch.is_legacy_batchedtensor(dy)  # is_grads_batched's vmap
+        or torch._C._functorch.is_functorch_wrapped_tensor(dy)
+        or _vmapped(dy)
     )
 
 
@@ -1519,6 +1519,15 @@ def _compiled_fused(r: Request) -> torch.Tensor:
     return y if inside is not None or r.activation is None else apply_activation(y, r.activation)
 
 
+def _vmapped(x: torch.Tensor) -> bool:
+    """Whether x is batched by torch.func.vmap or by the legacy vmap of batched gradients (never
+    while torch.compile traces, which cannot call these queries)."""
+    functorch = torch._C._functorch
+    return not torch.compiler.is_compiling() and (
+        functorch.is_batchedtensor(x) or functorch.is_legacy_batchedtensor(x)
+    )
+
+
 def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     """Run a validated request: ``(y, stats or None)``.
 
@@ -1532,6 +1541,10 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     CPU kernel, where it is built, serves eager CPU calls that autograd does not record before
     all of these (:func:`_fused_serves`).
     """
+    if _vmapped(r.x) and not r.x.is_contiguous():
+        # torch's group_norm asks its input whether it is channels-last-contiguous, which a
+        # tensor batched by vmap does not answer ("NYI: querying is_contiguous inside of vmap")
+        r = r._replace(x=r.x.contiguous())
     if _fused_serves(r):
         return _fused(r)
     if _fused_records(r):
