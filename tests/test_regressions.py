@@ -613,14 +613,16 @@ def test_regression_bias_without_weight_backward(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("case", ["uneven", "silu", "given_stats"])
+@pytest.mark.parametrize("case", ["uneven", "silu", "given_stats", "stats_out"])
 def test_regression_batched_backward_reads_no_data_pointer(
     dtype: torch.dtype, layout: str, case: str
 ) -> None:
     """``autograd.grad(..., is_grads_batched=True)`` (vmap over the backward, as gradcheck's
-    batched check and ``jacobian(vectorize=True)`` use) handed the fused kernel a batched dy:
-    "Cannot access data pointer of Tensor that doesn't have storage". Those backwards now run in
-    torch ops. Each of the batch's dx against the float64 reference's."""
+    batched check and ``jacobian(vectorize=True)`` use) handed the fused kernel a batched dy
+    (or, for returned statistics alone, a plain zero dy and their batched gradients): "Cannot
+    access data pointer of Tensor that doesn't have storage". Those backwards now run in torch
+    ops. Each of the batch's dx against the float64 reference's, or against 2 dm2 (x - mean)
+    where the statistics' m2 is the output."""
     N, C, G = 2, 6, 4
     shape = (N, C, 3, 4)
     x = make_x(shape, dtype, layout, seed=31).requires_grad_()
@@ -628,12 +630,23 @@ def test_regression_batched_backward_reads_no_data_pointer(
     plan = resolve_plan(C, num_groups=G, uneven=True)
     activation = "silu" if case == "silu" else None
     stats = groupnorm.group_stats(x, G, uneven=True) if case == "given_stats" else None
-    y = groupnorm.group_norm(x, G, w, b, uneven=True, activation=activation, stats=stats)
+    kwargs: dict[str, Any] = {"activation": activation, "stats": stats}
     dys = rand((3, *shape), dtype, 34)
-    (batched,) = torch.autograd.grad(y, x, dys, is_grads_batched=True)
+    dm2s = rand((3, N, G), dtype, 35)
+    if case == "stats_out":
+        _, out = groupnorm.group_norm(x, G, w, b, uneven=True, return_stats=True)
+        (batched,) = torch.autograd.grad(out.m2, x, dm2s, is_grads_batched=True)
+    else:
+        y = groupnorm.group_norm(x, G, w, b, uneven=True, **kwargs)
+        (batched,) = torch.autograd.grad(y, x, dys, is_grads_batched=True)
     _, cache = reference(x, plan, w, b, activation=activation)
-    for dx, dy in zip(batched, dys, strict=True):
-        want = R.group_norm_backward(to_numpy(dy), cache).dx
+    channel_group = np.repeat(np.arange(G), plan.sizes)
+    centered = to_numpy(x) - cache.mean[:, channel_group, None, None]
+    for dx, dy, dm2 in zip(batched, dys, dm2s, strict=True):
+        if case == "stats_out":
+            want = 2 * to_numpy(dm2)[:, channel_group, None, None] * centered
+        else:
+            want = R.group_norm_backward(to_numpy(dy), cache).dx
         assert_matches(dx, want, dtype, reduction=2 * 12, what="dx")
 
 

@@ -903,7 +903,7 @@ class _Fused(torch.autograd.Function):
         if d_smean is not None and d_m2 is not None:
             # d shifted_mean / dx = 1 / count and d m2 / dx = 2 (x - mean), per group
             through = torch.stack((2 * d_m2.double(), d_smean.double() / _group_counts(x, plan)))
-        recorded = _backward_in_torch_ops(dy)
+        recorded = _backward_in_torch_ops(dy, *stats)
         in_kernel = None  # the activation the kernel's backward takes
         if activation is not None and recorded:
             # u recomputed from the inputs, so that second derivatives see it depend on them
@@ -934,15 +934,14 @@ class _Fused(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-def _backward_in_torch_ops(dy: torch.Tensor) -> bool:
+def _backward_in_torch_ops(*grads: torch.Tensor | None) -> bool:
     """Whether a fused Function's backward runs in float64 torch ops instead of the kernel:
-    where it is itself recorded (second derivatives), and where dy is batched by vmap over the
-    backward (``autograd.grad(is_grads_batched=True)``, ``jacobian(vectorize=True)``), whose
-    values the kernel cannot read."""
-    return (
-        torch.is_grad_enabled()
-        or torch._C._functorch.is_functorch_wrapped_tensor(dy)
-        or _vmapped(dy)
+    where it is itself recorded (second derivatives), and where an incoming gradient is batched
+    by vmap over the backward (``autograd.grad(is_grads_batched=True)``,
+    ``jacobian(vectorize=True)``), whose values the kernel cannot read."""
+    return torch.is_grad_enabled() or any(
+        g is not None and (torch._C._functorch.is_functorch_wrapped_tensor(g) or _vmapped(g))
+        for g in grads
     )
 
 
