@@ -125,7 +125,7 @@ def launches_of(
         stats = torch.zeros(shape[0], G)
         kernels._backward(
             torch.empty_like(x), x, w, w, s, s, sizes, stats, stats, stats,
-            activation, False, regime, False,
+            activation, False, regime, False, 1e-5,
         )  # fmt: skip
 
     return capture(run, sm_count)
@@ -188,13 +188,14 @@ CASES = {
 
 
 def limit_cases() -> dict[str, list[Launch]]:
-    """The on-chip kernels at the heuristics' largest tiles (ONCHIP_MAX_SLOTS), every epilogue
-    on (GELU, scale, shift, affine), in NCHW and channels-last, on 16-byte rows (8 bf16 or 4
-    fp32 channels per group)."""
-    from groupnorm.triton.heuristics import ONCHIP_MAX_SLOTS
+    """The on-chip kernels at the heuristics' largest tiles (ONCHIP_MAX_SLOTS, and the float32
+    backward's float64 variant at ONCHIP_EXACT_SLOTS), every epilogue on (GELU, scale, shift,
+    affine), in NCHW and channels-last, on 16-byte rows (8 bf16 or 4 fp32 channels per group)."""
+    from groupnorm.triton.heuristics import ONCHIP_EXACT_SLOTS, ONCHIP_MAX_SLOTS
 
     cases = {}
-    for (direction, size, channels_last), slots in ONCHIP_MAX_SLOTS.items():
+    exact = {("bwd", 4, cl): ONCHIP_EXACT_SLOTS for cl in (False, True)}  # float64 inside
+    for (direction, size, channels_last), slots in [*ONCHIP_MAX_SLOTS.items(), *exact.items()]:
         dtype = torch.bfloat16 if size == 2 else torch.float32
         cg = 16 // size
         L = slots // cg

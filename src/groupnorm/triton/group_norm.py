@@ -71,6 +71,7 @@ from groupnorm.triton.heuristics import (
     VECTOR_BYTES,
     LaunchConfig,
     choose_config,
+    exact_backward,
     next_pow2,
 )
 from groupnorm.triton.onchip import (
@@ -2233,11 +2234,14 @@ def _backward(
     stats_given: bool,
     regime: str,
     dx_float32: bool,
+    eps: float,
     ss: int = 0,
 ) -> tuple[Any, ...]:
     """Launch the backward; returns (dx, dweight, dbias, dscale, dshift), None where absent.
     dx is in x's dtype, or float32 when ``dx_float32`` (for gradients still to be added).
-    ``ss``: the statistics are one packed buffer (see :func:`_stat_buffers`)."""
+    ``ss``: the statistics are one packed buffer (see :func:`_stat_buffers`). The on-chip
+    kernel takes a float32 x's backward in float64 from its own statistics (``EXACT``, with
+    ``eps``), unless the statistics were given."""
     epilogue = (weight, bias, scale, shift)
     plan = _launch_of("bwd", x, dy, sizes, regime, epilogue, activation)
     xv = _copied(x) if plan.copy_x else x
@@ -2254,9 +2258,11 @@ def _backward(
     N, C = x.shape[:2]
     sums = x.new_empty(2 * N * C, dtype=torch.float32)  # (N, C, 2): A and B of each channel
     if cfg.regime == "onchip":
+        slots = plan.onchip["BLOCK_C"] * plan.onchip["BLOCK_L"]
+        exact = not stats_given and exact_backward("bwd", x.element_size(), slots)
         _gn_bwd_onchip_kernel[plan.grid](
-            xv, dyv, dx, *params, offs, plan.group_index, *stats, ss, sums, *plan.ints,
-            STATS_GIVEN=stats_given, **plan.onchip,
+            xv, dyv, dx, *params, offs, plan.group_index, *stats, ss, sums, *plan.ints, eps,
+            STATS_GIVEN=stats_given, EXACT=exact, **plan.onchip,
         )  # fmt: skip
     else:
         G, K = len(sizes), cfg.chunks
@@ -2382,6 +2388,7 @@ def group_norm_bwd_op(
     stats_given: bool,
     regime: str,
     dx_float32: bool,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dscale, dshift); a (0,) tensor stands for an absent parameter; dx
     in float32 when ``dx_float32``, else in x's dtype."""
@@ -2401,6 +2408,7 @@ def group_norm_bwd_op(
         stats_given,
         regime,
         dx_float32,
+        eps,
     )
     dw, db, dscale, dshift = (dy.new_empty(0) if g is None else g for g in grads)
     return dx, dw, db, dscale, dshift
@@ -2422,6 +2430,7 @@ def _(
     stats_given,
     regime,
     dx_float32,
+    eps,
 ):
     def like(t):
         return (
@@ -2447,7 +2456,7 @@ def _(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, scale, shift, sizes, _, activation, *given, regime = inputs
+    x, weight, bias, scale, shift, sizes, eps, activation, *given, regime = inputs
     _, pivot, smean, m2, count, rstd = output
     ctx.stats_given = given[0] is not None
     if ctx.stats_given:  # the statistics that made rstd, for dL/dm2 and dL/dcount
@@ -2456,7 +2465,7 @@ def _setup_context(ctx, inputs, output) -> None:
     else:
         ctx.mark_non_differentiable(pivot, count, rstd)
     ctx.save_for_backward(x, weight, bias, scale, shift, pivot, smean, rstd, m2, count)
-    ctx.sizes, ctx.activation, ctx.regime = sizes, activation, regime
+    ctx.sizes, ctx.eps, ctx.activation, ctx.regime = sizes, eps, activation, regime
     ctx.packed, ctx.ss = False, 0
     ctx.set_materialize_grads(False)
 
@@ -2523,7 +2532,7 @@ def _grads(ctx, need: tuple[bool, ...], dy, d_smean, d_m2) -> tuple[torch.Tensor
         if _eager(dy):
             dx, *pgrads = _backward(
                 dy, x, *params, tuple(ctx.sizes), pivot, smean, rstd, ctx.activation,
-                ctx.stats_given, ctx.regime, exact, ctx.ss,
+                ctx.stats_given, ctx.regime, exact, ctx.eps, ctx.ss,
             )  # fmt: skip
         else:
             if ctx.packed:  # the op takes each field as its own tensor
@@ -2531,7 +2540,7 @@ def _grads(ctx, need: tuple[bool, ...], dy, d_smean, d_m2) -> tuple[torch.Tensor
                 pivot, smean, rstd = fields[0], fields[1], fields[4]
             dx, *pgrads = group_norm_bwd_op(
                 dy, x, *params, list(ctx.sizes), pivot, smean, rstd, ctx.activation,
-                ctx.stats_given, ctx.regime, exact,
+                ctx.stats_given, ctx.regime, exact, ctx.eps,
             )  # fmt: skip
     stats_grads: tuple[torch.Tensor | None, ...] = (None,) * 4
     if exact:
@@ -2573,7 +2582,7 @@ class _EagerGroupNorm(torch.autograd.Function):
                 x, weight, bias, None, None, sizes, eps, activation, None, regime, packed=True
             )
             ctx.save_for_backward(x, weight, bias, buf)
-            ctx.sizes, ctx.activation, ctx.regime = sizes, activation, regime
+            ctx.sizes, ctx.eps, ctx.activation, ctx.regime = sizes, eps, activation, regime
             ctx.packed, ctx.ss, ctx.stats_given = True, x.shape[0] * len(sizes), False
             return y
         scale, shift, *given = extras
@@ -2589,7 +2598,7 @@ class _EagerGroupNorm(torch.autograd.Function):
             x, weight, bias, buf = ctx.saved_tensors
             dx, dw, db, _, _ = _backward(
                 dy, x, weight, bias, None, None, ctx.sizes, buf, buf, buf, ctx.activation,
-                False, ctx.regime, False, ctx.ss,
+                False, ctx.regime, False, ctx.eps, ctx.ss,
             )  # fmt: skip
             _, need_x, need_w, need_b = ctx.needs_input_grad
             return None, dx if need_x else None, dw if need_w else None, db if need_b else None

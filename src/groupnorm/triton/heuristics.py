@@ -133,6 +133,11 @@ ONCHIP_MAX_SLOTS = {
 # the ~25 KB per SM that Little's law asks for (3.35 TB/s over 132 SMs x ~1 us DRAM latency), so
 # even 32-64 programs (SD 64x64 at batch 2) can stream near bandwidth with one per SM.
 ONCHIP_SLOTS_PER_THREAD = {"fwd": 64, "bwd": 32}
+# A float32 backward of at most this many slots computes in float64 (EXACT in onchip.py), 16
+# slots a thread (8 warps); at 8 K slots float64 spilled 232-256 B even at 16 warps (sm_90,
+# triton 3.9, GELU, scale and shift), so larger tiles keep float32.
+ONCHIP_EXACT_SLOTS = 4096
+ONCHIP_EXACT_SLOTS_PER_THREAD = 16
 ONCHIP_WARPS = (4, 16)
 # A program of fewer slots than this takes several consecutive groups (even plans): tiny groups
 # (G = C, 8x8 maps) otherwise cost one program each for a few bytes.
@@ -197,6 +202,12 @@ def _aligned_run(group_channels: int, elem_bytes: int) -> int:
     return VECTOR_BYTES // math.gcd(group_channels * elem_bytes, VECTOR_BYTES)
 
 
+def exact_backward(direction: str, elem_bytes: int, slots: int) -> bool:
+    """Whether an on-chip tile of ``slots`` computes its backward in float64: float32 x
+    (half precision is judged against torch's own rounding), tiles up to ONCHIP_EXACT_SLOTS."""
+    return direction == "bwd" and elem_bytes == 4 and slots <= ONCHIP_EXACT_SLOTS
+
+
 def onchip_tile(
     L: int,
     num_groups: int,
@@ -225,7 +236,10 @@ def onchip_tile(
     if slots(gpp) > limit:
         return None
     lo, hi = ONCHIP_WARPS
-    warps = min(hi, max(lo, slots(gpp) // (ONCHIP_SLOTS_PER_THREAD[direction] * 32)))
+    per_thread = ONCHIP_SLOTS_PER_THREAD[direction]
+    if exact_backward(direction, elem_bytes, slots(gpp)):
+        per_thread = ONCHIP_EXACT_SLOTS_PER_THREAD
+    warps = min(hi, max(lo, slots(gpp) // (per_thread * 32)))
     return next_pow2(gpp * max_group), block_l, gpp, warps
 
 

@@ -223,12 +223,14 @@ def _gn_bwd_onchip_kernel(
     sgN,
     sgC,
     sgL,
+    EPS,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     ACT: tl.constexpr,
     STATS_GIVEN: tl.constexpr,
+    EXACT: tl.constexpr,
     WRITE_SUMS: tl.constexpr,
     CG: tl.constexpr,
     GPP: tl.constexpr,
@@ -243,7 +245,14 @@ def _gn_bwd_onchip_kernel(
     WRITE_SUMS), wc = w (1 + scale), per group mean_dxhat = sum_c wc B / count,
     mean_dxhat_xhat = sum_c wc A / count, dx = rstd (du wc - mean_dxhat - x_hat mean_dxhat_xhat)
     (with statistics given by the caller: dx = rstd du wc; their own gradients are formed
-    after the kernel, see group_norm.py)."""
+    after the kernel, see group_norm.py).
+
+    EXACT (float32 x, statistics not given, tiles up to heuristics.ONCHIP_EXACT_SLOTS):
+    everything after the loads in float64, the mean
+    and rstd recomputed from the registers (two-pass, with EPS). dx cancels where a group is
+    small and rstd |w| large: from float32 statistics and float32 arithmetic it reached 13x
+    the float32 bound at std 3e-3 (groups of 2-512 elements, |w| ~ 2), as torch's own float32
+    kernels do (the CPU kernel takes float64 for the same reason)."""
     pid = tl.program_id(0)
     n, g0, c_lo, c, cmask, gl, first, gsize = _run(pid, OFFS, GIDX, G, R, CG, GPP, BLOCK_C)
     pos = tl.arange(0, BLOCK_L)
@@ -260,10 +269,26 @@ def _gn_bwd_onchip_kernel(
     db = DY + nb * sdN + _chan(c_lo, sdC, DY_CHANNELS_LAST)
     v = tl.load(xb + _tile(c, pos, sxC, sxL, CHANNELS_LAST, IDX64), mask=mask, other=0.0)
     dy = tl.load(db + _tile(c, pos, sdC, sdL, DY_CHANNELS_LAST, IDX64), mask=mask, other=0.0)
-    xhat = tl.where(
-        mask, ((v.to(tl.float32) - pivot[:, None]) - smean[:, None]) * rstd[:, None], 0.0
-    )
-    du = dy.to(tl.float32)
+    if EXACT:
+        count = gsize.to(tl.float64) * L
+        x64 = tl.where(mask, v.to(tl.float64), 0.0)
+        mean = _group_sum(tl.sum(x64, axis=1), gl, GPP) / count
+        e = tl.where(mask, x64 - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(_group_sum(tl.sum(e * e, axis=1), gl, GPP) / count + EPS)
+        xhat = e * rstd[:, None]
+        du = dy.to(tl.float64)
+        w, bias, s1, sh = (
+            w.to(tl.float64),
+            bias.to(tl.float64),
+            s1.to(tl.float64),
+            sh.to(tl.float64),
+        )
+    else:
+        count = gsize.to(tl.float32) * L
+        xhat = tl.where(
+            mask, ((v.to(tl.float32) - pivot[:, None]) - smean[:, None]) * rstd[:, None], 0.0
+        )
+        du = dy.to(tl.float32)
     if ACT != 0:
         u = (xhat * w[:, None] + bias[:, None]) * s1[:, None] + sh[:, None]
         du = tl.where(mask, du * _act_grad(u, ACT), 0.0)
@@ -271,10 +296,9 @@ def _gn_bwd_onchip_kernel(
     b = tl.sum(du, axis=1)
     if WRITE_SUMS:
         nc = nb * C + c_lo + c
-        tl.store(SUMS + 2 * nc, a, mask=cmask)
-        tl.store(SUMS + 2 * nc + 1, b, mask=cmask)
+        tl.store(SUMS + 2 * nc, a.to(tl.float32), mask=cmask)
+        tl.store(SUMS + 2 * nc + 1, b.to(tl.float32), mask=cmask)
     wc = w * s1
-    count = gsize.to(tl.float32) * L
     mean_dxhat = _group_sum(wc * b, gl, GPP) / count
     mean_dxhat_xhat = _group_sum(wc * a, gl, GPP) / count
     if STATS_GIVEN:
