@@ -615,7 +615,7 @@ def test_regression_bias_without_weight_backward(
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("case", ["uneven", "silu", "given_stats", "stats_out"])
 def test_regression_batched_backward_reads_no_data_pointer(
-    dtype: torch.dtype, layout: str, case: str
+    dtype: torch.dtype, layout: str, case: str, request: pytest.FixtureRequest
 ) -> None:
     """``autograd.grad(..., is_grads_batched=True)`` (vmap over the backward, as gradcheck's
     batched check and ``jacobian(vectorize=True)`` use) handed the fused kernel a batched dy
@@ -623,6 +623,17 @@ def test_regression_batched_backward_reads_no_data_pointer(
     access data pointer of Tensor that doesn't have storage". Those backwards now run in torch
     ops. Each of the batch's dx against the float64 reference's, or against 2 dm2 (x - mean)
     where the statistics' m2 is the output."""
+    if (
+        cpu_kernel.library() is None
+        and dtype == torch.float64
+        and layout == "channels_last"
+        and case in ("uneven", "silu")
+    ):
+        # Without the kernel these calls take torch's own group_norm backward, which raises
+        # under this vmap on channels-last input as F.group_norm's does.
+        request.applymarker(
+            pytest.mark.xfail(raises=RuntimeError, strict=True, reason="torch's own backward")
+        )
     N, C, G = 2, 6, 4
     shape = (N, C, 3, 4)
     x = make_x(shape, dtype, layout, seed=31).requires_grad_()

@@ -308,16 +308,19 @@ def test_edge_shapes_forward_backward(edge, regime):
     _backward_case(x, make_plan(shape[1], G), regime=regime, dtype=torch.float32, has_scale=True)
 
 
+@pytest.mark.parametrize("modulated", [False, True])
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
 @pytest.mark.parametrize("shape", [(2, 8, 2, 1), (2, 8, 8, 4), (2, 8, 32, 32)], ids=str)
 def test_regression_float32_backward_of_small_groups_at_small_spread(
-    shape, channels_last, activation
+    shape, channels_last, activation, modulated
 ):
     """Groups of 2 channels at std 3e-3 around 0.5 (rstd ~ 230), |w| ~ 2: dx cancels, and from
     float32 statistics in float32 arithmetic the kernels' dx reached 13x the float32 bound
     (groups of 2-2048 elements). The on-chip regime (auto's choice here) now takes a float32
-    backward in float64 from statistics it recomputes. Every gradient against float64."""
+    backward in float64 from statistics it recomputes, and with scale in float64 from 1 + scale
+    (rounded to float32 first, it left dx at 3.4x the bound, found by fuzzing). Every gradient
+    against float64."""
     x = _rand(shape, 101, loc=0.5, std=3e-3)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -325,17 +328,25 @@ def test_regression_float32_backward_of_small_groups_at_small_spread(
     xg = x.clone().requires_grad_()
     w = _rand((8,), 102, std=2.0).requires_grad_()
     b = _rand((8,), 103).requires_grad_()
-    launch = kernels._launch_of("bwd", x, x, plan.sizes, "auto", (w, b, None, None), activation)
+    mod = {}
+    if modulated:
+        mod = {"scale": _rand((2, 8), 105, loc=0.0, std=0.3), "shift": _rand((2, 8), 106)}
+        mod = {k: v.requires_grad_() for k, v in mod.items()}
+    params = (w, b, mod.get("scale"), mod.get("shift"))
+    launch = kernels._launch_of("bwd", x, x, plan.sizes, "auto", params, activation)
     assert launch.cfg.regime == "onchip"
-    y, _ = group_norm_triton(xg, plan, w, b, activation=activation)
+    y, _ = group_norm_triton(xg, plan, w, b, activation=activation, **mod)
     dy = _rand(shape, 104, loc=0.0, std=1.0)
     y.backward(dy)
-    _, cache = _reference(x, plan, w, b, activation=activation)
+    _, cache = _reference(x, plan, w, b, activation=activation, **mod)
     grads = ref.group_norm_backward(to_numpy(dy), cache)
     N, L = shape[0], shape[2] * shape[3]
     check(xg.grad, grads.dx, torch.float32, reduction=2 * L, what="dx")
     check(w.grad, grads.dgamma, torch.float32, reduction=N * L, what="dweight")
     check(b.grad, grads.dbeta, torch.float32, reduction=N * L, what="dbias")
+    if modulated:
+        check(mod["scale"].grad, grads.dscale, torch.float32, reduction=L, what="dscale")
+        check(mod["shift"].grad, grads.dshift, torch.float32, reduction=L, what="dshift")
 
 
 @pytest.mark.parametrize("regime", ["auto", *REGIMES])

@@ -81,9 +81,13 @@ def _group_sum(v, gl, GPP: tl.constexpr):
 
 
 @triton.jit
-def _params(n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT):
-    """fp32 per-channel (w, bias, 1 + scale[n], shift[n]); identity values where absent."""
-    one = tl.full(c.shape, 1.0, tl.float32)
+def _params(
+    n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, DT: tl.constexpr
+):
+    """Per-channel (w, bias, 1 + scale[n], shift[n]) in DT (float32, or float64 for an EXACT
+    backward: 1 + scale rounded to float32 would perturb dx where it cancels); identity values
+    where absent."""
+    one = tl.full(c.shape, 1.0, DT)
     w = one
     bias = one * 0.0
     s1 = one
@@ -91,13 +95,13 @@ def _params(n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, H
     cc = c_lo + c
     nc = n.to(tl.int64) * C + cc
     if HAS_W:
-        w = tl.load(W + cc, mask=cmask, other=1.0).to(tl.float32)
+        w = tl.load(W + cc, mask=cmask, other=1.0).to(DT)
     if HAS_B:
-        bias = tl.load(B + cc, mask=cmask, other=0.0).to(tl.float32)
+        bias = tl.load(B + cc, mask=cmask, other=0.0).to(DT)
     if HAS_SCALE:
-        s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(tl.float32)
+        s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(DT)
     if HAS_SHIFT:
-        sh = tl.load(SHIFT + nc, mask=cmask, other=0.0).to(tl.float32)
+        sh = tl.load(SHIFT + nc, mask=cmask, other=0.0).to(DT)
     return w, bias, s1, sh
 
 
@@ -108,7 +112,7 @@ def _coefficients(
     """Per channel, y = (x - pivot) * a + b before the activation: a = rstd w (1 + scale),
     b = (bias - mean rstd w)(1 + scale) + shift (mean: of x - pivot)."""
     w, bias, s1, sh = _params(
-        n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
+        n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, tl.float32
     )
     return rstd * w * s1, (bias - mean * rstd * w) * s1 + sh
 
@@ -261,9 +265,14 @@ def _gn_bwd_onchip_kernel(
     pivot = tl.load(PIVOT + srow, mask=cmask, other=0.0)
     smean = tl.load(SMEAN + SS + srow, mask=cmask, other=0.0)
     rstd = tl.load(RSTD + 4 * SS + srow, mask=cmask, other=0.0)
-    w, bias, s1, sh = _params(
-        n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
-    )
+    if EXACT:
+        w, bias, s1, sh = _params(
+            n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, tl.float64
+        )
+    else:
+        w, bias, s1, sh = _params(
+            n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, tl.float32
+        )
     nb = n.to(tl.int64)
     xb = X + nb * sxN + _chan(c_lo, sxC, CHANNELS_LAST)
     db = DY + nb * sdN + _chan(c_lo, sdC, DY_CHANNELS_LAST)
@@ -277,12 +286,6 @@ def _gn_bwd_onchip_kernel(
         rstd = 1.0 / tl.sqrt(_group_sum(tl.sum(e * e, axis=1), gl, GPP) / count + EPS)
         xhat = e * rstd[:, None]
         du = dy.to(tl.float64)
-        w, bias, s1, sh = (
-            w.to(tl.float64),
-            bias.to(tl.float64),
-            s1.to(tl.float64),
-            sh.to(tl.float64),
-        )
     else:
         count = gsize.to(tl.float32) * L
         xhat = tl.where(
