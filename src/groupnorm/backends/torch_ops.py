@@ -1575,9 +1575,10 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
                 # torch.func.grad / jvp differentiate torch's float32 kernel, whose dx and
                 # tangent cancel in small groups at small spread (6.2x and 7.9x the float32
                 # bound at std 3e-3, |w| ~ 2): in float64, rounded once.
-                up = [None if t is None else t.double() for t in (r.x, r.weight, r.bias)]
-                mod = [None if t is None else t.double() for t in (r.scale, r.shift)]
-                y = shifted_group_norm(up[0], runs, first, up[1], up[2], r.eps, r.activation, *mod)
+                w, b, sc, sh = (
+                    None if t is None else t.double() for t in (r.weight, r.bias, r.scale, r.shift)
+                )
+                y = shifted_group_norm(r.x.double(), runs, first, w, b, r.eps, r.activation, sc, sh)
                 return y.float(), None
             return shifted_group_norm(
                 r.x, runs, first, r.weight, r.bias, r.eps, r.activation, r.scale, r.shift
