@@ -261,37 +261,31 @@ def _gn_bwd_onchip_kernel(
     n, g0, c_lo, c, cmask, gl, first, gsize = _run(pid, OFFS, GIDX, G, R, CG, GPP, BLOCK_C)
     pos = tl.arange(0, BLOCK_L)
     mask = cmask[:, None] & (pos < L)[None, :]
-    srow = n * G + g0 + gl
-    pivot = tl.load(PIVOT + srow, mask=cmask, other=0.0)
-    smean = tl.load(SMEAN + SS + srow, mask=cmask, other=0.0)
-    rstd = tl.load(RSTD + 4 * SS + srow, mask=cmask, other=0.0)
-    if EXACT:
-        w, bias, s1, sh = _params(
-            n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, tl.float64
-        )
-    else:
-        w, bias, s1, sh = _params(
-            n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, tl.float32
-        )
+    DT: tl.constexpr = tl.float64 if EXACT else tl.float32
+    w, bias, s1, sh = _params(
+        n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, DT
+    )
     nb = n.to(tl.int64)
     xb = X + nb * sxN + _chan(c_lo, sxC, CHANNELS_LAST)
     db = DY + nb * sdN + _chan(c_lo, sdC, DY_CHANNELS_LAST)
     v = tl.load(xb + _tile(c, pos, sxC, sxL, CHANNELS_LAST, IDX64), mask=mask, other=0.0)
     dy = tl.load(db + _tile(c, pos, sdC, sdL, DY_CHANNELS_LAST, IDX64), mask=mask, other=0.0)
-    if EXACT:
-        count = gsize.to(tl.float64) * L
+    count = gsize.to(DT) * L
+    du = dy.to(DT)
+    if EXACT:  # the saved statistics are not read
         x64 = tl.where(mask, v.to(tl.float64), 0.0)
         mean = _group_sum(tl.sum(x64, axis=1), gl, GPP) / count
         e = tl.where(mask, x64 - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(_group_sum(tl.sum(e * e, axis=1), gl, GPP) / count + EPS)
         xhat = e * rstd[:, None]
-        du = dy.to(tl.float64)
     else:
-        count = gsize.to(tl.float32) * L
+        srow = n * G + g0 + gl
+        pivot = tl.load(PIVOT + srow, mask=cmask, other=0.0)
+        smean = tl.load(SMEAN + SS + srow, mask=cmask, other=0.0)
+        rstd = tl.load(RSTD + 4 * SS + srow, mask=cmask, other=0.0)
         xhat = tl.where(
             mask, ((v.to(tl.float32) - pivot[:, None]) - smean[:, None]) * rstd[:, None], 0.0
         )
-        du = dy.to(tl.float32)
     if ACT != 0:
         u = (xhat * w[:, None] + bias[:, None]) * s1[:, None] + sh[:, None]
         du = tl.where(mask, du * _act_grad(u, ACT), 0.0)
