@@ -24,6 +24,7 @@ gradients of the gathered statistics over ranks and keeps this rank's slice, so 
 rank's loss``. Every rank must run backward through its output (the backward is a collective).
 ``weight``/``bias`` gradients are per rank: all-reduce them (DDP does) for the whole tensor's.
 
+A shard may hold no position (more ranks than rows): its statistics are empty (count 0).
 ``mask=`` combines: masked local statistics, merged the same way (a group masked on every rank
 has count 0 and gets :mod:`groupnorm.masked`'s all-masked result).
 """
@@ -38,7 +39,7 @@ import torch.distributed as dist
 from groupnorm.backends import torch_ops
 from groupnorm.dispatch import Request
 from groupnorm.groups import GroupPlan
-from groupnorm.masked import masked_stats, normalize_with, upcast
+from groupnorm.masked import masked_stats, narrowed, normalize_with, upcast
 from groupnorm.stats import GroupStats
 
 __all__ = ["all_gather_stats", "merge_many", "run_sharded"]
@@ -96,9 +97,13 @@ def all_gather_stats(local: GroupStats, group: Any) -> GroupStats:
     Differentiable: gradients flow back into each rank's ``local`` statistics.
     """
     _check_group(group)
+    # Gathered in float64 whatever the local dtype: the merge is in float64 anyway, and a rank
+    # whose statistics were widened (its call records autograd) sends as many bytes as the rest.
     fields = torch.stack([local.pivot, local.shifted_mean, local.m2, local.count])  # (4, N, G)
     assert local.plan is not None
-    return merge_many(_AllGather.apply(fields, group), local.pivot.dtype, local.plan)
+    return merge_many(
+        _AllGather.apply(fields.to(torch.float64), group), local.pivot.dtype, local.plan
+    )
 
 
 def run_sharded(
@@ -113,10 +118,15 @@ def run_sharded(
             "process_group="
         )
     wide = upcast(r)
+    if mask is None and not wide.x.numel():
+        # A shard with no position (more ranks than rows, say): empty statistics, count 0.
+        mask = torch.ones((), dtype=torch.bool, device=wide.x.device)
     local = (
         torch_ops.compute_stats(wide.x, r.plan)
         if mask is None
         else masked_stats(wide.x, r.plan, mask)
     )
     stats = all_gather_stats(local, group)
-    return normalize_with(wide, stats).to(r.x.dtype), (stats if r.return_stats else None)
+    return normalize_with(wide, stats).to(r.x.dtype), (
+        narrowed(stats, r.x.dtype) if r.return_stats else None
+    )

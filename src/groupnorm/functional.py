@@ -118,7 +118,9 @@ def resolve_plan(
     return plan
 
 
-def _check_input(x: object) -> torch.Tensor:
+def _check_input(x: object, shard: bool = False) -> torch.Tensor:
+    """x validated as (N, C, *S) of a floating dtype; ``shard``: x is one rank's part of a
+    sharded tensor, which may hold no position (its statistics are empty, the whole's are not)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2:
@@ -133,7 +135,7 @@ def _check_input(x: object) -> torch.Tensor:
         )
     if x.shape[1] == 0:
         raise ValueError(f"x has no channels (shape {tuple(x.shape)}): C must be at least 1")
-    if 0 in x.shape[2:]:
+    if 0 in x.shape[2:] and not shard:
         raise ValueError(
             f"x has an empty spatial dimension (shape {tuple(x.shape)}): group statistics of "
             "zero elements are undefined"
@@ -207,8 +209,10 @@ def _request(
     shift: torch.Tensor | None,
     stats: GroupStats | None,
     return_stats: bool,
+    shard: bool = False,
 ) -> dispatch.Request:
-    """Validate everything but x itself (checked by the caller, which needed its C for the plan)."""
+    """Validate everything but x itself (checked by the caller, which needed its C for the plan).
+    ``shard``: x is one rank's part of a sharded tensor, whose positions it does not show."""
     N, C = x.shape[:2]
     check_activation(activation)
     eps = check_eps(eps)
@@ -230,6 +234,7 @@ def _request(
             )
     elif (
         N
+        and not shard
         and plan.min_size == 1
         and math.prod(x.shape[2:]) == 1
         and not torch.compiler.is_compiling()
@@ -377,7 +382,7 @@ def group_norm(
             if y is not None:
                 return y
             plain = False  # the same call below would decline again
-    x = _check_input(input)
+    x = _check_input(input, shard=process_group is not None)
     plan = resolve_plan(
         x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
     )
@@ -385,7 +390,19 @@ def group_norm(
         y = dispatch.run_plain(x, plan, weight, bias, eps, activation, backend)
         if y is not None:
             return y
-    r = _request(x, plan, weight, bias, eps, activation, scale, shift, stats, return_stats)
+    r = _request(
+        x,
+        plan,
+        weight,
+        bias,
+        eps,
+        activation,
+        scale,
+        shift,
+        stats,
+        return_stats,
+        shard=process_group is not None,
+    )
     chosen = dispatch.select_backend(r, backend)
     if mask is not None or process_group is not None:
         y, out_stats = _run_beyond_one_tensor(r, mask, process_group)

@@ -17,7 +17,9 @@ so its output is the epilogue of ``beta`` alone and its input gradient is 0 (not
 
 Numerics: a first pass takes a per-group pivot (the masked mean in the accumulation dtype), the
 second accumulates the shifted values, the third their squared deviations, so a large common
-offset costs no precision (the pivot is detached: the result does not depend on it).
+offset costs no precision (the pivot is detached: the result does not depend on it). A float32
+x whose call autograd records is computed in float64 (:func:`upcast`; statistics returned in
+float32).
 
 Only the torch backend's composite ops compute masked statistics; a call that would go to the
 Triton kernels (CUDA, ``backend="auto"`` or ``"triton"``) runs them too.
@@ -32,7 +34,7 @@ from groupnorm.dispatch import Request
 from groupnorm.groups import GroupPlan
 from groupnorm.stats import GroupStats
 
-__all__ = ["check_mask", "masked_stats", "normalize_with", "run_masked"]
+__all__ = ["check_mask", "masked_stats", "narrowed", "normalize_with", "run_masked", "upcast"]
 
 
 def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
@@ -125,11 +127,25 @@ def run_masked(r: Request, mask: torch.Tensor) -> tuple[torch.Tensor, GroupStats
         )
     wide = upcast(r)
     stats = masked_stats(wide.x, r.plan, mask)
-    return normalize_with(wide, stats).to(r.x.dtype), (stats if r.return_stats else None)
+    return normalize_with(wide, stats).to(r.x.dtype), (
+        narrowed(stats, r.x.dtype) if r.return_stats else None
+    )
 
 
 def upcast(r: Request) -> Request:
-    """``r`` with x in the accumulation dtype, converted once: x feeds both the statistics and
-    the normalization, and autograd would round each branch's gradient to a half-precision x's
-    dtype before adding them (seen: bf16 dx up to 4.8x the tolerance table's allowance)."""
-    return r._replace(x=r.x.to(torch_ops.accumulation_dtype(r.x.dtype)))
+    """``r`` with x in the dtype its statistics and output are computed in, converted once:
+    x feeds both the statistics and the normalization, and autograd would round each branch's
+    gradient to a half-precision x's dtype before adding them (seen: bf16 dx up to 4.8x the
+    tolerance table's allowance). A float32 x whose call autograd records computes in float64:
+    in float32, dx of groups of a few elements, where its terms cancel, reached 2.6x the float32
+    bound."""
+    wide = torch_ops._widens(r.x) and torch_ops._records_grad(r)
+    return r._replace(x=r.x.to(torch.float64 if wide else torch_ops.accumulation_dtype(r.x.dtype)))
+
+
+def narrowed(stats: GroupStats, dtype: torch.dtype) -> GroupStats:
+    """``stats`` computed from :func:`upcast`'s x, in the accumulation dtype of an x of ``dtype``
+    (the dtype statistics are returned in)."""
+    if stats.dtype == torch_ops.accumulation_dtype(dtype):
+        return stats
+    return torch_ops._narrowed(stats)
