@@ -286,3 +286,53 @@ def test_regression_float32_masked_backward_of_small_groups(
     assert_matches(stats.mean, to_numpy(mean), torch.float32, what="mean")
     assert_matches(x.grad, to_numpy(x64.grad), torch.float32, reduction=6, what="dx")
     assert_matches(w.grad, to_numpy(w64.grad), torch.float32, reduction=24, what="dweight")
+
+
+def _float_mask_call(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return groupnorm.group_norm(x, 4, mask=mask)
+
+
+class _FloatMasked(torch.nn.Module):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return _float_mask_call(x, mask)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+@pytest.mark.parametrize(
+    "transform",
+    [
+        "vmap",
+        "meta",
+        "fake",
+        "make_fx_symbolic",
+        pytest.param("compile_fullgraph", marks=pytest.mark.slow),
+        pytest.param("export", marks=pytest.mark.slow),
+    ],
+)
+def test_regression_float_mask_under_transforms(transform: str) -> None:
+    """The check that a float mask's weights are finite and non-negative read its values, which
+    vmap, meta and fake tensors, make_fx and torch.compile(fullgraph) / export refuse: each
+    raised. It is skipped where values cannot be read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = make_x(SHAPE, torch.float32, seed=5)
+    mask = make_mask("float_weights", SHAPE, seed=6).float()
+    if transform in ("meta", "fake"):
+        if transform == "meta":
+            y = _float_mask_call(x.to("meta"), mask.to("meta"))
+        else:
+            with FakeTensorMode() as mode:
+                y = _float_mask_call(mode.from_tensor(x), mode.from_tensor(mask))
+        assert y.shape == x.shape and y.dtype == x.dtype
+        return
+    if transform == "vmap":
+        y = torch.vmap(lambda s, m: _float_mask_call(s[None], m[None])[0])(x, mask)
+    elif transform == "make_fx_symbolic":
+        y = make_fx(_float_mask_call, tracing_mode="symbolic")(x, mask)(x, mask)
+    elif transform == "compile_fullgraph":
+        y = torch.compile(_float_mask_call, fullgraph=True)(x, mask)
+    else:
+        y = torch.export.export(_FloatMasked(), (x, mask)).module()(x, mask)
+    expected = dropped_reference(x.double(), resolve_plan(12, 4), mask)
+    assert_matches(y, to_numpy(expected), torch.float32)

@@ -40,7 +40,9 @@ __all__ = ["check_mask", "masked_stats", "narrowed", "normalize_with", "run_mask
 def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
     """Validate ``mask`` against ``x`` before any work; returns it unchanged.
 
-    Floating masks are checked to be finite and non-negative (one reduction over the mask).
+    Floating masks are checked to be finite and non-negative (one reduction over the mask)
+    where their values can be read: not while torch.compile, export or make_fx records, under
+    vmap, or on meta and fake tensors.
     """
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
@@ -62,7 +64,11 @@ def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"mask is on {mask.device} but x is on {x.device}; move it with .to({str(x.device)!r})"
         )
-    if mask.dtype != torch.bool and not bool(((mask >= 0) & mask.isfinite()).all()):
+    if (
+        mask.dtype != torch.bool
+        and torch_ops.can_read_values(mask)
+        and not bool(((mask >= 0) & mask.isfinite()).all())
+    ):
         raise ValueError(
             "mask holds negative or non-finite weights; floating masks are weights >= 0 "
             "(0 = masked)"
