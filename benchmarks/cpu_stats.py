@@ -93,7 +93,7 @@ def _train_calls(
     }
 
 
-def _timed(
+def timed(
     calls: dict[str, Callable[[], object]], name: str, shape: tuple[int, ...], G: int, layout: str
 ) -> tuple[dict[str, float], list[dict]]:
     """Each call against ``calls["torch"]``, interleaved: (ratios, rows)."""
@@ -131,9 +131,9 @@ def run() -> list[dict]:
             C = shape[1]
             w, b = torch.randn(C), torch.randn(C)
             with torch.no_grad():
-                ratios, timed = _timed(_calls(x, G, w, b), name, shape, G, layout)
-            trained, timed_train = _timed(_train_calls(x, G, w, b), name, shape, G, layout)
-            rows += timed + timed_train
+                ratios, rows_fwd = timed(_calls(x, G, w, b), name, shape, G, layout)
+            trained, rows_train = timed(_train_calls(x, G, w, b), name, shape, G, layout)
+            rows += rows_fwd + rows_train
             ratios.update(trained)
             print(f"{name:<16} {layout:<14} " + " ".join(f"{ratios[c]:10.2f}" for c in COLUMNS))
     return rows
