@@ -336,3 +336,28 @@ def test_regression_float_mask_under_transforms(transform: str) -> None:
         y = torch.export.export(_FloatMasked(), (x, mask)).module()(x, mask)
     expected = dropped_reference(x.double(), resolve_plan(12, 4), mask)
     assert_matches(y, to_numpy(expected), torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gathered_statistics_of_a_position_mask(dtype: torch.dtype, layout: str) -> None:
+    """A bool mask of positions on an eager call without autograd gathers each sample's valid
+    positions and takes their statistics with the unmasked kernel: the returned statistics
+    against float64 means and variances of the valid elements, a sample with none (count 0)."""
+    x = make_x(SHAPE, dtype, layout, seed=7, loc=3.0)
+    mask = make_mask("empty_sample", SHAPE, seed=8)  # sample 1 has no valid position
+    y, stats = groupnorm.group_norm(x, 4, mask=mask, return_stats=True)
+    assert stats.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    valid = mask.expand(SHAPE).reshape(3, 4, -1)
+    groups = x.double().reshape(3, 4, -1)
+    for n in range(3):
+        for g in range(4):
+            vals = groups[n, g][valid[n, g]]
+            assert stats.count[n, g].item() == vals.numel()
+            if vals.numel():
+                stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+                mean, var = vals.mean(), vals.var(correction=0)
+                assert_matches(stats.mean[n, g], to_numpy(mean), stat_dtype, what="mean")
+                assert_matches(stats.var[n, g], to_numpy(var), stat_dtype, what="var")
+    expected = dropped_reference(x.double(), resolve_plan(12, 4), mask)
+    assert_matches(y, to_numpy(expected), dtype)

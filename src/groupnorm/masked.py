@@ -32,7 +32,7 @@ import torch
 from groupnorm.backends import torch_ops
 from groupnorm.dispatch import Request
 from groupnorm.groups import GroupPlan
-from groupnorm.stats import GroupStats
+from groupnorm.stats import _FIELDS, GroupStats
 
 __all__ = ["check_mask", "masked_stats", "narrowed", "normalize_with", "run_masked", "upcast"]
 
@@ -145,11 +145,67 @@ def run_masked(r: Request, mask: torch.Tensor) -> tuple[torch.Tensor, GroupStats
             "mask= and stats= together: the mask only selects the positions the statistics "
             "come from, and stats= replaces them; pass group_stats(x, ..., mask=mask) as stats="
         )
+    if _compacts(r, mask):
+        stats = _compacted_stats(r, mask)
+        return normalize_with(r, stats), (stats if r.return_stats else None)
     wide = upcast(r)
     stats = masked_stats(wide.x, r.plan, mask)
     return normalize_with(wide, stats).to(r.x.dtype), (
         narrowed(stats, r.x.dtype) if r.return_stats else None
     )
+
+
+def _compacts(r: Request, mask: torch.Tensor) -> bool:
+    """Whether :func:`_compacted_stats` serves ``r``: a bool mask of positions (the same for
+    every channel), an eager CPU call that autograd does not record (it reads the mask's values
+    to gather), x NCHW- or channels-last-contiguous."""
+    x = r.x
+    shape = (1,) * (x.dim() - mask.dim()) + tuple(mask.shape)
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return (
+        mask.dtype == torch.bool
+        and x.dim() > 2
+        and x.numel() > 0
+        and shape[1] == 1
+        and torch_ops._reads_values(x)
+        and torch_ops._reads_values(mask)
+        and not torch_ops._records_grad(r)
+        and (x.is_contiguous() or (x.dim() in (4, 5) and x.is_contiguous(memory_format=fmt)))
+    )
+
+
+def _compacted_stats(r: Request, mask: torch.Tensor) -> GroupStats:
+    """The statistics of each sample's valid positions, gathered (``index_select``) into a
+    dense (1, C, k) tensor whose unmasked statistics the backend's kernel takes: a read of x
+    and of the k valid positions, where :func:`masked_stats` makes about ten passes over x
+    (with them the whole call took 2.6-3.4x longer on the benchmark shapes). A sample with no
+    valid position gets count 0 (pivot, shifted mean and m2 0)."""
+    x, plan = r.x, r.plan
+    N, C = x.shape[:2]
+    L = x.shape[2:].numel()
+    valid = mask.reshape((1,) * (x.dim() - mask.dim()) + tuple(mask.shape))
+    valid = valid.expand(N, 1, *x.shape[2:]).reshape(N, L)
+    channels_last = not x.is_contiguous()
+    # (N, L, C) for channels-last x, (N, C, L) for NCHW: views, positions gathered in place.
+    flat = x.movedim(1, -1).reshape(N, L, C) if channels_last else x.reshape(N, C, L)
+    acc = torch_ops.accumulation_dtype(x.dtype)
+    parts = []
+    for n in range(N):
+        where = valid[n].nonzero()[:, 0]
+        if not len(where):
+            empty = torch.zeros(1, plan.num_groups, dtype=acc, device=x.device)
+            parts.append(GroupStats(empty, empty, empty, empty, plan=plan))
+            continue
+        dense = (
+            flat[n].index_select(0, where).T[None]
+            if channels_last
+            else flat[n].index_select(1, where)[None]
+        )
+        parts.append(
+            torch_ops._stats(r._replace(x=dense, weight=None, bias=None, scale=None, shift=None))
+        )
+    pivot, shifted_mean, m2, count = (torch.cat([getattr(p, f) for p in parts]) for f in _FIELDS)
+    return GroupStats(pivot, shifted_mean, m2, count, plan=plan)
 
 
 def upcast(r: Request) -> Request:
