@@ -454,5 +454,5 @@ def group_stats(
     r = dispatch.Request(x, plan, None, None, 0.0, None, None, None, None, True)
     chosen = dispatch.select_backend(r, backend)
     if mask is not None:
-        return masked.masked_stats(x, plan, masked.check_mask(mask, x))
+        return masked.stats_of(r, masked.check_mask(mask, x))
     return chosen.stats_of(r)

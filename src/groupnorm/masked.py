@@ -34,7 +34,15 @@ from groupnorm.dispatch import Request
 from groupnorm.groups import GroupPlan
 from groupnorm.stats import _FIELDS, GroupStats
 
-__all__ = ["check_mask", "masked_stats", "narrowed", "normalize_with", "run_masked", "upcast"]
+__all__ = [
+    "check_mask",
+    "masked_stats",
+    "narrowed",
+    "normalize_with",
+    "run_masked",
+    "stats_of",
+    "upcast",
+]
 
 
 def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
@@ -153,6 +161,15 @@ def run_masked(r: Request, mask: torch.Tensor) -> tuple[torch.Tensor, GroupStats
     return normalize_with(wide, stats).to(r.x.dtype), (
         narrowed(stats, r.x.dtype) if r.return_stats else None
     )
+
+
+def stats_of(r: Request, mask: torch.Tensor) -> GroupStats:
+    """``group_stats(x, ..., mask=)`` of a validated request and mask: gathered where
+    :func:`_compacts`, else :func:`masked_stats` of :func:`upcast`'s x, returned in the
+    accumulation dtype of x."""
+    if _compacts(r, mask):
+        return _compacted_stats(r, mask)
+    return narrowed(masked_stats(upcast(r).x, r.plan, mask), r.x.dtype)
 
 
 def _compacts(r: Request, mask: torch.Tensor) -> bool:
