@@ -21,8 +21,9 @@ offset costs no precision (the pivot is detached: the result does not depend on 
 x whose call autograd records is computed in float64 (:func:`upcast`; statistics returned in
 float32).
 
-Only the torch backend's composite ops compute masked statistics; a call that would go to the
-Triton kernels (CUDA, ``backend="auto"`` or ``"triton"``) runs them too.
+Only the torch backend computes masked statistics, with composite ops, or with its kernel on
+the gathered valid positions of a bool mask of positions (:func:`_compacts`); a call that would
+go to the Triton kernels (CUDA, ``backend="auto"`` or ``"triton"``) runs there too.
 """
 
 from __future__ import annotations
@@ -105,11 +106,11 @@ def masked_stats(x: torch.Tensor, plan: GroupPlan, mask: torch.Tensor) -> GroupS
     # A mask of positions (the same for every channel) in float64: the weighted sums over the
     # positions as one matrix product, (N, C, L) @ (N, L, 1), with no (N, C, L) product formed.
     # (float32 keeps torch's summation: a matrix product accumulates in long float32 chains.)
-    wide = w.reshape((1,) * (x.dim() - w.dim()) + w.shape)
+    padded = w.reshape((1,) * (x.dim() - w.dim()) + w.shape)
     L = x.shape[2:].numel()
     column = (
-        wide.expand(wide.shape[0], 1, *x.shape[2:]).reshape(wide.shape[0], L, 1)
-        if acc == torch.float64 and x.dim() > 2 and wide.shape[1] == 1
+        padded.expand(padded.shape[0], 1, *x.shape[2:]).reshape(padded.shape[0], L, 1)
+        if acc == torch.float64 and x.dim() > 2 and padded.shape[1] == 1
         else None
     )
 
