@@ -361,3 +361,22 @@ def test_gathered_statistics_of_a_position_mask(dtype: torch.dtype, layout: str)
                 assert_matches(stats.var[n, g], to_numpy(var), stat_dtype, what="var")
     expected = dropped_reference(x.double(), resolve_plan(12, 4), mask)
     assert_matches(y, to_numpy(expected), dtype)
+
+
+@pytest.mark.parametrize("empty_first", [True, False])
+def test_regression_merge_with_an_empty_part_keeps_the_other_pivot(empty_first: bool) -> None:
+    """merge_stats kept the first part's pivot; a first part with every position masked has
+    pivot 0, so the merged mean of data at 1e4 was rounded to float32 whole relative to it:
+    0.046 off after normalization at std 1e-2."""
+    x = make_x((2, 8, 6, 5), torch.float32, seed=3, loc=1e4, std=1e-2)
+    mask = torch.ones(2, 1, 6, 5, dtype=torch.bool)
+    mask[:, :, :3] = False  # the first tile's positions, all masked
+    tiles = [
+        groupnorm.group_stats(x[:, :, r], 4, mask=mask[:, :, r]) for r in (slice(0, 3), slice(3, 6))
+    ]
+    if not empty_first:
+        tiles.reverse()
+    merged = groupnorm.merge_stats(*tiles)
+    y = groupnorm.group_norm(x, 4, stats=merged)
+    expected = dropped_reference(x.double(), resolve_plan(8, 4), mask)
+    assert_matches(y, to_numpy(expected), torch.float32)

@@ -116,15 +116,16 @@ def check_stats_values(stats: GroupStats, what: str = "stats") -> None:
 def merge_stats(a: GroupStats, b: GroupStats) -> GroupStats:
     """Exact merge of the statistics of two disjoint parts of the same groups (Chan et al.).
 
-    Keeps ``a``'s pivot. With ``delta`` the difference of the two means::
+    Keeps ``a``'s pivot, or ``b``'s where ``a`` is empty (count 0). With ``delta`` the
+    difference of the two means::
 
         n = n_a + n_b;  shifted_mean = mean_a' + delta * n_b / n
         m2 = m2_a + m2_b + delta^2 * n_a * n_b / n
 
     computed in float64 (the tensors are (N, G): cheap) so that the pivots' difference is exact.
     Both must come from the same plan, batch, dtype and device. Two empty parts of a group
-    (count 0, as masked statistics of all-masked positions are) merge to an empty one: count 0,
-    m2 0 and ``a``'s mean, not NaN.
+    (count 0, as masked statistics of all-masked positions are) merge to an empty one: count 0
+    and m2 0, not NaN.
     """
     for name, s in (("a", a), ("b", b)):
         if not isinstance(s, GroupStats):
@@ -160,4 +161,14 @@ def merge_stats(a: GroupStats, b: GroupStats) -> GroupStats:
     shifted_mean = a.shifted_mean.to(f64) + delta * (nb / safe_n)
     m2 = a.m2.to(f64) + b.m2.to(f64) + delta * delta * (na * nb / safe_n)
     dtype = a.dtype
-    return GroupStats(a.pivot, shifted_mean.to(dtype), m2.to(dtype), n.to(dtype), plan=a.plan)
+    # An empty part's pivot (0 for masked statistics) is nowhere near the data: relative to it
+    # the merged mean would be rounded to the statistics' dtype whole (0.046 off after
+    # normalization at mean 1e4, std 1e-2). Where a is empty the merge is b itself.
+    empty = a.count == 0
+    return GroupStats(
+        torch.where(empty, b.pivot, a.pivot),
+        torch.where(empty, b.shifted_mean, shifted_mean.to(dtype)),
+        torch.where(empty, b.m2, m2.to(dtype)),
+        n.to(dtype),
+        plan=a.plan,
+    )
