@@ -85,6 +85,23 @@ def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def _full_rank(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``mask`` with the leading size-1 dimensions that broadcasting against x adds."""
+    return mask.reshape((1,) * (x.dim() - mask.dim()) + tuple(mask.shape))
+
+
+def _of_positions(mask: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``mask`` is one of positions, the same for every channel of an x with spatial
+    dimensions: (N or 1, 1, *S) after :func:`_full_rank`."""
+    return x.dim() > 2 and _full_rank(mask, x).shape[1] == 1
+
+
+def _position_rows(mask: torch.Tensor, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """A mask of positions as (rows, L): one row of x's L positions per sample."""
+    L = x.shape[2:].numel()
+    return _full_rank(mask, x).expand(rows, 1, *x.shape[2:]).reshape(rows, L)
+
+
 def _channel_sum(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Broadcast ``t`` to ``shape`` (N, C, *S) and sum over the positions: (N, C)."""
     t = t.expand(shape)
@@ -106,11 +123,11 @@ def masked_stats(x: torch.Tensor, plan: GroupPlan, mask: torch.Tensor) -> GroupS
     # A mask of positions (the same for every channel) in float64: the weighted sums over the
     # positions as one matrix product, (N, C, L) @ (N, L, 1), with no (N, C, L) product formed.
     # (float32 keeps torch's summation: a matrix product accumulates in long float32 chains.)
-    padded = w.reshape((1,) * (x.dim() - w.dim()) + w.shape)
     L = x.shape[2:].numel()
+    rows = _full_rank(w, x).shape[0]
     column = (
-        padded.expand(padded.shape[0], 1, *x.shape[2:]).reshape(padded.shape[0], L, 1)
-        if acc == torch.float64 and x.dim() > 2 and padded.shape[1] == 1
+        _position_rows(w, x, rows)[..., None]
+        if acc == torch.float64 and _of_positions(w, x)
         else None
     )
 
@@ -178,13 +195,11 @@ def _compacts(r: Request, mask: torch.Tensor) -> bool:
     every channel), an eager CPU call that autograd does not record (it reads the mask's values
     to gather), x NCHW- or channels-last-contiguous."""
     x = r.x
-    shape = (1,) * (x.dim() - mask.dim()) + tuple(mask.shape)
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return (
         mask.dtype == torch.bool
-        and x.dim() > 2
         and x.numel() > 0
-        and shape[1] == 1
+        and _of_positions(mask, x)
         and torch_ops._reads_values(x)
         and torch_ops._reads_values(mask)
         and not torch_ops._records_grad(r)
@@ -201,8 +216,7 @@ def _compacted_stats(r: Request, mask: torch.Tensor) -> GroupStats:
     x, plan = r.x, r.plan
     N, C = x.shape[:2]
     L = x.shape[2:].numel()
-    valid = mask.reshape((1,) * (x.dim() - mask.dim()) + tuple(mask.shape))
-    valid = valid.expand(N, 1, *x.shape[2:]).reshape(N, L)
+    valid = _position_rows(mask, x, N)
     channels_last = not x.is_contiguous()
     # (N, L, C) for channels-last x, (N, C, L) for NCHW: views, positions gathered in place.
     flat = x.movedim(1, -1).reshape(N, L, C) if channels_last else x.reshape(N, C, L)
