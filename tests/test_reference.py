@@ -3,12 +3,15 @@ differences (the reference must be checked by something other than itself)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from groupnorm import reference as R
+from groupnorm.groups import make_plan
 
 ARTICLE_X = np.array([[1.2, 0.4, -0.8, 2.1, 0.9, -0.3, 1.5, -1.1]])
 
@@ -173,6 +176,58 @@ def test_bad_input() -> None:
         R.group_norm_forward(np.zeros(8), 2)
     with pytest.raises(ValueError, match="activation"):
         R.activation_forward(np.zeros(2), "tanh")
+
+
+def test_regression_reference_refuses_arguments_it_would_reinterpret() -> None:
+    """Arrays with the right number of elements but the wrong shape were reshaped (a (C, N)
+    scale read as (N, C)), a dy of the wrong shape broadcast, plan= overrode num_groups, and a
+    bad eps gave NaN or beta: each is now an error that names the argument."""
+    x = np.random.default_rng(0).normal(size=(2, 6, 3))
+    _, cache = R.group_norm_forward(x, 2)
+    for dy in (np.ones((1, 6, 3)), np.ones((2, 6, 1))):
+        with pytest.raises(ValueError, match=r"dy has shape .*expected \(2, 6, 3\)"):
+            R.group_norm_backward(dy, cache)
+    bad: dict[str, Any] = {
+        "gamma": np.ones((2, 3)),
+        "beta": np.ones(5),
+        "scale": np.arange(12.0).reshape(6, 2),
+        "shift": np.ones(12),
+    }
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=f"{name} has shape"):
+            R.group_norm_forward(x, 2, **{name: value})
+    for name in ("gamma", "beta"):
+        with pytest.raises(ValueError, match=f"{name} has shape"):
+            R.layer_norm(x, **{name: np.ones((2, 3))})  # type: ignore[arg-type]
+    for eps in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            R.group_norm_forward(x, 2, eps=eps)
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            R.instance_norm(x, eps=eps)
+    for bad_eps in (None, "a", True):
+        with pytest.raises(TypeError, match="eps must be a number"):
+            R.group_norm_forward(x, 2, eps=bad_eps)  # type: ignore[arg-type]
+    plan = make_plan(6, 2)
+    for kwargs in ({"num_groups": 3}, {"group_size": 2}, {"uneven": True}):
+        with pytest.raises(ValueError, match="plan= takes the place of"):
+            R.group_norm_forward(x, plan=plan, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one channel and position"):
+        R.group_norm_forward(np.zeros((2, 6, 0)), 2)
+    with pytest.raises(TypeError, match="x must be real"):
+        R.group_norm_forward(x + 1j, 2)
+    for norm in (R.batch_norm, R.layer_norm, R.instance_norm):
+        with pytest.raises(ValueError, match="shape"):
+            norm(np.zeros(4))
+
+
+def test_regression_reference_merge_of_empty_parts_adds_nothing() -> None:
+    """Two empty parts merged to NaN, and an empty part's NaN mean reached the merge."""
+    mean, m2, n = R.merge_stats(0.0, 0.0, 0, 0.0, 0.0, 0)
+    assert (float(mean), float(m2), float(n)) == (0.0, 0.0, 0.0)
+    mean, m2, n = R.merge_stats(np.nan, np.nan, 0, 2.0, 3.0, 4)
+    assert (float(mean), float(m2), float(n)) == (2.0, 3.0, 4.0)
+    mean, m2, n = R.merge_stats(2.0, 3.0, 4, np.nan, np.nan, 0)
+    assert (float(mean), float(m2), float(n)) == (2.0, 3.0, 4.0)
 
 
 @pytest.mark.parametrize("offset", [1e3, 1e6])

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from groupnorm.groups import GroupPlan, make_plan
 
@@ -126,8 +127,42 @@ def _group_sum(v: np.ndarray, plan: GroupPlan) -> np.ndarray:
     return np.add.reduceat(per_channel, np.asarray(plan.offsets[:-1]), axis=1)
 
 
-def _vector(v: np.ndarray | None, C: int, fill: float) -> np.ndarray:
-    return np.full(C, fill) if v is None else np.asarray(v, dtype=np.float64).reshape(C)
+def _real(v: ArrayLike, name: str) -> np.ndarray:
+    """v as a float64 array; complex values are refused rather than cast to their real part."""
+    if np.iscomplexobj(v):
+        raise TypeError(f"{name} must be real, got a complex array")
+    return np.asarray(v, dtype=np.float64)
+
+
+def _checked_x(x: np.ndarray) -> np.ndarray:
+    """x (N, C, *S) as float64, with C and every spatial size at least 1 (N may be 0)."""
+    x = _real(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (N, C, *spatial), got shape {x.shape}")
+    if 0 in x.shape[1:]:
+        raise ValueError(f"x must have at least one channel and position, got shape {x.shape}")
+    return x
+
+
+def _checked_eps(eps: float) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, int | float | np.floating | np.integer):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    if not (0 <= eps < math.inf):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    return float(eps)
+
+
+def _sized(v: ArrayLike, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """v as float64 of exactly ``shape``: an array that merely has as many elements is refused
+    (a (C, N) scale reshaped to (N, C) would be silently wrong)."""
+    a = _real(v, name)
+    if a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
+    return a
+
+
+def _vector(v: np.ndarray | None, C: int, fill: float, name: str) -> np.ndarray:
+    return np.full(C, fill) if v is None else _sized(v, (C,), name)
 
 
 def group_norm_forward(
@@ -150,13 +185,17 @@ def group_norm_forward(
     ``cache.mean`` and ``cache.var`` are the per-(sample, group) statistics, shape (N, G).
     ``gamma``/``beta`` are (C,) (None: 1 and 0); ``scale``/``shift`` are (N, C).
     """
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim < 2:
-        raise ValueError(f"x must have shape (N, C, *spatial), got shape {x.shape}")
+    x = _checked_x(x)
+    eps = _checked_eps(eps)
     N, C = x.shape[:2]
     if plan is None:
         plan = make_plan(
             C, num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
+        )
+    elif (num_groups, group_size, group_sizes, uneven) != (None, None, None, False):
+        raise ValueError(
+            "plan= takes the place of num_groups, group_size, group_sizes and uneven: "
+            "give the plan or those, not both"
         )
     elif plan.num_channels != C:
         raise ValueError(f"plan is for {plan.num_channels} channels, x has {C}")
@@ -174,14 +213,14 @@ def group_norm_forward(
     rstd = 1.0 / np.sqrt(var + eps)  # (N, G)
     xhat = centered * _per_channel(rstd, plan, x.ndim)  # (N, C, *S)
     bshape = (1, C) + (1,) * (x.ndim - 2)
-    g = _vector(gamma, C, 1.0).reshape(bshape)
-    z = g * xhat + _vector(beta, C, 0.0).reshape(bshape)  # (N, C, *S)
+    g = _vector(gamma, C, 1.0, "gamma").reshape(bshape)
+    z = g * xhat + _vector(beta, C, 0.0, "beta").reshape(bshape)  # (N, C, *S)
     u = z
     sc = None
     if scale is not None or shift is not None:
         nshape = (N, C) + (1,) * (x.ndim - 2)
-        sc = np.zeros(nshape) if scale is None else np.asarray(scale, np.float64).reshape(nshape)
-        sh = np.zeros(nshape) if shift is None else np.asarray(shift, np.float64).reshape(nshape)
+        sc = np.zeros(nshape) if scale is None else _sized(scale, (N, C), "scale").reshape(nshape)
+        sh = np.zeros(nshape) if shift is None else _sized(shift, (N, C), "shift").reshape(nshape)
         u = z * (1.0 + sc) + sh
     y = activation_forward(u, activation)
     return y, Cache(plan, mean, var, rstd, xhat, z, u, g, sc, activation)
@@ -189,7 +228,7 @@ def group_norm_forward(
 
 def group_norm_backward(dy: np.ndarray, cache: Cache) -> Grads:
     """Hand-derived backward of :func:`group_norm_forward` (formulas in the module docstring)."""
-    dy = np.asarray(dy, dtype=np.float64)
+    dy = _sized(dy, cache.xhat.shape, "dy")
     plan, ndim = cache.plan, dy.ndim
     spatial = tuple(range(2, ndim))
     du = dy * activation_grad(cache.u, cache.activation)  # (N, C, *S)
@@ -224,7 +263,8 @@ def normalize_over(
 
     Returns ``(y, mean, var)`` with mean/var keeping the reduced axes as size 1.
     """
-    x = np.asarray(x, dtype=np.float64)
+    x = _checked_x(x)
+    eps = _checked_eps(eps)
     rough = x.mean(axis=axes, keepdims=True)
     from_rough = x - rough
     correction = from_rough.mean(axis=axes, keepdims=True)  # as in group_norm_forward
@@ -234,7 +274,9 @@ def normalize_over(
     C = x.shape[1]
     bshape = (1, C) + (1,) * (x.ndim - 2)
     y = centered / np.sqrt(var + eps)
-    y = _vector(gamma, C, 1.0).reshape(bshape) * y + _vector(beta, C, 0.0).reshape(bshape)
+    y = _vector(gamma, C, 1.0, "gamma").reshape(bshape) * y + _vector(beta, C, 0.0, "beta").reshape(
+        bshape
+    )
     return y, mean, var
 
 
@@ -269,21 +311,30 @@ def instance_norm(
 
 
 def merge_stats(
-    mean_a: np.ndarray,
-    m2_a: np.ndarray,
-    count_a: np.ndarray,
-    mean_b: np.ndarray,
-    m2_b: np.ndarray,
-    count_b: np.ndarray,
+    mean_a: ArrayLike,
+    m2_a: ArrayLike,
+    count_a: ArrayLike,
+    mean_b: ArrayLike,
+    m2_b: ArrayLike,
+    count_b: ArrayLike,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Chan et al.'s exact merge of two sets of (mean, M2 = sum of squared deviations, count).
 
     ``delta = mean_b - mean_a``, ``n = n_a + n_b``, ``mean = mean_a + delta * n_b / n``,
-    ``M2 = M2_a + M2_b + delta^2 * n_a * n_b / n``. Any broadcastable shapes.
+    ``M2 = M2_a + M2_b + delta^2 * n_a * n_b / n``. Any broadcastable shapes. An empty part
+    (count 0) adds nothing, whatever its mean holds: the merge is the other part, and two empty
+    parts merge to mean 0, M2 0, count 0.
     """
+    ma, mb = np.asarray(mean_a, np.float64), np.asarray(mean_b, np.float64)
+    qa, qb = np.asarray(m2_a, np.float64), np.asarray(m2_b, np.float64)
     na, nb = np.asarray(count_a, np.float64), np.asarray(count_b, np.float64)
-    delta = np.asarray(mean_b, np.float64) - np.asarray(mean_a, np.float64)
+    if np.any(na < 0) or np.any(nb < 0):
+        raise ValueError("counts must be >= 0")
     n = na + nb
-    mean = mean_a + delta * nb / n
-    m2 = np.asarray(m2_a, np.float64) + m2_b + delta * delta * na * nb / n
+    with np.errstate(invalid="ignore", divide="ignore"):  # an empty part: the wheres below
+        delta = mb - ma
+        mean = ma + delta * nb / n
+        m2 = qa + qb + delta * delta * na * nb / n
+    mean = np.where(nb == 0, np.where(na == 0, 0.0, ma), np.where(na == 0, mb, mean))
+    m2 = np.where(nb == 0, np.where(na == 0, 0.0, qa), np.where(na == 0, qb, m2))
     return mean, m2, n
