@@ -64,6 +64,34 @@ def test_refuses_without_cuda(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layouts", "bogus"], "--layouts must be a comma list"),
+        (["--providers", ""], "--providers must be a comma list"),
+        (["--shapes", "zzz"], "no workload name contains 'zzz'"),
+        (["--warm", "2/1"], "--warm must be I/N"),
+    ],
+)
+def test_regression_bench_refuses_bad_arguments_with_status_2_before_asking_for_cuda(
+    args, message, capsys
+):
+    """Bad arguments were checked only after the CUDA check, and with exit status 1, which
+    says that one of our cases failed its correctness check."""
+    assert cli.main(["bench", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"groupnorm bench: error: {message}" in err and "CUDA" not in err
+
+
+@pytest.mark.parametrize("reps", ["0", "1", "-3"])
+def test_regression_bench_needs_two_repetitions(reps, capsys):
+    """--reps 0 or 1 passed, and the timing's quantiles would then raise on a GPU."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--reps", reps])
+    assert exit_.value.code == 2
+    assert "--reps: must be at least 2" in capsys.readouterr().err
+
+
 def _cpu_timer(fn, graph, reps):
     fn()
     return 1e-6, 1e-6, 1e-6
@@ -186,7 +214,7 @@ def test_warm_runs_ours_untimed_on_its_share_of_the_shapes(monkeypatch, capsys):
 
 @pytest.mark.parametrize("bad", ["3/3", "1", "a/2", "-1/2", "1/2/3"])
 def test_warm_share_must_be_i_of_n(bad):
-    with pytest.raises(SystemExit, match="--warm must be I/N"):
+    with pytest.raises(ValueError, match="--warm must be I/N"):
         bench._share(bad)
     assert bench._share("2/8") == (2, 8)
 

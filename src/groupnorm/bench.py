@@ -515,7 +515,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"of {LAYOUTS}")
     parser.add_argument("--directions", default=",".join(DIRECTIONS), help=f"of {DIRECTIONS}")
     parser.add_argument("--providers", default=",".join(names), help=f"of {names}")
-    parser.add_argument("--reps", type=int, default=50, help="timed repetitions per case")
+    parser.add_argument(
+        "--reps", type=_at_least_two, default=50, help="timed repetitions per case (>= 2)"
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON results"
     )
@@ -528,17 +530,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _at_least_two(text: str) -> int:
+    """--reps: the timing's quantiles need two repetitions at least."""
+    try:
+        reps = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if reps < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {reps}")
+    return reps
+
+
 def _pick(value: str, allowed: Sequence[str], what: str) -> list[str]:
     chosen = [v for v in value.split(",") if v]
     unknown = [v for v in chosen if v not in allowed]
     if unknown or not chosen:
-        raise SystemExit(
-            f"groupnorm bench: --{what} must be a comma list of {list(allowed)}, got {value!r}"
-        )
+        raise ValueError(f"--{what} must be a comma list of {list(allowed)}, got {value!r}")
     return chosen
 
 
 def main(args: argparse.Namespace) -> int:
+    """Exit status 0, 1 where one of our cases failed its check (:func:`finish`), 2 for bad
+    arguments (checked first, with or without a GPU) or no CUDA device."""
+    try:
+        layouts = _pick(args.layouts, LAYOUTS, "layouts")
+        directions = _pick(args.directions, DIRECTIONS, "directions")
+        names = _pick(args.providers, [p.name for p in PROVIDERS], "providers")
+        shapes = [s for s in SHAPES if args.shapes.lower() in s.workload.lower()]
+        if not shapes:
+            raise ValueError(f"no workload name contains {args.shapes!r}")
+        share = _share(args.warm) if args.warm else None
+    except ValueError as e:
+        print(f"groupnorm bench: error: {e}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print(
             "groupnorm bench: no CUDA device (torch.cuda.is_available() is False). The "
@@ -547,13 +571,6 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    layouts = _pick(args.layouts, LAYOUTS, "layouts")
-    directions = _pick(args.directions, DIRECTIONS, "directions")
-    names = _pick(args.providers, [p.name for p in PROVIDERS], "providers")
-    shapes = [s for s in SHAPES if args.shapes.lower() in s.workload.lower()]
-    if not shapes:
-        raise SystemExit(f"groupnorm bench: no workload name contains {args.shapes!r}")
-    share = _share(args.warm) if args.warm else None
     device = torch.device("cuda")
     if share is not None:
         return _warm(share, shapes, layouts, directions, device)
@@ -593,7 +610,7 @@ def _share(value: str) -> tuple[int, int]:
     parts = value.split("/")
     if len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < int(parts[1]):
         return int(parts[0]), int(parts[1])
-    raise SystemExit(f"groupnorm bench: --warm must be I/N with 0 <= I < N, got {value!r}")
+    raise ValueError(f"--warm must be I/N with 0 <= I < N, got {value!r}")
 
 
 def _warm(
