@@ -51,6 +51,49 @@ def test_a_study_from_before_image_size_is_not_resumed(
     assert "image_size: None in config.json, 12 now" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "bogus"], "--device must be auto, cpu, cuda or cuda:K, got 'bogus'"),
+        (["--device", "mps"], "--device must be auto, cpu, cuda or cuda:K, got 'mps'"),
+        (["--lr", "nan"], "need lr > 0"),
+        (["--lr", "inf"], "need lr > 0"),
+        (["--test-size", "0"], "test_size must be >= 1"),
+        (["--train-size", "0"], "train_size must be >= 1"),
+        (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+        (["--jobs", "-1"], "--jobs must be >= 1, got -1"),
+    ],
+)
+def test_regression_study_refuses_bad_values_before_writing_anything(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each of these trained with the value, ended in a traceback, or (--device) wrote
+    config.json first; --test-size 0 ran on 2000 test images and recorded 0."""
+    out = tmp_path / "out"
+    assert main(["study", "--preset", "tiny", "--no-progress", "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_regression_study_refuses_cuda_where_there_is_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(["study", "--preset", "tiny", "--out", str(out), "--device", "cuda"]) == 2
+    assert "--device cuda: this machine has 0 CUDA device(s)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_regression_study_reports_an_unusable_out_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file where --out's parent folder should be ended in a NotADirectoryError traceback."""
+    (tmp_path / "file").write_text("")
+    assert main(["study", "--preset", "tiny", "--out", str(tmp_path / "file" / "out")]) == 2
+    assert "groupnorm study: error: " in capsys.readouterr().err
+
+
 def test_train_size_is_the_studys_not_the_trainers() -> None:
     # "train_size" starts like the train_<name> overrides of TrainConfig, yet is StudyConfig's.
     cfg = with_overrides(PRESETS["tiny"], train_size=100, train_epochs=3)

@@ -166,7 +166,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: --out or the data where they cannot be
         print(f"groupnorm study: error: {e}", file=sys.stderr)
         return 2
 
@@ -190,6 +190,8 @@ def _run(args: argparse.Namespace) -> int:
             "--data-dir and --download are for --data fashion-mnist, cifar10 or cifar100; the "
             "default data (strokes) is generated, not read"
         )
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     out = args.out or Path("runs") / (args.preset or "full")
     download_url = (args.download_url or "") if args.download else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -6,6 +6,7 @@ all import from here and never from each other's configuration.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -65,7 +66,9 @@ class TrainConfig:
             )
         if not 0 <= self.warmup < 0.5:
             raise ValueError(f"warmup is a fraction of the steps in [0, 0.5), got {self.warmup}")
-        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+        if not (0 < self.lr < math.inf and 0 <= self.weight_decay < math.inf) or not (
+            0 <= self.momentum < 1
+        ):
             raise ValueError(
                 f"need lr > 0, weight_decay >= 0, 0 <= momentum < 1; got lr="
                 f"{self.lr}, weight_decay={self.weight_decay}, "
@@ -164,6 +167,10 @@ class StudyConfig:
             raise ValueError("evaluate='val' needs a validation split: set val_size >= 1")
         if self.val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+        for name in ("train_size", "test_size"):
+            size = getattr(self, name)
+            if size is not None and size < 1:
+                raise ValueError(f"{name} must be >= 1 (or None: all images), got {size}")
 
     def channels_per_group(self) -> tuple[int, ...]:
         """The GN arm's channels per group in each stage (G capped at the stage's width)."""

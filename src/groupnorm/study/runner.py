@@ -87,13 +87,24 @@ def save_or_check_config(out: Path, cfg: StudyConfig) -> None:
 
 def pick_device(requested: str = "auto", local_rank: int | None = None) -> torch.device:
     """``auto``: a CUDA device where there is one, else the CPU. Under torchrun
-    (``local_rank`` given) a CUDA request means this process's own GPU, made current."""
+    (``local_rank`` given) a CUDA request means this process's own GPU, made current.
+    Raises ValueError for anything but auto, cpu and an existing CUDA device."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if local_rank is not None and requested.startswith("cuda"):
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:K, got {requested!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {requested}: this machine has {count} CUDA device(s)")
+    if local_rank is not None and device.type == "cuda":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    return torch.device(requested)
+    return device
 
 
 def prepare(cfg: StudyConfig, out: Path) -> list[RunSpec]:
@@ -192,10 +203,10 @@ def run_study(
     ``download_url``: fetch CIFAR first ("" = the official address; None = no download).
     """
     out = Path(out)
+    dev = pick_device(device)  # before prepare writes anything
     todo = prepare(cfg, out)
     if not todo:
         return read_results(out)
-    dev = pick_device(device)
     jobs = min(jobs or default_jobs(dev), len(todo))
     fetch(cfg, data_dir, download_url)
     data = load_dataset(cfg, data_dir)
