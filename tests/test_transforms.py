@@ -46,6 +46,47 @@ def test_vmap(plan_name: str) -> None:
     assert_matches(y, _expected(x, plan_kw, weight=w), torch.float32)
 
 
+# forward_ad loads its decompositions through torch.jit.script on first use.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_regression_torch_func_of_the_parameters_with_x_captured(
+    plan_name: str, layout: str, dtype: torch.dtype
+) -> None:
+    """grad, vmap and jvp over weight and bias (an ensemble of norms, x from a frozen layer)
+    sent the parameters' wrappers to the fused kernel or its autograd Function ("Cannot access
+    data pointer of Tensor that doesn't have storage"), and a channels-last uneven vmap copied
+    its batched y into an unbatched tensor. Each now matches the float64 reference."""
+    plan_kw = PLANS[plan_name]
+    x = make_x((3, 12, 5, 4), dtype, layout, seed=4, loc=300.0, std=0.5)
+    plan = resolve_plan(12, **plan_kw)
+    w, b = rand((2, 12), dtype, 5), rand((2, 12), dtype, 6)
+    y = torch.func.vmap(lambda w, b: groupnorm.group_norm(x, weight=w, bias=b, **plan_kw))(w, b)
+    for k in range(2):
+        assert_matches(y[k], reference(x, plan, w[k], b[k])[0], dtype)
+    module = groupnorm.GroupNorm(num_channels=12, activation="silu", **plan_kw).to(dtype)
+    params: dict[str, torch.Tensor] = dict(module.named_parameters())
+    dy = rand(tuple(x.shape), dtype, 7)
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (torch.func.functional_call(module, p, (x,)) * dy).sum()
+
+    grads = torch.func.grad(loss)(params)
+    cache = reference(x, plan, module.weight, module.bias, activation="silu")[1]
+    expected = R.group_norm_backward(to_numpy(dy), cache)
+    count = x.numel() // 12
+    assert_matches(grads["weight"], expected.dgamma, dtype, reduction=count, what="dweight")
+    assert_matches(grads["bias"], expected.dbeta, dtype, reduction=count, what="dbias")
+    tangent = rand((12,), dtype, 8)
+    dy_dw = torch.func.jvp(
+        lambda w: groupnorm.group_norm(x, weight=w, **plan_kw), (module.weight,), (tangent,)
+    )[1]
+    # y is linear in the weight: its tangent is xhat times the weight's tangent.
+    xhat = reference(x, plan)[0]
+    assert_matches(dy_dw, xhat * to_numpy(tangent)[:, None, None], dtype)
+
+
 @pytest.mark.parametrize("plan_name", list(PLANS))
 def test_meta_and_fake_tensors(plan_name: str) -> None:
     plan_kw = PLANS[plan_name]

@@ -88,6 +88,11 @@ _LIB.define("pivot(Tensor x, Tensor first, int size) -> Tensor")
 _LIB.impl("pivot", _compiled_pivot, "CompositeImplicitAutograd")
 
 
+@torch.jit.unused
+def _batched(t: torch.Tensor) -> bool:
+    return torch._C._functorch.is_batchedtensor(t)
+
+
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """t in dtype; no op when it is already (a graph records every .to call)."""
     if t is None or t.dtype == dtype:
@@ -254,6 +259,11 @@ def _epilogue(
     if y.stride() != x.stride():
         # The kernel returns contiguous output off the CPU and for layouts without a memory
         # format (NLC), and cat may pick NCHW for one-channel runs: hand back x's layout.
+        if not torch.jit.is_scripting():  # noqa: SIM102
+            # y batched by vmap through the parameters, x not: y cannot be copied into a
+            # tensor like x, and a batched tensor's layout is vmap's own.
+            if _batched(y) and not _batched(x):
+                return y
         like = torch.empty_like(x)
         if like.stride() != y.stride():
             y = like.copy_(y)

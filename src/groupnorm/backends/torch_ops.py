@@ -69,6 +69,7 @@ __all__ = [
     "can_read_values",
     "compute_stats",
     "native_fast",
+    "params_wrapped",
     "plan_index",
     "run",
 ]
@@ -317,6 +318,21 @@ def _reads_values(x: torch.Tensor) -> bool:
     """Whether the hot path may branch on tensor values: :func:`can_read_values` on the CPU
     (elsewhere reading a value stalls the host until the device catches up)."""
     return x.device.type == "cpu" and can_read_values(x)
+
+
+def params_wrapped(*tensors: torch.Tensor | None) -> bool:
+    """Whether one of ``tensors`` (a call's parameters) is a torch.func wrapper: the parameters
+    transformed (grad, vmap, jvp of weight, scale, ...) while x is captured as a plain tensor.
+    Then no kernel may take their data pointers, and no value may be read."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(t is not None and wrapped(t) for t in tensors)
+
+
+def _reads_request(r: Request) -> bool:
+    """:func:`_reads_values` of x, with none of the call's other tensors a torch.func wrapper
+    (:func:`params_wrapped`)."""
+    stats = () if r.stats is None else (r.stats.pivot, r.stats.shifted_mean, r.stats.m2)
+    return _reads_values(r.x) and not params_wrapped(r.weight, r.bias, r.scale, r.shift, *stats)
 
 
 def _fold(
@@ -699,7 +715,7 @@ def native_fast(
         or not (eps >= 0 and eps < math.inf)
     ):
         return None
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if params_wrapped(x, weight, bias):
         return None  # before the layout queries below, which vmap's tensors do not answer
     # Channels-last: torch's kernel where the validated path asks it (_trust_limit), checked
     # against that layout's limit.
@@ -772,7 +788,7 @@ def _fused_fast(
         forward_ad._current_level >= 0
         or torch._C._is_tracing()  # torch.jit.trace, as native_fast asks it
         or torch._C._len_torch_dispatch_stack()
-        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        or params_wrapped(x, weight, bias)
         or (plan.min_size == 1 and x[0, 0].numel() == 1)  # the validated path warns
     ):
         return None
@@ -1346,7 +1362,7 @@ def _composite(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     shifted and normalized in float64 (:func:`_widens`), statistics out rounded back to float32
     (:func:`_narrowed`)."""
     given = r.stats
-    if given is not None and _reads_values(r.x) and not _records_grad(r):
+    if given is not None and _reads_request(r) and not _records_grad(r):
         mean, rstd = given.mean, torch.rsqrt(given.var + r.eps)
         if _all_trusted(mean, rstd, _nchw_trust(r.x.dtype)):
             return _multiply_add(r, mean, rstd), (given if r.return_stats else None)
@@ -1377,7 +1393,7 @@ def _fused_serves(r: Request) -> bool:
     8^2's 64 positions float16 took 0.42-0.44x F.group_norm's time. Half precision is judged
     against torch's own kernel; the fused kernel rounds once from float32 either way."""
     x = r.x
-    return _reads_values(x) and cpu_kernel.serves(x) and not _records_grad(r)
+    return _reads_request(r) and cpu_kernel.serves(x) and not _records_grad(r)
 
 
 def _fused_records(r: Request) -> bool:
@@ -1424,7 +1440,7 @@ def _kernel_records(r: Request) -> bool:
     return (
         x.dtype in _NUMPY_FLOATS
         and forward_ad._current_level < 0
-        and _reads_values(x)
+        and _reads_request(r)
         and cpu_kernel.serves(x)
         and _records_grad(r)
     )
@@ -1562,7 +1578,7 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     if _fused_records_given(r):
         return _record_fused_given(r), None
     if r.stats is None and not r.return_stats and not _forward_ad_on_channels_last(r.x):
-        if _reads_values(r.x):
+        if _reads_request(r):
             y = _native_checked(r)
             if y is not None:
                 return y, None
@@ -1583,7 +1599,7 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
             return shifted_group_norm(
                 r.x, runs, first, r.weight, r.bias, r.eps, r.activation, r.scale, r.shift
             ), None
-    if r.stats is None and r.return_stats and _reads_values(r.x) and not _records_grad(r):
+    if r.stats is None and r.return_stats and _reads_request(r) and not _records_grad(r):
         both = _native_with_stats(r)
         if both is not None:
             return both

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from groupnorm.activations import ACTIVATIONS
+from groupnorm.backends.torch_ops import params_wrapped
 from groupnorm.dispatch import FLOAT_DTYPES, Backend, Request, register_backend
 from groupnorm.groups import GroupPlan
 from groupnorm.stats import GroupStats
@@ -81,6 +82,10 @@ def why_not(r: Request) -> str | None:
         return (
             "an ONNX export is being traced: the torch backend's composite ops export, the "
             "Triton custom op has no ONNX form"
+        )
+    if params_wrapped(r.weight, r.bias, r.scale, r.shift) and not params_wrapped(r.x):
+        return (
+            "torch.func transforms the parameters of a captured x: the torch backend's ops serve it"
         )
     if r.x.dtype not in KERNEL_DTYPES:
         return (

@@ -2710,18 +2710,16 @@ def plain_forward(
     tracing (dispatch checked both)."""
     if not _untraced():
         return None
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if (weight is not None and wrapped(weight)) or (bias is not None and wrapped(bias)):
+        return None  # transformed by torch.func: the kernels cannot take a wrapper's pointer
     # _records_grad spelt out: its generator costs more than the rest of this check.
     if torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
-        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-        if (
-            wrapped(x)
-            or (weight is not None and wrapped(weight))
-            or (bias is not None and wrapped(bias))
-        ):
+        if wrapped(x):
             return None  # a tensor left over from a functorch transform: Function.apply unwraps it
         return _apply_plain((plan.sizes, eps, activation, "auto"), x, weight, bias)
     return _forward(
