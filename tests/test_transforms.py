@@ -136,7 +136,7 @@ def test_torch_export_program_runs_exactly(plan_name: str, layout: str, dtype: t
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
-def test_jit_script_of_a_model_holding_groupnorm() -> None:
+def test_regression_jit_script_of_a_model_holding_groupnorm_leaves_the_model_as_it_was() -> None:
     model = nn.Sequential(
         nn.Conv2d(3, 12, 3, padding=1),
         groupnorm.GroupNorm(5, 12, uneven=True),
@@ -148,12 +148,38 @@ def test_jit_script_of_a_model_holding_groupnorm() -> None:
     x = torch.randn(2, 3, 6, 5)
     torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
     assert list(scripted.state_dict()) == list(model.state_dict())
+    # The eager model is left as it was (it held a stand-in module after scripting, which
+    # ignored a later change of num_groups).
+    assert [type(m) for m in model] == [nn.Conv2d, groupnorm.GroupNorm, groupnorm.GroupNormAct]
+    model[2].num_groups = 3  # type: ignore[assignment]
+    h = model[1](model[0](x)).detach()
+    assert_matches(
+        model[2](h),
+        _expected(h, {"num_groups": 3}, weight=model[2].weight, activation="silu"),
+        torch.float32,
+    )
+    torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=1e-5, atol=1e-5)
     h = model[0](x).detach()
     assert_matches(
         torch.jit.script(model[1])(h),
         _expected(h, {"num_groups": 5, "uneven": True}, weight=model[1].weight, bias=model[1].bias),
         torch.float32,
     )
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated")
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_regression_jit_trace_passes_its_own_check(plan_name: str) -> None:
+    """torch.jit.trace with its default check failed ("Graphs differed across invocations"):
+    the pivot was detached only where x required a gradient, which the check's second trace
+    does not. Its argument checks also warned TracerWarnings (an error here)."""
+    plan_kw = PLANS[plan_name]
+    model = nn.Sequential(nn.Conv2d(12, 12, 1), groupnorm.GroupNorm(num_channels=12, **plan_kw))
+    traced = torch.jit.trace(model, torch.randn(3, 12, 5, 4))
+    x = _x(seed=3)
+    h = model[0](x).detach()
+    assert_matches(traced(x), _expected(h, plan_kw), torch.float32)
 
 
 # forward_ad loads its decompositions through torch.jit.script on first use.

@@ -10,6 +10,7 @@ keyword-only: ``group_size=``, ``group_sizes=``, ``uneven=True``, ``activation=`
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from groupnorm import dispatch
 from groupnorm.activations import check_activation
-from groupnorm.backends.shifted import ScriptableGroupNorm
+from groupnorm.backends.shifted import shifted_group_norm
 from groupnorm.backends.torch_ops import plan_index
 from groupnorm.functional import (
     check_backend_name,
@@ -115,6 +116,36 @@ class GroupNorm(nn.GroupNorm):
         return self.plan
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            # What torch.jit.script compiles: the plan as __prepare_scriptable__ left it.
+            first = self._script_first
+            if first.device != input.device:
+                first = first.to(input.device)
+            return shifted_group_norm(
+                input,
+                self._script_runs,
+                first,
+                self.weight,
+                self.bias,
+                self.eps,
+                self.activation,
+                None,
+                None,
+            )
+        return self._forward(input)
+
+    @torch.jit.unused
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and torch._C._is_tracing():
+            # torch.jit.trace records x's sizes as tensors, so each argument check that compares
+            # them warns that the trace "might not generalize"; the graph does not depend on
+            # them (C is the plan's, and the traced path reads no values).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                return self._planned(input)
+        return self._planned(input)
+
+    def _planned(self, input: torch.Tensor) -> torch.Tensor:
         plan = self.plan
         if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
             plan = self._replan()
@@ -139,19 +170,17 @@ class GroupNorm(nn.GroupNorm):
         )
 
     def __prepare_scriptable__(self) -> nn.Module:
-        """``torch.jit.script`` compiles this instead: the plan is a Python object TorchScript
-        cannot compile, so the scripted module carries its runs as a list of int tuples."""
+        """Before ``torch.jit.script`` compiles this module: the plan is a Python object
+        TorchScript cannot compile, so forward's scripted branch reads its runs as int tuples
+        and each channel's group's first channel as a tensor (a plain attribute, not a buffer:
+        the state_dict stays nn.GroupNorm's). Returns the module itself, because torch puts
+        what this returns into the parent module, also in the eager model."""
         plan = self.plan
         if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
             plan = self._replan()
-        return ScriptableGroupNorm(
-            list(plan.runs),
-            list(plan.channel_first),
-            self.weight,
-            self.bias,
-            float(self.eps),
-            self.activation,
-        )
+        self._script_runs = list(plan.runs)
+        self._script_first = torch.tensor(plan.channel_first, dtype=torch.int64)
+        return self
 
     def _device(self) -> torch.device:
         """Where the parameters live (the default device without affine parameters)."""

@@ -21,13 +21,14 @@ per even layer where ``nn.GroupNorm`` holds 5; an uneven one takes each group's 
 mean of its first channel instead (:func:`_mean_pivot`).
 
 Written in the TorchScript subset (no ``from __future__ import annotations``: TorchScript reads
-the annotations at runtime), so ``torch.jit.script`` compiles it from a module's forward.
+the annotations at runtime), so ``torch.jit.script`` compiles it from
+:class:`groupnorm.GroupNorm`'s forward.
 """
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ScriptableGroupNorm", "shifted_group_norm"]
+__all__ = ["shifted_group_norm"]
 
 
 def _activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -62,7 +63,9 @@ def _pivot(x: torch.Tensor, first: torch.Tensor, size: int) -> torch.Tensor:
         return src.index_select(1, first)  # after the narrowing: N * C elements gathered
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return torch.ops.groupnorm.pivot(x, first, size)
-    src = x.detach() if x.requires_grad else x
+    # Under torch.jit.trace always: its check traces again with inputs that need no gradient,
+    # and a graph with a detach in one trace only "differed across invocations".
+    src = x.detach() if x.requires_grad or torch._C._is_tracing() else x
     return src[(slice(None), first) + (slice(0, 1),) * (x.dim() - 2)]  # one op in a graph
 
 
@@ -268,47 +271,3 @@ def _epilogue(
         if like.stride() != y.stride():
             y = like.copy_(y)
     return y
-
-
-class ScriptableGroupNorm(torch.nn.Module):
-    """What ``torch.jit.script`` compiles in place of a :class:`groupnorm.GroupNorm`: the same
-    parameters (shared, same ``state_dict`` keys), plan, eps and activation, through
-    :func:`shifted_group_norm`."""
-
-    activation: str | None
-    first: torch.Tensor
-
-    def __init__(
-        self,
-        runs: list[tuple[int, int, int]],
-        first: list[int],
-        weight: torch.nn.Parameter | None,
-        bias: torch.nn.Parameter | None,
-        eps: float,
-        activation: str | None,
-    ) -> None:
-        super().__init__()
-        self.runs = runs
-        # A plain attribute, not a buffer: a scripted state_dict would list even a
-        # non-persistent buffer. So .to() leaves it where it is, and forward follows x.
-        self.first = torch.tensor(first, dtype=torch.int64)
-        self.weight = weight
-        self.bias = bias
-        self.eps = eps
-        self.activation = activation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first = self.first
-        if first.device != x.device:
-            first = first.to(x.device)
-        return shifted_group_norm(
-            x,
-            self.runs,
-            first,
-            self.weight,
-            self.bias,
-            self.eps,
-            self.activation,
-            None,
-            None,
-        )
