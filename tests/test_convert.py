@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 import groupnorm
 from groupnorm import GroupNorm, WSConv2d, convert_batchnorm, restore_group_norm, swap_group_norm
@@ -398,7 +399,10 @@ def _seq() -> nn.Sequential:
 def test_swap_sequential_fuses_and_matches_torch() -> None:
     model = _seq().double()
     out, report = swap_group_norm(model)
-    assert report.swapped == ["1", "3"] and report.proof == "torch.fx symbolic trace"
+    assert (
+        report.swapped == ["1", "3"]
+        and report.proof == "torch.fx symbolic trace, in training and eval mode"
+    )
     assert [(f.norm, f.activation) for f in report.fused] == [("1", "2"), ("3", "4")]
     assert out[1].activation == "silu" and isinstance(out[2], nn.Identity)
     assert out[3].activation == "relu" and isinstance(out[4], nn.Identity)
@@ -743,3 +747,167 @@ def test_fusion_rules_match_the_installed_diffusers(diffusers: ModuleType) -> No
     for rule in RULES:
         cls = getattr(importlib.import_module(rule.module), rule.name)
         assert forward_fingerprint(cls) in rule.fingerprints, f"{rule.module}.{rule.name}"
+
+
+def test_regression_fusion_is_not_proven_past_hooks_a_trace_cannot_see() -> None:
+    """A hook on a block returning the norm's output, or on an Identity after the norm, saw
+    the fused (activated) output, and fx tracing ran the parent's hook on a Proxy."""
+    x = make_x((2, 3, 8, 8), torch.float32, seed=40)
+    feats: dict[str, object] = {}
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16)), nn.SiLU())
+    model[0].register_forward_hook(lambda m, args, out: feats.__setitem__("f", out))
+    model(x)
+    before = feats["f"]
+    out, report = swap_group_norm(model)
+    assert feats["f"] is before and report.fused == [] and "no trace is trusted" in report.proof
+    out(x)
+    assert isinstance(feats["f"], torch.Tensor) and isinstance(before, torch.Tensor)
+    torch.testing.assert_close(feats["f"], before)
+    taps: list[torch.Tensor] = []
+    model = nn.Sequential(nn.GroupNorm(4, 16), nn.Identity(), nn.SiLU())
+    model[1].register_forward_hook(lambda m, args, out: taps.append(out))
+    h = make_x((2, 16, 4, 4), torch.float32, seed=41)
+    model(h)
+    out, report = swap_group_norm(model)
+    out(h)
+    assert report.fused == [] and "Identity has hooks" in report.not_fused[0][1]
+    torch.testing.assert_close(taps[1], taps[0])
+
+
+class _Cache(nn.Module):
+    """Keeps the norm's output (a feature cache): a side effect no trace shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.act = nn.GroupNorm(4, 16), nn.SiLU()
+        self.feats: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        self.feats.append(h)
+        return self.act(h)
+
+
+class _TrainOnly(nn.Module):
+    """Dropout between the norm and the activation in training mode only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.act = nn.GroupNorm(4, 16), nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        if self.training:
+            h = F.dropout(h, 0.5)
+        return self.act(h)
+
+
+@pytest.mark.parametrize("traced_by", ["fx", "export"])
+def test_regression_fusion_needs_the_same_proof_in_both_modes_and_no_kept_values(
+    traced_by: str,
+) -> None:
+    """A forward keeping the norm's output in a list, or branching on self.training between
+    the norm and its activation, was fused from a trace that cannot see either; the cached
+    feature was then activated (2.8 off), the training-mode output 0.4 off."""
+    x = make_x((2, 16, 4, 4), torch.float32, seed=42)
+    example = None if traced_by == "fx" else (x,)
+    model = _Cache()
+    out, report = swap_group_norm(model, example_inputs=example)
+    assert report.fused == [] and "keeps a" in report.not_fused[0][1]
+    assert model.feats == [] and out.feats == []  # the trace's values are not left behind
+    out(x)
+    torch.testing.assert_close(out.feats[0], F.group_norm(x, 4))
+    model2 = _TrainOnly().eval()
+    out2, report = swap_group_norm(model2, example_inputs=example)
+    assert report.fused == [] and "differs between training and eval mode" in report.not_fused[0][1]
+    assert not out2.training and not out2.norm.training  # each mode put back
+    out2.train()
+    model2.train()
+    torch.manual_seed(0)
+    expected = model2(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(out2(x), expected)
+
+
+class _TwoUses(nn.Module):
+    """One SiLU after the norm and on another input, which goes to ``proj``."""
+
+    def __init__(self, proj: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.act, self.proj = nn.GroupNorm(4, 16), nn.SiLU(), proj
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.act(t)
+        p = self.proj(a, a) if isinstance(self.proj, nn.Bilinear) else self.proj(input=a)
+        return self.act(self.norm(x)) + p[:, :, None, None]
+
+
+def test_regression_activation_moves_only_into_modules_of_one_input() -> None:
+    """The moved SiLU's pre-hook read args[0]: a module called by keyword raised IndexError,
+    and one taking the activation's output twice (Bilinear) got it activated once."""
+    x, t = make_x((2, 16, 4, 4), torch.float32, seed=43), make_x((2, 8), torch.float32, seed=44)
+    keyword = _TwoUses(nn.Linear(8, 16))
+    out, report = swap_group_norm(keyword)
+    assert report.fused[0].moved_to == ("proj",)
+    torch.testing.assert_close(out(x, t), keyword(x, t))
+    twice = _TwoUses(nn.Bilinear(8, 8, 16))
+    out, report = swap_group_norm(twice)
+    assert report.fused == [] and "a single plain module of one input" in report.not_fused[0][1]
+    torch.testing.assert_close(out(x, t), twice(x, t))
+
+
+def test_regression_restore_brings_back_the_parameters_held_now() -> None:
+    """restore_group_norm put back the Parameters of swap time: weights loaded meanwhile with
+    assign=True were lost, and a model built on meta and moved with to_empty kept meta ones."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.GroupNorm(4, 16), nn.SiLU())
+    out, report = swap_group_norm(model)
+    loaded = {k: torch.randn_like(v) for k, v in out.state_dict().items()}
+    out.load_state_dict(loaded, assign=True)
+    back = restore_group_norm(out, report)
+    assert type(back[1]) is nn.GroupNorm and torch.equal(back[1].weight, loaded["1.weight"])
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.GroupNorm(4, 16), nn.SiLU())
+    out, report = swap_group_norm(model)
+    back = restore_group_norm(out.to_empty(device="cpu"), report)
+    assert {p.device.type for p in back.parameters()} == {"cpu"}
+
+
+def test_regression_weight_standardization_leaves_hooked_pruned_and_parametrized_convs() -> None:
+    """The conv before a BatchNorm was replaced by a WSConv2d without the checks norms get:
+    its hooks, its pruning (weight_orig / weight_mask) and its parametrizations were lost."""
+    calls: list[int] = []
+    hooked = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32))
+    hooked[0].register_forward_hook(lambda m, args, out: calls.append(1))
+    pruned = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32))
+    prune.l1_unstructured(pruned[0], "weight", amount=0.5)
+    parametrized = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32))
+    torch.nn.utils.parametrizations.weight_norm(parametrized[0])
+    for model in (hooked, pruned, parametrized):
+        conv_keys = [k for k in model.state_dict() if k.startswith("0.")]
+        # inplace: a pruned conv's weight is not a leaf, which deepcopy refuses.
+        out, report = convert_batchnorm(model, weight_standardize=True, inplace=True)
+        assert not isinstance(out[0], WSConv2d) and report.ws_convs == []
+        assert [k for k in out.state_dict() if k.startswith("0.")] == conv_keys
+        if model is not parametrized:  # a ParametrizedConv2d is no plain Conv2d: not a candidate
+            assert report.skipped[0] == (
+                "0",
+                "not weight-standardized: Conv2d has hooks registered on it",
+            )
+    hooked(make_x((1, 3, 8, 8), torch.float32, seed=45))
+    assert calls == [1]
+
+
+def test_regression_convert_builds_every_module_before_replacing_any() -> None:
+    """An inplace conversion that failed on its second BatchNorm (an eps GroupNorm refuses) had
+    already replaced the first."""
+    model = nn.Sequential(nn.BatchNorm2d(32), nn.BatchNorm2d(32, eps=-1.0))
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        convert_batchnorm(model, inplace=True)
+    assert [type(m) for m in model] == [nn.BatchNorm2d, nn.BatchNorm2d]
+
+
+def test_regression_proof_says_why_the_example_input_did_not_serve() -> None:
+    model = nn.Sequential(nn.GroupNorm(4, 16), nn.SiLU())
+    _, report = swap_group_norm(model, example_inputs=(torch.randn(2, 8, 4, 4),))  # C = 8
+    assert report.proof.startswith("torch.export failed on the example input (RuntimeError: ")
+    assert report.proof.endswith("torch.fx symbolic trace, in training and eval mode")

@@ -153,7 +153,10 @@ def test_timm_resnet50_gn_swaps_with_same_outputs() -> None:
     # Fused: the stem's bn1 -> act1 and, in each of 16 Bottlenecks, bn1 -> act1 and
     # bn2 -> drop_block (Identity, traced through) -> act2. Not: bn3 and downsample, which feed
     # the residual add.
-    assert report.proof == "torch.fx symbolic trace" and len(report.fused) == 1 + 16 * 2
+    assert (
+        report.proof == "torch.fx symbolic trace, in training and eval mode"
+        and len(report.fused) == 1 + 16 * 2
+    )
     assert all("goes to the op add" in why for _, why in report.not_fused)
 
 
@@ -282,7 +285,7 @@ def test_diffusers_autoencoder_kl_trace_proves_the_pinned_fusion() -> None:
     run: Run = lambda m, x: m(x).sample  # noqa: E731
     pinned = swap_group_norm(vae)[1]
     traced = _swap(vae, x, run, example_inputs=x)
-    assert traced.proof == "torch.export on the example input"
+    assert traced.proof == "torch.export on the example input, in training and eval mode"
     assert {f.norm for f in traced.fused} == {f.norm for f in pinned.fused}
 
 
@@ -295,7 +298,7 @@ def test_diffusers_unet2d_condition_trace_proves_the_pinned_fusion() -> None:
     x = make_x((2, 4, 8, 8), torch.float32, seed=70)
     pinned = swap_group_norm(unet)[1]
     traced = _swap(unet, x, run, example_inputs=(x, t, context))
-    assert traced.proof == "torch.export on the example input"
+    assert traced.proof == "torch.export on the example input, in training and eval mode"
     as_pairs = {(f.norm, f.moved_to) for f in traced.fused}
     assert as_pairs == {(f.norm, f.moved_to) for f in pinned.fused}
     assert np.all([f.moved_to for f in traced.fused if ".resnets." in f.norm])

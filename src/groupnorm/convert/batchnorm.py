@@ -226,15 +226,26 @@ def convert_batchnorm(
         )
     report.skipped += _frozen_batchnorms(target)
 
-    convs: dict[int, nn.Module] = {}
+    convs: dict[int, nn.Conv2d] = {}
     if weight_standardize:
         for m, _, _, _ in todo:
             for p in paths[id(m)]:
                 conv_path = _preceding_conv(target, p, m.num_features)
-                if conv_path is not None:
-                    conv = target.get_submodule(conv_path)
+                if conv_path is None:
+                    continue
+                conv = target.get_submodule(conv_path)
+                assert isinstance(conv, nn.Conv2d)  # _preceding_conv's type check
+                # Pruning and the old weight_norm keep the weight under other names and
+                # recompute it in a forward pre-hook: a hook, as _walk.patched says.
+                why = _walk.patched(conv)
+                if why is None:
                     convs[id(conv)] = conv
+                elif (conv_path, f"not weight-standardized: {why}") not in report.skipped:
+                    report.skipped.append((conv_path, f"not weight-standardized: {why}"))
 
+    # Every new module is built before the first replacement: a module that cannot be built
+    # (an eps or a weight shape GroupNorm refuses) leaves an inplace model untouched.
+    built = []
     for m, plan, reason, with_act in todo:
         args = (plan.num_groups, m.num_features, m.eps, m.affine)
         kw = {"uneven": not plan.is_even, **_walk.factory_kwargs(m)}
@@ -251,6 +262,9 @@ def convert_batchnorm(
                     new_p.copy_(old_p)
                 new_p.requires_grad_(old_p.requires_grad)
         new.train(m.training)
+        built.append((m, plan, reason, with_act, act, drop, new))
+    standardized = {conv_id: WSConv2d.from_conv(conv) for conv_id, conv in convs.items()}
+    for m, plan, reason, with_act, act, drop, new in built:
         target = _walk.replace_everywhere(target, paths[id(m)], new)
         report.replaced.append(
             Replacement(
@@ -264,9 +278,8 @@ def convert_batchnorm(
                 _describe_act(act, drop) if with_act else "",
             )
         )
-    for conv_id, conv in convs.items():
-        assert isinstance(conv, nn.Conv2d)
-        target = _walk.replace_everywhere(target, paths[conv_id], WSConv2d.from_conv(conv))
+    for conv_id, ws in standardized.items():
+        target = _walk.replace_everywhere(target, paths[conv_id], ws)
         report.ws_convs.extend(paths[conv_id])
 
     if any(r.dropped_running_stats for r in report.replaced):

@@ -14,6 +14,7 @@ else, and the norm's output goes nowhere else. Two kinds of proof are accepted:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,16 +57,37 @@ _FUNCTIONS: dict[str, Callable[[Any], Any]] = {"silu": F.silu, "relu": F.relu, "
 
 @dataclass(frozen=True)
 class ActivationPreHook:
-    """A forward pre-hook applying ``activation`` to a module's first input: where an
-    activation module removed by fusion was also applied to that module's input.
+    """A forward pre-hook (``with_kwargs=True``) applying ``activation`` to a module's only
+    input, given by position or by name: where an activation module removed by fusion was also
+    applied to the input of a module whose forward takes one argument (:func:`one_input`).
 
     A class, not a closure, so that ``torch.save(model)`` pickles it (and
     :func:`groupnorm.safe_globals` allows it to ``torch.load(weights_only=True)``)."""
 
     activation: str
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (_FUNCTIONS[self.activation](args[0]), *args[1:])
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        act = _FUNCTIONS[self.activation]
+        if args:
+            return (act(args[0]), *args[1:]), kwargs
+        (name, value), *rest = kwargs.items()
+        return args, {name: act(value), **dict(rest)}
+
+
+def one_input(m: nn.Module) -> bool:
+    """Whether ``m``'s forward takes exactly one argument (no defaults, no ``*args`` or
+    ``**kwargs``): then whatever it is called with is that input, by position or by name, and
+    an activation moved into it (:class:`ActivationPreHook`) applies to exactly that."""
+    try:
+        params = list(inspect.signature(m.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1 and params[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,11 +205,17 @@ def _activation_calls_covered(
             continue
         users = calls.calls[key].users
         target = module_of.get(users[0]) if len(users) == 1 else None
-        if target is None or target._modules or id(target) in norms or _walk.patched(target):
+        if (
+            target is None
+            or target._modules
+            or id(target) in norms
+            or _walk.patched(target)
+            or not one_input(target)
+        ):
             came, went = _users(calls, producers, module_of), _users(calls, users, module_of)
             return (
                 f"{path} is also applied to {came}, and its result goes to {went}, not to a "
-                "single plain module that could apply it"
+                "single plain module of one input that could apply it"
             )
         moves[id(target)] = target
         loose.add(key)
@@ -335,6 +363,9 @@ def _fuse_by_rule(
             return f"{attr} is shared ({paths[id(sub)]}): its other uses were not verified"
         if (why := _walk.patched(sub)) is not None:
             return f"{attr}: {why}"
+    for attr in moved:
+        if not one_input(getattr(m, attr)):
+            return f"{attr}'s forward does not take exactly one input, so SiLU cannot move into it"
     moved_paths = tuple(_walk.join(path, attr) for attr in moved)
     for norm, act in pairs:
         plan.pairs.append(

@@ -3,6 +3,7 @@ where :mod:`groupnorm.convert.fusion` proves it safe; restore_group_norm undoes 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,25 +91,68 @@ def _plan(
     example_kwargs: dict[str, Any] | None,
 ) -> tuple[fusion.Plan, str]:
     # A trace follows the class's forward: one replaced on an instance would not be the code
-    # that was traced.
-    patched = [p or "<root>" for p, m in target.named_modules() if "forward" in m.__dict__]
-    if patched:
-        failed = f"{patched[0]} has its forward replaced on the instance, so no trace is trusted"
-        return _pinned(target, norms, paths, failed)
+    # that was traced. Nor does it show hooks: one on a module whose output is a norm's (a
+    # parent block returning it, an Identity after it) would see the fused output, and tracing
+    # would run it. Hooks on norms and convs are not such: their output is their own op's
+    # (a hooked norm is skipped, not fused), and fx does not run them (leaves).
+    for path, m in target.named_modules():
+        why = _walk.patched(m)
+        if why is not None and ("forward" in m.__dict__ or not isinstance(m, trace.ONE_OP)):
+            failed = f"{path or '<root>'}: {why}, which no trace shows, so no trace is trusted"
+            return _pinned(target, norms, paths, failed)
     failed = ""
     if example_inputs is not None or example_kwargs is not None:
         args = () if example_inputs is None else _as_args(example_inputs)
         try:
-            calls = trace.from_export(target, args, example_kwargs)
-            return fusion.by_trace(calls, target, norms, paths), calls.how
+            plan, how = _in_both_modes(
+                target, lambda: trace.from_export(target, args, example_kwargs), norms, paths
+            )
+            return plan, how
         except Exception as e:  # export's failures have no common base class
-            failed = f"torch.export failed on the example input ({type(e).__name__}); "
+            failed = (
+                f"torch.export failed on the example input ({type(e).__name__}: {_first_line(e)}); "
+            )
     try:
-        calls = trace.from_fx(target, norms.values())
-        return fusion.by_trace(calls, target, norms, paths), calls.how
+        plan, how = _in_both_modes(
+            target, lambda: trace.from_fx(target, norms.values()), norms, paths
+        )
+        return plan, failed + how
     except Exception as e:  # fx raises TraceError, TypeError, ... on data-dependent code
         failed += f"torch.fx could not trace the model ({type(e).__name__}: {_first_line(e)})"
     return _pinned(target, norms, paths, failed)
+
+
+def _in_both_modes(
+    target: nn.Module,
+    record: Callable[[], trace.Calls],
+    norms: dict[int, nn.Module],
+    paths: dict[int, list[str]],
+) -> tuple[fusion.Plan, str]:
+    """The fusion a trace proves with every module in training mode and in eval mode (a
+    forward may branch on ``self.training``, and a trace sees one branch): where the two
+    differ, nothing from the trace is fused. Each module's mode is put back afterwards."""
+    modes = [(m, m.training) for m in target.modules()]
+    try:
+        plans = []
+        for training in (True, False):
+            target.train(training)
+            calls = record()
+            plans.append(fusion.by_trace(calls, target, norms, paths))
+    finally:
+        for m, training in modes:
+            m.training = training
+    train, evaluation = plans
+    if (train.norm_acts, set(train.removed), set(train.pre_act)) != (
+        evaluation.norm_acts,
+        set(evaluation.removed),
+        set(evaluation.pre_act),
+    ):
+        why = (
+            f"the {calls.how} differs between training and eval mode (the forward branches on "
+            "self.training), so what a norm's output feeds depends on the mode"
+        )
+        return fusion.Plan(why_not=dict.fromkeys(norms, why)), calls.how
+    return evaluation, f"{calls.how}, in training and eval mode"
 
 
 def _pinned(
@@ -146,7 +190,10 @@ def swap_group_norm(
     on ``model(*example_inputs, **example_kwargs)`` when an example input is given (it covers
     the branches that input takes), else torch.fx's symbolic trace, else (a model fx cannot
     trace, with no example input) only the pinned forwards of diffusers' ``ResnetBlock2D``,
-    VAE ``Encoder`` / ``Decoder`` and ``UNet2DModel`` / ``UNet2DConditionModel``.
+    VAE ``Encoder`` / ``Decoder`` and ``UNet2DModel`` / ``UNet2DConditionModel``. A trace is
+    taken in training and in eval mode and must prove the same; hooks on modules other than
+    norms and convs, and a forward that keeps a traced value in the model, rule traces out
+    (docs/adoption.md).
     ``report.fused`` and ``report.not_fused`` say, per norm, what was fused and why not.
 
     Other subclasses of ``nn.GroupNorm`` are left alone and listed in ``report.skipped``.
@@ -196,7 +243,7 @@ def swap_group_norm(
     for act_id in plan.removed:
         target = _walk.replace_everywhere(target, paths[act_id], nn.Identity(), report._undo)
     report._hooks += [
-        m.register_forward_pre_hook(fusion.ActivationPreHook(name))
+        m.register_forward_pre_hook(fusion.ActivationPreHook(name), with_kwargs=True)
         for m, name in plan.pre_act.values()
     ]
     report.fused = plan.pairs + report.fused
@@ -206,8 +253,9 @@ def swap_group_norm(
 def restore_group_norm(model: nn.Module, report: SwapReport) -> nn.Module:
     """Undo :func:`swap_group_norm` on the model it returned; returns the restored model.
 
-    The original modules come back with the Parameter objects the swapped ones used, so
-    training done meanwhile is kept; each takes the train/eval mode of the module it replaces.
+    The original modules come back with the Parameter objects the swapped ones hold at the
+    time of the restore, so training, loading and moving done meanwhile are kept; each takes
+    the train/eval mode of the module it replaces.
     """
     if not isinstance(report, SwapReport):
         raise TypeError(
@@ -227,6 +275,10 @@ def restore_group_norm(model: nn.Module, report: SwapReport) -> nn.Module:
     for parent, name, old in reversed(report._undo):
         current = getattr(parent, name) if name else parent
         old.train(current.training)
+        if isinstance(old, nn.GroupNorm) and old.affine:
+            # The Parameters the swapped module holds now: new ones where the model was loaded
+            # with assign=True, moved off the meta device with to_empty, or given new ones.
+            old.weight, old.bias = current.weight, current.bias  # type: ignore[assignment]
         if name:
             setattr(parent, name, old)
         else:

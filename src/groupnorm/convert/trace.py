@@ -13,6 +13,7 @@ output goes. Two traces are read, both into :class:`Calls`:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,9 +67,94 @@ def _innermost(node: fx.Node) -> str | None:
     return next(reversed(stack)) if stack else None
 
 
+class SideEffect(Exception):
+    """The forward kept a traced value in a module's attributes: it does more than the trace
+    shows (a feature cache, say), and a fused output would be kept there too."""
+
+
+# A module's own machinery, not its state.
+_MACHINERY = {"_parameters", "_buffers", "_modules", "training"}
+
+
+def _kept(model: nn.Module) -> list[tuple[nn.Module, str, Any, Any]]:
+    """Every module attribute that a forward could change: (module, name, value, a shallow copy
+    of a list's or dict's items, else None)."""
+    state = []
+    for m in model.modules():
+        for name, value in vars(m).items():
+            if name in _MACHINERY or name.endswith("_hooks") or "hooks" in name:
+                continue
+            items: list[Any] | dict[Any, Any] | None = None
+            if isinstance(value, list):
+                items = list(value)
+            elif isinstance(value, dict):
+                items = dict(value)
+            state.append((m, name, value, items))
+    return state
+
+
+def _traced(value: Any) -> bool:
+    """A value made by a trace: an fx Proxy, or a fake or functional tensor of torch.export."""
+    if isinstance(value, fx.Proxy):
+        return True
+    return isinstance(value, torch.Tensor) and type(value).__name__ in (
+        "FakeTensor",
+        "FunctionalTensor",
+    )
+
+
+def _check_kept(model: nn.Module, before: list[tuple[nn.Module, str, Any, Any]], how: str) -> None:
+    """Raise :class:`SideEffect` where the trace left a traced value in a module's attributes
+    (in it, or in a list or dict it holds), after putting every attribute back as it was."""
+    found = []
+    for m, name, _, _ in before:
+        value = getattr(m, name, None)
+        inside = list(value.values()) if isinstance(value, dict) else value
+        if _traced(value) or (isinstance(inside, list) and any(map(_traced, inside))):
+            found.append(f"{type(m).__name__}.{name}")
+    found += [
+        f"{type(m).__name__}.{name}"
+        for m in model.modules()
+        for name, value in vars(m).items()
+        if name not in {n for mm, n, _, _ in before if mm is m} and _traced(value)
+    ]
+    if not found:
+        return
+    for m, name, value, items in before:
+        if isinstance(items, list):
+            value[:] = items
+        elif isinstance(items, dict):
+            value.clear()
+            value.update(items)
+        m.__dict__[name] = value
+    raise SideEffect(
+        f"the forward keeps a value the {how} made in {', '.join(found)}: it does more than a "
+        "trace shows"
+    )
+
+
 def from_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Calls:
-    """The module calls of ``model(*args, **kwargs)`` as torch.export records them."""
-    ep = torch.export.export(model, args, kwargs, strict=False)
+    """The module calls of ``model(*args, **kwargs)`` as torch.export records them; raises
+    :class:`SideEffect` where the forward keeps a traced tensor in the model."""
+    before = _kept(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ep = torch.export.export(model, args, kwargs, strict=False)
+    _check_kept(model, before, "torch.export")
+    # torch.export puts such attributes back itself, and warns "The tensor attribute
+    # self.feats[0] was assigned during export" of each.
+    kept = []
+    for w in caught:
+        text = str(w.message)
+        if " was assigned during export" in text:
+            kept.append(text.split(" was assigned")[0].removeprefix("The tensor attribute "))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if kept:
+        raise SideEffect(
+            f"the forward keeps a tensor torch.export made in {', '.join(kept)}: it does more "
+            "than a trace shows"
+        )
     sig = ep.graph_signature
     state = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers)
     state |= set(sig.inputs_to_lifted_tensor_constants)
@@ -111,7 +197,7 @@ def _is_ancestor(parent: str, path: str) -> bool:
 
 # Modules that compute one op on their input, subclasses included (ours, timm's): leaves, so
 # that fx need not trace their forwards, whose argument checks branch on shapes.
-_ONE_OP = (nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd)
+ONE_OP = (nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd)
 
 
 class _LeafTracer(fx.Tracer):
@@ -126,14 +212,17 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) is nn.Identity:
             return False
-        if id(m) in self._leaves or isinstance(m, _ONE_OP):
+        if id(m) in self._leaves or isinstance(m, ONE_OP):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
 
 def from_fx(model: nn.Module, leaves: Iterable[nn.Module]) -> Calls:
-    """The module calls of ``model``'s forward as torch.fx's symbolic trace records them."""
+    """The module calls of ``model``'s forward as torch.fx's symbolic trace records them;
+    raises :class:`SideEffect` where the forward keeps a traced value in the model."""
+    before = _kept(model)
     graph = _LeafTracer(leaves).trace(model)
+    _check_kept(model, before, "torch.fx trace")
     calls: dict[str, Call] = {}
 
     def what(node: fx.Node) -> str:
