@@ -911,3 +911,26 @@ def test_regression_proof_says_why_the_example_input_did_not_serve() -> None:
     _, report = swap_group_norm(model, example_inputs=(torch.randn(2, 8, 4, 4),))  # C = 8
     assert report.proof.startswith("torch.export failed on the example input (RuntimeError: ")
     assert report.proof.endswith("torch.fx symbolic trace, in training and eval mode")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_regression_scripted_models_are_refused_not_reported_empty() -> None:
+    """convert_batchnorm and swap_group_norm of a scripted model reported nothing converted
+    (an empty report says no BatchNorm is left) while its BatchNorm stayed."""
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 32, 1), nn.BatchNorm2d(32)))
+    for surgery in (convert_batchnorm, swap_group_norm):
+        with pytest.raises(TypeError, match="TorchScript module"):
+            surgery(scripted)  # type: ignore[operator]
+        with pytest.raises(TypeError, match="holding a TorchScript module at '1'"):
+            surgery(nn.Sequential(nn.ReLU(), scripted))  # type: ignore[operator]
+
+
+def test_regression_ws_from_conv_takes_conv2d_only_and_keeps_a_ws_eps() -> None:
+    """Conv1d became a broken WSConv2d, ConvTranspose2d failed with a tensor-size error, and a
+    WSConv2d's own ws_eps was reset to 1e-6."""
+    for conv in (nn.Conv1d(3, 8, 3), nn.ConvTranspose2d(3, 8, 3)):
+        with pytest.raises(TypeError, match="WSConv2d.from_conv needs an nn.Conv2d"):
+            WSConv2d.from_conv(conv)  # type: ignore[arg-type]
+    ws = WSConv2d(3, 8, 3, ws_eps=1e-3)
+    assert WSConv2d.from_conv(ws).ws_eps == 1e-3
+    assert WSConv2d.from_conv(ws, ws_eps=1e-4).ws_eps == 1e-4

@@ -52,9 +52,17 @@ class WSConv2d(nn.Conv2d):
         self.ws_eps = float(ws_eps)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, *, ws_eps: float = 1e-6) -> WSConv2d:
+    def from_conv(cls, conv: nn.Conv2d, *, ws_eps: float | None = None) -> WSConv2d:
         """A WSConv2d with ``conv``'s configuration, device, dtype, train/eval mode and a copy
-        of its weight and bias."""
+        of its weight and bias. ``conv`` must be an ``nn.Conv2d`` (a WSConv2d keeps its own
+        ``ws_eps`` unless one is given)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(
+                f"WSConv2d.from_conv needs an nn.Conv2d, got {type(conv).__name__}: weight "
+                "standardization here is for 2-D convolutions"
+            )
+        if isinstance(conv, WSConv2d) and ws_eps is None:
+            ws_eps = conv.ws_eps
         new = cls(
             conv.in_channels,
             conv.out_channels,
@@ -67,7 +75,7 @@ class WSConv2d(nn.Conv2d):
             padding_mode=conv.padding_mode,
             device=conv.weight.device,
             dtype=conv.weight.dtype,
-            ws_eps=ws_eps,
+            ws_eps=1e-6 if ws_eps is None else ws_eps,
         )
         for name in ("weight", "bias"):
             old_p, new_p = getattr(conv, name), getattr(new, name)

@@ -10,6 +10,7 @@ import inspect
 import textwrap
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -34,7 +35,18 @@ def check_model(model: object, what: str) -> nn.Module:
     """``model`` as a Module, or a TypeError; DistributedDataParallel anywhere is refused."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{what} needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"{what} got a TorchScript module (from torch.jit.script or torch.jit.trace), whose "
+            f"submodules are compiled and cannot be replaced: call {what} on the eager model, "
+            "then script or trace the result"
+        )
     for path, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            raise TypeError(
+                f"{what} got a model holding a TorchScript module at {path!r}, whose submodules "
+                f"are compiled and cannot be replaced: call {what} on its eager form"
+            )
         if isinstance(m, nn.parallel.DistributedDataParallel):
             where = "the model" if not path else f"submodule {path!r}"
             raise TypeError(
