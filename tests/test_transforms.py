@@ -182,6 +182,27 @@ def test_regression_jit_trace_passes_its_own_check(plan_name: str) -> None:
     assert_matches(traced(x), _expected(h, plan_kw), torch.float32)
 
 
+def test_regression_fx_symbolic_trace_of_a_model_holding_groupnorm() -> None:
+    """torch.fx traced into our forward (torch.nn's modules are leaves to it, ours was not),
+    whose checks refused the Proxy: FX-based tools (feature extractors, quantization) failed
+    on a model holding our GroupNorm. Each module is now one node whose arguments print."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 12, 1),
+        groupnorm.GroupNorm(4, 12),
+        groupnorm.GroupNormAct(5, 12, uneven=True),
+    )
+    graph_module = torch.fx.symbolic_trace(model)
+    calls = [n for n in graph_module.graph.nodes if n.op == "call_function"]
+    assert [n.args[1] for n in calls] == [(3, 3, 3, 3), (3, 3, 2, 2, 2)]
+    x = _x(shape=(3, 3, 5, 4), seed=5)
+    h = model[1](model[0](x)).detach()
+    expected = _expected(h, {"num_groups": 5, "uneven": True}, weight=model[2].weight)
+    assert_matches(graph_module(x), R.activation_forward(expected, "silu"), torch.float32)
+    model[1].process_group = object()  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="torch.fx cannot record a GroupNorm with process_group"):
+        torch.fx.symbolic_trace(model)
+
+
 # forward_ad loads its decompositions through torch.jit.script on first use.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

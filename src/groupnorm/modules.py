@@ -37,6 +37,30 @@ __all__ = ["GroupNorm", "GroupNormAct"]
 _TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(nn.GroupNorm.__init__).parameters
 
 
+def fx_group_norm(
+    x: torch.Tensor,
+    group_sizes: tuple[int, ...],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+    backend: str,
+) -> torch.Tensor:
+    """A module's call as torch.fx records it: one node whose arguments print as Python."""
+    return group_norm(
+        x,
+        weight=weight,
+        bias=bias,
+        eps=eps,
+        group_sizes=group_sizes,
+        activation=activation,
+        backend=backend,
+    )
+
+
+torch.fx.wrap("fx_group_norm")
+
+
 class GroupNorm(nn.GroupNorm):
     """Group normalization over (N, C, *S) inputs; see :func:`groupnorm.group_norm`.
 
@@ -136,6 +160,20 @@ class GroupNorm(nn.GroupNorm):
 
     @torch.jit.unused
     def _forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            # torch.fx.symbolic_trace: one node (torch.nn's modules are leaves to fx, ours is
+            # not, and its argument checks cannot read a Proxy's shape).
+            if self.process_group is not None:
+                raise TypeError(
+                    "torch.fx cannot record a GroupNorm with process_group= (its statistics are "
+                    "gathered across processes, which a graph node cannot name)"
+                )
+            plan = self.plan
+            if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
+                plan = self._replan()
+            return fx_group_norm(
+                input, plan.sizes, self.weight, self.bias, self.eps, self.activation, self.backend
+            )
         if not torch.compiler.is_compiling() and torch._C._is_tracing():
             # torch.jit.trace records x's sizes as tensors, so each argument check that compares
             # them warns that the trace "might not generalize"; the graph does not depend on
