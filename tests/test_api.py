@@ -443,11 +443,6 @@ BAD_CALLS = {
         "floating dtype",
     ),
     "empty C": (lambda: groupnorm.group_norm(torch.randn(2, 0, 3), 1), ValueError, "no channels"),
-    "empty spatial": (
-        lambda: groupnorm.group_norm(torch.randn(2, 4, 0), 1),
-        ValueError,
-        "empty spatial",
-    ),
     "mismatched devices": (
         lambda: groupnorm.group_norm(torch.randn(2, 4, 3), 2, torch.ones(4, device="meta")),
         ValueError,
@@ -607,3 +602,33 @@ def test_group_stats_goes_through_the_registry(
         torch.testing.assert_close(got.mean, want.mean)
         torch.testing.assert_close(got.var, want.var)
         assert torch.equal(got.count, want.count)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"uneven": True, "activation": "silu"}, {"scale": True}, {"return_stats": True}],
+    ids=["plain", "uneven-silu", "scale-shift", "stats-out"],
+)
+def test_regression_an_empty_spatial_dimension_gives_an_empty_output(
+    layout: str, kw: dict[str, Any]
+) -> None:
+    """x of shape (2, 8, 0, 5) raised, where nn.GroupNorm returns an empty output. Now the
+    output is empty, weight and bias get zero gradients (sums over no element; torch's are
+    NaN), statistics have count 0, and the module and group_stats agree."""
+    x = make_x((2, 8, 3, 5), torch.float32, layout)[:, :, :0].requires_grad_()
+    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    extra: dict[str, Any] = dict(kw)
+    if extra.pop("scale", False):
+        extra.update(scale=torch.randn(2, 8), shift=torch.randn(2, 8))
+    out = groupnorm.group_norm(x, 3 if kw.get("uneven") else 4, w, b, **extra)
+    y = out[0] if kw.get("return_stats") else out
+    assert y.shape == x.shape and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert w.grad is not None and b.grad is not None
+    assert torch.equal(w.grad, torch.zeros(8)) and torch.equal(b.grad, torch.zeros(8))
+    if kw.get("return_stats"):
+        assert torch.equal(out[1].count, torch.zeros(2, 4))
+    assert groupnorm.GroupNorm(4, 8)(x).shape == x.shape
+    assert torch.equal(groupnorm.group_stats(x.detach(), 4).count, torch.zeros(2, 4))

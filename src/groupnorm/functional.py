@@ -135,11 +135,6 @@ def _check_input(x: object, shard: bool = False) -> torch.Tensor:
         )
     if x.shape[1] == 0:
         raise ValueError(f"x has no channels (shape {tuple(x.shape)}): C must be at least 1")
-    if 0 in x.shape[2:] and not shard:
-        raise ValueError(
-            f"x has an empty spatial dimension (shape {tuple(x.shape)}): group statistics of "
-            "zero elements are undefined"
-        )
     return x
 
 
@@ -269,7 +264,8 @@ def group_norm_planned(
             f"{plan.describe()}, got shape {tuple(x.shape)}"
         )
     r = _request(x, plan, weight, bias, eps, activation, None, None, None, False)
-    return dispatch.select_backend(r, backend).run(r)[0]
+    chosen = dispatch.select_backend(r, backend)
+    return _without_positions(r)[0] if 0 in x.shape[2:] else chosen.run(r)[0]
 
 
 @overload
@@ -404,7 +400,9 @@ def group_norm(
         shard=process_group is not None,
     )
     chosen = dispatch.select_backend(r, backend)
-    if mask is not None or process_group is not None:
+    if process_group is None and 0 in x.shape[2:]:
+        y, out_stats = _without_positions(r)
+    elif mask is not None or process_group is not None:
         y, out_stats = _run_beyond_one_tensor(r, mask, process_group)
     else:
         y, out_stats = chosen.run(r)
@@ -412,6 +410,18 @@ def group_norm(
         assert out_stats is not None
         return y, out_stats
     return y
+
+
+def _without_positions(r: dispatch.Request) -> tuple[torch.Tensor, GroupStats | None]:
+    """x with an empty spatial dimension (no element in any group): an empty output, as torch
+    gives, recorded through weight, bias, scale and shift, whose gradients are sums over no
+    element (0); statistics, where asked, of count 0, as an all-masked group's are."""
+    stats = r.stats
+    if stats is None:
+        everywhere = torch.ones((), dtype=torch.bool, device=r.x.device)
+        stats = masked.masked_stats(r.x, r.plan, everywhere)
+    y = masked.normalize_with(r, stats).to(r.x.dtype)
+    return y, (stats if r.return_stats else None)
 
 
 def _run_beyond_one_tensor(
@@ -453,6 +463,8 @@ def group_stats(
     )
     r = dispatch.Request(x, plan, None, None, 0.0, None, None, None, None, True)
     chosen = dispatch.select_backend(r, backend)
+    if mask is None and 0 in x.shape[2:]:
+        mask = torch.ones((), dtype=torch.bool, device=x.device)  # count 0: no element
     if mask is not None:
         return masked.stats_of(r, masked.check_mask(mask, x))
     return chosen.stats_of(r)

@@ -154,7 +154,7 @@ def fast(
         or type(eps) is not float
         or not 0.0 <= eps < math.inf
         or not (activation is None or (type(activation) is str and activation in ACTIVATIONS))
-        or not x.numel()  # an empty spatial dimension raises there (an empty batch is valid)
+        or not x.numel()  # the validated path serves empty tensors
         or (plan.min_size == 1 and math.prod(shape[2:]) == 1)
     ):
         return None
