@@ -934,3 +934,12 @@ def test_regression_ws_from_conv_takes_conv2d_only_and_keeps_a_ws_eps() -> None:
     ws = WSConv2d(3, 8, 3, ws_eps=1e-3)
     assert WSConv2d.from_conv(ws).ws_eps == 1e-3
     assert WSConv2d.from_conv(ws, ws_eps=1e-4).ws_eps == 1e-4
+
+
+def test_regression_no_weight_standardization_of_one_weight_filters() -> None:
+    """A depthwise 1x1 conv (one weight per filter) was standardized to all zeros: its output
+    no longer depended on its input, silently."""
+    model = nn.Sequential(nn.Conv2d(32, 32, 1, groups=32), nn.BatchNorm2d(32))
+    out, report = convert_batchnorm(model, weight_standardize=True)
+    assert type(out[0]) is nn.Conv2d and report.ws_convs == []
+    assert "each filter has one weight" in report.skipped[0][1]

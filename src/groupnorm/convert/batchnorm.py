@@ -238,6 +238,11 @@ def convert_batchnorm(
                 # Pruning and the old weight_norm keep the weight under other names and
                 # recompute it in a forward pre-hook: a hook, as _walk.patched says.
                 why = _walk.patched(conv)
+                if why is None and conv.weight[0].numel() == 1:
+                    why = (
+                        "each filter has one weight, which standardizing makes 0 (the output "
+                        "would no longer depend on the input)"
+                    )
                 if why is None:
                     convs[id(conv)] = conv
                 elif (conv_path, f"not weight-standardized: {why}") not in report.skipped:
