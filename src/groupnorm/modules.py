@@ -160,6 +160,21 @@ class GroupNorm(nn.GroupNorm):
 
     @torch.jit.unused
     def _forward(self, input: torch.Tensor) -> torch.Tensor:
+        plan = self.plan
+        if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
+            plan = self._replan()
+        if self.process_group is None:
+            y = dispatch.run_plain(
+                input, plan, self.weight, self.bias, self.eps, self.activation, self.backend
+            )
+            if y is not None:
+                return y
+        return self._validated(input, plan)
+
+    @torch.jit.unused
+    def _validated(self, input: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+        """What the fast path declined: fx's Proxy, torch.jit.trace, process_group=, and every
+        call the validated path checks."""
         if isinstance(input, torch.fx.Proxy):
             # torch.fx.symbolic_trace: one node (torch.nn's modules are leaves to fx, ours is
             # not, and its argument checks cannot read a Proxy's shape).
@@ -168,25 +183,9 @@ class GroupNorm(nn.GroupNorm):
                     "torch.fx cannot record a GroupNorm with process_group= (its statistics are "
                     "gathered across processes, which a graph node cannot name)"
                 )
-            plan = self.plan
-            if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
-                plan = self._replan()
             return fx_group_norm(
                 input, plan.sizes, self.weight, self.bias, self.eps, self.activation, self.backend
             )
-        if not torch.compiler.is_compiling() and torch._C._is_tracing():
-            # torch.jit.trace records x's sizes as tensors, so each argument check that compares
-            # them warns that the trace "might not generalize"; the graph does not depend on
-            # them (C is the plan's, and the traced path reads no values).
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                return self._planned(input)
-        return self._planned(input)
-
-    def _planned(self, input: torch.Tensor) -> torch.Tensor:
-        plan = self.plan
-        if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
-            plan = self._replan()
         if self.process_group is not None:
             return group_norm(
                 input,
@@ -198,14 +197,15 @@ class GroupNorm(nn.GroupNorm):
                 backend=self.backend,
                 process_group=self.process_group,
             )
-        y = dispatch.run_plain(
-            input, plan, self.weight, self.bias, self.eps, self.activation, self.backend
-        )
-        if y is not None:
-            return y
-        return group_norm_planned(
-            input, plan, self.weight, self.bias, self.eps, self.activation, self.backend
-        )
+        args = (input, plan, self.weight, self.bias, self.eps, self.activation, self.backend)
+        if not torch.compiler.is_compiling() and torch._C._is_tracing():
+            # torch.jit.trace records x's sizes as tensors, so each argument check that compares
+            # them warns that the trace "might not generalize"; the graph does not depend on
+            # them (C is the plan's, and the traced path reads no values).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                return group_norm_planned(*args)
+        return group_norm_planned(*args)
 
     def __prepare_scriptable__(self) -> nn.Module:
         """Before ``torch.jit.script`` compiles this module: the plan is a Python object

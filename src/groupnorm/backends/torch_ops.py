@@ -320,12 +320,21 @@ def _reads_values(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and can_read_values(x)
 
 
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_transform_level = torch._C._functorch.maybe_current_level
+
+
 def params_wrapped(*tensors: torch.Tensor | None) -> bool:
     """Whether one of ``tensors`` (a call's parameters) is a torch.func wrapper: the parameters
     transformed (grad, vmap, jvp of weight, scale, ...) while x is captured as a plain tensor.
     Then no kernel may take their data pointers, and no value may be read."""
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(t is not None and wrapped(t) for t in tensors)
+    return any(t is not None and _wrapped(t) for t in tensors)
+
+
+def _transformed(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    """The fast paths' :func:`params_wrapped`: x left over from a transform, or a transform
+    running and the parameters wrapped (asked only then: a tenth of a microsecond each)."""
+    return _wrapped(x) or (_transform_level() is not None and params_wrapped(weight, bias))
 
 
 def _reads_request(r: Request) -> bool:
@@ -715,7 +724,7 @@ def native_fast(
         or not (eps >= 0 and eps < math.inf)
     ):
         return None
-    if params_wrapped(x, weight, bias):
+    if _transformed(x, weight, bias):
         return None  # before the layout queries below, which vmap's tensors do not answer
     # Channels-last: torch's kernel where the validated path asks it (_trust_limit), checked
     # against that layout's limit.
@@ -757,8 +766,9 @@ def _fused_fast(
     under autograd (:class:`_Fused`, where torch's kernel is not asked); half-precision x with
     at most relu (applied in the kernel, rounding once). Every
     check here runs on every such call: the cheapest and most selective first (run_plain has
-    ruled out Dynamo, which would record some of them as graph ops, and tensor subclasses)."""
-    if type(eps) is not float:
+    ruled out Dynamo, which would record some of them as graph ops, and tensor subclasses).
+    torch.jit.trace first: it records x's sizes as tensors, so comparing them would warn."""
+    if type(eps) is not float or torch._C._is_tracing():
         return None
     dtype = x.dtype
     half = dtype is torch.bfloat16 or dtype is torch.float16
@@ -786,9 +796,8 @@ def _fused_fast(
         return None
     if (
         forward_ad._current_level >= 0
-        or torch._C._is_tracing()  # torch.jit.trace, as native_fast asks it
         or torch._C._len_torch_dispatch_stack()
-        or params_wrapped(x, weight, bias)
+        or _transformed(x, weight, bias)
         or (plan.min_size == 1 and x[0, 0].numel() == 1)  # the validated path warns
     ):
         return None
