@@ -97,6 +97,39 @@ def test_bad_arguments_are_refused(vae: object, kwargs: dict, match: str) -> Non
         tiled_decode(vae or _vae(), _latent(), **kwargs)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_regression_a_swapped_decoder_decodes_with_its_plans_and_fused_activations(
+    fuse: bool, untiled: torch.Tensor, exact: np.ndarray
+) -> None:
+    """Norms swapped to groupnorm's GroupNorm were applied as plain num_groups norms: their
+    fused SiLU was dropped (the image 1.65 off) and an uneven plan ignored; a fully swapped
+    decoder was refused as "GroupNorm, not nn.GroupNorm". Now both decode exactly."""
+    import groupnorm
+
+    vae, _ = groupnorm.swap_group_norm(_vae(), fuse_activation=fuse)
+    y = tiled_decode(vae, _latent(), tile_rows=5)
+    assert_matches(y, exact, torch.float32, baseline=untiled)
+    uneven = _vae()
+    resnet = uneven.decoder.up_blocks[0].resnets[0]
+    resnet.norm1 = groupnorm.GroupNorm(num_channels=16, group_sizes=[2, 6, 4, 4])
+    with torch.no_grad():
+        whole = uneven.double().decode(_latent().double()).sample
+        baseline = uneven.float().decode(_latent()).sample
+    y = tiled_decode(uneven.float(), _latent(), tile_rows=5)
+    assert_matches(y, to_numpy(whole), torch.float32, baseline=baseline)
+
+
+def test_regression_tiled_decode_names_what_it_refuses() -> None:
+    with pytest.raises(TypeError, match="z must be a torch.Tensor of latents"):
+        tiled_decode(_vae(), _latent().numpy())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tile_rows must be a positive int"):
+        tiled_decode(_vae(), _latent(), tile_rows=True)
+    vae = _vae()
+    vae.decoder.up_blocks[1].resnets[0].norm2 = torch.nn.InstanceNorm2d(16)
+    with pytest.raises(ValueError, match="up block 1's norm2 is InstanceNorm2d"):
+        tiled_decode(vae, _latent())
+
+
 def test_unsupported_decoder_is_refused() -> None:
     vae = _vae()
     vae.decoder.conv_norm_out = torch.nn.LayerNorm(8)

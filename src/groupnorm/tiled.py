@@ -53,7 +53,8 @@ import torch.distributed as dist
 from torch import nn
 
 from groupnorm.distributed import all_gather_stats
-from groupnorm.functional import group_norm, group_stats
+from groupnorm.functional import group_norm, group_stats, resolve_plan
+from groupnorm.modules import GroupNorm, GroupNormAct
 from groupnorm.stats import GroupStats, merge_stats
 
 __all__ = ["band_rows", "tiled_decode"]
@@ -99,7 +100,7 @@ class _Plane:
         self.scale = scale  # rows per latent row
         self.parts: dict[int, torch.Tensor | str] = {}
         self.ghosts: dict[int, torch.Tensor] = {}  # image row -> (N, C, 1, W)
-        self._stats: dict[int, GroupStats] = {}
+        self._stats: dict[tuple[int, ...], GroupStats] = {}
         self._files: list[str] = []
         # A plane's files go when the plane does: disk use stays at the live planes.
         weakref.finalize(self, _remove_files, self._files)
@@ -160,16 +161,17 @@ class _Plane:
 
     def stats(self, norm: nn.GroupNorm) -> GroupStats:
         """The whole image's statistics for ``norm``'s groups, merged over strips and ranks."""
-        if norm.num_groups not in self._stats:
+        sizes = _group_sizes(norm)
+        if sizes not in self._stats:
             merged = None
             for k in self.run.mine:
-                s = group_stats(self.get(k), norm.num_groups)
+                s = group_stats(self.get(k), group_sizes=sizes)
                 merged = s if merged is None else merge_stats(merged, s)
             assert merged is not None
             if self.run.group is not None:
                 merged = all_gather_stats(merged, self.run.group)
-            self._stats[norm.num_groups] = merged
-        return self._stats[norm.num_groups]
+            self._stats[sizes] = merged
+        return self._stats[sizes]
 
     def whole(self) -> torch.Tensor:
         return torch.cat([self.get(k) for k in self.run.mine], dim=2)
@@ -219,8 +221,40 @@ class _Run:
         return out
 
 
+def _group_sizes(norm: nn.GroupNorm) -> tuple[int, ...]:
+    """``norm``'s groups: our GroupNorm's plan (uneven ones included), else num_groups even."""
+    if isinstance(norm, GroupNorm):
+        plan = norm.plan
+        if plan.num_groups == norm.num_groups and plan.num_channels == norm.num_channels:
+            return plan.sizes
+    return resolve_plan(norm.num_channels, norm.num_groups).sizes
+
+
 def _normalized(t: torch.Tensor, norm: nn.GroupNorm, stats: GroupStats) -> torch.Tensor:
-    return group_norm(t, norm.num_groups, norm.weight, norm.bias, norm.eps, stats=stats)
+    """``norm`` on a strip with the whole image's statistics, its fused activation included (a
+    swap_group_norm'ed decoder's SiLU is in its norms; the module after them is an Identity)."""
+    return group_norm(
+        t,
+        weight=norm.weight,
+        bias=norm.bias,
+        eps=norm.eps,
+        group_sizes=_group_sizes(norm),
+        activation=getattr(norm, "activation", None),
+        stats=stats,
+    )
+
+
+def _why_not_norm(norm: nn.Module, name: str) -> str | None:
+    """Why ``norm`` cannot be applied strip by strip with merged statistics here, or None: it
+    must be torch's GroupNorm or ours (any plan, a fused activation), nothing that does more."""
+    if type(norm) is not nn.GroupNorm and type(norm) not in (GroupNorm, GroupNormAct):
+        return (
+            f"{name} is {type(norm).__name__}; tiled decoding applies torch.nn.GroupNorm and "
+            "groupnorm.GroupNorm / GroupNormAct (any groups, a fused activation) only"
+        )
+    if getattr(norm, "process_group", None) is not None:
+        return f"{name} has a process_group; pass process_group= to tiled_decode instead"
+    return None
 
 
 def _resnet(run: _Run, block: Any, x: _Plane) -> _Plane:
@@ -243,8 +277,8 @@ def _unsupported(vae: Any) -> str | None:
     dec = getattr(vae, "decoder", None)
     if dec is None or not hasattr(dec, "up_blocks") or not hasattr(dec, "mid_block"):
         return f"{type(vae).__name__} has no diffusers Decoder (vae.decoder.up_blocks)"
-    if type(dec.conv_norm_out) is not nn.GroupNorm:
-        return f"conv_norm_out is {type(dec.conv_norm_out).__name__}, not nn.GroupNorm"
+    if (why := _why_not_norm(dec.conv_norm_out, "conv_norm_out")) is not None:
+        return why
     for i, block in enumerate(dec.up_blocks):
         if not hasattr(block, "resnets") or getattr(block, "attentions", None):
             return f"up block {i} ({type(block).__name__}) is not an UpDecoderBlock2D"
@@ -253,6 +287,11 @@ def _unsupported(vae: Any) -> str | None:
                 return f"up block {i} has a {type(resnet).__name__}, not a ResnetBlock2D"
             if resnet.time_emb_proj is not None or resnet.upsample or resnet.downsample:
                 return f"up block {i}: a resnet with a time embedding or resampling"
+            for name in ("norm1", "norm2"):
+                if (
+                    why := _why_not_norm(getattr(resnet, name), f"up block {i}'s {name}")
+                ) is not None:
+                    return why
             for m in (resnet.conv1, resnet.conv2):
                 if m.kernel_size != (3, 3) or m.padding != (1, 1) or m.stride != (1, 1):
                     return f"up block {i}: a resnet conv that is not 3x3, stride 1, padding 1"
@@ -299,9 +338,11 @@ def tiled_decode(
     reason = _unsupported(vae)
     if reason is not None:
         raise ValueError(f"tiled_decode cannot decode this VAE exactly: {reason}")
-    if not isinstance(z, torch.Tensor) or z.dim() != 4:
-        raise ValueError(f"z must be a (N, C, h, w) latent tensor, got {getattr(z, 'shape', z)}")
-    if not isinstance(tile_rows, int) or tile_rows < 1:
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"z must be a torch.Tensor of latents (N, C, h, w), got {type(z).__name__}")
+    if z.dim() != 4:
+        raise ValueError(f"z must be a (N, C, h, w) latent tensor, got shape {tuple(z.shape)}")
+    if isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1:
         raise ValueError(
             f"tile_rows must be a positive int (latent rows per tile), got {tile_rows!r}"
         )
