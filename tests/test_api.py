@@ -632,3 +632,35 @@ def test_regression_an_empty_spatial_dimension_gives_an_empty_output(
         assert torch.equal(out[1].count, torch.zeros(2, 4))
     assert groupnorm.GroupNorm(4, 8)(x).shape == x.shape
     assert torch.equal(groupnorm.group_stats(x.detach(), 4).count, torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("outlier_first", [True, False])
+def test_regression_merged_statistics_do_not_keep_an_outlier_pivot(outlier_first: bool) -> None:
+    """merge_stats kept the first part's pivot, its first element: an outlier there (10 units
+    off data at 1e4 with std 1e-2) left the merged mean stored as a float32 shifted mean near
+    -10, whose rounding put the normalized tiles at 7.7x the float32 bound."""
+    x = make_x((1, 4, 64, 32), torch.float32, seed=47, loc=1e4, std=1e-2)
+    x[0, 0, 0, 0] = 1e4 + 10
+    top, rest = x[:, :, :1], x[:, :, 1:]
+    parts = [groupnorm.group_stats(t, 1) for t in (top, rest)]
+    if not outlier_first:
+        parts.reverse()
+    merged = groupnorm.merge_stats(*parts)
+    y = torch.cat([groupnorm.group_norm(t, 1, stats=merged) for t in (top, rest)], dim=2)
+    xd = x.double().reshape(1, -1)
+    mean = xd.mean(1, keepdim=True)
+    xhat = (xd - mean) / torch.sqrt(((xd - mean) ** 2).mean(1, keepdim=True) + 1e-5)
+    assert_matches(y, to_numpy(xhat.reshape(x.shape)), torch.float32)
+
+
+def test_regression_statistics_load_with_weights_only_and_compare_by_identity() -> None:
+    """safe_globals() left GroupStats out (torch.load(weights_only=True) refused saved
+    statistics), and == between two GroupStats raised on their tensor fields."""
+    stats = groupnorm.group_stats(make_x((2, 8, 4, 4), torch.float32), 4)
+    buffer = io.BytesIO()
+    torch.save(stats, buffer)
+    buffer.seek(0)
+    with torch.serialization.safe_globals(groupnorm.safe_globals()):
+        loaded = torch.load(buffer, weights_only=True)
+    assert loaded.plan == stats.plan and torch.equal(loaded.m2, stats.m2)
+    assert stats == stats and stats != loaded and stats in [stats]

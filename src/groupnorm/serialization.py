@@ -11,6 +11,7 @@ from groupnorm.convert.fusion import ActivationPreHook
 from groupnorm.convert.layers import GroupNormDropAct
 from groupnorm.groups import GroupPlan
 from groupnorm.modules import GroupNorm, GroupNormAct
+from groupnorm.stats import GroupStats
 from groupnorm.ws import WSConv2d
 
 __all__ = ["safe_globals"]
@@ -21,12 +22,12 @@ def safe_globals(model: nn.Module | None = None) -> list[Any]:
     ``torch.serialization.add_safe_globals(groupnorm.safe_globals(model))``.
 
     Always groupnorm's own (the modules, the group plan they hold, the pre-hook that
-    :func:`groupnorm.swap_group_norm` may register); with ``model``, also the class of every
-    module in it (torch's and other libraries' modules must be allowed too, and a model built
-    the same way as the saved one names them all). Allow only classes you trust: the point of
-    ``weights_only`` is that nothing else is constructed.
+    :func:`groupnorm.swap_group_norm` may register, saved statistics); with ``model``, also the
+    class of every module in it (torch's and other libraries' modules must be allowed too, and a
+    model built the same way as the saved one names them all). Allow only classes you trust: the
+    point of ``weights_only`` is that nothing else is constructed.
     """
-    ours: list[Any] = [GroupNorm, GroupNormAct, GroupNormDropAct, WSConv2d, GroupPlan]
+    ours: list[Any] = [GroupNorm, GroupNormAct, GroupNormDropAct, WSConv2d, GroupPlan, GroupStats]
     ours.append(ActivationPreHook)
     if model is None:
         return ours

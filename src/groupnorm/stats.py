@@ -27,13 +27,14 @@ __all__ = ["GroupStats", "check_stats_values", "merge_stats"]
 _FIELDS = ("pivot", "shifted_mean", "m2", "count")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GroupStats:
     """Pivot-shifted group statistics, every field (N, G) in the accumulation dtype, and the
     :class:`GroupPlan` they were computed for (its G is the second dimension).
 
     Built by :func:`groupnorm.group_stats`; the constructor checks types, shapes, dtypes and
-    devices (not values: see :func:`check_stats_values`).
+    devices (not values: see :func:`check_stats_values`). Compared by identity, as tensors'
+    holders are (``==`` of tensor fields has no single truth value).
     """
 
     pivot: torch.Tensor
@@ -116,7 +117,8 @@ def check_stats_values(stats: GroupStats, what: str = "stats") -> None:
 def merge_stats(a: GroupStats, b: GroupStats) -> GroupStats:
     """Exact merge of the statistics of two disjoint parts of the same groups (Chan et al.).
 
-    Keeps ``a``'s pivot, or ``b``'s where ``a`` is empty (count 0). With ``delta`` the
+    The merged mean is stored as the mean rounded to the statistics' dtype (the pivot) and
+    the rest; where ``a`` is empty (count 0) the merge is ``b``. With ``delta`` the
     difference of the two means::
 
         n = n_a + n_b;  shifted_mean = mean_a' + delta * n_b / n
@@ -161,13 +163,17 @@ def merge_stats(a: GroupStats, b: GroupStats) -> GroupStats:
     shifted_mean = a.shifted_mean.to(f64) + delta * (nb / safe_n)
     m2 = a.m2.to(f64) + b.m2.to(f64) + delta * delta * (na * nb / safe_n)
     dtype = a.dtype
-    # An empty part's pivot (0 for masked statistics) is nowhere near the data: relative to it
-    # the merged mean would be rounded to the statistics' dtype whole (0.046 off after
-    # normalization at mean 1e4, std 1e-2). Where a is empty the merge is b itself.
+    # The merged mean, re-pivoted: the pivot is the mean rounded to the statistics' dtype
+    # (detached), the shifted mean the rest, which carries the gradient. Kept relative to a's
+    # pivot, the mean was a's shifted mean rounded whole: an outlier first element 1000
+    # deviations from the data put normalization at 7.7x the float32 bound; an empty part's
+    # pivot (0 for masked statistics) 0.046 off at mean 1e4, std 1e-2.
+    mean = a.pivot.to(f64) + shifted_mean
+    pivot = mean.detach().to(dtype)
     empty = a.count == 0
     return GroupStats(
-        torch.where(empty, b.pivot, a.pivot),
-        torch.where(empty, b.shifted_mean, shifted_mean.to(dtype)),
+        torch.where(empty, b.pivot, pivot),
+        torch.where(empty, b.shifted_mean, (mean - pivot.to(f64)).to(dtype)),
         torch.where(empty, b.m2, m2.to(dtype)),
         n.to(dtype),
         plan=a.plan,
