@@ -82,7 +82,7 @@ def _kept(model: nn.Module) -> list[tuple[nn.Module, str, Any, Any]]:
     state = []
     for m in model.modules():
         for name, value in vars(m).items():
-            if name in _MACHINERY or name.endswith("_hooks") or "hooks" in name:
+            if name in _MACHINERY or "hooks" in name:
                 continue
             items: list[Any] | dict[Any, Any] | None = None
             if isinstance(value, list):
@@ -112,11 +112,12 @@ def _check_kept(model: nn.Module, before: list[tuple[nn.Module, str, Any, Any]],
         inside = list(value.values()) if isinstance(value, dict) else value
         if _traced(value) or (isinstance(inside, list) and any(map(_traced, inside))):
             found.append(f"{type(m).__name__}.{name}")
+    known = {(id(m), name) for m, name, _, _ in before}
     found += [
         f"{type(m).__name__}.{name}"
         for m in model.modules()
         for name, value in vars(m).items()
-        if name not in {n for mm, n, _, _ in before if mm is m} and _traced(value)
+        if (id(m), name) not in known and _traced(value)
     ]
     if not found:
         return
