@@ -653,6 +653,25 @@ def test_regression_merged_statistics_do_not_keep_an_outlier_pivot(outlier_first
     assert_matches(y, to_numpy(xhat.reshape(x.shape)), torch.float32)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_regression_merged_float64_statistics_keep_the_mean_below_its_last_bit(
+    masked: bool,
+) -> None:
+    """merge_stats took the merged float64 mean as one float64 number and the rest as mean -
+    pivot, 0 for float64 statistics: the low part the statistics held was lost, and tiles
+    normalized with them were 77x the float64 bound at mean 1e4, std 1e-2."""
+    x = make_x((2, 8, 4, 6), torch.float64, seed=48, loc=1e4, std=1e-2)
+    mask = torch.ones(2, 1, 4, 6, dtype=torch.bool)
+    halves = [(..., slice(0, 3)), (..., slice(3, 6))]
+    parts = [groupnorm.group_stats(x[h], 4, mask=mask[h] if masked else None) for h in halves]
+    y = groupnorm.group_norm(x, 4, stats=groupnorm.merge_stats(*parts))
+    rows = x.reshape(2, 4, -1)
+    deviations = rows - rows[:, :, :1]  # exact: the elements are within a factor 2 of each other
+    centered = deviations - deviations.mean(-1, keepdim=True)
+    xhat = centered / torch.sqrt((centered**2).mean(-1, keepdim=True) + 1e-5)
+    assert_matches(y, to_numpy(xhat.reshape(x.shape)), torch.float64)
+
+
 def test_regression_statistics_load_with_weights_only_and_compare_by_identity() -> None:
     """safe_globals() left GroupStats out (torch.load(weights_only=True) refused saved
     statistics), and == between two GroupStats raised on their tensor fields."""

@@ -167,13 +167,17 @@ def merge_stats(a: GroupStats, b: GroupStats) -> GroupStats:
     # (detached), the shifted mean the rest, which carries the gradient. Kept relative to a's
     # pivot, the mean was a's shifted mean rounded whole: an outlier first element 1000
     # deviations from the data put normalization at 7.7x the float32 bound; an empty part's
-    # pivot (0 for masked statistics) 0.046 off at mean 1e4, std 1e-2.
-    mean = a.pivot.to(f64) + shifted_mean
-    pivot = mean.detach().to(dtype)
+    # pivot (0 for masked statistics) 0.046 off at mean 1e4, std 1e-2. The rest is taken as
+    # (a's pivot - the new pivot) + shifted mean, not as the float64 mean minus the pivot: the
+    # mean as one float64 number drops what float64 statistics hold below its last bit (77x
+    # the float64 bound at mean 1e4, std 1e-2).
+    a_pivot = a.pivot.to(f64)
+    pivot = (a_pivot + shifted_mean).detach().to(dtype)
+    rest = (a_pivot - pivot.to(f64)) + shifted_mean
     empty = a.count == 0
     return GroupStats(
         torch.where(empty, b.pivot, pivot),
-        torch.where(empty, b.shifted_mean, (mean - pivot.to(f64)).to(dtype)),
+        torch.where(empty, b.shifted_mean, rest.to(dtype)),
         torch.where(empty, b.m2, m2.to(dtype)),
         n.to(dtype),
         plan=a.plan,
