@@ -68,7 +68,7 @@ def _worker(rank: int, world: int, port: int, out: str, cases: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, out: Path, cases: str) -> list[dict[str, torch.Tensor]]:
+def _spawn(world: int, out: Path, cases: str) -> list[dict[str, Any]]:
     tmp.spawn(_worker, args=(world, _port(), str(out), cases), nprocs=world, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
@@ -106,15 +106,44 @@ def _whole_cases(rank: int, world: int, pg: Any) -> dict[str, torch.Tensor | Non
     return result
 
 
-def _regression_cases(rank: int, world: int, pg: Any) -> dict[str, torch.Tensor | None]:
+def _regression_cases(rank: int, world: int, pg: Any) -> dict[str, Any]:
     """Rank 1 holds every row, the others none; float32 groups of one channel (4 positions) at
-    std 0.02, where dx cancels."""
+    std 0.02, where dx cancels. A gradient penalty's double backward; calls whose ranks
+    disagree on N or the plan; torch.jit with process_group=."""
     full = _inputs()
     rows = slice(0, 2) if rank == 1 else slice(0, 0)
     xs, ws = _leaf(full["small_x"][:, :, rows]), _leaf(full["small_w"])
     ys = groupnorm.group_norm(xs, 6, ws, activation="silu", process_group=pg)
     ys.backward(full["small_dy"][:, :, rows])
-    return {"ys": ys.detach(), "dxs": xs.grad, "dws": ws.grad}
+    result: dict[str, Any] = {"ys": ys.detach(), "dxs": xs.grad, "dws": ws.grad}
+
+    x2 = _leaf(torch.tensor_split(full["x"], world, dim=2)[rank])
+    dy2 = torch.tensor_split(full["dy"], world, dim=2)[rank]
+    y2 = groupnorm.group_norm(x2, **PLAN, process_group=pg)
+    (dx2,) = torch.autograd.grad((y2 * dy2).sum(), x2, create_graph=True)
+    dx2.square().sum().backward()
+    result["ddx"] = x2.grad
+
+    def error(call: Any) -> str:
+        try:
+            call()
+        except (ValueError, TypeError) as e:
+            return f"{type(e).__name__}: {e}"
+        return "no error"
+
+    n = 2 + rank % 2  # N = 2 on even ranks, 3 on odd ones
+    result["error_n"] = error(
+        lambda: groupnorm.group_norm(torch.randn(n, 8, 2, 2), 2, process_group=pg)
+    )
+    sizes = [3, 5] if rank % 2 else [4, 4]
+    result["error_plan"] = error(
+        lambda: groupnorm.group_norm(torch.randn(2, 8, 2, 2), group_sizes=sizes, process_group=pg)
+    )
+    module = groupnorm.GroupNorm(2, 8, process_group=pg)
+    result["error_script"] = error(lambda: torch.jit.script(module))
+    result["error_trace"] = error(lambda: torch.jit.trace(module, (torch.randn(2, 8, 2, 2),)))
+    result["after_errors"] = groupnorm.group_norm(torch.randn(2, 8, 2, 2), 2, process_group=pg)
+    return result
 
 
 @pytest.mark.slow
@@ -185,6 +214,33 @@ def test_regression_ranks_without_rows_and_float32_backward_of_small_groups(
     assert_matches(dx, grads.dx, f32, reduction=4, what="dx")
     dweight = torch.stack([r["dws"] for r in ranks]).sum(0)
     assert_matches(dweight, grads.dgamma, f32, reduction=16, what="dweight")
+
+
+@pytest.mark.slow
+def test_regression_double_backward_rank_disagreement_and_torchscript(tmp_path: Path) -> None:
+    """The gather's backward all-reduced outside autograd: a gradient penalty's second-order
+    gradient was off by 1.1 with no error. Ranks calling with different N aborted a gloo
+    process; different plans of the same G merged into wrong statistics; torch.jit.script
+    dropped process_group= (each rank normalized its shard alone) and torch.jit.trace failed
+    inside the collective."""
+    ranks = _spawn(2, tmp_path, "regression")
+    full = _inputs()
+    x = full["x"].detach().clone().requires_grad_()
+    plan = resolve_plan(12, **PLAN)
+    ones = torch.ones((), dtype=torch.bool)
+    (dx,) = torch.autograd.grad(
+        (dropped_reference(x, plan, ones) * full["dy"]).sum(), x, create_graph=True
+    )
+    dx.square().sum().backward()
+    ddx = torch.cat([r["ddx"] for r in ranks], 2)
+    assert_matches(ddx, to_numpy(x.grad), torch.float64, reduction=max(plan.sizes) * 77)
+    for r in ranks:
+        assert r["error_n"].startswith("ValueError: process_group=: every rank must call")
+        assert "rank 0: N=2, C=8, rank 1: N=3, C=8" in r["error_n"]
+        assert "different group plans" in r["error_plan"]
+        assert r["error_script"].startswith("TypeError: torch.jit.script cannot compile")
+        assert r["error_trace"].startswith("TypeError: torch.jit.trace cannot record")
+        assert r["after_errors"].shape == (2, 8, 2, 2)
 
 
 def test_process_group_needs_torch_distributed_initialized() -> None:

@@ -18,10 +18,14 @@ How (every rank, identically):
 
 4. normalize the shard with the merged statistics.
 
-Gradients: the gather is a differentiable collective whose backward all-reduces (sums) the
-gradients of the gathered statistics over ranks and keeps this rank's slice, so each rank's
-``x_shard.grad`` equals the matching slice of the unsharded gradient of ``sum over ranks of each
-rank's loss``. Every rank must run backward through its output (the backward is a collective).
+Before the gather, one all_gather of (N, C, plan) raises the same error on every rank where
+the ranks disagree.
+
+Gradients: the gather is a differentiable collective (twice: its backward is recorded too)
+whose backward all-reduces (sums) the gradients of the gathered statistics over ranks and keeps
+this rank's slice, so each rank's ``x_shard.grad`` equals the matching slice of the unsharded
+gradient of ``sum over ranks of each rank's loss``. Every rank must run backward through its
+output (the backward is a collective).
 ``weight``/``bias`` gradients are per rank: all-reduce them (DDP does) for the whole tensor's.
 
 A shard may hold no position (more ranks than rows): its statistics are empty (count 0).
@@ -46,7 +50,9 @@ __all__ = ["all_gather_stats", "merge_many", "run_sharded"]
 
 
 class _AllGather(torch.autograd.Function):
-    """(…) -> (W, …): every rank's tensor; backward sums the gradients over ranks."""
+    """(…) -> (W, …): every rank's tensor. Its backward is :class:`_ReduceScatter` and that
+    one's backward is this gather, each recorded by autograd: double backward (a gradient
+    penalty) goes through the same collectives."""
 
     @staticmethod
     def forward(ctx: Any, t: torch.Tensor, group: Any) -> torch.Tensor:
@@ -57,9 +63,22 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        total = grad.contiguous().clone()
-        dist.all_reduce(total, group=ctx.group)
-        return total[dist.get_rank(ctx.group)], None
+        return _ReduceScatter.apply(grad, ctx.group), None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """(W, …) -> (…): the sum over ranks of every rank's tensor, this rank's slice."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        total = t.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return total[dist.get_rank(group)]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _AllGather.apply(grad, ctx.group), None
 
 
 def _check_group(group: object) -> None:
@@ -72,6 +91,34 @@ def _check_group(group: object) -> None:
         raise TypeError(
             f"process_group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD or "
             f"dist.new_group(ranks)), got {type(group).__name__}"
+        )
+
+
+def _check_ranks_agree(local: GroupStats, group: Any) -> None:
+    """Raise on every rank, before the statistics are gathered, unless all ranks hold
+    statistics of the same shape and plan: gathered as they are, (N, G) fields of different
+    sizes abort a gloo process (an error Python cannot catch), and the same sizes for
+    different plans merge into wrong statistics without one. One all_gather of three int64
+    numbers; skipped while torch.compile records (the comparison reads values)."""
+    if torch.compiler.is_compiling():
+        return
+    assert local.plan is not None
+    sizes = local.plan.sizes
+    mine = torch.tensor(
+        [local.shape[0], local.plan.num_channels, hash(sizes)],
+        dtype=torch.int64,
+        device=local.pivot.device,
+    )
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    seen = [tuple(t.tolist()) for t in every]
+    if len(set(seen)) > 1:
+        rows = ", ".join(f"rank {r}: N={n}, C={c}" for r, (n, c, _) in enumerate(seen))
+        raise ValueError(
+            "process_group=: every rank must call with the same N, C and group plan (each holds "
+            f"a spatial part of one tensor); got {rows}"
+            + ("" if len({v[:2] for v in seen}) > 1 else ", and different group plans")
+            + f" (this rank: {local.plan.describe()})"
         )
 
 
@@ -97,6 +144,7 @@ def all_gather_stats(local: GroupStats, group: Any) -> GroupStats:
     Differentiable: gradients flow back into each rank's ``local`` statistics.
     """
     _check_group(group)
+    _check_ranks_agree(local, group)
     # Gathered in float64 whatever the local dtype: the merge is in float64 anyway, and a rank
     # whose statistics were widened (its call records autograd) sends as many bytes as the rest.
     fields = torch.stack([local.pivot, local.shifted_mean, local.m2, local.count])  # (4, N, G)
@@ -111,13 +159,18 @@ def run_sharded(
 ) -> tuple[torch.Tensor, GroupStats | None]:
     """A validated request on this rank's shard: ``(y_shard, whole-tensor stats or None)``."""
     _check_group(group)
+    if torch.jit.is_tracing():
+        raise TypeError(
+            "torch.jit.trace cannot record process_group= (a TorchScript graph holds no "
+            "torch.distributed collective); trace without process_group=, or use torch.compile"
+        )
     if r.stats is not None:
         raise ValueError(
             "process_group= and stats= together: stats= already holds the statistics to use; "
             "merge them across ranks with groupnorm.distributed.all_gather_stats and drop "
             "process_group="
         )
-    wide = upcast(r)
+    wide = upcast(r, mask)
     if mask is None and not wide.x.numel():
         # A shard with no position (more ranks than rows, say): empty statistics, count 0.
         mask = torch.ones((), dtype=torch.bool, device=wide.x.device)

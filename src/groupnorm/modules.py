@@ -213,6 +213,12 @@ class GroupNorm(nn.GroupNorm):
         and each channel's group's first channel as a tensor (a plain attribute, not a buffer:
         the state_dict stays nn.GroupNorm's). Returns the module itself, because torch puts
         what this returns into the parent module, also in the eager model."""
+        if self.process_group is not None:
+            raise TypeError(
+                "torch.jit.script cannot compile a GroupNorm with process_group= (TorchScript "
+                "has no torch.distributed collectives: each rank would normalize its shard "
+                "alone); script it without process_group=, or use torch.compile"
+            )
         plan = self.plan
         if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
             plan = self._replan()
