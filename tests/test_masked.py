@@ -233,6 +233,9 @@ def test_property_any_shape_plan_and_mask(
         (torch.ones(3, 1, 3, 3, dtype=torch.bool), {}, "does not broadcast"),
         (-torch.ones(2, 1, 3, 3), {}, "negative or non-finite"),
         (torch.full((2, 1, 3, 3), torch.nan), {}, "negative or non-finite"),
+        # regression: weights float32 sums cannot hold gave beta (1e-50 counted as 0) or NaN
+        (torch.full((2, 1, 3, 3), 1e-50, dtype=torch.float64), {}, r"\[1e-50, 1e-50\].*rescale"),
+        (torch.full((2, 1, 3, 3), 1e38), {}, r"\[1e\+38, 1e\+38\], outside what float32"),
         ([1, 0], {}, "must be a torch.Tensor"),
         (torch.ones(2, 1, 3, 3, dtype=torch.bool), {"stats": "whole"}, "mask= and stats="),
     ],
@@ -243,6 +246,22 @@ def test_bad_masks_are_refused(mask: object, kwargs: dict, match: str) -> None:
         kwargs = {"stats": groupnorm.group_stats(x, 2)}
     with pytest.raises((TypeError, ValueError), match=match):
         groupnorm.group_norm(x, 2, mask=mask, **kwargs)  # type: ignore[call-overload]
+
+
+def test_regression_gradient_of_float32_weights_when_only_they_require_grad() -> None:
+    """A call where only the mask's weights required grad stayed in float32 (only x, the
+    parameters and the statistics counted as recorded): their gradient reached 10x the float32
+    bound; with x requiring grad too it was computed in float64."""
+    x = make_x((3, 4, 12, 20), torch.float32, seed=61)
+    w = rand((4,), torch.float32, 62) + 1
+    dy = rand((3, 4, 12, 20), torch.float32, 63)
+    weights = torch.rand((3, 1, 12, 20), generator=torch.Generator().manual_seed(64)) * 1e-3
+    mask = weights.clone().requires_grad_()
+    groupnorm.group_norm(x, 2, w, eps=0.1, activation="relu", mask=mask).backward(dy)
+    mask64 = weights.double().requires_grad_()
+    expected = dropped_reference(x.double(), resolve_plan(4, 2), mask64, w, eps=0.1)
+    expected.relu().backward(dy.double())
+    assert_matches(mask.grad, to_numpy(mask64.grad), torch.float32, reduction=2 * 12 * 20)
 
 
 def test_triton_defers_masks_to_the_torch_backend(register) -> None:

@@ -73,16 +73,35 @@ def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"mask is on {mask.device} but x is on {x.device}; move it with .to({str(x.device)!r})"
         )
-    if (
-        mask.dtype != torch.bool
-        and torch_ops.can_read_values(mask)
-        and not bool(((mask >= 0) & mask.isfinite()).all())
-    ):
+    if mask.dtype != torch.bool and torch_ops.can_read_values(mask):
+        _check_weights(mask, x)
+    return mask
+
+
+def _check_weights(mask: torch.Tensor, x: torch.Tensor) -> None:
+    """Floating weights must be finite, >= 0 and usable in the dtype x's statistics are summed
+    in (float32 for float32 and half precision x, float64 for float64): a positive weight below
+    its smallest normal number would count as 0 (masked), and weights whose sum over a group
+    (at most C * L elements) passes its largest one give infinite counts and NaN. One pass over
+    the mask; what was wrong is worked out only on the error's way."""
+    info = torch.finfo(torch_ops.accumulation_dtype(x.dtype))
+    group_most = max(1, x.shape[1:].numel())
+    top = info.max / group_most
+    fine = ((mask == 0) | ((mask >= info.tiny) & (mask <= top))).all()
+    if bool(fine):
+        return
+    if not bool(((mask >= 0) & mask.isfinite()).all()):
         raise ValueError(
             "mask holds negative or non-finite weights; floating masks are weights >= 0 "
             "(0 = masked)"
         )
-    return mask
+    positive = mask[mask > 0]
+    raise ValueError(
+        f"mask weights range over [{positive.min().item():g}, {positive.max().item():g}], "
+        f"outside what {info.dtype} sums of groups of up to {group_most} elements hold: nonzero "
+        f"weights must lie in [{info.tiny:g}, {top:g}] (smaller ones would count as 0, larger "
+        "ones overflow); weights are relative, so rescale them (e.g. mask / mask.max())"
+    )
 
 
 def _full_rank(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +193,7 @@ def run_masked(r: Request, mask: torch.Tensor) -> tuple[torch.Tensor, GroupStats
     if _compacts(r, mask):
         stats = _compacted_stats(r, mask)
         return normalize_with(r, stats), (stats if r.return_stats else None)
-    wide = upcast(r)
+    wide = upcast(r, mask)
     stats = masked_stats(wide.x, r.plan, mask)
     return normalize_with(wide, stats).to(r.x.dtype), (
         narrowed(stats, r.x.dtype) if r.return_stats else None
@@ -187,7 +206,7 @@ def stats_of(r: Request, mask: torch.Tensor) -> GroupStats:
     accumulation dtype of x."""
     if _compacts(r, mask):
         return _compacted_stats(r, mask)
-    return narrowed(masked_stats(upcast(r).x, r.plan, mask), r.x.dtype)
+    return narrowed(masked_stats(upcast(r, mask).x, r.plan, mask), r.x.dtype)
 
 
 def _compacts(r: Request, mask: torch.Tensor) -> bool:
@@ -240,14 +259,16 @@ def _compacted_stats(r: Request, mask: torch.Tensor) -> GroupStats:
     return GroupStats(pivot, shifted_mean, m2, count, plan=plan)
 
 
-def upcast(r: Request) -> Request:
+def upcast(r: Request, mask: torch.Tensor | None = None) -> Request:
     """``r`` with x in the dtype its statistics and output are computed in, converted once:
     x feeds both the statistics and the normalization, and autograd would round each branch's
     gradient to a half-precision x's dtype before adding them (seen: bf16 dx up to 4.8x the
     tolerance table's allowance). A float32 x whose call autograd records computes in float64:
     in float32, dx of groups of 4 to 270 elements, where its terms cancel, reached up to 6.1x
-    the float32 bound."""
-    wide = torch_ops._widens(r.x) and torch_ops._records_grad(r)
+    the float32 bound. Weights that require grad count as recorded too (their gradient in
+    float32 reached 10x the float32 bound)."""
+    weights_grad = mask is not None and mask.requires_grad and torch.is_grad_enabled()
+    wide = torch_ops._widens(r.x) and (weights_grad or torch_ops._records_grad(r))
     return r._replace(x=r.x.to(torch.float64 if wide else torch_ops.accumulation_dtype(r.x.dtype)))
 
 
