@@ -108,8 +108,11 @@ def launches_of(
     activation: str | None = None,
     regime: str = "auto",
     sm_count: int = H100_SMS,
+    stats_given: bool = False,
 ) -> list[Launch]:
-    """Launches of one forward (or one backward) call on uninitialised CPU tensors."""
+    """Launches of one forward (or one backward) call on uninitialised CPU tensors; a backward
+    from given statistics (``stats_given``) gets a float32 x's rstd in float64, as autograd's
+    backward passes it."""
     x = torch.empty(shape, dtype=dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
@@ -123,9 +126,11 @@ def launches_of(
             kernels._forward(x, w, w, s, s, sizes, 1e-5, activation, None, regime)
             return
         stats = torch.zeros(shape[0], G)
+        wide = stats_given and dtype == torch.float32
+        rstd = stats.double() if wide else stats
         kernels._backward(
-            torch.empty_like(x), x, w, w, s, s, sizes, stats, stats, stats,
-            activation, False, regime, False, 1e-5,
+            torch.empty_like(x), x, w, w, s, s, sizes, stats, stats, rstd,
+            activation, stats_given, regime, False, 1e-5,
         )  # fmt: skip
 
     return capture(run, sm_count)
@@ -194,8 +199,10 @@ def limit_cases() -> dict[str, list[Launch]]:
     from groupnorm.triton.heuristics import ONCHIP_EXACT_SLOTS, ONCHIP_MAX_SLOTS
 
     cases = {}
-    exact = {("bwd", 4, cl): ONCHIP_EXACT_SLOTS for cl in (False, True)}  # float64 inside
-    for (direction, size, channels_last), slots in [*ONCHIP_MAX_SLOTS.items(), *exact.items()]:
+    limits = [(key, slots, False) for key, slots in ONCHIP_MAX_SLOTS.items()]
+    for cl in (False, True):  # float64 inside: from its own statistics, and from given ones
+        limits += [(("bwd", 4, cl), ONCHIP_EXACT_SLOTS, given) for given in (False, True)]
+    for (direction, size, channels_last), slots, given in limits:
         dtype = torch.bfloat16 if size == 2 else torch.float32
         cg = 16 // size
         L = slots // cg
@@ -209,8 +216,9 @@ def limit_cases() -> dict[str, list[Launch]]:
             scale_shift=True,
             activation="gelu",
             regime="onchip",
+            stats_given=given,
         )
-        cases[name] = [f for f in found if "onchip" in f.name]
+        cases[name + (", stats given" if given else "")] = [f for f in found if "onchip" in f.name]
     return cases
 
 

@@ -2240,8 +2240,9 @@ def _backward(
     """Launch the backward; returns (dx, dweight, dbias, dscale, dshift), None where absent.
     dx is in x's dtype, or float32 when ``dx_float32`` (for gradients still to be added).
     ``ss``: the statistics are one packed buffer (see :func:`_stat_buffers`). The on-chip
-    kernel takes a float32 x's backward in float64 from its own statistics (``EXACT``, with
-    ``eps``), unless the statistics were given."""
+    kernel takes a float32 x's backward in float64 (``EXACT``): from its own statistics (with
+    ``eps``), or from given ones with ``rstd`` in float64 (:func:`_given_rstd`); other regimes
+    read rstd in float32."""
     epilogue = (weight, bias, scale, shift)
     if 0 in dy.stride() and dy.numel() > 1:
         # An expanded gradient (y.sum().backward()) is no unit-stride input, which sent the
@@ -2262,9 +2263,12 @@ def _backward(
     stats = (pivot.contiguous(), smean.contiguous(), rstd.contiguous())
     N, C = x.shape[:2]
     sums = x.new_empty(2 * N * C, dtype=torch.float32)  # (N, C, 2): A and B of each channel
+    exact = cfg.regime == "onchip" and exact_backward(
+        "bwd", x.element_size(), plan.onchip["BLOCK_C"] * plan.onchip["BLOCK_L"]
+    )
+    if rstd.dtype != torch.float32 and not exact:
+        stats = (stats[0], stats[1], rstd.float())
     if cfg.regime == "onchip":
-        slots = plan.onchip["BLOCK_C"] * plan.onchip["BLOCK_L"]
-        exact = not stats_given and exact_backward("bwd", x.element_size(), slots)
         _gn_bwd_onchip_kernel[plan.grid](
             xv, dyv, dx, *params, offs, plan.group_index, *stats, ss, sums, *plan.ints, eps,
             STATS_GIVEN=stats_given, EXACT=exact, **plan.onchip,
@@ -2522,10 +2526,20 @@ def _statistics_grads(
     return dx, stats_grads
 
 
+def _given_rstd(m2: torch.Tensor, count: torch.Tensor, eps: float) -> torch.Tensor:
+    """rstd of given statistics in float64, for the on-chip backward's EXACT x_hat and u: from
+    a float32 rstd, SiLU's and GELU's derivative at u left dx at 3.4-7.2x the float32 bound
+    where the activation's derivative is near 0 (std 1e-3 to 1e-2)."""
+    return torch.rsqrt(m2.double() / count.double() + eps)
+
+
 def _grads(ctx, need: tuple[bool, ...], dy, d_smean, d_m2) -> tuple[torch.Tensor | None, ...]:
     """Gradients of (x, weight, bias, scale, shift, pivot, shifted_mean, m2, count), None where
     ``need`` (in that order) says no or the input is absent."""
     x, weight, bias, scale, shift, pivot, smean, rstd, m2, count = _saved(ctx)
+    kernel_rstd = rstd
+    if ctx.stats_given and x.dtype == torch.float32:
+        kernel_rstd = _given_rstd(m2, count, ctx.eps)
     given = ctx.stats_given and any(need[5:])
     exact = given or d_smean is not None or d_m2 is not None
     params = (weight, bias, scale, shift)
@@ -2536,15 +2550,16 @@ def _grads(ctx, need: tuple[bool, ...], dy, d_smean, d_m2) -> tuple[torch.Tensor
         # The op where a graph is recorded (compile, make_fx), a direct launch in eager autograd.
         if _eager(dy):
             dx, *pgrads = _backward(
-                dy, x, *params, tuple(ctx.sizes), pivot, smean, rstd, ctx.activation,
+                dy, x, *params, tuple(ctx.sizes), pivot, smean, kernel_rstd, ctx.activation,
                 ctx.stats_given, ctx.regime, exact, ctx.eps, ctx.ss,
             )  # fmt: skip
         else:
             if ctx.packed:  # the op takes each field as its own tensor
                 fields = pivot.view(5, x.shape[0], len(ctx.sizes))
                 pivot, smean, rstd = fields[0], fields[1], fields[4]
+                kernel_rstd = rstd
             dx, *pgrads = group_norm_bwd_op(
-                dy, x, *params, list(ctx.sizes), pivot, smean, rstd, ctx.activation,
+                dy, x, *params, list(ctx.sizes), pivot, smean, kernel_rstd, ctx.activation,
                 ctx.stats_given, ctx.regime, exact, ctx.eps,
             )  # fmt: skip
     stats_grads: tuple[torch.Tensor | None, ...] = (None,) * 4

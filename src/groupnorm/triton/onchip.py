@@ -251,12 +251,14 @@ def _gn_bwd_onchip_kernel(
     (with statistics given by the caller: dx = rstd du wc; their own gradients are formed
     after the kernel, see group_norm.py).
 
-    EXACT (float32 x, statistics not given, tiles up to heuristics.ONCHIP_EXACT_SLOTS):
-    everything after the loads in float64, the mean
-    and rstd recomputed from the registers (two-pass, with EPS). dx cancels where a group is
-    small and rstd |w| large: from float32 statistics and float32 arithmetic it reached 13x
-    the float32 bound at std 3e-3 (groups of 2-512 elements, |w| ~ 2), as torch's own float32
-    kernels do (the CPU kernel takes float64 for the same reason)."""
+    EXACT (float32 x, tiles up to heuristics.ONCHIP_EXACT_SLOTS): everything after the loads
+    in float64, the mean and rstd recomputed from the registers (two-pass, with EPS), or, with
+    statistics given, x_hat from the given pivot and shifted mean and a float64 RSTD made from
+    the given m2 and count. dx cancels where a group is small and rstd |w| large: from float32
+    statistics and float32 arithmetic it reached 13x the float32 bound at std 3e-3 (groups of
+    2-512 elements, |w| ~ 2), as torch's own float32 kernels do (the CPU kernel takes float64
+    for the same reason); with given statistics, SiLU's and GELU's derivative at a float32 u
+    put dx at 3.4-7.2x."""
     pid = tl.program_id(0)
     n, g0, c_lo, c, cmask, gl, first, gsize = _run(pid, OFFS, GIDX, G, R, CG, GPP, BLOCK_C)
     pos = tl.arange(0, BLOCK_L)
@@ -272,7 +274,7 @@ def _gn_bwd_onchip_kernel(
     dy = tl.load(db + _tile(c, pos, sdC, sdL, DY_CHANNELS_LAST, IDX64), mask=mask, other=0.0)
     count = gsize.to(DT) * L
     du = dy.to(DT)
-    if EXACT:  # the saved statistics are not read
+    if EXACT and not STATS_GIVEN:  # the saved statistics are not read
         x64 = tl.where(mask, v.to(tl.float64), 0.0)
         mean = _group_sum(tl.sum(x64, axis=1), gl, GPP) / count
         e = tl.where(mask, x64 - mean[:, None], 0.0)
@@ -280,12 +282,10 @@ def _gn_bwd_onchip_kernel(
         xhat = e * rstd[:, None]
     else:
         srow = n * G + g0 + gl
-        pivot = tl.load(PIVOT + srow, mask=cmask, other=0.0)
-        smean = tl.load(SMEAN + SS + srow, mask=cmask, other=0.0)
-        rstd = tl.load(RSTD + 4 * SS + srow, mask=cmask, other=0.0)
-        xhat = tl.where(
-            mask, ((v.to(tl.float32) - pivot[:, None]) - smean[:, None]) * rstd[:, None], 0.0
-        )
+        pivot = tl.load(PIVOT + srow, mask=cmask, other=0.0).to(DT)
+        smean = tl.load(SMEAN + SS + srow, mask=cmask, other=0.0).to(DT)
+        rstd = tl.load(RSTD + 4 * SS + srow, mask=cmask, other=0.0).to(DT)
+        xhat = tl.where(mask, ((v.to(DT) - pivot[:, None]) - smean[:, None]) * rstd[:, None], 0.0)
     if ACT != 0:
         u = (xhat * w[:, None] + bias[:, None]) * s1[:, None] + sh[:, None]
         du = tl.where(mask, du * _act_grad(u, ACT), 0.0)
