@@ -15,8 +15,10 @@
      one pass S1 = sum(e), S2 = sum(e^2), each lane summing RUN terms in W before float64 takes
              them (positive e^2 terms: relative error <= RUN ulp of W); m = S1 / n and
              q = S2 - S1 m lose about 1 + m^2 n / q of that to cancellation, so a block with
-             m^2 n > TRUST q (NaN included) takes a second pass while it is in cache:
-             q = sum((e - m_W)^2) - n (m - m_W)^2, no cancellation;
+             m^2 n > TRUST q (NaN included) takes both sums again while it is in cache,
+             around its mean in W, c = shift + m: x - c is rounded relative to the spread,
+             where x - shift was rounded relative to |m| (an outlier first element), and
+             q = sum((x - c)^2) - n d^2 with d = mean(x - c) does not cancel;
      merged  in block order with Chan's formula in float64 (means relative to p), so results
              do not depend on the thread count: mean = p + m, var = q / count, and the
              mean's low part, what the float64 sum p + m leaves (two_sum_lo).
@@ -485,12 +487,15 @@ static double param(const void *p, int dtype, int64_t i, double none) {
     }
 }
 
-/* A, B of y = (x - mean) * A + B for element j = n * C + c (float64). */
+/* A, B of y = (x - mean) * A + B for element j = n * C + c (float64). Multiply-adds that
+   the compiler may contract are written as fma: contracted in one inlined copy and not in
+   another, the fused channels-last path (one thread a sample) and the two-stage one gave
+   float64 outputs 1-2 ulp apart, so the bits depended on the thread count. */
 static inline void affine(double rstd, double w, double b, const double *scale,
                           const double *shift, int64_t j, double *a, double *bb) {
     double s1 = scale ? 1.0 + scale[j] : 1.0;
     *a = w * rstd * s1;
-    *bb = b * s1 + (shift ? shift[j] : 0.0);
+    *bb = shift ? fma(b, s1, shift[j]) : b * s1;
 }
 
 /* Sum of acc over group g's channels. */
@@ -563,7 +568,6 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
 /* Per input type S (element T, arithmetic W in vectors VW of 8, IN widens one element to W,
    LOAD 8 of them, WIDE a VW to float64, LOADW 8 W values):
    sums_S    S1 = sum(x - p), S2 = sum((x - p)^2) over a contiguous run;
-   m2_S      sum(((x - p) - m)^2) over a contiguous run;
    stats_nchw_S / stats_cl_S   every block's part, the second pass where the first cancels,
              merged per (n, g). */
 #define DEFINE_STATS(S, T, W, VW, IN, LOAD, WIDE, LOADW)                                    \
@@ -599,33 +603,8 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         *s1 = t1 + lanes(a1);                                                               \
         *s2 = t2 + lanes(a2);                                                               \
     }                                                                                       \
-    static double m2_##S(const T *x, int64_t n, W p, W m) {                                 \
-        vd a2 = {0};                                                                        \
-        int64_t i = 0;                                                                      \
-        while (i + 32 <= n) {                                                               \
-            int64_t runs = (n - i) / 32 < RUN ? (n - i) / 32 : RUN;                         \
-            VW f2[4] = {0};                                                                 \
-            for (int64_t j = 0; j < runs; j++)                                              \
-                for (int k = 0; k < 4; k++) {                                               \
-                    VW e = (LOAD(x + i + 32 * j + 8 * k) - p) - m;                          \
-                    f2[k] += e * e;                                                         \
-                }                                                                           \
-            for (int k = 0; k < 4; k++) a2 += WIDE(f2[k]);                                  \
-            i += 32 * runs;                                                                 \
-        }                                                                                   \
-        for (; i + 8 <= n; i += 8) {                                                        \
-            VW e = (LOAD(x + i) - p) - m;                                                   \
-            a2 += WIDE(e * e);                                                              \
-        }                                                                                   \
-        double t2 = 0;                                                                      \
-        for (; i < n; i++) {                                                                \
-            double e = (double)((IN(x[i]) - p) - m);                                        \
-            t2 += e * e;                                                                    \
-        }                                                                                   \
-        return t2 + lanes(a2);                                                              \
-    }                                                                                       \
     /* A contiguous block's part around pivot: summed around the mean of its first SHIFT    \
-       elements, a second pass where that cancels. */                                       \
+       elements, again around the block's mean (in W) where that cancels. */                \
     static part_t part_##S(const T *block, int64_t len, double pivot) {                     \
         int64_t h = len < SHIFT ? len : SHIFT;                                              \
         double head[SHIFT] = {0};                                                           \
@@ -636,9 +615,9 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         sums_##S(block, len, shift, &s1, &s2);                                              \
         part_t part = {(double)len, s1 / (double)len, s2 - s1 * (s1 / (double)len)};        \
         if (!(part.mean * part.mean * (double)len <= TRUST * part.m2)) {                    \
-            W m = (W)part.mean;                                                             \
-            double r = part.mean - (double)m;                                               \
-            part.m2 = m2_##S(block, len, shift, m) - (double)len * r * r;                   \
+            shift = (W)((double)shift + part.mean);                                         \
+            sums_##S(block, len, shift, &s1, &s2);                                          \
+            part = (part_t){(double)len, s1 / (double)len, s2 - s1 * (s1 / (double)len)};   \
         }                                                                                   \
         part.mean += (double)shift - pivot;                                                 \
         return part;                                                                        \
@@ -728,23 +707,29 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         else if (a1) sweep_##S(slab, C, r0, r1, shift, a1, a2, 1, 0);                       \
         else sweep_##S(slab, C, r0, r1, shift, a1, a2, 0, 1);                               \
     }                                                                                       \
-    /* A block's parts, two-pass: the group means (relative to the pivot), then the sums of \
-       squares around them (rounded to W: the rounding's n r^2 taken back). centers gets    \
-       each channel's group mean in W (absolute, not relative to the pivot). */             \
+    /* A block's parts, two-pass: the group means (relative to the pivot), then both sums \
+       again around them in W, from which the parts are made: x - pivot was rounded        \
+       relative to the pivot's distance from the data (an outlier first element put the   \
+       mean 8e-6 std off and dweight at 355x the float32 bound). centers gets each          \
+       channel's group mean in W (absolute, not relative to the pivot). */                  \
     static void two_pass_##S(const T *slab, int64_t C, int64_t r0, int64_t r1,              \
                              const int64_t *offsets, int64_t G, const W *pivot, W *centers, \
                              double *a1, double *a2, part_t *out) {                         \
         memset(a1, 0, (size_t)(2 * C) * sizeof(double));                                    \
         rows_##S(slab, C, r0, r1, pivot, a1, NULL);                                         \
         for (int64_t g = 0; g < G; g++) {                                                   \
-            double n_g = (double)((offsets[g + 1] - offsets[g]) * (r1 - r0));               \
-            double m = fold(a1, offsets, g) / n_g, at = (double)pivot[offsets[g]] + m;      \
-            double r = at - (double)(W)at;                                                  \
-            out[g] = (part_t){n_g, m, -n_g * r * r};                                        \
-            for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) centers[c] = (W)at;       \
+            double m = fold(a1, offsets, g) / (double)((offsets[g + 1] - offsets[g]) * (r1 - r0)); \
+            W at = (W)((double)pivot[offsets[g]] + m);                                      \
+            for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) centers[c] = at;          \
         }                                                                                   \
-        rows_##S(slab, C, r0, r1, centers, NULL, a2);                                       \
-        for (int64_t g = 0; g < G; g++) out[g].m2 += fold(a2, offsets, g);                  \
+        memset(a1, 0, (size_t)C * sizeof(double));                                          \
+        rows_##S(slab, C, r0, r1, centers, a1, a2);                                         \
+        for (int64_t g = 0; g < G; g++) {                                                   \
+            double n_g = (double)((offsets[g + 1] - offsets[g]) * (r1 - r0));               \
+            double s1 = fold(a1, offsets, g), d = s1 / n_g;                                 \
+            out[g] = (part_t){n_g, ((double)centers[offsets[g]] - (double)pivot[offsets[g]]) + d, \
+                              fold(a2, offsets, g) - s1 * d};                               \
+        }                                                                                   \
     }                                                                                       \
     /* Channels-last: block 0 of each sample (its first BLOCK / C rows) two-pass; its group \
        means center every other block's one pass (the same for any thread count), which     \
@@ -918,7 +903,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
                     double a = wd[c] * r;                                                   \
                     k[row + c] = hi;                                                        \
                     k[NC + row + c] = (W)a;                                                 \
-                    k[2 * NC + row + c] = (W)(bd[c] - lo * a);                              \
+                    k[2 * NC + row + c] = (W)fma(-lo, a, bd[c]);                            \
                 }                                                                           \
             else                                                                            \
                 for (int64_t c = c0; c < c1; c++) {                                         \
@@ -927,7 +912,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
                     if (cl) { /* lo folded into b: b - lo * a, in float64 */                \
                         k[row + c] = hi;                                                    \
                         k[NC + row + c] = (W)a;                                             \
-                        k[2 * NC + row + c] = (W)(b - lo * a);                              \
+                        k[2 * NC + row + c] = (W)fma(-lo, a, b);                            \
                     } else {                                                                \
                         W v[4] = {hi, (W)lo, (W)a, (W)b};                                   \
                         for (int m = 0; m < 4; m++) k[4 * (row + c) + m] = v[m];            \
