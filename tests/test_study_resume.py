@@ -10,13 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from groupnorm.cli import main
 from groupnorm.study.config import PRESETS
 from groupnorm.study.results import RESULTS, append_result, read_results, repair
-from groupnorm.study.runner import plan_runs
+from groupnorm.study.runner import RUNNING, _only_writer, plan_runs
 
 ARGS = ["study", "--preset", "tiny", "--no-progress"]
 STUDY = [sys.executable, "-m", "groupnorm.cli", *ARGS]
@@ -113,3 +114,53 @@ def test_a_damaged_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
     append_result(tmp_path, {"key": "b", "test_error": 2.0})
     with pytest.raises(ValueError, match=r"line 2: not a run record"):
         read_results(tmp_path)
+
+
+def test_regression_a_run_recorded_twice_is_an_error(tmp_path: Path) -> None:
+    """Two studies on one folder recorded every run twice, and the report counted the copies
+    as seeds (BN at N=2: 90.6 +- 3.9 over "6 seeds" where 3 gave +- 10.3)."""
+    for key in ("a", "b", "a"):
+        append_result(tmp_path, {"key": key, "test_error": 1.0})
+    with pytest.raises(ValueError, match=r"records a more than once"):
+        read_results(tmp_path)
+
+
+def test_regression_a_second_study_on_one_folder_is_refused(tmp_path: Path) -> None:
+    with _only_writer(tmp_path):
+        assert (tmp_path / RUNNING).read_text() == str(os.getpid())
+        with pytest.raises(FileExistsError, match=f"process {os.getpid()}"), _only_writer(tmp_path):
+            pass
+    assert not (tmp_path / RUNNING).exists()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / RUNNING).write_text(str(gone.pid))  # left by a process that has ended
+    with _only_writer(tmp_path):
+        assert (tmp_path / RUNNING).read_text() == str(os.getpid())
+
+
+def test_regression_a_diverged_run_leaves_the_others_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run whose loss diverged raised out of the study: in the pool every other run still
+    trained and was thrown away, and the resume diverged again."""
+    from groupnorm.study import runner
+
+    real = runner.train_run
+
+    def one_diverges(spec: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if spec.key == "bn-N2-s1":
+            raise FloatingPointError(f"{spec.key}: loss is nan at step 3")
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_run", one_diverges)
+    out = tmp_path / "one"
+    assert main([*ARGS, "--out", str(out), "--jobs", "1"]) == 2
+    assert "1 run(s) failed and were not recorded (bn-N2-s1: loss is nan" in capsys.readouterr().err
+    planned = {s.key for s in plan_runs(PRESETS["tiny"])}
+    assert {r["key"] for r in read_results(out)} == planned - {"bn-N2-s1"}
+    assert not (out / RUNNING).exists()
+    # In worker processes: every run diverges at this learning rate, each is reported.
+    out = tmp_path / "pool"
+    assert main([*ARGS, "--out", str(out), "--jobs", "2", "--lr", "1e6"]) == 2
+    assert f"{len(planned)} run(s) failed" in capsys.readouterr().err
+    assert read_results(out) == []

@@ -334,7 +334,8 @@ def _environment_sentence(records: list[dict[str, Any]]) -> str:
     runs are bitwise reproducible only within one."""
     kinds = sorted(
         {
-            f"torch {e['torch']} on {e['cpu']} ({e['cpu_capability']})"
+            ("groupnorm " + e["groupnorm"] + ", " if "groupnorm" in e else "")
+            + f"torch {e['torch']} on {e['cpu']} ({e['cpu_capability']})"
             for e in (r.get("environment") for r in records)
             if e
         }

@@ -8,6 +8,7 @@ ignores it and :func:`repair` cuts it off before a resumed study appends.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from pathlib import Path
@@ -43,7 +44,16 @@ def read_results(out: Path) -> list[dict[str, Any]]:
     path = Path(out) / RESULTS
     if not path.exists():
         return []
-    return _complete_lines(path.read_bytes(), path)[0]
+    records = _complete_lines(path.read_bytes(), path)[0]
+    counts = collections.Counter(r["key"] for r in records)
+    twice = sorted(key for key, n in counts.items() if n > 1)
+    if twice:
+        raise ValueError(
+            f"{path} records {', '.join(twice[:5])}{' ...' if len(twice) > 5 else ''} more than "
+            "once (two studies wrote to one folder?); a run counted twice would pass for two "
+            "seeds: keep one line of each"
+        )
+    return records
 
 
 def repair(out: Path) -> int:

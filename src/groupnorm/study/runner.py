@@ -3,11 +3,14 @@ where cores allow, and appended to ``OUT/results.jsonl`` the moment it finishes.
 
 Resuming: ``OUT/config.json`` is written when a study starts; a later call with the same
 ``--out`` reads it, refuses a different configuration (naming the fields that differ), skips every
-run already in the results file and runs the rest.
+run already in the results file and runs the rest. ``OUT/.running`` holds the writing
+process's id while a study runs, so a second study on the same folder is refused. A run whose
+loss diverges is not recorded; the others finish and are, then the study stops with an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -204,6 +207,59 @@ def run_study(
     """
     out = Path(out)
     dev = pick_device(device)  # before prepare writes anything
+    with _only_writer(out):
+        return _run_study(cfg, out, dev, data_dir, download_url, jobs, progress)
+
+
+RUNNING = ".running"
+
+
+@contextlib.contextmanager
+def _only_writer(out: Path) -> Iterator[None]:
+    """Hold ``out/.running`` (this process's id) while the study writes to ``out``: two
+    studies on one folder ran every run twice, and the report took the duplicates for extra
+    seeds (an interval 2.6x too narrow). A file left by a process that is gone is taken over."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RUNNING
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            owner = path.read_text().strip()
+            if owner.isdigit() and _alive(int(owner)):
+                raise FileExistsError(
+                    f"another study (process {owner}) is writing to {out}; wait for it to "
+                    f"finish or give another --out (or delete {path} if no study runs)"
+                ) from None
+            path.unlink(missing_ok=True)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _run_study(
+    cfg: StudyConfig,
+    out: Path,
+    dev: torch.device,
+    data_dir: str | None,
+    download_url: str | None,
+    jobs: int | None,
+    progress: bool,
+) -> list[dict[str, Any]]:
     todo = prepare(cfg, out)
     if not todo:
         return read_results(out)
@@ -243,13 +299,31 @@ def _run_here(
     bar: Any,
     finish: Callable[[dict[str, Any]], None],
 ) -> None:
+    failed: dict[str, BaseException] = {}
     for spec in todo:
         per_step = _step_work(spec, cfg)
 
         def advance(step: int, total: int, k: int = per_step) -> None:
             bar.update(k)
 
-        finish(train_run(spec, cfg.train, data, dev, progress=advance))
+        try:
+            finish(train_run(spec, cfg.train, data, dev, progress=advance))
+        except FloatingPointError as e:
+            failed[spec.key] = e
+    _raise_failed(failed)
+
+
+def _raise_failed(failed: dict[str, BaseException]) -> None:
+    """After every other run finished and was recorded: the runs that raised (a diverged
+    loss raises FloatingPointError), none of them recorded. The protocol has no rule for a
+    diverged run, so the study stops short of a report rather than pick one."""
+    if failed:
+        lines = "; ".join(str(failed[key]) for key in sorted(failed))
+        raise ValueError(
+            f"{len(failed)} run(s) failed and were not recorded ({lines}); every other run is "
+            "in results.jsonl. The protocol has no rule for them (docs/study.md): decide one "
+            "before reading the results"
+        )
 
 
 def _drain(q: Any, bar: Any, stop: threading.Event) -> None:
@@ -282,9 +356,15 @@ def _run_pool(
             initializer=_init_worker,
             initargs=(cfg.to_json(), data_dir, str(dev), threads, progress_queue),
         ) as pool:
-            pending: set[Future[dict[str, Any]]] = {pool.submit(_worker_run, s) for s in todo}
-            for fut in _as_finished(pending):
-                finish(fut.result())
+            keys = {pool.submit(_worker_run, s): s.key for s in todo}
+            failed: dict[str, BaseException] = {}
+            for fut in _as_finished(set(keys)):
+                error = fut.exception()
+                if isinstance(error, FloatingPointError):
+                    failed[keys[fut]] = error  # the others go on and are recorded
+                else:
+                    finish(fut.result())
+        _raise_failed(failed)
     finally:
         stop.set()
         drainer.join()

@@ -17,12 +17,15 @@ only the statistics changed.
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import math
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import groupnorm
 from groupnorm.study.config import RunSpec, TrainConfig
 from groupnorm.study.data import Dataset
 from groupnorm.study.models import (
@@ -210,6 +214,21 @@ def train_run(
     return record
 
 
+@functools.cache
+def _source_digest() -> str:
+    """The library's version and the first 16 hex digits of a SHA-256 over its source files
+    (.py and .c, in path order): the GN, LN and IN arms run this library's own kernels, whose
+    arithmetic changed between sittings of one study, and a record must say which code made
+    it (a GN run re-run on later code moved by 0.35 points)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.suffix in (".py", ".c"):
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    return f"{groupnorm.__version__}+{digest.hexdigest()[:16]}"
+
+
 def environment() -> dict[str, str]:
     """What a run's numbers depend on beyond its spec and recipe: the same code gives bitwise
     the same record on one machine and software stack with the same number of threads, not
@@ -224,6 +243,7 @@ def environment() -> dict[str, str]:
     except OSError:
         pass
     return {
+        "groupnorm": _source_digest(),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
