@@ -717,3 +717,74 @@ def test_regression_functorch_derivatives_of_float32_at_small_spread(
 
     want = torch.func.jvp(textbook, (x.double(),), (v.double(),))[1]
     assert_matches(tangent, to_numpy(want), torch.float32, reduction=count, what="tangent")
+
+
+def _strided_weights(C: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Weights of C channels that are not contiguous: a step view, an expanded scalar (one
+    element in memory) and a matrix column."""
+    base = rand((2 * C,), dtype, 71)
+    return {
+        "step": base[::2],
+        "expanded": torch.tensor(2.5, dtype=dtype).expand(C),
+        "column": rand((C, 3), dtype, 72)[:, 1],
+    }
+
+
+@pytest.mark.parametrize("kind", ["step", "expanded", "column"])
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_regression_a_weight_that_is_not_contiguous(
+    kind: str, grad: bool, dtype: torch.dtype
+) -> None:
+    """torch's kernel was handed a strided or expanded weight as it came, and read its storage
+    as if dense: the expanded scalar was 1.7e7 off, a step view 4.4 (torch's own group_norm
+    makes it contiguous first). Function and module (functional_call), with and without
+    autograd."""
+    x = make_x((2, 8, 5, 6), dtype, seed=73)
+    weight = _strided_weights(8, dtype)[kind]
+    bias = _strided_weights(8, dtype)["step"] + 1
+    expected, _ = reference(x, resolve_plan(8, 4), weight, bias)
+    module = groupnorm.GroupNorm(4, 8).to(dtype)
+    with torch.set_grad_enabled(grad):
+        xs = x.clone().requires_grad_(grad)
+        outs = {
+            "function": groupnorm.group_norm(xs, 4, weight, bias),
+            "module": torch.func.functional_call(module, {"weight": weight, "bias": bias}, (xs,)),
+        }
+    for name, y in outs.items():
+        baseline = F.group_norm(x, 4, weight, bias) if dtype == torch.bfloat16 else None
+        assert_matches(y, expected, dtype, baseline=baseline, what=name)
+
+
+def test_regression_the_default_device_is_not_where_cpu_buffers_go() -> None:
+    """The CPU kernel's buffers and the plan's index tensors were made on torch's default
+    device: under torch.set_default_device("meta") (or "cuda") a CPU forward wrote through a
+    non-CPU pointer and killed the process (segfault), and GroupNorm(..., device="cpu") could
+    not be built inside `with torch.device("meta")`."""
+    x = make_x((2, 11, 4, 4), torch.float32, seed=74).requires_grad_()
+    with torch.device("meta"):
+        module = groupnorm.GroupNorm(3, 11, uneven=True, device="cpu")
+        even = groupnorm.GroupNorm(1, 11, device="cpu")
+        y, stats = groupnorm.group_norm(x, 3, uneven=True, return_stats=True)
+        y.sum().backward()
+        outs = [module(x), even(x), groupnorm.group_stats(x.detach(), 3, uneven=True).mean]
+    assert all(t.device.type == "cpu" for t in (*outs, y, stats.mean, x.grad))
+    expected, _ = reference(x.detach(), resolve_plan(11, 3, uneven=True))
+    assert_matches(y, expected, torch.float32)
+
+
+def test_regression_a_plan_first_used_in_inference_mode_serves_training() -> None:
+    """Plans are shared, and their index tensors were built in the mode of their first use:
+    built under torch.inference_mode(), they were inference tensors, and a later training
+    call of the same plan failed ("Inference tensors cannot be saved for backward")."""
+    big = make_x((2, 13, 6, 10), torch.float32, seed=75)
+    x = big[..., ::2]  # strided: the composite path, which indexes with the plan's tensors
+    sizes = [4, 4, 5]
+    with torch.inference_mode():
+        groupnorm.group_norm(x, group_sizes=sizes)
+        groupnorm.GroupNorm(3, 13, uneven=True)(x)
+    leaf = big.clone().requires_grad_()
+    xg = leaf[..., ::2]
+    module = groupnorm.GroupNorm(3, 13, uneven=True)
+    (groupnorm.group_norm(xg, group_sizes=sizes).sum() + module(xg).sum()).backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()

@@ -157,7 +157,10 @@ def _check_param(
         raise ValueError(
             f"{name} is on {t.device} but x is on {x.device}; move it with .to({str(x.device)!r})"
         )
-    return t
+    # Contiguous (a copy autograd records, where it is not): torch's kernel reads a strided or
+    # expanded weight's storage as if it were dense (a weight of torch.tensor(2.5).expand(C)
+    # was 1.7e7 off).
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _check_stats(stats: GroupStats, x: torch.Tensor, plan: GroupPlan) -> None:

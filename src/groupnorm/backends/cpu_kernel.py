@@ -269,10 +269,11 @@ def _plan_arrays(plan: GroupPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """The plan's offsets (G + 1) and channel groups (C) as int64 tensors, kept with the plan."""
     kept = plan.index_cache.get(_NAME)
     if kept is None:
-        kept = plan.index_cache[_NAME] = (
-            torch.tensor(plan.offsets, dtype=torch.int64),
-            torch.tensor(plan.channel_group, dtype=torch.int64),
-        )
+        with torch.inference_mode(False):  # kept for calls in and out of inference mode
+            kept = plan.index_cache[_NAME] = (
+                torch.tensor(plan.offsets, dtype=torch.int64, device="cpu"),
+                torch.tensor(plan.channel_group, dtype=torch.int64, device="cpu"),
+            )
     return kept  # type: ignore[return-value]
 
 
@@ -296,7 +297,7 @@ def stats(x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
     assert lib is not None
     N, C, L = _shape(x)
     off, _ = _plan_arrays(plan)
-    out = torch.empty((3, N, plan.num_groups), dtype=torch.float64)
+    out = torch.empty((3, N, plan.num_groups), dtype=torch.float64, device="cpu")
     lib.stats(
         x.data_ptr(), _CODES[x.dtype], N, C, L, layout(x), off.data_ptr(), plan.num_groups,
         *_moment_pointers(out), torch.get_num_threads(),
@@ -368,7 +369,7 @@ def forward(
     y = torch.empty_like(x, dtype=out_dtype)
     given = moments is not None
     if moments is None and want_moments:
-        moments = torch.empty((3, N, G), dtype=torch.float64)
+        moments = torch.empty((3, N, G), dtype=torch.float64, device="cpu")
     mean, var, lo = _moment_pointers(moments)
     code = lib.forward(
         x.data_ptr(), _CODES[x.dtype], y.data_ptr(), _CODES[out_dtype], N, C, L, layout(x),
@@ -525,7 +526,7 @@ def backward(
     off, group_of = _plan_arrays(plan)
     dx = torch.empty_like(x)
     shape = (N, C) if per_sample else (C,)
-    dw, db = torch.empty(shape, dtype=sums_dtype), torch.empty(shape, dtype=sums_dtype)
+    dw, db = (torch.empty(shape, dtype=sums_dtype, device="cpu") for _ in range(2))
     mean, var, lo = _moment_pointers(moments)
     sa = sb = 0
     if stats_grads is not None:

@@ -46,6 +46,7 @@ calls torch.compile records, which run the fused CPU kernel's ops
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from functools import lru_cache
@@ -108,19 +109,31 @@ def plan_index(plan: GroupPlan, device: torch.device) -> PlanIndex:
         kept = plan.index_cache.get(device)
         if kept is not None:
             return cast(PlanIndex, kept)
-    width = max(plan.sizes)
-    pad = torch.full((plan.num_groups, width), plan.num_channels, dtype=torch.int64)
-    for g, (start, size) in enumerate(zip(plan.offsets, plan.sizes, strict=False)):
-        pad[g, :size] = torch.arange(start, start + size)
-    built = PlanIndex(
-        torch.as_tensor(plan.channel_group, device=device),
-        torch.as_tensor(plan.offsets[:-1], device=device),
-        pad.to(device),
-        torch.as_tensor(plan.channel_first, device=device),
-    )
-    if not tracing and not torch._C._len_torch_dispatch_stack():
+    keep = not tracing and not torch._C._len_torch_dispatch_stack()
+    with _normal_tensors(keep):
+        width = max(plan.sizes)
+        cpu = torch.device("cpu")  # not the default device, which may be another (or meta)
+        pad = torch.full((plan.num_groups, width), plan.num_channels, dtype=torch.int64, device=cpu)
+        for g, (start, size) in enumerate(zip(plan.offsets, plan.sizes, strict=False)):
+            pad[g, :size] = torch.arange(start, start + size, device=cpu)
+        built = PlanIndex(
+            torch.as_tensor(plan.channel_group, device=device),
+            torch.as_tensor(plan.offsets[:-1], device=device),
+            pad.to(device),
+            torch.as_tensor(plan.channel_first, device=device),
+        )
+    if keep:
         plan.index_cache[device] = built
     return built
+
+
+def _normal_tensors(keep: bool) -> contextlib.AbstractContextManager[object]:
+    """Outside inference mode while building tensors a plan keeps: plans are shared by every
+    module and call, and an index built under torch.inference_mode() is an inference tensor
+    that a later training call cannot save for backward."""
+    if keep and torch.is_inference_mode_enabled():
+        return torch.inference_mode(False)
+    return contextlib.nullcontext()
 
 
 def _group_sum(v: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
@@ -687,7 +700,9 @@ def _native_checked(r: Request) -> torch.Tensor | None:
 
 
 def _fast_param(t: object, C: int) -> bool:
-    return t is None or (isinstance(t, torch.Tensor) and t.is_cpu and t.shape == (C,))
+    return t is None or (
+        isinstance(t, torch.Tensor) and t.is_cpu and t.shape == (C,) and t.is_contiguous()
+    )
 
 
 def native_fast(
@@ -982,7 +997,7 @@ def _u_bias(
     b = None if bias is None else bias.double()
     if not per_sample:
         return None if b is None else b.contiguous()
-    ub = torch.zeros(x.shape[:2], dtype=torch.float64)
+    ub = torch.zeros(x.shape[:2], dtype=torch.float64, device=x.device)
     if b is not None:
         ub = ub + (b if scale is None else b * (1 + scale.double()))
     return ub if shift is None else ub + shift.double()
@@ -1075,7 +1090,7 @@ def _backward64(
     r = _spread_groups(rstd, plan, nd)
     xhat = xc * r
     B, A = _spatial_sum(dy64 * xhat), _spatial_sum(dy64)
-    w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
+    w = torch.ones(C, dtype=torch.float64, device=xc.device) if weight is None else weight.double()
     k1, k2 = (_spread_groups(_group_sum(w * s, plan) / counts, plan, nd) for s in (A, B))
     dx = r * (dy64 * _expand(w.expand(N, C), nd) - k1 - xhat * k2)
     if stats_grads is not None:
@@ -1123,7 +1138,11 @@ class _FusedGiven(torch.autograd.Function):
         x, weight, bias, pivot, smean, m2, count, moments = saved[:8]
         plan, eps, activation = ctx.plan, ctx.eps, ctx.activation
         N, C = x.shape[:2]
-        w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
+        w = (
+            torch.ones(C, dtype=torch.float64, device=x.device)
+            if weight is None
+            else weight.double()
+        )
         rstd = torch.rsqrt(m2.double() / count.double() + eps)  # differentiable when recorded
         if _backward_in_torch_ops(dy):
             p, m, r = (_per_channel(v, plan) for v in (pivot.double(), smean.double(), rstd))
@@ -1198,7 +1217,7 @@ def _given_moments(
 def _group_counts(x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
     """(G,) float64: the elements of each group of one sample of x."""
     L = math.prod(x.shape[2:])
-    return torch.tensor([size * L for size in plan.sizes], dtype=torch.float64)
+    return torch.tensor([size * L for size in plan.sizes], dtype=torch.float64, device=x.device)
 
 
 def kernel_grads(
@@ -1225,8 +1244,12 @@ def kernel_grads(
             db = A if A.dtype is bias.dtype else A.to(bias.dtype)
         return dx if wanted[0] else None, dw, db, None, None
     N, C = x.shape[:2]
-    s1 = torch.ones((N, C), dtype=torch.float64) if scale is None else 1 + scale.double()
-    w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
+    s1 = (
+        torch.ones((N, C), dtype=torch.float64, device=x.device)
+        if scale is None
+        else 1 + scale.double()
+    )
+    w = torch.ones(C, dtype=torch.float64, device=x.device) if weight is None else weight.double()
     dx, B, A = backward((w * s1).contiguous(), True)
     if wanted[1] and weight is not None:
         dw = (s1 * B).sum(0).to(weight.dtype)
