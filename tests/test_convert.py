@@ -936,6 +936,23 @@ def test_regression_ws_from_conv_takes_conv2d_only_and_keeps_a_ws_eps() -> None:
     assert WSConv2d.from_conv(ws, ws_eps=1e-4).ws_eps == 1e-4
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_regression_weight_standardized_models_script() -> None:
+    """torch.jit.script failed on WSConv2d (the tuple of reduction dimensions and the error's
+    tuple(shape) are not scriptable), so no model from convert_batchnorm(...,
+    weight_standardize=True) could be scripted; ws_eps of inf (every filter 0) or a string
+    passed the constructor."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    converted, _ = convert_batchnorm(model, num_groups=4, weight_standardize=True)
+    converted.eval()
+    x = torch.randn(2, 3, 9, 9)
+    scripted = torch.jit.script(converted)
+    torch.testing.assert_close(scripted(x), converted(x))  # TorchScript runs the shifted path
+    for bad, error in ((float("inf"), ValueError), (0.0, ValueError), ("1e-6", TypeError)):
+        with pytest.raises(error, match="ws_eps must be"):
+            WSConv2d(3, 8, 3, ws_eps=bad)  # type: ignore[arg-type]
+
+
 def test_regression_no_weight_standardization_of_one_weight_filters() -> None:
     """A depthwise 1x1 conv (one weight per filter) was standardized to all zeros: its output
     no longer depended on its input, silently."""

@@ -788,3 +788,36 @@ def test_regression_a_plan_first_used_in_inference_mode_serves_training() -> Non
     module = groupnorm.GroupNorm(3, 13, uneven=True)
     (groupnorm.group_norm(xg, group_sizes=sizes).sum() + module(xg).sum()).backward()
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: groupnorm.GroupNorm(2, True), ValueError, "num_channels must be a positive"),
+        (lambda: groupnorm.GroupNorm(2, "8"), ValueError, "num_channels must be a positive"),  # type: ignore[arg-type]
+        (lambda: groupnorm.GroupNorm(2, 8.0), ValueError, "num_channels must be a positive"),  # type: ignore[arg-type]
+        (lambda: resolve_plan(8.9, 2), ValueError, "num_channels must be a positive"),  # type: ignore[arg-type]
+        (lambda: groupnorm.make_plan(10**9, 2), ValueError, "more than a plan holds"),
+        (lambda: groupnorm.GroupPlan((2.5, 2)), TypeError, "must hold ints"),  # type: ignore[arg-type]
+        (lambda: groupnorm.GroupPlan((True, 2)), TypeError, "must hold ints"),
+        (lambda: groupnorm.make_plan(8, 3, uneven="no"), TypeError, "uneven must be True"),  # type: ignore[arg-type]
+    ],
+)
+def test_regression_plan_arguments_are_checked_before_use(
+    call: Any, error: type[Exception], match: str
+) -> None:
+    """The plan cache's key took int(num_channels) before the checks (True, "8" and 8.9 were
+    accepted, GroupNorm(2, "8") failed in string formatting); 10**9 channels ran out of memory
+    building per-channel tables; GroupPlan truncated 2.5 and took True as 1; make_plan took any
+    truthy uneven."""
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_regression_repr_shows_the_plan_a_changed_num_groups_means() -> None:
+    m = groupnorm.GroupNorm(3, 8, uneven=True)
+    assert "group_sizes=[3, 3, 2]" in repr(m)
+    m.num_groups = 4
+    assert repr(m) == "GroupNorm(4, 8, eps=1e-05, affine=True, bias=True)"
+    m.num_groups = 5
+    assert "group_sizes=[2, 2, 2, 1, 1]" in repr(m)

@@ -101,6 +101,11 @@ def resolve_plan(
 
     The argument types are checked before the cache is consulted, so what is accepted does not
     depend on what was called before (2.0 and True hash like 2 and 1)."""
+    if isinstance(num_channels, bool | float | str) or not isinstance(
+        num_channels,
+        int | np.integer | torch.SymInt | torch.Tensor,  # Tensor: jit.trace's sizes
+    ):
+        raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
     _check_count("num_groups", num_groups)
     _check_count("group_size", group_size)
     _check_flag("uneven", uneven)

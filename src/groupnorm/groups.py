@@ -79,7 +79,7 @@ class GroupPlan:
     )
 
     def __post_init__(self) -> None:
-        sizes = tuple(int(s) for s in self.sizes)
+        sizes = check_group_sizes(self.sizes)
         if not sizes or min(sizes) < 1:
             raise ValueError(f"group sizes must be positive integers, got {list(self.sizes)}")
         offsets = (0, *itertools.accumulate(sizes))
@@ -140,6 +140,9 @@ def _divisibility_error(what: str, value: int, C: int) -> ValueError:
     )
 
 
+MAX_CHANNELS = 1 << 24
+
+
 def make_plan(
     num_channels: int,
     num_groups: int | None = None,
@@ -153,6 +156,13 @@ def make_plan(
     if isinstance(C, bool) or not isinstance(C, (int, np.integer)) or C < 1:
         raise ValueError(f"num_channels must be a positive integer, got {C!r}")
     C = int(C)
+    if not isinstance(uneven, bool):
+        raise TypeError(f"uneven must be True or False, got {uneven!r} ({type(uneven).__name__})")
+    if C > MAX_CHANNELS:
+        # A plan keeps per-channel tables: 10**9 channels ran out of memory building them.
+        raise ValueError(
+            f"num_channels={C} is more than a plan holds (at most 2**24 = {MAX_CHANNELS})"
+        )
     given = [
         n
         for n, v in (

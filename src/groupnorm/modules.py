@@ -232,8 +232,14 @@ class GroupNorm(nn.GroupNorm):
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
-        if self._explicit_sizes:
-            text += f", group_sizes={list(self.plan.sizes)}"
+        plan: GroupPlan | None = self.plan
+        if self.plan.num_groups != self.num_groups or self.plan.num_channels != self.num_channels:
+            try:  # num_groups changed since the last forward: the sizes it now means
+                plan = self._replan()
+            except ValueError:  # repr must not raise; the next forward will
+                plan = None
+        if plan is not None and self._explicit_sizes:
+            text += f", group_sizes={list(plan.sizes)}"
         if self.activation is not None:
             text += f", activation={self.activation!r}"
         if self.backend != "auto":

@@ -14,6 +14,8 @@ and is differentiated through.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -29,12 +31,14 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     if weight.dim() < 2:
         raise ValueError(
             f"weight must have an output-channel dimension and at least one more, "
-            f"got shape {tuple(weight.shape)}"
+            f"got shape {list(weight.shape)}"
         )
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w = weight.to(acc)
-    var, mean = torch.var_mean(w, dim=tuple(range(1, w.dim())), keepdim=True, correction=0)
-    return ((w - mean) * torch.rsqrt(var + eps)).to(weight.dtype)
+    # One row per filter: TorchScript (WSConv2d in a scripted model) cannot size the tuple of
+    # dimensions a reduction over dims 1.. would take.
+    rows = weight.to(acc).reshape(weight.shape[0], -1)
+    var, mean = torch.var_mean(rows, dim=1, keepdim=True, correction=0)
+    return ((rows - mean) * torch.rsqrt(var + eps)).reshape(weight.shape).to(weight.dtype)
 
 
 class WSConv2d(nn.Conv2d):
@@ -47,8 +51,10 @@ class WSConv2d(nn.Conv2d):
 
     def __init__(self, *args: object, ws_eps: float = 1e-6, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        if not ws_eps > 0:
-            raise ValueError(f"ws_eps must be > 0, got {ws_eps!r}")
+        if isinstance(ws_eps, bool) or not isinstance(ws_eps, int | float):
+            raise TypeError(f"ws_eps must be a real number, got {ws_eps!r}")
+        if not 0 < ws_eps < math.inf:
+            raise ValueError(f"ws_eps must be > 0 and finite, got {ws_eps!r}")
         self.ws_eps = float(ws_eps)
 
     @classmethod
