@@ -87,3 +87,16 @@ def test_tost_margin_4_is_the_textbook_p() -> None:
     assert tost([1.0, 2.0, 3.0], 4.0).p == pytest.approx(0.037089, abs=1e-6)
     with pytest.raises(ValueError, match="margin must be > 0"):
         tost([1.0, 2.0], 0.0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_regression_a_result_that_is_not_finite_is_named(bad: float) -> None:
+    """A NaN or Inf result (only an edited record holds one) raised AttributeError from inside
+    statistics.stdev, which the CLI does not catch: a traceback."""
+    for call in (
+        lambda: summarize([1.0, bad, 2.0]),
+        lambda: paired([1.0, bad]),
+        lambda: tost([1.0, bad], margin=1.0),
+    ):
+        with pytest.raises(ValueError, match="a result is not finite"):
+            call()

@@ -92,10 +92,19 @@ class Summary:
         return f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f}"
 
 
+def _check_finite(values: Sequence[float]) -> None:
+    """Training records no NaN or Inf (a diverged run raises), so one comes from an edited or
+    foreign record: an error naming it, not statistics' AttributeError deep inside stdev."""
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"a result is not finite ({bad[0]!r} among {len(values)} values)")
+
+
 def summarize(values: Sequence[float], confidence: float = 0.95) -> Summary:
     """Mean and t-interval half-width ``t_{(1+c)/2, n-1} * s / sqrt(n)`` of ``values``."""
     if not values:
         raise ValueError("summarize needs at least one value")
+    _check_finite(values)
     n = len(values)
     mean = statistics.fmean(values)
     if n < 2:
@@ -123,6 +132,7 @@ def paired(diffs: Sequence[float], confidence: float = 0.95) -> Paired:
     n = len(diffs)
     if n < 2:
         raise ValueError(f"a paired interval needs at least 2 differences, got {n}")
+    _check_finite(diffs)
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     mean = statistics.fmean(diffs)
@@ -152,6 +162,7 @@ def tost(diffs: Sequence[float], margin: float, alpha: float = 0.05) -> Tost:
     """Schuirmann's TOST on per-seed differences: H0 ``mean <= -margin`` or ``mean >= margin``
     is rejected (equivalence shown) when ``max(p_lo, p_hi) < alpha``, with
     ``p_lo = 1 - F(t_lo)``, ``p_hi = F(t_hi)`` and F the t CDF with n - 1 df."""
+    _check_finite(diffs)
     if not margin > 0:
         raise ValueError(f"the equivalence margin must be > 0, got {margin}")
     if not 0 < alpha < 0.5:
