@@ -953,6 +953,26 @@ def test_regression_weight_standardized_models_script() -> None:
             WSConv2d(3, 8, 3, ws_eps=bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("ratio", [50.0, 200.0])
+def test_regression_filters_far_from_zero_standardize_within_the_bound(ratio: float) -> None:
+    """standardize_weight formed w - mean in float32 around 0: filters whose mean was 50
+    deviations from 0 came out at up to 6x the float32 bound. Each filter is shifted by its
+    first weight now, as GroupNorm by its pivot. (And a LazyConv2d before its first forward got
+    a shape error from WSConv2d.from_conv.)"""
+    from groupnorm.ws import standardize_weight
+
+    gen = torch.Generator().manual_seed(81)
+    w = 0.02 * torch.randn(256, 512, 3, 3, generator=gen) + ratio * 0.02
+    rows = w.double().reshape(256, -1)
+    centered = rows - rows.mean(1, keepdim=True)
+    expected = centered / torch.sqrt((centered**2).mean(1, keepdim=True) + 1e-6)
+    assert_matches(
+        standardize_weight(w), to_numpy(expected.reshape(w.shape)), torch.float32, reduction=4608
+    )
+    with pytest.raises(ValueError, match="not initialized yet"):
+        WSConv2d.from_conv(nn.LazyConv2d(8, 3))
+
+
 def test_regression_no_weight_standardization_of_one_weight_filters() -> None:
     """A depthwise 1x1 conv (one weight per filter) was standardized to all zeros: its output
     no longer depended on its input, silently."""

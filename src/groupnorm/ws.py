@@ -37,6 +37,10 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     # One row per filter: TorchScript (WSConv2d in a scripted model) cannot size the tuple of
     # dimensions a reduction over dims 1.. would take.
     rows = weight.to(acc).reshape(weight.shape[0], -1)
+    # Shifted by each filter's first weight, as GroupNorm by its pivot: rows - mean in float32
+    # rounds relative to |mean|, and a filter whose mean was 50 deviations from 0 came out at
+    # 6x the float32 bound.
+    rows = rows - rows[:, :1].detach()
     var, mean = torch.var_mean(rows, dim=1, keepdim=True, correction=0)
     return ((rows - mean) * torch.rsqrt(var + eps)).reshape(weight.shape).to(weight.dtype)
 
@@ -66,6 +70,11 @@ class WSConv2d(nn.Conv2d):
             raise TypeError(
                 f"WSConv2d.from_conv needs an nn.Conv2d, got {type(conv).__name__}: weight "
                 "standardization here is for 2-D convolutions"
+            )
+        if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"{type(conv).__name__} is not initialized yet (a lazy conv learns its input "
+                "channels from its first forward): run one forward before WSConv2d.from_conv"
             )
         if isinstance(conv, WSConv2d) and ws_eps is None:
             ws_eps = conv.ws_eps
