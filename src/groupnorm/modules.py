@@ -139,6 +139,15 @@ class GroupNorm(nn.GroupNorm):
         plan_index(self.plan, self._device())
         return self.plan
 
+    @torch.jit.unused
+    def _current_plan(self) -> GroupPlan:
+        """The plan of the current ``num_groups`` and ``num_channels``: the kept one, or
+        :meth:`_replan`'s where either changed since."""
+        plan = self.plan
+        if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
+            plan = self._replan()
+        return plan
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             # What torch.jit.script compiles: the plan as __prepare_scriptable__ left it.
@@ -160,7 +169,7 @@ class GroupNorm(nn.GroupNorm):
 
     @torch.jit.unused
     def _forward(self, input: torch.Tensor) -> torch.Tensor:
-        plan = self.plan
+        plan = self.plan  # _current_plan() inlined: one call fewer on every forward
         if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
             plan = self._replan()
         if self.process_group is None:
@@ -219,9 +228,7 @@ class GroupNorm(nn.GroupNorm):
                 "has no torch.distributed collectives: each rank would normalize its shard "
                 "alone); script it without process_group=, or use torch.compile"
             )
-        plan = self.plan
-        if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
-            plan = self._replan()
+        plan = self._current_plan()
         self._script_runs = list(plan.runs)
         self._script_first = torch.tensor(plan.channel_first, dtype=torch.int64)
         return self
@@ -232,12 +239,11 @@ class GroupNorm(nn.GroupNorm):
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
-        plan: GroupPlan | None = self.plan
-        if self.plan.num_groups != self.num_groups or self.plan.num_channels != self.num_channels:
-            try:  # num_groups changed since the last forward: the sizes it now means
-                plan = self._replan()
-            except ValueError:  # repr must not raise; the next forward will
-                plan = None
+        plan: GroupPlan | None
+        try:  # num_groups may have changed since the last forward: the sizes it now means
+            plan = self._current_plan()
+        except ValueError:  # repr must not raise; the next forward will
+            plan = None
         if plan is not None and self._explicit_sizes:
             text += f", group_sizes={list(plan.sizes)}"
         if self.activation is not None:

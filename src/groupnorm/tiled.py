@@ -224,9 +224,7 @@ class _Run:
 def _group_sizes(norm: nn.GroupNorm) -> tuple[int, ...]:
     """``norm``'s groups: our GroupNorm's plan (uneven ones included), else num_groups even."""
     if isinstance(norm, GroupNorm):
-        plan = norm.plan
-        if plan.num_groups == norm.num_groups and plan.num_channels == norm.num_channels:
-            return plan.sizes
+        return norm._current_plan().sizes
     return resolve_plan(norm.num_channels, norm.num_groups).sizes
 
 

@@ -718,8 +718,8 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         memset(a1, 0, (size_t)(2 * C) * sizeof(double));                                    \
         rows_##S(slab, C, r0, r1, pivot, a1, NULL);                                         \
         for (int64_t g = 0; g < G; g++) {                                                   \
-            double m = fold(a1, offsets, g) / (double)((offsets[g + 1] - offsets[g]) * (r1 - r0)); \
-            W at = (W)((double)pivot[offsets[g]] + m);                                      \
+            double n_g = (double)((offsets[g + 1] - offsets[g]) * (r1 - r0));               \
+            W at = (W)((double)pivot[offsets[g]] + fold(a1, offsets, g) / n_g);             \
             for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) centers[c] = at;          \
         }                                                                                   \
         memset(a1, 0, (size_t)C * sizeof(double));                                          \
