@@ -505,9 +505,10 @@ static double fold(const double *acc, const int64_t *offsets, int64_t g) {
     return s;
 }
 
-/* Whether a float32 input's backward without an activation takes its statistics again in
-   float64 (exact_stats_S): the forward's are off by ~1e-7 of the variance, and dx carries
-   that as about rstd |w| |g| |xhat| 1e-7 / sqrt(n_g) (the group term xhat mean(g xhat)),
+/* Whether a float32 input's backward without an activation takes its mean and variance
+   again in float64 in a pass of their own (exact_stats_S; otherwise its sums pass takes the
+   variance alone): the forward's are off by ~1e-7 of the spread, and dx carries that as
+   about rstd |w| |g| |xhat| 1e-7 / sqrt(n_g) (the group term xhat mean(g xhat)),
    where dx itself may cancel to 0: 3-element groups at rstd 100 put dx at up to 3.9x the
    float32 bound, 16-element ones at 1.5x (found by fuzzing;
    test_regression_float32_dx_of_small_groups_from_float32_statistics), while groups of
@@ -528,6 +529,32 @@ static int stats_matter(const double *rstd, const double *w, int64_t nw, int64_t
             if (r * r > limit * (double)((offsets[g + 1] - offsets[g]) * L)) return 1;
         }
     return 0;
+}
+
+/* g (N G): the per-(n, c) sums s (N C) folded per group. */
+static void fold_sums(const double *s, int64_t N, int64_t C, const int64_t *offsets, int64_t G,
+                      double *g) {
+    for (int64_t i = 0; i < N * G; i++) g[i] = fold(s + i / G * C, offsets, i % G);
+}
+
+/* A float32 input's statistics in float64 from the float64 sums g2 = sum e^2 and g1 = sum e
+   per group (n, g) of e = x - m around the forward's mean m: the mean's remainder t = g1 /
+   n_g into mlo (g1 NULL: t is mlo, the forward's low part, whose own error enters the
+   variance squared), var = g2 / n_g - t^2, 1 / sqrt(var + eps) into rstd and, per channel,
+   krd. Groups of at most two elements were made exact from x already. */
+static void centered_stats(const double *g1, const double *g2, int64_t N, int64_t C, int64_t L,
+                           const int64_t *offsets, int64_t G, double eps, double *mlo,
+                           double *rstd, double *krd) {
+    for (int64_t n = 0, i = 0; n < N; n++)
+        for (int64_t g = 0; g < G; g++, i++) {
+            double n_g = (double)((offsets[g + 1] - offsets[g]) * L);
+            if (n_g <= 2) continue;
+            double t = g1 ? g1[i] / n_g : mlo[i], v = g2[i] / n_g - t * t;
+            double r = 1.0 / sqrt((v < 0 ? 0.0 : v) + eps);
+            mlo[i] = t;
+            rstd[i] = r;
+            for (int64_t j = n * C + offsets[g]; j < n * C + offsets[g + 1]; j++) krd[j] = r;
+        }
 }
 
 /* Chan's merge of parts[0..k) in order; returns the merged (count, mean, m2). One part is
@@ -1030,52 +1057,65 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
    per (n, c) row; channels-last: per (n, 64-channel slice), rows in order, 8 channels a
    vector; with an activation after the norm its pass makes them (act_sums_S). With
    per_sample, w[c] is w[n, c] throughout. */
+/* Whether the sums pass also takes sum e and sum e^2 (e = x - mu) for the statistics again:
+   float32 x, whose forward statistics came from float32 runs. */
+#define EXACT_SUMS(T) (sizeof(T) == 4)
 #define DEFINE_BACKWARD(S, T, VW, LOAD, WIDE, NARROW, STORE)                                \
-    static void row_sums_##S(const T *x, const T *dy, int64_t n, double m, double r,        \
-                             double *A, double *B) {                                        \
-        vd a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0};                                          \
+    static void row_sums_##S(const T *x, const T *dy, int64_t n, double m, double *A,       \
+                             double *B, double *E) {                                        \
+        vd a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0}, e2 = {0};                                \
         int64_t i = 0;                                                                      \
         for (; i + 16 <= n; i += 16) {                                                      \
             vd d0 = WIDE(LOAD(dy + i)), d1 = WIDE(LOAD(dy + i + 8));                        \
+            vd f0 = WIDE(LOAD(x + i)) - m, f1 = WIDE(LOAD(x + i + 8)) - m;                  \
             a1 += d0;                                                                       \
             b1 += d1;                                                                       \
-            a2 += d0 * (WIDE(LOAD(x + i)) - m);                                             \
-            b2 += d1 * (WIDE(LOAD(x + i + 8)) - m);                                         \
+            a2 += d0 * f0;                                                                  \
+            b2 += d1 * f1;                                                                  \
+            if (EXACT_SUMS(T)) e2 += f0 * f0 + f1 * f1;                                     \
         }                                                                                   \
         for (; i + 8 <= n; i += 8) {                                                        \
-            vd d = WIDE(LOAD(dy + i));                                                      \
+            vd d = WIDE(LOAD(dy + i)), f = WIDE(LOAD(x + i)) - m;                           \
             a1 += d;                                                                        \
-            a2 += d * (WIDE(LOAD(x + i)) - m);                                              \
+            a2 += d * f;                                                                    \
+            if (EXACT_SUMS(T)) e2 += f * f;                                                 \
         }                                                                                   \
-        double t1 = 0, t2 = 0;                                                              \
+        double t1 = 0, t2 = 0, t3 = 0;                                                      \
         for (; i < n; i++) {                                                                \
+            double f = (double)x[i] - m;                                                    \
             t1 += (double)dy[i];                                                            \
-            t2 += (double)dy[i] * ((double)x[i] - m);                                       \
+            t2 += (double)dy[i] * f;                                                        \
+            t3 += f * f;                                                                    \
         }                                                                                   \
         *A = t1 + lanes(a1 + b1);                                                           \
-        *B = (t2 + lanes(a2 + b2)) * r;                                                     \
+        *B = t2 + lanes(a2 + b2);                                                           \
+        if (EXACT_SUMS(T)) *E = t3 + lanes(e2);                                             \
     }                                                                                       \
     /* row_sums_S of the four rows j..j + 3 at once (n long each, means m[0..3], rstd       \
        r[0..3]): their loads and sums overlap, where one short row (L = 64) waited on its   \
        own horizontal sums about as long as on its loads. */                                \
     static void rows4_sums_##S(const T *x, const T *dy, int64_t n, const double *m,         \
-                               const double *r, double *A, double *B) {                     \
-        vd a[4] = {{0}}, b[4] = {{0}};                                                      \
+                               double *A, double *B, double *E) {                           \
+        vd a[4] = {{0}}, b[4] = {{0}}, e2[4] = {{0}};                                       \
         int64_t i = 0;                                                                      \
         for (; i + 8 <= n; i += 8)                                                          \
             for (int q = 0; q < 4; q++) {                                                   \
-                vd d = WIDE(LOAD(dy + q * n + i));                                          \
+                vd d = WIDE(LOAD(dy + q * n + i)), f = WIDE(LOAD(x + q * n + i)) - m[q];    \
                 a[q] += d;                                                                  \
-                b[q] += d * (WIDE(LOAD(x + q * n + i)) - m[q]);                             \
+                b[q] += d * f;                                                              \
+                if (EXACT_SUMS(T)) e2[q] += f * f;                                          \
             }                                                                               \
         for (int q = 0; q < 4; q++) {                                                       \
-            double t1 = 0, t2 = 0;                                                          \
+            double t1 = 0, t2 = 0, t3 = 0;                                                  \
             for (int64_t k = i; k < n; k++) {                                               \
+                double f = (double)x[q * n + k] - m[q];                                     \
                 t1 += (double)dy[q * n + k];                                                \
-                t2 += (double)dy[q * n + k] * ((double)x[q * n + k] - m[q]);                \
+                t2 += (double)dy[q * n + k] * f;                                            \
+                t3 += f * f;                                                                \
             }                                                                               \
             A[q] = t1 + lanes(a[q]);                                                        \
-            B[q] = (t2 + lanes(b[q])) * r[q];                                               \
+            B[q] = t2 + lanes(b[q]);                                                        \
+            if (EXACT_SUMS(T)) E[q] = t3 + lanes(e2[q]);                                    \
         }                                                                                   \
     }                                                                                       \
     /* Channels-last sums of rows 0..L of one sample over channels c0..c0 + 8 K, K vectors  \
@@ -1083,26 +1123,28 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
        loop), the next RUN rows prefetched as in the statistics. */                         \
     static inline __attribute__((always_inline)) void cl_sums_##S(                          \
         const T *x, const T *dy, int64_t C, int64_t L, int64_t c0, int K, const double *m,  \
-        const double *r, double *A, double *B) {                                            \
-        vd a1[8], a2[8], mm[8], rr[8];                                                      \
+        double *A, double *B, double *E) {                                                  \
+        vd a1[8], a2[8], e2[8], mm[8];                                                      \
         for (int k = 0; k < K; k++) {                                                       \
-            a1[k] = a2[k] = (vd){0};                                                        \
+            a1[k] = a2[k] = e2[k] = (vd){0};                                                \
             mm[k] = load_f64(m + c0 + 8 * k);                                               \
-            rr[k] = load_f64(r + c0 + 8 * k);                                               \
         }                                                                                   \
         for (int64_t q = 0; q < L; q++) {                                                   \
             prefetch_slice(dy + (q + RUN) * C + c0, K, (int)sizeof(T));                     \
             prefetch_slice(x + (q + RUN) * C + c0, K, (int)sizeof(T));                      \
             for (int k = 0; k < K; k++) {                                                   \
                 int64_t c = c0 + 8 * k;                                                     \
-                vd d = WIDE(LOAD(dy + q * C + c));                                          \
+                vd d = WIDE(LOAD(dy + q * C + c)), f = WIDE(LOAD(x + q * C + c)) - mm[k];   \
                 a1[k] += d;                                                                 \
-                a2[k] += d * (WIDE(LOAD(x + q * C + c)) - mm[k]);                           \
+                a2[k] += d * f;                                                             \
+                if (EXACT_SUMS(T)) e2[k] += f * f;                                          \
             }                                                                               \
         }                                                                                   \
         for (int k = 0; k < K; k++) {                                                       \
-            store_f64(A + c0 + 8 * k, a1[k]);                                               \
-            store_f64(B + c0 + 8 * k, a2[k] * rr[k]);                                       \
+            int64_t c = c0 + 8 * k;                                                         \
+            store_f64(A + c, a1[k]);                                                        \
+            store_f64(B + c, a2[k]);                                                        \
+            if (EXACT_SUMS(T)) store_f64(E + c, e2[k]);                                     \
         }                                                                                   \
     }                                                                                       \
     /* With an activation after the norm, dy is dL/dy of y = act(u): g = dy act'(u) in      \
@@ -1278,16 +1320,15 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
             store_f64(s2 + c0 + 8 * k, a2[k]);                                              \
         }                                                                                   \
     }                                                                                       \
-    /* A float32 input's statistics again, in float64, for the activation's backward and    \
-       where stats_matter: the forward's sums take float32 runs of x - pivot (relative error\
-       ~1e-7 near zero, where the subtraction rounds), u = xhat w + ub carries that error,  \
-       and dy act''(u) carries it times rstd |w| into dx: 1.6-4.2x the float32 bound at rstd\
-       330, |w| = 6, near a zero of act'                                                    \
-       (test_regression_float32_activation_gradient_from_float32_statistics).               \
-       The sums of e = x - m and e^2 around the forward's mean m in float64 (NCHW a task    \
-       per (n, g), its elements contiguous; channels-last per (n, c) in 64-channel slices   \
-       as the sums, folded per group): the mean's remainder goes into mlo, the variance     \
-       into rstd and krd. Groups of at most two elements were made exact from x already. */ \
+    /* A float32 input's statistics again, in float64, for the activation's backward (the   \
+       other float32 backwards take them in their sums pass): the forward's sums take       \
+       float32 runs of x - pivot (relative error ~1e-7 near zero, where the subtraction     \
+       rounds), u = xhat w + ub carries that error, and dy act''(u) carries it times rstd   \
+       |w| into dx: 1.6-4.2x the float32 bound at rstd 330, |w| = 6, near a zero of act'    \
+       (test_regression_float32_activation_gradient_from_float32_statistics). The sums of e \
+       = x - m and e^2 around the forward's mean m in float64 (NCHW a task per (n, g), its  \
+       elements contiguous; channels-last per (n, c) in 64-channel slices as the sums,      \
+       folded per group), made into statistics by centered_stats. */                        \
     static void exact_stats_##S(const T *x, int64_t N, int64_t C, int64_t L, int cl,        \
                                 const int64_t *offsets, int64_t G, const double *kmd,       \
                                 double *mlo, double *rstd, double *krd, double eps,         \
@@ -1339,21 +1380,10 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                     s2[n * C + c] = t2;                                                     \
                 }                                                                           \
             })                                                                              \
-            for (int64_t i = 0; i < NG; i++) {                                              \
-                g1[i] = fold(s1 + i / G * C, offsets, i % G);                               \
-                g2[i] = fold(s2 + i / G * C, offsets, i % G);                               \
-            }                                                                               \
+            fold_sums(s1, N, C, offsets, G, g1);                                            \
+            fold_sums(s2, N, C, offsets, G, g2);                                            \
         }                                                                                   \
-        for (int64_t n = 0, i = 0; n < N; n++)                                              \
-            for (int64_t g = 0; g < G; g++, i++) {                                          \
-                double n_g = (double)((offsets[g + 1] - offsets[g]) * L);                   \
-                if (n_g <= 2) continue;                                                     \
-                double t1 = g1[i] / n_g, v = g2[i] / n_g - t1 * t1;                         \
-                double r = 1.0 / sqrt((v < 0 ? 0.0 : v) + eps);                             \
-                mlo[i] = t1;                                                                \
-                rstd[i] = r;                                                                \
-                for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) krd[n * C + c] = r;   \
-            }                                                                               \
+        centered_stats(g1, g2, N, C, L, offsets, G, eps, mlo, rstd, krd);                   \
         free(s1);                                                                           \
     }                                                                                       \
     /* dx of one element (of coefficients j) as the vectors form it: the scalar tails, and  \
@@ -1373,8 +1403,9 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                              double *db, const double *sa, const double *sb, int given,     \
                              int act, const double *ubd, int nthreads) {                    \
         int64_t NC = N * C;                                                                 \
-        double *work = malloc((size_t)(2 * NC + 3 * N * G) * sizeof(double));               \
+        double *work = malloc((size_t)(3 * NC + 4 * N * G) * sizeof(double));               \
         double *A = work, *B = A + NC, *rstd = B + NC, *mu = rstd + N * G, *mlo = mu + N * G; \
+        double *E = mlo + N * G, *g2 = E + NC; /* sums of (x - mu)^2 per (n, c), per group */ \
         /* per (n, c), each an array of NC: hi in T; w (then r w), k, the mean, rstd and q in \
            float64 */                                                                       \
         T *khi = malloc((size_t)NC * sizeof(T));                                            \
@@ -1409,8 +1440,9 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 krd[j] = rstd[i];                                                           \
                 kw[j] = wd[per_sample ? j : c];                                             \
             }                                                                               \
-        if (sizeof(T) == 4 && !given &&                                                     \
-            (act || stats_matter(rstd, wd, per_sample ? NC : C, N, L, offsets, G)))         \
+        int exact = sizeof(T) == 4 && !given &&                                             \
+                    (act || stats_matter(rstd, wd, per_sample ? NC : C, N, L, offsets, G)); \
+        if (exact)                                                                          \
             exact_stats_##S(x, N, C, L, cl, offsets, G, kmd, mlo, rstd, krd, eps, nthreads); \
         if (act) { /* g into dx's memory, the dy of what follows */                         \
             double *krw = malloc((size_t)(2 * NC) * sizeof(double)), *kub = krw + NC;       \
@@ -1433,13 +1465,13 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
             if (L < 512) {                                                                  \
                 FOR_TASKS(t, NC / 4, {                                                      \
                     int64_t j = 4 * t;                                                      \
-                    rows4_sums_##S(x + j * L, dy + j * L, L, kmd + j, krd + j, A + j, B + j); \
+                    rows4_sums_##S(x + j * L, dy + j * L, L, kmd + j, A + j, B + j, E + j);   \
                 })                                                                          \
                 for (int64_t j = NC - NC % 4; j < NC; j++)                                  \
-                    row_sums_##S(x + j * L, dy + j * L, L, kmd[j], krd[j], A + j, B + j);   \
+                    row_sums_##S(x + j * L, dy + j * L, L, kmd[j], A + j, B + j, E + j);      \
             } else                                                                          \
                 FOR_TASKS(j, NC, {                                                          \
-                    row_sums_##S(x + j * L, dy + j * L, L, kmd[j], krd[j], A + j, B + j);   \
+                    row_sums_##S(x + j * L, dy + j * L, L, kmd[j], A + j, B + j, E + j);      \
                 })                                                                          \
         } else if (!glo) {                                                                  \
             int64_t slices = (C + 63) / 64;                                                 \
@@ -1447,29 +1479,45 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 int64_t n = t / slices, c0 = t % slices * 64;                               \
                 int64_t c1 = c0 + 64 < C ? c0 + 64 : C, c8 = c0 + (c1 - c0) / 8 * 8;        \
                 const T *xs = x + n * L * C, *ds = dy + n * L * C;                          \
-                const double *m = kmd + n * C, *r = krd + n * C;                            \
+                const double *m = kmd + n * C;                                              \
+                double *a = A + n * C, *b = B + n * C, *e = E + n * C;                      \
                 if (c8 - c0 == 64)                                                          \
-                    cl_sums_##S(xs, ds, C, L, c0, 8, m, r, A + n * C, B + n * C);           \
+                    cl_sums_##S(xs, ds, C, L, c0, 8, m, a, b, e);                           \
                 else                                                                        \
                     for (int64_t c = c0; c < c8; c += 8)                                    \
-                        cl_sums_##S(xs, ds, C, L, c, 1, m, r, A + n * C, B + n * C);        \
+                        cl_sums_##S(xs, ds, C, L, c, 1, m, a, b, e);                        \
                 for (int64_t c = c8; c < c1; c++) {                                         \
-                    double a1 = 0, a2 = 0;                                                  \
+                    double a1 = 0, a2 = 0, a3 = 0;                                          \
                     for (int64_t q = 0; q < L; q++) {                                       \
-                        double d = (double)ds[q * C + c];                                   \
+                        double d = (double)ds[q * C + c], f = (double)xs[q * C + c] - m[c]; \
                         a1 += d;                                                            \
-                        a2 += d * ((double)xs[q * C + c] - m[c]);                           \
+                        a2 += d * f;                                                        \
+                        a3 += f * f;                                                        \
                     }                                                                       \
-                    A[n * C + c] = a1;                                                      \
-                    B[n * C + c] = a2 * r[c];                                               \
+                    a[c] = a1;                                                              \
+                    b[c] = a2;                                                              \
+                    e[c] = a3;                                                              \
                 }                                                                           \
             })                                                                              \
         }                                                                                   \
+        if (!glo) {                                                                         \
+            /* A float32 input's variance again from the sums of (x - mu)^2 this pass took  \
+               beside A and B (the mean is the forward's): its variance from float32 runs   \
+               is off by up to ~5e-7 where one element outweighs its group (|xhat| near     \
+               sqrt(n_g)), and dx at that element cancels: 1.3-1.8x the float32 bound,      \
+               channels-last dweight 2.3x (test_regression_a_dominated_group_gets_exact_    \
+               gradients). Taken beside the sums, not as a pass of its own (exact_stats_S,  \
+               10-30 % of the backward), for every group. */                                \
+            if (EXACT_SUMS(T) && !given && !exact) {                                        \
+                fold_sums(E, N, C, offsets, G, g2);                                         \
+                centered_stats(NULL, g2, N, C, L, offsets, G, eps, mlo, rstd, krd);         \
+            }                                                                               \
+            for (int64_t j = 0; j < NC; j++) B[j] *= krd[j];                                \
+        }                                                                                   \
         /* B was summed around mu: around the mean, sum dy (x - mu - lo) = B - lo A */      \
-        if (lo)                                                                             \
-            for (int64_t n = 0, j = 0; n < N; n++)                                          \
-                for (int64_t c = 0; c < C; c++, j++)                                        \
-                    B[j] -= mlo[n * G + group_of[c]] * A[j] * krd[j];                       \
+        for (int64_t n = 0, j = 0; n < N; n++)                                              \
+            for (int64_t c = 0; c < C; c++, j++)                                            \
+                B[j] -= mlo[n * G + group_of[c]] * A[j] * krd[j];                           \
         if (per_sample) {                                                                   \
             if (db) memcpy(db, A, (size_t)NC * sizeof(double));                             \
             if (dw) memcpy(dw, B, (size_t)NC * sizeof(double));                             \
