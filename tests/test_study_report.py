@@ -92,6 +92,23 @@ def test_report_tables_checks_and_plots(tmp_path: Path) -> None:
     assert (out / "report.md").read_text() == text
 
 
+def test_regression_a_sweep_at_one_n_compares_the_configured_gn_arm(tmp_path: Path) -> None:
+    """A group sweep run at N=32 alone has every G at its smallest N: the table took GN at the
+    config's ``gn_groups`` (16) and the claims the tie's larger key (G=32), so each showed a
+    different arm. Both take the config's arm where it was run."""
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({**PRESETS["quick"].to_json(), "gn_groups": 16}))
+    for seed, d in enumerate((-1.0, 0.0, 1.0)):
+        append_result(out, _record("ln", 32, seed, 23.0 + d, 20.0))
+        for g, gn in ((16, 21.0), (32, 30.0)):
+            append_result(out, _record("gn", 32, seed, gn + d, 18.0, groups=g))
+    text = render_report(out, plots=False)
+    hw = T2 / math.sqrt(3)
+    assert f"| GN | 21.0 ± {hw:.1f} |" in text and "GN with G=16 (" in text
+    assert "**HOLDS** 5. GN < LN at N=32" in text and "mean d = +2.00 points" in text
+
+
 def test_claims_not_shown_are_reported_as_such(tmp_path: Path) -> None:
     out = tmp_path / "study"
     _write(out, gn_spread=4.0)  # GN worse at N=2 than at 32

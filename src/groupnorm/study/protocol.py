@@ -22,7 +22,8 @@ correction for the six claims: a reader can apply one from the printed statistic
 
 A claim whose cells have fewer than two common seeds is "n/a", as is claim 3 while any N is
 missing. The GN arm is the GN setting (G, or channels per group) that was run at N=2, so a group
-sweep's extra N=32 cells never enter the claims.
+sweep's extra N=32 cells never enter the claims; a sweep run at N=32 alone takes the config's
+GN arm (:func:`gn_setting`).
 """
 
 from __future__ import annotations
@@ -57,8 +58,13 @@ class Claim:
     diffs: dict[str, dict[int, float]]
 
 
-def _gn_setting(records: Sequence[dict[str, Any]]) -> tuple[str, int] | None:
-    """("groups" or "group_size", value) of the GN arm: the GN setting run at the smallest N."""
+def gn_setting(
+    records: Sequence[dict[str, Any]], declared: tuple[str, int] | None = None
+) -> tuple[str, int] | None:
+    """("groups" or "group_size", value) of the GN arm the claims compare and the report's
+    tables show: the GN setting run at the smallest N. Where several were (a group sweep run
+    at N=32 alone), ``declared``, the study config's GN arm, if it is among them; otherwise
+    the one run most (ties to the larger key)."""
     runs = [r["spec"] for r in records if r["spec"]["norm"] == "gn"]
     if not runs:
         return None
@@ -68,14 +74,20 @@ def _gn_setting(records: Sequence[dict[str, Any]]) -> tuple[str, int] | None:
         if s["batch"] == smallest:
             kind = "groups" if s.get("groups") is not None else "group_size"
             counts[(kind, s[kind])] += 1
+    if declared in counts:
+        return declared
     return max(counts, key=lambda k: (counts[k], k))
 
 
-def cell_errors(records: Iterable[dict[str, Any]], what: str = "test_error") -> Cells:
+def cell_errors(
+    records: Iterable[dict[str, Any]],
+    what: str = "test_error",
+    declared: tuple[str, int] | None = None,
+) -> Cells:
     """(arm, N) -> seed -> ``what`` for the runs evaluated on the test set; arm is "bn", "gn"
-    (the GN arm's setting only), "ln", "in", "syncbn", "gnws"."""
+    (the GN arm's setting only, :func:`gn_setting`), "ln", "in", "syncbn", "gnws"."""
     records = [r for r in records if r.get("evaluated_on", "test") == "test"]
-    gn = _gn_setting(records)
+    gn = gn_setting(records, declared)
     out: Cells = defaultdict(dict)
     for r in records:
         s = r["spec"]
@@ -118,9 +130,12 @@ def _above_zero(name: str, test: str, d: dict[int, float] | None) -> Claim:
     return Claim(name, test, lo > 0, text, {"d": d})
 
 
-def decide(records: Iterable[dict[str, Any]]) -> list[Claim]:
-    """The six pre-registered claims, decided from the run records."""
-    cells = cell_errors(records)
+def decide(
+    records: Iterable[dict[str, Any]], declared: tuple[str, int] | None = None
+) -> list[Claim]:
+    """The six pre-registered claims, decided from the run records (``declared``: the study
+    config's GN arm, see :func:`gn_setting`)."""
+    cells = cell_errors(records, declared=declared)
     bn2, bn32, gn2, gn32 = ("bn", 2), ("bn", 32), ("gn", 2), ("gn", 32)
     claims = [
         _above_zero(

@@ -21,7 +21,7 @@ from typing import Any
 
 from groupnorm.study.config import ARM_NAMES, POP_ARM, TUNING_SEEDS
 from groupnorm.study.intervals import Summary, paired, summarize
-from groupnorm.study.protocol import MARGIN, cell_errors, decide
+from groupnorm.study.protocol import MARGIN, cell_errors, decide, gn_setting
 from groupnorm.study.results import read_results
 
 __all__ = ["cells", "render_report"]
@@ -92,17 +92,18 @@ def cells(records: Iterable[dict[str, Any]]) -> list[Cell]:
     return out + [Cell(POP_ARM, "", n, summarize(v), None) for n, v in sorted(pop.items())]
 
 
-def _main_arms(all_cells: list[Cell], gn_groups: int | None) -> dict[str, dict[int, Cell]]:
-    """arm -> N -> cell for the batch-size study (GN at its study G, not the sweep's)."""
+def _main_arms(all_cells: list[Cell], gn_detail: str) -> dict[str, dict[int, Cell]]:
+    """arm -> N -> cell for the batch-size study: GN (and GN+WS) at ``gn_detail`` only, the
+    setting the claims compare (:func:`protocol.gn_setting`), not the sweep's others."""
     table: dict[str, dict[int, Cell]] = defaultdict(dict)
     for c in all_cells:
-        if c.arm in ("GN", "GN+WS") and c.detail != f"G={gn_groups}":
+        if c.arm in ("GN", "GN+WS") and c.detail != gn_detail:
             continue
         table[c.arm][c.batch] = c
     return {a: table[a] for a in ORDER if a in table}
 
 
-def _protocol_lines(records: list[dict[str, Any]]) -> list[str]:
+def _protocol_lines(records: list[dict[str, Any]], declared: tuple[str, int] | None) -> list[str]:
     """The pre-registered claims, each with its test, statistics, verdict and per-seed d."""
     lines = [
         "## Pre-registered claims",
@@ -112,7 +113,7 @@ def _protocol_lines(records: list[dict[str, Any]]) -> list[str]:
         "`results.jsonl` alone (`groupnorm study --report DIR`).",
         "",
     ]
-    for c in decide(records):
+    for c in decide(records, declared):
         verdict = {True: "HOLDS", False: "NOT SHOWN", None: "n/a"}[c.verdict]
         lines.append(f"- **{verdict}** {c.name}. Test: {c.test}. Result: {c.statistics}.")
         for label, d in c.diffs.items():
@@ -137,11 +138,12 @@ def _paired_line(a: dict[int, float], b: dict[int, float], name: str) -> list[st
     ]
 
 
-def _control_lines(records: list[dict[str, Any]]) -> list[str]:
+def _control_lines(records: list[dict[str, Any]], declared: tuple[str, int] | None) -> list[str]:
     """Descriptive paired comparisons (not pre-registered claims): the control arms and GN's
     train error across N."""
-    test, pop = cell_errors(records), cell_errors(records, "pop_test_error")
-    train = cell_errors(records, "train_error")
+    test = cell_errors(records, declared=declared)
+    pop = cell_errors(records, "pop_test_error", declared)
+    train = cell_errors(records, "train_error", declared)
     none: dict[int, float] = {}
     lines: list[str] = []
     for n in sorted({n for arm, n in test if arm == "syncbn"}, reverse=True):
@@ -361,17 +363,21 @@ def render_report(out: Path, *, plots: bool = True) -> str:
         )
     config_path = out / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    gn_groups = config.get("gn_groups", 8)
+    declared = ("groups", int(config["gn_groups"])) if "gn_groups" in config else None
+    gn = gn_setting(records, declared) or declared or ("groups", 16)
+    gn_detail = _arm({"norm": "gn", gn[0]: gn[1]})[1]
     all_cells = cells(records)
-    arms = _main_arms(all_cells, gn_groups)
+    arms = _main_arms(all_cells, gn_detail)
     train = config.get("train", {})
     seeds = sorted({r["spec"]["seed"] for r in records})
     minutes = sum(r.get("seconds", 0.0) for r in records) / 60
     cpu_minutes = sum(r.get("cpu_seconds", 0.0) for r in records) / 60
     width = train.get("width") or 0
-    stage_cpg = (
-        str([c // min(gn_groups, c) for c in (width, 2 * width, 4 * width)]) if width else "?"
-    )
+    if gn[0] == "group_size":
+        gn_text = f"{gn[1]} channels per group"
+    else:
+        by_stage = [c // min(gn[1], c) for c in (width, 2 * width, 4 * width)] if width else "?"
+        gn_text = f"G={gn[1]} ({by_stage} channels per group by stage)"
     split = "validation" if config.get("evaluate") == "val" else "test"
     train_images = {int(r["train_images"]) for r in records if "train_images" in r}
     setup = (
@@ -383,7 +389,7 @@ def render_report(out: Path, *, plots: bool = True) -> str:
         f"{train.get('blocks')} block(s) per stage, {train.get('epochs')} epochs, "
         f"{train.get('workers')} devices x N images per step, lr {train.get('lr')} x N/32, "
         f"metric the median of the last {train.get('eval_epochs')} epoch(s); GN with "
-        f"G={gn_groups} ({stage_cpg} channels per group by stage); seeds {seeds}; {len(records)} "
+        f"{gn_text}; seeds {seeds}; {len(records)} "
         f"runs, {minutes:.1f} run-minutes of wall time, {cpu_minutes:.1f} CPU-minutes."
     )
     eval_mode = all("running_train_error_per_epoch" in r for r in records)
@@ -425,8 +431,8 @@ def render_report(out: Path, *, plots: bool = True) -> str:
             lines += _sweep_table(g, "G", PAPER_GROUPS) + [""]
         if per_group:
             lines += _sweep_table(per_group, "channels/group", PAPER_CPG)
-    lines += ["", *_protocol_lines(records)]
-    lines += _control_lines(records)
+    lines += ["", *_protocol_lines(records, declared)]
+    lines += _control_lines(records, declared)
     lines += _seed_lines(records, config)
     title = (
         f"{config.get('data', '?')}, ResNet width {train.get('width')}, "
