@@ -683,3 +683,20 @@ def test_regression_statistics_load_with_weights_only_and_compare_by_identity() 
         loaded = torch.load(buffer, weights_only=True)
     assert loaded.plan == stats.plan and torch.equal(loaded.m2, stats.m2)
     assert stats == stats and stats != loaded and stats in [stats]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_regression_an_affine_free_module_normalizes_any_channel_count_its_groups_divide(
+    layout: str,
+) -> None:
+    """nn.GroupNorm(4, 8, affine=False) normalizes a 12-channel input in 4 groups (without
+    parameters it never reads num_channels); ours refused it. A count 4 does not divide is
+    still an error, and a module with parameters still checks its channel count."""
+    x = make_x((2, 12, 5, 5), torch.float32, layout, seed=3, loc=2.0, std=1.5)
+    y = groupnorm.GroupNorm(4, 8, affine=False)(x)
+    expected, _ = reference(x, resolve_plan(12, 4))
+    assert_matches(y, expected, torch.float32, reduction=3 * 25)
+    with pytest.raises(ValueError, match="8 channels"):
+        groupnorm.GroupNorm(4, 8, affine=False)(make_x((2, 10, 3, 3), torch.float32, layout))
+    with pytest.raises(ValueError, match="8 channels"):
+        groupnorm.GroupNorm(4, 8)(x)

@@ -195,6 +195,17 @@ class GroupNorm(nn.GroupNorm):
             return fx_group_norm(
                 input, plan.sizes, self.weight, self.bias, self.eps, self.activation, self.backend
             )
+        if (
+            self.weight is None
+            and self.bias is None
+            and not self._explicit_sizes
+            and input.dim() >= 2
+            and input.shape[1] != plan.num_channels
+            and input.shape[1] % self.num_groups == 0
+        ):
+            # As nn.GroupNorm: without affine parameters num_channels is not checked, and any
+            # channel count num_groups divides is normalized in num_groups groups.
+            plan = resolve_plan(int(input.shape[1]), self.num_groups, uneven=self.uneven)
         if self.process_group is not None:
             return group_norm(
                 input,
