@@ -983,7 +983,7 @@ def test_regression_float32_dx_of_small_groups_from_float32_statistics(
     of the variance) through its group term, about rstd |w| |g| |xhat| 1e-7 / sqrt(n_g),
     where dx itself may cancel: at std 1e-2, 3-element groups put dx at up to 3.9x the
     float32 bound, 16-element ones at 1.5x (found by fuzzing). The backward takes the
-    statistics again in float64 where rstd max|w| / sqrt(n_g) > 2."""
+    statistics again in float64, in its sums pass."""
     N, C = shape[:2]
     plan = resolve_plan(C, **plan_kw)
     for seed in (50, 52):
@@ -1641,3 +1641,27 @@ def test_regression_a_dominated_group_gets_exact_gradients(layout: str, seed: in
     grads = R.group_norm_backward(to_numpy(dy), cache)
     assert_matches(xg.grad, grads.dx, torch.float32, reduction=32 * 128, what="dx")
     assert_matches(wg.grad, grads.dgamma, torch.float32, reduction=128, what="dweight")
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("groups", [4, 1])
+def test_regression_float32_dweight_of_a_dy_with_a_mean(layout: str, groups: int) -> None:
+    """The gradient of y.sum() (dy = 1): B = rstd sum dy (x - mean) took the forward's float32
+    mean, about 1e-8 of the spread off, and carried that times sum dy into dweight, which is
+    0 for groups of one channel: 6.8x the float32 bound on zero-padded data, 5.5x in one group
+    of four channels. The backward takes the mean again in its sums pass."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.pad(torch.randn(2, 4, 28, 28, generator=gen) + 30, (2, 2, 2, 2))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = (torch.randn(4, generator=gen) for _ in range(2))
+    dy = torch.ones_like(x)
+    with _calls("backward") as backward:
+        xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+        groupnorm.group_norm(xg, groups, wg, bg).backward(dy)
+    assert backward[0] == 1
+    _, cache = reference(x, resolve_plan(4, groups), w, b)
+    grads = R.group_norm_backward(to_numpy(dy), cache)
+    assert_matches(wg.grad, grads.dgamma, torch.float32, reduction=2 * 1024, what="dweight")
+    assert_matches(xg.grad, grads.dx, torch.float32, reduction=1024 * 4 // groups, what="dx")

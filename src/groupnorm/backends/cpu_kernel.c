@@ -505,43 +505,16 @@ static double fold(const double *acc, const int64_t *offsets, int64_t g) {
     return s;
 }
 
-/* Whether a float32 input's backward without an activation takes its mean and variance
-   again in float64 in a pass of their own (exact_stats_S; otherwise its sums pass takes the
-   variance alone): the forward's are off by ~1e-7 of the spread, and dx carries that as
-   about rstd |w| |g| |xhat| 1e-7 / sqrt(n_g) (the group term xhat mean(g xhat)),
-   where dx itself may cancel to 0: 3-element groups at rstd 100 put dx at up to 3.9x the
-   float32 bound, 16-element ones at 1.5x (found by fuzzing;
-   test_regression_float32_dx_of_small_groups_from_float32_statistics), while groups of
-   thousands stay far below it. Taken where rstd max|w| / sqrt(n_g) passes
-   EXACT_STATS_RATIO in any group (the fuzzed cases: 58 and 25); w: the nw weights, per
-   channel or per (n, c). */
-#define EXACT_STATS_RATIO 2.0
-static int stats_matter(const double *rstd, const double *w, int64_t nw, int64_t N, int64_t L,
-                        const int64_t *offsets, int64_t G) {
-    double wmax = 0.0, limit = EXACT_STATS_RATIO * EXACT_STATS_RATIO;
-    for (int64_t j = 0; j < nw; j++) {
-        double a = fabs(w[j]);
-        wmax = a > wmax ? a : wmax;
-    }
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t g = 0; g < G; g++) {
-            double r = rstd[n * G + g] * wmax;
-            if (r * r > limit * (double)((offsets[g + 1] - offsets[g]) * L)) return 1;
-        }
-    return 0;
-}
-
 /* g (N G): the per-(n, c) sums s (N C) folded per group. */
 static void fold_sums(const double *s, int64_t N, int64_t C, const int64_t *offsets, int64_t G,
                       double *g) {
     for (int64_t i = 0; i < N * G; i++) g[i] = fold(s + i / G * C, offsets, i % G);
 }
 
-/* A float32 input's statistics in float64 from the float64 sums g2 = sum e^2 and g1 = sum e
+/* A float32 input's statistics in float64 from the float64 sums g1 = sum e and g2 = sum e^2
    per group (n, g) of e = x - m around the forward's mean m: the mean's remainder t = g1 /
-   n_g into mlo (g1 NULL: t is mlo, the forward's low part, whose own error enters the
-   variance squared), var = g2 / n_g - t^2, 1 / sqrt(var + eps) into rstd and, per channel,
-   krd. Groups of at most two elements were made exact from x already. */
+   n_g into mlo, var = g2 / n_g - t^2, 1 / sqrt(var + eps) into rstd and, per channel, krd.
+   Groups of at most two elements were made exact from x already. */
 static void centered_stats(const double *g1, const double *g2, int64_t N, int64_t C, int64_t L,
                            const int64_t *offsets, int64_t G, double eps, double *mlo,
                            double *rstd, double *krd) {
@@ -549,7 +522,7 @@ static void centered_stats(const double *g1, const double *g2, int64_t N, int64_
         for (int64_t g = 0; g < G; g++, i++) {
             double n_g = (double)((offsets[g + 1] - offsets[g]) * L);
             if (n_g <= 2) continue;
-            double t = g1 ? g1[i] / n_g : mlo[i], v = g2[i] / n_g - t * t;
+            double t = g1[i] / n_g, v = g2[i] / n_g - t * t;
             double r = 1.0 / sqrt((v < 0 ? 0.0 : v) + eps);
             mlo[i] = t;
             rstd[i] = r;
@@ -1062,8 +1035,8 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
 #define EXACT_SUMS(T) (sizeof(T) == 4)
 #define DEFINE_BACKWARD(S, T, VW, LOAD, WIDE, NARROW, STORE)                                \
     static void row_sums_##S(const T *x, const T *dy, int64_t n, double m, double *A,       \
-                             double *B, double *E) {                                        \
-        vd a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0}, e2 = {0};                                \
+                             double *B, double *E1, double *E2) {                           \
+        vd a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0}, e1 = {0}, e2 = {0};                      \
         int64_t i = 0;                                                                      \
         for (; i + 16 <= n; i += 16) {                                                      \
             vd d0 = WIDE(LOAD(dy + i)), d1 = WIDE(LOAD(dy + i + 8));                        \
@@ -1072,50 +1045,67 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
             b1 += d1;                                                                       \
             a2 += d0 * f0;                                                                  \
             b2 += d1 * f1;                                                                  \
-            if (EXACT_SUMS(T)) e2 += f0 * f0 + f1 * f1;                                     \
+            if (EXACT_SUMS(T)) {                                                            \
+                e1 += f0 + f1;                                                              \
+                e2 += f0 * f0 + f1 * f1;                                                    \
+            }                                                                               \
         }                                                                                   \
         for (; i + 8 <= n; i += 8) {                                                        \
             vd d = WIDE(LOAD(dy + i)), f = WIDE(LOAD(x + i)) - m;                           \
             a1 += d;                                                                        \
             a2 += d * f;                                                                    \
-            if (EXACT_SUMS(T)) e2 += f * f;                                                 \
+            if (EXACT_SUMS(T)) {                                                            \
+                e1 += f;                                                                    \
+                e2 += f * f;                                                                \
+            }                                                                               \
         }                                                                                   \
-        double t1 = 0, t2 = 0, t3 = 0;                                                      \
+        double t1 = 0, t2 = 0, t3 = 0, t4 = 0;                                              \
         for (; i < n; i++) {                                                                \
             double f = (double)x[i] - m;                                                    \
             t1 += (double)dy[i];                                                            \
             t2 += (double)dy[i] * f;                                                        \
-            t3 += f * f;                                                                    \
+            t3 += f;                                                                        \
+            t4 += f * f;                                                                    \
         }                                                                                   \
         *A = t1 + lanes(a1 + b1);                                                           \
         *B = t2 + lanes(a2 + b2);                                                           \
-        if (EXACT_SUMS(T)) *E = t3 + lanes(e2);                                             \
+        if (EXACT_SUMS(T)) {                                                                \
+            *E1 = t3 + lanes(e1);                                                           \
+            *E2 = t4 + lanes(e2);                                                           \
+        }                                                                                   \
     }                                                                                       \
     /* row_sums_S of the four rows j..j + 3 at once (n long each, means m[0..3], rstd       \
        r[0..3]): their loads and sums overlap, where one short row (L = 64) waited on its   \
        own horizontal sums about as long as on its loads. */                                \
     static void rows4_sums_##S(const T *x, const T *dy, int64_t n, const double *m,         \
-                               double *A, double *B, double *E) {                           \
-        vd a[4] = {{0}}, b[4] = {{0}}, e2[4] = {{0}};                                       \
+                               double *A, double *B, double *E1, double *E2) {              \
+        vd a[4] = {{0}}, b[4] = {{0}}, e1[4] = {{0}}, e2[4] = {{0}};                        \
         int64_t i = 0;                                                                      \
         for (; i + 8 <= n; i += 8)                                                          \
             for (int q = 0; q < 4; q++) {                                                   \
                 vd d = WIDE(LOAD(dy + q * n + i)), f = WIDE(LOAD(x + q * n + i)) - m[q];    \
                 a[q] += d;                                                                  \
                 b[q] += d * f;                                                              \
-                if (EXACT_SUMS(T)) e2[q] += f * f;                                          \
+                if (EXACT_SUMS(T)) {                                                        \
+                    e1[q] += f;                                                             \
+                    e2[q] += f * f;                                                         \
+                }                                                                           \
             }                                                                               \
         for (int q = 0; q < 4; q++) {                                                       \
-            double t1 = 0, t2 = 0, t3 = 0;                                                  \
+            double t1 = 0, t2 = 0, t3 = 0, t4 = 0;                                          \
             for (int64_t k = i; k < n; k++) {                                               \
                 double f = (double)x[q * n + k] - m[q];                                     \
                 t1 += (double)dy[q * n + k];                                                \
                 t2 += (double)dy[q * n + k] * f;                                            \
-                t3 += f * f;                                                                \
+                t3 += f;                                                                    \
+                t4 += f * f;                                                                \
             }                                                                               \
             A[q] = t1 + lanes(a[q]);                                                        \
             B[q] = t2 + lanes(b[q]);                                                        \
-            if (EXACT_SUMS(T)) E[q] = t3 + lanes(e2[q]);                                    \
+            if (EXACT_SUMS(T)) {                                                            \
+                E1[q] = t3 + lanes(e1[q]);                                                  \
+                E2[q] = t4 + lanes(e2[q]);                                                  \
+            }                                                                               \
         }                                                                                   \
     }                                                                                       \
     /* Channels-last sums of rows 0..L of one sample over channels c0..c0 + 8 K, K vectors  \
@@ -1123,28 +1113,38 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
        loop), the next RUN rows prefetched as in the statistics. */                         \
     static inline __attribute__((always_inline)) void cl_sums_##S(                          \
         const T *x, const T *dy, int64_t C, int64_t L, int64_t c0, int K, const double *m,  \
-        double *A, double *B, double *E) {                                                  \
-        vd a1[8], a2[8], e2[8], mm[8];                                                      \
+        double *A, double *B, double *E1, double *E2) {                                     \
+        /* the means in registers, but for float32's eight vectors (with its four sums they \
+           would not fit): memory operands there */                                         \
+        int held = !EXACT_SUMS(T) || K <= 4;                                                \
+        vd a1[8], a2[8], e1[8], e2[8], mm[8];                                               \
         for (int k = 0; k < K; k++) {                                                       \
-            a1[k] = a2[k] = e2[k] = (vd){0};                                                \
-            mm[k] = load_f64(m + c0 + 8 * k);                                               \
+            a1[k] = a2[k] = e1[k] = e2[k] = (vd){0};                                        \
+            if (held) mm[k] = load_f64(m + c0 + 8 * k);                                     \
         }                                                                                   \
         for (int64_t q = 0; q < L; q++) {                                                   \
             prefetch_slice(dy + (q + RUN) * C + c0, K, (int)sizeof(T));                     \
             prefetch_slice(x + (q + RUN) * C + c0, K, (int)sizeof(T));                      \
             for (int k = 0; k < K; k++) {                                                   \
                 int64_t c = c0 + 8 * k;                                                     \
-                vd d = WIDE(LOAD(dy + q * C + c)), f = WIDE(LOAD(x + q * C + c)) - mm[k];   \
+                vd d = WIDE(LOAD(dy + q * C + c));                                          \
+                vd f = WIDE(LOAD(x + q * C + c)) - (held ? mm[k] : load_f64(m + c));        \
                 a1[k] += d;                                                                 \
                 a2[k] += d * f;                                                             \
-                if (EXACT_SUMS(T)) e2[k] += f * f;                                          \
+                if (EXACT_SUMS(T)) {                                                        \
+                    e1[k] += f;                                                             \
+                    e2[k] += f * f;                                                         \
+                }                                                                           \
             }                                                                               \
         }                                                                                   \
         for (int k = 0; k < K; k++) {                                                       \
             int64_t c = c0 + 8 * k;                                                         \
             store_f64(A + c, a1[k]);                                                        \
             store_f64(B + c, a2[k]);                                                        \
-            if (EXACT_SUMS(T)) store_f64(E + c, e2[k]);                                     \
+            if (EXACT_SUMS(T)) {                                                            \
+                store_f64(E1 + c, e1[k]);                                                   \
+                store_f64(E2 + c, e2[k]);                                                   \
+            }                                                                               \
         }                                                                                   \
     }                                                                                       \
     /* With an activation after the norm, dy is dL/dy of y = act(u): g = dy act'(u) in      \
@@ -1403,9 +1403,10 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                              double *db, const double *sa, const double *sb, int given,     \
                              int act, const double *ubd, int nthreads) {                    \
         int64_t NC = N * C;                                                                 \
-        double *work = malloc((size_t)(3 * NC + 4 * N * G) * sizeof(double));               \
+        double *work = malloc((size_t)(4 * NC + 5 * N * G) * sizeof(double));               \
         double *A = work, *B = A + NC, *rstd = B + NC, *mu = rstd + N * G, *mlo = mu + N * G; \
-        double *E = mlo + N * G, *g2 = E + NC; /* sums of (x - mu)^2 per (n, c), per group */ \
+        /* sums of x - mu and (x - mu)^2 per (n, c), then per group */                      \
+        double *E1 = mlo + N * G, *E2 = E1 + NC, *g1 = E2 + NC, *g2 = g1 + N * G;           \
         /* per (n, c), each an array of NC: hi in T; w (then r w), k, the mean, rstd and q in \
            float64 */                                                                       \
         T *khi = malloc((size_t)NC * sizeof(T));                                            \
@@ -1440,9 +1441,7 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 krd[j] = rstd[i];                                                           \
                 kw[j] = wd[per_sample ? j : c];                                             \
             }                                                                               \
-        int exact = sizeof(T) == 4 && !given &&                                             \
-                    (act || stats_matter(rstd, wd, per_sample ? NC : C, N, L, offsets, G)); \
-        if (exact)                                                                          \
+        if (sizeof(T) == 4 && !given && act)                                                \
             exact_stats_##S(x, N, C, L, cl, offsets, G, kmd, mlo, rstd, krd, eps, nthreads); \
         if (act) { /* g into dx's memory, the dy of what follows */                         \
             double *krw = malloc((size_t)(2 * NC) * sizeof(double)), *kub = krw + NC;       \
@@ -1465,52 +1464,68 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
             if (L < 512) {                                                                  \
                 FOR_TASKS(t, NC / 4, {                                                      \
                     int64_t j = 4 * t;                                                      \
-                    rows4_sums_##S(x + j * L, dy + j * L, L, kmd + j, A + j, B + j, E + j);   \
+                    rows4_sums_##S(x + j * L, dy + j * L, L, kmd + j, A + j, B + j, E1 + j,   \
+                                   E2 + j);                                                 \
                 })                                                                          \
                 for (int64_t j = NC - NC % 4; j < NC; j++)                                  \
-                    row_sums_##S(x + j * L, dy + j * L, L, kmd[j], A + j, B + j, E + j);      \
+                    row_sums_##S(x + j * L, dy + j * L, L, kmd[j], A + j, B + j, E1 + j,      \
+                                 E2 + j);                                                   \
             } else                                                                          \
                 FOR_TASKS(j, NC, {                                                          \
-                    row_sums_##S(x + j * L, dy + j * L, L, kmd[j], A + j, B + j, E + j);      \
+                    row_sums_##S(x + j * L, dy + j * L, L, kmd[j], A + j, B + j, E1 + j,      \
+                                 E2 + j);                                                   \
                 })                                                                          \
         } else if (!glo) {                                                                  \
-            int64_t slices = (C + 63) / 64;                                                 \
+            /* float32: slices of 32 channels, whose four sums of 4 vectors and the means   \
+               fit the registers (64: the sums' 32 vectors and means from memory took the  \
+               backward of (2, 320, 64, 64) 1.04-1.10x the time), but a row of 64 whole     \
+               (32: (8, 64, 32, 32) 1.06-1.08x) */                                          \
+            const int64_t W = EXACT_SUMS(T) && C > 64 ? 32 : 64, K = W / 8;                 \
+            const int64_t slices = (C + W - 1) / W;                                         \
             FOR_TASKS(t, N * slices, {                                                      \
-                int64_t n = t / slices, c0 = t % slices * 64;                               \
-                int64_t c1 = c0 + 64 < C ? c0 + 64 : C, c8 = c0 + (c1 - c0) / 8 * 8;        \
+                int64_t n = t / slices, c0 = t % slices * W;                                \
+                int64_t c1 = c0 + W < C ? c0 + W : C, c8 = c0 + (c1 - c0) / 8 * 8;          \
                 const T *xs = x + n * L * C, *ds = dy + n * L * C;                          \
                 const double *m = kmd + n * C;                                              \
-                double *a = A + n * C, *b = B + n * C, *e = E + n * C;                      \
-                if (c8 - c0 == 64)                                                          \
-                    cl_sums_##S(xs, ds, C, L, c0, 8, m, a, b, e);                           \
+                double *a = A + n * C, *b = B + n * C, *e1 = E1 + n * C, *e2 = E2 + n * C;  \
+                if (c8 - c0 == W)                                                           \
+                    cl_sums_##S(xs, ds, C, L, c0, K, m, a, b, e1, e2);                      \
                 else                                                                        \
                     for (int64_t c = c0; c < c8; c += 8)                                    \
-                        cl_sums_##S(xs, ds, C, L, c, 1, m, a, b, e);                        \
+                        cl_sums_##S(xs, ds, C, L, c, 1, m, a, b, e1, e2);                   \
                 for (int64_t c = c8; c < c1; c++) {                                         \
-                    double a1 = 0, a2 = 0, a3 = 0;                                          \
+                    double a1 = 0, a2 = 0, a3 = 0, a4 = 0;                                  \
                     for (int64_t q = 0; q < L; q++) {                                       \
                         double d = (double)ds[q * C + c], f = (double)xs[q * C + c] - m[c]; \
                         a1 += d;                                                            \
                         a2 += d * f;                                                        \
-                        a3 += f * f;                                                        \
+                        a3 += f;                                                            \
+                        a4 += f * f;                                                        \
                     }                                                                       \
                     a[c] = a1;                                                              \
                     b[c] = a2;                                                              \
-                    e[c] = a3;                                                              \
+                    e1[c] = a3;                                                             \
+                    e2[c] = a4;                                                             \
                 }                                                                           \
             })                                                                              \
         }                                                                                   \
         if (!glo) {                                                                         \
-            /* A float32 input's variance again from the sums of (x - mu)^2 this pass took  \
-               beside A and B (the mean is the forward's): its variance from float32 runs   \
-               is off by up to ~5e-7 where one element outweighs its group (|xhat| near     \
-               sqrt(n_g)), and dx at that element cancels: 1.3-1.8x the float32 bound,      \
-               channels-last dweight 2.3x (test_regression_a_dominated_group_gets_exact_    \
-               gradients). Taken beside the sums, not as a pass of its own (exact_stats_S,  \
-               10-30 % of the backward), for every group. */                                \
-            if (EXACT_SUMS(T) && !given && !exact) {                                        \
-                fold_sums(E, N, C, offsets, G, g2);                                         \
-                centered_stats(NULL, g2, N, C, L, offsets, G, eps, mlo, rstd, krd);         \
+            /* A float32 input's statistics again, from the sums of x - mu and (x - mu)^2   \
+               this pass took beside A and B (as exact_stats_S, without a pass of its own:  \
+               that had cost the backward 10-30 %, so it was taken only where rstd |w| /    \
+               sqrt(n_g) > 2, 3-element groups at rstd 100 putting dx at 3.9x the float32   \
+               bound). The forward's are off by ~1e-8 of the spread in the mean and up to   \
+               ~5e-7 in the variance where one element outweighs its group; B carries the   \
+               mean's error times sum dy, and dx at a dominant element cancels: dweight at  \
+               up to 9x the float32 bound for a dy of nonzero mean (the gradient of y.sum(), \
+               groups of one channel), dx at the dominant element 1.3-1.8x                  \
+               (test_regression_float32_dweight_of_a_dy_with_a_mean,                        \
+               test_regression_a_dominated_group_gets_exact_gradients,                      \
+               test_regression_float32_dx_of_small_groups_from_float32_statistics). */      \
+            if (EXACT_SUMS(T) && !given) {                                                  \
+                fold_sums(E1, N, C, offsets, G, g1);                                        \
+                fold_sums(E2, N, C, offsets, G, g2);                                        \
+                centered_stats(g1, g2, N, C, L, offsets, G, eps, mlo, rstd, krd);           \
             }                                                                               \
             for (int64_t j = 0; j < NC; j++) B[j] *= krd[j];                                \
         }                                                                                   \
