@@ -45,6 +45,7 @@ CASES: list[tuple[tuple[int, ...], bool, float, str | None]] = [
 ]
 # The forward's: standard shapes of benchmarks/cpu_standard.py, both layouts.
 FORWARD_CASES: list[tuple[tuple[int, ...], bool, float, str | None]] = [
+    ((1, 1280, 8, 8), True, 1.0, None),
     ((2, 1280, 8, 8), True, 1.0, None),
     ((2, 1280, 8, 8), False, 1.0, None),
     ((2, 640, 32, 32), True, 1.0, None),

@@ -188,6 +188,9 @@ def test_property_kernel_matches_float64(
         ((2, 300, 12, 12), {"num_groups": 30}),
         # channels-last: the sample whole on one thread (one thread), its blocks shared (two)
         ((1, 300, 16, 16), {"num_groups": 30}),
+        # channels-last, few positions: chunks of whole groups (cl_chunks), each its own task
+        ((1, 1280, 8, 8), {"num_groups": 32}),
+        ((2, 600, 3, 5), {"num_groups": 7, "uneven": True}),
         ((2, 48, 40, 40), {"num_groups": 20, "uneven": True}),
         # 32K elements: below PARALLEL_MIN, two threads all the same (forward_threads)
         ((2, 64, 16, 16), {"num_groups": 8}),

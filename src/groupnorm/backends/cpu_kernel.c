@@ -67,9 +67,11 @@ enum { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 #define FUSED_MAX 131072 /* float32's, the largest of them, a multiple of BLOCK */
 static int64_t fused_max(int dtype) { return dtype == F32 ? FUSED_MAX : FUSED_MAX / 2; }
 /* Channels-last samples of at most this many bytes, when there are at least as many samples
-   as threads, are each done whole by one thread (statistics, then output while in L2): one
-   parallel region instead of three, no thread waiting on another's block. Half a core's L2,
-   set by the loader (fused_cl_bytes()); 512 KB until then and at least. */
+   (or samples' chunks, cl_chunks) as threads, are each done whole by one thread (statistics,
+   then output while in L2): one parallel region instead of three, no thread waiting on
+   another's block (SD 8^2, (1, 1280, 8, 8) at two threads in chunks: 33-41 us where the two
+   stages took 42-44, cpu_kernel_ab --forward, Intel Xeon). Half a core's L2, set by the
+   loader (fused_cl_bytes()); 512 KB until then and at least. */
 static int64_t fused_cl_bytes = 524288;
 static int64_t elem_size(int dtype) { return dtype == F64 ? 8 : dtype == F32 ? 4 : 2; }
 /* y of at least this many bytes is stored around the caches (put_f32); set by the loader
@@ -498,17 +500,17 @@ static inline void affine(double rstd, double w, double b, const double *scale,
     *bb = shift ? fma(b, s1, shift[j]) : b * s1;
 }
 
-/* Sum of acc over group g's channels. */
-static double fold(const double *acc, const int64_t *offsets, int64_t g) {
+/* Sum of acc over group g's channels, acc[c - base] for channel c. */
+static double fold(const double *acc, int64_t base, const int64_t *offsets, int64_t g) {
     double s = 0;
-    for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) s += acc[c];
+    for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) s += acc[c - base];
     return s;
 }
 
 /* g (N G): the per-(n, c) sums s (N C) folded per group. */
 static void fold_sums(const double *s, int64_t N, int64_t C, const int64_t *offsets, int64_t G,
                       double *g) {
-    for (int64_t i = 0; i < N * G; i++) g[i] = fold(s + i / G * C, offsets, i % G);
+    for (int64_t i = 0; i < N * G; i++) g[i] = fold(s + i / G * C, 0, offsets, i % G);
 }
 
 /* A float32 input's statistics in float64 from the float64 sums g1 = sum e and g2 = sum e^2
@@ -564,6 +566,29 @@ static int64_t cl_head(int64_t C, int64_t L) {
 static int64_t cl_blocks(int64_t C, int64_t L) {
     int64_t rows = stats_rows(C);
     return 1 + (L - cl_head(C, L) + rows - 1) / rows;
+}
+/* Where C >= 2 CL_CHUNK, channels-last statistics take a sample's groups in chunks of whole
+   groups, each of at least CL_CHUNK channels (the last may be narrower), as tasks of their
+   own: a sample of few positions was one or two tasks (SD 8^2: C = 1280, 64 positions, the
+   head block and one more), and at two threads one thread waited. The chunks follow from C
+   and the plan alone, so the statistics' bits do not depend on the thread count. bounds[0..k]
+   (k returned; bounds NULL: the count alone): the chunks' first groups, then G. */
+#define CL_CHUNK 128
+static int64_t cl_chunks(int64_t C, int64_t L, const int64_t *offsets, int64_t G,
+                         int64_t *bounds) {
+    int64_t k = 1, start = 0;
+    if (C >= 2 * CL_CHUNK && cl_blocks(C, L) <= 2)
+        for (int64_t g = 1; g < G; g++)
+            if (offsets[g] - offsets[start] >= CL_CHUNK) {
+                if (bounds) bounds[k] = g;
+                start = g;
+                k++;
+            }
+    if (bounds) {
+        bounds[0] = 0;
+        bounds[k] = G;
+    }
+    return k;
 }
 /* Per input type S (element T, arithmetic W in vectors VW of 8, IN widens one element to W,
    LOAD 8 of them, WIDE a VW to float64, LOADW 8 W values):
@@ -679,9 +704,9 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         }                                                                                   \
     }                                                                                       \
     static inline __attribute__((always_inline)) void sweep_##S(                            \
-        const T *slab, int64_t C, int64_t r0, int64_t r1, const W *shift, double *a1,       \
-        double *a2, int w1, int w2) {                                                       \
-        int64_t C32 = C - C % 32, C8 = C - C % 8;                                           \
+        const T *slab, int64_t C, int64_t w, int64_t r0, int64_t r1, const W *shift,        \
+        double *a1, double *a2, int w1, int w2) {                                           \
+        int64_t C32 = w - w % 32, C8 = w - w % 8;                                           \
         for (int64_t r = r0; r < r1; r += RUN) {                                            \
             int64_t n = r + RUN < r1 ? RUN : r1 - r;                                        \
             for (int64_t c = 0; c < C32; c += 32)                                           \
@@ -689,7 +714,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
                 else cols_##S(slab, C, r, n, c, 4, shift, a1, a2, w1, w2);                  \
             for (int64_t c = C32; c < C8; c += 8)                                           \
                 cols_##S(slab, C, r, n, c, 1, shift, a1, a2, w1, w2);                       \
-            for (int64_t c = C8; c < C; c++) {                                              \
+            for (int64_t c = C8; c < w; c++) {                                              \
                 W f1 = 0, f2 = 0;                                                           \
                 for (int64_t q = r; q < r + n; q++) {                                       \
                     W e = IN(slab[q * C + c]) - shift[c];                                   \
@@ -701,74 +726,85 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
             }                                                                               \
         }                                                                                   \
     }                                                                                       \
-    static void rows_##S(const T *slab, int64_t C, int64_t r0, int64_t r1, const W *shift,  \
-                         double *a1, double *a2) {                                          \
-        if (a1 && a2) sweep_##S(slab, C, r0, r1, shift, a1, a2, 1, 1);                      \
-        else if (a1) sweep_##S(slab, C, r0, r1, shift, a1, a2, 1, 0);                       \
-        else sweep_##S(slab, C, r0, r1, shift, a1, a2, 0, 1);                               \
+    /* rows_S: the w channels from slab's first (rows C apart), shift and sums from their   \
+       first. */                                                                            \
+    static void rows_##S(const T *slab, int64_t C, int64_t w, int64_t r0, int64_t r1,       \
+                         const W *shift, double *a1, double *a2) {                          \
+        if (a1 && a2) sweep_##S(slab, C, w, r0, r1, shift, a1, a2, 1, 1);                   \
+        else if (a1) sweep_##S(slab, C, w, r0, r1, shift, a1, a2, 1, 0);                    \
+        else sweep_##S(slab, C, w, r0, r1, shift, a1, a2, 0, 1);                            \
     }                                                                                       \
     /* A block's parts, two-pass: the group means (relative to the pivot), then both sums \
        again around them in W, from which the parts are made: x - pivot was rounded        \
        relative to the pivot's distance from the data (an outlier first element put the   \
        mean 8e-6 std off and dweight at 355x the float32 bound). centers gets each          \
-       channel's group mean in W (absolute, not relative to the pivot). */                  \
+       channel's group mean in W (absolute, not relative to the pivot). Groups g0..g1,      \
+       channels c0 = offsets[g0] .. c1: a1 and a2 hold c1 - c0 sums each (from c0), pivot   \
+       and centers all C, out[g - g0] g's part. */                                          \
     static void two_pass_##S(const T *slab, int64_t C, int64_t r0, int64_t r1,              \
-                             const int64_t *offsets, int64_t G, const W *pivot, W *centers, \
-                             double *a1, double *a2, part_t *out) {                         \
-        memset(a1, 0, (size_t)(2 * C) * sizeof(double));                                    \
-        rows_##S(slab, C, r0, r1, pivot, a1, NULL);                                         \
-        for (int64_t g = 0; g < G; g++) {                                                   \
+                             const int64_t *offsets, int64_t g0, int64_t g1, const W *pivot, \
+                             W *centers, double *a1, double *a2, part_t *out) {             \
+        int64_t c0 = offsets[g0], w = offsets[g1] - c0;                                     \
+        memset(a1, 0, (size_t)w * sizeof(double));                                          \
+        memset(a2, 0, (size_t)w * sizeof(double));                                          \
+        rows_##S(slab + c0, C, w, r0, r1, pivot + c0, a1, NULL);                            \
+        for (int64_t g = g0; g < g1; g++) {                                                 \
             double n_g = (double)((offsets[g + 1] - offsets[g]) * (r1 - r0));               \
-            W at = (W)((double)pivot[offsets[g]] + fold(a1, offsets, g) / n_g);             \
+            W at = (W)((double)pivot[offsets[g]] + fold(a1, c0, offsets, g) / n_g);         \
             for (int64_t c = offsets[g]; c < offsets[g + 1]; c++) centers[c] = at;          \
         }                                                                                   \
-        memset(a1, 0, (size_t)C * sizeof(double));                                          \
-        rows_##S(slab, C, r0, r1, centers, a1, a2);                                         \
-        for (int64_t g = 0; g < G; g++) {                                                   \
+        memset(a1, 0, (size_t)w * sizeof(double));                                          \
+        rows_##S(slab + c0, C, w, r0, r1, centers + c0, a1, a2);                            \
+        for (int64_t g = g0; g < g1; g++) {                                                 \
             double n_g = (double)((offsets[g + 1] - offsets[g]) * (r1 - r0));               \
-            double s1 = fold(a1, offsets, g), d = s1 / n_g;                                 \
-            out[g] = (part_t){n_g, ((double)centers[offsets[g]] - (double)pivot[offsets[g]]) + d, \
-                              fold(a2, offsets, g) - s1 * d};                               \
+            double s1 = fold(a1, c0, offsets, g), d = s1 / n_g;                             \
+            out[g - g0] = (part_t){n_g,                                                     \
+                                   ((double)centers[offsets[g]] - (double)pivot[offsets[g]]) + d, \
+                                   fold(a2, c0, offsets, g) - s1 * d};                      \
         }                                                                                   \
     }                                                                                       \
     /* Channels-last: block 0 of each sample (its first BLOCK / C rows) two-pass; its group \
        means center every other block's one pass (the same for any thread count), which     \
-       takes a second pass only where it cancels. cl_block_S makes block b's G parts of one \
-       sample (slab): b = 0 writes pilot, the others read it; cl_merge_S merges a sample's  \
-       parts into its G means and variances. */                                             \
+       takes a second pass only where it cancels. cl_block_S makes block b's parts of one   \
+       sample (slab) for groups g0..g1 (a chunk: cl_chunks), out[g - g0] g's: b = 0 writes  \
+       pilot, the others read it; cl_merge_S merges a sample's parts into its G means and   \
+       variances. */                                                                        \
     static void cl_block_##S(const T *slab, int64_t C, int64_t L, const int64_t *offsets,   \
-                             int64_t G, const W *pivot, W *pilot, int64_t b, part_t *out) { \
+                             int64_t g0, int64_t g1, const W *pivot, W *pilot, int64_t b,   \
+                             part_t *out) {                                                 \
         int64_t head = cl_head(C, L), rows = stats_rows(C);                                 \
-        double *a1 = calloc((size_t)(2 * C), sizeof(double)), *a2 = a1 + C;                 \
+        int64_t c0 = offsets[g0], w = offsets[g1] - c0;                                     \
+        double *a1 = calloc((size_t)(2 * w), sizeof(double)), *a2 = a1 + w;                 \
         if (b == 0) {                                                                       \
-            two_pass_##S(slab, C, 0, head, offsets, G, pivot, pilot, a1, a2, out);          \
+            two_pass_##S(slab, C, 0, head, offsets, g0, g1, pivot, pilot, a1, a2, out);     \
             free(a1);                                                                       \
             return;                                                                         \
         }                                                                                   \
         int64_t r0 = head + (b - 1) * rows, r1 = r0 + rows < L ? r0 + rows : L;             \
-        rows_##S(slab, C, r0, r1, pilot, a1, a2);                                           \
+        rows_##S(slab + c0, C, w, r0, r1, pilot + c0, a1, a2);                              \
         int cancels = 0;                                                                    \
-        for (int64_t g = 0; g < G; g++) {                                                   \
+        for (int64_t g = g0; g < g1; g++) {                                                 \
             double n_g = (double)((offsets[g + 1] - offsets[g]) * (r1 - r0));               \
-            double s1 = fold(a1, offsets, g), m = s1 / n_g;                                 \
-            out[g] = (part_t){n_g, ((double)pilot[offsets[g]] - (double)pivot[offsets[g]]) + m, \
-                              fold(a2, offsets, g) - s1 * m};                               \
-            cancels |= !(m * m * n_g <= TRUST * out[g].m2);                                 \
+            double s1 = fold(a1, c0, offsets, g), m = s1 / n_g;                             \
+            part_t *o = out + (g - g0);                                                     \
+            *o = (part_t){n_g, ((double)pilot[offsets[g]] - (double)pivot[offsets[g]]) + m, \
+                          fold(a2, c0, offsets, g) - s1 * m};                               \
+            cancels |= !(m * m * n_g <= TRUST * o->m2);                                     \
         }                                                                                   \
         if (cancels) {                                                                      \
             W *centers = malloc((size_t)C * sizeof(W));                                     \
-            two_pass_##S(slab, C, r0, r1, offsets, G, pivot, centers, a1, a2, out);         \
+            two_pass_##S(slab, C, r0, r1, offsets, g0, g1, pivot, centers, a1, a2, out);    \
             free(centers);                                                                  \
         }                                                                                   \
         free(a1);                                                                           \
     }                                                                                       \
-    /* One sample's G means and variances from its blocks' parts (block-major, G a block)   \
-       and its pivots, merged in block order. */                                            \
-    static void cl_merge_##S(const part_t *parts, int64_t blocks, int64_t G,                \
-                             const int64_t *offsets, const W *pivot, double *mean,          \
-                             double *var, double *lo) {                                     \
-        for (int64_t g = 0; g < G; g++) {                                                   \
-            part_t acc = merge(parts + g, blocks, G);                                       \
+    /* One sample's means and variances of groups g0..g1 from its blocks' parts (parts[b    \
+       stride + g - g0]) and its pivots, merged in block order, into mean[g] and var[g]. */ \
+    static void cl_merge_##S(const part_t *parts, int64_t blocks, int64_t stride,           \
+                             int64_t g0, int64_t g1, const int64_t *offsets, const W *pivot, \
+                             double *mean, double *var, double *lo) {                       \
+        for (int64_t g = g0; g < g1; g++) {                                                 \
+            part_t acc = merge(parts + (g - g0), blocks, stride);                           \
             double p = (double)pivot[offsets[g]];                                           \
             mean[g] = p + acc.mean;                                                         \
             if (lo) lo[g] = two_sum_lo(p, acc.mean, mean[g]);                               \
@@ -776,29 +812,50 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         }                                                                                   \
     }                                                                                       \
     /* pivot[c]: the first element of c's group in the sample. */                           \
-    static void cl_pivots_##S(const T *slab, const int64_t *offsets, int64_t G, W *pivot) { \
-        for (int64_t g = 0; g < G; g++)                                                     \
+    static void cl_pivots_##S(const T *slab, const int64_t *offsets, int64_t g0, int64_t g1, \
+                              W *pivot) {                                                   \
+        for (int64_t g = g0; g < g1; g++)                                                   \
             for (int64_t c = offsets[g]; c < offsets[g + 1]; c++)                           \
                 pivot[c] = IN(slab[offsets[g]]);                                            \
+    }                                                                                       \
+    /* Task t of N samples x chunks x per blocks each, blocks b0 .. b0 + per: its parts go  \
+       to parts[(n blocks + b) G + g]. */                                                   \
+    static void cl_task_##S(const T *x, int64_t C, int64_t L, const int64_t *offsets,       \
+                            int64_t G, const int64_t *bounds, int64_t chunks, int64_t per,  \
+                            int64_t b0, const W *pivots, W *pilots, part_t *parts,          \
+                            int64_t t) {                                                    \
+        int64_t n = t / (chunks * per), k = t / per % chunks, b = b0 + t % per;             \
+        cl_block_##S(x + n * L * C, C, L, offsets, bounds[k], bounds[k + 1], pivots + n * C, \
+                     pilots + n * C, b, parts + (n * cl_blocks(C, L) + b) * G + bounds[k]); \
     }                                                                                       \
     static void stats_cl_##S(const T *x, int64_t N, int64_t C, int64_t L,                   \
                              const int64_t *offsets, int64_t G, double *mean, double *var,  \
                              double *lo, int nthreads) {                                    \
-        int64_t blocks = cl_blocks(C, L);                                                   \
+        int64_t blocks = cl_blocks(C, L), *bounds = malloc((size_t)(G + 1) * sizeof(int64_t)); \
+        int64_t chunks = cl_chunks(C, L, offsets, G, bounds), per = blocks - 1;                \
         part_t *parts = malloc((size_t)(N * blocks * G) * sizeof(part_t));                  \
         W *pivots = malloc((size_t)(2 * N * C) * sizeof(W)), *pilots = pivots + N * C;      \
         for (int64_t n = 0; n < N; n++)                                                     \
-            cl_pivots_##S(x + n * L * C, offsets, G, pivots + n * C);                       \
-        FOR_TWO(n, N,                                                                       \
-                cl_block_##S(x + n * L * C, C, L, offsets, G, pivots + n * C, pilots + n * C, \
-                             0, parts + n * blocks * G),                                    \
-                t, N * (blocks - 1),                                                        \
-                cl_block_##S(x + t / (blocks - 1) * L * C, C, L, offsets, G,                \
-                             pivots + t / (blocks - 1) * C, pilots + t / (blocks - 1) * C,  \
-                             t % (blocks - 1) + 1,                                          \
-                             parts + (t / (blocks - 1) * blocks + t % (blocks - 1) + 1) * G)) \
+            cl_pivots_##S(x + n * L * C, offsets, 0, G, pivots + n * C);                    \
+        /* A chunk's blocks in one task where the chunks alone fill the threads (one region, \
+           no wait between the head blocks and the rest); else the head blocks, then the    \
+           rest. Either way each block is computed alike: the same bits. */                 \
+        if (N * chunks >= nthreads)                                                         \
+            FOR_TASKS(t, N * chunks, {                                                      \
+                for (int64_t b = 0; b < blocks; b++)                                        \
+                    cl_task_##S(x, C, L, offsets, G, bounds, chunks, blocks, 0, pivots, pilots, \
+                                parts, t * blocks + b);                                     \
+            })                                                                              \
+        else                                                                                \
+            FOR_TWO(t, N * chunks,                                                          \
+                    cl_task_##S(x, C, L, offsets, G, bounds, chunks, 1, 0, pivots, pilots,  \
+                                parts, t),                                                  \
+                    u, N * chunks * per,                                                    \
+                    cl_task_##S(x, C, L, offsets, G, bounds, chunks, per, 1, pivots, pilots, \
+                                parts, u))                                                  \
+        free(bounds);                                                                       \
         for (int64_t n = 0; n < N; n++)                                                     \
-            cl_merge_##S(parts + n * blocks * G, blocks, G, offsets, pivots + n * C,        \
+            cl_merge_##S(parts + n * blocks * G, blocks, G, 0, G, offsets, pivots + n * C,  \
                          mean + n * G, var + n * G, lo ? lo + n * G : NULL);                \
         free(pivots);                                                                       \
         free(parts);                                                                        \
@@ -861,9 +918,11 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         })                                                                                  \
     }                                                                                       \
     /* Channels-last rows r0..r1 of one sample: y = (x - hi) * a + b per channel. */        \
-    static void rows_##S##_##O(const T *x, TO *y, int64_t C, int64_t r0, int64_t r1,        \
-                               const W *hi, const W *a, const W *b, int relu, int nt) {     \
-        int64_t C8 = C - C % 8;                                                             \
+    /* Channels-last rows r0..r1 of w channels (rows C apart). */                          \
+    static void rows_##S##_##O(const T *x, TO *y, int64_t C, int64_t w, int64_t r0,         \
+                               int64_t r1, const W *hi, const W *a, const W *b, int relu,   \
+                               int nt) {                                                    \
+        int64_t C8 = w - w % 8;                                                             \
         for (int64_t r = r0; r < r1; r++) {                                                 \
             const T *xr = x + r * C;                                                        \
             TO *yr = y + r * C;                                                             \
@@ -877,7 +936,7 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
                     VW v = (LOAD(xr + c) - LOADW(hi + c)) * LOADW(a + c) + LOADW(b + c);    \
                     EXACT(yr + c, relu ? RELU(v) : v);                                      \
                 }                                                                           \
-            for (int64_t c = C8; c < C; c++) {                                              \
+            for (int64_t c = C8; c < w; c++) {                                              \
                 W v = (IN(xr[c]) - hi[c]) * a[c] + b[c];                                    \
                 yr[c] = OUT(relu && v < 0 ? (W)0 : v);                                      \
             }                                                                               \
@@ -934,31 +993,34 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
         } else {                                                                            \
             int64_t blocks = (L + rows - 1) / rows, n = t / blocks, r0 = t % blocks * rows; \
             const W *hi = k + n * C;                                                        \
-            rows_##S##_##O(x + n * L * C, y + n * L * C, C, r0, r0 + rows < L ? r0 + rows : L, \
-                           hi, hi + N * C, hi + 2 * N * C, relu, nt);                       \
+            rows_##S##_##O(x + n * L * C, y + n * L * C, C, C, r0,                          \
+                           r0 + rows < L ? r0 + rows : L, hi, hi + N * C, hi + 2 * N * C, relu, \
+                           nt);                                                             \
         }                                                                                   \
         drain(nt);                                                                          \
     }                                                                                       \
-    /* Channels-last sample n whole, while it stays in L2: its statistics (cl_block_S's     \
-       blocks and cl_merge_S's order, as stats_cl_S makes them: the same bits), rstd, its   \
-       coefficients into k (q's layout) and its output. */                                  \
-    static void cl_sample_##S##_##O(const T *x, TO *y, int64_t L, const int64_t *offsets,   \
-                                    const coef_in_t *q, double *mean, double *var,          \
-                                    double *rstd, double eps, W *k, int relu, int nt,       \
-                                    int64_t n) {                                            \
+    /* Channels-last groups g0..g1 (a chunk: cl_chunks) of sample n whole, while they stay  \
+       in L2: their statistics (cl_block_S's blocks and cl_merge_S's order, as stats_cl_S   \
+       makes them: the same bits), rstd, their channels' coefficients into k (q's layout)   \
+       and their output. */                                                                 \
+    static void cl_part_##S##_##O(const T *x, TO *y, int64_t L, const int64_t *offsets,     \
+                                  const coef_in_t *q, double *mean, double *var,            \
+                                  double *rstd, double eps, W *k, int relu, int nt,         \
+                                  int64_t n, int64_t g0, int64_t g1) {                      \
         int64_t C = q->C, G = q->G, NC = q->N * C, blocks = cl_blocks(C, L);                \
+        int64_t c0 = offsets[g0], j = n * C + c0;                                           \
         const T *slab = x + n * L * C;                                                      \
-        part_t *parts = malloc((size_t)(blocks * G) * sizeof(part_t));                      \
+        part_t *parts = malloc((size_t)(blocks * (g1 - g0)) * sizeof(part_t));              \
         W *pivot = malloc((size_t)(2 * C) * sizeof(W)), *pilot = pivot + C;                 \
-        cl_pivots_##S(slab, offsets, G, pivot);                                             \
+        cl_pivots_##S(slab, offsets, g0, g1, pivot);                                        \
         for (int64_t b = 0; b < blocks; b++)                                                \
-            cl_block_##S(slab, C, L, offsets, G, pivot, pilot, b, parts + b * G);           \
-        cl_merge_##S(parts, blocks, G, offsets, pivot, mean + n * G, var + n * G,           \
-                     q->lo ? q->lo + n * G : NULL);                                         \
-        for (int64_t i = n * G; i < (n + 1) * G; i++) rstd[i] = 1.0 / sqrt(var[i] + eps);   \
-        coefs_##S##_##O(q, n * C, (n + 1) * C, 1, k);                                       \
-        rows_##S##_##O(slab, y + n * L * C, C, 0, L, k + n * C, k + NC + n * C,             \
-                       k + 2 * NC + n * C, relu, nt);                                       \
+            cl_block_##S(slab, C, L, offsets, g0, g1, pivot, pilot, b, parts + b * (g1 - g0)); \
+        cl_merge_##S(parts, blocks, g1 - g0, g0, g1, offsets, pivot, mean + n * G,          \
+                     var + n * G, q->lo ? q->lo + n * G : NULL);                            \
+        for (int64_t i = n * G + g0; i < n * G + g1; i++) rstd[i] = 1.0 / sqrt(var[i] + eps); \
+        coefs_##S##_##O(q, j, n * C + offsets[g1], 1, k);                                   \
+        rows_##S##_##O(slab + c0, y + n * L * C + c0, C, offsets[g1] - c0, 0, L, k + j,     \
+                       k + NC + j, k + 2 * NC + j, relu, nt);                               \
         drain(nt);                                                                          \
         free(pivot);                                                                        \
         free(parts);                                                                        \
@@ -968,9 +1030,17 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
                                    double *rstd, double eps, int relu, int nthreads) {      \
         W *k = malloc((size_t)(3 * q->N * q->C) * sizeof(W));                               \
         int nt = streams(q->N * q->C * L * (int64_t)sizeof(TO));                            \
-        FOR_TASKS(n, q->N, {                                                                \
-            cl_sample_##S##_##O(x, y, L, offsets, q, mean, var, rstd, eps, k, relu, nt, n); \
+        int64_t *bounds = malloc((size_t)(q->G + 1) * sizeof(int64_t));                     \
+        int64_t chunks = cl_chunks(q->C, L, offsets, q->G, bounds);                         \
+        /* A task a sample where the samples fill the threads (its chunks in turn, in one   \
+           core's cache), else a task a chunk: the same bits either way. */                 \
+        int64_t per = q->N >= nthreads ? chunks : 1;                                        \
+        FOR_TASKS(t, q->N * chunks / per, {                                                 \
+            for (int64_t u = t * per; u < (t + 1) * per; u++)                               \
+                cl_part_##S##_##O(x, y, L, offsets, q, mean, var, rstd, eps, k, relu, nt,   \
+                                  u / chunks, bounds[u % chunks], bounds[u % chunks + 1]);  \
         })                                                                                  \
+        free(bounds);                                                                       \
         free(k);                                                                            \
     }                                                                                       \
     /* y from the coefficients of q: first all of them (COEF_CHUNK channels a task), then   \
@@ -1855,7 +1925,8 @@ static int gn_forward(const void *x, int dtype, void *y, int ytype, int64_t N, i
             fused_cl_##S##_f32((const T *)x, (float *)y, L, offsets, &q, mean, var, rstd, eps, \
                                relu, nthreads);                                             \
         break;
-    if (cl && !given && C * L * elem_size(dtype) <= fused_cl_bytes && N >= nthreads) {
+    if (cl && !given && C * L * elem_size(dtype) <= fused_cl_bytes &&
+        N * cl_chunks(C, L, offsets, G, NULL) >= nthreads) {
         switch (dtype) {
         case F32:
             fused_cl_f32_f32((const float *)x, (float *)y, L, offsets, &q, mean, var, rstd, eps,
