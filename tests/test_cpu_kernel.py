@@ -1668,3 +1668,29 @@ def test_regression_float32_dweight_of_a_dy_with_a_mean(layout: str, groups: int
     grads = R.group_norm_backward(to_numpy(dy), cache)
     assert_matches(wg.grad, grads.dgamma, torch.float32, reduction=2 * 1024, what="dweight")
     assert_matches(xg.grad, grads.dx, torch.float32, reduction=1024 * 4 // groups, what="dx")
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_regression_a_one_element_group_passes_no_gradient_to_x(layout: str) -> None:
+    """A group of one element normalizes to 0 whatever its value (y is its bias), so dx there
+    is 0. The kernel formed it as dy w rstd - rstd sum(w dy) / 1, which cancels only to rstd
+    times a rounding: 0.14 at eps 1e-30 (rstd 1e15)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 32, 1, 1, generator=gen)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = (torch.randn(32, generator=gen) for _ in range(2))
+    dy = torch.randn(x.shape, generator=gen)
+    plan = resolve_plan(32, 27, uneven=True)
+    alone = torch.tensor([s == 1 for s in plan.sizes for _ in range(s)])
+    assert alone.any()
+    with _calls("backward") as backward, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single-element groups warn
+        xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+        groupnorm.group_norm(xg, 27, wg, bg, 1e-30, uneven=True).backward(dy)
+    assert backward[0] == 1
+    assert xg.grad is not None and wg.grad is not None
+    assert torch.equal(xg.grad[:, alone], torch.zeros_like(xg.grad[:, alone]))
+    assert torch.equal(wg.grad[alone], torch.zeros_like(wg.grad[alone]))
+    assert_matches(bg.grad, to_numpy(dy.sum((0, 2, 3))), torch.float32, reduction=2)
