@@ -182,6 +182,25 @@ def test_regression_jit_trace_passes_its_own_check(plan_name: str) -> None:
     assert_matches(traced(x), _expected(h, plan_kw), torch.float32)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated")
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_regression_jit_trace_of_the_function_warns_nothing(plan_name: str) -> None:
+    """The module's checks ran without torch.jit.trace's TracerWarnings, the function's did
+    not: tracing a model that calls groupnorm.group_norm warned at each check that read x's
+    sizes (an error here). The trace runs on other sizes and layouts."""
+    plan_kw = PLANS[plan_name]
+    weight, bias = rand((12,), torch.float32, 1), rand((12,), torch.float32, 2)
+
+    class Model(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return groupnorm.group_norm(x, weight=weight, bias=bias, **plan_kw)
+
+    traced = torch.jit.trace(Model(), torch.randn(3, 12, 5, 4))
+    for x in (_x(seed=4), _x(shape=(2, 12, 7, 3), layout="channels_last", seed=5)):
+        assert_matches(traced(x), _expected(x, plan_kw, weight=weight, bias=bias), torch.float32)
+
+
 def test_regression_fx_symbolic_trace_of_a_model_holding_groupnorm() -> None:
     """torch.fx traced into our forward (torch.nn's modules are leaves to it, ours was not),
     whose checks refused the Proxy: FX-based tools (feature extractors, quantization) failed

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
-from typing import Literal, overload
+from collections.abc import Callable, Sequence
+from typing import Literal, TypeVar, overload
 
 import numpy as np
 import torch
@@ -20,6 +20,8 @@ from groupnorm.backends import torch_ops
 from groupnorm.dispatch import FLOAT_DTYPES
 from groupnorm.groups import GroupPlan, check_group_sizes, make_plan
 from groupnorm.stats import GroupStats, check_stats_values
+
+_T = TypeVar("_T")
 
 __all__ = ["SingleElementGroupWarning", "group_norm", "group_stats", "resolve_plan"]
 
@@ -377,15 +379,73 @@ def group_norm(
         and uneven is False
         and type(input) is torch.Tensor
         and input.dim() > 2
+        and (torch.compiler.is_compiling() or not torch._C._is_tracing())
     ):
         # A plan made before is valid for these arguments, and the fast path checks the rest:
-        # the common call skips the checks below (a quarter of its Python time).
+        # the common call skips the checks below (a quarter of its Python time). (Not while
+        # torch.jit.trace records: x's channel count is a traced size there.)
         known = _PLANS.get(_plan_key(input.shape[1], num_groups, None, None, False))
         if known is not None:
             y = dispatch.run_plain(input, known, weight, bias, eps, activation, backend)
             if y is not None:
                 return y
             plain = False  # the same call below would decline again
+    return traced_quietly(
+        _checked_group_norm,
+        input,
+        num_groups,
+        weight,
+        bias,
+        eps,
+        group_size,
+        group_sizes,
+        uneven,
+        activation,
+        scale,
+        shift,
+        stats,
+        return_stats,
+        backend,
+        mask,
+        process_group,
+        plain,
+    )
+
+
+def traced_quietly(fn: Callable[..., _T], *args: object) -> _T:
+    """``fn(*args)``, without the TracerWarnings of torch.jit.trace, which records x's sizes as
+    tensors, so that each argument check comparing them warns that the trace "might not
+    generalize": the traced graph does not depend on them (C is the plan's, and the traced
+    path reads no values; a trace runs on other N, H and W, and either layout)."""
+    if torch.compiler.is_compiling() or not torch._C._is_tracing():
+        return fn(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return fn(*args)
+
+
+def _checked_group_norm(
+    input: torch.Tensor,
+    num_groups: int | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    group_size: int | None,
+    group_sizes: Sequence[int] | None,
+    uneven: bool,
+    activation: str | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    stats: GroupStats | None,
+    return_stats: bool,
+    backend: str,
+    mask: torch.Tensor | None,
+    process_group: object | None,
+    plain: bool,
+) -> torch.Tensor | tuple[torch.Tensor, GroupStats]:
+    """:func:`group_norm` past its fast path: every argument checked, then the call run
+    (``plain``: no statistics in or out, no epilogue beyond the activation, no mask, no
+    process group, and the fast path has not declined it already)."""
     x = _check_input(input, shard=process_group is not None)
     plan = resolve_plan(
         x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven

@@ -10,7 +10,6 @@ keyword-only: ``group_size=``, ``group_sizes=``, ``uneven=True``, ``activation=`
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ from groupnorm.functional import (
     group_norm,
     group_norm_planned,
     resolve_plan,
+    traced_quietly,
 )
 from groupnorm.groups import GroupPlan
 
@@ -217,15 +217,16 @@ class GroupNorm(nn.GroupNorm):
                 backend=self.backend,
                 process_group=self.process_group,
             )
-        args = (input, plan, self.weight, self.bias, self.eps, self.activation, self.backend)
-        if not torch.compiler.is_compiling() and torch._C._is_tracing():
-            # torch.jit.trace records x's sizes as tensors, so each argument check that compares
-            # them warns that the trace "might not generalize"; the graph does not depend on
-            # them (C is the plan's, and the traced path reads no values).
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                return group_norm_planned(*args)
-        return group_norm_planned(*args)
+        return traced_quietly(
+            group_norm_planned,
+            input,
+            plan,
+            self.weight,
+            self.bias,
+            self.eps,
+            self.activation,
+            self.backend,
+        )
 
     def __prepare_scriptable__(self) -> nn.Module:
         """Before ``torch.jit.script`` compiles this module: the plan is a Python object
