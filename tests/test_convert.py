@@ -19,6 +19,7 @@ from torch.nn.utils import prune
 
 import groupnorm
 from groupnorm import GroupNorm, WSConv2d, convert_batchnorm, restore_group_norm, swap_group_norm
+from groupnorm.functional import resolve_plan
 from groupnorm.groups import GroupPlan
 from tests._inputs import make_x, reference
 from tests._thirdparty import need, randomize, small_unet_condition, small_vae
@@ -980,3 +981,21 @@ def test_regression_no_weight_standardization_of_one_weight_filters() -> None:
     out, report = convert_batchnorm(model, weight_standardize=True)
     assert type(out[0]) is nn.Conv2d and report.ws_convs == []
     assert "each filter has one weight" in report.skipped[0][1]
+
+
+def test_regression_a_compiled_model_is_traced_through_its_wrapper() -> None:
+    """torch.compile's OptimizedModule replaces its forward on the instance, so swapping a
+    compiled model trusted no trace ("has its forward replaced on the instance") and fused
+    nothing. Its forward is the wrapped module's, compiled: that module is traced."""
+    gen = torch.Generator().manual_seed(0)
+    conv, norm = nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8)
+    compiled = torch.compile(nn.Sequential(conv, norm, nn.SiLU()), backend="eager")
+    assert isinstance(compiled, nn.Module)
+    swapped, report = swap_group_norm(compiled)
+    assert [(p.norm, p.activation) for p in report.fused] == [("_orig_mod.1", "_orig_mod.2")]
+    x = torch.randn(2, 3, 9, 9, generator=gen)
+    with torch.no_grad():
+        h = conv(x)
+        y = swapped(x)
+    expected, _ = reference(h, resolve_plan(8, 4), norm.weight, norm.bias)
+    assert_matches(y, expected / (1 + np.exp(-expected)), torch.float32)

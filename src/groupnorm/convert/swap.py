@@ -3,6 +3,7 @@ where :mod:`groupnorm.convert.fusion` proves it safe; restore_group_norm undoes 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,11 @@ def _plan(
     example_inputs: Any,
     example_kwargs: dict[str, Any] | None,
 ) -> tuple[fusion.Plan, str]:
+    # torch.compile's wrapper replaces its forward on the instance with the compiled forward
+    # of the module it wraps: the code a trace of that module shows.
+    compiled = sys.modules.get("torch._dynamo.eval_frame")
+    if compiled is not None and isinstance(target, compiled.OptimizedModule):
+        target = target._orig_mod
     # A trace follows the class's forward: one replaced on an instance would not be the code
     # that was traced. Nor does it show hooks: one on a module whose output is a norm's (a
     # parent block returning it, an Identity after it) would see the fused output, and tracing
@@ -193,7 +199,7 @@ def swap_group_norm(
     VAE ``Encoder`` / ``Decoder`` and ``UNet2DModel`` / ``UNet2DConditionModel``. A trace is
     taken in training and in eval mode and must prove the same; hooks on modules other than
     norms and convs, and a forward that keeps a traced value in the model, rule traces out
-    (docs/adoption.md).
+    (docs/adoption.md); a ``torch.compile``'d model is traced as the module it wraps.
     ``report.fused`` and ``report.not_fused`` say, per norm, what was fused and why not.
 
     Other subclasses of ``nn.GroupNorm`` are left alone and listed in ``report.skipped``.
