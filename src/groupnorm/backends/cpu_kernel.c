@@ -567,12 +567,13 @@ static int64_t cl_blocks(int64_t C, int64_t L) {
     int64_t rows = stats_rows(C);
     return 1 + (L - cl_head(C, L) + rows - 1) / rows;
 }
-/* Where C >= 2 CL_CHUNK, channels-last statistics take a sample's groups in chunks of whole
-   groups, each of at least CL_CHUNK channels (the last may be narrower), as tasks of their
-   own: a sample of few positions was one or two tasks (SD 8^2: C = 1280, 64 positions, the
-   head block and one more), and at two threads one thread waited. The chunks follow from C
-   and the plan alone, so the statistics' bits do not depend on the thread count. bounds[0..k]
-   (k returned; bounds NULL: the count alone): the chunks' first groups, then G. */
+/* Where C >= 2 CL_CHUNK and a sample makes at most two statistics blocks (few positions),
+   channels-last statistics take its groups in chunks of whole groups, each of at least
+   CL_CHUNK channels (the last may be narrower), as tasks of their own: such a sample was one
+   or two tasks (SD 8^2: C = 1280, 64 positions, the head block and one more), and at two
+   threads one thread waited. The chunks follow from C, L and the plan alone, so the
+   statistics' bits depend neither on the thread count nor on the batch. bounds[0..k] (k
+   returned; bounds NULL: the count alone): the chunks' first groups, then G. */
 #define CL_CHUNK 128
 static int64_t cl_chunks(int64_t C, int64_t L, const int64_t *offsets, int64_t G,
                          int64_t *bounds) {
@@ -917,8 +918,8 @@ static int64_t cl_chunks(int64_t C, int64_t L, const int64_t *offsets, int64_t G
             drain(nt);                                                                      \
         })                                                                                  \
     }                                                                                       \
-    /* Channels-last rows r0..r1 of one sample: y = (x - hi) * a + b per channel. */        \
-    /* Channels-last rows r0..r1 of w channels (rows C apart). */                          \
+    /* Channels-last rows r0..r1 of one sample, w channels (rows C apart): y = (x - hi) * a \
+       + b per channel. */                                                                  \
     static void rows_##S##_##O(const T *x, TO *y, int64_t C, int64_t w, int64_t r0,         \
                                int64_t r1, const W *hi, const W *a, const W *b, int relu,   \
                                int nt) {                                                    \
@@ -1144,9 +1145,9 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
             *E2 = t4 + lanes(e2);                                                           \
         }                                                                                   \
     }                                                                                       \
-    /* row_sums_S of the four rows j..j + 3 at once (n long each, means m[0..3], rstd       \
-       r[0..3]): their loads and sums overlap, where one short row (L = 64) waited on its   \
-       own horizontal sums about as long as on its loads. */                                \
+    /* row_sums_S of the four rows j..j + 3 at once (n long each, means m[0..3]): their     \
+       loads and sums overlap, where one short row (L = 64) waited on its own horizontal    \
+       sums about as long as on its loads. */                                               \
     static void rows4_sums_##S(const T *x, const T *dy, int64_t n, const double *m,         \
                                double *A, double *B, double *E1, double *E2) {              \
         vd a[4] = {{0}}, b[4] = {{0}}, e1[4] = {{0}}, e2[4] = {{0}};                        \
