@@ -270,18 +270,28 @@ LOOP_CASES: dict[str, tuple[tuple[int, ...], bool, tuple[str, ...], tuple[str, .
 
 def check_loops() -> list[str]:
     """Problems of the loop regimes' kernels (fused, split, wave) where 128-bit accesses are
-    possible (LOOP_CASES, bf16, G = 32): spills, scalar loads, or scalar stores of y or dx."""
+    possible (LOOP_CASES, bf16, G = 32; and the float32 backward, which sums in float64):
+    spills, scalar loads, or scalar stores of y or dx."""
     problems = []
+    variants = [("fwd", torch.bfloat16), ("bwd", torch.bfloat16), ("bwd", torch.float32)]
     for name, (shape, channels_last, directions, regimes) in LOOP_CASES.items():
-        for regime, direction in itertools.product(regimes, directions):
+        for regime, (direction, dtype) in itertools.product(regimes, variants):
+            if direction not in directions:
+                continue
             found = launches_of(
-                shape, 32, channels_last=channels_last, regime=regime, backward=direction == "bwd"
+                shape,
+                32,
+                channels_last=channels_last,
+                dtype=dtype,
+                regime=regime,
+                backward=direction == "bwd",
             )
             for launch in found:
                 if "onchip" in launch.name or "param" in launch.name:
                     continue
                 stores = "partial" not in launch.name
-                problems += _audit(f"{name} {regime:5s}", compile_launch(launch), stores)
+                tag = f"{name} {regime:5s} {str(dtype)[6:]}"
+                problems += _audit(tag, compile_launch(launch), stores)
     return problems
 
 

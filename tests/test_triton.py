@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
@@ -347,6 +348,47 @@ def test_regression_float32_backward_of_small_groups_at_small_spread(
     if modulated:
         check(mod["scale"].grad, grads.dscale, torch.float32, reduction=L, what="dscale")
         check(mod["shift"].grad, grads.dshift, torch.float32, reduction=L, what="dshift")
+
+
+LOOP_EXACT_CASES = {
+    # name: (shape, layout, groups, x loc, x std, zero padding, dy = 1)
+    "small-spread": ((2, 8, 8, 4), "nchw", 4, 0.5, 3e-3, 0, False),
+    "small-spread-runs": ((2, 8, 8, 4), "nhwc", 4, 0.5, 3e-3, 0, False),
+    "small-spread-flat": ((2, 8, 5, 7), "nchw", 4, 0.5, 3e-3, 0, False),
+    "wide-group": ((1, 40, 3, 3), "nchw", 1, -2.0, 1e-2, 0, False),
+    "dy-of-y-sum": ((2, 8, 8, 4), "nchw", 8, 30.0, 1.0, 1, True),
+    "dy-of-y-sum-runs": ((2, 8, 8, 4), "nhwc", 8, 30.0, 1.0, 1, True),
+}
+
+
+@pytest.mark.parametrize("regime", ["fused", "split", "wave"])
+@pytest.mark.parametrize("case", list(LOOP_EXACT_CASES))
+def test_regression_loop_regimes_take_a_float32_backward_in_float64(case, regime):
+    """The loop regimes' float32 backward took x_hat from the saved float32 statistics and
+    summed in float32: dx reached 1.6-2.8x the float32 bound at small spread, and dweight of
+    y.sum()'s gradient 1.2-1.7x on one-channel groups of zero-padded data (whose dweight is 0).
+    They now sum in float64 and retake the mean and rstd from those sums, as the on-chip regime
+    recomputes them (without an activation: see _bwd_dx_chunk). Every gradient against
+    float64."""
+    shape, layout, G, loc, std, pad, ones = LOOP_EXACT_CASES[case]
+    N, C = shape[:2]
+    inner = tuple(s - 2 * pad for s in shape[2:])
+    x = F.pad(_rand((N, C, *inner), 121, loc=loc, std=std), (pad,) * 4)
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    plan = make_plan(C, G)
+    xg = x.clone().requires_grad_()
+    w = _rand((C,), 122, std=2.0).requires_grad_()
+    b = _rand((C,), 123).requires_grad_()
+    y, _ = group_norm_triton(xg, plan, w, b, regime=regime)
+    dy = torch.ones(shape, device=DEVICE) if ones else _rand(shape, 124, loc=0.0, std=1.0)
+    y.backward(dy)
+    _, cache = _reference(x, plan, w, b)
+    grads = ref.group_norm_backward(to_numpy(dy), cache)
+    L = shape[2] * shape[3]
+    check(xg.grad, grads.dx, torch.float32, reduction=max(plan.sizes) * L, what="dx")
+    check(w.grad, grads.dgamma, torch.float32, reduction=N * L, what="dweight")
+    check(b.grad, grads.dbeta, torch.float32, reduction=N * L, what="dbias")
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])

@@ -301,7 +301,8 @@ def _normalize_flat(
         if IDX64:
             f = f.to(tl.int64)
         v = tl.load(X + x_base + f, mask=mask, other=0.0)
-        y = _act((v.to(tl.float32) - pivot) * a + b, ACT)
+        # masked lanes as 0: their u from x = 0 could overflow the activation's exp
+        y = _act(tl.where(mask, (v.to(tl.float32) - pivot) * a + b, 0.0), ACT)
         tl.store(Y + y_base + f, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -1000,25 +1001,26 @@ def _channel_block(
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    DT: tl.constexpr = tl.float32,
 ):
     """Channels c = cb .. cb + BLOCK_C of the group (local index), their mask, and per-channel
-    fp32 vectors (w, bias, 1 + scale, shift) of sample n; identity values where absent."""
+    vectors in DT (w, bias, 1 + scale, shift) of sample n; identity values where absent."""
     c = cb + tl.arange(0, BLOCK_C)
     cmask = c < Cg
-    one = tl.full((BLOCK_C,), 1.0, tl.float32)
+    one = tl.full((BLOCK_C,), 1.0, DT)
     w = one
     bias = one * 0.0
     s1 = one
     sh = one * 0.0
     nc = n.to(tl.int64) * C + c0 + c
     if HAS_W:
-        w = tl.load(W + c0 + c, mask=cmask, other=1.0).to(tl.float32)
+        w = tl.load(W + c0 + c, mask=cmask, other=1.0).to(DT)
     if HAS_B:
-        bias = tl.load(B + c0 + c, mask=cmask, other=0.0).to(tl.float32)
+        bias = tl.load(B + c0 + c, mask=cmask, other=0.0).to(DT)
     if HAS_SCALE:
-        s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(tl.float32)
+        s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(DT)
     if HAS_SHIFT:
-        sh = tl.load(SHIFT + nc, mask=cmask, other=0.0).to(tl.float32)
+        sh = tl.load(SHIFT + nc, mask=cmask, other=0.0).to(DT)
     return c, cmask, w, bias, s1, sh
 
 
@@ -1045,17 +1047,20 @@ def _du_xhat(
     ACT: tl.constexpr,
     IDX64: tl.constexpr,
     keep,
+    DT: tl.constexpr = tl.float32,
 ):
-    """Recompute x_hat and u of one tile from x and the saved statistics; du = dy * act'(u).
-    The tile is loaded where ``mask`` holds; both are 0 outside ``keep`` (within the mask)."""
+    """Recompute d = (x - pivot) - shifted_mean, x_hat = d rstd and u of one tile from x and
+    the saved statistics, in DT; du = dy * act'(u). The tile is loaded where ``mask`` holds;
+    all are 0 outside ``keep`` (within the mask). Returns (du, x_hat, d)."""
     v = tl.load(X + x_base + _tile_offsets(c, pos, sxC, sxL, IDX64), mask=mask, other=0.0)
     dy = tl.load(DY + dy_base + _tile_offsets(c, pos, sdC, sdL, IDX64), mask=mask, other=0.0)
-    xhat = tl.where(keep, ((v.to(tl.float32) - pivot) - smean) * rstd, 0.0)
-    du = tl.where(keep, dy.to(tl.float32), 0.0)
+    d = tl.where(keep, (v.to(DT) - pivot) - smean, 0.0)
+    xhat = tl.where(keep, d * rstd, 0.0)
+    du = tl.where(keep, dy.to(DT), 0.0)
     if ACT != 0:
         u = (xhat * w[:, None] + bias[:, None]) * s1[:, None] + sh[:, None]
         du = tl.where(keep, du * _act_grad(u, ACT), 0.0)
-    return du, xhat
+    return du, xhat, d
 
 
 @triton.jit
@@ -1082,14 +1087,18 @@ def _channel_sums(
     ACT: tl.constexpr,
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
+    EXACT: tl.constexpr = False,
 ):
-    """Per channel of the block, over positions [l_lo, l_hi): A = sum du * x_hat, B = sum du."""
-    acc_a = tl.zeros((c.shape[0],), tl.float32)
-    acc_b = tl.zeros((c.shape[0],), tl.float32)
+    """Per channel of the block, over positions [l_lo, l_hi): A = sum du * x_hat, B = sum du;
+    ``EXACT`` (see :func:`_bwd_dx_chunk`): in float64, A = sum du * d, and also sum d and
+    sum d^2 (d = x_hat / rstd). Returns (A, B, sum d, sum d^2), the last two 0 where not
+    taken."""
+    DT: tl.constexpr = tl.float64 if EXACT else tl.float32
+    acc = _no_sums(c.shape[0], DT)
     for lb in range(l_lo, l_hi, BLOCK_L):
         pos = lb + tl.arange(0, BLOCK_L)
         mask = cmask[:, None] & (pos < l_hi)[None, :]
-        du, xhat = _du_xhat(
+        du, xhat, d = _du_xhat(
             X,
             DY,
             x_base,
@@ -1111,10 +1120,31 @@ def _channel_sums(
             ACT,
             IDX64,
             mask,
+            DT,
         )
-        acc_a += tl.sum(du * xhat, axis=1)
-        acc_b += tl.sum(du, axis=1)
-    return acc_a, acc_b
+        acc = _accumulate(acc, du, xhat, d, EXACT)
+    return acc
+
+
+@triton.jit
+def _no_sums(n: tl.constexpr, DT: tl.constexpr):
+    """The four channel sums of :func:`_channel_sums`, zero."""
+    z = tl.zeros((n,), DT)
+    return z, z, z, z
+
+
+@triton.jit
+def _accumulate(acc, du, xhat, d, EXACT: tl.constexpr):
+    """One tile's row sums added to the channel sums of :func:`_channel_sums`."""
+    a, b, sd, sdd = acc
+    if EXACT:
+        a += tl.sum(du * d, axis=1)
+        sd += tl.sum(d, axis=1)
+        sdd += tl.sum(d * d, axis=1)
+    else:
+        a += tl.sum(du * xhat, axis=1)
+    b += tl.sum(du, axis=1)
+    return a, b, sd, sdd
 
 
 @triton.jit
@@ -1144,16 +1174,22 @@ def _dx_block(
     sh,
     mean_dxhat,
     mean_dxhat_xhat,
+    r,
+    rstd_e,
     ACT: tl.constexpr,
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
+    EXACT: tl.constexpr = False,
 ):
-    """dx = rstd * (dx_hat - mean_dxhat - x_hat * mean_dxhat_xhat), dx_hat = du * w * (1+scale)."""
+    """dx = rstd_e * (dx_hat - mean_dxhat - x_hat * mean_dxhat_xhat), dx_hat = du * w *
+    (1 + scale); ``EXACT``: in float64 with the retaken statistics, x_hat = (d - r) rstd_e
+    (see :func:`_bwd_dx_chunk`); otherwise x_hat from the saved ones and rstd_e = rstd."""
+    DT: tl.constexpr = tl.float64 if EXACT else tl.float32
     wc = w * s1
     for lb in range(l_lo, l_hi, BLOCK_L):
         pos = lb + tl.arange(0, BLOCK_L)
         mask = cmask[:, None] & (pos < l_hi)[None, :]
-        du, xhat = _du_xhat(
+        du, xhat, d = _du_xhat(
             X,
             DY,
             x_base,
@@ -1175,8 +1211,11 @@ def _dx_block(
             ACT,
             IDX64,
             mask,
+            DT,
         )
-        dx = rstd * (du * wc[:, None] - mean_dxhat - xhat * mean_dxhat_xhat)
+        if EXACT:
+            xhat = (d - r) * rstd_e
+        dx = rstd_e * (du * wc[:, None] - mean_dxhat - xhat * mean_dxhat_xhat)
         tl.store(
             DX + dx_base + _tile_offsets(c, pos, sgC, sgL, IDX64),
             dx.to(DX.dtype.element_ty),
@@ -1207,6 +1246,7 @@ def _channel_sums_flat(
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
     VEC: tl.constexpr,
+    EXACT: tl.constexpr = False,
 ):
     """:func:`_channel_sums` of a contiguous NCHW group (GSTRIDE = Cg * L elements at x_base
     and dy_base) whose rows of L elements are not 16-byte multiples: each channel's segment
@@ -1214,8 +1254,8 @@ def _channel_sums_flat(
     it, so that every load is 128-bit aligned (where the group is); what the window holds of the
     neighbouring rows (the same group's, less than 2 VEC elements a segment) is selected away,
     and nothing past the group is read."""
-    acc_a = tl.zeros((c.shape[0],), tl.float32)
-    acc_b = tl.zeros((c.shape[0],), tl.float32)
+    DT: tl.constexpr = tl.float64 if EXACT else tl.float32
+    acc = _no_sums(c.shape[0], DT)
     lo = c * L + l_lo
     hi = c * L + l_hi
     start = (lo // VEC) * VEC
@@ -1225,13 +1265,12 @@ def _channel_sums_flat(
         f = start[:, None] + p[None, :]
         mask = cmask[:, None] & (f < end[:, None])
         keep = mask & (f >= lo[:, None]) & (f < hi[:, None])
-        du, xhat = _du_xhat(
+        du, xhat, d = _du_xhat(
             X, DY, x_base, dy_base, start, p, mask, 1, 1, 1, 1, pivot, smean, rstd, w, bias, s1,
-            sh, ACT, IDX64, keep,
+            sh, ACT, IDX64, keep, DT,
         )  # fmt: skip
-        acc_a += tl.sum(du * xhat, axis=1)
-        acc_b += tl.sum(du, axis=1)
-    return acc_a, acc_b
+        acc = _accumulate(acc, du, xhat, d, EXACT)
+    return acc
 
 
 @triton.jit
@@ -1258,6 +1297,8 @@ def _dx_flat(
     C,
     mean_dxhat,
     mean_dxhat_xhat,
+    r,
+    rstd_e,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -1265,36 +1306,43 @@ def _dx_flat(
     ACT: tl.constexpr,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
+    EXACT: tl.constexpr = False,
 ):
     """:func:`_dx_block` over elements [f_lo, f_hi) of a contiguous NCHW group, in 1-D tiles
     whose loads and stores are 128-bit wherever the group is 16-byte aligned, whatever L; each
-    element's channel and per-channel values as in :func:`_normalize_flat`."""
+    element's channel and per-channel values as in :func:`_normalize_flat`; ``EXACT`` as
+    :func:`_dx_block`."""
+    DT: tl.constexpr = tl.float64 if EXACT else tl.float32
     for fb in range(f_lo, f_hi, BLOCK):
         f = fb + tl.arange(0, BLOCK)
         mask = f < f_hi
         t = fb // L
         ch = t + (((f - t * L).to(tl.int64) * LINV) >> 32).to(tl.int32)
-        w = tl.full((BLOCK,), 1.0, tl.float32)
-        bias = tl.zeros((BLOCK,), tl.float32)
-        s1 = tl.full((BLOCK,), 1.0, tl.float32)
-        sh = tl.zeros((BLOCK,), tl.float32)
+        w = tl.full((BLOCK,), 1.0, DT)
+        bias = tl.zeros((BLOCK,), DT)
+        s1 = tl.full((BLOCK,), 1.0, DT)
+        sh = tl.zeros((BLOCK,), DT)
         nc = n.to(tl.int64) * C + c0 + ch
         if HAS_W:
-            w = tl.load(W + c0 + ch, mask=mask, other=1.0).to(tl.float32)
+            w = tl.load(W + c0 + ch, mask=mask, other=1.0).to(DT)
         if HAS_B:
-            bias = tl.load(B + c0 + ch, mask=mask, other=0.0).to(tl.float32)
+            bias = tl.load(B + c0 + ch, mask=mask, other=0.0).to(DT)
         if HAS_SCALE:
-            s1 = 1.0 + tl.load(SCALE + nc, mask=mask, other=0.0).to(tl.float32)
+            s1 = 1.0 + tl.load(SCALE + nc, mask=mask, other=0.0).to(DT)
         if HAS_SHIFT:
-            sh = tl.load(SHIFT + nc, mask=mask, other=0.0).to(tl.float32)
+            sh = tl.load(SHIFT + nc, mask=mask, other=0.0).to(DT)
         if IDX64:
             f = f.to(tl.int64)
         v = tl.load(X + x_base + f, mask=mask, other=0.0)
-        du = tl.load(DY + dy_base + f, mask=mask, other=0.0).to(tl.float32)
-        xhat = ((v.to(tl.float32) - pivot) - smean) * rstd
+        du = tl.load(DY + dy_base + f, mask=mask, other=0.0).to(DT)
+        # masked lanes as 0: their x_hat from x = 0 could overflow the activation's exp
+        d = tl.where(mask, (v.to(DT) - pivot) - smean, 0.0)
+        xhat = d * rstd
         if ACT != 0:
             du = du * _act_grad((xhat * w + bias) * s1 + sh, ACT)
-        dx = rstd * (du * (w * s1) - mean_dxhat - xhat * mean_dxhat_xhat)
+        if EXACT:
+            xhat = (d - r) * rstd_e
+        dx = rstd_e * (du * (w * s1) - mean_dxhat - xhat * mean_dxhat_xhat)
         tl.store(DX + dx_base + f, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -1336,28 +1384,38 @@ def _bwd_partial_chunk(
     GSTRIDE=0,
     FLAT: tl.constexpr = False,
     VEC: tl.constexpr = 8,
+    EXACT: tl.constexpr = False,
 ):
     """A, B of the group's channels over chunk k of positions, into PA, PB[n, k, c]; ``FLAT``:
-    through aligned windows (:func:`_channel_sums_flat`)."""
+    through aligned windows (:func:`_channel_sums_flat`). ``EXACT``: the four float64 sums of
+    :func:`_channel_sums` in PA[n, k, c, :] (PB is not written)."""
+    DT: tl.constexpr = tl.float64 if EXACT else tl.float32
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
     for cb in range(0, Cg, BLOCK_C):
         c, cmask, w, bias, s1, sh = _channel_block(
-            cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C
+            cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, DT
         )
         if FLAT:
-            a, b = _channel_sums_flat(
+            sums = _channel_sums_flat(
                 X, DY, x_base, dy_base, c, cmask, l_lo, l_hi, L, GSTRIDE, pivot, smean, rstd, w,
-                bias, s1, sh, ACT, BLOCK_L, IDX64, VEC,
+                bias, s1, sh, ACT, BLOCK_L, IDX64, VEC, EXACT,
             )  # fmt: skip
         else:
-            a, b = _channel_sums(
+            sums = _channel_sums(
                 X, DY, x_base, dy_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL, pivot, smean,
-                rstd, w, bias, s1, sh, ACT, BLOCK_L, IDX64,
+                rstd, w, bias, s1, sh, ACT, BLOCK_L, IDX64, EXACT,
             )  # fmt: skip
         nkc = (n.to(tl.int64) * K + k) * C + c0 + c
-        tl.store(PA + nkc, a, mask=cmask)
-        tl.store(PB + nkc, b, mask=cmask)
+        a, b, sd, sdd = sums
+        if EXACT:
+            tl.store(PA + 4 * nkc, a, mask=cmask)
+            tl.store(PA + 4 * nkc + 1, b, mask=cmask)
+            tl.store(PA + 4 * nkc + 2, sd, mask=cmask)
+            tl.store(PA + 4 * nkc + 3, sdd, mask=cmask)
+        else:
+            tl.store(PA + nkc, a, mask=cmask)
+            tl.store(PB + nkc, b, mask=cmask)
 
 
 @triton.jit
@@ -1464,6 +1522,7 @@ def _gn_bwd_partial_kernel(
     GSTRIDE=0,
     FLAT: tl.constexpr = False,
     VEC: tl.constexpr = 8,
+    EXACT: tl.constexpr = False,
 ):
     """Split regime, pass 1: program (n * G + g, k) writes A, B of its group's channels over
     its chunk of positions to partials PA, PB[n, k, c] (fp32, (N, K, C)). ``GPP`` > 1: program
@@ -1478,24 +1537,51 @@ def _gn_bwd_partial_kernel(
     _bwd_partial_chunk(
         X, DY, W, B, SCALE, SHIFT, PA, PB, C, L, sxC, sxL, sdC, sdL, CHUNK_L, K, n, c0, Cg,
         x_base, dy_base, pivot, smean, rstd, tl.program_id(1), HAS_W, HAS_B, HAS_SCALE,
-        HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64, GSTRIDE, FLAT, VEC,
+        HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64, GSTRIDE, FLAT, VEC, EXACT,
     )  # fmt: skip
 
 
 @triton.jit
-def _merged_sums(PA, PB, n, K, C, c0, c, cmask, BLOCK_K: tl.constexpr, VOLATILE: tl.constexpr):
+def _merged_sums(
+    PA,
+    PB,
+    n,
+    K,
+    C,
+    c0,
+    c,
+    cmask,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    VOLATILE: tl.constexpr,
+    EXACT: tl.constexpr = False,
+):
     """Per channel c0 + c: the sums over k of the partials PA, PB[n, k, c], BLOCK_K partials at
     a time as one (BLOCK_K, channels) tile (a fixed reduction tree: deterministic);
-    ``VOLATILE``: written by programs still running."""
-    a = tl.zeros(c.shape, tl.float32)
-    b = tl.zeros(c.shape, tl.float32)
+    ``VOLATILE``: written by programs still running. Returns the four sums of
+    :func:`_channel_sums` (``EXACT``: from PA's float64 sums, see :func:`_bwd_partial_chunk`;
+    otherwise A and B, then 0)."""
+    DT: tl.constexpr = tl.float64 if EXACT else tl.float32
+    a, b, sd, sdd = _no_sums(BLOCK_C, DT)
     for kb in range(0, K, BLOCK_K):
         kk = kb + tl.arange(0, BLOCK_K)
         m = (kk < K)[:, None] & cmask[None, :]
         nkc = (n.to(tl.int64) * K + kk)[:, None] * C + (c0 + c)[None, :]
-        a += tl.sum(tl.load(PA + nkc, mask=m, other=0.0, volatile=VOLATILE), axis=0)
-        b += tl.sum(tl.load(PB + nkc, mask=m, other=0.0, volatile=VOLATILE), axis=0)
-    return a, b
+        if EXACT:
+            a += _merged(PA + 4 * nkc, m, VOLATILE)
+            b += _merged(PA + 4 * nkc + 1, m, VOLATILE)
+            sd += _merged(PA + 4 * nkc + 2, m, VOLATILE)
+            sdd += _merged(PA + 4 * nkc + 3, m, VOLATILE)
+        else:
+            a += _merged(PA + nkc, m, VOLATILE)
+            b += _merged(PB + nkc, m, VOLATILE)
+    return a, b, sd, sdd
+
+
+@triton.jit
+def _merged(ptrs, m, VOLATILE: tl.constexpr):
+    """The column sums of one (BLOCK_K, channels) tile of partials."""
+    return tl.sum(tl.load(ptrs, mask=m, other=0.0, volatile=VOLATILE), axis=0)
 
 
 @triton.jit
@@ -1550,6 +1636,8 @@ def _bwd_dx_chunk(
     BLOCK_F: tl.constexpr = 1024,
     CG: tl.constexpr = 0,
     GPP: tl.constexpr = 1,
+    EPS=0.0,
+    EXACT: tl.constexpr = False,
 ):
     """The group's channels' A, B over the whole group (stored from chunk 0 for the parameter
     gradients), the group means, and dx of chunk k. ``GPP`` > 1: the "group" is a channels-last
@@ -1560,69 +1648,108 @@ def _bwd_dx_chunk(
     the sums of the partials PA, PB[n, 0..K, c] (:func:`_merged_sums`). ``FLAT`` (a contiguous
     NCHW group of GSTRIDE elements): A, B are read through aligned windows
     (:func:`_channel_sums_flat`) and chunk k is elements [k * CHUNK_F, (k + 1) * CHUNK_F) of
-    the group, in 1-D tiles of BLOCK_F (:func:`_dx_flat`)."""
-    # per lane (channel cb + i of each block), summed over the blocks, then over the group
-    sum_dxhat = tl.zeros((BLOCK_C,), tl.float32)
-    sum_dxhat_xhat = tl.zeros((BLOCK_C,), tl.float32)
+    the group, in 1-D tiles of BLOCK_F (:func:`_dx_flat`).
+
+    ``EXACT`` (float32 x, statistics not given, no activation): everything after the
+    loads in float64, and the group's mean and rstd retaken from the float64 sums of d =
+    (x - pivot) - shifted_mean and d^2 (r = mean d, rstd_e = 1 / sqrt(mean d^2 - r^2 + eps)),
+    as the on-chip kernel recomputes them: from the saved float32 statistics, dx cancelled to
+    1.6-2.8x the float32 bound at small spread and dweight of a gradient with a mean (y.sum())
+    to 1.2-1.7x. A is summed as sum du d and taken to rstd_e (A - r B) (stored as sum du d
+    first, then retaken from SUMS), so that x_hat = (d - r) rstd_e. With an activation the
+    kernels stay in float32: its derivative would need u at the retaken statistics before the
+    sums, and in float64 at these tile sizes they spill (16-1856 B on sm_90)."""
+    DT: tl.constexpr = tl.float64 if EXACT else tl.float32
+    # per lane (channel cb + i of each block), summed over the blocks, then over the group:
+    # wc B, wc A, d, d^2
+    t_b, t_a, t_d, t_dd = _no_sums(BLOCK_C, DT)
     for cb in range(0, Cg, BLOCK_C):
         c, cmask, w, bias, s1, sh = _channel_block(
-            cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C
+            cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, DT
         )
         if FUSED and FLAT:
-            a, b = _channel_sums_flat(
+            sums = _channel_sums_flat(
                 X, DY, x_base, dy_base, c, cmask, 0, L, L, GSTRIDE, pivot, smean, rstd, w, bias,
-                s1, sh, ACT, BLOCK_L, IDX64, VEC,
+                s1, sh, ACT, BLOCK_L, IDX64, VEC, EXACT,
             )  # fmt: skip
         elif FUSED:
-            a, b = _channel_sums(
+            sums = _channel_sums(
                 X, DY, x_base, dy_base, c, cmask, 0, L, sxC, sxL, sdC, sdL, pivot, smean, rstd,
-                w, bias, s1, sh, ACT, BLOCK_L, IDX64,
+                w, bias, s1, sh, ACT, BLOCK_L, IDX64, EXACT,
             )  # fmt: skip
         else:
-            a, b = _merged_sums(PA, PB, n, K, C, c0, c, cmask, BLOCK_K, VOLATILE)
+            sums = _merged_sums(PA, PB, n, K, C, c0, c, cmask, BLOCK_C, BLOCK_K, VOLATILE, EXACT)
+        a, b, sd, sdd = sums
         if k == 0:
             nc = n.to(tl.int64) * C + c0 + c
-            tl.store(SUMS + 2 * nc, a, mask=cmask)
-            tl.store(SUMS + 2 * nc + 1, b, mask=cmask)
-        sum_dxhat += tl.where(cmask, w * s1 * b, 0.0)
-        sum_dxhat_xhat += tl.where(cmask, w * s1 * a, 0.0)
+            tl.store(SUMS + 2 * nc, a.to(tl.float32), mask=cmask)
+            tl.store(SUMS + 2 * nc + 1, b.to(tl.float32), mask=cmask)
+        wc = tl.where(cmask, w * s1, 0.0)
+        t_b += wc * b
+        t_a += wc * a
+        t_d += tl.where(cmask, sd, 0.0)
+        t_dd += tl.where(cmask, sdd, 0.0)
     if GPP > 1:
         # A channels-last run (one block): each channel takes its own group's means, as a
         # (BLOCK_C, 1) column that the tile arithmetic broadcasts like the scalars.
         gl = tl.arange(0, BLOCK_C) // CG
         count = (CG * 1.0) * L
-        mean_dxhat = (_group_sum(sum_dxhat, gl, GPP) / count)[:, None]
-        mean_dxhat_xhat = (_group_sum(sum_dxhat_xhat, gl, GPP) / count)[:, None]
+        mean_dxhat = _group_sum(t_b, gl, GPP) / count
+        mean_dxhat_xhat = _group_sum(t_a, gl, GPP) / count
+        r = _group_sum(t_d, gl, GPP) / count
+        var = _group_sum(t_dd, gl, GPP) / count - r * r
     else:
         count = (Cg * 1.0) * L  # float: Cg * L may exceed int32
-        mean_dxhat = tl.sum(sum_dxhat, axis=0) / count
-        mean_dxhat_xhat = tl.sum(sum_dxhat_xhat, axis=0) / count
+        mean_dxhat = tl.sum(t_b, axis=0) / count
+        mean_dxhat_xhat = tl.sum(t_a, axis=0) / count
+        r = tl.sum(t_d, axis=0) / count
+        var = tl.sum(t_dd, axis=0) / count - r * r
     if STATS_GIVEN:
-        mean_dxhat = 0.0
-        mean_dxhat_xhat = 0.0
+        mean_dxhat = tl.zeros_like(mean_dxhat)
+        mean_dxhat_xhat = tl.zeros_like(mean_dxhat_xhat)
     else:
         # A group of one element: dx = 0 exactly (y does not depend on x), where fused
         # multiply-adds would leave rstd times a rounding of du * w.
         rstd = tl.where(count > 1.0, rstd, 0.0)
+    rstd_e = rstd
+    if EXACT:
+        rstd_e = tl.where(count > 1.0, 1.0 / tl.sqrt(tl.maximum(var, 0.0) + EPS), 0.0)
+        mean_dxhat_xhat = rstd_e * (mean_dxhat_xhat - r * mean_dxhat)
+        if k == 0:
+            # the parameter gradients' A retaken, rstd_e (A - r B), over what was stored
+            tl.debug_barrier()
+            for cb in range(0, Cg, BLOCK_C):
+                c = cb + tl.arange(0, BLOCK_C)
+                cmask = c < Cg
+                nc = n.to(tl.int64) * C + c0 + c
+                a = tl.load(SUMS + 2 * nc, mask=cmask, other=0.0).to(tl.float64)
+                b = tl.load(SUMS + 2 * nc + 1, mask=cmask, other=0.0).to(tl.float64)
+                tl.store(SUMS + 2 * nc, (rstd_e * (a - r * b)).to(tl.float32), mask=cmask)
+    if GPP > 1:
+        mean_dxhat = mean_dxhat[:, None]
+        mean_dxhat_xhat = mean_dxhat_xhat[:, None]
+        r = r[:, None]
+        if EXACT:
+            rstd_e = rstd_e[:, None]
     if FLAT:
         f_lo = k * CHUNK_F
         _dx_flat(
             X, DY, DX, x_base, dy_base, dx_base, n, c0, f_lo,
             tl.minimum(f_lo + CHUNK_F, GSTRIDE), L, LINV, pivot, smean, rstd, W, B, SCALE, SHIFT,
-            C, mean_dxhat, mean_dxhat_xhat, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_F,
-            IDX64,
+            C, mean_dxhat, mean_dxhat_xhat, r, rstd_e, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT,
+            BLOCK_F, IDX64, EXACT,
         )  # fmt: skip
         return
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, L)
     for cb in range(0, Cg, BLOCK_C):
         c, cmask, w, bias, s1, sh = _channel_block(
-            cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C
+            cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, DT
         )
         _dx_block(
             X, DY, DX, x_base, dy_base, dx_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL, sgC,
-            sgL, pivot, smean, rstd, w, bias, s1, sh, mean_dxhat, mean_dxhat_xhat, ACT, BLOCK_L,
-            IDX64,
+            sgL, pivot, smean, rstd, w, bias, s1, sh, mean_dxhat, mean_dxhat_xhat, r, rstd_e,
+            ACT, BLOCK_L, IDX64, EXACT,
         )  # fmt: skip
 
 
@@ -1676,6 +1803,8 @@ def _gn_bwd_dx_kernel(
     FLAT: tl.constexpr = False,
     VEC: tl.constexpr = 8,
     BLOCK_F: tl.constexpr = 1024,
+    EPS=0.0,
+    EXACT: tl.constexpr = False,
 ):
     """Program (n * G + g, k): :func:`_bwd_dx_chunk` of its group and chunk (the fused regime:
     one chunk, A and B from x and dy; split: from the partial kernel's PA, PB). ``GPP`` > 1:
@@ -1690,7 +1819,7 @@ def _gn_bwd_dx_kernel(
         X, DY, DX, W, B, SCALE, SHIFT, PA, PB, SUMS, C, L, sxC, sxL, sdC, sdL, sgC, sgL,
         CHUNK_L, K, n, c0, Cg, x_base, dy_base, dx_base, pivot, smean, rstd, _reversed_chunk(),
         HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, STATS_GIVEN, FUSED, BLOCK_C, BLOCK_L, BLOCK_K,
-        IDX64, False, GSTRIDE, LINV, CHUNK_F, FLAT, VEC, BLOCK_F, CG, GPP,
+        IDX64, False, GSTRIDE, LINV, CHUNK_F, FLAT, VEC, BLOCK_F, CG, GPP, EPS, EXACT,
     )  # fmt: skip
 
 
@@ -1747,6 +1876,8 @@ def _gn_bwd_wave_kernel(
     FLAT: tl.constexpr = False,
     VEC: tl.constexpr = 8,
     BLOCK_F: tl.constexpr = 1024,
+    EPS=0.0,
+    EXACT: tl.constexpr = False,
 ):
     """Wave regime, backward: the tickets of :func:`_gn_fwd_wave_kernel`, an S ticket writing
     a chunk's partial A, B (:func:`_bwd_partial_chunk`), an N ticket its dx
@@ -1766,7 +1897,7 @@ def _gn_bwd_wave_kernel(
                 _bwd_partial_chunk(
                     X, DY, W, B, SCALE, SHIFT, PA, PB, C, L, sxC, sxL, sdC, sdL, CHUNK_L, K, n,
                     c0, Cg, x_base, dy_base, pivot, smean, rstd, k, HAS_W, HAS_B, HAS_SCALE,
-                    HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64, GSTRIDE, FLAT, VEC,
+                    HAS_SHIFT, ACT, BLOCK_C, BLOCK_L, IDX64, GSTRIDE, FLAT, VEC, EXACT,
                 )  # fmt: skip
                 _release_partials(SYNC, row)
             else:
@@ -1775,7 +1906,8 @@ def _gn_bwd_wave_kernel(
                     X, DY, DX, W, B, SCALE, SHIFT, PA, PB, SUMS, C, L, sxC, sxL, sdC, sdL, sgC,
                     sgL, CHUNK_L, K, n, c0, Cg, x_base, dy_base, dx_base, pivot, smean, rstd, k,
                     HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, STATS_GIVEN, False, BLOCK_C, BLOCK_L,
-                    BLOCK_K, IDX64, True, GSTRIDE, LINV, CHUNK_F, FLAT, VEC, BLOCK_F, CG, GPP,
+                    BLOCK_K, IDX64, True, GSTRIDE, LINV, CHUNK_F, FLAT, VEC, BLOCK_F, CG, GPP, EPS,
+                    EXACT,
                 )  # fmt: skip
         t = following
 
@@ -2281,8 +2413,12 @@ def _backward(
         fused = cfg.regime == "fused"
         # Partials merged as (BLOCK_K, BLOCK_C) tiles of at most one TILE.
         block_k = min(next_pow2(K), max(1, TILE // cfg.block_c))
+        # float32 x: the loop regimes' backward in float64 too (see _bwd_dx_chunk)
+        loop_exact = x.dtype == torch.float32 and not stats_given and activation is None
         if fused:
             parts = [sums] * 2  # not read: A, B come straight from x and dy
+        elif loop_exact:
+            parts = [x.new_empty((N, K, C, 4), dtype=torch.float64)] * 2
         else:
             parts = [x.new_empty((N, K, C), dtype=torch.float32) for _ in range(2)]
         if cfg.regime == "wave":
@@ -2291,19 +2427,19 @@ def _backward(
                 xv, dyv, dx, *params, offs, *stats, ss, *parts, sums, sync, *strides,
                 *plan.outs, cfg.chunk_l, K, N * G // flags.get("GPP", 1), cfg.wave_rows,
                 cfg.waves, STATS_GIVEN=stats_given, BLOCK_K=block_k, num_warps=cfg.num_warps,
-                **flags, **plan.dx_flat,
+                **flags, **plan.dx_flat, EPS=eps, EXACT=loop_exact,
             )  # fmt: skip
         else:
             grid = (N * G // flags.get("GPP", 1), K)
             if not fused:
                 _gn_bwd_partial_kernel[grid](
                     xv, dyv, *params, offs, *stats, ss, *parts, *strides, cfg.chunk_l, K,
-                    **flags,
+                    **flags, EXACT=loop_exact,
                 )  # fmt: skip
             _gn_bwd_dx_kernel[grid](
                 xv, dyv, dx, *params, offs, *stats, ss, *parts, sums, *strides, *plan.outs,
                 cfg.chunk_l, K, STATS_GIVEN=stats_given, FUSED=fused, BLOCK_K=block_k, **flags,
-                **plan.dx_flat,
+                **plan.dx_flat, EPS=eps, EXACT=loop_exact,
             )  # fmt: skip
     if plan.write_sums:  # no parameter kernel without parameters
         _gn_bwd_param_kernel[plan.param_grid](
