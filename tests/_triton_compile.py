@@ -270,12 +270,16 @@ LOOP_CASES: dict[str, tuple[tuple[int, ...], bool, tuple[str, ...], tuple[str, .
 
 def check_loops() -> list[str]:
     """Problems of the loop regimes' kernels (fused, split, wave) where 128-bit accesses are
-    possible (LOOP_CASES, bf16, G = 32; and the float32 backward, which sums in float64):
-    spills, scalar loads, or scalar stores of y or dx."""
+    possible (LOOP_CASES, bf16, G = 32; and the float32 backward, which computes in float64,
+    with each activation): spills, scalar loads, or scalar stores of y or dx."""
     problems = []
-    variants = [("fwd", torch.bfloat16), ("bwd", torch.bfloat16), ("bwd", torch.float32)]
+    variants: list[tuple[str, torch.dtype, str | None]] = [
+        ("fwd", torch.bfloat16, None),
+        ("bwd", torch.bfloat16, None),
+    ]
+    variants += [("bwd", torch.float32, act) for act in (None, "silu", "gelu", "relu")]
     for name, (shape, channels_last, directions, regimes) in LOOP_CASES.items():
-        for regime, (direction, dtype) in itertools.product(regimes, variants):
+        for regime, (direction, dtype, act) in itertools.product(regimes, variants):
             if direction not in directions:
                 continue
             found = launches_of(
@@ -283,6 +287,7 @@ def check_loops() -> list[str]:
                 32,
                 channels_last=channels_last,
                 dtype=dtype,
+                activation=act,
                 regime=regime,
                 backward=direction == "bwd",
             )
@@ -290,7 +295,7 @@ def check_loops() -> list[str]:
                 if "onchip" in launch.name or "param" in launch.name:
                     continue
                 stores = "partial" not in launch.name
-                tag = f"{name} {regime:5s} {str(dtype)[6:]}"
+                tag = f"{name} {regime:5s} {str(dtype)[6:]} {act or ''}"
                 problems += _audit(tag, compile_launch(launch), stores)
     return problems
 

@@ -36,3 +36,17 @@ def _act_grad(u, ACT: tl.constexpr):
         return tl.where(u > 0.0, 1.0, 0.0)
     else:
         return tl.full(u.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _act_grads(u, ACT: tl.constexpr):
+    """(d act / du, d^2 act / du^2) of the smooth activations (silu, gelu), sharing their
+    exponential; (1, 0) for the others."""
+    if ACT == 1:
+        s = tl.sigmoid(u)
+        return s * (1.0 + u * (1.0 - s)), s * (1.0 - s) * (2.0 + u * (1.0 - 2.0 * s))
+    elif ACT == 2:
+        pdf = tl.exp(-0.5 * u * u) * 0.3989422804014327
+        return 0.5 * (1.0 + tl.erf(u * 0.7071067811865476)) + u * pdf, pdf * (2.0 - u * u)
+    else:
+        return u * 0.0 + 1.0, u * 0.0

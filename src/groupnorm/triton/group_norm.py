@@ -50,6 +50,7 @@ live in fp32 buffers and are reduced in a fixed order: bitwise deterministic. At
 schedule work (the wave regime's tickets and counters), they never sum values.
 """
 
+import dataclasses
 import math
 from functools import lru_cache
 from typing import Any, NamedTuple, Optional
@@ -62,10 +63,12 @@ from torch.autograd.function import once_differentiable
 from groupnorm.activations import triton_code
 from groupnorm.groups import GroupPlan
 from groupnorm.stats import GroupStats
-from groupnorm.triton.activation import _act, _act_grad
+from groupnorm.triton.activation import _act, _act_grad, _act_grads
 from groupnorm.triton.backend import KERNEL_DTYPES
 from groupnorm.triton.heuristics import (
     CPU_SM_COUNT,
+    EXACT_ACT_SHRINK,
+    EXACT_ACT_SHRINK_DX,
     FLAT_DX_BLOCK,
     TILE,
     VECTOR_BYTES,
@@ -1004,7 +1007,9 @@ def _channel_block(
     DT: tl.constexpr = tl.float32,
 ):
     """Channels c = cb .. cb + BLOCK_C of the group (local index), their mask, and per-channel
-    vectors in DT (w, bias, 1 + scale, shift) of sample n; identity values where absent."""
+    vectors in DT (w, bias, 1 + scale, shift) of sample n; identity values where absent. In
+    float64 folded to (w (1 + scale), bias (1 + scale) + shift, 1, 0), the same u and dx_hat
+    from two live vectors."""
     c = cb + tl.arange(0, BLOCK_C)
     cmask = c < Cg
     one = tl.full((BLOCK_C,), 1.0, DT)
@@ -1021,6 +1026,11 @@ def _channel_block(
         s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(DT)
     if HAS_SHIFT:
         sh = tl.load(SHIFT + nc, mask=cmask, other=0.0).to(DT)
+    if tl.float64 == DT:
+        w = w * s1
+        bias = bias * s1 + sh
+        s1 = one
+        sh = one * 0.0
     return c, cmask, w, bias, s1, sh
 
 
@@ -1048,19 +1058,26 @@ def _du_xhat(
     IDX64: tl.constexpr,
     keep,
     DT: tl.constexpr = tl.float32,
+    CURV: tl.constexpr = False,
 ):
     """Recompute d = (x - pivot) - shifted_mean, x_hat = d rstd and u of one tile from x and
-    the saved statistics, in DT; du = dy * act'(u). The tile is loaded where ``mask`` holds;
-    all are 0 outside ``keep`` (within the mask). Returns (du, x_hat, d)."""
+    the saved statistics, in DT; du = dy * act'(u), and with ``CURV`` h = dy * act''(u) * w *
+    (1 + scale), what du moves by per unit of x_hat. The tile is loaded where ``mask`` holds;
+    all are 0 outside ``keep`` (within the mask). Returns (du, x_hat, d, h)."""
     v = tl.load(X + x_base + _tile_offsets(c, pos, sxC, sxL, IDX64), mask=mask, other=0.0)
     dy = tl.load(DY + dy_base + _tile_offsets(c, pos, sdC, sdL, IDX64), mask=mask, other=0.0)
     d = tl.where(keep, (v.to(DT) - pivot) - smean, 0.0)
     xhat = tl.where(keep, d * rstd, 0.0)
     du = tl.where(keep, dy.to(DT), 0.0)
-    if ACT != 0:
+    h = du
+    if CURV:  # float64: w and bias folded with scale and shift (_channel_block)
+        g1, g2 = _act_grads(xhat * w[:, None] + bias[:, None], ACT)
+        h = tl.where(keep, du * g2 * w[:, None], 0.0)
+        du = tl.where(keep, du * g1, 0.0)
+    elif ACT != 0:
         u = (xhat * w[:, None] + bias[:, None]) * s1[:, None] + sh[:, None]
         du = tl.where(keep, du * _act_grad(u, ACT), 0.0)
-    return du, xhat, d
+    return du, xhat, d, h
 
 
 @triton.jit
@@ -1090,15 +1107,16 @@ def _channel_sums(
     EXACT: tl.constexpr = False,
 ):
     """Per channel of the block, over positions [l_lo, l_hi): A = sum du * x_hat, B = sum du;
-    ``EXACT`` (see :func:`_bwd_dx_chunk`): in float64, A = sum du * d, and also sum d and
-    sum d^2 (d = x_hat / rstd). Returns (A, B, sum d, sum d^2), the last two 0 where not
-    taken."""
+    ``EXACT`` (see :func:`_bwd_dx_chunk`): in float64, A = sum du * d, and also sum d, sum d^2
+    and, for a smooth activation, sum h, sum h d, sum h d^2 (d = x_hat / rstd, h as
+    :func:`_du_xhat`). Returns the seven sums (A, B, then these, 0 where not taken)."""
     DT: tl.constexpr = tl.float64 if EXACT else tl.float32
+    CURV: tl.constexpr = (ACT == 1 or ACT == 2) if EXACT else False
     acc = _no_sums(c.shape[0], DT)
     for lb in range(l_lo, l_hi, BLOCK_L):
         pos = lb + tl.arange(0, BLOCK_L)
         mask = cmask[:, None] & (pos < l_hi)[None, :]
-        du, xhat, d = _du_xhat(
+        du, xhat, d, h = _du_xhat(
             X,
             DY,
             x_base,
@@ -1121,30 +1139,35 @@ def _channel_sums(
             IDX64,
             mask,
             DT,
+            CURV,
         )
-        acc = _accumulate(acc, du, xhat, d, EXACT)
+        acc = _accumulate(acc, du, xhat, d, h, EXACT, CURV)
     return acc
 
 
 @triton.jit
 def _no_sums(n: tl.constexpr, DT: tl.constexpr):
-    """The four channel sums of :func:`_channel_sums`, zero."""
+    """The seven channel sums of :func:`_channel_sums`, zero."""
     z = tl.zeros((n,), DT)
-    return z, z, z, z
+    return z, z, z, z, z, z, z
 
 
 @triton.jit
-def _accumulate(acc, du, xhat, d, EXACT: tl.constexpr):
+def _accumulate(acc, du, xhat, d, h, EXACT: tl.constexpr, CURV: tl.constexpr):
     """One tile's row sums added to the channel sums of :func:`_channel_sums`."""
-    a, b, sd, sdd = acc
+    a, b, sd, sdd, h0, h1, h2 = acc
     if EXACT:
         a += tl.sum(du * d, axis=1)
         sd += tl.sum(d, axis=1)
         sdd += tl.sum(d * d, axis=1)
+        if CURV:
+            h0 += tl.sum(h, axis=1)
+            h1 += tl.sum(h * d, axis=1)
+            h2 += tl.sum(h * d * d, axis=1)
     else:
         a += tl.sum(du * xhat, axis=1)
     b += tl.sum(du, axis=1)
-    return a, b, sd, sdd
+    return a, b, sd, sdd, h0, h1, h2
 
 
 @triton.jit
@@ -1176,20 +1199,24 @@ def _dx_block(
     mean_dxhat_xhat,
     r,
     rstd_e,
+    alpha,
+    beta,
     ACT: tl.constexpr,
     BLOCK_L: tl.constexpr,
     IDX64: tl.constexpr,
     EXACT: tl.constexpr = False,
 ):
     """dx = rstd_e * (dx_hat - mean_dxhat - x_hat * mean_dxhat_xhat), dx_hat = du * w *
-    (1 + scale); ``EXACT``: in float64 with the retaken statistics, x_hat = (d - r) rstd_e
-    (see :func:`_bwd_dx_chunk`); otherwise x_hat from the saved ones and rstd_e = rstd."""
+    (1 + scale); ``EXACT``: in float64 with the retaken statistics, x_hat = (d - r) rstd_e and
+    du moved to them, du + h (alpha d + beta) (see :func:`_bwd_dx_chunk`); otherwise x_hat
+    from the saved ones and rstd_e = rstd."""
     DT: tl.constexpr = tl.float64 if EXACT else tl.float32
+    CURV: tl.constexpr = (ACT == 1 or ACT == 2) if EXACT else False
     wc = w * s1
     for lb in range(l_lo, l_hi, BLOCK_L):
         pos = lb + tl.arange(0, BLOCK_L)
         mask = cmask[:, None] & (pos < l_hi)[None, :]
-        du, xhat, d = _du_xhat(
+        du, xhat, d, h = _du_xhat(
             X,
             DY,
             x_base,
@@ -1212,7 +1239,10 @@ def _dx_block(
             IDX64,
             mask,
             DT,
+            CURV,
         )
+        if CURV:
+            du += h * (alpha * d + beta)
         if EXACT:
             xhat = (d - r) * rstd_e
         dx = rstd_e * (du * wc[:, None] - mean_dxhat - xhat * mean_dxhat_xhat)
@@ -1255,6 +1285,7 @@ def _channel_sums_flat(
     neighbouring rows (the same group's, less than 2 VEC elements a segment) is selected away,
     and nothing past the group is read."""
     DT: tl.constexpr = tl.float64 if EXACT else tl.float32
+    CURV: tl.constexpr = (ACT == 1 or ACT == 2) if EXACT else False
     acc = _no_sums(c.shape[0], DT)
     lo = c * L + l_lo
     hi = c * L + l_hi
@@ -1265,11 +1296,11 @@ def _channel_sums_flat(
         f = start[:, None] + p[None, :]
         mask = cmask[:, None] & (f < end[:, None])
         keep = mask & (f >= lo[:, None]) & (f < hi[:, None])
-        du, xhat, d = _du_xhat(
+        du, xhat, d, h = _du_xhat(
             X, DY, x_base, dy_base, start, p, mask, 1, 1, 1, 1, pivot, smean, rstd, w, bias, s1,
-            sh, ACT, IDX64, keep, DT,
+            sh, ACT, IDX64, keep, DT, CURV,
         )  # fmt: skip
-        acc = _accumulate(acc, du, xhat, d, EXACT)
+        acc = _accumulate(acc, du, xhat, d, h, EXACT, CURV)
     return acc
 
 
@@ -1299,6 +1330,8 @@ def _dx_flat(
     mean_dxhat_xhat,
     r,
     rstd_e,
+    alpha,
+    beta,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -1313,6 +1346,7 @@ def _dx_flat(
     element's channel and per-channel values as in :func:`_normalize_flat`; ``EXACT`` as
     :func:`_dx_block`."""
     DT: tl.constexpr = tl.float64 if EXACT else tl.float32
+    CURV: tl.constexpr = (ACT == 1 or ACT == 2) if EXACT else False
     for fb in range(f_lo, f_hi, BLOCK):
         f = fb + tl.arange(0, BLOCK)
         mask = f < f_hi
@@ -1338,7 +1372,10 @@ def _dx_flat(
         # masked lanes as 0: their x_hat from x = 0 could overflow the activation's exp
         d = tl.where(mask, (v.to(DT) - pivot) - smean, 0.0)
         xhat = d * rstd
-        if ACT != 0:
+        if CURV:
+            g1, g2 = _act_grads((xhat * w + bias) * s1 + sh, ACT)
+            du = du * (g1 + g2 * (w * s1) * (alpha * d + beta))
+        elif ACT != 0:
             du = du * _act_grad((xhat * w + bias) * s1 + sh, ACT)
         if EXACT:
             xhat = (d - r) * rstd_e
@@ -1387,7 +1424,7 @@ def _bwd_partial_chunk(
     EXACT: tl.constexpr = False,
 ):
     """A, B of the group's channels over chunk k of positions, into PA, PB[n, k, c]; ``FLAT``:
-    through aligned windows (:func:`_channel_sums_flat`). ``EXACT``: the four float64 sums of
+    through aligned windows (:func:`_channel_sums_flat`). ``EXACT``: the seven float64 sums of
     :func:`_channel_sums` in PA[n, k, c, :] (PB is not written)."""
     DT: tl.constexpr = tl.float64 if EXACT else tl.float32
     l_lo = k * CHUNK_L
@@ -1407,15 +1444,24 @@ def _bwd_partial_chunk(
                 rstd, w, bias, s1, sh, ACT, BLOCK_L, IDX64, EXACT,
             )  # fmt: skip
         nkc = (n.to(tl.int64) * K + k) * C + c0 + c
-        a, b, sd, sdd = sums
         if EXACT:
-            tl.store(PA + 4 * nkc, a, mask=cmask)
-            tl.store(PA + 4 * nkc + 1, b, mask=cmask)
-            tl.store(PA + 4 * nkc + 2, sd, mask=cmask)
-            tl.store(PA + 4 * nkc + 3, sdd, mask=cmask)
+            _store_sums(PA, nkc, sums, cmask)
         else:
-            tl.store(PA + nkc, a, mask=cmask)
-            tl.store(PB + nkc, b, mask=cmask)
+            tl.store(PA + nkc, sums[0], mask=cmask)
+            tl.store(PB + nkc, sums[1], mask=cmask)
+
+
+@triton.jit
+def _store_sums(P, at, sums, cmask):
+    """The seven float64 sums of :func:`_channel_sums` at P[at, :] (rows of 7)."""
+    a, b, sd, sdd, h0, h1, h2 = sums
+    tl.store(P + 7 * at, a, mask=cmask)
+    tl.store(P + 7 * at + 1, b, mask=cmask)
+    tl.store(P + 7 * at + 2, sd, mask=cmask)
+    tl.store(P + 7 * at + 3, sdd, mask=cmask)
+    tl.store(P + 7 * at + 4, h0, mask=cmask)
+    tl.store(P + 7 * at + 5, h1, mask=cmask)
+    tl.store(P + 7 * at + 6, h2, mask=cmask)
 
 
 @triton.jit
@@ -1558,24 +1604,27 @@ def _merged_sums(
 ):
     """Per channel c0 + c: the sums over k of the partials PA, PB[n, k, c], BLOCK_K partials at
     a time as one (BLOCK_K, channels) tile (a fixed reduction tree: deterministic);
-    ``VOLATILE``: written by programs still running. Returns the four sums of
+    ``VOLATILE``: written by programs still running. Returns the seven sums of
     :func:`_channel_sums` (``EXACT``: from PA's float64 sums, see :func:`_bwd_partial_chunk`;
     otherwise A and B, then 0)."""
     DT: tl.constexpr = tl.float64 if EXACT else tl.float32
-    a, b, sd, sdd = _no_sums(BLOCK_C, DT)
+    a, b, sd, sdd, h0, h1, h2 = _no_sums(BLOCK_C, DT)
     for kb in range(0, K, BLOCK_K):
         kk = kb + tl.arange(0, BLOCK_K)
         m = (kk < K)[:, None] & cmask[None, :]
         nkc = (n.to(tl.int64) * K + kk)[:, None] * C + (c0 + c)[None, :]
         if EXACT:
-            a += _merged(PA + 4 * nkc, m, VOLATILE)
-            b += _merged(PA + 4 * nkc + 1, m, VOLATILE)
-            sd += _merged(PA + 4 * nkc + 2, m, VOLATILE)
-            sdd += _merged(PA + 4 * nkc + 3, m, VOLATILE)
+            a += _merged(PA + 7 * nkc, m, VOLATILE)
+            b += _merged(PA + 7 * nkc + 1, m, VOLATILE)
+            sd += _merged(PA + 7 * nkc + 2, m, VOLATILE)
+            sdd += _merged(PA + 7 * nkc + 3, m, VOLATILE)
+            h0 += _merged(PA + 7 * nkc + 4, m, VOLATILE)
+            h1 += _merged(PA + 7 * nkc + 5, m, VOLATILE)
+            h2 += _merged(PA + 7 * nkc + 6, m, VOLATILE)
         else:
             a += _merged(PA + nkc, m, VOLATILE)
             b += _merged(PB + nkc, m, VOLATILE)
-    return a, b, sd, sdd
+    return a, b, sd, sdd, h0, h1, h2
 
 
 @triton.jit
@@ -1596,6 +1645,7 @@ def _bwd_dx_chunk(
     PA,
     PB,
     SUMS,
+    SCR,
     C,
     L,
     sxC,
@@ -1650,19 +1700,22 @@ def _bwd_dx_chunk(
     (:func:`_channel_sums_flat`) and chunk k is elements [k * CHUNK_F, (k + 1) * CHUNK_F) of
     the group, in 1-D tiles of BLOCK_F (:func:`_dx_flat`).
 
-    ``EXACT`` (float32 x, statistics not given, no activation): everything after the
-    loads in float64, and the group's mean and rstd retaken from the float64 sums of d =
-    (x - pivot) - shifted_mean and d^2 (r = mean d, rstd_e = 1 / sqrt(mean d^2 - r^2 + eps)),
-    as the on-chip kernel recomputes them: from the saved float32 statistics, dx cancelled to
-    1.6-2.8x the float32 bound at small spread and dweight of a gradient with a mean (y.sum())
-    to 1.2-1.7x. A is summed as sum du d and taken to rstd_e (A - r B) (stored as sum du d
-    first, then retaken from SUMS), so that x_hat = (d - r) rstd_e. With an activation the
-    kernels stay in float32: its derivative would need u at the retaken statistics before the
-    sums, and in float64 at these tile sizes they spill (16-1856 B on sm_90)."""
+    ``EXACT`` (float32 x, statistics not given): everything after the loads in float64, and
+    the group's mean and rstd retaken from the float64 sums of d = (x - pivot) - shifted_mean
+    and d^2 (r = mean d, rstd_e = 1 / sqrt(mean d^2 - r^2 + eps)), as the on-chip kernel
+    recomputes them: from the saved float32 statistics, dx cancelled to 1.6-2.8x the float32
+    bound at small spread (SiLU and GELU: up to 4.4x and 4.8x) and dweight of a gradient with a
+    mean (y.sum()) to 1.2-1.7x. The sums see x_hat and du at the saved statistics; x_hat moves
+    to (d - r) rstd_e = x_hat + alpha d + beta (alpha = rstd_e - rstd, beta = -r rstd_e), and
+    du, to first order, by h (alpha d + beta) (h = dy act''(u) w (1 + scale), summed as sum h,
+    h d, h d^2): so B_e = B + alpha sum h d + beta sum h and A_e = rstd_e (A_d - r B_e),
+    A_d = sum du_e d. Per channel the sums go to SCR (N, C, 7) from chunk 0, which takes them
+    to SUMS once the group's alpha and beta are known."""
     DT: tl.constexpr = tl.float64 if EXACT else tl.float32
+    CURV: tl.constexpr = (ACT == 1 or ACT == 2) if EXACT else False
     # per lane (channel cb + i of each block), summed over the blocks, then over the group:
-    # wc B, wc A, d, d^2
-    t_b, t_a, t_d, t_dd = _no_sums(BLOCK_C, DT)
+    # wc B, wc A, d, d^2, wc h, wc h d, wc h d^2
+    t_b, t_a, t_d, t_dd, t_h0, t_h1, t_h2 = _no_sums(BLOCK_C, DT)
     for cb in range(0, Cg, BLOCK_C):
         c, cmask, w, bias, s1, sh = _channel_block(
             cb, n, c0, Cg, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, DT
@@ -1679,16 +1732,22 @@ def _bwd_dx_chunk(
             )  # fmt: skip
         else:
             sums = _merged_sums(PA, PB, n, K, C, c0, c, cmask, BLOCK_C, BLOCK_K, VOLATILE, EXACT)
-        a, b, sd, sdd = sums
+        a, b, sd, sdd, h0, h1, h2 = sums
+        nc = n.to(tl.int64) * C + c0 + c
         if k == 0:
-            nc = n.to(tl.int64) * C + c0 + c
-            tl.store(SUMS + 2 * nc, a.to(tl.float32), mask=cmask)
-            tl.store(SUMS + 2 * nc + 1, b.to(tl.float32), mask=cmask)
+            if EXACT:
+                _store_sums(SCR, nc, sums, cmask)
+            else:
+                tl.store(SUMS + 2 * nc, a, mask=cmask)
+                tl.store(SUMS + 2 * nc + 1, b, mask=cmask)
         wc = tl.where(cmask, w * s1, 0.0)
         t_b += wc * b
         t_a += wc * a
         t_d += tl.where(cmask, sd, 0.0)
         t_dd += tl.where(cmask, sdd, 0.0)
+        t_h0 += wc * h0
+        t_h1 += wc * h1
+        t_h2 += wc * h2
     if GPP > 1:
         # A channels-last run (one block): each channel takes its own group's means, as a
         # (BLOCK_C, 1) column that the tile arithmetic broadcasts like the scalars.
@@ -1698,12 +1757,18 @@ def _bwd_dx_chunk(
         mean_dxhat_xhat = _group_sum(t_a, gl, GPP) / count
         r = _group_sum(t_d, gl, GPP) / count
         var = _group_sum(t_dd, gl, GPP) / count - r * r
+        m_h0 = _group_sum(t_h0, gl, GPP) / count
+        m_h1 = _group_sum(t_h1, gl, GPP) / count
+        m_h2 = _group_sum(t_h2, gl, GPP) / count
     else:
         count = (Cg * 1.0) * L  # float: Cg * L may exceed int32
         mean_dxhat = tl.sum(t_b, axis=0) / count
         mean_dxhat_xhat = tl.sum(t_a, axis=0) / count
         r = tl.sum(t_d, axis=0) / count
         var = tl.sum(t_dd, axis=0) / count - r * r
+        m_h0 = tl.sum(t_h0, axis=0) / count
+        m_h1 = tl.sum(t_h1, axis=0) / count
+        m_h2 = tl.sum(t_h2, axis=0) / count
     if STATS_GIVEN:
         mean_dxhat = tl.zeros_like(mean_dxhat)
         mean_dxhat_xhat = tl.zeros_like(mean_dxhat_xhat)
@@ -1712,23 +1777,40 @@ def _bwd_dx_chunk(
         # multiply-adds would leave rstd times a rounding of du * w.
         rstd = tl.where(count > 1.0, rstd, 0.0)
     rstd_e = rstd
+    alpha = r
+    beta = r
     if EXACT:
         rstd_e = tl.where(count > 1.0, 1.0 / tl.sqrt(tl.maximum(var, 0.0) + EPS), 0.0)
+        # rstd as a (BLOCK_C, 1) column in a run, a scalar otherwise
+        alpha = rstd_e - (tl.sum(rstd, axis=1) if GPP > 1 else rstd)
+        beta = -r * rstd_e
+        if CURV:
+            mean_dxhat = mean_dxhat + alpha * m_h1 + beta * m_h0
+            mean_dxhat_xhat = mean_dxhat_xhat + alpha * m_h2 + beta * m_h1
         mean_dxhat_xhat = rstd_e * (mean_dxhat_xhat - r * mean_dxhat)
         if k == 0:
-            # the parameter gradients' A retaken, rstd_e (A - r B), over what was stored
+            # the parameter gradients' A and B as retaken, per channel from SCR
             tl.debug_barrier()
             for cb in range(0, Cg, BLOCK_C):
                 c = cb + tl.arange(0, BLOCK_C)
                 cmask = c < Cg
                 nc = n.to(tl.int64) * C + c0 + c
-                a = tl.load(SUMS + 2 * nc, mask=cmask, other=0.0).to(tl.float64)
-                b = tl.load(SUMS + 2 * nc + 1, mask=cmask, other=0.0).to(tl.float64)
+                a = tl.load(SCR + 7 * nc, mask=cmask, other=0.0)
+                b = tl.load(SCR + 7 * nc + 1, mask=cmask, other=0.0)
+                if CURV:
+                    h0 = tl.load(SCR + 7 * nc + 4, mask=cmask, other=0.0)
+                    h1 = tl.load(SCR + 7 * nc + 5, mask=cmask, other=0.0)
+                    h2 = tl.load(SCR + 7 * nc + 6, mask=cmask, other=0.0)
+                    b = b + alpha * h1 + beta * h0
+                    a = a + alpha * h2 + beta * h1
                 tl.store(SUMS + 2 * nc, (rstd_e * (a - r * b)).to(tl.float32), mask=cmask)
+                tl.store(SUMS + 2 * nc + 1, b.to(tl.float32), mask=cmask)
     if GPP > 1:
         mean_dxhat = mean_dxhat[:, None]
         mean_dxhat_xhat = mean_dxhat_xhat[:, None]
         r = r[:, None]
+        alpha = alpha[:, None]
+        beta = beta[:, None]
         if EXACT:
             rstd_e = rstd_e[:, None]
     if FLAT:
@@ -1736,8 +1818,8 @@ def _bwd_dx_chunk(
         _dx_flat(
             X, DY, DX, x_base, dy_base, dx_base, n, c0, f_lo,
             tl.minimum(f_lo + CHUNK_F, GSTRIDE), L, LINV, pivot, smean, rstd, W, B, SCALE, SHIFT,
-            C, mean_dxhat, mean_dxhat_xhat, r, rstd_e, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT,
-            BLOCK_F, IDX64, EXACT,
+            C, mean_dxhat, mean_dxhat_xhat, r, rstd_e, alpha, beta, HAS_W, HAS_B, HAS_SCALE,
+            HAS_SHIFT, ACT, BLOCK_F, IDX64, EXACT,
         )  # fmt: skip
         return
     l_lo = k * CHUNK_L
@@ -1749,7 +1831,7 @@ def _bwd_dx_chunk(
         _dx_block(
             X, DY, DX, x_base, dy_base, dx_base, c, cmask, l_lo, l_hi, sxC, sxL, sdC, sdL, sgC,
             sgL, pivot, smean, rstd, w, bias, s1, sh, mean_dxhat, mean_dxhat_xhat, r, rstd_e,
-            ACT, BLOCK_L, IDX64, EXACT,
+            alpha, beta, ACT, BLOCK_L, IDX64, EXACT,
         )  # fmt: skip
 
 
@@ -1770,6 +1852,7 @@ def _gn_bwd_dx_kernel(
     PA,
     PB,
     SUMS,
+    SCR,
     C,
     G,
     L,
@@ -1816,7 +1899,7 @@ def _gn_bwd_dx_kernel(
         GSTRIDE, CG, GPP, FLAT, BLOCK_C,
     )  # fmt: skip
     _bwd_dx_chunk(
-        X, DY, DX, W, B, SCALE, SHIFT, PA, PB, SUMS, C, L, sxC, sxL, sdC, sdL, sgC, sgL,
+        X, DY, DX, W, B, SCALE, SHIFT, PA, PB, SUMS, SCR, C, L, sxC, sxL, sdC, sdL, sgC, sgL,
         CHUNK_L, K, n, c0, Cg, x_base, dy_base, dx_base, pivot, smean, rstd, _reversed_chunk(),
         HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, STATS_GIVEN, FUSED, BLOCK_C, BLOCK_L, BLOCK_K,
         IDX64, False, GSTRIDE, LINV, CHUNK_F, FLAT, VEC, BLOCK_F, CG, GPP, EPS, EXACT,
@@ -1840,6 +1923,7 @@ def _gn_bwd_wave_kernel(
     PA,
     PB,
     SUMS,
+    SCR,
     SYNC,
     C,
     G,
@@ -1903,7 +1987,7 @@ def _gn_bwd_wave_kernel(
             else:
                 _await_partials(SYNC, row, K)
                 _bwd_dx_chunk(
-                    X, DY, DX, W, B, SCALE, SHIFT, PA, PB, SUMS, C, L, sxC, sxL, sdC, sdL, sgC,
+                    X, DY, DX, W, B, SCALE, SHIFT, PA, PB, SUMS, SCR, C, L, sxC, sxL, sdC, sdL, sgC,
                     sgL, CHUNK_L, K, n, c0, Cg, x_base, dy_base, dx_base, pivot, smean, rstd, k,
                     HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, ACT, STATS_GIVEN, False, BLOCK_C, BLOCK_L,
                     BLOCK_K, IDX64, True, GSTRIDE, LINV, CHUNK_F, FLAT, VEC, BLOCK_F, CG, GPP, EPS,
@@ -2127,6 +2211,13 @@ def _launch(
         unit_stride=unit,
         contiguous_groups=contiguous_groups,
     )
+    # the float64 backward's activation derivatives (_bwd_dx_chunk) spill at full tiles
+    act64 = False
+    if direction == "bwd" and cfg.regime != "onchip" and dtype == torch.float32 and activation:
+        act64 = True
+        wide = cfg.regime == "wave" or (cfg.flat and cfg.regime == "fused")
+        shrink = EXACT_ACT_SHRINK[activation][wide]
+        cfg = dataclasses.replace(cfg, block_l=max(1, cfg.block_l // shrink))
     int64 = any(_max_offset(shape, st) > _INT32_MAX for st in full)
     named = dict(zip(("HAS_W", "HAS_B", "HAS_SCALE", "HAS_SHIFT"), has, strict=True))
     common = dict(
@@ -2149,7 +2240,8 @@ def _launch(
         # dx: chunk k is the k-th of ``chunks`` runs of whole FLAT_DX_BLOCK tiles
         per_chunk = -(-gstride // cfg.chunks)
         chunk_f = -(-per_chunk // FLAT_DX_BLOCK) * FLAT_DX_BLOCK
-        dx_flat = dict(LINV=linv, CHUNK_F=chunk_f, BLOCK_F=FLAT_DX_BLOCK)
+        block_f = FLAT_DX_BLOCK // (EXACT_ACT_SHRINK_DX if act64 else 1)
+        dx_flat = dict(LINV=linv, CHUNK_F=chunk_f, BLOCK_F=block_f)
     if cfg.regime != "onchip" and cfg.groups_per_program > 1:
         flags = dict(flags, GPP=cfg.groups_per_program)  # channels-last runs of groups
     onchip = dict(
@@ -2414,17 +2506,18 @@ def _backward(
         # Partials merged as (BLOCK_K, BLOCK_C) tiles of at most one TILE.
         block_k = min(next_pow2(K), max(1, TILE // cfg.block_c))
         # float32 x: the loop regimes' backward in float64 too (see _bwd_dx_chunk)
-        loop_exact = x.dtype == torch.float32 and not stats_given and activation is None
+        loop_exact = x.dtype == torch.float32 and not stats_given
+        scratch = x.new_empty((N, C, 7), dtype=torch.float64) if loop_exact else sums
         if fused:
             parts = [sums] * 2  # not read: A, B come straight from x and dy
         elif loop_exact:
-            parts = [x.new_empty((N, K, C, 4), dtype=torch.float64)] * 2
+            parts = [x.new_empty((N, K, C, 7), dtype=torch.float64)] * 2
         else:
             parts = [x.new_empty((N, K, C), dtype=torch.float32) for _ in range(2)]
         if cfg.regime == "wave":
             sync = x.new_zeros(1 + N * G, dtype=torch.int32)  # ticket counter, then per row
             _gn_bwd_wave_kernel[(cfg.programs,)](
-                xv, dyv, dx, *params, offs, *stats, ss, *parts, sums, sync, *strides,
+                xv, dyv, dx, *params, offs, *stats, ss, *parts, sums, scratch, sync, *strides,
                 *plan.outs, cfg.chunk_l, K, N * G // flags.get("GPP", 1), cfg.wave_rows,
                 cfg.waves, STATS_GIVEN=stats_given, BLOCK_K=block_k, num_warps=cfg.num_warps,
                 **flags, **plan.dx_flat, EPS=eps, EXACT=loop_exact,
@@ -2437,7 +2530,7 @@ def _backward(
                     **flags, EXACT=loop_exact,
                 )  # fmt: skip
             _gn_bwd_dx_kernel[grid](
-                xv, dyv, dx, *params, offs, *stats, ss, *parts, sums, *strides, *plan.outs,
+                xv, dyv, dx, *params, offs, *stats, ss, *parts, sums, scratch, *strides, *plan.outs,
                 cfg.chunk_l, K, STATS_GIVEN=stats_given, FUSED=fused, BLOCK_K=block_k, **flags,
                 **plan.dx_flat, EPS=eps, EXACT=loop_exact,
             )  # fmt: skip

@@ -159,6 +159,18 @@ RUN_MAX_CHANNELS = 256
 # channels 1.0-6.8x slower.
 # float32: 32 channels (128 bytes) 148 -> 99 us on ResNet b32, 64 channels 93 us.
 RUN_CHANNELS = 32
+# The loop regimes' float32 backward with an activation computes in float64 (its derivatives,
+# and for SiLU and GELU the first-order move of du to the retaken statistics), in tiles shorter
+# along L: by EXACT_ACT_SHRINK[activation][0], or [1] for the wave regime and the fused regime's
+# flat groups, and flat dx tiles (FLAT_DX_BLOCK) by EXACT_ACT_SHRINK_DX. Compiled for sm_90
+# (tests/_triton_compile.py --loops): at full tiles SiLU and GELU spilled 272-1856 B at 4 warps
+# and 48-1056 B at 8; at a quarter still 8-112 B in the split partials and channels-last fused
+# runs; at an eighth 16-32 B in the flat fused and wave kernels, whose 8-warp channels-last runs
+# also lost their 128-bit accesses. ReLU spilled 16-168 B at full tiles, 8-12 B in the wave
+# kernels at a quarter or an eighth (which also cost those runs their 128-bit accesses), none
+# at a half.
+EXACT_ACT_SHRINK = {"silu": (8, 4), "gelu": (8, 4), "relu": (2, 2)}
+EXACT_ACT_SHRINK_DX = 4
 
 
 def next_pow2(n: int) -> int:
