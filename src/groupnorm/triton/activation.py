@@ -25,28 +25,22 @@ def _act(u, ACT: tl.constexpr):
 
 @triton.jit
 def _act_grad(u, ACT: tl.constexpr):
-    """d act(u) / du."""
-    if ACT == 1:
-        s = tl.sigmoid(u)
-        return s * (1.0 + u * (1.0 - s))
-    elif ACT == 2:
-        cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
-        return cdf + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
-    elif ACT == 3:
-        return tl.where(u > 0.0, 1.0, 0.0)
-    else:
-        return tl.full(u.shape, 1.0, tl.float32)
+    """d act(u) / du (the first of :func:`_act_grads`)."""
+    g1, _ = _act_grads(u, ACT)
+    return g1
 
 
 @triton.jit
 def _act_grads(u, ACT: tl.constexpr):
-    """(d act / du, d^2 act / du^2) of the smooth activations (silu, gelu), sharing their
-    exponential; (1, 0) for the others."""
+    """(d act / du, d^2 act / du^2), the two sharing their exponential."""
     if ACT == 1:
         s = tl.sigmoid(u)
         return s * (1.0 + u * (1.0 - s)), s * (1.0 - s) * (2.0 + u * (1.0 - 2.0 * s))
     elif ACT == 2:
-        pdf = tl.exp(-0.5 * u * u) * 0.3989422804014327
-        return 0.5 * (1.0 + tl.erf(u * 0.7071067811865476)) + u * pdf, pdf * (2.0 - u * u)
+        cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
+        e = tl.exp(-0.5 * u * u)
+        return cdf + u * e * 0.3989422804014327, e * 0.3989422804014327 * (2.0 - u * u)
+    elif ACT == 3:
+        return tl.where(u > 0.0, 1.0, 0.0), tl.zeros(u.shape, u.dtype)
     else:
-        return u * 0.0 + 1.0, u * 0.0
+        return tl.full(u.shape, 1.0, tl.float32), tl.zeros(u.shape, u.dtype)

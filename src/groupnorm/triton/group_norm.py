@@ -63,7 +63,7 @@ from torch.autograd.function import once_differentiable
 from groupnorm.activations import triton_code
 from groupnorm.groups import GroupPlan
 from groupnorm.stats import GroupStats
-from groupnorm.triton.activation import _act, _act_grad, _act_grads
+from groupnorm.triton.activation import _act, _act_grads
 from groupnorm.triton.backend import KERNEL_DTYPES
 from groupnorm.triton.heuristics import (
     CPU_SM_COUNT,
@@ -1007,9 +1007,7 @@ def _channel_block(
     DT: tl.constexpr = tl.float32,
 ):
     """Channels c = cb .. cb + BLOCK_C of the group (local index), their mask, and per-channel
-    vectors in DT (w, bias, 1 + scale, shift) of sample n; identity values where absent. In
-    float64 folded to (w (1 + scale), bias (1 + scale) + shift, 1, 0), the same u and dx_hat
-    from two live vectors."""
+    vectors in DT (w, bias, 1 + scale, shift) of sample n; identity values where absent."""
     c = cb + tl.arange(0, BLOCK_C)
     cmask = c < Cg
     one = tl.full((BLOCK_C,), 1.0, DT)
@@ -1026,11 +1024,6 @@ def _channel_block(
         s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(DT)
     if HAS_SHIFT:
         sh = tl.load(SHIFT + nc, mask=cmask, other=0.0).to(DT)
-    if tl.float64 == DT:
-        w = w * s1
-        bias = bias * s1 + sh
-        s1 = one
-        sh = one * 0.0
     return c, cmask, w, bias, s1, sh
 
 
@@ -1070,13 +1063,12 @@ def _du_xhat(
     xhat = tl.where(keep, d * rstd, 0.0)
     du = tl.where(keep, dy.to(DT), 0.0)
     h = du
-    if CURV:  # float64: w and bias folded with scale and shift (_channel_block)
-        g1, g2 = _act_grads(xhat * w[:, None] + bias[:, None], ACT)
-        h = tl.where(keep, du * g2 * w[:, None], 0.0)
-        du = tl.where(keep, du * g1, 0.0)
-    elif ACT != 0:
+    if ACT != 0:
         u = (xhat * w[:, None] + bias[:, None]) * s1[:, None] + sh[:, None]
-        du = tl.where(keep, du * _act_grad(u, ACT), 0.0)
+        g1, g2 = _act_grads(u, ACT)
+        if CURV:
+            h = tl.where(keep, du * g2 * (w * s1)[:, None], 0.0)
+        du = tl.where(keep, du * g1, 0.0)
     return du, xhat, d, h
 
 
@@ -1372,11 +1364,11 @@ def _dx_flat(
         # masked lanes as 0: their x_hat from x = 0 could overflow the activation's exp
         d = tl.where(mask, (v.to(DT) - pivot) - smean, 0.0)
         xhat = d * rstd
-        if CURV:
+        if ACT != 0:
             g1, g2 = _act_grads((xhat * w + bias) * s1 + sh, ACT)
-            du = du * (g1 + g2 * (w * s1) * (alpha * d + beta))
-        elif ACT != 0:
-            du = du * _act_grad((xhat * w + bias) * s1 + sh, ACT)
+            if CURV:
+                g1 += g2 * (w * s1) * (alpha * d + beta)
+            du = du * g1
         if EXACT:
             xhat = (d - r) * rstd_e
         dx = rstd_e * (du * (w * s1) - mean_dxhat - xhat * mean_dxhat_xhat)
@@ -1776,9 +1768,10 @@ def _bwd_dx_chunk(
         # A group of one element: dx = 0 exactly (y does not depend on x), where fused
         # multiply-adds would leave rstd times a rounding of du * w.
         rstd = tl.where(count > 1.0, rstd, 0.0)
+    # the move of x_hat to the retaken statistics, x_hat + alpha d + beta: none without EXACT
     rstd_e = rstd
-    alpha = r
-    beta = r
+    alpha = tl.zeros_like(r)
+    beta = alpha
     if EXACT:
         rstd_e = tl.where(count > 1.0, 1.0 / tl.sqrt(tl.maximum(var, 0.0) + EPS), 0.0)
         # rstd as a (BLOCK_C, 1) column in a run, a scalar otherwise
