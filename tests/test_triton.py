@@ -371,18 +371,29 @@ def test_regression_loop_regimes_take_a_float32_backward_in_float64(case, regime
     zero-padded data (whose dweight is 0). They now sum in float64 and retake the mean and rstd
     from those sums, as the on-chip regime recomputes them, with du moved to them to first order
     (see _bwd_dx_chunk). Every gradient against float64."""
-    shape, layout, G, loc, std, pad, ones = LOOP_EXACT_CASES[case]
+    _float32_gradients_match(LOOP_EXACT_CASES[case], 101, regime=regime, activation=activation)
+
+
+def _padded(shape, layout, loc, std, pad, seed):
+    """float32 (loc, std) normal values with ``pad`` zeros around H and W, NCHW or NHWC."""
     N, C = shape[:2]
     inner = tuple(s - 2 * pad for s in shape[2:])
-    x = F.pad(_rand((N, C, *inner), 101, loc=loc, std=std), (pad,) * 4)
-    if layout == "nhwc":
-        x = x.to(memory_format=torch.channels_last)
+    x = F.pad(_rand((N, C, *inner), seed, loc=loc, std=std), (pad,) * 4)
+    return x.to(memory_format=torch.channels_last) if layout == "nhwc" else x
+
+
+def _float32_gradients_match(case, seed, *, regime, activation):
+    """One of LOOP_EXACT_CASES' kind of case: every gradient of a float32 call (|w| ~ 2, dy
+    random or 1) against float64."""
+    shape, layout, G, loc, std, pad, ones = case
+    x = _padded(shape, layout, loc, std, pad, seed)
+    N, C = shape[:2]
     plan = make_plan(C, G)
     xg = x.clone().requires_grad_()
-    w = _rand((C,), 102, std=2.0).requires_grad_()
-    b = _rand((C,), 103).requires_grad_()
+    w = _rand((C,), seed + 1, std=2.0).requires_grad_()
+    b = _rand((C,), seed + 2).requires_grad_()
     y, _ = group_norm_triton(xg, plan, w, b, regime=regime, activation=activation)
-    dy = torch.ones(shape, device=DEVICE) if ones else _rand(shape, 104, loc=0.0, std=1.0)
+    dy = torch.ones(shape, device=DEVICE) if ones else _rand(shape, seed + 3, loc=0.0, std=1.0)
     y.backward(dy)
     _, cache = _reference(x, plan, w, b, activation=activation)
     grads = ref.group_norm_backward(to_numpy(dy), cache)
@@ -390,6 +401,31 @@ def test_regression_loop_regimes_take_a_float32_backward_in_float64(case, regime
     check(xg.grad, grads.dx, torch.float32, reduction=max(plan.sizes) * L, what="dx")
     check(w.grad, grads.dgamma, torch.float32, reduction=N * L, what="dweight")
     check(b.grad, grads.dbeta, torch.float32, reduction=N * L, what="dbias")
+
+
+ONCHIP_8K_CASES = {
+    # name: ((shape, layout, groups, x loc, x std, zero padding, dy = 1), activation)
+    "dy-of-y-sum": (((2, 2, 64, 128), "nchw", 2, 30.0, 1.0, 1, True), None),
+    "dy-of-y-sum-small-spread-nhwc": (((2, 2, 128, 64), "nhwc", 2, 0.5, 3e-3, 0, True), None),
+    "silu-small-spread": (((1, 2, 64, 64), "nchw", 1, 0.5, 3e-3, 0, False), "silu"),
+    "gelu-small-spread-runs": (((1, 8, 32, 32), "nhwc", 1, 0.5, 3e-3, 0, False), "gelu"),
+}
+
+
+@pytest.mark.parametrize("case", list(ONCHIP_8K_CASES))
+def test_regression_float32_groups_of_8k_slots_take_an_exact_backward(case):
+    """Float32 groups of 4097-8192 tile slots went through the on-chip backward in float32
+    arithmetic from the forward's float32 mean: y.sum()'s gradient reached dx 26x and dweight
+    51-156x the float32 bound (one-channel groups, zero-padded or at std 3e-3), SiLU 9x and GELU
+    4.9x at random dy. Float64 tiles of that size spill, so these groups now take the loop
+    regimes, exact in float64 (the forward stays on chip, at 8192 slots)."""
+    spec, activation = ONCHIP_8K_CASES[case]
+    shape, layout, G = spec[:3]
+    x = _padded(shape, layout, 0.0, 1.0, 0, 130)
+    params = (x.new_ones(shape[1]), None, None, None)
+    fwd = kernels._launch_of("fwd", x, x, make_plan(shape[1], G).sizes, "auto", params, activation)
+    assert fwd.cfg.regime == "onchip" and fwd.cfg.block_c * fwd.cfg.block_l == 8192
+    _float32_gradients_match(spec, 131, regime="auto", activation=activation)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])

@@ -108,8 +108,7 @@ CPU_SM_COUNT = 1
 #   fwd  fp32 32 K: NCHW 255/88, 128/0, 64/56     NHWC 255/232, 128/8, 64/104
 #   bwd  bf16 16 K: NCHW 207/0, 125/0, 64/0       NHWC 255/0, 128/0, 64/56
 #   bwd  bf16 32 K: NCHW 255/912, 128/336, 64/224 NHWC 255/1176, 128/432, 64/224
-#   bwd  fp32 16 K: NCHW 208/0, 128/0, 64/0       NHWC 255/8, 128/40, 64/24
-#   bwd  bf16/fp32 8 K: no spills at any width
+#   bwd  bf16 8 K: no spills at any width
 # 65 K slots never fit. With scale and shift on as well, channels-last spills 32 B at the NCHW
 # limits (each thread holds every per-channel vector for its 8 adjacent channels), so it gets the
 # next smaller tile. Keyed by (direction, element bytes, channels-last); backward keeps x, dy,
@@ -117,6 +116,13 @@ CPU_SM_COUNT = 1
 # audit) every other limit holds, but the 32 K NCHW bf16 forward with GELU, scale and shift
 # spills 32 B at 16 warps (without the epilogue, ResNet b32: 112 registers, none); kept until a
 # GPU says what those 32 B cost.
+# A float32 backward computes in float64 (EXACT in onchip.py): in float32, x_hat's and du's own
+# roundings (and the saved float32 mean's, the same for every element) put dx at 26-28x and
+# dweight at 51-156x the float32 bound on 8 K-slot tiles (y.sum()'s gradient, std 3e-3 or
+# zero-padded data; SiLU at random dy 9x). Float64 tiles of 4 K slots take 192-196 registers at
+# 8 warps (16 slots a thread); at 8 K slots they spilled 232-256 B at 16 warps (1.1-1.3 KB when
+# x_hat and du were recomputed after the reductions instead of kept), so larger float32 groups
+# take the loop regimes, which are exact too.
 ONCHIP_MAX_SLOTS = {
     ("fwd", 2, False): 32768,
     ("fwd", 2, True): 16384,
@@ -124,20 +130,16 @@ ONCHIP_MAX_SLOTS = {
     ("fwd", 4, True): 16384,
     ("bwd", 2, False): 16384,
     ("bwd", 2, True): 8192,
-    ("bwd", 4, False): 8192,
-    ("bwd", 4, True): 8192,
+    ("bwd", 4, False): 4096,
+    ("bwd", 4, True): 4096,
 }
-# Slots per thread (warps = slots / (32 * this), clamped to ONCHIP_WARPS): 64 fp32 values per
-# thread in forward (32 K slots at 16 warps), 32 in backward (16 K at 16 warps). Wide programs
-# also keep a whole group's loads in flight: 32 K slots of bf16 are 64 KB per program, more than
-# the ~25 KB per SM that Little's law asks for (3.35 TB/s over 132 SMs x ~1 us DRAM latency), so
-# even 32-64 programs (SD 64x64 at batch 2) can stream near bandwidth with one per SM.
-ONCHIP_SLOTS_PER_THREAD = {"fwd": 64, "bwd": 32}
-# A float32 backward of at most this many slots computes in float64 (EXACT in onchip.py), 16
-# slots a thread (8 warps); at 8 K slots float64 spilled 232-256 B even at 16 warps (sm_90,
-# triton 3.9, GELU, scale and shift), so larger tiles keep float32.
-ONCHIP_EXACT_SLOTS = 4096
-ONCHIP_EXACT_SLOTS_PER_THREAD = 16
+# Slots per thread (warps = slots / (32 * this), clamped to ONCHIP_WARPS): 64 values per thread
+# in forward (32 K slots at 16 warps), 32 in backward (16 K at 16 warps), 16 in the float32
+# backward (float64 inside: 4 K at 8 warps). Wide programs also keep a whole group's loads in
+# flight: 32 K slots of bf16 are 64 KB per program, more than the ~25 KB per SM that Little's law
+# asks for (3.35 TB/s over 132 SMs x ~1 us DRAM latency), so even 32-64 programs (SD 64x64 at
+# batch 2) can stream near bandwidth with one per SM.
+ONCHIP_SLOTS_PER_THREAD = {("fwd", 2): 64, ("fwd", 4): 64, ("bwd", 2): 32, ("bwd", 4): 16}
 ONCHIP_WARPS = (4, 16)
 # A program of fewer slots than this takes several consecutive groups (even plans): tiny groups
 # (G = C, 8x8 maps) otherwise cost one program each for a few bytes.
@@ -214,12 +216,6 @@ def _aligned_run(group_channels: int, elem_bytes: int) -> int:
     return VECTOR_BYTES // math.gcd(group_channels * elem_bytes, VECTOR_BYTES)
 
 
-def exact_backward(direction: str, elem_bytes: int, slots: int) -> bool:
-    """Whether an on-chip tile of ``slots`` computes its backward in float64: float32 x
-    (half precision is judged against torch's own rounding), tiles up to ONCHIP_EXACT_SLOTS."""
-    return direction == "bwd" and elem_bytes == 4 and slots <= ONCHIP_EXACT_SLOTS
-
-
 def onchip_tile(
     L: int,
     num_groups: int,
@@ -248,9 +244,7 @@ def onchip_tile(
     if slots(gpp) > limit:
         return None
     lo, hi = ONCHIP_WARPS
-    per_thread = ONCHIP_SLOTS_PER_THREAD[direction]
-    if exact_backward(direction, elem_bytes, slots(gpp)):
-        per_thread = ONCHIP_EXACT_SLOTS_PER_THREAD
+    per_thread = ONCHIP_SLOTS_PER_THREAD[direction, elem_bytes]
     warps = min(hi, max(lo, slots(gpp) // (per_thread * 32)))
     return next_pow2(gpp * max_group), block_l, gpp, warps
 

@@ -251,14 +251,14 @@ def _gn_bwd_onchip_kernel(
     (with statistics given by the caller: dx = rstd du wc; their own gradients are formed
     after the kernel, see group_norm.py).
 
-    EXACT (float32 x, tiles up to heuristics.ONCHIP_EXACT_SLOTS): everything after the loads
-    in float64, the mean and rstd recomputed from the registers (two-pass, with EPS), or, with
-    statistics given, x_hat from the given pivot and shifted mean and a float64 RSTD made from
-    the given m2 and count. dx cancels where a group is small and rstd |w| large: from float32
-    statistics and float32 arithmetic it reached 13x the float32 bound at std 3e-3 (groups of
-    2-512 elements, |w| ~ 2), as torch's own float32 kernels do (the CPU kernel takes float64
-    for the same reason); with given statistics, SiLU's and GELU's derivative at a float32 u
-    put dx at 3.4-7.2x."""
+    EXACT (float32 x, whose tiles are limited to what float64 fits: heuristics.ONCHIP_MAX_SLOTS):
+    everything after the loads in float64, the mean and rstd recomputed from the registers
+    (two-pass, with EPS), or, with statistics given, x_hat from the given pivot and shifted mean
+    and a float64 RSTD made from the given m2 and count. dx cancels where a group is small and
+    rstd |w| large: from float32 statistics and float32 arithmetic it reached 13x the float32
+    bound at std 3e-3 (groups of 2-512 elements, |w| ~ 2), as torch's own float32 kernels do (the
+    CPU kernel takes float64 for the same reason); with given statistics, SiLU's and GELU's
+    derivative at a float32 u put dx at 3.4-7.2x."""
     pid = tl.program_id(0)
     n, g0, c_lo, c, cmask, gl, first, gsize = _run(pid, OFFS, GIDX, G, R, CG, GPP, BLOCK_C)
     pos = tl.arange(0, BLOCK_L)
