@@ -256,6 +256,13 @@ LOOP_CASES: dict[str, tuple[tuple[int, ...], bool, tuple[str, ...], tuple[str, .
     "ResNet b32 NHWC": ((32, 256, 56, 56), True, ("fwd", "bwd"), ("auto", "wave")),
     "FPN P2 NHWC": ((2, 256, 200, 304), True, ("fwd", "bwd"), ("auto", "wave")),
     "VAE 1024 NHWC": ((1, 128, 1024, 1024), True, ("fwd", "bwd"), ("auto",)),
+    # 2 channels a group over 3136 positions (8 K tile slots): a bf16 backward on chip, a float32
+    # one fused (its float64 tiles do not fit on chip)
+    "ResNet b32 layer1 NCHW": ((32, 64, 56, 56), False, ("bwd",), ("auto",)),
+    "ResNet b32 layer1 NHWC": ((32, 64, 56, 56), True, ("bwd",), ("auto",)),
+    # channels-last, one channel a group: runs of 32 groups, of 8 in a float32 backward
+    # (heuristics.EXACT_RUN_GROUPS)
+    "InstanceNorm NHWC": ((2, 32, 128, 128), True, ("fwd", "bwd"), ("auto", "fused", "wave")),
     # channels-last, 10 and 30 channels a group (20 and 60 bytes): runs of 4 groups (80 and 240
     # bytes, heuristics.loop_run)
     "SD 2x320x64x64 NHWC": ((2, 320, 64, 64), True, ("fwd", "bwd"), ("auto", "fused", "wave")),

@@ -1403,17 +1403,20 @@ def test_runs_of_groups_and_uneven_plans_poisoned(channels_last, regime, poisone
     L=st.integers(1, 1 << 20),
     elem_bytes=st.sampled_from([2, 4]),
     regime=st.sampled_from(["auto", "fused", "split", "wave"]),
+    direction=st.sampled_from(["fwd", "bwd"]),
 )
-def test_channels_last_run_plans(N, G, cg, L, elem_bytes, regime):
+def test_channels_last_run_plans(N, G, cg, L, elem_bytes, regime, direction):
     """The loop regimes' channels-last runs (heuristics.loop_run): consecutive groups whose
-    channels are a 16-byte multiple, doubled while fewer than RUN_CHANNELS, only where they
-    divide G and fit one channel block; the plan's tile then spans the run, and its chunks cover
-    L (split: in whole tiles)."""
+    channels are a 16-byte multiple, doubled while fewer than RUN_CHANNELS (in a float32
+    backward, up to EXACT_RUN_GROUPS groups), only where they divide G and fit one channel
+    block; the plan's tile then spans the run, and its chunks cover L (split: in whole tiles)."""
     from groupnorm.triton import heuristics as h
 
     cfg = h.choose_config(
-        N, L, cg, G, True, 132, regime, even=True, elem_bytes=elem_bytes, unit_stride=False
-    )
+        N, L, cg, G, True, 132, regime, even=True, elem_bytes=elem_bytes, unit_stride=False,
+        direction=direction,
+    )  # fmt: skip
+    most = h.EXACT_RUN_GROUPS if (direction, elem_bytes) == ("bwd", 4) else G
     gpp = cfg.groups_per_program
     row = cg * elem_bytes
     fewest = h.VECTOR_BYTES // np.gcd(row, h.VECTOR_BYTES)
@@ -1424,7 +1427,10 @@ def test_channels_last_run_plans(N, G, cg, L, elem_bytes, regime):
     if fits(fewest):
         assert gpp % fewest == 0 and fits(gpp) and (gpp * row) % h.VECTOR_BYTES == 0
         assert gpp == fewest or (gpp // 2) * cg < h.RUN_CHANNELS, "no wider than needed"
-        assert gpp * cg >= h.RUN_CHANNELS or not fits(2 * gpp), "as wide as G allows"
+        assert gpp <= max(most, fewest)
+        assert gpp * cg >= h.RUN_CHANNELS or not fits(2 * gpp) or 2 * gpp > most, (
+            "as wide as G allows"
+        )
         assert gpp == 1 or cfg.block_c >= gpp * cg, "one channel block spans the run"
     else:
         assert gpp == 1

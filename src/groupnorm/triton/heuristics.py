@@ -173,6 +173,10 @@ RUN_CHANNELS = 32
 # at a half.
 EXACT_ACT_SHRINK = {"silu": (8, 4), "gelu": (8, 4), "relu": (2, 2)}
 EXACT_ACT_SHRINK_DX = 4
+# ... and its channels-last runs take at most this many groups: the dx kernel's per-group float64
+# sums spilled at 16 groups (2 channels a group: 744 B with SiLU, 24 B with ReLU) and 32 (one
+# channel: 992 B, 2736 B with SiLU); 8 groups take 181-194 registers and none.
+EXACT_RUN_GROUPS = 8
 
 
 def next_pow2(n: int) -> int:
@@ -314,7 +318,7 @@ def choose_config(
         # of the group's elements.
         cfg = _loop_config(N, L, max_group, num_groups, False, sm_count, regime, elem_bytes, "bwd")
         return replace(cfg, flat=True)
-    gpp = loop_run(max_group, num_groups, even, channels_fast, elem_bytes)
+    gpp = loop_run(max_group, num_groups, even, channels_fast, elem_bytes, direction)
     if gpp > 1:
         cfg = _loop_config(
             N, L, gpp * max_group, num_groups // gpp, True, sm_count, regime, elem_bytes,
@@ -327,7 +331,12 @@ def choose_config(
 
 
 def loop_run(
-    max_group: int, num_groups: int, even: bool, channels_fast: bool, elem_bytes: int
+    max_group: int,
+    num_groups: int,
+    even: bool,
+    channels_fast: bool,
+    elem_bytes: int,
+    direction: str = "fwd",
 ) -> int:
     """Groups per program of the fused, split and wave regimes: 1, or for a channels-last even plan
     a run of consecutive groups: the fewest whose channels are a 16-byte multiple (SD's 320 / 32
@@ -335,14 +344,16 @@ def loop_run(
     is 128-bit aligned, then doubled while it has fewer than RUN_CHANNELS channels (VAE's 128 / 32
     = 4: 8 groups), so that a program reads whole sectors of each position. Only where the
     groups divide G and the run fits one channel block of at most RUN_MAX_CHANNELS (the kernels
-    hold a run as one tile row)."""
+    hold a run as one tile row); a float32 backward's runs at most EXACT_RUN_GROUPS groups."""
     if not (even and channels_fast):
         return 1
+    most = EXACT_RUN_GROUPS if (direction, elem_bytes) == ("bwd", 4) else num_groups
     gpp = _aligned_run(max_group, elem_bytes)
     if num_groups % gpp or next_pow2(gpp * max_group) > RUN_MAX_CHANNELS:
         return 1
     while (
         gpp * max_group < RUN_CHANNELS
+        and 2 * gpp <= most
         and num_groups % (2 * gpp) == 0
         and next_pow2(2 * gpp * max_group) <= RUN_MAX_CHANNELS
     ):
