@@ -9,7 +9,10 @@ usage (``cuobjdump -res-usage``) gives registers and local memory (spills); the 
 width of every global load and store.
 
 ``python -m tests._triton_compile`` compiles the kernels of a few representative launches and
-prints one line per kernel; exit 0 when every kernel compiles. Needs TRITON_INTERPRET unset.
+prints one line per kernel; exit 0 when every kernel compiles. ``--limits`` and ``--loops``
+audit the on-chip kernels at their limits and the loop kernels on the spec's shapes (the tests
+run both); ``--sweep`` audits the loop kernels over a wider grid of group widths, epilogues and
+regimes (not run by the tests). Needs TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
@@ -307,8 +310,55 @@ def check_loops() -> list[str]:
     return problems
 
 
+def check_sweep() -> list[str]:
+    """Problems of the loop regimes' kernels over a grid wider than LOOP_CASES (not run by the
+    tests: about 900 kernels, 20-30 minutes): channels per group 1-128 on 128-bit-aligned rows,
+    NCHW and channels-last, every forced regime, bf16 with SiLU, scale and shift, and float32
+    backward with each activation, with and without scale and shift."""
+    variants: list[tuple[torch.dtype, str, str | None, bool]] = [
+        (torch.bfloat16, direction, "silu", True) for direction in ("fwd", "bwd")
+    ]
+    variants += [
+        (torch.float32, "bwd", act, ss)
+        for act in (None, "silu", "gelu", "relu")
+        for ss in (False, True)
+    ]
+    variants.append((torch.float32, "fwd", "gelu", True))
+    problems = []
+    cases = itertools.product(
+        (1, 2, 3, 4, 5, 6, 8, 10, 16, 30, 32, 64, 128),
+        (False, True),
+        ("auto", "fused", "split", "wave"),
+        variants,
+    )
+    for cg, channels_last, regime, (dtype, direction, act, ss) in cases:
+        G = 32 if cg <= 32 else 4
+        L = max(64 * 64, 2 * 65536 // cg)
+        found = launches_of(
+            (2, cg * G, 64, L // 64),
+            G,
+            channels_last=channels_last,
+            dtype=dtype,
+            activation=act,
+            regime=regime,
+            backward=direction == "bwd",
+            scale_shift=ss,
+        )
+        for launch in found:
+            if "onchip" in launch.name or "param" in launch.name:
+                continue
+            layout = "NHWC" if channels_last else "NCHW"
+            tag = f"Cg {cg} {layout} {regime} {str(dtype)[6:]} {direction} {act} ss={ss}"
+            problems += _audit(tag, compile_launch(launch), "partial" not in launch.name)
+    return problems
+
+
 def main() -> int:
     failed = 0
+    if "--sweep" in sys.argv:
+        problems = check_sweep()
+        print("\n".join(problems) or "no spills, 128-bit accesses over the sweep")
+        return 1 if problems else 0
     if "--limits" in sys.argv:
         problems = check_limits()
         print("\n".join(problems) or "no spills, 128-bit accesses at every on-chip limit")
