@@ -428,6 +428,46 @@ def test_regression_float32_groups_of_8k_slots_take_an_exact_backward(case):
     _float32_gradients_match(spec, 131, regime="auto", activation=activation)
 
 
+# name: (shape of one sample, groups, regime, scale)
+LARGE_MEAN_DY_CASES = {
+    "onchip": ((8, 6, 6), 2, "auto", False),
+    "onchip-scale": ((8, 6, 6), 2, "auto", True),
+    "fused": ((8, 6, 6), 2, "fused", True),
+    "split": ((8, 6, 6), 2, "split", False),
+}
+
+
+@pytest.mark.parametrize("case", list(LARGE_MEAN_DY_CASES))
+def test_regression_float32_parameter_gradients_of_a_dy_with_a_large_mean(case):
+    """The backward's per-(n, c) sums A and B were exact but stored in float32, and the
+    parameter kernel combined them in float32 (dweight = sum_n (1 + scale) A). Where dy has a
+    large mean and the samples' A cancel, that rounding shows: the fuzzer found dweight at 8.7x
+    and dscale at 4x the float32 bound (on-chip and fused regimes). Here sample 1 is -sample 0
+    with channel offsets inside each group, so A = 1000 sum_l x_hat is large and opposite in
+    the two samples. A and B are float64 for float32 x now. Every gradient against float64."""
+    inner, G, regime, with_scale = LARGE_MEAN_DY_CASES[case]
+    C = inner[0]
+    half = _rand((1, *inner), 141, loc=0.0, std=1.0) + _rand((1, C, 1, 1), 142, std=2.0)
+    x = torch.cat([half, -half])
+    shape = x.shape
+    plan = make_plan(C, G)
+    xg = x.clone().requires_grad_()
+    w = _rand((C,), 143, loc=1.0, std=0.5).requires_grad_()
+    b = _rand((C,), 144, std=0.5).requires_grad_()
+    scale = torch.zeros(2, C, device=DEVICE).requires_grad_() if with_scale else None
+    y, _ = group_norm_triton(xg, plan, w, b, regime=regime, scale=scale)
+    dy = _rand(tuple(shape), 145, loc=1000.0, std=1.0)
+    y.backward(dy)
+    _, cache = _reference(x, plan, w, b, scale=scale)
+    grads = ref.group_norm_backward(to_numpy(dy), cache)
+    L = x[0, 0].numel()
+    check(xg.grad, grads.dx, torch.float32, reduction=max(plan.sizes) * L, what="dx")
+    check(w.grad, grads.dgamma, torch.float32, reduction=2 * L, what="dweight")
+    check(b.grad, grads.dbeta, torch.float32, reduction=2 * L, what="dbias")
+    if scale is not None:
+        check(scale.grad, grads.dscale, torch.float32, reduction=L, what="dscale")
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
 def test_regression_an_expanded_gradient_takes_the_exact_backward(channels_last):
     """y.sum().backward() hands the backward a gradient of zero strides, which sent it to a

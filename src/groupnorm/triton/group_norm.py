@@ -29,7 +29,7 @@ Backward, recomputing x_hat and u from x and the saved fp32 (pivot, shifted_mean
 
     x_hat = ((x - p) - shifted_mean) * rstd,  z = x_hat * w + bias,  u = z * (1 + scale) + shift
     du    = dy * act'(u)
-    A[n,c] = sum_l du * x_hat       B[n,c] = sum_l du              (fp32, per channel)
+    A[n,c] = sum_l du * x_hat       B[n,c] = sum_l du              (per channel)
     dshift = B,  dscale = w * A + bias * B
     dweight[c] = sum_n (1 + scale) * A,  dbias[c] = sum_n (1 + scale) * B   (fixed order over n)
     wc    = w * (1 + scale);  dx_hat = du * wc
@@ -38,7 +38,9 @@ Backward, recomputing x_hat and u from x and the saved fp32 (pivot, shifted_mean
     (with statistics given by the caller: dx = rstd * dx_hat, and the statistics get their own
     gradients, see the autograd section)
 
-Backward sums: A and B per (n, c), float32, side by side in one (N, C, 2) buffer SUMS.
+Backward sums: A and B per (n, c), side by side in one (N, C, 2) buffer SUMS: float64 for
+float32 x (the parameter gradients cancel where dy has a large mean: float32 A and B combined in
+float32 put dweight at 8.7x and dscale at 4x the float32 bound), float32 for half precision.
 
 Statistics: (N, G) float32 fields pivot, shifted_mean, m2, count, rstd (numbered 0-4); the
 kernels address field k of row r as ``FIELD + k * SS + r``. The op passes five tensors and
@@ -1729,8 +1731,8 @@ def _bwd_dx_chunk(
             if EXACT:
                 _store_sums(SCR, nc, sums, cmask)
             else:
-                tl.store(SUMS + 2 * nc, a, mask=cmask)
-                tl.store(SUMS + 2 * nc + 1, b, mask=cmask)
+                tl.store(SUMS + 2 * nc, a.to(SUMS.dtype.element_ty), mask=cmask)
+                tl.store(SUMS + 2 * nc + 1, b.to(SUMS.dtype.element_ty), mask=cmask)
         wc = tl.where(cmask, w * s1, 0.0)
         t_b += wc * b
         t_a += wc * a
@@ -1795,8 +1797,8 @@ def _bwd_dx_chunk(
                     h2 = tl.load(SCR + 7 * nc + 6, mask=cmask, other=0.0)
                     b = b + alpha * h1 + beta * h0
                     a = a + alpha * h2 + beta * h1
-                tl.store(SUMS + 2 * nc, (rstd_e * (a - r * b)).to(tl.float32), mask=cmask)
-                tl.store(SUMS + 2 * nc + 1, b.to(tl.float32), mask=cmask)
+                tl.store(SUMS + 2 * nc, rstd_e * (a - r * b), mask=cmask)
+                tl.store(SUMS + 2 * nc + 1, b, mask=cmask)
     if GPP > 1:
         mean_dxhat = mean_dxhat[:, None]
         mean_dxhat_xhat = mean_dxhat_xhat[:, None]
@@ -2011,21 +2013,22 @@ def _gn_bwd_param_kernel(
     dscale = w A + bias B, dshift = B."""
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cmask = c < C
-    w = tl.full((BLOCK,), 1.0, tl.float32)
-    bias = tl.zeros((BLOCK,), tl.float32)
+    DT: tl.constexpr = SUMS.dtype.element_ty  # float64 for float32 x
+    w = tl.full((BLOCK,), 1.0, DT)
+    bias = tl.zeros((BLOCK,), DT)
     if HAS_W:
-        w = tl.load(W + c, mask=cmask, other=1.0).to(tl.float32)
+        w = tl.load(W + c, mask=cmask, other=1.0).to(DT)
     if HAS_B:
-        bias = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK,), tl.float32)
-    db = tl.zeros((BLOCK,), tl.float32)
+        bias = tl.load(B + c, mask=cmask, other=0.0).to(DT)
+    dw = tl.zeros((BLOCK,), DT)
+    db = tl.zeros((BLOCK,), DT)
     nc = c.to(tl.int64)  # n * C + c, advanced by C per sample (int64 without a multiply)
     for _ in range(0, N):
         a = tl.load(SUMS + 2 * nc, mask=cmask, other=0.0)
         b = tl.load(SUMS + 2 * nc + 1, mask=cmask, other=0.0)
-        s1 = tl.full((BLOCK,), 1.0, tl.float32)
+        s1 = tl.full((BLOCK,), 1.0, DT)
         if HAS_SCALE:
-            s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(tl.float32)
+            s1 = 1.0 + tl.load(SCALE + nc, mask=cmask, other=0.0).to(DT)
             tl.store(DSCALE + nc, (w * a + bias * b).to(DSCALE.dtype.element_ty), mask=cmask)
         if HAS_SHIFT:
             tl.store(DSHIFT + nc, b.to(DSHIFT.dtype.element_ty), mask=cmask)
@@ -2478,7 +2481,9 @@ def _backward(
     params = [xv if t is None else t.contiguous() for t in epilogue]
     stats = (pivot.contiguous(), smean.contiguous(), rstd.contiguous())
     N, C = x.shape[:2]
-    sums = x.new_empty(2 * N * C, dtype=torch.float32)  # (N, C, 2): A and B of each channel
+    # (N, C, 2): A and B of each channel, in float64 for float32 x (see the module's docstring)
+    wide = torch.float64 if x.dtype == torch.float32 else torch.float32
+    sums = x.new_empty(2 * N * C, dtype=wide)
     # half precision is judged against torch's own rounding, so only float32 x goes float64
     exact = cfg.regime == "onchip" and x.dtype == torch.float32
     if rstd.dtype != torch.float32 and not exact:

@@ -293,8 +293,8 @@ def _gn_bwd_onchip_kernel(
     b = tl.sum(du, axis=1)
     if WRITE_SUMS:
         nc = nb * C + c_lo + c
-        tl.store(SUMS + 2 * nc, a.to(tl.float32), mask=cmask)
-        tl.store(SUMS + 2 * nc + 1, b.to(tl.float32), mask=cmask)
+        tl.store(SUMS + 2 * nc, a.to(SUMS.dtype.element_ty), mask=cmask)
+        tl.store(SUMS + 2 * nc + 1, b.to(SUMS.dtype.element_ty), mask=cmask)
     wc = w * s1
     mean_dxhat = _group_sum(wc * b, gl, GPP) / count
     mean_dxhat_xhat = _group_sum(wc * a, gl, GPP) / count
