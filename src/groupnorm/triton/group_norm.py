@@ -48,7 +48,8 @@ SS = 0; an eager call passes one flat buffer of 5 * N * G as every field and SS 
 allocation instead of five: on a small tensor each costs as much as a kernel launch's Python).
 
 Reductions: every sum is a fixed-shape tile reduction (tl.sum) or a sequential loop; partials
-live in fp32 buffers and are reduced in a fixed order: bitwise deterministic. Atomics only
+live in buffers (float32, float64 in a float32 x's backward) and are reduced in a fixed order:
+bitwise deterministic. Atomics only
 schedule work (the wave regime's tickets and counters), they never sum values.
 """
 
