@@ -309,6 +309,35 @@ def test_edge_shapes_forward_backward(edge, regime):
     _backward_case(x, make_plan(shape[1], G), regime=regime, dtype=torch.float32, has_scale=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+@pytest.mark.parametrize("regime", REGIMES)
+def test_regression_eps_0_one_element_groups_have_nan_gradients_in_every_regime(
+    regime, channels_last, dtype
+):
+    """At eps = 0 a one-element group's variance is 0, rstd infinite and y NaN; its dx and
+    dweight are NaN (the float64 reference, torch, the on-chip regime). The loop regimes zeroed
+    rstd for such groups (y does not depend on x at eps > 0) and returned 0 for both."""
+    x = _rand((2, 6, 1, 1), 111, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    plan = make_plan(6, 6)
+    xg = x.clone().requires_grad_()
+    w = _rand((6,), 112, loc=1.0, std=0.5, dtype=dtype).requires_grad_()
+    b = _rand((6,), 113, dtype=dtype).requires_grad_()
+    dy = _rand((2, 6, 1, 1), 114, loc=0.0, std=1.0, dtype=dtype)
+    with np.errstate(divide="ignore", invalid="ignore"):  # the interpreter's numpy, 0 * inf
+        y, _ = group_norm_triton(xg, plan, w, b, eps=0.0, regime=regime)
+        y.backward(dy)
+        _, cache = _reference(x, plan, w, b, eps=0.0)
+        grads = ref.group_norm_backward(to_numpy(dy), cache)
+    assert np.isnan(grads.dx).all() and np.isnan(grads.dgamma).all()
+    assert torch.isnan(y).all()
+    assert torch.isnan(xg.grad).all(), xg.grad
+    assert torch.isnan(w.grad).all(), w.grad
+    check(b.grad, grads.dbeta, dtype, reduction=2, what="dbias")
+
+
 @pytest.mark.parametrize("modulated", [False, True])
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])

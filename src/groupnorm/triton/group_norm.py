@@ -1775,7 +1775,9 @@ def _bwd_dx_chunk(
     alpha = tl.zeros_like(r)
     beta = alpha
     if EXACT:
-        rstd_e = tl.where(count > 1.0, 1.0 / tl.sqrt(tl.maximum(var, 0.0) + EPS), 0.0)
+        rstd_e = 1.0 / tl.sqrt(tl.maximum(var, 0.0) + EPS)
+        # one element: 0 as above, NaN at eps = 0 (rstd_e infinite, y NaN)
+        rstd_e = tl.where(count > 1.0, rstd_e, 0.0 * rstd_e)
         # rstd as a (BLOCK_C, 1) column in a run, a scalar otherwise
         alpha = rstd_e - (tl.sum(rstd, axis=1) if GPP > 1 else rstd)
         beta = -r * rstd_e
