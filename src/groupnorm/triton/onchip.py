@@ -109,8 +109,9 @@ def _params(
 def _coefficients(
     n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, mean, rstd, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
 ):
-    """Per channel, y = (x - pivot) * a + b before the activation: a = rstd w (1 + scale),
-    b = (bias - mean rstd w)(1 + scale) + shift (mean: of x - pivot)."""
+    """Per channel, y = d * a + b before the activation, d being x less its group's pivot (or,
+    on chip in float32, less the pivot and the float32 mean) and ``mean`` the mean of d:
+    a = rstd w (1 + scale), b = (bias - mean rstd w)(1 + scale) + shift."""
     w, bias, s1, sh = _params(
         n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, tl.float32
     )
@@ -159,7 +160,14 @@ def _gn_fwd_onchip_kernel(
     """Forward, one read of x: d = x - p (p = the group's first element), per group
     mean = sum d / count, m2 = sum (d - mean)^2, rstd = 1 / sqrt(m2 / count + eps), then
     y = act(d * a[c] + b[c]) with a = rstd w (1 + scale), b = (bias - mean rstd w)(1 + scale)
-    + shift, from the same registers."""
+    + shift, from the same registers.
+
+    Float32 x: y = act((d - mean) a[c] + b[c]) with b from r = sum (d - mean) / count, what
+    the float32 mean left (the stored shifted mean is mean + r). Where the pivot lies far out
+    in its group (a zero of padding before data at 30-1000) the halves of d a + b cancel and
+    left y at up to 3x the float32 bound (0.1x now). Half precision keeps d a + b: that error is
+    far below its rounding, and the second sum over the tile costs registers (a 32 K-slot
+    bfloat16 tile spilled 48 B at 16 warps)."""
     pid = tl.program_id(0)
     n, g0, c_lo, c, cmask, gl, first, gsize = _run(pid, OFFS, GIDX, G, R, CG, GPP, BLOCK_C)
     pos = tl.arange(0, BLOCK_L)
@@ -176,6 +184,9 @@ def _gn_fwd_onchip_kernel(
     mean = _group_sum(tl.sum(d, axis=1), gl, GPP) / count
     e = tl.where(mask, (v.to(tl.float32) - pivot[:, None]) - mean[:, None], 0.0)
     m2 = _group_sum(tl.sum(e * e, axis=1), gl, GPP)
+    r = tl.zeros_like(mean)
+    if X.dtype.element_ty == tl.float32:
+        r = _group_sum(tl.sum(e, axis=1), gl, GPP) / count
     # Lanes past the run have m2 = 0; with eps = 0 (statistics only) they would divide by 0.
     rstd = 1.0 / tl.sqrt(tl.where(cmask, m2 / count + eps, 1.0))
     for j in tl.static_range(GPP):
@@ -184,14 +195,20 @@ def _gn_fwd_onchip_kernel(
         row = n * G + g0 + j
         ok = g0 + j < G
         tl.store(PIVOT + row, tl.sum(tl.where(head, pivot, 0.0), axis=0), mask=ok)
-        tl.store(SMEAN + SS + row, tl.sum(tl.where(head, mean, 0.0), axis=0), mask=ok)
+        tl.store(SMEAN + SS + row, tl.sum(tl.where(head, mean + r, 0.0), axis=0), mask=ok)
         tl.store(M2 + 2 * SS + row, tl.sum(tl.where(head, m2, 0.0), axis=0), mask=ok)
         tl.store(COUNT + 3 * SS + row, tl.sum(tl.where(head, count, 0.0), axis=0), mask=ok)
         tl.store(RSTD + 4 * SS + row, tl.sum(tl.where(head, rstd, 0.0), axis=0), mask=ok)
-    a, b = _coefficients(
-        n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, mean, rstd, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
-    )
-    y = _act((v.to(tl.float32) - pivot[:, None]) * a[:, None] + b[:, None], ACT)
+    if X.dtype.element_ty == tl.float32:
+        a, b = _coefficients(
+            n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, r, rstd, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
+        )
+        y = _act(((v - pivot[:, None]) - mean[:, None]) * a[:, None] + b[:, None], ACT)
+    else:
+        a, b = _coefficients(
+            n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, mean, rstd, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
+        )
+        y = _act((v.to(tl.float32) - pivot[:, None]) * a[:, None] + b[:, None], ACT)
     yb = Y + n.to(tl.int64) * syN + _chan(c_lo, syC, CHANNELS_LAST)
     tl.store(
         yb + _tile(c, pos, syC, syL, CHANNELS_LAST, IDX64), y.to(Y.dtype.element_ty), mask=mask
