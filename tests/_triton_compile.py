@@ -301,12 +301,20 @@ def check_loops() -> list[str]:
                 regime=regime,
                 backward=direction == "bwd",
             )
-            for launch in found:
-                if "onchip" in launch.name or "param" in launch.name:
-                    continue
-                stores = "partial" not in launch.name
-                tag = f"{name} {regime:5s} {str(dtype)[6:]} {act or ''}"
-                problems += _audit(tag, compile_launch(launch), stores)
+            problems += _audit_loop_launches(
+                f"{name} {regime:5s} {str(dtype)[6:]} {act or ''}", found
+            )
+    return problems
+
+
+def _audit_loop_launches(tag: str, found: list[Launch]) -> list[str]:
+    """The problems of a call's loop-regime kernels (not the on-chip or parameter kernels);
+    stores are audited except in the partial kernels, which write a few sums."""
+    problems = []
+    for launch in found:
+        if "onchip" in launch.name or "param" in launch.name:
+            continue
+        problems += _audit(tag, compile_launch(launch), "partial" not in launch.name)
     return problems
 
 
@@ -344,12 +352,9 @@ def check_sweep() -> list[str]:
             backward=direction == "bwd",
             scale_shift=ss,
         )
-        for launch in found:
-            if "onchip" in launch.name or "param" in launch.name:
-                continue
-            layout = "NHWC" if channels_last else "NCHW"
-            tag = f"Cg {cg} {layout} {regime} {str(dtype)[6:]} {direction} {act} ss={ss}"
-            problems += _audit(tag, compile_launch(launch), "partial" not in launch.name)
+        layout = "NHWC" if channels_last else "NCHW"
+        tag = f"Cg {cg} {layout} {regime} {str(dtype)[6:]} {direction} {act} ss={ss}"
+        problems += _audit_loop_launches(tag, found)
     return problems
 
 

@@ -2484,11 +2484,12 @@ def _backward(
     params = [xv if t is None else t.contiguous() for t in epilogue]
     stats = (pivot.contiguous(), smean.contiguous(), rstd.contiguous())
     N, C = x.shape[:2]
-    # (N, C, 2): A and B of each channel, in float64 for float32 x (see the module's docstring)
-    wide = torch.float64 if x.dtype == torch.float32 else torch.float32
-    sums = x.new_empty(2 * N * C, dtype=wide)
-    # half precision is judged against torch's own rounding, so only float32 x goes float64
-    exact = cfg.regime == "onchip" and x.dtype == torch.float32
+    # Float32 x takes its backward in float64 (see the module's docstring and _bwd_dx_chunk);
+    # half precision is judged against torch's own rounding.
+    f32 = x.dtype == torch.float32
+    # (N, C, 2): A and B of each channel
+    sums = x.new_empty(2 * N * C, dtype=torch.float64 if f32 else torch.float32)
+    exact = cfg.regime == "onchip" and f32
     if rstd.dtype != torch.float32 and not exact:
         stats = (stats[0], stats[1], rstd.float())
     if cfg.regime == "onchip":
@@ -2504,8 +2505,7 @@ def _backward(
         fused = cfg.regime == "fused"
         # Partials merged as (BLOCK_K, BLOCK_C) tiles of at most one TILE.
         block_k = min(next_pow2(K), max(1, TILE // cfg.block_c))
-        # float32 x: the loop regimes' backward in float64 too (see _bwd_dx_chunk)
-        loop_exact = x.dtype == torch.float32 and not stats_given
+        loop_exact = f32 and not stats_given
         scratch = x.new_empty((N, C, 7), dtype=torch.float64) if loop_exact else sums
         if fused:
             parts = [sums] * 2  # not read: A, B come straight from x and dy
