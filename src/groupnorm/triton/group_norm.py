@@ -25,6 +25,12 @@ Forward, per sample n and group g (channels c0 .. c0 + Cg, positions 0 .. L)::
     b[c]     = (bias[c] - shifted_mean * rstd * w[c]) * (1 + scale[n,c]) + shift[n,c]
     y        = act((x - p) * a[c] + b[c])        == act((x_hat * w + bias) * (1 + scale) + shift)
 
+Float32 x: each tile's mean_t is taken with its residual sum(x - p - mean_t) / n_t and merged in
+float64 (partial means in float64 buffers), and y is formed around the group's mean rounded to
+float32, p' = p + shifted_mean, with b from what that rounding leaves (:func:`_centred`); the
+on-chip kernel forms ((x - p) - mean) * a[c] + b[c] with b from the residual mean instead
+(onchip.py). Either way y no longer cancels where p lies far out in its group.
+
 Backward, recomputing x_hat and u from x and the saved fp32 (pivot, shifted_mean, rstd)::
 
     x_hat = ((x - p) - shifted_mean) * rstd,  z = x_hat * w + bias,  u = z * (1 + scale) + shift
@@ -48,7 +54,8 @@ SS = 0; an eager call passes one flat buffer of 5 * N * G as every field and SS 
 allocation instead of five: on a small tensor each costs as much as a kernel launch's Python).
 
 Reductions: every sum is a fixed-shape tile reduction (tl.sum) or a sequential loop; partials
-live in buffers (float32, float64 in a float32 x's backward) and are reduced in a fixed order:
+live in buffers (float32; float64 for a float32 x's forward means and backward) and are
+reduced in a fixed order:
 bitwise deterministic. Atomics only
 schedule work (the wave regime's tickets and counters), they never sum values.
 """
@@ -154,10 +161,16 @@ def _chunk_stats(
     IDX64: tl.constexpr,
 ):
     """(count, mean, m2) of ``x - pivot`` over channels [0, Cg) x positions [l_lo, l_hi) of the
-    group at ``X + x_base``: two-pass within each register tile, Chan-merged across tiles."""
+    group at ``X + x_base``: two-pass within each register tile, Chan-merged across tiles.
+    Float32 x: in float64, each tile's mean with what its float32 mean left (:func:`_centred`
+    says why)."""
     cnt = tl.zeros((), tl.float32)
     mean = tl.zeros((), tl.float32)
     m2 = tl.zeros((), tl.float32)
+    if X.dtype.element_ty == tl.float32:
+        cnt = tl.zeros((), tl.float64)
+        mean = tl.zeros((), tl.float64)
+        m2 = tl.zeros((), tl.float64)
     for cb in range(0, Cg, BLOCK_C):
         c = cb + tl.arange(0, BLOCK_C)
         cmask = c < Cg
@@ -171,6 +184,9 @@ def _chunk_stats(
             mean_t = tl.sum(tl.sum(v, axis=1), axis=0) / n_t
             d = tl.where(mask, v - mean_t, 0.0)
             m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
+            if X.dtype.element_ty == tl.float32:
+                r_t = tl.sum(tl.sum(d, axis=1), axis=0)
+                mean_t = mean_t.to(tl.float64) + r_t.to(tl.float64) / n_t
             n_new = cnt + n_t
             delta = mean_t - mean
             mean = mean + delta * (n_t / n_new)
@@ -403,12 +419,13 @@ def _gn_fwd_fused_kernel(
     cnt, mean, m2 = _stats_range(
         X, x_base, pivot, Cg, 0, extent, sxC, sxL, BLOCK_C, BLOCK_L, IDX64, FLAT
     )
-    rstd = 1.0 / tl.sqrt(m2 / cnt + eps)
+    rstd = (1.0 / tl.sqrt(m2 / cnt + eps)).to(tl.float32)
     tl.store(PIVOT + row, pivot)
     tl.store(SMEAN + SS + row, mean)
     tl.store(M2 + 2 * SS + row, m2)
     tl.store(COUNT + 3 * SS + row, cnt)
     tl.store(RSTD + 4 * SS + row, rstd)
+    pivot, mean = _centred(X, pivot, mean)
     _normalize_chunk(
         X,
         Y,
@@ -574,9 +591,58 @@ def _merge_partials(P_CNT, P_MEAN, P_M2, at, mask, VOLATILE: tl.constexpr):
     p_m2 = tl.load(P_M2 + at, mask=mask, other=0.0, volatile=VOLATILE)
     cnt = tl.sum(p_cnt, axis=-1)
     mean = tl.sum(p_cnt * p_mean, axis=-1) / cnt
-    dev = tl.where(mask, p_mean - tl.expand_dims(mean, -1), 0.0)
+    # float32 deviations: the means may be float64 (float32 x), the rest need not be
+    dev = tl.where(mask, (p_mean - tl.expand_dims(mean, -1)).to(tl.float32), 0.0)
     m2 = tl.sum(p_m2, axis=-1) + tl.sum(p_cnt * dev * dev, axis=-1)
     return cnt, mean, m2
+
+
+@triton.jit
+def _merged_statistics(
+    X,
+    P_CNT,
+    P_MEAN,
+    P_M2,
+    SMEAN,
+    M2,
+    COUNT,
+    RSTD,
+    SS,
+    at,
+    mask,
+    rows,
+    pivot,
+    eps,
+    k,
+    VOLATILE: tl.constexpr,
+):
+    """The partials at ``at`` merged (:func:`_merge_partials`) for ``rows`` (one row, or a
+    vector of a run's rows), their statistics stored from chunk k = 0; returns the pivot and
+    shifted mean to normalize with (:func:`_centred`) and rstd."""
+    cnt, mean, m2 = _merge_partials(P_CNT, P_MEAN, P_M2, at, mask, VOLATILE)
+    rstd = (1.0 / tl.sqrt(m2 / cnt + eps)).to(tl.float32)
+    if k == 0:
+        tl.store(SMEAN + SS + rows, mean)
+        tl.store(M2 + 2 * SS + rows, m2)
+        tl.store(COUNT + 3 * SS + rows, cnt)
+        tl.store(RSTD + 4 * SS + rows, rstd)
+    pivot, mean = _centred(X, pivot, mean)
+    return pivot, mean, rstd
+
+
+@triton.jit
+def _centred(X, pivot, mean):
+    """The pivot and shifted mean that the loop regimes normalize float32 x with: the group's
+    mean rounded to float32 and what that leaves (from ``mean``, float64 for float32 x). From
+    the first element as pivot, y = (x - pivot) a + (bias - mean a) cancels between its halves
+    where that element lies far out in its group (a zero of padding before data at 30-1000),
+    and the float32 mean's rounding carried through: y reached 3.3x the float32 bound. Half
+    precision keeps its pivot, its rounding far above that error."""
+    if X.dtype.element_ty == tl.float32:
+        m = pivot.to(tl.float64) + mean.to(tl.float64)
+        pivot = m.to(tl.float32)
+        mean = (m - pivot.to(tl.float64)).to(tl.float32)
+    return pivot, mean
 
 
 @triton.jit
@@ -630,13 +696,10 @@ def _merge_and_normalize(
     chunk 0, and normalize chunk k of the row's ``extent`` (positions, or ``FLAT`` elements).
     ``VOLATILE``: see :func:`_merge_partials`."""
     i = tl.arange(0, BLOCK_KP)
-    cnt, mean, m2 = _merge_partials(P_CNT, P_MEAN, P_M2, row * KP + i, i < KP, VOLATILE)
-    rstd = 1.0 / tl.sqrt(m2 / cnt + eps)
-    if k == 0:
-        tl.store(SMEAN + SS + row, mean)
-        tl.store(M2 + 2 * SS + row, m2)
-        tl.store(COUNT + 3 * SS + row, cnt)
-        tl.store(RSTD + 4 * SS + row, rstd)
+    pivot, mean, rstd = _merged_statistics(
+        X, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD, SS, row * KP + i, i < KP, row, pivot,
+        eps, k, VOLATILE,
+    )  # fmt: skip
     l_lo = k * CHUNK_L
     l_hi = tl.minimum(l_lo + CHUNK_L, extent)
     _normalize_chunk(
@@ -683,10 +746,15 @@ def _run_stats(
     [l_lo, l_hi): per channel, its group's (count, mean, m2) of ``x - pivot`` (a scalar count:
     the groups of a run are equal). One (channels x positions) tile spans the run, so each
     position's row segment is a 16-byte multiple; a tile's per-channel sums are folded into
-    groups (:func:`_group_sum`), two-pass within the tile, Chan-merged across tiles."""
+    groups (:func:`_group_sum`), two-pass within the tile, Chan-merged across tiles; float32 x
+    in float64, as :func:`_chunk_stats`."""
     cnt = tl.zeros((), tl.float32)
     mean = tl.zeros(c.shape, tl.float32)
     m2 = tl.zeros(c.shape, tl.float32)
+    if X.dtype.element_ty == tl.float32:
+        cnt = tl.zeros((), tl.float64)
+        mean = tl.zeros(c.shape, tl.float64)
+        m2 = tl.zeros(c.shape, tl.float64)
     for lb in range(l_lo, l_hi, BLOCK_L):
         pos = lb + tl.arange(0, BLOCK_L)
         mask = cmask[:, None] & (pos < l_hi)[None, :]
@@ -696,6 +764,9 @@ def _run_stats(
         mean_t = _group_sum(tl.sum(d, axis=1), gl, GPP) / n_t
         e = tl.where(mask, d - mean_t[:, None], 0.0)
         m2_t = _group_sum(tl.sum(e * e, axis=1), gl, GPP)
+        if X.dtype.element_ty == tl.float32:
+            r_t = _group_sum(tl.sum(e, axis=1), gl, GPP)
+            mean_t = mean_t.to(tl.float64) + r_t.to(tl.float64) / n_t
         n_new = cnt + n_t
         delta = mean_t - mean
         mean = mean + delta * (n_t / n_new)
@@ -799,33 +870,36 @@ def _run_normalize(
     the fused regime's. ``VOLATILE``: see :func:`_merge_partials`."""
     n, g0, c_lo, c, cmask, gl, first, _ = _run(pid, OFFS, OFFS, G, G // GPP, CG, GPP, BLOCK_C)
     x_base = n.to(tl.int64) * sxN + c_lo
-    row = n * G + g0 + gl
-    head = cmask & (c == first)
-    if FUSED:
+    if FUSED:  # one chunk: k = 0
+        row = n * G + g0 + gl
+        head = cmask & (c == first)
         pivot = _run_pivot(X, x_base, gl, CG, GPP)
         cnt, mean, m2 = _run_stats(
             X, x_base, pivot, c, cmask, gl, 0, L, sxC, sxL, CG, GPP, BLOCK_L, IDX64
         )
         tl.store(PIVOT + row, pivot, mask=head)
         cnt = tl.zeros_like(mean) + cnt
-    else:
-        pivot = tl.load(PIVOT + row, mask=cmask, other=0.0, volatile=VOLATILE)
-        j = tl.arange(0, GPP)
-        i = tl.arange(0, BLOCK_KP)
-        at = (n * G + g0 + j)[:, None] * KP + i[None, :]
-        imask = (i < KP)[None, :] & (j >= 0)[:, None]
-        g_cnt, g_mean, g_m2 = _merge_partials(P_CNT, P_MEAN, P_M2, at, imask, VOLATILE)
-        cnt = _spread(g_cnt, gl, GPP)
-        mean = _spread(g_mean, gl, GPP)
-        m2 = _spread(g_m2, gl, GPP)
-        cnt = tl.where(cmask, cnt, 1.0)  # lanes past the run: no group, no 0 / 0
-    # Lanes past the run have m2 = 0; with eps = 0 (statistics only) they would divide by 0.
-    rstd = 1.0 / tl.sqrt(tl.where(cmask, m2 / cnt + eps, 1.0))
-    if k == 0:
+        # Lanes past the run have m2 = 0; with eps = 0 (statistics only) they would divide by 0.
+        rstd = (1.0 / tl.sqrt(tl.where(cmask, m2 / cnt + eps, 1.0))).to(tl.float32)
         tl.store(SMEAN + SS + row, mean, mask=head)
         tl.store(M2 + 2 * SS + row, m2, mask=head)
         tl.store(COUNT + 3 * SS + row, cnt, mask=head)
         tl.store(RSTD + 4 * SS + row, rstd, mask=head)
+        pivot, mean = _centred(X, pivot, mean)
+    else:
+        # per group, in the partials' precision; spread over the channels in float32 (spread in
+        # float64, a run of 32 one-channel groups spilled 216 B)
+        rows = n * G + g0 + tl.arange(0, GPP)
+        i = tl.arange(0, BLOCK_KP)
+        at = rows[:, None] * KP + i[None, :]
+        imask = (i < KP)[None, :] & (rows >= 0)[:, None]
+        g_pivot, g_mean, g_rstd = _merged_statistics(
+            X, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD, SS, at, imask, rows,
+            tl.load(PIVOT + rows, volatile=VOLATILE), eps, k, VOLATILE,
+        )  # fmt: skip
+        pivot = _spread(g_pivot, gl, GPP)
+        mean = _spread(g_mean, gl, GPP)
+        rstd = _spread(g_rstd, gl, GPP)
     a, b = _coefficients(
         n, c_lo, c, cmask, C, W, B, SCALE, SHIFT, mean, rstd, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT
     )
@@ -2380,7 +2454,9 @@ def _forward(
         return out
     if stats is None:
         K = cfg.chunks
-        parts = [x.new_empty((N, G, K), dtype=torch.float32) for _ in range(3)]
+        # (count, mean, m2) partials; float32 x's means in float64 (see _centred)
+        wide = torch.float64 if x.dtype == torch.float32 else torch.float32
+        parts = [x.new_empty((N, G, K), dtype=dt) for dt in (torch.float32, wide, torch.float32)]
         if cfg.regime == "wave":
             sync = x.new_zeros(1 + N * G, dtype=torch.int32)  # ticket counter, then per row
             _gn_fwd_wave_kernel[(cfg.programs,)](
