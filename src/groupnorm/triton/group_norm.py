@@ -55,9 +55,8 @@ allocation instead of five: on a small tensor each costs as much as a kernel lau
 
 Reductions: every sum is a fixed-shape tile reduction (tl.sum) or a sequential loop; partials
 live in buffers (float32; float64 for a float32 x's forward means and backward) and are
-reduced in a fixed order:
-bitwise deterministic. Atomics only
-schedule work (the wave regime's tickets and counters), they never sum values.
+reduced in a fixed order: bitwise deterministic. Atomics only schedule work (the wave regime's
+tickets and counters), they never sum values.
 """
 
 import dataclasses
@@ -599,23 +598,9 @@ def _merge_partials(P_CNT, P_MEAN, P_M2, at, mask, VOLATILE: tl.constexpr):
 
 @triton.jit
 def _merged_statistics(
-    X,
-    P_CNT,
-    P_MEAN,
-    P_M2,
-    SMEAN,
-    M2,
-    COUNT,
-    RSTD,
-    SS,
-    at,
-    mask,
-    rows,
-    pivot,
-    eps,
-    k,
+    X, P_CNT, P_MEAN, P_M2, SMEAN, M2, COUNT, RSTD, SS, at, mask, rows, pivot, eps, k,
     VOLATILE: tl.constexpr,
-):
+):  # fmt: skip
     """The partials at ``at`` merged (:func:`_merge_partials`) for ``rows`` (one row, or a
     vector of a run's rows), their statistics stored from chunk k = 0; returns the pivot and
     shifted mean to normalize with (:func:`_centred`) and rstd."""
