@@ -146,6 +146,30 @@ def _reversed_chunk():
 
 
 @triton.jit
+def _stats_start(zero, WIDE: tl.constexpr):
+    """Zeroed (count, mean, m2) accumulators of a Chan merge, mean and m2 shaped like ``zero``,
+    the count a scalar; float64 where ``WIDE`` (float32 x: :func:`_merge_tile`)."""
+    if WIDE:
+        zero = zero.to(tl.float64)
+    return tl.zeros((), zero.dtype), zero, zero
+
+
+@triton.jit
+def _merge_tile(cnt, mean, m2, n_t, mean_t, m2_t, r_t):
+    """Chan's merge of a tile's (n_t, mean_t, m2_t), taken around its float32 mean mean_t, into
+    the accumulators (cnt, mean, m2). Float64 accumulators (float32 x) take the tile's mean with
+    what its float32 mean left, r_t / n_t, r_t = sum(v - mean_t) (:func:`_centred` says why);
+    float32 ones leave r_t unused (compiled away)."""
+    if mean.dtype == tl.float64:
+        mean_t = mean_t.to(tl.float64) + r_t.to(tl.float64) / n_t
+    n_new = cnt + n_t
+    delta = mean_t - mean
+    mean = mean + delta * (n_t / n_new)
+    m2 = m2 + m2_t + delta * delta * (cnt * (n_t / n_new))
+    return n_new, mean, m2
+
+
+@triton.jit
 def _chunk_stats(
     X,
     x_base,
@@ -163,13 +187,7 @@ def _chunk_stats(
     group at ``X + x_base``: two-pass within each register tile, Chan-merged across tiles.
     Float32 x: in float64, each tile's mean with what its float32 mean left (:func:`_centred`
     says why)."""
-    cnt = tl.zeros((), tl.float32)
-    mean = tl.zeros((), tl.float32)
-    m2 = tl.zeros((), tl.float32)
-    if X.dtype.element_ty == tl.float32:
-        cnt = tl.zeros((), tl.float64)
-        mean = tl.zeros((), tl.float64)
-        m2 = tl.zeros((), tl.float64)
+    cnt, mean, m2 = _stats_start(tl.zeros((), tl.float32), X.dtype.element_ty == tl.float32)
     for cb in range(0, Cg, BLOCK_C):
         c = cb + tl.arange(0, BLOCK_C)
         cmask = c < Cg
@@ -183,14 +201,8 @@ def _chunk_stats(
             mean_t = tl.sum(tl.sum(v, axis=1), axis=0) / n_t
             d = tl.where(mask, v - mean_t, 0.0)
             m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
-            if X.dtype.element_ty == tl.float32:
-                r_t = tl.sum(tl.sum(d, axis=1), axis=0)
-                mean_t = mean_t.to(tl.float64) + r_t.to(tl.float64) / n_t
-            n_new = cnt + n_t
-            delta = mean_t - mean
-            mean = mean + delta * (n_t / n_new)
-            m2 = m2 + m2_t + delta * delta * (cnt * (n_t / n_new))
-            cnt = n_new
+            r_t = tl.sum(tl.sum(d, axis=1), axis=0)
+            cnt, mean, m2 = _merge_tile(cnt, mean, m2, n_t, mean_t, m2_t, r_t)
     return cnt, mean, m2
 
 
@@ -733,13 +745,7 @@ def _run_stats(
     position's row segment is a 16-byte multiple; a tile's per-channel sums are folded into
     groups (:func:`_group_sum`), two-pass within the tile, Chan-merged across tiles; float32 x
     in float64, as :func:`_chunk_stats`."""
-    cnt = tl.zeros((), tl.float32)
-    mean = tl.zeros(c.shape, tl.float32)
-    m2 = tl.zeros(c.shape, tl.float32)
-    if X.dtype.element_ty == tl.float32:
-        cnt = tl.zeros((), tl.float64)
-        mean = tl.zeros(c.shape, tl.float64)
-        m2 = tl.zeros(c.shape, tl.float64)
+    cnt, mean, m2 = _stats_start(tl.zeros(c.shape, tl.float32), X.dtype.element_ty == tl.float32)
     for lb in range(l_lo, l_hi, BLOCK_L):
         pos = lb + tl.arange(0, BLOCK_L)
         mask = cmask[:, None] & (pos < l_hi)[None, :]
@@ -749,14 +755,8 @@ def _run_stats(
         mean_t = _group_sum(tl.sum(d, axis=1), gl, GPP) / n_t
         e = tl.where(mask, d - mean_t[:, None], 0.0)
         m2_t = _group_sum(tl.sum(e * e, axis=1), gl, GPP)
-        if X.dtype.element_ty == tl.float32:
-            r_t = _group_sum(tl.sum(e, axis=1), gl, GPP)
-            mean_t = mean_t.to(tl.float64) + r_t.to(tl.float64) / n_t
-        n_new = cnt + n_t
-        delta = mean_t - mean
-        mean = mean + delta * (n_t / n_new)
-        m2 = m2 + m2_t + delta * delta * (cnt * (n_t / n_new))
-        cnt = n_new
+        r_t = _group_sum(tl.sum(e, axis=1), gl, GPP)
+        cnt, mean, m2 = _merge_tile(cnt, mean, m2, n_t, mean_t, m2_t, r_t)
     return cnt, mean, m2
 
 
