@@ -280,12 +280,15 @@ LOOP_CASES: dict[str, tuple[tuple[int, ...], bool, tuple[str, ...], tuple[str, .
 
 def check_loops() -> list[str]:
     """Problems of the loop regimes' kernels (fused, split, wave) where 128-bit accesses are
-    possible (LOOP_CASES, bf16, G = 32; and the float32 backward, which computes in float64,
-    with each activation): spills, scalar loads, or scalar stores of y or dx."""
+    possible (LOOP_CASES, bf16, G = 32; the float32 forward, whose statistics merge in float64,
+    without and with GELU; and the float32 backward, which computes in float64, with each
+    activation): spills, scalar loads, or scalar stores of y or dx."""
     problems = []
     variants: list[tuple[str, torch.dtype, str | None]] = [
         ("fwd", torch.bfloat16, None),
         ("bwd", torch.bfloat16, None),
+        ("fwd", torch.float32, None),
+        ("fwd", torch.float32, "gelu"),
     ]
     variants += [("bwd", torch.float32, act) for act in (None, "silu", "gelu", "relu")]
     for name, (shape, channels_last, directions, regimes) in LOOP_CASES.items():

@@ -1501,18 +1501,23 @@ def test_runs_of_groups_and_uneven_plans_poisoned(channels_last, regime, poisone
     regime=st.sampled_from(["auto", "fused", "split", "wave"]),
     direction=st.sampled_from(["fwd", "bwd"]),
 )
+@example(N=2, G=32, cg=1, L=16384, elem_bytes=4, regime="wave", direction="fwd")
 def test_channels_last_run_plans(N, G, cg, L, elem_bytes, regime, direction):
     """The loop regimes' channels-last runs (heuristics.loop_run): consecutive groups whose
     channels are a 16-byte multiple, doubled while fewer than RUN_CHANNELS (in a float32
-    backward, up to EXACT_RUN_GROUPS groups), only where they divide G and fit one channel
-    block; the plan's tile then spans the run, and its chunks cover L (split: in whole tiles)."""
+    backward, up to EXACT_RUN_GROUPS groups, in a float32 forward's wave regime up to
+    EXACT_WAVE_RUN_GROUPS), only where they divide G and fit one channel block; the plan's tile
+    then spans the run, and its chunks cover L (split: in whole tiles)."""
     from groupnorm.triton import heuristics as h
 
     cfg = h.choose_config(
         N, L, cg, G, True, 132, regime, even=True, elem_bytes=elem_bytes, unit_stride=False,
         direction=direction,
     )  # fmt: skip
-    most = h.EXACT_RUN_GROUPS if (direction, elem_bytes) == ("bwd", 4) else G
+    most = {
+        ("bwd", 4, regime): h.EXACT_RUN_GROUPS,
+        ("fwd", 4, "wave"): h.EXACT_WAVE_RUN_GROUPS,
+    }.get((direction, elem_bytes, regime), G)
     gpp = cfg.groups_per_program
     row = cg * elem_bytes
     fewest = h.VECTOR_BYTES // np.gcd(row, h.VECTOR_BYTES)

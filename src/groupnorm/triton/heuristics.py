@@ -177,6 +177,11 @@ EXACT_ACT_SHRINK_DX = 4
 # sums spilled at 16 groups (2 channels a group: 744 B with SiLU, 24 B with ReLU) and 32 (one
 # channel: 992 B, 2736 B with SiLU); 8 groups take 181-194 registers and none.
 EXACT_RUN_GROUPS = 8
+# A float32 forward in the wave regime merges its partials per group in float64 (_run_normalize)
+# in the same 8-warp program as its statistics: runs of 32 one-channel groups (InstanceNorm
+# NHWC) spilled 16-24 B there; 16 groups take 109-111 registers and none (GELU, scale and shift
+# too). The fused and split kernels hold 32 without spilling.
+EXACT_WAVE_RUN_GROUPS = 16
 
 
 def next_pow2(n: int) -> int:
@@ -318,7 +323,7 @@ def choose_config(
         # of the group's elements.
         cfg = _loop_config(N, L, max_group, num_groups, False, sm_count, regime, elem_bytes, "bwd")
         return replace(cfg, flat=True)
-    gpp = loop_run(max_group, num_groups, even, channels_fast, elem_bytes, direction)
+    gpp = loop_run(max_group, num_groups, even, channels_fast, elem_bytes, direction, regime)
     if gpp > 1:
         cfg = _loop_config(
             N, L, gpp * max_group, num_groups // gpp, True, sm_count, regime, elem_bytes,
@@ -337,6 +342,7 @@ def loop_run(
     channels_fast: bool,
     elem_bytes: int,
     direction: str = "fwd",
+    regime: str = "auto",
 ) -> int:
     """Groups per program of the fused, split and wave regimes: 1, or for a channels-last even plan
     a run of consecutive groups: the fewest whose channels are a 16-byte multiple (SD's 320 / 32
@@ -344,10 +350,15 @@ def loop_run(
     is 128-bit aligned, then doubled while it has fewer than RUN_CHANNELS channels (VAE's 128 / 32
     = 4: 8 groups), so that a program reads whole sectors of each position. Only where the
     groups divide G and the run fits one channel block of at most RUN_MAX_CHANNELS (the kernels
-    hold a run as one tile row); a float32 backward's runs at most EXACT_RUN_GROUPS groups."""
+    hold a run as one tile row); a float32 backward's runs at most EXACT_RUN_GROUPS groups, a
+    float32 forward's in the wave ``regime`` at most EXACT_WAVE_RUN_GROUPS."""
     if not (even and channels_fast):
         return 1
-    most = EXACT_RUN_GROUPS if (direction, elem_bytes) == ("bwd", 4) else num_groups
+    most = num_groups
+    if elem_bytes == 4 and direction == "bwd":
+        most = EXACT_RUN_GROUPS
+    elif elem_bytes == 4 and regime == "wave":
+        most = EXACT_WAVE_RUN_GROUPS
     gpp = _aligned_run(max_group, elem_bytes)
     if num_groups % gpp or next_pow2(gpp * max_group) > RUN_MAX_CHANNELS:
         return 1
