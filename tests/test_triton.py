@@ -1594,6 +1594,29 @@ def test_channels_last_runs_match_float64(case, regime, poisoned_outputs):
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_float32_wave_forward_takes_runs_of_sixteen_one_channel_groups(poisoned_outputs):
+    """A float32 forward in the wave regime reads one-channel channels-last groups in runs of
+    EXACT_WAVE_RUN_GROUPS (16; 32 spilled its float64 merges), the fused and split regimes in
+    runs of 32: y and the statistics against float64, with each group's pivot (a zero of
+    padding) far out in it."""
+    x = _rand((2, 64, 6, 7), 173, loc=300.0, std=0.01)
+    x[:, :, 0, 0] = 0.0
+    x = x.to(memory_format=torch.channels_last)
+    plan = make_plan(64, 64)
+    w, b = _rand((64,), 174, loc=2.5, std=0.3), _rand((64,), 175)
+    expected, cache = _reference(x, plan, w, b)
+    for regime, gpp in (("wave", 16), ("fused", 32), ("split", 32)):
+        cfg = kernels._launch(
+            "fwd", tuple(x.shape), x.stride(), None, x.dtype, x.device, plan.sizes, regime,
+            (True, True, False, False), None,
+        ).cfg  # fmt: skip
+        assert (cfg.regime, cfg.groups_per_program) == (regime, gpp), cfg
+        y, stats = _run(x, plan, w, b, regime=regime, return_stats=True)
+        check(y, expected, torch.float32, what=f"{regime} y")
+        check(stats.mean, cache.mean, torch.float32, what=f"{regime} mean")
+        check(stats.var, cache.var, torch.float32, reduction=42, what=f"{regime} var")
+
+
 # ------------------------------------------------------------- traffic and launch counts
 
 
