@@ -821,3 +821,57 @@ def test_regression_repr_shows_the_plan_a_changed_num_groups_means() -> None:
     assert repr(m) == "GroupNorm(4, 8, eps=1e-05, affine=True, bias=True)"
     m.num_groups = 5
     assert "group_sizes=[2, 2, 2, 1, 1]" in repr(m)
+
+
+@pytest.mark.parametrize("call", ["plain", "stats_out", "stats_in"])
+def test_regression_composite_path_with_a_pivot_far_out_in_its_group(call: str) -> None:
+    """Strided views (and every layout with the CPU kernel off) take the composite path where
+    torch's kernel and the sums are not trusted. Its float32 shifted mean was rounded relative to
+    the pivot's distance from the group's mean: with a zero of padding first, before data at
+    1000 with a spread of 0.01, y reached 8.4x the float32 bound (fuzzed; this input 3.4x,
+    with statistics out or in as well). Float32 x is shifted and normalized in float64 there,
+    and group_stats' statistics keep its mean as two float32 numbers."""
+    gen = torch.Generator().manual_seed(4782)
+    full = torch.randn(2, 8, 115, 160, generator=gen, dtype=torch.float64) * 0.01 + 1000.0
+    full[:, :, 0, 0] = 0.0
+    x = full.float()[..., ::2]  # neither NCHW- nor channels-last-contiguous
+    w, b = rand((8,), torch.float32, 1) * 0.5 + 1.0, rand((8,), torch.float32, 2)
+    if call == "plain":
+        y = groupnorm.group_norm(x, 1, w, b)
+    elif call == "stats_out":
+        y, stats = groupnorm.group_norm(x, 1, w, b, return_stats=True)
+        assert_matches(stats.mean, to_numpy(x).mean(axis=(1, 2, 3))[:, None], torch.float32)
+    else:
+        y = groupnorm.group_norm(x, 1, w, b, stats=groupnorm.group_stats(x, 1))
+    expected = _f64_group_norm(x, 1) * to_numpy(w)[:, None, None] + to_numpy(b)[:, None, None]
+    assert_matches(y, expected, torch.float32)
+
+
+def test_regression_half_parameter_gradients_with_some_samples_redone() -> None:
+    """Under autograd, samples torch's kernel is not trusted with were redone on the composite
+    path and the rest kept: bfloat16 dweight and dbias came from both graphs, added in
+    bfloat16, so rounded twice (here dweight 0.25 off, 66x what the half-precision rule allows
+    against torch's own). Every sample is redone now when weight or bias is differentiated."""
+    gen = torch.Generator().manual_seed(23156)
+    x = torch.randn(2, 32, 28, 31, generator=gen, dtype=torch.float64)
+    x[1] += 3.0  # past channels-last's trust limit (ratio 1); sample 0 within it
+    x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(torch.bfloat16)
+    w = (torch.randn(32, generator=gen, dtype=torch.float64) * 0.5 + 1).to(torch.bfloat16)
+    b = (torch.randn(32, generator=gen, dtype=torch.float64) * 0.5).to(torch.bfloat16)
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    grads = torch.autograd.grad(groupnorm.group_norm(xg, 2, wg, bg), (xg, wg, bg), dy)
+    xt, wt, bt = (t.clone().requires_grad_() for t in (x, w, b))
+    baselines = torch.autograd.grad(F.group_norm(xt, 2, wt, bt), (xt, wt, bt), dy)
+    exact = [t.double().requires_grad_() for t in (x, w, b)]
+    xd = exact[0].reshape(2, 2, -1)
+    mean, var = xd.mean(-1, keepdim=True), xd.var(-1, correction=0, keepdim=True)
+    yd = ((xd - mean) / torch.sqrt(var + 1e-5)).reshape(x.shape)
+    yd = yd * exact[1][:, None, None] + exact[2][:, None, None]
+    expected = torch.autograd.grad(yd, exact, dy.double())
+    names = ("dx", "dweight", "dbias")
+    for what, got, base, exp in zip(names, grads, baselines, expected, strict=True):
+        reduction = 16 * 28 * 31 if what == "dx" else 2 * 28 * 31
+        assert_matches(
+            got, exp.numpy(), torch.bfloat16, reduction=reduction, baseline=base, what=what
+        )

@@ -201,11 +201,14 @@ def _stats_of_shifted(xs: torch.Tensor, pivot: torch.Tensor, plan: GroupPlan) ->
 
 
 def _widens(x: torch.Tensor) -> bool:
-    """Whether x, when autograd records a call on the composite path, is shifted and its
-    statistics and output formed in float64: float32 x (not on MPS, which has no float64). In
-    float32, autograd's sums of dy and dy * (x - pivot) over N * L put dweight at 1.75x and
-    dbias at 1.32x the float32 bound, and the rounding of x - pivot, of a shifted mean several
-    deviations from 0 or of rstd dweight at 0.8-0.9x."""
+    """Whether x, on the composite path and in :func:`compute_stats`, is shifted and its
+    statistics (and output) formed in float64: float32 x (not on MPS, which has no float64). In
+    float32 the shifted mean is rounded relative to the pivot's distance from the group's mean:
+    a pivot far out in its group (a zero of padding before data at 1000 with a spread of 0.01,
+    1e5 deviations) put y at up to 8.4x the float32 bound. Where autograd records the call,
+    autograd's float32 sums of dy and dy * (x - pivot) over N * L put dweight at 1.75x and dbias
+    at 1.32x the bound, and the rounding of x - pivot, of a shifted mean several deviations from
+    0 or of rstd dweight at 0.8-0.9x."""
     return x.dtype == torch.float32 and x.device.type != "mps"
 
 
@@ -221,7 +224,7 @@ def _narrowed(stats: GroupStats) -> GroupStats:
 
 def compute_stats(x: torch.Tensor, plan: GroupPlan) -> GroupStats:
     """Statistics of ``x`` (N, C, *S) for ``plan``, as :class:`GroupStats`."""
-    if _widens(x) and x.requires_grad and torch.is_grad_enabled():
+    if _widens(x):
         return _narrowed(_stats_of_shifted(*_shifted(x, plan, None, torch.float64), plan))
     xs, pivot = _shifted(x, plan, None)
     return _stats_of_shifted(xs, pivot, plan)
@@ -689,7 +692,10 @@ def _native_checked(r: Request) -> torch.Tensor | None:
         return _record_fused(r)
     # Samples past a limit below the sums path's (float32 channels-last) try that path first.
     retry = _forward_from_sums if limit < SUMS_TRUST else None
-    if bad.all():
+    if bad.all() or _parameters_differentiated(r):
+        # Every sample on one path: the kernel's weight and bias gradients and the redone
+        # samples' would be added in the parameters' dtype, a half-precision one rounded twice
+        # (bfloat16 dbias 0.17 off where rounding once is 0.08).
         return None if retry is None else retry(r)
     rows = bad.nonzero().squeeze(1)
     samples = _sample_request(r, rows)
@@ -1361,6 +1367,13 @@ def _stats_native(x: torch.Tensor, plan: GroupPlan) -> GroupStats | None:
     return _kernel_stats(mean, rstd.pow(-2), plan, x)
 
 
+def _parameters_differentiated(r: Request) -> bool:
+    """Whether autograd will differentiate ``r``'s weight or bias (reverse mode)."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (r.weight, r.bias)
+    )
+
+
 def _records_grad(r: Request) -> bool:
     """Whether autograd records this call. The unshifted multiply-add's gradients for weight and
     the statistics would cancel terms ~|mean| * rstd times larger than themselves; the shifted
@@ -1390,15 +1403,14 @@ def _composite(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
 
     Given statistics, on an eager CPU call that autograd does not record, y is one multiply-add
     on x itself while every ``|mean| * rstd`` is within :func:`_nchw_trust`, without forming
-    ``x - pivot`` (:func:`_multiply_add`). Where autograd records the call, float32 x is
-    shifted and normalized in float64 (:func:`_widens`), statistics out rounded back to float32
-    (:func:`_narrowed`)."""
+    ``x - pivot`` (:func:`_multiply_add`). Float32 x is shifted and normalized in float64
+    (:func:`_widens`), statistics out rounded back to float32 (:func:`_narrowed`)."""
     given = r.stats
     if given is not None and _reads_request(r) and not _records_grad(r):
         mean, rstd = given.mean, torch.rsqrt(given.var + r.eps)
         if _all_trusted(mean, rstd, _nchw_trust(r.x.dtype)):
             return _multiply_add(r, mean, rstd), (given if r.return_stats else None)
-    wide = _widens(r.x) and _records_grad(r)
+    wide = _widens(r.x)
     pivot = None if given is None else given.pivot
     xs, pivot = _shifted(r.x, r.plan, pivot, torch.float64 if wide else None)
     stats = _stats_of_shifted(xs, pivot, r.plan) if given is None else given
