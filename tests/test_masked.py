@@ -400,3 +400,29 @@ def test_regression_merge_with_an_empty_part_keeps_the_other_pivot(empty_first: 
     y = groupnorm.group_norm(x, 4, stats=merged)
     expected = dropped_reference(x.double(), resolve_plan(8, 4), mask)
     assert_matches(y, to_numpy(expected), torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_regression_a_nan_at_a_masked_position_gets_its_own_finite_gradient(
+    dtype: torch.dtype, layout: str
+) -> None:
+    """A NaN at a masked position never enters the statistics, so its dx is rstd * w * dy
+    there; the rest of its group gets NaN through the NaN y at that position (dy times a NaN
+    partial), as autograd of the reference gives. The CPU kernel's backward from given
+    statistics formed (x - mean) * 0 at every element and gave NaN at the masked position."""
+    shape = (2, 8, 5, 5)
+    x = make_x(shape, dtype, layout, seed=12)
+    mask = make_mask("bool_positions", shape, seed=13)
+    h, w = (~mask[0, 0]).nonzero()[0].tolist()
+    with torch.no_grad():
+        x[0, :, h, w] = torch.nan
+    x.requires_grad_()
+    weight, bias = (t.requires_grad_() for t in _params(8, dtype))
+    dy = rand(shape, dtype, 14)
+    groupnorm.group_norm(x, 4, weight, bias, mask=mask).backward(dy)
+
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    dropped_reference(x64, resolve_plan(8, 4), mask, w64, b64).backward(dy.double())
+    assert x.grad is not None and torch.isfinite(x.grad[0, :, h, w]).all()
+    assert_matches(x.grad, to_numpy(x64.grad), dtype, reduction=2 * 25, what="dx")

@@ -1643,6 +1643,9 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                     kw[j] = alone ? 0.0 : kw[j] * r;                                        \
                 }                                                                           \
             }                                                                               \
+        /* Given statistics (and none returned): dx = r dy w whatever x holds, so x is not \
+           read: (x - hi) q with q = 0 made a NaN or Inf at a masked position a NaN dx. */  \
+        int xq = !given || sa;                                                              \
         if (!cl) {                                                                          \
             FOR_TASKS(j, NC, {                                                              \
                 const T *xr = x + j * L, *dr = dy + j * L;                                  \
@@ -1650,7 +1653,13 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                 vd vh = (vd){0} + (double)khi[j], vmq = (vd){0} - kq64[j];                  \
                 T *out = dx + j * L;                                                        \
                 int64_t i = 0;                                                              \
-                if (glo)                                                                    \
+                if (!xq)                                                                    \
+                    for (; i + 8 <= L; i += 8) {                                            \
+                        vd g = WIDE(LOAD(dr + i));                                          \
+                        if (glo) g += WIDE(LOAD(glo + j * L + i));                          \
+                        STORE(out + i, NARROW(g * vrw + vmk));                              \
+                    }                                                                       \
+                else if (glo)                                                               \
                     for (const T *lr = glo + j * L; i + 8 <= L; i += 8) {                   \
                         vd g = (WIDE(LOAD(dr + i)) + WIDE(LOAD(lr + i))) * vrw + vmk;       \
                         STORE(out + i, NARROW((WIDE(LOAD(xr + i)) - vh) * vmq + g));        \
@@ -1661,8 +1670,8 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                         STORE(out + i, NARROW((WIDE(LOAD(xr + i)) - vh) * vmq + g));        \
                     }                                                                       \
                 for (; i < L; i++)                                                          \
-                    out[i] = dx64_##S(xr[i], dr[i], glo ? glo[j * L + i] : 0, j, kw, km,    \
-                                      khi, kq64);                                           \
+                    out[i] = dx64_##S(xq ? xr[i] : khi[j], dr[i], glo ? glo[j * L + i] : 0, j, \
+                                      kw, km, khi, kq64);                                   \
             })                                                                              \
         } else {                                                                            \
             /* groups of two elements or fewer (L <= 2) all in float64, see dx64_S */       \
@@ -1677,12 +1686,16 @@ DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, flo
                     vd d = WIDE(LOAD(dr + c));                                              \
                     if (lr) d += WIDE(LOAD(lr + c));                                        \
                     vd g = d * load_f64(kw + j) - load_f64(km + j);                         \
+                    if (!xq) {                                                              \
+                        STORE(out + c, NARROW(g));                                          \
+                        continue;                                                           \
+                    }                                                                       \
                     vd e = WIDE(LOAD(xr + c)) - WIDE(LOAD(khi + j));                        \
                     STORE(out + c, NARROW(g - e * load_f64(kq64 + j)));                     \
                 }                                                                           \
                 for (int64_t c = C8; c < C; c++)                                            \
-                    out[c] = dx64_##S(xr[c], dr[c], lr ? lr[c] : 0, o + c, kw, km, khi,     \
-                                      kq64);                                                \
+                    out[c] = dx64_##S(xq ? xr[c] : khi[o + c], dr[c], lr ? lr[c] : 0, o + c, \
+                                      kw, km, khi, kq64);                                   \
             })                                                                              \
         }                                                                                   \
         free(kw);                                                                           \
