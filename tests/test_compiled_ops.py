@@ -219,9 +219,9 @@ def _graph_targets(f: Any, *args: Any, **compile_kw: Any) -> list[str]:
 @pytest.mark.slow
 @inductor_warns
 def test_what_compiled_calls_record() -> None:
-    """float32/float64 CPU inputs the kernel reads record the forward op (even and uneven
-    plans, both layouts, dynamic shapes); half precision, strided views, statistics in or out
-    and exports keep the pivot-shifted path."""
+    """float32/float64 CPU inputs record the forward op (even and uneven plans, both layouts,
+    dynamic shapes, strided views); half precision, statistics in or out and exports keep the
+    pivot-shifted path."""
     op = "groupnorm.cpu_forward"
     cases: list[tuple[torch.Tensor, dict[str, Any], dict[str, Any], bool]] = [
         (make_x((2, 8, 4, 4), torch.float32), {"num_groups": 4}, {}, True),
@@ -229,7 +229,7 @@ def test_what_compiled_calls_record() -> None:
         (make_x((2, 8, 5), torch.float32), {"num_groups": 3, "uneven": True}, {}, True),
         (make_x((3, 8, 4, 4), torch.float32), {"num_groups": 4}, {"dynamic": True}, True),
         (make_x((2, 8, 4, 4), torch.bfloat16), {"num_groups": 4}, {}, False),
-        (make_x((2, 8, 4, 4), torch.float32, "strided"), {"num_groups": 4}, {}, False),
+        (make_x((2, 8, 4, 4), torch.float32, "strided"), {"num_groups": 4}, {}, True),
     ]
     for x, kw, compile_kw, recorded in cases:
         targets = _graph_targets(lambda t, kw=kw: groupnorm.group_norm(t, **kw), x, **compile_kw)
@@ -239,3 +239,26 @@ def test_what_compiled_calls_record() -> None:
     assert op not in stats_out
     exported = torch.export.export(groupnorm.GroupNorm(4, 8), (x,))
     assert op not in {str(n.target) for n in exported.graph.nodes}
+
+
+@pytest.mark.slow
+@inductor_warns
+def test_regression_compiled_strided_view_with_a_pivot_far_out_in_its_group() -> None:
+    """A strided float32 view under torch.compile took the pivot-shifted path, whose mean
+    inductor took in float32: a zero of padding first, before data at -500 +- 10 (the pivot
+    about 21 deviations from its group's mean), put y at up to 23x and dweight at 20x the
+    float32 bound (fuzzed; y 3.3x here). Such views now take the kernel's ops, in float64
+    torch ops."""
+    gen = torch.Generator().manual_seed(90035)
+    full = torch.randn(2, 8, 27, 42, generator=gen, dtype=torch.float64) * 10.0 - 500.0
+    full[:, :, 0, 0] = 0.0
+    x = full.float()[..., ::2].requires_grad_()  # (2, 8, 27, 21), neither layout the kernel reads
+    weight = (rand((8,), torch.float32, 1) * 0.5 + 1).requires_grad_()
+    bias = rand((8,), torch.float32, 2).requires_grad_()
+    torch._dynamo.reset()
+    y = torch.compile(lambda t, w, b: groupnorm.group_norm(t, 2, w, b))(x, weight, bias)
+    expected, cache = reference(x, resolve_plan(8, 2), weight, bias)
+    assert_matches(y, expected, torch.float32)
+    dy = rand(tuple(x.shape), torch.float32, 3)
+    y.backward(dy)
+    _check_grads(x, {"weight": weight, "bias": bias}, dy, cache, reduction=4 * 27 * 21)

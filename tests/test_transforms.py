@@ -363,7 +363,8 @@ def test_regression_compiled_even_pivot_is_not_a_gather() -> None:
     84 ms against 53 eager. Under torch.compile the pivot is one node of Dynamo's graph (the
     op ``groupnorm::pivot``, no detach left outside it) whose ops an even plan makes a strided
     slice, repeated (affine loads); an uneven plan's is still the gather. Exact against
-    float64, forward and backward (no gradient through the pivot)."""
+    float64, forward and backward (no gradient through the pivot), on bfloat16 x: compiled
+    float32 CPU calls take the fused kernel's ops."""
     graphs: list[torch.fx.GraphModule] = []
 
     def backend(g: torch.fx.GraphModule, example: object) -> Any:
@@ -377,8 +378,8 @@ def test_regression_compiled_even_pivot_is_not_a_gather() -> None:
     for kw, size, first in cases:
         graphs.clear()
         torch._dynamo.reset()
-        # Strided: a CPU layout the fused kernel's op does not read (the pivot path serves it).
-        x = make_x((2, 8, 5, 4), torch.float32, "strided", loc=1e3, std=1e-1).requires_grad_()
+        # Half precision: compiled CPU calls that take the pivot path (float32 takes the ops).
+        x = make_x((2, 8, 5, 4), torch.bfloat16, "strided", loc=10.0).requires_grad_()
         y = torch.compile(lambda t, kw=kw: groupnorm.group_norm(t, **kw), backend=backend)(x)
         targets = [str(n.target) for n in graphs[0].graph.nodes if n.op != "placeholder"]
         assert targets.count("groupnorm.pivot") == 1, targets
@@ -388,8 +389,9 @@ def test_regression_compiled_even_pivot_is_not_a_gather() -> None:
         assert (torch.ops.aten.index.Tensor in ops) == (size == 0), ops
         plan = resolve_plan(8, **kw)
         expected, cache = reference(x, plan)
-        assert_matches(y, expected, torch.float32)
-        dy = rand(tuple(x.shape), torch.float32, 5)
+        assert_matches(y, expected, torch.bfloat16)
+        dy = rand(tuple(x.shape), torch.bfloat16, 5)
         y.backward(dy)
         grads = R.group_norm_backward(to_numpy(dy), cache)
-        assert_matches(x.grad, grads.dx, torch.float32, reduction=max(plan.sizes) * 20, what="dx")
+        reduction = max(plan.sizes) * 20
+        assert_matches(x.grad, grads.dx, torch.bfloat16, reduction=reduction, what="dx")
