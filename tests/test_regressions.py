@@ -882,6 +882,43 @@ def test_regression_half_parameter_gradients_with_some_samples_redone() -> None:
     _assert_half_gradients(x, 2, w, b, dy)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    "wdtype, bdtype",
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, None),
+        (torch.float16, torch.float32),
+    ],
+)
+def test_regression_float32_input_with_half_precision_parameters_has_a_backward(
+    layout: str, wdtype: torch.dtype, bdtype: torch.dtype | None
+) -> None:
+    """The forward took float32 x with a bfloat16 or float16 weight, but the CPU kernel's
+    backward was asked to store the parameters' sums in the weight's dtype, which it does not
+    store: RuntimeError "no backward for torch.float32 with torch.bfloat16 sums". Those sums
+    are float64 now, rounded once to the parameters' dtypes."""
+    plan = resolve_plan(8, 2)
+    x = make_x((2, 8, 5, 6), torch.float32, layout, seed=61)
+    w = (rand((8,), torch.float64, 62) * 0.5 + 1).to(wdtype)
+    b = None if bdtype is None else (rand((8,), torch.float64, 63) * 0.5).to(bdtype)
+    dy = rand((2, 8, 5, 6), torch.float32, 64)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    bg = None if b is None else b.clone().requires_grad_()
+    y = groupnorm.group_norm(xg, 2, wg, bg)
+    grads = torch.autograd.grad(y, [t for t in (xg, wg, bg) if t is not None], dy)
+    out, cache = reference(x, plan, w, b)
+    assert_matches(y, out, torch.float32)
+    exact = R.group_norm_backward(to_numpy(dy), cache)
+    assert_matches(grads[0], exact.dx, torch.float32, reduction=4 * 30, what="dx")
+    assert grads[1].dtype == wdtype
+    assert_matches(grads[1], exact.dgamma, wdtype, reduction=2 * 30, what="dweight")
+    if b is not None:
+        assert grads[2].dtype == b.dtype
+        assert_matches(grads[2], exact.dbeta, b.dtype, reduction=2 * 30, what="dbias")
+
+
 def _assert_half_gradients(
     x: torch.Tensor, G: int, w: torch.Tensor, b: torch.Tensor, dy: torch.Tensor
 ) -> None:

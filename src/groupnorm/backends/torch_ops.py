@@ -976,10 +976,13 @@ class _Fused(torch.autograd.Function):
         else:
             in_kernel = activation
         # The kernel stores the float64 sums as a float32 weight's gradient (no conversion
-        # after) where the bias, if any, is of the weight's dtype too.
+        # after) where the bias, if any, is of the weight's dtype too; it stores no half
+        # precision (a bfloat16 weight on float32 x), which takes float64 sums, rounded once.
         sums = (
             weight.dtype
-            if weight is not None and (bias is None or bias.dtype is weight.dtype)
+            if weight is not None
+            and weight.dtype in _NUMPY_FLOATS
+            and (bias is None or bias.dtype is weight.dtype)
             else torch.float64
         )
 
