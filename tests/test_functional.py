@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import groupnorm
 from groupnorm import reference as R
@@ -280,6 +281,28 @@ def test_groups_at_unaligned_addresses() -> None:
 def test_empty_batch(plan_kw: dict[str, Any]) -> None:
     x = torch.randn(0, 8, 3, 3)
     assert groupnorm.group_norm(x, **plan_kw).shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    "plan_kw", [{"num_groups": 8}, {"group_sizes": [1, 3, 4]}], ids=["one_channel", "uneven"]
+)
+@pytest.mark.parametrize("grad", [False, True])
+def test_regression_empty_batch_with_one_channel_groups(
+    plan_kw: dict[str, Any], dtype: torch.dtype, grad: bool
+) -> None:
+    """An empty batch where some group has one channel (InstanceNorm's G = C, or an uneven
+    plan): the fast path asked x[0, 0] whether the validated path would warn, and raised
+    IndexError where nn.GroupNorm(8, 8) returns an empty output. The module too."""
+    x = torch.randn(0, 8, 3, 3, dtype=dtype, requires_grad=grad)
+    y = groupnorm.group_norm(x, **plan_kw)
+    assert y.shape == x.shape and y.dtype == dtype
+    if grad:
+        y.sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+    if "num_groups" in plan_kw:
+        m = groupnorm.GroupNorm(8, 8).to(dtype)
+        assert m(x).shape == nn.GroupNorm(8, 8).to(dtype)(x).shape
 
 
 @pytest.mark.usefixtures("without_fused_kernel")

@@ -575,7 +575,7 @@ def _sums_stats(x: torch.Tensor, plan: GroupPlan) -> tuple[np.ndarray, np.ndarra
     else:
         dims = tuple(range(2, x.dim()))
         s1, s2 = x.sum(dims), (x * x).sum(dims)
-    count = np.asarray(plan.sizes) * (x[0, 0].numel())
+    count = np.asarray(plan.sizes) * math.prod(x.shape[2:])
     firsts = np.asarray(plan.offsets[:-1])
     with np.errstate(invalid="ignore", over="ignore"):  # Inf and NaN fail the callers' check
         mean = np.add.reduceat(s1.numpy().astype(np.float64), firsts, axis=1) / count
@@ -615,7 +615,7 @@ def _stats_of_moments(
     mean leaves (:func:`cpu_kernel.low_part`), so the mean keeps at least float64's precision."""
     dtype = np.float64 if x.dtype == torch.float64 else np.float32
     pivot = mean.astype(dtype)
-    count = np.asarray(plan.sizes, dtype=np.float64) * x[0, 0].numel()  # (G,)
+    count = np.asarray(plan.sizes, dtype=np.float64) * math.prod(x.shape[2:])  # (G,)
     pivot_t, shifted, m2, count_t = (
         torch.from_numpy(np.array(v, dtype=dtype))
         for v in (pivot, (mean - pivot) + lo, var * count, np.broadcast_to(count, mean.shape))
@@ -835,7 +835,7 @@ def _fused_fast(
         forward_ad._current_level >= 0
         or torch._C._len_torch_dispatch_stack()
         or _transformed(x, weight, bias)
-        or (plan.min_size == 1 and x[0, 0].numel() == 1)  # the validated path warns
+        or (plan.min_size == 1 and math.prod(shape[2:]) == 1)  # the validated path warns
     ):
         return None
     if grad:
