@@ -923,8 +923,8 @@ def _assert_half_gradients(
     x: torch.Tensor, G: int, w: torch.Tensor, b: torch.Tensor, dy: torch.Tensor
 ) -> None:
     """group_norm(x, G, w, b)'s (dx, dweight, dbias) for a half-precision x against float64,
-    under the half-precision rule with torch's own gradients (of a contiguous copy) as the
-    baseline."""
+    under the half-precision rule with torch's own gradients for the same x (F.group_norm per
+    run of equal groups, :func:`torch_grads`) as the baseline."""
     xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
     grads = torch.autograd.grad(groupnorm.group_norm(xg, G, wg, bg), (xg, wg, bg), dy)
     plan = resolve_plan(x.shape[1], G)
