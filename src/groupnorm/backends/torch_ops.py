@@ -95,6 +95,7 @@ class PlanIndex(NamedTuple):
     first: torch.Tensor  # (G,): first channel of each group
     pad: torch.Tensor  # (G, max size): gather index into C + 1 columns, the last a zero pad
     channel_first: torch.Tensor  # (C,): first channel of each channel's group
+    sizes: torch.Tensor  # (G,): channels of each group
 
 
 def plan_index(plan: GroupPlan, device: torch.device) -> PlanIndex:
@@ -121,6 +122,7 @@ def plan_index(plan: GroupPlan, device: torch.device) -> PlanIndex:
             torch.as_tensor(plan.offsets[:-1], device=device),
             pad.to(device),
             torch.as_tensor(plan.channel_first, device=device),
+            torch.as_tensor(plan.sizes, device=device),
         )
     if keep:
         plan.index_cache[device] = built
@@ -193,8 +195,7 @@ def _pivot(x: torch.Tensor, plan: GroupPlan, acc: torch.dtype) -> torch.Tensor:
     if x.dtype in (torch.float16, torch.bfloat16) and x.numel():
         spatial = tuple(range(2, x.dim()))
         mean_c = x.mean(dim=spatial, dtype=torch.float32) if spatial else x.float()  # (N, C)
-        sizes = torch.tensor(plan.sizes, dtype=torch.float32, device=x.device)
-        return _group_sum(mean_c, plan) / sizes
+        return _group_sum(mean_c, plan) / plan_index(plan, x.device).sizes.float()
     first = plan_index(plan, x.device).first
     return x[(slice(None), first) + (0,) * (x.dim() - 2)].to(acc)
 
@@ -208,7 +209,7 @@ def _stats_of_shifted(xs: torch.Tensor, pivot: torch.Tensor, plan: GroupPlan) ->
         var_c = mean_c = xs.new_zeros(N, C)
     else:
         var_c, mean_c = torch.var_mean(xs, dim=tuple(range(2, xs.dim())), correction=0)
-    sizes = torch.tensor(plan.sizes, dtype=xs.dtype, device=xs.device)  # (G,)
+    sizes = plan_index(plan, xs.device).sizes.to(xs.dtype)  # (G,)
     mean_g = _group_sum(mean_c, plan) / sizes  # (N, G)
     dev = mean_c - _per_channel(mean_g, plan)  # (N, C)
     m2 = _group_sum(var_c + dev * dev, plan) * L  # (N, G)
@@ -1241,8 +1242,7 @@ def _given_moments(
 
 def _group_counts(x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
     """(G,) float64: the elements of each group of one sample of x."""
-    L = math.prod(x.shape[2:])
-    return torch.tensor([size * L for size in plan.sizes], dtype=torch.float64, device=x.device)
+    return plan_index(plan, x.device).sizes.double() * math.prod(x.shape[2:])
 
 
 def kernel_grads(
