@@ -5,9 +5,10 @@ diffusers models built from small configs with random weights."""
 from __future__ import annotations
 
 import copy
+import io
 import socket
 from collections.abc import Callable
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
@@ -737,6 +738,43 @@ def test_an_unverified_forward_is_swapped_but_not_fused(diffusers: ModuleType) -
     assert_matches(got, expected, torch.float32)
 
 
+class _AroundBlock(nn.Module):
+    """A ResnetBlock2D, and one of its modules also called by the forward around it, which
+    branches on values so that torch.fx cannot trace it and only the pinned forwards remain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        block = _resnet_block_cls()(in_channels=16, out_channels=16, temb_channels=8, groups=4)
+        self.block = randomize(block)
+
+
+class _NormAround(_AroundBlock):
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.block(x, t) + self.block.norm1(x) if x.sum() > -1e9 else x
+
+
+class _ProjectionAround(_AroundBlock):
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        y = self.block(x, t) + self.block.time_emb_proj(t)[:, :, None, None]
+        return y if x.sum() > -1e9 else x
+
+
+@pytest.mark.parametrize("attr", ["norm1", "time_emb_proj"])
+def test_regression_a_pinned_forward_proves_nothing_about_calls_around_it(
+    diffusers: ModuleType, attr: str
+) -> None:
+    """ResnetBlock2D's pair was fused from its own forward while the model around it called
+    the norm (now activated) or the projection (now activating its input) itself: 0.8-3.6 off
+    (found by fuzzing)."""
+    x, t = make_x((2, 16, 4, 4), torch.float32, seed=49), make_x((2, 8), torch.float32, seed=50)
+    model = (_NormAround() if attr == "norm1" else _ProjectionAround()).eval()
+    with torch.no_grad():
+        expected = model(x, t)
+        out, report = swap_group_norm(model)
+        assert report.fused == [] and f"names .{attr}" in report.not_fused[0][1]
+        torch.testing.assert_close(out(x, t), expected)
+
+
 def test_fusion_rules_match_the_installed_diffusers(diffusers: ModuleType) -> None:
     """Fails when diffusers changes a forward that fusion relies on: read the new source, then
     add its fingerprint to groupnorm.convert._RULES."""
@@ -855,6 +893,124 @@ def test_regression_activation_moves_only_into_modules_of_one_input() -> None:
     out, report = swap_group_norm(twice)
     assert report.fused == [] and "a single plain module of one input" in report.not_fused[0][1]
     torch.testing.assert_close(out(x, t), twice(x, t))
+
+
+class _InPlaceElsewhere(nn.Module):
+    """An in-place ReLU after the norm and on a conv's output, which the residual sum reads
+    after the ReLU has rewritten it; or on the input ``t``, which the caller holds."""
+
+    def __init__(self, on_input: bool) -> None:
+        super().__init__()
+        self.on_input = on_input
+        self.norm, self.act = nn.GroupNorm(4, 16), nn.ReLU(inplace=True)
+        self.conv, self.proj = nn.Conv2d(16, 16, 1), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.on_input:
+            return self.act(self.norm(x)) + self.proj(self.act(t))[:, :, None, None]
+        c = self.conv(x)
+        p = self.conv(self.act(c))
+        return self.act(self.norm(x)) + c + p
+
+
+@pytest.mark.parametrize("traced_by", ["fx", "export"])
+@pytest.mark.parametrize("on_input", [False, True])
+def test_regression_an_in_place_activation_applied_elsewhere_is_not_moved(
+    traced_by: str, on_input: bool
+) -> None:
+    """The ReLU moved into a pre-hook of the module taking its other output, applied out of
+    place there: the conv output it had rewritten was read unrewritten (1.8 off), and the
+    caller's tensor was no longer rewritten (found by fuzzing)."""
+    x, t = make_x((2, 16, 4, 4), torch.float32, seed=45), make_x((2, 16), torch.float32, seed=46)
+    model = _InPlaceElsewhere(on_input)
+    t_original, t_swapped = t.clone(), t.clone()
+    with torch.no_grad():
+        expected = model(x, t_original)
+        out, report = swap_group_norm(
+            model, example_inputs=None if traced_by == "fx" else (x, t.clone())
+        )
+        got = out(x, t_swapped)
+    assert report.fused == [] and "in place" in report.not_fused[0][1]
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(t_swapped, t_original)
+
+
+class _KeepsInside(nn.Module):
+    """Keeps the norm's output inside what it holds: a tuple it sets, a list in a dict, an
+    attribute of a plain object, or an attribute it adds."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.norm, self.act = nn.GroupNorm(4, 16), nn.SiLU()
+        self.feats: Any = {"tuple": (), "dict": {"f": []}, "object": SimpleNamespace()}.get(where)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        if self.where == "tuple":
+            self.feats = (h,)
+        elif self.where == "dict":
+            self.feats["f"].append(h)
+        elif self.where == "object":
+            self.feats.h = h
+        else:
+            self.last = h
+        return self.act(h)
+
+    def kept(self) -> torch.Tensor:
+        if self.where == "tuple":
+            return self.feats[0]
+        if self.where == "dict":
+            return self.feats["f"][-1]
+        return self.feats.h if self.where == "object" else self.last
+
+
+@pytest.mark.parametrize("traced_by", ["fx", "export"])
+@pytest.mark.parametrize("where", ["tuple", "dict", "object", "new attribute"])
+def test_regression_values_kept_inside_what_a_module_holds_are_side_effects(
+    traced_by: str, where: str
+) -> None:
+    """Only values kept directly in an attribute, a list or a dict's values were looked for:
+    a norm output kept in a tuple, a dict's list or a plain object was fused, and the kept
+    feature activated (2.35 off); an attribute the forward added kept the trace's Proxy or fake
+    tensor, and torch.save of the swapped model failed (found by fuzzing)."""
+    x = make_x((2, 16, 4, 4), torch.float32, seed=47)
+    model = _KeepsInside(where)
+    out, report = swap_group_norm(model, example_inputs=None if traced_by == "fx" else (x,))
+    assert report.fused == [] and "keeps a" in report.not_fused[0][1]
+    assert not hasattr(out, "last") and out.feats in ((), {"f": []}, SimpleNamespace(), None)
+    torch.save(out, io.BytesIO())
+    with torch.no_grad():
+        out(x)
+    torch.testing.assert_close(out.kept(), F.group_norm(x, 4))
+
+
+class _MixedModes(nn.Module):
+    """Scales the norm's output only while it trains with its encoder frozen (in eval mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.act, self.enc = nn.GroupNorm(4, 16), nn.SiLU(), nn.Conv2d(16, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.enc(x))
+        if self.training and not self.enc.training:
+            h = h * 0.5
+        return self.act(h)
+
+
+def test_regression_a_model_in_mixed_modes_is_traced_in_them_too() -> None:
+    """Traced only with every module training and with every module in eval mode, a frozen
+    encoder's branch was never seen, and the fused model was 0.19 off (found by fuzzing)."""
+    x = make_x((2, 16, 4, 4), torch.float32, seed=48)
+    model = _MixedModes()
+    model.enc.eval()
+    with torch.no_grad():
+        expected = model(x)
+        out, report = swap_group_norm(model)
+        assert report.fused == [] and "present mixed modes" in report.not_fused[0][1]
+        assert out.training and not out.enc.training
+        torch.testing.assert_close(out(x), expected)
 
 
 def test_regression_restore_brings_back_the_parameters_held_now() -> None:

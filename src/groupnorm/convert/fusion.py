@@ -15,6 +15,7 @@ else, and the norm's output goes nowhere else. Two kinds of proof are accepted:
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,6 +204,13 @@ def _activation_calls_covered(
         src = module_of.get(producers[0]) if len(producers) == 1 else None
         if src is not None and act_of.get(id(src)) == act_id:
             continue
+        if getattr(module_of[key], "inplace", False):
+            # In place it also rewrites that input, wherever else it is read: a trace does not
+            # show those reads, and a pre-hook applying it later would miss them.
+            return (
+                f"{path} is in place and also applied to {_users(calls, producers, module_of)}, "
+                "whose other readers see it rewritten: it cannot move into a pre-hook"
+            )
         users = calls.calls[key].users
         target = module_of.get(users[0]) if len(users) == 1 else None
         if (
@@ -319,7 +327,7 @@ def by_pinned_forwards(
         rule = _RULE_BY_CLASS.get((type(m).__module__, type(m).__name__))
         if rule is None:
             continue
-        why = _fuse_by_rule(m, rule, path, norms, paths, plan)
+        why = _fuse_by_rule(root, m, rule, path, norms, paths, plan)
         if why is not None:
             for child in m.children():
                 if id(child) in norms:
@@ -331,6 +339,7 @@ def by_pinned_forwards(
 
 
 def _fuse_by_rule(
+    root: nn.Module,
     m: nn.Module,
     rule: _Rule,
     path: str,
@@ -363,9 +372,16 @@ def _fuse_by_rule(
             return f"{attr} is shared ({paths[id(sub)]}): its other uses were not verified"
         if (why := _walk.patched(sub)) is not None:
             return f"{attr}: {why}"
+    if moved and any(getattr(m, attr).inplace for attr in acts):
+        return (
+            f"{', '.join(acts)} is in place: moved into a pre-hook of {', '.join(moved)}, it "
+            "would no longer rewrite the input it rewrites"
+        )
     for attr in moved:
         if not one_input(getattr(m, attr)):
             return f"{attr}'s forward does not take exactly one input, so SiLU cannot move into it"
+    if (why := _named_around(root, path, norm_attrs + acts + moved)) is not None:
+        return why
     moved_paths = tuple(_walk.join(path, attr) for attr in moved)
     for norm, act in pairs:
         plan.pairs.append(
@@ -376,4 +392,30 @@ def _fuse_by_rule(
         plan.removed[id(getattr(m, attr))] = getattr(m, attr)
     for attr in moved:
         plan.pre_act[id(getattr(m, attr))] = (getattr(m, attr), "silu")
+    return None
+
+
+def _named_around(root: nn.Module, path: str, attrs: list[str]) -> str | None:
+    """Why the pinned forward of the module at ``path`` does not prove its fusion in ``root``:
+    the forward of a module enclosing it (torch's containers aside) names one of ``attrs``, and
+    so may call that module itself, around the forward that was read; or that forward's source
+    cannot be read. None where neither. (What those forwards call in turn is not read.)"""
+    names = re.compile(r"\.(" + "|".join(map(re.escape, attrs)) + r")\b")
+    parts = path.split(".") if path else []
+    for depth in range(len(parts)):
+        forward = type(root.get_submodule(".".join(parts[:depth]))).forward
+        if forward.__module__.split(".")[0] == "torch":
+            continue
+        try:
+            source = inspect.getsource(forward)
+        except (OSError, TypeError):
+            return (
+                f"the source of {forward.__qualname__}, around it, cannot be read: its calls "
+                f"of {', '.join(attrs)} were not verified"
+            )
+        if (hit := names.search(source)) is not None:
+            return (
+                f"{forward.__qualname__}, around it, names .{hit.group(1)}: a call of it there "
+                "was not verified"
+            )
     return None

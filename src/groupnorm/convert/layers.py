@@ -17,7 +17,8 @@ def fusible_activation(m: nn.Module) -> str | None:
     """The name our kernels compute ``m`` under ("silu", "relu", "gelu"), or None.
 
     Exact classes only: a subclass may compute something else. ``inplace=True`` does not
-    matter, since a fused activation never writes into its input."""
+    matter where the activation takes only fused norms' outputs, which nothing else reads; an
+    in-place one also applied elsewhere is not moved into a pre-hook (:mod:`.fusion`)."""
     if type(m) is nn.SiLU:
         return "silu"
     if type(m) is nn.ReLU:

@@ -110,55 +110,71 @@ def _plan(
     if example_inputs is not None or example_kwargs is not None:
         args = () if example_inputs is None else _as_args(example_inputs)
         try:
-            plan, how = _in_both_modes(
+            plan, how = _in_every_mode(
                 target, lambda: trace.from_export(target, args, example_kwargs), norms, paths
             )
             return plan, how
+        except trace.SideEffect as e:
+            return _keeps_values(norms, e, "torch.export on the example input")
         except Exception as e:  # export's failures have no common base class
             failed = (
                 f"torch.export failed on the example input ({type(e).__name__}: {_first_line(e)}); "
             )
     try:
-        plan, how = _in_both_modes(
+        plan, how = _in_every_mode(
             target, lambda: trace.from_fx(target, norms.values()), norms, paths
         )
         return plan, failed + how
+    except trace.SideEffect as e:
+        return _keeps_values(norms, e, failed + "torch.fx symbolic trace")
     except Exception as e:  # fx raises TraceError, TypeError, ... on data-dependent code
         failed += f"torch.fx could not trace the model ({type(e).__name__}: {_first_line(e)})"
     return _pinned(target, norms, paths, failed)
 
 
-def _in_both_modes(
+def _keeps_values(
+    norms: dict[int, nn.Module], e: trace.SideEffect, how: str
+) -> tuple[fusion.Plan, str]:
+    """Nothing fused: the forward keeps values in the model, where a fused norm's output
+    could land (nor is another trace, or a pinned forward, asked: neither would see it)."""
+    return fusion.Plan(why_not=dict.fromkeys(norms, str(e))), how
+
+
+def _in_every_mode(
     target: nn.Module,
     record: Callable[[], trace.Calls],
     norms: dict[int, nn.Module],
     paths: dict[int, list[str]],
 ) -> tuple[fusion.Plan, str]:
     """The fusion a trace proves with every module in training mode and in eval mode (a
-    forward may branch on ``self.training``, and a trace sees one branch): where the two
-    differ, nothing from the trace is fused. Each module's mode is put back afterwards."""
+    forward may branch on ``self.training``, and a trace sees one branch), and in the modes the
+    modules are in now where those are mixed (a frozen part in eval mode, the rest training):
+    where the traces differ, nothing from them is fused. Each module's mode is put back
+    afterwards."""
     modes = [(m, m.training) for m in target.modules()]
+    mixed = len({training for _, training in modes}) > 1
     try:
         plans = []
-        for training in (True, False):
-            target.train(training)
+        for training in ((None,) if mixed else ()) + (True, False):
+            if training is not None:
+                target.train(training)
             calls = record()
             plans.append(fusion.by_trace(calls, target, norms, paths))
     finally:
         for m, training in modes:
             m.training = training
-    train, evaluation = plans
-    if (train.norm_acts, set(train.removed), set(train.pre_act)) != (
-        evaluation.norm_acts,
-        set(evaluation.removed),
-        set(evaluation.pre_act),
+    present = " and the modules' present mixed modes" if mixed else ""
+    if any(
+        (p.norm_acts, set(p.removed), set(p.pre_act))
+        != (plans[-1].norm_acts, set(plans[-1].removed), set(plans[-1].pre_act))
+        for p in plans
     ):
         why = (
-            f"the {calls.how} differs between training and eval mode (the forward branches on "
-            "self.training), so what a norm's output feeds depends on the mode"
+            f"the {calls.how} differs between training and eval mode{present} (the forward "
+            "branches on self.training), so what a norm's output feeds depends on the mode"
         )
         return fusion.Plan(why_not=dict.fromkeys(norms, why)), calls.how
-    return evaluation, f"{calls.how}, in training and eval mode"
+    return plans[-1], f"{calls.how}, in training and eval mode{present}"
 
 
 def _pinned(

@@ -14,7 +14,7 @@ output goes. Two traces are read, both into :class:`Calls`:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,23 +74,64 @@ class SideEffect(Exception):
 
 # A module's own machinery, not its state.
 _MACHINERY = {"_parameters", "_buffers", "_modules", "training"}
+# How far into the lists, tuples, dicts, sets and plain objects a module holds a forward's kept
+# values are looked for, and how many containers (and items a level) at most: a model may hold
+# large configs.
+_DEPTH = 4
+_MOST = 10_000
 
 
-def _kept(model: nn.Module) -> list[tuple[nn.Module, str, Any, Any]]:
-    """Every module attribute that a forward could change: (module, name, value, a shallow copy
-    of a list's or dict's items, else None)."""
-    state = []
-    for m in model.modules():
-        for name, value in vars(m).items():
-            if name in _MACHINERY or "hooks" in name:
+def _state(m: nn.Module) -> dict[str, Any]:
+    """The attributes of ``m`` that a forward could change."""
+    return {k: v for k, v in vars(m).items() if k not in _MACHINERY and "hooks" not in k}
+
+
+def _contents(value: Any) -> tuple[Any, Any] | None:
+    """(a shallow copy of what a mutable container or plain object holds, its items to look
+    into), or None for anything else (tuples: their items, no copy)."""
+    if isinstance(value, list):
+        return list(value), value
+    if isinstance(value, dict):
+        return dict(value), [*value.keys(), *value.values()]
+    if isinstance(value, set):
+        return set(value), value
+    if isinstance(value, tuple):
+        return None, value
+    if isinstance(value, (nn.Module, torch.Tensor, fx.Proxy, type)) or not hasattr(
+        value, "__dict__"
+    ):
+        return None
+    if type(value).__module__ == "builtins" or callable(value):  # functions, modules, methods
+        return None
+    return dict(vars(value)), list(vars(value).values())
+
+
+def _reachable(values: Iterable[Any], seen: set[int]) -> Iterator[tuple[Any, Any, Any]]:
+    """(value, its copy or None, its items) for each container and plain object reachable from
+    ``values`` within _DEPTH levels and not in ``seen`` (which collects them), at most _MOST,
+    and of each level's items the first _MOST."""
+    level = list(values)
+    for _ in range(_DEPTH):
+        below: list[Any] = []
+        for value in level:
+            got = _contents(value)
+            if got is None or id(value) in seen or len(seen) >= _MOST:
                 continue
-            items: list[Any] | dict[Any, Any] | None = None
-            if isinstance(value, list):
-                items = list(value)
-            elif isinstance(value, dict):
-                items = dict(value)
-            state.append((m, name, value, items))
-    return state
+            seen.add(id(value))
+            yield value, got[0], got[1]
+            below.extend(list(got[1])[: _MOST - len(below)])
+        level = below
+
+
+Kept = tuple[list[tuple[nn.Module, dict[str, Any]]], list[tuple[Any, Any]]]
+
+
+def _kept(model: nn.Module) -> Kept:
+    """What a forward could change in the model: each module's attributes, and a shallow copy
+    of each container and plain object they hold (to put back after a trace)."""
+    modules = [(m, _state(m)) for m in model.modules()]
+    held = [v for _, attrs in modules for v in attrs.values()]
+    return modules, [(v, copy) for v, copy, _ in _reachable(held, set()) if copy is not None]
 
 
 def _traced(value: Any) -> bool:
@@ -103,35 +144,54 @@ def _traced(value: Any) -> bool:
     )
 
 
-def _check_kept(model: nn.Module, before: list[tuple[nn.Module, str, Any, Any]], how: str) -> None:
-    """Raise :class:`SideEffect` where the trace left a traced value in a module's attributes
-    (in it, or in a list or dict it holds), after putting every attribute back as it was."""
-    found = []
-    for m, name, _, _ in before:
-        value = getattr(m, name, None)
-        inside = list(value.values()) if isinstance(value, dict) else value
-        if _traced(value) or (isinstance(inside, list) and any(map(_traced, inside))):
-            found.append(f"{type(m).__name__}.{name}")
-    known = {(id(m), name) for m, name, _, _ in before}
-    found += [
-        f"{type(m).__name__}.{name}"
-        for m in model.modules()
-        for name, value in vars(m).items()
-        if (id(m), name) not in known and _traced(value)
-    ]
-    if not found:
-        return
-    for m, name, value, items in before:
-        if isinstance(items, list):
-            value[:] = items
-        elif isinstance(items, dict):
+def _same(now: Any, copy: Any) -> bool:
+    """Whether a container or object still holds exactly (by identity) what ``copy`` holds."""
+    if isinstance(copy, dict):
+        now = now if isinstance(now, dict) else vars(now)
+        return now.keys() == copy.keys() and all(now[k] is v for k, v in copy.items())
+    if isinstance(copy, set):
+        return now == copy
+    return len(now) == len(copy) and all(a is b for a, b in zip(now, copy, strict=True))
+
+
+def _put_back(before: Kept) -> None:
+    """Every module attribute as it was (those a forward added removed), then the contents of
+    every container and object they held."""
+    modules, held = before
+    for m, attrs in modules:
+        for name in _state(m).keys() - attrs.keys():
+            del m.__dict__[name]
+        m.__dict__.update(attrs)
+    for value, copy in held:
+        if _same(value, copy):
+            continue  # untouched: a frozen container (diffusers' FrozenDict) is left alone
+        if isinstance(value, list):
+            value[:] = copy
+        elif isinstance(value, (dict, set)):
             value.clear()
-            value.update(items)
-        m.__dict__[name] = value
-    raise SideEffect(
-        f"the forward keeps a value the {how} made in {', '.join(found)}: it does more than a "
-        "trace shows"
-    )
+            value.update(copy)
+        else:
+            value.__dict__.clear()
+            value.__dict__.update(copy)
+
+
+def _check_kept(model: nn.Module, before: Kept, how: str) -> None:
+    """Put the model back as it was before the trace, and raise :class:`SideEffect` where the
+    trace had left a traced value in it: in a module's attribute, or in the lists, tuples,
+    dicts, sets and plain objects it holds."""
+    found = []
+    seen: set[int] = set()  # a container two attributes hold is searched once
+    for m in model.modules():
+        for name, value in _state(m).items():
+            inside = (v for _, _, items in _reachable([value], seen) for v in items)
+            if _traced(value) or any(map(_traced, inside)):
+                found.append(f"{type(m).__name__}.{name}")
+    _put_back(before)
+    if found:
+        raise SideEffect(
+            f"the forward keeps a value the {how} made in {', '.join(found)}: it does more "
+            "than a trace shows"
+        )
 
 
 def from_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Calls:
