@@ -4,6 +4,7 @@ diffusers models built from small configs with random weights."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import socket
@@ -930,20 +931,63 @@ def test_regression_an_in_place_activation_applied_elsewhere_is_not_moved(
             model, example_inputs=None if traced_by == "fx" else (x, t.clone())
         )
         got = out(x, t_swapped)
-    assert report.fused == [] and "in place" in report.not_fused[0][1]
+    assert report.fused == []
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(t_swapped, t_original)
 
 
-class _KeepsInside(nn.Module):
-    """Keeps the norm's output inside what it holds: a tuple it sets, a list in a dict, an
-    attribute of a plain object, or an attribute it adds."""
+class _InPlaceReadOnce(nn.Module):
+    """An in-place SiLU after the norm and on a conv output that nothing else reads."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.where = where
+        self.norm, self.act = nn.GroupNorm(4, 16), nn.SiLU(inplace=True)
+        self.conv, self.proj = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(x)) + self.proj(self.act(self.conv(x)))
+
+
+@pytest.mark.parametrize("traced_by", ["fx", "export"])
+def test_an_in_place_activation_on_an_output_read_once_still_moves(traced_by: str) -> None:
+    x = make_x((2, 16, 4, 4), torch.float32, seed=51)
+    model = _InPlaceReadOnce()
+    with torch.no_grad():
+        expected = model(x)
+        out, report = swap_group_norm(model, example_inputs=None if traced_by == "fx" else (x,))
+        assert [f.moved_to for f in report.fused] == [("proj",)]
+        torch.testing.assert_close(out(x), expected)
+
+
+class _Holder:
+    """A plain object a module holds, callable (as diffusers' attention processors are)."""
+
+    def __call__(self) -> None:
+        return None
+
+
+class _Slotted:
+    __slots__ = ("h",)
+
+
+class _KeepsInside(nn.Module):
+    """Keeps the norm's output inside what it holds (a tuple it sets, a list in a dict, a deque,
+    a plain or callable object, a module in a plain list) or in an attribute it adds; with
+    ``branch``, then branches on values, where torch.fx stops."""
+
+    def __init__(self, where: str, branch: bool = False) -> None:
+        super().__init__()
+        self.where, self.branch = where, branch
         self.norm, self.act = nn.GroupNorm(4, 16), nn.SiLU()
-        self.feats: Any = {"tuple": (), "dict": {"f": []}, "object": SimpleNamespace()}.get(where)
+        self.feats: Any = {
+            "tuple": (),
+            "dict": {"f": []},
+            "deque": collections.deque(),
+            "object": SimpleNamespace(),
+            "callable object": _Holder(),
+            "slots object": _Slotted(),
+            "module in a list": [nn.Identity()],
+        }.get(where)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
@@ -951,38 +995,82 @@ class _KeepsInside(nn.Module):
             self.feats = (h,)
         elif self.where == "dict":
             self.feats["f"].append(h)
-        elif self.where == "object":
+        elif self.where == "deque":
+            self.feats.append(h)
+        elif self.where == "module in a list":
+            self.feats[0].h = h
+        elif self.where in ("object", "callable object", "slots object"):
             self.feats.h = h
         else:
             self.last = h
+        if self.branch and h.sum() > 1e9:
+            h = h * 2
         return self.act(h)
 
-    def kept(self) -> torch.Tensor:
-        if self.where == "tuple":
-            return self.feats[0]
+    def kept(self) -> torch.Tensor | None:
+        """What the last forward kept; None before any."""
+        f = self.feats
+        if self.where in ("tuple", "deque"):
+            return f[-1] if f else None
         if self.where == "dict":
-            return self.feats["f"][-1]
-        return self.feats.h if self.where == "object" else self.last
+            return f["f"][-1] if f["f"] else None
+        if self.where == "module in a list":
+            return getattr(f[0], "h", None)
+        if self.where in ("object", "callable object", "slots object"):
+            return getattr(f, "h", None)
+        return getattr(self, "last", None)
 
 
 @pytest.mark.parametrize("traced_by", ["fx", "export"])
-@pytest.mark.parametrize("where", ["tuple", "dict", "object", "new attribute"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "tuple",
+        "dict",
+        "deque",
+        "object",
+        "callable object",
+        "slots object",
+        "module in a list",
+        "new attribute",
+    ],
+)
 def test_regression_values_kept_inside_what_a_module_holds_are_side_effects(
     traced_by: str, where: str
 ) -> None:
     """Only values kept directly in an attribute, a list or a dict's values were looked for:
-    a norm output kept in a tuple, a dict's list or a plain object was fused, and the kept
-    feature activated (2.35 off); an attribute the forward added kept the trace's Proxy or fake
-    tensor, and torch.save of the swapped model failed (found by fuzzing)."""
+    a norm output kept in a tuple, a dict's list, a deque, an object (with __slots__ too) or an
+    unregistered module was fused, and the kept feature activated (2.35 off); an attribute the
+    forward added kept the trace's Proxy or fake tensor, and torch.save of the swapped model
+    failed (found by fuzzing)."""
     x = make_x((2, 16, 4, 4), torch.float32, seed=47)
     model = _KeepsInside(where)
     out, report = swap_group_norm(model, example_inputs=None if traced_by == "fx" else (x,))
     assert report.fused == [] and "keeps a" in report.not_fused[0][1]
-    assert not hasattr(out, "last") and out.feats in ((), {"f": []}, SimpleNamespace(), None)
+    assert out.kept() is None and model.kept() is None  # the trace's values are not left behind
     torch.save(out, io.BytesIO())
     with torch.no_grad():
         out(x)
     torch.testing.assert_close(out.kept(), F.group_norm(x, 4))
+
+
+def test_regression_a_trace_that_fails_leaves_no_traced_values_behind() -> None:
+    """torch.fx stopped at a branch on values after the forward had kept a Proxy, which stayed
+    in the swapped model (found by fuzzing)."""
+    out, report = swap_group_norm(_KeepsInside("new attribute", branch=True))
+    assert "torch.fx could not trace" in report.proof and out.kept() is None
+    torch.save(out, io.BytesIO())
+
+
+def test_regression_restore_keeps_a_removed_activations_mode() -> None:
+    """The Identity put where a fused activation was trained by default, and restore gave the
+    activation that mode: an eval-mode model came back with its SiLU training (found by
+    fuzzing)."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.GroupNorm(4, 16), nn.SiLU()).eval()
+    out, report = swap_group_norm(model)
+    assert len(report.fused) == 1 and not any(m.training for m in out.modules())
+    restored = restore_group_norm(out, report)
+    assert not any(m.training for m in restored.modules())
 
 
 class _MixedModes(nn.Module):

@@ -204,12 +204,12 @@ def _activation_calls_covered(
         src = module_of.get(producers[0]) if len(producers) == 1 else None
         if src is not None and act_of.get(id(src)) == act_id:
             continue
-        if getattr(module_of[key], "inplace", False):
-            # In place it also rewrites that input, wherever else it is read: a trace does not
-            # show those reads, and a pre-hook applying it later would miss them.
+        if getattr(module_of[key], "inplace", False) and not _read_once(calls, producers, key):
+            # In place it also rewrites that input for its other readers (the caller's, for a
+            # model input), which a pre-hook applying it later would miss.
             return (
                 f"{path} is in place and also applied to {_users(calls, producers, module_of)}, "
-                "whose other readers see it rewritten: it cannot move into a pre-hook"
+                "which may be read elsewhere: it cannot move into a pre-hook"
             )
         users = calls.calls[key].users
         target = module_of.get(users[0]) if len(users) == 1 else None
@@ -235,6 +235,13 @@ def _activation_calls_covered(
                     "module is called on other inputs too"
                 )
     return moves
+
+
+def _read_once(calls: Calls, producers: list[str], key: str) -> bool:
+    """Whether the activation call ``key`` takes one module call's output that nothing else
+    reads, so that rewriting it in place matters to no one."""
+    source = calls.calls.get(producers[0]) if len(producers) == 1 else None
+    return source is not None and source.users == [key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +422,7 @@ def _named_around(root: nn.Module, path: str, attrs: list[str]) -> str | None:
             )
         if (hit := names.search(source)) is not None:
             return (
-                f"{forward.__qualname__}, around it, names .{hit.group(1)}: a call of it there "
-                "was not verified"
+                f"{forward.__qualname__}, around it, names .{hit.group(1)} (this block's or "
+                "another's): a call of it there was not verified"
             )
     return None

@@ -262,8 +262,10 @@ def swap_group_norm(
                 report.not_fused.append((paths[norm_id][0], decided))
         elif norm_id in plan.why_not:
             report.not_fused += [(p, plan.why_not[norm_id]) for p in paths[norm_id]]
-    for act_id in plan.removed:
-        target = _walk.replace_everywhere(target, paths[act_id], nn.Identity(), report._undo)
+    for act_id, act in plan.removed.items():
+        # In the activation's mode: restore_group_norm gives it the mode its stand-in has then.
+        identity = nn.Identity().train(act.training)
+        target = _walk.replace_everywhere(target, paths[act_id], identity, report._undo)
     report._hooks += [
         m.register_forward_pre_hook(fusion.ActivationPreHook(name), with_kwargs=True)
         for m, name in plan.pre_act.values()

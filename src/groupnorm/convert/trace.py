@@ -13,8 +13,17 @@ output goes. Two traces are read, both into :class:`Calls`:
 
 from __future__ import annotations
 
+import contextlib
+import types
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import (
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    MutableSequence,
+    MutableSet,
+)
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,29 +90,51 @@ _DEPTH = 4
 _MOST = 10_000
 
 
+# Objects with a __dict__ that hold code, not state.
+_NOT_STATE = (
+    type,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.ModuleType,
+)
+
+
 def _state(m: nn.Module) -> dict[str, Any]:
     """The attributes of ``m`` that a forward could change."""
     return {k: v for k, v in vars(m).items() if k not in _MACHINERY and "hooks" not in k}
 
 
-def _contents(value: Any) -> tuple[Any, Any] | None:
-    """(a shallow copy of what a mutable container or plain object holds, its items to look
-    into), or None for anything else (tuples: their items, no copy)."""
-    if isinstance(value, list):
-        return list(value), value
-    if isinstance(value, dict):
+def _contents(value: Any) -> tuple[Any, list[Any]] | None:
+    """(a shallow copy of what a mutable container, plain object or unregistered module holds,
+    or None for tuples and frozensets; its items to look into), or None for anything else."""
+    if isinstance(value, nn.Module):  # held in a list, say, so not among model.modules()
+        state = _state(value)
+        return state, list(state.values())
+    if isinstance(value, (tuple, frozenset)):
+        return None, list(value)
+    if isinstance(value, MutableMapping):
         return dict(value), [*value.keys(), *value.values()]
-    if isinstance(value, set):
-        return set(value), value
-    if isinstance(value, tuple):
-        return None, value
-    if isinstance(value, (nn.Module, torch.Tensor, fx.Proxy, type)) or not hasattr(
-        value, "__dict__"
-    ):
+    if isinstance(value, MutableSequence):  # lists, deques
+        return list(value), list(value)
+    if isinstance(value, MutableSet):
+        return set(value), list(value)
+    if isinstance(value, (torch.Tensor, fx.Proxy, *_NOT_STATE)):
         return None
-    if type(value).__module__ == "builtins" or callable(value):  # functions, modules, methods
+    if type(value).__module__ == "builtins":
         return None
-    return dict(vars(value)), list(vars(value).values())
+    fields = _fields(value)
+    return None if fields is None else (fields, list(fields.values()))
+
+
+def _fields(value: Any) -> dict[str, Any] | None:
+    """An object's attributes: its __dict__ and its __slots__ that are set; None where it has
+    neither."""
+    slots = [n for c in type(value).__mro__ for n in getattr(c, "__slots__", ()) if n != "__dict__"]
+    if not slots and not hasattr(value, "__dict__"):
+        return None
+    fields = {n: getattr(value, n) for n in slots if n != "__weakref__" and hasattr(value, n)}
+    return fields | dict(getattr(value, "__dict__", {}))
 
 
 def _reachable(values: Iterable[Any], seen: set[int]) -> Iterator[tuple[Any, Any, Any]]:
@@ -145,10 +176,12 @@ def _traced(value: Any) -> bool:
 
 
 def _same(now: Any, copy: Any) -> bool:
-    """Whether a container or object still holds exactly (by identity) what ``copy`` holds."""
+    """Whether a container, object or module still holds exactly (by identity) what ``copy``
+    holds."""
     if isinstance(copy, dict):
-        now = now if isinstance(now, dict) else vars(now)
-        return now.keys() == copy.keys() and all(now[k] is v for k, v in copy.items())
+        held = _state(now) if isinstance(now, nn.Module) else now
+        held = held if isinstance(held, Mapping) else (_fields(held) or {})
+        return held.keys() == copy.keys() and all(held[k] is v for k, v in copy.items())
     if isinstance(copy, set):
         return now == copy
     return len(now) == len(copy) and all(a is b for a, b in zip(now, copy, strict=True))
@@ -156,29 +189,50 @@ def _same(now: Any, copy: Any) -> bool:
 
 def _put_back(before: Kept) -> None:
     """Every module attribute as it was (those a forward added removed), then the contents of
-    every container and object they held."""
+    every container, object and unregistered module they held."""
     modules, held = before
     for m, attrs in modules:
-        for name in _state(m).keys() - attrs.keys():
-            del m.__dict__[name]
-        m.__dict__.update(attrs)
+        _put_back_state(m, attrs)
     for value, copy in held:
         if _same(value, copy):
             continue  # untouched: a frozen container (diffusers' FrozenDict) is left alone
-        if isinstance(value, list):
-            value[:] = copy
-        elif isinstance(value, (dict, set)):
+        if isinstance(value, nn.Module):
+            _put_back_state(value, copy)
+        elif isinstance(value, MutableSequence):
+            value.clear()
+            value.extend(copy)
+        elif isinstance(value, MutableMapping):
             value.clear()
             value.update(copy)
+        elif isinstance(value, MutableSet):
+            value.clear()
+            value |= copy
         else:
-            value.__dict__.clear()
-            value.__dict__.update(copy)
+            for name in (_fields(value) or {}).keys() - copy.keys():
+                delattr(value, name)
+            for name, v in copy.items():
+                object.__setattr__(value, name, v)
 
 
-def _check_kept(model: nn.Module, before: Kept, how: str) -> None:
-    """Put the model back as it was before the trace, and raise :class:`SideEffect` where the
-    trace had left a traced value in it: in a module's attribute, or in the lists, tuples,
-    dicts, sets and plain objects it holds."""
+def _put_back_state(m: nn.Module, attrs: dict[str, Any]) -> None:
+    for name in _state(m).keys() - attrs.keys():
+        del m.__dict__[name]
+    m.__dict__.update(attrs)
+
+
+@contextlib.contextmanager
+def _put_back_on_error(before: Kept) -> Iterator[None]:
+    """A trace that fails part way (fx on a branch on values) may have kept values already."""
+    try:
+        yield
+    except BaseException:
+        _put_back(before)
+        raise
+
+
+def _traced_in(model: nn.Module) -> list[str]:
+    """The module attributes that hold a traced value: in them, or in the lists, tuples, dicts,
+    sets, objects and unregistered modules they hold."""
     found = []
     seen: set[int] = set()  # a container two attributes hold is searched once
     for m in model.modules():
@@ -186,6 +240,14 @@ def _check_kept(model: nn.Module, before: Kept, how: str) -> None:
             inside = (v for _, _, items in _reachable([value], seen) for v in items)
             if _traced(value) or any(map(_traced, inside)):
                 found.append(f"{type(m).__name__}.{name}")
+    return found
+
+
+def _check_kept(model: nn.Module, before: Kept, how: str, found: list[str]) -> None:
+    """Put the model back as it was before the trace, and raise :class:`SideEffect` where the
+    trace had left a traced value in it (:func:`_traced_in`), or ``found`` names one seen
+    while it ran."""
+    found = list(dict.fromkeys(found + _traced_in(model)))
     _put_back(before)
     if found:
         raise SideEffect(
@@ -198,10 +260,17 @@ def from_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] 
     """The module calls of ``model(*args, **kwargs)`` as torch.export records them; raises
     :class:`SideEffect` where the forward keeps a traced tensor in the model."""
     before = _kept(model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ep = torch.export.export(model, args, kwargs, strict=False)
-    _check_kept(model, before, "torch.export")
+    # Looked for as the forward returns too: export itself puts some back (a deque's items, a
+    # dict's keys) before it returns.
+    found: list[str] = []
+    look = model.register_forward_hook(lambda *_: found.extend(_traced_in(model)))
+    try:
+        with warnings.catch_warnings(record=True) as caught, _put_back_on_error(before):
+            warnings.simplefilter("always")
+            ep = torch.export.export(model, args, kwargs, strict=False)
+    finally:
+        look.remove()
+    _check_kept(model, before, "torch.export", found)
     # torch.export puts such attributes back itself, and warns "The tensor attribute
     # self.feats[0] was assigned during export" of each.
     kept = []
@@ -282,8 +351,9 @@ def from_fx(model: nn.Module, leaves: Iterable[nn.Module]) -> Calls:
     """The module calls of ``model``'s forward as torch.fx's symbolic trace records them;
     raises :class:`SideEffect` where the forward keeps a traced value in the model."""
     before = _kept(model)
-    graph = _LeafTracer(leaves).trace(model)
-    _check_kept(model, before, "torch.fx trace")
+    with _put_back_on_error(before):
+        graph = _LeafTracer(leaves).trace(model)
+    _check_kept(model, before, "torch.fx trace", [])
     calls: dict[str, Call] = {}
 
     def what(node: fx.Node) -> str:
