@@ -150,7 +150,7 @@ def _reachable(values: Iterable[Any], seen: set[int]) -> Iterator[tuple[Any, Any
                 continue
             seen.add(id(value))
             yield value, got[0], got[1]
-            below.extend(list(got[1])[: _MOST - len(below)])
+            below.extend(got[1][: _MOST - len(below)])
         level = below
 
 
@@ -221,13 +221,14 @@ def _put_back_state(m: nn.Module, attrs: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _put_back_on_error(before: Kept) -> Iterator[None]:
-    """A trace that fails part way (fx on a branch on values) may have kept values already."""
+def _put_back_after(model: nn.Module) -> Iterator[None]:
+    """The model as it was before the block (a trace) once it ends, successfully or not: a
+    trace that fails part way (fx at a branch on values) may have kept values already."""
+    before = _kept(model)
     try:
         yield
-    except BaseException:
+    finally:
         _put_back(before)
-        raise
 
 
 def _traced_in(model: nn.Module) -> list[str]:
@@ -243,34 +244,31 @@ def _traced_in(model: nn.Module) -> list[str]:
     return found
 
 
-def _check_kept(model: nn.Module, before: Kept, how: str, found: list[str]) -> None:
-    """Put the model back as it was before the trace, and raise :class:`SideEffect` where the
-    trace had left a traced value in it (:func:`_traced_in`), or ``found`` names one seen
-    while it ran."""
-    found = list(dict.fromkeys(found + _traced_in(model)))
-    _put_back(before)
+def _raise_if_kept(found: list[str], how: str) -> None:
+    """Raise :class:`SideEffect` where the trace left a traced value in the model
+    (``found``: :func:`_traced_in`'s names)."""
     if found:
         raise SideEffect(
-            f"the forward keeps a value the {how} made in {', '.join(found)}: it does more "
-            "than a trace shows"
+            f"the forward keeps a value the {how} made in {', '.join(dict.fromkeys(found))}: it "
+            "does more than a trace shows"
         )
 
 
 def from_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Calls:
     """The module calls of ``model(*args, **kwargs)`` as torch.export records them; raises
     :class:`SideEffect` where the forward keeps a traced tensor in the model."""
-    before = _kept(model)
     # Looked for as the forward returns too: export itself puts some back (a deque's items, a
     # dict's keys) before it returns.
     found: list[str] = []
     look = model.register_forward_hook(lambda *_: found.extend(_traced_in(model)))
     try:
-        with warnings.catch_warnings(record=True) as caught, _put_back_on_error(before):
+        with warnings.catch_warnings(record=True) as caught, _put_back_after(model):
             warnings.simplefilter("always")
             ep = torch.export.export(model, args, kwargs, strict=False)
+            found += _traced_in(model)
     finally:
         look.remove()
-    _check_kept(model, before, "torch.export", found)
+    _raise_if_kept(found, "torch.export")
     # torch.export puts such attributes back itself, and warns "The tensor attribute
     # self.feats[0] was assigned during export" of each.
     kept = []
@@ -350,10 +348,10 @@ class _LeafTracer(fx.Tracer):
 def from_fx(model: nn.Module, leaves: Iterable[nn.Module]) -> Calls:
     """The module calls of ``model``'s forward as torch.fx's symbolic trace records them;
     raises :class:`SideEffect` where the forward keeps a traced value in the model."""
-    before = _kept(model)
-    with _put_back_on_error(before):
+    with _put_back_after(model):
         graph = _LeafTracer(leaves).trace(model)
-    _check_kept(model, before, "torch.fx trace", [])
+        found = _traced_in(model)
+    _raise_if_kept(found, "torch.fx trace")
     calls: dict[str, Call] = {}
 
     def what(node: fx.Node) -> str:
