@@ -185,6 +185,20 @@ def test_regression_jit_trace_passes_its_own_check(plan_name: str) -> None:
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated")
 @pytest.mark.parametrize("plan_name", list(PLANS))
+def test_regression_jit_trace_of_a_module_without_affine_warns_nothing(plan_name: str) -> None:
+    """Without affine parameters the module asks, as nn.GroupNorm does, whether x's channel
+    count differs from num_channels: under torch.jit.trace that comparison of a traced size
+    warned a TracerWarning (an error here) outside the checks traced quietly."""
+    plan_kw = PLANS[plan_name]
+    module = groupnorm.GroupNorm(num_channels=12, affine=False, **plan_kw)
+    traced = torch.jit.trace(module, (torch.randn(3, 12, 5, 4),))
+    x = _x(seed=6)
+    assert_matches(traced(x), _expected(x, plan_kw), torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated")
+@pytest.mark.parametrize("plan_name", list(PLANS))
 def test_regression_jit_trace_of_the_function_warns_nothing(plan_name: str) -> None:
     """The module's checks ran without torch.jit.trace's TracerWarnings, the function's did
     not: tracing a model that calls groupnorm.group_norm warned at each check that read x's

@@ -195,17 +195,7 @@ class GroupNorm(nn.GroupNorm):
             return fx_group_norm(
                 input, plan.sizes, self.weight, self.bias, self.eps, self.activation, self.backend
             )
-        if (
-            self.weight is None
-            and self.bias is None
-            and not self._explicit_sizes
-            and input.dim() >= 2
-            and input.shape[1] != plan.num_channels
-            and input.shape[1] % self.num_groups == 0
-        ):
-            # As nn.GroupNorm: without affine parameters num_channels is not checked, and any
-            # channel count num_groups divides is normalized in num_groups groups.
-            plan = resolve_plan(int(input.shape[1]), self.num_groups, uneven=self.uneven)
+        plan = traced_quietly(self._plan_of, input, plan)
         if self.process_group is not None:
             return group_norm(
                 input,
@@ -227,6 +217,21 @@ class GroupNorm(nn.GroupNorm):
             self.activation,
             self.backend,
         )
+
+    @torch.jit.unused
+    def _plan_of(self, input: torch.Tensor, plan: GroupPlan) -> GroupPlan:
+        """``plan``, or as nn.GroupNorm: without affine parameters num_channels is not checked,
+        and any channel count num_groups divides is normalized in num_groups groups."""
+        if (
+            self.weight is None
+            and self.bias is None
+            and not self._explicit_sizes
+            and input.dim() >= 2
+            and input.shape[1] != plan.num_channels
+            and input.shape[1] % self.num_groups == 0
+        ):
+            return resolve_plan(int(input.shape[1]), self.num_groups, uneven=self.uneven)
+        return plan
 
     def __prepare_scriptable__(self) -> nn.Module:
         """Before ``torch.jit.script`` compiles this module: the plan is a Python object

@@ -22,9 +22,13 @@ float64.
 A graph holds three ops more than ``F.group_norm``'s: the pivot gather (``first`` is a
 constant), its detach (only when x requires grad) and the subtraction; under torch.compile two:
 the pivot is one op there (``groupnorm::pivot``, whose ops AOTAutograd traces). An export
-(torch.export, ONNX) records forms with fewer ops (:func:`_exported`): ONNX then holds 7 nodes
-per even layer where ``nn.GroupNorm`` holds 5; an uneven one takes each group's pivot from the
-mean of its first channel instead (:func:`_mean_pivot`).
+(torch.export, ONNX) records forms with fewer ops (:func:`_exported`): ONNX then holds 8 nodes
+per even layer where ``nn.GroupNorm`` holds 5. An export takes each group's pivot from the mean
+of its first channel instead (:func:`_rows_shifted`, :func:`_mean_pivot`), which is within
+sqrt(C / G) deviations of its group's mean: onnxruntime's kernel needs that.
+
+Torch's CPU kernel reads xs NCHW-contiguous (:func:`_nchw`): its channels-last kernel loses
+float32 accuracy a few deviations from 0.
 
 Written in the TorchScript subset (no ``from __future__ import annotations``: TorchScript reads
 the annotations at runtime), so ``torch.jit.script`` compiles it from
@@ -137,7 +141,7 @@ def shifted_group_norm(
         pivot = pivot.to(acc)
     # A half x minus a float32 pivot is promoted: xs is float32, formed in one op.
     if len(runs) == 1:
-        y = torch.group_norm(x - pivot, x.shape[1] // runs[0][2], w, b, eps)
+        y = torch.group_norm(_nchw(x - pivot), x.shape[1] // runs[0][2], w, b, eps)
     else:
         parts: list[torch.Tensor] = []
         for start, end, size in runs:
@@ -145,9 +149,25 @@ def shifted_group_norm(
             xs = x[:, start:end] - pivot[:, start:end]
             wr = None if w is None else w[start:end]
             br = None if b is None else b[start:end]
-            parts.append(torch.group_norm(xs, (end - start) // size, wr, br, eps))
+            parts.append(torch.group_norm(_nchw(xs), (end - start) // size, wr, br, eps))
         y = torch.cat(parts, dim=1)
     return _epilogue(y, x, activation, scale, shift)
+
+
+def _nchw(xs: torch.Tensor) -> torch.Tensor:
+    """The pivot-shifted xs as torch's CPU group_norm must read it: NCHW-contiguous. Its
+    channels-last CPU kernel loses float32 accuracy once a group's mean sits a few deviations
+    from 0, where the shift by one element puts it (TorchScript of a channels-last 3-D G = C
+    layer: 4.4x the float32 bound on plain randn input); its NCHW kernel holds. Under
+    torch.compile inductor computes the statistics itself, in any layout, and other devices'
+    kernels read channels-last accurately."""
+    if xs.device.type != "cpu":
+        return xs
+    # Nested: TorchScript skips a block under `if not torch.jit.is_scripting()`, not an `and`.
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+            return xs
+    return xs.contiguous()
 
 
 def _exported(
@@ -163,8 +183,8 @@ def _exported(
     shift: torch.Tensor | None,
 ) -> torch.Tensor:
     """:func:`shifted_group_norm` as an export records it (torch.export, ONNX); weight and bias
-    in ``acc``. An even plan is torch's group_norm of rows minus their first element
-    (:func:`_rows_shifted`): in ONNX 7 nodes where ``nn.GroupNorm`` has 5. An uneven plan
+    in ``acc``. An even plan is torch's group_norm of rows minus their pivot
+    (:func:`_rows_shifted`): in ONNX 8 nodes where ``nn.GroupNorm`` has 5. An uneven plan
     subtracts every group's pivot at once (:func:`_mean_pivot`), normalizes each run of
     groups as one ``instance_norm`` (:func:`_normalized_runs`) and applies weight and bias to
     the whole tensor (:func:`_affine`): 10-12 nodes for two runs. Export time goes with the
@@ -172,21 +192,28 @@ def _exported(
     op (benchmarks/onnx_export.py), so both forms keep them few."""
     if len(runs) == 1:
         G = x.shape[1] // runs[0][2]
-        y = torch.group_norm(_rows_shifted(x, G, acc).reshape(x.shape), G, weight, bias, eps)
+        y = torch.group_norm(_nchw(_rows_shifted(x, G, acc).reshape(x.shape)), G, weight, bias, eps)
         return _epilogue(y, x, activation, scale, shift)
     y = _normalized_runs(x - _mean_pivot(x, first, acc), runs, eps)
     return _epilogue(_affine(y, weight, bias), x, activation, scale, shift)
 
 
 def _rows_shifted(x: torch.Tensor, groups: int, acc: torch.dtype) -> torch.Tensor:
-    """x (N, C, *S) as rows (N, groups, C / groups * prod(S)) minus each row's first element
-    (its group's pivot), in ``acc``: in an export graph one Reshape, one Slice and one Sub.
-    (A Split would enter the graph with fewer nodes to fold, but onnxruntime then copies the
-    whole row.)"""
+    """x (N, C, *S) as rows (N, groups, C / groups * prod(S)) minus each row's pivot, the mean
+    of its group's first channel, in ``acc``: in an export graph one Reshape, one Slice, one
+    ReduceMean and one Sub. The mean, not the first element: onnxruntime's
+    InstanceNormalization loses float32 accuracy faster than torch's kernel as a group's mean
+    moves from 0 (2.2x the float32 bound with a first element 17 deviations out), and the
+    first channel's mean lies within sqrt(C / groups) deviations of its group's, however the
+    values fall. (A Split would enter the graph with fewer nodes to fold, but onnxruntime then
+    copies the whole row.)"""
     rows = _rows(x, groups)
-    pivot = rows[:, :, :1]
-    pivot = pivot.detach() if pivot.requires_grad else pivot
-    return rows - (pivot if pivot.dtype == acc else pivot.to(acc))
+    positions = 1  # of a channel
+    for d in x.shape[2:]:
+        positions = positions * d
+    src = rows.detach() if rows.requires_grad else rows
+    pivot = src[:, :, :positions].mean(-1, keepdim=True, dtype=None if x.dtype == acc else acc)
+    return rows - pivot
 
 
 def _rows(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -226,12 +253,14 @@ def _normalized_runs(
     widths = [end - start for start, end, _ in runs]
     parts = []
     for xr, (start, end, size) in zip(xs.split(widths, dim=1), runs, strict=True):
+        # torch.instance_norm, not F.instance_norm, which refuses one position per instance
+        # (groups of one element, as torch's group_norm and ours normalize to 0)
         if size == 1 and xr.dim() > 2:
-            parts.append(F.instance_norm(xr, eps=eps))
+            parts.append(torch.instance_norm(xr, None, None, None, None, True, 0.0, eps, False))
         else:
-            parts.append(
-                F.instance_norm(_rows(xr, (end - start) // size), eps=eps).reshape(xr.shape)
-            )
+            rows = _rows(xr, (end - start) // size)
+            y = torch.instance_norm(rows, None, None, None, None, True, 0.0, eps, False)
+            parts.append(y.reshape(xr.shape))
     return torch.cat(parts, dim=1)
 
 
