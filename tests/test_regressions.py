@@ -4,7 +4,10 @@ here)."""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -938,3 +941,91 @@ def _assert_half_gradients(
         names, grads, baselines, expected, reductions, strict=True
     ):
         assert_matches(got, exp, x.dtype, reduction=red, baseline=base, what=what)
+
+
+@pytest.mark.slow  # TorchScript compiles, torch.export traces: seconds each
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated")
+@pytest.mark.parametrize("form", ["script", "trace", "export"])
+@pytest.mark.parametrize("shape", [(2, 2, 16, 16), (2, 32, 8, 8, 8)], ids=["2d", "3d"])
+def test_regression_traced_forms_normalize_channels_last_input_as_nchw(
+    form: str, shape: tuple[int, ...]
+) -> None:
+    """TorchScript, torch.jit.trace and torch.export record the pivot-shifted form, x minus
+    each group's first element. With x channels-last (G = C, where the shifted rows stay a
+    view) torch's channels-last CPU kernel normalized it: its float32 statistics lose accuracy
+    once a group's mean sits a few deviations from 0, which the shift puts it: 1.6x the float32
+    bound with the first elements 3 deviations out (2-D), 4.4x (3-D)."""
+    G = shape[1]
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = rand(shape, torch.float32, seed=5)
+    x.view(shape[0], G, -1)[:, :, 0] = -3.0  # each group's pivot 3 deviations out
+    x = x.contiguous(memory_format=fmt)
+    module = groupnorm.GroupNorm(G, G, affine=False).eval()
+    if form == "script":
+        run = torch.jit.script(module)
+    elif form == "trace":
+        run = torch.jit.trace(module, (x,))
+    else:
+        run = torch.export.export(module, (x,)).module()
+    y = run(x)
+    assert_matches(y, _f64_group_norm(x, G), torch.float32)
+    assert y.is_contiguous(memory_format=fmt)
+
+
+_PARAMETER_GRADIENTS_ONLY = """
+import json, sys, torch, groupnorm
+dtype, shape, which = getattr(torch, sys.argv[1]), tuple(json.loads(sys.argv[2])), sys.argv[3]
+fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+x = torch.tensor(json.loads(sys.argv[4]), dtype=dtype).reshape(shape).contiguous(memory_format=fmt)
+module = groupnorm.GroupNorm(2, shape[1]).to(dtype)
+module.weight.requires_grad_(which != "bias")
+module.bias.requires_grad_(which != "weight")
+module(x).sum().backward()
+grads = [p.grad for p in (module.weight, module.bias)]
+print(json.dumps([None if g is None else g.double().tolist() for g in grads]))
+"""
+
+
+@pytest.mark.parametrize(
+    "dtype, shape, which",
+    [
+        ("float64", (1, 4, 2, 3), "weight"),
+        ("float64", (1, 4, 2, 2, 2), "bias"),
+        ("bfloat16", (1, 4, 2, 3), "weight"),
+        ("float16", (2, 8, 2, 1, 1), "both"),
+    ],
+)
+def test_regression_channels_last_parameter_gradients_without_x_gradient(
+    dtype: str, shape: tuple[int, ...], which: str
+) -> None:
+    """A channels-last float64 or half-precision x that needs no gradient (a model's input),
+    with weight or bias that do: torch's channels-last CPU kernel served the forward, and its
+    backward crashed the process (a segmentation fault, as torch's own F.group_norm does). Run
+    in a subprocess, so that a crash fails this test only; the gradients against float64."""
+    x = rand(shape, getattr(torch, dtype), seed=7)
+    done = subprocess.run(
+        [sys.executable, "-c", _PARAMETER_GRADIENTS_ONLY, dtype, json.dumps(shape), which,
+         json.dumps(x.double().flatten().tolist())],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    dweight, dbias = json.loads(done.stdout)
+    xhat = _f64_group_norm(x, 2)
+    reduction = shape[0] * math.prod(shape[2:])
+    expected = {
+        "weight": xhat.sum(axis=tuple(d for d in range(len(shape)) if d != 1)),
+        "bias": np.full(shape[1], float(reduction)),
+    }
+    for name, got in (("weight", dweight), ("bias", dbias)):
+        if which in (name, "both"):
+            want, kind = expected[name], getattr(torch, dtype)
+            # Half precision: judged against the float64 gradient rounded to the dtype.
+            rounded = None if dtype == "float64" else torch.from_numpy(want).to(kind)
+            got_t = torch.tensor(got, dtype=torch.float64)
+            assert_matches(
+                got_t, want, kind, reduction=reduction, baseline=rounded, what=f"d{name}"
+            )
+        else:
+            assert got is None

@@ -326,6 +326,24 @@ def _trust_limit(x: torch.Tensor, plan: GroupPlan) -> float | None:
     return NATIVE_TRUST_CHANNELS_LAST
 
 
+def _backward_crashes(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> bool:
+    """Whether autograd would record torch's channels-last CPU kernel for the gradient of weight
+    or bias but not of x: that backward crashes the process (a segmentation fault, torch 2.13's
+    own F.group_norm alike; the first layer of a float64 or half-precision channels-last
+    model), so such calls take the other paths."""
+    return (
+        not x.requires_grad
+        and torch.is_grad_enabled()
+        and (
+            (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        )
+        and not x.is_contiguous()
+    )
+
+
 def _nchw_trust(dtype: torch.dtype) -> float:
     """The largest |mean| * rstd at which torch's NCHW kernel, or a multiply-add of its form
     (``x * a + b``, b = beta - mean * a), holds the tolerance table for ``dtype``."""
@@ -678,7 +696,7 @@ def _native_checked(r: Request) -> torch.Tensor | None:
         if y is not None:
             return y
     limit = _trust_limit(r.x, r.plan)
-    if limit is None or _half_epilogue_with_grad(r):
+    if limit is None or _half_epilogue_with_grad(r) or _backward_crashes(r.x, r.weight, r.bias):
         return None
     if r.plan.is_even:
         y, mean, rstd = _native(r)
@@ -767,7 +785,7 @@ def native_fast(
     # Channels-last: torch's kernel where the validated path asks it (_trust_limit), checked
     # against that layout's limit.
     limit = _nchw_trust(x.dtype) if x.is_contiguous() else _trust_limit(x, plan)
-    if limit is None:
+    if limit is None or _backward_crashes(x, weight, bias):
         return None
     if activation is not None and activation not in _FAST_ACTIVATIONS:
         return None
