@@ -700,3 +700,43 @@ def test_regression_an_affine_free_module_normalizes_any_channel_count_its_group
         groupnorm.GroupNorm(4, 8, affine=False)(make_x((2, 10, 3, 3), torch.float32, layout))
     with pytest.raises(ValueError, match="8 channels"):
         groupnorm.GroupNorm(4, 8)(x)
+
+
+def test_regression_unhashable_activation_and_backend_get_a_clear_error() -> None:
+    """A list or dict as activation or backend raised "unhashable type" from a dictionary lookup,
+    which says neither which argument was wrong nor what it takes."""
+    x = torch.randn(2, 4, 3, 3)
+    for call in (
+        lambda: groupnorm.group_norm(x, 2, activation=["silu"]),
+        lambda: groupnorm.GroupNorm(2, 4, activation={}),
+    ):
+        with pytest.raises(TypeError, match=r"activation must be one of \[None, 'silu'"):
+            call()
+    module = groupnorm.GroupNorm(2, 4)
+    module.backend = ["torch"]
+    for call in (
+        lambda: groupnorm.group_norm(x, 2, backend=["torch"]),
+        lambda: groupnorm.group_stats(x, 2, backend={}),
+        lambda: module(x),
+    ):
+        with pytest.raises(ValueError, match="unknown backend .*; registered: "):
+            call()
+
+
+def test_regression_sparse_and_nested_input_get_a_clear_error() -> None:
+    """A sparse or nested x failed deep inside: "can't convert Sparse layout tensor to numpy",
+    "NestedTensorImpl doesn't support sizes"."""
+    x = torch.randn(2, 4, 3, 3)
+    nested = torch.nested.nested_tensor(
+        [torch.randn(4, 3, 3), torch.randn(4, 2, 3)], layout=torch.jagged
+    )
+    module = groupnorm.GroupNorm(2, 4)
+    calls = (
+        lambda t: groupnorm.group_norm(t, 2),
+        lambda t: groupnorm.group_stats(t, 2),
+        module,
+    )
+    for bad, what in ((x.to_sparse(), "layout torch.sparse_coo"), (nested, "a nested tensor")):
+        for call in calls:
+            with pytest.raises(TypeError, match=f"x must be a dense tensor .*, got {what}"):
+                call(bad)

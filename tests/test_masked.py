@@ -426,3 +426,26 @@ def test_regression_a_nan_at_a_masked_position_gets_its_own_finite_gradient(
     dropped_reference(x64, resolve_plan(8, 4), mask, w64, b64).backward(dy.double())
     assert x.grad is not None and torch.isfinite(x.grad[0, :, h, w]).all()
     assert_matches(x.grad, to_numpy(x64.grad), dtype, reduction=2 * 25, what="dx")
+
+
+@pytest.mark.parametrize(
+    "x_dtype, mask_dtype",
+    [
+        (torch.float32, torch.float16),
+        (torch.float64, torch.float32),
+        (torch.float32, torch.bfloat16),
+    ],
+)
+def test_regression_an_infinite_weight_in_a_narrower_mask_dtype_is_refused(
+    x_dtype: torch.dtype, mask_dtype: torch.dtype
+) -> None:
+    """The weight bound was compared in the mask's dtype, where it rounds to inf, so an
+    infinite weight passed and the output was all NaN (statistics: count inf, m2 NaN)."""
+    x = torch.randn(2, 4, 3, 3, dtype=x_dtype)
+    mask = torch.full((2, 1, 3, 3), math.inf, dtype=mask_dtype)
+    for call in (
+        lambda: groupnorm.group_norm(x, 2, mask=mask),
+        lambda: groupnorm.group_stats(x, 2, mask=mask),
+    ):
+        with pytest.raises(ValueError, match="negative or non-finite weights"):
+            call()

@@ -42,6 +42,11 @@ ACTIVATIONS: dict[str | None, Activation] = {
 
 def check_activation(activation: object) -> None:
     """Raise ValueError naming the accepted activations unless ``activation`` is one of them."""
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(
+            f"activation must be one of {list(ACTIVATIONS)}, got {type(activation).__name__} "
+            f"{activation!r}"
+        )
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
 

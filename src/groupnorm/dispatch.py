@@ -131,10 +131,17 @@ def run_plain(
     Under torch.compile every call takes the validated path (which records no dead reads of
     x's attributes into the graph).
     """
-    if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+    if (
+        type(x) is not torch.Tensor
+        or x.layout is not torch.strided
+        or x.is_nested
+        or torch.compiler.is_compiling()
+    ):
         return None
     if weight is None and bias is not None:
         return None  # the validated path gives it a weight of ones (torch's backward needs one)
+    if backend != "auto" and not isinstance(backend, str):
+        return None  # the validated path says what backend must be
     b = _FIRST[x.is_cpu] if backend == "auto" else _REGISTRY.get(backend)
     if b is None or b.fast is None:
         return None
@@ -149,7 +156,7 @@ def available_backends() -> dict[str, str | None]:
 def select_backend(request: Request, backend: str = "auto") -> Backend:
     """The backend that will run ``request``; raises ValueError naming the alternatives."""
     if backend != "auto":
-        chosen = _REGISTRY.get(backend)
+        chosen = _REGISTRY.get(backend) if isinstance(backend, str) else None
         if chosen is None:
             raise ValueError(f"unknown backend {backend!r}; registered: {sorted(_REGISTRY)}")
         reason = chosen.available() or chosen.why_not(request)

@@ -130,6 +130,12 @@ def _check_input(x: object, shard: bool = False) -> torch.Tensor:
     sharded tensor, which may hold no position (its statistics are empty, the whole's are not)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested or x.layout is not torch.strided:
+        kind = "a nested tensor" if x.is_nested else f"layout {x.layout}"
+        raise TypeError(
+            f"x must be a dense tensor (layout torch.strided), got {kind}; convert with "
+            "x.to_dense(), or normalize a nested tensor's samples one at a time"
+        )
     if x.dim() < 2:
         raise ValueError(
             f"x must have shape (N, C, *spatial) with at least 2 dimensions, got shape "
@@ -378,6 +384,7 @@ def group_norm(
         and group_sizes is None
         and uneven is False
         and type(input) is torch.Tensor
+        and not input.is_nested
         and input.dim() > 2
         and (torch.compiler.is_compiling() or not torch._C._is_tracing())
     ):
