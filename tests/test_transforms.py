@@ -375,8 +375,9 @@ def test_regression_compiled_even_pivot_is_not_a_gather() -> None:
     """Inductor inlined the pivot's gather through the plan's first-channel index into every
     reduction as an indirect load per vector iteration: a compiled ResNet-20 training step took
     84 ms against 53 eager. Under torch.compile the pivot is one node of Dynamo's graph (the
-    op ``groupnorm::pivot``, no detach left outside it) whose ops an even plan makes a strided
-    slice, repeated (affine loads); an uneven plan's is still the gather. Exact against
+    op ``groupnorm::pivot``, no detach left outside it) whose ops an even plan makes the mean of
+    a strided slice, repeated (affine loads); an uneven plan's gathers the channels' means, an
+    (N, C) tensor, not x. Exact against
     float64, forward and backward (no gradient through the pivot), on bfloat16 x: compiled
     float32 CPU calls take the fused kernel's ops."""
     graphs: list[torch.fx.GraphModule] = []
@@ -400,7 +401,8 @@ def test_regression_compiled_even_pivot_is_not_a_gather() -> None:
         assert "detach" not in targets and "repeat_interleave" not in targets, targets
         pivot = partial(shifted._compiled_pivot, first=torch.tensor(first), size=size)
         ops = {n.target for n in make_fx(pivot)(x.detach()).graph.nodes}
-        assert (torch.ops.aten.index.Tensor in ops) == (size == 0), ops
+        assert torch.ops.aten.index.Tensor not in ops, ops
+        assert (torch.ops.aten.index_select.default in ops) == (size == 0), ops
         plan = resolve_plan(8, **kw)
         expected, cache = reference(x, plan)
         assert_matches(y, expected, torch.bfloat16)

@@ -2,30 +2,25 @@
 
 With ``first[c]`` the first channel of channel c's group::
 
-    xs = x - x[n, first[c], 0, ..., 0]      (accumulation dtype: float32, float64 for float64 x)
+    xs = x - mean(x[n, first[c]])            (accumulation dtype: float32, float64 for float64 x)
     y  = act((group_norm(xs) * weight + bias) * (1 + scale) + shift)   rounded once to x's dtype
 
 the kernel running once per run of equal-size groups (once for an even plan). Each group's
-pivot is its first element, so ``|mean(xs)| / std`` is that element's distance from the mean in
-standard deviations, whatever the offset of x: torch's float32 mean of xs is then accurate
-(docs/spec.md#numerics), and nothing depends on tensor values. That is what the paths that
-cannot read values need: torch.compile, vmap, meta and fake tensors, make_fx, ONNX export,
-TorchScript, and devices where reading a value would stall the host. The subtraction costs one
-elementwise pass, which is why eager CPU calls check torch's own mean instead.
+pivot is the mean of its first channel, within sqrt(k) standard deviations of the group's mean
+for k channels a group whatever the offset of x (:func:`_pivot`), so ``|mean(xs)| / std`` is
+small: torch's float32 mean of xs is then accurate (docs/spec.md#numerics), and nothing depends
+on tensor values. That is what the paths that cannot read values need: torch.compile, vmap,
+meta and fake tensors, make_fx, ONNX export, TorchScript, and devices where reading a value
+would stall the host. The pivot and the subtraction cost a read of x and an elementwise pass,
+which is why eager CPU calls check torch's own mean instead. (The first element, the pivot
+before, may lie any distance out: a zero of padding before data at an offset, 34 deviations
+out, put y at 2.2x the float32 bound with torch's kernel and onnxruntime's at 1.7x 10 out.)
 
-The mean of xs stops being accurate enough for a first element over 100 deviations out, which
-only a group of over 10^4 elements allows: one zero before 16383 values at 1000 +- 0.01 (128
-deviations) put y at 1.1x the float32 bound under vmap and TorchScript. The eager CPU paths
-hold there: the fused kernel normalizes around the group's mean, the composite path in
-float64.
-
-A graph holds three ops more than ``F.group_norm``'s: the pivot gather (``first`` is a
-constant), its detach (only when x requires grad) and the subtraction; under torch.compile two:
-the pivot is one op there (``groupnorm::pivot``, whose ops AOTAutograd traces). An export
-(torch.export, ONNX) records forms with fewer ops (:func:`_exported`): ONNX then holds 8 nodes
-per even layer where ``nn.GroupNorm`` holds 5. An export takes each group's pivot from the mean
-of its first channel instead (:func:`_rows_shifted`, :func:`_mean_pivot`), which is within
-sqrt(C / G) deviations of its group's mean: onnxruntime's kernel needs that.
+A graph holds a few ops more than ``F.group_norm``'s: the pivot's mean and gather (``first``
+is a constant), its detach (only when x requires grad) and the subtraction; under
+torch.compile the pivot is one op (``groupnorm::pivot``, whose ops AOTAutograd traces). An
+export (torch.export, ONNX) records forms with fewer ops (:func:`_exported`): ONNX
+then holds 8 nodes per even layer where ``nn.GroupNorm`` holds 5.
 
 Torch's CPU kernel reads xs NCHW-contiguous (:func:`_nchw`): its channels-last kernel loses
 float32 accuracy a few deviations from 0.
@@ -63,35 +58,47 @@ def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def _pivot(x: torch.Tensor, first: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, C, 1, ..., 1): the first element of each channel's group; ``size`` is the group size
-    of an even plan, 0 for an uneven one. Detached: the result is mathematically independent of
-    it, and its gradient would be rounding noise."""
+    """(N, C, 1, ..., 1): the mean of each channel's group's first channel (:func:`_means`);
+    ``size`` is the group size of an even plan, 0 for an uneven one. It lies within sqrt(k)
+    deviations of its group's mean for k channels a group, however the values fall (the first
+    channel's squared deviations are part of its group's), where one element may lie any
+    distance out: a zero of padding before data at an offset, as the first element, put y at
+    2.2x the float32 bound 34 deviations out. Detached: the result is mathematically
+    independent of it, and its gradient would be rounding noise."""
     if torch.jit.is_scripting():
         src = x.detach() if x.requires_grad else x
-        for d in range(2, x.dim()):
-            src = src.narrow(d, 0, 1)
-        return src.index_select(1, first)  # after the narrowing: N * C elements gathered
+        return _means(src).index_select(1, first)
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return torch.ops.groupnorm.pivot(x, first, size)
     # Under torch.jit.trace always: its check traces again with inputs that need no gradient,
     # and a graph with a detach in one trace only "differed across invocations".
     src = x.detach() if x.requires_grad or torch._C._is_tracing() else x
-    return src[(slice(None), first) + (slice(0, 1),) * (x.dim() - 2)]  # one op in a graph
+    return _means(src).index_select(1, first)
+
+
+def _means(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, 1, ..., 1): each channel's mean over its positions, summed in float32 for half
+    precision (not rounded to, or overflowing, x's dtype); an (N, C) x as it is."""
+    if x.dim() == 2:
+        return x
+    dims: list[int] = []
+    for d in range(2, x.dim()):
+        dims.append(d)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.mean(dims, keepdim=True, dtype=acc)
 
 
 def _compiled_pivot(x: torch.Tensor, first: torch.Tensor, size: int) -> torch.Tensor:
     """:func:`_pivot` under torch.compile, as the op ``groupnorm::pivot``: one node in Dynamo's
-    graph instead of three (detach, slice and repeat, or gather). Its implementation is
-    CompositeImplicitAutograd, so AOTAutograd traces through it and inductor sees the ops
-    inside. An even plan's pivot is every size-th channel, repeated: inductor reads it at an
-    affine index, where a gather through ``first`` it inlined into each reduction as an
-    indirect load per vector iteration (a compiled ResNet-20 training step: 84 against 58 ms)."""
+    graph instead of several. Its implementation is CompositeImplicitAutograd, so AOTAutograd
+    traces through it and inductor sees the ops inside. An even plan's pivot is the mean of
+    every size-th channel (a 1 / size of x read), repeated: inductor reads it at an affine
+    index, where a gather through ``first`` it inlined into each reduction as an indirect load
+    per vector iteration (a compiled ResNet-20 training step: 84 against 58 ms)."""
     src = x.detach()
-    spatial = (slice(0, 1),) * (x.dim() - 2)
     if size:
-        every = src[(slice(None), slice(None, None, size)) + spatial]
-        return every.repeat_interleave(size, dim=1)
-    return src[(slice(None), first) + spatial]
+        return _means(src[:, ::size]).repeat_interleave(size, dim=1)
+    return _means(src).index_select(1, first)
 
 
 # A torch.library op, not torch.compiler.allow_in_graph: that imports Dynamo (and with it
