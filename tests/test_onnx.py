@@ -244,3 +244,35 @@ def test_regression_onnx_even_export_with_an_outlier_first_element() -> None:
     expected, _ = reference(x, GroupPlan((1,)))
     program = _export(norm, rand((2, 1, 32, 32), torch.float32, seed=2))
     assert_matches(torch.from_numpy(_run(program, x)), expected, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["even", "uneven"])
+def test_regression_bfloat16_export_runs_in_onnxruntime(kind: str) -> None:
+    """The pivot's mean, asked in float32 of bfloat16 x, exported as a bfloat16 ReduceMean and a
+    Cast, which onnxruntime has no kernel for (NOT_IMPLEMENTED); uneven plans failed so, and
+    then even ones. x is cast to float32 once, first (nn.GroupNorm's bfloat16 graph does not
+    load in onnxruntime at all)."""
+    onnx = pytest.importorskip("onnx")
+    norm = (GroupNorm(3, 6) if kind == "even" else GroupNorm(4, 6, uneven=True)).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(rand((6,), torch.bfloat16, seed=3) + 1)
+        norm.bias.copy_(rand((6,), torch.bfloat16, seed=4))
+    x = make_x((2, 6, 4, 4), torch.bfloat16, seed=5, loc=3.0)
+
+    class Float(nn.Module):  # numpy has no bfloat16: y leaves the graph as float32
+        def forward(self, y: torch.Tensor) -> torch.Tensor:
+            return y.float()
+
+    program = _export(nn.Sequential(norm, Float()), x)
+    session = ort.InferenceSession(
+        program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    feed = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+        x.view(torch.int16).numpy(), onnx.TensorProto.BFLOAT16
+    )
+    out = session.run_with_ort_values(None, {session.get_inputs()[0].name: feed})[0]
+    got = torch.from_numpy(out.numpy())
+    assert torch.equal(got, got.bfloat16().float())  # y was rounded to bfloat16 in the graph
+    expected, _ = reference(x, norm.plan, norm.weight, norm.bias)
+    rounded = torch.from_numpy(expected).to(torch.bfloat16)
+    assert_matches(got, expected, torch.bfloat16, baseline=rounded)

@@ -196,18 +196,23 @@ def _exported(
     groups as one ``instance_norm`` (:func:`_normalized_runs`) and applies weight and bias to
     the whole tensor (:func:`_affine`): 10-12 nodes for two runs. Export time goes with the
     ops recorded, shape ops (Reshape, Slice, Gather) costing about three times an elementwise
-    op (benchmarks/onnx_export.py), so both forms keep them few."""
+    op (benchmarks/onnx_export.py), so both forms keep them few.
+
+    Half precision is cast to ``acc`` once, first: the subtraction needs it there anyway, and
+    a mean asked in float32 of half-precision input exports as a half-precision ReduceMean and
+    a Cast, which onnxruntime has no bfloat16 kernel for."""
+    xa = x if x.dtype == acc else x.to(acc)
     if len(runs) == 1:
         G = x.shape[1] // runs[0][2]
-        y = torch.group_norm(_nchw(_rows_shifted(x, G, acc).reshape(x.shape)), G, weight, bias, eps)
+        y = torch.group_norm(_nchw(_rows_shifted(xa, G).reshape(x.shape)), G, weight, bias, eps)
         return _epilogue(y, x, activation, scale, shift)
-    y = _normalized_runs(x - _mean_pivot(x, first, acc), runs, eps)
+    y = _normalized_runs(xa - _mean_pivot(xa, first), runs, eps)
     return _epilogue(_affine(y, weight, bias), x, activation, scale, shift)
 
 
-def _rows_shifted(x: torch.Tensor, groups: int, acc: torch.dtype) -> torch.Tensor:
+def _rows_shifted(x: torch.Tensor, groups: int) -> torch.Tensor:
     """x (N, C, *S) as rows (N, groups, C / groups * prod(S)) minus each row's pivot, the mean
-    of its group's first channel, in ``acc``: in an export graph one Reshape, one Slice, one
+    of its group's first channel: in an export graph one Reshape, one Slice, one
     ReduceMean and one Sub. The mean, not the first element: onnxruntime's
     InstanceNormalization loses float32 accuracy faster than torch's kernel as a group's mean
     moves from 0 (2.2x the float32 bound with a first element 17 deviations out), and the
@@ -219,8 +224,7 @@ def _rows_shifted(x: torch.Tensor, groups: int, acc: torch.dtype) -> torch.Tenso
     for d in x.shape[2:]:
         positions = positions * d
     src = rows.detach() if rows.requires_grad else rows
-    pivot = src[:, :, :positions].mean(-1, keepdim=True, dtype=None if x.dtype == acc else acc)
-    return rows - pivot
+    return rows - src[:, :, :positions].mean(-1, keepdim=True)
 
 
 def _rows(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -232,8 +236,8 @@ def _rows(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(x.shape[0], groups, positions // groups)
 
 
-def _mean_pivot(x: torch.Tensor, first: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """(N, C, 1, ..., 1) in ``acc``: for each channel, the mean of its group's first channel.
+def _mean_pivot(x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """(N, C, 1, ..., 1): for each channel, the mean of its group's first channel.
     Any value near a group's data serves as its pivot, and this one is within sqrt(k) standard
     deviations of the group's mean (k channels: the first channel's share of the group's
     variance bounds its distance), however its float32 rounding goes. In an export graph it is
@@ -244,10 +248,9 @@ def _mean_pivot(x: torch.Tensor, first: torch.Tensor, acc: torch.dtype) -> torch
     detach = x.requires_grad and not torch.onnx.is_in_onnx_export()
     src = x.detach() if detach else x
     dims = list(range(2, x.dim()))
-    if dims:  # half precision summed in acc, not rounded to (or overflowing) x's dtype
-        src = src.mean(dims, keepdim=True, dtype=None if x.dtype == acc else acc)
-    pivot = src.index_select(1, first)
-    return pivot if pivot.dtype == acc else pivot.to(acc)
+    if dims:
+        src = src.mean(dims, keepdim=True)
+    return src.index_select(1, first)
 
 
 def _normalized_runs(
