@@ -707,16 +707,16 @@ def test_regression_unhashable_activation_and_backend_get_a_clear_error() -> Non
     which says neither which argument was wrong nor what it takes."""
     x = torch.randn(2, 4, 3, 3)
     for call in (
-        lambda: groupnorm.group_norm(x, 2, activation=["silu"]),
-        lambda: groupnorm.GroupNorm(2, 4, activation={}),
+        lambda: groupnorm.group_norm(x, 2, activation=["silu"]),  # type: ignore[call-overload]
+        lambda: groupnorm.GroupNorm(2, 4, activation={}),  # type: ignore[arg-type]
     ):
         with pytest.raises(TypeError, match=r"activation must be one of \[None, 'silu'"):
             call()
     module = groupnorm.GroupNorm(2, 4)
-    module.backend = ["torch"]
+    module.backend = ["torch"]  # type: ignore[assignment]
     for call in (
-        lambda: groupnorm.group_norm(x, 2, backend=["torch"]),
-        lambda: groupnorm.group_stats(x, 2, backend={}),
+        lambda: groupnorm.group_norm(x, 2, backend=["torch"]),  # type: ignore[call-overload]
+        lambda: groupnorm.group_stats(x, 2, backend={}),  # type: ignore[arg-type]
         lambda: module(x),
     ):
         with pytest.raises(ValueError, match="unknown backend .*; registered: "):

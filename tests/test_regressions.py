@@ -963,6 +963,7 @@ def test_regression_traced_forms_normalize_channels_last_input_as_nchw(
     x.view(shape[0], G, -1)[:, :, 0] = -3.0  # each group's pivot 3 deviations out
     x = x.contiguous(memory_format=fmt)
     module = groupnorm.GroupNorm(G, G, affine=False).eval()
+    run: Any
     if form == "script":
         run = torch.jit.script(module)
     elif form == "trace":
