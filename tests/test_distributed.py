@@ -64,6 +64,10 @@ def _worker(rank: int, world: int, port: int, out: str, cases: str) -> None:
         pg = dist.group.WORLD
         result = (_whole_cases if cases == "whole" else _regression_cases)(rank, world, pg)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        # No rank tears its connections down while a peer may still be sending: gloo's worker
+        # threads then abort the process now and then ("terminate called without an active
+        # exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
