@@ -740,3 +740,60 @@ def test_regression_sparse_and_nested_input_get_a_clear_error() -> None:
         for call in calls:
             with pytest.raises(TypeError, match=f"x must be a dense tensor .*, got {what}"):
                 call(bad)
+
+
+def test_regression_statistics_values_are_checked_where_they_are_used() -> None:
+    """rstd(-1) gave NaN; merge_stats merged negative counts and m2 into statistics that
+    normalize without an error; statistics held as nn.Parameter skipped the value check that
+    plain tensors get (count 0 gave ``bias``)."""
+    x = make_x((2, 8, 3, 3), torch.float32)
+    stats = groupnorm.group_stats(x, 4)
+    for eps in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            stats.rstd(eps)
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        stats.rstd(True)
+    exact = 1 / torch.sqrt(stats.var.double() + 1e-3)
+    torch.testing.assert_close(stats.rstd(torch.tensor(1e-3)).double(), exact)  # type: ignore[arg-type]
+
+    def replaced(field: str, value: float, as_parameter: bool = False) -> GroupStats:
+        fields = {f: getattr(stats, f) for f in ("pivot", "shifted_mean", "m2", "count")}
+        fields[field] = fields[field].clone()
+        fields[field][1, 2] = value
+        if as_parameter:
+            fields = {f: nn.Parameter(t, requires_grad=False) for f, t in fields.items()}
+        return GroupStats(**fields, plan=stats.plan)
+
+    for field, value, match in (("m2", -1.0, r"a\.m2 has negative"), ("count", -2.0, "a.count")):
+        with pytest.raises(ValueError, match=match):
+            groupnorm.merge_stats(replaced(field, value), stats)
+    with pytest.raises(ValueError, match=r"b\.m2 has negative or NaN"):
+        groupnorm.merge_stats(stats, replaced("m2", float("nan")))
+    for field, value, match in (("count", 0.0, "count has entries <= 0"), ("m2", -1.0, "m2")):
+        with pytest.raises(ValueError, match=match):
+            groupnorm.group_norm(x, 4, stats=replaced(field, value, as_parameter=True))
+
+
+def test_regression_zero_dim_integer_tensors_count_as_torch_takes_them() -> None:
+    """F.group_norm takes num_groups and eps as 0-d integer tensors; ours refused both."""
+    x = make_x((2, 8, 3, 3), torch.float64)
+    y = groupnorm.group_norm(x, torch.tensor(4), eps=torch.tensor(1))  # type: ignore[call-overload]
+    assert_matches(y, reference(x, resolve_plan(8, 4), eps=1.0)[0], torch.float64)
+    module = groupnorm.GroupNorm(torch.tensor(2), 8)  # type: ignore[arg-type]
+    assert type(module.num_groups) is int and module.num_groups == 2
+    for bad in (torch.tensor(True), torch.tensor(2.0), torch.tensor([2])):
+        with pytest.raises(ValueError, match="num_groups must be a positive integer"):
+            groupnorm.group_norm(x, bad)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="eps as a tensor must be a 0-d real number"):
+        groupnorm.group_norm(x, 4, eps=torch.tensor(True))  # type: ignore[call-overload]
+
+
+def test_regression_the_default_of_32_groups_is_named_when_it_does_not_fit() -> None:
+    """GroupNorm(4, None) said "num_groups=32 is larger than num_channels=4", a 32 the caller
+    never wrote (a lone positional argument is the channel count, groups default to 32)."""
+    for args in ((4, None), (4,), (48,)):
+        with pytest.raises(ValueError, match=r"no num_groups, .* so 32 groups \(timm's default\)"):
+            groupnorm.GroupNorm(*args)
+    with pytest.raises(ValueError, match="num_groups=32 is larger than num_channels=4") as info:
+        groupnorm.GroupNorm(32, 4)
+    assert "default" not in str(info.value)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import copy
 import io
+import math
 import socket
 from collections.abc import Callable
 from types import ModuleType, SimpleNamespace
@@ -1243,3 +1244,38 @@ def test_regression_a_compiled_model_is_traced_through_its_wrapper() -> None:
         y = swapped(x)
     expected, _ = reference(h, resolve_plan(8, 4), norm.weight, norm.bias)
     assert_matches(y, expected / (1 + np.exp(-expected)), torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_regression_a_changed_ws_eps_attribute_is_checked() -> None:
+    """ws_eps was checked only by the constructor: set to -1 or NaN afterwards, every forward
+    gave NaN without an error, eager and scripted. A NumPy ws_eps was refused, though it is a
+    real number as a float is."""
+    conv = WSConv2d(3, 8, 3, ws_eps=np.float32(1e-5))  # type: ignore[arg-type]
+    assert isinstance(conv.ws_eps, float)
+    x = torch.randn(2, 3, 9, 9)
+    scripted = torch.jit.script(conv)
+    for bad in (-1.0, math.nan, 0.0):
+        conv.ws_eps = bad
+        scripted.ws_eps = bad
+        with pytest.raises(ValueError, match=r"ws_eps\) must be > 0 and finite"):
+            conv(x)
+        with pytest.raises(torch.jit.Error, match=r"ws_eps\) must be > 0 and finite"):
+            scripted(x)
+
+
+def test_regression_converters_take_bools_and_numpy_counts_as_torch_does() -> None:
+    """inplace=1, weight_standardize="yes" and fuse_activation=0 were read by truthiness, where
+    group_norm's flags (uneven, return_stats) take only bools; a NumPy num_groups was refused,
+    though nn.GroupNorm takes one."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    for call in (
+        lambda: convert_batchnorm(model, inplace=1),  # type: ignore[arg-type]
+        lambda: convert_batchnorm(model, weight_standardize="yes"),  # type: ignore[arg-type]
+        lambda: swap_group_norm(model, fuse_activation=0),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match="must be True or False"):
+            call()
+    converted, report = convert_batchnorm(model, num_groups=np.int64(4))  # type: ignore[arg-type]
+    assert report.replaced[0].plan.sizes == (2, 2, 2, 2)
+    assert type(converted[1].num_groups) is int

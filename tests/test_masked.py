@@ -449,3 +449,13 @@ def test_regression_an_infinite_weight_in_a_narrower_mask_dtype_is_refused(
     ):
         with pytest.raises(ValueError, match="negative or non-finite weights"):
             call()
+
+
+def test_regression_a_mask_held_as_a_parameter_is_checked_as_a_tensor_is() -> None:
+    """Value checks ran only on plain tensors, so a float mask held as an nn.Parameter (a learned
+    weighting) with a negative weight normalized without an error."""
+    x = torch.randn(2, 4, 3, 3)
+    mask = torch.ones(2, 1, 3, 3)
+    mask[1, 0, 1, 1] = -0.5
+    with pytest.raises(ValueError, match="negative or non-finite weights"):
+        groupnorm.group_norm(x, 2, mask=torch.nn.Parameter(mask))

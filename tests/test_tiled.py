@@ -130,6 +130,36 @@ def test_regression_tiled_decode_names_what_it_refuses() -> None:
         tiled_decode(vae, _latent())
 
 
+def test_regression_latents_and_band_arguments_are_checked_before_decoding() -> None:
+    """A latent of the wrong channels, dtype, device or an empty dimension failed inside the
+    first convolution or a reshape; process_group="x" raised AttributeError; band_rows with
+    tile_rows=0, world=0 or rank >= world raised range(), ZeroDivision and IndexError errors,
+    and a rank < 0 returned another rank's rows."""
+    vae, z = _vae(), _latent()
+    for bad, match in (
+        (torch.randn(2, 5, 13, 10), "z has 5 channels, but this VAE decodes 4-channel latents"),
+        (z.double(), r"z is torch.float64 on cpu, the VAE torch.float32 on cpu; use z.to"),
+        (z.to("meta"), "z is torch.float32 on meta"),
+        (z[:0], "no empty dimension, got shape"),
+        (z[:, :, :, :0], "no empty dimension, got shape"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            tiled_decode(vae, bad)
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialized"):
+        tiled_decode(vae, z, process_group="x")
+    for args, match in (
+        ((13, 0, 2, 0), "tile_rows must be a positive int"),
+        ((13, 3, 0, 0), "world must be a positive int"),
+        ((13, 3, 2, 2), r"rank must be an int in \[0, world=2\), got 2"),
+        ((13, 3, 2, -1), r"rank must be an int in \[0, world=2\), got -1"),
+        ((3, 1, 4, 0), "3 latent rows for 4 ranks"),
+        ((13, 7, 3, 0), "2 tiles of 7 latent rows for 3 ranks"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            band_rows(*args)
+    assert band_rows(np.int64(13), 3, 2, np.int64(1), upscale=4) == (9 * 4, 13 * 4)  # type: ignore[arg-type]
+
+
 def test_unsupported_decoder_is_refused() -> None:
     vae = _vae()
     vae.decoder.conv_norm_out = torch.nn.LayerNorm(8)

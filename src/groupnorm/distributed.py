@@ -81,7 +81,8 @@ class _ReduceScatter(torch.autograd.Function):
         return _AllGather.apply(grad, ctx.group), None
 
 
-def _check_group(group: object) -> None:
+def check_process_group(group: object) -> None:
+    """Raise unless torch.distributed is initialized and ``group`` is one of its process groups."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "process_group= needs torch.distributed initialized first "
@@ -143,7 +144,7 @@ def all_gather_stats(local: GroupStats, group: Any) -> GroupStats:
 
     Differentiable: gradients flow back into each rank's ``local`` statistics.
     """
-    _check_group(group)
+    check_process_group(group)
     _check_ranks_agree(local, group)
     # Gathered in float64 whatever the local dtype: the merge is in float64 anyway, and a rank
     # whose statistics were widened (its call records autograd) sends as many bytes as the rest.
@@ -158,7 +159,7 @@ def run_sharded(
     r: Request, group: object, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, GroupStats | None]:
     """A validated request on this rank's shard: ``(y_shard, whole-tensor stats or None)``."""
-    _check_group(group)
+    check_process_group(group)
     if torch.jit.is_tracing():
         raise TypeError(
             "torch.jit.trace cannot record process_group= (a TorchScript graph holds no "

@@ -34,7 +34,7 @@ class SingleElementGroupWarning(UserWarning):
 _PLANS: dict[tuple[object, ...], GroupPlan] = {}
 
 
-def _check_flag(name: str, value: object) -> bool:
+def check_flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
     return value
@@ -50,9 +50,9 @@ def check_eps(eps: object) -> float:
     ):
         raise TypeError(f"eps must be a real number, got {eps!r} ({type(eps).__name__})")
     elif isinstance(eps, torch.Tensor):
-        if eps.dim() or not eps.dtype.is_floating_point:
-            raise TypeError(f"eps as a tensor must be 0-d floating point, got {eps!r}")
-        value = eps.item()
+        if eps.dim() or not (eps.dtype.is_floating_point or _is_integer(eps.dtype)):
+            raise TypeError(f"eps as a tensor must be a 0-d real number, got {eps!r}")
+        value = float(eps.item())
     else:
         value = float(eps)
     # Comparisons, not math.isinf: they work on a symbolic float, and NaN fails the first.
@@ -69,14 +69,20 @@ def check_backend_name(backend: object) -> str:
     return backend  # type: ignore[return-value]
 
 
-def _check_count(name: str, value: object) -> None:
-    """None or a positive int (a NumPy integer too; not a bool, float or string)."""
-    if (
-        value is not None
-        and type(value) is not int
-        and (isinstance(value, bool) or not isinstance(value, int | np.integer))
-    ):
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _check_count(name: str, value: object) -> int | None:
+    """None or a positive int: a NumPy integer or a 0-d integer tensor too, as ``F.group_norm``
+    takes them (not a bool, float or string)."""
+    if value is None or type(value) is int:
+        return value
+    if isinstance(value, torch.Tensor) and not value.dim() and _is_integer(value.dtype):
+        return int(value.item())
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _plan_key(
@@ -108,9 +114,9 @@ def resolve_plan(
         int | np.integer | torch.SymInt | torch.Tensor,  # Tensor: jit.trace's sizes
     ):
         raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
-    _check_count("num_groups", num_groups)
-    _check_count("group_size", group_size)
-    _check_flag("uneven", uneven)
+    num_groups = _check_count("num_groups", num_groups)
+    group_size = _check_count("group_size", group_size)
+    check_flag("uneven", uneven)
     sizes = None if group_sizes is None else check_group_sizes(group_sizes)
     # A symbolic C (torch.compile with dynamic shapes) is specialized: the plan's structure,
     # hence the graph, depends on it.
@@ -227,7 +233,7 @@ def _request(
     N, C = x.shape[:2]
     check_activation(activation)
     eps = check_eps(eps)
-    _check_flag("return_stats", return_stats)
+    check_flag("return_stats", return_stats)
     weight = _check_param("weight", weight, (C,), x)
     bias = _check_param("bias", bias, (C,), x)
     scale = _check_param("scale", scale, (N, C), x)

@@ -106,14 +106,28 @@ class GroupNorm(nn.GroupNorm):
                 num_groups = groups_or_channels
         if num_channels is None:
             raise ValueError("num_channels is required, e.g. GroupNorm(32, num_channels=256)")
-        if num_groups is None and group_size is None and group_sizes is None:
+        defaulted = num_groups is None and group_size is None and group_sizes is None
+        if defaulted:
             num_groups = 32
         check_activation(activation)
         check_eps(eps)
         check_backend_name(backend)
-        plan = resolve_plan(
-            num_channels, num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
-        )
+        try:
+            plan = resolve_plan(
+                num_channels,
+                num_groups,
+                group_size=group_size,
+                group_sizes=group_sizes,
+                uneven=uneven,
+            )
+        except ValueError as e:
+            if not defaulted:
+                raise
+            raise ValueError(
+                f"GroupNorm got num_channels={num_channels!r} and no num_groups, group_size= or "
+                f"group_sizes=, so 32 groups (timm's default): {str(e).rstrip('.')}. Give the "
+                "groups, e.g. GroupNorm(num_groups, num_channels)"
+            ) from None
         # nn.GroupNorm insists that num_groups divides num_channels; the plan already checked
         # what the user asked for, so build the parameters with one group and set the real G.
         if _TORCH_HAS_BIAS_FLAG:

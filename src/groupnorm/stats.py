@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from groupnorm.backends import torch_ops
 from groupnorm.groups import GroupPlan
 
 __all__ = ["GroupStats", "check_stats_values", "merge_stats"]
@@ -83,8 +84,10 @@ class GroupStats:
         return self.m2 / self.count
 
     def rstd(self, eps: float = 1e-5) -> torch.Tensor:
-        """``1 / sqrt(var + eps)``."""
-        return torch.rsqrt(self.var + eps)
+        """``1 / sqrt(var + eps)``; ``eps`` as ``group_norm`` takes it (finite, >= 0)."""
+        from groupnorm.functional import check_eps  # functional imports this module
+
+        return torch.rsqrt(self.var + check_eps(eps))
 
     @property
     def shape(self) -> torch.Size:
@@ -99,11 +102,17 @@ class GroupStats:
         return GroupStats(pivot, shifted_mean, m2, count, self.plan)
 
 
-def check_stats_values(stats: GroupStats, what: str = "stats") -> None:
-    """Raise if a count is not positive or an m2 is negative (or NaN): such statistics would give
-    ``bias`` or NaN without an error. Reads the values: the caller skips it where that is not
-    possible (tracing) or would stall a device."""
-    if not bool((stats.count > 0).all()):
+def check_stats_values(stats: GroupStats, what: str = "stats", *, empty: bool = False) -> None:
+    """Raise if a count is not positive (negative or NaN with ``empty``: merging takes empty
+    parts) or an m2 is negative (or NaN): such statistics would give ``bias`` or NaN without an
+    error. Reads the values: the caller skips it where that is not possible (tracing) or would
+    stall a device."""
+    if empty:
+        if not bool((stats.count >= 0).all()):
+            raise ValueError(
+                f"{what}.count has negative or NaN entries; a count is a number of elements, >= 0"
+            )
+    elif not bool((stats.count > 0).all()):
         raise ValueError(
             f"{what}.count has entries <= 0; every group needs at least one element "
             "(statistics of an empty tile cannot normalize)"
@@ -153,6 +162,9 @@ def merge_stats(a: GroupStats, b: GroupStats) -> GroupStats:
         )
     if a.pivot.device != b.pivot.device:
         raise ValueError(f"statistics on {a.pivot.device} and {b.pivot.device}: move one first")
+    if torch_ops.can_read_values(a.m2) and torch_ops.can_read_values(b.m2):
+        check_stats_values(a, "a", empty=True)
+        check_stats_values(b, "b", empty=True)
     f64 = torch.float64
     na, nb = a.count.to(f64), b.count.to(f64)
     delta = (b.pivot.to(f64) - a.pivot.to(f64)) + (b.shifted_mean.to(f64) - a.shifted_mean.to(f64))

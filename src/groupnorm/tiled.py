@@ -48,11 +48,12 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from groupnorm.distributed import all_gather_stats
+from groupnorm.distributed import all_gather_stats, check_process_group
 from groupnorm.functional import group_norm, group_stats, resolve_plan
 from groupnorm.modules import GroupNorm, GroupNormAct
 from groupnorm.stats import GroupStats, merge_stats
@@ -80,9 +81,36 @@ def band_rows(
 ) -> tuple[int, int]:
     """Image rows [start, end) that rank ``rank`` of ``world`` returns from a patch-parallel
     :func:`tiled_decode` (strips are dealt out in contiguous runs, earlier ranks one more)."""
+    latent_height = _positive("latent_height", latent_height)
+    tile_rows = _positive("tile_rows", tile_rows)
+    world = _positive("world", world)
+    upscale = _positive("upscale", upscale)
+    if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or not 0 <= rank < world:
+        raise ValueError(f"rank must be an int in [0, world={world}), got {rank!r}")
     strips = _strips(latent_height, tile_rows)
+    _check_tiles(len(strips), latent_height, tile_rows, world)
     mine = _rank_strips(len(strips), world, rank)
     return strips[mine[0]][0] * upscale, strips[mine[-1]][1] * upscale
+
+
+def _positive(name: str, value: object) -> int:
+    """``value`` as an int >= 1 (a NumPy integer too; not a bool), or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_tiles(count: int, latent_height: int, tile_rows: int, world: int) -> None:
+    if latent_height < world:
+        raise ValueError(
+            f"{latent_height} latent rows for {world} ranks: every rank needs at least one row; "
+            f"decode on at most {latent_height} ranks"
+        )
+    if count < world:
+        raise ValueError(
+            f"{count} tiles of {tile_rows} latent rows for {world} ranks: every rank needs "
+            f"one; use tile_rows <= {latent_height // world}"
+        )
 
 
 def _rank_strips(count: int, world: int, rank: int) -> range:
@@ -336,23 +364,16 @@ def tiled_decode(
     reason = _unsupported(vae)
     if reason is not None:
         raise ValueError(f"tiled_decode cannot decode this VAE exactly: {reason}")
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"z must be a torch.Tensor of latents (N, C, h, w), got {type(z).__name__}")
-    if z.dim() != 4:
-        raise ValueError(f"z must be a (N, C, h, w) latent tensor, got shape {tuple(z.shape)}")
-    if isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1:
-        raise ValueError(
-            f"tile_rows must be a positive int (latent rows per tile), got {tile_rows!r}"
-        )
+    _check_latent(vae, z)
+    tile_rows = _positive("tile_rows", tile_rows)
     if store not in ("memory", "disk"):
         raise ValueError(f"store must be 'memory' or 'disk', got {store!r}")
     strips = _strips(z.shape[2], tile_rows)
-    world = 1 if process_group is None else dist.get_world_size(process_group)
-    if len(strips) < world:
-        raise ValueError(
-            f"{len(strips)} tiles of {tile_rows} latent rows for {world} ranks: every rank needs "
-            f"one; use tile_rows <= {z.shape[2] // world}"
-        )
+    world = 1
+    if process_group is not None:
+        check_process_group(process_group)
+        world = dist.get_world_size(process_group)
+    _check_tiles(len(strips), z.shape[2], tile_rows, world)
     dec = vae.decoder
     passes = sum(2 * len(b.resnets) + len(b.upsamplers or []) for b in dec.up_blocks) + 1
     steps = passes * len(_rank_strips(len(strips), world, 0))
@@ -373,6 +394,29 @@ def tiled_decode(
     finally:
         if bar is not None:
             bar.close()
+
+
+def _check_latent(vae: Any, z: object) -> None:
+    """z as the decoder takes it: (N, C, h, w) with N, h, w >= 1, the decoder's latent channels,
+    dtype and device."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"z must be a torch.Tensor of latents (N, C, h, w), got {type(z).__name__}")
+    if z.dim() != 4 or 0 in z.shape:
+        raise ValueError(
+            f"z must be a (N, C, h, w) latent tensor with no empty dimension, got shape "
+            f"{tuple(z.shape)}"
+        )
+    first = vae.decoder.conv_in if vae.post_quant_conv is None else vae.post_quant_conv
+    if z.shape[1] != first.in_channels:
+        raise ValueError(
+            f"z has {z.shape[1]} channels, but this VAE decodes {first.in_channels}-channel latents"
+        )
+    weight = first.weight
+    if z.dtype != weight.dtype or z.device != weight.device:
+        raise ValueError(
+            f"z is {z.dtype} on {z.device}, the VAE {weight.dtype} on {weight.device}; "
+            f"use z.to({weight.device.type!r}, {weight.dtype})"
+        )
 
 
 def _progress_bar(progress: bool | None, steps: int, long: bool) -> Any:

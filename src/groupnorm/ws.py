@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,7 +28,11 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
     ``weight``: (out, in / groups, kh, kw) (any rank >= 2). Statistics are taken in float32 at
     least (float64 for float64 weights), then the result is cast back to the weight's dtype.
+    ``eps`` > 0 and finite (WSConv2d's ``ws_eps`` is checked here, on every forward, so a changed
+    attribute is checked too).
     """
+    if not (eps > 0 and eps < math.inf):
+        raise ValueError(f"eps (ws_eps) must be > 0 and finite, got {eps}")
     if weight.dim() < 2:
         raise ValueError(
             f"weight must have an output-channel dimension and at least one more, "
@@ -55,7 +60,9 @@ class WSConv2d(nn.Conv2d):
 
     def __init__(self, *args: object, ws_eps: float = 1e-6, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        if isinstance(ws_eps, bool) or not isinstance(ws_eps, int | float):
+        if isinstance(ws_eps, bool) or not isinstance(
+            ws_eps, int | float | np.integer | np.floating
+        ):
             raise TypeError(f"ws_eps must be a real number, got {ws_eps!r}")
         if not 0 < ws_eps < math.inf:
             raise ValueError(f"ws_eps must be > 0 and finite, got {ws_eps!r}")

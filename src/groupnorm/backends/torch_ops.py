@@ -350,6 +350,11 @@ def _nchw_trust(dtype: torch.dtype) -> float:
     return NATIVE_TRUST_FLOAT32 if dtype == torch.float32 else NATIVE_TRUST
 
 
+# Plain tensors and parameters (masks and statistics held as nn.Parameter); not subclasses such
+# as fake or functional tensors, whose values cannot be read.
+_VALUE_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def can_read_values(x: torch.Tensor) -> bool:
     """Whether this call may read tensor values (``.item()``, ``bool(t)``).
 
@@ -358,7 +363,7 @@ def can_read_values(x: torch.Tensor) -> bool:
     """
     return (
         not _tracing()  # first: dynamo cannot trace the queries below
-        and type(x) is torch.Tensor
+        and type(x) in _VALUE_TYPES
         and x.device.type != "meta"
         and not torch._C._len_torch_dispatch_stack()
         and not torch._C._functorch.is_functorch_wrapped_tensor(x)

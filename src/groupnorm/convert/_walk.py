@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from groupnorm.functional import check_flag
+
 
 def paths_by_module(model: nn.Module) -> dict[int, list[str]]:
     """id(module) -> every path it is reachable at (a shared module has several)."""
@@ -67,7 +69,7 @@ def uninitialized(m: nn.Module) -> bool:
 def target_of(model: nn.Module, inplace: bool, what: str) -> nn.Module:
     """``model`` itself, or a deep copy: one with an uninitialized lazy module cannot be copied
     (torch refuses), which is said before anything is done."""
-    if inplace:
+    if check_flag("inplace", inplace):
         return model
     for path, m in model.named_modules():
         if uninitialized(m):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from groupnorm.convert import _walk
 from groupnorm.convert.known import KNOWN_BATCHNORMS, Known, recognize
 from groupnorm.convert.layers import GroupNormDropAct, act_and_drop, why_not_fused
+from groupnorm.functional import check_flag
 from groupnorm.groups import GroupPlan, choose_num_groups, divisors, make_plan
 from groupnorm.modules import GroupNorm
 from groupnorm.ws import WSConv2d
@@ -101,10 +103,12 @@ def _check_convert_args(
         raise ValueError("give num_groups= or group_size=, not both")
     if num_groups is None and group_size is None:
         num_groups = 32
+    counts = []
     for name, v in (("num_groups", num_groups), ("group_size", group_size)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1):
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return num_groups, group_size
+        counts.append(None if v is None else int(v))
+    return counts[0], counts[1]
 
 
 def _preceding_conv(root: nn.Module, path: str, C: int) -> str | None:
@@ -191,6 +195,7 @@ def convert_batchnorm(
     """
     model = _walk.check_model(model, "convert_batchnorm")
     num_groups, group_size = _check_convert_args(num_groups, group_size, policy)
+    check_flag("weight_standardize", weight_standardize)
     target = _walk.target_of(model, inplace, "convert_batchnorm")
     paths = _walk.paths_by_module(target)
     report = ConversionReport()

@@ -16,6 +16,7 @@ from groupnorm.convert import _walk, fusion, trace
 from groupnorm.convert.fusion import FusedPair
 from groupnorm.convert.known import KNOWN_GROUPNORMS, Known, recognize
 from groupnorm.convert.layers import GroupNormDropAct, act_and_drop, why_not_fused
+from groupnorm.functional import check_flag
 from groupnorm.modules import GroupNorm
 
 __all__ = ["FusedPair", "SwapReport", "restore_group_norm", "swap_group_norm"]
@@ -223,6 +224,7 @@ def swap_group_norm(
     :func:`restore_group_norm`.
     """
     model = _walk.check_model(model, "swap_group_norm")
+    check_flag("fuse_activation", fuse_activation)
     target = _walk.target_of(model, inplace, "swap_group_norm")
     paths = _walk.paths_by_module(target)
     report = SwapReport()
