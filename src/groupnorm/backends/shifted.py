@@ -30,6 +30,8 @@ the annotations at runtime), so ``torch.jit.script`` compiles it from
 :class:`groupnorm.GroupNorm`'s forward.
 """
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -220,37 +222,32 @@ def _rows_shifted(x: torch.Tensor, groups: int) -> torch.Tensor:
     values fall. (A Split would enter the graph with fewer nodes to fold, but onnxruntime then
     copies the whole row.)"""
     rows = _rows(x, groups)
-    positions = 1  # of a channel
-    for d in x.shape[2:]:
-        positions = positions * d
     src = rows.detach() if rows.requires_grad else rows
-    return rows - src[:, :, :positions].mean(-1, keepdim=True)
+    return rows - src[:, :, : _product(x.shape[2:])].mean(-1, keepdim=True)
 
 
 def _rows(x: torch.Tensor, groups: int) -> torch.Tensor:
     """x (N, C, *S) as (N, groups, C / groups * prod(S)); the length from the traced sizes, so
     that it stays symbolic under dynamic shapes (and N = 0 reshapes, which -1 would not)."""
-    positions = 1
-    for d in x.shape[1:]:
-        positions = positions * d
-    return x.reshape(x.shape[0], groups, positions // groups)
+    return x.reshape(x.shape[0], groups, _product(x.shape[1:]) // groups)
+
+
+def _product(sizes: Sequence[int]) -> int:
+    """The product of ``sizes`` (traced sizes stay symbolic)."""
+    n = 1
+    for d in sizes:
+        n = n * d
+    return n
 
 
 def _mean_pivot(x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """(N, C, 1, ..., 1): for each channel, the mean of its group's first channel.
-    Any value near a group's data serves as its pivot, and this one is within sqrt(k) standard
-    deviations of the group's mean (k channels: the first channel's share of the group's
-    variance bounds its distance), however its float32 rounding goes. In an export graph it is
-    a ReduceMean, a Gather and no Reshape: gathering each group's first element instead took
-    two Reshapes around the Gather, and a Reshape costs torch.onnx.export about three times
-    what an elementwise op does (benchmarks/onnx_export.py)."""
-    # The pivot's gradient is rounding noise; an ONNX graph has no gradient to spare it.
+    """:func:`_pivot` as an export records it: in an export graph a ReduceMean and a Gather,
+    no Reshape (gathering each group's first element instead took two Reshapes around the
+    Gather, and a Reshape costs torch.onnx.export about three times what an elementwise op
+    does: benchmarks/onnx_export.py). Detached for torch.export; an ONNX graph has no gradient
+    to spare it."""
     detach = x.requires_grad and not torch.onnx.is_in_onnx_export()
-    src = x.detach() if detach else x
-    dims = list(range(2, x.dim()))
-    if dims:
-        src = src.mean(dims, keepdim=True)
-    return src.index_select(1, first)
+    return _means(x.detach() if detach else x).index_select(1, first)
 
 
 def _normalized_runs(
