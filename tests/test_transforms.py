@@ -135,6 +135,28 @@ def test_torch_export_program_runs_exactly(plan_name: str, layout: str, dtype: t
     assert_matches(y, expected, dtype)
 
 
+@pytest.mark.slow  # two exports, about a second each
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_regression_half_channels_last_export_with_a_dynamic_spatial_size(
+    dtype: torch.dtype,
+) -> None:
+    """torch.export with a dynamic batch and height failed on a half-precision channels-last x
+    ("Expected op to be '==', got <= for s <= 4096/9"): the eager path's check of whether torch's
+    kernel is trusted on x's positions ran before the check that declines graph captures, and
+    recorded a guard on the symbolic height that export's solver cannot state."""
+    from torch.export import Dim
+
+    module = groupnorm.GroupNorm(2, 4).to(dtype).eval()
+    x = make_x((2, 4, 3, 9), dtype, "channels_last", seed=4, loc=20.0)
+    dims = ({0: Dim("n", min=1, max=64), 2: Dim("s", min=1, max=512)},)
+    program = torch.export.export(nn.Sequential(module), (x,), dynamic_shapes=dims)
+    x2 = make_x((5, 4, 100, 9), dtype, "channels_last", seed=5, loc=20.0)
+    with torch.no_grad():
+        y = program.module()(x2)
+    assert y.dtype == dtype
+    assert_matches(y, reference(x2, resolve_plan(4, 2), module.weight, module.bias)[0], dtype)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_regression_jit_script_of_a_model_holding_groupnorm_leaves_the_model_as_it_was() -> None:
     model = nn.Sequential(

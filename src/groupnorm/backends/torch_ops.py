@@ -1488,8 +1488,10 @@ def _fused_records(r: Request) -> bool:
     activation at most (SiLU and GELU inside the Function, ReLU recorded after it), no
     statistics in or out, reverse mode only, for float32 and where torch's kernel does not serve it
     (:func:`_fused_backward`). Where torch's kernel does, but its statistics fail the check,
-    :func:`_native_checked` redoes the call here too (:func:`_fused_can_record`)."""
-    return _fused_backward(r.x, r.plan) and _fused_can_record(r)
+    :func:`_native_checked` redoes the call here too (:func:`_fused_can_record`). That check
+    first: it declines graph captures before :func:`_fused_backward` compares x's sizes, which
+    torch.export with dynamic shapes would record as guards it then cannot solve."""
+    return _fused_can_record(r) and _fused_backward(r.x, r.plan)
 
 
 def _fused_records_given(r: Request) -> bool:
