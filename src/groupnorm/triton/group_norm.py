@@ -432,10 +432,7 @@ def _gn_fwd_fused_kernel(
     )
     rstd = (1.0 / tl.sqrt(m2 / cnt + eps)).to(tl.float32)
     tl.store(PIVOT + row, pivot)
-    tl.store(SMEAN + SS + row, mean)
-    tl.store(M2 + 2 * SS + row, m2)
-    tl.store(COUNT + 3 * SS + row, cnt)
-    tl.store(RSTD + 4 * SS + row, rstd)
+    _store_statistics(SMEAN, M2, COUNT, RSTD, SS, row, mean, m2, cnt, rstd, None)
     pivot, mean = _centred(X, pivot, mean)
     _normalize_chunk(
         X,
@@ -619,12 +616,19 @@ def _merged_statistics(
     cnt, mean, m2 = _merge_partials(P_CNT, P_MEAN, P_M2, at, mask, VOLATILE)
     rstd = (1.0 / tl.sqrt(m2 / cnt + eps)).to(tl.float32)
     if k == 0:
-        tl.store(SMEAN + SS + rows, mean)
-        tl.store(M2 + 2 * SS + rows, m2)
-        tl.store(COUNT + 3 * SS + rows, cnt)
-        tl.store(RSTD + 4 * SS + rows, rstd)
+        _store_statistics(SMEAN, M2, COUNT, RSTD, SS, rows, mean, m2, cnt, rstd, None)
     pivot, mean = _centred(X, pivot, mean)
     return pivot, mean, rstd
+
+
+@triton.jit
+def _store_statistics(SMEAN, M2, COUNT, RSTD, SS, rows, mean, m2, cnt, rstd, mask):
+    """The statistics of ``rows`` (one row or a vector) into their planes of the statistics
+    buffer, SS apart; only where ``mask`` (None: every row)."""
+    tl.store(SMEAN + SS + rows, mean, mask=mask)
+    tl.store(M2 + 2 * SS + rows, m2, mask=mask)
+    tl.store(COUNT + 3 * SS + rows, cnt, mask=mask)
+    tl.store(RSTD + 4 * SS + rows, rstd, mask=mask)
 
 
 @triton.jit
@@ -866,10 +870,7 @@ def _run_normalize(
         cnt = tl.zeros_like(mean) + cnt
         # Lanes past the run have m2 = 0; with eps = 0 (statistics only) they would divide by 0.
         rstd = (1.0 / tl.sqrt(tl.where(cmask, m2 / cnt + eps, 1.0))).to(tl.float32)
-        tl.store(SMEAN + SS + row, mean, mask=head)
-        tl.store(M2 + 2 * SS + row, m2, mask=head)
-        tl.store(COUNT + 3 * SS + row, cnt, mask=head)
-        tl.store(RSTD + 4 * SS + row, rstd, mask=head)
+        _store_statistics(SMEAN, M2, COUNT, RSTD, SS, row, mean, m2, cnt, rstd, head)
         pivot, mean = _centred(X, pivot, mean)
     else:
         # per group, in the partials' precision; spread over the channels in float32 (spread in
