@@ -10,6 +10,7 @@ import warnings
 from functools import partial
 from typing import Any, Literal
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ import groupnorm
 from groupnorm import reference as R
 from groupnorm.backends import shifted
 from groupnorm.functional import resolve_plan
+from tests._dropped import dropped_reference
 from tests._inputs import make_x, rand, reference
 from tests._tolerances import assert_matches, to_numpy
 
@@ -433,3 +435,65 @@ def test_regression_compiled_even_pivot_is_not_a_gather() -> None:
         grads = R.group_norm_backward(to_numpy(dy), cache)
         reduction = max(plan.sizes) * 20
         assert_matches(x.grad, grads.dx, torch.bfloat16, reduction=reduction, what="dx")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_regression_a_plain_x_inside_a_torch_func_transform(
+    dtype: torch.dtype, layout: str
+) -> None:
+    """A plain x captured inside torch.func.grad, the transform differentiating something else,
+    crashed in the fused CPU kernel ("Cannot access data pointer of Tensor that doesn't have
+    storage"): its output, allocated at the transform's level, came back wrapped."""
+    x = make_x((2, 8, 3, 3), dtype, layout, seed=5, loc=3.0)
+    module = groupnorm.GroupNorm(4, 8).to(dtype)
+    plan = resolve_plan(8, 4)
+    mask = torch.rand((2, 1, 3, 3), generator=torch.Generator().manual_seed(6)) > 0.3
+    calls = {
+        "function": (lambda: groupnorm.group_norm(x, 4), reference(x, plan)[0]),
+        "module": (lambda: module(x), reference(x, plan)[0]),
+        "masked": (
+            lambda: groupnorm.group_norm(x, 4, mask=mask),
+            to_numpy(dropped_reference(x.double(), plan, mask)),
+        ),
+    }
+    for what, (call, expected) in calls.items():
+
+        def loss(s: torch.Tensor, call: Any = call) -> tuple[torch.Tensor, torch.Tensor]:
+            y = call()
+            return (s * y.double()).sum(), y
+
+        ds, y = torch.func.grad(loss, has_aux=True)(torch.tensor(1.0, dtype=torch.float64))
+        assert_matches(y, expected, dtype, what=what)
+        torch.testing.assert_close(ds, y.double().sum())
+        y_vmapped = torch.func.vmap(lambda s, call: s * call(), in_dims=(0, None))(
+            torch.ones(2, dtype=dtype), call
+        )
+        assert_matches(y_vmapped[1], expected, dtype, what=f"{what} under vmap")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # jvp's decompositions
+def test_regression_nested_torch_func_transforms_leave_no_wrapped_index_behind() -> None:
+    """The plan's index tensors were built, and kept, inside the transform that first needed
+    them: under grad a factory call returns a tensor wrapped at the transform's level, so after
+    grad(grad(...)) every later torch.func call on the plan failed an internal assert ("level
+    ... escaped?")."""
+    plan = resolve_plan(6, 3)
+    plan.index_cache.clear()
+    x = make_x((2, 6, 3, 3), torch.float64, seed=7)
+
+    def second(f: Any) -> torch.Tensor:
+        inner = torch.func.grad(lambda u: f(u, 3).pow(2).sum())
+        return torch.func.grad(lambda t: inner(t).pow(2).sum())(x)
+
+    expected = second(torch.nn.functional.group_norm)  # torch's float64 ops, not ours
+    for _ in range(2):
+        assert_matches(second(groupnorm.group_norm), to_numpy(expected), torch.float64)
+    dx = torch.func.grad(lambda t: groupnorm.group_norm(t, 3).pow(2).sum())(x)
+    dx_torch = torch.func.grad(lambda t: torch.nn.functional.group_norm(t, 3).pow(2).sum())(x)
+    assert_matches(dx, to_numpy(dx_torch), torch.float64)
+    # along a constant shift of every element y does not change
+    _, tangent = torch.func.jvp(lambda t: groupnorm.group_norm(t, 3), (x,), (torch.ones_like(x),))
+    assert_matches(tangent, np.zeros(x.shape), torch.float64)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    assert not any(wrapped(t) for t in plan.index_cache[torch.device("cpu")])  # type: ignore[attr-defined]

@@ -37,6 +37,7 @@ from types import ModuleType
 import torch
 
 from groupnorm.activations import triton_code
+from groupnorm.backends._kept import plain_tensors
 from groupnorm.groups import GroupPlan
 
 __all__ = [
@@ -269,7 +270,7 @@ def _plan_arrays(plan: GroupPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """The plan's offsets (G + 1) and channel groups (C) as int64 tensors, kept with the plan."""
     kept = plan.index_cache.get(_NAME)
     if kept is None:
-        with torch.inference_mode(False):  # kept for calls in and out of inference mode
+        with plain_tensors():
             kept = plan.index_cache[_NAME] = (
                 torch.tensor(plan.offsets, dtype=torch.int64, device="cpu"),
                 torch.tensor(plan.channel_group, dtype=torch.int64, device="cpu"),

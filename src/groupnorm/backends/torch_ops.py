@@ -58,6 +58,7 @@ from torch.autograd import forward_ad
 
 from groupnorm.activations import ACTIVATIONS, apply_activation
 from groupnorm.backends import cpu_kernel
+from groupnorm.backends._kept import plain_tensors
 from groupnorm.backends.shifted import shifted_group_norm
 from groupnorm.dispatch import FLOAT_DTYPES, Backend, Request, register_backend
 from groupnorm.groups import GroupPlan
@@ -111,7 +112,7 @@ def plan_index(plan: GroupPlan, device: torch.device) -> PlanIndex:
         if kept is not None:
             return cast(PlanIndex, kept)
     keep = not tracing and not torch._C._len_torch_dispatch_stack()
-    with _normal_tensors(keep):
+    with plain_tensors() if keep else contextlib.nullcontext():
         width = max(plan.sizes)
         cpu = torch.device("cpu")  # not the default device, which may be another (or meta)
         pad = torch.full((plan.num_groups, width), plan.num_channels, dtype=torch.int64, device=cpu)
@@ -127,15 +128,6 @@ def plan_index(plan: GroupPlan, device: torch.device) -> PlanIndex:
     if keep:
         plan.index_cache[device] = built
     return built
-
-
-def _normal_tensors(keep: bool) -> contextlib.AbstractContextManager[object]:
-    """Outside inference mode while building tensors a plan keeps: plans are shared by every
-    module and call, and an index built under torch.inference_mode() is an inference tensor
-    that a later training call cannot save for backward."""
-    if keep and torch.is_inference_mode_enabled():
-        return torch.inference_mode(False)
-    return contextlib.nullcontext()
 
 
 def _group_sum(v: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
@@ -350,6 +342,9 @@ def _nchw_trust(dtype: torch.dtype) -> float:
     return NATIVE_TRUST_FLOAT32 if dtype == torch.float32 else NATIVE_TRUST
 
 
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_transform_level = torch._C._functorch.maybe_current_level
+
 # Plain tensors and parameters (masks and statistics held as nn.Parameter); not subclasses such
 # as fake or functional tensors, whose values cannot be read.
 _VALUE_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -358,15 +353,19 @@ _VALUE_TYPES = (torch.Tensor, torch.nn.Parameter)
 def can_read_values(x: torch.Tensor) -> bool:
     """Whether this call may read tensor values (``.item()``, ``bool(t)``).
 
-    Not while torch.compile, jit.trace, make_fx or a fake mode records (no values), not under
-    vmap or other functorch transforms (``.item()`` is refused), and not on meta tensors.
+    Not while torch.compile, jit.trace, make_fx or a fake mode records (no values), not on meta
+    tensors, and not inside vmap or other torch.func transforms (``.item()`` is refused on
+    their tensors; and a plain x captured from outside is no different to the kernels, whose
+    outputs, allocated at a ``grad`` transform's level, come back wrapped, without storage),
+    nor on a wrapper left over from one.
     """
     return (
         not _tracing()  # first: dynamo cannot trace the queries below
         and type(x) in _VALUE_TYPES
         and x.device.type != "meta"
         and not torch._C._len_torch_dispatch_stack()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and _transform_level() is None
+        and not _wrapped(x)
     )
 
 
@@ -376,10 +375,6 @@ def _reads_values(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and can_read_values(x)
 
 
-_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-_transform_level = torch._C._functorch.maybe_current_level
-
-
 def params_wrapped(*tensors: torch.Tensor | None) -> bool:
     """Whether one of ``tensors`` (a call's parameters) is a torch.func wrapper: the parameters
     transformed (grad, vmap, jvp of weight, scale, ...) while x is captured as a plain tensor.
@@ -387,10 +382,10 @@ def params_wrapped(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and _wrapped(t) for t in tensors)
 
 
-def _transformed(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
-    """The fast paths' :func:`params_wrapped`: x left over from a transform, or a transform
-    running and the parameters wrapped (asked only then: a tenth of a microsecond each)."""
-    return _wrapped(x) or (_transform_level() is not None and params_wrapped(weight, bias))
+def _transformed(x: torch.Tensor) -> bool:
+    """Whether a torch.func transform runs, or x is a wrapper left over from one: the fast
+    paths then decline (:func:`can_read_values` says why)."""
+    return _transform_level() is not None or _wrapped(x)
 
 
 def _reads_request(r: Request) -> bool:
@@ -541,7 +536,8 @@ def _multiply_add(r: Request, mean: torch.Tensor, rstd: torch.Tensor) -> torch.T
 
 @lru_cache(maxsize=64)
 def _float32_ones(C: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(C, dtype=torch.float32, device=device)
+    with plain_tensors():  # kept for every later call
+        return torch.ones(C, dtype=torch.float32, device=device)
 
 
 @lru_cache(maxsize=256)
@@ -785,7 +781,7 @@ def native_fast(
         or not (eps >= 0 and eps < math.inf)
     ):
         return None
-    if _transformed(x, weight, bias):
+    if _transformed(x):
         return None  # before the layout queries below, which vmap's tensors do not answer
     # Channels-last: torch's kernel where the validated path asks it (_trust_limit), checked
     # against that layout's limit.
@@ -858,7 +854,7 @@ def _fused_fast(
     if (
         forward_ad._current_level >= 0
         or torch._C._len_torch_dispatch_stack()
-        or _transformed(x, weight, bias)
+        or _transformed(x)
         or (plan.min_size == 1 and math.prod(shape[2:]) == 1)  # the validated path warns
     ):
         return None
