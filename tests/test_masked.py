@@ -459,3 +459,59 @@ def test_regression_a_mask_held_as_a_parameter_is_checked_as_a_tensor_is() -> No
     mask[1, 0, 1, 1] = -0.5
     with pytest.raises(ValueError, match="negative or non-finite weights"):
         groupnorm.group_norm(x, 2, mask=torch.nn.Parameter(mask))
+
+
+@pytest.mark.slow  # four compiles
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inductor's
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["bool_positions", "float_weights"])
+def test_regression_compiled_mask_of_positions_on_channels_last_x_that_needs_grad(
+    dtype: torch.dtype, kind: str
+) -> None:
+    """Under torch.compile (inductor), a mask of positions on a channels-last x whose call
+    autograd records, with one-channel groups, gave y off by up to 1.4 and wrong gradients, with
+    no error: the weighted sums, taken in float64 as a matrix product of x's rows, were fused
+    into a kernel that read the channels-last rows as NCHW (eager and aot_eager were exact)."""
+    shape = (3, 4, 5, 6)
+    x = make_x(shape, dtype, "channels_last", seed=8, loc=2.0).requires_grad_()
+    mask = make_mask(kind, (3, 1, 5, 6), seed=9)
+    dy = rand(shape, dtype, seed=10)
+    compiled = torch.compile(lambda t, m: groupnorm.group_norm(t, 4, mask=m), fullgraph=True)
+    y = compiled(x, mask)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().double().requires_grad_()
+    expected = dropped_reference(x64, resolve_plan(4, 4), mask)
+    (dx64,) = torch.autograd.grad(expected, x64, dy.double())
+    assert_matches(y, to_numpy(expected), dtype)
+    assert_matches(dx, to_numpy(dx64), dtype, reduction=5 * 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_regression_the_gradient_of_a_zero_weight_sees_x_at_its_position(
+    dtype: torch.dtype,
+) -> None:
+    """The sums took x as 0 at positions of weight 0 (to keep a NaN there out of them), so a
+    weight at 0 got the derivative of a zero there: -0.26 for -0.23 on a small group, 61 at an
+    offset of 100 (y itself was right). The statistics are smooth in the weights, zeros
+    included: the reference weighs every position (dropped_reference drops those of weight 0,
+    and with them their derivative)."""
+
+    def weighted_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xg = x.reshape(2, 2, 2, 9)  # (N, G, channels of the group, positions)
+        wg = w.reshape(2, 1, 1, 9)
+        total = (wg * torch.ones_like(xg)).sum((2, 3), keepdim=True)
+        mean = (wg * xg).sum((2, 3), keepdim=True) / total
+        var = (wg * (xg - mean) ** 2).sum((2, 3), keepdim=True) / total
+        return ((xg - mean) / torch.sqrt(var + 1e-5)).reshape(x.shape)
+
+    x = make_x((2, 4, 3, 3), dtype, seed=11)
+    weights = make_mask("float_weights", (2, 4, 3, 3), seed=12)  # about 30 % zeros
+    assert bool((weights == 0).any())
+    dy = rand((2, 4, 3, 3), dtype, seed=13)
+    for offset in (0.0, 100.0):
+        xo = x + offset
+        mask = weights.to(dtype).requires_grad_()
+        (got,) = torch.autograd.grad(groupnorm.group_norm(xo, 2, mask=mask), mask, dy)
+        mask64 = weights.clone().requires_grad_()
+        (want,) = torch.autograd.grad(weighted_reference(xo.double(), mask64), mask64, dy.double())
+        assert_matches(got, to_numpy(want), dtype, reduction=2 * 9, what=f"offset {offset}")

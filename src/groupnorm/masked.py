@@ -134,8 +134,14 @@ def masked_stats(x: torch.Tensor, plan: GroupPlan, mask: torch.Tensor) -> GroupS
     shifted_mean and m2 are then 0). Differentiable in ``x``; ``mask`` is validated already."""
     acc = torch_ops.accumulation_dtype(x.dtype)
     w = mask.to(acc)
-    # torch.where, not a product: a NaN at a masked position must not reach the sums.
-    xv = torch.where(mask > 0, x, 0).to(acc)
+    # torch.where, not a product: a NaN at a masked position must not reach the sums. Weights
+    # that are differentiated keep x's finite values there (their products with weight 0 are 0):
+    # a statistic's derivative in a weight is a function of x at its position, and with x taken
+    # as 0 a weight at 0 got a wrong gradient, one that moved with an offset of x.
+    valid = mask > 0
+    if mask.requires_grad:
+        valid = valid | x.isfinite()
+    xv = torch.where(valid, x, 0).to(acc)
     count = torch_ops._group_sum(_channel_sum(w, x.shape), plan)  # (N, G)
     empty = count == 0
     safe = torch.where(empty, 1, count)
@@ -153,7 +159,11 @@ def masked_stats(x: torch.Tensor, plan: GroupPlan, mask: torch.Tensor) -> GroupS
 
     def weighted(t: torch.Tensor) -> torch.Tensor:  # (N, C, *S) -> (N, C): sums of w * t
         if column is not None:
-            return torch.matmul(t.reshape(t.shape[0], t.shape[1], L), column)[..., 0]
+            # contiguous() first: a copy reshape makes anyway for channels-last t, but without it
+            # inductor (torch 2.13, CPU) fused the product into a kernel that read channels-last
+            # t as NCHW (m2 of a (2, 2, 3, 4) x off by 5.2).
+            rows = t.contiguous().reshape(t.shape[0], t.shape[1], L)
+            return torch.matmul(rows, column)[..., 0]
         return _channel_sum(w * t, x.shape)
 
     def group_mean(t: torch.Tensor) -> torch.Tensor:  # (N, C, *S) -> weighted (N, G) mean
