@@ -1054,3 +1054,28 @@ def test_regression_traced_forms_with_an_outlier_first_element(form: str) -> Non
     else:
         y = torch.vmap(module)(x.unsqueeze(1)).squeeze(1)
     assert_matches(y, _f64_group_norm(x, 1), torch.float32)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_regression_float64_gradient_penalty_of_groups_far_from_zero(
+    activation: str | None,
+) -> None:
+    """With create_graph=True the fused kernel's recorded backward recomputed each group's mean
+    from x in float64 without a shift: at 1000 +- 0.003 the mean's rounding relative to 1000
+    put dx at 117x the float64 bound (2,770x with GELU) and its second derivative at 1,360x."""
+    x = make_x((2, 16, 8), torch.float64, seed=31, loc=1000.0, std=0.003).requires_grad_()
+    dy = rand((2, 16, 8), torch.float64, 32)
+
+    def derivatives(f: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (gx,) = torch.autograd.grad((f(x) * dy).sum(), x, create_graph=True)
+        return gx, torch.autograd.grad((gx**2).sum(), x)[0]
+
+    def textbook(t: torch.Tensor) -> torch.Tensor:
+        y = textbook_group_norm(t, (8, 8))[0]
+        return y if activation is None else F.gelu(y)
+
+    got = derivatives(lambda t: groupnorm.group_norm(t, 2, activation=activation), x)
+    # The reference on x - 1000, exact (Sterbenz), which no derivative sees.
+    want = derivatives(textbook, (x.detach() - 1000).requires_grad_())
+    for name, g, e in zip(("dx", "d2x"), got, want, strict=True):
+        assert_matches(g, to_numpy(e), torch.float64, reduction=8 * 8, what=name)
