@@ -185,13 +185,13 @@ def make_plan(
             )
         return GroupPlan(sizes)
     if group_size is not None:
-        S = _positive_int("group_size", group_size)
+        S = positive_int("group_size", group_size)
         if S > C:
             raise ValueError(f"group_size={S} is larger than num_channels={C}; at most {C}")
         if C % S:
             raise _divisibility_error("group_size", S, C)
         return GroupPlan((S,) * (C // S))
-    G = _positive_int("num_groups", num_groups)
+    G = positive_int("num_groups", num_groups)
     if G > C:
         raise ValueError(
             f"num_groups={G} is larger than num_channels={C}: a group needs at least one "
@@ -223,7 +223,8 @@ def check_group_sizes(group_sizes: object) -> tuple[int, ...]:
     return tuple(int(s) for s in group_sizes)
 
 
-def _positive_int(name: str, value: object) -> int:
+def positive_int(name: str, value: object) -> int:
+    """``value`` as an int >= 1 (a NumPy integer too; not a bool), or a ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
@@ -247,9 +248,9 @@ def choose_num_groups(
     group (Wu & He: very small groups approach InstanceNorm and lose accuracy, table 3b). Ties
     in ``|log(G / target)|`` go to the larger G. If C is too small for any such group, G = 1.
     """
-    C = _positive_int("num_channels", num_channels)
-    target = _positive_int("target", target)
-    min_channels_per_group = _positive_int("min_channels_per_group", min_channels_per_group)
+    C = positive_int("num_channels", num_channels)
+    target = positive_int("target", target)
+    min_channels_per_group = positive_int("min_channels_per_group", min_channels_per_group)
     divs = divisors(C)
     ok = [g for g in divs if C // g >= min_channels_per_group]
     if not ok:

@@ -55,6 +55,7 @@ from torch import nn
 
 from groupnorm.distributed import all_gather_stats, check_process_group
 from groupnorm.functional import group_norm, group_stats, resolve_plan
+from groupnorm.groups import positive_int
 from groupnorm.modules import GroupNorm, GroupNormAct
 from groupnorm.stats import GroupStats, merge_stats
 
@@ -81,23 +82,16 @@ def band_rows(
 ) -> tuple[int, int]:
     """Image rows [start, end) that rank ``rank`` of ``world`` returns from a patch-parallel
     :func:`tiled_decode` (strips are dealt out in contiguous runs, earlier ranks one more)."""
-    latent_height = _positive("latent_height", latent_height)
-    tile_rows = _positive("tile_rows", tile_rows)
-    world = _positive("world", world)
-    upscale = _positive("upscale", upscale)
+    latent_height = positive_int("latent_height", latent_height)
+    tile_rows = positive_int("tile_rows", tile_rows)
+    world = positive_int("world", world)
+    upscale = positive_int("upscale", upscale)
     if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or not 0 <= rank < world:
         raise ValueError(f"rank must be an int in [0, world={world}), got {rank!r}")
     strips = _strips(latent_height, tile_rows)
     _check_tiles(len(strips), latent_height, tile_rows, world)
     mine = _rank_strips(len(strips), world, rank)
     return strips[mine[0]][0] * upscale, strips[mine[-1]][1] * upscale
-
-
-def _positive(name: str, value: object) -> int:
-    """``value`` as an int >= 1 (a NumPy integer too; not a bool), or a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _check_tiles(count: int, latent_height: int, tile_rows: int, world: int) -> None:
@@ -365,7 +359,7 @@ def tiled_decode(
     if reason is not None:
         raise ValueError(f"tiled_decode cannot decode this VAE exactly: {reason}")
     _check_latent(vae, z)
-    tile_rows = _positive("tile_rows", tile_rows)
+    tile_rows = positive_int("tile_rows", tile_rows)
     if store not in ("memory", "disk"):
         raise ValueError(f"store must be 'memory' or 'disk', got {store!r}")
     strips = _strips(z.shape[2], tile_rows)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -12,7 +11,7 @@ from groupnorm.convert import _walk
 from groupnorm.convert.known import KNOWN_BATCHNORMS, Known, recognize
 from groupnorm.convert.layers import GroupNormDropAct, act_and_drop, why_not_fused
 from groupnorm.functional import check_flag
-from groupnorm.groups import GroupPlan, choose_num_groups, divisors, make_plan
+from groupnorm.groups import GroupPlan, choose_num_groups, divisors, make_plan, positive_int
 from groupnorm.modules import GroupNorm
 from groupnorm.ws import WSConv2d
 
@@ -103,12 +102,10 @@ def _check_convert_args(
         raise ValueError("give num_groups= or group_size=, not both")
     if num_groups is None and group_size is None:
         num_groups = 32
-    counts = []
-    for name, v in (("num_groups", num_groups), ("group_size", group_size)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1):
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        counts.append(None if v is None else int(v))
-    return counts[0], counts[1]
+    return (
+        None if num_groups is None else positive_int("num_groups", num_groups),
+        None if group_size is None else positive_int("group_size", group_size),
+    )
 
 
 def _preceding_conv(root: nn.Module, path: str, C: int) -> str | None:
