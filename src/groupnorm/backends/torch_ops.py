@@ -59,7 +59,7 @@ from torch.autograd import forward_ad
 from groupnorm.activations import ACTIVATIONS, apply_activation
 from groupnorm.backends import cpu_kernel
 from groupnorm.backends._kept import plain_tensors
-from groupnorm.backends.shifted import shifted_group_norm
+from groupnorm.backends.shifted import _means, shifted_group_norm
 from groupnorm.dispatch import FLOAT_DTYPES, Backend, Request, register_backend
 from groupnorm.groups import GroupPlan
 from groupnorm.stats import GroupStats
@@ -1092,8 +1092,7 @@ def _centered64(x: torch.Tensor, plan: GroupPlan, eps: float) -> tuple[torch.Ten
     bound (its second derivative 1,360x)."""
     counts = _group_counts(x, plan)
     x64 = x.double()
-    head = x64.detach()[:, plan_index(plan, x.device).first]  # (N, G, *S)
-    pivot = head.mean(tuple(range(2, x.dim()))) if x.dim() > 2 else head
+    pivot = _means(x64.detach()[:, plan_index(plan, x.device).first]).flatten(1)  # (N, G)
     shifted = x64 - _spread_groups(pivot, plan, x.dim())
     xc = shifted - _spread_groups(_group_sum(_spatial_sum(shifted), plan) / counts, plan, x.dim())
     rstd = torch.rsqrt(_group_sum(_spatial_sum(xc * xc), plan) / counts + eps)
