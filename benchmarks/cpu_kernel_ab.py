@@ -3,13 +3,13 @@
 Builds ``src/groupnorm/backends/cpu_kernel.c`` as it is in the working tree and as it is at
 ``--base`` (a git revision; default HEAD), as the loader builds and loads the kernel (its
 cache keeps both), and times ``cpu_kernel.backward`` (or, with ``--forward``,
-``cpu_kernel.forward`` with weight and bias) of each on the same inputs, the two builds
-alternated (A B, B A, ...) PAIRS times; the table gives each build's median and the median of
-the pairs' time ratios (new / base). The outputs of both are checked equal within float32's
-bound first. Both revisions must share the kernel's C call signatures (the Python wrapper is
-this tree's).
+``cpu_kernel.forward`` with weight and bias, of x in ``--dtype``) of each on the same inputs,
+the two builds alternated (A B, B A, ...) PAIRS times; the table gives each build's median and
+the median of the pairs' time ratios (new / base). The outputs of both are checked equal
+within float32's bound first (half precision: within one of its ulps). Both revisions must
+share the kernel's C call signatures (the Python wrapper is this tree's).
 
-    python benchmarks/cpu_kernel_ab.py [--base REV] [--forward] [--threads T]
+    python benchmarks/cpu_kernel_ab.py [--base REV] [--forward [--dtype D]] [--threads T]
                                        [--out benchmarks/results]
 """
 
@@ -51,6 +51,7 @@ FORWARD_CASES: list[tuple[tuple[int, ...], bool, float, str | None]] = [
     ((2, 640, 32, 32), True, 1.0, None),
     ((2, 320, 64, 64), True, 1.0, None),
     ((2, 320, 64, 64), False, 1.0, None),
+    ((1, 512, 64, 64), True, 1.0, None),
     ((8, 64, 32, 32), True, 1.0, None),
 ]
 PAIRS = 40
@@ -62,7 +63,7 @@ def _git(*args: str) -> str:
     ).stdout
 
 
-def run(base: str, forward: bool) -> list[dict]:
+def run(base: str, forward: bool, dtype: torch.dtype = torch.float32) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "base.c"
         old.write_text(_git("show", f"{base}:{SOURCE}"))
@@ -74,7 +75,7 @@ def run(base: str, forward: bool) -> list[dict]:
         rows = []
         try:
             for shape, channels_last, std, activation in FORWARD_CASES if forward else CASES:
-                rows.append(_case(builds, forward, shape, channels_last, std, activation))
+                rows.append(_case(builds, forward, shape, channels_last, std, activation, dtype))
         finally:
             cpu_kernel.library = loader
     return rows
@@ -87,10 +88,11 @@ def _case(
     channels_last: bool,
     std: float,
     activation: str | None,
+    dtype: torch.dtype,
 ) -> dict:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = (torch.randn(shape) * std).to(memory_format=fmt)
-    w, b = torch.randn(shape[1]), torch.randn(shape[1])
+    x = (torch.randn(shape) * std).to(dtype=dtype, memory_format=fmt)
+    w, b = torch.randn(shape[1], dtype=dtype), torch.randn(shape[1], dtype=dtype)
     plan = resolve_plan(shape[1], num_groups=32)
     if forward:
 
@@ -108,7 +110,10 @@ def _case(
         cpu_kernel.library = lambda: builds[name]  # type: ignore[assignment]
         return once()
 
-    torch.testing.assert_close(call("new"), call("base"), rtol=2e-6, atol=2e-6 / std)
+    # Half precision's output is a float32 result rounded once: a float32 difference in the
+    # last bit can move it by one of its own ulps.
+    tol = 2e-6 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(call("new"), call("base"), rtol=tol, atol=tol / std)
     seconds: dict[str, list[float]] = {"base": [], "new": []}
     for i in range(PAIRS + 1):  # the first pair warms up
         for name in ("base", "new") if i % 2 else ("new", "base"):
@@ -121,6 +126,7 @@ def _case(
         "pass": "forward" if forward else "backward",
         "shape": list(shape),
         "layout": "channels_last" if channels_last else "nchw",
+        "dtype": str(dtype).removeprefix("torch."),
         "x_std": std,
         "activation": activation,
         "base_ms": statistics.median(seconds["base"]) * 1e3,
@@ -129,7 +135,8 @@ def _case(
         "pairs": PAIRS,
     }
     print(
-        f"{str(shape):18s} {row['layout']:13s} std {std:<5} {str(activation):5s} "
+        f"{str(shape):18s} {row['layout']:13s} {row['dtype']:8s} std {std:<5} "
+        f"{str(activation):5s} "
         f"base {row['base_ms']:7.3f} ms  "
         f"new {row['new_ms']:7.3f} ms  new/base {ratio:.3f}",
         flush=True,
@@ -141,10 +148,18 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--base", default="HEAD", help="git revision of the base source")
     parser.add_argument("--forward", action="store_true", help="time the forward instead")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="x's dtype (forward)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    if args.dtype != "float32" and not args.forward:
+        parser.error("--dtype is for the forward (--forward); the backward runs float32")
     torch.set_num_threads(args.threads)
     base = _git("rev-parse", "--short", args.base).strip()
-    name = "cpu_kernel_ab-forward" if args.forward else "cpu_kernel_ab"
-    save(args.out, f"{name}-base-{base}", run(base, args.forward))
+    name = f"cpu_kernel_ab-forward-{args.dtype}" if args.forward else "cpu_kernel_ab"
+    save(args.out, f"{name}-base-{base}", run(base, args.forward, getattr(torch, args.dtype)))
