@@ -52,6 +52,7 @@ FORWARD_CASES: list[tuple[tuple[int, ...], bool, float, str | None]] = [
     ((2, 320, 64, 64), True, 1.0, None),
     ((2, 320, 64, 64), False, 1.0, None),
     ((1, 512, 64, 64), True, 1.0, None),
+    ((2, 960, 64, 64), True, 1.0, None),
     ((8, 64, 32, 32), True, 1.0, None),
 ]
 PAIRS = 40

@@ -483,8 +483,8 @@ static inline int put_f16(f16_t *p, vf v, int nt) {
    operations lane by lane, so the same bits) the float16 and bfloat16 channels-last forwards
    took 0.69-0.87x the time at one thread and 0.80-0.99x at two (AMD EPYC, Zen 5, 2026-12-07,
    benchmarks/cpu_kernel_ab.py --forward --dtype). Float32 stays at 8: its 16-lane output
-   took 1.1-1.5x as long on 5-16 MB tensors there, its 16-lane sums 0.8-1.05x. Without
-   AVX-512, GCC makes a vx two vf. */
+   took 1.1-1.5x as long on 5-16 MB tensors there, its 16-lane sums 1.01-1.05x on tensors of
+   0.3-5 MB (0.84-0.89x on a 31 MB one). Without AVX-512, GCC makes a vx two vf. */
 typedef float vx __attribute__((vector_size(64)));
 static inline vx join(vf lo, vf hi) {
     vx v;
