@@ -3,16 +3,17 @@
 The study's ResNet-20 (eval mode, random weights) with every norm ``nn.GroupNorm(8, C)``, our
 ``GroupNorm(8, C)``, and ours with uneven groups (G=12, which ``nn.GroupNorm`` cannot do),
 exported with ``torch.onnx.export(dynamo=True)``. For each: export seconds (the median of
-EXPORTS exports, the models taking turns, after a warm-up export of a small model; one export
-varies by a second or more here), ONNX nodes and bytes, and onnxruntime CPU inference on a
-(8, 3, 32, 32) batch, interleaved with the nn.GroupNorm model's (medians), its output checked
-against PyTorch's.
+EXPORTS exports, the models taking turns, after a warm-up export of a small model, garbage
+collected before each; one export varies by a second or more here), ONNX nodes and bytes, and
+onnxruntime CPU inference on a (8, 3, 32, 32) batch, interleaved with the nn.GroupNorm model's
+(medians), its output checked against PyTorch's.
 
     python benchmarks/onnx_export.py [--threads T] [--out benchmarks/results]
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -35,6 +36,10 @@ NORMS: dict[str, Callable[[int], nn.Module]] = {
 
 
 def export(model: nn.Module, x: torch.Tensor) -> tuple[bytes, float]:
+    # The last export's garbage collected first, untimed: otherwise whichever export happens to
+    # trigger the collection of an older one's objects pays for it (about a quarter of a second
+    # here, in some exports of a model and not in others).
+    gc.collect()
     start = time.perf_counter()
     program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
     seconds = time.perf_counter() - start
