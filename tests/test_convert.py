@@ -8,7 +8,6 @@ import collections
 import copy
 import io
 import math
-import socket
 from collections.abc import Callable
 from types import ModuleType, SimpleNamespace
 from typing import Any, Literal
@@ -24,6 +23,7 @@ import groupnorm
 from groupnorm import GroupNorm, WSConv2d, convert_batchnorm, restore_group_norm, swap_group_norm
 from groupnorm.functional import resolve_plan
 from groupnorm.groups import GroupPlan
+from tests._gloo import free_port
 from tests._inputs import make_x, reference
 from tests._thirdparty import need, randomize, small_unet_condition, small_vae
 from tests._tolerances import assert_matches, to_numpy
@@ -246,19 +246,13 @@ def test_batchnorm_subclass_is_reported_not_converted() -> None:
     assert report.skipped[0][0] == "0" and "subclass" in report.skipped[0][1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_ddp_wrapped_model_refused() -> None:
     import torch.distributed as dist
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not built into this torch")
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
     )
     try:
         ddp = nn.parallel.DistributedDataParallel(

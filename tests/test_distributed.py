@@ -4,7 +4,6 @@ axis normalizes, forward and backward, as the whole tensor does in the float64 r
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +16,12 @@ import groupnorm
 from groupnorm import reference as R
 from groupnorm.functional import resolve_plan
 from tests._dropped import dropped_reference
+from tests._gloo import free_port, run_rank
 from tests._inputs import make_x, rand
 from tests._tolerances import assert_matches, to_numpy
 
 SHAPE = (2, 12, 11, 7)  # H = 11 splits unevenly over 2 and 4 ranks
 PLAN: dict[str, Any] = {"num_groups": 5, "uneven": True}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _inputs() -> dict[str, torch.Tensor]:
@@ -56,24 +50,17 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int, port: int, out: str, cases: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
+    def body() -> None:
         torch.set_num_threads(1)
         pg = dist.group.WORLD
         result = (_whole_cases if cases == "whole" else _regression_cases)(rank, world, pg)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-        # No rank tears its connections down while a peer may still be sending: gloo's worker
-        # threads then abort the process now and then ("terminate called without an active
-        # exception").
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+
+    run_rank(rank, world, port, body)
 
 
 def _spawn(world: int, out: Path, cases: str) -> list[dict[str, Any]]:
-    tmp.spawn(_worker, args=(world, _port(), str(out), cases), nprocs=world, join=True)
+    tmp.spawn(_worker, args=(world, free_port(), str(out), cases), nprocs=world, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
 

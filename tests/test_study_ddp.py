@@ -18,6 +18,7 @@ from torch import nn
 
 from groupnorm import reference as ref
 from groupnorm.study.models import ResNet, make_norm, set_synchronized, set_virtual_devices
+from tests._gloo import exit_now
 from tests._tolerances import assert_matches
 
 pytestmark = pytest.mark.slow  # spawns gloo process groups and a distributed study
@@ -91,6 +92,7 @@ def _worker(rank: int, ports: tuple[int, int], out: str) -> None:
         ]
     )
     assert code == 0
+    exit_now()
 
 
 def _layers(rank: int, port: int, out: str) -> None:
@@ -117,6 +119,7 @@ def _layers(rank: int, port: int, out: str) -> None:
                 "grad": model.stem.weight.grad.clone(),
             }
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # no peer still sends when a rank tears gloo down
     finally:
         dist.destroy_process_group()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ if importlib.util.find_spec("diffusers") is None:
     pytest.skip("diffusers is not installed", allow_module_level=True)
 
 from groupnorm.tiled import band_rows, tiled_decode  # noqa: E402
+from tests._gloo import free_port, run_rank  # noqa: E402
 from tests._tolerances import assert_matches, to_numpy  # noqa: E402
 
 LATENT = (2, 4, 13, 10)  # odd height: the last strip is shorter
@@ -167,25 +167,13 @@ def test_unsupported_decoder_is_refused() -> None:
         tiled_decode(vae, _latent())
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
+    def body() -> None:
         torch.set_num_threads(1)
         band = tiled_decode(_vae(), _latent(), tile_rows=3, process_group=dist.group.WORLD)
         torch.save(band, os.path.join(out, f"rank{rank}.pt"))
-        # Neither rank tears gloo down while the other still talks to it: under load that
-        # aborted a rank (std::terminate in gloo's teardown).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+
+    run_rank(rank, world, port, body)
 
 
 @pytest.mark.slow
@@ -195,7 +183,7 @@ def test_patch_parallel_decode_on_two_processes(
     """Two gloo processes, each decoding its band of strips: together the single-process
     decode (statistics merged across ranks, halo rows exchanged)."""
     world = 2
-    tmp.spawn(_worker, args=(world, _port(), str(tmp_path)), nprocs=world, join=True)
+    tmp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     bands = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     rows = [band_rows(LATENT[2], 3, world, r, upscale=4) for r in range(world)]
     assert rows == [(0, 9 * 4), (9 * 4, 13 * 4)]  # 5 strips of <= 3 latent rows: 3 + 2

@@ -67,6 +67,9 @@ def run_distributed(
 
             render_report(out)
             print(f"report in {out}/report.md", flush=True)
+        # Every rank here before any tears gloo down: a teardown while a peer is still
+        # connected and working aborted processes now and then in the tests' gloo groups.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
