@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1615,6 +1616,33 @@ def test_half_conversions_without_their_instructions(tmp_path: Any) -> None:
         dump = subprocess.run([objdump, "-d", str(built[0])], capture_output=True, text=True)
         # (float16 has no such mark: AVX-512 converts GCC's scalar _Float16 with vcvtps2ph too)
         assert "vcvtneps2bf16" not in dump.stdout
+
+
+@needs_kernel
+def test_half_channels_last_passes_take_16_lanes_where_the_cpu_has_avx512() -> None:
+    """Where the CPU has AVX-512 (and F16C, AVX512-BF16), half precision's channels-last sums
+    and output work on 16 lanes (one zmm register): float16 widened and narrowed by zmm
+    conversions, bfloat16 stored by one vcvtneps2bf16 from a zmm register. With 8 lanes both
+    passes were bound by instructions (the forward took 1.15-1.45x as long at one thread, AMD EPYC,
+    2026-12-07); an 8-lane build has none of these instructions."""
+    flags = cpu_kernel._cpu_flags().split()
+    if not {"avx512f", "avx512dq", "avx512_bf16", "f16c"} <= set(flags):
+        pytest.skip("this CPU lacks AVX-512 with BF16 or F16C: the kernel takes 8 lanes there")
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("no objdump to read the built kernel")
+    dump = subprocess.run(
+        [objdump, "-d", "--no-show-raw-insn", str(cpu_kernel._build())],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for pattern in (
+        r"vcvtph2ps\s+\S+,%zmm",
+        r"vcvtps2ph\s+\$0x\w+,%zmm",
+        r"vcvtneps2bf16\s+%zmm",
+    ):
+        assert re.search(pattern, dump), pattern
 
 
 @needs_kernel
