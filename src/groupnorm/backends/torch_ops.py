@@ -345,6 +345,13 @@ def _nchw_trust(dtype: torch.dtype) -> float:
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _transform_level = torch._C._functorch.maybe_current_level
 
+
+def _transformed(x: torch.Tensor) -> bool:
+    """Whether a torch.func transform runs, or x is a wrapper left over from one: the fast
+    paths then decline (:func:`can_read_values` says why)."""
+    return _transform_level() is not None or _wrapped(x)
+
+
 # Plain tensors and parameters (masks and statistics held as nn.Parameter); not subclasses such
 # as fake or functional tensors, whose values cannot be read.
 _VALUE_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -364,8 +371,7 @@ def can_read_values(x: torch.Tensor) -> bool:
         and type(x) in _VALUE_TYPES
         and x.device.type != "meta"
         and not torch._C._len_torch_dispatch_stack()
-        and _transform_level() is None
-        and not _wrapped(x)
+        and not _transformed(x)
     )
 
 
@@ -380,12 +386,6 @@ def params_wrapped(*tensors: torch.Tensor | None) -> bool:
     transformed (grad, vmap, jvp of weight, scale, ...) while x is captured as a plain tensor.
     Then no kernel may take their data pointers, and no value may be read."""
     return any(t is not None and _wrapped(t) for t in tensors)
-
-
-def _transformed(x: torch.Tensor) -> bool:
-    """Whether a torch.func transform runs, or x is a wrapper left over from one: the fast
-    paths then decline (:func:`can_read_values` says why)."""
-    return _transform_level() is not None or _wrapped(x)
 
 
 def _reads_request(r: Request) -> bool:
