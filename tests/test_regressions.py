@@ -922,6 +922,29 @@ def test_regression_float32_input_with_half_precision_parameters_has_a_backward(
         assert_matches(grads[2], exact.dbeta, b.dtype, reduction=2 * 30, what="dbias")
 
 
+@pytest.mark.filterwarnings("ignore::groupnorm.SingleElementGroupWarning")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 8), (3, 8, 1, 1)], ids=["2d", "4d"])
+def test_regression_half_scale_gradient_of_one_element_groups(
+    dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    """A group of one element normalizes to beta whatever x is, so its dx is exactly 0 (float64
+    math: x - mean is 0 for any x). With scale=, half precision gave 1.5e-5 to 2e-3 (float16,
+    9.8x its bound): the multiply-add's offset took the mean times rstd * gamma and scaled
+    after, so the gradient through the mean was not the direct one's exact negative."""
+    gen = torch.Generator().manual_seed(808)
+    for _ in range(20):
+        x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 0.1 + 100).to(dtype)
+        w = (torch.randn(8, generator=gen, dtype=torch.float64) * 1.5).to(dtype)
+        s = (torch.randn(3, 8, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+        dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+        for activation in (None, "silu"):
+            xg = x.clone().requires_grad_()
+            y = groupnorm.group_norm(xg, 8, w, eps=1e-6, scale=s, activation=activation)
+            (dx,) = torch.autograd.grad(y, xg, dy)
+            assert torch.equal(dx, torch.zeros_like(dx)), dx.abs().max()
+
+
 def _assert_half_gradients(
     x: torch.Tensor, G: int, w: torch.Tensor, b: torch.Tensor, dy: torch.Tensor
 ) -> None:
