@@ -21,6 +21,8 @@ from torch.nn.utils import prune
 
 import groupnorm
 from groupnorm import GroupNorm, WSConv2d, convert_batchnorm, restore_group_norm, swap_group_norm
+from groupnorm import reference as R
+from groupnorm.convert import GroupNormDropAct
 from groupnorm.functional import resolve_plan
 from groupnorm.groups import GroupPlan
 from tests._gloo import free_port
@@ -1273,3 +1275,82 @@ def test_regression_converters_take_bools_and_numpy_counts_as_torch_does() -> No
     converted, report = convert_batchnorm(model, num_groups=np.int64(4))  # type: ignore[arg-type]
     assert report.replaced[0].plan.sizes == (2, 2, 2, 2)
     assert type(converted[1].num_groups) is int
+
+
+def _drop_act_expected(x: torch.Tensor, G: int, act: nn.Module, m: GroupNormDropAct) -> np.ndarray:
+    """act(group_norm(x, G, m's weight and bias)) in float64: the reference, then torch's act."""
+    w, b = (None if t is None else to_numpy(t) for t in (m.weight, m.bias))
+    y, _ = R.group_norm_forward(to_numpy(x), G, w, b)
+    return to_numpy(act.double()(torch.from_numpy(y)))
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.Hardswish()], ids=["fused", "module"])
+def test_regression_group_norm_drop_act_honours_a_changed_num_groups(act: nn.Module) -> None:
+    """GroupNormDropAct's fused call (drop nn.Identity, act one the kernels compute) went to
+    the planned function with the plan of construction: num_groups set after kept 4 groups
+    (0.43-0.54 off), where the unfused call, GroupNorm and nn.GroupNorm take the new value."""
+    x = make_x((2, 8, 4, 4), torch.float32, seed=71)
+    m = GroupNormDropAct(4, 8, act=act)
+    with torch.no_grad():
+        m.weight.normal_(1.0, 0.3)
+        m.bias.normal_(0.0, 0.3)
+    m.num_groups = 2
+    assert_matches(m(x), _drop_act_expected(x, 2, act, m), torch.float32)
+
+
+def test_regression_group_norm_drop_act_without_affine_takes_any_channel_count() -> None:
+    """Without affine parameters nn.GroupNorm normalizes any channel count num_groups divides;
+    GroupNormDropAct's fused call refused 12 channels ("expected x with 8 channels")."""
+    x = make_x((2, 12, 3, 3), torch.float32, seed=72)
+    act = nn.SiLU()
+    m = GroupNormDropAct(2, 8, act=act, affine=False)
+    assert_matches(m(x), _drop_act_expected(x, 2, act, m), torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.Hardswish()], ids=str)
+def test_regression_group_norm_drop_act_traces_and_scripts(act: nn.Module) -> None:
+    """torch.fx.symbolic_trace failed on the fused call ("x must be a torch.Tensor, got
+    Proxy") and torch.jit.script on every GroupNormDropAct (super().forward and the activation
+    lookup are not TorchScript), where GroupNorm does both."""
+    x = make_x((2, 8, 4, 4), torch.float32, seed=73)
+    model = nn.Sequential(GroupNormDropAct(4, 8, act=act, drop=nn.Identity()))
+    norm = model[0]
+    assert isinstance(norm, GroupNormDropAct)
+    expected = _drop_act_expected(x, 4, act, norm)
+    assert_matches(torch.fx.symbolic_trace(model)(x), expected, torch.float32, what="fx")
+    assert_matches(torch.jit.script(model)(x), expected, torch.float32, what="script")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+@pytest.mark.parametrize("change", ["prune", "weight_norm"])
+def test_regression_copying_a_model_with_a_computed_conv_weight_says_what_to_do(
+    change: str,
+) -> None:
+    """A conv pruned with torch.nn.utils.prune, or under the old weight_norm, holds a weight
+    that autograd computed; the converters' copy of the model failed inside torch's deepcopy
+    ("Only Tensors created explicitly by the user ... support the deepcopy protocol")."""
+
+    def model(norm: nn.Module) -> nn.Sequential:
+        conv = nn.Conv2d(3, 16, 3)
+        if change == "prune":
+            prune.random_unstructured(conv, "weight", 0.5)
+        else:
+            torch.nn.utils.weight_norm(conv)
+        return nn.Sequential(conv, norm)
+
+    convert = lambda m, **kw: convert_batchnorm(m, num_groups=4, **kw)  # noqa: E731
+    for call, norm in ((convert, nn.BatchNorm2d(16)), (swap_group_norm, nn.GroupNorm(4, 16))):
+        with pytest.raises(ValueError, match=r"0 \(Conv2d\)\.weight is a tensor computed by"):
+            call(model(norm))
+        out, _ = call(model(norm), inplace=True)
+        assert isinstance(out[1], GroupNorm)
+
+
+def test_regression_swap_builds_every_module_before_replacing_any() -> None:
+    """swap_group_norm replaced each GroupNorm as it built ours: an inplace swap that failed on
+    the second (an eps ours refuses) had replaced the first, and the error named no module."""
+    model = nn.Sequential(nn.GroupNorm(4, 8), nn.GroupNorm(4, 8, eps=-1e-5))
+    with pytest.raises(ValueError, match=r"cannot replace 1 \(GroupNorm\): eps must be"):
+        swap_group_norm(model, inplace=True)
+    assert [type(m) for m in model] == [nn.GroupNorm, nn.GroupNorm]

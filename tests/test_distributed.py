@@ -14,6 +14,7 @@ import torch.multiprocessing as tmp
 
 import groupnorm
 from groupnorm import reference as R
+from groupnorm.convert import GroupNormDropAct
 from groupnorm.functional import resolve_plan
 from tests._dropped import dropped_reference
 from tests._gloo import free_port, run_rank
@@ -100,7 +101,8 @@ def _whole_cases(rank: int, world: int, pg: Any) -> dict[str, torch.Tensor | Non
 def _regression_cases(rank: int, world: int, pg: Any) -> dict[str, Any]:
     """Rank 1 holds every row, the others none; float32 groups of one channel (4 positions) at
     std 0.02, where dx cancels. A gradient penalty's double backward; calls whose ranks
-    disagree on N or the plan; torch.jit with process_group=."""
+    disagree on N or the plan; torch.jit with process_group=; GroupNormDropAct's fused call
+    with process_group=."""
     full = _inputs()
     rows = slice(0, 2) if rank == 1 else slice(0, 0)
     xs, ws = _leaf(full["small_x"][:, :, rows]), _leaf(full["small_w"])
@@ -114,6 +116,9 @@ def _regression_cases(rank: int, world: int, pg: Any) -> dict[str, Any]:
     (dx2,) = torch.autograd.grad((y2 * dy2).sum(), x2, create_graph=True)
     dx2.square().sum().backward()
     result["ddx"] = x2.grad
+    # The converters' norm-and-activation layer with its activation fused.
+    drop_act = GroupNormDropAct(num_channels=12, **PLAN, act=torch.nn.SiLU(), process_group=pg)
+    result["y_drop_act"] = drop_act.double()(x2.detach()).detach()
 
     def error(call: Any) -> str:
         try:
@@ -213,7 +218,8 @@ def test_regression_double_backward_rank_disagreement_and_torchscript(tmp_path: 
     gradient was off by 1.1 with no error. Ranks calling with different N aborted a gloo
     process; different plans of the same G merged into wrong statistics; torch.jit.script
     dropped process_group= (each rank normalized its shard alone) and torch.jit.trace failed
-    inside the collective."""
+    inside the collective. GroupNormDropAct's fused call ignored process_group= (0.73 off
+    with SiLU)."""
     ranks = _spawn(2, tmp_path, "regression")
     full = _inputs()
     x = full["x"].detach().clone().requires_grad_()
@@ -225,6 +231,9 @@ def test_regression_double_backward_rank_disagreement_and_torchscript(tmp_path: 
     dx.square().sum().backward()
     ddx = torch.cat([r["ddx"] for r in ranks], 2)
     assert_matches(ddx, to_numpy(x.grad), torch.float64, reduction=max(plan.sizes) * 77)
+    expected, _ = R.group_norm_forward(to_numpy(full["x"]), plan=plan, activation="silu")
+    y_drop_act = torch.cat([r["y_drop_act"] for r in ranks], 2)
+    assert_matches(y_drop_act, expected, torch.float64, what="GroupNormDropAct y")
     for r in ranks:
         assert r["error_n"].startswith("ValueError: process_group=: every rank must call")
         assert "rank 0: N=2, C=8, rank 1: N=3, C=8" in r["error_n"]

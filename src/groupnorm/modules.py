@@ -164,38 +164,44 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            # What torch.jit.script compiles: the plan as __prepare_scriptable__ left it.
-            first = self._script_first
-            if first.device != input.device:
-                first = first.to(input.device)
-            return shifted_group_norm(
-                input,
-                self._script_runs,
-                first,
-                self.weight,
-                self.bias,
-                self.eps,
-                self.activation,
-                None,
-                None,
-            )
-        return self._forward(input)
+            return self._scripted(input, self.activation)
+        return self._forward(input, self.activation)
+
+    def _scripted(self, input: torch.Tensor, activation: str | None) -> torch.Tensor:
+        """What torch.jit.script compiles: the plan as __prepare_scriptable__ left it."""
+        first = self._script_first
+        if first.device != input.device:
+            first = first.to(input.device)
+        return shifted_group_norm(
+            input,
+            self._script_runs,
+            first,
+            self.weight,
+            self.bias,
+            self.eps,
+            activation,
+            None,
+            None,
+        )
 
     @torch.jit.unused
-    def _forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input: torch.Tensor, activation: str | None) -> torch.Tensor:
+        """The eager call, with ``activation`` fused (a subclass may fuse its own)."""
         plan = self.plan  # _current_plan() inlined: one call fewer on every forward
         if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
             plan = self._replan()
         if self.process_group is None:
             y = dispatch.run_plain(
-                input, plan, self.weight, self.bias, self.eps, self.activation, self.backend
+                input, plan, self.weight, self.bias, self.eps, activation, self.backend
             )
             if y is not None:
                 return y
-        return self._validated(input, plan)
+        return self._validated(input, plan, activation)
 
     @torch.jit.unused
-    def _validated(self, input: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+    def _validated(
+        self, input: torch.Tensor, plan: GroupPlan, activation: str | None
+    ) -> torch.Tensor:
         """What the fast path declined: fx's Proxy, torch.jit.trace, process_group=, and every
         call the validated path checks."""
         if isinstance(input, torch.fx.Proxy):
@@ -207,7 +213,7 @@ class GroupNorm(nn.GroupNorm):
                     "gathered across processes, which a graph node cannot name)"
                 )
             return fx_group_norm(
-                input, plan.sizes, self.weight, self.bias, self.eps, self.activation, self.backend
+                input, plan.sizes, self.weight, self.bias, self.eps, activation, self.backend
             )
         plan = traced_quietly(self._plan_of, input, plan)
         if self.process_group is not None:
@@ -217,7 +223,7 @@ class GroupNorm(nn.GroupNorm):
                 bias=self.bias,
                 eps=self.eps,
                 group_sizes=plan.sizes,
-                activation=self.activation,
+                activation=activation,
                 backend=self.backend,
                 process_group=self.process_group,
             )
@@ -228,7 +234,7 @@ class GroupNorm(nn.GroupNorm):
             self.weight,
             self.bias,
             self.eps,
-            self.activation,
+            activation,
             self.backend,
         )
 

@@ -4,10 +4,12 @@ every path, and the checks that say a module cannot be replaced without changing
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import hashlib
 import inspect
 import textwrap
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -66,19 +68,51 @@ def uninitialized(m: nn.Module) -> bool:
     return lazy and bool(m.has_uninitialized_params())  # type: ignore[operator]
 
 
+def _computed_tensor(m: nn.Module) -> str | None:
+    """The name of a tensor attribute of ``m`` that autograd computed (not a leaf), or None:
+    what pruning (``torch.nn.utils.prune``) and the old ``weight_norm`` leave as ``weight``
+    between forwards, and what torch refuses to deep-copy."""
+    for name, value in vars(m).items():
+        if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+            return name
+    return None
+
+
 def target_of(model: nn.Module, inplace: bool, what: str) -> nn.Module:
-    """``model`` itself, or a deep copy: one with an uninitialized lazy module cannot be copied
-    (torch refuses), which is said before anything is done."""
+    """``model`` itself, or a deep copy: one with an uninitialized lazy module, or a tensor
+    attribute autograd computed (pruning's, weight_norm's), cannot be copied (torch refuses),
+    which is said before anything is done."""
     if check_flag("inplace", inplace):
         return model
     for path, m in model.named_modules():
+        where = f"{path or 'the model'} ({type(m).__name__})"
         if uninitialized(m):
             raise ValueError(
-                f"{what} works on a copy of the model, and {path or 'the model'} "
-                f"({type(m).__name__}) is uninitialized, which torch cannot copy: run one forward "
-                "first, or pass inplace=True to change the model itself"
+                f"{what} works on a copy of the model, and {where} is uninitialized, which torch "
+                "cannot copy: run one forward first, or pass inplace=True to change the model "
+                "itself"
+            )
+        computed = _computed_tensor(m)
+        if computed is not None:
+            raise ValueError(
+                f"{what} works on a copy of the model, and {where}.{computed} is a tensor "
+                "computed by autograd (torch.nn.utils.prune or weight_norm leave one), which "
+                "torch cannot copy: pass inplace=True to change the model itself, or make the "
+                "change permanent first (prune.remove, remove_weight_norm)"
             )
     return copy.deepcopy(model)
+
+
+@contextlib.contextmanager
+def replacing(what: str, path: str, m: nn.Module) -> Iterator[None]:
+    """Names the module whose replacement was being built in a ValueError raised inside (an
+    eps or a shape GroupNorm refuses)."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(
+            f"{what} cannot replace {path or 'the model'} ({type(m).__name__}): {e}"
+        ) from None
 
 
 def factory_kwargs(m: nn.Module) -> dict[str, Any]:

@@ -257,11 +257,12 @@ def convert_batchnorm(
         args = (plan.num_groups, m.num_features, m.eps, m.affine)
         kw = {"uneven": not plan.is_even, **_walk.factory_kwargs(m)}
         act, drop = act_and_drop(m)
-        new = (
-            GroupNormDropAct(*args, act=act, drop=drop, **kw)
-            if with_act
-            else GroupNorm(*args, **kw)
-        )
+        with _walk.replacing("convert_batchnorm", paths[id(m)][0], m):
+            new = (
+                GroupNormDropAct(*args, act=act, drop=drop, **kw)
+                if with_act
+                else GroupNorm(*args, **kw)
+            )
         if m.affine:
             for name in ("weight", "bias"):
                 old_p, new_p = getattr(m, name), getattr(new, name)

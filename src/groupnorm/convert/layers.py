@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from groupnorm.functional import group_norm_planned
 from groupnorm.modules import GroupNorm
 
 __all__ = ["GroupNormDropAct", "act_and_drop", "fusible_activation", "why_not_fused"]
@@ -72,9 +71,16 @@ class GroupNormDropAct(GroupNorm):
         self.act = nn.Identity() if act is None else act
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            # TorchScript cannot ask which activation act is: act runs as a module after.
+            return self.act(self.drop(self._scripted(input, None)))
+        return self._drop_act(input)
+
+    @torch.jit.unused
+    def _drop_act(self, input: torch.Tensor) -> torch.Tensor:
+        """The eager call: :class:`GroupNorm`'s (its plan, attributes, process group and
+        tracing), with the activation fused where it can be."""
         fused = fusible_activation(self.act) if type(self.drop) is nn.Identity else None
         if fused is not None:
-            return group_norm_planned(
-                input, self.plan, self.weight, self.bias, self.eps, fused, self.backend
-            )
-        return self.act(self.drop(super().forward(input)))
+            return self._forward(input, fused)
+        return self.act(self.drop(self._forward(input, None)))

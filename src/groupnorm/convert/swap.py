@@ -252,8 +252,14 @@ def swap_group_norm(
     else:
         plan, report.proof = _plan(target, plain, paths, example_inputs, example_kwargs)
 
+    # Every new module is built before the first replacement: one that cannot be built (an
+    # eps GroupNorm refuses) leaves an inplace model untouched.
+    news = {}
     for norm_id, old in {**plain, **own_act}.items():
-        new = _ours(old, plan.norm_acts.get(norm_id))
+        with _walk.replacing("swap_group_norm", paths[norm_id][0], old):
+            news[norm_id] = _ours(old, plan.norm_acts.get(norm_id))
+    for norm_id, old in {**plain, **own_act}.items():
+        new = news[norm_id]
         target = _walk.replace_everywhere(target, paths[norm_id], new, report._undo)
         report.swapped.extend(paths[norm_id])
         if norm_id in own_act:
