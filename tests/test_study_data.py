@@ -62,13 +62,17 @@ def test_a_study_from_before_image_size_is_not_resumed(
         (["--train-size", "0"], "train_size must be >= 1"),
         (["--jobs", "0"], "--jobs must be >= 1, got 0"),
         (["--jobs", "-1"], "--jobs must be >= 1, got -1"),
+        (["--gn-groups", "0"], "gn_groups (--gn-groups) must be >= 1, got 0"),
+        (["--gn-groups", "3"], "gn_groups (--gn-groups) 3 does not divide the stage width 4"),
     ],
 )
 def test_regression_study_refuses_bad_values_before_writing_anything(
     args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Each of these trained with the value, ended in a traceback, or (--device) wrote
-    config.json first; --test-size 0 ran on 2000 test images and recorded 0."""
+    config.json first; --test-size 0 ran on 2000 test images and recorded 0; --gn-groups 0
+    wrote config.json first, and --gn-groups 3 (no divisor of the stage widths) trained the BN
+    arm before the GN model failed to build."""
     out = tmp_path / "out"
     assert main(["study", "--preset", "tiny", "--no-progress", "--out", str(out), *args]) == 2
     assert message in capsys.readouterr().err

@@ -171,6 +171,15 @@ class StudyConfig:
             size = getattr(self, name)
             if size is not None and size < 1:
                 raise ValueError(f"{name} must be >= 1 (or None: all images), got {size}")
+        if self.gn_groups < 1:
+            raise ValueError(f"gn_groups (--gn-groups) must be >= 1, got {self.gn_groups}")
+        for c in self.train.stage_widths:
+            if c % min(self.gn_groups, c):
+                raise ValueError(
+                    f"gn_groups (--gn-groups) {self.gn_groups} does not divide the stage width {c} "
+                    f"(widths {self.train.stage_widths}); the GN arm needs a G that divides each, "
+                    "or at least the width"
+                )
 
     def channels_per_group(self) -> tuple[int, ...]:
         """The GN arm's channels per group in each stage (G capped at the stage's width)."""
