@@ -62,7 +62,7 @@ from groupnorm.backends._kept import plain_tensors
 from groupnorm.backends.shifted import _means, shifted_group_norm
 from groupnorm.dispatch import FLOAT_DTYPES, Backend, Request, register_backend
 from groupnorm.groups import GroupPlan
-from groupnorm.stats import GroupStats
+from groupnorm.stats import GroupStats, widened
 
 __all__ = [
     "NATIVE_TRUST",
@@ -232,9 +232,15 @@ def _narrowed(stats: GroupStats) -> GroupStats:
 
 
 def compute_stats(x: torch.Tensor, plan: GroupPlan) -> GroupStats:
-    """Statistics of ``x`` (N, C, *S) for ``plan``, as :class:`GroupStats`."""
+    """Statistics of ``x`` (N, C, *S) for ``plan``, as :class:`GroupStats`; float32 x that
+    autograd records keeps its float64 copy and statistics behind the fields (:class:`Widened`)."""
     if _widens(x):
-        return _narrowed(_stats_of_shifted(*_shifted(x, plan, None, torch.float64), plan))
+        wide_x = x.to(torch.float64)
+        wide = _stats_of_shifted(*_shifted(wide_x, plan, None, torch.float64), plan)
+        fields = _narrowed(wide)
+        if x.requires_grad and torch.is_grad_enabled() and can_read_values(x):
+            return widened(fields, wide, ((x, wide_x, x._version),))
+        return fields
     xs, pivot = _shifted(x, plan, None)
     return _stats_of_shifted(xs, pivot, plan)
 
@@ -1650,6 +1656,22 @@ def _vmapped(x: torch.Tensor) -> bool:
     )
 
 
+def _widened_request(r: Request) -> Request | None:
+    """``r`` in float64 where its statistics keep a float64 copy of this very x (float32,
+    under autograd: :class:`groupnorm.stats.Widened`): that copy, the float64 statistics and
+    the parameters in float64, so that x's gradients through the statistics and directly add
+    in float64 before the one rounding to float32. Else None."""
+    s = r.stats
+    if s is None or s._widened is None or not torch.is_grad_enabled() or _tracing():
+        return None
+    wide_x = s._widened.source(s, r.x)
+    if wide_x is None:
+        return None
+    f64 = torch.float64
+    w, b, sc, sh = (None if t is None else t.to(f64) for t in (r.weight, r.bias, r.scale, r.shift))
+    return r._replace(x=wide_x, stats=s._widened.stats, weight=w, bias=b, scale=sc, shift=sh)
+
+
 def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     """Run a validated request: ``(y, stats or None)``.
 
@@ -1663,6 +1685,10 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     CPU kernel, where it is built, serves eager CPU calls that autograd does not record before
     all of these (:func:`_fused_serves`).
     """
+    wide = _widened_request(r)
+    if wide is not None:
+        y_wide, _ = run(wide)
+        return y_wide.to(r.x.dtype), (r.stats if r.return_stats else None)
     if _vmapped(r.x) and not r.x.is_contiguous():
         # torch's group_norm asks its input whether it is channels-last-contiguous, which a
         # tensor batched by vmap does not answer ("NYI: querying is_contiguous inside of vmap")
