@@ -48,6 +48,35 @@ def test_vmap(plan_name: str) -> None:
     assert_matches(y, _expected(x, plan_kw, weight=w), torch.float32)
 
 
+def test_regression_fx_symbolic_trace_of_the_function() -> None:
+    """A model calling groupnorm.group_norm failed under torch.fx.symbolic_trace ("x must be a
+    torch.Tensor, got Proxy"), where F.group_norm records one node. Ours does too, with the
+    arguments given."""
+    weight = rand((12,), torch.float32, 3)
+
+    class Model(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return groupnorm.group_norm(x, 5, weight, uneven=True, activation="silu") + 1
+
+    graph_module = torch.fx.symbolic_trace(Model())
+    calls = [n for n in graph_module.graph.nodes if n.target is groupnorm.group_norm]
+    assert len(calls) == 1 and calls[0].kwargs == {"uneven": True, "activation": "silu"}
+    x = _x(seed=7)
+    expected = _expected(x, {"num_groups": 5, "uneven": True}, weight=weight)
+    assert_matches(graph_module(x), R.activation_forward(expected, "silu") + 1, torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_regression_jit_script_without_affine_takes_any_channel_count() -> None:
+    """Without affine parameters nn.GroupNorm, and our eager module, normalize any channel
+    count num_groups divides; the scripted module indexed with the plan of construction and
+    failed ("INDICES element is out of DATA bounds")."""
+    scripted = torch.jit.script(groupnorm.GroupNorm(4, 12, affine=False))
+    for C in (12, 8, 20):
+        x = _x(shape=(2, C, 3, 5), seed=C)
+        assert_matches(scripted(x), _expected(x, {"num_groups": 4}), torch.float32)
+
+
 # forward_ad loads its decompositions through torch.jit.script on first use.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
 import torch
@@ -290,6 +290,15 @@ def group_norm_planned(
     return _without_positions(r)[0] if 0 in x.shape[2:] else chosen.run(r)[0]
 
 
+def _fx_node(input: torch.fx.Proxy, *args: object, **kwargs: object) -> Any:
+    """torch.fx.symbolic_trace's record of a call: one node calling :func:`group_norm`, as
+    ``F.group_norm`` records (the checks cannot read a Proxy's shape); keyword arguments left
+    at their defaults are left out of it."""
+    defaults = {"uneven": False, "return_stats": False, "backend": "auto"}
+    given = {k: v for k, v in kwargs.items() if v is not None and defaults.get(k) != v}
+    return input.tracer.create_proxy("call_function", group_norm, (input, *args), given)
+
+
 @overload
 def group_norm(
     input: torch.Tensor,
@@ -403,6 +412,25 @@ def group_norm(
             if y is not None:
                 return y
             plain = False  # the same call below would decline again
+    if isinstance(input, torch.fx.Proxy):
+        return _fx_node(
+            input,
+            num_groups,
+            weight,
+            bias,
+            eps,
+            group_size=group_size,
+            group_sizes=group_sizes,
+            uneven=uneven,
+            activation=activation,
+            scale=scale,
+            shift=shift,
+            stats=stats,
+            return_stats=return_stats,
+            backend=backend,
+            mask=mask,
+            process_group=process_group,
+        )
     return traced_quietly(
         _checked_group_norm,
         input,

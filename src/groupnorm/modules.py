@@ -168,13 +168,27 @@ class GroupNorm(nn.GroupNorm):
         return self._forward(input, self.activation)
 
     def _scripted(self, input: torch.Tensor, activation: str | None) -> torch.Tensor:
-        """What torch.jit.script compiles: the plan as __prepare_scriptable__ left it."""
+        """What torch.jit.script compiles: the plan as __prepare_scriptable__ left it, or as
+        :meth:`_plan_of` would change it (no affine parameters: any channel count num_groups
+        divides, in num_groups groups)."""
+        runs = self._script_runs
         first = self._script_first
+        channels = input.shape[1] if input.dim() >= 2 else self.num_channels
+        if (
+            channels != self.num_channels
+            and self.weight is None
+            and self.bias is None
+            and not self._explicit_sizes
+            and channels % self.num_groups == 0
+        ):
+            size = channels // self.num_groups
+            runs = [(0, channels, size)]
+            first = torch.div(torch.arange(channels), size, rounding_mode="floor") * size
         if first.device != input.device:
             first = first.to(input.device)
         return shifted_group_norm(
             input,
-            self._script_runs,
+            runs,
             first,
             self.weight,
             self.bias,
