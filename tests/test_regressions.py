@@ -4,6 +4,7 @@ here)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -19,6 +20,7 @@ import groupnorm
 from groupnorm import reference as R
 from groupnorm.backends import cpu_kernel
 from groupnorm.functional import resolve_plan
+from groupnorm.stats import GroupStats
 from tests._inputs import (
     affine_draw,
     make_x,
@@ -1148,22 +1150,47 @@ def test_regression_float32_gradients_through_given_statistics_add_in_float64(
 
 def test_regression_given_statistics_changed_in_place_are_the_ones_used() -> None:
     """Statistics that keep float64 copies behind their fields (for gradients) normalize with
-    the fields as they are: changed in place, or taken from an x changed in place since, the
-    copies are not used."""
+    the fields as they are: changed in place (also through ``.data``, which bumps no version),
+    replaced (``dataclasses.replace``), or taken from an x changed in place since, the copies
+    are not used."""
     x = make_x((2, 4, 5, 5), torch.float32, seed=9).requires_grad_()
     g = x.detach().double().reshape(2, 2, -1)
     mean = g.mean(-1, keepdim=True)
     var = ((g - mean) ** 2).mean(-1, keepdim=True)
+    expected = to_numpy(((g - mean) / torch.sqrt(4.0 * var + 1e-5)).reshape(x.shape))
 
     stats = groupnorm.group_stats(x, 2)
     with torch.no_grad():
         stats.m2.mul_(4.0)
-    expected = ((g - mean) / torch.sqrt(4.0 * var + 1e-5)).reshape(x.shape)
-    assert_matches(groupnorm.group_norm(x, 2, stats=stats), to_numpy(expected), torch.float32)
+    assert_matches(groupnorm.group_norm(x, 2, stats=stats), expected, torch.float32)
+    stats = groupnorm.group_stats(x, 2)
+    stats.m2.data.mul_(4.0)
+    assert_matches(groupnorm.group_norm(x, 2, stats=stats), expected, torch.float32)
+    stats = groupnorm.group_stats(x, 2)
+    replaced = dataclasses.replace(stats, m2=stats.m2 * 4.0)
+    assert_matches(groupnorm.group_norm(x, 2, stats=replaced), expected, torch.float32)
 
     moved = x.clone()
     stats = groupnorm.group_stats(moved, 2)
     with torch.no_grad():
         moved.add_(1.0)  # the statistics are the old values'
-    expected = ((g + 1.0 - mean) / torch.sqrt(var + 1e-5)).reshape(x.shape)
-    assert_matches(groupnorm.group_norm(moved, 2, stats=stats), to_numpy(expected), torch.float32)
+    expected = to_numpy(((g + 1.0 - mean) / torch.sqrt(var + 1e-5)).reshape(x.shape))
+    assert_matches(groupnorm.group_norm(moved, 2, stats=stats), expected, torch.float32)
+
+
+@pytest.mark.slow  # compiles
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_regression_merging_eager_statistics_under_torch_compile() -> None:
+    """merge_stats compared the float64 copies' versions while torch.compile traced, which
+    fullgraph refused ("Could not guard on data-dependent expression")."""
+
+    def tiled(x: torch.Tensor, a: GroupStats, b: GroupStats) -> torch.Tensor:
+        merged = groupnorm.merge_stats(a, b)
+        parts = x.tensor_split(2, dim=2)
+        return torch.cat([groupnorm.group_norm(p, 4, stats=merged) for p in parts], 2)
+
+    x = make_x((2, 4, 6), torch.float32, seed=12).requires_grad_()
+    left, right = x.tensor_split(2, dim=2)
+    a, b = groupnorm.group_stats(left, 4), groupnorm.group_stats(right, 4)
+    compiled = torch.compile(tiled, fullgraph=True, backend="eager")
+    assert_matches(compiled(x, a, b), R.group_norm_forward(to_numpy(x), 4)[0], torch.float32)

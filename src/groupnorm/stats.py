@@ -31,8 +31,8 @@ _FIELDS = ("pivot", "shifted_mean", "m2", "count")
 
 class Widened(NamedTuple):
     """What a float32 :class:`GroupStats` formed under autograd keeps behind its fields: the
-    statistics in float64, the float64 copies of the inputs they were taken from, and the
-    versions that say nothing has changed since.
+    statistics in float64, the float64 copies of the inputs they were taken from, and what
+    says that nothing has changed since.
 
     ``group_norm(x, stats=)`` of one of those very inputs normalizes that copy with these
     statistics, so that x's gradient through the statistics and its direct one add in
@@ -41,22 +41,24 @@ class Widened(NamedTuple):
     dx at a median 30-61x and up to 244x the float32 bound where rstd is about 700."""
 
     stats: GroupStats  # float64, with its own autograd history from the inputs' copies
-    sources: tuple[tuple[torch.Tensor, torch.Tensor, int], ...]  # (x, float64 x, x's version)
-    versions: tuple[int, ...]  # the float32 fields' versions when this was made
+    # (x, its float64 copy, x's version and data pointer when the copy was made)
+    sources: tuple[tuple[torch.Tensor, torch.Tensor, int, int], ...]
+    fields: tuple[torch.Tensor, ...]  # the float32 fields' values when this was made
 
     def current(self, fields: GroupStats) -> bool:
-        """Whether ``fields``, the float32 statistics holding this, are as they were made (not
-        changed in place since)."""
-        return tuple(getattr(fields, f)._version for f in _FIELDS) == self.versions
+        """Whether ``fields``, the float32 statistics holding this, still hold the values
+        they were made with (compared by value: a change through ``.data`` bumps no version)."""
+        return all(
+            torch.equal(getattr(fields, f), kept)
+            for f, kept in zip(_FIELDS, self.fields, strict=True)
+        )
 
     def source(self, fields: GroupStats, x: torch.Tensor) -> torch.Tensor | None:
-        """The float64 copy of ``x`` (this very tensor, unchanged since) where ``fields``
-        are current; else None."""
-        if not self.current(fields):
-            return None
-        for src, wide, version in self.sources:
-            if src is x and x._version == version:
-                return wide
+        """The float64 copy of ``x`` (this very tensor, unchanged since as far as its version
+        and storage say) where ``fields`` are current; else None."""
+        for src, wide, version, pointer in self.sources:
+            if src is x and x._version == version and x.data_ptr() == pointer:
+                return wide if self.current(fields) else None
         return None
 
 
@@ -75,8 +77,9 @@ class GroupStats:
     m2: torch.Tensor
     count: torch.Tensor
     plan: GroupPlan | None = None
-    # Internal, set by group_stats and merge_stats: see Widened.
-    _widened: Widened | None = field(default=None, repr=False, kw_only=True)
+    # Internal, set by widened() for group_stats and merge_stats (see Widened); not an argument,
+    # so dataclasses.replace does not carry it to other fields.
+    _widened: Widened | None = field(default=None, init=False, repr=False)
 
     def __getstate__(self) -> dict[str, object]:
         # The float64 copies behind the fields serve gradients in this process only.
@@ -143,12 +146,14 @@ class GroupStats:
 def widened(
     fields: GroupStats,
     stats: GroupStats,
-    sources: tuple[tuple[torch.Tensor, torch.Tensor, int], ...],
+    sources: tuple[tuple[torch.Tensor, torch.Tensor, int, int], ...],
 ) -> GroupStats:
     """``fields`` (float32) holding ``stats``, their float64 form, and the float64 copies of
     the inputs they came from (:class:`Widened`)."""
-    versions = tuple(getattr(fields, f)._version for f in _FIELDS)
-    return replace(fields, _widened=Widened(stats, sources, versions))
+    kept = tuple(getattr(fields, f).detach().clone() for f in _FIELDS)
+    out = replace(fields)
+    object.__setattr__(out, "_widened", Widened(stats, sources, kept))
+    return out
 
 
 def check_stats_values(stats: GroupStats, what: str = "stats", *, empty: bool = False) -> None:
@@ -243,7 +248,7 @@ def merge_stats(a: GroupStats, b: GroupStats) -> GroupStats:
         n.to(dtype),
         plan=a.plan,
     )
-    if a._widened is None or b._widened is None:
+    if a._widened is None or b._widened is None or not torch_ops.can_read_values(a.m2):
         return merged
     if not (a._widened.current(a) and b._widened.current(b)):
         return merged

@@ -238,8 +238,8 @@ def compute_stats(x: torch.Tensor, plan: GroupPlan) -> GroupStats:
         wide_x = x.to(torch.float64)
         wide = _stats_of_shifted(*_shifted(wide_x, plan, None, torch.float64), plan)
         fields = _narrowed(wide)
-        if x.requires_grad and torch.is_grad_enabled() and can_read_values(x):
-            return widened(fields, wide, ((x, wide_x, x._version),))
+        if x.requires_grad and torch.is_grad_enabled() and _reads_values(x):
+            return widened(fields, wide, ((x, wide_x, x._version, x.data_ptr()),))
         return fields
     xs, pivot = _shifted(x, plan, None)
     return _stats_of_shifted(xs, pivot, plan)
