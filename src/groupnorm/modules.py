@@ -173,14 +173,8 @@ class GroupNorm(nn.GroupNorm):
         divides, in num_groups groups)."""
         runs = self._script_runs
         first = self._script_first
-        channels = input.shape[1] if input.dim() >= 2 else self.num_channels
-        if (
-            channels != self.num_channels
-            and self.weight is None
-            and self.bias is None
-            and not self._explicit_sizes
-            and channels % self.num_groups == 0
-        ):
+        if self._regrouped(input, self.num_channels):
+            channels = input.shape[1]
             size = channels // self.num_groups
             runs = [(0, channels, size)]
             first = torch.div(torch.arange(channels), size, rounding_mode="floor") * size
@@ -256,16 +250,23 @@ class GroupNorm(nn.GroupNorm):
     def _plan_of(self, input: torch.Tensor, plan: GroupPlan) -> GroupPlan:
         """``plan``, or as nn.GroupNorm: without affine parameters num_channels is not checked,
         and any channel count num_groups divides is normalized in num_groups groups."""
-        if (
+        if self._regrouped(input, plan.num_channels):
+            return resolve_plan(int(input.shape[1]), self.num_groups, uneven=self.uneven)
+        return plan
+
+    def _regrouped(self, input: torch.Tensor, planned: int) -> bool:
+        """Whether x's channel count, not the ``planned`` one, is normalized in num_groups
+        groups, as nn.GroupNorm does without affine parameters (any count num_groups divides);
+        eager (:meth:`_plan_of`) and scripted (:meth:`_scripted`) calls alike. Asks x last: the
+        validated path says what is wrong with an x that is no tensor."""
+        return (
             self.weight is None
             and self.bias is None
             and not self._explicit_sizes
             and input.dim() >= 2
-            and input.shape[1] != plan.num_channels
+            and input.shape[1] != planned
             and input.shape[1] % self.num_groups == 0
-        ):
-            return resolve_plan(int(input.shape[1]), self.num_groups, uneven=self.uneven)
-        return plan
+        )
 
     def __prepare_scriptable__(self) -> nn.Module:
         """Before ``torch.jit.script`` compiles this module: the plan is a Python object

@@ -248,9 +248,12 @@ def merge_stats(a: GroupStats, b: GroupStats) -> GroupStats:
         n.to(dtype),
         plan=a.plan,
     )
-    if a._widened is None or b._widened is None or not torch_ops.can_read_values(a.m2):
-        return merged
-    if not (a._widened.current(a) and b._widened.current(b)):
+    if (
+        a._widened is None
+        or b._widened is None
+        or not torch_ops.can_read_values(a.m2)
+        or not (a._widened.current(a) and b._widened.current(b))
+    ):
         return merged
     # The float64 statistics merged alongside, for gradients that add in float64 (Widened).
     wide = merge_stats(a._widened.stats, b._widened.stats)

@@ -254,11 +254,12 @@ def swap_group_norm(
 
     # Every new module is built before the first replacement: one that cannot be built (an
     # eps GroupNorm refuses) leaves an inplace model untouched.
+    olds = {**plain, **own_act}
     news = {}
-    for norm_id, old in {**plain, **own_act}.items():
+    for norm_id, old in olds.items():
         with _walk.replacing("swap_group_norm", paths[norm_id][0], old):
             news[norm_id] = _ours(old, plan.norm_acts.get(norm_id))
-    for norm_id, old in {**plain, **own_act}.items():
+    for norm_id, old in olds.items():
         new = news[norm_id]
         target = _walk.replace_everywhere(target, paths[norm_id], new, report._undo)
         report.swapped.extend(paths[norm_id])
