@@ -764,12 +764,21 @@ def test_regression_statistics_values_are_checked_where_they_are_used() -> None:
             fields = {f: nn.Parameter(t, requires_grad=False) for f, t in fields.items()}
         return GroupStats(**fields, plan=stats.plan)
 
-    for field, value, match in (("m2", -1.0, r"a\.m2 has negative"), ("count", -2.0, "a.count")):
+    for field, value, match in (
+        ("m2", -1.0, r"a\.m2 has negative"),
+        ("count", -2.0, "a.count"),
+        ("count", float("nan"), "a.count"),
+        ("count", float("inf"), r"a\.count has entries that are not finite numbers >= 0"),
+    ):
         with pytest.raises(ValueError, match=match):
             groupnorm.merge_stats(replaced(field, value), stats)
-    with pytest.raises(ValueError, match=r"b\.m2 has negative or NaN"):
-        groupnorm.merge_stats(stats, replaced("m2", float("nan")))
-    for field, value, match in (("count", 0.0, "count has entries <= 0"), ("m2", -1.0, "m2")):
+    with pytest.raises(ValueError, match=r"b\.m2 has negative"):
+        groupnorm.merge_stats(stats, replaced("m2", -float("inf")))
+    for field, value, match in (
+        ("count", 0.0, "count has entries that are not finite numbers >= 1"),
+        ("count", float("inf"), "count"),
+        ("m2", -1.0, "m2"),
+    ):
         with pytest.raises(ValueError, match=match):
             groupnorm.group_norm(x, 4, stats=replaced(field, value, as_parameter=True))
 

@@ -58,6 +58,27 @@ def test_regression_nan_in_one_sample_disables_trust_check(layout: str, bad: flo
     assert torch.isnan(y[0, :2]).all()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_regression_nan_in_one_group_stays_there_through_given_statistics(bad: float) -> None:
+    """The statistics of a group holding NaN (or Inf) have a NaN m2, which group_norm(stats=)
+    and merge_stats refused: one bad image stopped a whole batch's tiled normalization with an
+    error, where the same call without given statistics keeps the NaN in its group."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, generator=gen) * 3 + 2
+    x[0, 0, 1, 4] = bad
+    expected = _f64_group_norm(x, 2)
+    whole = groupnorm.group_stats(x, 2)
+    tiles = x.split(2, dim=-1)
+    merged = groupnorm.group_stats(tiles[0], 2)
+    for t in tiles[1:]:
+        merged = groupnorm.merge_stats(merged, groupnorm.group_stats(t, 2))
+    for stats in (whole, merged):
+        y = groupnorm.group_norm(x, 2, stats=stats)
+        assert torch.isnan(y[0, :2]).all()
+        assert_matches(y[0, 2:], expected[0, 2:], torch.float32)
+        assert_matches(y[1], expected[1], torch.float32)
+
+
 @pytest.mark.parametrize(
     ("shape", "G", "loc"),
     [
@@ -183,7 +204,7 @@ def test_regression_statistics_accepted_for_wrong_plan() -> None:
 
     with pytest.raises(ValueError, match="m2 has negative"):
         groupnorm.group_norm(x, group_sizes=[1, 5], stats=edited(m2=-right.m2))
-    with pytest.raises(ValueError, match="count has entries <= 0"):
+    with pytest.raises(ValueError, match="count has entries that are not finite numbers >= 1"):
         groupnorm.group_norm(x, group_sizes=[1, 5], stats=edited(count=right.count * 0))
     with pytest.raises(ValueError, match="dtype torch.float64"):
         edited(m2=right.m2.double())
