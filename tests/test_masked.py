@@ -248,6 +248,22 @@ def test_bad_masks_are_refused(mask: object, kwargs: dict, match: str) -> None:
         groupnorm.group_norm(x, 2, mask=mask, **kwargs)  # type: ignore[call-overload]
 
 
+def test_regression_masks_of_an_x_without_positions_are_checked() -> None:
+    """x with an empty spatial dimension took the shortcut for no positions before the mask was
+    checked: a mask of the wrong shape or dtype, or not a tensor, passed."""
+    x = make_x((2, 4, 0, 3), torch.float32)
+    good = torch.ones(2, 1, 0, 3, dtype=torch.bool)
+    assert groupnorm.group_norm(x, 2, mask=good).shape == x.shape
+    bad: tuple[tuple[Any, str], ...] = (
+        (torch.ones(5, 7, dtype=torch.bool), "does not broadcast"),
+        (good.long(), "bool mask"),
+        ("valid", "must be a torch.Tensor"),
+    )
+    for mask, match in bad:
+        with pytest.raises((TypeError, ValueError), match=match):
+            groupnorm.group_norm(x, 2, mask=mask)
+
+
 def test_regression_gradient_of_float32_weights_when_only_they_require_grad() -> None:
     """A call where only the mask's weights required grad stayed in float32 (only x, the
     parameters and the statistics counted as recorded): their gradient reached 10x the float32

@@ -508,6 +508,11 @@ def _checked_group_norm(
         return_stats,
         shard=process_group is not None,
     )
+    if mask is not None:
+        # Before the empty-position shortcut too: a bad mask is an error whatever x holds.
+        mask = masked.check_mask(mask, x)
+        if stats is not None:
+            raise masked.mask_with_stats_error()
     chosen = dispatch.select_backend(r, backend)
     if process_group is None and 0 in x.shape[2:]:
         y, out_stats = _without_positions(r)
@@ -536,12 +541,11 @@ def _without_positions(r: dispatch.Request) -> tuple[torch.Tensor, GroupStats | 
 def _run_beyond_one_tensor(
     r: dispatch.Request, mask: torch.Tensor | None, process_group: object | None
 ) -> tuple[torch.Tensor, GroupStats | None]:
-    """Masked and cross-process calls: the torch backend's composite ops with statistics made
-    by :mod:`groupnorm.masked` / :mod:`groupnorm.distributed` (the Triton kernels defer to it)."""
+    """Masked and cross-process calls (``mask`` validated): the torch backend's composite ops
+    with statistics made by :mod:`groupnorm.masked` / :mod:`groupnorm.distributed` (the Triton
+    kernels defer to it)."""
     from groupnorm import distributed
 
-    if mask is not None:
-        mask = masked.check_mask(mask, r.x)
     if process_group is not None:
         return distributed.run_sharded(r, process_group, mask)
     assert mask is not None

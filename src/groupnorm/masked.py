@@ -37,6 +37,7 @@ from groupnorm.stats import _FIELDS, GroupStats
 
 __all__ = [
     "check_mask",
+    "mask_with_stats_error",
     "masked_stats",
     "narrowed",
     "normalize_with",
@@ -194,13 +195,16 @@ def normalize_with(r: Request, stats: GroupStats) -> torch.Tensor:
     return torch_ops.run(r._replace(stats=normalizing, return_stats=False))[0]
 
 
+def mask_with_stats_error() -> ValueError:
+    """The error for ``mask=`` and ``stats=`` in one call."""
+    return ValueError(
+        "mask= and stats= together: the mask only selects the positions the statistics "
+        "come from, and stats= replaces them; pass group_stats(x, ..., mask=mask) as stats="
+    )
+
+
 def run_masked(r: Request, mask: torch.Tensor) -> tuple[torch.Tensor, GroupStats | None]:
-    """A validated request with a validated mask: ``(y, stats or None)``."""
-    if r.stats is not None:
-        raise ValueError(
-            "mask= and stats= together: the mask only selects the positions the statistics "
-            "come from, and stats= replaces them; pass group_stats(x, ..., mask=mask) as stats="
-        )
+    """A validated request (no ``stats``) with a validated mask: ``(y, stats or None)``."""
     if _compacts(r, mask):
         stats = _compacted_stats(r, mask)
         return normalize_with(r, stats), (stats if r.return_stats else None)
