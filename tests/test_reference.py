@@ -230,6 +230,24 @@ def test_regression_reference_merge_of_empty_parts_adds_nothing() -> None:
     assert (float(mean), float(m2), float(n)) == (2.0, 3.0, 4.0)
 
 
+@pytest.mark.parametrize(
+    ("count", "m2", "match"),
+    [
+        (np.nan, 1.0, "counts must be finite"),
+        (np.inf, 1.0, "counts must be finite"),
+        (3.0, -5.0, "m2 must be >= 0"),
+    ],
+)
+def test_regression_reference_merge_refuses_impossible_statistics(
+    count: float, m2: float, match: str
+) -> None:
+    """Only negative counts were refused: a NaN count merged to NaN, an infinite one to mean 0
+    and m2 NaN, and a negative m2 to a negative one."""
+    for a, b in (((1.0, m2, count), (2.0, 1.0, 2.0)), ((2.0, 1.0, 2.0), (1.0, m2, count))):
+        with pytest.raises(ValueError, match=match):
+            R.merge_stats(*a, *b)
+
+
 @pytest.mark.parametrize("offset", [1e3, 1e6])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_regression_reference_mean_is_exact_at_an_offset(offset: float, seed: int) -> None:

@@ -328,8 +328,11 @@ def merge_stats(
     ma, mb = np.asarray(mean_a, np.float64), np.asarray(mean_b, np.float64)
     qa, qb = np.asarray(m2_a, np.float64), np.asarray(m2_b, np.float64)
     na, nb = np.asarray(count_a, np.float64), np.asarray(count_b, np.float64)
-    if np.any(na < 0) or np.any(nb < 0):
-        raise ValueError("counts must be >= 0")
+    for n_, q_ in ((na, qa), (nb, qb)):
+        if not np.all((n_ >= 0) & np.isfinite(n_)):
+            raise ValueError("counts must be finite and >= 0")
+        if np.any(q_ < 0):
+            raise ValueError("m2 must be >= 0 (a sum of squared deviations; NaN passes through)")
     n = na + nb
     with np.errstate(invalid="ignore", divide="ignore"):  # an empty part: the wheres below
         delta = mb - ma
