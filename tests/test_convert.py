@@ -1215,6 +1215,29 @@ def test_regression_filters_far_from_zero_standardize_within_the_bound(ratio: fl
         WSConv2d.from_conv(nn.LazyConv2d(8, 3))
 
 
+@pytest.mark.parametrize(
+    ("shape", "std"), [((64, 1, 3, 3), 0.01), ((32, 4, 1, 1), 0.05), ((64, 64, 3, 3), 0.005)]
+)
+def test_regression_float32_weight_standardization_gradient_within_the_bound(
+    shape: tuple[int, ...], std: float
+) -> None:
+    """The float32 gradient of standardize_weight came from float32 statistics and their
+    float32 backward: rstd * (dy - mean dy - w_hat * mean(dy * w_hat)) cancels, and small
+    filters of small weights reached 10x the float32 bound. Both run in float64 now."""
+    from groupnorm.ws import standardize_weight
+
+    gen = torch.Generator().manual_seed(82)
+    w = (std * torch.randn(shape, generator=gen)).requires_grad_()
+    dy = torch.randn(shape, generator=gen)
+    standardize_weight(w).backward(dy)
+    w64 = w.detach().double().requires_grad_()
+    rows = w64.reshape(shape[0], -1)
+    centered = rows - rows.mean(1, keepdim=True)
+    expected = centered / torch.sqrt((centered**2).mean(1, keepdim=True) + 1e-6)
+    expected.reshape(shape).backward(dy.double())
+    assert_matches(w.grad, to_numpy(w64.grad), torch.float32, reduction=rows.shape[1])
+
+
 def test_regression_no_weight_standardization_of_one_weight_filters() -> None:
     """A depthwise 1x1 conv (one weight per filter) was standardized to all zeros: its output
     no longer depended on its input, silently."""

@@ -26,8 +26,11 @@ __all__ = ["WSConv2d", "standardize_weight"]
 def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per output channel: ``(w - mean) / sqrt(var + eps)`` over all other dimensions.
 
-    ``weight``: (out, in / groups, kh, kw) (any rank >= 2). Statistics are taken in float32 at
-    least (float64 for float64 weights), then the result is cast back to the weight's dtype.
+    ``weight``: (out, in / groups, kh, kw) (any rank >= 2). Computed in float64 for float32
+    and float64 weights (float32 for half precision), then cast back to the weight's dtype: the
+    backward, ``rstd * (dy - mean(dy) - w_hat * mean(dy * w_hat))``, cancels, and in float32
+    small filters of small weights got gradients at 10x the float32 bound. A weight tensor is
+    small beside the convolution's input, so the wider dtype costs little.
     ``eps`` > 0 and finite (WSConv2d's ``ws_eps`` is checked here, on every forward, so a changed
     attribute is checked too).
     """
@@ -38,13 +41,14 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
             f"weight must have an output-channel dimension and at least one more, "
             f"got shape {list(weight.shape)}"
         )
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    half = weight.dtype == torch.float16 or weight.dtype == torch.bfloat16
+    acc = torch.float32 if half else torch.float64
     # One row per filter: TorchScript (WSConv2d in a scripted model) cannot size the tuple of
     # dimensions a reduction over dims 1.. would take.
     rows = weight.to(acc).reshape(weight.shape[0], -1)
-    # Shifted by each filter's first weight, as GroupNorm by its pivot: rows - mean in float32
-    # rounds relative to |mean|, and a filter whose mean was 50 deviations from 0 came out at
-    # 6x the float32 bound.
+    # Shifted by each filter's first weight, as GroupNorm by its pivot: rows - mean in float32 (the
+    # half-precision case) rounds relative to |mean|, and a filter whose mean was 50 deviations
+    # from 0 came out at 6x the float32 bound.
     rows = rows - rows[:, :1].detach()
     var, mean = torch.var_mean(rows, dim=1, keepdim=True, correction=0)
     return ((rows - mean) * torch.rsqrt(var + eps)).reshape(weight.shape).to(weight.dtype)
