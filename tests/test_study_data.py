@@ -35,9 +35,19 @@ def test_the_config_sets_the_image_size() -> None:
         StudyConfig(image_size=4)
 
 
-def test_image_size_is_refused_for_cifar(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["study", "--data", "cifar10", "--data-dir", "x", "--image-size", "16"]) == 2
-    assert "cifar10 images are 32 x 32" in capsys.readouterr().err
+@pytest.mark.parametrize(("data", "size"), [("cifar10", 32), ("fashion-mnist", 28)])
+def test_image_size_is_refused_for_published_data(
+    capsys: pytest.CaptureFixture[str], data: str, size: int
+) -> None:
+    """(Regression: Fashion-MNIST's images were said to be 32 x 32.)"""
+    assert main(["study", "--data", data, "--data-dir", "x", "--image-size", "16"]) == 2
+    assert f"{data} images are {size} x {size}" in capsys.readouterr().err
+
+
+def test_regression_too_few_epochs_for_the_metric_names_the_flag() -> None:
+    """The error named eval_epochs, which no flag sets."""
+    with pytest.raises(ValueError, match="last 3 epochs .* give --epochs >= 3"):
+        with_overrides(PRESETS["quick"], train_epochs=2)
 
 
 def test_a_study_from_before_image_size_is_not_resumed(

@@ -18,6 +18,7 @@ from torch import nn
 
 from groupnorm import reference as ref
 from groupnorm.study.models import ResNet, make_norm, set_synchronized, set_virtual_devices
+from groupnorm.study.runner import RUNNING
 from tests._gloo import exit_now
 from tests._tolerances import assert_matches
 
@@ -73,25 +74,11 @@ def _worker(rank: int, ports: tuple[int, int], out: str) -> None:
     _layers(rank, ports[0], out)
     from groupnorm.cli import main
 
-    code = main(
-        [
-            "study",
-            "--preset",
-            "tiny",
-            "--norms",
-            "bn,gn",
-            "--batches",
-            "2",
-            "--seeds",
-            "1",
-            "--device",
-            "cpu",
-            "--no-progress",
-            "--out",
-            os.path.join(out, "ddp"),
-        ]
-    )
-    assert code == 0
+    study = ["study", "--preset", "tiny", "--norms", "bn,gn", "--batches", "2", "--seeds", "1"]
+    study += ["--device", "cpu", "--no-progress", "--out"]
+    assert main([*study, os.path.join(out, "ddp")]) == 0
+    # A folder another study holds (the test's process): every rank refuses it.
+    assert main([*study, os.path.join(out, "held")]) == 2
     exit_now()
 
 
@@ -125,9 +112,14 @@ def _layers(rank: int, port: int, out: str) -> None:
 
 
 def test_per_device_bn_on_two_gloo_processes(tmp_path: Path) -> None:
+    """(Regression: a study under torchrun wrote into a folder another study held.)"""
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / RUNNING).write_text(str(os.getpid()))
     tmp.spawn(_worker, args=(_ports(), str(tmp_path)), nprocs=WORLD, join=True)
     _check_layers(tmp_path)
     _check_study(tmp_path / "ddp")
+    assert sorted(p.name for p in held.iterdir()) == [RUNNING]
 
 
 def _check_layers(tmp_path: Path) -> None:

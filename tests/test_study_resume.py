@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,10 +18,17 @@ import pytest
 from groupnorm.cli import main
 from groupnorm.study.config import PRESETS
 from groupnorm.study.results import RESULTS, append_result, read_results, repair
-from groupnorm.study.runner import RUNNING, _only_writer, plan_runs
+from groupnorm.study.runner import RUNNING, only_writer, plan_runs
 
 ARGS = ["study", "--preset", "tiny", "--no-progress"]
 STUDY = [sys.executable, "-m", "groupnorm.cli", *ARGS]
+
+
+def _record(key: str, error: float = 1.0, seed: int | None = None) -> dict[str, Any]:
+    """A run record with the fields read_results needs; its seed from the key's order."""
+    seed = "abcdefgh".index(key) if seed is None else seed
+    spec = {"norm": "bn", "batch": 2, "seed": seed, "groups": None, "group_size": None}
+    return {"key": key, "spec": spec, "test_error": error, "train_error": error}
 
 
 def _lines(out: Path) -> list[bytes]:
@@ -88,15 +96,15 @@ def test_resume_with_another_config_is_refused(
 
 
 def test_torn_tail_is_repaired(tmp_path: Path) -> None:
-    append_result(tmp_path, {"key": "a", "test_error": 1.0})
-    append_result(tmp_path, {"key": "b", "test_error": 2.0})
+    append_result(tmp_path, _record("a", 1.0))
+    append_result(tmp_path, _record("b", 2.0))
     whole = (tmp_path / RESULTS).read_bytes()
     with open(tmp_path / RESULTS, "ab") as f:
         f.write(b'{"key": "c", "te')
     assert [r["key"] for r in read_results(tmp_path)] == ["a", "b"]
     assert repair(tmp_path) == len(b'{"key": "c", "te')
     assert (tmp_path / RESULTS).read_bytes() == whole
-    append_result(tmp_path, {"key": "c", "test_error": 3.0})
+    append_result(tmp_path, _record("c", 3.0))
     assert [r["key"] for r in read_results(tmp_path)] == ["a", "b", "c"]
 
 
@@ -108,10 +116,10 @@ def test_report_needs_results(tmp_path: Path) -> None:
 
 
 def test_a_damaged_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
-    append_result(tmp_path, {"key": "a", "test_error": 1.0})
+    append_result(tmp_path, _record("a", 1.0))
     with open(tmp_path / RESULTS, "ab") as f:
         f.write(b"not json\n")
-    append_result(tmp_path, {"key": "b", "test_error": 2.0})
+    append_result(tmp_path, _record("b", 2.0))
     with pytest.raises(ValueError, match=r"line 2: not a run record"):
         read_results(tmp_path)
 
@@ -120,21 +128,21 @@ def test_regression_a_run_recorded_twice_is_an_error(tmp_path: Path) -> None:
     """Two studies on one folder recorded every run twice, and the report counted the copies
     as seeds (BN at N=2: 90.6 +- 3.9 over "6 seeds" where 3 gave +- 10.3)."""
     for key in ("a", "b", "a"):
-        append_result(tmp_path, {"key": key, "test_error": 1.0})
+        append_result(tmp_path, _record(key))
     with pytest.raises(ValueError, match=r"records a more than once"):
         read_results(tmp_path)
 
 
 def test_regression_a_second_study_on_one_folder_is_refused(tmp_path: Path) -> None:
-    with _only_writer(tmp_path):
+    with only_writer(tmp_path):
         assert (tmp_path / RUNNING).read_text() == str(os.getpid())
-        with pytest.raises(FileExistsError, match=f"process {os.getpid()}"), _only_writer(tmp_path):
+        with pytest.raises(FileExistsError, match=f"process {os.getpid()}"), only_writer(tmp_path):
             pass
     assert not (tmp_path / RUNNING).exists()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     (tmp_path / RUNNING).write_text(str(gone.pid))  # left by a process that has ended
-    with _only_writer(tmp_path):
+    with only_writer(tmp_path):
         assert (tmp_path / RUNNING).read_text() == str(os.getpid())
 
 
@@ -164,3 +172,93 @@ def test_regression_a_diverged_run_leaves_the_others_recorded(
     assert main([*ARGS, "--out", str(out), "--jobs", "2", "--lr", "1e6"]) == 2
     assert f"{len(planned)} run(s) failed" in capsys.readouterr().err
     assert read_results(out) == []
+
+
+def test_regression_a_whole_last_record_without_its_newline_is_kept(tmp_path: Path) -> None:
+    """A last line that was a whole record but lacked its newline (a hand edit) was taken for a
+    torn write: left out of the report and cut off on resume, without a word."""
+    append_result(tmp_path, _record("a"))
+    with open(tmp_path / RESULTS, "ab") as f:
+        f.write(json.dumps(_record("b")).encode())
+    assert [r["key"] for r in read_results(tmp_path)] == ["a", "b"]
+    assert repair(tmp_path) == 0
+    assert (tmp_path / RESULTS).read_bytes().endswith(b"}\n")
+    append_result(tmp_path, _record("c"))
+    assert [r["key"] for r in read_results(tmp_path)] == ["a", "b", "c"]
+
+
+def test_regression_one_run_under_two_keys_is_an_error(tmp_path: Path) -> None:
+    """Duplicates were found by key alone: a run copied under another key counted as a second
+    seed and narrowed its cell's interval."""
+    append_result(tmp_path, _record("a", seed=0))
+    append_result(tmp_path, _record("b", seed=0))
+    with pytest.raises(ValueError, match=r"records one run .* as both a and b"):
+        read_results(tmp_path)
+
+
+def test_regression_a_record_without_its_spec_is_refused_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A record without ``spec`` crashed ``--report`` with a KeyError traceback."""
+    append_result(tmp_path, {"key": "a", "test_error": 1.0, "train_error": 1.0})
+    assert main(["study", "--report", str(tmp_path)]) == 2
+    assert "line 1: not a run record" in capsys.readouterr().err
+
+
+def test_regression_results_without_their_config_are_refused(tmp_path: Path) -> None:
+    """With config.json gone, a study with other options reused the old results as its own."""
+    from groupnorm.study.runner import prepare
+
+    append_result(tmp_path, _record("a"))
+    with pytest.raises(ValueError, match="holds finished runs but .*config.json is missing"):
+        prepare(PRESETS["tiny"], tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (["--train-size", "3"], "at least"),
+        (["--workers", "1000"], r"needs 4000 training images, and each run has 256"),
+    ],
+)
+def test_regression_a_refused_study_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], match: str
+) -> None:
+    """config.json was written before the data and the step size were checked, so the
+    corrected command was refused as "a different configuration"; a step larger than a run's
+    images failed only inside each run, after the others had trained."""
+    out = tmp_path / "study"
+    assert main([*ARGS, "--out", str(out), *options]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def _fails_first_at_n4(spec: Any) -> dict[str, Any]:
+    """A worker's run that leaves a mark when it starts; bn-N4-s0 fails."""
+    from groupnorm.study import runner
+
+    (Path(os.environ["GROUPNORM_TEST_MARKS"]) / spec.key).touch()
+    if spec.key == "bn-N4-s0":
+        raise RuntimeError(f"{spec.key}: broken")
+    return runner._worker_run(spec)
+
+
+def test_regression_a_failed_run_in_the_pool_cancels_the_rest_and_keeps_the_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that failed with any error but divergence let every queued run train, then threw
+    away all of them: the study stopped with only the runs recorded before the failure."""
+    from groupnorm.study import runner
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    monkeypatch.setenv("GROUPNORM_TEST_MARKS", str(marks))
+    monkeypatch.setattr(runner, "_worker_run", _fails_first_at_n4)
+    out = tmp_path / "study"
+    with pytest.raises(RuntimeError, match="bn-N4-s0: broken"):
+        main([*ARGS, "--out", str(out), "--jobs", "2"])
+    started = {p.name for p in marks.iterdir()} - {"bn-N4-s0"}
+    assert {r["key"] for r in read_results(out)} == started
+    assert len(started) + 1 < len(plan_runs(PRESETS["tiny"])), "queued runs were not cancelled"
+    assert not (out / RUNNING).exists()

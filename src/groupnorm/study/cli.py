@@ -181,9 +181,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     cfg = config_from_args(args)
     if cfg.data != "strokes" and args.image_size is not None:
+        size = 28 if cfg.data == "fashion-mnist" else 32
         raise ValueError(
             f"--image-size sets the generated strokes images; {cfg.data} images "
-            f"are 32 x 32 as published"
+            f"are {size} x {size} as published"
         )
     if cfg.data == "strokes" and (args.download or args.data_dir):
         raise ValueError(

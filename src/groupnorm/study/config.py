@@ -62,7 +62,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_epochs > self.epochs:
             raise ValueError(
-                f"eval_epochs ({self.eval_epochs}) cannot exceed epochs ({self.epochs})"
+                f"the metric is the median error of the last {self.eval_epochs} epochs (the "
+                f"preset's eval_epochs), more than the {self.epochs} epochs asked: give "
+                f"--epochs >= {self.eval_epochs}"
             )
         if not 0 <= self.warmup < 0.5:
             raise ValueError(f"warmup is a fraction of the steps in [0, 0.5), got {self.warmup}")

@@ -3,7 +3,9 @@
 Crash safety: a record is serialized first and written with one ``os.write`` of the whole line
 (``O_APPEND``), then flushed to disk with ``fsync`` before the run counts as finished. A crash can
 leave at most one partial line at the end of the file (no trailing newline); :func:`read_results`
-ignores it and :func:`repair` cuts it off before a resumed study appends.
+ignores it and :func:`repair` cuts it off before a resumed study appends. A last line that is a
+whole record without its newline (cut just before it, or edited by hand) is a record:
+:func:`repair` ends it with its newline.
 """
 
 from __future__ import annotations
@@ -19,23 +21,42 @@ __all__ = ["RESULTS", "append_result", "read_results", "repair"]
 RESULTS = "results.jsonl"
 
 
+def _record(line: bytes) -> dict[str, Any] | None:
+    """The run record a line holds, or None: a JSON object with the fields the report reads."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not {"key", "spec", "test_error", "train_error"} <= set(
+        record
+    ):
+        return None
+    spec = record["spec"]
+    if not isinstance(spec, dict) or not {"norm", "batch", "seed"} <= set(spec):
+        return None
+    return record
+
+
 def _complete_lines(data: bytes, path: Path) -> tuple[list[dict[str, Any]], int]:
-    """(records of the newline-terminated lines; byte length of those lines). What follows the
-    last newline is a torn write and is left out. A terminated line that is not a record cannot
-    come from a crash (each line is written whole with its newline), so it is an error."""
+    """(records of the whole lines; byte length of those lines). What follows the last newline
+    is a torn write and is left out, unless it is a whole record. A newline-terminated line that
+    is not a record cannot come from a crash (each line is written whole with its newline), so
+    it is an error."""
     good = data.rfind(b"\n") + 1
     records: list[dict[str, Any]] = []
     for number, line in enumerate(data[:good].splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or "key" not in record:
+        record = _record(line)
+        if record is None:
             raise ValueError(
-                f"{path}, line {number}: not a run record ({line[:60]!r}...); the "
-                f"file was edited or damaged: fix or remove that line"
+                f"{path}, line {number}: not a run record ({line[:60]!r}...); the file was "
+                "edited or damaged: fix or remove that line (a record is a JSON object with "
+                "key, spec (norm, batch, seed), test_error and train_error)"
             )
         records.append(record)
+    last = _record(data[good:]) if good < len(data) else None
+    if last is not None:
+        records.append(last)
+        good = len(data)
     return records, good
 
 
@@ -53,11 +74,24 @@ def read_results(out: Path) -> list[dict[str, Any]]:
             "once (two studies wrote to one folder?); a run counted twice would pass for two "
             "seeds: keep one line of each"
         )
+    # A run is its spec and split: the same run under another key (an edited line) is a copy.
+    runs: dict[str, str] = {}
+    for r in records:
+        run = json.dumps(
+            {**r["spec"], "evaluated_on": r.get("evaluated_on", "test")}, sort_keys=True
+        )
+        if run in runs:
+            raise ValueError(
+                f"{path} records one run ({run}) as both {runs[run]} and {r['key']}; a run "
+                "counted twice would pass for two seeds: keep one of the lines"
+            )
+        runs[run] = r["key"]
     return records
 
 
 def repair(out: Path) -> int:
-    """Cut a torn tail (a partial last line) off ``out/results.jsonl``; return bytes removed."""
+    """Cut a torn tail (a partial last line) off ``out/results.jsonl``, or end a whole last
+    record with its newline; return the bytes removed."""
     path = Path(out) / RESULTS
     if not path.exists():
         return 0
@@ -66,6 +100,11 @@ def repair(out: Path) -> int:
     if good < len(data):
         with open(path, "r+b") as f:
             f.truncate(good)
+            f.flush()
+            os.fsync(f.fileno())
+    elif data and not data.endswith(b"\n"):
+        with open(path, "ab") as f:
+            f.write(b"\n")
             f.flush()
             os.fsync(f.fileno())
     return len(data) - good

@@ -1,11 +1,13 @@
 """Plan, run and resume a study: every (arm, N, seed) run is trained once, in parallel processes
 where cores allow, and appended to ``OUT/results.jsonl`` the moment it finishes.
 
-Resuming: ``OUT/config.json`` is written when a study starts; a later call with the same
-``--out`` reads it, refuses a different configuration (naming the fields that differ), skips every
-run already in the results file and runs the rest. ``OUT/.running`` holds the writing
-process's id while a study runs, so a second study on the same folder is refused. A run whose
-loss diverges is not recorded; the others finish and are, then the study stops with an error.
+Resuming: ``OUT/config.json`` is written when a study starts, after its data and options are
+checked; a later call with the same ``--out`` reads it, refuses a different configuration
+(naming the fields that differ) or results without it, skips every run already in the results
+file and runs the rest. ``OUT/.running`` holds the writing process's id while a study runs, so
+a second study on the same folder is refused (under torchrun too). A run whose loss diverges is
+not recorded; the others finish and are, then the study stops with an error. Any other error in
+a run stops the study: runs not started are cancelled, those running finish and are recorded.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -25,10 +28,10 @@ import torch
 
 from groupnorm.study.config import GROUP_NORMS, RunSpec, StudyConfig
 from groupnorm.study.data import Dataset, fetch, load_dataset
-from groupnorm.study.results import append_result, read_results, repair
+from groupnorm.study.results import RESULTS, append_result, read_results, repair
 from groupnorm.study.training import train_run
 
-__all__ = ["pick_device", "plan_runs", "prepare", "run_study"]
+__all__ = ["checked_data", "only_writer", "pick_device", "plan_runs", "prepare", "run_study"]
 
 CONFIG = "config.json"
 SWEEP_GROUPS = (1, 2, 4, 8, 16, 32)
@@ -58,6 +61,12 @@ def save_or_check_config(out: Path, cfg: StudyConfig) -> None:
     path = out / CONFIG
     mine = cfg.to_json()
     if not path.exists():
+        if read_results(out):
+            raise ValueError(
+                f"{out / RESULTS} holds finished runs but {path} is missing, so the "
+                "configuration they were trained with is unknown and a different one would mix "
+                "with them unseen; restore config.json, or use a new --out"
+            )
         path.write_text(json.dumps(mine, indent=2, sort_keys=True) + "\n")
         return
     saved = json.loads(path.read_text())
@@ -110,12 +119,35 @@ def pick_device(requested: str = "auto", local_rank: int | None = None) -> torch
     return device
 
 
+def checked_data(cfg: StudyConfig, data_dir: str | None, download_url: str | None) -> Dataset:
+    """Fetch (where asked) and load the study's data, and check that one step of every planned
+    run fits in a seed's training images: before anything is written to the study's folder,
+    so that a refused call leaves nothing a corrected one would be refused for."""
+    fetch(cfg, data_dir, download_url)
+    data = load_dataset(cfg, data_dir)
+    images = len(data.run_indices(cfg.seeds[0]))  # the same count for every seed
+    most = max(s.batch for s in plan_runs(cfg))
+    if cfg.train.workers * most > images:
+        raise ValueError(
+            f"a step of {cfg.train.workers} devices x N = {most} images needs "
+            f"{cfg.train.workers * most} training images, and each run has {images}: lower "
+            "--workers or the largest N (--batches), or raise --train-size"
+        )
+    return data
+
+
 def prepare(cfg: StudyConfig, out: Path) -> list[RunSpec]:
     """The prologue every way of running shares: create ``out``, save or check the config,
     cut a torn last line off the results and return the planned runs not yet finished."""
     out.mkdir(parents=True, exist_ok=True)
     save_or_check_config(out, cfg)
-    repair(out)
+    cut = repair(out)
+    if cut:
+        print(
+            f"{out / RESULTS}: cut off a partial last line ({cut} bytes), a run a crash "
+            "interrupted while it was recorded; it runs again",
+            file=sys.stderr,
+        )
     finished = {r["key"] for r in read_results(out)}
     return [s for s in plan_runs(cfg) if s.key not in finished]
 
@@ -207,15 +239,16 @@ def run_study(
     """
     out = Path(out)
     dev = pick_device(device)  # before prepare writes anything
-    with _only_writer(out):
-        return _run_study(cfg, out, dev, data_dir, download_url, jobs, progress)
+    data = checked_data(cfg, data_dir, download_url)
+    with only_writer(out):
+        return _run_study(cfg, out, dev, data, data_dir, jobs, progress)
 
 
 RUNNING = ".running"
 
 
 @contextlib.contextmanager
-def _only_writer(out: Path) -> Iterator[None]:
+def only_writer(out: Path) -> Iterator[None]:
     """Hold ``out/.running`` (this process's id) while the study writes to ``out``: two
     studies on one folder ran every run twice, and the report took the duplicates for extra
     seeds (an interval 2.6x too narrow). A file left by a process that is gone is taken over."""
@@ -255,8 +288,8 @@ def _run_study(
     cfg: StudyConfig,
     out: Path,
     dev: torch.device,
+    data: Dataset,
     data_dir: str | None,
-    download_url: str | None,
     jobs: int | None,
     progress: bool,
 ) -> list[dict[str, Any]]:
@@ -264,8 +297,6 @@ def _run_study(
     if not todo:
         return read_results(out)
     jobs = min(jobs or default_jobs(dev), len(todo))
-    fetch(cfg, data_dir, download_url)
-    data = load_dataset(cfg, data_dir)
     all_runs = len(plan_runs(cfg))
     finished = all_runs - len(todo)
     bar = _bar(sum(_work(s, cfg, data) for s in todo), finished, all_runs, progress)
@@ -358,12 +389,23 @@ def _run_pool(
         ) as pool:
             keys = {pool.submit(_worker_run, s): s.key for s in todo}
             failed: dict[str, BaseException] = {}
+            fatal: BaseException | None = None
             for fut in _as_finished(set(keys)):
+                if fut.cancelled():
+                    continue
                 error = fut.exception()
                 if isinstance(error, FloatingPointError):
                     failed[keys[fut]] = error  # the others go on and are recorded
+                elif error is not None:
+                    # Any other error would end each run the same way: the queued runs are
+                    # cancelled, the running ones finish and are recorded, then it is raised.
+                    fatal = fatal or error
+                    for queued in keys:
+                        queued.cancel()
                 else:
                     finish(fut.result())
+        if fatal is not None:
+            raise fatal
         _raise_failed(failed)
     finally:
         stop.set()
