@@ -543,6 +543,31 @@ def test_regression_an_expanded_gradient_takes_the_exact_backward(channels_last)
 
 
 @pytest.mark.parametrize("regime", ["auto", *REGIMES])
+@pytest.mark.parametrize("base", [(2, 4, 1), (1, 4, 1, 1)], ids=["N-C-1", "1-C-1-1"])
+def test_regression_an_input_expanded_over_its_positions(base, regime):
+    """An (N, C, 1, ...) tensor expanded over its positions has channel stride 1, so it was
+    read as channels-last while its output, allocated like it, is NCHW: the on-chip kernels
+    address both by x's layout, and most of y and dx was never written (6e5x the float32
+    bound, no error)."""
+    shape = (2, 4, 3, 5)[: len(base)]
+    small = _rand(base, 151)
+    x = small.expand(shape)
+    xg = small.clone().requires_grad_()
+    plan = make_plan(4, 2)
+    w, b = _rand((4,), 152, loc=1.0, std=0.5), _rand((4,), 153)
+    wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+    y, _ = group_norm_triton(xg.expand(shape), plan, wg, bg, regime=regime)
+    dy = _rand(shape, 154)
+    y.backward(dy)
+    expected, cache = _reference(x.contiguous(), plan, w, b)
+    check(y, expected, torch.float32, what="y")
+    grads = ref.group_norm_backward(to_numpy(dy), cache)
+    dx = grads.dx.sum(axis=tuple(d for d, n in enumerate(base) if n == 1))
+    check(xg.grad, dx.reshape(base), torch.float32, reduction=x.numel(), what="dx")
+    check(wg.grad, grads.dgamma, torch.float32, reduction=x[:, 0].numel(), what="dweight")
+
+
+@pytest.mark.parametrize("regime", ["auto", *REGIMES])
 @pytest.mark.parametrize("shape", [(2, 6), (2, 6, 1, 1)], ids=["NC", "NCHW-1x1"])
 def test_regression_one_element_groups_give_dx_exactly_zero(shape, regime):
     """A group of one element normalizes to 0 whatever x is, so dx = 0. On an H200 every
@@ -967,6 +992,26 @@ def test_regression_onchip_backward_from_given_stats_is_exact(activation, std):
     u = centered * rstd * wd + bd
     expected = to_numpy(dy) * ref.activation_grad(u, activation) * wd * rstd
     check(x.grad, expected, torch.float32, what="dx from given statistics")
+
+
+def test_regression_the_backward_reads_the_given_shifted_mean():
+    """The forward with given statistics saved the shifted mean it re-derived, sum(cnt * mean)
+    / cnt in float32, an ulp off the given one: dweight took it times rstd * sum(dy), 11.6x the
+    float32 bound on chip for statistics from the Triton kernels (pivot the first element,
+    large shifted means) and a dy of mean 100. Expected from the given fields in float64."""
+    x = (torch.randn(2, 4, 4, 5, generator=_gen(0), dtype=torch.float64) * 1e-2 + 30).float()
+    stats = groupnorm.group_stats(x, 4, backend="triton")
+    gen = _gen(1)
+    w = (2 * torch.randn(4, generator=gen)).requires_grad_()
+    b = torch.randn(4, generator=gen)
+    dy = torch.randn(x.shape, generator=gen) + 100
+    y, _ = group_norm_triton(x, make_plan(4, 4), w, b, stats=stats, regime="onchip")
+    y.backward(dy)
+    mean = (stats.pivot.double() + stats.shifted_mean.double())[:, :, None, None]
+    rstd = 1 / torch.sqrt(stats.m2.double() / stats.count.double() + 1e-5)[:, :, None, None]
+    x_hat = (x.double() - mean) * rstd
+    expected = (dy.double() * x_hat).sum(dim=(0, 2, 3))
+    check(w.grad, to_numpy(expected), torch.float32, reduction=2 * 20, what="dweight")
 
 
 def _float64_group_norm(x, sizes, mean, var, weight, eps=1e-5):
