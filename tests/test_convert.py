@@ -1377,3 +1377,22 @@ def test_regression_swap_builds_every_module_before_replacing_any() -> None:
     with pytest.raises(ValueError, match=r"cannot replace 1 \(GroupNorm\): eps must be"):
         swap_group_norm(model, inplace=True)
     assert [type(m) for m in model] == [nn.GroupNorm, nn.GroupNorm]
+
+
+def test_regression_a_parametrized_conv_before_a_norm_is_reported_not_standardized() -> None:
+    """A conv under torch.nn.utils.parametrizations.weight_norm (a ParametrizedConv2d) before a
+    converted norm was neither standardized nor listed in report.skipped; an existing WSConv2d
+    is standardized already and is neither."""
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(
+        parametrizations.weight_norm(nn.Conv2d(3, 8, 3)),
+        nn.BatchNorm2d(8),
+        WSConv2d(8, 8, 3),
+        nn.BatchNorm2d(8),
+    )
+    out, report = convert_batchnorm(model, num_groups=4, weight_standardize=True)
+    assert report.ws_convs == []
+    assert [path for path, _ in report.skipped] == ["0"]
+    assert "ParametrizedConv2d is not a plain Conv2d" in report.skipped[0][1]
+    assert type(out[2]) is WSConv2d

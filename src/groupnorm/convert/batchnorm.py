@@ -109,8 +109,9 @@ def _check_convert_args(
 
 
 def _preceding_conv(root: nn.Module, path: str, C: int) -> str | None:
-    """The path of a plain Conv2d with C output channels registered just before ``path`` in
-    the same parent (the conv -> bn layout of nn.Sequential, torchvision and timm ResNets)."""
+    """The path of a Conv2d (or subclass) with C output channels registered just before
+    ``path`` in the same parent (the conv -> bn layout of nn.Sequential, torchvision and timm
+    ResNets)."""
     if not path:
         return None
     parent_path, name = _walk.split(path)
@@ -120,7 +121,7 @@ def _preceding_conv(root: nn.Module, path: str, C: int) -> str | None:
     if i == 0:
         return None
     prev = siblings[names[i - 1]]
-    if type(prev) is nn.Conv2d and prev.out_channels == C:
+    if isinstance(prev, nn.Conv2d) and prev.out_channels == C:
         return _walk.join(parent_path, names[i - 1])
     return None
 
@@ -237,9 +238,17 @@ def convert_batchnorm(
                     continue
                 conv = target.get_submodule(conv_path)
                 assert isinstance(conv, nn.Conv2d)  # _preceding_conv's type check
+                if isinstance(conv, WSConv2d):
+                    continue  # standardized already
                 # Pruning and the old weight_norm keep the weight under other names and
                 # recompute it in a forward pre-hook: a hook, as _walk.patched says.
                 why = _walk.patched(conv)
+                if why is None and type(conv) is not nn.Conv2d:
+                    why = (
+                        f"{type(conv).__name__} is not a plain Conv2d (a parametrization, as "
+                        "torch.nn.utils.parametrizations.weight_norm makes, or a subclass "
+                        "computes its weight its own way)"
+                    )
                 if why is None and conv.weight[0].numel() == 1:
                     why = (
                         "each filter has one weight, which standardizing makes 0 (the output "
