@@ -1014,6 +1014,21 @@ def test_regression_the_backward_reads_the_given_shifted_mean():
     check(w.grad, to_numpy(expected), torch.float32, reduction=2 * 20, what="dweight")
 
 
+@pytest.mark.parametrize("regime", REGIMES)
+def test_regression_relu_passes_the_gradient_at_nan_as_torch_does(regime):
+    """relu's derivative at NaN was 0 in the kernels, so dbias dropped a NaN group's dy; torch's
+    relu backward, the torch backend and the reference pass it (1)."""
+    x = _rand((2, 4, 3), 171)
+    x[1, 0, 1] = float("nan")
+    w = _rand((4,), 172)
+    b = _rand((4,), 173).requires_grad_()
+    y, _ = group_norm_triton(x, make_plan(4, 2), w, b, regime=regime, activation="relu")
+    y.backward(torch.ones_like(y))
+    u = F.group_norm(x.double(), 2, w.double(), b.detach().double())
+    expected = (~(u <= 0)).double().sum(dim=(0, 2))
+    assert torch.equal(b.grad.double(), expected)
+
+
 def _float64_group_norm(x, sizes, mean, var, weight, eps=1e-5):
     """silu(x_hat * weight) in float64 torch ops from (N, G) mean and var: independent of both
     backends, differentiable by autograd."""

@@ -41,6 +41,7 @@ def _act_grads(u, ACT: tl.constexpr):
         e = tl.exp(-0.5 * u * u)
         return cdf + u * e * 0.3989422804014327, e * 0.3989422804014327 * (2.0 - u * u)
     elif ACT == 3:
-        return tl.where(u > 0.0, 1.0, 0.0), tl.zeros(u.shape, u.dtype)
+        # 1 at NaN, as torch's relu backward (it zeroes where u <= 0 only)
+        return tl.where(u <= 0.0, 0.0, 1.0), tl.zeros(u.shape, u.dtype)
     else:
         return tl.full(u.shape, 1.0, tl.float32), tl.zeros(u.shape, u.dtype)
