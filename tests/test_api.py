@@ -774,6 +774,13 @@ def test_regression_statistics_values_are_checked_where_they_are_used() -> None:
             groupnorm.merge_stats(replaced(field, value), stats)
     with pytest.raises(ValueError, match=r"b\.m2 has negative"):
         groupnorm.merge_stats(stats, replaced("m2", -float("inf")))
+    # An empty part adds nothing in either order, whatever its m2 holds.
+    empty = replaced("count", 0.0)
+    empty = GroupStats(
+        empty.pivot, empty.shifted_mean, empty.m2 * torch.nan, empty.count, plan=stats.plan
+    )
+    for merged in (groupnorm.merge_stats(stats, empty), groupnorm.merge_stats(empty, stats)):
+        assert torch.equal(merged.m2[1, 2], stats.m2[1, 2])
     for field, value, match in (
         ("count", 0.0, "count has entries that are not finite numbers >= 1"),
         ("count", float("inf"), "count"),

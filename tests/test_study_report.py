@@ -160,3 +160,4 @@ def test_regression_tables_show_only_the_split_their_header_names(tmp_path: Path
     text = render_report(out, plots=False)
     hw = T2 / math.sqrt(3)
     assert f"| BN | 20.0 ± {hw:.1f} | 22.0 ± {hw:.1f} | 30.0 ± {hw:.1f} |" in text
+    assert "seeds [0, 1, 2]; 42 runs" in text  # the header counts that split too

@@ -239,7 +239,7 @@ def _fails_first_at_n4(spec: Any) -> dict[str, Any]:
     from groupnorm.study import runner
 
     (Path(os.environ["GROUPNORM_TEST_MARKS"]) / spec.key).touch()
-    if spec.key == "bn-N4-s0":
+    if spec.key == "bn-N4-s0" and os.environ.get("GROUPNORM_TEST_FAIL") == "1":
         raise RuntimeError(f"{spec.key}: broken")
     return runner._worker_run(spec)
 
@@ -254,6 +254,7 @@ def test_regression_a_failed_run_in_the_pool_cancels_the_rest_and_keeps_the_fini
     marks = tmp_path / "marks"
     marks.mkdir()
     monkeypatch.setenv("GROUPNORM_TEST_MARKS", str(marks))
+    monkeypatch.setenv("GROUPNORM_TEST_FAIL", "1")
     monkeypatch.setattr(runner, "_worker_run", _fails_first_at_n4)
     out = tmp_path / "study"
     with pytest.raises(RuntimeError, match="bn-N4-s0: broken"):
@@ -262,3 +263,19 @@ def test_regression_a_failed_run_in_the_pool_cancels_the_rest_and_keeps_the_fini
     assert {r["key"] for r in read_results(out)} == started
     assert len(started) + 1 < len(plan_runs(PRESETS["tiny"])), "queued runs were not cancelled"
     assert not (out / RUNNING).exists()
+
+    # Recording a run fails (a full disk, say): the same, the error raised once all stopped.
+    monkeypatch.setenv("GROUPNORM_TEST_FAIL", "0")
+    for p in marks.iterdir():
+        p.unlink()
+    real = runner.append_result
+
+    def disk_full(out: Path, record: dict[str, Any]) -> None:
+        if record["key"] == "bn-N2-s0":
+            raise OSError("no space left on device")
+        real(out, record)
+
+    monkeypatch.setattr(runner, "append_result", disk_full)
+    out = tmp_path / "full"
+    assert main([*ARGS, "--out", str(out), "--jobs", "2"]) == 2
+    assert len({p.name for p in marks.iterdir()}) < len(plan_runs(PRESETS["tiny"]))

@@ -567,6 +567,17 @@ def test_regression_an_input_expanded_over_its_positions(base, regime):
     check(wg.grad, grads.dgamma, torch.float32, reduction=x[:, 0].numel(), what="dweight")
 
 
+@pytest.mark.parametrize("regime", ["auto", "fused", "split", "wave"])
+def test_a_channel_slice_of_a_channels_last_input_comes_back_channels_last(regime):
+    """Channel stride 2, not channels-fast, while its output is channels-last: read as it is,
+    not copied (a regression of the copy above gave NCHW y, which torch.compile refused as
+    unlike the op's fake kernel)."""
+    x = _rand((2, 8, 3, 5), 155).to(memory_format=torch.channels_last)[:, ::2]
+    y, _ = group_norm_triton(x, make_plan(4, 2), regime=regime)
+    assert y.stride() == torch.empty_like(x).stride()
+    check(y, _reference(x, make_plan(4, 2))[0], torch.float32, what="y")
+
+
 @pytest.mark.parametrize("regime", ["auto", *REGIMES])
 @pytest.mark.parametrize("shape", [(2, 6), (2, 6, 1, 1)], ids=["NC", "NCHW-1x1"])
 def test_regression_one_element_groups_give_dx_exactly_zero(shape, regime):

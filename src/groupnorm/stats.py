@@ -238,10 +238,12 @@ def merge_stats(a: GroupStats, b: GroupStats) -> GroupStats:
     pivot = (a_pivot + shifted_mean).detach().to(dtype)
     rest = (a_pivot - pivot.to(f64)) + shifted_mean
     empty = a.count == 0
+    # An empty part adds nothing, whatever its fields hold (a NaN m2 of a hand-made one too).
+    b_empty = b.count == 0
     merged = GroupStats(
-        torch.where(empty, b.pivot, pivot),
-        torch.where(empty, b.shifted_mean, rest.to(dtype)),
-        torch.where(empty, b.m2, m2.to(dtype)),
+        torch.where(empty, b.pivot, torch.where(b_empty, a.pivot, pivot)),
+        torch.where(empty, b.shifted_mean, torch.where(b_empty, a.shifted_mean, rest.to(dtype))),
+        torch.where(empty, b.m2, torch.where(b_empty, a.m2, m2.to(dtype))),
         n.to(dtype),
         plan=a.plan,
     )

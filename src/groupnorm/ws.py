@@ -27,7 +27,8 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per output channel: ``(w - mean) / sqrt(var + eps)`` over all other dimensions.
 
     ``weight``: (out, in / groups, kh, kw) (any rank >= 2). Computed in float64 for float32
-    and float64 weights (float32 for half precision), then cast back to the weight's dtype: the
+    and float64 weights (float32 for half precision, and on MPS, which has no float64), then
+    cast back to the weight's dtype: the
     backward, ``rstd * (dy - mean(dy) - w_hat * mean(dy * w_hat))``, cancels, and in float32
     small filters of small weights got gradients at 10x the float32 bound. A weight tensor is
     small beside the convolution's input, so the wider dtype costs little.
@@ -42,7 +43,8 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
             f"got shape {list(weight.shape)}"
         )
     half = weight.dtype == torch.float16 or weight.dtype == torch.bfloat16
-    acc = torch.float32 if half else torch.float64
+    # MPS has no float64.
+    acc = torch.float32 if half or weight.device.type == "mps" else torch.float64
     # One row per filter: TorchScript (WSConv2d in a scripted model) cannot size the tuple of
     # dimensions a reduction over dims 1.. would take.
     rows = weight.to(acc).reshape(weight.shape[0], -1)

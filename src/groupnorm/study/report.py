@@ -373,16 +373,16 @@ def render_report(out: Path, *, plots: bool = True) -> str:
     all_cells = cells(shown)
     arms = _main_arms(all_cells, gn_detail)
     train = config.get("train", {})
-    seeds = sorted({r["spec"]["seed"] for r in records})
-    minutes = sum(r.get("seconds", 0.0) for r in records) / 60
-    cpu_minutes = sum(r.get("cpu_seconds", 0.0) for r in records) / 60
+    seeds = sorted({r["spec"]["seed"] for r in shown})
+    minutes = sum(r.get("seconds", 0.0) for r in shown) / 60
+    cpu_minutes = sum(r.get("cpu_seconds", 0.0) for r in shown) / 60
     width = train.get("width") or 0
     if gn[0] == "group_size":
         gn_text = f"{gn[1]} channels per group"
     else:
         by_stage = [c // min(gn[1], c) for c in (width, 2 * width, 4 * width)] if width else "?"
         gn_text = f"G={gn[1]} ({by_stage} channels per group by stage)"
-    train_images = {int(r["train_images"]) for r in records if "train_images" in r}
+    train_images = {int(r["train_images"]) for r in shown if "train_images" in r}
     setup = (
         f"data `{config.get('data', '?')}`: "
         f"{'/'.join(str(n) for n in sorted(train_images)) or config.get('train_size', '?')} "
@@ -392,11 +392,11 @@ def render_report(out: Path, *, plots: bool = True) -> str:
         f"{train.get('blocks')} block(s) per stage, {train.get('epochs')} epochs, "
         f"{train.get('workers')} devices x N images per step, lr {train.get('lr')} x N/32, "
         f"metric the median of the last {train.get('eval_epochs')} epoch(s); GN with "
-        f"{gn_text}; seeds {seeds}; {len(records)} "
+        f"{gn_text}; seeds {seeds}; {len(shown)} "
         f"runs, {minutes:.1f} run-minutes of wall time, {cpu_minutes:.1f} CPU-minutes."
     )
-    eval_mode = all("running_train_error_per_epoch" in r for r in records)
-    setup += _environment_sentence(records)
+    eval_mode = all("running_train_error_per_epoch" in r for r in shown)
+    setup += _environment_sentence(shown)
     lines = [
         "# Batch-size study: GroupNorm vs BatchNorm",
         "",

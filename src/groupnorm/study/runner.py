@@ -396,14 +396,16 @@ def _run_pool(
                 error = fut.exception()
                 if isinstance(error, FloatingPointError):
                     failed[keys[fut]] = error  # the others go on and are recorded
-                elif error is not None:
-                    # Any other error would end each run the same way: the queued runs are
-                    # cancelled, the running ones finish and are recorded, then it is raised.
-                    fatal = fatal or error
-                    for queued in keys:
-                        queued.cancel()
                 else:
-                    finish(fut.result())
+                    try:
+                        finish(fut.result())  # result() raises the run's own error
+                    except Exception as e:
+                        # A run's error (any but divergence) or one recording it: the queued
+                        # runs are cancelled, the running ones finish and are recorded, then it
+                        # is raised.
+                        fatal = fatal or e
+                        for queued in keys:
+                            queued.cancel()
         if fatal is not None:
             raise fatal
         _raise_failed(failed)

@@ -2243,10 +2243,10 @@ def _launch(
     strides = _flat_strides(xv)
     out = _flat_strides(torch.empty_like(xv))
     assert strides is not None and out is not None
-    if _channels_fast(strides) != _channels_fast(out):
+    if _channels_fast(strides) and not _channels_fast(out):
         # An (N, C, 1, ...) view expanded over its positions: channel stride 1, yet its output
-        # (empty_like) is NCHW. The kernels address x and y or dx by one layout flag, so such
-        # an x is read from its NCHW copy.
+        # (empty_like) is NCHW. The kernels take y's or dx's channels adjacent where x's are,
+        # so such an x is read from its NCHW copy.
         copy_x, xv = True, torch.empty(shape, dtype=dtype, device="meta")
         strides = out = _flat_strides(xv)
         assert strides is not None and out is not None
