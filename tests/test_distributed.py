@@ -249,6 +249,14 @@ def test_process_group_needs_torch_distributed_initialized() -> None:
         groupnorm.group_norm(make_x((2, 4, 3, 3), torch.float32), 2, process_group=object())
 
 
+def test_regression_all_gather_stats_names_a_wrong_argument() -> None:
+    """A tuple for the statistics raised AttributeError: 'tuple' object has no attribute 'plan'."""
+    from groupnorm.distributed import all_gather_stats
+
+    with pytest.raises(TypeError, match=r"all_gather_stats\(local=...\) needs a GroupStats"):
+        all_gather_stats((1, 2), object())  # type: ignore[arg-type]
+
+
 def test_regression_merged_pivot_is_rounded_to_the_stats_dtype() -> None:
     """The merged means are taken relative to the common pivot; with it kept in float64 while
     the stored pivot was its float32 rounding, a mean-1e4 input was off by half an ulp(1e4)

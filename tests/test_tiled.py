@@ -167,11 +167,80 @@ def test_unsupported_decoder_is_refused() -> None:
         tiled_decode(vae, _latent())
 
 
+def _circular(vae: torch.nn.Module) -> None:
+    for m in vae.decoder.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.padding_mode = "circular"
+
+
+def _wide_conv_out(vae: torch.nn.Module) -> None:
+    vae.decoder.conv_out = torch.nn.Conv2d(8, 3, 5, padding=2)
+
+
+def _wrapped_conv(vae: torch.nn.Module) -> None:
+    resnet = vae.decoder.up_blocks[0].resnets[0]
+    resnet.conv1 = torch.nn.Sequential(resnet.conv1)
+
+
+def _dilated_upsampler(vae: torch.nn.Module) -> None:
+    conv = vae.decoder.up_blocks[0].upsamplers[0].conv
+    conv.dilation, conv.padding = (2, 2), (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_circular, "conv_out pads with 'circular'"),
+        (_wide_conv_out, r"conv_out is 5x5, stride \(1, 1\), padding \(2, 2\)"),
+        (_wrapped_conv, "up block 0's conv1 is a Sequential, not a torch.nn.Conv2d"),
+        (_dilated_upsampler, r"up block 0's upsampler conv is 3x3.*dilation \(2, 2\)"),
+    ],
+)
+def test_regression_convolutions_a_strip_cannot_take_are_refused(edit, match: str) -> None:
+    """Only the resnets' kernel, padding and stride were checked: circular padding (seamless
+    tiling) and a 5x5 conv_out decoded 1.34 and 0.54 off without an error, a wrapped conv
+    raised AttributeError."""
+    vae = _vae()
+    edit(vae)
+    with pytest.raises(ValueError, match=match):
+        tiled_decode(vae, _latent())
+
+
+def test_regression_a_vq_model_is_refused() -> None:
+    """VQModel's decoder has the same layout, but decode() quantizes the latents first, which
+    tiled_decode skipped (1.47 off, no error)."""
+    diffusers = importlib.import_module("diffusers")
+    vq = diffusers.VQModel(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        num_vq_embeddings=8,
+        vq_embed_dim=4,
+    ).eval()
+    with pytest.raises(ValueError, match="VQModel quantizes its latents"):
+        tiled_decode(vq, _latent())
+
+
+def test_regression_progress_takes_a_bool() -> None:
+    """progress=0 and progress="no" showed the bar (only False hid it)."""
+    for bad in (0, "no"):
+        with pytest.raises(TypeError, match="progress must be True or False"):
+            tiled_decode(_vae(), _latent(), progress=bad)  # type: ignore[arg-type]
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     def body() -> None:
         torch.set_num_threads(1)
-        band = tiled_decode(_vae(), _latent(), tile_rows=3, process_group=dist.group.WORLD)
+        vae, z, group = _vae(), _latent(), dist.group.WORLD
+        band = tiled_decode(vae, z, tile_rows=3, process_group=group)
         torch.save(band, os.path.join(out, f"rank{rank}.pt"))
+        # Ranks that disagree: one clear error on each, before any other collective (another
+        # height decoded bands of different images; another width aborted gloo).
+        for latent, rows in ((z[:, :, : 13 - rank], 3), (z[..., : 10 - rank], 3), (z, 3 + rank)):
+            with pytest.raises(ValueError, match="every rank must pass the same z"):
+                tiled_decode(vae, latent, tile_rows=rows, process_group=group)
 
     run_rank(rank, world, port, body)
 

@@ -144,6 +144,11 @@ def all_gather_stats(local: GroupStats, group: Any) -> GroupStats:
 
     Differentiable: gradients flow back into each rank's ``local`` statistics.
     """
+    if not isinstance(local, GroupStats):
+        raise TypeError(
+            f"all_gather_stats(local=...) needs a GroupStats (from group_stats), got "
+            f"{type(local).__name__}"
+        )
     check_process_group(group)
     _check_ranks_agree(local, group)
     # Gathered in float64 whatever the local dtype: the merge is in float64 anyway, and a rank

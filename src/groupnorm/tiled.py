@@ -45,6 +45,7 @@ import contextlib
 import os
 import tempfile
 import weakref
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -54,7 +55,7 @@ import torch.distributed as dist
 from torch import nn
 
 from groupnorm.distributed import all_gather_stats, check_process_group
-from groupnorm.functional import group_norm, group_stats, resolve_plan
+from groupnorm.functional import check_flag, group_norm, group_stats, resolve_plan
 from groupnorm.groups import positive_int
 from groupnorm.modules import GroupNorm, GroupNormAct
 from groupnorm.stats import GroupStats, merge_stats
@@ -292,12 +293,44 @@ def _resnet(run: _Run, block: Any, x: _Plane) -> _Plane:
     return run.apply(second, [x, h])
 
 
+def _why_not_conv(conv: object, name: str, kernel: int) -> str | None:
+    """Why ``conv`` is not a local ``kernel`` x ``kernel`` convolution the strips' one-row halo
+    serves (stride 1, zero padding of kernel // 2, no dilation), or None."""
+    if not isinstance(conv, nn.Conv2d):
+        return f"{name} is a {type(conv).__name__}, not a torch.nn.Conv2d"
+    pad = kernel // 2
+    if (
+        conv.kernel_size != (kernel, kernel)
+        or conv.stride != (1, 1)
+        or conv.padding != (pad, pad)
+        or conv.dilation != (1, 1)
+    ):
+        return (
+            f"{name} is {conv.kernel_size[0]}x{conv.kernel_size[1]}, stride {conv.stride}, "
+            f"padding {conv.padding}, dilation {conv.dilation}: the strips' halo serves "
+            f"{kernel}x{kernel}, stride 1, padding {pad}, no dilation"
+        )
+    if conv.padding_mode != "zeros":
+        return (
+            f"{name} pads with {conv.padding_mode!r}: a strip's edge would read its own rows, "
+            "not the image's; tiled decoding takes zero padding"
+        )
+    return None
+
+
 def _unsupported(vae: Any) -> str | None:
     """Why ``vae``'s decoder cannot be tiled exactly here, or None."""
     dec = getattr(vae, "decoder", None)
     if dec is None or not hasattr(dec, "up_blocks") or not hasattr(dec, "mid_block"):
         return f"{type(vae).__name__} has no diffusers Decoder (vae.decoder.up_blocks)"
+    if hasattr(vae, "quantize"):
+        return (
+            f"{type(vae).__name__} quantizes its latents (vae.quantize) before decoding; "
+            "tiled_decode decodes AutoencoderKL latents"
+        )
     if (why := _why_not_norm(dec.conv_norm_out, "conv_norm_out")) is not None:
+        return why
+    if (why := _why_not_conv(dec.conv_out, "conv_out", 3)) is not None:
         return why
     for i, block in enumerate(dec.up_blocks):
         if not hasattr(block, "resnets") or getattr(block, "attentions", None):
@@ -312,9 +345,12 @@ def _unsupported(vae: Any) -> str | None:
                     why := _why_not_norm(getattr(resnet, name), f"up block {i}'s {name}")
                 ) is not None:
                     return why
-            for m in (resnet.conv1, resnet.conv2):
-                if m.kernel_size != (3, 3) or m.padding != (1, 1) or m.stride != (1, 1):
-                    return f"up block {i}: a resnet conv that is not 3x3, stride 1, padding 1"
+            convs = [(resnet.conv1, "conv1", 3), (resnet.conv2, "conv2", 3)]
+            if resnet.conv_shortcut is not None:
+                convs.append((resnet.conv_shortcut, "conv_shortcut", 1))
+            for conv, name, kernel in convs:
+                if (why := _why_not_conv(conv, f"up block {i}'s {name}", kernel)) is not None:
+                    return why
         for up in block.upsamplers or []:
             conv = getattr(up, "conv", None)
             if (
@@ -323,9 +359,10 @@ def _unsupported(vae: Any) -> str | None:
                 or up.norm is not None
                 or not up.interpolate
                 or conv is None
-                or conv.kernel_size != (3, 3)
             ):
                 return f"up block {i}: an upsampler other than nearest 2x + 3x3 conv"
+            if (why := _why_not_conv(conv, f"up block {i}'s upsampler conv", 3)) is not None:
+                return why
     return None
 
 
@@ -362,10 +399,13 @@ def tiled_decode(
     tile_rows = positive_int("tile_rows", tile_rows)
     if store not in ("memory", "disk"):
         raise ValueError(f"store must be 'memory' or 'disk', got {store!r}")
+    if progress is not None:
+        check_flag("progress", progress)
     strips = _strips(z.shape[2], tile_rows)
     world = 1
     if process_group is not None:
         check_process_group(process_group)
+        _check_ranks_agree(z, tile_rows, process_group)
         world = dist.get_world_size(process_group)
     _check_tiles(len(strips), z.shape[2], tile_rows, world)
     dec = vae.decoder
@@ -410,6 +450,31 @@ def _check_latent(vae: Any, z: object) -> None:
         raise ValueError(
             f"z is {z.dtype} on {z.device}, the VAE {weight.dtype} on {weight.device}; "
             f"use z.to({weight.device.type!r}, {weight.dtype})"
+        )
+
+
+def _check_ranks_agree(z: torch.Tensor, tile_rows: int, group: Any) -> None:
+    """Raise on every rank, before any other collective, unless all ranks decode latents of
+    the same shape and dtype in strips of the same height: otherwise the bands belong to
+    different images (or do not cover one), and gathers of different sizes abort a gloo
+    process (an error Python cannot catch). One all_gather of six int64 numbers."""
+    mine = torch.tensor(
+        # crc32, not hash(): a str's hash differs between processes
+        [*z.shape, tile_rows, zlib.crc32(str(z.dtype).encode())],
+        dtype=torch.int64,
+        device=z.device,
+    )
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    seen = [tuple(t.tolist()) for t in every]
+    if len(set(seen)) > 1:
+        rows = "; ".join(
+            f"rank {r}: z {tuple(v[:4])}, tile_rows {v[4]}" for r, v in enumerate(seen)
+        )
+        raise ValueError(
+            "tiled_decode(process_group=): every rank must pass the same z (shape and dtype) "
+            f"and tile_rows, and each returns its band of the image; got {rows}"
+            + ("" if len({v[:5] for v in seen}) > 1 else ", and different dtypes")
         )
 
 
