@@ -813,3 +813,66 @@ def test_regression_the_default_of_32_groups_is_named_when_it_does_not_fit() -> 
     with pytest.raises(ValueError, match="num_groups=32 is larger than num_channels=4") as info:
         groupnorm.GroupNorm(32, 4)
     assert "default" not in str(info.value)
+
+
+@pytest.mark.parametrize("shape", [(2, 8), (2, 8, 3, 3)])
+def test_regression_a_list_weight_gets_the_type_error_on_the_fast_path(
+    shape: tuple[int, ...],
+) -> None:
+    """The common call's fast path read weight.requires_grad before the parameters were
+    checked: a list or ndarray weight raised AttributeError where a TypeError says what fits."""
+    import numpy as np
+
+    x = make_x(shape, torch.float32)
+    for bad in ([1.0] * 8, np.ones(8)):
+        for kw in ({"weight": bad}, {"weight": torch.ones(8), "bias": bad}):
+            with pytest.raises(TypeError, match="must be a torch.Tensor or None, got"):
+                groupnorm.group_norm(x, 2, **kw)  # type: ignore[call-overload]
+
+
+def test_regression_sparse_parameters_are_refused_by_name() -> None:
+    """A sparse weight, bias or scale passed every check, then is_contiguous() raised inside."""
+    x = make_x((2, 8, 3, 3), torch.float32)
+    for name, t in (
+        ("weight", torch.ones(8)),
+        ("bias", torch.ones(8)),
+        ("scale", torch.ones(2, 8)),
+    ):
+        with pytest.raises(TypeError, match=f"{name} must be a dense tensor, got layout"):
+            groupnorm.group_norm(x, 2, **{name: t.to_sparse()})  # type: ignore[call-overload]
+
+
+def test_regression_changed_attributes_follow_nn_group_norm() -> None:
+    """nn.GroupNorm's forward is F.group_norm(x, num_groups, weight, bias): without affine
+    parameters a changed num_groups normalizes any channel count it divides, and num_channels
+    is never read. Ours re-planned from num_channels and raised."""
+    for channels in (6, 9):
+        x = make_x((2, channels, 3, 3), torch.float32)
+        theirs, ours = nn.GroupNorm(2, 8, affine=False), groupnorm.GroupNorm(2, 8, affine=False)
+        theirs.num_groups = ours.num_groups = 3
+        assert_matches(ours(x), to_numpy(theirs(x.double())), torch.float32)
+    x = make_x((2, 8, 3, 3), torch.float32)
+    theirs, ours = nn.GroupNorm(2, 8).double(), groupnorm.GroupNorm(2, 8)
+    theirs.num_channels = ours.num_channels = 16
+    assert_matches(ours(x), to_numpy(theirs(x.double())), torch.float32)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        groupnorm.GroupNorm(2, 8, affine=False)([1, 2])  # type: ignore[arg-type]
+
+
+def test_regression_choose_num_groups_refuses_what_no_plan_holds() -> None:
+    """Trial division up to sqrt(C) took seconds at 1e16 channels and hours at 1e20, and
+    recommended plans make_plan refuses."""
+    with pytest.raises(ValueError, match="more than a plan holds"):
+        groupnorm.choose_num_groups(2**40)
+    assert "1 channel cannot" in groupnorm.choose_num_groups(1).reason
+
+
+def test_regression_a_first_argument_given_twice_is_named_for_what_it_is() -> None:
+    """GroupNormAct(4, 8, num_groups=2) said "GroupNorm got a positional 4 besides num_groups=
+    and num_channels=", where num_channels was positional and the class another."""
+    with pytest.raises(
+        TypeError,
+        match=r"GroupNormAct got 4 as its first argument besides "
+        r"num_groups=2 and num_channels=8",
+    ):
+        groupnorm.GroupNormAct(4, 8, num_groups=2)  # type: ignore[misc]

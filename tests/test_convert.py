@@ -1396,3 +1396,43 @@ def test_regression_a_parametrized_conv_before_a_norm_is_reported_not_standardiz
     assert [path for path, _ in report.skipped] == ["0"]
     assert "ParametrizedConv2d is not a plain Conv2d" in report.skipped[0][1]
     assert type(out[2]) is WSConv2d
+
+
+@pytest.mark.parametrize("change", ["replaced", "deleted"])
+def test_regression_restoring_a_model_changed_since_the_swap_changes_nothing(change: str) -> None:
+    """A swapped norm replaced or deleted since the swap: restore_group_norm removed the hooks,
+    restored some modules and died with an AttributeError, leaving the model half restored."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 8, 1), nn.GroupNorm(4, 8)
+    )
+    swapped, report = swap_group_norm(model)
+    if change == "replaced":
+        swapped[4] = nn.Identity()
+    else:
+        del swapped[4]
+    before = [type(m) for m in swapped.children()]
+    with pytest.raises(ValueError, match="changed since the swap, so it cannot be restored"):
+        restore_group_norm(swapped, report)
+    assert [type(m) for m in swapped.children()] == before
+    with pytest.raises(TypeError, match="model must be the nn.Module"):
+        restore_group_norm(None, report)  # type: ignore[arg-type]
+
+
+def test_regression_standardize_weight_refuses_what_it_cannot_standardize() -> None:
+    """An int weight came back standardized and truncated, a complex one lost its imaginary
+    part; a list, an empty weight or a str eps failed inside; eps=True passed."""
+    from groupnorm.ws import standardize_weight
+
+    w = torch.randn(4, 2, 3, 3)
+    for bad, error, match in (
+        (w.int(), TypeError, "weight must be a floating tensor"),
+        (w.to(torch.complex64), TypeError, "weight must be a floating tensor"),
+        ([[1.0, 2.0]], TypeError, "weight must be a torch.Tensor, got list"),
+        (w.to_sparse(), TypeError, "weight must be a dense tensor"),
+        (w[:0], ValueError, "weight has no element"),
+    ):
+        with pytest.raises(error, match=match):
+            standardize_weight(bad)  # type: ignore[arg-type]
+    for eps in ("1e-6", None, True):
+        with pytest.raises(TypeError, match="eps \\(ws_eps\\) must be a real number"):
+            standardize_weight(w, eps)  # type: ignore[arg-type]

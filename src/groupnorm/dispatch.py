@@ -140,6 +140,8 @@ def run_plain(
         return None
     if weight is None and bias is not None:
         return None  # the validated path gives it a weight of ones (torch's backward needs one)
+    if not isinstance(weight, torch.Tensor | None) or not isinstance(bias, torch.Tensor | None):
+        return None  # the validated path says what they must be
     if backend != "auto" and not isinstance(backend, str):
         return None  # the validated path says what backend must be
     b = _FIRST[x.is_cpu] if backend == "auto" else _REGISTRY.get(backend)

@@ -164,6 +164,9 @@ def _check_param(
         return None
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.layout is not torch.strided or t.is_nested:
+        what = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+        raise TypeError(f"{name} must be a dense tensor, got {what}; use {name}.to_dense()")
     if tuple(t.shape) != shape:
         raise ValueError(
             f"{name} has shape {tuple(t.shape)}, expected {shape} for x of shape {tuple(x.shape)}"

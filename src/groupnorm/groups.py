@@ -249,6 +249,10 @@ def choose_num_groups(
     in ``|log(G / target)|`` go to the larger G. If C is too small for any such group, G = 1.
     """
     C = positive_int("num_channels", num_channels)
+    if C > MAX_CHANNELS:  # nothing make_plan takes; and trial division to sqrt(C) never ends
+        raise ValueError(
+            f"num_channels={C} is more than a plan holds (at most 2**24 = {MAX_CHANNELS})"
+        )
     target = positive_int("target", target)
     min_channels_per_group = positive_int("min_channels_per_group", min_channels_per_group)
     divs = divisors(C)
@@ -257,7 +261,8 @@ def choose_num_groups(
         return GroupChoice(
             1,
             C,
-            f"{C} channels cannot form groups of {min_channels_per_group}; one group (LayerNorm)",
+            f"{C} channel{'s' if C > 1 else ''} cannot form groups of "
+            f"{min_channels_per_group}; one group (LayerNorm)",
         )
     best = min(ok, key=lambda g: (abs(np.log(g / target)), -g))
     if best == target:

@@ -96,9 +96,12 @@ class GroupNorm(nn.GroupNorm):
     ) -> None:
         if groups_or_channels is not None:
             if num_groups is not None and num_channels is not None:
+                name = type(self).__name__
                 raise TypeError(
-                    f"GroupNorm got a positional {groups_or_channels} besides num_groups= and "
-                    "num_channels=; give each once, e.g. GroupNorm(32, 256)"
+                    f"{name} got {groups_or_channels} as its first argument besides "
+                    f"num_groups={num_groups} and num_channels={num_channels}: the first is "
+                    f"num_groups (num_channels where it is the only one); give each once, e.g. "
+                    f"{name}(32, 256)"
                 )
             if num_channels is None:
                 num_channels = groups_or_channels
@@ -145,10 +148,23 @@ class GroupNorm(nn.GroupNorm):
         self._explicit_sizes = group_sizes is not None or not plan.is_even
         plan_index(plan, self._device())  # kept with the plan: a compiled forward reads it
 
-    def _replan(self) -> GroupPlan:
-        """The plan for changed ``num_groups`` / ``num_channels`` attributes (nn.GroupNorm reads
-        them on every call, and so do we), as if passed to the constructor."""
-        self.plan = resolve_plan(self.num_channels, self.num_groups, uneven=self.uneven)
+    def _replan(self, input: object = None) -> GroupPlan:
+        """The plan for changed ``num_groups`` / ``num_channels`` attributes, as if passed to
+        the constructor. nn.GroupNorm's forward is ``F.group_norm(x, num_groups, weight,
+        bias)``, reading num_groups on every call and num_channels never: the channels are the
+        affine parameters' where there are some, else x's (``input``, where it is a tensor
+        num_groups divides), else num_channels."""
+        channels = self.num_channels
+        param = self.weight if self.weight is not None else self.bias
+        if param is not None:
+            channels = param.shape[0]
+        elif (
+            isinstance(input, torch.Tensor)
+            and input.dim() >= 2
+            and input.shape[1] % self.num_groups == 0
+        ):
+            channels = int(input.shape[1])
+        self.plan = resolve_plan(channels, self.num_groups, uneven=self.uneven)
         self._explicit_sizes = not self.plan.is_even
         plan_index(self.plan, self._device())
         return self.plan
@@ -197,7 +213,7 @@ class GroupNorm(nn.GroupNorm):
         """The eager call, with ``activation`` fused (a subclass may fuse its own)."""
         plan = self.plan  # _current_plan() inlined: one call fewer on every forward
         if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
-            plan = self._replan()
+            plan = self._replan(input)
         if self.process_group is None:
             y = dispatch.run_plain(
                 input, plan, self.weight, self.bias, self.eps, activation, self.backend
@@ -263,6 +279,7 @@ class GroupNorm(nn.GroupNorm):
             self.weight is None
             and self.bias is None
             and not self._explicit_sizes
+            and isinstance(input, torch.Tensor)
             and input.dim() >= 2
             and input.shape[1] != planned
             and input.shape[1] % self.num_groups == 0

@@ -32,9 +32,13 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     backward, ``rstd * (dy - mean(dy) - w_hat * mean(dy * w_hat))``, cancels, and in float32
     small filters of small weights got gradients at 10x the float32 bound. A weight tensor is
     small beside the convolution's input, so the wider dtype costs little.
-    ``eps`` > 0 and finite (WSConv2d's ``ws_eps`` is checked here, on every forward, so a changed
-    attribute is checked too).
+    ``weight`` a dense real floating tensor with elements; ``eps`` a real number > 0 and finite
+    (WSConv2d's ``ws_eps`` is checked here, on every forward, so a changed attribute is checked
+    too).
     """
+    # Nested: TorchScript skips a block under `if not torch.jit.is_scripting()`, not an `and`.
+    if not torch.jit.is_scripting():
+        _check_types(weight, eps)
     if not (eps > 0 and eps < math.inf):
         raise ValueError(f"eps (ws_eps) must be > 0 and finite, got {eps}")
     if weight.dim() < 2:
@@ -54,6 +58,22 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     rows = rows - rows[:, :1].detach()
     var, mean = torch.var_mean(rows, dim=1, keepdim=True, correction=0)
     return ((rows - mean) * torch.rsqrt(var + eps)).reshape(weight.shape).to(weight.dtype)
+
+
+def _check_types(weight: object, eps: object) -> None:
+    """What standardize_weight's arithmetic would take silently or fail inside: a weight that is
+    no dense floating tensor (an int weight came back truncated, a complex one lost its
+    imaginary part) or has no element, an eps that is no real number."""
+    if isinstance(eps, bool) or not isinstance(eps, int | float | np.integer | np.floating):
+        raise TypeError(f"eps (ws_eps) must be a real number, got {eps!r}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.layout is not torch.strided or weight.is_nested:
+        raise TypeError(f"weight must be a dense tensor, got layout {weight.layout}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be a floating tensor (a real dtype), got {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight has no element (shape {list(weight.shape)})")
 
 
 class WSConv2d(nn.Conv2d):

@@ -294,6 +294,10 @@ def restore_group_norm(model: nn.Module, report: SwapReport) -> nn.Module:
         raise TypeError(
             f"report must be the SwapReport from swap_group_norm, got {type(report).__name__}"
         )
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be the nn.Module swap_group_norm returned, got {type(model).__name__}"
+        )
     if report._restored:
         raise ValueError("this SwapReport has already been restored")
     present = {id(m) for m in model.modules()}
@@ -303,10 +307,28 @@ def restore_group_norm(model: nn.Module, report: SwapReport) -> nn.Module:
                 "this report belongs to another model: swap_group_norm returns a swapped copy "
                 "unless inplace=True; restore the model it returned"
             )
+    # Every module to restore is still the one the swap put there, checked before anything
+    # changes: a model changed since is left as it is.
+    currents = []
+    for parent, name, old in report._undo:
+        current = parent._modules.get(name) if name else parent
+        if current is None or (
+            isinstance(old, nn.GroupNorm)
+            and old.affine
+            and not (isinstance(current, nn.GroupNorm) and current.affine)
+        ):
+            where = f"{type(parent).__name__}.{name}" if name else "the model's root"
+            raise ValueError(
+                f"{where} is {type(current).__name__ if current is not None else 'gone'} now, "
+                "not the module swap_group_norm put there; the model changed since the swap, "
+                "so it cannot be restored (nothing was changed)"
+            )
+        currents.append(current)
     for handle in report._hooks:
         handle.remove()
-    for parent, name, old in reversed(report._undo):
-        current = getattr(parent, name) if name else parent
+    for (parent, name, old), current in zip(
+        reversed(report._undo), reversed(currents), strict=True
+    ):
         old.train(current.training)
         if isinstance(old, nn.GroupNorm) and old.affine:
             # The Parameters the swapped module holds now: new ones where the model was loaded
