@@ -52,7 +52,7 @@ def test_not_dividing_lists_the_choices() -> None:
         ({"num_groups": 0}, "positive integer"),
         ({"num_groups": 2.0}, "positive integer"),
         ({"group_sizes": [4, 4]}, "sum to num_channels=10"),
-        ({"group_sizes": [11, -1]}, "positive"),
+        ({"group_sizes": [11, -1]}, r"positive and sum to num_channels=10 \(entry 1 is -1\)"),
     ],
     ids=[
         "two_ways",

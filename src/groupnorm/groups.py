@@ -178,10 +178,11 @@ def make_plan(
         )
     if group_sizes is not None:
         sizes = check_group_sizes(group_sizes)
-        if sum(sizes) != C or any(s < 1 for s in sizes):
+        bad = [i for i, s in enumerate(sizes) if s < 1]
+        if sum(sizes) != C or bad:
+            why = f"entry {bad[0]} is {sizes[bad[0]]}" if bad else f"they sum to {sum(sizes)}"
             raise ValueError(
-                f"group_sizes={list(sizes)} must be positive and sum to num_channels={C} "
-                f"(they sum to {sum(sizes)})"
+                f"group_sizes={list(sizes)} must be positive and sum to num_channels={C} ({why})"
             )
         return GroupPlan(sizes)
     if group_size is not None:
