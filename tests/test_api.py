@@ -876,3 +876,13 @@ def test_regression_a_first_argument_given_twice_is_named_for_what_it_is() -> No
         r"num_groups=2 and num_channels=8",
     ):
         groupnorm.GroupNormAct(4, 8, num_groups=2)  # type: ignore[misc]
+
+
+def test_regression_group_stats_to_takes_a_device() -> None:
+    """GroupStats.to(torch.float64) converted the fields to a dtype the statistics of that x
+    never have; a float gave a bare error from inside."""
+    stats = groupnorm.group_stats(make_x((2, 4, 3), torch.float32), 2)
+    assert stats.to("cpu").m2.device.type == "cpu"
+    for bad in (torch.float64, 3.5):
+        with pytest.raises(TypeError, match="GroupStats.to takes a device"):
+            stats.to(bad)  # type: ignore[arg-type]

@@ -139,6 +139,13 @@ class GroupStats:
         return self.pivot.dtype
 
     def to(self, device: torch.device | str) -> GroupStats:
+        """The statistics on ``device`` (their dtype is x's accumulation dtype: not changed)."""
+        if not isinstance(device, torch.device | str | int):
+            raise TypeError(
+                f"GroupStats.to takes a device (torch.device, 'cpu', 'cuda:0', an index), got "
+                f"{device!r}; the statistics' dtype follows x's"
+            )
+        device = torch.device(device)
         pivot, shifted_mean, m2, count = (getattr(self, f).to(device) for f in _FIELDS)
         return GroupStats(pivot, shifted_mean, m2, count, self.plan)
 
