@@ -696,7 +696,7 @@ def test_regression_an_affine_free_module_normalizes_any_channel_count_its_group
     y = groupnorm.GroupNorm(4, 8, affine=False)(x)
     expected, _ = reference(x, resolve_plan(12, 4))
     assert_matches(y, expected, torch.float32, reduction=3 * 25)
-    with pytest.raises(ValueError, match="8 channels"):
+    with pytest.raises(ValueError, match="num_groups=4 does not divide num_channels=10"):
         groupnorm.GroupNorm(4, 8, affine=False)(make_x((2, 10, 3, 3), torch.float32, layout))
     with pytest.raises(ValueError, match="8 channels"):
         groupnorm.GroupNorm(4, 8)(x)
@@ -857,6 +857,23 @@ def test_regression_changed_attributes_follow_nn_group_norm() -> None:
     assert_matches(ours(x), to_numpy(theirs(x.double())), torch.float32)
     with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
         groupnorm.GroupNorm(2, 8, affine=False)([1, 2])  # type: ignore[arg-type]
+    edited = groupnorm.GroupNorm(4, 8)
+    edited.num_groups = 2
+    traced = torch.fx.symbolic_trace(nn.Sequential(edited))  # the parameters are Proxies there
+    expected = nn.functional.group_norm(x.double(), 2, edited.weight.double(), edited.bias.double())
+    assert_matches(traced(x), to_numpy(expected), torch.float32)
+
+
+def test_an_edited_module_plans_once() -> None:
+    """The plan is kept for the attributes it was made for: an affine-free module whose
+    num_groups changed, given channel counts other than num_channels, re-planned every call."""
+    m = groupnorm.GroupNorm(2, 8, affine=False)
+    m.num_groups = 3
+    m(make_x((2, 6, 3, 3), torch.float32))
+    plan = m.plan
+    for channels in (9, 6, 3):
+        m(make_x((2, channels, 3, 3), torch.float32))
+    assert m.plan is plan
 
 
 def test_regression_choose_num_groups_refuses_what_no_plan_holds() -> None:

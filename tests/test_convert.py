@@ -1398,16 +1398,22 @@ def test_regression_a_parametrized_conv_before_a_norm_is_reported_not_standardiz
     assert type(out[2]) is WSConv2d
 
 
-@pytest.mark.parametrize("change", ["replaced", "deleted"])
+@pytest.mark.parametrize("change", ["replaced", "deleted", "another_norm", "renumbered"])
 def test_regression_restoring_a_model_changed_since_the_swap_changes_nothing(change: str) -> None:
     """A swapped norm replaced or deleted since the swap: restore_group_norm removed the hooks,
-    restored some modules and died with an AttributeError, leaving the model half restored."""
+    restored some modules and died with an AttributeError, leaving the model half restored; a
+    slot holding another module than the swap's (another norm, a block renumbered into it) was
+    restored over it."""
     model = nn.Sequential(
         nn.Conv2d(3, 8, 1), nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 8, 1), nn.GroupNorm(4, 8)
     )
     swapped, report = swap_group_norm(model)
     if change == "replaced":
         swapped[4] = nn.Identity()
+    elif change == "another_norm":
+        swapped[4] = nn.GroupNorm(4, 16)
+    elif change == "renumbered":
+        del swapped[1]
     else:
         del swapped[4]
     before = [type(m) for m in swapped.children()]
@@ -1433,6 +1439,8 @@ def test_regression_standardize_weight_refuses_what_it_cannot_standardize() -> N
     ):
         with pytest.raises(error, match=match):
             standardize_weight(bad)  # type: ignore[arg-type]
-    for eps in ("1e-6", None, True):
+    for eps in ("1e-6", None, True, torch.tensor(True), torch.ones(2)):
         with pytest.raises(TypeError, match="eps \\(ws_eps\\) must be a real number"):
             standardize_weight(w, eps)  # type: ignore[arg-type]
+    as_tensor = standardize_weight(w, torch.tensor(1e-5))  # type: ignore[arg-type]
+    torch.testing.assert_close(as_tensor, standardize_weight(w, 1e-5))

@@ -182,6 +182,10 @@ def _wrapped_conv(vae: torch.nn.Module) -> None:
     resnet.conv1 = torch.nn.Sequential(resnet.conv1)
 
 
+def _conv_act(vae: torch.nn.Module) -> None:
+    vae.decoder.conv_act = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+
 def _dilated_upsampler(vae: torch.nn.Module) -> None:
     conv = vae.decoder.up_blocks[0].upsamplers[0].conv
     conv.dilation, conv.padding = (2, 2), (2, 2)
@@ -190,10 +194,11 @@ def _dilated_upsampler(vae: torch.nn.Module) -> None:
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        (_circular, "conv_out pads with 'circular'"),
+        (_circular, "conv_out pads circularly"),
         (_wide_conv_out, r"conv_out is 5x5, stride \(1, 1\), padding \(2, 2\)"),
         (_wrapped_conv, "up block 0's conv1 is a Sequential, not a torch.nn.Conv2d"),
         (_dilated_upsampler, r"up block 0's upsampler conv is 3x3.*dilation \(2, 2\)"),
+        (_conv_act, "conv_act is Conv2d; tiled decoding applies elementwise activations"),
     ],
 )
 def test_regression_convolutions_a_strip_cannot_take_are_refused(edit, match: str) -> None:
@@ -204,6 +209,22 @@ def test_regression_convolutions_a_strip_cannot_take_are_refused(edit, match: st
     edit(vae)
     with pytest.raises(ValueError, match=match):
         tiled_decode(vae, _latent())
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "same"])
+def test_padding_a_strip_serves_is_decoded(mode: str) -> None:
+    """Reflect and replicate padding, and padding="same", are exact in strips: a strip's padded
+    rows feed only cropped halo rows or the image's own top and bottom edges."""
+    vae = _vae()
+    for m in vae.decoder.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
+            if mode == "same":
+                m.padding = "same"
+            else:
+                m.padding_mode = mode  # type: ignore[assignment]
+    with torch.no_grad():
+        whole = vae.decode(_latent()).sample
+    torch.testing.assert_close(tiled_decode(vae, _latent(), tile_rows=2), whole, rtol=0, atol=1e-4)
 
 
 def test_regression_a_vq_model_is_refused() -> None:

@@ -140,8 +140,11 @@ def run_plain(
         return None
     if weight is None and bias is not None:
         return None  # the validated path gives it a weight of ones (torch's backward needs one)
-    if not isinstance(weight, torch.Tensor | None) or not isinstance(bias, torch.Tensor | None):
-        return None  # the validated path says what they must be
+    for p in (weight, bias):
+        if p is not None and (
+            not isinstance(p, torch.Tensor) or p.layout is not torch.strided or p.is_nested
+        ):
+            return None  # the validated path says what they must be
     if backend != "auto" and not isinstance(backend, str):
         return None  # the validated path says what backend must be
     b = _FIRST[x.is_cpu] if backend == "auto" else _REGISTRY.get(backend)

@@ -146,26 +146,25 @@ class GroupNorm(nn.GroupNorm):
         self.backend = backend
         self.process_group = process_group
         self._explicit_sizes = group_sizes is not None or not plan.is_even
+        self._planned_for = (self.num_groups, self.num_channels)  # the attributes plan is for
         plan_index(plan, self._device())  # kept with the plan: a compiled forward reads it
 
-    def _replan(self, input: object = None) -> GroupPlan:
+    def _replan(self) -> GroupPlan:
         """The plan for changed ``num_groups`` / ``num_channels`` attributes, as if passed to
         the constructor. nn.GroupNorm's forward is ``F.group_norm(x, num_groups, weight,
-        bias)``, reading num_groups on every call and num_channels never: the channels are the
-        affine parameters' where there are some, else x's (``input``, where it is a tensor
-        num_groups divides), else num_channels."""
+        bias)``: it reads num_groups on every call and num_channels never. So the channels are
+        the affine parameters' where there are some; an affine-free module normalizes any x
+        whose channels num_groups divides (:meth:`_plan_of`), so where num_groups does not
+        divide num_channels its plan needs num_groups alone (groups of one channel)."""
         channels = self.num_channels
         param = self.weight if self.weight is not None else self.bias
-        if param is not None:
+        if isinstance(param, torch.Tensor) and param.dim() == 1:  # not fx's Proxy
             channels = param.shape[0]
-        elif (
-            isinstance(input, torch.Tensor)
-            and input.dim() >= 2
-            and input.shape[1] % self.num_groups == 0
-        ):
-            channels = int(input.shape[1])
+        elif param is None and not self.uneven and channels % self.num_groups:
+            channels = self.num_groups
         self.plan = resolve_plan(channels, self.num_groups, uneven=self.uneven)
         self._explicit_sizes = not self.plan.is_even
+        self._planned_for = (self.num_groups, self.num_channels)
         plan_index(self.plan, self._device())
         return self.plan
 
@@ -174,7 +173,7 @@ class GroupNorm(nn.GroupNorm):
         """The plan of the current ``num_groups`` and ``num_channels``: the kept one, or
         :meth:`_replan`'s where either changed since."""
         plan = self.plan
-        if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
+        if self._planned_for != (self.num_groups, self.num_channels):
             plan = self._replan()
         return plan
 
@@ -212,8 +211,8 @@ class GroupNorm(nn.GroupNorm):
     def _forward(self, input: torch.Tensor, activation: str | None) -> torch.Tensor:
         """The eager call, with ``activation`` fused (a subclass may fuse its own)."""
         plan = self.plan  # _current_plan() inlined: one call fewer on every forward
-        if plan.num_groups != self.num_groups or plan.num_channels != self.num_channels:
-            plan = self._replan(input)
+        if self._planned_for != (self.num_groups, self.num_channels):
+            plan = self._replan()
         if self.process_group is None:
             y = dispatch.run_plain(
                 input, plan, self.weight, self.bias, self.eps, activation, self.backend
@@ -266,11 +265,12 @@ class GroupNorm(nn.GroupNorm):
     def _plan_of(self, input: torch.Tensor, plan: GroupPlan) -> GroupPlan:
         """``plan``, or as nn.GroupNorm: without affine parameters num_channels is not checked,
         and any channel count num_groups divides is normalized in num_groups groups."""
-        if self._regrouped(input, plan.num_channels):
+        if self._regrouped(input, plan.num_channels, divided=False):
+            # resolve_plan says what is wrong where num_groups does not divide x's channels
             return resolve_plan(int(input.shape[1]), self.num_groups, uneven=self.uneven)
         return plan
 
-    def _regrouped(self, input: torch.Tensor, planned: int) -> bool:
+    def _regrouped(self, input: torch.Tensor, planned: int, divided: bool = True) -> bool:
         """Whether x's channel count, not the ``planned`` one, is normalized in num_groups
         groups, as nn.GroupNorm does without affine parameters (any count num_groups divides);
         eager (:meth:`_plan_of`) and scripted (:meth:`_scripted`) calls alike. Asks x last: the
@@ -282,7 +282,7 @@ class GroupNorm(nn.GroupNorm):
             and isinstance(input, torch.Tensor)
             and input.dim() >= 2
             and input.shape[1] != planned
-            and input.shape[1] % self.num_groups == 0
+            and (not divided or input.shape[1] % self.num_groups == 0)
         )
 
     def __prepare_scriptable__(self) -> nn.Module:

@@ -265,7 +265,7 @@ def _normalized(t: torch.Tensor, norm: nn.GroupNorm, stats: GroupStats) -> torch
     )
 
 
-def _why_not_norm(norm: nn.Module, name: str) -> str | None:
+def _why_not_norm(norm: object, name: str) -> str | None:
     """Why ``norm`` cannot be applied strip by strip with merged statistics here, or None: it
     must be torch's GroupNorm or ours (any plan, a fused activation), nothing that does more."""
     if type(norm) is not nn.GroupNorm and type(norm) not in (GroupNorm, GroupNormAct):
@@ -295,14 +295,16 @@ def _resnet(run: _Run, block: Any, x: _Plane) -> _Plane:
 
 def _why_not_conv(conv: object, name: str, kernel: int) -> str | None:
     """Why ``conv`` is not a local ``kernel`` x ``kernel`` convolution the strips' one-row halo
-    serves (stride 1, zero padding of kernel // 2, no dilation), or None."""
+    serves (stride 1, padding kernel // 2 on each side, no dilation, not circular), or None.
+    Zero, reflect and replicate padding are exact: a strip's padded rows feed only the halo
+    rows that are cropped, or the image's own top or bottom edge."""
     if not isinstance(conv, nn.Conv2d):
         return f"{name} is a {type(conv).__name__}, not a torch.nn.Conv2d"
     pad = kernel // 2
     if (
         conv.kernel_size != (kernel, kernel)
         or conv.stride != (1, 1)
-        or conv.padding != (pad, pad)
+        or conv.padding not in ((pad, pad), "same")
         or conv.dilation != (1, 1)
     ):
         return (
@@ -310,10 +312,36 @@ def _why_not_conv(conv: object, name: str, kernel: int) -> str | None:
             f"padding {conv.padding}, dilation {conv.dilation}: the strips' halo serves "
             f"{kernel}x{kernel}, stride 1, padding {pad}, no dilation"
         )
-    if conv.padding_mode != "zeros":
+    if conv.padding_mode == "circular" and pad:
         return (
-            f"{name} pads with {conv.padding_mode!r}: a strip's edge would read its own rows, "
-            "not the image's; tiled decoding takes zero padding"
+            f"{name} pads circularly: a strip's edge would wrap around to its own rows, not "
+            "the image's"
+        )
+    return None
+
+
+# Activations between a norm and a conv: elementwise, so a strip computes them alone.
+_ELEMENTWISE = (
+    nn.SiLU,
+    nn.Mish,
+    nn.GELU,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardswish,
+    nn.Softplus,
+    nn.Identity,
+)
+
+
+def _why_not_act(act: object, name: str) -> str | None:
+    if type(act) not in _ELEMENTWISE:
+        return (
+            f"{name} is {type(act).__name__}; tiled decoding applies elementwise activations "
+            f"only ({', '.join(t.__name__ for t in _ELEMENTWISE)})"
         )
     return None
 
@@ -328,9 +356,11 @@ def _unsupported(vae: Any) -> str | None:
             f"{type(vae).__name__} quantizes its latents (vae.quantize) before decoding; "
             "tiled_decode decodes AutoencoderKL latents"
         )
-    if (why := _why_not_norm(dec.conv_norm_out, "conv_norm_out")) is not None:
+    if (why := _why_not_norm(getattr(dec, "conv_norm_out", None), "conv_norm_out")) is not None:
         return why
-    if (why := _why_not_conv(dec.conv_out, "conv_out", 3)) is not None:
+    if (why := _why_not_act(getattr(dec, "conv_act", None), "conv_act")) is not None:
+        return why
+    if (why := _why_not_conv(getattr(dec, "conv_out", None), "conv_out", 3)) is not None:
         return why
     for i, block in enumerate(dec.up_blocks):
         if not hasattr(block, "resnets") or getattr(block, "attentions", None):
@@ -345,6 +375,10 @@ def _unsupported(vae: Any) -> str | None:
                     why := _why_not_norm(getattr(resnet, name), f"up block {i}'s {name}")
                 ) is not None:
                     return why
+            if (
+                why := _why_not_act(resnet.nonlinearity, f"up block {i}'s nonlinearity")
+            ) is not None:
+                return why
             convs = [(resnet.conv1, "conv1", 3), (resnet.conv2, "conv2", 3)]
             if resnet.conv_shortcut is not None:
                 convs.append((resnet.conv_shortcut, "conv_shortcut", 1))

@@ -64,7 +64,10 @@ def _check_types(weight: object, eps: object) -> None:
     """What standardize_weight's arithmetic would take silently or fail inside: a weight that is
     no dense floating tensor (an int weight came back truncated, a complex one lost its
     imaginary part) or has no element, an eps that is no real number."""
-    if isinstance(eps, bool) or not isinstance(eps, int | float | np.integer | np.floating):
+    real = isinstance(eps, int | float | np.integer | np.floating) or (
+        isinstance(eps, torch.Tensor) and eps.dim() == 0 and not eps.is_complex()
+    )
+    if isinstance(eps, bool) or not real or getattr(eps, "dtype", None) == torch.bool:
         raise TypeError(f"eps (ws_eps) must be a real number, got {eps!r}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")

@@ -139,20 +139,21 @@ def replace_everywhere(
     root: nn.Module,
     paths: list[str],
     new: nn.Module,
-    undo: list[tuple[nn.Module, str, nn.Module]] | None = None,
+    undo: list[tuple[nn.Module, str, nn.Module, nn.Module]] | None = None,
 ) -> nn.Module:
     """Put ``new`` at every path (the root path "" replaces the root: returned). ``undo`` gets
-    ``(parent, name, old)`` per replacement; for the root, ``(new root, "", old root)``."""
+    ``(parent, name, old, new)`` per replacement; for the root, ``(new root, "", old root,
+    new root)``."""
     for path in paths:
         if path == "":
             if undo is not None:
-                undo.append((new, "", root))
+                undo.append((new, "", root, new))
             root = new
             continue
         parent_path, name = split(path)
         parent = root.get_submodule(parent_path)
         if undo is not None:
-            undo.append((parent, name, getattr(parent, name)))
+            undo.append((parent, name, getattr(parent, name), new))
         setattr(parent, name, new)
     return root
 

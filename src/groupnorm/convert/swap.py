@@ -34,7 +34,9 @@ class SwapReport:
     not_fused: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     proof: str = ""
-    _undo: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list, repr=False)
+    _undo: list[tuple[nn.Module, str, nn.Module, nn.Module]] = field(
+        default_factory=list, repr=False
+    )
     _hooks: list[RemovableHandle] = field(default_factory=list, repr=False)
     _restored: bool = field(default=False, repr=False)
 
@@ -301,7 +303,7 @@ def restore_group_norm(model: nn.Module, report: SwapReport) -> nn.Module:
     if report._restored:
         raise ValueError("this SwapReport has already been restored")
     present = {id(m) for m in model.modules()}
-    for parent, _, _ in report._undo:
+    for parent, *_ in report._undo:
         if id(parent) not in present:
             raise ValueError(
                 "this report belongs to another model: swap_group_norm returns a swapped copy "
@@ -309,26 +311,18 @@ def restore_group_norm(model: nn.Module, report: SwapReport) -> nn.Module:
             )
     # Every module to restore is still the one the swap put there, checked before anything
     # changes: a model changed since is left as it is.
-    currents = []
-    for parent, name, old in report._undo:
+    for parent, name, _, put in report._undo:
         current = parent._modules.get(name) if name else parent
-        if current is None or (
-            isinstance(old, nn.GroupNorm)
-            and old.affine
-            and not (isinstance(current, nn.GroupNorm) and current.affine)
-        ):
+        if current is not put:
             where = f"{type(parent).__name__}.{name}" if name else "the model's root"
             raise ValueError(
                 f"{where} is {type(current).__name__ if current is not None else 'gone'} now, "
                 "not the module swap_group_norm put there; the model changed since the swap, "
                 "so it cannot be restored (nothing was changed)"
             )
-        currents.append(current)
     for handle in report._hooks:
         handle.remove()
-    for (parent, name, old), current in zip(
-        reversed(report._undo), reversed(currents), strict=True
-    ):
+    for parent, name, old, current in reversed(report._undo):
         old.train(current.training)
         if isinstance(old, nn.GroupNorm) and old.affine:
             # The Parameters the swapped module holds now: new ones where the model was loaded
