@@ -134,3 +134,46 @@ def test_progress_reaches_exactly_its_total(
     bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
     finals = [line for line in bar if line.startswith("runs 2/2")]
     assert finals and "100%" in finals[-1], bar[-3:]
+
+
+def test_regression_a_test_size_beyond_the_test_set_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--test-size above the dataset's test images was cut to them silently, while the report
+    printed the number asked for."""
+    import numpy as np
+
+    from groupnorm.study import fashion
+
+    def small(*_: object, **__: object) -> tuple[np.ndarray, ...]:
+        images = np.zeros((50, 28, 28), dtype=np.uint8)
+        return images, np.zeros(50, dtype=np.int64), images[:20], np.zeros(20, dtype=np.int64)
+
+    monkeypatch.setattr(fashion, "read_fashion_mnist", small)
+    cfg = with_overrides(PRESETS["tiny"], data="fashion-mnist", train_size=20, test_size=30)
+    with pytest.raises(ValueError, match="--test-size 30: fashion-mnist has 20 test images"):
+        load_dataset(cfg, None)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--quick", "--preset", "tiny"], "not allowed with argument"),
+        (["--norms", "gn,gn"], "gn given more than once"),
+        (["--batches", "2,4,2"], "2 given more than once"),
+        (["--seeds", "101"], "100 and up are the tuning seeds"),
+    ],
+)
+def test_regression_conflicting_study_options_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], match: str
+) -> None:
+    """--quick with --preset took the last one, a norm or batch given twice passed, and
+    --seeds 101 without --tune made tuning seed 100 a reported one."""
+    code: object
+    try:
+        code = main(["study", *args, "--out", str(tmp_path / "s")])
+    except SystemExit as e:  # argparse's own refusal
+        code = e.code
+    assert code == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -37,6 +37,13 @@ def _ints(text: str) -> tuple[int, ...]:
         ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return _once(values, text)
+
+
+def _once(values: tuple[Any, ...], text: str) -> tuple[Any, ...]:
+    twice = sorted({str(v) for v in values if values.count(v) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} given more than once in {text!r}")
     return values
 
 
@@ -45,18 +52,19 @@ def _norms(text: str) -> tuple[str, ...]:
     bad = [v for v in values if v not in NORMS]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown norm(s) {bad}; choose from {NORMS}")
-    return values
+    return _once(values, text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    presets = p.add_mutually_exclusive_group()
+    presets.add_argument(
         "--quick",
         action="store_const",
         const="quick",
         dest="preset",
         help="the quick preset (= --preset quick): 2 CPU cores, under 15 minutes",
     )
-    p.add_argument(
+    presets.add_argument(
         "--preset",
         choices=sorted(PRESETS),
         default=None,
@@ -145,6 +153,12 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
         first = TUNING_SEEDS[0] if args.tune else 0
+        if not args.tune and args.seeds > TUNING_SEEDS[0]:
+            raise ValueError(
+                f"--seeds {args.seeds} would report seeds up to {args.seeds - 1}, and "
+                f"{TUNING_SEEDS[0]} and up are the tuning seeds (--tune): at most "
+                f"{TUNING_SEEDS[0]} seeds"
+            )
         changes["seeds"] = tuple(range(first, first + args.seeds))
     elif args.tune:
         changes["seeds"] = TUNING_SEEDS

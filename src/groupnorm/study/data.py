@@ -272,7 +272,12 @@ def load_dataset(cfg: StudyConfig, data_dir: str | None) -> Dataset:
                 f"--data-dir DIR (add --download to fetch it)"
             )
         tx, ty, vx, vy, classes = cifar.read_cifar(Path(data_dir), cfg.data)
-    nte = len(vy) if cfg.test_size is None else min(cfg.test_size, len(vy))
+    if cfg.test_size is not None and cfg.test_size > len(vy):
+        raise ValueError(
+            f"--test-size {cfg.test_size}: {cfg.data} has {len(vy)} test images; give at most "
+            f"{len(vy)} (or leave it out for all)"
+        )
+    nte = len(vy) if cfg.test_size is None else cfg.test_size
     return _splits(
         cfg,
         torch.from_numpy(np.ascontiguousarray(tx)).float() / 255,
