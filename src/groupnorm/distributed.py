@@ -46,7 +46,7 @@ from groupnorm.groups import GroupPlan
 from groupnorm.masked import masked_stats, narrowed, normalize_with, upcast
 from groupnorm.stats import GroupStats
 
-__all__ = ["all_gather_stats", "merge_many", "run_sharded"]
+__all__ = ["all_gather_stats", "every_rank", "merge_many", "run_sharded"]
 
 
 class _AllGather(torch.autograd.Function):
@@ -95,6 +95,15 @@ def check_process_group(group: object) -> None:
         )
 
 
+def every_rank(values: list[int], device: torch.device, group: Any) -> list[tuple[int, ...]]:
+    """Every rank's ``values`` (the same count on each), in rank order: one all_gather of int64
+    numbers, for checks that the ranks' calls agree before their real collectives."""
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    return [tuple(t.tolist()) for t in every]
+
+
 def _check_ranks_agree(local: GroupStats, group: Any) -> None:
     """Raise on every rank, before the statistics are gathered, unless all ranks hold
     statistics of the same shape and plan: gathered as they are, (N, G) fields of different
@@ -105,14 +114,9 @@ def _check_ranks_agree(local: GroupStats, group: Any) -> None:
         return
     assert local.plan is not None
     sizes = local.plan.sizes
-    mine = torch.tensor(
-        [local.shape[0], local.plan.num_channels, hash(sizes)],
-        dtype=torch.int64,
-        device=local.pivot.device,
+    seen = every_rank(
+        [local.shape[0], local.plan.num_channels, hash(sizes)], local.pivot.device, group
     )
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(every, mine, group=group)
-    seen = [tuple(t.tolist()) for t in every]
     if len(set(seen)) > 1:
         rows = ", ".join(f"rank {r}: N={n}, C={c}" for r, (n, c, _) in enumerate(seen))
         raise ValueError(

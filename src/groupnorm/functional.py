@@ -515,7 +515,11 @@ def _checked_group_norm(
         # Before the empty-position shortcut too: a bad mask is an error whatever x holds.
         mask = masked.check_mask(mask, x)
         if stats is not None:
-            raise masked.mask_with_stats_error()
+            raise ValueError(
+                "mask= and stats= together: the mask only selects the positions the statistics "
+                "come from, and stats= replaces them; pass group_stats(x, ..., mask=mask) as "
+                "stats="
+            )
     chosen = dispatch.select_backend(r, backend)
     if process_group is None and 0 in x.shape[2:]:
         y, out_stats = _without_positions(r)

@@ -37,7 +37,6 @@ from groupnorm.stats import _FIELDS, GroupStats
 
 __all__ = [
     "check_mask",
-    "mask_with_stats_error",
     "masked_stats",
     "narrowed",
     "normalize_with",
@@ -193,14 +192,6 @@ def normalize_with(r: Request, stats: GroupStats) -> torch.Tensor:
         plan=stats.plan,
     )
     return torch_ops.run(r._replace(stats=normalizing, return_stats=False))[0]
-
-
-def mask_with_stats_error() -> ValueError:
-    """The error for ``mask=`` and ``stats=`` in one call."""
-    return ValueError(
-        "mask= and stats= together: the mask only selects the positions the statistics "
-        "come from, and stats= replaces them; pass group_stats(x, ..., mask=mask) as stats="
-    )
 
 
 def run_masked(r: Request, mask: torch.Tensor) -> tuple[torch.Tensor, GroupStats | None]:

@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from groupnorm.distributed import all_gather_stats, check_process_group
+from groupnorm.distributed import all_gather_stats, check_process_group, every_rank
 from groupnorm.functional import check_flag, group_norm, group_stats, resolve_plan
 from groupnorm.groups import positive_int
 from groupnorm.modules import GroupNorm, GroupNormAct
@@ -492,15 +492,9 @@ def _check_ranks_agree(z: torch.Tensor, tile_rows: int, group: Any) -> None:
     the same shape and dtype in strips of the same height: otherwise the bands belong to
     different images (or do not cover one), and gathers of different sizes abort a gloo
     process (an error Python cannot catch). One all_gather of six int64 numbers."""
-    mine = torch.tensor(
-        # crc32, not hash(): a str's hash differs between processes
-        [*z.shape, tile_rows, zlib.crc32(str(z.dtype).encode())],
-        dtype=torch.int64,
-        device=z.device,
-    )
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(every, mine, group=group)
-    seen = [tuple(t.tolist()) for t in every]
+    # crc32, not hash(): a str's hash differs between processes
+    mine = [*z.shape, tile_rows, zlib.crc32(str(z.dtype).encode())]
+    seen = every_rank(mine, z.device, group)
     if len(set(seen)) > 1:
         rows = "; ".join(
             f"rank {r}: z {tuple(v[:4])}, tile_rows {v[4]}" for r, v in enumerate(seen)
