@@ -876,6 +876,23 @@ def test_an_edited_module_plans_once() -> None:
     assert m.plan is plan
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_regression_affine_parameters_replaced_by_another_length_are_planned_for() -> None:
+    """nn.GroupNorm normalizes with whatever weight and bias it holds: replaced by parameters
+    of 48 channels, it takes x of 48 channels. Ours kept its plan for 64 and refused x."""
+    x = make_x((2, 48, 3, 3), torch.float32)
+    for keep_bias in (True, False):
+        ours = groupnorm.GroupNorm(8, 64)
+        ours.weight = nn.Parameter(torch.rand(48) + 0.5)
+        ours.bias = nn.Parameter(torch.randn(48)) if keep_bias else None  # type: ignore[assignment]
+        bias = ours.bias.double() if ours.bias is not None else None
+        expected = to_numpy(nn.functional.group_norm(x.double(), 8, ours.weight.double(), bias))
+        for layout in (torch.contiguous_format, torch.channels_last):
+            assert_matches(ours(x.to(memory_format=layout)), expected, torch.float32)
+        assert_matches(torch.jit.script(ours)(x), expected, torch.float32)
+        assert ours.plan.num_channels == 48
+
+
 def test_regression_choose_num_groups_refuses_what_no_plan_holds() -> None:
     """Trial division up to sqrt(C) took seconds at 1e16 channels and hours at 1e20, and
     recommended plans make_plan refuses."""

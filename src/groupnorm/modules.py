@@ -168,14 +168,24 @@ class GroupNorm(nn.GroupNorm):
         plan_index(self.plan, self._device())
         return self.plan
 
+    def _stale(self) -> bool:
+        """Whether the kept plan is not the current attributes': num_groups or num_channels
+        changed, or the affine parameters were replaced by ones of another length (forward's
+        fast path declines those, so only the validated path and :meth:`_current_plan` ask)."""
+        if self._planned_for != (self.num_groups, self.num_channels):
+            return True
+        param = self.weight if self.weight is not None else self.bias
+        return (
+            isinstance(param, torch.Tensor)
+            and param.dim() == 1
+            and param.shape[0] != self.plan.num_channels
+        )
+
     @torch.jit.unused
     def _current_plan(self) -> GroupPlan:
-        """The plan of the current ``num_groups`` and ``num_channels``: the kept one, or
-        :meth:`_replan`'s where either changed since."""
-        plan = self.plan
-        if self._planned_for != (self.num_groups, self.num_channels):
-            plan = self._replan()
-        return plan
+        """The plan of the current attributes: the kept one, or :meth:`_replan`'s where they
+        changed since (:meth:`_stale`)."""
+        return self._replan() if self._stale() else self.plan
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -238,6 +248,8 @@ class GroupNorm(nn.GroupNorm):
             return fx_group_norm(
                 input, plan.sizes, self.weight, self.bias, self.eps, activation, self.backend
             )
+        if self._stale():
+            plan = self._replan()
         plan = traced_quietly(self._plan_of, input, plan)
         if self.process_group is not None:
             return group_norm(
