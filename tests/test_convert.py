@@ -1155,6 +1155,20 @@ def test_regression_proof_says_why_the_example_input_did_not_serve() -> None:
     assert report.proof.endswith("torch.fx symbolic trace, in training and eval mode")
 
 
+def test_regression_a_wrong_kind_of_example_input_is_refused() -> None:
+    """example_inputs="x" (or a list) went to torch.export, failed there, and the report said
+    the export failed and fx's trace was used instead: a mistake reported as a fallback."""
+    model = nn.Sequential(nn.GroupNorm(4, 16), nn.SiLU())
+    for bad in ("x", [torch.randn(2, 16, 4, 4)]):
+        with pytest.raises(TypeError, match="example_inputs must be a tensor or a tuple"):
+            swap_group_norm(model, example_inputs=bad)  # type: ignore[arg-type]
+    for bad_kwargs in ((("x", 1),), {1: torch.randn(2, 16, 4, 4)}):
+        with pytest.raises(TypeError, match="example_kwargs must be a dict"):
+            swap_group_norm(model, example_kwargs=bad_kwargs)  # type: ignore[arg-type]
+    _, report = swap_group_norm(model, example_inputs=torch.randn(2, 16, 4, 4))
+    assert report.proof.startswith("torch.export")
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_regression_scripted_models_are_refused_not_reported_empty() -> None:
     """convert_batchnorm and swap_group_norm of a scripted model reported nothing converted

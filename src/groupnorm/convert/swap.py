@@ -227,6 +227,20 @@ def swap_group_norm(
     """
     model = _walk.check_model(model, "swap_group_norm")
     check_flag("fuse_activation", fuse_activation)
+    # A wrong kind of example would only make the trace fail, and the report would blame it.
+    if example_inputs is not None and not isinstance(example_inputs, (torch.Tensor, tuple)):
+        raise TypeError(
+            "example_inputs must be a tensor or a tuple of the model's positional inputs, got "
+            f"{type(example_inputs).__name__}; wrap any other input in a tuple, e.g. "
+            "example_inputs=(x,)"
+        )
+    if example_kwargs is not None and not (
+        isinstance(example_kwargs, dict) and all(isinstance(k, str) for k in example_kwargs)
+    ):
+        raise TypeError(
+            "example_kwargs must be a dict of the model's keyword inputs by name, got "
+            f"{type(example_kwargs).__name__}"
+        )
     target = _walk.target_of(model, inplace, "swap_group_norm")
     paths = _walk.paths_by_module(target)
     report = SwapReport()
