@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import sys
@@ -22,9 +23,14 @@ def run_rank(rank: int, world: int, port: int, body: Callable[[], None]) -> NoRe
     """``body`` in this process as rank ``rank`` of a gloo group of ``world`` ranks on
     127.0.0.1:``port`` (a ``torch.multiprocessing.spawn`` worker), then :func:`exit_now` once
     every rank has reached a barrier. A body that raises tears the group down and re-raises, so
-    that spawn reports the error."""
+    that spawn reports the error. A collective that waits more than 5 minutes (a rank that
+    never joins it) raises instead of holding the test for gloo's default 30."""
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=5),
     )
     try:
         body()

@@ -135,7 +135,17 @@ def _regression_cases(rank: int, world: int, pg: Any) -> dict[str, Any]:
     result["error_plan"] = error(
         lambda: groupnorm.group_norm(torch.randn(2, 8, 2, 2), group_sizes=sizes, process_group=pg)
     )
+    # One rank's own arguments refused: every rank raises (the others waited in the gather).
+    eps = -1.0 if rank == 1 else 1e-5
+    result["error_local"] = error(
+        lambda: groupnorm.group_norm(torch.randn(2, 8, 2, 2), 2, eps=eps, process_group=pg)
+    )
+    stats = groupnorm.group_stats(torch.randn(2, 8, 2, 2), 2) if rank == 0 else None
+    result["error_stats"] = error(
+        lambda: groupnorm.group_norm(torch.randn(2, 8, 2, 2), 2, stats=stats, process_group=pg)
+    )
     module = groupnorm.GroupNorm(2, 8, process_group=pg)
+    result["error_module"] = error(lambda: module(torch.randn(2, 8 + 2 * rank, 2, 2)))
     result["error_script"] = error(lambda: torch.jit.script(module))
     result["error_trace"] = error(lambda: torch.jit.trace(module, (torch.randn(2, 8, 2, 2),)))
     result["after_errors"] = groupnorm.group_norm(torch.randn(2, 8, 2, 2), 2, process_group=pg)
@@ -218,7 +228,8 @@ def test_regression_double_backward_rank_disagreement_and_torchscript(tmp_path: 
     gradient was off by 1.1 with no error. Ranks calling with different N aborted a gloo
     process; different plans of the same G merged into wrong statistics; torch.jit.script
     dropped process_group= (each rank normalized its shard alone) and torch.jit.trace failed
-    inside the collective. GroupNormDropAct's fused call ignored process_group= (0.73 off
+    inside the collective. A rank whose own arguments were refused left the others waiting in
+    the agreement check's gather. GroupNormDropAct's fused call ignored process_group= (0.73 off
     with SiLU)."""
     ranks = _spawn(2, tmp_path, "regression")
     full = _inputs()
@@ -241,6 +252,13 @@ def test_regression_double_backward_rank_disagreement_and_torchscript(tmp_path: 
         assert r["error_script"].startswith("TypeError: torch.jit.script cannot compile")
         assert r["error_trace"].startswith("TypeError: torch.jit.trace cannot record")
         assert r["after_errors"].shape == (2, 8, 2, 2)
+    refused = "ValueError: process_group=: rank {} refused its arguments (its own error says why)"
+    assert ranks[0]["error_local"].startswith(refused.format(1))
+    assert "eps must be a finite number >= 0" in ranks[1]["error_local"]
+    assert "process_group= and stats= together" in ranks[0]["error_stats"]
+    assert ranks[1]["error_stats"].startswith(refused.format(0))
+    assert ranks[0]["error_module"].startswith(refused.format(1))
+    assert "must be positive and sum to num_channels=10" in ranks[1]["error_module"]
 
 
 def test_process_group_needs_torch_distributed_initialized() -> None:

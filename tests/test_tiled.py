@@ -262,6 +262,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for latent, rows in ((z[:, :, : 13 - rank], 3), (z[..., : 10 - rank], 3), (z, 3 + rank)):
             with pytest.raises(ValueError, match="every rank must pass the same z"):
                 tiled_decode(vae, latent, tile_rows=rows, process_group=group)
+        # One rank's own argument refused: the others raise too, instead of waiting for it.
+        refused = "rank 1 refused its arguments" if rank == 0 else "store must be 'memory'"
+        with pytest.raises(ValueError, match=refused):
+            tiled_decode(vae, z, store="memory" if rank == 0 else "ram", process_group=group)
 
     run_rank(rank, world, port, body)
 

@@ -35,6 +35,8 @@ has count 0 and gets :mod:`groupnorm.masked`'s all-masked result).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -46,7 +48,13 @@ from groupnorm.groups import GroupPlan
 from groupnorm.masked import masked_stats, narrowed, normalize_with, upcast
 from groupnorm.stats import GroupStats
 
-__all__ = ["all_gather_stats", "every_rank", "merge_many", "run_sharded"]
+__all__ = [
+    "all_gather_stats",
+    "every_rank",
+    "merge_many",
+    "refused_together",
+    "run_sharded",
+]
 
 
 class _AllGather(torch.autograd.Function):
@@ -95,13 +103,50 @@ def check_process_group(group: object) -> None:
         )
 
 
-def every_rank(values: list[int], device: torch.device, group: Any) -> list[tuple[int, ...]]:
+AGREED = 3  # numbers _check_ranks_agree gathers: N, C and the plan's hash
+
+
+def _check_device(group: Any) -> torch.device:
+    """Where the agreement checks' numbers travel: nccl gathers CUDA tensors only; gloo (and
+    a mixed "cpu:gloo,cuda:nccl" group) takes CPU ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def every_rank(values: list[int], group: Any, refused: bool = False) -> list[tuple[int, ...]]:
     """Every rank's ``values`` (the same count on each), in rank order: one all_gather of int64
-    numbers, for checks that the ranks' calls agree before their real collectives."""
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    numbers, for checks that the ranks' calls agree before their real collectives. A rank whose
+    own arguments were refused joins it with ``refused=True`` (see :func:`refused_together`),
+    and the others raise here instead of waiting in a collective it never joins."""
+    mine = torch.tensor([int(refused), *values], dtype=torch.int64, device=_check_device(group))
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
-    return [tuple(t.tolist()) for t in every]
+    seen = [tuple(t.tolist()) for t in every]
+    failed = [r for r, v in enumerate(seen) if v[0]]
+    if failed and not refused:
+        ranks = ", ".join(map(str, failed))
+        raise ValueError(
+            f"process_group=: rank {ranks} refused its arguments (its own error says why), so "
+            "every rank stops before the collective"
+        )
+    return [v[1:] for v in seen]
+
+
+@contextlib.contextmanager
+def refused_together(group: Any, count: int = AGREED) -> Iterator[None]:
+    """Run a rank's argument checks so that a refusal reaches every rank: the refusing rank
+    joins the :func:`every_rank` gather of ``count`` numbers that the others reach next, marked
+    refused, then raises its own error (alone, it would leave them waiting). ``group`` must
+    have passed :func:`check_process_group`. Not while torch.compile records, where the
+    agreement check is not made either, nor under torch.jit.trace, which refuses
+    process_group= on every rank that traces."""
+    try:
+        yield
+    except (TypeError, ValueError):
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            every_rank([0] * count, group, refused=True)
+        raise
 
 
 def _check_ranks_agree(local: GroupStats, group: Any) -> None:
@@ -114,9 +159,7 @@ def _check_ranks_agree(local: GroupStats, group: Any) -> None:
         return
     assert local.plan is not None
     sizes = local.plan.sizes
-    seen = every_rank(
-        [local.shape[0], local.plan.num_channels, hash(sizes)], local.pivot.device, group
-    )
+    seen = every_rank([local.shape[0], local.plan.num_channels, hash(sizes)], group)
     if len(set(seen)) > 1:
         rows = ", ".join(f"rank {r}: N={n}, C={c}" for r, (n, c, _) in enumerate(seen))
         raise ValueError(
@@ -164,11 +207,9 @@ def all_gather_stats(local: GroupStats, group: Any) -> GroupStats:
     )
 
 
-def run_sharded(
-    r: Request, group: object, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, GroupStats | None]:
-    """A validated request on this rank's shard: ``(y_shard, whole-tensor stats or None)``."""
-    check_process_group(group)
+def check_sharded(r: Request, group: object) -> None:
+    """What :func:`run_sharded` cannot do, raised with the other argument checks (inside
+    :func:`refused_together`)."""
     if torch.jit.is_tracing():
         raise TypeError(
             "torch.jit.trace cannot record process_group= (a TorchScript graph holds no "
@@ -180,6 +221,13 @@ def run_sharded(
             "merge them across ranks with groupnorm.distributed.all_gather_stats and drop "
             "process_group="
         )
+
+
+def run_sharded(
+    r: Request, group: object, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, GroupStats | None]:
+    """A request that passed :func:`check_sharded` on this rank's shard: ``(y_shard,
+    whole-tensor stats or None)``."""
     wide = upcast(r, mask)
     if mask is None and not wide.x.numel():
         # A shard with no position (more ranks than rows, say): empty statistics, count 0.

@@ -6,6 +6,7 @@ right.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -490,37 +491,47 @@ def _checked_group_norm(
     """:func:`group_norm` past its fast path: every argument checked, then the call run
     (``plain``: no statistics in or out, no epilogue beyond the activation, no mask, no
     process group, and the fast path has not declined it already)."""
-    x = _check_input(input, shard=process_group is not None)
-    plan = resolve_plan(
-        x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
-    )
-    if plain:
-        y = dispatch.run_plain(x, plan, weight, bias, eps, activation, backend)
-        if y is not None:
-            return y
-    r = _request(
-        x,
-        plan,
-        weight,
-        bias,
-        eps,
-        activation,
-        scale,
-        shift,
-        stats,
-        return_stats,
-        shard=process_group is not None,
-    )
-    if mask is not None:
-        # Before the empty-position shortcut too: a bad mask is an error whatever x holds.
-        mask = masked.check_mask(mask, x)
-        if stats is not None:
-            raise ValueError(
-                "mask= and stats= together: the mask only selects the positions the statistics "
-                "come from, and stats= replaces them; pass group_stats(x, ..., mask=mask) as "
-                "stats="
-            )
-    chosen = dispatch.select_backend(r, backend)
+    refusal: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if process_group is not None:
+        from groupnorm import distributed
+
+        # Checked first: the other ranks hear of this rank's refusal through it.
+        distributed.check_process_group(process_group)
+        refusal = distributed.refused_together(process_group)
+    with refusal:
+        x = _check_input(input, shard=process_group is not None)
+        plan = resolve_plan(
+            x.shape[1], num_groups, group_size=group_size, group_sizes=group_sizes, uneven=uneven
+        )
+        if plain:
+            y = dispatch.run_plain(x, plan, weight, bias, eps, activation, backend)
+            if y is not None:
+                return y
+        r = _request(
+            x,
+            plan,
+            weight,
+            bias,
+            eps,
+            activation,
+            scale,
+            shift,
+            stats,
+            return_stats,
+            shard=process_group is not None,
+        )
+        if mask is not None:
+            # Before the empty-position shortcut too: a bad mask is an error whatever x holds.
+            mask = masked.check_mask(mask, x)
+            if stats is not None:
+                raise ValueError(
+                    "mask= and stats= together: the mask only selects the positions the statistics "
+                    "come from, and stats= replaces them; pass group_stats(x, ..., mask=mask) as "
+                    "stats="
+                )
+        chosen = dispatch.select_backend(r, backend)
+        if process_group is not None:
+            distributed.check_sharded(r, process_group)
     if process_group is None and 0 in x.shape[2:]:
         y, out_stats = _without_positions(r)
     elif mask is not None or process_group is not None:

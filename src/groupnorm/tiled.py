@@ -54,7 +54,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from groupnorm.distributed import all_gather_stats, check_process_group, every_rank
+from groupnorm.distributed import (
+    all_gather_stats,
+    check_process_group,
+    every_rank,
+    refused_together,
+)
 from groupnorm.functional import check_flag, group_norm, group_stats, resolve_plan
 from groupnorm.groups import positive_int
 from groupnorm.modules import GroupNorm, GroupNormAct
@@ -65,6 +70,8 @@ __all__ = ["band_rows", "tiled_decode"]
 # A progress bar is shown by default from this many latent positions on: a 1024 px SD image
 # (128 x 128 latents) takes minutes to decode on a CPU; a 512 px one well under one.
 AUTO_PROGRESS_POSITIONS = 128 * 128
+
+_AGREED = 6  # numbers _check_ranks_agree gathers: z's shape, tile_rows and z's dtype
 
 
 def _remove_files(paths: list[str]) -> None:
@@ -426,19 +433,24 @@ def tiled_decode(
     installed). ``process_group``: decode across ranks; each returns its band of image rows,
     :func:`band_rows` (every rank must pass the same ``z``). Runs under ``torch.no_grad``.
     """
-    reason = _unsupported(vae)
-    if reason is not None:
-        raise ValueError(f"tiled_decode cannot decode this VAE exactly: {reason}")
-    _check_latent(vae, z)
-    tile_rows = positive_int("tile_rows", tile_rows)
-    if store not in ("memory", "disk"):
-        raise ValueError(f"store must be 'memory' or 'disk', got {store!r}")
-    if progress is not None:
-        check_flag("progress", progress)
+    refusal: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if process_group is not None:
+        # Checked first: the other ranks hear of this rank's refusal through it.
+        check_process_group(process_group)
+        refusal = refused_together(process_group, _AGREED)
+    with refusal:
+        reason = _unsupported(vae)
+        if reason is not None:
+            raise ValueError(f"tiled_decode cannot decode this VAE exactly: {reason}")
+        _check_latent(vae, z)
+        tile_rows = positive_int("tile_rows", tile_rows)
+        if store not in ("memory", "disk"):
+            raise ValueError(f"store must be 'memory' or 'disk', got {store!r}")
+        if progress is not None:
+            check_flag("progress", progress)
     strips = _strips(z.shape[2], tile_rows)
     world = 1
     if process_group is not None:
-        check_process_group(process_group)
         _check_ranks_agree(z, tile_rows, process_group)
         world = dist.get_world_size(process_group)
     _check_tiles(len(strips), z.shape[2], tile_rows, world)
@@ -494,7 +506,8 @@ def _check_ranks_agree(z: torch.Tensor, tile_rows: int, group: Any) -> None:
     process (an error Python cannot catch). One all_gather of six int64 numbers."""
     # crc32, not hash(): a str's hash differs between processes
     mine = [*z.shape, tile_rows, zlib.crc32(str(z.dtype).encode())]
-    seen = every_rank(mine, z.device, group)
+    assert len(mine) == _AGREED
+    seen = every_rank(mine, group)
     if len(set(seen)) > 1:
         rows = "; ".join(
             f"rank {r}: z {tuple(v[:4])}, tile_rows {v[4]}" for r, v in enumerate(seen)
