@@ -213,10 +213,11 @@ def with_overrides(cfg: StudyConfig, **changes: Any) -> StudyConfig:
     return replace(cfg, train=replace(cfg.train, **train), **top)
 
 
-# The quick preset (the README's command: strokes, 2 CPU cores, under 15 minutes) is a
+# The quick preset (the README's command: strokes, 2 CPU cores, 7-16 minutes) is a
 # demonstration, not the evidence: its recipe (W = 4, lr 0.2, 12 px, G = 16) was chosen on test
 # error (8,000 images x 14 epochs, cut to fit its time); docs/study.md says so. Its results
-# (docs/study-quick) reproduce bit for bit. The evidence is the "full" preset, a pre-registered
+# (docs/study-quick) reproduce bit for bit on the machine and software stack that made them
+# (docs/study.md: not on another). The evidence is the "full" preset, a pre-registered
 # protocol (groupnorm.study.protocol) on Fashion-MNIST; its recipe is stated in FULL_RECIPE.
 _QUICK_RECIPE = TrainConfig(epochs=12, lr=0.2, workers=4)
 FULL_RECIPE = TrainConfig(epochs=18, lr=0.1, workers=4, width=8, eval_epochs=1)
