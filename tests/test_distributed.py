@@ -144,6 +144,10 @@ def _regression_cases(rank: int, world: int, pg: Any) -> dict[str, Any]:
     result["error_stats"] = error(
         lambda: groupnorm.group_norm(torch.randn(2, 8, 2, 2), 2, stats=stats, process_group=pg)
     )
+    dtype = torch.float64 if rank else torch.float32
+    result["error_dtype"] = error(
+        lambda: groupnorm.group_norm(torch.randn(2, 8, 2, 2, dtype=dtype), 2, process_group=pg)
+    )
     module = groupnorm.GroupNorm(2, 8, process_group=pg)
     result["error_module"] = error(lambda: module(torch.randn(2, 8 + 2 * rank, 2, 2)))
     result["error_script"] = error(lambda: torch.jit.script(module))
@@ -257,6 +261,9 @@ def test_regression_double_backward_rank_disagreement_and_torchscript(tmp_path: 
     assert "eps must be a finite number >= 0" in ranks[1]["error_local"]
     assert "process_group= and stats= together" in ranks[0]["error_stats"]
     assert ranks[1]["error_stats"].startswith(refused.format(0))
+    for rank, r in enumerate(ranks):  # shards of two dtypes had merged without an error
+        assert "and different dtypes (this rank: 2 groups of 4, " in r["error_dtype"]
+        assert r["error_dtype"].endswith(f"torch.float{64 if rank else 32})")
     assert ranks[0]["error_module"].startswith(refused.format(1))
     assert "must be positive and sum to num_channels=10" in ranks[1]["error_module"]
 

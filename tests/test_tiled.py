@@ -19,6 +19,7 @@ import torch.multiprocessing as tmp
 if importlib.util.find_spec("diffusers") is None:
     pytest.skip("diffusers is not installed", allow_module_level=True)
 
+from groupnorm import tiled  # noqa: E402
 from groupnorm.tiled import band_rows, tiled_decode  # noqa: E402
 from tests._gloo import free_port, run_rank  # noqa: E402
 from tests._tolerances import assert_matches, to_numpy  # noqa: E402
@@ -255,8 +256,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     def body() -> None:
         torch.set_num_threads(1)
         vae, z, group = _vae(), _latent(), dist.group.WORLD
-        band = tiled_decode(vae, z, tile_rows=3, process_group=group)
-        torch.save(band, os.path.join(out, f"rank{rank}.pt"))
+        steps: list[int] = []  # the progress bar's length, which counted rank 0's strips
+        tiled._progress_bar = lambda progress, count, long: steps.append(count)  # type: ignore[assignment,func-returns-value]
+        band = tiled_decode(vae, z, tile_rows=3, progress=True, process_group=group)
+        torch.save((band, steps[0]), os.path.join(out, f"rank{rank}.pt"))
         # Ranks that disagree: one clear error on each, before any other collective (another
         # height decoded bands of different images; another width aborted gloo).
         for latent, rows in ((z[:, :, : 13 - rank], 3), (z[..., : 10 - rank], 3), (z, 3 + rank)):
@@ -278,9 +281,10 @@ def test_patch_parallel_decode_on_two_processes(
     decode (statistics merged across ranks, halo rows exchanged)."""
     world = 2
     tmp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
-    bands = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    bands, steps = zip(*(torch.load(tmp_path / f"rank{r}.pt") for r in range(world)), strict=True)
     rows = [band_rows(LATENT[2], 3, world, r, upscale=4) for r in range(world)]
     assert rows == [(0, 9 * 4), (9 * 4, 13 * 4)]  # 5 strips of <= 3 latent rows: 3 + 2
+    assert steps[0] / 3 == steps[1] / 2  # each rank's bar counts its own strips' passes
     assert [b.shape[2] for b in bands] == [b - a for a, b in rows]
     single = tiled_decode(_vae(), _latent(), tile_rows=3)
     whole = torch.cat(bands, dim=2)

@@ -18,8 +18,8 @@ How (every rank, identically):
 
 4. normalize the shard with the merged statistics.
 
-Before the gather, one all_gather of (N, C, plan) raises the same error on every rank where
-the ranks disagree.
+Before the gather, one all_gather of (N, C, plan, dtype) raises the same error on every rank
+where the ranks disagree.
 
 Gradients: the gather is a differentiable collective (twice: its backward is recorded too)
 whose backward all-reduces (sums) the gradients of the gathered statistics over ranks and keeps
@@ -36,6 +36,7 @@ has count 0 and gets :mod:`groupnorm.masked`'s all-masked result).
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,7 +104,7 @@ def check_process_group(group: object) -> None:
         )
 
 
-AGREED = 3  # numbers _check_ranks_agree gathers: N, C and the plan's hash
+AGREED = 4  # numbers _check_ranks_agree gathers: N, C, the plan's hash and the dtype's
 
 
 def _check_device(group: Any) -> torch.device:
@@ -149,24 +150,30 @@ def refused_together(group: Any, count: int = AGREED) -> Iterator[None]:
         raise
 
 
-def _check_ranks_agree(local: GroupStats, group: Any) -> None:
+def _check_ranks_agree(local: GroupStats, group: Any, dtype: torch.dtype) -> None:
     """Raise on every rank, before the statistics are gathered, unless all ranks hold
-    statistics of the same shape and plan: gathered as they are, (N, G) fields of different
-    sizes abort a gloo process (an error Python cannot catch), and the same sizes for
-    different plans merge into wrong statistics without one. One all_gather of three int64
-    numbers; skipped while torch.compile records (the comparison reads values)."""
+    statistics of the same shape and plan, of inputs of one ``dtype``: gathered as they are,
+    (N, G) fields of different sizes abort a gloo process (an error Python cannot catch), the
+    same sizes for different plans merge into wrong statistics without one, and shards of
+    different dtypes are parts of no one tensor. One all_gather of four int64 numbers; skipped
+    while torch.compile records (the comparison reads values)."""
     if torch.compiler.is_compiling():
         return
     assert local.plan is not None
     sizes = local.plan.sizes
-    seen = every_rank([local.shape[0], local.plan.num_channels, hash(sizes)], group)
+    # crc32, not hash(): a str's hash differs between processes
+    code = zlib.crc32(str(dtype).encode())
+    seen = every_rank([local.shape[0], local.plan.num_channels, hash(sizes), code], group)
     if len(set(seen)) > 1:
-        rows = ", ".join(f"rank {r}: N={n}, C={c}" for r, (n, c, _) in enumerate(seen))
+        rows = ", ".join(f"rank {r}: N={n}, C={c}" for r, (n, c, _, _) in enumerate(seen))
+        differ = [
+            what for i, what in ((2, "group plans"), (3, "dtypes")) if len({v[i] for v in seen}) > 1
+        ]
         raise ValueError(
-            "process_group=: every rank must call with the same N, C and group plan (each holds "
-            f"a spatial part of one tensor); got {rows}"
-            + ("" if len({v[:2] for v in seen}) > 1 else ", and different group plans")
-            + f" (this rank: {local.plan.describe()})"
+            "process_group=: every rank must call with the same N, C, group plan and dtype "
+            f"(each holds a spatial part of one tensor); got {rows}"
+            + ("" if len({v[:2] for v in seen}) > 1 else ", and different " + " and ".join(differ))
+            + f" (this rank: {local.plan.describe()}, {dtype})"
         )
 
 
@@ -197,7 +204,12 @@ def all_gather_stats(local: GroupStats, group: Any) -> GroupStats:
             f"{type(local).__name__}"
         )
     check_process_group(group)
-    _check_ranks_agree(local, group)
+    _check_ranks_agree(local, group, local.pivot.dtype)
+    return _gathered(local, group)
+
+
+def _gathered(local: GroupStats, group: Any) -> GroupStats:
+    """:func:`all_gather_stats` past its checks."""
     # Gathered in float64 whatever the local dtype: the merge is in float64 anyway, and a rank
     # whose statistics were widened (its call records autograd) sends as many bytes as the rest.
     fields = torch.stack([local.pivot, local.shifted_mean, local.m2, local.count])  # (4, N, G)
@@ -237,7 +249,9 @@ def run_sharded(
         if mask is None
         else masked_stats(wide.x, r.plan, mask)
     )
-    stats = all_gather_stats(local, group)
+    # The shards' dtype, not the statistics': a float32 call that autograd records widens them.
+    _check_ranks_agree(local, group, r.x.dtype)
+    stats = _gathered(local, group)
     return normalize_with(wide, stats).to(r.x.dtype), (
         narrowed(stats, r.x.dtype) if r.return_stats else None
     )

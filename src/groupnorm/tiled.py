@@ -456,7 +456,8 @@ def tiled_decode(
     _check_tiles(len(strips), z.shape[2], tile_rows, world)
     dec = vae.decoder
     passes = sum(2 * len(b.resnets) + len(b.upsamplers or []) for b in dec.up_blocks) + 1
-    steps = passes * len(_rank_strips(len(strips), world, 0))
+    rank = 0 if process_group is None else dist.get_rank(process_group)
+    steps = passes * len(_rank_strips(len(strips), world, rank))
     bar = _progress_bar(progress, steps, long=z.shape[2] * z.shape[3] >= AUTO_PROGRESS_POSITIONS)
     try:
         with torch.no_grad(), _store(store) as store_dir:
