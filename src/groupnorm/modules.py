@@ -175,7 +175,7 @@ class GroupNorm(nn.GroupNorm):
         if self._planned_for != (self.num_groups, self.num_channels):
             return True
         param = self.weight if self.weight is not None else self.bias
-        return (
+        return bool(  # a Python bool: torch.jit.trace records the sizes as tensors
             isinstance(param, torch.Tensor)
             and param.dim() == 1
             and param.shape[0] != self.plan.num_channels
@@ -248,8 +248,8 @@ class GroupNorm(nn.GroupNorm):
             return fx_group_norm(
                 input, plan.sizes, self.weight, self.bias, self.eps, activation, self.backend
             )
-        if self._stale():
-            plan = self._replan()
+        if traced_quietly(self._stale):
+            plan = traced_quietly(self._replan)
         plan = traced_quietly(self._plan_of, input, plan)
         if self.process_group is not None:
             return group_norm(
