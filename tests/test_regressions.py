@@ -748,6 +748,55 @@ def test_regression_functorch_derivatives_of_float32_at_small_spread(
     assert_matches(tangent, to_numpy(want), torch.float32, reduction=count, what="tangent")
 
 
+# forward-mode AD loads its decompositions through torch.jit.script on first use.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("form", ["function", "module"])
+def test_regression_forward_ad_of_float32_at_small_spread(
+    form: str, activation: str | None
+) -> None:
+    """torch.autograd.forward_ad's dual tensors are plain tensors, so float32 NCHW calls took
+    torch's checked float32 kernel and its float32 tangent, where torch.func.jvp of the same
+    call runs in float64: in groups of 2 channels at std 3e-3 with |w| ~ 2 the tangent reached
+    11.9x the float32 bound (GELU; 12-55x fuzzed), a forward-over-reverse Hessian-vector
+    product 109-286x; torch.func.jvp 0.03x. Forward AD now takes float32 in float64 too, by the
+    function and the module (whose fast path declines forward AD). The tangent and the HVP
+    against float64 autograd of the textbook formula."""
+    import torch.autograd.forward_ad as fwAD
+
+    N, C, G = 2, 16, 8
+    shape = (N, C, 8, 8)
+    x = make_x(shape, torch.float32, seed=62, loc=0.0, std=3e-3)
+    w, b = rand((C,), torch.float32, 63) * 2, rand((C,), torch.float32, 64)
+    v, dy = rand(shape, torch.float32, 65), rand(shape, torch.float32, 66)
+    module = groupnorm.GroupNorm(G, C, activation=activation)
+    with torch.no_grad():
+        module.weight.copy_(w)
+        module.bias.copy_(b)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        if form == "module":
+            return module(x)
+        return groupnorm.group_norm(x, G, w, b, activation=activation)
+
+    def textbook(x: torch.Tensor) -> torch.Tensor:
+        y = textbook_group_norm(x, (C // G,) * G, w.double(), b.double())[0]
+        return y if activation is None else F.gelu(y)
+
+    def hvp(f: Any, x: torch.Tensor) -> torch.Tensor:
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(x.detach().clone().requires_grad_(), v.to(x.dtype))
+            (gx,) = torch.autograd.grad((f(dual) * dy.to(x.dtype)).sum(), dual, create_graph=True)
+            return fwAD.unpack_dual(gx).tangent
+
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(f(fwAD.make_dual(x, v))).tangent
+    want = torch.func.jvp(textbook, (x.double(),), (v.double(),))[1]
+    count = C // G * 64
+    assert_matches(tangent, to_numpy(want), torch.float32, reduction=count, what="tangent")
+    assert_matches(hvp(f, x), to_numpy(hvp(textbook, x.double())), torch.float32, what="hvp")
+
+
 def _strided_weights(C: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Weights of C channels that are not contiguous: a step view, an expanded scalar (one
     element in memory) and a matrix column."""

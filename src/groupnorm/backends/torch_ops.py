@@ -1695,7 +1695,8 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     Without statistics in or out: on an eager CPU call, torch's kernel with its mean checked
     (:func:`_native_checked`); under torch.compile, float32/float64 CPU input in a layout the
     fused kernel reads, its ops (:mod:`.compiled`); everywhere else (tracing, transforms, other
-    devices), torch's kernel on pivot-shifted input, which needs no check (:mod:`.shifted`).
+    devices), torch's kernel on pivot-shifted input, which needs no check (:mod:`.shifted`),
+    in float64 for float32 x that torch.func or forward AD differentiates.
     Statistics out, where
     autograd does not record, from the same checked kernel call (:func:`_native_with_stats`).
     Statistics in or out, and what none of these serves, take the composite path. The fused
@@ -1719,7 +1720,10 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
     if _fused_records_given(r):
         return _record_fused_given(r), None
     if r.stats is None and not r.return_stats and not _forward_ad_on_channels_last(r.x):
-        if _reads_request(r):
+        # forward AD's dual tensors are plain ones, which the first branch would give torch's
+        # float32 kernel and its float32 tangent
+        forward64 = forward_ad._current_level >= 0 and _widens(r.x)
+        if _reads_request(r) and not forward64:
             y = _native_checked(r)
             if y is not None:
                 return y, None
@@ -1728,10 +1732,12 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
         else:
             first = plan_index(r.plan, r.x.device).channel_first
             runs = list(r.plan.runs)
-            if r.x.dtype == torch.float32 and _functorch_differentiates(r):
-                # torch.func.grad / jvp differentiate torch's float32 kernel, whose dx and
-                # tangent cancel in small groups at small spread (6.2x and 7.9x the float32
-                # bound at std 3e-3, |w| ~ 2): in float64, rounded once.
+            if forward64 or (_widens(r.x) and _functorch_differentiates(r)):
+                # torch.func.grad / jvp and forward AD differentiate torch's float32 kernel,
+                # whose dx and tangent cancel in small groups at small spread (6.2x and 7.9x
+                # the float32 bound at std 3e-3, |w| ~ 2; forward AD's tangent 12-55x, a
+                # forward-over-reverse Hessian-vector product 109-286x): in float64, rounded
+                # once.
                 w, b, sc, sh = (
                     None if t is None else t.double() for t in (r.weight, r.bias, r.scale, r.shift)
                 )
