@@ -925,6 +925,38 @@ def test_regression_composite_path_with_a_pivot_far_out_in_its_group(call: str) 
     assert_matches(y, expected, torch.float32)
 
 
+@pytest.mark.parametrize("call", ["given", "strided"])
+def test_regression_float64_statistics_with_a_pivot_far_out_in_its_group(call: str) -> None:
+    """float64 statistics taken by torch ops (``group_stats`` of an x that autograd records,
+    the composite path of strided views) kept each group's first element as pivot: a zero of
+    padding before data at 1e4 +- 0.01 left x - pivot at 1e6 deviations, and y, formed from it,
+    reached 3.0x the float64 bound with statistics given (9.1x fuzzed) and 3.8x on a strided
+    view; for a dy of mean 100, dx 1.1e4x and 1.4e4x, dweight 8.0e3x and 6.1e3x. float64 is
+    shifted by its group's mean now (0.01-0.14x). Against float64 autograd of the textbook
+    formula on x - 1e4 (exact: Sterbenz), which no derivative sees."""
+    gen = torch.Generator().manual_seed(0)
+    S = 512
+    full = torch.randn(1, 2, S, 2 * S, generator=gen, dtype=torch.float64) * 0.01 + 1e4
+    full[:, :, 0, 0] = 0.0
+    x0 = full[..., :S].contiguous() if call == "given" else full[..., ::2]
+    w0, b0 = rand((2,), torch.float64, 1) * 2, rand((2,), torch.float64, 2)
+    dy = torch.randn(x0.shape, generator=gen, dtype=torch.float64) + 100
+
+    def run(f: Any, x0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x, w, b = (t.detach().requires_grad_() for t in (x0, w0, b0))  # x keeps its strides
+        y = f(x, w, b)
+        return (y, *torch.autograd.grad((y * dy).sum(), (x, w)))
+
+    def ours(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        stats = groupnorm.group_stats(x, 2) if call == "given" else None
+        return groupnorm.group_norm(x, 2, w, b, stats=stats)
+
+    got = run(ours, x0)
+    want = run(lambda x, w, b: textbook_group_norm(x, (1, 1), w, b)[0], x0 - 1e4)
+    for name, g, e, n in zip(("y", "dx", "dweight"), got, want, (1, 1, S * S), strict=True):
+        assert_matches(g, to_numpy(e), torch.float64, reduction=n, what=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_regression_half_composite_path_with_a_pivot_far_out_in_its_group(
     dtype: torch.dtype,

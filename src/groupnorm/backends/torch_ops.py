@@ -177,17 +177,22 @@ def _shifted(
 
 
 def _pivot(x: torch.Tensor, plan: GroupPlan, acc: torch.dtype) -> torch.Tensor:
-    """Each group's pivot, (N, G) in ``acc``: for half precision the group's mean (float32
-    sums), else its first element (float32 and float64 x are shifted in float64 where it
-    matters, :func:`_widens`). Half precision's statistics and gradients are formed in
-    float32: from a first element far out in its group (a zero of padding before data at
-    -500 +- 10 or 30 +- 0.001) the terms of dweight's sum(dy (x - pivot)) rstd -
-    sum(dy) mean rstd cancel, which put a float32 weight's gradient at 1.1-1.6x what torch's
-    own kernel misses by. One more read of x, in its own dtype."""
-    if x.dtype in (torch.float16, torch.bfloat16) and x.numel():
+    """Each group's pivot, (N, G) in ``acc``: for half precision and float64 the group's mean
+    (sums in ``acc``), for float32 its first element (float32 x is shifted in float64 where it
+    matters, :func:`_widens`, and its statistics out re-pivoted, :func:`_narrowed`). One more
+    read of x, in its own dtype.
+
+    Half precision's statistics and gradients are formed in float32: from a first element far
+    out in its group (a zero of padding before data at -500 +- 10 or 30 +- 0.001) the terms of
+    dweight's sum(dy (x - pivot)) rstd - sum(dy) mean rstd cancel, which put a float32
+    weight's gradient at 1.1-1.6x what torch's own kernel misses by. float64: such a first
+    element (a zero before data at 1e4 +- 0.01, 512^2 elements a group) stayed the pivot of
+    the statistics (``group_stats`` of an x that autograd records, the composite path's), and
+    y, formed from x - pivot at 1e6 deviations, reached 9.1x the float64 bound."""
+    if x.dtype in (torch.float16, torch.bfloat16, torch.float64) and x.numel():
         spatial = tuple(range(2, x.dim()))
-        mean_c = x.mean(dim=spatial, dtype=torch.float32) if spatial else x.float()  # (N, C)
-        return _group_sum(mean_c, plan) / plan_index(plan, x.device).sizes.float()
+        mean_c = x.mean(dim=spatial, dtype=acc) if spatial else x.to(acc)  # (N, C)
+        return _group_sum(mean_c, plan) / plan_index(plan, x.device).sizes.to(acc)
     first = plan_index(plan, x.device).first
     return x[(slice(None), first) + (0,) * (x.dim() - 2)].to(acc)
 
@@ -236,7 +241,9 @@ def compute_stats(x: torch.Tensor, plan: GroupPlan) -> GroupStats:
     autograd records keeps its float64 copy and statistics behind the fields (:class:`Widened`)."""
     if _widens(x):
         wide_x = x.to(torch.float64)
-        wide = _stats_of_shifted(*_shifted(wide_x, plan, None, torch.float64), plan)
+        # float32's pivot (its first element), not the copy's (a float64 mean, one more read)
+        pivot = _pivot(x.detach(), plan, torch.float64)
+        wide = _stats_of_shifted(*_shifted(wide_x, plan, pivot), plan)
         fields = _narrowed(wide)
         if x.requires_grad and torch.is_grad_enabled() and _reads_values(x):
             return widened(fields, wide, ((x, wide_x, x._version, x.data_ptr()),))
