@@ -4,6 +4,7 @@ here)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -1313,6 +1314,44 @@ def test_regression_an_empty_tile_keeps_the_float64_form_of_merged_statistics(
         assert_matches(y, out, torch.float32)
         exact = R.group_norm_backward(to_numpy(dy), cache)
         assert_matches(dx, exact.dx, torch.float32, reduction=12, what="dx")
+
+
+def test_regression_copied_and_moved_statistics_keep_their_float64_form() -> None:
+    """GroupStats.to(its own device), copy.copy and dataclasses.replace made new statistics
+    without the float64 form behind float32 ones, so x's gradients through them and directly
+    added in float32 (y.sum()'s dx at 4.1x the float32 bound, std 1e-3, eps 1e-6); deepcopy
+    raised torch's "Only Tensors created explicitly by the user (graph leaves)". A field
+    replaced by another tensor (a detached one too) is what normalizes."""
+    plan = resolve_plan(8, 4)
+    x = make_x((2, 8, 6), torch.float32, seed=8, loc=0.0, std=1e-3)
+    w = rand((8,), torch.float32, 8) * 2
+    out, cache = R.group_norm_forward(to_numpy(x), plan=plan, gamma=to_numpy(w), eps=1e-6)
+    exact = R.group_norm_backward(np.ones(x.shape), cache).dx
+    for how in (lambda s: s.to(x.device), copy.copy, dataclasses.replace):
+        xg = x.clone().requires_grad_()
+        stats = how(groupnorm.group_stats(xg, 4))
+        y = groupnorm.group_norm(xg, 4, w, eps=1e-6, stats=stats)
+        (dx,) = torch.autograd.grad(y.sum(), xg)
+        assert_matches(y, out, torch.float32)
+        assert_matches(dx, exact, torch.float32, reduction=12, what="dx")
+    with pytest.raises(RuntimeError, match="cannot be deep-copied: their fields are not graph"):
+        copy.deepcopy(stats)
+    with torch.no_grad():
+        stats = groupnorm.group_stats(x, 4)
+    assert torch.equal(copy.deepcopy(stats).m2, stats.m2)
+
+    # m2 detached: no gradient through the variance, in float64 by hand.
+    xg, xd = x.clone().requires_grad_(), x.double().requires_grad_()
+    stats = groupnorm.group_stats(xg, 4)
+    stats = dataclasses.replace(stats, m2=stats.m2.detach())
+    dy = rand(tuple(x.shape), torch.float32, 9)
+    (dx,) = torch.autograd.grad(groupnorm.group_norm(xg, 4, w, eps=1e-6, stats=stats), xg, dy)
+    g = xd.reshape(2, 4, -1)
+    mean = g.mean(-1, keepdim=True)
+    var = ((g - mean) ** 2).mean(-1, keepdim=True).detach()
+    y = ((g - mean) / torch.sqrt(var + 1e-6)).reshape(x.shape) * w.double()[:, None]
+    (want,) = torch.autograd.grad(y, xd, dy.double())
+    assert_matches(dx, to_numpy(want), torch.float32, reduction=12, what="dx")
 
 
 def test_regression_given_statistics_changed_in_place_are_the_ones_used() -> None:

@@ -16,6 +16,7 @@ All fields are ``(N, G)`` tensors in the accumulation dtype (float32, float64 fo
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -44,13 +45,20 @@ class Widened(NamedTuple):
     # (x, its float64 copy, x's version and data pointer when the copy was made)
     sources: tuple[tuple[torch.Tensor, torch.Tensor, int, int], ...]
     fields: tuple[torch.Tensor, ...]  # the float32 fields' values when this was made
+    tensors: tuple[torch.Tensor, ...]  # the float32 fields themselves
 
     def current(self, fields: GroupStats) -> bool:
-        """Whether ``fields``, the float32 statistics holding this, still hold the values
-        they were made with (compared by value: a change through ``.data`` bumps no version)."""
-        return all(
-            torch.equal(getattr(fields, f), kept)
-            for f, kept in zip(_FIELDS, self.fields, strict=True)
+        """Whether ``fields``, the float32 statistics holding this, still hold the very tensors
+        (a copy or ``dataclasses.replace`` keeps them; a field replaced by another, a detached
+        one too, has other autograd history) with the values they were made with (compared by
+        value: a change through ``.data`` bumps no version), for the same plan."""
+        return (
+            fields.plan == self.stats.plan
+            and all(getattr(fields, f) is t for f, t in zip(_FIELDS, self.tensors, strict=True))
+            and all(
+                torch.equal(getattr(fields, f), kept)
+                for f, kept in zip(_FIELDS, self.fields, strict=True)
+            )
         )
 
     def source(self, fields: GroupStats, x: torch.Tensor) -> torch.Tensor | None:
@@ -77,13 +85,28 @@ class GroupStats:
     m2: torch.Tensor
     count: torch.Tensor
     plan: GroupPlan | None = None
-    # Internal, set by widened() for group_stats and merge_stats (see Widened); not an argument,
-    # so dataclasses.replace does not carry it to other fields.
-    _widened: Widened | None = field(default=None, init=False, repr=False)
+    # Internal, set by widened() for group_stats and merge_stats (see Widened). An argument so
+    # that dataclasses.replace and copy.copy carry it: it serves only fields that are still
+    # the tensors it was made for (Widened.current).
+    _widened: Widened | None = field(default=None, kw_only=True, repr=False)
 
     def __getstate__(self) -> dict[str, object]:
         # The float64 copies behind the fields serve gradients in this process only.
         return {**self.__dict__, "_widened": None}
+
+    def __copy__(self) -> GroupStats:
+        return replace(self)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> GroupStats:
+        if any(getattr(self, f).grad_fn is not None for f in _FIELDS):
+            raise RuntimeError(
+                "GroupStats computed under autograd (from an x that requires grad) cannot be "
+                "deep-copied: their fields are not graph leaves, which torch does not deep-copy. "
+                "copy.copy shares them; or take the statistics under torch.no_grad(), or detach "
+                "each field into a new GroupStats"
+            )
+        pivot, shifted_mean, m2, count = (copy.deepcopy(getattr(self, f), memo) for f in _FIELDS)
+        return GroupStats(pivot, shifted_mean, m2, count, plan=self.plan)
 
     def __post_init__(self) -> None:
         fields = [getattr(self, f) for f in _FIELDS]
@@ -95,6 +118,8 @@ class GroupStats:
                 "GroupStats(pivot, shifted_mean, m2, count, plan) takes four (N, G) tensors and "
                 f"the GroupPlan they were computed for; got ({got}). Use groupnorm.group_stats"
             )
+        if not isinstance(self._widened, Widened | None):
+            raise TypeError("GroupStats(_widened=) is internal: leave it out")
         p = self.pivot
         G = self.plan.num_groups
         for name, t in zip(_FIELDS, fields, strict=True):
@@ -139,14 +164,20 @@ class GroupStats:
         return self.pivot.dtype
 
     def to(self, device: torch.device | str) -> GroupStats:
-        """The statistics on ``device`` (their dtype is x's accumulation dtype: not changed)."""
+        """The statistics on ``device`` (their dtype is x's accumulation dtype: not changed);
+        these very statistics where they are on it already (their float64 form, which serves
+        gradients, included)."""
         if not isinstance(device, torch.device | str | int):
             raise TypeError(
                 f"GroupStats.to takes a device (torch.device, 'cpu', 'cuda:0', an index), got "
                 f"{device!r}; the statistics' dtype follows x's"
             )
         device = torch.device(device)
-        pivot, shifted_mean, m2, count = (getattr(self, f).to(device) for f in _FIELDS)
+        pivot, shifted_mean, m2, count = moved = [getattr(self, f).to(device) for f in _FIELDS]
+        if all(t is getattr(self, f) for f, t in zip(_FIELDS, moved, strict=True)):
+            return self
+        # Moved, the float64 form is dropped: it serves only the very x it came from, on the
+        # device it left.
         return GroupStats(pivot, shifted_mean, m2, count, self.plan)
 
 
@@ -157,10 +188,9 @@ def widened(
 ) -> GroupStats:
     """``fields`` (float32) holding ``stats``, their float64 form, and the float64 copies of
     the inputs they came from (:class:`Widened`)."""
-    kept = tuple(getattr(fields, f).detach().clone() for f in _FIELDS)
-    out = replace(fields)
-    object.__setattr__(out, "_widened", Widened(stats, sources, kept))
-    return out
+    tensors = tuple(getattr(fields, f) for f in _FIELDS)
+    kept = tuple(t.detach().clone() for t in tensors)
+    return replace(fields, _widened=Widened(stats, sources, kept, tensors))
 
 
 def check_stats_values(stats: GroupStats, what: str = "stats", *, empty: bool = False) -> None:
