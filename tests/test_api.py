@@ -745,7 +745,7 @@ def test_regression_sparse_and_nested_input_get_a_clear_error() -> None:
 def test_regression_statistics_values_are_checked_where_they_are_used() -> None:
     """rstd(-1) gave NaN; merge_stats merged negative counts and m2 into statistics that
     normalize without an error; statistics held as nn.Parameter skipped the value check that
-    plain tensors get (count 0 gave ``bias``)."""
+    plain tensors get (a negative count gave ``bias``)."""
     x = make_x((2, 8, 3, 3), torch.float32)
     stats = groupnorm.group_stats(x, 4)
     for eps in (-1.0, float("nan"), float("inf")):
@@ -782,7 +782,7 @@ def test_regression_statistics_values_are_checked_where_they_are_used() -> None:
     for merged in (groupnorm.merge_stats(stats, empty), groupnorm.merge_stats(empty, stats)):
         assert torch.equal(merged.m2[1, 2], stats.m2[1, 2])
     for field, value, match in (
-        ("count", 0.0, "count has entries that are not finite numbers >= 1"),
+        ("count", -1.0, "count has entries that are not finite numbers >= 0"),
         ("count", float("inf"), "count"),
         ("m2", -1.0, "m2"),
     ):

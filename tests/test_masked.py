@@ -531,3 +531,63 @@ def test_regression_the_gradient_of_a_zero_weight_sees_x_at_its_position(
         mask64 = weights.clone().requires_grad_()
         (want,) = torch.autograd.grad(weighted_reference(xo.double(), mask64), mask64, dy.double())
         assert_matches(got, to_numpy(want), dtype, reduction=2 * 9, what=f"offset {offset}")
+
+
+@pytest.mark.parametrize("how", ["eager", "make_fx", "triton_named"])
+@pytest.mark.parametrize("mask_kind", ["empty_sample", "empty_group"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_regression_statistics_with_an_all_masked_group_normalize_as_the_mask_does(
+    dtype: torch.dtype, mask_kind: str, how: str, register: Any
+) -> None:
+    """group_stats(x, ..., mask=) of a mask that empties a group (count 0) was refused as
+    stats= ("stats.count has entries that are not finite numbers >= 1"), though the error for
+    mask= with stats= says to pass exactly that; so were the statistics return_stats=True gives
+    for an x without positions. They now normalize as group_norm(x, mask=) does: the empty
+    group's x_hat is 0, its gradient 0; values traced (make_fx) too, and a call named for
+    another backend (the Triton kernels, whose formula gives 0 / 0) runs the torch one."""
+    from groupnorm import dispatch
+
+    plan = resolve_plan(12, 4)
+    x = make_x(SHAPE, dtype, seed=40)
+    mask = make_mask(mask_kind, SHAPE, seed=41)
+    w, b = _params(12, dtype)
+    backend = "auto"
+    if how == "triton_named":
+
+        def refuse(r: Any) -> Any:
+            raise AssertionError("statistics with an empty group reached the kernels")
+
+        register(
+            dispatch.Backend(name="fake_triton", priority=99, why_not=lambda r: None, run=refuse)
+        )
+        backend = "fake_triton"
+
+    def normalized(
+        x: torch.Tensor, pivot: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, n: torch.Tensor
+    ) -> torch.Tensor:
+        stats = groupnorm.GroupStats(pivot, mean, m2, n, plan=plan)
+        return groupnorm.group_norm(x, 4, w, b, stats=stats, activation="silu", backend=backend)
+
+    stats = groupnorm.group_stats(x, 4, mask=mask)
+    assert bool((stats.count == 0).any())
+    fields = tuple(getattr(stats, f) for f in ("pivot", "shifted_mean", "m2", "count"))
+    run: Any = normalized
+    if how == "make_fx":  # values not read: the empty groups' convention traced
+        run = torch.fx.experimental.proxy_tensor.make_fx(normalized)(x, *fields)
+    y = run(x, *fields)
+    x64 = x.double().requires_grad_()
+    expected = dropped_reference(x64, plan, mask, w, b, activation="silu")
+    assert_matches(y, to_numpy(expected), dtype)
+
+    if how == "eager" and dtype == torch.float64:
+        xg = x.clone().requires_grad_()
+        stats = groupnorm.group_stats(xg, 4, mask=mask)
+        y = groupnorm.group_norm(xg, 4, w, b, stats=stats, activation="silu")
+        dy = rand(SHAPE, dtype, 42)
+        (dx,) = torch.autograd.grad(y, xg, dy)
+        (want,) = torch.autograd.grad(expected, x64, dy.double())
+        assert_matches(dx, to_numpy(want), dtype, reduction=3 * 30, what="dx")
+
+    empty = make_x((2, 12, 0, 3), dtype)
+    _, stats = groupnorm.group_norm(empty, 4, return_stats=True)
+    assert groupnorm.group_norm(empty, 4, w, b, stats=stats, backend=backend).shape == empty.shape

@@ -181,7 +181,8 @@ def test_regression_half_precision_one_rounding_in_backward_still_matches() -> N
 
 def test_regression_statistics_accepted_for_wrong_plan() -> None:
     """Statistics of group_sizes=[5, 1] normalized a [1, 5] call (0.62 off), merged with other
-    plans' statistics, and their dtype, a negative m2 or a zero count passed unchecked."""
+    plans' statistics, and their dtype, a negative m2 or a negative count passed unchecked (a
+    count of 0 is an all-masked group's: test_masked)."""
     x = make_x((2, 6, 4, 4), torch.float32)
     wrong = groupnorm.group_stats(x, group_sizes=[5, 1])
     with pytest.raises(ValueError, match=r"computed for 1x5 \+ 1x1 \(C=6\).*with 1x1 \+ 1x5"):
@@ -205,8 +206,8 @@ def test_regression_statistics_accepted_for_wrong_plan() -> None:
 
     with pytest.raises(ValueError, match="m2 has negative"):
         groupnorm.group_norm(x, group_sizes=[1, 5], stats=edited(m2=-right.m2))
-    with pytest.raises(ValueError, match="count has entries that are not finite numbers >= 1"):
-        groupnorm.group_norm(x, group_sizes=[1, 5], stats=edited(count=right.count * 0))
+    with pytest.raises(ValueError, match="count has entries that are not finite numbers >= 0"):
+        groupnorm.group_norm(x, group_sizes=[1, 5], stats=edited(count=-right.count))
     with pytest.raises(ValueError, match="dtype torch.float64"):
         edited(m2=right.m2.double())
     with pytest.raises(ValueError, match=r"\(N, G\) with G = 2"):

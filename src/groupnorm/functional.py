@@ -216,7 +216,7 @@ def _check_stats(stats: GroupStats, x: torch.Tensor, plan: GroupPlan) -> None:
             "statistics; compute them from an input of x's dtype"
         )
     if torch_ops.can_read_values(stats.m2):
-        check_stats_values(stats)
+        check_stats_values(stats, empty=True)
 
 
 def _request(
@@ -378,7 +378,8 @@ def group_norm(
     ``group_size`` (channels per group) or ``group_sizes`` (explicit, summing to C).
     ``weight``/``bias``: (C,); ``scale``/``shift``: (N, C) per-sample modulation (AdaGroupNorm);
     ``activation``: None, "silu", "gelu" (exact) or "relu". ``stats``: normalize with these
-    statistics (e.g. merged from tiles) instead of computing them; ``return_stats=True`` also
+    statistics (e.g. merged from tiles) instead of computing them (a group of count 0, all masked,
+    normalizes as with ``mask``); ``return_stats=True`` also
     returns the computed :class:`GroupStats`. The output has the input's dtype and memory
     format; statistics are accumulated in float32 (float64 for float64 input).
 
@@ -536,12 +537,26 @@ def _checked_group_norm(
         y, out_stats = _without_positions(r)
     elif mask is not None or process_group is not None:
         y, out_stats = _run_beyond_one_tensor(r, mask, process_group)
+    elif stats is not None and _may_hold_empty_groups(stats, chosen):
+        y, out_stats = masked.normalize_with(r, stats), None
     else:
         y, out_stats = chosen.run(r)
     if return_stats:
         assert out_stats is not None
         return y, out_stats
     return y
+
+
+def _may_hold_empty_groups(stats: GroupStats, chosen: dispatch.Backend) -> bool:
+    """Whether given statistics go to :func:`groupnorm.masked.normalize_with`, which normalizes
+    a group of count 0 (all masked: ``group_stats(x, ..., mask=)``) as ``group_norm(x, mask=)``
+    does, to ``x_hat = 0``, where the backends' own formula gives NaN (0 / 0): statistics that
+    hold such a group, where their values can be read; where they cannot (torch.compile,
+    export, torch.func transforms), every call the torch backend serves (its two selects on
+    (N, G) tensors cost nothing there); the Triton kernels keep those (docs/spec.md)."""
+    if torch_ops.can_read_values(stats.count):
+        return bool((stats.count == 0).any())
+    return chosen.name == "torch"
 
 
 def _without_positions(r: dispatch.Request) -> tuple[torch.Tensor, GroupStats | None]:

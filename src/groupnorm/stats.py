@@ -195,17 +195,17 @@ def widened(
 
 def check_stats_values(stats: GroupStats, what: str = "stats", *, empty: bool = False) -> None:
     """Raise if a count is not positive and finite (0 allowed with ``empty``: merging takes
-    empty parts) or an m2 is negative: such statistics would give ``bias``, Inf or NaN without
-    an error. A NaN m2 passes: it is what the statistics of a group holding NaN are, and that
-    group alone comes out NaN, as it does without given statistics. Reads the values: the
-    caller skips it where that is not possible (tracing) or would stall a device."""
+    empty parts, and ``group_norm(stats=)`` all-masked groups) or an m2 is negative: such
+    statistics would give Inf or NaN without an error. A NaN m2 passes: it is what the
+    statistics of a group holding NaN are, and that group alone comes out NaN, as it does
+    without given statistics. Reads the values: the caller skips it where that is not possible
+    (tracing) or would stall a device."""
     counts = (stats.count >= 0) if empty else (stats.count > 0)
     if not bool((counts & stats.count.isfinite()).all()):
         least = "0" if empty else "1"
         raise ValueError(
             f"{what}.count has entries that are not finite numbers >= {least}; a count is a "
             "number of elements"
-            + ("" if empty else " (statistics of an empty tile cannot normalize)")
         )
     if bool((stats.m2 < 0).any()):
         raise ValueError(f"{what}.m2 has negative entries; m2 is a sum of squared deviations, >= 0")
