@@ -842,6 +842,18 @@ def test_regression_sparse_parameters_are_refused_by_name() -> None:
             groupnorm.group_norm(x, 2, **{name: t.to_sparse()})  # type: ignore[call-overload]
 
 
+def test_regression_sparse_statistics_fields_are_refused_by_name() -> None:
+    """GroupStats took sparse fields, and group_norm(stats=) and merge_stats then failed deep
+    inside with NotImplementedError."""
+    stats = groupnorm.group_stats(make_x((2, 8, 3, 3), torch.float32), 4)
+    fields = {f: getattr(stats, f) for f in ("pivot", "shifted_mean", "m2", "count")}
+    for name, t in fields.items():
+        with pytest.raises(
+            TypeError, match=f"GroupStats.{name} must be a dense tensor .*layout torch.sparse_coo"
+        ):
+            GroupStats(**{**fields, name: t.to_sparse()}, plan=stats.plan)
+
+
 def test_regression_changed_attributes_follow_nn_group_norm() -> None:
     """nn.GroupNorm's forward is F.group_norm(x, num_groups, weight, bias): without affine
     parameters a changed num_groups normalizes any channel count it divides, and num_channels

@@ -118,6 +118,13 @@ class GroupStats:
                 "GroupStats(pivot, shifted_mean, m2, count, plan) takes four (N, G) tensors and "
                 f"the GroupPlan they were computed for; got ({got}). Use groupnorm.group_stats"
             )
+        for name, t in zip(_FIELDS, fields, strict=True):
+            if t.layout is not torch.strided or t.is_nested:
+                what = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+                raise TypeError(
+                    f"GroupStats.{name} must be a dense tensor (layout torch.strided), got "
+                    f"{what}; use .to_dense()"
+                )
         if not isinstance(self._widened, Widened | None):
             raise TypeError("GroupStats(_widened=) is internal: leave it out")
         p = self.pivot
