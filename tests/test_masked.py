@@ -591,3 +591,30 @@ def test_regression_statistics_with_an_all_masked_group_normalize_as_the_mask_do
     empty = make_x((2, 12, 0, 3), dtype)
     _, stats = groupnorm.group_norm(empty, 4, return_stats=True)
     assert groupnorm.group_norm(empty, 4, w, b, stats=stats, backend=backend).shape == empty.shape
+
+
+@pytest.mark.parametrize(
+    "how", ["make_fx_symbolic", pytest.param("export", marks=pytest.mark.slow)]
+)
+@pytest.mark.parametrize("mask_kind", ["bool_positions", "float_weights"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_regression_masks_trace_with_dynamic_spatial_sizes(
+    dtype: torch.dtype, mask_kind: str, how: str
+) -> None:
+    """The masked statistics took the positions' count as x.shape[2:].numel(), which makes a
+    symbolic size a constant: torch.export with a dynamic H refused ("Constraints violated
+    (h)!") and make_fx(tracing_mode="symbolic") recorded the H and W of its example. Traced at
+    one H, run at another."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    example = (make_x((2, 12, 5, 4), dtype, seed=50), make_mask(mask_kind, (2, 12, 5, 4), seed=51))
+    x = make_x((2, 12, 9, 4), dtype, seed=52)
+    mask = make_mask(mask_kind, (2, 12, 9, 4), seed=53)
+    if how == "export":
+        h = torch.export.Dim("h", min=2, max=64)
+        shapes = {"x": {2: h}, "mask": {2: h}}
+        run = torch.export.export(_FloatMasked(), example, dynamic_shapes=shapes).module()
+    else:
+        run = make_fx(_float_mask_call, tracing_mode="symbolic")(*example)
+    expected = dropped_reference(x.double(), resolve_plan(12, 4), mask)
+    assert_matches(run(x, mask), to_numpy(expected), dtype)

@@ -28,6 +28,8 @@ go to the Triton kernels (CUDA, ``backend="auto"`` or ``"triton"``) runs there t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from groupnorm.backends import torch_ops
@@ -118,7 +120,7 @@ def _of_positions(mask: torch.Tensor, x: torch.Tensor) -> bool:
 
 def _position_rows(mask: torch.Tensor, x: torch.Tensor, rows: int) -> torch.Tensor:
     """A mask of positions as (rows, L): one row of x's L positions per sample."""
-    L = x.shape[2:].numel()
+    L = math.prod(x.shape[2:])  # symbolic sizes stay symbolic (numel() specializes)
     return _full_rank(mask, x).expand(rows, 1, *x.shape[2:]).reshape(rows, L)
 
 
@@ -149,7 +151,7 @@ def masked_stats(x: torch.Tensor, plan: GroupPlan, mask: torch.Tensor) -> GroupS
     # A mask of positions (the same for every channel) in float64: the weighted sums over the
     # positions as one matrix product, (N, C, L) @ (N, L, 1), with no (N, C, L) product formed.
     # (float32 keeps torch's summation: a matrix product accumulates in long float32 chains.)
-    L = x.shape[2:].numel()
+    L = math.prod(x.shape[2:])
     rows = _full_rank(w, x).shape[0]
     column = (
         _position_rows(w, x, rows)[..., None]
@@ -240,7 +242,7 @@ def _compacted_stats(r: Request, mask: torch.Tensor) -> GroupStats:
     valid position gets count 0 (pivot, shifted mean and m2 0)."""
     x, plan = r.x, r.plan
     N, C = x.shape[:2]
-    L = x.shape[2:].numel()
+    L = math.prod(x.shape[2:])
     valid = _position_rows(mask, x, N)
     channels_last = not x.is_contiguous()
     # (N, L, C) for channels-last x, (N, C, L) for NCHW: views, positions gathered in place.
