@@ -876,6 +876,46 @@ def test_regression_changed_attributes_follow_nn_group_norm() -> None:
     assert_matches(traced(x), to_numpy(expected), torch.float32)
 
 
+def _split_group_norm64(
+    x: torch.Tensor, sizes: list[int], weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """float64 group norm over explicit group sizes: each group normalized alone by torch."""
+    parts = [nn.functional.group_norm(p, 1) for p in x.double().split(sizes, dim=1)]
+    y = torch.cat(parts, dim=1)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.double().reshape(shape)
+    if bias is not None:
+        y = y + bias.double().reshape(shape)
+    return y
+
+
+def test_regression_edited_attributes_keep_the_constructors_group_sizes() -> None:
+    """GroupNorm(num_channels=8, group_sizes=[2, 6]) with num_channels then set to 9 (which
+    nn.GroupNorm never reads) re-planned as 4 groups of 4: 0.74 off its own output before the
+    edit. num_groups set 3 -> 2 -> 3 on group_sizes=[4, 3, 3] raised "3 does not divide 10"."""
+    x = make_x((2, 8, 4), torch.float32)
+    for affine in (True, False):
+        m = groupnorm.GroupNorm(num_channels=8, group_sizes=[2, 6], affine=affine)
+        m.num_channels = 9
+        assert_matches(m(x), to_numpy(_split_group_norm64(x, [2, 6], m.weight, m.bias)), x.dtype)
+        assert m.plan.sizes == (2, 6) and "group_sizes=[2, 6]" in repr(m)
+    x = make_x((2, 10, 3), torch.float32)
+    m = groupnorm.GroupNorm(num_channels=10, group_sizes=[4, 3, 3])
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_()
+    m.num_groups = 2
+    expected = nn.functional.group_norm(x.double(), 2, m.weight.double(), m.bias.double())
+    assert_matches(m(x), to_numpy(expected), x.dtype)
+    m.num_groups = 3
+    assert_matches(m(x), to_numpy(_split_group_norm64(x, [4, 3, 3], m.weight, m.bias)), x.dtype)
+    # Parameters of another length: the sizes no longer fit, the module re-plans as before.
+    m.weight = nn.Parameter(torch.ones(12))
+    m.bias = nn.Parameter(torch.zeros(12))
+    assert m(make_x((2, 12, 3), torch.float32)).shape == (2, 12, 3) and m.plan.is_even
+
+
 def test_an_edited_module_plans_once() -> None:
     """The plan is kept for the attributes it was made for: an affine-free module whose
     num_groups changed, given channel counts other than num_channels, re-planned every call."""

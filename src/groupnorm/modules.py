@@ -146,6 +146,9 @@ class GroupNorm(nn.GroupNorm):
         self.backend = backend
         self.process_group = process_group
         self._explicit_sizes = group_sizes is not None or not plan.is_even
+        # group_sizes= are kept for _replan: editing num_channels (which nn.GroupNorm never
+        # reads), or num_groups away and back, must not lose them.
+        self._group_sizes = plan.sizes if group_sizes is not None else None
         self._planned_for = (self.num_groups, self.num_channels)  # the attributes plan is for
         plan_index(plan, self._device())  # kept with the plan: a compiled forward reads it
 
@@ -155,15 +158,27 @@ class GroupNorm(nn.GroupNorm):
         bias)``: it reads num_groups on every call and num_channels never. So the channels are
         the affine parameters' where there are some; an affine-free module normalizes any x
         whose channels num_groups divides (:meth:`_plan_of`), so where num_groups does not
-        divide num_channels its plan needs num_groups alone (groups of one channel)."""
+        divide num_channels its plan needs num_groups alone (groups of one channel).
+
+        The constructor's ``group_sizes=`` stay the plan while num_groups is their count and
+        the affine parameters (where there are some) their sum."""
         channels = self.num_channels
         param = self.weight if self.weight is not None else self.bias
         if isinstance(param, torch.Tensor) and param.dim() == 1:  # not fx's Proxy
             channels = param.shape[0]
-        elif param is None and not self.uneven and channels % self.num_groups:
-            channels = self.num_groups
-        self.plan = resolve_plan(channels, self.num_groups, uneven=self.uneven)
-        self._explicit_sizes = not self.plan.is_even
+        sizes = self._group_sizes
+        if (
+            sizes is not None
+            and len(sizes) == self.num_groups
+            and (param is None or channels == sum(sizes))
+        ):
+            self.plan = resolve_plan(sum(sizes), group_sizes=sizes)
+            self._explicit_sizes = True
+        else:
+            if param is None and not self.uneven and channels % self.num_groups:
+                channels = self.num_groups
+            self.plan = resolve_plan(channels, self.num_groups, uneven=self.uneven)
+            self._explicit_sizes = not self.plan.is_even
         self._planned_for = (self.num_groups, self.num_channels)
         plan_index(self.plan, self._device())
         return self.plan
