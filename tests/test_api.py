@@ -916,6 +916,30 @@ def test_regression_edited_attributes_keep_the_constructors_group_sizes() -> Non
     assert m(make_x((2, 12, 3), torch.float32)).shape == (2, 12, 3) and m.plan.is_even
 
 
+def test_regression_group_size_with_uneven_plans_as_the_converter_does() -> None:
+    """GroupNorm(num_channels=8, group_size=3, uneven=True) and group_norm(x, group_size=3,
+    uneven=True) ignored uneven and raised "... or uneven=True for groups that differ by at most
+    one channel", the flag passed, while convert_batchnorm(group_size=5, policy="uneven")
+    planned 48 channels as 8x5 + 2x4."""
+    x = make_x((2, 8, 5), torch.float32)
+    m = groupnorm.GroupNorm(num_channels=8, group_size=3, uneven=True)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_()
+    expected = to_numpy(_split_group_norm64(x, [3, 3, 2], m.weight, m.bias))
+    assert_matches(m(x), expected, x.dtype)
+    y = groupnorm.group_norm(x, group_size=3, uneven=True, weight=m.weight, bias=m.bias)
+    assert_matches(y, expected, x.dtype)
+    assert m.num_groups == 3 and "group_sizes=[3, 3, 2]" in repr(m)
+    converted, report = groupnorm.convert_batchnorm(
+        nn.Sequential(nn.BatchNorm2d(48)), group_size=5, policy="uneven"
+    )
+    assert report.replaced[0].plan == resolve_plan(48, group_size=5, uneven=True)
+    assert converted[0].plan.sizes == (5,) * 8 + (4,) * 2
+    with pytest.raises(ValueError, match="or uneven=True for 3 groups that differ"):
+        groupnorm.GroupNorm(num_channels=8, group_size=3)
+
+
 def test_an_edited_module_plans_once() -> None:
     """The plan is kept for the attributes it was made for: an affine-free module whose
     num_groups changed, given channel counts other than num_channels, re-planned every call."""

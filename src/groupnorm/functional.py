@@ -375,7 +375,9 @@ def group_norm(
                  * (1 + scale[n,c]) + shift[n,c] )
 
     Groups come from exactly one of ``num_groups`` (must divide C unless ``uneven=True``),
-    ``group_size`` (channels per group) or ``group_sizes`` (explicit, summing to C).
+    ``group_size`` (channels per group; must divide C unless ``uneven=True``, which makes C / S
+    rounded groups) or ``group_sizes`` (explicit, summing to C). Uneven groups differ by at
+    most one channel, larger first.
     ``weight``/``bias``: (C,); ``scale``/``shift``: (N, C) per-sample modulation (AdaGroupNorm);
     ``activation``: None, "silu", "gelu" (exact) or "relu". ``stats``: normalize with these
     statistics (e.g. merged from tiles) instead of computing them (a group of count 0, all masked,

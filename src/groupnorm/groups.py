@@ -7,7 +7,10 @@ exactly one of
 * ``num_groups=G``: ``G`` groups of ``C / G`` channels. ``G`` must divide ``C`` (as in
   ``torch.nn.GroupNorm``) unless ``uneven=True``, in which case the groups differ by at most one
   channel, larger groups first (``C = 48, G = 32`` gives 16 groups of 2 then 16 groups of 1).
-* ``group_size=S``: ``C / S`` groups of ``S`` channels; ``S`` must divide ``C``.
+* ``group_size=S``: ``C / S`` groups of ``S`` channels. ``S`` must divide ``C`` unless
+  ``uneven=True``, in which case ``C / S`` rounded to the nearest integer groups that differ by
+  at most one channel (:func:`groups_of_size`; ``C = 8, S = 3`` gives 3, 3, 2), as
+  ``convert_batchnorm(group_size=S, policy="uneven")`` plans them.
 * ``group_sizes=[s0, s1, ...]``: explicit sizes that sum to ``C``.
 
 Uneven groups are always an explicit choice; an impossible request is a ``ValueError`` that lists
@@ -28,6 +31,7 @@ __all__ = [
     "check_group_sizes",
     "choose_num_groups",
     "divisors",
+    "groups_of_size",
     "make_plan",
 ]
 
@@ -129,14 +133,21 @@ class GroupPlan:
         return " + ".join(f"{n}x{s}" for s, n in runs) + f" (C={self.num_channels})"
 
 
+def groups_of_size(num_channels: int, group_size: int) -> int:
+    """How many groups of about ``group_size`` channels ``num_channels`` make where it does not
+    divide them: ``C / S`` rounded to the nearest integer (half to even), at least 1."""
+    return max(1, round(num_channels / group_size))
+
+
 def _divisibility_error(what: str, value: int, C: int) -> ValueError:
     divs = divisors(C)
     choice = choose_num_groups(C)
+    G = groups_of_size(C, value) if what == "group_size" else value
     return ValueError(
         f"{what}={value} does not divide num_channels={C}. "
         f"num_groups that divide {C}: {divs}; or pass group_size= one of {divs} "
-        f"(channels per group); or uneven=True for groups that differ by at most one channel; "
-        f"or choose_num_groups({C}) -> {choice.num_groups} ({choice.reason})."
+        f"(channels per group); or uneven=True for {G} groups that differ by at most one "
+        f"channel; or choose_num_groups({C}) -> {choice.num_groups} ({choice.reason})."
     )
 
 
@@ -151,7 +162,11 @@ def make_plan(
     group_sizes: Sequence[int] | None = None,
     uneven: bool = False,
 ) -> GroupPlan:
-    """Build the plan for ``num_channels`` from exactly one of the three ways to say it."""
+    """Build the plan for ``num_channels`` from exactly one of the three ways to say it.
+
+    ``uneven=True`` lets ``num_groups`` or ``group_size`` not divide ``num_channels``: the
+    groups then differ by at most one channel (module docstring); it is unused with
+    ``group_sizes``."""
     C = num_channels
     if isinstance(C, bool) or not isinstance(C, (int, np.integer)) or C < 1:
         raise ValueError(f"num_channels must be a positive integer, got {C!r}")
@@ -189,9 +204,11 @@ def make_plan(
         S = positive_int("group_size", group_size)
         if S > C:
             raise ValueError(f"group_size={S} is larger than num_channels={C}; at most {C}")
-        if C % S:
+        if C % S == 0:
+            return GroupPlan((S,) * (C // S))
+        if not uneven:
             raise _divisibility_error("group_size", S, C)
-        return GroupPlan((S,) * (C // S))
+        return _uneven_plan(C, groups_of_size(C, S))
     G = positive_int("num_groups", num_groups)
     if G > C:
         raise ValueError(
@@ -202,6 +219,11 @@ def make_plan(
         return GroupPlan((C // G,) * G)
     if not uneven:
         raise _divisibility_error("num_groups", G, C)
+    return _uneven_plan(C, G)
+
+
+def _uneven_plan(C: int, G: int) -> GroupPlan:
+    """G groups over C channels that differ by at most one channel, larger groups first."""
     base = C // G  # not divmod: torch.compile cannot trace it
     extra = C - base * G
     return GroupPlan((base + 1,) * extra + (base,) * (G - extra))

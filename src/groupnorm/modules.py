@@ -66,6 +66,7 @@ class GroupNorm(nn.GroupNorm):
 
     ``GroupNorm(32, 64)`` behaves as ``nn.GroupNorm(32, 64)``. Also accepted:
     ``GroupNorm(num_channels=48, group_size=16)``, ``GroupNorm(32, 48, uneven=True)``,
+    ``GroupNorm(num_channels=8, group_size=3, uneven=True)`` (round(8 / 3) = 3 groups: 3, 3, 2),
     ``GroupNorm(num_channels=10, group_sizes=[4, 3, 3])``. ``num_groups`` is then the plan's G.
 
     Norm-layer factories call ``norm_layer(C)`` with the channels alone (timm does, after

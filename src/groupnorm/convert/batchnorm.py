@@ -11,7 +11,14 @@ from groupnorm.convert import _walk
 from groupnorm.convert.known import KNOWN_BATCHNORMS, Known, recognize
 from groupnorm.convert.layers import GroupNormDropAct, act_and_drop, why_not_fused
 from groupnorm.functional import check_flag
-from groupnorm.groups import GroupPlan, choose_num_groups, divisors, make_plan, positive_int
+from groupnorm.groups import (
+    GroupPlan,
+    choose_num_groups,
+    divisors,
+    groups_of_size,
+    make_plan,
+    positive_int,
+)
 from groupnorm.modules import GroupNorm
 from groupnorm.ws import WSConv2d
 
@@ -78,7 +85,7 @@ def _plan_for(
     asked = f"group_size={group_size}" if group_size is not None else f"num_groups={num_groups}"
     if group_size is not None and group_size <= C and C % group_size == 0:
         return make_plan(C, group_size=group_size), f"{asked} divides {C}"
-    G = max(1, round(C / group_size)) if group_size is not None else num_groups
+    G = groups_of_size(C, group_size) if group_size is not None else num_groups
     assert G is not None
     if group_size is None and G <= C and C % G == 0:
         return make_plan(C, G), f"{asked} divides {C}"
@@ -174,8 +181,9 @@ def convert_batchnorm(
 
     * ``"error"`` (default): a ValueError that lists every such module, raised before anything
       is changed;
-    * ``"uneven"``: G groups whose sizes differ by at most one channel (``uneven=True``); a
-      module with fewer than G channels gets :func:`groupnorm.choose_num_groups`'s G instead;
+    * ``"uneven"``: G groups whose sizes differ by at most one channel (``uneven=True``; with
+      ``group_size=S``, G is C / S rounded, as ``GroupNorm(group_size=S, uneven=True)`` has it);
+      a module with fewer than G channels gets :func:`groupnorm.choose_num_groups`'s G instead;
     * ``"choose"``: :func:`groupnorm.choose_num_groups` picks the divisor of C closest to G.
 
     Every module gets its own decision, stated in the report (``report.replaced`` with the
