@@ -1458,3 +1458,24 @@ def test_regression_standardize_weight_refuses_what_it_cannot_standardize() -> N
             standardize_weight(w, eps)  # type: ignore[arg-type]
     as_tensor = standardize_weight(w, torch.tensor(1e-5))  # type: ignore[arg-type]
     torch.testing.assert_close(as_tensor, standardize_weight(w, 1e-5))
+
+
+@pytest.mark.parametrize("missing", ["weight", "bias"])
+def test_regression_a_batchnorm_whose_affine_parameter_was_set_to_none_converts(
+    missing: str,
+) -> None:
+    """BatchNorm2d(32) with ``weight = None`` (torch runs it: affine stays True) made
+    convert_batchnorm raise "copy_(): argument 'other' ... must be Tensor, not NoneType"."""
+    bn = nn.BatchNorm2d(32)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    setattr(bn, missing, None)
+    converted, _ = convert_batchnorm(nn.Sequential(bn), num_groups=8)
+    new = converted[0]
+    assert getattr(new, missing) is None
+    weight = None if bn.weight is None else bn.weight.double()
+    bias = None if bn.bias is None else bn.bias.double()
+    x = make_x((2, 32, 3, 3), torch.float32)
+    expected = F.group_norm(x.double(), 8, weight, bias, bn.eps)
+    assert_matches(converted(x), to_numpy(expected), torch.float32)

@@ -190,7 +190,8 @@ def convert_batchnorm(
     reason, ``report.skipped``): a module that cannot be converted (an unknown BatchNorm
     subclass, one with hooks, an uninitialized lazy one) is skipped, never the whole model.
 
-    Affine parameters are copied (BatchNorm without affine gives ``GroupNorm(affine=False)``),
+    Affine parameters are copied (BatchNorm without affine gives ``GroupNorm(affine=False)``;
+    a weight or bias set to None stays None),
     eps is kept; running statistics are dropped, since GroupNorm normalizes every sample by its
     own statistics in training and eval alike. ``weight_standardize=True`` also turns each
     plain ``Conv2d`` registered just before a converted norm (same parent, C output channels)
@@ -283,6 +284,9 @@ def convert_batchnorm(
         if m.affine:
             for name in ("weight", "bias"):
                 old_p, new_p = getattr(m, name), getattr(new, name)
+                if old_p is None:  # set to None after construction; torch's forward takes it
+                    setattr(new, name, None)
+                    continue
                 with torch.no_grad():
                     new_p.copy_(old_p)
                 new_p.requires_grad_(old_p.requires_grad)
