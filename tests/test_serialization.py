@@ -54,3 +54,23 @@ def test_safe_globals_lists_ours_then_the_models_classes_once() -> None:
     listed = groupnorm.safe_globals(Fusable())
     assert listed[: len(ours)] == ours and len(set(listed)) == len(listed)
     assert {Fusable, nn.Sequential, nn.SiLU, nn.GELU, nn.Linear} <= set(listed)
+
+
+def test_regression_safe_globals_of_a_fresh_model_allow_what_the_swap_added() -> None:
+    """safe_globals(model) of a model built the same way as a swapped one lacked nn.Identity,
+    which swap_group_norm puts where a fused activation was: torch.load refused it with
+    "Unsupported global: torch.nn.modules.linear.Identity"."""
+
+    def build() -> nn.Module:
+        return randomize(nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.SiLU()), 39)
+
+    swapped, report = swap_group_norm(build().eval())
+    assert type(swapped[2]) is nn.Identity and report.fused
+    buf = io.BytesIO()
+    torch.save(swapped, buf)
+    buf.seek(0)
+    with torch.serialization.safe_globals(groupnorm.safe_globals(build())):
+        loaded = torch.load(buf)
+    x = make_x((2, 3, 6, 6), torch.float32, seed=40)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), swapped(x))

@@ -22,13 +22,15 @@ def safe_globals(model: nn.Module | None = None) -> list[Any]:
     ``torch.serialization.add_safe_globals(groupnorm.safe_globals(model))``.
 
     Always groupnorm's own (the modules, the group plan they hold, the pre-hook that
-    :func:`groupnorm.swap_group_norm` may register, saved statistics); with ``model``, also the
-    class of every module in it (torch's and other libraries' modules must be allowed too, and a
-    model built the same way as the saved one names them all). Allow only classes you trust: the
-    point of ``weights_only`` is that nothing else is constructed.
+    :func:`groupnorm.swap_group_norm` may register, saved statistics) and ``nn.Identity``, which
+    ``swap_group_norm`` puts where a fused activation was and ``GroupNormDropAct`` holds for an
+    absent drop or act (a freshly built model has none); with ``model``, also the class of every
+    module in it (torch's and other libraries' modules must be allowed too, and a model built
+    the same way as the saved one names them all). Allow only classes you trust: the point of
+    ``weights_only`` is that nothing else is constructed.
     """
     ours: list[Any] = [GroupNorm, GroupNormAct, GroupNormDropAct, WSConv2d, GroupPlan, GroupStats]
-    ours.append(ActivationPreHook)
+    ours += [ActivationPreHook, nn.Identity]
     if model is None:
         return ours
     found = {type(m) for m in model.modules()} - set(ours)
