@@ -23,7 +23,7 @@ import groupnorm
 from groupnorm import GroupNorm, WSConv2d, convert_batchnorm, restore_group_norm, swap_group_norm
 from groupnorm import reference as R
 from groupnorm.convert import GroupNormDropAct
-from groupnorm.functional import resolve_plan
+from groupnorm.functional import SingleElementGroupWarning, resolve_plan
 from groupnorm.groups import GroupPlan
 from tests._gloo import free_port
 from tests._inputs import make_x, reference
@@ -1479,3 +1479,20 @@ def test_regression_a_batchnorm_whose_affine_parameter_was_set_to_none_converts(
     x = make_x((2, 32, 3, 3), torch.float32)
     expected = F.group_norm(x.double(), 8, weight, bias, bn.eps)
     assert_matches(converted(x), to_numpy(expected), torch.float32)
+
+
+def test_regression_a_batchnorm1d_in_one_channel_groups_is_named_in_the_report() -> None:
+    """An MLP's BatchNorm1d(32) became 32 groups of 1, whose output on (N, C) inputs is the
+    bias whatever the input; the report only said "check that groups hold several channels"."""
+    model = randomize(nn.Sequential(nn.Linear(4, 32), nn.BatchNorm1d(32), nn.BatchNorm1d(8)), 41)
+    out, report = convert_batchnorm(model, num_groups=4)
+    assert not any("whatever the input" in w for w in report.warnings)
+    out, report = convert_batchnorm(model, policy="choose")
+    x = make_x((5, 4), torch.float32, seed=42)
+    with torch.no_grad(), pytest.warns(SingleElementGroupWarning, match="just beta"):
+        assert torch.equal(out[:2](x), out[1].bias.expand(5, 32))  # what the report says
+    (warning,) = [w for w in report.warnings if "whatever the input" in w]
+    assert warning.startswith("1: BatchNorm1d(C=32) -> 32 groups of 1: on (N, C) inputs")
+    assert "group_size >= 2" in warning
+    # BatchNorm1d(8) got choose_num_groups' 4 groups of 2: the general hint stays for it.
+    assert any("check that groups hold several channels" in w for w in report.warnings)

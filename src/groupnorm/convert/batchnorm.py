@@ -317,7 +317,16 @@ def convert_batchnorm(
             "GroupNorm normalizes each sample by its own statistics, in training and eval alike, "
             "so a trained model's outputs change and it needs fine-tuning"
         )
-    if any(r.kind == "BatchNorm1d" for r in report.replaced):
+    ones = [r for r in report.replaced if r.kind == "BatchNorm1d" and r.plan.min_size == 1]
+    for r in ones:
+        # An MLP's BatchNorm1d(32) with the default 32 groups: every output is the bias.
+        report.warnings.append(
+            f"{', '.join(p or '<root>' for p in r.paths)}: BatchNorm1d(C={r.num_channels}) -> "
+            f"{r.plan.describe()}: on (N, C) inputs a one-channel group is one element, "
+            "normalized to 0, so its output is the bias whatever the input; choose "
+            "group_size >= 2 (or fewer groups)"
+        )
+    if any(r.kind == "BatchNorm1d" and r not in ones for r in report.replaced):
         report.warnings.append(
             "BatchNorm1d on (N, C) inputs becomes a normalization over each group's features "
             "within a sample (no spatial extent): check that groups hold several channels"
