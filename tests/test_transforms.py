@@ -279,7 +279,7 @@ def test_regression_fx_symbolic_trace_of_a_model_holding_groupnorm() -> None:
     )
     graph_module = torch.fx.symbolic_trace(model)
     calls = [n for n in graph_module.graph.nodes if n.op == "call_function"]
-    assert [n.args[1] for n in calls] == [(3, 3, 3, 3), (3, 3, 2, 2, 2)]
+    assert [n.args[1] for n in calls] == [[3, 3, 3, 3], [3, 3, 2, 2, 2]]
     x = _x(shape=(3, 3, 5, 4), seed=5)
     h = model[1](model[0](x)).detach()
     expected = _expected(h, {"num_groups": 5, "uneven": True}, weight=model[2].weight)
@@ -526,3 +526,40 @@ def test_regression_nested_torch_func_transforms_leave_no_wrapped_index_behind()
     assert_matches(tangent, np.zeros(x.shape), torch.float64)
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     assert not any(wrapped(t) for t in plan.index_cache[torch.device("cpu")])  # type: ignore[attr-defined]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.filterwarnings("ignore:`torch.jit.(save|load)` is deprecated")
+@pytest.mark.filterwarnings("ignore:The TorchScript type system doesn't support instance-level")
+def test_regression_fx_graphs_holding_groupnorm_pickle_and_script() -> None:
+    """A torch.fx graph of our modules failed to pickle ("'str' object has no attribute
+    '__name__'": forward's annotation was the string 'torch.Tensor', modules.py having
+    `from __future__ import annotations`) and to script ("Expression of type dots cannot be
+    used in a type expression": fx_group_norm's tuple[int, ...]); nn.GroupNorm's do both."""
+    import io
+    import pickle
+
+    from groupnorm.convert import GroupNormDropAct
+
+    weight, bias = torch.rand(12) + 0.5, torch.randn(12)
+    for plan_kw, module in (
+        ({"num_groups": 4}, groupnorm.GroupNorm(4, 12)),
+        ({"num_groups": 5, "uneven": True}, groupnorm.GroupNormAct(5, 12, uneven=True)),
+        ({"num_groups": 4}, GroupNormDropAct(4, 12, act=nn.SiLU())),
+    ):
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            module.bias.copy_(bias)
+        x = _x(seed=6)
+        expected = _expected(x, plan_kw, weight=weight, bias=bias)
+        if module.activation is not None or isinstance(module, GroupNormDropAct):
+            expected = R.activation_forward(expected, "silu")
+        for root in (module, nn.Sequential(nn.Identity(), module)):
+            graph_module = torch.fx.symbolic_trace(root)
+            assert_matches(pickle.loads(pickle.dumps(graph_module))(x), expected, torch.float32)
+            scripted = torch.jit.script(graph_module)
+            assert_matches(scripted(x), expected, torch.float32)
+            buf = io.BytesIO()
+            torch.jit.save(scripted, buf)
+            buf.seek(0)
+            assert_matches(torch.jit.load(buf)(x), expected, torch.float32)

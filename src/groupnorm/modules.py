@@ -7,8 +7,8 @@ keyword-only: ``group_size=``, ``group_sizes=``, ``uneven=True``, ``activation=`
 ``process_group=`` (the input is one rank's spatial shard; see :mod:`groupnorm.distributed`).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.fx keeps forward's annotations as its graph's
+# input types, and string ones made traced graphs fail to pickle and to script.
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -39,14 +39,18 @@ _TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(nn.GroupNorm.__init__).parame
 
 def fx_group_norm(
     x: torch.Tensor,
-    group_sizes: tuple[int, ...],
+    group_sizes: list[int],
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
     activation: str | None,
     backend: str,
 ) -> torch.Tensor:
-    """A module's call as torch.fx records it: one node whose arguments print as Python."""
+    """A module's call as torch.fx records it: one node whose arguments print as Python. The
+    annotations are ones TorchScript reads (a list, not ``tuple[int, ...]``), so a traced graph
+    compiles with torch.jit.script, where this runs as a scripted :class:`GroupNorm` does."""
+    if torch.jit.is_scripting():  # TorchScript compiles this branch alone
+        return _scripted_sizes(x, group_sizes, weight, bias, eps, activation)
     return group_norm(
         x,
         weight=weight,
@@ -56,6 +60,30 @@ def fx_group_norm(
         activation=activation,
         backend=backend,
     )
+
+
+def _scripted_sizes(
+    x: torch.Tensor,
+    group_sizes: list[int],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+) -> torch.Tensor:
+    """:func:`shifted_group_norm` over explicit sizes: their runs of equal sizes and each
+    channel's group's first channel, as :class:`GroupPlan` derives them."""
+    runs: list[tuple[int, int, int]] = []
+    firsts: list[int] = []
+    start = 0
+    for size in group_sizes:
+        if len(runs) > 0 and runs[-1][2] == size:
+            runs[-1] = (runs[-1][0], start + size, size)
+        else:
+            runs.append((start, start + size, size))
+        firsts += [start] * size
+        start += size
+    first = torch.tensor(firsts, dtype=torch.int64, device=x.device)
+    return shifted_group_norm(x, runs, first, weight, bias, eps, activation, None, None)
 
 
 torch.fx.wrap("fx_group_norm")
@@ -262,7 +290,7 @@ class GroupNorm(nn.GroupNorm):
                     "gathered across processes, which a graph node cannot name)"
                 )
             return fx_group_norm(
-                input, plan.sizes, self.weight, self.bias, self.eps, activation, self.backend
+                input, list(plan.sizes), self.weight, self.bias, self.eps, activation, self.backend
             )
         if traced_quietly(self._stale):
             plan = traced_quietly(self._replan)

@@ -1,7 +1,7 @@
 """The module that conversion puts where a library had a norm with its own activation."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.fx keeps forward's annotations as its graph's
+# input types, and string ones made traced graphs fail to pickle and to script.
 from typing import Any
 
 import torch
