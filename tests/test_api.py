@@ -84,6 +84,15 @@ def test_module_extras_and_repr() -> None:
     )
 
 
+def test_regression_a_group_norm_act_without_activation_says_so() -> None:
+    """GroupNormAct(32, 64, activation=None) printed as GroupNormAct(32, 64, ...), which
+    builds a SiLU one (its default)."""
+    m = groupnorm.GroupNormAct(32, 64, activation=None)
+    assert repr(m).endswith(", activation=None)")
+    assert eval("groupnorm." + repr(m)).activation is None
+    assert "activation" not in repr(groupnorm.GroupNorm(32, 64))
+
+
 def test_module_errors() -> None:
     with pytest.raises(ValueError, match="uneven=True"):
         groupnorm.GroupNorm(32, 48)

@@ -150,6 +150,8 @@ def _regression_cases(rank: int, world: int, pg: Any) -> dict[str, Any]:
     )
     module = groupnorm.GroupNorm(2, 8, process_group=pg)
     result["error_module"] = error(lambda: module(torch.randn(2, 8 + 2 * rank, 2, 2)))
+    free = groupnorm.GroupNorm(4, 8, affine=False, process_group=pg)  # planned before the call
+    result["error_free"] = error(lambda: free(torch.randn(2, 8 - 2 * rank, 2, 2)))
     result["error_script"] = error(lambda: torch.jit.script(module))
     result["error_trace"] = error(lambda: torch.jit.trace(module, (torch.randn(2, 8, 2, 2),)))
     result["after_errors"] = groupnorm.group_norm(torch.randn(2, 8, 2, 2), 2, process_group=pg)
@@ -264,6 +266,8 @@ def test_regression_double_backward_rank_disagreement_and_torchscript(tmp_path: 
     for rank, r in enumerate(ranks):  # shards of two dtypes had merged without an error
         assert "and different dtypes (this rank: 2 groups of 4, " in r["error_dtype"]
         assert r["error_dtype"].endswith(f"torch.float{64 if rank else 32})")
+    assert ranks[0]["error_free"].startswith(refused.format(1))
+    assert "num_groups=4 does not divide num_channels=6" in ranks[1]["error_free"]
     assert ranks[0]["error_module"].startswith(refused.format(1))
     assert "must be positive and sum to num_channels=10" in ranks[1]["error_module"]
 

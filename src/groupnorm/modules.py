@@ -265,9 +265,9 @@ class GroupNorm(nn.GroupNorm):
     def _forward(self, input: torch.Tensor, activation: str | None) -> torch.Tensor:
         """The eager call, with ``activation`` fused (a subclass may fuse its own)."""
         plan = self.plan  # _current_plan() inlined: one call fewer on every forward
-        if self._planned_for != (self.num_groups, self.num_channels):
-            plan = self._replan()
         if self.process_group is None:
+            if self._planned_for != (self.num_groups, self.num_channels):
+                plan = self._replan()
             y = dispatch.run_plain(
                 input, plan, self.weight, self.bias, self.eps, activation, self.backend
             )
@@ -292,20 +292,11 @@ class GroupNorm(nn.GroupNorm):
             return fx_group_norm(
                 input, list(plan.sizes), self.weight, self.bias, self.eps, activation, self.backend
             )
+        if self.process_group is not None:
+            return self._sharded(input, activation)
         if traced_quietly(self._stale):
             plan = traced_quietly(self._replan)
         plan = traced_quietly(self._plan_of, input, plan)
-        if self.process_group is not None:
-            return group_norm(
-                input,
-                weight=self.weight,
-                bias=self.bias,
-                eps=self.eps,
-                group_sizes=plan.sizes,
-                activation=activation,
-                backend=self.backend,
-                process_group=self.process_group,
-            )
         return traced_quietly(
             group_norm_planned,
             input,
@@ -315,6 +306,28 @@ class GroupNorm(nn.GroupNorm):
             self.eps,
             activation,
             self.backend,
+        )
+
+    @torch.jit.unused
+    def _sharded(self, input: torch.Tensor, activation: str | None) -> torch.Tensor:
+        """process_group=: the plan is made where a refusal reaches the other ranks (an edited
+        num_groups, an affine-free module's x whose channels it does not divide), which would
+        otherwise wait for this rank in their gather."""
+        from groupnorm import distributed
+
+        distributed.check_process_group(self.process_group)
+        with distributed.refused_together(self.process_group):
+            plan = traced_quietly(self._current_plan)
+            plan = traced_quietly(self._plan_of, input, plan)
+        return group_norm(
+            input,
+            weight=self.weight,
+            bias=self.bias,
+            eps=self.eps,
+            group_sizes=plan.sizes,
+            activation=activation,
+            backend=self.backend,
+            process_group=self.process_group,
         )
 
     @torch.jit.unused
@@ -386,3 +399,8 @@ class GroupNormAct(GroupNorm):
 
     def __init__(self, *args: Any, activation: str | None = "silu", **kwargs: Any) -> None:
         super().__init__(*args, activation=activation, **kwargs)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        # None is not this class's default: left out, the repr would read as a SiLU's
+        return text + ", activation=None" if self.activation is None else text
