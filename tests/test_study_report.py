@@ -161,3 +161,41 @@ def test_regression_tables_show_only_the_split_their_header_names(tmp_path: Path
     hw = T2 / math.sqrt(3)
     assert f"| BN | 20.0 ± {hw:.1f} | 22.0 ± {hw:.1f} | 30.0 ± {hw:.1f} |" in text
     assert "seeds [0, 1, 2]; 42 runs" in text  # the header counts that split too
+
+
+def test_regression_a_tuned_report_labels_its_plots_and_sweeps_validation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under --tune (records and config evaluated on "val") report.md said "Validation error"
+    but batch_size.png's panel read "test error, mean and 95 % CI over seeds" and its y axis
+    "test error (%)", groups.png's legend "test" and the sweep tables' row "test error"."""
+    import matplotlib.figure
+
+    out = tmp_path / "study"
+    out.mkdir()
+    config = {**PRESETS["quick"].to_json(), "evaluate": "val", "val_size": 64}
+    (out / "config.json").write_text(json.dumps(config))
+    for seed in (100, 101):
+        for n in (32, 2):
+            append_result(out, _record("bn", n, seed, 20.0, 15.0, evaluated_on="val"))
+        for g in (1, 16):
+            append_result(out, _record("gn", 32, seed, 21.0, 16.0, groups=g, evaluated_on="val"))
+    labels: dict[str, list[str]] = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig: matplotlib.figure.Figure, path: Path, **kwargs: Any) -> None:
+        texts = [t for ax in fig.axes for t in (ax.get_title(), ax.get_ylabel())]
+        legends = [ax.get_legend() for ax in fig.axes]
+        texts += [t.get_text() for lg in legends if lg is not None for t in lg.get_texts()]
+        labels[Path(path).name] = texts
+        save(fig, path, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    text = render_report(out)
+    assert "Validation error (%)" in text
+    assert "| validation error |" in text and "| test error |" not in text
+    batch = labels["batch_size.png"]
+    assert "validation error, mean and 95 % CI over seeds" in batch
+    assert "validation error (%)" in batch and "train error (%)" in batch
+    assert not [t for t in batch if "test" in t]
+    assert "validation" in labels["groups.png"] and "test" not in labels["groups.png"]

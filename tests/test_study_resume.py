@@ -279,3 +279,19 @@ def test_regression_a_failed_run_in_the_pool_cancels_the_rest_and_keeps_the_fini
     out = tmp_path / "full"
     assert main([*ARGS, "--out", str(out), "--jobs", "2"]) == 2
     assert len({p.name for p in marks.iterdir()}) < len(plan_runs(PRESETS["tiny"]))
+
+
+@pytest.mark.slow
+def test_regression_a_tuned_run_prints_its_validation_error_as_val(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under --tune each finished run's progress line read "gn-G16-N4-s100: test 84.4 %" for
+    the error on the validation split (its record says "evaluated_on": "val")."""
+    out = tmp_path / "tune"
+    tune = ["--tune", "--val-size", "64", "--seeds", "1", "--epochs", "1", "--jobs", "1"]
+    assert main([*ARGS, *tune, "--norms", "gn", "--batches", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    (record,) = read_results(out)
+    assert record["evaluated_on"] == "val"
+    assert re.search(rf"gn-G16-N4-s100: val +{record['test_error']:.1f} %", printed), printed
+    assert "s100: test" not in printed

@@ -235,12 +235,14 @@ def _train_of(cell: Cell) -> Summary:
     return cell.train
 
 
-def _sweep_table(sweep: dict[int, Cell], name: str, paper: dict[int, float]) -> list[str]:
+def _sweep_table(
+    sweep: dict[int, Cell], name: str, paper: dict[int, float], split: str
+) -> list[str]:
     keys = list(sweep)
     lines = [
         f"| {name} | " + " | ".join(str(k) for k in keys) + " |",
         "|---" * (len(keys) + 1) + "|",
-        "| test error | " + " | ".join(sweep[k].test.fmt() for k in keys) + " |",
+        f"| {split} error | " + " | ".join(sweep[k].test.fmt() for k in keys) + " |",
         "| train error | " + " | ".join(_train_of(sweep[k]).fmt() for k in keys) + " |",
         "| paper (ImageNet) | "
         + " | ".join(f"{paper[k]:.1f}" if k in paper else "" for k in keys)
@@ -262,7 +264,9 @@ def _import_pyplot() -> Any:
     return plt
 
 
-def _plot_batch(arms: dict[str, dict[int, Cell]], path: Path, title: str) -> None:
+def _plot_batch(arms: dict[str, dict[int, Cell]], path: Path, title: str, split: str) -> None:
+    """Error vs N; ``split`` names what the cells' test summaries measured (test or
+    validation)."""
     plt = _import_pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
     for ax, what in zip(axes, ("test", "train"), strict=True):
@@ -287,10 +291,10 @@ def _plot_batch(arms: dict[str, dict[int, Cell]], path: Path, title: str) -> Non
         ax.set_xticks([32, 16, 8, 4, 2], ["32", "16", "8", "4", "2"])
         ax.set_xlim(40, 1.6)  # falling N left to right, as in the paper's figure 1
         ax.set_xlabel("batch size (images per device)")
-        ax.set_ylabel(f"{what} error (%)")
+        ax.set_ylabel(f"{split if what == 'test' else what} error (%)")
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[0].set_title("test error, mean and 95 % CI over seeds")
+    axes[0].set_title(f"{split} error, mean and 95 % CI over seeds")
     axes[1].set_title("train error (eval mode, end of the last epochs)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -298,7 +302,9 @@ def _plot_batch(arms: dict[str, dict[int, Cell]], path: Path, title: str) -> Non
     plt.close(fig)
 
 
-def _plot_groups(g: dict[int, Cell], cpg: dict[int, Cell], path: Path, title: str) -> None:
+def _plot_groups(
+    g: dict[int, Cell], cpg: dict[int, Cell], path: Path, title: str, split: str
+) -> None:
     plt = _import_pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, sweep, name in ((axes[0], g, "groups G"), (axes[1], cpg, "channels per group")):
@@ -314,7 +320,7 @@ def _plot_groups(g: dict[int, Cell], cpg: dict[int, Cell], path: Path, title: st
                 fmt="o-",
                 color="tab:red",
                 capsize=3,
-                label="test",
+                label=split,
             )
             train = [_train_of(sweep[k]).mean for k in ks]
             ax.plot(ks, train, "s--", color="tab:gray", label="train")
@@ -431,9 +437,9 @@ def render_report(out: Path, *, plots: bool = True) -> str:
             "",
         ]
         if len(g) > 1:
-            lines += _sweep_table(g, "G", PAPER_GROUPS) + [""]
+            lines += _sweep_table(g, "G", PAPER_GROUPS, split) + [""]
         if per_group:
-            lines += _sweep_table(per_group, "channels/group", PAPER_CPG)
+            lines += _sweep_table(per_group, "channels/group", PAPER_CPG, split)
     lines += ["", *_protocol_lines(records, declared)]
     lines += _control_lines(records, declared)
     lines += _seed_lines(records, config)
@@ -443,10 +449,10 @@ def render_report(out: Path, *, plots: bool = True) -> str:
         f"{len(seeds)} seeds"
     )
     if plots:
-        _plot_batch(arms, out / "batch_size.png", title)
+        _plot_batch(arms, out / "batch_size.png", title, split)
         lines += ["", "![error vs batch size](batch_size.png)"]
         if len(g) > 1 or per_group:
-            _plot_groups(g, per_group, out / "groups.png", title)
+            _plot_groups(g, per_group, out / "groups.png", title, split)
             lines += ["", "![error vs groups](groups.png)"]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)

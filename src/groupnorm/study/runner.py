@@ -307,8 +307,10 @@ def _run_study(
         append_result(out, record)
         done += 1
         bar.set_description_str(f"runs {done}/{all_runs}")
+        # test_error holds the error on the split the run was evaluated on (val under --tune).
+        split = "val" if record.get("evaluated_on") == "val" else "test"
         bar.write(
-            f"{record['key']:>18}: test {record['test_error']:5.1f} %  train "
+            f"{record['key']:>18}: {split} {record['test_error']:5.1f} %  train "
             f"{record['train_error']:5.1f} %  ({record['seconds']:.0f} s)"
         )
 
