@@ -23,6 +23,7 @@ from groupnorm.study.config import (
     StudyConfig,
     with_overrides,
 )
+from groupnorm.study.results import read_results
 from groupnorm.study.runner import run_study
 
 __all__ = ["add_arguments", "run"]
@@ -183,6 +184,27 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:  # OSError: --out or the data where they cannot be
         print(f"groupnorm study: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C is how a study is paused: every finished run is already in results.jsonl
+        # (appended whole as it finished), so a traceback would only hide that.
+        print(f"groupnorm study: {_interrupted(args)}", file=sys.stderr)
+        return 130
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    return args.out or Path("runs") / (args.preset or "full")
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    if args.report is not None:
+        return f"interrupted while rendering {args.report / 'report.md'}; rerun to render it"
+    out = _out_dir(args)
+    try:
+        n = len(read_results(out))
+        saved = f"{n} run{'' if n == 1 else 's'} saved"
+    except (ValueError, OSError):  # a damaged results file: the rerun names what is wrong
+        saved = "finished runs are saved"
+    return f"interrupted: {saved} in {out}; rerun the same command to resume"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -207,7 +229,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
-    out = args.out or Path("runs") / (args.preset or "full")
+    out = _out_dir(args)
     download_url = (args.download_url or "") if args.download else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from groupnorm.study.distributed import run_distributed

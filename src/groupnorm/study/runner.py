@@ -8,6 +8,8 @@ file and runs the rest. ``OUT/.running`` holds the writing process's id while a 
 a second study on the same folder is refused (under torchrun too). A run whose loss diverges is
 not recorded; the others finish and are, then the study stops with an error. Any other error in
 a run stops the study: runs not started are cancelled, those running finish and are recorded.
+Ctrl-C (KeyboardInterrupt) cancels the runs not started and stops the running ones at their
+next step, unrecorded.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -167,8 +170,16 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(
-    cfg_json: dict[str, Any], data_dir: str | None, device: str, threads: int, progress: Any
+    cfg_json: dict[str, Any],
+    data_dir: str | None,
+    device: str,
+    threads: int,
+    progress: Any,
+    stop: Any,
 ) -> None:
+    # Ctrl-C reaches the whole process group: the parent alone handles it (through ``stop``),
+    # so that a worker neither prints its own traceback nor goes on to the next queued run.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     cfg = StudyConfig.from_json(cfg_json)
     _WORKER.update(
@@ -176,6 +187,7 @@ def _init_worker(
         data=load_dataset(cfg, data_dir),
         device=torch.device(device),
         progress=progress,
+        stop=stop,
         parent=os.getppid(),
     )
 
@@ -187,6 +199,8 @@ def _worker_run(spec: RunSpec) -> dict[str, Any]:
     def report(step: int, total: int) -> None:
         if os.getppid() != _WORKER["parent"]:
             os._exit(1)  # the study was killed: its unfinished run would be thrown away anyway
+        if _WORKER["stop"].is_set():
+            raise KeyboardInterrupt  # the study was interrupted: the same, and the parent lives
         if step % 20 == 0 or step == total:
             q.put(per_step * (20 if step % 20 == 0 else step % 20))
 
@@ -378,6 +392,7 @@ def _run_pool(
 ) -> None:
     ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and locks
     progress_queue = ctx.Queue()
+    interrupted = ctx.Event()
     threads = max(1, default_jobs(torch.device("cpu")) // jobs) if dev.type == "cpu" else 1
     stop = threading.Event()
     drainer = threading.Thread(target=_drain, args=(progress_queue, bar, stop), daemon=True)
@@ -387,27 +402,36 @@ def _run_pool(
             jobs,
             mp_context=ctx,
             initializer=_init_worker,
-            initargs=(cfg.to_json(), data_dir, str(dev), threads, progress_queue),
+            initargs=(cfg.to_json(), data_dir, str(dev), threads, progress_queue, interrupted),
         ) as pool:
             keys = {pool.submit(_worker_run, s): s.key for s in todo}
             failed: dict[str, BaseException] = {}
             fatal: BaseException | None = None
-            for fut in _as_finished(set(keys)):
-                if fut.cancelled():
-                    continue
-                error = fut.exception()
-                if isinstance(error, FloatingPointError):
-                    failed[keys[fut]] = error  # the others go on and are recorded
-                else:
-                    try:
-                        finish(fut.result())  # result() raises the run's own error
-                    except Exception as e:
-                        # A run's error (any but divergence) or one recording it: the queued
-                        # runs are cancelled, the running ones finish and are recorded, then it
-                        # is raised.
-                        fatal = fatal or e
-                        for queued in keys:
-                            queued.cancel()
+            try:
+                for fut in _as_finished(set(keys)):
+                    if fut.cancelled():
+                        continue
+                    error = fut.exception()
+                    if isinstance(error, FloatingPointError):
+                        failed[keys[fut]] = error  # the others go on and are recorded
+                    else:
+                        try:
+                            finish(fut.result())  # result() raises the run's own error
+                        except Exception as e:
+                            # A run's error (any but divergence) or one recording it: the
+                            # queued runs are cancelled, the running ones finish and are
+                            # recorded, then it is raised.
+                            fatal = fatal or e
+                            for queued in keys:
+                                queued.cancel()
+            except BaseException:
+                # Ctrl-C (or any error here): leaving the pool waits for its work, so the
+                # running runs stop at their next step and the queued ones are cancelled (a
+                # run already handed to a worker stops at its first); none would be recorded.
+                interrupted.set()
+                for queued in keys:
+                    queued.cancel()
+                raise
         if fatal is not None:
             raise fatal
         _raise_failed(failed)
