@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import warnings
@@ -182,13 +183,27 @@ COMMANDS: dict[
 }
 
 
+# What a shell reports for a program that SIGPIPE ended (128 + 13), as `yes | head -1` does.
+SIGPIPE_STATUS = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="groupnorm", description="Group Normalization toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    return COMMANDS[args.command][2](args)
+    try:
+        status = COMMANDS[args.command][2](args)
+        sys.stdout.flush()  # a reader gone while the output sat in the buffer shows here
+    except BrokenPipeError:
+        # The reader stopped reading (`groupnorm demo | head -1`): end quietly, as a program
+        # killed by SIGPIPE does, not with a traceback. stdout goes to devnull so that
+        # Python's own flush at exit does not fail on the broken pipe again (the Python docs'
+        # "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_STATUS
+    return status
 
 
 if __name__ == "__main__":

@@ -181,6 +181,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
+    except BrokenPipeError:
+        raise  # the reader of stdout went away (`| head`): groupnorm.cli.main ends quietly
     except (ValueError, OSError) as e:  # OSError: --out or the data where they cannot be
         print(f"groupnorm study: error: {e}", file=sys.stderr)
         return 2
