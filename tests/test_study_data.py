@@ -177,3 +177,59 @@ def test_regression_conflicting_study_options_are_refused(
     assert code == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("file", "--out {out}: a file of that name exists; give a folder for the study"),
+        ("file/out", "--out {out}: {tmp}/file is a file, not a folder"),
+        ("file/a/b", "--out {out}: {tmp}/file is a file, not a folder"),
+    ],
+)
+def test_regression_an_unusable_out_is_named_before_any_work(
+    out: str,
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--out afile (an existing file) said "[Errno 17] File exists: 'afile'" and --out
+    /etc/passwd/x "[Errno 20] Not a directory", neither naming --out, both after the data
+    were fetched and loaded (minutes for CIFAR with --download)."""
+    from groupnorm.study import runner
+
+    def no_data(*args: object) -> None:
+        raise AssertionError("the data were loaded before --out was checked")
+
+    monkeypatch.setattr(runner, "checked_data", no_data)
+    (tmp_path / "file").write_text("")
+    path = tmp_path / out
+    assert main(["study", "--preset", "tiny", "--no-progress", "--out", str(path)]) == 2
+    assert message.format(out=path, tmp=tmp_path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--preset", "tiny", "--out", "{out}", "--download-url", "https://example.org/c"],
+            "--download-url needs --download",
+        ),
+        (["--report", "{out}", "--quick"], "so --preset/--quick would change nothing: drop it"),
+        (["--report", "{out}", "--out", "{out}"], "so --out would change nothing: drop it"),
+        (["--report", "{out}", "--epochs", "3"], "so --epochs would change nothing: drop it"),
+        (["--report", "{out}", "--tune", "--seeds", "2"], "so --seeds, --tune would change"),
+        (["--report", "{out}", "--device", "cpu"], "so --device would change nothing"),
+    ],
+)
+def test_regression_options_the_study_would_ignore_are_refused(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--download-url without --download was accepted and ignored (the study ran on the data
+    already there), and --report DIR ignored every other option (--report DIR --epochs 3
+    re-rendered DIR as it was)."""
+    out = tmp_path / "out"
+    assert main(["study", "--no-progress", *(a.format(out=out) for a in args)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

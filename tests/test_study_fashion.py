@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -109,3 +110,28 @@ def test_splits_and_per_seed_draws(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert len(pool) == 70 and len(held) == 30 and not pool & held
     with pytest.raises(ValueError, match="train_size 80 exceeds the 70 training images"):
         load_dataset(with_overrides(cfg, train_size=80), str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda gz: b"no",  # not gzip at all
+        lambda gz: gz[: len(gz) // 2],  # cut short
+        lambda gz: gz[:10] + bytes(b ^ 0xFF for b in gz[10:-8]) + gz[-8:],  # corrupt data
+    ],
+    ids=["not-gzip", "truncated", "corrupt"],
+)
+def test_regression_a_damaged_gz_file_is_named_with_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Any
+) -> None:
+    """A damaged train-images-idx3-ubyte.gz gave "groupnorm study: error: Not a gzipped file
+    (b'no')" (no file named), and a truncated or corrupt one an EOFError or zlib.error
+    traceback."""
+    _write_set(tmp_path, 20, 10, packed=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(damage(path.read_bytes()))
+    args = ["study", "--data", "fashion-mnist", "--data-dir", str(tmp_path), "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: not a readable gzip file" in err and "delete it" in err, err
+    assert not (tmp_path / "out").exists()

@@ -76,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--report",
         type=Path,
         metavar="DIR",
-        help="only re-render DIR/report.md and its plots from DIR/results.jsonl",
+        help="only re-render DIR/report.md and its plots from DIR/results.jsonl (no other "
+        "option but --no-progress)",
     )
     p.add_argument(
         "--data",
@@ -197,6 +198,57 @@ def _out_dir(args: argparse.Namespace) -> Path:
     return args.out or Path("runs") / (args.preset or "full")
 
 
+# Every option but --report and --no-progress, by its dest: what a run uses and --report not.
+RUN_OPTIONS = {
+    "preset": "--preset/--quick",
+    "out": "--out",
+    "data": "--data",
+    "image_size": "--image-size",
+    "data_dir": "--data-dir",
+    "download": "--download",
+    "download_url": "--download-url",
+    "norms": "--norms",
+    "batches": "--batches",
+    "seeds": "--seeds",
+    "tune": "--tune",
+    "val_size": "--val-size",
+    "sweep": "--sweep",
+    "gn_groups": "--gn-groups",
+    "workers": "--workers",
+    "epochs": "--epochs",
+    "lr": "--lr",
+    "width": "--width",
+    "train_size": "--train-size",
+    "test_size": "--test-size",
+    "jobs": "--jobs",
+    "device": "--device",
+}
+
+
+def _given(args: argparse.Namespace, dest: str) -> bool:
+    value = getattr(args, dest)
+    return value not in (None, False) and not (dest == "device" and value == "auto")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out that cannot become the study's folder before any work (the data check
+    can take minutes): without it, ``[Errno 17] File exists`` came after loading the data.
+    Creates nothing, so that a refused call leaves nothing behind."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file of that name exists; give a folder for the study")
+    for parent in out.parents:
+        if parent.is_dir():
+            if not out.exists() and not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"--out {out}: cannot create it in {parent} (no permission)")
+            break
+        if parent.exists():
+            raise ValueError(
+                f"--out {out}: {parent} is a file, not a folder; give a path under a folder"
+            )
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the folder is not writable")
+
+
 def _interrupted(args: argparse.Namespace) -> str:
     if args.report is not None:
         return f"interrupted while rendering {args.report / 'report.md'}; rerun to render it"
@@ -213,6 +265,13 @@ def _run(args: argparse.Namespace) -> int:
     from groupnorm.study.report import render_report
 
     if args.report is not None:
+        given = [flag for dest, flag in RUN_OPTIONS.items() if _given(args, dest)]
+        if given:
+            raise ValueError(
+                f"--report re-renders DIR's report from its results.jsonl and config.json "
+                f"alone, so {', '.join(given)} would change nothing: drop "
+                f"{'it' if len(given) == 1 else 'them'}, or run the study without --report"
+            )
         text = render_report(args.report)
         print(text)
         print(f"wrote {args.report / 'report.md'}")
@@ -229,9 +288,15 @@ def _run(args: argparse.Namespace) -> int:
             "--data-dir and --download are for --data fashion-mnist, cifar10 or cifar100; the "
             "default data (strokes) is generated, not read"
         )
+    if args.download_url is not None and not args.download:
+        raise ValueError(
+            "--download-url needs --download: it is where --download fetches the archive "
+            "from; add --download, or drop --download-url"
+        )
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     out = _out_dir(args)
+    _check_out(out)
     download_url = (args.download_url or "") if args.download else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from groupnorm.study.distributed import run_distributed

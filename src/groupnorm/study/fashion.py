@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,13 @@ def parse_idx(data: bytes, name: str = "idx data") -> np.ndarray:
 def _read(folder: Path, stem: str, sha256: dict[str, str]) -> np.ndarray:
     plain, packed = folder / stem, folder / f"{stem}.gz"
     if packed.exists():
-        data = gzip.decompress(packed.read_bytes())
+        try:
+            data = gzip.decompress(packed.read_bytes())
+        except (OSError, EOFError, zlib.error) as e:  # not gzip, cut short, corrupt data
+            raise ValueError(
+                f"{packed}: not a readable gzip file ({e}); the file is damaged: delete it "
+                f"and download or install it again. {INSTALL_HINT}"
+            ) from None
         path = packed
     elif plain.exists():
         data, path = plain.read_bytes(), plain
