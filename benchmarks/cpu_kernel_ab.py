@@ -24,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from cpu_standard import save
+from cpu_standard import add_out, add_threads, save
 
 from groupnorm.backends import cpu_kernel
 from groupnorm.functional import resolve_plan
@@ -155,8 +155,8 @@ if __name__ == "__main__":
         choices=["float32", "bfloat16", "float16"],
         help="x's dtype (forward)",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_threads(parser)
+    add_out(parser)
     args = parser.parse_args()
     if args.dtype != "float32" and not args.forward:
         parser.error("--dtype is for the forward (--forward); the backward runs float32")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -146,11 +147,58 @@ def kernel_limit(name: str, value: int) -> Iterator[ModuleType]:
         getattr(lib, name)(before)
 
 
+RESULTS = Path(__file__).parent / "results"
+
+
+def count(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``least`` (torch.set_num_threads(0) raised a
+    RuntimeError traceback)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
+        return value
+
+    return parse
+
+
+def writable_dir(text: str) -> Path:
+    """An argparse type: a folder, created and tried with a file at parsing, so that an --out
+    that cannot take the results fails before the timings, not after them all (unsaved)."""
+    path = Path(text)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(
+            f"cannot write files in {text}: {e.strerror or e}"
+        ) from None
+    return path
+
+
+def add_out(parser: argparse.ArgumentParser) -> None:
+    """--out, checked before any timing (:func:`writable_dir`; the default too)."""
+    parser.add_argument(
+        "--out", type=writable_dir, default=str(RESULTS), help=f"results folder (default {RESULTS})"
+    )
+
+
+def add_threads(parser: argparse.ArgumentParser, default: int = 1) -> None:
+    parser.add_argument(
+        "--threads", type=count(1), default=default, help=f"torch CPU threads (default {default})"
+    )
+
+
 def small_input_args(doc: str) -> argparse.Namespace:
     """The options of the small-input benchmarks (--out, --threads default 1), threads set."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    add_out(parser)
+    add_threads(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     return args
@@ -159,10 +207,10 @@ def small_input_args(doc: str) -> argparse.Namespace:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="four small shapes, 6 pairs")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_out(parser)
     parser.add_argument(
         "--threads",
-        type=int,
+        type=count(0),
         default=0,
         help="torch CPU threads (0: torch's default). One thread is steadier on "
         "a machine shared with other jobs: a busy core delays the wake-up "

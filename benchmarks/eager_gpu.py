@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from cpu_standard import add_out
 from torch import nn
 
 import groupnorm
@@ -108,7 +108,7 @@ def run(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_out(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("eager_gpu: no CUDA device here; nothing to time")

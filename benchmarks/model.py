@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -411,11 +412,37 @@ def _compare(rows: list[Row], path: Path) -> None:
             )
 
 
+def _bench_file(text: str) -> Path:
+    """--compare, read at parsing: a missing or foreign file gave a traceback (after the
+    model's tables, for a missing one)."""
+    path = Path(text)
+    try:
+        rows = measured_us(path)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {e.strerror or e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not bench's
+        rows = {}
+    if not rows:
+        raise argparse.ArgumentTypeError(
+            f"{text} holds no timed rows of ours: give a results file of `groupnorm bench` "
+            f"(benchmarks/results/bench-*.json)"
+        )
+    return path
+
+
+def _json_out(text: str) -> Path:
+    """--json, checked at parsing: its folder must exist and take a file."""
+    folder = Path(text).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {folder} is not a writable folder")
+    return Path(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=sorted(DEVICES), default="h100")
-    parser.add_argument("--json", type=Path, help="also write the modeled rows here")
-    parser.add_argument("--compare", type=Path, help="a groupnorm bench JSON to set beside")
+    parser.add_argument("--json", type=_json_out, help="also write the modeled rows here")
+    parser.add_argument("--compare", type=_bench_file, help="a groupnorm bench JSON to set beside")
     args = parser.parse_args()
     fit = fit_constants()
     print(f"PERFORMANCE MODEL (no GPU ran this); constants fitted on {FIT_FILE.name} (NCHW rows):")

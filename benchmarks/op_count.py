@@ -19,11 +19,10 @@ import argparse
 import statistics
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from cpu_standard import save
+from cpu_standard import add_out, save
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -136,7 +135,7 @@ def step_times(reps: int = 15) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--step", action="store_true", help="also time a compiled train step")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_out(parser)
     args = parser.parse_args()
     print(f"{'ops (ours/torch)':<24} {'aten':>12} {'graph eval':>12} {'graph train':>12}")
     rows = run()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cpu_standard import save
+from cpu_standard import add_out, count, save, writable_dir
 
 # diffusers' AutoencoderKL config of runwayml/stable-diffusion-v1-5 (vae/config.json).
 SD15_VAE = {
@@ -127,7 +127,7 @@ def _difference_png(images: dict[str, np.ndarray], size: int, path: Path) -> Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per case")
+    parser.add_argument("--threads", type=count(1), default=2, help="torch CPU threads per case")
     parser.add_argument(
         "--tile-rows",
         type=int,
@@ -143,8 +143,8 @@ def main() -> None:
         help="diffusers tile sizes in px (its default is sample_size, 512): the largest below "
         "the image size runs",
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--png", type=Path, default=Path(__file__).parents[1] / "docs")
+    add_out(parser)
+    parser.add_argument("--png", type=writable_dir, default=str(Path(__file__).parents[1] / "docs"))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case
     parser.add_argument("--case-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -247,3 +247,65 @@ def test_model_fit_recovers_the_constants_that_made_its_measurements(tmp_path, m
     out = capsys.readouterr().out
     assert "nchw (fitted to): 0 of 42 rows off" in out
     assert "channels_last (predicted): 0 of 42 rows off" in out
+
+
+def _not_timed(*args, **kwargs):
+    raise AssertionError("timed before its arguments were checked")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--out", "{tmp}/file/x"], "argument --out: cannot write files in {tmp}/file/x: Not a"),
+        (["--out", "{tmp}/file"], "argument --out: cannot write files in {tmp}/file: File exists"),
+        (["--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
+        (["--threads", "-1"], "argument --threads: expected an integer >= 1, got -1"),
+        (["--threads", "two"], "argument --threads: expected an integer, got 'two'"),
+    ],
+)
+@pytest.mark.parametrize("entry", ["small_input_args", "main"])
+def test_regression_benchmark_arguments_are_refused_before_any_timing(
+    entry, argv, message, tmp_path, monkeypatch, capsys
+):
+    """`cpu_fused_cl.py --out /etc/passwd/x` ran every timing, printed its table, then died with
+    NotADirectoryError and saved nothing (every script saving through cpu_standard.save);
+    --threads 0 or -1 gave a RuntimeError traceback from torch.set_num_threads. The scripts
+    parse with cpu_standard.small_input_args, cpu_standard.py itself with its main."""
+    (tmp_path / "file").write_text("")
+    module = _benchmark_module("cpu_standard", monkeypatch)
+    monkeypatch.setattr(module, "run", _not_timed)
+    monkeypatch.setattr(sys, "argv", ["script.py", *(a.format(tmp=tmp_path) for a in argv)])
+    if entry == "main":  # cpu_standard.py's --threads 0 means torch's default: it times
+        if argv == ["--threads", "0"]:
+            with pytest.raises(AssertionError, match="timed before"):
+                module.main()
+            return
+        message = message.replace(">= 1", ">= 0")
+    with pytest.raises(SystemExit) as stop:
+        module.small_input_args("doc") if entry == "small_input_args" else module.main()
+    assert stop.value.code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("compare", "message"),
+    [
+        ("{tmp}/none.json", "cannot read {tmp}/none.json: No such file or directory"),
+        ("{tmp}/README.md", "{tmp}/README.md holds no timed rows of ours"),
+        ("{tmp}/other.json", "{tmp}/other.json holds no timed rows of ours"),
+    ],
+)
+def test_regression_model_compare_refuses_a_file_that_is_not_a_bench_result(
+    compare, message, tmp_path, monkeypatch, capsys
+):
+    """`model.py --compare /nonexistent.json` and `--compare README.md` gave a FileNotFoundError
+    and a JSONDecodeError traceback, after the model's tables."""
+    (tmp_path / "README.md").write_text("# not JSON\n")
+    (tmp_path / "other.json").write_text(json.dumps({"meta": {}, "rows": [{"ours_us": 1.0}]}))
+    model = _benchmark_module("model", monkeypatch)
+    monkeypatch.setattr(model, "fit_constants", _not_timed)
+    monkeypatch.setattr(sys, "argv", ["model.py", "--compare", compare.format(tmp=tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        model.main()
+    assert stop.value.code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
