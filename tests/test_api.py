@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import io
+import pickle
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -976,6 +977,28 @@ def test_regression_affine_parameters_replaced_by_another_length_are_planned_for
             assert_matches(ours(x.to(memory_format=layout)), expected, torch.float32)
         assert_matches(torch.jit.script(ours)(x), expected, torch.float32)
         assert ours.plan.num_channels == 48
+    # torch.fx before any eager call: its trace hands Proxies for the parameters, and recorded
+    # the old plan (the graph refused x of 48 channels).
+    traced = groupnorm.GroupNorm(8, 64)
+    traced.weight = nn.Parameter(torch.rand(48) + 0.5)
+    traced.bias = nn.Parameter(torch.randn(48))
+    graph = torch.fx.symbolic_trace(nn.Sequential(traced))
+    expected = to_numpy(
+        nn.functional.group_norm(x.double(), 8, traced.weight.double(), traced.bias.double())
+    )
+    assert_matches(graph(x), expected, torch.float32)
+
+
+def test_regression_a_module_pickled_before_it_kept_group_sizes_can_be_edited() -> None:
+    """A GroupNorm saved whole by an earlier version has no _group_sizes attribute (kept since
+    for re-planning): editing its num_groups raised AttributeError, and so did its repr."""
+    old = pickle.loads(pickle.dumps(groupnorm.GroupNorm(4, 8)))
+    del old._group_sizes  # as unpickled from that version
+    old.num_groups = 2
+    x = make_x((2, 8, 3, 3), torch.float32)
+    expected = nn.functional.group_norm(x.double(), 2, old.weight.double(), old.bias.double())
+    assert_matches(old(x), to_numpy(expected), torch.float32)
+    assert repr(old).startswith("GroupNorm(2, 8")
 
 
 def test_regression_choose_num_groups_refuses_what_no_plan_holds() -> None:

@@ -15,6 +15,7 @@ import torch.multiprocessing as tmp
 import groupnorm
 from groupnorm import reference as R
 from groupnorm.convert import GroupNormDropAct
+from groupnorm.distributed import all_gather_stats
 from groupnorm.functional import resolve_plan
 from tests._dropped import dropped_reference
 from tests._gloo import free_port, run_rank
@@ -150,6 +151,10 @@ def _regression_cases(rank: int, world: int, pg: Any) -> dict[str, Any]:
     )
     module = groupnorm.GroupNorm(2, 8, process_group=pg)
     result["error_module"] = error(lambda: module(torch.randn(2, 8 + 2 * rank, 2, 2)))
+    # A tuple for the statistics had raised AttributeError ('tuple' object has no attribute
+    # 'plan'), then a TypeError on that rank alone while the others waited.
+    local = groupnorm.group_stats(torch.randn(2, 8, 2, 2), 2) if rank == 0 else (1, 2)
+    result["error_gather"] = error(lambda: all_gather_stats(local, pg))  # type: ignore[arg-type]
     free = groupnorm.GroupNorm(4, 8, affine=False, process_group=pg)  # planned before the call
     result["error_free"] = error(lambda: free(torch.randn(2, 8 - 2 * rank, 2, 2)))
     result["error_script"] = error(lambda: torch.jit.script(module))
@@ -266,6 +271,8 @@ def test_regression_double_backward_rank_disagreement_and_torchscript(tmp_path: 
     for rank, r in enumerate(ranks):  # shards of two dtypes had merged without an error
         assert "and different dtypes (this rank: 2 groups of 4, " in r["error_dtype"]
         assert r["error_dtype"].endswith(f"torch.float{64 if rank else 32})")
+    assert ranks[0]["error_gather"].startswith(refused.format(1))
+    assert "all_gather_stats(local=...) needs a GroupStats" in ranks[1]["error_gather"]
     assert ranks[0]["error_free"].startswith(refused.format(1))
     assert "num_groups=4 does not divide num_channels=6" in ranks[1]["error_free"]
     assert ranks[0]["error_module"].startswith(refused.format(1))
@@ -276,14 +283,6 @@ def test_process_group_needs_torch_distributed_initialized() -> None:
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
         groupnorm.group_norm(make_x((2, 4, 3, 3), torch.float32), 2, process_group=object())
-
-
-def test_regression_all_gather_stats_names_a_wrong_argument() -> None:
-    """A tuple for the statistics raised AttributeError: 'tuple' object has no attribute 'plan'."""
-    from groupnorm.distributed import all_gather_stats
-
-    with pytest.raises(TypeError, match=r"all_gather_stats\(local=...\) needs a GroupStats"):
-        all_gather_stats((1, 2), object())  # type: ignore[arg-type]
 
 
 def test_regression_merged_pivot_is_rounded_to_the_stats_dtype() -> None:

@@ -198,12 +198,13 @@ def all_gather_stats(local: GroupStats, group: Any) -> GroupStats:
 
     Differentiable: gradients flow back into each rank's ``local`` statistics.
     """
-    if not isinstance(local, GroupStats):
-        raise TypeError(
-            f"all_gather_stats(local=...) needs a GroupStats (from group_stats), got "
-            f"{type(local).__name__}"
-        )
-    check_process_group(group)
+    check_process_group(group)  # first: a refusal below reaches the other ranks through it
+    with refused_together(group):
+        if not isinstance(local, GroupStats):
+            raise TypeError(
+                f"all_gather_stats(local=...) needs a GroupStats (from group_stats), got "
+                f"{type(local).__name__}"
+            )
     _check_ranks_agree(local, group, local.pivot.dtype)
     return _gathered(local, group)
 

@@ -192,10 +192,10 @@ class GroupNorm(nn.GroupNorm):
         The constructor's ``group_sizes=`` stay the plan while num_groups is their count and
         the affine parameters (where there are some) their sum."""
         channels = self.num_channels
-        param = self.weight if self.weight is not None else self.bias
-        if isinstance(param, torch.Tensor) and param.dim() == 1:  # not fx's Proxy
+        param = self._affine()
+        if isinstance(param, torch.Tensor) and param.dim() == 1:
             channels = param.shape[0]
-        sizes = self._group_sizes
+        sizes = getattr(self, "_group_sizes", None)  # None in a module pickled before it existed
         if (
             sizes is not None
             and len(sizes) == self.num_groups
@@ -218,12 +218,21 @@ class GroupNorm(nn.GroupNorm):
         fast path declines those, so only the validated path and :meth:`_current_plan` ask)."""
         if self._planned_for != (self.num_groups, self.num_channels):
             return True
-        param = self.weight if self.weight is not None else self.bias
+        param = self._affine()
         return bool(  # a Python bool: torch.jit.trace records the sizes as tensors
             isinstance(param, torch.Tensor)
             and param.dim() == 1
             and param.shape[0] != self.plan.num_channels
         )
+
+    def _affine(self) -> Any:
+        """The weight, else the bias, as the module holds it: torch.fx's symbolic trace hands
+        a Proxy to ``self.weight``, which says nothing of its length."""
+        for name in ("weight", "bias"):
+            param = self._parameters[name] if name in self._parameters else getattr(self, name)
+            if param is not None:
+                return param
+        return None
 
     @torch.jit.unused
     def _current_plan(self) -> GroupPlan:
@@ -289,6 +298,7 @@ class GroupNorm(nn.GroupNorm):
                     "torch.fx cannot record a GroupNorm with process_group= (its statistics are "
                     "gathered across processes, which a graph node cannot name)"
                 )
+            plan = self._current_plan()  # the parameters may have been replaced since
             return fx_group_norm(
                 input, list(plan.sizes), self.weight, self.bias, self.eps, activation, self.backend
             )
@@ -373,7 +383,8 @@ class GroupNorm(nn.GroupNorm):
 
     def _device(self) -> torch.device:
         """Where the parameters live (the default device without affine parameters)."""
-        return self.weight.device if self.weight is not None else torch.empty(0).device
+        param = self._affine()
+        return param.device if isinstance(param, torch.Tensor) else torch.empty(0).device
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

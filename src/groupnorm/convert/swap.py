@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -199,7 +198,7 @@ def _first_line(e: Exception) -> str:
 def swap_group_norm(
     model: nn.Module,
     *,
-    example_inputs: torch.Tensor | tuple[Any, ...] | None = None,
+    example_inputs: Any = None,
     example_kwargs: dict[str, Any] | None = None,
     fuse_activation: bool = True,
     inplace: bool = False,
@@ -212,7 +211,8 @@ def swap_group_norm(
     rounding). With ``fuse_activation=True`` a GroupNorm whose output provably goes only into
     an ``nn.SiLU``, ``nn.ReLU`` or ``nn.GELU`` module computes that activation itself and the
     activation module becomes ``nn.Identity``. The proof is a trace of the model: torch.export
-    on ``model(*example_inputs, **example_kwargs)`` when an example input is given (it covers
+    on ``model(*example_inputs, **example_kwargs)`` when an example input is given (a tuple
+    holds the positional inputs; anything else is the one positional input) (it covers
     the branches that input takes), else torch.fx's symbolic trace, else (a model fx cannot
     trace, with no example input) only the pinned forwards of diffusers' ``ResnetBlock2D``,
     VAE ``Encoder`` / ``Decoder`` and ``UNet2DModel`` / ``UNet2DConditionModel``. A trace is
@@ -227,13 +227,8 @@ def swap_group_norm(
     """
     model = _walk.check_model(model, "swap_group_norm")
     check_flag("fuse_activation", fuse_activation)
-    # A wrong kind of example would only make the trace fail, and the report would blame it.
-    if example_inputs is not None and not isinstance(example_inputs, (torch.Tensor, tuple)):
-        raise TypeError(
-            "example_inputs must be a tensor or a tuple of the model's positional inputs, got "
-            f"{type(example_inputs).__name__}; wrap any other input in a tuple, e.g. "
-            "example_inputs=(x,)"
-        )
+    # Keyword inputs by name (any other example is the model's one positional input, a dict
+    # or list of tensors included, as torch.export takes them).
     if example_kwargs is not None and not (
         isinstance(example_kwargs, dict) and all(isinstance(k, str) for k in example_kwargs)
     ):
