@@ -237,6 +237,18 @@ def test_regression_jit_trace_passes_its_own_check(plan_name: str) -> None:
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated")
+def test_regression_jit_trace_of_a_module_with_an_edited_num_groups_warns_nothing() -> None:
+    """The re-plan after ``m.num_groups = 2`` read the parameters' sizes, which torch.jit.trace
+    records as tensors: TracerWarnings (an error here)."""
+    module = groupnorm.GroupNorm(4, 12)
+    module.num_groups = 2
+    traced = torch.jit.trace(module, (torch.randn(3, 12, 5, 4),))
+    x = _x(seed=7)
+    assert_matches(traced(x), _expected(x, {"num_groups": 2}), torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated")
 @pytest.mark.parametrize("plan_name", list(PLANS))
 def test_regression_jit_trace_of_a_module_without_affine_warns_nothing(plan_name: str) -> None:
     """Without affine parameters the module asks, as nn.GroupNorm does, whether x's channel

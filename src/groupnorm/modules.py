@@ -276,7 +276,7 @@ class GroupNorm(nn.GroupNorm):
         plan = self.plan  # _current_plan() inlined: one call fewer on every forward
         if self.process_group is None:
             if self._planned_for != (self.num_groups, self.num_channels):
-                plan = self._replan()
+                plan = traced_quietly(self._replan)  # jit.trace records the sizes it reads
             y = dispatch.run_plain(
                 input, plan, self.weight, self.bias, self.eps, activation, self.backend
             )
