@@ -435,6 +435,10 @@ def _json_out(text: str) -> Path:
     folder = Path(text).parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise argparse.ArgumentTypeError(f"cannot write {text}: {folder} is not a writable folder")
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text} is a folder: give a file name, e.g. {text}/model.json"
+        )
     return Path(text)
 
 

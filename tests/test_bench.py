@@ -309,3 +309,15 @@ def test_regression_model_compare_refuses_a_file_that_is_not_a_bench_result(
         model.main()
     assert stop.value.code == 2
     assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_regression_model_json_refuses_a_folder(tmp_path, monkeypatch, capsys):
+    """`model.py --json benchmarks` (a folder) printed every table, then failed writing it with
+    IsADirectoryError: only the folder above it was checked."""
+    model = _benchmark_module("model", monkeypatch)
+    monkeypatch.setattr(model, "fit_constants", _not_timed)
+    monkeypatch.setattr(sys, "argv", ["model.py", "--json", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        model.main()
+    assert stop.value.code == 2
+    assert f"{tmp_path} is a folder: give a file name" in capsys.readouterr().err

@@ -185,6 +185,7 @@ def test_regression_conflicting_study_options_are_refused(
         ("file", "--out {out}: a file of that name exists; give a folder for the study"),
         ("file/out", "--out {out}: {tmp}/file is a file, not a folder"),
         ("file/a/b", "--out {out}: {tmp}/file is a file, not a folder"),
+        ("dangling", "--out {out}: a link to nothing ({tmp}/nowhere); give a folder"),
     ],
 )
 def test_regression_an_unusable_out_is_named_before_any_work(
@@ -204,6 +205,7 @@ def test_regression_an_unusable_out_is_named_before_any_work(
 
     monkeypatch.setattr(runner, "checked_data", no_data)
     (tmp_path / "file").write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     path = tmp_path / out
     assert main(["study", "--preset", "tiny", "--no-progress", "--out", str(path)]) == 2
     assert message.format(out=path, tmp=tmp_path) in capsys.readouterr().err
@@ -221,6 +223,7 @@ def test_regression_an_unusable_out_is_named_before_any_work(
         (["--report", "{out}", "--epochs", "3"], "so --epochs would change nothing: drop it"),
         (["--report", "{out}", "--tune", "--seeds", "2"], "so --seeds, --tune would change"),
         (["--report", "{out}", "--device", "cpu"], "so --device would change nothing"),
+        (["--report", "{out}", "--seeds", "0"], "so --seeds would change nothing"),  # 0 == False
     ],
 )
 def test_regression_options_the_study_would_ignore_are_refused(

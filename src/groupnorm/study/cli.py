@@ -227,13 +227,16 @@ RUN_OPTIONS = {
 
 def _given(args: argparse.Namespace, dest: str) -> bool:
     value = getattr(args, dest)
-    return value not in (None, False) and not (dest == "device" and value == "auto")
+    # `is`, not `in`: 0 == False, and --seeds 0 is given
+    return value is not None and value is not False and not (dest == "device" and value == "auto")
 
 
 def _check_out(out: Path) -> None:
     """Refuse an --out that cannot become the study's folder before any work (the data check
     can take minutes): without it, ``[Errno 17] File exists`` came after loading the data.
     Creates nothing, so that a refused call leaves nothing behind."""
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"--out {out}: a link to nothing ({os.readlink(out)}); give a folder")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file of that name exists; give a folder for the study")
     for parent in out.parents:
