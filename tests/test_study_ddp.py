@@ -28,12 +28,12 @@ N, C_IN, S = 3, 3, 6  # images per device, input channels, spatial size
 WORLD = 2
 
 
-def _ports() -> tuple[int, int]:
-    """Two distinct free ports on 127.0.0.1 (both held while choosing)."""
-    with socket.socket() as a, socket.socket() as b:
-        a.bind(("127.0.0.1", 0))
-        b.bind(("127.0.0.1", 0))
-        return int(a.getsockname()[1]), int(b.getsockname()[1])
+def _ports() -> tuple[int, int, int]:
+    """Three distinct free ports on 127.0.0.1 (all held while choosing)."""
+    with socket.socket() as a, socket.socket() as b, socket.socket() as c:
+        for s in (a, b, c):
+            s.bind(("127.0.0.1", 0))
+        return int(a.getsockname()[1]), int(b.getsockname()[1]), int(c.getsockname()[1])
 
 
 def _input() -> torch.Tensor:
@@ -61,7 +61,7 @@ def _capture(model: nn.Module) -> dict[str, torch.Tensor]:
     return seen
 
 
-def _worker(rank: int, ports: tuple[int, int], out: str) -> None:
+def _worker(rank: int, ports: tuple[int, int, int], out: str) -> None:
     """Both checks in one pair of processes (starting them is most of the cost): the layers,
     then the distributed study through the CLI, as torchrun would start it."""
     os.environ.update(
@@ -77,7 +77,10 @@ def _worker(rank: int, ports: tuple[int, int], out: str) -> None:
     study = ["study", "--preset", "tiny", "--norms", "bn,gn", "--batches", "2", "--seeds", "1"]
     study += ["--device", "cpu", "--no-progress", "--out"]
     assert main([*study, os.path.join(out, "ddp")]) == 0
-    # A folder another study holds (the test's process): every rank refuses it.
+    # A folder another study holds (the test's process): every rank refuses it. A study of its
+    # own store, as torchrun starts each: on the first one's port a rank could reach rank 0's
+    # old store while it closed ("Broken pipe" in init_process_group, once in CI).
+    os.environ["MASTER_PORT"] = str(ports[2])
     assert main([*study, os.path.join(out, "held")]) == 2
     exit_now()
 
