@@ -170,6 +170,8 @@ def writable_dir(text: str) -> Path:
     """An argparse type: a folder, created and tried with a file at parsing, so that an --out
     that cannot take the results fails before the timings, not after them all (unsaved)."""
     path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: give a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

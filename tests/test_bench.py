@@ -257,7 +257,7 @@ def _not_timed(*args, **kwargs):
     ("argv", "message"),
     [
         (["--out", "{tmp}/file/x"], "argument --out: cannot write files in {tmp}/file/x: Not a"),
-        (["--out", "{tmp}/file"], "argument --out: cannot write files in {tmp}/file: File exists"),
+        (["--out", "{tmp}/file"], "argument --out: {tmp}/file is a file, not a folder"),
         (["--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
         (["--threads", "-1"], "argument --threads: expected an integer >= 1, got -1"),
         (["--threads", "two"], "argument --threads: expected an integer, got 'two'"),

@@ -236,3 +236,14 @@ def test_regression_options_the_study_would_ignore_are_refused(
     assert main(["study", "--no-progress", *(a.format(out=out) for a in args)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_regression_tune_without_a_validation_split_names_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--tune on a preset without a validation split said "evaluate='val' needs a validation
+    split: set val_size >= 1", naming the config field, not the --val-size flag."""
+    out = tmp_path / "out"
+    assert main(["study", "--preset", "tiny", "--tune", "--no-progress", "--out", str(out)]) == 2
+    assert "the tiny preset holds none: give --val-size" in capsys.readouterr().err
+    assert not out.exists()

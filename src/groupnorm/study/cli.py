@@ -166,6 +166,11 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         changes["seeds"] = TUNING_SEEDS
     if args.tune:
         changes["evaluate"] = "val"
+        if not changes.get("val_size", cfg.val_size):
+            raise ValueError(
+                f"--tune evaluates on a validation split, and the {args.preset or 'full'} "
+                "preset holds none: give --val-size (training images held out, e.g. 64)"
+            )
     if args.norms is not None or args.batches is not None:
         batches = args.batches or tuple(
             sorted({n for b in cfg.arms.values() for n in b}, reverse=True)
