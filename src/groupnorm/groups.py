@@ -42,17 +42,18 @@ def divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
-def _runs(sizes: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
-    """Maximal runs of equal consecutive group sizes: (first channel, end channel, size)."""
+def runs_of(sizes: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs of equal consecutive group sizes: (first channel, end channel, size).
+    TorchScript compiles it too (a scripted fx graph's explicit sizes, in modules.py)."""
     runs: list[tuple[int, int, int]] = []
     start = 0
     for size in sizes:  # a plain loop: torch.compile traces plan construction
-        if runs and runs[-1][2] == size:
+        if len(runs) > 0 and runs[-1][2] == size:
             runs[-1] = (runs[-1][0], runs[-1][1] + size, size)
         else:
             runs.append((start, start + size, size))
         start += size
-    return tuple(runs)
+    return runs
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class GroupPlan:
             "channel_first": tuple(
                 o for o, s in zip(offsets, sizes, strict=False) for _ in range(s)
             ),
-            "runs": _runs(sizes),
+            "runs": tuple(runs_of(list(sizes))),
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)  # frozen: set once, here

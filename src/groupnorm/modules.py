@@ -28,7 +28,7 @@ from groupnorm.functional import (
     resolve_plan,
     traced_quietly,
 )
-from groupnorm.groups import GroupPlan
+from groupnorm.groups import GroupPlan, runs_of
 
 __all__ = ["GroupNorm", "GroupNormAct"]
 
@@ -72,16 +72,11 @@ def _scripted_sizes(
 ) -> torch.Tensor:
     """:func:`shifted_group_norm` over explicit sizes: their runs of equal sizes and each
     channel's group's first channel, as :class:`GroupPlan` derives them."""
-    runs: list[tuple[int, int, int]] = []
+    runs = runs_of(group_sizes)
     firsts: list[int] = []
-    start = 0
-    for size in group_sizes:
-        if len(runs) > 0 and runs[-1][2] == size:
-            runs[-1] = (runs[-1][0], start + size, size)
-        else:
-            runs.append((start, start + size, size))
-        firsts += [start] * size
-        start += size
+    for begin, end, size in runs:
+        for channel in range(begin, end):
+            firsts.append(channel - (channel - begin) % size)
     first = torch.tensor(firsts, dtype=torch.int64, device=x.device)
     return shifted_group_norm(x, runs, first, weight, bias, eps, activation, None, None)
 
