@@ -138,10 +138,11 @@ def every_rank(values: list[int], group: Any, refused: bool = False) -> list[tup
 def refused_together(group: Any, count: int = AGREED) -> Iterator[None]:
     """Run a rank's argument checks so that a refusal reaches every rank: the refusing rank
     joins the :func:`every_rank` gather of ``count`` numbers that the others reach next, marked
-    refused, then raises its own error (alone, it would leave them waiting). ``group`` must
-    have passed :func:`check_process_group`. Not while torch.compile records, where the
-    agreement check is not made either, nor under torch.jit.trace, which refuses
-    process_group= on every rank that traces."""
+    refused, then raises its own error (alone, it would leave them waiting). ``group`` is
+    checked first (:func:`check_process_group`): the refusal travels through it. Not while
+    torch.compile records, where the agreement check is not made either, nor under
+    torch.jit.trace, which refuses process_group= on every rank that traces."""
+    check_process_group(group)
     try:
         yield
     except (TypeError, ValueError):
@@ -198,7 +199,6 @@ def all_gather_stats(local: GroupStats, group: Any) -> GroupStats:
 
     Differentiable: gradients flow back into each rank's ``local`` statistics.
     """
-    check_process_group(group)  # first: a refusal below reaches the other ranks through it
     with refused_together(group):
         if not isinstance(local, GroupStats):
             raise TypeError(

@@ -498,8 +498,6 @@ def _checked_group_norm(
     if process_group is not None:
         from groupnorm import distributed
 
-        # Checked first: the other ranks hear of this rank's refusal through it.
-        distributed.check_process_group(process_group)
         refusal = distributed.refused_together(process_group)
     with refusal:
         x = _check_input(input, shard=process_group is not None)

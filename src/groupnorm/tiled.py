@@ -56,7 +56,6 @@ from torch import nn
 
 from groupnorm.distributed import (
     all_gather_stats,
-    check_process_group,
     every_rank,
     refused_together,
 )
@@ -435,8 +434,6 @@ def tiled_decode(
     """
     refusal: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if process_group is not None:
-        # Checked first: the other ranks hear of this rank's refusal through it.
-        check_process_group(process_group)
         refusal = refused_together(process_group, _AGREED)
     with refusal:
         reason = _unsupported(vae)
