@@ -248,6 +248,26 @@ def test_bad_masks_are_refused(mask: object, kwargs: dict, match: str) -> None:
         groupnorm.group_norm(x, 2, mask=mask, **kwargs)  # type: ignore[call-overload]
 
 
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["default", "fullgraph"])
+@pytest.mark.parametrize("call", ["group_norm", "group_stats"])
+def test_regression_badly_shaped_mask_under_compile_gets_our_error(
+    call: str, fullgraph: bool
+) -> None:
+    """Under torch.compile a mask that does not broadcast to x ((2, 1, 4, 3) for x (2, 4, 3, 3))
+    raised dynamo's TorchRuntimeError "Attempting to broadcast a dimension of length 3 at -2"
+    from tracing torch.broadcast_shapes, not the ValueError eager gives. Default compile now
+    raises that ValueError; fullgraph=True, where dynamo (torch 2.13) reports every exception
+    raised in traced code as Unsupported, carries its message."""
+    x = make_x((2, 4, 3, 3), torch.float32)
+    bad = torch.ones(2, 1, 4, 3, dtype=torch.bool)
+    fn = getattr(groupnorm, call)
+    torch._dynamo.reset()  # a frame that raised before runs eagerly after: fullgraph then too
+    compiled = torch.compile(lambda t, m: fn(t, 2, mask=m), backend="eager", fullgraph=fullgraph)
+    ours = r"mask of shape \(2, 1, 4, 3\) does not broadcast to x of shape \(2, 4, 3, 3\)"
+    with pytest.raises(RuntimeError if fullgraph else ValueError, match=ours):
+        compiled(x, bad)
+
+
 def test_regression_masks_of_an_x_without_positions_are_checked() -> None:
     """x with an empty spatial dimension took the shortcut for no positions before the mask was
     checked: a mask of the wrong shape or dtype, or not a tensor, passed."""

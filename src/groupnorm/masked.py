@@ -51,6 +51,8 @@ __all__ = [
 def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
     """Validate ``mask`` against ``x`` before any work; returns it unchanged.
 
+    Type, shape and device need no values: they are checked under torch.compile too (with
+    ``fullgraph=True`` dynamo reports the ValueError as its Unsupported error, message included).
     Floating masks are checked to be finite and non-negative (one reduction over the mask)
     where their values can be read: not while torch.compile, export or make_fx records, under
     vmap, or on meta and fake tensors.
@@ -62,11 +64,7 @@ def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
             f"mask has dtype {mask.dtype}; use a bool mask (True = valid) or floating "
             "non-negative weights (e.g. mask.bool() or mask.float())"
         )
-    try:
-        shape = torch.broadcast_shapes(mask.shape, x.shape)
-    except RuntimeError:
-        shape = None
-    if shape != x.shape:
+    if not _broadcasts_to(mask.shape, x.shape):
         raise ValueError(
             f"mask of shape {tuple(mask.shape)} does not broadcast to x of shape "
             f"{tuple(x.shape)}; use (N, 1, *spatial) or (N, C, *spatial) (size-1 dims broadcast)"
@@ -78,6 +76,16 @@ def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
     if mask.dtype != torch.bool and torch_ops.can_read_values(mask):
         _check_weights(mask, x)
     return mask
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` (size-1 dimensions expand, leading ones may be
+    missing). Compared size by size, not with torch.broadcast_shapes: torch.compile traces that
+    into the graph, where a mismatch raised dynamo's internal error instead of ours."""
+    trailing = target[len(target) - len(shape) :]
+    return len(shape) <= len(target) and all(
+        m == 1 or m == t for m, t in zip(shape, trailing, strict=True)
+    )
 
 
 def _check_weights(mask: torch.Tensor, x: torch.Tensor) -> None:
