@@ -54,8 +54,9 @@ def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
     Type, shape and device need no values: they are checked under torch.compile too (with
     ``fullgraph=True`` dynamo reports the ValueError as its Unsupported error, message included).
     Floating masks are checked to be finite and non-negative (one reduction over the mask)
-    where their values can be read: not while torch.compile, export or make_fx records, under
-    vmap, or on meta and fake tensors.
+    where their values can be read (:func:`_readable_weights`): eagerly and under torch.func
+    transforms (vmap, grad, jvp), not while torch.compile, export or make_fx records, or on
+    meta and fake tensors.
     """
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
@@ -73,9 +74,31 @@ def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"mask is on {mask.device} but x is on {x.device}; move it with .to({str(x.device)!r})"
         )
-    if mask.dtype != torch.bool and torch_ops.can_read_values(mask):
-        _check_weights(mask, x)
+    if mask.dtype != torch.bool:
+        weights = _readable_weights(mask)
+        if weights is not None:
+            _check_weights(weights, x)
     return mask
+
+
+def _readable_weights(mask: torch.Tensor) -> torch.Tensor | None:
+    """The tensor whose values are ``mask``'s, where this call may read them; None while a
+    graph is recorded (torch.compile, export, make_fx, jit.trace) or on meta and fake tensors.
+
+    Under torch.func transforms that is the plain tensor inside the mask's wrappers (under vmap,
+    every sample's weights at once): the transforms refuse reading a wrapper's values, and a
+    negative weight then normalized without an error (y 0.072 off its value with that weight
+    at 0, vmap over samples)."""
+    if torch_ops._tracing():  # first: dynamo cannot trace the queries below
+        return None
+    while torch._C._functorch.is_functorch_wrapped_tensor(mask):
+        mask = torch._C._functorch.get_unwrapped(mask)
+    readable = (
+        type(mask) in torch_ops._VALUE_TYPES
+        and mask.device.type != "meta"
+        and not torch._C._len_torch_dispatch_stack()
+    )
+    return mask if readable else None
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
