@@ -1504,3 +1504,43 @@ def test_regression_a_batchnorm1d_in_one_channel_groups_is_named_in_the_report()
     assert "group_size >= 2" in warning
     # BatchNorm1d(8) got choose_num_groups' 4 groups of 2: the general hint stays for it.
     assert any("check that groups hold several channels" in w for w in report.warnings)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated")
+@pytest.mark.parametrize(
+    "tracer",
+    [
+        "fx",
+        pytest.param("jit.trace", marks=pytest.mark.slow),  # seconds: TorchScript records
+        pytest.param("export", marks=pytest.mark.slow),
+    ],
+)
+def test_regression_weight_standardized_conv_traces(tracer: str) -> None:
+    """torch.fx.symbolic_trace of a model holding a WSConv2d failed with "weight must be a
+    torch.Tensor, got Proxy" (standardize_weight's checks read fx's Proxy of the weight), where
+    a plain nn.Conv2d traces; torch.jit.trace warned a TracerWarning (the weight's element
+    count, a traced tensor, compared to 0), an error under warnings-as-errors. The traced
+    model runs inputs of other sizes as eager does."""
+    gen = torch.Generator().manual_seed(91)
+    conv = WSConv2d(3, 8, 3, padding=1, padding_mode="reflect", ws_eps=1e-5)
+    model = nn.Sequential(conv, nn.ReLU())
+    with torch.no_grad():
+        conv.weight.copy_(0.1 * torch.randn(conv.weight.shape, generator=gen) + 0.05)
+        conv.bias.copy_(torch.randn(8, generator=gen))
+    example = torch.randn(2, 3, 7, 7, generator=gen)
+    if tracer == "fx":
+        run: Callable[[torch.Tensor], torch.Tensor] = torch.fx.symbolic_trace(model)
+    elif tracer == "jit.trace":
+        run = torch.jit.trace(model, (example,))
+    else:
+        run = torch.export.export(
+            model, (example,), dynamic_shapes=({0: torch.export.Dim("n"), 2: None, 3: None},)
+        ).module()
+    rows = conv.weight.detach().double().reshape(8, -1)
+    centered = rows - rows.mean(1, keepdim=True)
+    w_hat = centered / torch.sqrt((centered**2).mean(1, keepdim=True) + 1e-5)
+    for x in (example, torch.randn(3, 3, 7, 7, generator=gen)):
+        padded = F.pad(x.double(), (1, 1, 1, 1), mode="reflect")
+        expected = F.relu(F.conv2d(padded, w_hat.reshape(conv.weight.shape), conv.bias.double()))
+        assert_matches(run(x), to_numpy(expected), torch.float32, reduction=27, what=tracer)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from groupnorm.functional import traced_quietly
+
 __all__ = ["WSConv2d", "standardize_weight"]
 
 
@@ -35,10 +37,15 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     ``weight`` a dense real floating tensor with elements; ``eps`` a real number > 0 and finite
     (WSConv2d's ``ws_eps`` is checked here, on every forward, so a changed attribute is checked
     too).
+
+    torch.fx.symbolic_trace records a call of it as one node (its checks and dtype choices
+    cannot read a Proxy), which runs it on the GraphModule's real weight.
     """
     # Nested: TorchScript skips a block under `if not torch.jit.is_scripting()`, not an `and`.
     if not torch.jit.is_scripting():
-        _check_types(weight, eps)
+        # torch.jit.trace records the element count as a tensor: comparing it warned that the
+        # trace "might not generalize", though the traced graph does not depend on it.
+        traced_quietly(_check_types, weight, eps)
     if not (eps > 0 and eps < math.inf):
         raise ValueError(f"eps (ws_eps) must be > 0 and finite, got {eps}")
     if weight.dim() < 2:
@@ -58,6 +65,11 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     rows = rows - rows[:, :1].detach()
     var, mean = torch.var_mean(rows, dim=1, keepdim=True, correction=0)
     return ((rows - mean) * torch.rsqrt(var + eps)).reshape(weight.shape).to(weight.dtype)
+
+
+# A leaf for torch.fx, as a GroupNorm's call is (modules.fx_group_norm): WSConv2d is no torch.nn
+# module, so fx traces its forward, and the weight reaches this function as a Proxy.
+torch.fx.wrap("standardize_weight")
 
 
 def _check_types(weight: object, eps: object) -> None:
