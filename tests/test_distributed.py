@@ -55,7 +55,8 @@ def _worker(rank: int, world: int, port: int, out: str, cases: str) -> None:
     def body() -> None:
         torch.set_num_threads(1)
         pg = dist.group.WORLD
-        result = (_whole_cases if cases == "whole" else _regression_cases)(rank, world, pg)
+        run = {"whole": _whole_cases, "regression": _regression_cases, "dims": _dims_cases}
+        result = run[cases](rank, world, pg)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 
     run_rank(rank, world, port, body)
@@ -160,6 +161,27 @@ def _regression_cases(rank: int, world: int, pg: Any) -> dict[str, Any]:
     result["error_script"] = error(lambda: torch.jit.script(module))
     result["error_trace"] = error(lambda: torch.jit.trace(module, (torch.randn(2, 8, 2, 2),)))
     result["after_errors"] = groupnorm.group_norm(torch.randn(2, 8, 2, 2), 2, process_group=pg)
+    return result
+
+
+def _dims_cases(rank: int, world: int, pg: Any) -> dict[str, Any]:
+    """Rank 0 holds an (N, C, H, W) shard, rank 1 an (N, C, L) one, through the function and
+    the module; then shards of one rank and different spatial sizes, as a split gives."""
+    x = make_x((2, 8, 3, 4), torch.float32, seed=21)
+    shard = x if rank == 0 else x.flatten(2)
+    result: dict[str, Any] = {}
+    for name, call in (
+        ("function", lambda: groupnorm.group_norm(shard, 2, process_group=pg)),
+        ("module", lambda: groupnorm.GroupNorm(2, 8, process_group=pg)(shard)),
+    ):
+        try:
+            call()
+            result[name] = "no error"
+        except ValueError as e:
+            result[name] = str(e)
+    whole = make_x((2, 8, 5, 4), torch.float32, seed=22)
+    result["x"] = whole
+    result["y"] = groupnorm.group_norm(whole[:, :, 3 * rank : 3 + 2 * rank], 2, process_group=pg)
     return result
 
 
@@ -302,3 +324,20 @@ def test_regression_merged_pivot_is_rounded_to_the_stats_dtype() -> None:
     y = groupnorm.group_norm(x, 4, stats=merged)
     expected, _ = R.group_norm_forward(to_numpy(x), 4)
     assert_matches(y, expected, torch.float32)
+
+
+@pytest.mark.slow
+def test_regression_ranks_with_different_numbers_of_dimensions_are_refused(
+    tmp_path: Path,
+) -> None:
+    """Ranks compared N, C, the plan and the dtype but not x.dim(): one rank's (2, 8, 3, 4)
+    shard and another's (2, 8, 12) were merged as parts of one tensor, without an error, and
+    each rank got an output of its own shape. Every rank now raises, naming each rank's number
+    of dimensions; shards of different spatial sizes (H = 3 and 2) still merge."""
+    ranks = _spawn(2, tmp_path, "dims")
+    for r in ranks:
+        for call in ("function", "module"):
+            assert r[call].startswith("process_group=: every rank must call with the same N, C, ")
+            assert "different numbers of dimensions (rank 0: 4, rank 1: 3)" in r[call], r[call]
+    expected, _ = R.group_norm_forward(to_numpy(ranks[0]["x"]), 2)
+    assert_matches(torch.cat([r["y"] for r in ranks], 2), expected, torch.float32)

@@ -2,8 +2,9 @@
 
 Each rank of a ``torch.distributed`` process group holds a disjoint part of the same (N, C, *S)
 tensor, split along any spatial axis (or any disjoint split of the positions). Every rank calls
-``group_norm(x_shard, ..., process_group=pg)`` with the same N, C, group plan and dtype; the
-output is the shard of what the whole tensor would give.
+``group_norm(x_shard, ..., process_group=pg)`` with the same N, C, number of dimensions, group
+plan and dtype (the spatial sizes may differ: a 2-D grid of tiles splits H and W); the output is
+the shard of what the whole tensor would give.
 
 How (every rank, identically):
 
@@ -18,8 +19,8 @@ How (every rank, identically):
 
 4. normalize the shard with the merged statistics.
 
-Before the gather, one all_gather of (N, C, plan, dtype) raises the same error on every rank
-where the ranks disagree.
+Before the gather, one all_gather of (N, C, plan, dtype, x.dim()) raises the same error on every
+rank where the ranks disagree.
 
 Gradients: the gather is a differentiable collective (twice: its backward is recorded too)
 whose backward all-reduces (sums) the gradients of the gathered statistics over ranks and keeps
@@ -104,7 +105,7 @@ def check_process_group(group: object) -> None:
         )
 
 
-AGREED = 4  # numbers _check_ranks_agree gathers: N, C, the plan's hash and the dtype's
+AGREED = 5  # numbers _check_ranks_agree gathers: N, C, the plan's hash, the dtype's, x.dim()
 
 
 def _check_device(group: Any) -> torch.device:
@@ -151,29 +152,39 @@ def refused_together(group: Any, count: int = AGREED) -> Iterator[None]:
         raise
 
 
-def _check_ranks_agree(local: GroupStats, group: Any, dtype: torch.dtype) -> None:
+def _check_ranks_agree(local: GroupStats, group: Any, dtype: torch.dtype, ndim: int) -> None:
     """Raise on every rank, before the statistics are gathered, unless all ranks hold
-    statistics of the same shape and plan, of inputs of one ``dtype``: gathered as they are,
+    statistics of the same shape and plan, of inputs of one ``dtype`` and ``ndim`` dimensions
+    (0 for :func:`all_gather_stats`, which has statistics and no input): gathered as they are,
     (N, G) fields of different sizes abort a gloo process (an error Python cannot catch), the
     same sizes for different plans merge into wrong statistics without one, and shards of
-    different dtypes are parts of no one tensor. One all_gather of four int64 numbers; skipped
-    while torch.compile records (the comparison reads values)."""
+    different dtypes or numbers of dimensions ((N, C, H, W) and (N, C, L)) are parts of no one
+    tensor. One all_gather of five int64 numbers; skipped while torch.compile records (the
+    comparison reads values)."""
     if torch.compiler.is_compiling():
         return
     assert local.plan is not None
     sizes = local.plan.sizes
     # crc32, not hash(): a str's hash differs between processes
     code = zlib.crc32(str(dtype).encode())
-    seen = every_rank([local.shape[0], local.plan.num_channels, hash(sizes), code], group)
+    seen = every_rank([local.shape[0], local.plan.num_channels, hash(sizes), code, ndim], group)
     if len(set(seen)) > 1:
-        rows = ", ".join(f"rank {r}: N={n}, C={c}" for r, (n, c, _, _) in enumerate(seen))
-        differ = [
-            what for i, what in ((2, "group plans"), (3, "dtypes")) if len({v[i] for v in seen}) > 1
-        ]
+        rows = ", ".join(f"rank {r}: N={v[0]}, C={v[1]}" for r, v in enumerate(seen))
+        differ = []
+        if len({v[4] for v in seen}) > 1:
+            dims = ", ".join(f"rank {r}: {v[4]}" for r, v in enumerate(seen))
+            differ.append(f"numbers of dimensions ({dims})")
+        if len({v[:2] for v in seen}) == 1:  # a different C is a different plan already
+            differ += [
+                what
+                for i, what in ((2, "group plans"), (3, "dtypes"))
+                if len({v[i] for v in seen}) > 1
+            ]
         raise ValueError(
-            "process_group=: every rank must call with the same N, C, group plan and dtype "
-            f"(each holds a spatial part of one tensor); got {rows}"
-            + ("" if len({v[:2] for v in seen}) > 1 else ", and different " + " and ".join(differ))
+            "process_group=: every rank must call with the same N, C, number of dimensions, "
+            "group plan and dtype (each holds a spatial part of one tensor; only the spatial "
+            f"sizes may differ); got {rows}"
+            + (", and different " + " and ".join(differ) if differ else "")
             + f" (this rank: {local.plan.describe()}, {dtype})"
         )
 
@@ -205,7 +216,7 @@ def all_gather_stats(local: GroupStats, group: Any) -> GroupStats:
                 f"all_gather_stats(local=...) needs a GroupStats (from group_stats), got "
                 f"{type(local).__name__}"
             )
-    _check_ranks_agree(local, group, local.pivot.dtype)
+    _check_ranks_agree(local, group, local.pivot.dtype, 0)
     return _gathered(local, group)
 
 
@@ -251,7 +262,7 @@ def run_sharded(
         else masked_stats(wide.x, r.plan, mask)
     )
     # The shards' dtype, not the statistics': a float32 call that autograd records widens them.
-    _check_ranks_agree(local, group, r.x.dtype)
+    _check_ranks_agree(local, group, r.x.dtype, r.x.dim())
     stats = _gathered(local, group)
     return normalize_with(wide, stats).to(r.x.dtype), (
         narrowed(stats, r.x.dtype) if r.return_stats else None
