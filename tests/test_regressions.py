@@ -1212,6 +1212,39 @@ def test_regression_float64_gradient_penalty_of_groups_far_from_zero(
         assert_matches(g, to_numpy(e), torch.float64, reduction=8 * 8, what=name)
 
 
+@pytest.mark.parametrize(("seed", "bias"), [(40, 9.0), (50, 9.0), (40, 12.0)])
+def test_regression_float64_silu_second_derivative_where_sigmoid_is_near_1(
+    seed: int, bias: float
+) -> None:
+    """The fused kernel's recorded backward (create_graph=True; here a float64 uneven plan)
+    took SiLU's derivative as autograd's of s (1 + u (1 - s)), s = sigmoid(u), whose 1 - s
+    loses exp(u) ulps: silu''(u) 6.6e-13 off relatively at u = 9, 3.6e-8 at u = 20. A
+    Hessian-vector product at std 3e-3 (|w| ~ 2, u up to 15 here) reached 1.12-2.21x the
+    float64 bound; 0.08-0.18x with 1 - s taken as sigmoid(-u). The expected HVP differentiates
+    the textbook formula with SiLU written as u / (1 + exp(-u)), whose derivatives autograd
+    forms without that difference."""
+    N, C = 2, 16
+    shape = (N, C, 4, 4)
+    sizes = resolve_plan(C, 6, uneven=True).sizes
+    x0 = make_x(shape, torch.float64, seed=seed, loc=0.0, std=3e-3)
+    w = rand((C,), torch.float64, seed + 1) * 2
+    b = rand((C,), torch.float64, seed + 2) + bias
+    dy, v = rand(shape, torch.float64, seed + 3), rand(shape, torch.float64, seed + 4)
+
+    def hvp(f: Any) -> torch.Tensor:
+        x = x0.detach().clone().requires_grad_()
+        (gx,) = torch.autograd.grad((f(x) * dy).sum(), x, create_graph=True)
+        return torch.autograd.grad((gx * v).sum(), x)[0]
+
+    def textbook(x: torch.Tensor) -> torch.Tensor:
+        u = textbook_group_norm(x, sizes, w, b)[0]
+        return u / (1 + torch.exp(-u))
+
+    got = hvp(lambda x: groupnorm.group_norm(x, 6, w, b, activation="silu", uneven=True))
+    want = to_numpy(hvp(textbook))
+    assert_matches(got, want, torch.float64, reduction=max(sizes) * 16, what="hvp")
+
+
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 @pytest.mark.parametrize("with_scale", [False, True], ids=["affine", "scale"])
 def test_regression_float32_second_derivatives_through_an_activation_round_once(
