@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
+import torch
 
+import groupnorm
+from groupnorm import cli
 from groupnorm.cli import SIGPIPE_STATUS, main
+from tests import _tolerances
 
 
 def test_demo_prints_the_worked_example(capsys: pytest.CaptureFixture[str]) -> None:
@@ -74,3 +79,72 @@ def test_regression_a_closed_pipe_under_study_is_not_an_error() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert (done.returncode, done.stderr) == (SIGPIPE_STATUS, "")
+
+
+def test_check_uses_the_tolerance_table() -> None:
+    """The self-test's copy of the table (src cannot import tests) is the tests' table."""
+    assert (cli.ATOL, cli.RTOL) == (_tolerances.ATOL, _tolerances.RTOL)
+
+
+def test_regression_check_judged_float32_by_a_loose_absolute_tolerance(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`groupnorm check` passed float32 outputs within 1e-5 of float64: a backend off by 5e-6
+    everywhere (max abs err up to 5.3e-06) printed "ok", where the tolerance table allows
+    2e-6 + 2e-6 |y| (2.0e-6 at y = 0)."""
+    real = groupnorm.group_norm
+
+    def off(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = real(x, *args, **kwargs)
+        return y + 5e-6 if y.dtype == torch.float32 else y
+
+    monkeypatch.setattr(groupnorm, "group_norm", off)
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    fp32 = [line for line in out.splitlines() if "fp32" in line]
+    assert fp32 and all(line.lstrip().startswith("FAIL") for line in fp32)
+
+
+def test_check_fails_a_nan_output(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A NaN in a backend's output fails the self-test: it cannot switch the comparison off."""
+    real = groupnorm.group_norm
+
+    def nan(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = real(x, *args, **kwargs).clone()
+        y[(0,) * y.dim()] = float("nan")
+        return y
+
+    monkeypatch.setattr(groupnorm, "group_norm", nan)
+    assert main(["check"]) == 1
+    rows = [line for line in capsys.readouterr().out.splitlines() if "max abs err" in line]
+    assert rows and all(line.lstrip().startswith("FAIL") for line in rows)
+
+
+def test_regression_check_listed_triton_but_ran_only_torch(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`groupnorm check` listed every backend available but ran its self-test only through
+    backend="auto" on CPU tensors (the torch backend): the Triton kernels went unchecked even
+    where they were listed as available. Each available backend now runs every case, and an
+    unavailable one is said to be unchecked."""
+    real = groupnorm.group_norm
+    ran: set[str] = set()
+
+    def spy(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = real(x, *args, **kwargs)
+        ran.add(kwargs.get("backend", "auto"))
+        return y
+
+    monkeypatch.setattr(groupnorm, "group_norm", spy)
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    available = {name for name, why in groupnorm.available_backends().items() if why is None}
+    assert ran == available
+    for name, why in groupnorm.available_backends().items():
+        if why is None:
+            assert f"{name}/cpu" in out or f"{name}/cuda" in out
+        else:
+            assert f"{name}: not checked, unavailable here: {why}" in out
+            assert f"{name}/" not in out
