@@ -196,3 +196,38 @@ def _check_study(out: Path) -> None:
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["workers"] == WORLD
     assert (out / "report.md").exists()
+
+
+def test_regression_a_finished_distributed_study_loaded_its_data_to_run_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun, rank 0 fetched, loaded and checked the data, then every rank loaded it
+    again, for a study whose every run was recorded (one gloo rank here)."""
+    from dataclasses import asdict
+
+    from groupnorm.study import distributed, runner
+    from groupnorm.study.config import PRESETS, with_overrides
+    from groupnorm.study.results import append_result
+    from tests._gloo import free_port
+
+    cfg = with_overrides(PRESETS["tiny"], train_workers=1)
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(cfg.to_json()))
+    for spec in runner.plan_runs(cfg):
+        record = {"key": spec.key, "spec": asdict(spec), "test_error": 1.0, "train_error": 1.0}
+        append_result(out, record)
+    before = (out / "results.jsonl").read_bytes()
+
+    def no_data(*args: object) -> None:
+        raise AssertionError("the data was loaded for a study with nothing left to run")
+
+    for module in (runner, distributed):
+        monkeypatch.setattr(module, "load_dataset", no_data)
+    monkeypatch.setattr(runner, "fetch", no_data)
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for name, value in {**env, "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.run_distributed(cfg, out, device="cpu", progress=False) == 0
+    assert (out / "results.jsonl").read_bytes() == before
+    assert (out / "report.md").exists()

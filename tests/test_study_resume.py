@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -353,3 +354,35 @@ def test_regression_ctrl_c_stops_the_pool_without_training_the_queued_runs(
     # The finished ones, the two running and those already handed to a worker, no more.
     assert saved >= 1 and started <= saved + 5 < planned, (saved, started, planned)
     assert not (out / RUNNING).exists()
+
+
+def test_regression_a_finished_study_loaded_its_data_to_run_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-running a study whose every run was recorded fetched and loaded the data set (and
+    checked every run's step against it) before finding nothing left to run: on Fashion-MNIST
+    or CIFAR a load that trains nothing, and a refusal where the data is gone."""
+    from groupnorm.study import runner
+
+    cfg = PRESETS["tiny"]
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(cfg.to_json()))
+    for spec in plan_runs(cfg):
+        append_result(
+            out, {"key": spec.key, "spec": asdict(spec), "test_error": 1.0, "train_error": 1.0}
+        )
+    before = (out / RESULTS).read_bytes()
+
+    def no_data(*args: Any) -> None:
+        raise AssertionError("the data was loaded for a study with nothing left to run")
+
+    monkeypatch.setattr(runner, "load_dataset", no_data)
+    monkeypatch.setattr(runner, "fetch", no_data)
+    records = runner.run_study(cfg, out, progress=False)
+    assert [r["key"] for r in records] == [s.key for s in plan_runs(cfg)]
+    assert (out / RESULTS).read_bytes() == before
+    # One run missing: the data is needed again.
+    (out / RESULTS).write_bytes(b"".join(before.splitlines(keepends=True)[:-1]))
+    with pytest.raises(AssertionError, match="the data was loaded"):
+        runner.run_study(cfg, out, progress=False)

@@ -19,7 +19,14 @@ import torch.distributed as dist
 from groupnorm.study.config import StudyConfig, with_overrides
 from groupnorm.study.data import load_dataset
 from groupnorm.study.results import append_result
-from groupnorm.study.runner import checked_data, only_writer, pick_device, plan_runs, prepare
+from groupnorm.study.runner import (
+    checked_data,
+    nothing_left,
+    only_writer,
+    pick_device,
+    plan_runs,
+    prepare,
+)
 from groupnorm.study.training import train_run
 
 __all__ = ["run_distributed"]
@@ -68,7 +75,8 @@ def _run_ranks(
     told: list[object] = [None]
     if rank == 0:
         try:
-            checked_data(cfg, data_dir, download_url)  # before any rank reads the files
+            if not nothing_left(cfg, out):  # a finished study needs no data
+                checked_data(cfg, data_dir, download_url)  # before any rank reads the files
             held.enter_context(only_writer(out))
             told = [[s.key for s in prepare(cfg, out)]]
         except (ValueError, OSError) as e:
@@ -78,20 +86,21 @@ def _run_ranks(
     if isinstance(keys, BaseException):
         raise keys
     assert isinstance(keys, list)
-    data = load_dataset(cfg, data_dir)
     specs = [s for s in plan_runs(cfg) if s.key in set(keys)]
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    for i, spec in enumerate(specs):
-        record = train_run(spec, cfg.train, data, dev, rank=rank, world=world)
-        if rank == 0:
-            append_result(out, record)
-            if progress:
-                print(
-                    f"[{i + 1}/{len(specs)}] {record['key']:>18}: test "
-                    f"{record['test_error']:5.1f} %  train {record['train_error']:5.1f} %"
-                    f"  ({record['seconds']:.0f} s, {world} processes)",
-                    flush=True,
-                )
+    if specs:  # a finished study needs no data
+        data = load_dataset(cfg, data_dir)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        for i, spec in enumerate(specs):
+            record = train_run(spec, cfg.train, data, dev, rank=rank, world=world)
+            if rank == 0:
+                append_result(out, record)
+                if progress:
+                    print(
+                        f"[{i + 1}/{len(specs)}] {record['key']:>18}: test "
+                        f"{record['test_error']:5.1f} %  train {record['train_error']:5.1f} %"
+                        f"  ({record['seconds']:.0f} s, {world} processes)",
+                        flush=True,
+                    )
     if rank == 0:
         from groupnorm.study.report import render_report
 

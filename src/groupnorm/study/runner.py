@@ -34,7 +34,15 @@ from groupnorm.study.data import Dataset, fetch, load_dataset
 from groupnorm.study.results import RESULTS, append_result, read_results, repair
 from groupnorm.study.training import train_run
 
-__all__ = ["checked_data", "only_writer", "pick_device", "plan_runs", "prepare", "run_study"]
+__all__ = [
+    "checked_data",
+    "nothing_left",
+    "only_writer",
+    "pick_device",
+    "plan_runs",
+    "prepare",
+    "run_study",
+]
 
 CONFIG = "config.json"
 SWEEP_GROUPS = (1, 2, 4, 8, 16, 32)
@@ -155,6 +163,20 @@ def prepare(cfg: StudyConfig, out: Path) -> list[RunSpec]:
     return [s for s in plan_runs(cfg) if s.key not in finished]
 
 
+def nothing_left(cfg: StudyConfig, out: Path) -> bool:
+    """Whether ``out`` already holds every planned run of ``cfg`` (read only: writes nothing).
+
+    A resumed study with nothing left to run needs no data, and loading it (fetching, decoding
+    a data set, checking every run's step) is then wasted. A folder with another configuration
+    is not "done": the usual path refuses it with the differences.
+    """
+    path = Path(out) / CONFIG
+    if not path.exists() or json.loads(path.read_text()) != cfg.to_json():
+        return False
+    finished = {r["key"] for r in read_results(out)}
+    return all(s.key in finished for s in plan_runs(cfg))
+
+
 def default_jobs(device: torch.device) -> int:
     """Parallel runs: one per CPU core on the CPU (each run single-threaded: small models
     scale poorly over threads), one on a GPU."""
@@ -253,6 +275,8 @@ def run_study(
     """
     out = Path(out)
     dev = pick_device(device)  # before prepare writes anything
+    if nothing_left(cfg, out):
+        return read_results(out)
     data = checked_data(cfg, data_dir, download_url)
     with only_writer(out):
         return _run_study(cfg, out, dev, data, data_dir, jobs, progress)
