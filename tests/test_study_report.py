@@ -199,3 +199,25 @@ def test_regression_a_tuned_report_labels_its_plots_and_sweeps_validation(
     assert "validation error (%)" in batch and "train error (%)" in batch
     assert not [t for t in batch if "test" in t]
     assert "validation" in labels["groups.png"] and "test" not in labels["groups.png"]
+
+
+def test_regression_a_tuned_report_called_its_undecided_claims_test_error_with_missing_cells(
+    tmp_path: Path,
+) -> None:
+    """A --tune report (every run evaluated on the validation split) said the claims were on
+    "test error (%)" and gave each "n/a ... needs every cell involved, with 2+ common seeds",
+    claim 4 included, whose cells BN(32) and GN(32) it held with 2 seeds each: the claims are
+    decided on test-split runs alone, and a tuning study has none."""
+    out = tmp_path / "study"
+    out.mkdir()
+    config = {**PRESETS["quick"].to_json(), "evaluate": "val", "val_size": 64}
+    (out / "config.json").write_text(json.dumps(config))
+    for seed in (100, 101):
+        for n in (32, 2):
+            append_result(out, _record("bn", n, seed, 20.0 + seed, 15.0, evaluated_on="val"))
+            append_result(out, _record("gn", n, seed, 21.0, 16.0, groups=16, evaluated_on="val"))
+    text = render_report(out, plots=False)
+    claims = text[text.index("## Pre-registered claims") : text.index("## Seeds")]
+    assert "evaluated on the validation split" in claims and "no claim is decided" in claims
+    assert "needs every cell" not in claims and "n/a" not in claims and "**" not in claims
+    assert "- 4. BN <= GN at N=32. Test: d = BN(32) - GN(32) per seed" in claims
