@@ -7,7 +7,8 @@ device (regime, grid, launches; groupnorm.triton.heuristics, pure Python), count
 those launches move with an L2 model, and turns them into a MODELED time and a MODELED % of the
 copy floor. Nothing here runs on a GPU; its constants are fitted to H200 measurements
 (assumptions 1 and 7). With --compare it puts the model beside a ``groupnorm bench`` JSON file
-and flags disagreements over 20 %. Against the first H200 bench (84 rows): 14 flagged, 7 of the
+(its ``ours`` rows beside the auto plan's, its ``ours-wave`` rows beside the wave regime's) and
+flags disagreements over 20 %. Against the first H200 bench (84 rows): 14 flagged, 7 of the
 42 NCHW rows fitted and 7 of the 42 channels-last rows predicted, median |diff| 12 and 11 % (28
 flagged, 15 %, with one launch cost and ETA fitted to the H100 prototype). Still off: on-chip
 forwards of small shapes (channels-last ones 1-3 us slower than NCHW ones, not modeled), SD's
@@ -239,12 +240,17 @@ def call_plan(
     return regimes, launches
 
 
-def measured_us(path: Path) -> dict[tuple[str, str, str], float]:
-    """(workload, layout, direction) -> median microseconds of ours in a bench JSON file."""
+# groupnorm bench's providers of our kernels -> the regime of the model's rows they measure.
+REGIMES = {"ours": "auto", "ours-wave": "wave"}
+
+
+def measured_us(path: Path, provider: str = "ours") -> dict[tuple[str, str, str], float]:
+    """(workload, layout, direction) -> median microseconds of ``provider`` in a bench JSON
+    file."""
     return {
         (r["workload"], r["layout"], r["direction"]): r["median_us"]
         for r in json.loads(path.read_text())["rows"]
-        if r.get("provider") == "ours" and "median_us" in r
+        if r.get("provider") == provider and "median_us" in r
     }
 
 
@@ -387,29 +393,42 @@ def _with_wave(rows: list[Row]) -> list[Row]:
     return list(best.values())
 
 
-def _compare(rows: list[Row], path: Path) -> None:
-    measured = measured_us(path)
-    print(f"\nMODEL vs MEASURED ({path.name}; ours only; |diff| > 20 % flagged)")
-    diffs: dict[str, list[float]] = {"nchw": [], "channels_last": []}
-    for r in rows:
-        m = measured.get((r.workload, r.layout, r.direction))
-        if r.forward != "auto" or m is None:
-            continue
-        diff = (m - r.model_us) / r.model_us
-        diffs[r.layout].append(abs(diff))
-        flag = "  <-- model off by > 20 %" if abs(diff) > 0.2 else ""
-        print(
-            f"{r.workload:<30} {r.layout:<13} {r.direction:<8} model {r.model_us:8.1f} us  "
-            f"measured {m:8.1f} us  ({100 * diff:+.0f} %){flag}"
-        )
+def _compare(rows: list[Row], path: Path, device: str) -> None:
+    """The model beside each of our providers the file times: ``ours`` against the auto plan's
+    rows, ``ours-wave`` against the wave regime's (a bench run with only the wave provider
+    holds no ``ours`` rows)."""
+    meta = json.loads(path.read_text()).get("meta", {})
+    measured_on = str(meta.get("device", "")) if isinstance(meta, dict) else ""
+    if measured_on and device.upper() not in measured_on.upper():
+        print(f"\nnote: {path.name} was measured on {measured_on}, the model is of {device}")
     fitted = path.resolve() == FIT_FILE.resolve()
-    for layout, ds in diffs.items():
-        if ds:
-            role = ("fitted to" if layout == "nchw" else "predicted") if fitted else "predicted"
+    for provider, regime in REGIMES.items():
+        measured = measured_us(path, provider)
+        if not measured:
+            continue
+        print(f"\nMODEL ({regime}) vs MEASURED ({path.name}; {provider}; |diff| > 20 % flagged)")
+        diffs: dict[str, list[float]] = {"nchw": [], "channels_last": []}
+        for r in rows:
+            m = measured.get((r.workload, r.layout, r.direction))
+            if r.forward != regime or m is None:
+                continue
+            diff = (m - r.model_us) / r.model_us
+            diffs[r.layout].append(abs(diff))
+            flag = "  <-- model off by > 20 %" if abs(diff) > 0.2 else ""
             print(
-                f"{layout} ({role}): {sum(d > 0.2 for d in ds)} of {len(ds)} rows off by > 20 %,"
-                f" median |diff| {100 * statistics.median(ds):.0f} %"
+                f"{r.workload:<30} {r.layout:<13} {r.direction:<8} model {r.model_us:8.1f} us  "
+                f"measured {m:8.1f} us  ({100 * diff:+.0f} %){flag}"
             )
+        if not any(diffs.values()):
+            print(f"none of its {len(measured)} rows is a shape the model has {regime} rows for")
+        for layout, ds in diffs.items():
+            if ds:
+                fit_rows = fitted and regime == "auto" and layout == "nchw"
+                print(
+                    f"{layout} ({'fitted to' if fit_rows else 'predicted'}): "
+                    f"{sum(d > 0.2 for d in ds)} of {len(ds)} rows off by > 20 %,"
+                    f" median |diff| {100 * statistics.median(ds):.0f} %"
+                )
 
 
 def _bench_file(text: str) -> Path:
@@ -417,15 +436,16 @@ def _bench_file(text: str) -> Path:
     model's tables, for a missing one)."""
     path = Path(text)
     try:
-        rows = measured_us(path)
+        timed = any(measured_us(path, provider) for provider in REGIMES)
     except OSError as e:
         raise argparse.ArgumentTypeError(f"cannot read {text}: {e.strerror or e}") from None
     except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not bench's
-        rows = {}
-    if not rows:
+        timed = False
+    if not timed:
         raise argparse.ArgumentTypeError(
-            f"{text} holds no timed rows of ours: give a results file of `groupnorm bench` "
-            f"(benchmarks/results/bench-*.json)"
+            f"{text} holds no timed rows of ours (providers {', '.join(REGIMES)}), so nothing "
+            "to compare: give a results file of `groupnorm bench` that ran them "
+            "(benchmarks/results/bench-*.json)"
         )
     return path
 
@@ -482,7 +502,7 @@ def main() -> int:
             json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1)
         )
     if args.compare:
-        _compare(rows, args.compare)
+        _compare(rows, args.compare, args.device)
     return 0
 
 

@@ -321,3 +321,43 @@ def test_regression_model_json_refuses_a_folder(tmp_path, monkeypatch, capsys):
         model.main()
     assert stop.value.code == 2
     assert f"{tmp_path} is a folder: give a file name" in capsys.readouterr().err
+
+
+def test_regression_model_compare_refused_a_wave_only_bench_file(tmp_path, monkeypatch, capsys):
+    """`model.py --compare benchmarks/results/bench-nvidia-h200-20261204T131058Z.json` (83 rows,
+    all of provider ours-wave: a bench run of the wave regime alone) was refused as holding "no
+    timed rows of ours", though the model has wave rows to set beside them. ours-wave rows are
+    now compared with the wave regime's, and a file with neither provider is refused by name."""
+    model = _benchmark_module("model", monkeypatch)
+    fit = model.Fit(call_us=3.5, launch_us=2.25, eta_fwd=0.62, eta_bwd=0.81)
+    monkeypatch.setattr(model, "fit_constants", lambda: fit)
+    wave = [r for r in model.model("h200", fit) if r.forward == "wave"]
+    assert wave, "the model has no wave rows to compare"
+    rows = [
+        {
+            "workload": r.workload,
+            "layout": r.layout,
+            "direction": r.direction,
+            "provider": "ours-wave",
+            "median_us": r.model_us,
+        }
+        for r in wave
+    ]
+    path = tmp_path / "bench-wave.json"
+    path.write_text(json.dumps({"meta": {"device": "NVIDIA H200"}, "rows": rows}))
+    monkeypatch.setattr(sys, "argv", ["model.py", "--device", "h200", "--compare", str(path)])
+    assert model.main() == 0
+    out = capsys.readouterr().out
+    assert "MODEL (wave) vs MEASURED (bench-wave.json; ours-wave;" in out
+    assert "MODEL (auto) vs MEASURED" not in out
+    nchw = sum(r.layout == "nchw" for r in wave)
+    assert f"nchw (predicted): 0 of {nchw} rows off by > 20 %" in out
+
+    other = tmp_path / "bench-torch.json"
+    other.write_text(json.dumps({"meta": {}, "rows": [{**rows[0], "provider": "torch"}]}))
+    monkeypatch.setattr(sys, "argv", ["model.py", "--compare", str(other)])
+    with pytest.raises(SystemExit) as stop:
+        model.main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{other} holds no timed rows of ours (providers ours, ours-wave)" in err
