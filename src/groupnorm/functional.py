@@ -186,7 +186,10 @@ def _check_param(
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _check_stats(stats: GroupStats, x: torch.Tensor, plan: GroupPlan) -> None:
+def _check_stats(stats: GroupStats, x: torch.Tensor, plan: GroupPlan) -> bool | None:
+    """Raise if ``stats`` do not fit ``x`` and ``plan``, or (where their values can be read)
+    hold counts or m2 no statistics have. Returns whether some group is empty (count 0), read
+    with that check, or None where the values were not read."""
     if not isinstance(stats, GroupStats):
         raise TypeError(
             f"stats must be a GroupStats (from group_stats), got {type(stats).__name__}"
@@ -216,7 +219,8 @@ def _check_stats(stats: GroupStats, x: torch.Tensor, plan: GroupPlan) -> None:
             "statistics; compute them from an input of x's dtype"
         )
     if torch_ops.can_read_values(stats.m2):
-        check_stats_values(stats, empty=True)
+        return check_stats_values(stats, empty=True)
+    return None
 
 
 def _request(
@@ -231,9 +235,11 @@ def _request(
     stats: GroupStats | None,
     return_stats: bool,
     shard: bool = False,
-) -> dispatch.Request:
+) -> tuple[dispatch.Request, bool | None]:
     """Validate everything but x itself (checked by the caller, which needed its C for the plan).
-    ``shard``: x is one rank's part of a sharded tensor, whose positions it does not show."""
+    ``shard``: x is one rank's part of a sharded tensor, whose positions it does not show.
+    Also returns, for given ``stats``, whether some group of theirs is empty (None where their
+    values were not read, and without ``stats``)."""
     N, C = x.shape[:2]
     check_activation(activation)
     eps = check_eps(eps)
@@ -246,8 +252,9 @@ def _request(
         # torch's group_norm backward fails on a bias without a weight ("tensor does not have
         # a device"); a weight of ones changes no value.
         weight = torch.ones_like(bias)
+    empty = None
     if stats is not None:
-        _check_stats(stats, x, plan)
+        empty = _check_stats(stats, x, plan)
         if return_stats:
             raise ValueError(
                 "return_stats=True with stats= given: the given stats are returned "
@@ -269,7 +276,7 @@ def _request(
         )
     return dispatch.Request(
         x, plan, weight, bias, eps, activation, scale, shift, stats, return_stats
-    )
+    ), empty
 
 
 def group_norm_planned(
@@ -289,7 +296,7 @@ def group_norm_planned(
             f"expected x with {plan.num_channels} channels (dim 1) for "
             f"{plan.describe()}, got shape {tuple(x.shape)}"
         )
-    r = _request(x, plan, weight, bias, eps, activation, None, None, None, False)
+    r, _ = _request(x, plan, weight, bias, eps, activation, None, None, None, False)
     chosen = dispatch.select_backend(r, backend)
     return _without_positions(r)[0] if 0 in x.shape[2:] else chosen.run(r)[0]
 
@@ -508,7 +515,7 @@ def _checked_group_norm(
             y = dispatch.run_plain(x, plan, weight, bias, eps, activation, backend)
             if y is not None:
                 return y
-        r = _request(
+        r, empty = _request(
             x,
             plan,
             weight,
@@ -537,7 +544,7 @@ def _checked_group_norm(
         y, out_stats = _without_positions(r)
     elif mask is not None or process_group is not None:
         y, out_stats = _run_beyond_one_tensor(r, mask, process_group)
-    elif stats is not None and _may_hold_empty_groups(stats, chosen):
+    elif stats is not None and _may_hold_empty_groups(stats, empty, chosen):
         y, out_stats = masked.normalize_with(r, stats), None
     else:
         y, out_stats = chosen.run(r)
@@ -547,14 +554,17 @@ def _checked_group_norm(
     return y
 
 
-def _may_hold_empty_groups(stats: GroupStats, chosen: dispatch.Backend) -> bool:
+def _may_hold_empty_groups(stats: GroupStats, empty: bool | None, chosen: dispatch.Backend) -> bool:
     """Whether given statistics go to :func:`groupnorm.masked.normalize_with`, which normalizes
     a group of count 0 (all masked: ``group_stats(x, ..., mask=)``) as ``group_norm(x, mask=)``
     does, to ``x_hat = 0``, where the backends' own formula gives NaN (0 / 0): statistics that
     hold such a group, where their values can be read; where they cannot (torch.compile,
     export, torch.func transforms), every call the torch backend serves (its two selects on
-    (N, G) tensors cost nothing there); the Triton kernels keep those (docs/spec.md)."""
-    if torch_ops.can_read_values(stats.count):
+    (N, G) tensors cost nothing there); the Triton kernels keep those (docs/spec.md).
+    ``empty``: what :func:`_check_stats` read of the counts, None where it read nothing."""
+    if empty is not None:
+        return empty
+    if torch_ops.can_read_values(stats.count):  # m2 alone is a torch.func wrapper
         return bool((stats.count == 0).any())
     return chosen.name == "torch"
 

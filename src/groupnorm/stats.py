@@ -17,6 +17,7 @@ All fields are ``(N, G)`` tensors in the accumulation dtype (float32, float64 fo
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -200,22 +201,32 @@ def widened(
     return replace(fields, _widened=Widened(stats, sources, kept, tensors))
 
 
-def check_stats_values(stats: GroupStats, what: str = "stats", *, empty: bool = False) -> None:
+def check_stats_values(stats: GroupStats, what: str = "stats", *, empty: bool = False) -> bool:
     """Raise if a count is not positive and finite (0 allowed with ``empty``: merging takes
     empty parts, and ``group_norm(stats=)`` all-masked groups) or an m2 is negative: such
     statistics would give Inf or NaN without an error. A NaN m2 passes: it is what the
     statistics of a group holding NaN are, and that group alone comes out NaN, as it does
-    without given statistics. Reads the values: the caller skips it where that is not possible
-    (tracing) or would stall a device."""
-    counts = (stats.count >= 0) if empty else (stats.count > 0)
-    if not bool((counts & stats.count.isfinite()).all()):
-        least = "0" if empty else "1"
+    without given statistics. Returns whether some count is 0 (an empty group), so that the
+    caller need not read the counts again. Reads the values, all in one transfer (one host
+    sync on a device): the caller skips it where that is not possible (tracing) or would
+    stall a device."""
+    count = stats.count.detach()
+    if not count.numel():
+        return False
+    # aminmax propagates NaN, so a NaN count fails both bounds. Not m2's minimum: a NaN there
+    # would hide a negative entry.
+    least, most = count.aminmax()
+    negative = (stats.m2.detach() < 0).any().to(count.dtype)
+    low, high, negative_m2 = torch.stack((least, most, negative)).tolist()
+    if not ((low >= 0 if empty else low > 0) and high < math.inf):
+        least_ok = "0" if empty else "1"
         raise ValueError(
-            f"{what}.count has entries that are not finite numbers >= {least}; a count is a "
+            f"{what}.count has entries that are not finite numbers >= {least_ok}; a count is a "
             "number of elements"
         )
-    if bool((stats.m2 < 0).any()):
+    if negative_m2:
         raise ValueError(f"{what}.m2 has negative entries; m2 is a sum of squared deviations, >= 0")
+    return low == 0
 
 
 def merge_stats(a: GroupStats, b: GroupStats) -> GroupStats:
