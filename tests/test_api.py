@@ -97,7 +97,7 @@ def test_regression_a_group_norm_act_without_activation_says_so() -> None:
 def test_module_errors() -> None:
     with pytest.raises(ValueError, match="uneven=True"):
         groupnorm.GroupNorm(32, 48)
-    with pytest.raises(ValueError, match="num_channels is required"):
+    with pytest.raises(TypeError, match="num_channels is required"):
         groupnorm.GroupNorm(num_groups=32)
     with pytest.raises(TypeError, match="give each once"):
         groupnorm.GroupNorm(8, num_groups=4, num_channels=8)
@@ -852,10 +852,53 @@ def test_regression_zero_dim_integer_tensors_count_as_torch_takes_them() -> None
     module = groupnorm.GroupNorm(torch.tensor(2), 8)  # type: ignore[arg-type]
     assert type(module.num_groups) is int and module.num_groups == 2
     for bad in (torch.tensor(True), torch.tensor(2.0), torch.tensor([2])):
-        with pytest.raises(ValueError, match="num_groups must be a positive integer"):
+        with pytest.raises(TypeError, match="num_groups must be a positive integer"):
             groupnorm.group_norm(x, bad)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="eps as a tensor must be a 0-d real number"):
         groupnorm.group_norm(x, 4, eps=torch.tensor(True))  # type: ignore[call-overload]
+
+
+def test_regression_group_counts_of_the_wrong_type_raised_value_error() -> None:
+    """num_groups="4", 4.0, True, a float or 1-d tensor or a list raised ValueError from
+    group_norm, group_stats, GroupNorm, resolve_plan, make_plan and choose_num_groups (torch
+    raises TypeError for F.group_norm(x, "4")); so did num_channels=None where a count is
+    needed, and resolve_plan took num_channels=torch.tensor(8.0) or torch.tensor([8]). A wrong
+    type is now a TypeError naming what was given; a count below 1 stays a ValueError."""
+    from groupnorm.groups import make_plan
+
+    x = make_x((2, 8, 3, 3), torch.float32)
+    calls: dict[str, Callable[[Any], object]] = {
+        "group_norm": lambda g: groupnorm.group_norm(x, g),
+        "group_stats": lambda g: groupnorm.group_stats(x, g),
+        "GroupNorm": lambda g: groupnorm.GroupNorm(g, 8),
+        "GroupNorm keyword": lambda g: groupnorm.GroupNorm(8, num_groups=g),
+        "GroupNormAct": lambda g: groupnorm.GroupNormAct(g, 8),
+        "resolve_plan": lambda g: resolve_plan(8, g),
+        "make_plan": lambda g: make_plan(8, g),
+        "choose_num_groups": lambda g: groupnorm.choose_num_groups(8, g),
+    }
+    for bad in ("4", 4.0, True, torch.tensor(4.0), torch.tensor([4]), [4]):
+        for name, call in calls.items():
+            kind = type(bad).__name__
+            with pytest.raises(TypeError, match=rf"(num_groups|target) .*got .* \({kind}\)"):
+                call(bad)
+                pytest.fail(f"{name} took {bad!r}")
+    for channels in (None, "8", 8.0, torch.tensor(8.0), torch.tensor([8])):
+        kind = type(channels).__name__
+        for call in (
+            lambda c: resolve_plan(c, 4),
+            lambda c: make_plan(c, 4),
+            lambda c: groupnorm.choose_num_groups(c),
+        ):
+            with pytest.raises(TypeError, match=rf"num_channels .*got .* \({kind}\)"):
+                call(channels)
+    with pytest.raises(TypeError, match="num_channels is required"):
+        groupnorm.GroupNorm(num_groups=4)
+    for call in calls.values():
+        with pytest.raises(ValueError, match="must be a positive integer, got 0"):
+            call(0)
+    traced_sizes: Any = (torch.tensor(8), torch.tensor(4))  # as torch.jit.trace gives them
+    assert resolve_plan(*traced_sizes).sizes == (2,) * 4
 
 
 def test_regression_the_default_of_32_groups_is_named_when_it_does_not_fit() -> None:

@@ -105,16 +105,16 @@ def test_uneven_policy_gives_a_small_layer_fewer_groups_and_says_so() -> None:
 
 
 @pytest.mark.parametrize(
-    "kw, match",
+    "kw, error, match",
     [
-        ({"policy": "silent"}, "policy must be one of"),
-        ({"num_groups": 8, "group_size": 4}, "not both"),
-        ({"num_groups": 0}, "num_groups must be a positive integer"),
-        ({"group_size": 2.5}, "group_size must be a positive integer"),
+        ({"policy": "silent"}, ValueError, "policy must be one of"),
+        ({"num_groups": 8, "group_size": 4}, ValueError, "not both"),
+        ({"num_groups": 0}, ValueError, "num_groups must be a positive integer"),
+        ({"group_size": 2.5}, TypeError, "group_size must be a positive integer"),
     ],
 )
-def test_bad_arguments(kw: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments(kw: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
         convert_batchnorm(nn.BatchNorm2d(8), **kw)
 
 

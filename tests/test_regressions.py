@@ -253,9 +253,9 @@ def test_regression_validation_depends_on_the_plan_cache() -> None:
     groupnorm.group_norm(x, 2)
     groupnorm.group_norm(x, 1)
     for bad in (2.0, True):
-        with pytest.raises(ValueError, match="num_groups must be a positive integer"):
+        with pytest.raises(TypeError, match="num_groups must be a positive integer"):
             groupnorm.group_norm(x, bad)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="group_size must be a positive integer"):
+    with pytest.raises(TypeError, match="group_size must be a positive integer"):
         groupnorm.group_norm(x, group_size=2.0)  # type: ignore[call-overload]
 
 
@@ -349,9 +349,12 @@ def test_regression_module_arguments_fail_at_construction() -> None:
         groupnorm.GroupNorm(2, 4, eps=True)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "2"])
-def test_regression_choose_num_groups_validates_min_channels(bad: object) -> None:
-    with pytest.raises(ValueError, match="min_channels_per_group must be a positive integer"):
+@pytest.mark.parametrize(
+    "bad, error",
+    [(0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError), ("2", TypeError)],
+)
+def test_regression_choose_num_groups_validates_min_channels(bad: object, error: type) -> None:
+    with pytest.raises(error, match="min_channels_per_group must be a positive integer"):
         groupnorm.choose_num_groups(64, min_channels_per_group=bad)  # type: ignore[arg-type]
 
 
@@ -873,10 +876,10 @@ def test_regression_a_plan_first_used_in_inference_mode_serves_training() -> Non
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
-        (lambda: groupnorm.GroupNorm(2, True), ValueError, "num_channels must be a positive"),
-        (lambda: groupnorm.GroupNorm(2, "8"), ValueError, "num_channels must be a positive"),  # type: ignore[arg-type]
-        (lambda: groupnorm.GroupNorm(2, 8.0), ValueError, "num_channels must be a positive"),  # type: ignore[arg-type]
-        (lambda: resolve_plan(8.9, 2), ValueError, "num_channels must be a positive"),  # type: ignore[arg-type]
+        (lambda: groupnorm.GroupNorm(2, True), TypeError, "num_channels must be a positive"),
+        (lambda: groupnorm.GroupNorm(2, "8"), TypeError, "num_channels must be a positive"),  # type: ignore[arg-type]
+        (lambda: groupnorm.GroupNorm(2, 8.0), TypeError, "num_channels must be a positive"),  # type: ignore[arg-type]
+        (lambda: resolve_plan(8.9, 2), TypeError, "num_channels must be a positive"),  # type: ignore[arg-type]
         (lambda: groupnorm.make_plan(10**9, 2), ValueError, "more than a plan holds"),
         (lambda: groupnorm.GroupPlan((2.5, 2)), TypeError, "must hold ints"),  # type: ignore[arg-type]
         (lambda: groupnorm.GroupPlan((True, 2)), TypeError, "must hold ints"),

@@ -123,7 +123,7 @@ def test_regression_a_swapped_decoder_decodes_with_its_plans_and_fused_activatio
 def test_regression_tiled_decode_names_what_it_refuses() -> None:
     with pytest.raises(TypeError, match="z must be a torch.Tensor of latents"):
         tiled_decode(_vae(), _latent().numpy())  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="tile_rows must be a positive int"):
+    with pytest.raises(TypeError, match="tile_rows must be a positive int"):
         tiled_decode(_vae(), _latent(), tile_rows=True)
     vae = _vae()
     vae.decoder.up_blocks[1].resnets[0].norm2 = torch.nn.InstanceNorm2d(16)

@@ -75,14 +75,18 @@ def _is_integer(dtype: torch.dtype) -> bool:
 
 
 def _check_count(name: str, value: object) -> int | None:
-    """None or a positive int: a NumPy integer or a 0-d integer tensor too, as ``F.group_norm``
-    takes them (not a bool, float or string)."""
+    """None or an int: a NumPy integer or a 0-d integer tensor too, as ``F.group_norm`` takes
+    them; any other type (a bool, float, string, another tensor) is a TypeError, as torch's
+    (whether it is >= 1 is :func:`make_plan`'s check)."""
     if value is None or type(value) is int:
         return value
     if isinstance(value, torch.Tensor) and not value.dim() and _is_integer(value.dtype):
         return int(value.item())
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise TypeError(
+            f"{name} must be a positive integer (an int, a NumPy integer or a 0-d integer "
+            f"tensor), got {value!r} ({type(value).__name__})"
+        )
     return int(value)
 
 
@@ -110,11 +114,19 @@ def resolve_plan(
 
     The argument types are checked before the cache is consulted, so what is accepted does not
     depend on what was called before (2.0 and True hash like 2 and 1)."""
-    if isinstance(num_channels, bool | float | str) or not isinstance(
-        num_channels,
-        int | np.integer | torch.SymInt | torch.Tensor,  # Tensor: jit.trace's sizes
+    if isinstance(num_channels, bool) or not (
+        isinstance(num_channels, int | np.integer | torch.SymInt)
+        # jit.trace's sizes: 0-d integer tensors
+        or (
+            isinstance(num_channels, torch.Tensor)
+            and not num_channels.dim()
+            and _is_integer(num_channels.dtype)
+        )
     ):
-        raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
+        raise TypeError(
+            f"num_channels must be a positive integer (an int), got {num_channels!r} "
+            f"({type(num_channels).__name__})"
+        )
     num_groups = _check_count("num_groups", num_groups)
     group_size = _check_count("group_size", group_size)
     check_flag("uneven", uneven)

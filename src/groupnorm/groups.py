@@ -168,10 +168,7 @@ def make_plan(
     ``uneven=True`` lets ``num_groups`` or ``group_size`` not divide ``num_channels``: the
     groups then differ by at most one channel (module docstring); it is unused with
     ``group_sizes``."""
-    C = num_channels
-    if isinstance(C, bool) or not isinstance(C, (int, np.integer)) or C < 1:
-        raise ValueError(f"num_channels must be a positive integer, got {C!r}")
-    C = int(C)
+    C = positive_int("num_channels", num_channels)
     if not isinstance(uneven, bool):
         raise TypeError(f"uneven must be True or False, got {uneven!r} ({type(uneven).__name__})")
     if C > MAX_CHANNELS:
@@ -248,8 +245,14 @@ def check_group_sizes(group_sizes: object) -> tuple[int, ...]:
 
 
 def positive_int(name: str, value: object) -> int:
-    """``value`` as an int >= 1 (a NumPy integer too; not a bool), or a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    """``value`` as an int >= 1 (a NumPy integer too): a TypeError naming it where it is no
+    integer (a bool, float, string, tensor or None, as torch's TypeError for
+    ``F.group_norm(x, "4")``), a ValueError where it is one below 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"{name} must be a positive integer (an int), got {value!r} ({type(value).__name__})"
+        )
+    if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 

@@ -131,8 +131,8 @@ class GroupNorm(nn.GroupNorm):
                 num_channels = groups_or_channels
             else:
                 num_groups = groups_or_channels
-        if num_channels is None:
-            raise ValueError("num_channels is required, e.g. GroupNorm(32, num_channels=256)")
+        if num_channels is None:  # a missing argument: Python's TypeError, as nn.GroupNorm's
+            raise TypeError("num_channels is required, e.g. GroupNorm(32, num_channels=256)")
         defaulted = num_groups is None and group_size is None and group_sizes is None
         if defaulted:
             num_groups = 32
