@@ -55,7 +55,12 @@ def _worker(rank: int, world: int, port: int, out: str, cases: str) -> None:
     def body() -> None:
         torch.set_num_threads(1)
         pg = dist.group.WORLD
-        run = {"whole": _whole_cases, "regression": _regression_cases, "dims": _dims_cases}
+        run = {
+            "whole": _whole_cases,
+            "regression": _regression_cases,
+            "dims": _dims_cases,
+            "module": _module_cases,
+        }
         result = run[cases](rank, world, pg)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 
@@ -185,6 +190,47 @@ def _dims_cases(rank: int, world: int, pg: Any) -> dict[str, Any]:
     return result
 
 
+def _modules() -> list[tuple[groupnorm.GroupNorm, torch.Tensor]]:
+    """Modules of 8 channels (even, uneven, explicit sizes) and, for rank 1, an x of 10."""
+    x = torch.randn(2, 10, 2, 2)
+    return [
+        (groupnorm.GroupNorm(2, 8), x),
+        (groupnorm.GroupNorm(3, 8, uneven=True), x),
+        (groupnorm.GroupNorm(num_channels=8, group_sizes=[2, 6]), x),
+    ]
+
+
+def _module_cases(rank: int, world: int, pg: Any) -> dict[str, Any]:
+    """Each of :func:`_modules` with process_group=, called with x of 8 channels on rank 0 and
+    of 10 on rank 1: the errors each rank raises."""
+    errors = []
+    for module, x in _modules():
+        module.process_group = pg
+        try:
+            module(x[:, :8] if rank == 0 else x)
+            errors.append("no error")
+        except (ValueError, TypeError) as e:
+            errors.append(f"{type(e).__name__}: {e}")
+    return {"errors": errors}
+
+
+@pytest.mark.slow
+def test_regression_sharded_module_of_other_channels_named_group_sizes(tmp_path: Path) -> None:
+    """A GroupNorm with process_group= given x of 10 channels for its 8 said "group_sizes=[4,
+    4] must be positive and sum to num_channels=10": the group_sizes= the module passes to
+    group_norm, which the user never gave. It now says what the module without process_group=
+    says ("expected x with 8 channels (dim 1) for 2 groups of 4"), and the other rank, which
+    waited, that rank 1 refused."""
+    ranks = _spawn(2, tmp_path, "module")
+    refused = "ValueError: process_group=: rank 1 refused its arguments (its own error says why)"
+    for i, (module, x) in enumerate(_modules()):
+        with pytest.raises(ValueError) as alone:
+            module(x)
+        assert ranks[1]["errors"][i] == f"ValueError: {alone.value}"
+        assert "group_sizes" not in ranks[1]["errors"][i]
+        assert ranks[0]["errors"][i].startswith(refused)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_group_norm_matches_the_whole_tensor(world: int, tmp_path: Path) -> None:
@@ -298,7 +344,7 @@ def test_regression_double_backward_rank_disagreement_and_torchscript(tmp_path: 
     assert ranks[0]["error_free"].startswith(refused.format(1))
     assert "num_groups=4 does not divide num_channels=6" in ranks[1]["error_free"]
     assert ranks[0]["error_module"].startswith(refused.format(1))
-    assert "must be positive and sum to num_channels=10" in ranks[1]["error_module"]
+    assert "expected x with 8 channels (dim 1) for 2 groups of 4" in ranks[1]["error_module"]
 
 
 def test_process_group_needs_torch_distributed_initialized() -> None:

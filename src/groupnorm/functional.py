@@ -291,6 +291,19 @@ def _request(
     ), empty
 
 
+def check_planned_input(x: object, plan: GroupPlan, shard: bool = False) -> torch.Tensor:
+    """x validated for a module's ``plan``: (N, C, *S) of a floating dtype with the plan's C
+    channels (``shard``: as :func:`_check_input`). The error names the module's channels and
+    groups, not the ``group_sizes=`` a module passes on to :func:`group_norm`."""
+    x = _check_input(x, shard)
+    if x.shape[1] != plan.num_channels:
+        raise ValueError(
+            f"expected x with {plan.num_channels} channels (dim 1) for "
+            f"{plan.describe()}, got shape {tuple(x.shape)}"
+        )
+    return x
+
+
 def group_norm_planned(
     x: torch.Tensor,
     plan: GroupPlan,
@@ -302,12 +315,7 @@ def group_norm_planned(
 ) -> torch.Tensor:
     """:func:`group_norm` with a plan made beforehand (the modules' path: the plan is fixed at
     construction, so no per-call lookup). x must have the plan's C channels."""
-    x = _check_input(x)
-    if x.shape[1] != plan.num_channels:
-        raise ValueError(
-            f"expected x with {plan.num_channels} channels (dim 1) for "
-            f"{plan.describe()}, got shape {tuple(x.shape)}"
-        )
+    x = check_planned_input(x, plan)
     r, _ = _request(x, plan, weight, bias, eps, activation, None, None, None, False)
     chosen = dispatch.select_backend(r, backend)
     return _without_positions(r)[0] if 0 in x.shape[2:] else chosen.run(r)[0]

@@ -23,6 +23,7 @@ from groupnorm.backends.torch_ops import plan_index
 from groupnorm.functional import (
     check_backend_name,
     check_eps,
+    check_planned_input,
     group_norm,
     group_norm_planned,
     resolve_plan,
@@ -315,14 +316,18 @@ class GroupNorm(nn.GroupNorm):
 
     @torch.jit.unused
     def _sharded(self, input: torch.Tensor, activation: str | None) -> torch.Tensor:
-        """process_group=: the plan is made where a refusal reaches the other ranks (an edited
-        num_groups, an affine-free module's x whose channels it does not divide), which would
-        otherwise wait for this rank in their gather."""
+        """process_group=: the plan is made, and x's channels checked against it, where a
+        refusal reaches the other ranks (an edited num_groups, an affine-free module's x whose
+        channels it does not divide, an x of other channels), which would otherwise wait for
+        this rank in their gather."""
         from groupnorm import distributed
 
         with distributed.refused_together(self.process_group):
             plan = traced_quietly(self._current_plan)
             plan = traced_quietly(self._plan_of, input, plan)
+            # Here, not in group_norm: there x's channels are checked against the group_sizes=
+            # passed below, which the user never gave.
+            traced_quietly(check_planned_input, input, plan, True)
         return group_norm(
             input,
             weight=self.weight,
