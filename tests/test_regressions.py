@@ -1439,3 +1439,14 @@ def test_regression_merging_eager_statistics_under_torch_compile() -> None:
     a, b = groupnorm.group_stats(left, 4), groupnorm.group_stats(right, 4)
     compiled = torch.compile(tiled, fullgraph=True, backend="eager")
     assert_matches(compiled(x, a, b), R.group_norm_forward(to_numpy(x), 4)[0], torch.float32)
+
+
+def test_regression_repr_of_a_module_given_a_wrong_type_num_groups_raised() -> None:
+    """A wrong-type group count became a TypeError (it had been a ValueError), which the
+    module's repr did not catch: ``m.num_groups = "2"; print(m)`` raised instead of printing,
+    as repr must; the next forward raises."""
+    m = groupnorm.GroupNorm(4, 8)
+    m.num_groups = "2"  # type: ignore[assignment]
+    assert repr(m).startswith("GroupNorm(2, 8")
+    with pytest.raises(TypeError, match="num_groups must be a positive integer"):
+        m(torch.randn(2, 8, 3, 3))

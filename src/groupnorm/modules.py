@@ -390,7 +390,7 @@ class GroupNorm(nn.GroupNorm):
         plan: GroupPlan | None
         try:  # num_groups may have changed since the last forward: the sizes it now means
             plan = self._current_plan()
-        except ValueError:  # repr must not raise; the next forward will
+        except (TypeError, ValueError):  # repr must not raise; the next forward will
             plan = None
         if plan is not None and self._explicit_sizes:
             text += f", group_sizes={list(plan.sizes)}"
