@@ -148,3 +148,25 @@ def test_regression_check_listed_triton_but_ran_only_torch(
         else:
             assert f"{name}: not checked, unavailable here: {why}" in out
             assert f"{name}/" not in out
+
+
+@pytest.mark.parametrize("error", [ValueError("wrong plan"), RuntimeError("kernel crashed")])
+def test_regression_check_took_a_failing_first_case_for_an_unserved_device(
+    error: Exception, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`groupnorm check` read any ValueError of a backend's first case as "this backend does
+    not serve this device" and printed a note, not FAIL (the run passed where another device
+    served the backend), and any other exception ended the check in a traceback. Only the
+    dispatcher's refusal of the named backend is "not checked" now; every other error fails."""
+    real = groupnorm.group_norm
+
+    def failing(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("backend") == "torch" and "num_groups" in kwargs:
+            raise error
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(groupnorm, "group_norm", failing)
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL torch/cpu fp32 NCHW G=4: {type(error).__name__}: {error}" in out
+    assert "torch/cpu: not checked" not in out

@@ -158,8 +158,14 @@ def available_backends() -> dict[str, str | None]:
     return {name: b.available() for name, b in sorted(_REGISTRY.items())}
 
 
+class BackendRefused(ValueError):
+    """The backend a call named cannot run it (unavailable here, or not for this call): the
+    call is not served, which is no fault of the backend's numbers."""
+
+
 def select_backend(request: Request, backend: str = "auto") -> Backend:
-    """The backend that will run ``request``; raises ValueError naming the alternatives."""
+    """The backend that will run ``request``; raises ValueError naming the alternatives
+    (:class:`BackendRefused` where the named backend cannot run it)."""
     if backend != "auto":
         chosen = _REGISTRY.get(backend) if isinstance(backend, str) else None
         if chosen is None:
@@ -171,7 +177,7 @@ def select_backend(request: Request, backend: str = "auto") -> Backend:
                 for b in _REGISTRY.values()
                 if b.available() is None and b.why_not(request) is None
             ]
-            raise ValueError(
+            raise BackendRefused(
                 f"backend {backend!r} cannot run this call: {reason}. "
                 f"Backends that can: {able} (or backend='auto')"
             )
