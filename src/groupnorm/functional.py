@@ -124,7 +124,8 @@ def resolve_plan(
         )
     ):
         raise TypeError(
-            f"num_channels must be a positive integer (an int), got {num_channels!r} "
+            f"num_channels must be a positive integer (an int, a NumPy integer or a 0-d integer "
+            f"tensor), got {num_channels!r} "
             f"({type(num_channels).__name__})"
         )
     num_groups = _check_count("num_groups", num_groups)

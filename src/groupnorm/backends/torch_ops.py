@@ -904,9 +904,9 @@ def activation_backward64(dy: torch.Tensor, u: torch.Tensor, activation: str) ->
 
 def _activation_grad64(dy: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
     """dy act'(u) for SiLU or GELU as torch ops that autograd can differentiate again: a
-    backward recorded for a gradient penalty. SiLU's is :class:`SiLUGrad` (its derivative
-    autograd's of ``s (1 + u (1 - s))`` had formed ``1 - s`` as a difference, 6.6e-13 off
-    relatively at u = 9)."""
+    backward recorded for a gradient penalty. SiLU's is :class:`SiLUGrad`, whose derivative
+    takes ``1 - sigmoid(u)`` as ``sigmoid(-u)``: autograd of ``s (1 + u (1 - s))`` forms the
+    difference, 6.6e-13 off relatively at u = 9."""
     if activation == "silu":
         return SiLUGrad.apply(dy, u)
     cdf = 0.5 * torch.special.erfc(u * -0.7071067811865476)
