@@ -159,6 +159,9 @@ def test_regression_latents_and_band_arguments_are_checked_before_decoding() -> 
         with pytest.raises(ValueError, match=match):
             band_rows(*args)
     assert band_rows(np.int64(13), 3, 2, np.int64(1), upscale=4) == (9 * 4, 13 * 4)  # type: ignore[arg-type]
+    for rank in ("0", True, 1.0):  # the other counts' rule: a wrong type is a TypeError
+        with pytest.raises(TypeError, match=r"rank must be an int in \[0, world=2\)"):
+            band_rows(13, 3, 2, rank)  # type: ignore[arg-type]
 
 
 def test_unsupported_decoder_is_refused() -> None:

@@ -93,7 +93,9 @@ def band_rows(
     tile_rows = positive_int("tile_rows", tile_rows)
     world = positive_int("world", world)
     upscale = positive_int("upscale", upscale)
-    if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or not 0 <= rank < world:
+    if isinstance(rank, bool) or not isinstance(rank, int | np.integer):
+        raise TypeError(f"rank must be an int in [0, world={world}), got {rank!r}")
+    if not 0 <= rank < world:
         raise ValueError(f"rank must be an int in [0, world={world}), got {rank!r}")
     strips = _strips(latent_height, tile_rows)
     _check_tiles(len(strips), latent_height, tile_rows, world)
