@@ -32,7 +32,8 @@ _FIELDS = ("pivot", "shifted_mean", "m2", "count")
 
 
 class Widened(NamedTuple):
-    """What a float32 :class:`GroupStats` formed under autograd keeps behind its fields: the
+    """What a float32 :class:`GroupStats` formed under autograd (reverse mode, or forward mode
+    whatever the grad mode) keeps behind its fields: the
     statistics in float64, the float64 copies of the inputs they were taken from, and what
     says that nothing has changed since.
 

@@ -238,14 +238,19 @@ def _narrowed(stats: GroupStats) -> GroupStats:
 
 def compute_stats(x: torch.Tensor, plan: GroupPlan) -> GroupStats:
     """Statistics of ``x`` (N, C, *S) for ``plan``, as :class:`GroupStats`; float32 x that
-    autograd records keeps its float64 copy and statistics behind the fields (:class:`Widened`)."""
+    autograd records, in reverse or forward mode, keeps its float64 copy and statistics behind
+    the fields (:class:`Widened`)."""
     if _widens(x):
         wide_x = x.to(torch.float64)
         # float32's pivot (its first element), not the copy's (a float64 mean, one more read)
         pivot = _pivot(x.detach(), plan, torch.float64)
         wide = _stats_of_shifted(*_shifted(wide_x, plan, pivot), plan)
         fields = _narrowed(wide)
-        if x.requires_grad and torch.is_grad_enabled() and _reads_values(x):
+        # Forward AD too (its dual tensors do not require grad, whatever the grad mode): the
+        # fields' tangents, rounded to float32, put a later stats= call's tangent at up to
+        # 4.55x the float32 bound where they cancel against x's own.
+        records = (x.requires_grad and torch.is_grad_enabled()) or forward_ad._current_level >= 0
+        if records and _reads_values(x):
             return widened(fields, wide, ((x, wide_x, x._version, x.data_ptr()),))
         return fields
     xs, pivot = _shifted(x, plan, None)
@@ -1683,12 +1688,15 @@ def _vmapped(x: torch.Tensor) -> bool:
 
 def _widened_request(r: Request) -> Request | None:
     """``r`` in float64 where its statistics keep a float64 copy of this very x (float32,
-    under autograd: :class:`groupnorm.stats.Widened`): that copy, the float64 statistics and
-    the parameters in float64, so that x's gradients through the statistics and directly add
-    in float64 before the one rounding to float32. Else None."""
+    under autograd, reverse or forward mode: :class:`groupnorm.stats.Widened`): that copy, the
+    float64 statistics and the parameters in float64, so that x's gradients (or tangents)
+    through the statistics and directly add in float64 before the one rounding to float32.
+    Else None."""
     s = r.stats
-    if s is None or s._widened is None or not torch.is_grad_enabled() or _tracing():
+    if s is None or s._widened is None or _tracing():
         return None
+    if not torch.is_grad_enabled() and forward_ad._current_level < 0:
+        return None  # nothing differentiates the call (forward AD ignores the grad mode)
     wide_x = s._widened.source(s, r.x)
     if wide_x is None:
         return None
