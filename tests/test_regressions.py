@@ -1367,6 +1367,35 @@ def test_regression_float32_gradients_through_given_statistics_add_in_float64(
         assert_matches(dx, exact.dx, torch.float32, reduction=12, what="dx")
 
 
+@pytest.mark.parametrize("recorded", [False, True], ids=["kernel", "create_graph"])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_regression_float64_one_element_groups_through_given_statistics(
+    activation: str | None, recorded: bool
+) -> None:
+    """A group of one element outputs its bias whatever x holds: dx is 0. Through given
+    statistics (the fused kernel's autograd Function) the direct term dy (w rstd) and the
+    one through the statistics' mean, -rstd (w dy) from an rstd taken by rsqrt, reached x
+    apart and cancelled only to a rounding of rstd |w dy|: dx up to 2.9e-11 here (29x the
+    float64 bound; up to 58x fuzzed) at eps 1e-8, where the plain call gives 0. They are now
+    formed with the same factors, exact negatives. Against the float64 NumPy reference."""
+    plan = resolve_plan(8, 8)
+    for seed in range(8):
+        x = make_x((2, 8, 1), torch.float64, seed=800 + seed, loc=1.0, std=1.0)
+        w = rand((8,), torch.float64, 900 + seed) * 4
+        b = rand((8,), torch.float64, 1000 + seed)
+        dy = rand((2, 8, 1), torch.float64, 1100 + seed)
+        xg = x.clone().requires_grad_()
+        stats = groupnorm.group_stats(xg, 8)
+        y = groupnorm.group_norm(xg, 8, w, b, eps=1e-8, stats=stats, activation=activation)
+        (dx,) = torch.autograd.grad(y, xg, dy, create_graph=recorded)
+        out, cache = R.group_norm_forward(
+            to_numpy(x), plan=plan, gamma=to_numpy(w), beta=to_numpy(b), eps=1e-8,
+            activation=activation,
+        )  # fmt: skip
+        assert_matches(y, out, torch.float64)
+        assert_matches(dx, R.group_norm_backward(to_numpy(dy), cache).dx, torch.float64, what="dx")
+
+
 @pytest.mark.parametrize("cuts", [(0, 3, 6, 6), (0, 0, 3, 6)], ids=["last", "first"])
 def test_regression_an_empty_tile_keeps_the_float64_form_of_merged_statistics(
     cuts: tuple[int, ...],

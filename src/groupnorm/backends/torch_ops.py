@@ -1236,7 +1236,9 @@ class _FusedGiven(torch.autograd.Function):
             if weight is None
             else weight.double()
         )
-        rstd = torch.rsqrt(m2.double() / count.double() + eps)  # differentiable when recorded
+        # 1 / sqrt, not rsqrt (1 % of values differ by an ulp): the kernel's rstd bit for bit,
+        # which _given_grads needs (differentiable when recorded)
+        rstd = torch.sqrt(m2.double() / count.double() + eps).reciprocal()
         if _backward_in_torch_ops(dy):
             p, m, r = (_per_channel(v, plan) for v in (pivot.double(), smean.double(), rstd))
             # x - pivot, then the rest: pivot + smean as one float64 number would be off by
@@ -1280,11 +1282,17 @@ def _given_grads(
 ) -> list[torch.Tensor | None]:
     """Gradients of (weight, bias, pivot, shifted_mean, m2, count) of a call with statistics
     given, from the (N, C) sums A = sum dy and B = sum dy x_hat, weight w (C,) and rstd (N, G),
-    float64: dweight = sum_n B, dbias = sum_n A; with S1 = sum_c w A, S2 = sum_c w B per group,
-    dmean = -rstd S1 (pivot and shifted_mean alike), dvar = -rstd^2 S2 / 2, dm2 = dvar / count,
-    dcount = -dvar m2 / count^2. Each in its input's dtype, None where the input is."""
+    float64: dweight = sum_n B, dbias = sum_n A; with S1 = sum_c (w rstd) A, S2 = sum_c w B
+    per group, dmean = -S1 (pivot and shifted_mean alike), dvar = -rstd^2 S2 / 2,
+    dm2 = dvar / count, dcount = -dvar m2 / count^2. Each in its input's dtype, None where the
+    input is.
+
+    dmean takes rstd w per channel first, the factor of the direct dx = dy (w rstd), so that
+    in a group of one element (S1 = w rstd dy) the two reach x as exact negatives: taken as
+    rstd (w A) they differed by a rounding of rstd |w dy|, and float64 dx was up to 58x the
+    float64 bound where it is 0."""
     weight, bias, pivot, smean, m2, count = inputs
-    d_mean = -rstd * _group_sum(w * A, plan)
+    d_mean = -_group_sum(w * _per_channel(rstd, plan) * A, plan)
     d_var = -0.5 * rstd * rstd * _group_sum(w * B, plan)
     m2d, countd = m2.double(), count.double()  # type: ignore[union-attr]
     grads = (
