@@ -827,13 +827,25 @@ def native_fast(
         or (forward_ad._current_level >= 0)
     ):
         return None
+    if activation in _RECORDED_64 and x.dtype is torch.float32 and _differentiated(x, weight, bias):
+        fmt = torch.contiguous_format if x.is_contiguous() else _CHANNELS_LAST[x.dim()]
+        y, mean, rstd = _NativeAct.apply(x, weight, bias, (plan, activation, eps, fmt, N, C, L))
+        return y if _all_trusted(mean, rstd, limit) else None
     y, mean, rstd = torch.native_group_norm(x, weight, bias, N, C, L, plan.num_groups, eps)
     if not _all_trusted(mean, rstd, limit):
         return None
     return y if activation is None else apply_activation(y, activation)
 
 
+def _differentiated(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call on ``tensors`` (reverse mode)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 _FAST_ACTIVATIONS = ("silu", "gelu", "relu")
+# The activations after which float32 second derivatives take float64 torch ops, rounded once
+# (:class:`_NativeAct`, :class:`_SecondOrder64`), as :class:`_Fused`'s do.
+_RECORDED_64 = ("silu", "gelu")
 
 
 def _fused_fast(
@@ -1012,7 +1024,8 @@ class _Fused(torch.autograd.Function):
             # d shifted_mean / dx = 1 / count and d m2 / dx = 2 (x - mean), per group
             through = torch.stack((2 * d_m2.double(), d_smean.double() / _group_counts(x, plan)))
         if _backward_in_torch_ops(dy, *stats):
-            grads = _recorded_grads(dy, x, (weight, bias, scale, shift), plan, ctx, through)
+            params = (weight, bias, scale, shift)
+            grads = _recorded_grads(dy, x, params, plan, ctx.eps, activation, wanted, through)
             return (*grads, None, None, None, None)
         in_kernel = None  # the activation the kernel's backward takes
         if ctx.keeps_u:
@@ -1128,16 +1141,18 @@ def _recorded_grads(
         torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None
     ],
     plan: GroupPlan,
-    ctx: Any,
+    eps: float,
+    activation: str | None,
+    wanted: tuple[bool, ...],
     stats_grads: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, ...]:
     """:class:`_Fused`'s gradients (dx, dweight, dbias, dscale, dshift) as float64 torch ops
     that autograd records (:func:`_backward64`), for a backward that is itself differentiated;
-    ``params`` are weight, bias, scale and shift. The statistics and u (before SiLU or GELU) are
-    recomputed from x, so that second derivatives see them depend on it. These are partial
-    derivatives in each input: where one input of :class:`_Fused` is computed from another
-    (scale from x), autograd adds each path once (differentiating the composite forward would
-    count the path through scale twice).
+    ``params`` are weight, bias, scale and shift, ``wanted`` which gradients to form. The
+    statistics and u (before SiLU or GELU) are recomputed from x, so that second derivatives
+    see them depend on it. These are partial derivatives in each input: where one input of
+    :class:`_Fused` is computed from another (scale from x), autograd adds each path once
+    (differentiating the composite forward would count the path through scale twice).
 
     Each input is converted to float64 once, each gradient rounded to its input's dtype once:
     converted for u and for the backward separately, a second derivative took two float64
@@ -1145,16 +1160,16 @@ def _recorded_grads(
     (SiLU at std 3e-3: 11.7x the float32 bound in x, 22x in weight with scale)."""
     x64 = x.double()
     w64, b64, s64, h64 = (None if t is None else t.double() for t in params)
-    centered = _centered64(x64, plan, ctx.eps)
-    if ctx.activation is not None:
+    centered = _centered64(x64, plan, eps)
+    if activation is not None:
         u64 = _u64(centered, w64, b64, s64, h64, plan)
-        dy = _activation_grad64(dy.double(), u64, ctx.activation)
+        dy = _activation_grad64(dy.double(), u64, activation)
     xc, rstd = centered
 
     def backward(w: torch.Tensor | None, per_sample: bool) -> KernelSums:
         return _backward64(xc, dy, plan, w, rstd, per_sample, stats_grads)
 
-    grads = kernel_grads(backward, x64, w64, b64, s64, h64, ctx.needs_input_grad[:5])
+    grads = kernel_grads(backward, x64, w64, b64, s64, h64, wanted)
     inputs = (x, *params)
     return tuple(
         None if g is None or t is None else g.to(t.dtype)
@@ -1190,6 +1205,115 @@ def _backward64(
         a, b = (_spread_groups(t, plan, nd) for t in stats_grads)
         dx = dx + a * xc + b
     return (dx, B, A) if per_sample else (dx, B.sum(0), A.sum(0))
+
+
+class _SecondOrder64(torch.autograd.Function):
+    """Passes y of a float32 call with SiLU or GELU that torch's ops record (the fused kernel not
+    built, switched off or not reading x) through, so its first derivatives stay those ops'
+    (ordinary training pays one Python node), while a backward that is itself recorded
+    (``create_graph=True``: gradient penalties, Hessian-vector products) takes
+    :class:`_Fused`'s float64 one instead (:func:`_recorded_grads`), rounded once: autograd of
+    torch's float32 ops put such second derivatives at 2.3-53x the float32 bound at std 3e-3.
+
+    The inputs are y, then x, weight, bias, scale, shift as the call gave them."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        scale: torch.Tensor | None,
+        shift: torch.Tensor | None,
+        plan: GroupPlan,
+        eps: float,
+        activation: str,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, bias, scale, shift)
+        ctx.plan, ctx.eps, ctx.activation = plan, eps, activation
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        if not torch.is_grad_enabled():
+            return (dy, *(None,) * 8)  # to torch's recorded ops
+        x, *params = ctx.saved_tensors
+        grads = _recorded_grads(
+            dy, x, tuple(params), ctx.plan, ctx.eps, ctx.activation, ctx.needs_input_grad[1:6], None
+        )
+        return (None, *grads, None, None, None)
+
+
+class _NativeAct(torch.autograd.Function):
+    """:func:`native_fast`'s float32 call with SiLU or GELU under autograd: ``(act(u), mean,
+    rstd)`` of torch's kernel (u its output; mean and rstd not differentiable) as one node,
+    whose first derivatives are those of the aten ops autograd would record for the same call
+    (silu_backward or gelu_backward, then native_group_norm_backward: a training step of
+    (2, 64, 8, 8) through group_norm takes 9 us more than with their two nodes, 47 us, where a
+    pass-through node after them, :class:`_SecondOrder64`, cost 13), and whose backward, where
+    it is itself recorded, is :class:`_Fused`'s float64 one (:func:`_recorded_grads`). ``call`` is
+    ``(plan, activation, eps, x's memory format, N, C, L)``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        call: tuple[GroupPlan, str, float, torch.memory_format, int, int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        plan, activation, eps, _, N, C, L = call
+        u, mean, rstd = torch.native_group_norm(x, weight, bias, N, C, L, plan.num_groups, eps)
+        ctx.save_for_backward(x, weight, bias, u, mean, rstd)
+        ctx.call = call
+        ctx.mark_non_differentiable(mean, rstd)
+        return apply_activation(u, activation), mean, rstd
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, weight, bias, u, mean, rstd = ctx.saved_tensors
+        plan, activation, eps, fmt, N, C, L = ctx.call
+        wanted = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            params = (weight, bias, None, None)
+            grads = _recorded_grads(
+                dy, x, params, plan, eps, activation, (*wanted, False, False), None
+            )
+            return (*grads[:3], None)
+        # The resolved overloads: each op packet's lookup cost a microsecond per call.
+        # The kernel reads dy in x's layout, unchecked, as autograd hands it over (a dy of
+        # another layout gave dx off by 4.3 on channels-last x)
+        du = _ACTIVATION_BACKWARD[activation](dy, u).contiguous(memory_format=fmt)
+        dx, dw, db = _GROUP_NORM_BACKWARD(
+            du, x, mean, rstd, weight, N, C, L, plan.num_groups, wanted
+        )
+        return dx, dw, db, None
+
+
+_ACTIVATION_BACKWARD = {
+    "silu": torch.ops.aten.silu_backward.default,
+    "gelu": torch.ops.aten.gelu_backward.default,
+}
+_GROUP_NORM_BACKWARD = torch.ops.aten.native_group_norm_backward.default
+
+
+def _second_order64(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    plan: GroupPlan,
+    eps: float,
+    activation: str | None,
+) -> torch.Tensor:
+    """y of a call on torch's ops, through :class:`_SecondOrder64` where that call is float32
+    with SiLU or GELU and autograd records it; else y as it is."""
+    if y.requires_grad and x.dtype is torch.float32 and activation in _RECORDED_64:
+        return _SecondOrder64.apply(y, x, weight, bias, scale, shift, plan, eps, activation)
+    return y
 
 
 class _FusedGiven(torch.autograd.Function):
@@ -1749,8 +1873,10 @@ def run(r: Request) -> tuple[torch.Tensor, GroupStats | None]:
         forward64 = forward_ad._current_level >= 0 and _widens(r.x)
         if _reads_request(r) and not forward64:
             y = _native_checked(r)
-            if y is not None:
-                return y, None
+            if y is None:
+                y, _ = _composite(r)
+            w, b, sc, sh = r.weight, r.bias, r.scale, r.shift
+            return _second_order64(y, r.x, w, b, sc, sh, r.plan, r.eps, r.activation), None
         elif _compiles_fused(r):
             return _compiled_fused(r), None
         else:
