@@ -1208,8 +1208,9 @@ def _backward64(
 
 
 class _SecondOrder64(torch.autograd.Function):
-    """Passes y of a float32 call with SiLU or GELU that torch's ops record (the fused kernel not
-    built, switched off or not reading x) through, so its first derivatives stay those ops'
+    """Passes y of a call with SiLU or GELU that torch's ops record where the fused kernel would
+    have recorded it (:func:`_second_order64`; the kernel not built, switched off or not reading
+    x) through, so its first derivatives stay those ops'
     (ordinary training pays one Python node), while a backward that is itself recorded
     (``create_graph=True``: gradient penalties, Hessian-vector products) takes
     :class:`_Fused`'s float64 one instead (:func:`_recorded_grads`), rounded once: autograd of
@@ -1309,9 +1310,17 @@ def _second_order64(
     eps: float,
     activation: str | None,
 ) -> torch.Tensor:
-    """y of a call on torch's ops, through :class:`_SecondOrder64` where that call is float32
-    with SiLU or GELU and autograd records it; else y as it is."""
-    if y.requires_grad and x.dtype is torch.float32 and activation in _RECORDED_64:
+    """y of a call on torch's ops, through :class:`_SecondOrder64` where that call has SiLU or
+    GELU, autograd records it, and the fused kernel would have recorded it where it serves
+    (:func:`_fused_backward`: float32, and float64 on an uneven plan or a layout torch's kernel
+    declines, whose SiLU double backward in torch's ops put a Hessian-vector product at up to
+    1.9x the float64 bound); else y as it is."""
+    if (
+        y.requires_grad
+        and activation in _RECORDED_64
+        and x.dtype in _NUMPY_FLOATS
+        and _fused_backward(x, plan)
+    ):
         return _SecondOrder64.apply(y, x, weight, bias, scale, shift, plan, eps, activation)
     return y
 
