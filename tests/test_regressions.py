@@ -1527,3 +1527,42 @@ def test_regression_repr_of_a_module_given_a_wrong_type_num_groups_raised() -> N
     assert repr(m).startswith("GroupNorm(2, 8")
     with pytest.raises(TypeError, match="num_groups must be a positive integer"):
         m(torch.randn(2, 8, 3, 3))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func's jvp
+@pytest.mark.parametrize("kernel", ["fused", "off"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_regression_second_order_node_refused_in_place_use_and_forward_ad(
+    dtype: torch.dtype, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node that gives SiLU/GELU calls on torch's ops a float64 recorded backward handed
+    its input back as its output, a view to autograd: ``y.add_(1)`` then raised ("Output 0
+    of _SecondOrder64 is a view and is being modified inplace"), and it has no jvp, so forward
+    AD over a float64 x that requires grad raised NotImplementedError. Both work as they did
+    before the node; the in-place result and its gradient are checked against float64."""
+    if kernel == "off":
+        monkeypatch.setattr(cpu_kernel, "library", lambda: None)
+    sizes = [2, 4]
+    x0 = make_x((2, 6, 4, 4), dtype, seed=330)
+    dy = rand((2, 6, 4, 4), dtype, 331)
+    x = x0.detach().clone().requires_grad_()
+    y = groupnorm.group_norm(x, None, activation="silu", group_sizes=sizes)
+    y.add_(1)
+    (dx,) = torch.autograd.grad((y * dy).sum(), x)
+    x64 = x0.double().requires_grad_()
+    want = F.silu(textbook_group_norm(x64, tuple(sizes), None, None)[0]) + 1
+    (dx64,) = torch.autograd.grad((want * dy.double()).sum(), x64)
+    assert_matches(y.detach(), to_numpy(want.detach()), dtype, what="y")
+    assert_matches(dx, to_numpy(dx64), dtype, reduction=4 * 16, what="dx")
+
+    tangent = rand((2, 6, 4, 4), dtype, 332)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x0.detach().clone().requires_grad_(), tangent)
+        out = groupnorm.group_norm(dual, None, activation="silu", group_sizes=sizes)
+        got = torch.autograd.forward_ad.unpack_dual(out).tangent
+    want_t = torch.func.jvp(
+        lambda t: F.silu(textbook_group_norm(t, tuple(sizes), None, None)[0]),
+        (x0.double(),),
+        (tangent.double(),),
+    )[1]
+    assert_matches(got, to_numpy(want_t), dtype, reduction=4 * 16, what="tangent")

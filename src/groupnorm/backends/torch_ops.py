@@ -249,7 +249,9 @@ def compute_stats(x: torch.Tensor, plan: GroupPlan) -> GroupStats:
         # Forward AD too (its dual tensors do not require grad, whatever the grad mode): the
         # fields' tangents, rounded to float32, put a later stats= call's tangent at up to
         # 4.55x the float32 bound where they cancel against x's own.
-        records = (x.requires_grad and torch.is_grad_enabled()) or forward_ad._current_level >= 0
+        records = (x.requires_grad and torch.is_grad_enabled()) or (
+            forward_ad._current_level >= 0 and forward_ad.unpack_dual(x).tangent is not None
+        )
         if records and _reads_values(x):
             return widened(fields, wide, ((x, wide_x, x._version, x.data_ptr()),))
         return fields
@@ -1233,7 +1235,9 @@ class _SecondOrder64(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight, bias, scale, shift)
         ctx.plan, ctx.eps, ctx.activation = plan, eps, activation
-        return y
+        # detached, not y itself: an input handed back is a view to autograd, which then
+        # refuses in-place changes of the output (h = gn(x); h += residual)
+        return y.detach()
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
@@ -1317,6 +1321,7 @@ def _second_order64(
     1.9x the float64 bound); else y as it is."""
     if (
         y.requires_grad
+        and forward_ad._current_level < 0  # the node has no jvp: forward AD keeps torch's ops
         and activation in _RECORDED_64
         and x.dtype in _NUMPY_FLOATS
         and _fused_backward(x, plan)
