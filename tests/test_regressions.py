@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 from typing import Any
@@ -1154,10 +1155,12 @@ dtype, shape, which = getattr(torch, sys.argv[1]), tuple(json.loads(sys.argv[2])
 fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
 x = torch.tensor(json.loads(sys.argv[4]), dtype=dtype).reshape(shape).contiguous(memory_format=fmt)
 module = groupnorm.GroupNorm(2, shape[1]).to(dtype)
+x.requires_grad_(sys.argv[5] == "x")
 module.weight.requires_grad_(which != "bias")
 module.bias.requires_grad_(which != "weight")
-module(x).sum().backward()
-grads = [p.grad for p in (module.weight, module.bias)]
+params = [p for p in (module.weight, module.bias) if p.requires_grad]
+got = iter(torch.autograd.grad(module(x).sum(), params))  # the parameters' alone, not x's
+grads = [next(got) if p.requires_grad else None for p in (module.weight, module.bias)]
 print(json.dumps([None if g is None else g.double().tolist() for g in grads]))
 """
 
@@ -1178,11 +1181,41 @@ def test_regression_channels_last_parameter_gradients_without_x_gradient(
     with weight or bias that do: torch's channels-last CPU kernel served the forward, and its
     backward crashed the process (a segmentation fault, as torch's own F.group_norm does). Run
     in a subprocess, so that a crash fails this test only; the gradients against float64."""
+    _check_parameter_gradients_only(dtype, shape, which, x_grad=False, kernel="fused")
+
+
+@pytest.mark.parametrize("kernel", ["fused", "off"])
+@pytest.mark.parametrize(
+    "dtype, shape, which",
+    [
+        ("float64", (1, 4, 2, 3), "weight"),
+        ("float64", (1, 4, 2, 2, 2), "both"),
+        ("bfloat16", (1, 4, 2, 3), "bias"),
+        ("float32", (2, 8, 2, 3), "both"),
+    ],
+)
+def test_regression_channels_last_parameter_gradients_asked_alone_of_x_that_needs_one(
+    dtype: str, shape: tuple[int, ...], which: str, kernel: str
+) -> None:
+    """The same crash where x does require grad but a backward asks only for the parameters'
+    gradients (``torch.autograd.grad(loss, norm.weight)``): torch's kernel served channels-last
+    float64 and half precision (and, with the fused CPU kernel off, float32), and its backward,
+    not asked for x's gradient, crashed the process. Such calls are recorded by a node that
+    always asks for it."""
+    _check_parameter_gradients_only(dtype, shape, which, x_grad=True, kernel=kernel)
+
+
+def _check_parameter_gradients_only(
+    dtype: str, shape: tuple[int, ...], which: str, x_grad: bool, kernel: str
+) -> None:
+    """Runs :data:`_PARAMETER_GRADIENTS_ONLY` in a subprocess and checks the weight and bias
+    gradients against float64."""
     x = rand(shape, getattr(torch, dtype), seed=7)
+    env = {**os.environ, "GROUPNORM_CPU_KERNEL": "0"} if kernel == "off" else None
     done = subprocess.run(
         [sys.executable, "-c", _PARAMETER_GRADIENTS_ONLY, dtype, json.dumps(shape), which,
-         json.dumps(x.double().flatten().tolist())],
-        capture_output=True, text=True, timeout=300, check=False,
+         json.dumps(x.double().flatten().tolist()), "x" if x_grad else "-"],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     dweight, dbias = json.loads(done.stdout)

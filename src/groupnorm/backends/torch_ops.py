@@ -344,7 +344,8 @@ def _backward_crashes(
     """Whether autograd would record torch's channels-last CPU kernel for the gradient of weight
     or bias but not of x: that backward crashes the process (a segmentation fault, torch 2.13's
     own F.group_norm alike; the first layer of a float64 or half-precision channels-last
-    model), so such calls take the other paths."""
+    model), so such calls take the other paths. (Where x needs a gradient too, a backward may
+    still ask for the parameters' alone: :func:`native_group_norm` records those calls.)"""
     return (
         not x.requires_grad
         and torch.is_grad_enabled()
@@ -354,6 +355,73 @@ def _backward_crashes(
         )
         and not x.is_contiguous()
     )
+
+
+def native_group_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    N: int,
+    C: int,
+    L: int,
+    G: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.native_group_norm``, whose channels-last CPU backward crashes the process when
+    autograd asks it for the weight's or bias's gradient and not x's (``torch.autograd.grad(
+    loss, norm.weight)`` with x a leaf that requires grad; which gradients a backward will ask
+    for is unknown here): such a call is recorded as :class:`_ChannelsLastGN`, which always
+    asks for x's too. mean and rstd are then not differentiable (callers use them detached)."""
+    if (
+        x.requires_grad
+        and _differentiated(weight, bias)
+        and x.device.type == "cpu"
+        and x.dim() in _CHANNELS_LAST
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()])
+    ):
+        return _ChannelsLastGN.apply(x, weight, bias, (N, C, L, G, eps))
+    return torch.native_group_norm(x, weight, bias, N, C, L, G, eps)
+
+
+class _ChannelsLastGN(torch.autograd.Function):
+    """:func:`native_group_norm` where torch's backward could crash: first derivatives from
+    torch's backward asked for x's gradient too (returned only where wanted); a backward that
+    is itself recorded (``create_graph=True``) takes autograd's of ``F.group_norm`` on the same
+    inputs, torch's own second derivatives."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        call: tuple[int, int, int, int, float],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        N, C, L, G, eps = call
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, N, C, L, G, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.call = call
+        ctx.mark_non_differentiable(mean, rstd)
+        return y, mean, rstd
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        N, C, L, G, eps = ctx.call
+        wanted = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            y = torch.group_norm(x, G, weight, bias, eps)
+            params = [t for t, w in zip((weight, bias), wanted[1:], strict=True) if w]
+            dx, *got = torch.autograd.grad(y, [x, *params], dy, create_graph=True)
+            dw = got.pop(0) if wanted[1] else None
+            db = got.pop(0) if wanted[2] else None
+            return (dx if wanted[0] else None), dw, db, None
+        # The kernel reads dy in x's layout, unchecked.
+        dy = dy.contiguous(memory_format=_CHANNELS_LAST[x.dim()])
+        mask = [True, wanted[1], wanted[2]]
+        dx, dw, db = _GROUP_NORM_BACKWARD(dy, x, mean, rstd, weight, N, C, L, G, mask)
+        return (dx if wanted[0] else None), dw, db, None
 
 
 def _nchw_trust(dtype: torch.dtype) -> float:
@@ -494,9 +562,10 @@ def _native(r: Request) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         w, b = _float32_ones(C, x.device) if r.weight is None else r.weight.float(), None
     else:
         w, b = None, None
-    y, mean, rstd = torch.native_group_norm(
-        x, w, b, N, C, math.prod(x.shape[2:]), r.plan.num_groups, r.eps
-    )
+    # Outside, the epilogue differentiates mean and rstd, which native_group_norm's recorded
+    # form does not (y is unused then, and torch's backward of mean and rstd alone is safe).
+    native = native_group_norm if inside else torch.native_group_norm
+    y, mean, rstd = native(x, w, b, N, C, math.prod(x.shape[2:]), r.plan.num_groups, r.eps)
     mean_d, rstd_d = _detached(mean, rstd)
     if inside:
         return apply_activation(y, r.activation), mean_d, rstd_d
@@ -833,7 +902,7 @@ def native_fast(
         fmt = torch.contiguous_format if x.is_contiguous() else _CHANNELS_LAST[x.dim()]
         y, mean, rstd = _NativeAct.apply(x, weight, bias, (plan, activation, eps, fmt, N, C, L))
         return y if _all_trusted(mean, rstd, limit) else None
-    y, mean, rstd = torch.native_group_norm(x, weight, bias, N, C, L, plan.num_groups, eps)
+    y, mean, rstd = native_group_norm(x, weight, bias, N, C, L, plan.num_groups, eps)
     if not _all_trusted(mean, rstd, limit):
         return None
     return y if activation is None else apply_activation(y, activation)
