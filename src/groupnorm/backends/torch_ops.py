@@ -386,7 +386,8 @@ def native_group_norm(
 
 class _ChannelsLastGN(torch.autograd.Function):
     """:func:`native_group_norm` where torch's backward could crash: first derivatives from
-    torch's backward asked for x's gradient too (returned only where wanted); a backward that
+    torch's backward asked for x's gradient too (x requires grad wherever this node records,
+    so its gradient is always one autograd wants); a backward that
     is itself recorded (``create_graph=True``) takes autograd's of ``F.group_norm`` on the same
     inputs, torch's own second derivatives."""
 
@@ -400,7 +401,7 @@ class _ChannelsLastGN(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         N, C, L, G, eps = call
         y, mean, rstd = torch.native_group_norm(x, weight, bias, N, C, L, G, eps)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)  # bias: for create_graph's branch
         ctx.call = call
         ctx.mark_non_differentiable(mean, rstd)
         return y, mean, rstd
@@ -416,12 +417,12 @@ class _ChannelsLastGN(torch.autograd.Function):
             dx, *got = torch.autograd.grad(y, [x, *params], dy, create_graph=True)
             dw = got.pop(0) if wanted[1] else None
             db = got.pop(0) if wanted[2] else None
-            return (dx if wanted[0] else None), dw, db, None
+            return dx, dw, db, None
         # The kernel reads dy in x's layout, unchecked.
         dy = dy.contiguous(memory_format=_CHANNELS_LAST[x.dim()])
         mask = [True, wanted[1], wanted[2]]
         dx, dw, db = _GROUP_NORM_BACKWARD(dy, x, mean, rstd, weight, N, C, L, G, mask)
-        return (dx if wanted[0] else None), dw, db, None
+        return dx, dw, db, None
 
 
 def _nchw_trust(dtype: torch.dtype) -> float:
@@ -1390,7 +1391,9 @@ def _second_order64(
     1.9x the float64 bound); else y as it is."""
     if (
         y.requires_grad
-        and forward_ad._current_level < 0  # the node has no jvp: forward AD keeps torch's ops
+        # the node has no jvp: under any open dual level, not only for a dual x (a dual weight,
+        # scale or shift would reach it too), forward AD keeps torch's ops
+        and forward_ad._current_level < 0
         and activation in _RECORDED_64
         and x.dtype in _NUMPY_FLOATS
         and _fused_backward(x, plan)
