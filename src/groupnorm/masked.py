@@ -93,12 +93,7 @@ def _readable_weights(mask: torch.Tensor) -> torch.Tensor | None:
         return None
     while torch._C._functorch.is_functorch_wrapped_tensor(mask):
         mask = torch._C._functorch.get_unwrapped(mask)
-    readable = (
-        type(mask) in torch_ops._VALUE_TYPES
-        and mask.device.type != "meta"
-        and not torch._C._len_torch_dispatch_stack()
-    )
-    return mask if readable else None
+    return mask if torch_ops.plain_values(mask) else None
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:

@@ -455,12 +455,18 @@ def can_read_values(x: torch.Tensor) -> bool:
     outputs, allocated at a ``grad`` transform's level, come back wrapped, without storage),
     nor on a wrapper left over from one.
     """
+    return plain_values(x) and not _transformed(x)
+
+
+def plain_values(x: torch.Tensor) -> bool:
+    """Whether x holds values this call could read, torch.func transforms aside (a caller
+    unwraps their tensors first): not while a graph is recorded, not on meta, fake or other
+    subclass tensors."""
     return (
         not _tracing()  # first: dynamo cannot trace the queries below
         and type(x) in _VALUE_TYPES
         and x.device.type != "meta"
         and not torch._C._len_torch_dispatch_stack()
-        and not _transformed(x)
     )
 
 
