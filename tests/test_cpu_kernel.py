@@ -193,6 +193,12 @@ def test_property_kernel_matches_float64(
         ((1, 1280, 8, 8), {"num_groups": 32}),
         ((2, 600, 3, 5), {"num_groups": 7, "uneven": True}),
         ((2, 48, 40, 40), {"num_groups": 20, "uneven": True}),
+        # channels-last rows past one 2 KB strip: strips of 512, 512 and 76 channels (the
+        # last with 4-vector, 1-vector and scalar columns), a head of 8 rows (BLOCK / C = 14)
+        ((1, 1100, 9, 10), {"num_groups": 11}),
+        # two samples: each a task, its output 2 rows per coefficient load, an odd last row
+        ((2, 1100, 9, 11), {"num_groups": 11}),
+        ((2, 1000, 3, 5), {"num_groups": 8}),
         # 32K elements: below PARALLEL_MIN, two threads all the same (forward_threads)
         ((2, 64, 16, 16), {"num_groups": 8}),
         ((3, 4, 5, 6, 7), {"group_sizes": [3, 1]}),  # 3-D spatial
@@ -240,6 +246,8 @@ def _stream_min(bytes_: int) -> Iterator[None]:
         ((1, 2, 256, 300), {"num_groups": 1}),  # NCHW two stages: past every fused limit
         ((1, 16, 96, 96), {"num_groups": 4}),  # channels-last: a sample past 512 KB, shared
         ((2, 20, 12, 12), {"num_groups": 4, "uneven": False}),
+        # channels-last, a task a sample: 2 rows per coefficient load, 300 % 16 channels after
+        ((2, 300, 9, 11), {"num_groups": 30}),
     ],
 )
 def test_outputs_stored_around_the_caches_equal_cached_ones(

@@ -56,6 +56,16 @@ enum { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 #define BLOCK 16384
 /* Terms each lane sums in W before float64 takes them. */
 #define RUN 8
+/* Channels-last sums sweep rows in strips of at most this many bytes of each row: RUN rows of
+   all channels, with the next RUN prefetched, outgrew L1 at C = 1280 float32 (two 40 KB
+   bands). Strips of 2 KB took the statistics 0.78x the time at (2, 1280, 16, 16), 0.90x at
+   (2, 640, 32, 32) and 0.54x at (2, 960, 64, 64) float32 (float64 0.83-0.86x), the same bits;
+   1 KB and 3 KB strips did worse (AMD EPYC, one thread). */
+#define SWEEP_BYTES 2048
+/* Rows of a channels-last sample in cache that its output takes per load of a channel
+   vector's coefficients: (2, 1280, 8, 8) float32 0.87x the forward's time with two, 0.91x
+   with four (on tensors streamed from memory interleaved rows had cost up to 1.4x). */
+#define BAND 2
 /* NCHW blocks sum d = x - shift, shift the mean of their first SHIFT elements, in one pass;
    the largest m^2 n / q at which that variance is kept (it loses about 1 + that). */
 #define SHIFT 8 /* the tree sum below takes 8 */
@@ -618,10 +628,12 @@ static inline double two_sum_lo(double p, double m, double s) {
     return (p - (s - bb)) + (m - bb);
 }
 
-/* Channels-last statistics blocks of a sample: a head of BLOCK / C rows (at most L), then
-   blocks of stats_rows(C) rows. */
+/* Channels-last statistics blocks of a sample: a head of BLOCK / C rows, rounded down to a
+   multiple of RUN where that is at least RUN (a sweep's last short run of rows is its slow
+   one; (2, 1280, 8, 8): 12 rows, then 52), at most L; then blocks of stats_rows(C) rows. */
 static int64_t cl_head(int64_t C, int64_t L) {
-    int64_t head = BLOCK / C < 1 ? 1 : BLOCK / C;
+    int64_t rows = BLOCK / C < 1 ? 1 : BLOCK / C;
+    int64_t head = rows < RUN ? rows : rows / RUN * RUN;
     return head < L ? head : L;
 }
 static int64_t cl_blocks(int64_t C, int64_t L) {
@@ -811,13 +823,21 @@ static int64_t cl_chunks(int64_t C, int64_t L, const int64_t *offsets, int64_t G
             }                                                                               \
         }                                                                                   \
     }                                                                                       \
-    /* rows_S: the w channels from slab's first (rows C apart), shift and sums from their   \
-       first. */                                                                            \
-    static void rows_##S(const T *slab, int64_t C, int64_t w, int64_t r0, int64_t r1,       \
-                         const W *shift, double *a1, double *a2) {                          \
+    /* strip_S / rows_S: the w channels from slab's first (rows C apart), shift and sums    \
+       from their first; rows_S in strips of SWEEP_BYTES, at multiples of 32 channels: each \
+       channel's sums as in one sweep. */                                                   \
+    static void strip_##S(const T *slab, int64_t C, int64_t w, int64_t r0, int64_t r1,      \
+                          const W *shift, double *a1, double *a2) {                         \
         if (a1 && a2) sweep_##S(slab, C, w, r0, r1, shift, a1, a2, 1, 1);                   \
         else if (a1) sweep_##S(slab, C, w, r0, r1, shift, a1, a2, 1, 0);                    \
         else sweep_##S(slab, C, w, r0, r1, shift, a1, a2, 0, 1);                            \
+    }                                                                                       \
+    static void rows_##S(const T *slab, int64_t C, int64_t w, int64_t r0, int64_t r1,       \
+                         const W *shift, double *a1, double *a2) {                          \
+        int64_t tile = SWEEP_BYTES / (int64_t)sizeof(T);                                    \
+        for (int64_t t = 0; t < w; t += tile)                                               \
+            strip_##S(slab + t, C, w - t < tile ? w - t : tile, r0, r1, shift + t,          \
+                      a1 ? a1 + t : NULL, a2 ? a2 + t : NULL);                              \
     }                                                                                       \
     /* A block's parts, two-pass: the group means (relative to the pivot), then both sums \
        again around them in W, from which the parts are made: x - pivot was rounded        \
@@ -1034,6 +1054,27 @@ static int64_t cl_chunks(int64_t C, int64_t L, const int64_t *offsets, int64_t G
             }                                                                               \
         }                                                                                   \
     }                                                                                       \
+    /* rows_S_O over a whole sample in cache (C channels, L rows), BAND rows per load of a  \
+       channel vector's coefficients; the same values. */                                  \
+    static void band_##S##_##O(const T *x, TO *y, int64_t C, int64_t L, const W *hi,        \
+                               const W *a, const W *b, int relu, int nt) {                  \
+        int64_t CX = C - C % X, r = 0;                                                      \
+        for (; r + BAND <= L; r += BAND) {                                                  \
+            int again = 0; /* as in row_S_O: then the rows whole, again */                  \
+            for (int64_t c = 0; c < CX; c += X) {                                           \
+                VX h = LOADWX(hi + c), av = LOADWX(a + c), bv = LOADWX(b + c);              \
+                for (int64_t q = r; q < r + BAND; q++) {                                    \
+                    VX v = (LOADX(x + q * C + c) - h) * av + bv;                            \
+                    again |= STOREX(y + q * C + c, relu ? RELUX(v) : v, nt);                \
+                }                                                                           \
+            }                                                                               \
+            if (again) rows_##S##_##O(x, y, C, C, r, r + BAND, hi, a, b, relu, nt);         \
+            else if (CX < C)                                                                \
+                rows_##S##_##O(x + CX, y + CX, C, C - CX, r, r + BAND, hi + CX, a + CX,     \
+                               b + CX, relu, nt);                                           \
+        }                                                                                   \
+        if (r < L) rows_##S##_##O(x, y, C, C, r, L, hi, a, b, relu, nt);                    \
+    }                                                                                       \
     /* Coefficients of channels j0..j1 (j = n * C + c) in W: channels-last (hi, A, B - lo A) \
        as three arrays of NC, NCHW (hi, lo, A, B) per channel; from the same float64 values \
        in either case. A run of one group's channels at a time, its mean and rstd shared: per \
@@ -1094,11 +1135,11 @@ static int64_t cl_chunks(int64_t C, int64_t L, const int64_t *offsets, int64_t G
     /* Channels-last groups g0..g1 (a chunk: cl_chunks) of sample n whole, while they stay  \
        in L2: their statistics (cl_block_S's blocks and cl_merge_S's order, as stats_cl_S   \
        makes them: the same bits), rstd, their channels' coefficients into k (q's layout)   \
-       and their output. */                                                                 \
+       and, where out, their output. */                                                     \
     static void cl_part_##S##_##O(const T *x, TO *y, int64_t L, const int64_t *offsets,     \
                                   const coef_in_t *q, double *mean, double *var,            \
                                   double *rstd, double eps, W *k, int relu, int nt,         \
-                                  int64_t n, int64_t g0, int64_t g1) {                      \
+                                  int64_t n, int64_t g0, int64_t g1, int out) {             \
         int64_t C = q->C, G = q->G, NC = q->N * C, blocks = cl_blocks(C, L);                \
         int64_t c0 = offsets[g0], j = n * C + c0;                                           \
         const T *slab = x + n * L * C;                                                      \
@@ -1111,9 +1152,11 @@ static int64_t cl_chunks(int64_t C, int64_t L, const int64_t *offsets, int64_t G
                      var + n * G, q->lo ? q->lo + n * G : NULL);                            \
         for (int64_t i = n * G + g0; i < n * G + g1; i++) rstd[i] = 1.0 / sqrt(var[i] + eps); \
         coefs_##S##_##O(q, j, n * C + offsets[g1], 1, k);                                   \
-        rows_##S##_##O(slab + c0, y + n * L * C + c0, C, offsets[g1] - c0, 0, L, k + j,     \
-                       k + NC + j, k + 2 * NC + j, relu, nt);                               \
-        drain(nt);                                                                          \
+        if (out) {                                                                          \
+            rows_##S##_##O(slab + c0, y + n * L * C + c0, C, offsets[g1] - c0, 0, L, k + j, \
+                           k + NC + j, k + 2 * NC + j, relu, nt);                           \
+            drain(nt);                                                                      \
+        }                                                                                   \
         free(pivot);                                                                        \
         free(parts);                                                                        \
     }                                                                                       \
@@ -1124,13 +1167,23 @@ static int64_t cl_chunks(int64_t C, int64_t L, const int64_t *offsets, int64_t G
         int nt = streams(q->N * q->C * L * (int64_t)sizeof(TO));                            \
         int64_t *bounds = malloc((size_t)(q->G + 1) * sizeof(int64_t));                     \
         int64_t chunks = cl_chunks(q->C, L, offsets, q->G, bounds);                         \
-        /* A task a sample where the samples fill the threads (its chunks in turn, in one   \
-           core's cache), else a task a chunk: the same bits either way. */                 \
-        int64_t per = q->N >= nthreads ? chunks : 1;                                        \
+        /* A task a sample where the samples fill the threads (its chunks' statistics in    \
+           turn, then its output row by row, all in one core's cache: written chunk by      \
+           chunk, the output's rows were strided), else a task a chunk, its statistics and  \
+           output: the same bits either way. */                                             \
+        int whole = q->N >= nthreads;                                                       \
+        int64_t per = whole ? chunks : 1;                                                   \
         FOR_TASKS(t, q->N * chunks / per, {                                                 \
             for (int64_t u = t * per; u < (t + 1) * per; u++)                               \
                 cl_part_##S##_##O(x, y, L, offsets, q, mean, var, rstd, eps, k, relu, nt,   \
-                                  u / chunks, bounds[u % chunks], bounds[u % chunks + 1]);  \
+                                  u / chunks, bounds[u % chunks], bounds[u % chunks + 1],   \
+                                  !whole);                                                  \
+            if (whole) {                                                                    \
+                int64_t NC = q->N * q->C, j = t * q->C;                                     \
+                band_##S##_##O(x + t * L * q->C, y + t * L * q->C, q->C, L, k + j,          \
+                               k + NC + j, k + 2 * NC + j, relu, nt);                       \
+                drain(nt);                                                                  \
+            }                                                                               \
         })                                                                                  \
         free(bounds);                                                                       \
         free(k);                                                                            \
