@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -368,7 +369,8 @@ class _FloatMasked(torch.nn.Module):
 def test_regression_float_mask_under_transforms(transform: str) -> None:
     """The check that a float mask's weights are finite and non-negative read its values, which
     vmap, meta and fake tensors, make_fx and torch.compile(fullgraph) / export refuse: each
-    raised. It is skipped where values cannot be read."""
+    raised. Where values cannot be read it is not made at the call (a recorded graph asserts
+    it when it runs: test_regression_bad_mask_weights_in_a_recorded_graph_raise_when_it_runs)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -392,6 +394,44 @@ def test_regression_float_mask_under_transforms(transform: str) -> None:
         y = torch.export.export(_FloatMasked(), (x, mask)).module()(x, mask)
     expected = dropped_reference(x.double(), resolve_plan(12, 4), mask)
     assert_matches(y, to_numpy(expected), torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+@pytest.mark.parametrize(
+    "transform",
+    [
+        "make_fx_symbolic",
+        pytest.param("compile_fullgraph", marks=pytest.mark.slow),
+        pytest.param("compile_dynamic", marks=pytest.mark.slow),
+        pytest.param("export", marks=pytest.mark.slow),
+    ],
+)
+@pytest.mark.parametrize("bad", ["negative", "nan", "too_large"])
+def test_regression_bad_mask_weights_in_a_recorded_graph_raise_when_it_runs(
+    transform: str, bad: str
+) -> None:
+    """Where a graph was recorded (torch.compile, torch.export, make_fx) the weights' check,
+    which reads values, was skipped: a negative weight normalized without an error. The graph
+    now asserts the check when it runs; good weights still give the masked result."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = make_x(SHAPE, torch.float32, seed=5)
+    good = make_mask("float_weights", SHAPE, seed=6).float()
+    wrong = good.clone()
+    wrong[1, 0, 1, 1] = {"negative": -0.5, "nan": math.nan, "too_large": 1e38}[bad]
+    run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    if transform == "make_fx_symbolic":
+        run = make_fx(_float_mask_call, tracing_mode="symbolic")(x, good)
+    elif transform == "compile_fullgraph":
+        run = torch.compile(_float_mask_call, fullgraph=True)
+    elif transform == "compile_dynamic":
+        run = torch.compile(_float_mask_call, dynamic=True)
+    else:
+        run = torch.export.export(_FloatMasked(), (x, good)).module()
+    expected = dropped_reference(x.double(), resolve_plan(12, 4), good)
+    assert_matches(run(x, good), to_numpy(expected), torch.float32)
+    with pytest.raises(RuntimeError, match="negative, non-finite or out-of-range weights"):
+        run(x, wrong)
 
 
 # forward_ad (jvp) loads its decompositions through torch.jit.script on first use.

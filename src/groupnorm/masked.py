@@ -53,10 +53,13 @@ def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
 
     Type, shape and device need no values: they are checked under torch.compile too (with
     ``fullgraph=True`` dynamo reports the ValueError as its Unsupported error, message included).
-    Floating masks are checked to be finite and non-negative (one reduction over the mask)
-    where their values can be read (:func:`_readable_weights`): eagerly and under torch.func
-    transforms (vmap, grad, jvp), not while torch.compile, export or make_fx records, or on
-    meta and fake tensors.
+    Floating masks are checked to be finite, non-negative and within the range their sums hold
+    (one reduction over the mask) where their values can be read (:func:`_readable_weights`):
+    eagerly and under torch.func transforms (vmap, grad, jvp), here, with a ValueError. Where a
+    graph is recorded (torch.compile, torch.export, make_fx) the graph gets the check as an
+    assertion (``torch._assert_async``), which raises a RuntimeError with the same advice when
+    the graph runs on such weights (on CUDA a device-side assertion); an ONNX graph drops it,
+    and torch.jit.trace does not record it. Meta and fake tensors have no values to check.
     """
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
@@ -78,6 +81,10 @@ def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
         weights = _readable_weights(mask)
         if weights is not None:
             _check_weights(weights, x)
+        else:
+            # No value may be read while a graph is recorded: the graph checks when it runs (a
+            # negative weight was normalized without an error there).
+            torch._assert_async(_weights_fine(mask, x), _RECORDED_CHECK)
     return mask
 
 
@@ -106,19 +113,37 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
     )
 
 
+_RECORDED_CHECK = (
+    "mask holds negative, non-finite or out-of-range weights; floating masks are weights >= 0 "
+    "(0 = masked), nonzero ones within what the statistics' sums hold (rescale them, e.g. "
+    "mask / mask.max()); called eagerly, group_norm says which"
+)
+
+
+def _weight_bounds(x: torch.Tensor) -> tuple[torch.finfo, int, float]:
+    """The dtype x's statistics are summed in, the most elements a group of x holds, and the
+    largest weight whose sum over such a group that dtype holds."""
+    info = torch.finfo(torch_ops.accumulation_dtype(x.dtype))
+    group_most = max(1, math.prod(x.shape[1:]))  # math.prod: sizes stay symbolic, not numel()
+    return info, group_most, info.max / group_most
+
+
+def _weights_fine(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """0-d bool: every weight is 0 or finite within [smallest normal, largest per group]."""
+    info, _, top = _weight_bounds(x)
+    # isfinite: in a narrower mask dtype the bounds round (top to inf, where inf <= top)
+    return ((mask == 0) | ((mask >= info.tiny) & (mask <= top) & mask.isfinite())).all()
+
+
 def _check_weights(mask: torch.Tensor, x: torch.Tensor) -> None:
     """Floating weights must be finite, >= 0 and usable in the dtype x's statistics are summed
     in (float32 for float32 and half precision x, float64 for float64): a positive weight below
     its smallest normal number would count as 0 (masked), and weights whose sum over a group
     (at most C * L elements) passes its largest one give infinite counts and NaN. One pass over
     the mask; what was wrong is worked out only on the error's way."""
-    info = torch.finfo(torch_ops.accumulation_dtype(x.dtype))
-    group_most = max(1, x.shape[1:].numel())
-    top = info.max / group_most
-    # isfinite: in a narrower mask dtype the bounds round (top to inf, where inf <= top)
-    fine = ((mask == 0) | ((mask >= info.tiny) & (mask <= top) & mask.isfinite())).all()
-    if bool(fine):
+    if bool(_weights_fine(mask, x)):
         return
+    info, group_most, top = _weight_bounds(x)
     if not bool(((mask >= 0) & mask.isfinite()).all()):
         raise ValueError(
             "mask holds negative or non-finite weights; floating masks are weights >= 0 "
