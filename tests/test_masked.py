@@ -434,6 +434,48 @@ def test_regression_bad_mask_weights_in_a_recorded_graph_raise_when_it_runs(
         run(x, wrong)
 
 
+class _VmappedMasked(torch.nn.Module):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.func.vmap(_float_mask_call)(x, mask)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+@pytest.mark.parametrize(
+    "transform",
+    [
+        "make_fx",
+        "make_fx_symbolic",
+        "meta",
+        pytest.param("compile", marks=pytest.mark.slow),
+        pytest.param("export", marks=pytest.mark.slow),
+    ],
+)
+def test_regression_float_masks_under_vmap_in_a_recorded_graph(transform: str) -> None:
+    """The weights' assertion in recorded graphs has no vmap batching rule: a vmapped call with
+    good float weights raised wherever they could not be read (make_fx, meta, torch.compile,
+    torch.export of vmap). Under vmap the assertion is left out; the result is the masked one."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = make_x((2, *SHAPE), torch.float32, seed=5)
+    mask = torch.rand((2, 3, 1, 5, 6), generator=torch.Generator().manual_seed(6)) + 0.1
+    vmapped = torch.func.vmap(_float_mask_call)
+    if transform == "meta":
+        y = vmapped(x.to("meta"), mask.to("meta"))
+        assert y.shape == x.shape
+        return
+    if transform == "make_fx":
+        y = make_fx(vmapped)(x, mask)(x, mask)
+    elif transform == "make_fx_symbolic":
+        y = make_fx(vmapped, tracing_mode="symbolic")(x, mask)(x, mask)
+    elif transform == "compile":
+        y = torch.compile(vmapped)(x, mask)
+    else:
+        y = torch.export.export(_VmappedMasked(), (x, mask)).module()(x, mask)
+    for i in range(2):
+        expected = dropped_reference(x[i].double(), resolve_plan(12, 4), mask[i])
+        assert_matches(y[i], to_numpy(expected), torch.float32)
+
+
 # forward_ad (jvp) loads its decompositions through torch.jit.script on first use.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 @pytest.mark.parametrize(

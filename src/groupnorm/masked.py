@@ -59,7 +59,8 @@ def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
     graph is recorded (torch.compile, torch.export, make_fx) the graph gets the check as an
     assertion (``torch._assert_async``), which raises a RuntimeError with the same advice when
     the graph runs on such weights (on CUDA a device-side assertion); an ONNX graph drops it,
-    and torch.jit.trace does not record it. Meta and fake tensors have no values to check.
+    torch.jit.trace does not record it, and a vmapped call leaves it out (:func:`_batched`).
+    Meta and fake tensors have no values to check.
     """
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
@@ -81,11 +82,22 @@ def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
         weights = _readable_weights(mask)
         if weights is not None:
             _check_weights(weights, x)
-        else:
+        elif not _batched(mask, x):
             # No value may be read while a graph is recorded: the graph checks when it runs (a
             # negative weight was normalized without an error there).
             torch._assert_async(_weights_fine(mask, x), _RECORDED_CHECK)
     return mask
+
+
+def _batched(mask: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a vmap batches this call, which has no batching rule for an assertion (it
+    raised there, on good weights too). Dynamo traces the query of the outermost wrapper
+    only; elsewhere any torch.func transform counts."""
+    if torch.compiler.is_compiling():
+        return bool(
+            torch._C._functorch.is_batchedtensor(mask) or torch._C._functorch.is_batchedtensor(x)
+        )
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _readable_weights(mask: torch.Tensor) -> torch.Tensor | None:
