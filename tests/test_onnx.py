@@ -276,3 +276,81 @@ def test_regression_bfloat16_export_runs_in_onnxruntime(kind: str) -> None:
     expected, _ = reference(x, norm.plan, norm.weight, norm.bias)
     rounded = torch.from_numpy(expected).to(torch.bfloat16)
     assert_matches(got, expected, torch.bfloat16, baseline=rounded)
+
+
+def _exported_ops(program: Any) -> list[str]:
+    """The call_function targets of an ONNXProgram's exported program."""
+    graph = program.exported_program.graph
+    return [str(node.target) for node in graph.nodes if node.op == "call_function"]
+
+
+@pytest.mark.parametrize(
+    "shape, G, affine",
+    [
+        ((2, 48, 5, 7), 10, "both"),
+        ((2, 48, 5, 7), 32, "weight"),
+        ((3, 48, 7), 10, "bias"),
+        ((5, 48), 10, "none"),
+        ((2, 48, 3, 4, 5), 32, "both"),
+    ],
+)
+def test_regression_uneven_onnx_export_records_one_op_per_layer(
+    shape: tuple[int, ...], G: int, affine: str
+) -> None:
+    """An uneven layer's ATen form (about 17 ops: the pivot, a split, per run a reshape,
+    instance_norm and reshape, a cat, a batch_norm) cost torch.onnx.export 2.6x nn.GroupNorm's
+    time for the study's ResNet-20: each op decomposed, translated and optimized on its own.
+    An ONNX export now records one op, ``groupnorm::uneven_onnx``, translated to the same final
+    nodes at once; its eager implementation (the ATen form) runs the exported program."""
+    norm = GroupNorm(G, 48, uneven=True, affine=affine != "none")
+    if affine in ("weight", "bias"):
+        setattr(norm, "bias" if affine == "weight" else "weight", None)
+    with torch.no_grad():
+        if norm.weight is not None:
+            norm.weight.copy_(rand((48,), torch.float32, seed=16) * 0.5 + 1)
+        if norm.bias is not None:
+            norm.bias.copy_(rand((48,), torch.float32, seed=17))
+    x = make_x(shape, torch.float32, seed=18, loc=3.0)
+    program = _export(norm, x)
+    assert _exported_ops(program)[-1:] == ["groupnorm.uneven_onnx.default"], _exported_ops(program)
+    assert "aten.instance_norm.default" not in _exported_ops(program)
+    nodes = [node.op_type for node in program.model_proto.graph.node]
+    runs = len(norm.plan.runs)
+    ones = sum(1 for _, _, size in norm.plan.runs if size == 1) if len(shape) > 2 else 0
+    assert nodes.count("InstanceNormalization") == runs, nodes
+    assert nodes.count("Reshape") == 2 * (runs - ones), nodes
+    assert nodes.count("Split") == 1 and nodes.count("Gather") == 1, nodes
+    assert nodes.count("BatchNormalization") == (affine != "none"), nodes
+    pivot = ["ReduceMean", "Gather", "Sub"] if len(shape) > 2 else ["Gather", "Sub"]
+    assert nodes[: len(pivot)] == pivot, nodes
+    expected, _ = reference(x, norm.plan, norm.weight, norm.bias)
+    assert_matches(torch.from_numpy(_run(program, x)), expected, torch.float32, what="ort")
+    with torch.no_grad():
+        eager = program.exported_program.module()(x)
+    assert_matches(eager, expected, torch.float32, what="exported program")
+    # Even plans keep their form.
+    assert "groupnorm.uneven_onnx.default" not in _exported_ops(_export(GroupNorm(8, 48), x))
+
+
+@pytest.mark.parametrize("failure", [ImportError, AttributeError, TypeError])
+def test_uneven_onnx_export_falls_back_to_the_aten_form(
+    monkeypatch: pytest.MonkeyPatch, failure: type[Exception]
+) -> None:
+    """Where torch's private torchlib registry cannot take the translation (moved, renamed,
+    changed signature), an uneven layer exports in its ATen form, as before the op."""
+    from groupnorm.backends import _onnx
+
+    def fail() -> bool:
+        raise failure("no registry")
+
+    monkeypatch.setattr(_onnx, "register", fail)
+    norm = _norm("uneven", 48)
+    x = make_x((2, 48, 5, 7), torch.float32, seed=19, loc=3.0)
+    program = _export(norm, x)
+    ops = _exported_ops(program)
+    assert "groupnorm.uneven_onnx.default" not in ops and "aten.instance_norm.default" in ops
+    expected, _ = reference(x, norm.plan, norm.weight, norm.bias)
+    assert_matches(torch.from_numpy(_run(program, x)), expected, torch.float32)
+    # Registered, but the export's registry does not hold it: the ATen form too.
+    monkeypatch.setattr(_onnx, "register", lambda: False)
+    assert "groupnorm.uneven_onnx.default" not in _exported_ops(_export(norm, x))
