@@ -254,7 +254,9 @@ def _exported(
     groups as one ``instance_norm`` (:func:`_normalized_runs`) and applies weight and bias to
     the whole tensor (:func:`_affine`): 10-12 nodes for two runs. Export time goes with the
     ops recorded, shape ops (Reshape, Slice, Gather) costing about three times an elementwise
-    op (benchmarks/onnx_export.py), so both forms keep them few.
+    op (benchmarks/onnx_export.py), so both forms keep them few. An ONNX export records the
+    uneven form as one op, ``groupnorm::uneven_onnx``, translated to the same nodes at once
+    (:mod:`groupnorm.backends._onnx`), where its translation could be registered.
 
     Half precision is cast to ``acc`` once, first: the subtraction needs it there anyway, and
     a mean asked in float32 of half-precision input exports as a half-precision ReduceMean and
