@@ -24,14 +24,7 @@ from typing import Any
 
 import torch
 
-
-def _first_channels(runs: list[tuple[int, int, int]]) -> list[int]:
-    """Each channel's group's first channel."""
-    first: list[int] = []
-    for start, end, size in runs:
-        for c in range(start, end):
-            first.append(start + (c - start) // size * size)
-    return first
+from groupnorm.backends.shifted import first_channels
 
 
 def uneven_onnx(x: Any, weight: Any, bias: Any, runs: list[int], eps: float) -> Any:
@@ -55,7 +48,7 @@ def uneven_onnx(x: Any, weight: Any, bias: Any, runs: list[int], eps: float) -> 
         return op.Constant(value_ints=values)
 
     means = op.ReduceMean(x, ints(list(range(2, rank))), keepdims=1) if rank > 2 else x
-    pivot = op.Gather(means, ints(_first_channels(plan)), axis=1)
+    pivot = op.Gather(means, ints(first_channels(plan)), axis=1)
     xs = op.Sub(x, pivot)
     widths = [end - start for start, end, _ in plan]
     # The builder asks num_outputs of a Split to count its outputs; ONNX forbids it next to the

@@ -110,6 +110,15 @@ _LIB.define("pivot(Tensor x, Tensor first, int size) -> Tensor")
 _LIB.impl("pivot", _compiled_pivot, "CompositeImplicitAutograd")
 
 
+def first_channels(runs: list[tuple[int, int, int]]) -> list[int]:
+    """Each channel's group's first channel, for runs of (start, end, size)."""
+    first: list[int] = []
+    for start, end, size in runs:
+        for c in range(start, end):
+            first.append(start + (c - start) // size * size)
+    return first
+
+
 def _uneven_onnx(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -123,11 +132,7 @@ def _uneven_onnx(
     :mod:`groupnorm.backends._onnx`; this runs where the exported program itself does
     (``ExportedProgram.module()``)."""
     plan = [(runs[i], runs[i + 1], runs[i + 2]) for i in range(0, len(runs), 3)]
-    first: list[int] = []
-    for start, end, size in plan:
-        for c in range(start, end):
-            first.append(start + (c - start) // size * size)
-    index = torch.tensor(first, dtype=torch.int64, device=x.device)
+    index = torch.tensor(first_channels(plan), dtype=torch.int64, device=x.device)
     return _affine(_normalized_runs(x - _mean_pivot(x, index), plan, eps), weight, bias)
 
 
