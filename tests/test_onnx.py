@@ -195,6 +195,33 @@ def test_export_with_dynamic_batch_and_spatial_sizes(kind: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "shape, dynamic",
+    [((2, 48, 6, 5), (0,)), ((2, 48, 6, 5), (0, 2, 3)), ((3, 48), (0,)), ((2, 48, 7), (0,))],
+)
+def test_regression_uneven_onnx_export_runs_a_batch_of_zero(
+    shape: tuple[int, ...], dynamic: tuple[int, ...]
+) -> None:
+    """The one-op translation of an uneven layer reshaped each run to [0, G, -1]: onnxruntime
+    cannot infer -1 from 0 elements, so an export with a dynamic batch failed on N = 0
+    ("requested shape:{0,1,-1}"), which the ATen form ran. Batches of 3 and 0, static and
+    dynamic positions."""
+    from torch.export import Dim
+
+    norm = _norm("uneven", 48)
+    x = make_x(shape, torch.float32, seed=13, loc=3.0)
+    names = {0: "n", 2: "h", 3: "w"}
+    dims = ({d: Dim(names[d], max=512) for d in dynamic},)
+    program = _export(norm, x, dynamic_shapes=dims)
+    for n in (3, 0):
+        other = make_x((n, *shape[1:]), torch.float32, seed=14, loc=3.0)
+        got = _run(program, other)
+        assert got.shape == other.shape
+        if n:
+            expected, _ = reference(other, norm.plan, norm.weight, norm.bias)
+            assert_matches(torch.from_numpy(got), expected, torch.float32, what=f"{n}")
+
+
+@pytest.mark.parametrize(
     "shape, G",
     [((5, 48), 10), ((3, 48, 7), 32), ((2, 48, 3, 4, 5), 32), ((2, 48, 3, 4, 5), 10)],
 )

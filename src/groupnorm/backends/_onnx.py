@@ -66,10 +66,7 @@ def uneven_onnx(x: Any, weight: Any, bias: Any, runs: list[int], eps: float) -> 
             outs.append(op.InstanceNormalization(xr, ones, zeros, epsilon=eps))
             continue
         G = width // size
-        rows = op.Reshape(xr, ints([0, G, -1]))
-        ones, zeros = constant([1.0] * G), constant([0.0] * G)
-        y = op.InstanceNormalization(rows, ones, zeros, epsilon=eps)
-        outs.append(op.Reshape(y, op.Shape(xr)))
+        outs.append(_rows_normalized(op, ints, constant, x, xr, G, size, eps))
     y = op.Concat(*outs, axis=1)
     if weight is None and bias is None:
         return y
@@ -78,6 +75,30 @@ def uneven_onnx(x: Any, weight: Any, bias: Any, runs: list[int], eps: float) -> 
     weight = ones if weight is None else weight
     bias = zeros if bias is None else bias
     return op.BatchNormalization(y, weight, bias, zeros, ones, epsilon=0.0)
+
+
+def _rows_normalized(
+    op: Any, ints: Any, constant: Any, x: Any, xr: Any, G: int, size: int, eps: float
+) -> Any:
+    """A run xr (N, G * size, *S) of x normalized as G rows of each sample: Reshape to (N, G,
+    size * prod(S)), InstanceNormalization, Reshape back to xr's shape. The rows' length is
+    given, not inferred (-1), and N inferred: a batch of 0 has nothing to infer a length from
+    (onnxruntime refused [0, G, -1] on 0 elements). Dynamic positions: the length from x's
+    shape (a Split's outputs carry none)."""
+    S = list(x.shape)[2:]
+    if all(isinstance(d, int) for d in S):
+        length = size
+        for d in S:
+            length *= d
+        target = ints([-1, G, length])
+    else:
+        positions = op.ReduceProd(op.Shape(x, start=2), keepdims=1)
+        length = op.Mul(positions, ints([size]))
+        target = op.Concat(op.Shape(x, start=0, end=1), ints([G]), length, axis=0)
+    rows = op.Reshape(xr, target)
+    ones, zeros = constant([1.0] * G), constant([0.0] * G)
+    y = op.InstanceNormalization(rows, ones, zeros, epsilon=eps)
+    return op.Reshape(y, op.Shape(xr))
 
 
 def register() -> bool:
