@@ -381,3 +381,15 @@ def test_uneven_onnx_export_falls_back_to_the_aten_form(
     # Registered, but the export's registry does not hold it: the ATen form too.
     monkeypatch.setattr(_onnx, "register", lambda: False)
     assert "groupnorm.uneven_onnx.default" not in _exported_ops(_export(norm, x))
+
+
+def test_uneven_onnx_op_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GROUPNORM_ONNX_OP=0 keeps the ATen form where the private hooks would take but fail."""
+    norm = _norm("uneven", 48)
+    x = make_x((2, 48, 5, 7), torch.float32, seed=20, loc=3.0)
+    assert "groupnorm.uneven_onnx.default" in _exported_ops(_export(norm, x))
+    monkeypatch.setenv("GROUPNORM_ONNX_OP", "0")
+    program = _export(norm, x)
+    assert "groupnorm.uneven_onnx.default" not in _exported_ops(program)
+    expected, _ = reference(x, norm.plan, norm.weight, norm.bias)
+    assert_matches(torch.from_numpy(_run(program, x)), expected, torch.float32)

@@ -30,6 +30,7 @@ the annotations at runtime), so ``torch.jit.script`` compiles it from
 :class:`groupnorm.GroupNorm`'s forward.
 """
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -162,7 +163,10 @@ def _onnx_translated() -> bool:
     export's own (:func:`groupnorm.backends._onnx.register`). Where that fails (ImportError,
     AttributeError, TypeError: the private registry moved or changed) or the export's registry
     does not hold the translation after, an uneven layer exports in its ATen form, as before
-    the op."""
+    the op; ``GROUPNORM_ONNX_OP=0`` asks for that form (a torch or onnxscript whose internals
+    keep their names but fail the translation)."""
+    if os.environ.get("GROUPNORM_ONNX_OP", "1") == "0":
+        return False
     try:
         from groupnorm.backends import _onnx
 
