@@ -7,6 +7,7 @@ import subprocess
 import sys
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,30 @@ def test_regression_a_closed_pipe_under_study_is_not_an_error() -> None:
 def test_check_uses_the_tolerance_table() -> None:
     """The self-test's copy of the table (src cannot import tests) is the tests' table."""
     assert (cli.ATOL, cli.RTOL) == (_tolerances.ATOL, _tolerances.RTOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_check_allows_what_the_tolerance_rule_allows(dtype: torch.dtype) -> None:
+    """`groupnorm check`'s per-element allowance is the tests' rule (reduction 1): atol + rtol |y|
+    for float32 and float64; for half precision twice the distance of y rounded to the dtype
+    (the interpreter's truncated bfloat16 where it truncates) plus atol. Only the table was
+    compared before, not the formula built on it."""
+    rng = np.random.default_rng(3)
+    expected = np.concatenate([rng.standard_normal(200) * 10.0 ** rng.integers(-3, 4, 200), [0.0]])
+    got = cli._allowed(expected, dtype, truncates_bf16=False)
+    if dtype in _tolerances.RTOL:
+        atol, rtol = _tolerances.tolerance(dtype)
+        want = atol + rtol * np.abs(expected)
+    else:
+        rounded = torch.tensor(expected, dtype=torch.float64).to(dtype).double().numpy()
+        want = 2 * np.abs(rounded - expected) + _tolerances.ATOL[dtype]
+    np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
+    if dtype == torch.bfloat16:
+        bits = expected.astype(np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
+        truncated = bits.view(np.float32).astype(np.float64)
+        want = 2 * np.abs(truncated - expected) + _tolerances.ATOL[dtype]
+        got = cli._allowed(expected, dtype, truncates_bf16=True)
+        np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
 
 
 def test_regression_check_judged_float32_by_a_loose_absolute_tolerance(
