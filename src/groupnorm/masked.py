@@ -92,12 +92,12 @@ def check_mask(mask: object, x: torch.Tensor) -> torch.Tensor:
 def _batched(mask: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether a vmap batches this call, which has no batching rule for an assertion (it
     raised there, on good weights too). Dynamo traces the query of the outermost wrapper
-    only; elsewhere any torch.func transform counts."""
+    only; elsewhere any torch.func transform counts (the fast paths' query of one)."""
     if torch.compiler.is_compiling():
         return bool(
             torch._C._functorch.is_batchedtensor(mask) or torch._C._functorch.is_batchedtensor(x)
         )
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    return torch_ops._transform_level() is not None
 
 
 def _readable_weights(mask: torch.Tensor) -> torch.Tensor | None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from groupnorm.backends.shifted import first_channels
+from groupnorm.backends.shifted import first_channels, runs_of
 
 
 def uneven_onnx(x: Any, weight: Any, bias: Any, runs: list[int], eps: float) -> Any:
@@ -36,7 +36,7 @@ def uneven_onnx(x: Any, weight: Any, bias: Any, runs: list[int], eps: float) -> 
     from onnxscript import opset18 as op
     from torch.onnx._internal._lazy_import import onnx_ir as ir
 
-    plan = [(runs[i], runs[i + 1], runs[i + 2]) for i in range(0, len(runs), 3)]
+    plan = runs_of(runs)
     rank = len(x.shape)
     dtype = x.dtype.numpy()
 

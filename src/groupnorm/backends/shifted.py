@@ -111,6 +111,11 @@ _LIB.define("pivot(Tensor x, Tensor first, int size) -> Tensor")
 _LIB.impl("pivot", _compiled_pivot, "CompositeImplicitAutograd")
 
 
+def runs_of(flat: list[int]) -> list[tuple[int, int, int]]:
+    """The (start, end, size) runs that ``groupnorm::uneven_onnx`` takes flattened."""
+    return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+
+
 def first_channels(runs: list[tuple[int, int, int]]) -> list[int]:
     """Each channel's group's first channel, for runs of (start, end, size)."""
     first: list[int] = []
@@ -132,7 +137,7 @@ def _uneven_onnx(
     as (start, end, size) triples. An ONNX export records the op, translated by
     :mod:`groupnorm.backends._onnx`; this runs where the exported program itself does
     (``ExportedProgram.module()``)."""
-    plan = [(runs[i], runs[i + 1], runs[i + 2]) for i in range(0, len(runs), 3)]
+    plan = runs_of(runs)
     index = torch.tensor(first_channels(plan), dtype=torch.int64, device=x.device)
     return _affine(_normalized_runs(x - _mean_pivot(x, index), plan, eps), weight, bias)
 
