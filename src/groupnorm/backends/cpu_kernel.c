@@ -284,6 +284,58 @@ static inline double lanes(vd v) {
     return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 static inline vd wide_d(vd v) { return v; }
+/* Float64 sums of 8 lanes: acc_t in registers (acc_add_f a float32 vector widened, acc_add_d
+   a float64 one; acc_lanes as lanes()), add_wide_S onto 8 doubles in memory. Without AVX-512
+   they work on two 256-bit halves: GCC kept 64-byte vectors in memory, writing them in
+   16-byte pieces through general registers and reading them back in 32-byte ones, whose
+   stalls bound the sums (float32 NCHW forward 0.81-0.87x the time without them, AMD EPYC
+   Zen 3, one thread). The same additions in the same order either way: the same bits. */
+#if defined(__AVX__) && !defined(__AVX512F__)
+typedef struct {
+    __m256d lo, hi;
+} acc_t;
+static const acc_t ACC_ZERO = {{0}, {0}};
+static inline void acc_add_halves(acc_t *a, __m256d lo, __m256d hi) {
+    a->lo = _mm256_add_pd(a->lo, lo);
+    a->hi = _mm256_add_pd(a->hi, hi);
+}
+static inline void acc_add_f(acc_t *a, vf v) {
+    __m256 f = (__m256)v;
+    acc_add_halves(a, _mm256_cvtps_pd(_mm256_castps256_ps128(f)),
+                   _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+}
+static inline void acc_add_d(acc_t *a, vd v) {
+    __m256d h[2];
+    memcpy(h, &v, sizeof h);
+    acc_add_halves(a, h[0], h[1]);
+}
+static inline double acc_lanes(acc_t a) {
+    double s[4];
+    _mm256_storeu_pd(s, _mm256_add_pd(a.lo, a.hi)); /* lane i: v[i] + v[i + 4] */
+    return (s[0] + s[2]) + (s[1] + s[3]);
+}
+static inline void add_wide_f(double *p, vf v) {
+    __m256 f = (__m256)v;
+    _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p),
+                                      _mm256_cvtps_pd(_mm256_castps256_ps128(f))));
+    _mm256_storeu_pd(p + 4, _mm256_add_pd(_mm256_loadu_pd(p + 4),
+                                          _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1))));
+}
+static inline void add_wide_d(double *p, vd v) {
+    __m256d h[2];
+    memcpy(h, &v, sizeof h);
+    _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), h[0]));
+    _mm256_storeu_pd(p + 4, _mm256_add_pd(_mm256_loadu_pd(p + 4), h[1]));
+}
+#else
+typedef vd acc_t;
+static const acc_t ACC_ZERO = {0};
+static inline void acc_add_f(acc_t *a, vf v) { *a += wide_f(v); }
+static inline void acc_add_d(acc_t *a, vd v) { *a += v; }
+static inline double acc_lanes(acc_t a) { return lanes(a); }
+static inline void add_wide_f(double *p, vf v) { store_f64(p, load_f64(p) + wide_f(v)); }
+static inline void add_wide_d(double *p, vd v) { store_f64(p, load_f64(p) + v); }
+#endif
 static inline vf narrow_f(vd v) { return __builtin_convertvector(v, vf); }
 /* max(v, 0) with NaN kept. */
 static inline vf relu_f(vf v) {
@@ -497,7 +549,10 @@ static inline int put_f16(f16_t *p, vf v, int nt) {
    took 0.69-0.87x the time at one thread and 0.80-0.99x at two (AMD EPYC, Zen 5, 2026-12-07,
    benchmarks/cpu_kernel_ab.py --forward --dtype). Float32 stays at 8: its 16-lane output
    took 1.1-1.5x as long on 5-16 MB tensors there, its 16-lane sums 1.01-1.05x on tensors of
-   0.3-5 MB (0.84-0.89x on a 31 MB one). Without AVX-512, GCC makes a vx two vf. */
+   0.3-5 MB (0.84-0.89x on a 31 MB one). Only with AVX-512 (HALF_X below): without it GCC
+   kept a vx in memory and moved its halves through general registers, and the 32-byte loads
+   of what two 16-byte stores had written stalled (bfloat16 channels-last forward 3.7-4.5x
+   torch's kernel on an AVX2 AMD EPYC, Zen 3). */
 typedef float vx __attribute__((vector_size(64)));
 static inline vx join(vf lo, vf hi) {
     vx v;
@@ -548,6 +603,30 @@ static inline int put16_f16(f16_t *p, vx v, int nt) {
     return put_f16(p, half(v, 0), nt) | put_f16(p + 8, half(v, 1), nt);
 #endif
 }
+#endif
+
+/* Half precision's channels-last vectors for DEFINE_STATS and DEFINE_APPLY: 16 lanes (vx) with
+   AVX-512, else 8 (vf, as float32's). */
+#ifdef __AVX512F__
+#define HALF_X 16
+#define HALF_VX vx
+#define HALF_LOADW load16_f32
+#define HALF_SPLIT HALF16
+#define HALF_RELU relu16
+#define BF16_LOADX load16_bf16
+#define BF16_PUTX put16_bf16
+#define F16_LOADX load16_f16
+#define F16_PUTX put16_f16
+#else
+#define HALF_X 8
+#define HALF_VX vf
+#define HALF_LOADW load_f32
+#define HALF_SPLIT HALF8
+#define HALF_RELU relu_f
+#define BF16_LOADX load_bf16
+#define BF16_PUTX put_bf16
+#define F16_LOADX load_f16
+#define F16_PUTX put_f16
 #endif
 
 static double param(const void *p, int dtype, int64_t i, double none) {
@@ -667,19 +746,19 @@ static int64_t cl_chunks(int64_t C, int64_t L, const int64_t *offsets, int64_t G
     }
     return k;
 }
-/* WIDEX of DEFINE_STATS: lanes 8 h .. 8 h + 7 of a VX in float64 (X = 8: never called). */
-#define WIDE16(v, h) wide_f(half(v, h))
-#define WIDE8F(v, h) wide_f(v)
-#define WIDE8D(v, h) wide_d(v)
+/* HALFX of DEFINE_STATS: lanes 8 h .. 8 h + 7 of a VX (X = 8: never called). */
+#define HALF16(v, h) half(v, h)
+#define HALF8(v, h) (v)
 /* Per input type S (element T, arithmetic W in vectors VW of 8, IN widens one element to W,
-   LOAD 8 of them, WIDE a VW to float64, LOADW 8 W values; the channels-last sums 32 channels
-   at a time as two VX of X = 16 lanes where X is 16, LOADX, LOADWX and WIDEX as above):
+   LOAD 8 of them, WK f or d as W is float or double (acc_add_WK, add_wide_WK), LOADW 8 W
+   values; the channels-last sums 32 channels at a time as two VX of X = 16 lanes where X is
+   16, LOADX, LOADWX and HALFX as above):
    sums_S    S1 = sum(x - p), S2 = sum((x - p)^2) over a contiguous run;
    stats_nchw_S / stats_cl_S   every block's part, the second pass where the first cancels,
              merged per (n, g). */
-#define DEFINE_STATS(S, T, W, VW, IN, LOAD, WIDE, LOADW, X, VX, LOADX, LOADWX, WIDEX)      \
+#define DEFINE_STATS(S, T, W, VW, IN, LOAD, WK, LOADW, X, VX, LOADX, LOADWX, HALFX)        \
     static void sums_##S(const T *x, int64_t n, W p, double *s1, double *s2) {              \
-        vd a1 = {0}, a2 = {0};                                                              \
+        acc_t a1 = ACC_ZERO, a2 = ACC_ZERO;                                                 \
         int64_t i = 0;                                                                      \
         while (i + 32 <= n) { /* 4 chains of up to RUN vectors, then float64 */             \
             int64_t runs = (n - i) / 32 < RUN ? (n - i) / 32 : RUN;                         \
@@ -691,15 +770,15 @@ static int64_t cl_chunks(int64_t C, int64_t L, const int64_t *offsets, int64_t G
                     f2[k] += d * d;                                                         \
                 }                                                                           \
             for (int k = 0; k < 4; k++) {                                                   \
-                a1 += WIDE(f1[k]);                                                          \
-                a2 += WIDE(f2[k]);                                                          \
+                acc_add_##WK(&a1, f1[k]);                                                   \
+                acc_add_##WK(&a2, f2[k]);                                                   \
             }                                                                               \
             i += 32 * runs;                                                                 \
         }                                                                                   \
         for (; i + 8 <= n; i += 8) {                                                        \
             VW d = LOAD(x + i) - p;                                                         \
-            a1 += WIDE(d);                                                                  \
-            a2 += WIDE(d * d);                                                              \
+            acc_add_##WK(&a1, d);                                                           \
+            acc_add_##WK(&a2, d * d);                                                       \
         }                                                                                   \
         double t1 = 0, t2 = 0;                                                              \
         for (; i < n; i++) {                                                                \
@@ -707,8 +786,8 @@ static int64_t cl_chunks(int64_t C, int64_t L, const int64_t *offsets, int64_t G
             t1 += d;                                                                        \
             t2 += d * d;                                                                    \
         }                                                                                   \
-        *s1 = t1 + lanes(a1);                                                               \
-        *s2 = t2 + lanes(a2);                                                               \
+        *s1 = t1 + acc_lanes(a1);                                                           \
+        *s2 = t2 + acc_lanes(a2);                                                           \
     }                                                                                       \
     /* A contiguous block's part around pivot: summed around the mean of its first SHIFT    \
        elements, again around the block's mean (in W) where that cancels. */                \
@@ -783,8 +862,8 @@ static int64_t cl_chunks(int64_t C, int64_t L, const int64_t *offsets, int64_t G
             }                                                                               \
             for (int k = 0; k < 4; k++) {                                                   \
                 double *p1 = a1 + c + 8 * k, *p2 = a2 + c + 8 * k;                          \
-                if (w1) store_f64(p1, load_f64(p1) + WIDEX(g1[k / 2], k % 2));              \
-                if (w2) store_f64(p2, load_f64(p2) + WIDEX(g2[k / 2], k % 2));              \
+                if (w1) add_wide_##WK(p1, HALFX(g1[k / 2], k % 2));                         \
+                if (w2) add_wide_##WK(p2, HALFX(g2[k / 2], k % 2));                         \
             }                                                                               \
             return;                                                                         \
         }                                                                                   \
@@ -799,8 +878,8 @@ static int64_t cl_chunks(int64_t C, int64_t L, const int64_t *offsets, int64_t G
             }                                                                               \
         }                                                                                   \
         for (int k = 0; k < K; k++) {                                                       \
-            if (w1) store_f64(a1 + c + 8 * k, load_f64(a1 + c + 8 * k) + WIDE(f1[k]));      \
-            if (w2) store_f64(a2 + c + 8 * k, load_f64(a2 + c + 8 * k) + WIDE(f2[k]));      \
+            if (w1) add_wide_##WK(a1 + c + 8 * k, f1[k]);                                   \
+            if (w2) add_wide_##WK(a2 + c + 8 * k, f2[k]);                                   \
         }                                                                                   \
     }                                                                                       \
     static inline __attribute__((always_inline)) void sweep_##S(                            \
@@ -1219,25 +1298,26 @@ static int64_t cl_chunks(int64_t C, int64_t L, const int64_t *offsets, int64_t G
         free(k);                                                                            \
     }
 
-DEFINE_STATS(f32, float, float, vf, F32_IN, load_f32, wide_f, load_f32, 8, vf, load_f32, load_f32,
-             WIDE8F)
-DEFINE_STATS(f64, double, double, vd, F64_IN, load_f64, wide_d, load_f64, 8, vd, load_f64,
-             load_f64, WIDE8D)
-DEFINE_STATS(bf16, uint16_t, float, vf, BF16_IN, load_bf16, wide_f, load_f32, 16, vx,
-             load16_bf16, load16_f32, WIDE16)
+DEFINE_STATS(f32, float, float, vf, F32_IN, load_f32, f, load_f32, 8, vf, load_f32, load_f32,
+             HALF8)
+DEFINE_STATS(f64, double, double, vd, F64_IN, load_f64, d, load_f64, 8, vd, load_f64, load_f64,
+             HALF8)
+DEFINE_STATS(bf16, uint16_t, float, vf, BF16_IN, load_bf16, f, load_f32, HALF_X, HALF_VX,
+             BF16_LOADX, HALF_LOADW, HALF_SPLIT)
 DEFINE_APPLY(f32, float, float, vf, F32_IN, load_f32, load_f32, relu_f, f32, float, F32_OUT,
              put_f32, store_f32, 8, vf, load_f32, load_f32, relu_f, put_f32)
 DEFINE_APPLY(f64, double, double, vd, F64_IN, load_f64, load_f64, relu_d, f64, double,
              F64_OUT, put_f64, store_f64, 8, vd, load_f64, load_f64, relu_d, put_f64)
 DEFINE_APPLY(bf16, uint16_t, float, vf, BF16_IN, load_bf16, load_f32, relu_f, bf16, uint16_t,
-             BF16_OUT, put_bf16, store_bf16, 16, vx, load16_bf16, load16_f32, relu16, put16_bf16)
+             BF16_OUT, put_bf16, store_bf16, HALF_X, HALF_VX, BF16_LOADX, HALF_LOADW, HALF_RELU,
+             BF16_PUTX)
 DEFINE_APPLY(bf16, uint16_t, float, vf, BF16_IN, load_bf16, load_f32, relu_f, f32, float,
              F32_OUT, put_f32, store_f32, 8, vf, load_bf16, load_f32, relu_f, put_f32)
 #if HAVE_F16
-DEFINE_STATS(f16, f16_t, float, vf, F16_IN, load_f16, wide_f, load_f32, 16, vx, load16_f16,
-             load16_f32, WIDE16)
+DEFINE_STATS(f16, f16_t, float, vf, F16_IN, load_f16, f, load_f32, HALF_X, HALF_VX,
+             F16_LOADX, HALF_LOADW, HALF_SPLIT)
 DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f16, f16_t, F16_OUT,
-             put_f16, store_f16, 16, vx, load16_f16, load16_f32, relu16, put16_f16)
+             put_f16, store_f16, HALF_X, HALF_VX, F16_LOADX, HALF_LOADW, HALF_RELU, F16_PUTX)
 DEFINE_APPLY(f16, f16_t, float, vf, F16_IN, load_f16, load_f32, relu_f, f32, float, F32_OUT,
              put_f32, store_f32, 8, vf, load_f16, load_f32, relu_f, put_f32)
 #endif
