@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -901,6 +902,24 @@ def test_regression_group_counts_of_the_wrong_type_raised_value_error() -> None:
     assert resolve_plan(*traced_sizes).sizes == (2,) * 4
 
 
+def test_regression_choose_num_groups_takes_the_0d_integer_tensors_group_norm_takes() -> None:
+    """group_norm and GroupNorm take a 0-d integer tensor (or NumPy array) as a count, as
+    F.group_norm does; choose_num_groups, make_plan and the other counts checked by
+    groups.positive_int refused one with a TypeError. Bool, floating and 1-d ones stay
+    refused."""
+    from groupnorm.groups import make_plan
+
+    for c, g in ((torch.tensor(64), torch.tensor(16)), (np.array(64), np.array(16))):
+        assert groupnorm.choose_num_groups(c) == groupnorm.choose_num_groups(64)
+        assert groupnorm.choose_num_groups(c, g).num_groups == 16
+        assert make_plan(c, g).sizes == (4,) * 16
+        assert groupnorm.choose_num_groups(64, min_channels_per_group=g).num_groups == 4
+    for bad in (torch.tensor(True), np.array(True), torch.tensor(64.0), np.array(64.0)):
+        kind = type(bad).__name__
+        with pytest.raises(TypeError, match=rf"num_channels .*0-d integer tensor.*\({kind}\)"):
+            groupnorm.choose_num_groups(bad)
+
+
 def test_regression_the_default_of_32_groups_is_named_when_it_does_not_fit() -> None:
     """GroupNorm(4, None) said "num_groups=32 is larger than num_channels=4", a 32 the caller
     never wrote (a lone positional argument is the channel count, groups default to 32)."""
@@ -918,8 +937,6 @@ def test_regression_a_list_weight_gets_the_type_error_on_the_fast_path(
 ) -> None:
     """The common call's fast path read weight.requires_grad before the parameters were
     checked: a list or ndarray weight raised AttributeError where a TypeError says what fits."""
-    import numpy as np
-
     x = make_x(shape, torch.float32)
     for bad in ([1.0] * 8, np.ones(8)):
         for kw in ({"weight": bad}, {"weight": torch.ones(8), "bias": bad}):

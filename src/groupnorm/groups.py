@@ -20,6 +20,7 @@ what would work. :func:`choose_num_groups` picks ``G`` for awkward channel count
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -245,16 +246,32 @@ def check_group_sizes(group_sizes: object) -> tuple[int, ...]:
 
 
 def positive_int(name: str, value: object) -> int:
-    """``value`` as an int >= 1 (a NumPy integer too): a TypeError naming it where it is no
-    integer (a bool, float, string, tensor or None, as torch's TypeError for
-    ``F.group_norm(x, "4")``), a ValueError where it is one below 1."""
+    """``value`` as an int >= 1 (a NumPy integer or a 0-d integer tensor or array too, as
+    ``F.group_norm`` takes them): a TypeError naming it where it is no integer (a bool, float,
+    string, other tensor or None, as torch's TypeError for ``F.group_norm(x, "4")``), a
+    ValueError where it is one below 1."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(
-            f"{name} must be a positive integer (an int), got {value!r} ({type(value).__name__})"
-        )
+        count = _zero_d_integer(value)
+        if count is None:
+            raise TypeError(
+                f"{name} must be a positive integer (an int, a NumPy integer or a 0-d integer "
+                f"tensor), got {value!r} ({type(value).__name__})"
+            )
+        value = count
     if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _zero_d_integer(value: object) -> int | None:
+    """The integer a 0-d integer tensor or array holds (not a bool one); None for anything
+    else. Duck-typed: this module does not import torch."""
+    if getattr(value, "ndim", None) != 0 or "bool" in str(getattr(value, "dtype", "bool")):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:  # a floating or complex one
+        return None
 
 
 @dataclass(frozen=True)
