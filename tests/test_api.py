@@ -909,11 +909,16 @@ def test_regression_choose_num_groups_takes_the_0d_integer_tensors_group_norm_ta
     refused."""
     from groupnorm.groups import make_plan
 
-    for c, g in ((torch.tensor(64), torch.tensor(16)), (np.array(64), np.array(16))):
+    counts: list[tuple[Any, Any]] = [
+        (torch.tensor(64), torch.tensor(16)),
+        (np.array(64), np.array(16)),
+    ]
+    for c, g in counts:
         assert groupnorm.choose_num_groups(c) == groupnorm.choose_num_groups(64)
         assert groupnorm.choose_num_groups(c, g).num_groups == 16
         assert make_plan(c, g).sizes == (4,) * 16
         assert groupnorm.choose_num_groups(64, min_channels_per_group=g).num_groups == 4
+    bad: Any
     for bad in (torch.tensor(True), np.array(True), torch.tensor(64.0), np.array(64.0)):
         kind = type(bad).__name__
         with pytest.raises(TypeError, match=rf"num_channels .*0-d integer tensor.*\({kind}\)"):

@@ -1653,27 +1653,21 @@ def test_half_channels_last_passes_take_16_lanes_where_the_cpu_has_avx512() -> N
         assert re.search(pattern, dump), pattern
 
 
-@needs_kernel
-def test_regression_avx2_builds_keep_the_forward_vectors_in_registers(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Built without AVX-512, GCC kept the 64-byte vectors of the forward (half precision's
-    16 channels-last lanes, the float64 sums of float32 ones) in memory, moving their halves
-    through general registers (vmovq, vpinsrq) and reading back in 32 bytes what it had
-    written in 16, which stalled: on an AVX2 AMD EPYC (Zen 3) the bfloat16 channels-last
-    forward took 3.7-4.5x torch's kernel and the float32 NCHW one 1.05-1.21x. Built so here,
-    the forward's sums and outputs of float32 and half precision move no vector halves through
-    general registers."""
-    flags = set(cpu_kernel._cpu_flags().split())
+def _avx2_build(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, extra: str = "") -> str:
+    """The kernel as _build makes it for this CPU without AVX-512 (its flags, and the compiler
+    told -mno-avx512f), disassembled; ``extra``: shell lines the compiler wrapper runs first."""
+    flags = cpu_kernel._cpu_flags().split()
     objdump = shutil.which("objdump")
     cc = shutil.which("cc") or shutil.which("gcc")
     if "avx2" not in flags or objdump is None or cc is None:
         pytest.skip("needs an x86 CPU with AVX2, objdump and a C compiler")
     wrapper = tmp_path / "cc"
-    wrapper.write_text(f'#!/bin/sh\nexec {cc} "$@" -mno-avx512f\n')
+    wrapper.write_text(f'#!/bin/sh\n{extra}exec {cc} "$@" -mno-avx512f\n')
     wrapper.chmod(0o755)
     monkeypatch.setenv("CC", str(wrapper))
     monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path / "cache"))
+    without = " ".join(f for f in flags if not f.startswith("avx512"))
+    monkeypatch.setattr(cpu_kernel, "_cpu_flags", lambda: without)
     dump = subprocess.run(
         [objdump, "-d", "--no-show-raw-insn", str(cpu_kernel._build())],
         capture_output=True,
@@ -1681,22 +1675,76 @@ def test_regression_avx2_builds_keep_the_forward_vectors_in_registers(
         check=True,
     ).stdout
     assert "zmm" not in dump  # the build has no AVX-512
-    hot = re.compile(r"<(sums|strip|rows|band|row)_(f32|bf16|f16)\b[^>]*>:")
-    moves = re.compile(r"\s(vpinsrq|vmovq\s+%r\w+,%xmm)")
+    return dump
+
+
+def _gpr_moves(dump: str, functions: str) -> dict[str, int]:
+    """Per function of the disassembly whose name matches ``functions``: how many vector
+    halves it assembles from general registers (vpinsrq)."""
+    hot = re.compile(rf"<((?:{functions})\b[^>]*)>:")
+    moves = re.compile(r"\svpinsrq\s")
     found: dict[str, int] = {}
     name = None
     for line in dump.splitlines():
         header = hot.search(line)
         if header:
-            name = header.group(0)
-            found[name] = 0
+            name = header.group(1)
+            found[name] = found.get(name, 0)
         elif line.endswith(">:"):
             name = None
         elif name is not None and moves.search(line):
             found[name] += 1
-    assert any(n.startswith("<sums_f32") for n in found), sorted(found)
-    assert any(n.startswith("<strip_bf16") for n in found), sorted(found)
+    return found
+
+
+@needs_kernel
+def test_regression_avx2_builds_keep_their_vectors_in_registers(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built without AVX-512, GCC kept the 64-byte vectors (half precision's 16 channels-last
+    lanes, every 8-lane float64 vector) in memory, moving their halves through general
+    registers (vmovq, vpinsrq) and reading back in 32 bytes what it had written in 16, which
+    stalled: on an AVX2 AMD EPYC (Zen 3) the bfloat16 channels-last forward took 3.7-4.5x
+    torch's kernel, the float32 NCHW one 1.05-1.21x, and the float32 backward twice its time
+    now. The forward's sums and outputs take 8 lanes and 256-bit halves, and the build copies
+    in 32-byte pieces (cpu_kernel._AVX2_FLAGS): the sums of both passes and both dtypes move
+    no vector halves through general registers."""
+    found = _gpr_moves(
+        _avx2_build(tmp_path, monkeypatch),
+        r"(sums|strip|row_sums|rows4_sums)_(f32|f64|bf16|f16)|(rows|band|row)_(f32|bf16|f16)_"
+        r"|backward_f(32|64)\._omp_fn\.\d+|act_sums_f32",
+    )
+    for name in ("sums_f32", "strip_bf16", "sums_f64", "rows4_sums_f32", "backward_f32._omp"):
+        assert any(n.startswith(name) for n in found), (name, sorted(found))
     assert {n: k for n, k in found.items() if k} == {}
+
+
+@needs_kernel
+def test_a_compiler_that_refuses_the_avx2_copy_flags_still_builds_the_kernel(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older GCC or clang refuses -mmove-max (cpu_kernel._AVX2_FLAGS): the kernel is built
+    without them, and works."""
+    log = tmp_path / "calls"
+    refuse = (
+        f'echo "$*" >> {log}\n'
+        'case "$*" in *-mmove-max*) echo "unrecognized option" >&2; exit 1;; esac\n'
+    )
+    _avx2_build(tmp_path, monkeypatch, refuse)
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and "-mmove-max" in calls[0] and "-mmove-max" not in calls[1]
+    module = cpu_kernel._load(cpu_kernel._build())
+    x = make_x((2, 8, 5, 5), torch.float32, seed=3)
+    plan = resolve_plan(8, 2)
+    with mock.patch.object(cpu_kernel, "library", lambda: module):
+        y, _ = cpu_kernel.forward(x, plan, None, None, 1e-5)
+    assert_matches(y, reference(x, plan, None, None)[0], torch.float32)
+
+
+def test_avx2_copy_flags_go_to_cpus_without_avx512() -> None:
+    assert cpu_kernel._flags("fpu sse2 avx avx2 fma") == cpu_kernel._FLAGS + cpu_kernel._AVX2_FLAGS
+    for cpu in ("fpu sse2 avx avx2 avx512f avx512bw", "fpu sse2 avx", "fp asimd"):
+        assert cpu_kernel._flags(cpu) == cpu_kernel._FLAGS
 
 
 @needs_kernel

@@ -362,6 +362,40 @@ static inline vf relu_f(vf v) {
     memcpy(&v, &u, sizeof v);
     return v;
 }
+/* Float64 comparisons: with AVX and without AVX-512, on 256-bit halves (vmaxpd, vminpd,
+   vcmppd), where GCC compared 64-byte vectors one lane at a time through general registers
+   (the float64 relu output and the SiLU and GELU passes). The same lanes either way: max and
+   min return their second operand where a lane is NaN, and a NaN compares false. */
+#if defined(__AVX__) && !defined(__AVX512F__)
+#define ON_HALVES_D(v, EXPR)                                                                 \
+    do {                                                                                    \
+        __m256d h_[2];                                                                      \
+        memcpy(h_, &(v), sizeof h_);                                                        \
+        for (int k_ = 0; k_ < 2; k_++) {                                                    \
+            __m256d h = h_[k_];                                                             \
+            h_[k_] = (EXPR);                                                                \
+        }                                                                                   \
+        memcpy(&(v), h_, sizeof h_);                                                        \
+    } while (0)
+static inline vd relu_d(vd v) {
+    ON_HALVES_D(v, _mm256_max_pd(_mm256_setzero_pd(), h));
+    return v;
+}
+/* max(lo, min(hi, x)) lane by lane, NaN kept. */
+static inline vd clamp_d(vd x, double lo, double hi) {
+    ON_HALVES_D(x, _mm256_max_pd(_mm256_set1_pd(lo), _mm256_min_pd(_mm256_set1_pd(hi), h)));
+    return x;
+}
+/* All ones where u == s (u >= s), else 0. */
+static inline vq eq_mask_d(vd u, double s) {
+    ON_HALVES_D(u, _mm256_cmp_pd(h, _mm256_set1_pd(s), _CMP_EQ_OQ));
+    return (vq)u;
+}
+static inline vq ge_mask_d(vd u, double s) {
+    ON_HALVES_D(u, _mm256_cmp_pd(h, _mm256_set1_pd(s), _CMP_GE_OQ));
+    return (vq)u;
+}
+#else
 static inline vd relu_d(vd v) {
     vq u;
     memcpy(&u, &v, sizeof u);
@@ -369,8 +403,6 @@ static inline vd relu_d(vd v) {
     memcpy(&v, &u, sizeof v);
     return v;
 }
-
-/* max(lo, min(hi, x)) lane by lane, NaN kept. */
 #ifdef __AVX512F__
 static inline vd clamp_d(vd x, double lo, double hi) {
     return (vd)_mm512_max_pd(_mm512_set1_pd(lo), _mm512_min_pd(_mm512_set1_pd(hi), (__m512d)x));
@@ -380,6 +412,9 @@ static inline vd clamp_d(vd x, double lo, double hi) {
     for (int i = 0; i < 8; i++) x[i] = x[i] > hi ? hi : x[i] < lo ? lo : x[i];
     return x;
 }
+#endif
+static inline vq eq_mask_d(vd u, double s) { return (vq)(u == s); }
+static inline vq ge_mask_d(vd u, double s) { return (vq)(u >= s); }
 #endif
 /* exp(x) for x in [-708, 708] (NaN gives NaN), in float64: x = k ln2 / 16 + r (ln2 in two
    parts, k ln2_hi exact), exp(x) = 2^(k >> 4) 2^((k & 15) / 16) exp(r). k comes from adding
@@ -439,7 +474,7 @@ static inline vd sigmoid_d(vd u, vd *e_out) {
 }
 /* NaN where u = -inf, else v: silu and gelu there are -inf 0 (torch's, too). */
 static inline vd nan_at_minus_inf(vd u, vd v) {
-    return (vd)((vq)v | ((vq)(u == -(double)INFINITY) & 0x7ff8000000000000u));
+    return (vd)((vq)v | (eq_mask_d(u, -(double)INFINITY) & 0x7ff8000000000000u));
 }
 /* silu(u) = u s in float64. */
 static inline vd silu_d(vd u) {
@@ -484,7 +519,7 @@ static inline vd normal_d(vd u, vd *phi_out) {
     for (int i = 1; i < 18; i++) r = r * t + mills[i];
     vd c = clamp_d(a, 0.0, 37.5);
     vd phi = exp_d(-0.5 * (c * c)) * 0.3989422804014327; /* 1 / sqrt(2 pi) */
-    vd one = (vd)((vq)(u >= 0.0) & 0x3ff0000000000000u); /* 1.0 where u >= 0, else 0.0 */
+    vd one = (vd)(ge_mask_d(u, 0.0) & 0x3ff0000000000000u); /* 1.0 where u >= 0, else 0.0 */
     *phi_out = phi;
     return one + (1.0 - 2.0 * one) * (phi * r);
 }
