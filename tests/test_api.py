@@ -903,26 +903,25 @@ def test_regression_group_counts_of_the_wrong_type_raised_value_error() -> None:
 
 
 def test_regression_choose_num_groups_takes_the_0d_integer_tensors_group_norm_takes() -> None:
-    """group_norm and GroupNorm take a 0-d integer tensor (or NumPy array) as a count, as
-    F.group_norm does; choose_num_groups, make_plan and the other counts checked by
-    groups.positive_int refused one with a TypeError. Bool, floating and 1-d ones stay
-    refused."""
+    """group_norm and GroupNorm take a 0-d integer tensor as a count, as F.group_norm does;
+    choose_num_groups, make_plan and the other counts checked by groups.positive_int refused
+    one with a TypeError. Bool, floating and 1-d tensors and NumPy arrays (which group_norm and
+    F.group_norm refuse too) stay refused."""
     from groupnorm.groups import make_plan
 
-    counts: list[tuple[Any, Any]] = [
-        (torch.tensor(64), torch.tensor(16)),
-        (np.array(64), np.array(16)),
-    ]
-    for c, g in counts:
-        assert groupnorm.choose_num_groups(c) == groupnorm.choose_num_groups(64)
-        assert groupnorm.choose_num_groups(c, g).num_groups == 16
-        assert make_plan(c, g).sizes == (4,) * 16
-        assert groupnorm.choose_num_groups(64, min_channels_per_group=g).num_groups == 4
+    c: Any = torch.tensor(64)
+    g: Any = torch.tensor(16)
+    assert groupnorm.choose_num_groups(c) == groupnorm.choose_num_groups(64)
+    assert groupnorm.choose_num_groups(c, g).num_groups == 16
+    assert make_plan(c, g).sizes == (4,) * 16
+    assert groupnorm.choose_num_groups(64, min_channels_per_group=g).num_groups == 4
     bad: Any
-    for bad in (torch.tensor(True), np.array(True), torch.tensor(64.0), np.array(64.0)):
+    for bad in (torch.tensor(True), torch.tensor(64.0), torch.tensor([64]), np.array(64)):
         kind = type(bad).__name__
         with pytest.raises(TypeError, match=rf"num_channels .*0-d integer tensor.*\({kind}\)"):
             groupnorm.choose_num_groups(bad)
+        with pytest.raises(TypeError, match=rf"num_groups .*\({kind}\)"):
+            groupnorm.group_norm(torch.randn(2, 64, 3), bad)
 
 
 def test_regression_the_default_of_32_groups_is_named_when_it_does_not_fit() -> None:

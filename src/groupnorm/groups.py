@@ -246,9 +246,9 @@ def check_group_sizes(group_sizes: object) -> tuple[int, ...]:
 
 
 def positive_int(name: str, value: object) -> int:
-    """``value`` as an int >= 1 (a NumPy integer or a 0-d integer tensor or array too, as
-    ``F.group_norm`` takes them): a TypeError naming it where it is no integer (a bool, float,
-    string, other tensor or None, as torch's TypeError for ``F.group_norm(x, "4")``), a
+    """``value`` as an int >= 1 (a NumPy integer or a 0-d integer tensor too, as
+    ``group_norm`` takes them): a TypeError naming it where it is no integer (a bool, float,
+    string, array, other tensor or None, as torch's TypeError for ``F.group_norm(x, "4")``), a
     ValueError where it is one below 1."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         count = _zero_d_integer(value)
@@ -264,9 +264,15 @@ def positive_int(name: str, value: object) -> int:
 
 
 def _zero_d_integer(value: object) -> int | None:
-    """The integer a 0-d integer tensor or array holds (not a bool one); None for anything
-    else. Duck-typed: this module does not import torch."""
-    if getattr(value, "ndim", None) != 0 or "bool" in str(getattr(value, "dtype", "bool")):
+    """The integer a 0-d integer torch tensor holds (not a bool one); None for anything else,
+    a NumPy array too (F.group_norm and group_norm refuse them). Duck-typed: this module does
+    not import torch; a torch dtype answers is_floating_point, a NumPy one does not."""
+    dtype = getattr(value, "dtype", None)
+    if (
+        getattr(value, "ndim", None) != 0
+        or not hasattr(dtype, "is_floating_point")
+        or "bool" in str(dtype)
+    ):
         return None
     try:
         return operator.index(value)  # type: ignore[arg-type]
