@@ -1626,6 +1626,17 @@ def test_half_conversions_without_their_instructions(tmp_path: Any) -> None:
         assert "vcvtneps2bf16" not in dump.stdout
 
 
+def _disassembled_build(objdump: str) -> str:
+    """objdump's disassembly of the kernel as cpu_kernel._build makes it here (built if not
+    cached)."""
+    return subprocess.run(
+        [objdump, "-d", "--no-show-raw-insn", str(cpu_kernel._build())],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 @needs_kernel
 def test_half_channels_last_passes_take_16_lanes_where_the_cpu_has_avx512() -> None:
     """Where the CPU has AVX-512 (and F16C, AVX512-BF16), half precision's channels-last sums
@@ -1639,12 +1650,7 @@ def test_half_channels_last_passes_take_16_lanes_where_the_cpu_has_avx512() -> N
     objdump = shutil.which("objdump")
     if objdump is None:
         pytest.skip("no objdump to read the built kernel")
-    dump = subprocess.run(
-        [objdump, "-d", "--no-show-raw-insn", str(cpu_kernel._build())],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    dump = _disassembled_build(objdump)
     for pattern in (
         r"vcvtph2ps\s+\S+,%zmm",
         r"vcvtps2ph\s+\$0x\w+,%zmm",
@@ -1668,12 +1674,7 @@ def _avx2_build(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, extra: str = "")
     monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path / "cache"))
     without = " ".join(f for f in flags if not f.startswith("avx512"))
     monkeypatch.setattr(cpu_kernel, "_cpu_flags", lambda: without)
-    dump = subprocess.run(
-        [objdump, "-d", "--no-show-raw-insn", str(cpu_kernel._build())],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    dump = _disassembled_build(objdump)
     assert "zmm" not in dump  # the build has no AVX-512
     return dump
 
